@@ -1,0 +1,25 @@
+//! Generates the gRPC code from `proto/` with a vendored `protoc`, so a fresh machine needs
+//! only the Rust toolchain. `$PROTOC` wins when set (distributions that ship their own).
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()?;
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment here.
+        unsafe { std::env::set_var("PROTOC", protoc) };
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = [
+        "proto/keywarden/v1/common.proto",
+        "proto/keywarden/v1/keys.proto",
+        "proto/keywarden/v1/verify.proto",
+    ];
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("keywarden_descriptor.bin"))
+        .compile_protos(&protos, &["proto"])?;
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    Ok(())
+}

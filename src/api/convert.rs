@@ -1,0 +1,241 @@
+//! Conversions between protobuf messages and domain types. Incoming values are checked
+//! here (the API edge): unknown enum values, out-of-range timestamps and durations become
+//! field violations instead of surprises further in.
+
+use std::collections::{BTreeMap, HashMap};
+
+use prost_types::{Duration as PbDuration, Timestamp};
+
+use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
+use crate::domain::key_format::Environment;
+use crate::domain::validate::Violations;
+use crate::domain::{MICROS_PER_SECOND, Micros};
+use crate::keys::Actor;
+use crate::proto;
+use crate::store::{AuditOutcome, AuditRecord};
+
+/// Timestamps from year 1 to 9999, as google.protobuf.Timestamp allows.
+const MIN_SECONDS: i64 = -62_135_596_800;
+const MAX_SECONDS: i64 = 253_402_300_799;
+
+pub fn timestamp(at: Micros) -> Timestamp {
+    Timestamp {
+        seconds: at.div_euclid(MICROS_PER_SECOND),
+        nanos: (at.rem_euclid(MICROS_PER_SECOND) * 1000) as i32,
+    }
+}
+
+pub fn micros_of(ts: &Timestamp, field: &str, v: &mut Violations) -> Option<Micros> {
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&ts.seconds) || !(0..1_000_000_000).contains(&ts.nanos)
+    {
+        v.add(field, "is not a valid timestamp");
+        return None;
+    }
+    Some(ts.seconds * MICROS_PER_SECOND + i64::from(ts.nanos / 1000))
+}
+
+pub fn duration_micros(d: &PbDuration, field: &str, v: &mut Violations) -> Option<Micros> {
+    let valid = (0..=315_576_000_000).contains(&d.seconds) && (0..1_000_000_000).contains(&d.nanos);
+    if !valid {
+        v.add(field, "must be a non-negative duration");
+        return None;
+    }
+    Some(d.seconds * MICROS_PER_SECOND + i64::from(d.nanos / 1000))
+}
+
+pub fn environment(raw: i32, field: &str, v: &mut Violations) -> Option<Environment> {
+    match proto::Environment::try_from(raw) {
+        Ok(proto::Environment::Live) => Some(Environment::Live),
+        Ok(proto::Environment::Test) => Some(Environment::Test),
+        Ok(proto::Environment::Unspecified) => {
+            v.add(field, "is required: ENVIRONMENT_LIVE or ENVIRONMENT_TEST");
+            None
+        }
+        Err(_) => {
+            v.add(field, "is not a known environment");
+            None
+        }
+    }
+}
+
+pub fn environment_pb(env: Environment) -> proto::Environment {
+    match env {
+        Environment::Live => proto::Environment::Live,
+        Environment::Test => proto::Environment::Test,
+    }
+}
+
+pub fn owner(given: Option<&proto::Owner>, field: &str, v: &mut Violations) -> Option<Owner> {
+    let Some(given) = given else {
+        v.add(field, "is required");
+        return None;
+    };
+    let kind = match proto::OwnerKind::try_from(given.kind) {
+        Ok(proto::OwnerKind::User) => Some(OwnerKind::User),
+        Ok(proto::OwnerKind::ServiceAccount) => Some(OwnerKind::ServiceAccount),
+        Ok(proto::OwnerKind::Unspecified) => {
+            v.add(
+                format!("{field}.kind"),
+                "is required: OWNER_KIND_USER or OWNER_KIND_SERVICE_ACCOUNT",
+            );
+            None
+        }
+        Err(_) => {
+            v.add(format!("{field}.kind"), "is not a known owner kind");
+            None
+        }
+    };
+    v.principal_id(&format!("{field}.id"), &given.id);
+    Some(Owner {
+        kind: kind?,
+        id: given.id.clone(),
+    })
+}
+
+pub fn owner_pb(owner: &Owner) -> proto::Owner {
+    proto::Owner {
+        kind: match owner.kind {
+            OwnerKind::User => proto::OwnerKind::User,
+            OwnerKind::ServiceAccount => proto::OwnerKind::ServiceAccount,
+        } as i32,
+        id: owner.id.clone(),
+    }
+}
+
+pub fn actor(given: Option<&proto::Actor>, v: &mut Violations) -> Actor {
+    let Some(given) = given else {
+        v.add("actor", "is required");
+        return Actor {
+            id: String::new(),
+            permissions: Vec::new(),
+        };
+    };
+    v.principal_id("actor.id", &given.id);
+    Actor {
+        id: given.id.clone(),
+        permissions: v.permissions("actor.permissions", &given.permissions),
+    }
+}
+
+/// `None` for UNSPECIFIED (no filter).
+pub fn status_filter(raw: i32, field: &str, v: &mut Violations) -> Option<KeyStatus> {
+    match proto::KeyStatus::try_from(raw) {
+        Ok(proto::KeyStatus::Unspecified) => None,
+        Ok(proto::KeyStatus::Active) => Some(KeyStatus::Active),
+        Ok(proto::KeyStatus::Revoked) => Some(KeyStatus::Revoked),
+        Ok(proto::KeyStatus::Expired) => Some(KeyStatus::Expired),
+        Err(_) => {
+            v.add(field, "is not a known key status");
+            None
+        }
+    }
+}
+
+pub fn metadata(
+    given: &HashMap<String, String>,
+    field: &str,
+    v: &mut Violations,
+) -> BTreeMap<String, String> {
+    let out: BTreeMap<String, String> = given.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.metadata(field, &out);
+    out
+}
+
+pub fn key_info(key: &KeyRecord, now: Micros) -> proto::KeyInfo {
+    proto::KeyInfo {
+        key_id: key.key_id.clone(),
+        workspace_id: key.workspace_id.clone(),
+        name: key.name.clone(),
+        environment: environment_pb(key.environment) as i32,
+        display: key.display.clone(),
+        scopes: key.scopes.clone(),
+        status: match key.status(now) {
+            KeyStatus::Active => proto::KeyStatus::Active,
+            KeyStatus::Revoked => proto::KeyStatus::Revoked,
+            KeyStatus::Expired => proto::KeyStatus::Expired,
+        } as i32,
+        created_at: Some(timestamp(key.created_at)),
+        expires_at: key.expires_at.map(timestamp),
+        revoked_at: key.revoked_at.map(timestamp),
+        owner: Some(owner_pb(&key.owner)),
+        created_by: key.created_by.clone(),
+        metadata: key
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        updated_at: Some(timestamp(key.updated_at)),
+        rotated_at: key.rotated_at.map(timestamp),
+        revoke_reason: key.revoke_reason.clone().unwrap_or_default(),
+    }
+}
+
+pub fn audit_event(e: &AuditRecord) -> proto::AuditEvent {
+    proto::AuditEvent {
+        id: e.id,
+        workspace_id: e.workspace_id.clone(),
+        actor_id: e.actor_id.clone(),
+        caller: e.caller.clone(),
+        action: e.action.clone(),
+        key_id: e.key_id.clone().unwrap_or_default(),
+        outcome: match e.outcome {
+            AuditOutcome::Success => proto::AuditOutcome::Success,
+            AuditOutcome::Denied => proto::AuditOutcome::Denied,
+        } as i32,
+        detail: e.detail.clone(),
+        occurred_at: Some(timestamp(e.occurred_at)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_including_before_the_epoch() {
+        let mut v = Violations::default();
+        for at in [0, 1, 1_700_000_000_123_456, -1, -1_500_000] {
+            assert_eq!(micros_of(&timestamp(at), "t", &mut v), Some(at));
+        }
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn out_of_range_timestamps_and_durations_are_violations() {
+        let mut v = Violations::default();
+        micros_of(
+            &Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            },
+            "a",
+            &mut v,
+        );
+        micros_of(
+            &Timestamp {
+                seconds: 0,
+                nanos: -1,
+            },
+            "b",
+            &mut v,
+        );
+        duration_micros(
+            &PbDuration {
+                seconds: -5,
+                nanos: 0,
+            },
+            "c",
+            &mut v,
+        );
+        duration_micros(
+            &PbDuration {
+                seconds: i64::MAX,
+                nanos: 0,
+            },
+            "d",
+            &mut v,
+        );
+        let fields: Vec<_> = v.0.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["a", "b", "c", "d"]);
+    }
+}

@@ -1,0 +1,291 @@
+//! `keywarden.v1.KeyService`: validate, convert, call [`KeyLifecycle`], convert back.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::auth::Caller;
+use super::convert;
+use super::error::check;
+use crate::domain::key::MAX_ROTATION_GRACE;
+use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, MAX_REASON_LEN, Violations};
+use crate::keys::{Acting, IssueInput, KeyLifecycle};
+use crate::proto;
+use crate::proto::key_service_server::KeyService;
+use crate::store::{KeyPatch, page_token};
+
+pub struct KeyApi {
+    lifecycle: Arc<KeyLifecycle>,
+}
+
+impl KeyApi {
+    pub fn new(lifecycle: Arc<KeyLifecycle>) -> Self {
+        KeyApi { lifecycle }
+    }
+}
+
+fn caller<T>(request: &Request<T>) -> Result<Arc<str>, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.0.clone())
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+}
+
+fn page_token_field<T>(
+    token: &str,
+    v: &mut Violations,
+    decode: impl Fn(&str) -> Option<T>,
+) -> Option<T> {
+    if token.is_empty() {
+        return None;
+    }
+    let decoded = (token.len() <= MAX_PAGE_TOKEN_LEN)
+        .then(|| decode(token))
+        .flatten();
+    if decoded.is_none() {
+        v.add("page_token", "is not a page token this service issued");
+    }
+    decoded
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyApi {
+    async fn issue_key(
+        &self,
+        request: Request<proto::IssueKeyRequest>,
+    ) -> Result<Response<proto::IssueKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let now = self.lifecycle.now();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.name("name", &r.name);
+        let environment = convert::environment(r.environment, "environment", &mut v);
+        let scopes = v.scopes("scopes", &r.scopes);
+        let expires_at = r
+            .expires_at
+            .as_ref()
+            .and_then(|ts| convert::micros_of(ts, "expires_at", &mut v));
+        if let Some(at) = expires_at {
+            v.expiry("expires_at", at, now);
+        }
+        let owner = convert::owner(r.owner.as_ref(), "owner", &mut v);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let metadata = convert::metadata(&r.metadata, "metadata", &mut v);
+        check(v)?;
+        let (Some(environment), Some(owner)) = (environment, owner) else {
+            return Err(Status::invalid_argument("invalid request"));
+        };
+        let acting = Acting { caller, actor };
+        let issued = self
+            .lifecycle
+            .issue(
+                &acting,
+                IssueInput {
+                    workspace_id: r.workspace_id,
+                    name: r.name,
+                    environment,
+                    scopes,
+                    expires_at,
+                    owner,
+                    metadata,
+                },
+            )
+            .await?;
+        Ok(Response::new(proto::IssueKeyResponse {
+            key: issued.plaintext.expose().to_owned(),
+            key_info: Some(convert::key_info(&issued.key, now)),
+        }))
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<proto::GetKeyRequest>,
+    ) -> Result<Response<proto::GetKeyResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.key_id("key_id", &r.key_id);
+        check(v)?;
+        let key = self.lifecycle.get(&r.key_id).await?;
+        Ok(Response::new(proto::GetKeyResponse {
+            key_info: Some(convert::key_info(&key, self.lifecycle.now())),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        let owner = r
+            .owner
+            .as_ref()
+            .and_then(|o| convert::owner(Some(o), "owner", &mut v));
+        let status = convert::status_filter(r.status, "status", &mut v);
+        let page_size = v.page_size("page_size", r.page_size);
+        let after = page_token_field(&r.page_token, &mut v, page_token::decode_key_cursor);
+        check(v)?;
+        let (keys, next) = self
+            .lifecycle
+            .list(r.workspace_id, owner, status, page_size, after)
+            .await?;
+        let now = self.lifecycle.now();
+        Ok(Response::new(proto::ListKeysResponse {
+            keys: keys.iter().map(|k| convert::key_info(k, now)).collect(),
+            next_page_token: next
+                .map(|c| page_token::encode_key_cursor(&c))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<proto::UpdateKeyRequest>,
+    ) -> Result<Response<proto::UpdateKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let now = self.lifecycle.now();
+        let mut v = Violations::default();
+        v.key_id("key_id", &r.key_id);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let mut patch = KeyPatch::default();
+        let paths = r
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.as_slice())
+            .unwrap_or_default();
+        if paths.is_empty() {
+            v.add(
+                "update_mask",
+                "must name at least one of name, scopes, expires_at, metadata",
+            );
+        }
+        for path in paths {
+            match path.as_str() {
+                "name" => {
+                    v.name("name", &r.name);
+                    patch.name = Some(r.name.clone());
+                }
+                "scopes" => patch.scopes = Some(v.scopes("scopes", &r.scopes)),
+                "expires_at" => {
+                    let at = r
+                        .expires_at
+                        .as_ref()
+                        .and_then(|ts| convert::micros_of(ts, "expires_at", &mut v));
+                    if let Some(at) = at {
+                        v.expiry("expires_at", at, now);
+                    }
+                    patch.expires_at = Some(at);
+                }
+                "metadata" => {
+                    patch.metadata = Some(convert::metadata(&r.metadata, "metadata", &mut v))
+                }
+                other => v.add(
+                    "update_mask",
+                    format!(
+                        "unknown path `{}`: expected name, scopes, expires_at or metadata",
+                        other.chars().take(64).collect::<String>()
+                    ),
+                ),
+            }
+        }
+        check(v)?;
+        let key = self
+            .lifecycle
+            .update(&Acting { caller, actor }, &r.key_id, patch)
+            .await?;
+        Ok(Response::new(proto::UpdateKeyResponse {
+            key_info: Some(convert::key_info(&key, now)),
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.key_id("key_id", &r.key_id);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let grace = r
+            .grace_period
+            .as_ref()
+            .and_then(|d| convert::duration_micros(d, "grace_period", &mut v))
+            .unwrap_or(0);
+        if grace > MAX_ROTATION_GRACE {
+            v.add("grace_period", "must be at most 7 days");
+        }
+        check(v)?;
+        let rotated = self
+            .lifecycle
+            .rotate(&Acting { caller, actor }, &r.key_id, grace)
+            .await?;
+        Ok(Response::new(proto::RotateKeyResponse {
+            key: rotated.plaintext.expose().to_owned(),
+            key_info: Some(convert::key_info(&rotated.key, self.lifecycle.now())),
+            old_key_valid_until: Some(convert::timestamp(rotated.old_secret_valid_until)),
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<proto::RevokeKeyRequest>,
+    ) -> Result<Response<proto::RevokeKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.key_id("key_id", &r.key_id);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        v.text("reason", &r.reason, MAX_REASON_LEN);
+        check(v)?;
+        let key = self
+            .lifecycle
+            .revoke(&Acting { caller, actor }, &r.key_id, &r.reason)
+            .await?;
+        Ok(Response::new(proto::RevokeKeyResponse {
+            key_info: Some(convert::key_info(&key, self.lifecycle.now())),
+        }))
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<proto::DeleteKeyRequest>,
+    ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.key_id("key_id", &r.key_id);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        check(v)?;
+        self.lifecycle
+            .delete(&Acting { caller, actor }, &r.key_id)
+            .await?;
+        Ok(Response::new(proto::DeleteKeyResponse {}))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<proto::ListAuditEventsRequest>,
+    ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        let page_size = v.page_size("page_size", r.page_size);
+        let before = page_token_field(&r.page_token, &mut v, page_token::decode_audit_cursor);
+        check(v)?;
+        let (events, next) = self
+            .lifecycle
+            .audit_log(&r.workspace_id, page_size, before)
+            .await?;
+        Ok(Response::new(proto::ListAuditEventsResponse {
+            events: events.iter().map(convert::audit_event).collect(),
+            next_page_token: next
+                .map(page_token::encode_audit_cursor)
+                .unwrap_or_default(),
+        }))
+    }
+}

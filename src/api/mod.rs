@@ -1,0 +1,9 @@
+//! The gRPC surface: thin tonic services that validate and convert requests, call the
+//! lifecycle or the verifier, and map errors to statuses in one place (`error.rs`).
+//! Caller authentication happens in interceptors (`auth.rs`) before a service sees a request.
+
+pub mod auth;
+pub mod convert;
+pub mod error;
+pub mod keys;
+pub mod verify;

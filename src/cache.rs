@@ -1,0 +1,285 @@
+//! The VerifyKey cache: verified key records by secret hash, plus a bounded negative cache
+//! of hashes that matched nothing, so a flood of random well-formed keys costs one query
+//! each at most once per TTL.
+//!
+//! # Fills cannot resurrect an invalidated entry
+//!
+//! A miss reads the row, then writes it into the cache. If a revoke commits and
+//! invalidates in between, a naive fill writes the stale (still-valid) row back and the
+//! revoked key lives on until eviction. Here every hash maps to a shard with a generation
+//! counter: a fill takes a [`FillTicket`] (the generation) *before* it reads the database,
+//! and [`VerifyCache::complete_fill`] inserts only if no invalidation of that shard
+//! happened since. Invalidation bumps the generation and removes the entry under the same
+//! shard lock, so the check-and-insert and the bump-and-remove cannot interleave.
+//!
+//! Reads ([`VerifyCache::get`]) take no lock of ours: they go straight to moka's
+//! concurrent map. The shard locks are held only for a few instructions and never across
+//! an await.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use moka::sync::Cache;
+
+use crate::domain::Micros;
+use crate::domain::key::KeyRecord;
+use crate::domain::key_format::KeyHash;
+use crate::domain::scopes::EffectiveScopes;
+
+const SHARDS: usize = 64;
+
+/// What VerifyKey needs of a key, prepared once per fill.
+#[derive(Debug)]
+pub struct CachedKey {
+    pub key: KeyRecord,
+    /// `None` for the key's current secret; the end of the grace period otherwise.
+    pub secret_valid_until: Option<Micros>,
+    pub effective_scopes: EffectiveScopes,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CacheSizes {
+    pub max_keys: u64,
+    pub ttl: Duration,
+    pub negative_max_keys: u64,
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheSizes {
+    fn default() -> Self {
+        CacheSizes {
+            max_keys: 1_000_000,
+            ttl: Duration::from_secs(300),
+            negative_max_keys: 100_000,
+            negative_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+pub enum Lookup {
+    Hit(Arc<CachedKey>),
+    /// Recently looked up and matched no secret.
+    KnownMissing,
+    Miss,
+}
+
+/// Proof of the generation a fill started at.
+#[must_use]
+pub struct FillTicket {
+    hash: KeyHash,
+    generation: u64,
+}
+
+pub struct VerifyCache {
+    entries: Cache<KeyHash, Arc<CachedKey>>,
+    missing: Cache<KeyHash, ()>,
+    generations: Box<[Mutex<u64>]>,
+    enabled: bool,
+}
+
+impl VerifyCache {
+    pub fn new(sizes: CacheSizes) -> Self {
+        VerifyCache {
+            entries: Cache::builder()
+                .max_capacity(sizes.max_keys)
+                .time_to_live(sizes.ttl)
+                .build(),
+            missing: Cache::builder()
+                .max_capacity(sizes.negative_max_keys)
+                .time_to_live(sizes.negative_ttl)
+                .build(),
+            generations: (0..SHARDS).map(|_| Mutex::new(0)).collect(),
+            enabled: true,
+        }
+    }
+
+    /// A cache that never holds anything: every VerifyKey reads the database. Only for
+    /// measuring what the cache is worth.
+    pub fn disabled() -> Self {
+        let mut cache = VerifyCache::new(CacheSizes {
+            max_keys: 0,
+            negative_max_keys: 0,
+            ..CacheSizes::default()
+        });
+        cache.enabled = false;
+        cache
+    }
+
+    pub fn get(&self, hash: &KeyHash) -> Lookup {
+        if let Some(hit) = self.entries.get(hash) {
+            Lookup::Hit(hit)
+        } else if self.missing.contains_key(hash) {
+            Lookup::KnownMissing
+        } else {
+            Lookup::Miss
+        }
+    }
+
+    /// Call before reading the database for `hash`.
+    pub fn begin_fill(&self, hash: &KeyHash) -> FillTicket {
+        FillTicket {
+            hash: *hash,
+            generation: *self.shard(hash),
+        }
+    }
+
+    /// Caches what the database said (`None`: no such secret) unless `hash`'s shard was
+    /// invalidated since the ticket was taken. Returns whether it was cached.
+    pub fn complete_fill(&self, ticket: FillTicket, found: Option<Arc<CachedKey>>) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let generation = self.shard(&ticket.hash);
+        if *generation != ticket.generation {
+            return false;
+        }
+        match found {
+            Some(entry) => self.entries.insert(ticket.hash, entry),
+            None => self.missing.insert(ticket.hash, ()),
+        }
+        true
+    }
+
+    /// Drops whatever is cached for `hash`, and makes every fill that started before this
+    /// call lose.
+    pub fn invalidate(&self, hash: &KeyHash) {
+        let mut generation = self.shard(hash);
+        *generation = generation.wrapping_add(1);
+        self.entries.invalidate(hash);
+        self.missing.invalidate(hash);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, hash: &KeyHash) -> MutexGuard<'_, u64> {
+        let index = usize::from(hash.0[0]) % SHARDS;
+        // A poisoned lock only means another thread panicked while holding it; the
+        // counter itself is always consistent.
+        self.generations[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::key::{Owner, OwnerKind};
+    use crate::domain::key_format::Environment;
+
+    fn entry(revoked: bool) -> Arc<CachedKey> {
+        Arc::new(CachedKey {
+            key: KeyRecord {
+                key_id: "key_x".into(),
+                workspace_id: "ws".into(),
+                name: "n".into(),
+                environment: Environment::Live,
+                display: "kw_live_...abcd".into(),
+                scopes: vec![],
+                owner: Owner {
+                    kind: OwnerKind::User,
+                    id: "u".into(),
+                },
+                created_by: "u".into(),
+                metadata: Default::default(),
+                created_at: 0,
+                updated_at: 0,
+                expires_at: None,
+                revoked_at: revoked.then_some(1),
+                revoke_reason: None,
+                rotated_at: None,
+                deleted_at: None,
+            },
+            secret_valid_until: None,
+            effective_scopes: EffectiveScopes::default(),
+        })
+    }
+
+    #[test]
+    fn a_fill_hits_afterwards() {
+        let cache = VerifyCache::new(CacheSizes::default());
+        let h = KeyHash::of("a");
+        assert!(matches!(cache.get(&h), Lookup::Miss));
+        let t = cache.begin_fill(&h);
+        assert!(cache.complete_fill(t, Some(entry(false))));
+        assert!(matches!(cache.get(&h), Lookup::Hit(_)));
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_loses() {
+        let cache = VerifyCache::new(CacheSizes::default());
+        let h = KeyHash::of("a");
+        // The miss reads the row before the revoke commits ...
+        let t = cache.begin_fill(&h);
+        let stale = entry(false);
+        // ... the revoke commits and invalidates ...
+        cache.invalidate(&h);
+        // ... and the stale fill must not win.
+        assert!(!cache.complete_fill(t, Some(stale)));
+        assert!(matches!(cache.get(&h), Lookup::Miss));
+        // A fill that starts after the invalidation reads the revoked row and is kept.
+        let t = cache.begin_fill(&h);
+        assert!(cache.complete_fill(t, Some(entry(true))));
+        let Lookup::Hit(hit) = cache.get(&h) else {
+            panic!("expected a hit")
+        };
+        assert!(hit.key.revoked_at.is_some());
+    }
+
+    #[test]
+    fn invalidation_drops_cached_and_negative_entries() {
+        let cache = VerifyCache::new(CacheSizes::default());
+        let (a, b) = (KeyHash::of("a"), KeyHash::of("b"));
+        let t = cache.begin_fill(&a);
+        assert!(cache.complete_fill(t, Some(entry(false))));
+        let t = cache.begin_fill(&b);
+        assert!(cache.complete_fill(t, None));
+        assert!(matches!(cache.get(&b), Lookup::KnownMissing));
+        cache.invalidate(&a);
+        cache.invalidate(&b);
+        assert!(matches!(cache.get(&a), Lookup::Miss));
+        assert!(matches!(cache.get(&b), Lookup::Miss));
+    }
+
+    #[test]
+    fn racing_fills_and_invalidations_never_leave_a_stale_entry() {
+        // Many threads fill "valid" while one invalidates after "revoking": once the last
+        // invalidation is done, a fill that started before it must not be visible.
+        let cache = Arc::new(VerifyCache::new(CacheSizes::default()));
+        let h = KeyHash::of("k");
+        for _ in 0..200 {
+            let tickets: Vec<_> = (0..8).map(|_| cache.begin_fill(&h)).collect();
+            let c = cache.clone();
+            let invalidator = std::thread::spawn(move || c.invalidate(&h));
+            let fillers: Vec<_> = tickets
+                .into_iter()
+                .map(|t| {
+                    let c = cache.clone();
+                    std::thread::spawn(move || c.complete_fill(t, Some(entry(false))))
+                })
+                .collect();
+            invalidator.join().unwrap();
+            for f in fillers {
+                f.join().unwrap();
+            }
+            // Whatever won before the invalidation was removed by it; whatever came after lost.
+            assert!(matches!(cache.get(&h), Lookup::Miss));
+        }
+    }
+
+    #[test]
+    fn a_disabled_cache_holds_nothing() {
+        let cache = VerifyCache::disabled();
+        let h = KeyHash::of("a");
+        let t = cache.begin_fill(&h);
+        assert!(!cache.complete_fill(t, Some(entry(false))));
+        assert!(matches!(cache.get(&h), Lookup::Miss));
+    }
+}

@@ -1,0 +1,204 @@
+//! Configuration: a TOML file, overridden by `KEYWARDEN_*` environment variables
+//! (`KEYWARDEN_DATABASE_URL`, `KEYWARDEN_LISTEN`, `KEYWARDEN_CACHE__MAX_KEYS`, ...), then
+//! checked into [`Settings`], the validated form the server runs with.
+//!
+//! Secrets (the database URL may hold a password) are [`SecretString`]s, which cannot be
+//! printed by accident. Caller tokens are configured as SHA-256 hashes, never in the clear.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::api::auth::{CallerTokens, Role, TokenEntry};
+use crate::cache::CacheSizes;
+use crate::domain::key_format::{Brand, KeyHash};
+use crate::domain::scopes::ScopeImplications;
+
+/// The configuration as written by an operator.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    pub listen: SocketAddr,
+    /// `postgres://...` (production) or `sqlite:...` (single node). Required.
+    pub database_url: Option<SecretString>,
+    pub database_max_connections: u32,
+    /// The key prefix of this deployment (`kw` gives `kw_live_...`).
+    pub brand: String,
+    /// Scope implications: `admin = ["write"]`, `write = ["read"]`. Transitive.
+    pub scope_implications: HashMap<String, Vec<String>>,
+    /// Caller tokens: who may call which service.
+    pub tokens: Vec<TokenConfig>,
+    pub cache: CacheConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A name for logs and the audit log (`admin-console`, `gateway`).
+    pub name: String,
+    /// Hex SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    pub sha256: String,
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Off only to measure what the cache is worth: every VerifyKey then reads the database.
+    pub enabled: bool,
+    pub max_keys: u64,
+    pub ttl_seconds: u64,
+    pub negative_max_keys: u64,
+    pub negative_ttl_seconds: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        let d = CacheSizes::default();
+        CacheConfig {
+            enabled: true,
+            max_keys: d.max_keys,
+            ttl_seconds: d.ttl.as_secs(),
+            negative_max_keys: d.negative_max_keys,
+            negative_ttl_seconds: d.negative_ttl.as_secs(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database_url: None,
+            database_max_connections: 16,
+            brand: "kw".to_owned(),
+            scope_implications: HashMap::new(),
+            tokens: Vec::new(),
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error(
+        "configuration: database_url is required (set KEYWARDEN_DATABASE_URL or database_url in the config file); run `keywarden serve --dev` for a local server on SQLite"
+    )]
+    MissingDatabaseUrl,
+    #[error("configuration: brand: {0}")]
+    Brand(#[from] crate::domain::key_format::InvalidBrand),
+    #[error("configuration: scope_implications: {0}")]
+    Implications(#[from] crate::domain::scopes::InvalidImplication),
+    #[error("configuration: tokens[{0}].sha256 must be 64 hex digits")]
+    TokenHash(usize),
+    #[error("configuration: tokens[{0}] needs a name and at least one role")]
+    TokenShape(usize),
+}
+
+impl Config {
+    /// Reads `file` (if given) and the `KEYWARDEN_*` environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("KEYWARDEN_").split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    pub fn into_settings(self) -> Result<Settings, ConfigError> {
+        let database_url = self.database_url.ok_or(ConfigError::MissingDatabaseUrl)?;
+        if database_url.expose_secret().trim().is_empty() {
+            return Err(ConfigError::MissingDatabaseUrl);
+        }
+        let mut entries = Vec::with_capacity(self.tokens.len());
+        for (i, t) in self.tokens.into_iter().enumerate() {
+            let hash = hex::decode(t.sha256.trim())
+                .ok()
+                .and_then(|b| KeyHash::from_slice(&b))
+                .ok_or(ConfigError::TokenHash(i))?;
+            if t.name.is_empty() || t.roles.is_empty() {
+                return Err(ConfigError::TokenShape(i));
+            }
+            entries.push(TokenEntry::new(t.name, hash, t.roles));
+        }
+        Ok(Settings {
+            listen: self.listen,
+            database_url,
+            database_max_connections: self.database_max_connections,
+            brand: Brand::parse(&self.brand)?,
+            implications: Arc::new(ScopeImplications::new(&self.scope_implications)?),
+            tokens: Arc::new(CallerTokens::new(entries)),
+            cache_enabled: self.cache.enabled,
+            cache: CacheSizes {
+                max_keys: self.cache.max_keys,
+                ttl: Duration::from_secs(self.cache.ttl_seconds),
+                negative_max_keys: self.cache.negative_max_keys,
+                negative_ttl: Duration::from_secs(self.cache.negative_ttl_seconds),
+            },
+        })
+    }
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database_url: SecretString,
+    pub database_max_connections: u32,
+    pub brand: Brand,
+    pub implications: Arc<ScopeImplications>,
+    pub tokens: Arc<CallerTokens>,
+    pub cache_enabled: bool,
+    pub cache: CacheSizes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_database_url_is_a_clear_error() {
+        let err = Config::default().into_settings().unwrap_err();
+        assert!(matches!(err, ConfigError::MissingDatabaseUrl));
+        assert!(err.to_string().contains("KEYWARDEN_DATABASE_URL"));
+    }
+
+    #[test]
+    fn token_hashes_must_be_sha256_hex() {
+        let config = Config {
+            database_url: Some("sqlite::memory:".into()),
+            tokens: vec![TokenConfig {
+                name: "x".into(),
+                sha256: "abc".into(),
+                roles: vec![Role::Admin],
+            }],
+            ..Config::default()
+        };
+        assert!(matches!(
+            config.into_settings(),
+            Err(ConfigError::TokenHash(0))
+        ));
+    }
+
+    #[test]
+    fn debug_output_hides_the_database_url() {
+        let config = Config {
+            database_url: Some("postgres://u:hunter2@db/kw".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

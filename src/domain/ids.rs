@@ -1,0 +1,30 @@
+//! Identifiers the service mints itself.
+
+use super::base62;
+
+/// Length of the random part of a key id (`key_` + 24 base62 characters, ~143 bits).
+const KEY_ID_RANDOM_LEN: usize = 24;
+
+pub fn new_key_id() -> Result<String, getrandom::Error> {
+    Ok(format!("key_{}", base62::random_string(KEY_ID_RANDOM_LEN)?))
+}
+
+/// Whether `s` has the shape of a key id this service mints.
+pub fn is_key_id(s: &str) -> bool {
+    s.strip_prefix("key_")
+        .is_some_and(|rest| rest.len() == KEY_ID_RANDOM_LEN && base62::is_base62(rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_key_ids_have_the_recognised_shape() {
+        let id = new_key_id().unwrap();
+        assert!(is_key_id(&id), "{id}");
+        assert!(!is_key_id("key_short"));
+        assert!(!is_key_id(&format!("kex_{}", &id[4..])));
+        assert!(!is_key_id(&format!("key_{}!", &id[5..])));
+    }
+}

@@ -1,0 +1,231 @@
+//! What a key is once issued, and how a verification is decided.
+
+use std::collections::BTreeMap;
+
+use super::Micros;
+use super::key_format::Environment;
+use super::scopes::EffectiveScopes;
+
+/// The longest grace period a rotation may give the old secret.
+pub const MAX_ROTATION_GRACE: Micros = 7 * 24 * 3600 * super::MICROS_PER_SECOND;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerKind {
+    User,
+    ServiceAccount,
+}
+
+impl OwnerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OwnerKind::User => "user",
+            OwnerKind::ServiceAccount => "service_account",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "user" => Some(OwnerKind::User),
+            "service_account" => Some(OwnerKind::ServiceAccount),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub kind: OwnerKind,
+    pub id: String,
+}
+
+/// A key as stored: never its secret, never its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub workspace_id: String,
+    pub name: String,
+    pub environment: Environment,
+    pub display: String,
+    pub scopes: Vec<String>,
+    pub owner: Owner,
+    pub created_by: String,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+    pub expires_at: Option<Micros>,
+    pub revoked_at: Option<Micros>,
+    pub revoke_reason: Option<String>,
+    pub rotated_at: Option<Micros>,
+    pub deleted_at: Option<Micros>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+    Expired,
+}
+
+impl KeyRecord {
+    /// Revocation wins over expiry: a revoked key stays revoked after it would have expired.
+    pub fn status(&self, now: Micros) -> KeyStatus {
+        if self.revoked_at.is_some() {
+            KeyStatus::Revoked
+        } else if self.expires_at.is_some_and(|e| now >= e) {
+            KeyStatus::Expired
+        } else {
+            KeyStatus::Active
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyCode {
+    Valid,
+    NotFound,
+    Malformed,
+    Revoked,
+    Expired,
+    InsufficientScope,
+}
+
+/// Decides a verification of a key whose secret matched a stored one.
+///
+/// `secret_valid_until` is `None` for the key's current secret and the end of the grace
+/// period for a secret that a rotation replaced.
+pub fn decide(
+    key: &KeyRecord,
+    secret_valid_until: Option<Micros>,
+    effective_scopes: &EffectiveScopes,
+    required_scopes: &[String],
+    now: Micros,
+) -> VerifyCode {
+    if key.deleted_at.is_some() {
+        VerifyCode::NotFound
+    } else if key.revoked_at.is_some() || secret_valid_until.is_some_and(|until| now >= until) {
+        VerifyCode::Revoked
+    } else if key.expires_at.is_some_and(|e| now >= e) {
+        VerifyCode::Expired
+    } else if !effective_scopes.covers(required_scopes) {
+        VerifyCode::InsufficientScope
+    } else {
+        VerifyCode::Valid
+    }
+}
+
+/// When the old secret of a key rotated at `now` with `grace` stops working: at the end of
+/// the grace period, never past the key's own expiry, never before `now`.
+pub fn rotated_secret_valid_until(
+    now: Micros,
+    grace: Micros,
+    expires_at: Option<Micros>,
+) -> Micros {
+    let end = now.saturating_add(grace.clamp(0, MAX_ROTATION_GRACE));
+    expires_at.map_or(end, |e| end.min(e)).max(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::scopes::ScopeImplications;
+
+    const S: Micros = crate::domain::MICROS_PER_SECOND;
+
+    fn record() -> KeyRecord {
+        KeyRecord {
+            key_id: "key_1".into(),
+            workspace_id: "ws".into(),
+            name: "n".into(),
+            environment: Environment::Live,
+            display: "kw_live_...abcd".into(),
+            scopes: vec!["read".into()],
+            owner: Owner {
+                kind: OwnerKind::User,
+                id: "u".into(),
+            },
+            created_by: "u".into(),
+            metadata: BTreeMap::new(),
+            created_at: 0,
+            updated_at: 0,
+            expires_at: None,
+            revoked_at: None,
+            revoke_reason: None,
+            rotated_at: None,
+            deleted_at: None,
+        }
+    }
+
+    fn scopes(r: &KeyRecord) -> EffectiveScopes {
+        EffectiveScopes::new(&ScopeImplications::default(), &r.scopes)
+    }
+
+    #[test]
+    fn an_active_key_with_its_scopes_is_valid() {
+        let r = record();
+        assert_eq!(
+            decide(&r, None, &scopes(&r), &["read".into()], 10),
+            VerifyCode::Valid
+        );
+        assert_eq!(
+            decide(&r, None, &scopes(&r), &["write".into()], 10),
+            VerifyCode::InsufficientScope
+        );
+    }
+
+    #[test]
+    fn expiry_is_exclusive_of_the_instant() {
+        let mut r = record();
+        r.expires_at = Some(100 * S);
+        assert_eq!(
+            decide(&r, None, &scopes(&r), &[], 100 * S - 1),
+            VerifyCode::Valid
+        );
+        assert_eq!(
+            decide(&r, None, &scopes(&r), &[], 100 * S),
+            VerifyCode::Expired
+        );
+        assert_eq!(r.status(100 * S), KeyStatus::Expired);
+    }
+
+    #[test]
+    fn revocation_wins_over_expiry_and_deletion_wins_over_all() {
+        let mut r = record();
+        r.expires_at = Some(S);
+        r.revoked_at = Some(0);
+        assert_eq!(
+            decide(&r, None, &scopes(&r), &[], 2 * S),
+            VerifyCode::Revoked
+        );
+        assert_eq!(r.status(2 * S), KeyStatus::Revoked);
+        r.deleted_at = Some(3 * S);
+        assert_eq!(
+            decide(&r, None, &scopes(&r), &[], 4 * S),
+            VerifyCode::NotFound
+        );
+    }
+
+    #[test]
+    fn a_rotated_secret_works_until_its_grace_ends() {
+        let r = record();
+        assert_eq!(
+            decide(&r, Some(50 * S), &scopes(&r), &[], 49 * S),
+            VerifyCode::Valid
+        );
+        assert_eq!(
+            decide(&r, Some(50 * S), &scopes(&r), &[], 50 * S),
+            VerifyCode::Revoked
+        );
+    }
+
+    #[test]
+    fn grace_is_capped_by_expiry_and_by_seven_days() {
+        assert_eq!(rotated_secret_valid_until(10, 0, None), 10);
+        assert_eq!(rotated_secret_valid_until(10, 5, Some(12)), 12);
+        assert_eq!(rotated_secret_valid_until(10, 5, None), 15);
+        assert_eq!(
+            rotated_secret_valid_until(0, MAX_ROTATION_GRACE * 2, None),
+            MAX_ROTATION_GRACE
+        );
+        assert_eq!(rotated_secret_valid_until(10, 5, Some(3)), 10);
+    }
+}

@@ -1,0 +1,20 @@
+//! The rules of Keywarden with no IO and no async: the key format, scopes and their
+//! implications, what a key record is and how a verification is decided, and the
+//! validation of every field a caller can send.
+//!
+//! **Architecture Invariant:** nothing in here touches the network, the database, the
+//! clock or the environment. The current time is always a parameter (`now`, unix
+//! microseconds), so expiry and grace periods are tested without sleeping.
+
+pub mod base62;
+pub mod ids;
+pub mod key;
+pub mod key_format;
+pub mod scopes;
+pub mod validate;
+
+/// A point in time as unix microseconds (UTC). Storage and the domain share this one
+/// representation so that both stores compare and order times identically.
+pub type Micros = i64;
+
+pub const MICROS_PER_SECOND: i64 = 1_000_000;

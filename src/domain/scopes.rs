@@ -1,0 +1,170 @@
+//! Scopes and their implications.
+//!
+//! A scope is a short string (`read`, `knowledge:read`, `agents:query`). A deployment may
+//! configure implications (`admin` implies `write`, `write` implies `read`); they are
+//! transitive. The default is none: every scope stands for itself.
+
+use std::collections::{BTreeSet, HashMap};
+
+pub const MAX_SCOPE_LEN: usize = 64;
+pub const MAX_SCOPES: usize = 32;
+
+/// Whether `s` is a well-formed scope: 1 to 64 characters, starting with a lowercase
+/// letter, then lowercase letters, digits and `_ . : -`.
+pub fn is_scope(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | ':' | '-')
+        })
+        && s.len() <= MAX_SCOPE_LEN
+}
+
+/// The deployment's scope implications, closed transitively at construction.
+#[derive(Clone, Debug, Default)]
+pub struct ScopeImplications {
+    /// scope -> every scope it implies (transitively), itself excluded.
+    closure: HashMap<String, BTreeSet<String>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid scope implication: {0:?} is not a well-formed scope")]
+pub struct InvalidImplication(pub String);
+
+impl ScopeImplications {
+    pub fn new(direct: &HashMap<String, Vec<String>>) -> Result<Self, InvalidImplication> {
+        for (scope, implied) in direct {
+            if let Some(bad) = std::iter::once(scope).chain(implied).find(|s| !is_scope(s)) {
+                return Err(InvalidImplication(bad.clone()));
+            }
+        }
+        let mut closure = HashMap::new();
+        for scope in direct.keys() {
+            let mut seen = BTreeSet::new();
+            let mut stack: Vec<&String> = direct[scope].iter().collect();
+            while let Some(next) = stack.pop() {
+                if next != scope && seen.insert(next.clone()) {
+                    stack.extend(direct.get(next).into_iter().flatten());
+                }
+            }
+            closure.insert(scope.clone(), seen);
+        }
+        Ok(ScopeImplications { closure })
+    }
+
+    /// Every scope that `granted` holds, directly or by implication.
+    pub fn expand<'a>(&self, granted: impl IntoIterator<Item = &'a String>) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for scope in granted {
+            out.insert(scope.clone());
+            if let Some(implied) = self.closure.get(scope) {
+                out.extend(implied.iter().cloned());
+            }
+        }
+        out
+    }
+
+    /// The scopes of `wanted` that `held` does not cover, in `wanted`'s order.
+    pub fn missing<'a>(&self, held: &[String], wanted: &'a [String]) -> Vec<&'a str> {
+        let have = self.expand(held);
+        wanted
+            .iter()
+            .filter(|s| !have.contains(*s))
+            .map(String::as_str)
+            .collect()
+    }
+}
+
+/// A key's scopes with their implications expanded once, so the hot path checks a
+/// required scope with one lookup.
+#[derive(Clone, Debug, Default)]
+pub struct EffectiveScopes(BTreeSet<String>);
+
+impl EffectiveScopes {
+    pub fn new(implications: &ScopeImplications, granted: &[String]) -> Self {
+        EffectiveScopes(implications.expand(granted))
+    }
+
+    pub fn covers(&self, required: &[String]) -> bool {
+        required.iter().all(|s| self.0.contains(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product_implications() -> ScopeImplications {
+        let mut m = HashMap::new();
+        m.insert("admin".to_owned(), vec!["write".to_owned()]);
+        m.insert("write".to_owned(), vec!["read".to_owned()]);
+        ScopeImplications::new(&m).unwrap()
+    }
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn scope_shape_is_checked() {
+        for good in ["read", "knowledge:read", "agents:query", "a", "x.y-z_1"] {
+            assert!(is_scope(good), "{good}");
+        }
+        for bad in [
+            "",
+            "Read",
+            "1read",
+            "read write",
+            "réad",
+            "read\n",
+            &"a".repeat(65),
+        ] {
+            assert!(!is_scope(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn implications_are_transitive() {
+        let imp = product_implications();
+        let admin = EffectiveScopes::new(&imp, &v(&["admin"]));
+        assert!(admin.covers(&v(&["read", "write", "admin"])));
+        let write = EffectiveScopes::new(&imp, &v(&["write"]));
+        assert!(write.covers(&v(&["read"])));
+        assert!(!write.covers(&v(&["admin"])));
+    }
+
+    #[test]
+    fn without_implications_every_scope_stands_alone() {
+        let imp = ScopeImplications::default();
+        let admin = EffectiveScopes::new(&imp, &v(&["admin"]));
+        assert!(!admin.covers(&v(&["read"])));
+        assert!(admin.covers(&v(&["admin"])));
+        assert!(admin.covers(&[]));
+    }
+
+    #[test]
+    fn cycles_terminate() {
+        let mut m = HashMap::new();
+        m.insert("a".to_owned(), vec!["b".to_owned()]);
+        m.insert("b".to_owned(), vec!["a".to_owned()]);
+        let imp = ScopeImplications::new(&m).unwrap();
+        assert!(EffectiveScopes::new(&imp, &v(&["a"])).covers(&v(&["a", "b"])));
+    }
+
+    #[test]
+    fn missing_names_what_the_holder_lacks() {
+        let imp = product_implications();
+        assert_eq!(
+            imp.missing(&v(&["write"]), &v(&["read", "admin", "x"])),
+            vec!["admin", "x"]
+        );
+        assert!(imp.missing(&v(&["admin"]), &v(&["read"])).is_empty());
+    }
+
+    #[test]
+    fn malformed_implications_are_refused() {
+        let mut m = HashMap::new();
+        m.insert("admin".to_owned(), vec!["Not A Scope".to_owned()]);
+        assert!(ScopeImplications::new(&m).is_err());
+    }
+}

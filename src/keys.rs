@@ -1,0 +1,365 @@
+//! The key lifecycle: issue, get, list, update, rotate, revoke, delete, and the audit log.
+//!
+//! Takes inputs the API layer has already validated, applies the policy that needs more
+//! than one field (the RBAC ceiling), writes through the [`Store`] (mutation and audit in
+//! one transaction), and then invalidates the VerifyKey cache for every secret hash the
+//! mutation made stale. Invalidation happens after the commit, so a fill that read the old
+//! row before the commit is refused by the cache's generation check.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::cache::VerifyCache;
+use crate::clock::Clock;
+use crate::domain::Micros;
+use crate::domain::ids;
+use crate::domain::key::{KeyRecord, KeyStatus, Owner};
+use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
+use crate::domain::scopes::ScopeImplications;
+use crate::store::{
+    AuditContext, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
+    StoreError,
+};
+
+/// The principal acting through an admin backend.
+#[derive(Clone, Debug)]
+pub struct Actor {
+    pub id: String,
+    pub permissions: Vec<String>,
+}
+
+/// Who is asking: the caller token's name and the acting principal.
+#[derive(Clone, Debug)]
+pub struct Acting {
+    pub caller: Arc<str>,
+    pub actor: Actor,
+}
+
+#[derive(Clone, Debug)]
+pub struct IssueInput {
+    pub workspace_id: String,
+    pub name: String,
+    pub environment: Environment,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<Micros>,
+    pub owner: Owner,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A new key and its plaintext, to be shown once.
+#[derive(Debug)]
+pub struct Issued {
+    pub plaintext: ApiKey,
+    pub key: KeyRecord,
+}
+
+#[derive(Debug)]
+pub struct RotatedKey {
+    pub plaintext: ApiKey,
+    pub key: KeyRecord,
+    pub old_secret_valid_until: Micros,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("key not found")]
+    NotFound,
+    #[error("{0}")]
+    FailedPrecondition(&'static str),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("the operating system's random source failed")]
+    Randomness,
+}
+
+impl From<StoreError> for KeyError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => KeyError::NotFound,
+            StoreError::Precondition(why) => KeyError::FailedPrecondition(why),
+            other => KeyError::Store(other),
+        }
+    }
+}
+
+pub struct KeyLifecycle {
+    store: Arc<dyn Store>,
+    cache: Arc<VerifyCache>,
+    clock: Clock,
+    brand: Brand,
+    implications: Arc<ScopeImplications>,
+}
+
+impl KeyLifecycle {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: Arc<VerifyCache>,
+        clock: Clock,
+        brand: Brand,
+        implications: Arc<ScopeImplications>,
+    ) -> Self {
+        KeyLifecycle {
+            store,
+            cache,
+            clock,
+            brand,
+            implications,
+        }
+    }
+
+    pub fn now(&self) -> Micros {
+        self.clock.now()
+    }
+
+    pub async fn issue(&self, acting: &Acting, input: IssueInput) -> Result<Issued, KeyError> {
+        let now = self.clock.now();
+        self.check_ceiling(
+            acting,
+            &input.workspace_id,
+            None,
+            "key.issue",
+            &input.scopes,
+            now,
+        )
+        .await?;
+        let key_id = ids::new_key_id().map_err(|_| KeyError::Randomness)?;
+        let plaintext =
+            ApiKey::generate(&self.brand, input.environment).map_err(|_| KeyError::Randomness)?;
+        let key = KeyRecord {
+            display: key_format::display(&self.brand, input.environment, plaintext.last_four()),
+            key_id,
+            workspace_id: input.workspace_id,
+            name: input.name,
+            environment: input.environment,
+            scopes: input.scopes,
+            owner: input.owner,
+            created_by: acting.actor.id.clone(),
+            metadata: input.metadata,
+            created_at: now,
+            updated_at: now,
+            expires_at: input.expires_at,
+            revoked_at: None,
+            revoke_reason: None,
+            rotated_at: None,
+            deleted_at: None,
+        };
+        let audit = audit(
+            acting,
+            "key.issue",
+            format!("scopes: {}", key.scopes.join(" ")),
+        );
+        self.store
+            .insert_key(&key, &plaintext.hash(), &audit)
+            .await?;
+        tracing::info!(key_id = %key.key_id, workspace_id = %key.workspace_id, "key issued");
+        Ok(Issued { plaintext, key })
+    }
+
+    pub async fn get(&self, key_id: &str) -> Result<KeyRecord, KeyError> {
+        self.store.get_key(key_id).await?.ok_or(KeyError::NotFound)
+    }
+
+    /// One page of keys and the cursor of the next page, if any.
+    pub async fn list(
+        &self,
+        workspace_id: String,
+        owner: Option<Owner>,
+        status: Option<KeyStatus>,
+        page_size: u32,
+        after: Option<KeyCursor>,
+    ) -> Result<(Vec<KeyRecord>, Option<KeyCursor>), KeyError> {
+        let filter = KeyFilter {
+            workspace_id,
+            owner,
+            status,
+            now: self.clock.now(),
+        };
+        // One row more than asked tells whether there is a next page.
+        let mut keys = self
+            .store
+            .list_keys(&filter, page_size + 1, after.as_ref())
+            .await?;
+        let next = if keys.len() > page_size as usize {
+            keys.truncate(page_size as usize);
+            keys.last().map(|k| KeyCursor {
+                created_at: k.created_at,
+                key_id: k.key_id.clone(),
+            })
+        } else {
+            None
+        };
+        Ok((keys, next))
+    }
+
+    pub async fn update(
+        &self,
+        acting: &Acting,
+        key_id: &str,
+        patch: KeyPatch,
+    ) -> Result<KeyRecord, KeyError> {
+        let now = self.clock.now();
+        if let Some(scopes) = &patch.scopes {
+            let workspace_id = self.get(key_id).await?.workspace_id;
+            self.check_ceiling(
+                acting,
+                &workspace_id,
+                Some(key_id),
+                "key.update",
+                scopes,
+                now,
+            )
+            .await?;
+        }
+        if let Some(Some(expires_at)) = patch.expires_at
+            && expires_at <= now
+        {
+            return Err(KeyError::FailedPrecondition(
+                "expires_at must be in the future",
+            ));
+        }
+        let fields: Vec<&str> = [
+            patch.name.as_ref().map(|_| "name"),
+            patch.scopes.as_ref().map(|_| "scopes"),
+            patch.expires_at.as_ref().map(|_| "expires_at"),
+            patch.metadata.as_ref().map(|_| "metadata"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let audit = audit(
+            acting,
+            "key.update",
+            format!("fields: {}", fields.join(" ")),
+        );
+        let changed = self.store.update_key(key_id, &patch, now, &audit).await?;
+        Ok(self.invalidated(changed))
+    }
+
+    pub async fn rotate(
+        &self,
+        acting: &Acting,
+        key_id: &str,
+        grace: Micros,
+    ) -> Result<RotatedKey, KeyError> {
+        // The environment never changes, so reading it before the locked rotation is safe.
+        let environment = self.get(key_id).await?.environment;
+        let plaintext =
+            ApiKey::generate(&self.brand, environment).map_err(|_| KeyError::Randomness)?;
+        let display = key_format::display(&self.brand, environment, plaintext.last_four());
+        let now = self.clock.now();
+        let audit = audit(
+            acting,
+            "key.rotate",
+            format!("grace_seconds: {}", grace / 1_000_000),
+        );
+        let rotated = self
+            .store
+            .rotate_key(key_id, &plaintext.hash(), &display, grace, now, &audit)
+            .await?;
+        self.invalidate_all(&rotated.stale_hashes);
+        tracing::info!(key_id, "key rotated");
+        Ok(RotatedKey {
+            plaintext,
+            key: rotated.key,
+            old_secret_valid_until: rotated.old_secret_valid_until,
+        })
+    }
+
+    pub async fn revoke(
+        &self,
+        acting: &Acting,
+        key_id: &str,
+        reason: &str,
+    ) -> Result<KeyRecord, KeyError> {
+        let audit = audit(acting, "key.revoke", format!("reason: {reason}"));
+        let changed = self
+            .store
+            .revoke_key(key_id, reason, self.clock.now(), &audit)
+            .await?;
+        tracing::info!(key_id, "key revoked");
+        Ok(self.invalidated(changed))
+    }
+
+    pub async fn delete(&self, acting: &Acting, key_id: &str) -> Result<(), KeyError> {
+        let audit = audit(acting, "key.delete", String::new());
+        let changed = self
+            .store
+            .delete_key(key_id, self.clock.now(), &audit)
+            .await?;
+        tracing::info!(key_id, "key deleted");
+        self.invalidated(changed);
+        Ok(())
+    }
+
+    pub async fn audit_log(
+        &self,
+        workspace_id: &str,
+        page_size: u32,
+        before_id: Option<i64>,
+    ) -> Result<(Vec<AuditRecord>, Option<i64>), KeyError> {
+        let mut events = self
+            .store
+            .list_audit(workspace_id, page_size + 1, before_id)
+            .await?;
+        let next = if events.len() > page_size as usize {
+            events.truncate(page_size as usize);
+            events.last().map(|e| e.id)
+        } else {
+            None
+        };
+        Ok((events, next))
+    }
+
+    /// The RBAC ceiling: a key never holds a scope its creator does not (implications
+    /// count on both sides). A refusal is audited.
+    async fn check_ceiling(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        key_id: Option<&str>,
+        action: &'static str,
+        scopes: &[String],
+        now: Micros,
+    ) -> Result<(), KeyError> {
+        let missing = self.implications.missing(&acting.actor.permissions, scopes);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let why = format!(
+            "actor {} may not grant scopes it does not hold: {}",
+            acting.actor.id,
+            missing.join(", ")
+        );
+        self.store
+            .record_denied(&DeniedAudit {
+                workspace_id: workspace_id.to_owned(),
+                key_id: key_id.map(str::to_owned),
+                context: audit(acting, action, why.clone()),
+                occurred_at: now,
+            })
+            .await?;
+        Err(KeyError::PermissionDenied(why))
+    }
+
+    fn invalidated(&self, changed: Changed) -> KeyRecord {
+        self.invalidate_all(&changed.stale_hashes);
+        changed.key
+    }
+
+    fn invalidate_all(&self, hashes: &[KeyHash]) {
+        for hash in hashes {
+            self.cache.invalidate(hash);
+        }
+    }
+}
+
+fn audit(acting: &Acting, action: &'static str, detail: String) -> AuditContext {
+    AuditContext {
+        actor_id: acting.actor.id.clone(),
+        caller: acting.caller.to_string(),
+        action,
+        detail,
+    }
+}

@@ -1,0 +1,33 @@
+//! Keywarden: the credential authority of a multi-tenant AI platform.
+//!
+//! # Layout
+//!
+//! - [`domain`]: key format, scopes, key records, verification decisions, field
+//!   validation. Pure: no IO, no async, no clock.
+//! - [`store`]: the [`store::Store`] trait and its Postgres and SQLite implementations.
+//! - [`cache`]: the VerifyKey cache, whose fills cannot resurrect an invalidated entry.
+//! - [`keys`]: the key lifecycle (issue, update, rotate, revoke, delete) over a store,
+//!   keeping the cache coherent.
+//! - [`verify`]: the VerifyKey hot path.
+//! - [`api`]: the tonic services, caller authentication, and the one mapping of errors
+//!   to gRPC statuses.
+//! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown.
+
+pub mod api;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod keys;
+pub mod server;
+pub mod store;
+pub mod verify;
+
+/// The generated protobuf and gRPC code of `keywarden.v1`.
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("keywarden.v1");
+
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("keywarden_descriptor");
+}

@@ -1,0 +1,159 @@
+//! Start-up and shutdown: builds the services over a store, binds the listener, serves
+//! health and reflection next to Keywarden's own services, and returns a handle with the
+//! bound address (so tests and benchmarks run the real server on port 0).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::auth::{RequireRole, Role};
+use crate::api::keys::KeyApi;
+use crate::api::verify::VerifyApi;
+use crate::cache::VerifyCache;
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::keys::KeyLifecycle;
+use crate::proto::key_service_server::KeyServiceServer;
+use crate::proto::verify_service_server::VerifyServiceServer;
+use crate::store::{self, Store};
+use crate::verify::Verifier;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the database: {0}")]
+    Store(#[from] store::OpenError),
+    #[error("cannot listen: {0}")]
+    Listen(#[from] std::io::Error),
+    #[error("cannot build reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A server that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    addr: SocketAddr,
+    cache: Arc<VerifyCache>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn cache(&self) -> &VerifyCache {
+        &self.cache
+    }
+
+    /// Stops accepting, lets in-flight calls finish, and returns when the server is down.
+    pub async fn shutdown(mut self) -> Result<(), tonic::transport::Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.join().await
+    }
+
+    /// Waits until the server stops (after [`RunningServer::shutdown`] or a fatal error).
+    pub async fn join(self) -> Result<(), tonic::transport::Error> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => {
+                tracing::error!(error = %join, "server task failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Splits off the stop signal, for a caller that waits for SIGTERM elsewhere.
+    pub fn stop_handle(&mut self) -> Option<oneshot::Sender<()>> {
+        self.stop.take()
+    }
+}
+
+/// Opens the configured database (running its migrations) and starts serving.
+pub async fn start(settings: &Settings, clock: Clock) -> Result<RunningServer, StartError> {
+    let store = store::open(
+        settings.database_url.expose_secret(),
+        settings.database_max_connections,
+    )
+    .await?;
+    start_with_store(settings, store, clock).await
+}
+
+pub async fn start_with_store(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    clock: Clock,
+) -> Result<RunningServer, StartError> {
+    let cache = Arc::new(if settings.cache_enabled {
+        VerifyCache::new(settings.cache)
+    } else {
+        VerifyCache::disabled()
+    });
+    let lifecycle = Arc::new(KeyLifecycle::new(
+        store.clone(),
+        cache.clone(),
+        clock.clone(),
+        settings.brand.clone(),
+        settings.implications.clone(),
+    ));
+    let verifier = Arc::new(Verifier::new(
+        store,
+        cache.clone(),
+        clock,
+        settings.brand.clone(),
+        settings.implications.clone(),
+    ));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<KeyServiceServer<KeyApi>>()
+        .await;
+    health_reporter
+        .set_serving::<VerifyServiceServer<VerifyApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl and Python's grpcio reflection client speak only v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let listener = TcpListener::bind(settings.listen).await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(KeyServiceServer::with_interceptor(
+            KeyApi::new(lifecycle),
+            RequireRole::new(settings.tokens.clone(), Role::Admin),
+        ))
+        .add_service(VerifyServiceServer::with_interceptor(
+            VerifyApi::new(verifier),
+            RequireRole::new(settings.tokens.clone(), Role::Verifier),
+        ));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    tracing::info!(%addr, "keywarden serving");
+    Ok(RunningServer {
+        addr,
+        cache,
+        stop: Some(stop),
+        task,
+    })
+}

@@ -1,0 +1,316 @@
+//! Storage: one [`Store`] trait, two implementations through sqlx.
+//!
+//! - [`postgres::PgStore`]: the production store; any number of replicas share one.
+//! - [`sqlite::SqliteStore`]: the embedded default (bundled SQLite), for a one-command
+//!   local run and single-node use.
+//!
+//! Both run the same SQL (see `sql.rs`), differ only in how a write transaction starts and
+//! locks, and pass one conformance suite (`tests/store_conformance.rs`).
+//!
+//! **Architecture Invariant:** every mutation and its audit event commit in one
+//! transaction; a mutation that fails leaves nothing behind, audit row included. Storage
+//! holds SHA-256 hashes of keys, never a plaintext.
+
+mod sql;
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use base64::Engine;
+
+use crate::domain::Micros;
+use crate::domain::key::{KeyRecord, KeyStatus, Owner};
+use crate::domain::key_format::KeyHash;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// The mutation is not allowed in the key's current state.
+    #[error("{0}")]
+    Precondition(&'static str),
+    /// The database cannot be reached or did not answer in time.
+    #[error("storage unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("storage error: {0}")]
+    Internal(#[source] sqlx::Error),
+    /// A stored row that does not decode: a bug or a hand-edited database.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
+                StoreError::Unavailable(e)
+            }
+            other => StoreError::Internal(other),
+        }
+    }
+}
+
+/// Postgres: admin shutdown / cannot connect now; SQLite: busy / locked.
+fn is_unavailable_code(code: Option<&str>) -> bool {
+    matches!(code, Some("57P01" | "57P02" | "57P03" | "5" | "6" | "517"))
+}
+
+/// What the caller of a mutation tells the audit log; the store adds the workspace, the
+/// key id, the time and the outcome from the transaction itself.
+#[derive(Clone, Debug)]
+pub struct AuditContext {
+    pub actor_id: String,
+    /// The name of the caller token.
+    pub caller: String,
+    pub action: &'static str,
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditOutcome {
+    Success,
+    Denied,
+}
+
+impl AuditOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOutcome::Success => "success",
+            AuditOutcome::Denied => "denied",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub workspace_id: String,
+    pub actor_id: String,
+    pub caller: String,
+    pub action: String,
+    pub key_id: Option<String>,
+    pub outcome: AuditOutcome,
+    pub detail: String,
+    pub occurred_at: Micros,
+}
+
+/// A refusal to record on its own (nothing else changed).
+#[derive(Clone, Debug)]
+pub struct DeniedAudit {
+    pub workspace_id: String,
+    pub key_id: Option<String>,
+    pub context: AuditContext,
+    pub occurred_at: Micros,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyFilter {
+    pub workspace_id: String,
+    pub owner: Option<Owner>,
+    pub status: Option<KeyStatus>,
+    /// The time against which "expired" is judged.
+    pub now: Micros,
+}
+
+/// Where a key listing resumes: after this (created_at, key_id), newest first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyCursor {
+    pub created_at: Micros,
+    pub key_id: String,
+}
+
+/// A secret that matched a presented key's hash, with its key.
+#[derive(Clone, Debug)]
+pub struct FoundSecret {
+    pub key: KeyRecord,
+    /// `None` for the current secret; the end of the grace period for a replaced one.
+    pub valid_until: Option<Micros>,
+}
+
+/// The fields an update changes; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    /// `Some(None)` removes the expiry.
+    pub expires_at: Option<Option<Micros>>,
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// The outcome of a mutation: the key as it now is, and every secret hash whose cached
+/// verification must be dropped.
+#[derive(Clone, Debug)]
+pub struct Changed {
+    pub key: KeyRecord,
+    pub stale_hashes: Vec<KeyHash>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rotated {
+    pub key: KeyRecord,
+    pub old_secret_valid_until: Micros,
+    pub stale_hashes: Vec<KeyHash>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new key with its secret's hash, and its audit event.
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        secret: &KeyHash,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+
+    /// A key by id; deleted keys are not found.
+    async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Up to `limit` keys matching `filter`, newest first, after `after`.
+    async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        limit: u32,
+        after: Option<&KeyCursor>,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// The secret with this hash and its key (deleted keys included: the caller decides).
+    async fn find_secret(&self, hash: &KeyHash) -> Result<Option<FoundSecret>, StoreError>;
+
+    async fn update_key(
+        &self,
+        key_id: &str,
+        patch: &KeyPatch,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Changed, StoreError>;
+
+    /// Gives the key `new_secret`; older secrets stop at `now + grace`, capped by expiry.
+    async fn rotate_key(
+        &self,
+        key_id: &str,
+        new_secret: &KeyHash,
+        new_display: &str,
+        grace: Micros,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Rotated, StoreError>;
+
+    /// Revokes at `now`; revoking a revoked key changes nothing and succeeds.
+    async fn revoke_key(
+        &self,
+        key_id: &str,
+        reason: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Changed, StoreError>;
+
+    async fn delete_key(
+        &self,
+        key_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Changed, StoreError>;
+
+    async fn record_denied(&self, denied: &DeniedAudit) -> Result<(), StoreError>;
+
+    /// Up to `limit` audit events of a workspace, newest first, with ids below `before_id`.
+    async fn list_audit(
+        &self,
+        workspace_id: &str,
+        limit: u32,
+        before_id: Option<i64>,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Answers when the database does.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a database URL names (`postgres://...` or `sqlite:...`) and runs its
+/// migrations.
+pub async fn open(url: &str, max_connections: u32) -> Result<std::sync::Arc<dyn Store>, OpenError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(
+            postgres::PgStore::connect(url, max_connections).await?,
+        ))
+    } else if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(
+            sqlite::SqliteStore::connect(url, max_connections).await?,
+        ))
+    } else {
+        Err(OpenError::UnknownScheme)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("database URL must start with postgres://, postgresql:// or sqlite:")]
+    UnknownScheme,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Opaque page tokens: URL-safe base64 of a versioned cursor, so clients cannot depend on
+/// their content and a tampered token is refused, not misread.
+pub mod page_token {
+    use super::*;
+
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    pub fn encode_key_cursor(c: &KeyCursor) -> String {
+        ENGINE.encode(format!("k1:{}:{}", c.created_at, c.key_id))
+    }
+
+    pub fn decode_key_cursor(token: &str) -> Option<KeyCursor> {
+        let raw = String::from_utf8(ENGINE.decode(token).ok()?).ok()?;
+        let rest = raw.strip_prefix("k1:")?;
+        let (created_at, key_id) = rest.split_once(':')?;
+        let key_id = key_id.to_owned();
+        crate::domain::ids::is_key_id(&key_id).then_some(())?;
+        Some(KeyCursor {
+            created_at: created_at.parse().ok()?,
+            key_id,
+        })
+    }
+
+    pub fn encode_audit_cursor(before_id: i64) -> String {
+        ENGINE.encode(format!("a1:{before_id}"))
+    }
+
+    pub fn decode_audit_cursor(token: &str) -> Option<i64> {
+        let raw = String::from_utf8(ENGINE.decode(token).ok()?).ok()?;
+        raw.strip_prefix("a1:")?
+            .parse()
+            .ok()
+            .filter(|id: &i64| *id > 0)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cursors_round_trip_and_garbage_is_refused() {
+            let c = KeyCursor {
+                created_at: 42,
+                key_id: crate::domain::ids::new_key_id().unwrap(),
+            };
+            assert_eq!(decode_key_cursor(&encode_key_cursor(&c)), Some(c));
+            assert_eq!(decode_audit_cursor(&encode_audit_cursor(7)), Some(7));
+            for bad in ["", "!!", "azE6eDp5", &encode_audit_cursor(7)] {
+                assert_eq!(decode_key_cursor(bad), None, "{bad}");
+            }
+            assert_eq!(decode_audit_cursor(&encode_audit_cursor(-1)), None);
+        }
+    }
+}

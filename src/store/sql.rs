@@ -1,0 +1,572 @@
+//! The SQL both stores share, and the row types it decodes into.
+//!
+//! The statements are identical for Postgres and SQLite (both take `$N` parameters, and
+//! both have `RETURNING` and row values), so [`impl_store!`] writes the [`Store`]
+//! implementation once and each backend instantiates it with its own database type, its
+//! own way to begin a write transaction, and its own row lock suffix.
+//!
+//! [`Store`]: super::Store
+
+use std::collections::BTreeMap;
+
+use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
+use crate::domain::key_format::{Environment, KeyHash};
+
+use super::{AuditOutcome, AuditRecord, FoundSecret, StoreError};
+
+macro_rules! key_columns {
+    () => {
+        "key_id, workspace_id, name, environment, display, scopes, owner_kind, owner_id, \
+         created_by, metadata, created_at, updated_at, expires_at, revoked_at, revoke_reason, \
+         rotated_at, deleted_at"
+    };
+}
+pub(crate) use key_columns;
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct KeyRow {
+    key_id: String,
+    workspace_id: String,
+    name: String,
+    environment: String,
+    display: String,
+    scopes: String,
+    owner_kind: String,
+    owner_id: String,
+    created_by: String,
+    metadata: String,
+    created_at: i64,
+    updated_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+    revoke_reason: Option<String>,
+    rotated_at: Option<i64>,
+    deleted_at: Option<i64>,
+}
+
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = StoreError;
+
+    fn try_from(r: KeyRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("key {}: {what}", r.key_id));
+        let environment =
+            Environment::parse(&r.environment).ok_or_else(|| corrupt("environment"))?;
+        let owner_kind = OwnerKind::parse(&r.owner_kind).ok_or_else(|| corrupt("owner_kind"))?;
+        let metadata: BTreeMap<String, String> =
+            serde_json::from_str(&r.metadata).map_err(|_| corrupt("metadata"))?;
+        Ok(KeyRecord {
+            scopes: split_scopes(&r.scopes),
+            owner: Owner {
+                kind: owner_kind,
+                id: r.owner_id,
+            },
+            environment,
+            metadata,
+            key_id: r.key_id,
+            workspace_id: r.workspace_id,
+            name: r.name,
+            display: r.display,
+            created_by: r.created_by,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            revoke_reason: r.revoke_reason,
+            rotated_at: r.rotated_at,
+            deleted_at: r.deleted_at,
+        })
+    }
+}
+
+pub(crate) fn join_scopes(scopes: &[String]) -> String {
+    scopes.join(" ")
+}
+
+fn split_scopes(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+pub(crate) fn metadata_json(m: &BTreeMap<String, String>) -> String {
+    // A map of strings always serializes.
+    serde_json::to_string(m).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The status filter as the integer the list query switches on.
+pub(crate) fn status_code(status: Option<KeyStatus>) -> i64 {
+    match status {
+        None => 0,
+        Some(KeyStatus::Active) => 1,
+        Some(KeyStatus::Revoked) => 2,
+        Some(KeyStatus::Expired) => 3,
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct FoundRow {
+    #[sqlx(flatten)]
+    key: KeyRow,
+    secret_valid_until: Option<i64>,
+}
+
+impl TryFrom<FoundRow> for FoundSecret {
+    type Error = StoreError;
+
+    fn try_from(r: FoundRow) -> Result<Self, StoreError> {
+        Ok(FoundSecret {
+            key: r.key.try_into()?,
+            valid_until: r.secret_valid_until,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SecretRow {
+    pub secret_hash: Vec<u8>,
+}
+
+pub(crate) fn hashes(rows: Vec<SecretRow>) -> Result<Vec<KeyHash>, StoreError> {
+    rows.into_iter()
+        .map(|r| {
+            KeyHash::from_slice(&r.secret_hash)
+                .ok_or_else(|| StoreError::Corrupt("secret hash is not 32 bytes".to_owned()))
+        })
+        .collect()
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    id: i64,
+    workspace_id: String,
+    actor_id: String,
+    caller: String,
+    action: String,
+    key_id: Option<String>,
+    outcome: String,
+    detail: String,
+    occurred_at: i64,
+}
+
+impl TryFrom<AuditRow> for AuditRecord {
+    type Error = StoreError;
+
+    fn try_from(r: AuditRow) -> Result<Self, StoreError> {
+        let outcome = match r.outcome.as_str() {
+            "success" => AuditOutcome::Success,
+            "denied" => AuditOutcome::Denied,
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "audit event {}: outcome",
+                    r.id
+                )));
+            }
+        };
+        Ok(AuditRecord {
+            id: r.id,
+            workspace_id: r.workspace_id,
+            actor_id: r.actor_id,
+            caller: r.caller,
+            action: r.action,
+            key_id: r.key_id,
+            outcome,
+            detail: r.detail,
+            occurred_at: r.occurred_at,
+        })
+    }
+}
+
+/// Implements [`super::Store`] for `$store`, which must have a `pool: sqlx::Pool<$db>`
+/// field and an `async fn begin_write(&self) -> Result<sqlx::Transaction<'static, $db>,
+/// sqlx::Error>` method. `$lock` is appended to the statement that reads the key row
+/// a mutation changes (`" FOR UPDATE"` on Postgres; SQLite's write transactions are
+/// exclusive already).
+macro_rules! impl_store {
+    ($store:ty, $db:ty, $lock:literal) => {
+        impl $store {
+            async fn locked_key(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                key_id: &str,
+            ) -> Result<crate::domain::key::KeyRecord, crate::store::StoreError> {
+                let row: Option<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    crate::store::sql::key_columns!(),
+                    " FROM api_keys WHERE key_id = $1 AND deleted_at IS NULL",
+                    $lock
+                ))
+                .bind(key_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+                row.ok_or(crate::store::StoreError::NotFound)?.try_into()
+            }
+
+            async fn secret_hashes(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                key_id: &str,
+            ) -> Result<Vec<crate::domain::key_format::KeyHash>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::SecretRow> = sqlx::query_as(
+                    "SELECT secret_hash FROM key_secrets WHERE key_id = $1",
+                )
+                .bind(key_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                crate::store::sql::hashes(rows)
+            }
+
+            async fn write_audit(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                workspace_id: &str,
+                key_id: Option<&str>,
+                outcome: crate::store::AuditOutcome,
+                ctx: &crate::store::AuditContext,
+                at: i64,
+            ) -> Result<(), crate::store::StoreError> {
+                sqlx::query(
+                    "INSERT INTO audit_events (workspace_id, actor_id, caller, action, key_id, \
+                     outcome, detail, occurred_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(workspace_id)
+                .bind(&ctx.actor_id)
+                .bind(&ctx.caller)
+                .bind(ctx.action)
+                .bind(key_id)
+                .bind(outcome.as_str())
+                .bind(&ctx.detail)
+                .bind(at)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
+            /// Records a successful mutation's audit event and commits, returning what changed.
+            async fn finish(
+                mut tx: sqlx::Transaction<'static, $db>,
+                key: crate::domain::key::KeyRecord,
+                ctx: &crate::store::AuditContext,
+                now: i64,
+            ) -> Result<crate::store::Changed, crate::store::StoreError> {
+                let stale_hashes = Self::secret_hashes(&mut tx, &key.key_id).await?;
+                Self::write_audit(
+                    &mut tx,
+                    &key.workspace_id,
+                    Some(&key.key_id),
+                    crate::store::AuditOutcome::Success,
+                    ctx,
+                    now,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(crate::store::Changed { key, stale_hashes })
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl crate::store::Store for $store {
+            async fn insert_key(
+                &self,
+                key: &crate::domain::key::KeyRecord,
+                secret: &crate::domain::key_format::KeyHash,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                sqlx::query(concat!(
+                    "INSERT INTO api_keys (",
+                    crate::store::sql::key_columns!(),
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+                     $16, $17)"
+                ))
+                .bind(&key.key_id)
+                .bind(&key.workspace_id)
+                .bind(&key.name)
+                .bind(key.environment.as_str())
+                .bind(&key.display)
+                .bind(crate::store::sql::join_scopes(&key.scopes))
+                .bind(key.owner.kind.as_str())
+                .bind(&key.owner.id)
+                .bind(&key.created_by)
+                .bind(crate::store::sql::metadata_json(&key.metadata))
+                .bind(key.created_at)
+                .bind(key.updated_at)
+                .bind(key.expires_at)
+                .bind(key.revoked_at)
+                .bind(&key.revoke_reason)
+                .bind(key.rotated_at)
+                .bind(key.deleted_at)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO key_secrets (secret_hash, key_id, created_at, valid_until) \
+                     VALUES ($1, $2, $3, NULL)",
+                )
+                .bind(&secret.as_bytes()[..])
+                .bind(&key.key_id)
+                .bind(key.created_at)
+                .execute(&mut *tx)
+                .await?;
+                Self::write_audit(
+                    &mut tx,
+                    &key.workspace_id,
+                    Some(&key.key_id),
+                    crate::store::AuditOutcome::Success,
+                    audit,
+                    key.created_at,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn get_key(
+                &self,
+                key_id: &str,
+            ) -> Result<Option<crate::domain::key::KeyRecord>, crate::store::StoreError> {
+                let row: Option<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    crate::store::sql::key_columns!(),
+                    " FROM api_keys WHERE key_id = $1 AND deleted_at IS NULL"
+                ))
+                .bind(key_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn list_keys(
+                &self,
+                filter: &crate::store::KeyFilter,
+                limit: u32,
+                after: Option<&crate::store::KeyCursor>,
+            ) -> Result<Vec<crate::domain::key::KeyRecord>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    crate::store::sql::key_columns!(),
+                    " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL \
+                     AND ($2 = '' OR (owner_kind = $2 AND owner_id = $3)) \
+                     AND ($4 = 0 \
+                          OR ($4 = 1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $5)) \
+                          OR ($4 = 2 AND revoked_at IS NOT NULL) \
+                          OR ($4 = 3 AND revoked_at IS NULL AND expires_at <= $5)) \
+                     AND ($6 = 0 OR created_at < $7 OR (created_at = $7 AND key_id < $8)) \
+                     ORDER BY created_at DESC, key_id DESC LIMIT $9"
+                ))
+                .bind(&filter.workspace_id)
+                .bind(filter.owner.as_ref().map_or("", |o| o.kind.as_str()))
+                .bind(filter.owner.as_ref().map_or("", |o| o.id.as_str()))
+                .bind(crate::store::sql::status_code(filter.status))
+                .bind(filter.now)
+                .bind(i64::from(after.is_some()))
+                .bind(after.map_or(0, |c| c.created_at))
+                .bind(after.map_or("", |c| c.key_id.as_str()))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn find_secret(
+                &self,
+                hash: &crate::domain::key_format::KeyHash,
+            ) -> Result<Option<crate::store::FoundSecret>, crate::store::StoreError> {
+                // One round trip: two primary-key lookups.
+                let row: Option<crate::store::sql::FoundRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    crate::store::sql::key_columns!(),
+                    ", (SELECT valid_until FROM key_secrets WHERE secret_hash = $1) AS secret_valid_until \
+                     FROM api_keys WHERE key_id = (SELECT key_id FROM key_secrets WHERE secret_hash = $1)"
+                ))
+                .bind(&hash.as_bytes()[..])
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn update_key(
+                &self,
+                key_id: &str,
+                patch: &crate::store::KeyPatch,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<crate::store::Changed, crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let mut key = Self::locked_key(&mut tx, key_id).await?;
+                if let Some(name) = &patch.name {
+                    key.name = name.clone();
+                }
+                if let Some(scopes) = &patch.scopes {
+                    key.scopes = scopes.clone();
+                }
+                if let Some(expires_at) = patch.expires_at {
+                    key.expires_at = expires_at;
+                }
+                if let Some(metadata) = &patch.metadata {
+                    key.metadata = metadata.clone();
+                }
+                key.updated_at = now;
+                sqlx::query(
+                    "UPDATE api_keys SET name = $2, scopes = $3, expires_at = $4, metadata = $5, \
+                     updated_at = $6 WHERE key_id = $1",
+                )
+                .bind(key_id)
+                .bind(&key.name)
+                .bind(crate::store::sql::join_scopes(&key.scopes))
+                .bind(key.expires_at)
+                .bind(crate::store::sql::metadata_json(&key.metadata))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                Self::finish(tx, key, audit, now).await
+            }
+
+            async fn rotate_key(
+                &self,
+                key_id: &str,
+                new_secret: &crate::domain::key_format::KeyHash,
+                new_display: &str,
+                grace: i64,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<crate::store::Rotated, crate::store::StoreError> {
+                use crate::domain::key::KeyStatus;
+                let mut tx = self.begin_write().await?;
+                let mut key = Self::locked_key(&mut tx, key_id).await?;
+                match key.status(now) {
+                    KeyStatus::Revoked => {
+                        return Err(crate::store::StoreError::Precondition("key is revoked"));
+                    }
+                    KeyStatus::Expired => {
+                        return Err(crate::store::StoreError::Precondition("key has expired"));
+                    }
+                    KeyStatus::Active => {}
+                }
+                let until =
+                    crate::domain::key::rotated_secret_valid_until(now, grace, key.expires_at);
+                // Every older secret stops at `until` at the latest; one already ending
+                // sooner (an earlier rotation's grace) keeps its earlier end.
+                sqlx::query(
+                    "UPDATE key_secrets SET valid_until = $2 WHERE key_id = $1 \
+                     AND (valid_until IS NULL OR valid_until > $2)",
+                )
+                .bind(key_id)
+                .bind(until)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO key_secrets (secret_hash, key_id, created_at, valid_until) \
+                     VALUES ($1, $2, $3, NULL)",
+                )
+                .bind(&new_secret.as_bytes()[..])
+                .bind(key_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                key.rotated_at = Some(now);
+                key.updated_at = now;
+                key.display = new_display.to_owned();
+                sqlx::query(
+                    "UPDATE api_keys SET rotated_at = $2, updated_at = $2, display = $3 \
+                     WHERE key_id = $1",
+                )
+                .bind(key_id)
+                .bind(now)
+                .bind(&key.display)
+                .execute(&mut *tx)
+                .await?;
+                let changed = Self::finish(tx, key, audit, now).await?;
+                Ok(crate::store::Rotated {
+                    key: changed.key,
+                    old_secret_valid_until: until,
+                    stale_hashes: changed
+                        .stale_hashes
+                        .into_iter()
+                        .filter(|h| h != new_secret)
+                        .collect(),
+                })
+            }
+
+            async fn revoke_key(
+                &self,
+                key_id: &str,
+                reason: &str,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<crate::store::Changed, crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let mut key = Self::locked_key(&mut tx, key_id).await?;
+                if key.revoked_at.is_none() {
+                    key.revoked_at = Some(now);
+                    key.revoke_reason = Some(reason.to_owned());
+                    key.updated_at = now;
+                    sqlx::query(
+                        "UPDATE api_keys SET revoked_at = $2, revoke_reason = $3, updated_at = $2 \
+                         WHERE key_id = $1",
+                    )
+                    .bind(key_id)
+                    .bind(now)
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Self::finish(tx, key, audit, now).await
+            }
+
+            async fn delete_key(
+                &self,
+                key_id: &str,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<crate::store::Changed, crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let mut key = Self::locked_key(&mut tx, key_id).await?;
+                key.deleted_at = Some(now);
+                key.updated_at = now;
+                sqlx::query("UPDATE api_keys SET deleted_at = $2, updated_at = $2 WHERE key_id = $1")
+                    .bind(key_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                Self::finish(tx, key, audit, now).await
+            }
+
+            async fn record_denied(
+                &self,
+                denied: &crate::store::DeniedAudit,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                Self::write_audit(
+                    &mut tx,
+                    &denied.workspace_id,
+                    denied.key_id.as_deref(),
+                    crate::store::AuditOutcome::Denied,
+                    &denied.context,
+                    denied.occurred_at,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn list_audit(
+                &self,
+                workspace_id: &str,
+                limit: u32,
+                before_id: Option<i64>,
+            ) -> Result<Vec<crate::store::AuditRecord>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::AuditRow> = sqlx::query_as(
+                    "SELECT id, workspace_id, actor_id, caller, action, key_id, outcome, detail, \
+                     occurred_at FROM audit_events WHERE workspace_id = $1 AND id < $2 \
+                     ORDER BY id DESC LIMIT $3",
+                )
+                .bind(workspace_id)
+                .bind(before_id.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn ping(&self) -> Result<(), crate::store::StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use impl_store;
