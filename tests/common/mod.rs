@@ -1,0 +1,386 @@
+//! Test harness: each test gets its own database (a fresh SQLite file, or a fresh
+//! Postgres database created for it and dropped after), a real server on an ephemeral
+//! port, and real tonic clients.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use keywarden::api::auth::{CallerTokens, Role, TokenEntry};
+use keywarden::cache::CacheSizes;
+use keywarden::clock::Clock;
+use keywarden::config::Settings;
+use keywarden::domain::key_format::{Brand, KeyHash};
+use keywarden::domain::scopes::ScopeImplications;
+use keywarden::proto::key_service_client::KeyServiceClient;
+use keywarden::proto::verify_service_client::VerifyServiceClient;
+use keywarden::proto::{self, Actor, IssueKeyRequest, Owner, OwnerKind};
+use keywarden::server::RunningServer;
+use secrecy::SecretString;
+use sqlx::Connection;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const VERIFIER_TOKEN: &str = "test-verifier-token";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs each named `async fn name(backend: Backend)` as two tests, one per store.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("KEYWARDEN_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database of this test's own.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("keywarden.db").display());
+                TestDb {
+                    backend,
+                    url,
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let name = format!("kw_test_{}", hex::encode(rand_bytes()));
+                let admin = postgres_admin_url();
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .expect("Postgres must be running for the tests (the test command starts it)");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                conn.close().await.ok();
+                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap().to_owned();
+                TestDb {
+                    backend,
+                    url: format!("{base}/{name}"),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+
+    /// Runs one statement directly on the database, behind the server's back.
+    pub async fn execute(&self, sql: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Counts rows with a query returning one integer.
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap()
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Breaks the database for the server: the key tables disappear. Anything answered
+    /// afterwards was answered without storage.
+    pub async fn hide_key_tables(&self) {
+        self.execute("ALTER TABLE key_secrets RENAME TO key_secrets_hidden")
+            .await;
+        self.execute("ALTER TABLE api_keys RENAME TO api_keys_hidden")
+            .await;
+    }
+
+    pub async fn restore_key_tables(&self) {
+        self.execute("ALTER TABLE key_secrets_hidden RENAME TO key_secrets")
+            .await;
+        self.execute("ALTER TABLE api_keys_hidden RENAME TO api_keys")
+            .await;
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = self.pg_name.take() {
+            // Drop runs outside async context: use a thread with its own runtime.
+            let admin = postgres_admin_url();
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut conn)
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+fn rand_bytes() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap();
+    b
+}
+
+pub fn test_tokens() -> Arc<CallerTokens> {
+    Arc::new(CallerTokens::new(vec![
+        TokenEntry::new(
+            "test-admin".into(),
+            KeyHash::of(ADMIN_TOKEN),
+            vec![Role::Admin],
+        ),
+        TokenEntry::new(
+            "test-verifier".into(),
+            KeyHash::of(VERIFIER_TOKEN),
+            vec![Role::Verifier],
+        ),
+    ]))
+}
+
+/// The settings tests run with: the product's `admin > write > read` implications.
+pub fn test_settings(db: &TestDb) -> Settings {
+    let mut implications = HashMap::new();
+    implications.insert("admin".to_owned(), vec!["write".to_owned()]);
+    implications.insert("write".to_owned(), vec!["read".to_owned()]);
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: SecretString::from(db.url.clone()),
+        database_max_connections: 5,
+        brand: Brand::default(),
+        implications: Arc::new(ScopeImplications::new(&implications).unwrap()),
+        tokens: test_tokens(),
+        cache_enabled: true,
+        cache: CacheSizes::default(),
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+pub type AdminClient = KeyServiceClient<InterceptedService<Channel, Bearer>>;
+pub type VerifierClient = VerifyServiceClient<InterceptedService<Channel, Bearer>>;
+
+pub struct TestApp {
+    pub db: TestDb,
+    pub clock: Clock,
+    pub server: Option<RunningServer>,
+    pub channel: Channel,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+        let db = TestDb::new(backend).await;
+        let mut settings = test_settings(&db);
+        adjust(&mut settings);
+        let clock = Clock::manual_from_now();
+        let server = keywarden::server::start(&settings, clock.clone())
+            .await
+            .unwrap();
+        let channel = Channel::from_shared(format!("http://{}", server.addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        TestApp {
+            db,
+            clock,
+            server: Some(server),
+            channel,
+        }
+    }
+
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn admin(&self) -> AdminClient {
+        self.admin_with(ADMIN_TOKEN)
+    }
+
+    pub fn admin_with(&self, token: &str) -> AdminClient {
+        KeyServiceClient::with_interceptor(self.channel.clone(), bearer(token))
+    }
+
+    pub fn verifier(&self) -> VerifierClient {
+        self.verifier_with(VERIFIER_TOKEN)
+    }
+
+    pub fn verifier_with(&self, token: &str) -> VerifierClient {
+        VerifyServiceClient::with_interceptor(self.channel.clone(), bearer(token))
+    }
+
+    /// Issues a key with [`issue_request`] adjusted by `adjust`.
+    pub async fn issue_with(
+        &self,
+        adjust: impl FnOnce(&mut IssueKeyRequest),
+    ) -> proto::IssueKeyResponse {
+        let mut req = issue_request("ws_test");
+        adjust(&mut req);
+        self.admin().issue_key(req).await.unwrap().into_inner()
+    }
+
+    pub async fn issue(&self) -> proto::IssueKeyResponse {
+        self.issue_with(|_| {}).await
+    }
+
+    pub async fn verify(&self, key: &str, scopes: &[&str]) -> proto::VerifyKeyResponse {
+        self.verifier()
+            .verify_key(proto::VerifyKeyRequest {
+                key: key.to_owned(),
+                required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn audit(&self, workspace_id: &str) -> Vec<proto::AuditEvent> {
+        self.admin()
+            .list_audit_events(proto::ListAuditEventsRequest {
+                workspace_id: workspace_id.to_owned(),
+                page_size: 1000,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    }
+}
+
+pub fn bearer(token: &str) -> Bearer {
+    Bearer(format!("Bearer {token}").parse().unwrap())
+}
+
+pub fn actor() -> Actor {
+    Actor {
+        id: "user_admin".to_owned(),
+        permissions: vec!["admin".to_owned()],
+    }
+}
+
+pub fn user(id: &str) -> Owner {
+    Owner {
+        kind: OwnerKind::User as i32,
+        id: id.to_owned(),
+    }
+}
+
+/// A valid IssueKey request: a live key with `read` for `user_1`, issued by an admin actor.
+pub fn issue_request(workspace_id: &str) -> IssueKeyRequest {
+    IssueKeyRequest {
+        workspace_id: workspace_id.to_owned(),
+        name: "ci key".to_owned(),
+        environment: proto::Environment::Live as i32,
+        scopes: vec!["read".to_owned()],
+        expires_at: None,
+        owner: Some(user("user_1")),
+        actor: Some(actor()),
+        metadata: HashMap::new(),
+    }
+}
+
+pub fn code(resp: &proto::VerifyKeyResponse) -> proto::VerifyCode {
+    proto::VerifyCode::try_from(resp.code).unwrap()
+}
+
+/// The google.rpc.BadRequest field names of an INVALID_ARGUMENT status.
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+pub fn ts_in(clock: &Clock, seconds: i64) -> prost_types::Timestamp {
+    let at = clock.now() + seconds * 1_000_000;
+    prost_types::Timestamp {
+        seconds: at / 1_000_000,
+        nanos: ((at % 1_000_000) * 1000) as i32,
+    }
+}
