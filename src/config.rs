@@ -113,7 +113,8 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            .merge(Env::prefixed("KEYWARDEN_").split("__"))
+            // KEYWARDEN_CONFIG names the file (read by the CLI): it is not a setting.
+            .merge(Env::prefixed("KEYWARDEN_").ignore(&["config"]).split("__"))
             .extract()
             .map_err(|e| ConfigError::Load(Box::new(e)))
     }

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit tests and the integration tests, which
+# run real servers against real SQLite and real Postgres.
+#
+# Postgres is made to be there: if nothing answers on 127.0.0.1:5432, an existing cluster
+# is started, or the Debian package is installed and a trust-auth cluster created.
+# Override the server the tests use with KEYWARDEN_TEST_DATABASE_URL (a database the
+# tests may CREATE DATABASE from; each test makes and drops its own).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export KEYWARDEN_TEST_DATABASE_URL="${KEYWARDEN_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+log() { printf '==> %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+postgres_answers() {
+  command -v pg_isready >/dev/null 2>&1 && pg_isready -h 127.0.0.1 -p 5432 -q
+}
+
+ensure_postgres() {
+  if postgres_answers; then
+    return
+  fi
+  if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    log "installing PostgreSQL (Debian package)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null
+  fi
+  local cluster
+  cluster=$(pg_lsclusters -h 2>/dev/null | awk '$3 == 5432 { print $1 " " $2; exit }')
+  if [ -n "$cluster" ]; then
+    log "starting PostgreSQL cluster $cluster"
+    # shellcheck disable=SC2086
+    as_root pg_ctlcluster --skip-systemctl-redirect $cluster start || true
+  else
+    local version
+    version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+    log "creating PostgreSQL $version cluster 'keywarden' (trust auth, port 5432)"
+    as_root pg_createcluster --port 5432 "$version" keywarden -- --auth=trust >/dev/null
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" keywarden start
+  fi
+  for _ in $(seq 1 60); do
+    postgres_answers && return
+    sleep 0.5
+  done
+  echo "PostgreSQL did not come up on 127.0.0.1:5432" >&2
+  exit 1
+}
+
+ensure_postgres
+log "PostgreSQL answers on 127.0.0.1:5432"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+
+log "cargo test"
+cargo test --locked
