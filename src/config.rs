@@ -114,7 +114,7 @@ impl Config {
         }
         figment
             // KEYWARDEN_CONFIG names the file (read by the CLI): it is not a setting.
-            .merge(Env::prefixed("KEYWARDEN_").ignore(&["config"]).split("__"))
+            .merge(Env::prefixed("KEYWARDEN_").filter(|k| is_setting(k.as_str())).split("__"))
             .extract()
             .map_err(|e| ConfigError::Load(Box::new(e)))
     }
@@ -151,6 +151,26 @@ impl Config {
             },
         })
     }
+}
+
+/// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
+/// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
+/// alone, while unknown keys in the file are still refused as typos.
+const SETTINGS: [&str; 7] = [
+    "listen",
+    "database_url",
+    "database_max_connections",
+    "brand",
+    "scope_implications",
+    "tokens",
+    "cache",
+];
+
+fn is_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    SETTINGS
+        .iter()
+        .any(|s| key == *s || key.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
 }
 
 /// The validated configuration the server runs with.
@@ -192,6 +212,15 @@ mod tests {
             config.into_settings(),
             Err(ConfigError::TokenHash(0))
         ));
+    }
+
+    #[test]
+    fn only_settings_are_read_from_the_environment() {
+        assert!(is_setting("DATABASE_URL"));
+        assert!(is_setting("CACHE__MAX_KEYS"));
+        assert!(!is_setting("CONFIG"));
+        assert!(!is_setting("TEST_DATABASE_URL"));
+        assert!(!is_setting("CACHEX"));
     }
 
     #[test]

@@ -175,10 +175,11 @@ impl Violations {
     }
 }
 
-/// A bounded, printable rendering of untrusted text for use inside a field path.
+/// A short, printable rendering of untrusted text for use inside a field path: short
+/// enough (8 characters) never to echo a secret pasted into the wrong field.
 fn printable_prefix(s: &str) -> String {
     s.chars()
-        .take(32)
+        .take(8)
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
         .collect()
 }

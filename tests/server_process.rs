@@ -1,0 +1,383 @@
+//! The real `keywarden` binary as an operator runs it: `serve --dev`, `serve --config`,
+//! `migrate`, `token`, SIGTERM, health and reflection, each in a child process.
+
+mod common;
+mod process_harness;
+
+use common::*;
+use keywarden::proto::{self, IssueKeyRequest, VerifyCode};
+use process_harness::*;
+use sha2::{Digest, Sha256};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A valid IssueKey request whose actor may grant the `read` scope it asks for (the
+/// servers here run without scope implications).
+fn issue_req(workspace_id: &str) -> IssueKeyRequest {
+    let mut r = issue_request(workspace_id);
+    r.actor.as_mut().unwrap().permissions = vec!["read".into()];
+    r
+}
+
+/// Issues a key with `admin_token` and checks that `verifier_token` verifies it.
+async fn issue_and_verify(server: &Server, admin_token: &str, verifier_token: &str) -> String {
+    let issued = server
+        .admin(admin_token)
+        .await
+        .issue_key(issue_req("ws_proc"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(issued.key.starts_with("kw_live_"), "{}", issued.key);
+    let verdict = verify(server, verifier_token, &issued.key).await;
+    assert!(verdict.valid, "{verdict:?}");
+    assert_eq!(verdict.key_id, issued.key_info.unwrap().key_id);
+    assert_eq!(verdict.workspace_id, "ws_proc");
+    issued.key
+}
+
+async fn verify(server: &Server, verifier_token: &str, key: &str) -> proto::VerifyKeyResponse {
+    server
+        .verifier(verifier_token)
+        .await
+        .verify_key(proto::VerifyKeyRequest {
+            key: key.to_owned(),
+            required_scopes: vec!["read".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The token of the dev-mode line `<role> token: <token>`.
+fn dev_token(server: &Server, role: &str) -> String {
+    let token = server.stdout_value(&format!("{role} token: "));
+    assert!(
+        token.starts_with("kwt_") && token.len() > 20 && !token.contains(char::is_whitespace),
+        "{role} token {token:?}"
+    );
+    token
+}
+
+fn assert_exited_cleanly(status: std::process::ExitStatus, process: &Process) {
+    assert!(status.success(), "{status}\n{}", process.transcript());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_prints_working_tokens_and_keeps_keys_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not there yet: dev mode creates it.
+    let data_dir = dir.path().join("data");
+
+    let mut first = Server::start(dev_server(&data_dir)).await;
+    let out = first.process.stdout();
+    assert!(out.contains("DEV MODE"), "{out}");
+    let admin = dev_token(&first, "admin");
+    let verifier = dev_token(&first, "verifier");
+    assert_ne!(admin, verifier);
+
+    let key = issue_and_verify(&first, &admin, &verifier).await;
+    // Each token has its own role only.
+    let err = first
+        .admin(&verifier)
+        .await
+        .issue_key(issue_req("ws_proc"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = first
+        .verifier(&admin)
+        .await
+        .verify_key(proto::VerifyKeyRequest {
+            key: key.clone(),
+            required_scopes: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    let db_file = data_dir.join("keywarden.db");
+    assert!(db_file.is_file(), "no {}", db_file.display());
+    let status = first.terminate().await;
+    assert_exited_cleanly(status, &first.process);
+
+    // Same data dir: the key is still there; the tokens are new.
+    let mut second = Server::start(dev_server(&data_dir)).await;
+    assert!(second.process.stdout().contains("DEV MODE"));
+    let admin2 = dev_token(&second, "admin");
+    let verifier2 = dev_token(&second, "verifier");
+    assert_ne!(admin2, admin);
+    assert_ne!(verifier2, verifier);
+    let verdict = verify(&second, &verifier2, &key).await;
+    assert!(verdict.valid, "{verdict:?}");
+    assert_eq!(verdict.code, VerifyCode::Valid as i32);
+    let err = second
+        .verifier(&verifier)
+        .await
+        .verify_key(proto::VerifyKeyRequest {
+            key,
+            required_scopes: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let status = second.terminate().await;
+    assert_exited_cleanly(status, &second.process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_a_database_url_fails_with_a_clear_error() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = keywarden(&["serve", "--listen", "127.0.0.1:0"]);
+    cmd.current_dir(cwd.path());
+    let mut process = Process::spawn(cmd);
+    let status = process.wait().await;
+    assert!(!status.success(), "{status}\n{}", process.transcript());
+    let stderr = process.stderr();
+    assert!(stderr.contains("database_url is required"), "{stderr}");
+    assert!(stderr.contains("KEYWARDEN_DATABASE_URL"), "{stderr}");
+    assert!(!process.stdout().contains("listening on"));
+    // Nothing was created on the way.
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_a_config_file_on_postgres() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&db.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+
+    let mut server = Server::start(config_server(&config)).await;
+    assert!(!server.process.stdout().contains("DEV MODE"));
+    let key = issue_and_verify(&server, ADMIN_TOKEN, VERIFIER_TOKEN).await;
+    // The key went to this Postgres database.
+    let hash = hex::encode(Sha256::digest(key.as_bytes()));
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM key_secrets WHERE encode(secret_hash, 'hex') = '{hash}'"
+        ))
+        .await,
+        1
+    );
+    let err = server
+        .admin("not-a-configured-token")
+        .await
+        .issue_key(issue_req("ws_proc"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let status = server.terminate().await;
+    assert_exited_cleanly(status, &server.process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_the_database_url_from_the_environment() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), None, ADMIN_TOKEN, VERIFIER_TOKEN);
+    let mut cmd = config_server(&config);
+    cmd.env("KEYWARDEN_DATABASE_URL", &db.url);
+
+    let mut server = Server::start(cmd).await;
+    let key = issue_and_verify(&server, ADMIN_TOKEN, VERIFIER_TOKEN).await;
+    let hash = hex::encode(Sha256::digest(key.as_bytes()));
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM key_secrets WHERE encode(secret_hash, 'hex') = '{hash}'"
+        ))
+        .await,
+        1
+    );
+    let status = server.terminate().await;
+    assert_exited_cleanly(status, &server.process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_the_config_file_named_by_keywarden_config() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&db.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+    let mut cmd = keywarden(&["serve", "--listen", "127.0.0.1:0"]);
+    cmd.env("KEYWARDEN_CONFIG", &config);
+
+    let mut server = Server::start(cmd).await;
+    issue_and_verify(&server, ADMIN_TOKEN, VERIFIER_TOKEN).await;
+    assert_eq!(db.count("SELECT count(*) FROM api_keys").await, 1);
+    let status = server.terminate().await;
+    assert_exited_cleanly(status, &server.process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_the_migrations_and_exits() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&db.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+    let tables = "SELECT count(*) FROM information_schema.tables \
+                  WHERE table_schema = 'public' AND table_name = 'api_keys'";
+    assert_eq!(db.count(tables).await, 0);
+
+    let mut process = Process::spawn(keywarden(&[
+        "migrate".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]));
+    let status = process.wait().await;
+    assert_exited_cleanly(status, &process);
+    assert!(process.stdout().contains("migrations applied"));
+    assert_eq!(db.count(tables).await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM api_keys").await, 0);
+    assert_eq!(db.count("SELECT count(*) FROM key_secrets").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_the_server_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dev_server(dir.path())).await;
+    let verifier = dev_token(&server, "verifier");
+    // A connection is open when the signal comes.
+    let mut client = server.verifier(&verifier).await;
+    client.ping(proto::PingRequest {}).await.unwrap();
+
+    let status = server.terminate().await;
+    assert_exited_cleanly(status, &server.process);
+    assert_eq!(status.code(), Some(0));
+    let stderr = server.process.stderr();
+    assert!(stderr.contains("shutting down"), "{stderr}");
+    // The server is gone: a new connection is refused.
+    assert!(
+        tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dev_server(dir.path())).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "keywarden.v1.KeyService", "keywarden.v1.VerifyService"] {
+        let resp = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("Check({service:?}): {e:?}"))
+            .into_inner();
+        assert_eq!(resp.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let err = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    drop(health);
+    let status = server.terminate().await;
+    assert_exited_cleanly(status, &server.process);
+}
+
+const SERVICES: [&str; 3] = [
+    "keywarden.v1.KeyService",
+    "keywarden.v1.VerifyService",
+    "grpc.health.v1.Health",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1alpha_lists_the_services() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dev_server(dir.path())).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("not a list_services answer: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in SERVICES {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} not in {names:?}"
+        );
+    }
+    drop((responses, client));
+    let status = server.terminate().await;
+    assert_exited_cleanly(status, &server.process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_lists_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dev_server(dir.path())).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("not a list_services answer: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in SERVICES {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} not in {names:?}"
+        );
+    }
+    drop((responses, client));
+    let status = server.terminate().await;
+    assert_exited_cleanly(status, &server.process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_prints_a_token_and_its_sha256() {
+    let mut process = Process::spawn(keywarden(&["token"]));
+    let status = process.wait().await;
+    assert_exited_cleanly(status, &process);
+    let lines = process.stdout_lines();
+    let value = |label: &str| {
+        let found: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(label).map(str::trim))
+            .collect();
+        assert_eq!(found.len(), 1, "one {label:?} line in {lines:?}");
+        found[0].to_owned()
+    };
+    let token = value("token:");
+    let sha256 = value("sha256:");
+    assert!(token.starts_with("kwt_") && token.len() > 20, "{token:?}");
+    assert_eq!(sha256, hex::encode(Sha256::digest(token.as_bytes())));
+
+    // A second run gives another token.
+    let mut again = Process::spawn(keywarden(&["token"]));
+    assert!(again.wait().await.success());
+    assert!(!again.stdout().contains(&token));
+}
