@@ -12,8 +12,10 @@
 //! - [`api`]: the tonic services, caller authentication, and the one mapping of errors
 //!   to gRPC statuses.
 //! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown.
+//! - [`bench`]: `keywarden bench`, the load generator and BENCHMARKS.md.
 
 pub mod api;
+pub mod bench;
 pub mod cache;
 pub mod clock;
 pub mod config;

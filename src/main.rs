@@ -47,6 +47,8 @@ enum Command {
     },
     /// Print a new random caller token and the SHA-256 to put in the configuration.
     Token,
+    /// Measure throughput and latency against a real server (see BENCHMARKS.md).
+    Bench(keywarden::bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -96,6 +98,11 @@ async fn run(command: Command) -> Result<(), BoxError> {
             )
             .await?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            keywarden::bench::run(args, command).await?;
             Ok(())
         }
         Command::Token => {

@@ -1,0 +1,644 @@
+//! `keywarden bench`: the load generator and the benchmark report (BENCHMARKS.md).
+//!
+//! Each run starts the real `keywarden` binary as a child process over a fresh Postgres
+//! database (or SQLite file), drives it with real tonic clients, and measures:
+//! `issue`, `noop` (Ping: the transport's limit), `verify-hit`, `verify-hit` at half of its
+//! peak rate, `verify-naive` (a second server on the same data with the cache off), and
+//! `verify-miss` (every call a distinct key out of `--miss-keys` seeded keys), plus the
+//! server's memory per cached key and, when `h2load` is installed, an independent
+//! client's noop / verify-hit throughput.
+
+mod h2load;
+mod load;
+mod report;
+mod seed;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use sqlx::Connection;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+pub use load::{LoadResult, LoadSpec};
+pub use report::{BenchReport, RunReport};
+
+use crate::api::auth::generate_token;
+use crate::domain::key_format::{ApiKey, Brand, Environment};
+use crate::proto;
+use crate::proto::key_service_client::KeyServiceClient;
+use crate::proto::verify_service_client::VerifyServiceClient;
+use server::{ServerProcess, Tokens};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    All,
+    Noop,
+    VerifyHit,
+    VerifyNaive,
+    VerifyMiss,
+    Issue,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    Postgres,
+    Sqlite,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Which scenario(s) to run.
+    #[arg(long, value_enum, default_value = "all")]
+    pub scenario: Scenario,
+    /// The store the server under test uses.
+    #[arg(long, value_enum, default_value = "postgres")]
+    pub store: StoreKind,
+    /// A Postgres database the benchmark may CREATE DATABASE from (it makes and drops its own).
+    #[arg(
+        long,
+        env = "KEYWARDEN_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub postgres_url: String,
+    /// Seconds per scenario.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the callers share.
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// Keys issued for the hit workloads.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: usize,
+    /// Keys seeded into Postgres for verify-miss.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub miss_keys: usize,
+    /// Key mix of the verify-hit workload, as weights: hit, miss (unknown), malformed, revoked.
+    #[arg(long, default_value = "hit=100")]
+    pub mix: String,
+    /// Stop each scenario after this many calls (for smoke tests).
+    #[arg(long)]
+    pub max_requests: Option<u64>,
+    /// Whole runs to make; the report shows medians.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Write the JSON result here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write the Markdown report here (e.g. BENCHMARKS.md).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Skip the independent h2load check even if h2load is installed.
+    #[arg(long)]
+    pub no_h2load: bool,
+}
+
+/// The key mix of a verify workload, as cumulative weights out of their sum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mix {
+    pub hit: u32,
+    pub miss: u32,
+    pub malformed: u32,
+    pub revoked: u32,
+}
+
+impl Mix {
+    pub fn parse(s: &str) -> Result<Mix, String> {
+        let mut mix = Mix {
+            hit: 0,
+            miss: 0,
+            malformed: 0,
+            revoked: 0,
+        };
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (name, weight) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}`: expected name=weight"))?;
+            let weight: u32 = weight
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{part}`: weight must be an integer"))?;
+            match name.trim() {
+                "hit" => mix.hit = weight,
+                "miss" => mix.miss = weight,
+                "malformed" => mix.malformed = weight,
+                "revoked" => mix.revoked = weight,
+                other => {
+                    return Err(format!(
+                        "unknown mix entry `{other}` (hit, miss, malformed, revoked)"
+                    ));
+                }
+            }
+        }
+        if mix.hit + mix.miss + mix.malformed + mix.revoked == 0 {
+            return Err("the mix needs at least one non-zero weight".into());
+        }
+        Ok(mix)
+    }
+
+    fn total(&self) -> u32 {
+        self.hit + self.miss + self.malformed + self.revoked
+    }
+}
+
+/// Adds the caller token to every call.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Verifier = VerifyServiceClient<InterceptedService<Channel, Bearer>>;
+type Admin = KeyServiceClient<InterceptedService<Channel, Bearer>>;
+
+struct Clients {
+    verifiers: Vec<Verifier>,
+    admins: Vec<Admin>,
+}
+
+async fn connect(
+    server: &ServerProcess,
+    tokens: &Tokens,
+    connections: usize,
+) -> Result<Clients, BoxError> {
+    let admin: MetadataValue<Ascii> = format!("Bearer {}", tokens.admin).parse()?;
+    let verifier: MetadataValue<Ascii> = format!("Bearer {}", tokens.verifier).parse()?;
+    let mut clients = Clients {
+        verifiers: Vec::new(),
+        admins: Vec::new(),
+    };
+    for _ in 0..connections.max(1) {
+        let channel = Channel::from_shared(format!("http://{}", server.addr))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        clients
+            .verifiers
+            .push(VerifyServiceClient::with_interceptor(
+                channel.clone(),
+                Bearer(verifier.clone()),
+            ));
+        clients.admins.push(KeyServiceClient::with_interceptor(
+            channel,
+            Bearer(admin.clone()),
+        ));
+    }
+    Ok(clients)
+}
+
+fn issue_request(n: u64) -> proto::IssueKeyRequest {
+    proto::IssueKeyRequest {
+        workspace_id: "ws_bench".into(),
+        name: format!("bench {n}"),
+        environment: proto::Environment::Live as i32,
+        scopes: vec!["read".into()],
+        owner: Some(proto::Owner {
+            kind: proto::OwnerKind::User as i32,
+            id: "bench".into(),
+        }),
+        actor: Some(proto::Actor {
+            id: "bench".into(),
+            permissions: vec!["read".into()],
+        }),
+        ..Default::default()
+    }
+}
+
+/// A database of the benchmark's own, dropped at the end.
+struct BenchDb {
+    admin_url: String,
+    name: Option<String>,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchDb {
+    async fn create(args: &BenchArgs) -> Result<BenchDb, BoxError> {
+        let dir = tempfile::tempdir()?;
+        match args.store {
+            StoreKind::Sqlite => Ok(BenchDb {
+                admin_url: String::new(),
+                name: None,
+                url: format!("sqlite://{}", dir.path().join("bench.db").display()),
+                _dir: dir,
+            }),
+            StoreKind::Postgres => {
+                let mut bytes = [0u8; 6];
+                getrandom::fill(&mut bytes)?;
+                let name = format!("kw_bench_{}", hex::encode(bytes));
+                let mut conn = sqlx::PgConnection::connect(&args.postgres_url).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await?;
+                let base = args
+                    .postgres_url
+                    .rsplit_once('/')
+                    .map_or(args.postgres_url.as_str(), |(b, _)| b);
+                Ok(BenchDb {
+                    admin_url: args.postgres_url.clone(),
+                    url: format!("{base}/{name}"),
+                    name: Some(name),
+                    _dir: dir,
+                })
+            }
+        }
+    }
+
+    async fn drop_database(self) {
+        if let Some(name) = &self.name
+            && let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+fn wants(args: &BenchArgs, s: Scenario) -> bool {
+    args.scenario == Scenario::All || args.scenario == s
+}
+
+fn spec(args: &BenchArgs) -> LoadSpec {
+    LoadSpec {
+        concurrency: args.concurrency.max(1),
+        duration: Duration::from_secs_f64(args.duration.max(0.1)),
+        max_requests: args.max_requests,
+        rate: None,
+    }
+}
+
+fn print_line(name: &str, r: &LoadResult) {
+    println!(
+        "{name:<26} {:>9.0} req/s  p50 {:>6} µs  p90 {:>6} µs  p99 {:>6} µs  p99.9 {:>6} µs  errors {}",
+        r.throughput, r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.errors
+    );
+}
+
+/// Runs the benchmark and writes its reports.
+pub async fn run(args: BenchArgs, command: String) -> Result<BenchReport, BoxError> {
+    let mix = Mix::parse(&args.mix)?;
+    if args.scenario == Scenario::VerifyMiss && args.store != StoreKind::Postgres {
+        return Err("verify-miss runs on Postgres (--store postgres)".into());
+    }
+    let mut report = BenchReport {
+        machine: machine(),
+        command,
+        store: format!("{:?}", args.store).to_lowercase(),
+        concurrency: args.concurrency,
+        connections: args.connections,
+        duration_secs: args.duration,
+        keys: args.keys,
+        miss_keys: args.miss_keys,
+        runs: Vec::new(),
+    };
+    for run in 0..args.runs.max(1) {
+        println!("== run {} of {}", run + 1, args.runs.max(1));
+        let db = BenchDb::create(&args).await?;
+        let outcome = one_run(&args, mix, &db).await;
+        db.drop_database().await;
+        report.runs.push(outcome?);
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    }
+    if let Some(md) = &args.markdown {
+        std::fs::write(md, report.markdown())?;
+    }
+    Ok(report)
+}
+
+async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, BoxError> {
+    let tokens = Tokens {
+        admin: generate_token()?,
+        verifier: generate_token()?,
+    };
+    let mut run = RunReport::default();
+    let server = ServerProcess::start(db._dir.path(), "cached", &db.url, &tokens, true).await?;
+    let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
+
+    // Keys for the hit workloads, issued through the API (this is also the issue scenario).
+    let issued = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let issue_spec = LoadSpec {
+        max_requests: Some(args.keys as u64),
+        duration: Duration::from_secs(600),
+        concurrency: args.concurrency.clamp(1, 16),
+        rate: None,
+    };
+    let result = {
+        let (clients, issued) = (clients.clone(), issued.clone());
+        load::run(&issue_spec, move |task, n| {
+            let mut admin = clients.admins[task % clients.admins.len()].clone();
+            let issued = issued.clone();
+            async move {
+                let r = admin
+                    .issue_key(issue_request(n))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                let key_id = r.key_info.map(|i| i.key_id).unwrap_or_default();
+                if let Ok(mut v) = issued.lock() {
+                    v.push((r.key, key_id));
+                }
+                Ok(())
+            }
+        })
+        .await
+    };
+    if wants(args, Scenario::Issue) {
+        print_line("issue", &result);
+        run.issue = Some(result);
+    }
+    let issued: Vec<(String, String)> = issued.lock().map(|v| v.clone()).unwrap_or_default();
+    if issued.is_empty() {
+        return Err("no key could be issued".into());
+    }
+    let pools = Arc::new(KeyPools::build(&issued, mix, &clients).await?);
+    warm(&clients, &pools).await;
+
+    if wants(args, Scenario::Noop) {
+        let r = noop(args, &clients).await;
+        print_line("noop", &r);
+        run.noop = Some(r);
+    }
+    if wants(args, Scenario::VerifyHit) {
+        let r = verify_mix(&spec(args), &clients, &pools).await;
+        print_line("verify-hit", &r);
+        let half = LoadSpec {
+            rate: Some(r.throughput / 2.0),
+            ..spec(args)
+        };
+        run.verify_hit = Some(r);
+        let r = verify_mix(&half, &clients, &pools).await;
+        print_line("verify-hit at half load", &r);
+        run.verify_hit_half_load = Some(r);
+    }
+    if !args.no_h2load && args.scenario == Scenario::All {
+        match h2load::measure(&server, &tokens, &pools.hit[0], args).await {
+            Ok(Some(h)) => {
+                println!(
+                    "h2load: noop {:.0} req/s, verify-hit {:.0} req/s",
+                    h.noop_rps, h.verify_hit_rps
+                );
+                run.h2load = Some(h);
+            }
+            Ok(None) => println!("h2load not installed: independent check skipped"),
+            Err(e) => println!("h2load failed: {e}"),
+        }
+    }
+    server.stop().await;
+
+    if wants(args, Scenario::VerifyNaive) {
+        let naive = ServerProcess::start(db._dir.path(), "naive", &db.url, &tokens, false).await?;
+        let clients = connect(&naive, &tokens, args.connections).await?;
+        let r = verify_mix(&spec(args), &clients, &pools).await;
+        print_line("verify-naive", &r);
+        run.verify_naive = Some(r);
+        naive.stop().await;
+    }
+
+    if wants(args, Scenario::VerifyMiss) && args.store == StoreKind::Postgres {
+        let pool = sqlx::PgPool::connect(&db.url).await?;
+        let started = std::time::Instant::now();
+        let keys = Arc::new(
+            seed::seed_keys(&pool, args.miss_keys, crate::clock::Clock::System.now()).await?,
+        );
+        pool.close().await;
+        println!(
+            "seeded {} keys in {:.1} s",
+            keys.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let server = ServerProcess::start(db._dir.path(), "miss", &db.url, &tokens, true).await?;
+        let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
+        let rss_before = server.rss_bytes();
+        let next = Arc::new(AtomicUsize::new(0));
+        let spec = LoadSpec {
+            max_requests: Some(args.max_requests.unwrap_or(u64::MAX).min(keys.len() as u64)),
+            ..spec(args)
+        };
+        let r = load::run(&spec, move |task, _| {
+            let mut client = clients.verifiers[task % clients.verifiers.len()].clone();
+            let i = next.fetch_add(1, Ordering::Relaxed) % keys.len();
+            let key = keys[i].clone();
+            async move { expect_valid(&mut client, key).await }
+        })
+        .await;
+        if let (Some(before), Some(after)) = (rss_before, server.rss_bytes())
+            && r.requests > 0
+        {
+            run.bytes_per_cached_key =
+                Some(after.saturating_sub(before) as f64 / r.requests as f64);
+        }
+        print_line("verify-miss", &r);
+        run.verify_miss = Some(r);
+        server.stop().await;
+    }
+    Ok(run)
+}
+
+async fn expect_valid(client: &mut Verifier, key: String) -> Result<(), String> {
+    let r = client
+        .verify_key(proto::VerifyKeyRequest {
+            key,
+            required_scopes: Vec::new(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.get_ref().valid {
+        Ok(())
+    } else {
+        Err(format!("unexpected answer {:?}", r.get_ref().code))
+    }
+}
+
+/// The keys a verify workload presents, by kind.
+struct KeyPools {
+    hit: Vec<String>,
+    miss: Vec<String>,
+    malformed: Vec<String>,
+    revoked: Vec<String>,
+    mix: Mix,
+}
+
+impl KeyPools {
+    async fn build(
+        issued: &[(String, String)],
+        mix: Mix,
+        clients: &Clients,
+    ) -> Result<KeyPools, BoxError> {
+        // A tenth of the issued keys are revoked when the mix asks for revoked keys.
+        let revoked_count = if mix.revoked > 0 {
+            (issued.len() / 10).max(1)
+        } else {
+            0
+        };
+        let mut admin = clients.admins[0].clone();
+        let mut revoked = Vec::new();
+        for (key, key_id) in &issued[..revoked_count.min(issued.len().saturating_sub(1))] {
+            admin
+                .revoke_key(proto::RevokeKeyRequest {
+                    key_id: key_id.clone(),
+                    actor: Some(proto::Actor {
+                        id: "bench".into(),
+                        permissions: Vec::new(),
+                    }),
+                    reason: "bench".into(),
+                })
+                .await?;
+            revoked.push(key.clone());
+        }
+        let hit: Vec<String> = issued[revoked.len()..]
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut miss = Vec::new();
+        for _ in 0..1000 {
+            miss.push(
+                ApiKey::generate(&Brand::default(), Environment::Live)?
+                    .expose()
+                    .to_owned(),
+            );
+        }
+        let malformed = hit
+            .iter()
+            .take(1000)
+            .map(|k| format!("{}x", &k[..k.len() - 1]))
+            .collect();
+        Ok(KeyPools {
+            hit,
+            miss,
+            malformed,
+            revoked,
+            mix,
+        })
+    }
+
+    fn pick(&self, task: usize, n: u64) -> &str {
+        let slot =
+            ((task as u64).wrapping_mul(7919).wrapping_add(n) % u64::from(self.mix.total())) as u32;
+        let m = &self.mix;
+        let pool = if slot < m.hit {
+            &self.hit
+        } else if slot < m.hit + m.miss {
+            &self.miss
+        } else if slot < m.hit + m.miss + m.malformed {
+            &self.malformed
+        } else {
+            &self.revoked
+        };
+        let pool = if pool.is_empty() { &self.hit } else { pool };
+        &pool[(n as usize).wrapping_mul(31).wrapping_add(task) % pool.len()]
+    }
+}
+
+/// Verifies every key once, so the measured runs start with a filled cache.
+async fn warm(clients: &Clients, pools: &KeyPools) {
+    let mut client = clients.verifiers[0].clone();
+    for key in pools.hit.iter().chain(&pools.miss).chain(&pools.revoked) {
+        let _ = client
+            .verify_key(proto::VerifyKeyRequest {
+                key: key.clone(),
+                required_scopes: Vec::new(),
+            })
+            .await;
+    }
+}
+
+async fn noop(args: &BenchArgs, clients: &Arc<Clients>) -> LoadResult {
+    let clients = clients.clone();
+    load::run(&spec(args), move |task, _| {
+        let mut client = clients.verifiers[task % clients.verifiers.len()].clone();
+        async move {
+            client
+                .ping(proto::PingRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+}
+
+async fn verify_mix(spec: &LoadSpec, clients: &Clients, pools: &Arc<KeyPools>) -> LoadResult {
+    let verifiers = Arc::new(clients.verifiers.clone());
+    let pools = pools.clone();
+    load::run(spec, move |task, n| {
+        let mut client = verifiers[task % verifiers.len()].clone();
+        let key = pools.pick(task, n).to_owned();
+        async move {
+            client
+                .verify_key(proto::VerifyKeyRequest {
+                    key,
+                    required_scopes: Vec::new(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!("{cores} cores ({cpu}), {mem_gib:.0} GiB, Linux, loopback")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixes_parse_and_refuse_nonsense() {
+        assert_eq!(
+            Mix::parse("hit=90,miss=5,malformed=5").unwrap(),
+            Mix {
+                hit: 90,
+                miss: 5,
+                malformed: 5,
+                revoked: 0
+            }
+        );
+        assert!(Mix::parse("hit=0").is_err());
+        assert!(Mix::parse("hits=1").is_err());
+        assert!(Mix::parse("hit=x").is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! The server under test: the same `keywarden` binary, started as a child process with a
+//! generated configuration, so the benchmark measures exactly what is deployed.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::BoxError;
+use crate::domain::key_format::KeyHash;
+
+pub struct ServerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+pub struct Tokens {
+    pub admin: String,
+    pub verifier: String,
+}
+
+impl ServerProcess {
+    /// Starts `keywarden serve` on a free loopback port over `database_url`.
+    pub async fn start(
+        dir: &Path,
+        name: &str,
+        database_url: &str,
+        tokens: &Tokens,
+        cache_enabled: bool,
+    ) -> Result<ServerProcess, BoxError> {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndatabase_url = \"{database_url}\"\n\
+                 database_max_connections = 32\n\n\
+                 [[tokens]]\nname = \"bench-admin\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n\n\
+                 [[tokens]]\nname = \"bench-verifier\"\nsha256 = \"{}\"\nroles = [\"verifier\"]\n\n\
+                 [cache]\nenabled = {cache_enabled}\n",
+                KeyHash::of(&tokens.admin).to_hex(),
+                KeyHash::of(&tokens.verifier).to_hex(),
+            ),
+        )?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .env_remove("KEYWARDEN_DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return Ok::<_, BoxError>(addr.trim().parse()?);
+                }
+            }
+            Err("server exited before listening".into())
+        })
+        .await??;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(ServerProcess { child, addr })
+    }
+
+    /// Resident memory of the server process, in bytes (Linux).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
