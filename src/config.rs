@@ -113,8 +113,12 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            // KEYWARDEN_CONFIG names the file (read by the CLI): it is not a setting.
-            .merge(Env::prefixed("KEYWARDEN_").filter(|k| is_setting(k.as_str())).split("__"))
+            // Only variables naming a setting: KEYWARDEN_CONFIG and others are not settings.
+            .merge(
+                Env::prefixed("KEYWARDEN_")
+                    .filter(|k| is_setting(k.as_str()))
+                    .split("__"),
+            )
             .extract()
             .map_err(|e| ConfigError::Load(Box::new(e)))
     }
@@ -168,9 +172,12 @@ const SETTINGS: [&str; 7] = [
 
 fn is_setting(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    SETTINGS
-        .iter()
-        .any(|s| key == *s || key.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
+    SETTINGS.iter().any(|s| {
+        key == *s
+            || key
+                .strip_prefix(s)
+                .is_some_and(|rest| rest.starts_with("__"))
+    })
 }
 
 /// The validated configuration the server runs with.

@@ -23,7 +23,13 @@ const MAX_REPORT_BYTES: usize = 6 * 1024;
 fn report_bytes(v: &crate::domain::validate::FieldViolation) -> usize {
     let text = || v.field.bytes().chain(v.description.bytes());
     let in_message: usize = text()
-        .map(|b| if (0x20..0x7f).contains(&b) && b != b'%' { 1 } else { 3 })
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                1
+            } else {
+                3
+            }
+        })
         .sum();
     in_message + (2 * text().count() + 8).div_ceil(3) * 4
 }
@@ -139,15 +145,19 @@ mod tests {
     fn a_flood_of_violations_is_cut_to_what_a_client_accepts() {
         let mut v = Violations::default();
         for i in 0..10_000 {
-            v.add("update_mask", format!("unknown path `{}{i}`", "é".repeat(60)));
+            v.add(
+                "update_mask",
+                format!("unknown path `{}{i}`", "é".repeat(60)),
+            );
         }
         let status = invalid_argument(v);
         let reported = fields(&status).len();
         assert!((1..10_000).contains(&reported), "{reported}");
         assert!(
-            status
-                .message()
-                .ends_with(&format!("; and {} more violations not shown", 10_000 - reported)),
+            status.message().ends_with(&format!(
+                "; and {} more violations not shown",
+                10_000 - reported
+            )),
             "{}",
             status.message()
         );
@@ -155,7 +165,13 @@ mod tests {
         let message: usize = status
             .message()
             .bytes()
-            .map(|b| if (0x20..0x7f).contains(&b) && b != b'%' { 1 } else { 3 })
+            .map(|b| {
+                if (0x20..0x7f).contains(&b) && b != b'%' {
+                    1
+                } else {
+                    3
+                }
+            })
             .sum();
         let details = status.details().len().div_ceil(3) * 4;
         assert!(message + details <= 7 * 1024, "{message} + {details}");
