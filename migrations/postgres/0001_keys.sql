@@ -2,7 +2,7 @@
 -- Times are unix microseconds (BIGINT) in both stores, so both order and compare alike.
 
 CREATE TABLE api_keys (
-    key_id        TEXT PRIMARY KEY,
+    key_id        TEXT COLLATE "C" PRIMARY KEY,  -- byte order, as SQLite sorts
     workspace_id  TEXT NOT NULL,
     name          TEXT NOT NULL,
     environment   TEXT NOT NULL CHECK (environment IN ('live', 'test')),
@@ -28,7 +28,7 @@ CREATE INDEX api_keys_by_owner ON api_keys (workspace_id, owner_kind, owner_id);
 -- replaced (valid until the end of their grace period). Only SHA-256 hashes.
 CREATE TABLE key_secrets (
     secret_hash BYTEA PRIMARY KEY CHECK (length(secret_hash) = 32),
-    key_id      TEXT NOT NULL REFERENCES api_keys (key_id),
+    key_id      TEXT COLLATE "C" NOT NULL REFERENCES api_keys (key_id),
     created_at  BIGINT NOT NULL,
     valid_until BIGINT
 );

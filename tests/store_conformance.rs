@@ -1,0 +1,1223 @@
+//! One conformance suite for the `Store` trait, run directly against both
+//! implementations: whatever the SQLite store does, the Postgres store does alike.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::*;
+use keywarden::domain::Micros;
+use keywarden::domain::ids::new_key_id;
+use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
+use keywarden::domain::key_format::{Environment, KeyHash};
+use keywarden::store::{
+    AuditContext, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
+    StoreError,
+};
+
+const S: Micros = 1_000_000;
+/// An arbitrary instant with a non-zero microsecond part, so that any truncation shows.
+const T0: Micros = 1_700_000_000_123_457;
+const WS: &str = "ws_conf";
+
+async fn open(backend: Backend) -> (TestDb, Arc<dyn Store>) {
+    let db = TestDb::new(backend).await;
+    let store = keywarden::store::open(&db.url, 5).await.unwrap();
+    (db, store)
+}
+
+fn record(workspace_id: &str, created_at: Micros) -> KeyRecord {
+    KeyRecord {
+        key_id: new_key_id().unwrap(),
+        workspace_id: workspace_id.to_owned(),
+        name: "conformance key".to_owned(),
+        environment: Environment::Live,
+        display: "kw_live_...abcd".to_owned(),
+        scopes: vec!["read".to_owned()],
+        owner: owner(OwnerKind::User, "user_1"),
+        created_by: "user_admin".to_owned(),
+        metadata: BTreeMap::new(),
+        created_at,
+        updated_at: created_at,
+        expires_at: None,
+        revoked_at: None,
+        revoke_reason: None,
+        rotated_at: None,
+        deleted_at: None,
+    }
+}
+
+fn owner(kind: OwnerKind, id: &str) -> Owner {
+    Owner {
+        kind,
+        id: id.to_owned(),
+    }
+}
+
+/// A fresh, unique secret hash.
+fn new_secret() -> KeyHash {
+    KeyHash::of(&format!("kw_live_{}", new_key_id().unwrap()))
+}
+
+fn ctx(action: &'static str) -> AuditContext {
+    AuditContext {
+        actor_id: "user_admin".to_owned(),
+        caller: "test-admin".to_owned(),
+        action,
+        detail: format!("{action} detail"),
+    }
+}
+
+async fn insert(store: &dyn Store, key: &KeyRecord) -> KeyHash {
+    let secret = new_secret();
+    store
+        .insert_key(key, &secret, &ctx("key.issue"))
+        .await
+        .unwrap();
+    secret
+}
+
+fn filter(workspace_id: &str, now: Micros) -> KeyFilter {
+    KeyFilter {
+        workspace_id: workspace_id.to_owned(),
+        owner: None,
+        status: None,
+        now,
+    }
+}
+
+fn ids(keys: &[KeyRecord]) -> Vec<String> {
+    keys.iter().map(|k| k.key_id.clone()).collect()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Keys in the order the stores must list them: created_at DESC, key_id DESC.
+fn newest_first(keys: &[KeyRecord]) -> Vec<String> {
+    let mut keys = keys.to_vec();
+    keys.sort_by(|a, b| (b.created_at, &b.key_id).cmp(&(a.created_at, &a.key_id)));
+    ids(&keys)
+}
+
+async fn audit(store: &dyn Store, workspace_id: &str) -> Vec<AuditRecord> {
+    store.list_audit(workspace_id, 1000, None).await.unwrap()
+}
+
+async fn all_audit_rows(db: &TestDb) -> i64 {
+    db.count("SELECT COUNT(*) FROM audit_events").await
+}
+
+async fn secret_rows(db: &TestDb, key_id: &str) -> i64 {
+    db.count(&format!(
+        "SELECT COUNT(*) FROM key_secrets WHERE key_id = '{key_id}'"
+    ))
+    .await
+}
+
+async fn current_secret_rows(db: &TestDb, key_id: &str) -> i64 {
+    db.count(&format!(
+        "SELECT COUNT(*) FROM key_secrets WHERE key_id = '{key_id}' AND valid_until IS NULL"
+    ))
+    .await
+}
+
+fn hash_set(hashes: &[KeyHash]) -> Vec<String> {
+    let mut v: Vec<String> = hashes.iter().map(KeyHash::to_hex).collect();
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// Insert, get, find.
+
+async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let full = KeyRecord {
+        key_id: new_key_id().unwrap(),
+        workspace_id: WS.to_owned(),
+        name: "ingest pipeline – eu".to_owned(),
+        environment: Environment::Test,
+        display: "kw_test_...Zq9x".to_owned(),
+        scopes: vec!["admin".into(), "models:read".into(), "write.x".into()],
+        owner: owner(OwnerKind::ServiceAccount, "svc-ingest@example.com"),
+        created_by: "user_7".to_owned(),
+        metadata: BTreeMap::from([
+            ("team".to_owned(), "ml".to_owned()),
+            ("quoted".to_owned(), r#"a "b" \ c {}"#.to_owned()),
+            ("unicode".to_owned(), "Zürich ✓".to_owned()),
+            ("empty".to_owned(), String::new()),
+        ]),
+        created_at: T0,
+        updated_at: T0 + 5,
+        expires_at: Some(T0 + 86_400 * S + 1),
+        revoked_at: Some(T0 + 3),
+        revoke_reason: Some("pre-revoked: it's \"leaked\"".to_owned()),
+        rotated_at: Some(T0 + 2),
+        deleted_at: None,
+    };
+    let minimal = KeyRecord {
+        scopes: Vec::new(),
+        ..record(WS, T0 - 1)
+    };
+    for key in [full, minimal] {
+        let secret = insert(&*store, &key).await;
+        assert_eq!(store.get_key(&key.key_id).await.unwrap(), Some(key.clone()));
+        let found = store.find_secret(&secret).await.unwrap().unwrap();
+        assert_eq!(found.key, key);
+        assert_eq!(found.valid_until, None, "a new key's secret is current");
+    }
+}
+
+async fn get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    insert(&*store, &record(WS, T0)).await;
+    assert_eq!(store.get_key(&new_key_id().unwrap()).await.unwrap(), None);
+    assert!(store.find_secret(&new_secret()).await.unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------------------
+// Listing.
+
+async fn list_orders_newest_first_with_key_id_breaking_ties(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    // Three keys share a created_at; their ids mix cases and digits, so the tie-break is
+    // byte order (what SQLite does, and Postgres under the C collation).
+    let with_id = |id: String, created_at| KeyRecord {
+        key_id: id,
+        ..record(WS, created_at)
+    };
+    let keys = vec![
+        record(WS, T0),
+        with_id(format!("key_{}", "a".repeat(24)), T0 + 1),
+        record(WS, T0 + 2),
+        with_id(format!("key_{}", "B".repeat(24)), T0 + 1),
+        with_id(format!("key_{}", "0".repeat(24)), T0 + 1),
+        record(WS, T0 - S),
+    ];
+    for key in &keys {
+        insert(&*store, key).await;
+    }
+    let expected = newest_first(&keys);
+    let all = store.list_keys(&filter(WS, T0), 100, None).await.unwrap();
+    assert_eq!(ids(&all), expected);
+    // The rows come back whole.
+    assert_eq!(all[0], keys[2]);
+    let two = store.list_keys(&filter(WS, T0), 2, None).await.unwrap();
+    assert_eq!(ids(&two), expected[..2]);
+}
+
+async fn list_cursor_continues_after_the_cursor_without_gaps_or_repeats(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let keys: Vec<KeyRecord> = (0..8)
+        .map(|i| record(WS, T0 + (i / 3) * S)) // groups of equal created_at
+        .collect();
+    for key in &keys {
+        insert(&*store, key).await;
+    }
+    let expected = newest_first(&keys);
+
+    let mut seen = Vec::new();
+    let mut after: Option<KeyCursor> = None;
+    let mut pages = 0;
+    loop {
+        let page = store
+            .list_keys(&filter(WS, T0), 3, after.as_ref())
+            .await
+            .unwrap();
+        pages += 1;
+        seen.extend(ids(&page));
+        let Some(last) = page.last() else { break };
+        after = Some(KeyCursor {
+            created_at: last.created_at,
+            key_id: last.key_id.clone(),
+        });
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(seen, expected);
+    assert_eq!(pages, 4, "3 + 3 + 2 keys, then an empty page");
+
+    // A cursor is a position, not a row: one between rows resumes right after it.
+    let all = store.list_keys(&filter(WS, T0), 100, None).await.unwrap();
+    let pivot = &all[4];
+    let cursor = KeyCursor {
+        created_at: pivot.created_at,
+        key_id: format!("{}0", &pivot.key_id[..pivot.key_id.len() - 1]),
+    };
+    let expected_after: Vec<String> = all
+        .iter()
+        .filter(|k| (k.created_at, k.key_id.as_str()) < (cursor.created_at, &cursor.key_id))
+        .map(|k| k.key_id.clone())
+        .collect();
+    let resumed = store
+        .list_keys(&filter(WS, T0), 100, Some(&cursor))
+        .await
+        .unwrap();
+    assert_eq!(ids(&resumed), expected_after);
+}
+
+async fn list_filters_by_owner_kind_and_id(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let alice_user = [
+        KeyRecord {
+            owner: owner(OwnerKind::User, "alice"),
+            ..record(WS, T0)
+        },
+        KeyRecord {
+            owner: owner(OwnerKind::User, "alice"),
+            ..record(WS, T0 + 1)
+        },
+    ];
+    let alice_service = KeyRecord {
+        owner: owner(OwnerKind::ServiceAccount, "alice"),
+        ..record(WS, T0 + 2)
+    };
+    let bob = KeyRecord {
+        owner: owner(OwnerKind::User, "bob"),
+        ..record(WS, T0 + 3)
+    };
+    for key in alice_user.iter().chain([&alice_service, &bob]) {
+        insert(&*store, key).await;
+    }
+    let by = |kind, id: &str| KeyFilter {
+        owner: Some(owner(kind, id)),
+        ..filter(WS, T0)
+    };
+    let list = |f: KeyFilter| {
+        let store = store.clone();
+        async move { ids(&store.list_keys(&f, 100, None).await.unwrap()) }
+    };
+    assert_eq!(
+        list(by(OwnerKind::User, "alice")).await,
+        newest_first(&alice_user)
+    );
+    assert_eq!(
+        list(by(OwnerKind::ServiceAccount, "alice")).await,
+        std::slice::from_ref(&alice_service.key_id)
+    );
+    assert_eq!(
+        list(by(OwnerKind::User, "bob")).await,
+        std::slice::from_ref(&bob.key_id)
+    );
+    assert!(list(by(OwnerKind::User, "carol")).await.is_empty());
+    assert_eq!(list(filter(WS, T0)).await.len(), 4);
+}
+
+async fn list_filters_by_status_as_of_the_filters_now(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let active = record(WS, T0);
+    let expires_later = KeyRecord {
+        expires_at: Some(T0 + 100 * S),
+        ..record(WS, T0)
+    };
+    let expires_at_boundary = KeyRecord {
+        expires_at: Some(T0 + 10 * S),
+        ..record(WS, T0)
+    };
+    let expired_long_ago = KeyRecord {
+        expires_at: Some(T0 + 1),
+        ..record(WS, T0)
+    };
+    // Revoked and past its expiry: revocation wins.
+    let revoked = KeyRecord {
+        expires_at: Some(T0 + 5 * S),
+        ..record(WS, T0)
+    };
+    for key in [
+        &active,
+        &expires_later,
+        &expires_at_boundary,
+        &expired_long_ago,
+        &revoked,
+    ] {
+        insert(&*store, key).await;
+    }
+    store
+        .revoke_key(&revoked.key_id, "test", T0 + 1, &ctx("key.revoke"))
+        .await
+        .unwrap();
+
+    let list = |status: KeyStatus, now: Micros| {
+        let store = store.clone();
+        async move {
+            let f = KeyFilter {
+                status: Some(status),
+                ..filter(WS, now)
+            };
+            sorted(ids(&store.list_keys(&f, 100, None).await.unwrap()))
+        }
+    };
+    let set = |keys: &[&KeyRecord]| sorted(keys.iter().map(|k| k.key_id.clone()).collect());
+
+    let now = T0 + 10 * S - 1;
+    assert_eq!(
+        list(KeyStatus::Active, now).await,
+        set(&[&active, &expires_later, &expires_at_boundary])
+    );
+    assert_eq!(
+        list(KeyStatus::Expired, now).await,
+        set(&[&expired_long_ago])
+    );
+    assert_eq!(list(KeyStatus::Revoked, now).await, set(&[&revoked]));
+
+    // Expiry is inclusive of its instant.
+    let now = T0 + 10 * S;
+    assert_eq!(
+        list(KeyStatus::Active, now).await,
+        set(&[&active, &expires_later])
+    );
+    assert_eq!(
+        list(KeyStatus::Expired, now).await,
+        set(&[&expires_at_boundary, &expired_long_ago])
+    );
+    assert_eq!(list(KeyStatus::Revoked, now).await, set(&[&revoked]));
+
+    let now = T0 + 1000 * S;
+    assert_eq!(list(KeyStatus::Active, now).await, set(&[&active]));
+    assert_eq!(
+        list(KeyStatus::Expired, now).await,
+        set(&[&expires_later, &expires_at_boundary, &expired_long_ago])
+    );
+    assert_eq!(list(KeyStatus::Revoked, now).await, set(&[&revoked]));
+}
+
+async fn list_is_confined_to_its_workspace_and_skips_deleted_keys(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let a_kept = record("ws_a", T0);
+    let a_deleted = record("ws_a", T0 + 1);
+    let b = record("ws_b", T0 + 2);
+    for key in [&a_kept, &a_deleted, &b] {
+        insert(&*store, key).await;
+    }
+    store
+        .delete_key(&a_deleted.key_id, T0 + S, &ctx("key.delete"))
+        .await
+        .unwrap();
+    let list = |ws: &'static str, status: Option<KeyStatus>| {
+        let store = store.clone();
+        async move {
+            let f = KeyFilter {
+                status,
+                ..filter(ws, T0 + S)
+            };
+            ids(&store.list_keys(&f, 100, None).await.unwrap())
+        }
+    };
+    assert_eq!(
+        list("ws_a", None).await,
+        std::slice::from_ref(&a_kept.key_id)
+    );
+    assert_eq!(
+        list("ws_a", Some(KeyStatus::Active)).await,
+        std::slice::from_ref(&a_kept.key_id)
+    );
+    assert_eq!(list("ws_b", None).await, std::slice::from_ref(&b.key_id));
+    assert!(list("ws_c", None).await.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Update.
+
+async fn update_applies_only_the_patched_fields_and_returns_every_secret_as_stale(
+    backend: Backend,
+) {
+    let (_db, store) = open(backend).await;
+    let original = KeyRecord {
+        metadata: BTreeMap::from([("team".to_owned(), "ml".to_owned())]),
+        expires_at: Some(T0 + 3600 * S),
+        ..record(WS, T0)
+    };
+    let first_secret = insert(&*store, &original).await;
+    let second_secret = new_secret();
+    let rotated = store
+        .rotate_key(
+            &original.key_id,
+            &second_secret,
+            "kw_live_...wxyz",
+            60 * S,
+            T0 + S,
+            &ctx("key.rotate"),
+        )
+        .await
+        .unwrap()
+        .key;
+    let both = hash_set(&[first_secret, second_secret]);
+
+    // Only the name.
+    let t = T0 + 10 * S;
+    let changed = store
+        .update_key(
+            &original.key_id,
+            &KeyPatch {
+                name: Some("renamed".to_owned()),
+                ..Default::default()
+            },
+            t,
+            &ctx("key.update"),
+        )
+        .await
+        .unwrap();
+    let mut expected = rotated.clone();
+    expected.name = "renamed".to_owned();
+    expected.updated_at = t;
+    assert_eq!(changed.key, expected);
+    assert_eq!(hash_set(&changed.stale_hashes), both);
+    assert_eq!(
+        store.get_key(&original.key_id).await.unwrap(),
+        Some(expected.clone())
+    );
+
+    // Scopes and metadata, replaced whole.
+    let t = T0 + 20 * S;
+    let metadata = BTreeMap::from([("owner".to_owned(), "data".to_owned())]);
+    let changed = store
+        .update_key(
+            &original.key_id,
+            &KeyPatch {
+                scopes: Some(vec!["read".into(), "write".into()]),
+                metadata: Some(metadata.clone()),
+                ..Default::default()
+            },
+            t,
+            &ctx("key.update"),
+        )
+        .await
+        .unwrap();
+    expected.scopes = vec!["read".into(), "write".into()];
+    expected.metadata = metadata;
+    expected.updated_at = t;
+    assert_eq!(changed.key, expected);
+    assert_eq!(hash_set(&changed.stale_hashes), both);
+    assert_eq!(
+        store.get_key(&original.key_id).await.unwrap(),
+        Some(expected.clone())
+    );
+
+    // Expiry removed, then set again.
+    let t = T0 + 30 * S;
+    let changed = store
+        .update_key(
+            &original.key_id,
+            &KeyPatch {
+                expires_at: Some(None),
+                ..Default::default()
+            },
+            t,
+            &ctx("key.update"),
+        )
+        .await
+        .unwrap();
+    expected.expires_at = None;
+    expected.updated_at = t;
+    assert_eq!(changed.key, expected);
+    let t = T0 + 40 * S;
+    let changed = store
+        .update_key(
+            &original.key_id,
+            &KeyPatch {
+                expires_at: Some(Some(T0 + 7200 * S)),
+                ..Default::default()
+            },
+            t,
+            &ctx("key.update"),
+        )
+        .await
+        .unwrap();
+    expected.expires_at = Some(T0 + 7200 * S);
+    expected.updated_at = t;
+    assert_eq!(changed.key, expected);
+    assert_eq!(
+        store.get_key(&original.key_id).await.unwrap(),
+        Some(expected)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotate.
+
+async fn rotate_ends_the_old_secret_at_now_plus_grace_and_makes_the_new_one_current(
+    backend: Backend,
+) {
+    let (db, store) = open(backend).await;
+    let key = record(WS, T0);
+    let old = insert(&*store, &key).await;
+    let new = new_secret();
+    let now = T0 + 10 * S;
+    let rotated = store
+        .rotate_key(
+            &key.key_id,
+            &new,
+            "kw_live_...NEW1",
+            3600 * S,
+            now,
+            &ctx("key.rotate"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotated.old_secret_valid_until, now + 3600 * S);
+    assert!(rotated.stale_hashes.contains(&old));
+    assert!(!rotated.stale_hashes.contains(&new));
+
+    let mut expected = key.clone();
+    expected.display = "kw_live_...NEW1".to_owned();
+    expected.rotated_at = Some(now);
+    expected.updated_at = now;
+    assert_eq!(rotated.key, expected);
+    assert_eq!(store.get_key(&key.key_id).await.unwrap(), Some(expected));
+
+    let found_old = store.find_secret(&old).await.unwrap().unwrap();
+    assert_eq!(found_old.valid_until, Some(now + 3600 * S));
+    assert_eq!(found_old.key, rotated.key);
+    let found_new = store.find_secret(&new).await.unwrap().unwrap();
+    assert_eq!(found_new.valid_until, None);
+    assert_eq!(found_new.key, rotated.key);
+    assert_eq!(secret_rows(&db, &key.key_id).await, 2);
+    assert_eq!(current_secret_rows(&db, &key.key_id).await, 1);
+}
+
+async fn rotate_caps_the_old_secrets_end_at_the_keys_expiry(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let now = T0 + 10 * S;
+    let key = KeyRecord {
+        expires_at: Some(now + 60 * S),
+        ..record(WS, T0)
+    };
+    let old = insert(&*store, &key).await;
+    let rotated = store
+        .rotate_key(
+            &key.key_id,
+            &new_secret(),
+            "kw_live_...NEW1",
+            3600 * S,
+            now,
+            &ctx("key.rotate"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotated.old_secret_valid_until, now + 60 * S);
+    assert_eq!(
+        store.find_secret(&old).await.unwrap().unwrap().valid_until,
+        Some(now + 60 * S)
+    );
+    assert_eq!(rotated.key.expires_at, Some(now + 60 * S));
+}
+
+async fn rotating_twice_keeps_the_earlier_end_of_the_first_old_secret(backend: Backend) {
+    let (db, store) = open(backend).await;
+    let key = record(WS, T0);
+    let s0 = insert(&*store, &key).await;
+    let (s1, s2, s3) = (new_secret(), new_secret(), new_secret());
+    let t1 = T0 + 10 * S;
+    let rotate = |secret: KeyHash, grace: Micros, now: Micros| {
+        let store = store.clone();
+        let key_id = key.key_id.clone();
+        async move {
+            store
+                .rotate_key(
+                    &key_id,
+                    &secret,
+                    "kw_live_...abcd",
+                    grace,
+                    now,
+                    &ctx("key.rotate"),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let valid_until = |h: KeyHash| {
+        let store = store.clone();
+        async move { store.find_secret(&h).await.unwrap().unwrap().valid_until }
+    };
+
+    rotate(s1, 60 * S, t1).await;
+    assert_eq!(valid_until(s0).await, Some(t1 + 60 * S));
+
+    // A longer grace later does not lengthen the first old secret's life.
+    let second = rotate(s2, 3600 * S, t1 + 10 * S).await;
+    assert_eq!(second.old_secret_valid_until, t1 + 10 * S + 3600 * S);
+    assert_eq!(valid_until(s0).await, Some(t1 + 60 * S));
+    assert_eq!(valid_until(s1).await, Some(t1 + 10 * S + 3600 * S));
+    assert_eq!(valid_until(s2).await, None);
+    assert_eq!(hash_set(&second.stale_hashes), hash_set(&[s0, s1]));
+
+    // A shorter one cuts every older secret short.
+    let third = rotate(s3, 0, t1 + 20 * S).await;
+    assert_eq!(third.old_secret_valid_until, t1 + 20 * S);
+    assert_eq!(valid_until(s0).await, Some(t1 + 20 * S));
+    assert_eq!(valid_until(s1).await, Some(t1 + 20 * S));
+    assert_eq!(valid_until(s2).await, Some(t1 + 20 * S));
+    assert_eq!(valid_until(s3).await, None);
+    assert_eq!(hash_set(&third.stale_hashes), hash_set(&[s0, s1, s2]));
+    assert_eq!(current_secret_rows(&db, &key.key_id).await, 1);
+}
+
+async fn rotating_a_revoked_or_expired_key_is_a_precondition_and_leaves_nothing_behind(
+    backend: Backend,
+) {
+    let (db, store) = open(backend).await;
+    let revoked = record(WS, T0);
+    insert(&*store, &revoked).await;
+    store
+        .revoke_key(&revoked.key_id, "leaked", T0 + S, &ctx("key.revoke"))
+        .await
+        .unwrap();
+    let expired = KeyRecord {
+        expires_at: Some(T0 + 5 * S),
+        ..record(WS, T0)
+    };
+    insert(&*store, &expired).await;
+
+    let audit_before = audit(&*store, WS).await;
+    let rows_before = all_audit_rows(&db).await;
+    for key_id in [&revoked.key_id, &expired.key_id] {
+        let before = store.get_key(key_id).await.unwrap();
+        let new = new_secret();
+        let err = store
+            .rotate_key(
+                key_id,
+                &new,
+                "kw_live_...NEW1",
+                60 * S,
+                T0 + 5 * S,
+                &ctx("key.rotate"),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Precondition(_)), "{err:?}");
+        assert!(store.find_secret(&new).await.unwrap().is_none());
+        assert_eq!(secret_rows(&db, key_id).await, 1);
+        assert_eq!(current_secret_rows(&db, key_id).await, 1);
+        assert_eq!(store.get_key(key_id).await.unwrap(), before);
+    }
+    assert_eq!(audit(&*store, WS).await, audit_before);
+    assert_eq!(all_audit_rows(&db).await, rows_before);
+}
+
+// ---------------------------------------------------------------------------------------
+// Revoke and delete.
+
+async fn revoke_sets_revoked_at_and_reason_once(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let key = record(WS, T0);
+    let secret = insert(&*store, &key).await;
+    let t1 = T0 + 10 * S;
+    let first = store
+        .revoke_key(&key.key_id, "leaked", t1, &ctx("key.revoke"))
+        .await
+        .unwrap();
+    let mut expected = key.clone();
+    expected.revoked_at = Some(t1);
+    expected.revoke_reason = Some("leaked".to_owned());
+    expected.updated_at = t1;
+    assert_eq!(first.key, expected);
+    assert_eq!(first.stale_hashes, [secret]);
+
+    let second = store
+        .revoke_key(&key.key_id, "again", t1 + 60 * S, &ctx("key.revoke"))
+        .await
+        .unwrap();
+    assert_eq!(second.key, expected, "a second revoke changes nothing");
+    assert_eq!(
+        store.get_key(&key.key_id).await.unwrap(),
+        Some(expected.clone())
+    );
+    assert_eq!(
+        store.find_secret(&secret).await.unwrap().unwrap().key,
+        expected
+    );
+}
+
+async fn delete_hides_the_key_but_find_secret_still_returns_it_marked_deleted(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let key = record(WS, T0);
+    let old = insert(&*store, &key).await;
+    let new = new_secret();
+    store
+        .rotate_key(
+            &key.key_id,
+            &new,
+            "kw_live_...NEW1",
+            60 * S,
+            T0 + S,
+            &ctx("key.rotate"),
+        )
+        .await
+        .unwrap();
+    let t = T0 + 10 * S;
+    let deleted = store
+        .delete_key(&key.key_id, t, &ctx("key.delete"))
+        .await
+        .unwrap();
+    assert_eq!(deleted.key.deleted_at, Some(t));
+    assert_eq!(hash_set(&deleted.stale_hashes), hash_set(&[old, new]));
+
+    assert_eq!(store.get_key(&key.key_id).await.unwrap(), None);
+    assert!(
+        store
+            .list_keys(&filter(WS, t), 100, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for (hash, valid_until) in [(old, Some(T0 + S + 60 * S)), (new, None)] {
+        let found = store.find_secret(&hash).await.unwrap().unwrap();
+        assert_eq!(found.key, deleted.key);
+        assert_eq!(found.key.deleted_at, Some(t));
+        assert_eq!(found.valid_until, valid_until);
+    }
+}
+
+async fn mutations_of_unknown_or_deleted_keys_are_not_found_and_write_nothing(backend: Backend) {
+    let (db, store) = open(backend).await;
+    let deleted = record(WS, T0);
+    insert(&*store, &deleted).await;
+    store
+        .delete_key(&deleted.key_id, T0 + S, &ctx("key.delete"))
+        .await
+        .unwrap();
+    let rows_before = all_audit_rows(&db).await;
+    let secrets_before = db.count("SELECT COUNT(*) FROM key_secrets").await;
+    let now = T0 + 10 * S;
+
+    for key_id in [new_key_id().unwrap(), deleted.key_id.clone()] {
+        let patch = KeyPatch {
+            name: Some("x".into()),
+            ..Default::default()
+        };
+        let results = [
+            store
+                .update_key(&key_id, &patch, now, &ctx("key.update"))
+                .await
+                .map(|_| ()),
+            store
+                .rotate_key(
+                    &key_id,
+                    &new_secret(),
+                    "kw_live_...abcd",
+                    0,
+                    now,
+                    &ctx("key.rotate"),
+                )
+                .await
+                .map(|_| ()),
+            store
+                .revoke_key(&key_id, "r", now, &ctx("key.revoke"))
+                .await
+                .map(|_| ()),
+            store
+                .delete_key(&key_id, now, &ctx("key.delete"))
+                .await
+                .map(|_| ()),
+        ];
+        for (i, r) in results.into_iter().enumerate() {
+            assert!(
+                matches!(r, Err(StoreError::NotFound)),
+                "mutation {i} of {key_id}: {r:?}"
+            );
+        }
+    }
+    assert_eq!(all_audit_rows(&db).await, rows_before);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM key_secrets").await,
+        secrets_before
+    );
+    // The deleted key stays as it was deleted.
+    let row = db
+        .count(&format!(
+            "SELECT COUNT(*) FROM api_keys WHERE key_id = '{}' AND deleted_at = {} \
+             AND revoked_at IS NULL AND name = 'conformance key'",
+            deleted.key_id,
+            T0 + S
+        ))
+        .await;
+    assert_eq!(row, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit.
+
+async fn every_successful_mutation_writes_one_audit_row_newest_first(backend: Backend) {
+    let (db, store) = open(backend).await;
+    let key = record(WS, T0);
+    let who = |action: &'static str, n: u32| AuditContext {
+        actor_id: format!("actor_{n}"),
+        caller: format!("caller-{n}"),
+        action,
+        detail: format!("detail {n}"),
+    };
+    let mut expected: Vec<(AuditContext, Micros)> = Vec::new();
+    let check = |expected: &Vec<(AuditContext, Micros)>| {
+        let store = store.clone();
+        let expected = expected.clone();
+        let key_id = key.key_id.clone();
+        async move {
+            let events = audit(&*store, WS).await;
+            assert_eq!(events.len(), expected.len());
+            for (event, (ctx, at)) in events.iter().zip(expected.iter().rev()) {
+                assert_eq!(event.workspace_id, WS);
+                assert_eq!(event.key_id.as_deref(), Some(key_id.as_str()));
+                assert_eq!(event.actor_id, ctx.actor_id);
+                assert_eq!(event.caller, ctx.caller);
+                assert_eq!(event.action, ctx.action);
+                assert_eq!(event.detail, ctx.detail);
+                assert_eq!(event.outcome, AuditOutcome::Success);
+                assert_eq!(event.occurred_at, *at);
+            }
+            assert!(events.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+        }
+    };
+
+    let c = who("key.issue", 1);
+    store.insert_key(&key, &new_secret(), &c).await.unwrap();
+    expected.push((c, T0));
+    check(&expected).await;
+
+    let c = who("key.update", 2);
+    let t = T0 + S;
+    store
+        .update_key(
+            &key.key_id,
+            &KeyPatch {
+                name: Some("n".into()),
+                ..Default::default()
+            },
+            t,
+            &c,
+        )
+        .await
+        .unwrap();
+    expected.push((c, t));
+    check(&expected).await;
+
+    let c = who("key.rotate", 3);
+    let t = T0 + 2 * S;
+    store
+        .rotate_key(&key.key_id, &new_secret(), "kw_live_...abcd", S, t, &c)
+        .await
+        .unwrap();
+    expected.push((c, t));
+    check(&expected).await;
+
+    let c = who("key.revoke", 4);
+    let t = T0 + 3 * S;
+    store.revoke_key(&key.key_id, "r", t, &c).await.unwrap();
+    expected.push((c, t));
+    check(&expected).await;
+
+    // Revoking again succeeds, so it is recorded too.
+    let c = who("key.revoke", 5);
+    let t = T0 + 4 * S;
+    store.revoke_key(&key.key_id, "r", t, &c).await.unwrap();
+    expected.push((c, t));
+    check(&expected).await;
+
+    let c = who("key.delete", 6);
+    let t = T0 + 5 * S;
+    store.delete_key(&key.key_id, t, &c).await.unwrap();
+    expected.push((c, t));
+    check(&expected).await;
+
+    assert_eq!(all_audit_rows(&db).await, 6);
+}
+
+async fn record_denied_writes_a_denied_row_and_changes_nothing_else(backend: Backend) {
+    let (db, store) = open(backend).await;
+    let key = record(WS, T0);
+    insert(&*store, &key).await;
+    let denied = |key_id: Option<String>, at: Micros| DeniedAudit {
+        workspace_id: WS.to_owned(),
+        key_id,
+        context: AuditContext {
+            actor_id: "user_low".to_owned(),
+            caller: "test-admin".to_owned(),
+            action: "key.update",
+            detail: "may not grant: admin".to_owned(),
+        },
+        occurred_at: at,
+    };
+    store
+        .record_denied(&denied(Some(key.key_id.clone()), T0 + S))
+        .await
+        .unwrap();
+    store
+        .record_denied(&denied(None, T0 + 2 * S))
+        .await
+        .unwrap();
+
+    let events = audit(&*store, WS).await;
+    assert_eq!(events.len(), 3);
+    for (event, key_id, at) in [
+        (&events[0], None, T0 + 2 * S),
+        (&events[1], Some(key.key_id.as_str()), T0 + S),
+    ] {
+        assert_eq!(event.outcome, AuditOutcome::Denied);
+        assert_eq!(event.key_id.as_deref(), key_id);
+        assert_eq!(event.workspace_id, WS);
+        assert_eq!(event.actor_id, "user_low");
+        assert_eq!(event.caller, "test-admin");
+        assert_eq!(event.action, "key.update");
+        assert_eq!(event.detail, "may not grant: admin");
+        assert_eq!(event.occurred_at, at);
+    }
+    assert_eq!(events[2].outcome, AuditOutcome::Success);
+    assert_eq!(store.get_key(&key.key_id).await.unwrap(), Some(key));
+    assert_eq!(db.count("SELECT COUNT(*) FROM key_secrets").await, 1);
+}
+
+async fn list_audit_pages_by_before_id(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    // Interleave another workspace, so this one's ids have gaps.
+    for i in 0..7 {
+        insert(&*store, &record(WS, T0 + i)).await;
+        insert(&*store, &record("ws_other", T0 + i)).await;
+    }
+    let all = audit(&*store, WS).await;
+    assert_eq!(all.len(), 7);
+    assert!(all.iter().all(|e| e.workspace_id == WS));
+
+    let mut seen = Vec::new();
+    let mut sizes = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store.list_audit(WS, 3, before).await.unwrap();
+        sizes.push(page.len());
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        seen.extend(page);
+        assert!(sizes.len() < 10, "paging does not end");
+    }
+    assert_eq!(sizes, [3, 3, 1, 0]);
+    assert_eq!(seen, all);
+
+    // A before_id between two events resumes right below it.
+    let mid = all[2].id;
+    let below: Vec<i64> = store
+        .list_audit(WS, 100, Some(mid))
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let expected: Vec<i64> = all[3..].iter().map(|e| e.id).collect();
+    assert_eq!(below, expected);
+}
+
+// ---------------------------------------------------------------------------------------
+// Atomicity and concurrency.
+
+async fn a_failed_insert_leaves_neither_the_key_nor_an_audit_row(backend: Backend) {
+    let (db, store) = open(backend).await;
+    let first = record(WS, T0);
+    let secret = insert(&*store, &first).await;
+
+    // The same secret hash for another key, in this workspace and another.
+    for ws in [WS, "ws_other"] {
+        let dup = record(ws, T0 + S);
+        let err = store
+            .insert_key(&dup, &secret, &ctx("key.issue"))
+            .await
+            .unwrap_err();
+        assert!(
+            !matches!(err, StoreError::NotFound | StoreError::Precondition(_)),
+            "{err:?}"
+        );
+        assert_eq!(store.get_key(&dup.key_id).await.unwrap(), None);
+        assert_eq!(
+            db.count(&format!(
+                "SELECT COUNT(*) FROM api_keys WHERE key_id = '{}'",
+                dup.key_id
+            ))
+            .await,
+            0
+        );
+    }
+    // The same key id with a new secret.
+    let other_secret = new_secret();
+    assert!(
+        store
+            .insert_key(&first, &other_secret, &ctx("key.issue"))
+            .await
+            .is_err()
+    );
+    assert!(store.find_secret(&other_secret).await.unwrap().is_none());
+
+    assert_eq!(
+        ids(&store.list_keys(&filter(WS, T0), 100, None).await.unwrap()),
+        std::slice::from_ref(&first.key_id)
+    );
+    assert_eq!(audit(&*store, WS).await.len(), 1);
+    assert!(audit(&*store, "ws_other").await.is_empty());
+    assert_eq!(all_audit_rows(&db).await, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM key_secrets").await, 1);
+    assert_eq!(
+        store.find_secret(&secret).await.unwrap().unwrap().key,
+        first
+    );
+}
+
+async fn concurrent_rotations_of_one_key_all_succeed_and_leave_one_current_secret(
+    backend: Backend,
+) {
+    let (db, store) = open(backend).await;
+    let key = record(WS, T0);
+    let original = insert(&*store, &key).await;
+    let now = T0 + S;
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            let key_id = key.key_id.clone();
+            let secret = new_secret();
+            let display = format!("kw_live_...{i:04}");
+            tokio::spawn(async move {
+                let r = store
+                    .rotate_key(&key_id, &secret, &display, 60 * S, now, &ctx("key.rotate"))
+                    .await;
+                (secret, display, r)
+            })
+        })
+        .collect();
+    let mut secrets = vec![(original, key.display.clone())];
+    for task in tasks {
+        let (secret, display, r) = task.await.unwrap();
+        let rotated = r.unwrap();
+        assert!(!rotated.stale_hashes.contains(&secret));
+        assert!(rotated.stale_hashes.contains(&original));
+        secrets.push((secret, display));
+    }
+
+    assert_eq!(secret_rows(&db, &key.key_id).await, 21);
+    assert_eq!(current_secret_rows(&db, &key.key_id).await, 1);
+    let current = store.get_key(&key.key_id).await.unwrap().unwrap();
+    let mut current_count = 0;
+    for (secret, display) in &secrets {
+        let found = store.find_secret(secret).await.unwrap().unwrap();
+        match found.valid_until {
+            None => {
+                current_count += 1;
+                // The key shows the display of its current secret.
+                assert_eq!(&current.display, display);
+            }
+            Some(until) => assert_eq!(until, now + 60 * S),
+        }
+    }
+    assert_eq!(current_count, 1);
+    assert_eq!(audit(&*store, WS).await.len(), 21);
+}
+
+async fn concurrent_revokes_and_rotations_leave_a_consistent_key(backend: Backend) {
+    let (db, store) = open(backend).await;
+    let key = record(WS, T0);
+    let original = insert(&*store, &key).await;
+    let now = T0 + S;
+
+    enum Outcome {
+        Revoked(String, KeyRecord),
+        Rotated(KeyHash, String, KeyRecord),
+        RefusedRevoked,
+    }
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            let key_id = key.key_id.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    let reason = format!("reason {i}");
+                    let changed = store
+                        .revoke_key(&key_id, &reason, now, &ctx("key.revoke"))
+                        .await
+                        .unwrap();
+                    Outcome::Revoked(reason, changed.key)
+                } else {
+                    let secret = new_secret();
+                    let display = format!("kw_live_...{i:04}");
+                    match store
+                        .rotate_key(&key_id, &secret, &display, 0, now, &ctx("key.rotate"))
+                        .await
+                    {
+                        Ok(rotated) => Outcome::Rotated(secret, display, rotated.key),
+                        Err(StoreError::Precondition(_)) => Outcome::RefusedRevoked,
+                        Err(e) => panic!("rotation {i} failed uncleanly: {e:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let mut reasons = Vec::new();
+    let mut rotated = Vec::new();
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Outcome::Revoked(reason, k) => {
+                assert_eq!(k.revoked_at, Some(now));
+                reasons.push((reason, k.revoke_reason.unwrap()));
+            }
+            Outcome::Rotated(secret, display, k) => {
+                assert_eq!(
+                    k.revoked_at, None,
+                    "a rotation that succeeded preceded the revoke"
+                );
+                rotated.push((secret, display));
+            }
+            Outcome::RefusedRevoked => refused += 1,
+        }
+    }
+    assert_eq!(reasons.len(), 10);
+    assert_eq!(rotated.len() + refused, 10);
+
+    // Every revoke reports the one that won.
+    let final_key = store.get_key(&key.key_id).await.unwrap().unwrap();
+    let winner = final_key.revoke_reason.clone().unwrap();
+    assert!(reasons.iter().any(|(asked, _)| *asked == winner));
+    assert!(reasons.iter().all(|(_, reported)| *reported == winner));
+    assert_eq!(final_key.revoked_at, Some(now));
+
+    assert_eq!(
+        secret_rows(&db, &key.key_id).await,
+        1 + rotated.len() as i64
+    );
+    assert_eq!(current_secret_rows(&db, &key.key_id).await, 1);
+    let mut current = Vec::new();
+    for (secret, display) in std::iter::once((original, key.display.clone())).chain(rotated.clone())
+    {
+        let found = store.find_secret(&secret).await.unwrap().unwrap();
+        if found.valid_until.is_none() {
+            current.push(display);
+        }
+    }
+    assert_eq!(current.len(), 1);
+    assert_eq!(final_key.display, current[0]);
+    assert_eq!(
+        audit(&*store, WS).await.len(),
+        1 + reasons.len() + rotated.len()
+    );
+}
+
+both_backends!(
+    insert_then_get_and_find_secret_round_trip_every_field,
+    get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none,
+    list_orders_newest_first_with_key_id_breaking_ties,
+    list_cursor_continues_after_the_cursor_without_gaps_or_repeats,
+    list_filters_by_owner_kind_and_id,
+    list_filters_by_status_as_of_the_filters_now,
+    list_is_confined_to_its_workspace_and_skips_deleted_keys,
+    update_applies_only_the_patched_fields_and_returns_every_secret_as_stale,
+    rotate_ends_the_old_secret_at_now_plus_grace_and_makes_the_new_one_current,
+    rotate_caps_the_old_secrets_end_at_the_keys_expiry,
+    rotating_twice_keeps_the_earlier_end_of_the_first_old_secret,
+    rotating_a_revoked_or_expired_key_is_a_precondition_and_leaves_nothing_behind,
+    revoke_sets_revoked_at_and_reason_once,
+    delete_hides_the_key_but_find_secret_still_returns_it_marked_deleted,
+    mutations_of_unknown_or_deleted_keys_are_not_found_and_write_nothing,
+    every_successful_mutation_writes_one_audit_row_newest_first,
+    record_denied_writes_a_denied_row_and_changes_nothing_else,
+    list_audit_pages_by_before_id,
+    a_failed_insert_leaves_neither_the_key_nor_an_audit_row,
+    concurrent_rotations_of_one_key_all_succeed_and_leave_one_current_secret,
+    concurrent_revokes_and_rotations_leave_a_consistent_key,
+);
