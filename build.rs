@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keywarden/v1/common.proto",
         "proto/keywarden/v1/keys.proto",
         "proto/keywarden/v1/verify.proto",
+        "proto/keywarden/v1/events.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("keywarden_descriptor.bin"))

@@ -20,6 +20,7 @@ use crate::api::auth::{CallerTokens, Role, TokenEntry};
 use crate::cache::CacheSizes;
 use crate::domain::key_format::{Brand, KeyHash};
 use crate::domain::scopes::ScopeImplications;
+use crate::events::EventSettings;
 
 /// The configuration as written by an operator.
 #[derive(Debug, Deserialize)]
@@ -37,6 +38,34 @@ pub struct Config {
     /// Caller tokens: who may call which service.
     pub tokens: Vec<TokenConfig>,
     pub cache: CacheConfig,
+    pub events: EventsConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Safety-net poll of the event log, in milliseconds.
+    pub poll_interval_ms: u64,
+    pub heartbeat_seconds: u64,
+    pub retention_hours: u64,
+    pub prune_interval_seconds: u64,
+    pub grace_sweep_interval_ms: u64,
+    /// Events a WatchRevocations subscriber may fall behind before it is ended.
+    pub subscriber_lag: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        let d = EventSettings::default();
+        EventsConfig {
+            poll_interval_ms: d.poll_interval.as_millis() as u64,
+            heartbeat_seconds: d.heartbeat_interval.as_secs(),
+            retention_hours: d.retention.as_secs() / 3600,
+            prune_interval_seconds: d.prune_interval.as_secs(),
+            grace_sweep_interval_ms: d.grace_sweep_interval.as_millis() as u64,
+            subscriber_lag: d.subscriber_lag,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +112,7 @@ impl Default for Config {
             scope_implications: HashMap::new(),
             tokens: Vec::new(),
             cache: CacheConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -153,6 +183,16 @@ impl Config {
                 negative_max_keys: self.cache.negative_max_keys,
                 negative_ttl: Duration::from_secs(self.cache.negative_ttl_seconds),
             },
+            events: EventSettings {
+                poll_interval: Duration::from_millis(self.events.poll_interval_ms.max(10)),
+                heartbeat_interval: Duration::from_secs(self.events.heartbeat_seconds.max(1)),
+                retention: Duration::from_secs(self.events.retention_hours.saturating_mul(3600)),
+                prune_interval: Duration::from_secs(self.events.prune_interval_seconds.max(1)),
+                grace_sweep_interval: Duration::from_millis(
+                    self.events.grace_sweep_interval_ms.max(10),
+                ),
+                subscriber_lag: self.events.subscriber_lag.max(16),
+            },
         })
     }
 }
@@ -160,7 +200,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 7] = [
+const SETTINGS: [&str; 8] = [
     "listen",
     "database_url",
     "database_max_connections",
@@ -168,6 +208,7 @@ const SETTINGS: [&str; 7] = [
     "scope_implications",
     "tokens",
     "cache",
+    "events",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -191,6 +232,7 @@ pub struct Settings {
     pub tokens: Arc<CallerTokens>,
     pub cache_enabled: bool,
     pub cache: CacheSizes,
+    pub events: EventSettings,
 }
 
 #[cfg(test)]

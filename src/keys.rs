@@ -16,6 +16,7 @@ use crate::domain::ids;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::scopes::ScopeImplications;
+use crate::events::EventHub;
 use crate::store::{
     AuditContext, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
     StoreError,
@@ -87,6 +88,7 @@ impl From<StoreError> for KeyError {
 pub struct KeyLifecycle {
     store: Arc<dyn Store>,
     cache: Arc<VerifyCache>,
+    events: Arc<EventHub>,
     clock: Clock,
     brand: Brand,
     implications: Arc<ScopeImplications>,
@@ -96,6 +98,7 @@ impl KeyLifecycle {
     pub fn new(
         store: Arc<dyn Store>,
         cache: Arc<VerifyCache>,
+        events: Arc<EventHub>,
         clock: Clock,
         brand: Brand,
         implications: Arc<ScopeImplications>,
@@ -103,6 +106,7 @@ impl KeyLifecycle {
         KeyLifecycle {
             store,
             cache,
+            events,
             clock,
             brand,
             implications,
@@ -348,10 +352,13 @@ impl KeyLifecycle {
         changed.key
     }
 
+    /// Drops this replica's cached entries at once, and wakes the event tailer so the
+    /// committed event reaches subscribers (and, through the log, every other replica).
     fn invalidate_all(&self, hashes: &[KeyHash]) {
         for hash in hashes {
             self.cache.invalidate(hash);
         }
+        self.events.wake();
     }
 }
 

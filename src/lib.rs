@@ -20,6 +20,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod keys;
 pub mod server;
 pub mod store;

@@ -122,6 +122,7 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
     config.database_url = Some(SecretString::from(format!("sqlite://{}", db.display())));
     let admin = generate_token()?;
     let verifier = generate_token()?;
+    let edge = generate_token()?;
     let mut settings = config.into_settings()?;
     settings.tokens = std::sync::Arc::new(settings.tokens.extended(vec![
         TokenEntry::new("dev-admin".into(), KeyHash::of(&admin), vec![Role::Admin]),
@@ -138,6 +139,7 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
     );
     println!("admin token: {admin}");
     println!("verifier token: {verifier}");
+    println!("edge token: {edge}");
     Ok(settings)
 }
 

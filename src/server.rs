@@ -13,12 +13,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::auth::{RequireRole, Role};
 use crate::api::keys::KeyApi;
+use crate::api::revocations::RevocationApi;
 use crate::api::verify::VerifyApi;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::events::EventHub;
 use crate::keys::KeyLifecycle;
 use crate::proto::key_service_server::KeyServiceServer;
+use crate::proto::revocation_service_server::RevocationServiceServer;
 use crate::proto::verify_service_server::VerifyServiceServer;
 use crate::store::{self, Store};
 use crate::verify::Verifier;
@@ -29,6 +32,8 @@ pub enum StartError {
     Store(#[from] store::OpenError),
     #[error("cannot listen: {0}")]
     Listen(#[from] std::io::Error),
+    #[error("cannot read the event log: {0}")]
+    Events(#[from] store::StoreError),
     #[error("cannot build reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -37,6 +42,7 @@ pub enum StartError {
 pub struct RunningServer {
     addr: SocketAddr,
     cache: Arc<VerifyCache>,
+    hub: Arc<EventHub>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -48,6 +54,10 @@ impl RunningServer {
 
     pub fn cache(&self) -> &VerifyCache {
         &self.cache
+    }
+
+    pub fn events(&self) -> &EventHub {
+        &self.hub
     }
 
     /// Stops accepting, lets in-flight calls finish, and returns when the server is down.
@@ -95,9 +105,17 @@ pub async fn start_with_store(
     } else {
         VerifyCache::disabled()
     });
+    let hub = EventHub::start(
+        store.clone(),
+        cache.clone(),
+        clock.clone(),
+        settings.events.clone(),
+    )
+    .await?;
     let lifecycle = Arc::new(KeyLifecycle::new(
         store.clone(),
         cache.clone(),
+        hub.clone(),
         clock.clone(),
         settings.brand.clone(),
         settings.implications.clone(),
@@ -142,17 +160,25 @@ pub async fn start_with_store(
         .add_service(VerifyServiceServer::with_interceptor(
             VerifyApi::new(verifier),
             RequireRole::new(settings.tokens.clone(), Role::Verifier),
+        ))
+        .add_service(RevocationServiceServer::with_interceptor(
+            RevocationApi::new(hub.clone()),
+            RequireRole::new(settings.tokens.clone(), Role::Edge),
         ));
+    let stopping = hub.clone();
     let task = tokio::spawn(router.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),
-        async {
+        async move {
             let _ = stopped.await;
+            // Streams never end on their own: end them so the graceful shutdown can finish.
+            stopping.shutdown();
         },
     ));
     tracing::info!(%addr, "keywarden serving");
     Ok(RunningServer {
         addr,
         cache,
+        hub,
         stop: Some(stop),
         task,
     })

@@ -20,6 +20,8 @@ pub enum Role {
     Admin,
     /// VerifyService: VerifyKey.
     Verifier,
+    /// RevocationService: WatchRevocations.
+    Edge,
 }
 
 impl Role {
@@ -27,6 +29,7 @@ impl Role {
         match self {
             Role::Admin => "admin",
             Role::Verifier => "verifier",
+            Role::Edge => "edge",
         }
     }
 }

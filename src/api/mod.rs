@@ -6,4 +6,5 @@ pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod keys;
+pub mod revocations;
 pub mod verify;

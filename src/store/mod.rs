@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use base64::Engine;
 
 use crate::domain::Micros;
+use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 
@@ -232,8 +233,25 @@ pub trait Store: Send + Sync + 'static {
         before_id: Option<i64>,
     ) -> Result<Vec<AuditRecord>, StoreError>;
 
+    /// Up to `limit` events with seq above `after_seq`, in seq (= commit) order.
+    async fn read_events(&self, after_seq: i64, limit: u32) -> Result<Vec<KeyEvent>, StoreError>;
+
+    async fn event_bounds(&self) -> Result<EventBounds, StoreError>;
+
+    /// Removes the events older than `older_than` (and only those); returns how many.
+    async fn prune_events(&self, older_than: Micros) -> Result<u64, StoreError>;
+
+    /// Appends a `Rotated` event for each replaced secret whose grace period ended by
+    /// `now` and was not announced yet (at most `limit`); returns how many.
+    async fn announce_grace_ends(&self, now: Micros, limit: u32) -> Result<usize, StoreError>;
+
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The Postgres pool, for LISTEN; `None` for stores that fan out in process.
+    fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
+        None
+    }
 }
 
 /// Opens the store a database URL names (`postgres://...` or `sqlite:...`) and runs its

@@ -37,4 +37,15 @@ impl PgStore {
     }
 }
 
-impl_store!(PgStore, sqlx::Postgres, " FOR UPDATE");
+/// The channel every replica LISTENs on; a notification means "read the log".
+pub const EVENTS_CHANNEL: &str = "keywarden_key_events";
+
+impl_store!(
+    PgStore,
+    sqlx::Postgres,
+    " FOR UPDATE",
+    "SELECT pg_notify('keywarden_key_events', '')",
+    fn postgres_pool(&self) -> Option<&PgPool> {
+        Some(&self.pool)
+    }
+);

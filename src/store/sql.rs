@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::domain::event::{EventKind, KeyEvent, split_hashes};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::{Environment, KeyHash};
 
@@ -134,6 +135,34 @@ pub(crate) fn hashes(rows: Vec<SecretRow>) -> Result<Vec<KeyHash>, StoreError> {
 }
 
 #[derive(sqlx::FromRow)]
+pub(crate) struct EventRow {
+    seq: i64,
+    kind: String,
+    key_id: String,
+    workspace_id: String,
+    key_hash: Vec<u8>,
+    stale_hashes: String,
+    occurred_at: i64,
+}
+
+impl TryFrom<EventRow> for KeyEvent {
+    type Error = StoreError;
+
+    fn try_from(r: EventRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("event {}: {what}", r.seq));
+        Ok(KeyEvent {
+            kind: EventKind::parse(&r.kind).ok_or_else(|| corrupt("kind"))?,
+            key_hash: KeyHash::from_slice(&r.key_hash).ok_or_else(|| corrupt("key_hash"))?,
+            stale_hashes: split_hashes(&r.stale_hashes).ok_or_else(|| corrupt("stale_hashes"))?,
+            seq: r.seq,
+            key_id: r.key_id,
+            workspace_id: r.workspace_id,
+            occurred_at: r.occurred_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
 pub(crate) struct AuditRow {
     id: i64,
     workspace_id: String,
@@ -178,9 +207,10 @@ impl TryFrom<AuditRow> for AuditRecord {
 /// field and an `async fn begin_write(&self) -> Result<sqlx::Transaction<'static, $db>,
 /// sqlx::Error>` method. `$lock` is appended to the statement that reads the key row
 /// a mutation changes (`" FOR UPDATE"` on Postgres; SQLite's write transactions are
-/// exclusive already).
+/// exclusive already). `$notify` is a statement run in every transaction that appends an
+/// event (Postgres: `pg_notify`, delivered at commit), or `""` for none.
 macro_rules! impl_store {
-    ($store:ty, $db:ty, $lock:literal) => {
+    ($store:ty, $db:ty, $lock:literal, $notify:literal $(, $extra:item)*) => {
         impl $store {
             async fn locked_key(
                 tx: &mut sqlx::Transaction<'static, $db>,
@@ -236,14 +266,69 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            /// Records a successful mutation's audit event and commits, returning what changed.
+            /// The hash of the key's current secret (the one without an end).
+            async fn current_hash(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                key_id: &str,
+            ) -> Result<crate::domain::key_format::KeyHash, crate::store::StoreError> {
+                let row: crate::store::sql::SecretRow = sqlx::query_as(
+                    "SELECT secret_hash FROM key_secrets WHERE key_id = $1 AND valid_until IS NULL",
+                )
+                .bind(key_id)
+                .fetch_one(&mut **tx)
+                .await?;
+                crate::store::sql::hashes(vec![row])?
+                    .pop()
+                    .ok_or_else(|| crate::store::StoreError::Corrupt("no current secret".into()))
+            }
+
+            /// Appends an event to the log, taking the next seq from the `event_log` row:
+            /// its lock is held until commit, so seq order is commit order.
+            async fn append_event(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                kind: crate::domain::event::EventKind,
+                key: &crate::domain::key::KeyRecord,
+                key_hash: &crate::domain::key_format::KeyHash,
+                stale: &[crate::domain::key_format::KeyHash],
+                now: i64,
+            ) -> Result<i64, crate::store::StoreError> {
+                let seq: i64 = sqlx::query_scalar(
+                    "UPDATE event_log SET head = head + 1 WHERE id = 1 RETURNING head",
+                )
+                .fetch_one(&mut **tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO key_events (seq, kind, key_id, workspace_id, key_hash, \
+                     stale_hashes, occurred_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(seq)
+                .bind(kind.as_str())
+                .bind(&key.key_id)
+                .bind(&key.workspace_id)
+                .bind(&key_hash.as_bytes()[..])
+                .bind(crate::domain::event::join_hashes(stale))
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+                if !$notify.is_empty() {
+                    sqlx::query($notify).execute(&mut **tx).await?;
+                }
+                Ok(seq)
+            }
+
+            /// Records a successful mutation's event (if any) and audit row, and commits,
+            /// returning what changed.
             async fn finish(
                 mut tx: sqlx::Transaction<'static, $db>,
                 key: crate::domain::key::KeyRecord,
                 ctx: &crate::store::AuditContext,
                 now: i64,
+                event: Option<(crate::domain::event::EventKind, crate::domain::key_format::KeyHash)>,
             ) -> Result<crate::store::Changed, crate::store::StoreError> {
                 let stale_hashes = Self::secret_hashes(&mut tx, &key.key_id).await?;
+                if let Some((kind, hash)) = event {
+                    Self::append_event(&mut tx, kind, &key, &hash, &stale_hashes, now).await?;
+                }
                 Self::write_audit(
                     &mut tx,
                     &key.workspace_id,
@@ -412,7 +497,9 @@ macro_rules! impl_store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-                Self::finish(tx, key, audit, now).await
+                let current = Self::current_hash(&mut tx, key_id).await?;
+                let event = Some((crate::domain::event::EventKind::Updated, current));
+                Self::finish(tx, key, audit, now, event).await
             }
 
             async fn rotate_key(
@@ -436,6 +523,7 @@ macro_rules! impl_store {
                     }
                     KeyStatus::Active => {}
                 }
+                let old = Self::current_hash(&mut tx, key_id).await?;
                 let until =
                     crate::domain::key::rotated_secret_valid_until(now, grace, key.expires_at);
                 // Every older secret stops at `until` at the latest; one already ending
@@ -469,7 +557,8 @@ macro_rules! impl_store {
                 .bind(&key.display)
                 .execute(&mut *tx)
                 .await?;
-                let changed = Self::finish(tx, key, audit, now).await?;
+                let event = Some((crate::domain::event::EventKind::Rotated, old));
+                let changed = Self::finish(tx, key, audit, now, event).await?;
                 Ok(crate::store::Rotated {
                     key: changed.key,
                     old_secret_valid_until: until,
@@ -490,7 +579,10 @@ macro_rules! impl_store {
             ) -> Result<crate::store::Changed, crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
                 let mut key = Self::locked_key(&mut tx, key_id).await?;
+                let mut event = None;
                 if key.revoked_at.is_none() {
+                    let current = Self::current_hash(&mut tx, key_id).await?;
+                    event = Some((crate::domain::event::EventKind::Revoked, current));
                     key.revoked_at = Some(now);
                     key.revoke_reason = Some(reason.to_owned());
                     key.updated_at = now;
@@ -504,7 +596,7 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Self::finish(tx, key, audit, now).await
+                Self::finish(tx, key, audit, now, event).await
             }
 
             async fn delete_key(
@@ -522,7 +614,9 @@ macro_rules! impl_store {
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
-                Self::finish(tx, key, audit, now).await
+                let current = Self::current_hash(&mut tx, key_id).await?;
+                let event = Some((crate::domain::event::EventKind::Deleted, current));
+                Self::finish(tx, key, audit, now, event).await
             }
 
             async fn record_denied(
@@ -562,10 +656,116 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
+            async fn read_events(
+                &self,
+                after_seq: i64,
+                limit: u32,
+            ) -> Result<Vec<crate::domain::event::KeyEvent>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::EventRow> = sqlx::query_as(
+                    "SELECT seq, kind, key_id, workspace_id, key_hash, stale_hashes, occurred_at \
+                     FROM key_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                )
+                .bind(after_seq)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn event_bounds(
+                &self,
+            ) -> Result<crate::domain::event::EventBounds, crate::store::StoreError> {
+                let (head, pruned_through): (i64, i64) =
+                    sqlx::query_as("SELECT head, pruned_through FROM event_log WHERE id = 1")
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(crate::domain::event::EventBounds {
+                    head,
+                    pruned_through,
+                })
+            }
+
+            async fn prune_events(&self, older_than: i64) -> Result<u64, crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                // Everything below the first event inside the window, and nothing else:
+                // an event newer than the window survives even if an older clock wrote it.
+                let (head,): (i64,) =
+                    sqlx::query_as(concat!("SELECT head FROM event_log WHERE id = 1", $lock))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let first_kept: Option<i64> =
+                    sqlx::query_scalar("SELECT MIN(seq) FROM key_events WHERE occurred_at >= $1")
+                        .bind(older_than)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                let through = first_kept.map_or(head, |s| s - 1);
+                let deleted = sqlx::query("DELETE FROM key_events WHERE seq <= $1")
+                    .bind(through)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query(
+                    "UPDATE event_log SET pruned_through = $1 WHERE id = 1 AND pruned_through < $1",
+                )
+                .bind(through)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(deleted)
+            }
+
+            async fn announce_grace_ends(
+                &self,
+                now: i64,
+                limit: u32,
+            ) -> Result<usize, crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let ended: Vec<(Vec<u8>, String)> = sqlx::query_as(
+                    "SELECT secret_hash, key_id FROM key_secrets WHERE valid_until IS NOT NULL \
+                     AND valid_until <= $1 AND end_announced = 0 ORDER BY valid_until LIMIT $2",
+                )
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut announced = 0;
+                for (hash, key_id) in ended {
+                    // Another replica may have announced it since the read: claim it first.
+                    let claimed = sqlx::query(
+                        "UPDATE key_secrets SET end_announced = 1 \
+                         WHERE secret_hash = $1 AND end_announced = 0",
+                    )
+                    .bind(&hash)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    let row: Option<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
+                        "SELECT ",
+                        crate::store::sql::key_columns!(),
+                        " FROM api_keys WHERE key_id = $1"
+                    ))
+                    .bind(&key_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let (Some(row), 1) = (row, claimed) else { continue };
+                    let key: crate::domain::key::KeyRecord = row.try_into()?;
+                    let hash = crate::store::sql::hashes(vec![crate::store::sql::SecretRow {
+                        secret_hash: hash,
+                    }])?;
+                    let kind = crate::domain::event::EventKind::Rotated;
+                    Self::append_event(&mut tx, kind, &key, &hash[0], &hash, now).await?;
+                    announced += 1;
+                }
+                tx.commit().await?;
+                Ok(announced)
+            }
+
             async fn ping(&self) -> Result<(), crate::store::StoreError> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
             }
+
+            $($extra)*
         }
     };
 }

@@ -46,4 +46,4 @@ impl SqliteStore {
     }
 }
 
-impl_store!(SqliteStore, sqlx::Sqlite, "");
+impl_store!(SqliteStore, sqlx::Sqlite, "", "");

@@ -220,6 +220,12 @@ pub fn test_settings(db: &TestDb) -> Settings {
         tokens: test_tokens(),
         cache_enabled: true,
         cache: CacheSizes::default(),
+        events: keywarden::events::EventSettings {
+            poll_interval: std::time::Duration::from_millis(200),
+            heartbeat_interval: std::time::Duration::from_secs(1),
+            grace_sweep_interval: std::time::Duration::from_millis(100),
+            ..Default::default()
+        },
     }
 }
 

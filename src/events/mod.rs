@@ -1,0 +1,217 @@
+//! The event log's reader on this replica, and the fan-out to its subscribers.
+//!
+//! One tailer task per replica reads `key_events` in seq order from where it last stood,
+//! invalidates this replica's VerifyKey cache for each event, then publishes the event
+//! to every WatchRevocations subscriber (a broadcast channel). It wakes on:
+//! - a local mutation (in process: the lifecycle calls [`EventHub::wake`] after commit),
+//! - a Postgres NOTIFY from any replica (`listen.rs`),
+//! - a periodic poll, the safety net for a lost notification or a dropped listener.
+//!
+//! Because seq order is commit order without gaps (see the migration), reading
+//! `seq > last` never skips an event.
+//!
+//! Two more periodic jobs run here: announcing the end of rotation grace periods, and
+//! pruning events older than the retention window.
+
+mod listen;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast, watch};
+
+use crate::cache::VerifyCache;
+use crate::clock::Clock;
+use crate::domain::event::KeyEvent;
+use crate::store::Store;
+
+/// How many events one read takes from the log.
+const READ_BATCH: u32 = 500;
+
+#[derive(Clone, Debug)]
+pub struct EventSettings {
+    /// The safety-net poll of the log.
+    pub poll_interval: Duration,
+    /// How often an idle WatchRevocations stream gets a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Events older than this are pruned.
+    pub retention: Duration,
+    pub prune_interval: Duration,
+    /// How often ended grace periods are looked for.
+    pub grace_sweep_interval: Duration,
+    /// Events a subscriber may fall behind before it is ended (told to resume).
+    pub subscriber_lag: usize,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        EventSettings {
+            poll_interval: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(10),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(600),
+            grace_sweep_interval: Duration::from_secs(1),
+            subscriber_lag: 4096,
+        }
+    }
+}
+
+pub struct EventHub {
+    store: Arc<dyn Store>,
+    cache: Arc<VerifyCache>,
+    clock: Clock,
+    settings: EventSettings,
+    /// The last seq this replica has applied and published.
+    published: AtomicI64,
+    live: broadcast::Sender<Arc<KeyEvent>>,
+    wake: Notify,
+    stop: watch::Sender<bool>,
+}
+
+impl EventHub {
+    /// Starts the tailer (from the log's current head), the LISTEN task on Postgres, the
+    /// grace-period sweeper and the pruner.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        cache: Arc<VerifyCache>,
+        clock: Clock,
+        settings: EventSettings,
+    ) -> Result<Arc<EventHub>, crate::store::StoreError> {
+        let head = store.event_bounds().await?.head;
+        let (live, _) = broadcast::channel(settings.subscriber_lag.max(16));
+        let (stop, _) = watch::channel(false);
+        let hub = Arc::new(EventHub {
+            store,
+            cache,
+            clock,
+            settings,
+            published: AtomicI64::new(head),
+            live,
+            wake: Notify::new(),
+            stop,
+        });
+        tokio::spawn(hub.clone().tail());
+        tokio::spawn(hub.clone().sweep_grace_ends());
+        tokio::spawn(hub.clone().prune());
+        if let Some(pool) = hub.store.postgres_pool() {
+            tokio::spawn(listen::run(pool.clone(), hub.clone()));
+        }
+        Ok(hub)
+    }
+
+    /// Asks the tailer to read the log now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The last seq this replica has published.
+    pub fn published(&self) -> i64 {
+        self.published.load(Ordering::SeqCst)
+    }
+
+    /// A receiver of every event published from now on, and the seq published so far
+    /// (every later event reaches the receiver).
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<KeyEvent>>, i64) {
+        let rx = self.live.subscribe();
+        (rx, self.published())
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.live.receiver_count()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &EventSettings {
+        &self.settings
+    }
+
+    /// Resolves when the server is shutting down.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Stops the background tasks and ends every stream.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    async fn tail(self: Arc<Self>) {
+        let mut stop = self.stopping();
+        let mut poll = tokio::time::interval(self.settings.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = poll.tick() => {}
+                _ = stop.changed() => return,
+            }
+            if let Err(e) = self.catch_up().await {
+                tracing::warn!(error = %e, "reading the event log failed; retrying at the next poll");
+            }
+        }
+    }
+
+    /// Applies and publishes every event after the last one published.
+    async fn catch_up(&self) -> Result<(), crate::store::StoreError> {
+        loop {
+            let events = self.store.read_events(self.published(), READ_BATCH).await?;
+            let full = events.len() == READ_BATCH as usize;
+            for event in events {
+                for hash in &event.stale_hashes {
+                    self.cache.invalidate(hash);
+                }
+                self.cache.invalidate(&event.key_hash);
+                let seq = event.seq;
+                // No subscriber is not an error.
+                let _ = self.live.send(Arc::new(event));
+                self.published.store(seq, Ordering::SeqCst);
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn sweep_grace_ends(self: Arc<Self>) {
+        let mut stop = self.stopping();
+        let mut tick = tokio::time::interval(self.settings.grace_sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            match self.store.announce_grace_ends(self.clock.now(), 100).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(secrets = n, "rotation grace periods ended");
+                    self.wake();
+                }
+                Err(e) => tracing::warn!(error = %e, "announcing ended grace periods failed"),
+            }
+        }
+    }
+
+    async fn prune(self: Arc<Self>) {
+        let mut stop = self.stopping();
+        let mut tick = tokio::time::interval(self.settings.prune_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let retention = i64::try_from(self.settings.retention.as_micros()).unwrap_or(i64::MAX);
+            let cutoff = self.clock.now().saturating_sub(retention);
+            match self.store.prune_events(cutoff).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "pruned the event log"),
+                Err(e) => tracing::warn!(error = %e, "pruning the event log failed"),
+            }
+        }
+    }
+}
