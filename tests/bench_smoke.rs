@@ -1,0 +1,96 @@
+//! The benchmark tool's own smoke test: a few hundred calls per scenario through the real
+//! binary, checking that it reports sane, non-zero figures and writes both reports. No
+//! figure is compared with a target here: performance is measured by `keywarden bench`,
+//! not asserted by tests.
+
+mod common;
+
+use std::process::Command;
+
+fn run_bench(extra: &[&str]) -> (serde_json::Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let md = dir.path().join("BENCHMARKS.md");
+    let output = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .args([
+            "bench",
+            "--duration",
+            "2",
+            "--keys",
+            "40",
+            "--max-requests",
+            "300",
+        ])
+        .args(["--concurrency", "4", "--connections", "1", "--no-h2load"])
+        .args(extra)
+        .arg("--out")
+        .arg(&json)
+        .arg("--markdown")
+        .arg(&md)
+        .env("KEYWARDEN_BENCH_POSTGRES_URL", common::postgres_admin_url())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bench failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (report, std::fs::read_to_string(&md).unwrap())
+}
+
+fn assert_sane(run: &serde_json::Value, scenario: &str, max_requests: u64) {
+    let r = &run[scenario];
+    assert!(r.is_object(), "{scenario} missing from {run}");
+    let requests = r["requests"].as_u64().unwrap();
+    assert!(requests > 0 && requests <= max_requests, "{scenario}: {r}");
+    assert_eq!(r["errors"].as_u64(), Some(0), "{scenario}: {r}");
+    assert!(r["throughput"].as_f64().unwrap() > 0.0, "{scenario}: {r}");
+    let (p50, p99, p999) = (
+        r["p50_us"].as_u64().unwrap(),
+        r["p99_us"].as_u64().unwrap(),
+        r["p999_us"].as_u64().unwrap(),
+    );
+    assert!(p50 > 0 && p50 <= p99 && p99 <= p999, "{scenario}: {r}");
+}
+
+#[test]
+fn the_bench_reports_sane_figures_on_sqlite() {
+    let (report, markdown) = run_bench(&["--store", "sqlite"]);
+    let run = &report["runs"][0];
+    for scenario in [
+        "issue",
+        "noop",
+        "verify_hit",
+        "verify_hit_half_load",
+        "verify_naive",
+    ] {
+        let max = if scenario == "issue" { 40 } else { 300 };
+        assert_sane(run, scenario, max);
+    }
+    assert!(
+        run["verify_miss"].is_null(),
+        "verify-miss runs on Postgres only"
+    );
+    assert!(markdown.contains("verify-hit / noop throughput"));
+    assert!(markdown.contains("| verify-hit |"));
+}
+
+#[test]
+fn the_bench_seeds_postgres_and_measures_misses() {
+    let (report, markdown) = run_bench(&[
+        "--store",
+        "postgres",
+        "--miss-keys",
+        "500",
+        "--mix",
+        "hit=80,miss=10,malformed=5,revoked=5",
+    ]);
+    let run = &report["runs"][0];
+    for scenario in ["noop", "verify_hit", "verify_naive", "verify_miss"] {
+        assert_sane(run, scenario, 500);
+    }
+    assert!(run["bytes_per_cached_key"].as_f64().is_some());
+    assert!(markdown.contains("verify-miss p99"));
+}
