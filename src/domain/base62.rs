@@ -23,14 +23,20 @@ pub fn random_string(len: usize) -> Result<String, getrandom::Error> {
 }
 
 /// Encodes `value` as exactly `width` base62 digits, most significant first.
-pub fn encode_fixed(mut value: u64, width: usize) -> String {
+pub fn encode_fixed(value: u64, width: usize) -> String {
     let mut digits = vec![b'0'; width];
-    for slot in digits.iter_mut().rev() {
+    encode_into(value, &mut digits);
+    // Every byte comes from ALPHABET, which is ASCII.
+    String::from_utf8_lossy(&digits).into_owned()
+}
+
+/// Encodes `value` into `out` as base62 digits, most significant first, without
+/// allocating (the hot path checks a checksum on every VerifyKey).
+pub fn encode_into(mut value: u64, out: &mut [u8]) {
+    for slot in out.iter_mut().rev() {
         *slot = ALPHABET[(value % 62) as usize];
         value /= 62;
     }
-    // Every byte comes from ALPHABET, which is ASCII.
-    String::from_utf8_lossy(&digits).into_owned()
 }
 
 pub fn is_base62(s: &str) -> bool {

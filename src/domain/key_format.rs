@@ -90,7 +90,8 @@ impl ApiKey {
         key.push('_');
         key.push_str(&secret);
         let checksum = checksum(&key);
-        key.push_str(&checksum);
+        // The checksum is base62, hence ASCII.
+        key.push_str(std::str::from_utf8(&checksum).unwrap_or_default());
         Ok(ApiKey(key))
     }
 
@@ -159,14 +160,16 @@ pub fn parse(brand: &Brand, key: &str) -> Result<ParsedKey, MalformedKey> {
         return Err(MalformedKey::BadBody);
     }
     let (signed, given) = key.split_at(key.len() - CHECKSUM_LEN);
-    if !bool::from(checksum(signed).as_bytes().ct_eq(given.as_bytes())) {
+    if !bool::from(checksum(signed).ct_eq(given.as_bytes())) {
         return Err(MalformedKey::BadChecksum);
     }
     Ok(ParsedKey { environment })
 }
 
-fn checksum(signed: &str) -> String {
-    base62::encode_fixed(u64::from(crc32fast::hash(signed.as_bytes())), CHECKSUM_LEN)
+fn checksum(signed: &str) -> [u8; CHECKSUM_LEN] {
+    let mut out = [0u8; CHECKSUM_LEN];
+    base62::encode_into(u64::from(crc32fast::hash(signed.as_bytes())), &mut out);
+    out
 }
 
 /// How a key is shown after its one-time reveal: `kw_live_...a1B2`.
