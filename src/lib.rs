@@ -11,6 +11,9 @@
 //! - [`verify`]: the VerifyKey hot path.
 //! - [`api`]: the tonic services, caller authentication, and the one mapping of errors
 //!   to gRPC statuses.
+//! - [`events`]: the per-replica event-log tailer and the WatchRevocations fan-out.
+//! - [`edge`]: the client library for edge nodes: [`edge::Verifier`], VerifyKey with a
+//!   local cache kept coherent by the revocation stream.
 //! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown.
 //! - [`bench`]: `keywarden bench`, the load generator and BENCHMARKS.md.
 
@@ -20,6 +23,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod edge;
 pub mod events;
 pub mod keys;
 pub mod server;

@@ -131,6 +131,7 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
             KeyHash::of(&verifier),
             vec![Role::Verifier],
         ),
+        TokenEntry::new("dev-edge".into(), KeyHash::of(&edge), vec![Role::Edge]),
     ]));
     println!("==> Keywarden is running in DEV MODE. Do not use it in production.");
     println!(

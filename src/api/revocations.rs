@@ -12,7 +12,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -106,35 +106,56 @@ impl Subscription {
         ))
     }
 
+    fn filtered_out(&self, event: &KeyEvent) -> bool {
+        self.workspace
+            .as_deref()
+            .is_some_and(|w| w != event.workspace_id)
+    }
+
     fn deliver(&mut self, event: &KeyEvent) -> Flow {
         if event.seq <= self.cursor {
             return Flow::Continue;
         }
-        self.cursor = event.seq;
-        if self
-            .workspace
-            .as_deref()
-            .is_some_and(|w| w != event.workspace_id)
-        {
+        if self.filtered_out(event) {
+            self.cursor = event.seq;
             return Flow::Continue;
         }
-        self.push(message(Message::Event(event_pb(event))))
+        // The cursor moves only once the event is queued: a subscriber told to resume
+        // (too slow) resumes from the last event it will actually receive.
+        let flow = self.push(message(Message::Event(event_pb(event))));
+        if let Flow::Continue = flow {
+            self.cursor = event.seq;
+        }
+        flow
     }
 
+    /// The cursor, not what the replica has published: an event published but not yet
+    /// taken from the live receiver has not been sent, and a heartbeat claims that the
+    /// subscriber has seen everything up to `head_seq`.
     fn heartbeat(&mut self) -> Flow {
-        let head = self.hub.published().max(self.cursor);
+        let head = self.cursor;
         self.push(message(Message::Heartbeat(proto::Heartbeat {
             head_seq: head,
             sent_at: Some(convert::timestamp(crate::clock::Clock::System.now())),
         })))
     }
 
+    fn shutting_down(&self) -> Flow {
+        let _ = self.out.try_send(Err(Status::unavailable(format!(
+            "server shutting down; resume with after_seq={}",
+            self.cursor
+        ))));
+        Flow::End
+    }
+
     async fn run(mut self, after_seq: i64) {
+        // Before anything else: a shutdown that begins while this stream is starting or
+        // replaying must still end it (`wait_for` sees a stop that already happened).
+        let mut stopping = self.hub.stopping();
         let (mut live, published) = self.hub.subscribe();
-        if let Flow::End = self.start(after_seq, published).await {
+        if let Flow::End = self.start(after_seq, published, &mut stopping).await {
             return;
         }
-        let mut stopping = self.hub.stopping();
         let mut heartbeat = tokio::time::interval(self.hub.settings().heartbeat_interval);
         heartbeat.reset();
         loop {
@@ -148,12 +169,7 @@ impl Subscription {
                     Err(broadcast::error::RecvError::Closed) => Flow::End,
                 },
                 _ = heartbeat.tick() => self.heartbeat(),
-                _ = stopping.changed() => {
-                    let _ = self.out.try_send(Err(Status::unavailable(format!(
-                        "server shutting down; resume with after_seq={}", self.cursor
-                    ))));
-                    Flow::End
-                }
+                _ = stopping.wait_for(|stop| *stop) => self.shutting_down(),
                 _ = self.out.closed() => Flow::End,
             };
             if let Flow::End = flow {
@@ -163,7 +179,12 @@ impl Subscription {
     }
 
     /// Replays the log after `after_seq`, or starts from now, or resets.
-    async fn start(&mut self, after_seq: i64, published: i64) -> Flow {
+    async fn start(
+        &mut self,
+        after_seq: i64,
+        published: i64,
+        stopping: &mut watch::Receiver<bool>,
+    ) -> Flow {
         if after_seq == 0 {
             self.cursor = published;
             return self.heartbeat();
@@ -193,27 +214,26 @@ impl Subscription {
                 return self.heartbeat();
             }
             for event in &events {
-                // The replay may outrun the queue: wait for room here (nothing else is
-                // waiting on this task yet) rather than calling the subscriber slow.
                 if event.seq <= self.cursor {
                     continue;
                 }
-                self.cursor = event.seq;
-                if self
-                    .workspace
-                    .as_deref()
-                    .is_some_and(|w| w != event.workspace_id)
-                {
+                if self.filtered_out(event) {
+                    self.cursor = event.seq;
                     continue;
                 }
-                if self
-                    .out
-                    .send(message(Message::Event(event_pb(event))))
-                    .await
-                    .is_err()
-                {
+                // The replay may outrun the queue: wait for room here (nothing else is
+                // waiting on this task yet) rather than calling the subscriber slow, but
+                // keep the last slot free for the status that ends the stream, and stop
+                // waiting when the server shuts down.
+                let room = tokio::select! {
+                    room = self.out.reserve_many(2) => room,
+                    _ = stopping.wait_for(|stop| *stop) => return self.shutting_down(),
+                };
+                let Some(slot) = room.ok().and_then(|mut r| r.next()) else {
                     return Flow::End;
-                }
+                };
+                slot.send(message(Message::Event(event_pb(event))));
+                self.cursor = event.seq;
             }
         }
     }

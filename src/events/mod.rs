@@ -165,10 +165,12 @@ impl EventHub {
                     self.cache.invalidate(hash);
                 }
                 self.cache.invalidate(&event.key_hash);
-                let seq = event.seq;
+                // Published before it is sent: a stream that subscribes in between and
+                // reads `published` as this seq also receives the event (and skips it as
+                // already covered); the other order would lose it for that stream.
+                self.published.store(event.seq, Ordering::SeqCst);
                 // No subscriber is not an error.
                 let _ = self.live.send(Arc::new(event));
-                self.published.store(seq, Ordering::SeqCst);
             }
             if !full {
                 return Ok(());

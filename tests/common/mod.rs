@@ -13,6 +13,7 @@ use keywarden::config::Settings;
 use keywarden::domain::key_format::{Brand, KeyHash};
 use keywarden::domain::scopes::ScopeImplications;
 use keywarden::proto::key_service_client::KeyServiceClient;
+use keywarden::proto::revocation_service_client::RevocationServiceClient;
 use keywarden::proto::verify_service_client::VerifyServiceClient;
 use keywarden::proto::{self, Actor, IssueKeyRequest, Owner, OwnerKind};
 use keywarden::server::RunningServer;
@@ -25,6 +26,8 @@ use tonic::{Request, Status};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const VERIFIER_TOKEN: &str = "test-verifier-token";
+/// A caller token with the `edge` role (RevocationService).
+pub const EDGE_TOKEN: &str = "test-edge-token";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -203,6 +206,11 @@ pub fn test_tokens() -> Arc<CallerTokens> {
             KeyHash::of(VERIFIER_TOKEN),
             vec![Role::Verifier],
         ),
+        TokenEntry::new(
+            "test-edge".into(),
+            KeyHash::of(EDGE_TOKEN),
+            vec![Role::Edge],
+        ),
     ]))
 }
 
@@ -244,6 +252,7 @@ impl tonic::service::Interceptor for Bearer {
 
 pub type AdminClient = KeyServiceClient<InterceptedService<Channel, Bearer>>;
 pub type VerifierClient = VerifyServiceClient<InterceptedService<Channel, Bearer>>;
+pub type EdgeClient = RevocationServiceClient<InterceptedService<Channel, Bearer>>;
 
 pub struct TestApp {
     pub db: TestDb,
@@ -298,6 +307,15 @@ impl TestApp {
         VerifyServiceClient::with_interceptor(self.channel.clone(), bearer(token))
     }
 
+    /// A RevocationService client with the `edge` token.
+    pub fn edge(&self) -> EdgeClient {
+        self.edge_with(EDGE_TOKEN)
+    }
+
+    pub fn edge_with(&self, token: &str) -> EdgeClient {
+        edge_client(self.channel.clone(), token)
+    }
+
     /// Issues a key with [`issue_request`] adjusted by `adjust`.
     pub async fn issue_with(
         &self,
@@ -335,6 +353,20 @@ impl TestApp {
             .into_inner()
             .events
     }
+}
+
+/// A RevocationService client over `channel` (e.g. to another replica) with `token`.
+pub fn edge_client(channel: Channel, token: &str) -> EdgeClient {
+    RevocationServiceClient::with_interceptor(channel, bearer(token))
+}
+
+/// A channel to a server started with `keywarden::server::start` (another replica).
+pub async fn channel_to(server: &RunningServer) -> Channel {
+    Channel::from_shared(format!("http://{}", server.addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 pub fn bearer(token: &str) -> Bearer {

@@ -1,0 +1,1085 @@
+//! The edge client library: [`Verifier`] answers VerifyKey from a local cache that the
+//! revocation stream keeps coherent.
+//!
+//! An edge node (a gateway, a sidecar) verifies every request it serves. Asking Keywarden
+//! each time costs a round trip; caching the answers is only safe if every revoke,
+//! rotation, update and deletion reaches the cache at once. [`Verifier::connect`] starts
+//! a background task that follows `RevocationService.WatchRevocations` and drops what
+//! each event makes stale; [`Verifier::verify`] wraps `VerifyService.VerifyKey` with the
+//! cache.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use keywarden::edge::{EdgeConfig, Verifier};
+//!
+//! let config = EdgeConfig::new("kwt_verifier...", "kwt_edge...");
+//! let verifier = Verifier::connect_to("http://127.0.0.1:50051", config)?;
+//! let answer = verifier.verify("kw_live_...", &["read".to_owned()]).await?;
+//! if answer.valid { /* serve the request */ }
+//! println!("{:?}", verifier.lag());
+//! verifier.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What is cached, and for how long
+//!
+//! - The cache key is the SHA-256 of the presented key ([`KeyHash::of`]) plus the sorted,
+//!   deduplicated required scopes. The plaintext key is never stored, logged or printed.
+//!   A scope list the server would refuse (the same check as VerifyKey's) bypasses the
+//!   cache, so the caller gets the server's `INVALID_ARGUMENT`.
+//! - Answers about a key that exists (`VALID`, `REVOKED`, `EXPIRED`,
+//!   `INSUFFICIENT_SCOPE`) are cached until an event about the key drops them, for at
+//!   most [`EdgeConfig::cache_ttl`] (a backstop), and never past the key's `expires_at`:
+//!   an answer about a key that expires within [`EXPIRY_SLACK`] is not served from the
+//!   cache, whatever its code (so a modest clock skew between the edge and the server
+//!   cannot keep an expired key valid).
+//! - `NOT_FOUND` and `MALFORMED` are cached by key hash for
+//!   [`EdgeConfig::negative_ttl`] (default 5 s; zero disables), in a separate bounded
+//!   map so a flood of invented keys cannot evict real answers. No event ever concerns
+//!   them, but neither can ever change in practice: a new secret is 190 random bits, so
+//!   a hash that matched nothing (or a deleted key, or a rotated-out secret) stays
+//!   unmatched; `MALFORMED` depends only on the key's text and the server's brand.
+//! - Errors (`INVALID_ARGUMENT`, `UNAVAILABLE`, ...) are never cached.
+//! - A rotated-out secret's grace period ends on the server's clock; the edge learns of
+//!   it from the event the server's grace sweeper sends (`events.grace_sweep_interval_ms`,
+//!   1 s by default), so it may accept the old secret that much longer.
+//! - With [`EdgeConfig::workspace`] set, the stream carries only that workspace's
+//!   events, so only answers about that workspace's keys are cached; other keys are
+//!   verified by the server every time.
+//!
+//! # Only while the stream is healthy
+//!
+//! The cache is served only while the stream is subscribed **and caught up**: after the
+//! first heartbeat (or reset) of the current stream, which says every event up to the
+//! log's head has been applied. While connecting, replaying, or disconnected, every
+//! call goes to the server (correctness over speed), and nothing is cached; the cached
+//! answers are kept (not served) so that a resume that replays the missed events can
+//! bring them back into use. A stream that went silent for [`EdgeConfig::idle_timeout`]
+//! (the server heartbeats every 10 s by default) counts as dead, which bounds how long a
+//! half-open connection could keep stale answers in use.
+//!
+//! # The background task
+//!
+//! For each event it drops the answers for `key_hash`, for each of `stale_key_hashes`,
+//! and for every hash it has cached under the event's `key_id` (an index kept at fill
+//! time); a `reset` flushes everything. It records the last seq (from events and from
+//! heartbeats' `head_seq`) and, when a stream ends for any reason, reconnects with
+//! exponential backoff and jitter ([`EdgeConfig::backoff_min`] doubling up to
+//! [`EdgeConfig::backoff_max`]) and resumes with `after_seq` = that seq, so no event is
+//! lost. When it cannot prove the gap is covered — the server answers `reset`, or it
+//! has no seq to resume from and must start "from now" — it flushes the cache before
+//! serving it again.
+//!
+//! A verify that misses takes a fill ticket (a generation) before calling the server,
+//! and its answer is cached only if no event, flush or disconnection happened in the
+//! meantime (the same guard as the server's own cache, [`crate::cache`]): an answer
+//! fetched before a revoke can never be written back after the revoke dropped it. The
+//! generation is one for the whole cache (an event names a key id and hashes, while a
+//! fill only learns its key id from the answer), so any event makes every fill then in
+//! flight lose: a few extra server calls, as events are rare next to verifies.
+//!
+//! # Replicas
+//!
+//! The stream and the VerifyKey calls share the [`Channel`], so with one endpoint (or
+//! an L4 load balancer) they reach the same replica, whose own cache is invalidated
+//! before it forwards an event. Behind a per-request (L7) balancer a verify may reach a
+//! replica that has not yet applied an event the edge already has; the answer would then
+//! be cached stale until the TTL. Point edge nodes at one connection, or keep the TTL
+//! short.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moka::sync::Cache;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::domain::key_format::KeyHash;
+use crate::domain::validate::Violations;
+use crate::proto;
+use crate::proto::revocation_service_client::RevocationServiceClient;
+use crate::proto::verify_service_client::VerifyServiceClient;
+use crate::proto::watch_revocations_response::Message;
+
+/// An answer about a key that expires within this much is not served from the cache.
+pub const EXPIRY_SLACK: Duration = Duration::from_secs(1);
+
+/// Distinct required-scope sets cached per key; more start the key's set afresh.
+const MAX_SCOPE_SETS_PER_KEY: usize = 32;
+
+/// How an edge node reaches Keywarden and sizes its cache.
+#[derive(Clone)]
+pub struct EdgeConfig {
+    /// A caller token with the `verifier` role (VerifyService).
+    pub verifier_token: SecretString,
+    /// A caller token with the `edge` role (RevocationService).
+    pub edge_token: SecretString,
+    /// Answers about existing keys kept at most (one per key hash and scope set).
+    pub cache_capacity: u64,
+    /// The longest an answer about an existing key is kept; a backstop, as events drop
+    /// answers as soon as they go stale.
+    pub cache_ttl: Duration,
+    /// How long `NOT_FOUND` and `MALFORMED` answers are kept; zero caches none.
+    pub negative_ttl: Duration,
+    /// The first reconnection delay; doubles up to `backoff_max` (with jitter: each
+    /// delay is drawn between half and all of the current step).
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// A stream silent for this long is dropped and resumed. Must exceed the server's
+    /// heartbeat interval (`events.heartbeat_seconds`, 10 s by default).
+    pub idle_timeout: Duration,
+    /// Follow only this workspace's events (and cache only its keys' answers).
+    pub workspace: Option<String>,
+}
+
+impl EdgeConfig {
+    /// The defaults: 100 000 answers for at most 5 minutes, negative answers for 5 s,
+    /// reconnecting after 100 ms doubling up to 10 s, a stream silent for 30 s is dead.
+    pub fn new(verifier_token: impl Into<String>, edge_token: impl Into<String>) -> Self {
+        EdgeConfig {
+            verifier_token: SecretString::from(verifier_token.into()),
+            edge_token: SecretString::from(edge_token.into()),
+            cache_capacity: 100_000,
+            cache_ttl: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            workspace: None,
+        }
+    }
+
+    fn check(&self) -> Result<(), EdgeError> {
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return Err(EdgeError::Config(
+                "backoff_min must be non-zero and at most backoff_max".into(),
+            ));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(EdgeError::Config("idle_timeout must be non-zero".into()));
+        }
+        if let Some(workspace) = &self.workspace {
+            let mut v = Violations::default();
+            v.workspace_id("workspace", workspace);
+            if let Some(violation) = v.0.first() {
+                return Err(EdgeError::Config(format!(
+                    "workspace {}",
+                    violation.description
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for EdgeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EdgeConfig")
+            .field("verifier_token", &"[redacted]")
+            .field("edge_token", &"[redacted]")
+            .field("cache_capacity", &self.cache_capacity)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("negative_ttl", &self.negative_ttl)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("workspace", &self.workspace)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("invalid edge configuration: {0}")]
+    Config(String),
+    #[error("invalid endpoint: {0}")]
+    Endpoint(#[from] tonic::transport::Error),
+    #[error("the edge Verifier must be started from within a Tokio runtime")]
+    NoRuntime,
+}
+
+/// How far behind the revocation stream the edge is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EdgeLag {
+    /// The last seq applied (from events, heartbeats and resets).
+    pub last_seq: i64,
+    /// The log's head as last reported by the server (never below `last_seq`).
+    pub head_seq: i64,
+    /// Since the last message of any kind (or since the start, before the first).
+    pub since_last_message: Duration,
+    /// Subscribed and caught up: the cache is in use.
+    pub connected: bool,
+}
+
+/// Counters since [`Verifier::connect`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EdgeStats {
+    /// Verifies answered from the cache.
+    pub hits: u64,
+    /// Verifies not answered from the cache (each is a server call).
+    pub misses: u64,
+    /// VerifyKey calls made to the server.
+    pub server_calls: u64,
+    /// Answers written to the cache.
+    pub fills: u64,
+    /// Events applied.
+    pub events: u64,
+    /// Whole-cache flushes (resets, and streams started "from now").
+    pub flushes: u64,
+    /// `reset` messages received.
+    pub resets: u64,
+    /// Streams opened (the first one and every reconnection).
+    pub streams: u64,
+}
+
+/// `authorization: Bearer <token>`, marked sensitive so that it is never logged or
+/// indexed by HPACK.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl Bearer {
+    fn new(token: &SecretString, which: &str) -> Result<Self, EdgeError> {
+        let mut value: MetadataValue<Ascii> =
+            format!("Bearer {}", token.expose_secret())
+                .parse()
+                .map_err(|_| EdgeError::Config(format!("{which} is not a valid header value")))?;
+        value.set_sensitive(true);
+        Ok(Bearer(value))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type VerifyClient = VerifyServiceClient<InterceptedService<Channel, Bearer>>;
+type WatchClient = RevocationServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A verifier for edge nodes: VerifyKey with a cache kept coherent by the revocation
+/// stream. See the [module documentation](self) for what is cached and when.
+///
+/// Dropping it stops the background task; [`Verifier::shutdown`] also waits for it.
+pub struct Verifier {
+    shared: Arc<Shared>,
+    client: VerifyClient,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verifier")
+            .field("lag", &self.lag())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// Starts following the revocation stream over `channel` (in the background: this
+    /// returns at once, and verifies go to the server until the stream has caught up).
+    /// Must be called from within a Tokio runtime.
+    pub fn connect(channel: Channel, config: EdgeConfig) -> Result<Verifier, EdgeError> {
+        config.check()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| EdgeError::NoRuntime)?;
+        let verify_auth = Bearer::new(&config.verifier_token, "verifier_token")?;
+        let edge_auth = Bearer::new(&config.edge_token, "edge_token")?;
+        let shared = Arc::new(Shared::new(&config));
+        let (stop, stopped) = watch::channel(false);
+        let task = runtime.spawn(follow(
+            shared.clone(),
+            RevocationServiceClient::with_interceptor(channel.clone(), edge_auth),
+            stopped,
+        ));
+        Ok(Verifier {
+            shared,
+            client: VerifyServiceClient::with_interceptor(channel, verify_auth),
+            stop,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// [`Verifier::connect`] over a channel to `url` (e.g. `http://127.0.0.1:50051`),
+    /// connected lazily: the edge starts even while the server is down.
+    pub fn connect_to(url: &str, config: EdgeConfig) -> Result<Verifier, EdgeError> {
+        tokio::runtime::Handle::try_current().map_err(|_| EdgeError::NoRuntime)?;
+        let channel = Endpoint::from_shared(url.to_owned())?.connect_lazy();
+        Verifier::connect(channel, config)
+    }
+
+    /// Verifies `key`: from the cache when the stream is healthy and the answer is
+    /// there, from the server otherwise. Errors are the server's (never cached).
+    pub async fn verify(
+        &self,
+        key: &str,
+        required_scopes: &[String],
+    ) -> Result<proto::VerifyKeyResponse, Status> {
+        let shared = &self.shared;
+        let hash = KeyHash::of(key);
+        // Scopes the server would refuse (INVALID_ARGUMENT) bypass the cache, so that the
+        // caller gets the server's error rather than a cached answer.
+        let scopes = scope_set(required_scopes);
+        let cached = scopes
+            .as_deref()
+            .and_then(|scopes| shared.cache.get(&hash, scopes));
+        if let Some(answer) = cached {
+            shared.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(answer);
+        }
+        shared.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let ticket = scopes
+            .is_some()
+            .then(|| shared.cache.begin_fill())
+            .flatten();
+        shared.stats.server_calls.fetch_add(1, Ordering::Relaxed);
+        let response = self
+            .client
+            .clone()
+            .verify_key(proto::VerifyKeyRequest {
+                key: key.to_owned(),
+                required_scopes: required_scopes.to_vec(),
+            })
+            .await?
+            .into_inner();
+        let filled = match (ticket, scopes) {
+            (Some(ticket), Some(scopes)) => {
+                shared.cache.complete_fill(ticket, hash, scopes, &response)
+            }
+            _ => false,
+        };
+        if filled {
+            shared.stats.fills.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(response)
+    }
+
+    /// Where the stream stands.
+    pub fn lag(&self) -> EdgeLag {
+        let shared = &self.shared;
+        let last_seq = shared.last_seq.load(Ordering::SeqCst);
+        EdgeLag {
+            last_seq,
+            head_seq: shared.head_seq.load(Ordering::SeqCst).max(last_seq),
+            since_last_message: lock(&shared.last_message).elapsed(),
+            connected: shared.cache.serving(),
+        }
+    }
+
+    pub fn stats(&self) -> EdgeStats {
+        let s = &self.shared.stats;
+        EdgeStats {
+            hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
+            server_calls: s.server_calls.load(Ordering::Relaxed),
+            fills: s.fills.load(Ordering::Relaxed),
+            events: s.events.load(Ordering::Relaxed),
+            flushes: s.flushes.load(Ordering::Relaxed),
+            resets: s.resets.load(Ordering::Relaxed),
+            streams: s.streams.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until the stream is subscribed and caught up (the cache in use), for at
+    /// most `timeout`. Returns whether it is.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut serving = self.shared.cache.serving_tx.subscribe();
+        matches!(
+            tokio::time::timeout(timeout, serving.wait_for(|s| *s)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Stops the background task and waits for it. Verifies still work afterwards, but
+    /// every one goes to the server.
+    pub async fn shutdown(&self) {
+        self.stop.send_replace(true);
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        self.shared.cache.set_serving(false);
+    }
+}
+
+/// The sorted, deduplicated scope list (the cache key's second half), or `None` when
+/// the server would refuse the list: the same check as VerifyKey's.
+fn scope_set(required: &[String]) -> Option<Box<[String]>> {
+    if required.is_empty() {
+        return Some(Box::default());
+    }
+    let mut v = Violations::default();
+    let scopes = v.scopes("required_scopes", required);
+    v.is_empty().then(|| scopes.into_boxed_slice())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another thread panicked while holding it; what it
+    // guards is always consistent here.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    server_calls: AtomicU64,
+    fills: AtomicU64,
+    events: AtomicU64,
+    flushes: AtomicU64,
+    resets: AtomicU64,
+    streams: AtomicU64,
+}
+
+/// What the verifier and the background task share.
+struct Shared {
+    cache: EdgeCache,
+    stats: Counters,
+    last_seq: AtomicI64,
+    head_seq: AtomicI64,
+    last_message: Mutex<Instant>,
+    workspace: Option<String>,
+    backoff_min: Duration,
+    backoff_max: Duration,
+    idle_timeout: Duration,
+}
+
+impl Shared {
+    fn new(config: &EdgeConfig) -> Self {
+        Shared {
+            cache: EdgeCache::new(config),
+            stats: Counters::default(),
+            last_seq: AtomicI64::new(0),
+            head_seq: AtomicI64::new(0),
+            last_message: Mutex::new(Instant::now()),
+            workspace: config.workspace.clone(),
+            backoff_min: config.backoff_min,
+            backoff_max: config.backoff_max,
+            idle_timeout: config.idle_timeout,
+        }
+    }
+
+    fn flush(&self) {
+        self.cache.flush();
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn apply_event(&self, event: &proto::KeyEvent) {
+        let mut hashes = Vec::with_capacity(1 + event.stale_key_hashes.len());
+        for hex_hash in std::iter::once(&event.key_hash).chain(&event.stale_key_hashes) {
+            if hex_hash.is_empty() {
+                continue;
+            }
+            match hex::decode(hex_hash)
+                .ok()
+                .and_then(|b| KeyHash::from_slice(&b))
+            {
+                Some(hash) => hashes.push(hash),
+                None => {
+                    // Cannot tell what to drop: drop everything.
+                    tracing::warn!(
+                        seq = event.seq,
+                        "event with an unreadable key hash; flushing the edge cache"
+                    );
+                    self.flush();
+                }
+            }
+        }
+        self.cache.invalidate(&hashes, &event.key_id);
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        self.last_seq.fetch_max(event.seq, Ordering::SeqCst);
+        self.head_seq.fetch_max(event.seq, Ordering::SeqCst);
+    }
+}
+
+/// Why a stream ended.
+enum StreamEnd {
+    /// The call was refused, or the stream ended with a status.
+    Status(Status),
+    /// The server closed the stream without a status.
+    Closed,
+    /// Nothing arrived for `idle_timeout`.
+    Silent,
+    /// The verifier is stopping.
+    Stopping,
+}
+
+/// The background task: follow the stream, and when it ends, back off and resume.
+async fn follow(shared: Arc<Shared>, mut client: WatchClient, mut stop: watch::Receiver<bool>) {
+    let mut step = shared.backoff_min;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let (end, caught_up) = tokio::select! {
+            outcome = subscribe(&shared, &mut client) => outcome,
+            _ = stop.changed() => (StreamEnd::Stopping, false),
+        };
+        shared.cache.set_serving(false);
+        match &end {
+            StreamEnd::Stopping => break,
+            StreamEnd::Status(status) => tracing::warn!(
+                code = ?status.code(),
+                message = status.message(),
+                last_seq = shared.last_seq.load(Ordering::SeqCst),
+                "revocation stream ended; the edge cache is bypassed until it resumes"
+            ),
+            StreamEnd::Closed => tracing::warn!(
+                last_seq = shared.last_seq.load(Ordering::SeqCst),
+                "revocation stream closed by the server; resuming"
+            ),
+            StreamEnd::Silent => tracing::warn!(
+                last_seq = shared.last_seq.load(Ordering::SeqCst),
+                idle_timeout = ?shared.idle_timeout,
+                "revocation stream silent for too long; resuming"
+            ),
+        }
+        if caught_up {
+            // The stream worked: start the backoff over.
+            step = shared.backoff_min;
+        }
+        let delay = jittered(step);
+        step = step.saturating_mul(2).min(shared.backoff_max);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    shared.cache.set_serving(false);
+}
+
+/// Half of `step` plus a random part of the other half.
+fn jittered(step: Duration) -> Duration {
+    let half = step / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    let random = getrandom::u64().unwrap_or(0);
+    half + Duration::from_nanos(random.checked_rem(nanos.saturating_add(1)).unwrap_or(0))
+}
+
+/// One stream, from subscribing to its end. Returns why it ended and whether it had
+/// caught up.
+async fn subscribe(shared: &Shared, client: &mut WatchClient) -> (StreamEnd, bool) {
+    let after_seq = shared.last_seq.load(Ordering::SeqCst);
+    shared.stats.streams.fetch_add(1, Ordering::Relaxed);
+    let request = proto::WatchRevocationsRequest {
+        after_seq,
+        workspace_id: shared.workspace.clone().unwrap_or_default(),
+    };
+    let mut stream =
+        match tokio::time::timeout(shared.idle_timeout, client.watch_revocations(request)).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return (StreamEnd::Status(status), false),
+            Err(_) => return (StreamEnd::Silent, false),
+        };
+    let mut caught_up = false;
+    loop {
+        let message = match tokio::time::timeout(shared.idle_timeout, stream.message()).await {
+            Ok(Ok(Some(response))) => response.message,
+            Ok(Ok(None)) => return (StreamEnd::Closed, caught_up),
+            Ok(Err(status)) => return (StreamEnd::Status(status), caught_up),
+            Err(_) => return (StreamEnd::Silent, caught_up),
+        };
+        *lock(&shared.last_message) = Instant::now();
+        match message {
+            Some(Message::Event(event)) => shared.apply_event(&event),
+            Some(Message::Heartbeat(heartbeat)) => {
+                shared
+                    .head_seq
+                    .fetch_max(heartbeat.head_seq, Ordering::SeqCst);
+                shared
+                    .last_seq
+                    .fetch_max(heartbeat.head_seq, Ordering::SeqCst);
+                if !caught_up {
+                    if after_seq == 0 {
+                        // Started "from now": whatever happened before is not covered.
+                        shared.flush();
+                    }
+                    caught_up = true;
+                    shared.cache.set_serving(true);
+                    tracing::info!(
+                        after_seq,
+                        head_seq = heartbeat.head_seq,
+                        "revocation stream caught up; the edge cache is in use"
+                    );
+                }
+            }
+            Some(Message::Reset(reset)) => {
+                // The cursor is beyond the log's retention (or from another log): the
+                // gap cannot be replayed. Flush, and continue from the server's seq.
+                shared.flush();
+                shared.stats.resets.fetch_add(1, Ordering::Relaxed);
+                shared.last_seq.store(reset.seq, Ordering::SeqCst);
+                shared.head_seq.store(reset.seq, Ordering::SeqCst);
+                tracing::warn!(
+                    after_seq,
+                    seq = reset.seq,
+                    "revocation stream reset; flushed the edge cache"
+                );
+                if !caught_up {
+                    caught_up = true;
+                    shared.cache.set_serving(true);
+                }
+            }
+            // A message kind this client does not know: nothing to do.
+            None => {}
+        }
+    }
+}
+
+/// One key hash's cached answers, by scope set. Replaced whole (copy on write).
+struct HashAnswers {
+    key_id: String,
+    answers: HashMap<Box<[String]>, CachedAnswer>,
+}
+
+#[derive(Clone)]
+struct CachedAnswer {
+    response: Arc<proto::VerifyKeyResponse>,
+    cached_at: Instant,
+    /// Unix microseconds; the answer is not served from `expires_at - EXPIRY_SLACK` on.
+    serve_until: Option<i64>,
+}
+
+/// Proof of the generation a fill started at.
+#[must_use]
+struct FillTicket {
+    generation: u64,
+}
+
+struct Guard {
+    generation: u64,
+    serving: bool,
+}
+
+/// The edge's cache. Reads go straight to moka. Fills check the generation and insert
+/// under the guard's read lock; invalidations, flushes and losing the stream bump it
+/// under the write lock, so a check-and-insert and a bump-and-remove never interleave.
+struct EdgeCache {
+    found: Cache<KeyHash, Arc<HashAnswers>>,
+    missing: Option<Cache<KeyHash, Arc<proto::VerifyKeyResponse>>>,
+    /// key_id → the hashes cached for it, to drop them all on an event about the key.
+    by_key_id: Mutex<KeyIndex>,
+    guard: RwLock<Guard>,
+    /// `guard.serving`, readable without a lock on the hot path.
+    serving: AtomicBool,
+    serving_tx: watch::Sender<bool>,
+    ttl: Duration,
+    capacity: u64,
+    workspace: Option<String>,
+}
+
+#[derive(Default)]
+struct KeyIndex {
+    hashes: HashMap<String, HashSet<KeyHash>>,
+    /// Prune entries whose hashes left the cache when the index grows past this.
+    prune_at: usize,
+}
+
+enum Kind {
+    Found,
+    Missing,
+    Uncacheable,
+}
+
+impl EdgeCache {
+    fn new(config: &EdgeConfig) -> Self {
+        let missing = (!config.negative_ttl.is_zero()).then(|| {
+            Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .time_to_live(config.negative_ttl)
+                .build()
+        });
+        EdgeCache {
+            found: Cache::builder()
+                .max_capacity(config.cache_capacity)
+                .weigher(|_, v: &Arc<HashAnswers>| {
+                    u32::try_from(v.answers.len()).unwrap_or(u32::MAX)
+                })
+                .time_to_live(config.cache_ttl)
+                .build(),
+            missing,
+            by_key_id: Mutex::new(KeyIndex {
+                hashes: HashMap::new(),
+                prune_at: 1024,
+            }),
+            guard: RwLock::new(Guard {
+                generation: 0,
+                serving: false,
+            }),
+            serving: AtomicBool::new(false),
+            serving_tx: watch::channel(false).0,
+            ttl: config.cache_ttl,
+            capacity: config.cache_capacity,
+            workspace: config.workspace.clone(),
+        }
+    }
+
+    fn serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+
+    fn get(&self, hash: &KeyHash, scopes: &[String]) -> Option<proto::VerifyKeyResponse> {
+        if !self.serving() {
+            return None;
+        }
+        if let Some(entry) = self.found.get(hash) {
+            let answer = entry.answers.get(scopes)?;
+            let fresh = answer.cached_at.elapsed() < self.ttl
+                && answer.serve_until.is_none_or(|until| now_micros() < until);
+            return fresh.then(|| (*answer.response).clone());
+        }
+        self.missing
+            .as_ref()
+            .and_then(|m| m.get(hash))
+            .map(|answer| (*answer).clone())
+    }
+
+    /// Call before asking the server; `None` while the cache is not in use.
+    fn begin_fill(&self) -> Option<FillTicket> {
+        let guard = self.guard.read().unwrap_or_else(PoisonError::into_inner);
+        guard.serving.then_some(FillTicket {
+            generation: guard.generation,
+        })
+    }
+
+    /// Caches the server's answer unless the stream lost health or anything was
+    /// invalidated since the ticket was taken. Returns whether it was cached.
+    fn complete_fill(
+        &self,
+        ticket: FillTicket,
+        hash: KeyHash,
+        scopes: Box<[String]>,
+        response: &proto::VerifyKeyResponse,
+    ) -> bool {
+        let kind = self.kind(response);
+        if matches!(kind, Kind::Uncacheable) {
+            return false;
+        }
+        let guard = self.guard.read().unwrap_or_else(PoisonError::into_inner);
+        if !guard.serving || guard.generation != ticket.generation {
+            return false;
+        }
+        match kind {
+            Kind::Uncacheable => false,
+            Kind::Missing => match &self.missing {
+                Some(missing) => {
+                    missing.insert(hash, Arc::new(response.clone()));
+                    true
+                }
+                None => false,
+            },
+            Kind::Found => {
+                let answer = CachedAnswer {
+                    response: Arc::new(response.clone()),
+                    cached_at: Instant::now(),
+                    serve_until: response.expires_at.as_ref().map(|t| {
+                        let slack = i64::try_from(EXPIRY_SLACK.as_micros()).unwrap_or(i64::MAX);
+                        t.seconds
+                            .saturating_mul(1_000_000)
+                            .saturating_add(i64::from(t.nanos / 1000))
+                            .saturating_sub(slack)
+                    }),
+                };
+                let key_id = response.key_id.clone();
+                self.found.entry(hash).and_upsert_with(|existing| {
+                    let mut answers = match existing {
+                        Some(e)
+                            if e.value().key_id == key_id
+                                && e.value().answers.len() < MAX_SCOPE_SETS_PER_KEY =>
+                        {
+                            e.value().answers.clone()
+                        }
+                        _ => HashMap::new(),
+                    };
+                    answers.insert(scopes, answer);
+                    Arc::new(HashAnswers {
+                        key_id: key_id.clone(),
+                        answers,
+                    })
+                });
+                self.index(key_id, hash);
+                true
+            }
+        }
+    }
+
+    fn kind(&self, response: &proto::VerifyKeyResponse) -> Kind {
+        use proto::VerifyCode as C;
+        match C::try_from(response.code) {
+            Ok(C::Valid | C::Revoked | C::Expired | C::InsufficientScope)
+                if !response.key_id.is_empty()
+                    && self
+                        .workspace
+                        .as_deref()
+                        .is_none_or(|w| w == response.workspace_id) =>
+            {
+                Kind::Found
+            }
+            Ok(C::NotFound | C::Malformed) => Kind::Missing,
+            _ => Kind::Uncacheable,
+        }
+    }
+
+    fn index(&self, key_id: String, hash: KeyHash) {
+        let mut index = lock(&self.by_key_id);
+        index.hashes.entry(key_id).or_default().insert(hash);
+        if index.hashes.len() > index.prune_at {
+            let found = &self.found;
+            index.hashes.retain(|_, hashes| {
+                hashes.retain(|h| found.contains_key(h));
+                !hashes.is_empty()
+            });
+            let floor = usize::try_from(self.capacity)
+                .unwrap_or(usize::MAX)
+                .min(1024);
+            index.prune_at = index.hashes.len().saturating_mul(2).max(floor);
+        }
+    }
+
+    /// Drops every answer for `hashes` and for the hashes indexed under `key_id`, and
+    /// makes every fill that started before lose.
+    fn invalidate(&self, hashes: &[KeyHash], key_id: &str) {
+        let mut guard = self.guard.write().unwrap_or_else(PoisonError::into_inner);
+        guard.generation = guard.generation.wrapping_add(1);
+        let indexed = lock(&self.by_key_id).hashes.remove(key_id);
+        for hash in hashes.iter().chain(indexed.iter().flatten()) {
+            self.found.invalidate(hash);
+            if let Some(missing) = &self.missing {
+                missing.invalidate(hash);
+            }
+        }
+        drop(guard);
+    }
+
+    fn flush(&self) {
+        let mut guard = self.guard.write().unwrap_or_else(PoisonError::into_inner);
+        guard.generation = guard.generation.wrapping_add(1);
+        self.found.invalidate_all();
+        if let Some(missing) = &self.missing {
+            missing.invalidate_all();
+        }
+        lock(&self.by_key_id).hashes.clear();
+        drop(guard);
+    }
+
+    /// In use (caught up) or not (connecting, replaying, disconnected). Losing health
+    /// makes every fill in flight lose.
+    fn set_serving(&self, serving: bool) {
+        let mut guard = self.guard.write().unwrap_or_else(PoisonError::into_inner);
+        if !serving {
+            guard.generation = guard.generation.wrapping_add(1);
+        }
+        guard.serving = serving;
+        self.serving.store(serving, Ordering::SeqCst);
+        drop(guard);
+        self.serving_tx.send_replace(serving);
+    }
+}
+
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> EdgeConfig {
+        EdgeConfig::new("verifier-secret", "edge-secret")
+    }
+
+    fn serving_cache() -> EdgeCache {
+        let cache = EdgeCache::new(&config());
+        cache.set_serving(true);
+        cache
+    }
+
+    fn found(key_id: &str, code: proto::VerifyCode) -> proto::VerifyKeyResponse {
+        proto::VerifyKeyResponse {
+            valid: code == proto::VerifyCode::Valid,
+            code: code as i32,
+            key_id: key_id.to_owned(),
+            workspace_id: "ws".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn scopes(s: &[&str]) -> Box<[String]> {
+        scope_set(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[allow(dead_code)]
+    fn the_verifier_can_be_shared_across_tasks(v: std::sync::Arc<Verifier>) {
+        fn send_sync<T: Send + Sync>(_: &T) {}
+        fn send<T: Send>(_: T) {}
+        send_sync(&v);
+        send(async move { v.verify("k", &[]).await });
+    }
+
+    #[test]
+    fn debug_redacts_the_tokens() {
+        let printed = format!("{:?}", config());
+        assert!(!printed.contains("verifier-secret"), "{printed}");
+        assert!(!printed.contains("edge-secret"), "{printed}");
+        assert!(printed.contains("[redacted]"));
+    }
+
+    #[test]
+    fn the_scope_key_ignores_order_and_duplicates() {
+        assert_eq!(
+            scopes(&["write", "read", "read"]),
+            scopes(&["read", "write"])
+        );
+        // What the server refuses is never looked up.
+        assert_eq!(scope_set(&["Not A Scope".to_owned()]), None);
+        assert_eq!(scope_set(&vec!["read".to_owned(); 1000]), None);
+    }
+
+    #[test]
+    fn a_fill_hits_for_the_same_scopes_only() {
+        let cache = serving_cache();
+        let h = KeyHash::of("k");
+        let t = cache.begin_fill().unwrap();
+        let answer = found("key_1", proto::VerifyCode::Valid);
+        assert!(cache.complete_fill(t, h, scopes(&["read"]), &answer));
+        assert_eq!(cache.get(&h, &scopes(&["read"])), Some(answer));
+        assert_eq!(cache.get(&h, &scopes(&["write"])), None);
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_loses() {
+        let cache = serving_cache();
+        let h = KeyHash::of("k");
+        let t = cache.begin_fill().unwrap();
+        cache.invalidate(&[h], "key_1");
+        let stale = found("key_1", proto::VerifyCode::Valid);
+        assert!(!cache.complete_fill(t, h, scopes(&[]), &stale));
+        assert_eq!(cache.get(&h, &scopes(&[])), None);
+    }
+
+    #[test]
+    fn a_fill_across_a_disconnection_loses_and_nothing_is_served_meanwhile() {
+        let cache = serving_cache();
+        let h = KeyHash::of("k");
+        let t = cache.begin_fill().unwrap();
+        let answer = found("key_1", proto::VerifyCode::Valid);
+        assert!(cache.complete_fill(t, h, scopes(&[]), &answer));
+        let t = cache.begin_fill().unwrap();
+        cache.set_serving(false);
+        assert_eq!(cache.get(&h, &scopes(&[])), None);
+        assert!(cache.begin_fill().is_none());
+        cache.set_serving(true);
+        assert!(!cache.complete_fill(t, KeyHash::of("other"), scopes(&[]), &answer));
+        // Kept while disconnected, served again once caught up.
+        assert_eq!(cache.get(&h, &scopes(&[])), Some(answer));
+    }
+
+    #[test]
+    fn an_event_drops_by_key_id_too() {
+        let cache = serving_cache();
+        let (a, b) = (KeyHash::of("a"), KeyHash::of("b"));
+        for h in [a, b] {
+            let t = cache.begin_fill().unwrap();
+            assert!(cache.complete_fill(
+                t,
+                h,
+                scopes(&[]),
+                &found("key_1", proto::VerifyCode::Valid)
+            ));
+        }
+        cache.invalidate(&[], "key_1");
+        assert_eq!(cache.get(&a, &scopes(&[])), None);
+        assert_eq!(cache.get(&b, &scopes(&[])), None);
+    }
+
+    #[test]
+    fn an_expired_answer_is_not_served() {
+        let cache = serving_cache();
+        let h = KeyHash::of("k");
+        let mut answer = found("key_1", proto::VerifyCode::Valid);
+        answer.expires_at = Some(prost_types::Timestamp {
+            seconds: now_micros() / 1_000_000 - 1,
+            nanos: 0,
+        });
+        let t = cache.begin_fill().unwrap();
+        assert!(cache.complete_fill(t, h, scopes(&[]), &answer));
+        assert_eq!(cache.get(&h, &scopes(&[])), None);
+        answer.expires_at = Some(prost_types::Timestamp {
+            seconds: now_micros() / 1_000_000 + 3600,
+            nanos: 0,
+        });
+        let t = cache.begin_fill().unwrap();
+        assert!(cache.complete_fill(t, h, scopes(&[]), &answer));
+        assert_eq!(cache.get(&h, &scopes(&[])), Some(answer));
+    }
+
+    #[test]
+    fn negative_answers_are_cached_by_hash_and_errors_not_at_all() {
+        let cache = serving_cache();
+        let h = KeyHash::of("nope");
+        let missing = proto::VerifyKeyResponse {
+            code: proto::VerifyCode::NotFound as i32,
+            ..Default::default()
+        };
+        let t = cache.begin_fill().unwrap();
+        assert!(cache.complete_fill(t, h, scopes(&["read"]), &missing));
+        assert_eq!(cache.get(&h, &scopes(&["write"])), Some(missing));
+        let unspecified = proto::VerifyKeyResponse::default();
+        let t = cache.begin_fill().unwrap();
+        assert!(!cache.complete_fill(t, KeyHash::of("x"), scopes(&[]), &unspecified));
+    }
+
+    #[test]
+    fn with_a_workspace_filter_other_workspaces_are_not_cached() {
+        let mut c = config();
+        c.workspace = Some("ws_other".into());
+        let cache = EdgeCache::new(&c);
+        cache.set_serving(true);
+        let t = cache.begin_fill().unwrap();
+        assert!(!cache.complete_fill(
+            t,
+            KeyHash::of("k"),
+            scopes(&[]),
+            &found("key_1", proto::VerifyCode::Valid)
+        ));
+    }
+
+    #[test]
+    fn a_flush_drops_everything() {
+        let cache = serving_cache();
+        let h = KeyHash::of("k");
+        let t = cache.begin_fill().unwrap();
+        assert!(cache.complete_fill(
+            t,
+            h,
+            scopes(&[]),
+            &found("key_1", proto::VerifyCode::Revoked)
+        ));
+        cache.flush();
+        assert_eq!(cache.get(&h, &scopes(&[])), None);
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_all_of_the_step() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_millis(200));
+            assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(200));
+        }
+    }
+}
