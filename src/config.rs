@@ -52,6 +52,8 @@ pub struct EventsConfig {
     pub grace_sweep_interval_ms: u64,
     /// Events a WatchRevocations subscriber may fall behind before it is ended.
     pub subscriber_lag: usize,
+    /// LISTEN for Postgres notifications (off behind a transaction-pooling proxy).
+    pub listen: bool,
 }
 
 impl Default for EventsConfig {
@@ -64,6 +66,7 @@ impl Default for EventsConfig {
             prune_interval_seconds: d.prune_interval.as_secs(),
             grace_sweep_interval_ms: d.grace_sweep_interval.as_millis() as u64,
             subscriber_lag: d.subscriber_lag,
+            listen: d.listen,
         }
     }
 }
@@ -192,6 +195,7 @@ impl Config {
                     self.events.grace_sweep_interval_ms.max(10),
                 ),
                 subscriber_lag: self.events.subscriber_lag.max(16),
+                listen: self.events.listen,
             },
         })
     }

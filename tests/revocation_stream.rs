@@ -914,6 +914,176 @@ async fn a_replica_listens_again_after_its_listener_was_killed() {
     );
 }
 
+/// Notifications never arrive at replica B (it does not LISTEN at all, as behind a
+/// transaction-pooling proxy): its poll alone delivers every event, in order, once, and
+/// invalidates its cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_poll_alone_delivers_every_event_when_notifications_are_lost() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let b = Replica::start(&app, |s| {
+        s.events.listen = false;
+        s.events.poll_interval = Duration::from_millis(50);
+    })
+    .await;
+    eventually("replica A to LISTEN", async || {
+        listeners(&app.db).await == 1
+    })
+    .await;
+    let mut stream = watch(b.edge(), 0, "").await;
+    let head = first_heartbeat(&mut stream).await;
+    let issued: Vec<_> = issue_one_by_one(&app, 20).await;
+    for key in &issued {
+        assert_eq!(
+            verify_code(&b.verifier(), &key.key, &[]).await,
+            VerifyCode::Valid
+        );
+    }
+    let ids: Vec<String> = issued.iter().map(key_id_of).collect();
+    for id in &ids {
+        revoke(&app.admin(), id).await;
+    }
+    let events = next_events(&mut stream, ids.len()).await;
+    assert_follows(&events, head);
+    assert_eq!(key_ids(&events), ids);
+    // Only A ever listened: nothing but the poll can have woken B.
+    assert_eq!(listeners(&app.db).await, 1);
+    for key in &issued {
+        assert_eq!(
+            verify_code(&b.verifier(), &key.key, &[]).await,
+            VerifyCode::Revoked
+        );
+    }
+}
+
+async fn issue_one_by_one(app: &TestApp, n: usize) -> Vec<proto::IssueKeyResponse> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(app.issue().await);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// 6b. Postgres restarted under two replicas
+
+/// Postgres stops and starts again while two replicas run (on a server of this test's
+/// own). Meanwhile cached VerifyKey answers keep coming, and mutations fail with
+/// UNAVAILABLE leaving nothing behind; afterwards LISTEN reconnects (the poll is an hour
+/// apart, so only a notification can wake B) and the next event reaches B's subscriber
+/// with no seq lost or invented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_loses_no_event_and_half_writes_nothing() {
+    let pg = pg_cluster::PgCluster::start();
+    let db = TestDb::existing_postgres(pg.url());
+    let replica = async || {
+        let mut settings = test_settings(&db);
+        settings.events.poll_interval = Duration::from_secs(3600);
+        let server = keywarden::server::start(&settings, keywarden::clock::Clock::System)
+            .await
+            .unwrap();
+        let channel = channel_to(&server).await;
+        Replica { server, channel }
+    };
+    let a = replica().await;
+    let b = replica().await;
+    eventually("both replicas to LISTEN", async || {
+        listeners(&db).await == 2
+    })
+    .await;
+    let admin = a.admin();
+    let kept = issue_in(&admin, "ws_test").await;
+    let doomed = issue_in(&admin, "ws_test").await;
+    for r in [&a, &b] {
+        for key in [&kept, &doomed] {
+            assert_eq!(
+                verify_code(&r.verifier(), &key.key, &[]).await,
+                VerifyCode::Valid
+            );
+        }
+    }
+    let mut stream = watch(b.edge(), 0, "").await;
+    let head = first_heartbeat(&mut stream).await;
+
+    pg.stop();
+    for _ in 0..20 {
+        for r in [&a, &b] {
+            assert_eq!(
+                verify_code(&r.verifier(), &kept.key, &[]).await,
+                VerifyCode::Valid
+            );
+        }
+    }
+    let refused = admin
+        .clone()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: key_id_of(&doomed),
+            actor: Some(actor()),
+            reason: "during the outage".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let refused = admin
+        .clone()
+        .issue_key(issue_request("ws_test"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    pg.start_again();
+
+    // Nothing of the refused mutations was written.
+    assert_eq!(db.count("SELECT count(*) FROM api_keys").await, 2);
+    assert_eq!(
+        db.count("SELECT count(*) FROM api_keys WHERE revoked_at IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM audit_events WHERE action <> 'key.issue'")
+            .await,
+        0
+    );
+    assert_eq!(log_head(&db).await, head);
+
+    eventually("both replicas to LISTEN again", async || {
+        listeners(&db).await == 2
+    })
+    .await;
+    // The pool may hand out one connection the restart killed before noticing: a client
+    // retries an UNAVAILABLE mutation, as the status tells it to.
+    let mut revoked = None;
+    for _ in 0..5 {
+        match admin
+            .clone()
+            .revoke_key(proto::RevokeKeyRequest {
+                key_id: key_id_of(&doomed),
+                actor: Some(actor()),
+                reason: "after the outage".into(),
+            })
+            .await
+        {
+            Ok(r) => {
+                revoked = Some(r);
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Code::Unavailable, "{e:?}"),
+        }
+    }
+    assert!(revoked.is_some(), "the revoke never went through");
+    let e = next_event(&mut stream).await;
+    assert_eq!((e.seq, e.key_id.clone()), (head + 1, key_id_of(&doomed)));
+    eventually("B to refuse the revoked key", async || {
+        verify_code(&b.verifier(), &doomed.key, &[]).await == VerifyCode::Revoked
+    })
+    .await;
+    assert_eq!(
+        verify_code(&b.verifier(), &kept.key, &[]).await,
+        VerifyCode::Valid
+    );
+    a.server.shutdown().await.unwrap();
+    b.server.shutdown().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // 7. Concurrent writers on two replicas
 

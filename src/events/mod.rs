@@ -42,6 +42,10 @@ pub struct EventSettings {
     pub grace_sweep_interval: Duration,
     /// Events a subscriber may fall behind before it is ended (told to resume).
     pub subscriber_lag: usize,
+    /// Whether to LISTEN for Postgres notifications. Off where the connection cannot
+    /// LISTEN (a transaction-pooling proxy such as PgBouncer): the poll alone then
+    /// delivers every event, one poll interval late at most.
+    pub listen: bool,
 }
 
 impl Default for EventSettings {
@@ -53,6 +57,7 @@ impl Default for EventSettings {
             prune_interval: Duration::from_secs(600),
             grace_sweep_interval: Duration::from_secs(1),
             subscriber_lag: 4096,
+            listen: true,
         }
     }
 }
@@ -94,7 +99,7 @@ impl EventHub {
         tokio::spawn(hub.clone().tail());
         tokio::spawn(hub.clone().sweep_grace_ends());
         tokio::spawn(hub.clone().prune());
-        if let Some(pool) = hub.store.postgres_pool() {
+        if let Some(pool) = hub.store.postgres_pool().filter(|_| hub.settings.listen) {
             tokio::spawn(listen::run(pool.clone(), hub.clone()));
         }
         Ok(hub)

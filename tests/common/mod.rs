@@ -3,6 +3,8 @@
 //! port, and real tonic clients.
 #![allow(dead_code)]
 
+pub mod pg_cluster;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -103,6 +105,17 @@ impl TestDb {
                     _dir: None,
                 }
             }
+        }
+    }
+
+    /// A Postgres database the test does not own (e.g. on a [`pg_cluster::PgCluster`]):
+    /// nothing is dropped after.
+    pub fn existing_postgres(url: String) -> TestDb {
+        TestDb {
+            backend: Backend::Postgres,
+            url,
+            pg_name: None,
+            _dir: None,
         }
     }
 
