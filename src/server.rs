@@ -9,7 +9,7 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::auth::{RequireRole, Role};
 use crate::api::keys::KeyApi;
@@ -166,14 +166,15 @@ pub async fn start_with_store(
             RequireRole::new(settings.tokens.clone(), Role::Edge),
         ));
     let stopping = hub.clone();
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        async move {
-            let _ = stopped.await;
-            // Streams never end on their own: end them so the graceful shutdown can finish.
-            stopping.shutdown();
-        },
-    ));
+    // The builder's `tcp_nodelay` applies only to listeners it binds itself: set it on
+    // this one, or Nagle holds a stream's event back behind a unary reply on the same
+    // connection until the client's delayed ACK (~40 ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stopped.await;
+        // Streams never end on their own: end them so the graceful shutdown can finish.
+        stopping.shutdown();
+    }));
     tracing::info!(%addr, "keywarden serving");
     Ok(RunningServer {
         addr,

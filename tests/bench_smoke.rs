@@ -22,6 +22,7 @@ fn run_bench(extra: &[&str]) -> (serde_json::Value, String) {
             "300",
         ])
         .args(["--concurrency", "4", "--connections", "1", "--no-h2load"])
+        .args(["--revocations", "20", "--streams", "150"])
         .args(extra)
         .arg("--out")
         .arg(&json)
@@ -38,6 +39,34 @@ fn run_bench(extra: &[&str]) -> (serde_json::Value, String) {
     );
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     (report, std::fs::read_to_string(&md).unwrap())
+}
+
+fn assert_spread(spread: &serde_json::Value, samples: u64) {
+    assert_eq!(spread["samples"].as_u64(), Some(samples), "{spread}");
+    let (p50, p99, max) = (
+        spread["p50_us"].as_u64().unwrap(),
+        spread["p99_us"].as_u64().unwrap(),
+        spread["max_us"].as_u64().unwrap(),
+    );
+    assert!(p50 > 0 && p50 <= p99 && p99 <= max, "{spread}");
+}
+
+/// Every revocation reached the subscribers; every stream opened and got the event.
+fn assert_stream_figures(run: &serde_json::Value, other_replica: bool) {
+    let latency = &run["revocation_latency"];
+    assert_eq!(latency["revocations"].as_u64(), Some(20), "{latency}");
+    assert_eq!(latency["missed"].as_u64(), Some(0), "{latency}");
+    assert_spread(&latency["same_replica"], 20);
+    if other_replica {
+        assert_spread(&latency["other_replica"], 20);
+    } else {
+        assert!(latency["other_replica"].is_null(), "{latency}");
+    }
+    let streams = &run["streams"];
+    assert_eq!(streams["opened"].as_u64(), Some(150), "{streams}");
+    assert_eq!(streams["missed"].as_u64(), Some(0), "{streams}");
+    assert_spread(&streams["fanout"], 150);
+    assert!(streams["bytes_per_stream"].as_f64().is_some(), "{streams}");
 }
 
 fn assert_sane(run: &serde_json::Value, scenario: &str, max_requests: u64) {
@@ -73,8 +102,10 @@ fn the_bench_reports_sane_figures_on_sqlite() {
         run["verify_miss"].is_null(),
         "verify-miss runs on Postgres only"
     );
+    assert_stream_figures(run, false);
     assert!(markdown.contains("verify-hit / noop throughput"));
     assert!(markdown.contains("| verify-hit |"));
+    assert!(markdown.contains("| same replica |"));
 }
 
 #[test]
@@ -92,5 +123,7 @@ fn the_bench_seeds_postgres_and_measures_misses() {
         assert_sane(run, scenario, 500);
     }
     assert!(run["bytes_per_cached_key"].as_f64().is_some());
+    assert_stream_figures(run, true);
     assert!(markdown.contains("verify-miss p99"));
+    assert!(markdown.contains("| other replica (Postgres NOTIFY) |"));
 }

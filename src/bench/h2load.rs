@@ -74,35 +74,81 @@ pub async fn measure(
         }),
     )?;
     let addr = server.addr.to_string();
-    let noop_rps = run(&command(
+    // A gRPC error is HTTP 200 too, with no DATA: each answer must carry at least the
+    // response message a valid call gets (Ping: an empty message; VerifyKey: a valid key's
+    // answer, which names at least its key id).
+    let noop = command(
         &addr,
         &tokens.verifier,
         &ping,
         "keywarden.v1.VerifyService/Ping",
         args,
-    ))
-    .await?;
-    let verify_hit_rps = run(&command(
+    );
+    let noop_rps = run(&noop, grpc_frame(&proto::PingRequest {}).len() as u64).await?;
+    let min_verify_answer = grpc_frame(&proto::VerifyKeyResponse {
+        valid: true,
+        code: proto::VerifyCode::Valid as i32,
+        key_id: "key_0000000000000000000000".into(),
+        ..Default::default()
+    })
+    .len() as u64;
+    let verify = command(
         &addr,
         &tokens.verifier,
         &verify,
         "keywarden.v1.VerifyService/VerifyKey",
         args,
-    ))
-    .await?;
+    );
+    let verify_hit_rps = run(&verify, min_verify_answer).await?;
+    let redacted = |cmd: Vec<String>| {
+        cmd.into_iter()
+            .map(|a| {
+                if a.starts_with("--header=authorization") {
+                    "--header='authorization: Bearer $VERIFIER_TOKEN'".to_owned()
+                } else {
+                    a
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     Ok(Some(H2loadReport {
         noop_rps,
         verify_hit_rps,
+        commands: vec![redacted(noop), redacted(verify)],
     }))
 }
 
-async fn run(cmd: &[String]) -> Result<f64, BoxError> {
+async fn run(cmd: &[String], min_answer_bytes: u64) -> Result<f64, BoxError> {
     let out = tokio::process::Command::new(&cmd[0])
         .args(&cmd[1..])
         .output()
         .await?;
     let text = String::from_utf8_lossy(&out.stdout);
-    parse_rps(&text).ok_or_else(|| format!("no throughput in h2load output: {text}").into())
+    let rps = parse_rps(&text).ok_or_else(|| format!("no throughput in h2load output: {text}"))?;
+    match (succeeded(&text), data_bytes(&text)) {
+        (Some(n), Some(data)) if n > 0 && data >= n * min_answer_bytes => Ok(rps),
+        _ => Err(format!("h2load's answers carry no gRPC messages (gRPC errors?): {text}").into()),
+    }
+}
+
+/// `requests: 206172 total, 206172 started, 206172 done, 206172 succeeded, ...`
+fn succeeded(output: &str) -> Option<u64> {
+    let line = output.lines().find(|l| l.starts_with("requests:"))?;
+    line.split(',')
+        .find(|p| p.trim_end().ends_with("succeeded"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `traffic: 10.27MB (10770328) total, ... headers (...), 1.97MB (2062440) data`
+fn data_bytes(output: &str) -> Option<u64> {
+    let line = output.lines().find(|l| l.starts_with("traffic:"))?;
+    let part = line.split(',').find(|p| p.trim_end().ends_with("data"))?;
+    let inner = part.split_once('(')?.1.split_once(')')?.0;
+    inner.trim().parse().ok()
 }
 
 /// Reads `finished in 5.00s, 41234.56 req/s, ...` and checks every request succeeded.
@@ -145,5 +191,8 @@ mod tests {
                    status codes: 206172 2xx, 0 3xx, 0 4xx, 0 5xx\n";
         assert_eq!(parse_rps(out), Some(41234.56));
         assert_eq!(parse_rps("garbage"), None);
+        assert_eq!(succeeded(out), Some(206172));
+        let traffic = "traffic: 10.27MB (10770328) total, 3.28MB (3437100) headers (space savings 95.10%), 1.97MB (2062440) data\n";
+        assert_eq!(data_bytes(traffic), Some(2062440));
     }
 }

@@ -6,13 +6,15 @@
 //! peak rate, `verify-naive` (a second server on the same data with the cache off), and
 //! `verify-miss` (every call a distinct key out of `--miss-keys` seeded keys), plus the
 //! server's memory per cached key and, when `h2load` is installed, an independent
-//! client's noop / verify-hit throughput.
+//! client's noop / verify-hit throughput. The revocation stream's scenarios
+//! (`revocation-latency`, `streams`) are in `stream.rs`.
 
 mod h2load;
 mod load;
 mod report;
 mod seed;
 mod server;
+mod stream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub enum Scenario {
     VerifyNaive,
     VerifyMiss,
     Issue,
+    RevocationLatency,
+    Streams,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -84,6 +88,12 @@ pub struct BenchArgs {
     /// Keys seeded into Postgres for verify-miss.
     #[arg(long, default_value_t = 1_000_000)]
     pub miss_keys: usize,
+    /// Keys revoked one by one for revocation-latency.
+    #[arg(long, default_value_t = 1000)]
+    pub revocations: usize,
+    /// Concurrent WatchRevocations streams opened on one replica for `streams`.
+    #[arg(long, default_value_t = 10_000)]
+    pub streams: usize,
     /// Key mix of the verify-hit workload, as weights: hit, miss (unknown), malformed, revoked.
     #[arg(long, default_value = "hit=100")]
     pub mix: String,
@@ -331,6 +341,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     let tokens = Tokens {
         admin: generate_token()?,
         verifier: generate_token()?,
+        edge: generate_token()?,
     };
     let mut run = RunReport::default();
     let server = ServerProcess::start(db._dir.path(), "cached", &db.url, &tokens, true).await?;
@@ -414,6 +425,51 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         print_line("verify-naive", &r);
         run.verify_naive = Some(r);
         naive.stop().await;
+    }
+
+    if wants(args, Scenario::RevocationLatency) || wants(args, Scenario::Streams) {
+        let a = ServerProcess::start(db._dir.path(), "stream-a", &db.url, &tokens, true).await?;
+        if wants(args, Scenario::RevocationLatency) {
+            // Another replica needs the shared Postgres (SQLite fans out in process only).
+            let b = match args.store {
+                StoreKind::Postgres => Some(
+                    ServerProcess::start(db._dir.path(), "stream-b", &db.url, &tokens, true)
+                        .await?,
+                ),
+                StoreKind::Sqlite => None,
+            };
+            let r = stream::revocation_latency(&a, b.as_ref(), &tokens, args.revocations).await?;
+            let fmt = |s: &Option<stream::Spread>| {
+                s.as_ref().map_or("n/a".to_owned(), |s| {
+                    format!("p50 {} µs, p99 {} µs", s.p50_us, s.p99_us)
+                })
+            };
+            println!(
+                "revocation-latency         same replica {}; other replica {}; missed {}",
+                fmt(&r.same_replica),
+                fmt(&r.other_replica),
+                r.missed
+            );
+            run.revocation_latency = Some(r);
+            if let Some(b) = b {
+                b.stop().await;
+            }
+        }
+        if wants(args, Scenario::Streams) {
+            let r = stream::streams(&a, &tokens, args.streams).await?;
+            println!(
+                "streams                    {} of {} open in {:.1} s, {} bytes per stream, fan-out p99 {} µs, missed {}",
+                r.opened,
+                r.requested,
+                r.open_seconds,
+                r.bytes_per_stream
+                    .map_or("n/a".to_owned(), |b| format!("{b:.0}")),
+                r.fanout.as_ref().map_or(0, |f| f.p99_us),
+                r.missed
+            );
+            run.streams = Some(r);
+        }
+        a.stop().await;
     }
 
     if wants(args, Scenario::VerifyMiss) && args.store == StoreKind::Postgres {

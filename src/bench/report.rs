@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::load::LoadResult;
+use super::stream::{RevocationLatency, StreamsReport};
 
 #[derive(Debug, Default, Serialize)]
 pub struct RunReport {
@@ -18,12 +19,16 @@ pub struct RunReport {
     pub h2load: Option<H2loadReport>,
     /// Server RSS growth per key filled into the cache by the miss run.
     pub bytes_per_cached_key: Option<f64>,
+    pub revocation_latency: Option<RevocationLatency>,
+    pub streams: Option<StreamsReport>,
 }
 
 #[derive(Debug, Default, Serialize)]
 pub struct H2loadReport {
     pub noop_rps: f64,
     pub verify_hit_rps: f64,
+    /// The exact command lines (caller token elided).
+    pub commands: Vec<String>,
 }
 
 impl RunReport {
@@ -166,6 +171,82 @@ impl BenchReport {
                 m(|l| l.p999_us as f64),
                 m(|l| l.errors as f64),
             );
+        }
+        let spread = |get: fn(&RunReport) -> Option<&super::stream::Spread>| {
+            (
+                fmt(self.med(|r| get(r).map(|s| s.p50_us as f64)), 0),
+                fmt(self.med(|r| get(r).map(|s| s.p99_us as f64)), 0),
+                fmt(self.med(|r| get(r).map(|s| s.max_us as f64)), 0),
+                fmt(self.med(|r| get(r).map(|s| s.samples as f64)), 0),
+            )
+        };
+        if self.runs.iter().any(|r| r.revocation_latency.is_some()) {
+            let _ = writeln!(s, "\n## Revocation stream (medians)\n");
+            let _ = writeln!(
+                s,
+                "From RevokeKey's reply to the event at a WatchRevocations subscriber; keys revoked one after another.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| subscriber | target p99 | p50 µs | p99 µs | max µs | events |"
+            );
+            let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: |");
+            let (p50, p99, max, n) =
+                spread(|r| r.revocation_latency.as_ref()?.same_replica.as_ref());
+            let _ = writeln!(
+                s,
+                "| same replica | < 10 000 µs | {p50} | {p99} | {max} | {n} |"
+            );
+            let (p50, p99, max, n) =
+                spread(|r| r.revocation_latency.as_ref()?.other_replica.as_ref());
+            let _ = writeln!(
+                s,
+                "| other replica (Postgres NOTIFY) | < 100 000 µs | {p50} | {p99} | {max} | {n} |"
+            );
+            let _ = writeln!(
+                s,
+                "\nEvents missed (not within 10 s): {}.",
+                fmt(
+                    self.med(|r| r.revocation_latency.as_ref().map(|l| l.missed as f64)),
+                    0
+                )
+            );
+        }
+        if self.runs.iter().any(|r| r.streams.is_some()) {
+            let _ = writeln!(s, "\n## Concurrent streams on one replica (medians)\n");
+            let _ = writeln!(
+                s,
+                "| streams asked | opened | seconds to open | server bytes per stream | one revocation to every stream p50 µs | p99 µs | max µs | missed |"
+            );
+            let _ = writeln!(
+                s,
+                "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            );
+            let (p50, p99, max, _) = spread(|r| r.streams.as_ref()?.fanout.as_ref());
+            let m = |f: fn(&StreamsReport) -> Option<f64>, d: usize| {
+                fmt(self.med(|r| r.streams.as_ref().and_then(f)), d)
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {p50} | {p99} | {max} | {} |",
+                m(|r| Some(r.requested as f64), 0),
+                m(|r| Some(r.opened as f64), 0),
+                m(|r| Some(r.open_seconds), 1),
+                m(|r| r.bytes_per_stream, 0),
+                m(|r| Some(r.missed as f64), 0),
+            );
+        }
+        if let Some(h) = self.runs.iter().find_map(|r| r.h2load.as_ref()) {
+            let _ = writeln!(s, "\n## Independent check (h2load)\n");
+            let _ = writeln!(
+                s,
+                "h2load (Debian's `nghttp2-client`) sends pre-encoded gRPC frames (`ping.bin`: an empty `PingRequest`; `verify.bin`: a `VerifyKeyRequest` with a cached key, each behind gRPC's 5-byte length prefix). A run counts only if every answer carried a gRPC message (an error is HTTP 200 with no DATA). The commands:\n"
+            );
+            let _ = writeln!(s, "```sh");
+            for c in &h.commands {
+                let _ = writeln!(s, "{c}");
+            }
+            let _ = writeln!(s, "```");
         }
         let _ = writeln!(s, "\n## Per run\n");
         let _ = writeln!(

@@ -20,6 +20,7 @@ pub struct ServerProcess {
 pub struct Tokens {
     pub admin: String,
     pub verifier: String,
+    pub edge: String,
 }
 
 impl ServerProcess {
@@ -39,9 +40,11 @@ impl ServerProcess {
                  database_max_connections = 32\n\n\
                  [[tokens]]\nname = \"bench-admin\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n\n\
                  [[tokens]]\nname = \"bench-verifier\"\nsha256 = \"{}\"\nroles = [\"verifier\"]\n\n\
+                 [[tokens]]\nname = \"bench-edge\"\nsha256 = \"{}\"\nroles = [\"edge\"]\n\n\
                  [cache]\nenabled = {cache_enabled}\n",
                 KeyHash::of(&tokens.admin).to_hex(),
                 KeyHash::of(&tokens.verifier).to_hex(),
+                KeyHash::of(&tokens.edge).to_hex(),
             ),
         )?;
         let mut child = Command::new(std::env::current_exe()?)
