@@ -11,6 +11,7 @@ pub mod event;
 pub mod ids;
 pub mod key;
 pub mod key_format;
+pub mod limits;
 pub mod scopes;
 pub mod validate;
 
