@@ -24,6 +24,7 @@ use moka::sync::Cache;
 use crate::domain::Micros;
 use crate::domain::key::KeyRecord;
 use crate::domain::key_format::KeyHash;
+use crate::domain::limits::RateLimit;
 use crate::domain::scopes::EffectiveScopes;
 
 const SHARDS: usize = 64;
@@ -35,6 +36,8 @@ pub struct CachedKey {
     /// `None` for the key's current secret; the end of the grace period otherwise.
     pub secret_valid_until: Option<Micros>,
     pub effective_scopes: EffectiveScopes,
+    /// The limits that apply: the key's own, or the deployment's default.
+    pub limits: Vec<RateLimit>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -196,9 +199,14 @@ mod tests {
                 revoke_reason: None,
                 rotated_at: None,
                 deleted_at: None,
+                rate_limits: vec![],
+                max_budget_micros: None,
+                spent_micros: 0,
+                last_used_at: None,
             },
             secret_valid_until: None,
             effective_scopes: EffectiveScopes::default(),
+            limits: vec![],
         })
     }
 

@@ -19,8 +19,11 @@ use serde::Deserialize;
 use crate::api::auth::{CallerTokens, Role, TokenEntry};
 use crate::cache::CacheSizes;
 use crate::domain::key_format::{Brand, KeyHash};
+use crate::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use crate::domain::scopes::ScopeImplications;
+use crate::domain::validate::Violations;
 use crate::events::EventSettings;
+use crate::ratelimit::FailureMode;
 
 /// The configuration as written by an operator.
 #[derive(Debug, Deserialize)]
@@ -39,6 +42,75 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     pub cache: CacheConfig,
     pub events: EventsConfig,
+    pub rate_limits: RateLimitsConfig,
+    pub usage: UsageConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// Limits for keys that name none.
+    pub default: Vec<RateLimitConfig>,
+    /// `memory` (one replica's own counters) or `redis` (shared by every replica).
+    pub backend: LimiterBackendKind,
+    /// Required with `backend = "redis"`.
+    pub redis_url: Option<SecretString>,
+    /// Prefix of every Redis key this deployment writes.
+    pub redis_prefix: String,
+    /// When Redis cannot be reached: `open` (let calls through, logged and counted) or
+    /// `closed` (UNAVAILABLE).
+    pub redis_failure: FailureMode,
+    /// Memory backend: how many keys' counters are kept (the least recently used go).
+    pub max_keys: u64,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LimiterBackendKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// `requests` or `tokens`.
+    pub unit: String,
+    /// `minute`, `hour` or `day`.
+    pub window: String,
+    pub limit: u64,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        RateLimitsConfig {
+            default: vec![RateLimitConfig {
+                unit: "requests".into(),
+                window: "minute".into(),
+                limit: 100,
+            }],
+            backend: LimiterBackendKind::Memory,
+            redis_url: None,
+            redis_prefix: "kw".into(),
+            redis_failure: FailureMode::Open,
+            max_keys: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsageConfig {
+    /// How often spend and last use are written to the database.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            flush_interval_ms: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +188,8 @@ impl Default for Config {
             tokens: Vec::new(),
             cache: CacheConfig::default(),
             events: EventsConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+            usage: UsageConfig::default(),
         }
     }
 }
@@ -136,6 +210,10 @@ pub enum ConfigError {
     TokenHash(usize),
     #[error("configuration: tokens[{0}] needs a name and at least one role")]
     TokenShape(usize),
+    #[error("configuration: rate_limits.default: {0}")]
+    DefaultLimits(String),
+    #[error("configuration: rate_limits.redis_url is required with backend = \"redis\"")]
+    MissingRedisUrl,
 }
 
 impl Config {
@@ -172,7 +250,25 @@ impl Config {
             }
             entries.push(TokenEntry::new(t.name, hash, t.roles));
         }
+        let default_limits = self.rate_limits.default_limits()?;
+        let limiter = match self.rate_limits.backend {
+            LimiterBackendKind::Memory => LimiterSettings::Memory {
+                max_keys: self.rate_limits.max_keys,
+            },
+            LimiterBackendKind::Redis => LimiterSettings::Redis {
+                url: self
+                    .rate_limits
+                    .redis_url
+                    .filter(|u| !u.expose_secret().trim().is_empty())
+                    .ok_or(ConfigError::MissingRedisUrl)?,
+                prefix: self.rate_limits.redis_prefix,
+                failure: self.rate_limits.redis_failure,
+            },
+        };
         Ok(Settings {
+            default_limits: Arc::new(default_limits),
+            limiter,
+            usage_flush_interval: Duration::from_millis(self.usage.flush_interval_ms.max(10)),
             listen: self.listen,
             database_url,
             database_max_connections: self.database_max_connections,
@@ -204,7 +300,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 8] = [
+const SETTINGS: [&str; 10] = [
     "listen",
     "database_url",
     "database_max_connections",
@@ -213,6 +309,8 @@ const SETTINGS: [&str; 8] = [
     "tokens",
     "cache",
     "events",
+    "rate_limits",
+    "usage",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -237,6 +335,56 @@ pub struct Settings {
     pub cache_enabled: bool,
     pub cache: CacheSizes,
     pub events: EventSettings,
+    /// Limits for keys that name none.
+    pub default_limits: Arc<Vec<RateLimit>>,
+    pub limiter: LimiterSettings,
+    pub usage_flush_interval: Duration,
+}
+
+/// Where rate-limit counters live.
+#[derive(Debug, Clone)]
+pub enum LimiterSettings {
+    Memory {
+        max_keys: u64,
+    },
+    Redis {
+        url: SecretString,
+        prefix: String,
+        failure: FailureMode,
+    },
+}
+
+impl Default for LimiterSettings {
+    fn default() -> Self {
+        LimiterSettings::Memory {
+            max_keys: 1_000_000,
+        }
+    }
+}
+
+impl RateLimitsConfig {
+    fn default_limits(&self) -> Result<Vec<RateLimit>, ConfigError> {
+        let mut out = Vec::with_capacity(self.default.len());
+        for (i, l) in self.default.iter().enumerate() {
+            let bad = |what: &str| ConfigError::DefaultLimits(format!("[{i}]: {what}"));
+            out.push(RateLimit {
+                unit: LimitUnit::parse(&l.unit)
+                    .ok_or_else(|| bad("unit must be requests or tokens"))?,
+                window: LimitWindow::parse(&l.window)
+                    .ok_or_else(|| bad("window must be minute, hour or day"))?,
+                limit: l.limit,
+            });
+        }
+        let mut v = Violations::default();
+        let out = v.rate_limits("default", &out);
+        match v.0.first() {
+            Some(first) => Err(ConfigError::DefaultLimits(format!(
+                "{}: {}",
+                first.field, first.description
+            ))),
+            None => Ok(out),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -264,6 +412,41 @@ mod tests {
         assert!(matches!(
             config.into_settings(),
             Err(ConfigError::TokenHash(0))
+        ));
+    }
+
+    #[test]
+    fn rate_limits_default_to_100_per_minute_and_bad_ones_are_refused() {
+        let base = || Config {
+            database_url: Some("sqlite::memory:".into()),
+            ..Config::default()
+        };
+        let settings = base().into_settings().unwrap();
+        assert_eq!(
+            settings.default_limits.as_slice(),
+            &[RateLimit {
+                unit: LimitUnit::Requests,
+                window: LimitWindow::Minute,
+                limit: 100
+            }]
+        );
+        let mut config = base();
+        config.rate_limits.default[0].limit = 0;
+        assert!(matches!(
+            config.into_settings(),
+            Err(ConfigError::DefaultLimits(_))
+        ));
+        let mut config = base();
+        config.rate_limits.default[0].window = "week".into();
+        assert!(matches!(
+            config.into_settings(),
+            Err(ConfigError::DefaultLimits(_))
+        ));
+        let mut config = base();
+        config.rate_limits.backend = LimiterBackendKind::Redis;
+        assert!(matches!(
+            config.into_settings(),
+            Err(ConfigError::MissingRedisUrl)
         ));
     }
 

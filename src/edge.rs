@@ -352,6 +352,7 @@ impl Verifier {
             .verify_key(proto::VerifyKeyRequest {
                 key: key.to_owned(),
                 required_scopes: required_scopes.to_vec(),
+                cost: 0,
             })
             .await?
             .into_inner();

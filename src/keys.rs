@@ -15,6 +15,7 @@ use crate::domain::Micros;
 use crate::domain::ids;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
+use crate::domain::limits::RateLimit;
 use crate::domain::scopes::ScopeImplications;
 use crate::events::EventHub;
 use crate::store::{
@@ -45,6 +46,17 @@ pub struct IssueInput {
     pub expires_at: Option<Micros>,
     pub owner: Owner,
     pub metadata: BTreeMap<String, String>,
+    pub rate_limits: Vec<RateLimit>,
+    pub max_budget_micros: Option<u64>,
+}
+
+/// Which keys a listing shows.
+#[derive(Clone, Debug)]
+pub struct KeyQuery {
+    pub workspace_id: String,
+    pub owner: Option<Owner>,
+    pub status: Option<KeyStatus>,
+    pub unused_since: Option<Micros>,
 }
 
 /// A new key and its plaintext, to be shown once.
@@ -148,6 +160,10 @@ impl KeyLifecycle {
             revoke_reason: None,
             rotated_at: None,
             deleted_at: None,
+            rate_limits: input.rate_limits,
+            max_budget_micros: input.max_budget_micros,
+            spent_micros: 0,
+            last_used_at: None,
         };
         let audit = audit(
             acting,
@@ -168,16 +184,15 @@ impl KeyLifecycle {
     /// One page of keys and the cursor of the next page, if any.
     pub async fn list(
         &self,
-        workspace_id: String,
-        owner: Option<Owner>,
-        status: Option<KeyStatus>,
+        query: KeyQuery,
         page_size: u32,
         after: Option<KeyCursor>,
     ) -> Result<(Vec<KeyRecord>, Option<KeyCursor>), KeyError> {
         let filter = KeyFilter {
-            workspace_id,
-            owner,
-            status,
+            workspace_id: query.workspace_id,
+            owner: query.owner,
+            status: query.status,
+            unused_since: query.unused_since,
             now: self.clock.now(),
         };
         // One row more than asked tells whether there is a next page.
@@ -228,6 +243,8 @@ impl KeyLifecycle {
             patch.scopes.as_ref().map(|_| "scopes"),
             patch.expires_at.as_ref().map(|_| "expires_at"),
             patch.metadata.as_ref().map(|_| "metadata"),
+            patch.rate_limits.as_ref().map(|_| "rate_limits"),
+            patch.max_budget_micros.as_ref().map(|_| "max_budget_micros"),
         ]
         .into_iter()
         .flatten()

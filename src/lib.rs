@@ -9,6 +9,8 @@
 //! - [`keys`]: the key lifecycle (issue, update, rotate, revoke, delete) over a store,
 //!   keeping the cache coherent.
 //! - [`verify`]: the VerifyKey hot path.
+//! - [`ratelimit`]: rate-limit counters (in memory, or shared in Redis) behind one trait.
+//! - [`usage`]: spend and last use, per replica, written to storage in batches.
 //! - [`api`]: the tonic services, caller authentication, and the one mapping of errors
 //!   to gRPC statuses.
 //! - [`events`]: the per-replica event-log tailer and the WatchRevocations fan-out.
@@ -26,8 +28,10 @@ pub mod domain;
 pub mod edge;
 pub mod events;
 pub mod keys;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
+pub mod usage;
 pub mod verify;
 
 /// The generated protobuf and gRPC code of `keywarden.v1`.

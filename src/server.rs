@@ -17,14 +17,18 @@ use crate::api::revocations::RevocationApi;
 use crate::api::verify::VerifyApi;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
-use crate::config::Settings;
+use crate::config::{LimiterSettings, Settings};
+use crate::ratelimit::RateLimiter;
+use crate::ratelimit::memory::MemoryLimiter;
+use crate::ratelimit::redis::RedisLimiter;
+use crate::usage::UsageBook;
 use crate::events::EventHub;
 use crate::keys::KeyLifecycle;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::revocation_service_server::RevocationServiceServer;
 use crate::proto::verify_service_server::VerifyServiceServer;
 use crate::store::{self, Store};
-use crate::verify::Verifier;
+use crate::verify::{Verifier, VerifyPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -36,6 +40,35 @@ pub enum StartError {
     Events(#[from] store::StoreError),
     #[error("cannot build reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("rate limits: {0}")]
+    Limiter(#[from] crate::ratelimit::LimiterError),
+}
+
+/// Writes the usage book every interval until shutdown.
+#[derive(Clone)]
+struct UsageFlusher {
+    usage: Arc<UsageBook>,
+    store: Arc<dyn Store>,
+    clock: Clock,
+}
+
+impl UsageFlusher {
+    async fn run(self, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.flush().await,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn flush(&self) {
+        if let Err(e) = self.usage.flush(self.store.as_ref(), self.clock.now()).await {
+            tracing::warn!(error = %e, "writing usage failed; kept for the next flush");
+        }
+    }
 }
 
 /// A server that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
@@ -43,6 +76,7 @@ pub struct RunningServer {
     addr: SocketAddr,
     cache: Arc<VerifyCache>,
     hub: Arc<EventHub>,
+    flusher: UsageFlusher,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -58,6 +92,11 @@ impl RunningServer {
 
     pub fn events(&self) -> &EventHub {
         &self.hub
+    }
+
+    /// Writes the usage book now (spend and last use), as the periodic flush does.
+    pub async fn flush_usage(&self) {
+        self.flusher.flush().await;
     }
 
     /// Stops accepting, lets in-flight calls finish, and returns when the server is down.
@@ -120,13 +159,40 @@ pub async fn start_with_store(
         settings.brand.clone(),
         settings.implications.clone(),
     ));
-    let verifier = Arc::new(Verifier::new(
-        store,
-        cache.clone(),
-        clock,
-        settings.brand.clone(),
-        settings.implications.clone(),
+    let limiter: Arc<dyn RateLimiter> = match &settings.limiter {
+        LimiterSettings::Memory { max_keys } => Arc::new(MemoryLimiter::new(*max_keys)),
+        LimiterSettings::Redis {
+            url,
+            prefix,
+            failure,
+        } => Arc::new(RedisLimiter::new(url.expose_secret(), prefix, *failure)?),
+    };
+    let usage = Arc::new(UsageBook::new(
+        settings.cache.ttl,
+        settings.usage_flush_interval,
     ));
+    let verifier = Arc::new(Verifier::new(
+        store.clone(),
+        cache.clone(),
+        limiter,
+        usage.clone(),
+        clock.clone(),
+        VerifyPolicy {
+            brand: settings.brand.clone(),
+            implications: settings.implications.clone(),
+            default_limits: settings.default_limits.clone(),
+        },
+    ));
+    let flusher = UsageFlusher {
+        usage: usage.clone(),
+        store: store.clone(),
+        clock,
+    };
+    let flushing = tokio::spawn(
+        flusher
+            .clone()
+            .run(settings.usage_flush_interval, hub.stopping()),
+    );
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -170,16 +236,25 @@ pub async fn start_with_store(
     // this one, or Nagle holds a stream's event back behind a unary reply on the same
     // connection until the client's delayed ACK (~40 ms).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+    let serving = router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stopped.await;
         // Streams never end on their own: end them so the graceful shutdown can finish.
         stopping.shutdown();
-    }));
+    });
+    let final_flush = flusher.clone();
+    let task = tokio::spawn(async move {
+        let served = serving.await;
+        // In-flight calls have finished: write what they reported, so no spend is lost.
+        let _ = flushing.await;
+        final_flush.flush().await;
+        served
+    });
     tracing::info!(%addr, "keywarden serving");
     Ok(RunningServer {
         addr,
         cache,
         hub,
+        flusher,
         stop: Some(stop),
         task,
     })

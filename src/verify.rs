@@ -1,8 +1,9 @@
 //! The VerifyKey hot path.
 //!
-//! parse + checksum (no IO) → SHA-256 → cache lookup → decision. A miss costs one indexed
-//! query by hash; a hash that matches nothing goes to the negative cache. No lock is held
-//! across an await, and nothing is written on the way.
+//! parse + checksum (no IO) → SHA-256 → cache lookup → decision → budget → rate limits →
+//! note the use. A miss costs one indexed query by hash; a hash that matches nothing goes
+//! to the negative cache. No lock is held across an await, and nothing is written to the
+//! database on the way (the use is noted in the usage book, written in batches).
 
 use std::sync::Arc;
 
@@ -10,50 +11,104 @@ use crate::cache::{CachedKey, Lookup, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::key::{self, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
+use crate::domain::limits::{self, LimitDecision, RateLimit};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
+use crate::ratelimit::{LimiterError, RateLimiter};
 use crate::store::{Store, StoreError};
+use crate::usage::UsageBook;
 
-/// The answer to one verification: the code, and the key when one matched.
+/// The answer to one verification: the code, the key when one matched, and for a key
+/// that passed every other check, the rate-limit decision and its spend.
 pub struct Verdict {
     pub code: VerifyCode,
     pub key: Option<Arc<CachedKey>>,
+    pub limit: Option<LimitDecision>,
+    pub spent_micros: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Limiter(#[from] LimiterError),
+}
+
+/// What verifications need besides the store and the cache.
+pub struct VerifyPolicy {
+    pub brand: Brand,
+    pub implications: Arc<ScopeImplications>,
+    /// Limits for keys that name none.
+    pub default_limits: Arc<Vec<RateLimit>>,
 }
 
 pub struct Verifier {
     store: Arc<dyn Store>,
     cache: Arc<VerifyCache>,
+    limiter: Arc<dyn RateLimiter>,
+    usage: Arc<UsageBook>,
     clock: Clock,
-    brand: Brand,
-    implications: Arc<ScopeImplications>,
+    policy: VerifyPolicy,
 }
 
 impl Verifier {
     pub fn new(
         store: Arc<dyn Store>,
         cache: Arc<VerifyCache>,
+        limiter: Arc<dyn RateLimiter>,
+        usage: Arc<UsageBook>,
         clock: Clock,
-        brand: Brand,
-        implications: Arc<ScopeImplications>,
+        policy: VerifyPolicy,
     ) -> Self {
         Verifier {
             store,
             cache,
+            limiter,
+            usage,
             clock,
-            brand,
-            implications,
+            policy,
         }
+    }
+
+    /// Verifies `presented` for a call that needs `required_scopes` and counts `cost`
+    /// requests (at least 1).
+    pub fn now(&self) -> crate::domain::Micros {
+        self.clock.now()
+    }
+
+    /// Records usage reported after an upstream call: tokens in the token windows, spend
+    /// in the usage book. Returns the key's spend as this replica sees it, or `None` for
+    /// a key that does not exist. Reads the key from storage only when this replica has
+    /// not seen it recently.
+    pub async fn report_usage(
+        &self,
+        key_id: &str,
+        tokens: u64,
+        spend_micros: u64,
+    ) -> Result<Option<u64>, VerifyError> {
+        let persisted = if self.usage.knows(key_id) {
+            None
+        } else {
+            match self.store.get_key(key_id).await? {
+                Some(key) => Some(key.spent_micros),
+                None => return Ok(None),
+            }
+        };
+        let now = self.clock.now();
+        self.limiter.record_tokens(key_id, tokens, now).await?;
+        Ok(Some(
+            self.usage.add_spend(key_id, spend_micros, persisted, now),
+        ))
     }
 
     pub async fn verify(
         &self,
         presented: &str,
         required_scopes: &[String],
-    ) -> Result<Verdict, StoreError> {
-        if key_format::parse(&self.brand, presented).is_err() {
-            return Ok(Verdict {
-                code: VerifyCode::Malformed,
-                key: None,
-            });
+        cost: u64,
+    ) -> Result<Verdict, VerifyError> {
+        if key_format::parse(&self.policy.brand, presented).is_err() {
+            return Ok(not_found_as(VerifyCode::Malformed));
         }
         let hash = KeyHash::of(presented);
         let entry = match self.cache.get(&hash) {
@@ -64,22 +119,67 @@ impl Verifier {
                 None => return Ok(not_found()),
             },
         };
+        let now = self.clock.now();
         let code = key::decide(
             &entry.key,
             entry.secret_valid_until,
             &entry.effective_scopes,
             required_scopes,
-            self.clock.now(),
+            now,
         );
-        let key = (code != VerifyCode::NotFound).then_some(entry);
-        Ok(Verdict { code, key })
+        if code == VerifyCode::NotFound {
+            return Ok(not_found());
+        }
+        if code != VerifyCode::Valid {
+            return Ok(Verdict {
+                code,
+                key: Some(entry),
+                limit: None,
+                spent_micros: 0,
+            });
+        }
+        let key_id = entry.key.key_id.as_str();
+        let spent_micros = self.usage.spent(key_id, entry.key.spent_micros);
+        if limits::budget_exceeded(entry.key.max_budget_micros, spent_micros) {
+            return Ok(Verdict {
+                code: VerifyCode::BudgetExceeded,
+                key: Some(entry),
+                limit: None,
+                spent_micros,
+            });
+        }
+        let decision = self
+            .limiter
+            .check(key_id, &entry.limits, cost.max(1), now)
+            .await?;
+        let code = if decision.allowed {
+            self.usage.mark_used(key_id, entry.key.spent_micros, now);
+            VerifyCode::Valid
+        } else {
+            VerifyCode::RateLimited
+        };
+        Ok(Verdict {
+            code,
+            key: Some(entry),
+            limit: Some(decision),
+            spent_micros,
+        })
     }
 
     async fn fill(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, StoreError> {
         let ticket = self.cache.begin_fill(hash);
         let found = self.store.find_secret(hash).await?.map(|found| {
+            let limits = if found.key.rate_limits.is_empty() {
+                self.policy.default_limits.as_ref().clone()
+            } else {
+                found.key.rate_limits.clone()
+            };
             Arc::new(CachedKey {
-                effective_scopes: EffectiveScopes::new(&self.implications, &found.key.scopes),
+                effective_scopes: EffectiveScopes::new(
+                    &self.policy.implications,
+                    &found.key.scopes,
+                ),
+                limits,
                 key: found.key,
                 secret_valid_until: found.valid_until,
             })
@@ -90,8 +190,14 @@ impl Verifier {
 }
 
 fn not_found() -> Verdict {
+    not_found_as(VerifyCode::NotFound)
+}
+
+fn not_found_as(code: VerifyCode) -> Verdict {
     Verdict {
-        code: VerifyCode::NotFound,
+        code,
         key: None,
+        limit: None,
+        spent_micros: 0,
     }
 }

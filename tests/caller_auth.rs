@@ -182,6 +182,7 @@ async fn refusals_of_every_verify_rpc(
         .verify_key(proto::VerifyKeyRequest {
             key: key.to_owned(),
             required_scopes: vec![],
+            cost: 0,
         })
         .await;
     let ping = client.ping(proto::PingRequest {}).await;

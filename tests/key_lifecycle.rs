@@ -208,6 +208,9 @@ async fn update_changes_only_the_masked_fields(backend: Backend) {
             update_mask: Some(FieldMask {
                 paths: vec!["name".into(), "scopes".into(), "expires_at".into()],
             }),
+            // Not in the mask either.
+            rate_limits: Vec::new(),
+            max_budget_micros: Some(5),
         })
         .await
         .unwrap()

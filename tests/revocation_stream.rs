@@ -277,6 +277,7 @@ async fn verify_code(verifier: &VerifierClient, key: &str, scopes: &[&str]) -> V
         .verify_key(proto::VerifyKeyRequest {
             key: key.to_owned(),
             required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            cost: 0,
         })
         .await
         .unwrap()

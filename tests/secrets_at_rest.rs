@@ -177,6 +177,7 @@ async fn workload(server: &Server, admin_token: &str, verifier_token: &str) -> V
             .verify_key(proto::VerifyKeyRequest {
                 key: plain.key.clone(),
                 required_scopes: vec!["read".into()],
+                cost: 0,
             })
             .await
             .unwrap()
@@ -188,6 +189,7 @@ async fn workload(server: &Server, admin_token: &str, verifier_token: &str) -> V
             .verify_key(proto::VerifyKeyRequest {
                 key: plain.wrong_checksum(),
                 required_scopes: vec![],
+                cost: 0,
             })
             .await
             .unwrap()
@@ -232,6 +234,7 @@ async fn workload(server: &Server, admin_token: &str, verifier_token: &str) -> V
             .verify_key(proto::VerifyKeyRequest {
                 key: key.key.clone(),
                 required_scopes: vec![key.key.clone()],
+                cost: 0,
             })
             .await
             .unwrap_err(),

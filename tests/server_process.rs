@@ -44,6 +44,7 @@ async fn verify(server: &Server, verifier_token: &str, key: &str) -> proto::Veri
         .verify_key(proto::VerifyKeyRequest {
             key: key.to_owned(),
             required_scopes: vec!["read".into()],
+            cost: 0,
         })
         .await
         .unwrap()
@@ -92,6 +93,7 @@ async fn dev_mode_prints_working_tokens_and_keeps_keys_across_restarts() {
         .verify_key(proto::VerifyKeyRequest {
             key: key.clone(),
             required_scopes: vec![],
+            cost: 0,
         })
         .await
         .unwrap_err();
@@ -118,6 +120,7 @@ async fn dev_mode_prints_working_tokens_and_keeps_keys_across_restarts() {
         .verify_key(proto::VerifyKeyRequest {
             key,
             required_scopes: vec![],
+            cost: 0,
         })
         .await
         .unwrap_err();

@@ -45,6 +45,10 @@ fn record(workspace_id: &str, created_at: Micros) -> KeyRecord {
         revoke_reason: None,
         rotated_at: None,
         deleted_at: None,
+        rate_limits: vec![],
+        max_budget_micros: None,
+        spent_micros: 0,
+        last_used_at: None,
     }
 }
 
@@ -84,6 +88,7 @@ fn filter(workspace_id: &str, now: Micros) -> KeyFilter {
         owner: None,
         status: None,
         now,
+        unused_since: None,
     }
 }
 
@@ -158,6 +163,10 @@ async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend
         revoke_reason: Some("pre-revoked: it's \"leaked\"".to_owned()),
         rotated_at: Some(T0 + 2),
         deleted_at: None,
+        rate_limits: vec![],
+        max_budget_micros: None,
+        spent_micros: 0,
+        last_used_at: None,
     };
     let minimal = KeyRecord {
         scopes: Vec::new(),

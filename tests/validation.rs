@@ -408,6 +408,19 @@ async fn several_violations_in_one_request_are_all_reported(backend: Backend) {
                     permissions: strings(&["No"]),
                 }),
                 metadata: HashMap::from([("bad key".into(), "v".into())]),
+                rate_limits: vec![
+                    proto::RateLimit {
+                        unit: 0,
+                        window: 99,
+                        limit: 5,
+                    },
+                    proto::RateLimit {
+                        unit: proto::RateLimitUnit::Tokens as i32,
+                        window: proto::RateLimitWindow::Day as i32,
+                        limit: 0,
+                    },
+                ],
+                max_budget_micros: Some(0),
             })
             .await,
     );
@@ -424,6 +437,9 @@ async fn several_violations_in_one_request_are_all_reported(backend: Backend) {
             "actor.id",
             "actor.permissions[0]",
             "metadata[bad?key]",
+            "rate_limits[0].unit",
+            "rate_limits[0].window",
+            "max_budget_micros",
         ]
     );
     // The message names them too, for a human reading a log.
@@ -476,6 +492,14 @@ async fn a_flood_of_violations_is_reported_in_an_answer_the_client_can_read(back
                 metadata: (0..16)
                     .map(|i| (format!("bad key {i:0>60}"), "v".repeat(100_000)))
                     .collect(),
+                rate_limits: (0..100)
+                    .map(|_| proto::RateLimit {
+                        unit: -1,
+                        window: -1,
+                        limit: 0,
+                    })
+                    .collect(),
+                max_budget_micros: Some(u64::MAX),
             })
             .await,
     );
@@ -494,7 +518,8 @@ async fn a_flood_of_violations_is_reported_in_an_answer_the_client_can_read(back
     assert!(
         status.message().ends_with(&format!(
             "; and {} more violations not shown",
-            all.len() + 16 - fields.len()
+            // Metadata (16), rate_limits (1: too many) and max_budget_micros.
+            all.len() + 16 + 2 - fields.len()
         )),
         "{}",
         status.message()
@@ -656,6 +681,10 @@ async fn list_keys_refuses_bad_workspaces_filters_and_page_sizes(backend: Backen
                 status: 17,
                 page_size: -1,
                 page_token: "garbage!".into(),
+                unused_since: Some(Timestamp {
+                    seconds: i64::MAX,
+                    nanos: 0,
+                }),
             },
             &[
                 "workspace_id",
@@ -664,6 +693,7 @@ async fn list_keys_refuses_bad_workspaces_filters_and_page_sizes(backend: Backen
                 "status",
                 "page_size",
                 "page_token",
+                "unused_since",
             ],
         ),
     ];
@@ -817,6 +847,8 @@ async fn update_refuses_bad_masks_and_fields_and_changes_nothing(backend: Backen
         expires_at: Some(ts_in(&app.clock, 3600)),
         metadata: HashMap::from([("team".into(), "infra".into())]),
         update_mask: mask(&["name", "scopes", "expires_at", "metadata"]),
+        rate_limits: Vec::new(),
+        max_budget_micros: None,
     };
     let cases: Vec<(&str, proto::UpdateKeyRequest, &[&str])> = vec![
         (
@@ -932,7 +964,28 @@ async fn update_refuses_bad_masks_and_fields_and_changes_nothing(backend: Backen
                     nanos: -1,
                 }),
                 metadata: HashMap::from([("long".into(), "v".repeat(513))]),
-                update_mask: mask(&["name", "scopes", "expires_at", "metadata", "status"]),
+                update_mask: mask(&[
+                    "name",
+                    "scopes",
+                    "expires_at",
+                    "metadata",
+                    "status",
+                    "rate_limits",
+                    "max_budget_micros",
+                ]),
+                rate_limits: vec![
+                    proto::RateLimit {
+                        unit: proto::RateLimitUnit::Requests as i32,
+                        window: proto::RateLimitWindow::Minute as i32,
+                        limit: 10,
+                    },
+                    proto::RateLimit {
+                        unit: proto::RateLimitUnit::Requests as i32,
+                        window: proto::RateLimitWindow::Minute as i32,
+                        limit: u64::MAX,
+                    },
+                ],
+                max_budget_micros: Some(u64::MAX),
             },
             &[
                 "key_id",
@@ -943,6 +996,9 @@ async fn update_refuses_bad_masks_and_fields_and_changes_nothing(backend: Backen
                 "expires_at",
                 "metadata[long]",
                 "update_mask",
+                "rate_limits[1].limit",
+                "rate_limits[1]",
+                "max_budget_micros",
             ],
         ),
     ];
@@ -1239,6 +1295,7 @@ async fn verify_refuses_malformed_required_scopes(backend: Backend) {
                 .verify_key(proto::VerifyKeyRequest {
                     key: issued.key.clone(),
                     required_scopes: required_scopes.clone(),
+                    cost: 0,
                 })
                 .await,
         );
@@ -1294,6 +1351,7 @@ async fn verify_answers_malformed_keys_with_a_code_not_an_error(backend: Backend
             .verify_key(proto::VerifyKeyRequest {
                 key,
                 required_scopes: vec![],
+                cost: 0,
             })
             .await
             .unwrap_or_else(|e| panic!("{case}: an error instead of an answer: {e:?}"))
@@ -1316,6 +1374,7 @@ async fn malformed_keys_are_refused_before_any_storage_access(backend: Backend) 
             .verify_key(proto::VerifyKeyRequest {
                 key,
                 required_scopes: vec![],
+                cost: 0,
             })
             .await
             .unwrap_or_else(|e| panic!("{case}: storage was consulted: {e:?}"))

@@ -93,6 +93,7 @@ async fn malformed_keys_are_refused_without_touching_storage(backend: Backend) {
         .verify_key(proto::VerifyKeyRequest {
             key: unknown_key(),
             required_scopes: vec![],
+            cost: 0,
         })
         .await
         .unwrap_err();

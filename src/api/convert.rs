@@ -8,6 +8,7 @@ use prost_types::{Duration as PbDuration, Timestamp};
 
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::Environment;
+use crate::domain::limits::{LimitDecision, LimitUnit, LimitWindow, RateLimit};
 use crate::domain::validate::Violations;
 use crate::domain::{MICROS_PER_SECOND, Micros};
 use crate::keys::Actor;
@@ -141,6 +142,100 @@ pub fn metadata(
     out
 }
 
+/// Rate limits from the wire: units and windows must be named and known.
+pub fn rate_limits(given: &[proto::RateLimit], field: &str, v: &mut Violations) -> Vec<RateLimit> {
+    if given.len() > 6 {
+        v.add(field, "must hold at most 6 limits (one per unit and window)");
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(given.len());
+    for (i, l) in given.iter().enumerate() {
+        let unit = match proto::RateLimitUnit::try_from(l.unit) {
+            Ok(proto::RateLimitUnit::Requests) => Some(LimitUnit::Requests),
+            Ok(proto::RateLimitUnit::Tokens) => Some(LimitUnit::Tokens),
+            _ => {
+                v.add(
+                    format!("{field}[{i}].unit"),
+                    "must be RATE_LIMIT_UNIT_REQUESTS or RATE_LIMIT_UNIT_TOKENS",
+                );
+                None
+            }
+        };
+        let window = match proto::RateLimitWindow::try_from(l.window) {
+            Ok(proto::RateLimitWindow::Minute) => Some(LimitWindow::Minute),
+            Ok(proto::RateLimitWindow::Hour) => Some(LimitWindow::Hour),
+            Ok(proto::RateLimitWindow::Day) => Some(LimitWindow::Day),
+            _ => {
+                v.add(
+                    format!("{field}[{i}].window"),
+                    "must be RATE_LIMIT_WINDOW_MINUTE, _HOUR or _DAY",
+                );
+                None
+            }
+        };
+        if let (Some(unit), Some(window)) = (unit, window) {
+            out.push(RateLimit {
+                unit,
+                window,
+                limit: l.limit,
+            });
+        }
+    }
+    if out.len() == given.len() {
+        v.rate_limits(field, &out)
+    } else {
+        out
+    }
+}
+
+pub fn rate_limit_pb(l: &RateLimit) -> proto::RateLimit {
+    proto::RateLimit {
+        unit: match l.unit {
+            LimitUnit::Requests => proto::RateLimitUnit::Requests,
+            LimitUnit::Tokens => proto::RateLimitUnit::Tokens,
+        } as i32,
+        window: match l.window {
+            LimitWindow::Minute => proto::RateLimitWindow::Minute,
+            LimitWindow::Hour => proto::RateLimitWindow::Hour,
+            LimitWindow::Day => proto::RateLimitWindow::Day,
+        } as i32,
+        limit: l.limit,
+    }
+}
+
+/// Unix seconds, rounded up: a reset is never announced before it happens.
+fn unix_seconds_ceil(at: Micros) -> i64 {
+    at.div_euclid(MICROS_PER_SECOND) + i64::from(at.rem_euclid(MICROS_PER_SECOND) != 0)
+}
+
+pub fn limit_decision_pb(d: &LimitDecision, now: Micros) -> proto::RateLimitDecision {
+    let tightest = d.tightest();
+    proto::RateLimitDecision {
+        allowed: d.allowed,
+        limit: tightest.map_or(0, |w| w.limit.limit),
+        remaining: tightest.map_or(0, |w| w.remaining),
+        reset_at: tightest.map_or(0, |w| unix_seconds_ceil(w.reset_at)),
+        retry_after: d.retry_at().filter(|_| !d.allowed).map(|at| {
+            let wait = (at - now).max(0);
+            PbDuration {
+                seconds: wait / MICROS_PER_SECOND,
+                nanos: ((wait % MICROS_PER_SECOND) * 1000) as i32,
+            }
+        }),
+        windows: d
+            .windows
+            .iter()
+            .map(|w| proto::RateLimitWindowState {
+                limit: Some(rate_limit_pb(&w.limit)),
+                used: w.used,
+                remaining: w.remaining,
+                reset_at: unix_seconds_ceil(w.reset_at),
+                allowed: w.allowed,
+            })
+            .collect(),
+    }
+}
+
 pub fn key_info(key: &KeyRecord, now: Micros) -> proto::KeyInfo {
     proto::KeyInfo {
         key_id: key.key_id.clone(),
@@ -167,6 +262,10 @@ pub fn key_info(key: &KeyRecord, now: Micros) -> proto::KeyInfo {
         updated_at: Some(timestamp(key.updated_at)),
         rotated_at: key.rotated_at.map(timestamp),
         revoke_reason: key.revoke_reason.clone().unwrap_or_default(),
+        rate_limits: key.rate_limits.iter().map(rate_limit_pb).collect(),
+        max_budget_micros: key.max_budget_micros,
+        spent_micros: key.spent_micros,
+        last_used_at: key.last_used_at.map(timestamp),
     }
 }
 

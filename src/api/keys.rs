@@ -9,7 +9,7 @@ use super::convert;
 use super::error::check;
 use crate::domain::key::MAX_ROTATION_GRACE;
 use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, MAX_REASON_LEN, Violations};
-use crate::keys::{Acting, IssueInput, KeyLifecycle};
+use crate::keys::{Acting, IssueInput, KeyLifecycle, KeyQuery};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
 use crate::store::{KeyPatch, page_token};
@@ -73,6 +73,10 @@ impl KeyService for KeyApi {
         let owner = convert::owner(r.owner.as_ref(), "owner", &mut v);
         let actor = convert::actor(r.actor.as_ref(), &mut v);
         let metadata = convert::metadata(&r.metadata, "metadata", &mut v);
+        let rate_limits = convert::rate_limits(&r.rate_limits, "rate_limits", &mut v);
+        if let Some(budget) = r.max_budget_micros {
+            v.budget("max_budget_micros", budget);
+        }
         check(v)?;
         let (Some(environment), Some(owner)) = (environment, owner) else {
             return Err(Status::invalid_argument("invalid request"));
@@ -90,6 +94,8 @@ impl KeyService for KeyApi {
                     expires_at,
                     owner,
                     metadata,
+                    rate_limits,
+                    max_budget_micros: r.max_budget_micros,
                 },
             )
             .await?;
@@ -127,10 +133,23 @@ impl KeyService for KeyApi {
         let status = convert::status_filter(r.status, "status", &mut v);
         let page_size = v.page_size("page_size", r.page_size);
         let after = page_token_field(&r.page_token, &mut v, page_token::decode_key_cursor);
+        let unused_since = r
+            .unused_since
+            .as_ref()
+            .and_then(|ts| convert::micros_of(ts, "unused_since", &mut v));
         check(v)?;
         let (keys, next) = self
             .lifecycle
-            .list(r.workspace_id, owner, status, page_size, after)
+            .list(
+                KeyQuery {
+                    workspace_id: r.workspace_id,
+                    owner,
+                    status,
+                    unused_since,
+                },
+                page_size,
+                after,
+            )
             .await?;
         let now = self.lifecycle.now();
         Ok(Response::new(proto::ListKeysResponse {
@@ -160,7 +179,7 @@ impl KeyService for KeyApi {
         if paths.is_empty() {
             v.add(
                 "update_mask",
-                "must name at least one of name, scopes, expires_at, metadata",
+                "must name at least one of name, scopes, expires_at, metadata, rate_limits, max_budget_micros",
             );
         }
         for path in paths {
@@ -183,10 +202,20 @@ impl KeyService for KeyApi {
                 "metadata" => {
                     patch.metadata = Some(convert::metadata(&r.metadata, "metadata", &mut v))
                 }
+                "rate_limits" => {
+                    patch.rate_limits =
+                        Some(convert::rate_limits(&r.rate_limits, "rate_limits", &mut v))
+                }
+                "max_budget_micros" => {
+                    if let Some(budget) = r.max_budget_micros {
+                        v.budget("max_budget_micros", budget);
+                    }
+                    patch.max_budget_micros = Some(r.max_budget_micros);
+                }
                 other => v.add(
                     "update_mask",
                     format!(
-                        "unknown path `{}`: expected name, scopes, expires_at or metadata",
+                        "unknown path `{}`: expected name, scopes, expires_at, metadata, rate_limits or max_budget_micros",
                         other.chars().take(64).collect::<String>()
                     ),
                 ),

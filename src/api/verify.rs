@@ -7,7 +7,8 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::error::{check, store_status};
 use crate::domain::key::VerifyCode;
-use crate::domain::validate::Violations;
+use crate::domain::validate::{MAX_COST, MAX_USAGE, Violations};
+use crate::verify::VerifyError;
 use crate::proto;
 use crate::proto::verify_service_server::VerifyService;
 use crate::verify::Verifier;
@@ -22,6 +23,16 @@ impl VerifyApi {
     }
 }
 
+fn verify_status(e: &VerifyError) -> Status {
+    match e {
+        VerifyError::Store(e) => store_status(e),
+        VerifyError::Limiter(e) => {
+            tracing::warn!(error = %e, "no rate-limit decision");
+            Status::unavailable("rate-limit backend unavailable; retry")
+        }
+    }
+}
+
 fn code_pb(code: VerifyCode) -> proto::VerifyCode {
     match code {
         VerifyCode::Valid => proto::VerifyCode::Valid,
@@ -30,6 +41,8 @@ fn code_pb(code: VerifyCode) -> proto::VerifyCode {
         VerifyCode::Revoked => proto::VerifyCode::Revoked,
         VerifyCode::Expired => proto::VerifyCode::Expired,
         VerifyCode::InsufficientScope => proto::VerifyCode::InsufficientScope,
+        VerifyCode::RateLimited => proto::VerifyCode::RateLimited,
+        VerifyCode::BudgetExceeded => proto::VerifyCode::BudgetExceeded,
     }
 }
 
@@ -40,19 +53,27 @@ impl VerifyService for VerifyApi {
         request: Request<proto::VerifyKeyRequest>,
     ) -> Result<Response<proto::VerifyKeyResponse>, Status> {
         let r = request.into_inner();
-        if !r.required_scopes.is_empty() {
+        if !r.required_scopes.is_empty() || r.cost > MAX_COST {
             let mut v = Violations::default();
             v.scopes("required_scopes", &r.required_scopes);
+            if r.cost > MAX_COST {
+                v.add("cost", format!("must be at most {MAX_COST}"));
+            }
             check(v)?;
         }
         let verdict = self
             .verifier
-            .verify(&r.key, &r.required_scopes)
+            .verify(&r.key, &r.required_scopes, r.cost.max(1))
             .await
-            .map_err(|e| store_status(&e))?;
+            .map_err(|e| verify_status(&e))?;
         let mut response = proto::VerifyKeyResponse {
             valid: verdict.code == VerifyCode::Valid,
             code: code_pb(verdict.code) as i32,
+            rate_limit: verdict
+                .limit
+                .as_ref()
+                .map(|d| convert::limit_decision_pb(d, self.verifier.now())),
+            spent_micros: verdict.spent_micros,
             ..Default::default()
         };
         if let Some(entry) = verdict.key {
@@ -68,8 +89,33 @@ impl VerifyService for VerifyApi {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
+            response.max_budget_micros = key.max_budget_micros;
         }
         Ok(Response::new(response))
+    }
+
+    async fn report_usage(
+        &self,
+        request: Request<proto::ReportUsageRequest>,
+    ) -> Result<Response<proto::ReportUsageResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.key_id("key_id", &r.key_id);
+        for (field, value) in [("tokens", r.tokens), ("spend_micros", r.spend_micros)] {
+            if value > MAX_USAGE {
+                v.add(field, format!("must be at most {MAX_USAGE}"));
+            }
+        }
+        check(v)?;
+        let spent = self
+            .verifier
+            .report_usage(&r.key_id, r.tokens, r.spend_micros)
+            .await
+            .map_err(|e| verify_status(&e))?
+            .ok_or_else(|| Status::not_found("key not found"))?;
+        Ok(Response::new(proto::ReportUsageResponse {
+            spent_micros: spent,
+        }))
     }
 
     async fn ping(

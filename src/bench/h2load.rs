@@ -71,6 +71,7 @@ pub async fn measure(
         grpc_frame(&proto::VerifyKeyRequest {
             key: hit_key.to_owned(),
             required_scopes: Vec::new(),
+            cost: 0,
         }),
     )?;
     let addr = server.addr.to_string();
@@ -179,6 +180,7 @@ mod tests {
         let f = grpc_frame(&proto::VerifyKeyRequest {
             key: "abc".into(),
             required_scopes: vec![],
+            cost: 0,
         });
         assert_eq!(&f[..5], &[0, 0, 0, 0, 5]);
         assert_eq!(&f[5..], &[10, 3, b'a', b'b', b'c']);

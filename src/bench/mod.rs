@@ -517,6 +517,7 @@ async fn expect_valid(client: &mut Verifier, key: String) -> Result<(), String> 
         .verify_key(proto::VerifyKeyRequest {
             key,
             required_scopes: Vec::new(),
+            cost: 0,
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -615,6 +616,7 @@ async fn warm(clients: &Clients, pools: &KeyPools) {
             .verify_key(proto::VerifyKeyRequest {
                 key: key.clone(),
                 required_scopes: Vec::new(),
+                cost: 0,
             })
             .await;
     }
@@ -646,6 +648,7 @@ async fn verify_mix(spec: &LoadSpec, clients: &Clients, pools: &Arc<KeyPools>) -
                 .verify_key(proto::VerifyKeyRequest {
                     key,
                     required_scopes: Vec::new(),
+                    cost: 0,
                 })
                 .await
                 .map(|_| ())

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use super::Micros;
 use super::key_format::Environment;
+use super::limits::RateLimit;
 use super::scopes::EffectiveScopes;
 
 /// The longest grace period a rotation may give the old secret.
@@ -57,6 +58,12 @@ pub struct KeyRecord {
     pub revoke_reason: Option<String>,
     pub rotated_at: Option<Micros>,
     pub deleted_at: Option<Micros>,
+    /// The key's own limits; empty: the deployment's default.
+    pub rate_limits: Vec<RateLimit>,
+    pub max_budget_micros: Option<u64>,
+    /// Persisted spend when the record was read.
+    pub spent_micros: u64,
+    pub last_used_at: Option<Micros>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +94,8 @@ pub enum VerifyCode {
     Revoked,
     Expired,
     InsufficientScope,
+    RateLimited,
+    BudgetExceeded,
 }
 
 /// Decides a verification of a key whose secret matched a stored one.
@@ -152,6 +161,10 @@ mod tests {
             revoke_reason: None,
             rotated_at: None,
             deleted_at: None,
+            rate_limits: vec![],
+            max_budget_micros: None,
+            spent_micros: 0,
+            last_used_at: None,
         }
     }
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::Micros;
+use super::limits::{self, MAX_BUDGET_MICROS, MAX_LIMIT, RateLimit};
 use super::scopes::{self, MAX_SCOPES};
 
 pub const MAX_ID_LEN: usize = 128;
@@ -18,6 +19,10 @@ pub const MAX_PERMISSIONS: usize = 64;
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const MAX_PAGE_TOKEN_LEN: usize = 512;
+/// The most requests one VerifyKey may count for.
+pub const MAX_COST: u64 = 1_000_000;
+/// The most tokens or spend one ReportUsage may carry.
+pub const MAX_USAGE: u64 = 1_000_000_000_000;
 /// The furthest in the future an expiry may be set (ten years).
 pub const MAX_EXPIRY_AHEAD: Micros = 10 * 366 * 24 * 3600 * super::MICROS_PER_SECOND;
 
@@ -98,6 +103,39 @@ impl Violations {
             self.add(field, format!("must be at most {max_chars} characters"));
         } else if s.chars().any(char::is_control) {
             self.add(field, "must not contain control characters");
+        }
+    }
+
+    /// Rate limits: at most one per unit and window, each from 1 to [`MAX_LIMIT`].
+    /// Returns them normalized.
+    pub fn rate_limits(&mut self, field: &str, given: &[RateLimit]) -> Vec<RateLimit> {
+        for (i, l) in given.iter().enumerate() {
+            if l.limit == 0 || l.limit > MAX_LIMIT {
+                self.add(
+                    format!("{field}[{i}].limit"),
+                    format!("must be from 1 to {MAX_LIMIT}"),
+                );
+            }
+            if given[..i]
+                .iter()
+                .any(|o| o.unit == l.unit && o.window == l.window)
+            {
+                self.add(
+                    format!("{field}[{i}]"),
+                    format!("repeats the {} limit", l.name()),
+                );
+            }
+        }
+        limits::normalized(given.to_vec())
+    }
+
+    /// A budget in micro-units: from 1 to [`MAX_BUDGET_MICROS`].
+    pub fn budget(&mut self, field: &str, micros: u64) {
+        if micros == 0 || micros > MAX_BUDGET_MICROS {
+            self.add(
+                field,
+                format!("must be from 1 to {MAX_BUDGET_MICROS} (leave it unset for no budget)"),
+            );
         }
     }
 

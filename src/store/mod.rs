@@ -25,6 +25,7 @@ use crate::domain::Micros;
 use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
+use crate::domain::limits::RateLimit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -122,6 +123,8 @@ pub struct KeyFilter {
     pub status: Option<KeyStatus>,
     /// The time against which "expired" is judged.
     pub now: Micros,
+    /// Only keys not used since this time (never-used keys included).
+    pub unused_since: Option<Micros>,
 }
 
 /// Where a key listing resumes: after this (created_at, key_id), newest first.
@@ -147,6 +150,20 @@ pub struct KeyPatch {
     /// `Some(None)` removes the expiry.
     pub expires_at: Option<Option<Micros>>,
     pub metadata: Option<BTreeMap<String, String>>,
+    /// `Some(vec![])` goes back to the deployment's default.
+    pub rate_limits: Option<Vec<RateLimit>>,
+    /// `Some(None)` removes the budget.
+    pub max_budget_micros: Option<Option<u64>>,
+}
+
+/// What one replica's usage book writes for a key in one batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub key_id: String,
+    /// Added to the key's persisted spend.
+    pub spend_micros: u64,
+    /// Moves the key's `last_used_at` forward (never back).
+    pub last_used_at: Option<Micros>,
 }
 
 /// The outcome of a mutation: the key as it now is, and every secret hash whose cached
@@ -244,6 +261,10 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a `Rotated` event for each replaced secret whose grace period ended by
     /// `now` and was not announced yet (at most `limit`); returns how many.
     async fn announce_grace_ends(&self, now: Micros, limit: u32) -> Result<usize, StoreError>;
+
+    /// Adds each delta's spend and moves its `last_used_at`, in one transaction; returns
+    /// the persisted spend of every key that exists (deleted ones too), after the batch.
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

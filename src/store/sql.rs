@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use crate::domain::event::{EventKind, KeyEvent, split_hashes};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::{Environment, KeyHash};
+use crate::domain::limits;
 
 use super::{AuditOutcome, AuditRecord, FoundSecret, StoreError};
 
@@ -19,7 +20,7 @@ macro_rules! key_columns {
     () => {
         "key_id, workspace_id, name, environment, display, scopes, owner_kind, owner_id, \
          created_by, metadata, created_at, updated_at, expires_at, revoked_at, revoke_reason, \
-         rotated_at, deleted_at"
+         rotated_at, deleted_at, rate_limits, max_budget_micros, spent_micros, last_used_at"
     };
 }
 pub(crate) use key_columns;
@@ -43,6 +44,10 @@ pub(crate) struct KeyRow {
     revoke_reason: Option<String>,
     rotated_at: Option<i64>,
     deleted_at: Option<i64>,
+    rate_limits: String,
+    max_budget_micros: Option<i64>,
+    spent_micros: i64,
+    last_used_at: Option<i64>,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -55,7 +60,18 @@ impl TryFrom<KeyRow> for KeyRecord {
         let owner_kind = OwnerKind::parse(&r.owner_kind).ok_or_else(|| corrupt("owner_kind"))?;
         let metadata: BTreeMap<String, String> =
             serde_json::from_str(&r.metadata).map_err(|_| corrupt("metadata"))?;
+        let rate_limits = limits::split(&r.rate_limits).ok_or_else(|| corrupt("rate_limits"))?;
+        let max_budget_micros = r
+            .max_budget_micros
+            .map(u64::try_from)
+            .transpose()
+            .map_err(|_| corrupt("max_budget_micros"))?;
+        let spent_micros = u64::try_from(r.spent_micros).map_err(|_| corrupt("spent_micros"))?;
         Ok(KeyRecord {
+            rate_limits,
+            max_budget_micros,
+            spent_micros,
+            last_used_at: r.last_used_at,
             scopes: split_scopes(&r.scopes),
             owner: Owner {
                 kind: owner_kind,
@@ -90,6 +106,11 @@ fn split_scopes(s: &str) -> Vec<String> {
 pub(crate) fn metadata_json(m: &BTreeMap<String, String>) -> String {
     // A map of strings always serializes.
     serde_json::to_string(m).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// A budget or spend as the signed BIGINT both stores hold (validated to fit).
+pub(crate) fn budget_column(v: Option<u64>) -> Option<i64> {
+    v.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
 /// The status filter as the integer the list query switches on.
@@ -356,7 +377,7 @@ macro_rules! impl_store {
                     "INSERT INTO api_keys (",
                     crate::store::sql::key_columns!(),
                     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                     $16, $17)"
+                     $16, $17, $18, $19, $20, $21)"
                 ))
                 .bind(&key.key_id)
                 .bind(&key.workspace_id)
@@ -375,6 +396,10 @@ macro_rules! impl_store {
                 .bind(&key.revoke_reason)
                 .bind(key.rotated_at)
                 .bind(key.deleted_at)
+                .bind(crate::domain::limits::join(&key.rate_limits))
+                .bind(crate::store::sql::budget_column(key.max_budget_micros))
+                .bind(crate::store::sql::budget_column(Some(key.spent_micros)).unwrap_or(0))
+                .bind(key.last_used_at)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
@@ -430,6 +455,7 @@ macro_rules! impl_store {
                           OR ($4 = 2 AND revoked_at IS NOT NULL) \
                           OR ($4 = 3 AND revoked_at IS NULL AND expires_at <= $5)) \
                      AND ($6 = 0 OR created_at < $7 OR (created_at = $7 AND key_id < $8)) \
+                     AND ($10 = 0 OR last_used_at IS NULL OR last_used_at < $11) \
                      ORDER BY created_at DESC, key_id DESC LIMIT $9"
                 ))
                 .bind(&filter.workspace_id)
@@ -441,6 +467,8 @@ macro_rules! impl_store {
                 .bind(after.map_or(0, |c| c.created_at))
                 .bind(after.map_or("", |c| c.key_id.as_str()))
                 .bind(i64::from(limit))
+                .bind(i64::from(filter.unused_since.is_some()))
+                .bind(filter.unused_since.unwrap_or(0))
                 .fetch_all(&self.pool)
                 .await?;
                 rows.into_iter().map(TryInto::try_into).collect()
@@ -484,10 +512,16 @@ macro_rules! impl_store {
                 if let Some(metadata) = &patch.metadata {
                     key.metadata = metadata.clone();
                 }
+                if let Some(rate_limits) = &patch.rate_limits {
+                    key.rate_limits = rate_limits.clone();
+                }
+                if let Some(budget) = patch.max_budget_micros {
+                    key.max_budget_micros = budget;
+                }
                 key.updated_at = now;
                 sqlx::query(
                     "UPDATE api_keys SET name = $2, scopes = $3, expires_at = $4, metadata = $5, \
-                     updated_at = $6 WHERE key_id = $1",
+                     updated_at = $6, rate_limits = $7, max_budget_micros = $8 WHERE key_id = $1",
                 )
                 .bind(key_id)
                 .bind(&key.name)
@@ -495,6 +529,8 @@ macro_rules! impl_store {
                 .bind(key.expires_at)
                 .bind(crate::store::sql::metadata_json(&key.metadata))
                 .bind(now)
+                .bind(crate::domain::limits::join(&key.rate_limits))
+                .bind(crate::store::sql::budget_column(key.max_budget_micros))
                 .execute(&mut *tx)
                 .await?;
                 let current = Self::current_hash(&mut tx, key_id).await?;
@@ -758,6 +794,36 @@ macro_rules! impl_store {
                 }
                 tx.commit().await?;
                 Ok(announced)
+            }
+
+            async fn record_usage(
+                &self,
+                batch: &[crate::store::UsageDelta],
+            ) -> Result<Vec<(String, u64)>, crate::store::StoreError> {
+                if batch.is_empty() {
+                    return Ok(Vec::new());
+                }
+                // Usage is telemetry, not a principal's mutation: no audit row, no event.
+                let mut tx = self.pool.begin().await?;
+                let mut totals = Vec::with_capacity(batch.len());
+                for d in batch {
+                    let spent: Option<i64> = sqlx::query_scalar(
+                        "UPDATE api_keys SET spent_micros = spent_micros + $2, \
+                         last_used_at = CASE WHEN $4 = 1 AND (last_used_at IS NULL OR last_used_at < $3) \
+                         THEN $3 ELSE last_used_at END WHERE key_id = $1 RETURNING spent_micros",
+                    )
+                    .bind(&d.key_id)
+                    .bind(crate::store::sql::budget_column(Some(d.spend_micros)).unwrap_or(i64::MAX))
+                    .bind(d.last_used_at.unwrap_or(0))
+                    .bind(i64::from(d.last_used_at.is_some()))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if let Some(spent) = spent {
+                        totals.push((d.key_id.clone(), u64::try_from(spent).unwrap_or(0)));
+                    }
+                }
+                tx.commit().await?;
+                Ok(totals)
             }
 
             async fn ping(&self) -> Result<(), crate::store::StoreError> {

@@ -13,6 +13,7 @@ use keywarden::cache::CacheSizes;
 use keywarden::clock::Clock;
 use keywarden::config::Settings;
 use keywarden::domain::key_format::{Brand, KeyHash};
+use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::domain::scopes::ScopeImplications;
 use keywarden::proto::key_service_client::KeyServiceClient;
 use keywarden::proto::revocation_service_client::RevocationServiceClient;
@@ -247,6 +248,15 @@ pub fn test_settings(db: &TestDb) -> Settings {
             grace_sweep_interval: std::time::Duration::from_millis(100),
             ..Default::default()
         },
+        // Generous, so tests about other things never meet a limit on a clock that stands
+        // still; tests of limits set their own (tests/rate_limits.rs).
+        default_limits: Arc::new(vec![RateLimit {
+            unit: LimitUnit::Requests,
+            window: LimitWindow::Minute,
+            limit: 1_000_000,
+        }]),
+        limiter: Default::default(),
+        usage_flush_interval: std::time::Duration::from_millis(200),
     }
 }
 
@@ -348,6 +358,7 @@ impl TestApp {
             .verify_key(proto::VerifyKeyRequest {
                 key: key.to_owned(),
                 required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                cost: 0,
             })
             .await
             .unwrap()
@@ -411,6 +422,8 @@ pub fn issue_request(workspace_id: &str) -> IssueKeyRequest {
         owner: Some(user("user_1")),
         actor: Some(actor()),
         metadata: HashMap::new(),
+        rate_limits: Vec::new(),
+        max_budget_micros: None,
     }
 }
 
