@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests and the integration tests, which
-# run real servers against real SQLite and real Postgres.
+# run real servers against real SQLite, real Postgres and real Redis.
 #
 # Postgres is made to be there: if nothing answers on 127.0.0.1:5432, an existing cluster
 # is started, or the Debian package is installed and a trust-auth cluster created.
 # Override the server the tests use with KEYWARDEN_TEST_DATABASE_URL (a database the
 # tests may CREATE DATABASE from; each test makes and drops its own).
+#
+# Redis (the shared rate-limit counters) is made to be there the same way: if nothing
+# answers on 127.0.0.1:6379, the Debian package is installed if missing and a server
+# started. Override with KEYWARDEN_TEST_REDIS_URL (each test uses keys of its own prefix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export KEYWARDEN_TEST_DATABASE_URL="${KEYWARDEN_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export KEYWARDEN_TEST_REDIS_URL="${KEYWARDEN_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 
 log() { printf '==> %s\n' "$*"; }
 
@@ -51,8 +56,35 @@ ensure_postgres() {
   exit 1
 }
 
+redis_answers() {
+  command -v redis-cli >/dev/null 2>&1 && [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]
+}
+
+ensure_redis() {
+  if redis_answers; then
+    return
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    log "installing Redis (Debian package)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
+  if ! redis_answers; then
+    log "starting Redis on 127.0.0.1:6379"
+    redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly no >/dev/null
+  fi
+  for _ in $(seq 1 60); do
+    redis_answers && return
+    sleep 0.5
+  done
+  echo "Redis did not come up on 127.0.0.1:6379" >&2
+  exit 1
+}
+
 ensure_postgres
 log "PostgreSQL answers on 127.0.0.1:5432"
+ensure_redis
+log "Redis answers on 127.0.0.1:6379"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -41,6 +41,12 @@
 //!   a hash that matched nothing (or a deleted key, or a rotated-out secret) stays
 //!   unmatched; `MALFORMED` depends only on the key's text and the server's brand.
 //! - Errors (`INVALID_ARGUMENT`, `UNAVAILABLE`, ...) are never cached.
+//! - A `VALID` answer that carries a rate-limit decision or a budget is never cached:
+//!   each call must count against the key's limits on the server (`RATE_LIMITED` and
+//!   `BUDGET_EXCEEDED` are not cached either). With limits on (the server's default is
+//!   100 requests per minute), the edge cache therefore holds only refusals (revoked,
+//!   expired, insufficient scope, unknown, malformed), which still spares the server a
+//!   flood of dead keys; valid calls are answered by the server from its own memory.
 //! - A rotated-out secret's grace period ends on the server's clock; the edge learns of
 //!   it from the event the server's grace sweeper sends (`events.grace_sweep_interval_ms`,
 //!   1 s by default), so it may accept the old secret that much longer.
@@ -819,7 +825,10 @@ impl EdgeCache {
 
     fn kind(&self, response: &proto::VerifyKeyResponse) -> Kind {
         use proto::VerifyCode as C;
+        // A rate-limit decision or a budget is per call: such an answer is never reused.
+        let per_call = response.rate_limit.is_some() || response.max_budget_micros.is_some();
         match C::try_from(response.code) {
+            Ok(C::Valid) if per_call => Kind::Uncacheable,
             Ok(C::Valid | C::Revoked | C::Expired | C::InsufficientScope)
                 if !response.key_id.is_empty()
                     && self

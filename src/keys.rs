@@ -244,7 +244,10 @@ impl KeyLifecycle {
             patch.expires_at.as_ref().map(|_| "expires_at"),
             patch.metadata.as_ref().map(|_| "metadata"),
             patch.rate_limits.as_ref().map(|_| "rate_limits"),
-            patch.max_budget_micros.as_ref().map(|_| "max_budget_micros"),
+            patch
+                .max_budget_micros
+                .as_ref()
+                .map(|_| "max_budget_micros"),
         ]
         .into_iter()
         .flatten()

@@ -18,16 +18,16 @@ use crate::api::verify::VerifyApi;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::config::{LimiterSettings, Settings};
-use crate::ratelimit::RateLimiter;
-use crate::ratelimit::memory::MemoryLimiter;
-use crate::ratelimit::redis::RedisLimiter;
-use crate::usage::UsageBook;
 use crate::events::EventHub;
 use crate::keys::KeyLifecycle;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::revocation_service_server::RevocationServiceServer;
 use crate::proto::verify_service_server::VerifyServiceServer;
+use crate::ratelimit::RateLimiter;
+use crate::ratelimit::memory::MemoryLimiter;
+use crate::ratelimit::redis::RedisLimiter;
 use crate::store::{self, Store};
+use crate::usage::UsageBook;
 use crate::verify::{Verifier, VerifyPolicy};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,11 @@ impl UsageFlusher {
     }
 
     async fn flush(&self) {
-        if let Err(e) = self.usage.flush(self.store.as_ref(), self.clock.now()).await {
+        if let Err(e) = self
+            .usage
+            .flush(self.store.as_ref(), self.clock.now())
+            .await
+        {
             tracing::warn!(error = %e, "writing usage failed; kept for the next flush");
         }
     }

@@ -59,11 +59,9 @@ impl UsageBook {
 
     fn shard(&self, key_id: &str) -> MutexGuard<'_, HashMap<String, Account>> {
         // FNV-1a: cheap, and key ids are random already.
-        let h = key_id
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
+        let h = key_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
         self.shards[(h % SHARDS as u64) as usize]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -109,9 +107,7 @@ impl UsageBook {
     /// The key's spend as this replica sees it, given the persisted spend of its record.
     pub fn spent(&self, key_id: &str, persisted: u64) -> u64 {
         self.shard(key_id).get(key_id).map_or(persisted, |a| {
-            a.persisted
-                .max(persisted)
-                .saturating_add(a.unwritten_spend)
+            a.persisted.max(persisted).saturating_add(a.unwritten_spend)
         })
     }
 
@@ -125,13 +121,16 @@ impl UsageBook {
                     || a.unwritten_use.is_some()
                     || now.saturating_sub(a.touched_at) < self.keep_idle
             });
-            batch.extend(shard.iter().filter_map(|(key_id, a)| {
-                (a.unwritten_spend > 0 || a.unwritten_use.is_some()).then(|| UsageDelta {
-                    key_id: key_id.clone(),
-                    spend_micros: a.unwritten_spend,
-                    last_used_at: a.unwritten_use,
-                })
-            }));
+            batch.extend(
+                shard
+                    .iter()
+                    .filter(|(_, a)| a.unwritten_spend > 0 || a.unwritten_use.is_some())
+                    .map(|(key_id, a)| UsageDelta {
+                        key_id: key_id.clone(),
+                        spend_micros: a.unwritten_spend,
+                        last_used_at: a.unwritten_use,
+                    }),
+            );
         }
         if batch.is_empty() {
             return Ok(0);

@@ -96,9 +96,12 @@ impl Verifier {
         };
         let now = self.clock.now();
         self.limiter.record_tokens(key_id, tokens, now).await?;
-        Ok(Some(
-            self.usage.add_spend(key_id, spend_micros, persisted, now),
-        ))
+        Ok(Some(self.usage.add_spend(
+            key_id,
+            spend_micros,
+            persisted,
+            now,
+        )))
     }
 
     pub async fn verify(
@@ -148,11 +151,18 @@ impl Verifier {
                 spent_micros,
             });
         }
-        let decision = self
-            .limiter
-            .check(key_id, &entry.limits, cost.max(1), now)
-            .await?;
-        let code = if decision.allowed {
+        // A key without limits (none of its own and no deployment default) needs no
+        // decision, and its answer says so by carrying none.
+        let decision = if entry.limits.is_empty() {
+            None
+        } else {
+            Some(
+                self.limiter
+                    .check(key_id, &entry.limits, cost.max(1), now)
+                    .await?,
+            )
+        };
+        let code = if decision.as_ref().is_none_or(|d| d.allowed) {
             self.usage.mark_used(key_id, entry.key.spent_micros, now);
             VerifyCode::Valid
         } else {
@@ -161,7 +171,7 @@ impl Verifier {
         Ok(Verdict {
             code,
             key: Some(entry),
-            limit: Some(decision),
+            limit: decision,
             spent_micros,
         })
     }

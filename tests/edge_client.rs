@@ -7,6 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -97,6 +98,12 @@ async fn wait_caught_up(app: &TestApp, edge: &Verifier) {
     });
 }
 
+/// A server whose keys have no rate limits (no deployment default): only then are valid
+/// answers reusable at the edge.
+async fn spawn_unlimited(backend: Backend) -> TestApp {
+    TestApp::spawn_with(backend, |s| s.default_limits = Arc::new(Vec::new())).await
+}
+
 /// Shuts the app's server down and waits until the edge noticed; returns its address.
 async fn stop_server(app: &mut TestApp, edge: &Verifier) -> SocketAddr {
     let server = app.server.take().unwrap();
@@ -110,6 +117,7 @@ async fn stop_server(app: &mut TestApp, edge: &Verifier) -> SocketAddr {
 async fn start_server(app: &TestApp, listen: SocketAddr) -> RunningServer {
     let mut settings = test_settings(&app.db);
     settings.listen = listen;
+    settings.default_limits = Arc::new(Vec::new());
     let deadline = Instant::now() + DEADLINE;
     loop {
         match keywarden::server::start(&settings, app.clock.clone()).await {
@@ -134,7 +142,7 @@ async fn admin_of(server: &RunningServer) -> AdminClient {
 }
 
 async fn served_from_the_edge_cache_the_second_time(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    let app = spawn_unlimited(backend).await;
     let issued = app.issue().await;
     let edge = edge(&app).await;
 
@@ -198,8 +206,41 @@ async fn served_from_the_edge_cache_the_second_time(backend: Backend) {
     edge.shutdown().await;
 }
 
+/// With limits (here the key's own: 2 requests a minute), every valid call must count on
+/// the server: none is answered from the edge cache, and the third is refused there.
+async fn answers_under_rate_limits_or_budgets_are_never_reused(backend: Backend) {
+    let app = spawn_unlimited(backend).await;
+    let limited = app
+        .issue_with(|r| {
+            r.rate_limits = vec![proto::RateLimit {
+                unit: proto::RateLimitUnit::Requests as i32,
+                window: proto::RateLimitWindow::Minute as i32,
+                limit: 2,
+            }]
+        })
+        .await;
+    let budgeted = app.issue_with(|r| r.max_budget_micros = Some(1_000)).await;
+    let edge = edge(&app).await;
+    assert_eq!(edge_code(&edge, &limited.key, &[]).await, VerifyCode::Valid);
+    assert_eq!(edge_code(&edge, &limited.key, &[]).await, VerifyCode::Valid);
+    assert_eq!(
+        edge_code(&edge, &limited.key, &[]).await,
+        VerifyCode::RateLimited
+    );
+    assert_eq!(edge.stats().server_calls, 3);
+    for _ in 0..2 {
+        assert_eq!(
+            edge_code(&edge, &budgeted.key, &[]).await,
+            VerifyCode::Valid
+        );
+    }
+    let stats = edge.stats();
+    assert_eq!((stats.server_calls, stats.hits), (5, 0), "{stats:?}");
+    edge.shutdown().await;
+}
+
 async fn an_answer_is_never_served_past_the_keys_expiry(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    let app = spawn_unlimited(backend).await;
     // Expires in half a second: inside the edge's expiry slack, so never served from
     // the cache, although it is valid now.
     let soon = app.clock.now() + 500_000;
@@ -235,7 +276,7 @@ async fn an_answer_is_never_served_past_the_keys_expiry(backend: Backend) {
 }
 
 async fn a_revoke_reaches_the_edge(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    let app = spawn_unlimited(backend).await;
     let issued = app.issue().await;
     let edge = edge(&app).await;
     for _ in 0..2 {
@@ -266,7 +307,7 @@ async fn a_revoke_reaches_the_edge(backend: Backend) {
 }
 
 async fn a_rotation_reaches_the_edge(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    let app = spawn_unlimited(backend).await;
     let immediate = app.issue().await;
     let graceful = app.issue().await;
     let edge = edge(&app).await;
@@ -325,7 +366,7 @@ async fn a_rotation_reaches_the_edge(backend: Backend) {
 }
 
 async fn a_scope_change_reaches_the_edge(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    let app = spawn_unlimited(backend).await;
     let issued = app
         .issue_with(|r| r.scopes = vec!["write".to_owned()])
         .await;
@@ -365,7 +406,7 @@ async fn a_scope_change_reaches_the_edge(backend: Backend) {
 }
 
 async fn a_restart_is_resumed_without_losing_an_event(backend: Backend) {
-    let mut app = TestApp::spawn(backend).await;
+    let mut app = spawn_unlimited(backend).await;
     let (a, b, c) = (app.issue().await, app.issue().await, app.issue().await);
     let edge = edge(&app).await;
     for key in [&a.key, &b.key] {
@@ -417,7 +458,7 @@ async fn a_restart_is_resumed_without_losing_an_event(backend: Backend) {
 }
 
 async fn a_reset_flushes_the_edge_cache(backend: Backend) {
-    let mut app = TestApp::spawn(backend).await;
+    let mut app = spawn_unlimited(backend).await;
     let (a, b, c) = (app.issue().await, app.issue().await, app.issue().await);
     let edge = edge(&app).await;
     for key in [&a.key, &b.key] {
@@ -460,7 +501,7 @@ async fn a_reset_flushes_the_edge_cache(backend: Backend) {
 }
 
 async fn lag_follows_the_stream(backend: Backend) {
-    let mut app = TestApp::spawn(backend).await;
+    let mut app = spawn_unlimited(backend).await;
     let issued = app.issue().await;
     let edge = edge(&app).await;
     let lag = edge.lag();
@@ -507,6 +548,7 @@ async fn lag_follows_the_stream(backend: Backend) {
 both_backends!(
     served_from_the_edge_cache_the_second_time,
     an_answer_is_never_served_past_the_keys_expiry,
+    answers_under_rate_limits_or_budgets_are_never_reused,
     a_revoke_reaches_the_edge,
     a_rotation_reaches_the_edge,
     a_scope_change_reaches_the_edge,

@@ -145,7 +145,10 @@ pub fn metadata(
 /// Rate limits from the wire: units and windows must be named and known.
 pub fn rate_limits(given: &[proto::RateLimit], field: &str, v: &mut Violations) -> Vec<RateLimit> {
     if given.len() > 6 {
-        v.add(field, "must hold at most 6 limits (one per unit and window)");
+        v.add(
+            field,
+            "must hold at most 6 limits (one per unit and window)",
+        );
         return Vec::new();
     }
     let mut out = Vec::with_capacity(given.len());

@@ -8,10 +8,10 @@ use super::convert;
 use super::error::{check, store_status};
 use crate::domain::key::VerifyCode;
 use crate::domain::validate::{MAX_COST, MAX_USAGE, Violations};
-use crate::verify::VerifyError;
 use crate::proto;
 use crate::proto::verify_service_server::VerifyService;
 use crate::verify::Verifier;
+use crate::verify::VerifyError;
 
 pub struct VerifyApi {
     verifier: Arc<Verifier>,

@@ -1,0 +1,710 @@
+//! Rate limits, usage and budgets through real servers: the decision in every VerifyKey
+//! answer (in memory and in Redis), token windows and budgets spent through ReportUsage,
+//! limits changed by UpdateKey taking effect at once (on another replica too), replicas
+//! sharing Redis admitting exactly the limit, Redis unreachable (open / closed), spend
+//! surviving a restart, and `last_used_at` / `unused_since`.
+//!
+//! Time is the test's manual clock: windows pass by advancing it, never by sleeping.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use keywarden::config::{LimiterSettings, Settings};
+use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
+use keywarden::proto::{self, VerifyCode};
+use keywarden::ratelimit::FailureMode;
+use prost_types::FieldMask;
+use secrecy::SecretString;
+use tokio::time::Instant;
+use tonic::Code;
+use tonic::transport::Channel;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counters {
+    Memory,
+    Redis,
+}
+
+fn redis_url() -> String {
+    std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A Redis key prefix of this test's own.
+fn redis_prefix() -> String {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    format!("kwtest_{}", hex::encode(b))
+}
+
+fn use_counters(s: &mut Settings, counters: Counters, prefix: &str) {
+    s.limiter = match counters {
+        Counters::Memory => LimiterSettings::default(),
+        Counters::Redis => LimiterSettings::Redis {
+            url: SecretString::from(redis_url()),
+            prefix: prefix.to_owned(),
+            failure: FailureMode::Closed,
+        },
+    };
+}
+
+async fn spawn(backend: Backend, counters: Counters) -> TestApp {
+    let prefix = redis_prefix();
+    TestApp::spawn_with(backend, |s| use_counters(s, counters, &prefix)).await
+}
+
+fn limit(unit: proto::RateLimitUnit, window: proto::RateLimitWindow, n: u64) -> proto::RateLimit {
+    proto::RateLimit {
+        unit: unit as i32,
+        window: window as i32,
+        limit: n,
+    }
+}
+
+fn rpm(n: u64) -> proto::RateLimit {
+    limit(
+        proto::RateLimitUnit::Requests,
+        proto::RateLimitWindow::Minute,
+        n,
+    )
+}
+
+async fn verify_with(verifier: &VerifierClient, key: &str, cost: u64) -> proto::VerifyKeyResponse {
+    verifier
+        .clone()
+        .verify_key(proto::VerifyKeyRequest {
+            key: key.to_owned(),
+            required_scopes: Vec::new(),
+            cost,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn report(
+    app: &TestApp,
+    key_id: &str,
+    tokens: u64,
+    spend_micros: u64,
+) -> Result<u64, tonic::Status> {
+    app.verifier()
+        .report_usage(proto::ReportUsageRequest {
+            key_id: key_id.to_owned(),
+            tokens,
+            spend_micros,
+        })
+        .await
+        .map(|r| r.into_inner().spent_micros)
+}
+
+async fn get_key(app: &TestApp, key_id: &str) -> proto::KeyInfo {
+    app.admin()
+        .get_key(proto::GetKeyRequest {
+            key_id: key_id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_info
+        .unwrap()
+}
+
+async fn set_limits(admin: &AdminClient, key_id: &str, limits: Vec<proto::RateLimit>) {
+    admin
+        .clone()
+        .update_key(proto::UpdateKeyRequest {
+            key_id: key_id.to_owned(),
+            actor: Some(actor()),
+            rate_limits: limits,
+            update_mask: Some(FieldMask {
+                paths: vec!["rate_limits".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn key_id(issued: &proto::IssueKeyResponse) -> String {
+    issued.key_info.as_ref().unwrap().key_id.clone()
+}
+
+fn unix_seconds(app: &TestApp) -> i64 {
+    app.clock.now() / 1_000_000
+}
+
+// ---------------------------------------------------------------------------------------
+// The decision
+
+async fn ten_a_minute_admits_ten_then_refuses_with_retry_after(
+    backend: Backend,
+    counters: Counters,
+) {
+    let app = spawn(backend, counters).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(10)]).await;
+    let verifier = app.verifier();
+    for expected_remaining in (0..10).rev() {
+        let r = verify_with(&verifier, &issued.key, 0).await;
+        assert!(r.valid, "{r:?}");
+        let d = r.rate_limit.unwrap();
+        assert!(d.allowed);
+        assert_eq!((d.limit, d.remaining), (10, expected_remaining));
+        assert!(d.retry_after.is_none());
+        // Everything counted now leaves the window 60 s (plus at most a bucket) from now.
+        assert!((unix_seconds(&app) + 60..=unix_seconds(&app) + 62).contains(&d.reset_at));
+    }
+    let refused = verify_with(&verifier, &issued.key, 1).await;
+    assert!(!refused.valid);
+    assert_eq!(code(&refused), VerifyCode::RateLimited);
+    assert_eq!(refused.key_id, key_id(&issued), "the key is still named");
+    let d = refused.rate_limit.unwrap();
+    assert!(!d.allowed);
+    assert_eq!((d.limit, d.remaining), (10, 0));
+    let retry = d.retry_after.unwrap();
+    assert!((60..=61).contains(&retry.seconds), "{retry:?}");
+    assert_eq!(d.windows.len(), 1);
+    assert_eq!(d.windows[0].used, 10, "a refused call consumes nothing");
+
+    // Refused again and again until the window has passed, then admitted.
+    app.clock.advance(Duration::from_secs(30));
+    assert_eq!(
+        code(&verify_with(&verifier, &issued.key, 1).await),
+        VerifyCode::RateLimited
+    );
+    app.clock.advance(Duration::from_secs(32));
+    let r = verify_with(&verifier, &issued.key, 1).await;
+    assert!(r.valid, "{r:?}");
+    assert_eq!(r.rate_limit.unwrap().remaining, 9);
+}
+
+async fn cost_counts_several_requests_at_once(backend: Backend, counters: Counters) {
+    let app = spawn(backend, counters).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(10)]).await;
+    let verifier = app.verifier();
+    assert_eq!(
+        verify_with(&verifier, &issued.key, 7)
+            .await
+            .rate_limit
+            .unwrap()
+            .remaining,
+        3
+    );
+    let refused = verify_with(&verifier, &issued.key, 4).await;
+    assert_eq!(code(&refused), VerifyCode::RateLimited);
+    assert!(verify_with(&verifier, &issued.key, 3).await.valid);
+    // A cost above the limit never passes, and no retry time is promised.
+    let never = verify_with(&verifier, &issued.key, 11).await;
+    assert_eq!(code(&never), VerifyCode::RateLimited);
+    assert!(never.rate_limit.unwrap().retry_after.is_none());
+}
+
+async fn the_minute_passes_while_the_hour_refuses(backend: Backend, counters: Counters) {
+    let app = spawn(backend, counters).await;
+    let issued = app
+        .issue_with(|r| {
+            r.rate_limits = vec![
+                rpm(3),
+                limit(
+                    proto::RateLimitUnit::Requests,
+                    proto::RateLimitWindow::Hour,
+                    4,
+                ),
+            ]
+        })
+        .await;
+    let verifier = app.verifier();
+    for _ in 0..3 {
+        assert!(verify_with(&verifier, &issued.key, 1).await.valid);
+    }
+    app.clock.advance(Duration::from_secs(61));
+    assert!(verify_with(&verifier, &issued.key, 1).await.valid);
+    let refused = verify_with(&verifier, &issued.key, 1).await;
+    assert_eq!(code(&refused), VerifyCode::RateLimited);
+    let d = refused.rate_limit.unwrap();
+    assert_eq!(d.limit, 4, "the hour is the window that refused");
+    let minute = &d.windows[0];
+    let hour = &d.windows[1];
+    assert!(minute.allowed && !hour.allowed, "{d:?}");
+    assert!(d.retry_after.unwrap().seconds > 3000, "{d:?}");
+}
+
+async fn the_deployment_default_applies_to_keys_that_name_none(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.default_limits = Arc::new(vec![RateLimit {
+            unit: LimitUnit::Requests,
+            window: LimitWindow::Minute,
+            limit: 3,
+        }])
+    })
+    .await;
+    let plain = app.issue().await;
+    let own = app.issue_with(|r| r.rate_limits = vec![rpm(5)]).await;
+    assert!(
+        get_key(&app, &key_id(&plain)).await.rate_limits.is_empty(),
+        "the key names none"
+    );
+    let verifier = app.verifier();
+    for _ in 0..3 {
+        assert!(verify_with(&verifier, &plain.key, 1).await.valid);
+    }
+    let refused = verify_with(&verifier, &plain.key, 1).await;
+    assert_eq!(code(&refused), VerifyCode::RateLimited);
+    assert_eq!(refused.rate_limit.unwrap().limit, 3);
+    // A key's own limits replace the default.
+    for _ in 0..5 {
+        assert!(verify_with(&verifier, &own.key, 1).await.valid);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Usage: tokens and budgets
+
+async fn spent_tokens_refuse_the_next_call(backend: Backend, counters: Counters) {
+    let app = spawn(backend, counters).await;
+    let issued = app
+        .issue_with(|r| {
+            r.rate_limits = vec![
+                rpm(100),
+                limit(
+                    proto::RateLimitUnit::Tokens,
+                    proto::RateLimitWindow::Minute,
+                    1000,
+                ),
+            ]
+        })
+        .await;
+    let verifier = app.verifier();
+    assert!(verify_with(&verifier, &issued.key, 1).await.valid);
+    report(&app, &key_id(&issued), 600, 0).await.unwrap();
+    let r = verify_with(&verifier, &issued.key, 1).await;
+    assert!(r.valid);
+    assert_eq!(r.rate_limit.unwrap().windows[1].used, 600);
+    report(&app, &key_id(&issued), 400, 0).await.unwrap();
+    let refused = verify_with(&verifier, &issued.key, 1).await;
+    assert_eq!(code(&refused), VerifyCode::RateLimited);
+    let d = refused.rate_limit.unwrap();
+    assert_eq!(
+        (d.limit, d.remaining),
+        (1000, 0),
+        "the token window refused"
+    );
+    assert_eq!(d.windows[0].used, 2, "the refused call was not counted");
+    // The tokens leave with their minute.
+    app.clock.advance(Duration::from_secs(62));
+    assert!(verify_with(&verifier, &issued.key, 1).await.valid);
+}
+
+async fn a_spent_budget_refuses_the_next_call(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let issued = app.issue_with(|r| r.max_budget_micros = Some(5_000)).await;
+    let id = key_id(&issued);
+    let verifier = app.verifier();
+    let r = verify_with(&verifier, &issued.key, 1).await;
+    assert_eq!((r.max_budget_micros, r.spent_micros), (Some(5_000), 0));
+    assert_eq!(report(&app, &id, 0, 3_000).await.unwrap(), 3_000);
+    let r = verify_with(&verifier, &issued.key, 1).await;
+    assert!(r.valid);
+    assert_eq!(r.spent_micros, 3_000);
+    assert_eq!(report(&app, &id, 0, 2_000).await.unwrap(), 5_000);
+    let refused = verify_with(&verifier, &issued.key, 1).await;
+    assert!(!refused.valid);
+    assert_eq!(code(&refused), VerifyCode::BudgetExceeded);
+    assert_eq!(refused.spent_micros, 5_000);
+    // Raising the budget lets it through again at once.
+    app.admin()
+        .update_key(proto::UpdateKeyRequest {
+            key_id: id.clone(),
+            actor: Some(actor()),
+            max_budget_micros: Some(6_000),
+            update_mask: Some(FieldMask {
+                paths: vec!["max_budget_micros".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(verify_with(&verifier, &issued.key, 1).await.valid);
+    // Once written, the spend shows in KeyInfo.
+    app.server().flush_usage().await;
+    let info = get_key(&app, &id).await;
+    assert_eq!(
+        (info.spent_micros, info.max_budget_micros),
+        (5_000, Some(6_000))
+    );
+}
+
+async fn reported_spend_survives_a_restart(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
+    let issued = app.issue_with(|r| r.max_budget_micros = Some(1_000)).await;
+    let id = key_id(&issued);
+    assert!(verify_with(&app.verifier(), &issued.key, 1).await.valid);
+    report(&app, &id, 10, 400).await.unwrap();
+    report(&app, &id, 10, 600).await.unwrap();
+    // A graceful shutdown writes what was not written yet.
+    app.server.take().unwrap().shutdown().await.unwrap();
+    let server = keywarden::server::start(&test_settings(&app.db), app.clock.clone())
+        .await
+        .unwrap();
+    let channel = channel_to(&server).await;
+    app.server = Some(server);
+    app.channel = channel;
+    let info = get_key(&app, &id).await;
+    assert_eq!(info.spent_micros, 1_000);
+    assert!(info.last_used_at.is_some());
+    let r = verify_with(&app.verifier(), &issued.key, 1).await;
+    assert_eq!(code(&r), VerifyCode::BudgetExceeded);
+    assert_eq!(r.spent_micros, 1_000);
+}
+
+async fn last_used_at_moves_once_written_and_unused_since_lists_the_rest(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let keys: Vec<_> = [app.issue().await, app.issue().await, app.issue().await]
+        .into_iter()
+        .collect();
+    let ids: Vec<String> = keys.iter().map(key_id).collect();
+    let verifier = app.verifier();
+
+    app.clock.advance(Duration::from_secs(10));
+    let t1 = app.clock.now();
+    assert!(verify_with(&verifier, &keys[0].key, 1).await.valid);
+    // Not written per call: nothing in storage until the batch is written.
+    assert!(get_key(&app, &ids[0]).await.last_used_at.is_none());
+    app.server().flush_usage().await;
+    let used = get_key(&app, &ids[0]).await.last_used_at.unwrap();
+    assert_eq!(used.seconds * 1_000_000 + i64::from(used.nanos / 1000), t1);
+    assert!(get_key(&app, &ids[1]).await.last_used_at.is_none());
+
+    app.clock.advance(Duration::from_secs(10));
+    let t2 = app.clock.now();
+    assert!(verify_with(&verifier, &keys[1].key, 1).await.valid);
+    app.server().flush_usage().await;
+
+    let unused_since = |at: i64| {
+        let app = &app;
+        async move {
+            let mut ids: Vec<String> = app
+                .admin()
+                .list_keys(proto::ListKeysRequest {
+                    workspace_id: "ws_test".into(),
+                    unused_since: Some(keywarden::api::convert::timestamp(at)),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .keys
+                .into_iter()
+                .map(|k| k.key_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // Not used since t2: the first (used at t1) and the never-used third.
+    assert_eq!(
+        unused_since(t2).await,
+        sorted(vec![ids[0].clone(), ids[2].clone()])
+    );
+    // Not used since t1: only the never-used one (the first was used at t1 itself).
+    assert_eq!(unused_since(t1).await, sorted(vec![ids[2].clone()]));
+    assert_eq!(unused_since(t2 + 1).await, sorted(ids.clone()));
+}
+
+// ---------------------------------------------------------------------------------------
+// Limit changes and replicas
+
+async fn raising_a_limit_admits_the_next_call_at_once(backend: Backend, counters: Counters) {
+    let app = spawn(backend, counters).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(2)]).await;
+    let verifier = app.verifier();
+    for _ in 0..2 {
+        assert!(verify_with(&verifier, &issued.key, 1).await.valid);
+    }
+    assert_eq!(
+        code(&verify_with(&verifier, &issued.key, 1).await),
+        VerifyCode::RateLimited
+    );
+    set_limits(&app.admin(), &key_id(&issued), vec![rpm(5)]).await;
+    let r = verify_with(&verifier, &issued.key, 1).await;
+    assert!(r.valid, "{r:?}");
+    let d = r.rate_limit.unwrap();
+    assert_eq!(
+        (d.limit, d.remaining),
+        (5, 2),
+        "the calls already made still count"
+    );
+    // Back to the deployment's default (generous here).
+    set_limits(&app.admin(), &key_id(&issued), vec![]).await;
+    assert_eq!(
+        verify_with(&verifier, &issued.key, 1)
+            .await
+            .rate_limit
+            .unwrap()
+            .limit,
+        1_000_000
+    );
+}
+
+struct Replica {
+    _server: keywarden::server::RunningServer,
+    channel: Channel,
+}
+
+impl Replica {
+    async fn start(app: &TestApp, adjust: impl FnOnce(&mut Settings)) -> Replica {
+        let mut settings = test_settings(&app.db);
+        adjust(&mut settings);
+        let server = keywarden::server::start(&settings, app.clock.clone())
+            .await
+            .unwrap();
+        let channel = channel_to(&server).await;
+        Replica {
+            _server: server,
+            channel,
+        }
+    }
+
+    fn verifier(&self) -> VerifierClient {
+        proto::verify_service_client::VerifyServiceClient::with_interceptor(
+            self.channel.clone(),
+            bearer(VERIFIER_TOKEN),
+        )
+    }
+}
+
+/// A limit changed through replica A is applied by replica B on its next call (B learns
+/// of it from the event log, and its cached record is dropped).
+async fn a_limit_change_reaches_another_replica(counters: Counters) {
+    let prefix = redis_prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| use_counters(s, counters, &prefix)).await;
+    let b = Replica::start(&app, |s| use_counters(s, counters, &prefix)).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(1)]).await;
+    let on_b = b.verifier();
+    assert!(verify_with(&on_b, &issued.key, 1).await.valid);
+    assert_eq!(
+        code(&verify_with(&on_b, &issued.key, 1).await),
+        VerifyCode::RateLimited
+    );
+    set_limits(&app.admin(), &key_id(&issued), vec![rpm(3)]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = verify_with(&on_b, &issued.key, 1).await;
+        if r.valid {
+            assert_eq!(r.rate_limit.unwrap().limit, 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never applied the new limit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// 200 concurrent calls, half through each replica, against 50 a minute.
+async fn admitted_by_two_replicas(counters: Counters) -> usize {
+    let prefix = redis_prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| use_counters(s, counters, &prefix)).await;
+    let b = Replica::start(&app, |s| use_counters(s, counters, &prefix)).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(50)]).await;
+    let verifiers = [app.verifier(), b.verifier()];
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let verifier = verifiers[i % 2].clone();
+            let key = issued.key.clone();
+            tokio::spawn(async move { verify_with(&verifier, &key, 1).await })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match code(&r) {
+            VerifyCode::Valid => admitted += 1,
+            VerifyCode::RateLimited => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    admitted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_sharing_redis_admit_exactly_the_limit() {
+    assert_eq!(admitted_by_two_replicas(Counters::Redis).await, 50);
+}
+
+/// The documented per-replica behaviour of the in-memory backend: each replica admits
+/// the limit on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_in_memory_counters_each_replica_admits_the_limit_on_its_own() {
+    assert_eq!(admitted_by_two_replicas(Counters::Memory).await, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_change_reaches_another_replica_in_memory() {
+    a_limit_change_reaches_another_replica(Counters::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_change_reaches_another_replica_with_redis() {
+    a_limit_change_reaches_another_replica(Counters::Redis).await;
+}
+
+/// Nothing listens on port 1: `open` lets calls through without limits, `closed` refuses
+/// them with UNAVAILABLE; both answer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
+    for (failure, expect_valid) in [(FailureMode::Open, true), (FailureMode::Closed, false)] {
+        let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+            s.limiter = LimiterSettings::Redis {
+                url: SecretString::from("redis://127.0.0.1:1".to_owned()),
+                prefix: redis_prefix(),
+                failure,
+            };
+        })
+        .await;
+        let issued = app.issue_with(|r| r.rate_limits = vec![rpm(1)]).await;
+        for _ in 0..3 {
+            let r = app
+                .verifier()
+                .verify_key(proto::VerifyKeyRequest {
+                    key: issued.key.clone(),
+                    required_scopes: Vec::new(),
+                    cost: 1,
+                })
+                .await;
+            if expect_valid {
+                let r = r.unwrap().into_inner();
+                assert!(r.valid, "{r:?}");
+                let d = r.rate_limit.unwrap();
+                assert!(
+                    d.allowed && d.windows.is_empty(),
+                    "no limit was applied: {d:?}"
+                );
+            } else {
+                assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+            }
+        }
+        let tokens = report(&app, &key_id(&issued), 5, 0).await;
+        assert_eq!(tokens.is_ok(), expect_valid, "{tokens:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation and roles
+
+async fn usage_and_cost_are_validated(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let issued = app.issue().await;
+    let id = key_id(&issued);
+    for (req, field) in [
+        (
+            proto::ReportUsageRequest {
+                key_id: "nope".into(),
+                ..Default::default()
+            },
+            "key_id",
+        ),
+        (
+            proto::ReportUsageRequest {
+                key_id: id.clone(),
+                tokens: u64::MAX,
+                spend_micros: 0,
+            },
+            "tokens",
+        ),
+        (
+            proto::ReportUsageRequest {
+                key_id: id.clone(),
+                tokens: 0,
+                spend_micros: u64::MAX,
+            },
+            "spend_micros",
+        ),
+    ] {
+        let status = app.verifier().report_usage(req).await.unwrap_err();
+        assert_eq!(violated_fields(&status), [field]);
+    }
+    // Unknown (or deleted) keys are NOT_FOUND, and nothing is recorded for them.
+    let unknown = keywarden::domain::ids::new_key_id().unwrap();
+    let status = report(&app, &unknown, 1, 1).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = app
+        .verifier()
+        .verify_key(proto::VerifyKeyRequest {
+            key: issued.key.clone(),
+            required_scopes: Vec::new(),
+            cost: u64::MAX,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["cost"]);
+    // ReportUsage is the verifier's, not the admin's.
+    let status = proto::verify_service_client::VerifyServiceClient::with_interceptor(
+        app.channel.clone(),
+        bearer(ADMIN_TOKEN),
+    )
+    .report_usage(proto::ReportUsageRequest {
+        key_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    app.server().flush_usage().await;
+    assert_eq!(get_key(&app, &id).await.spent_micros, 0);
+    assert_eq!(
+        app.db
+            .count(&format!(
+                "SELECT count(*) FROM api_keys WHERE key_id = '{unknown}'"
+            ))
+            .await,
+        0
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+
+macro_rules! each_store_and_counter {
+    ($($name:ident),* $(,)?) => {
+        mod counters {
+            use super::*;
+            $(
+                mod $name {
+                    use super::*;
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn sqlite_memory() {
+                        super::super::$name(Backend::Sqlite, Counters::Memory).await
+                    }
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn postgres_memory() {
+                        super::super::$name(Backend::Postgres, Counters::Memory).await
+                    }
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn postgres_redis() {
+                        super::super::$name(Backend::Postgres, Counters::Redis).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+each_store_and_counter!(
+    ten_a_minute_admits_ten_then_refuses_with_retry_after,
+    cost_counts_several_requests_at_once,
+    the_minute_passes_while_the_hour_refuses,
+    spent_tokens_refuse_the_next_call,
+    raising_a_limit_admits_the_next_call_at_once,
+);
+
+both_backends!(
+    the_deployment_default_applies_to_keys_that_name_none,
+    a_spent_budget_refuses_the_next_call,
+    reported_spend_survives_a_restart,
+    last_used_at_moves_once_written_and_unused_since_lists_the_rest,
+    usage_and_cost_are_validated,
+);
