@@ -29,6 +29,11 @@ fn run_bench(extra: &[&str]) -> (serde_json::Value, String) {
         .arg("--markdown")
         .arg(&md)
         .env("KEYWARDEN_BENCH_POSTGRES_URL", common::postgres_admin_url())
+        .env(
+            "KEYWARDEN_BENCH_REDIS_URL",
+            std::env::var("KEYWARDEN_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        )
         .output()
         .unwrap();
     assert!(
@@ -94,6 +99,8 @@ fn the_bench_reports_sane_figures_on_sqlite() {
         "verify_hit",
         "verify_hit_half_load",
         "verify_naive",
+        "verify_ratelimited_memory",
+        "verify_ratelimited_redis",
     ] {
         let max = if scenario == "issue" { 40 } else { 300 };
         assert_sane(run, scenario, max);
@@ -119,11 +126,19 @@ fn the_bench_seeds_postgres_and_measures_misses() {
         "hit=80,miss=10,malformed=5,revoked=5",
     ]);
     let run = &report["runs"][0];
-    for scenario in ["noop", "verify_hit", "verify_naive", "verify_miss"] {
+    for scenario in [
+        "noop",
+        "verify_hit",
+        "verify_naive",
+        "verify_miss",
+        "verify_ratelimited_memory",
+        "verify_ratelimited_redis",
+    ] {
         assert_sane(run, scenario, 500);
     }
     assert!(run["bytes_per_cached_key"].as_f64().is_some());
     assert_stream_figures(run, true);
     assert!(markdown.contains("verify-miss p99"));
+    assert!(markdown.contains("| verify-ratelimited (Redis) |"));
     assert!(markdown.contains("| other replica (Postgres NOTIFY) |"));
 }

@@ -11,9 +11,10 @@ use keywarden::domain::Micros;
 use keywarden::domain::ids::new_key_id;
 use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
+use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::store::{
     AuditContext, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
-    StoreError,
+    StoreError, UsageDelta,
 };
 
 const S: Micros = 1_000_000;
@@ -1207,6 +1208,125 @@ async fn concurrent_revokes_and_rotations_leave_a_consistent_key(backend: Backen
     );
 }
 
+async fn limits_and_budgets_round_trip_and_update_patches_them(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let mut key = record(WS, T0);
+    key.rate_limits = vec![
+        RateLimit {
+            unit: LimitUnit::Requests,
+            window: LimitWindow::Minute,
+            limit: 10,
+        },
+        RateLimit {
+            unit: LimitUnit::Tokens,
+            window: LimitWindow::Day,
+            limit: 1_000_000,
+        },
+    ];
+    key.max_budget_micros = Some(i64::MAX as u64);
+    insert(store.as_ref(), &key).await;
+    assert_eq!(store.get_key(&key.key_id).await.unwrap().unwrap(), key);
+    let patch = KeyPatch {
+        rate_limits: Some(vec![]),
+        max_budget_micros: Some(None),
+        ..KeyPatch::default()
+    };
+    let changed = store
+        .update_key(&key.key_id, &patch, T0 + S, &ctx("key.update"))
+        .await
+        .unwrap();
+    let stored = store.get_key(&key.key_id).await.unwrap().unwrap();
+    assert_eq!(changed.key, stored);
+    assert!(stored.rate_limits.is_empty());
+    assert_eq!(stored.max_budget_micros, None);
+}
+
+async fn usage_adds_spend_and_moves_last_use_forward_only(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let key = record(WS, T0);
+    insert(store.as_ref(), &key).await;
+    let delta = |spend: u64, used: Option<Micros>| UsageDelta {
+        key_id: key.key_id.clone(),
+        spend_micros: spend,
+        last_used_at: used,
+    };
+    let unknown = UsageDelta {
+        key_id: new_key_id().unwrap(),
+        spend_micros: 7,
+        last_used_at: Some(T0),
+    };
+    let totals = store
+        .record_usage(&[delta(5, Some(T0 + 100)), unknown])
+        .await
+        .unwrap();
+    assert_eq!(
+        totals,
+        [(key.key_id.clone(), 5)],
+        "unknown keys are skipped"
+    );
+    // An older use never moves last_used_at back; spend adds up.
+    let totals = store
+        .record_usage(&[delta(3, Some(T0 + 50))])
+        .await
+        .unwrap();
+    assert_eq!(totals, [(key.key_id.clone(), 8)]);
+    let totals = store.record_usage(&[delta(0, None)]).await.unwrap();
+    assert_eq!(totals, [(key.key_id.clone(), 8)]);
+    let stored = store.get_key(&key.key_id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.spent_micros, stored.last_used_at),
+        (8, Some(T0 + 100))
+    );
+    assert_eq!(store.record_usage(&[]).await.unwrap(), []);
+}
+
+async fn list_filters_by_unused_since(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let (old, recent, never) = (record(WS, T0), record(WS, T0 + 1), record(WS, T0 + 2));
+    for k in [&old, &recent, &never] {
+        insert(store.as_ref(), k).await;
+    }
+    let used = |k: &KeyRecord, at: Micros| UsageDelta {
+        key_id: k.key_id.clone(),
+        spend_micros: 0,
+        last_used_at: Some(at),
+    };
+    store
+        .record_usage(&[used(&old, T0 + 10 * S), used(&recent, T0 + 20 * S)])
+        .await
+        .unwrap();
+    let unused_since = |at: Micros| {
+        let store = store.clone();
+        async move {
+            let mut f = filter(WS, T0 + 30 * S);
+            f.unused_since = Some(at);
+            let mut found = ids(&store.list_keys(&f, 10, None).await.unwrap());
+            found.sort();
+            found
+        }
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        unused_since(T0 + 20 * S).await,
+        sorted(vec![old.key_id.clone(), never.key_id.clone()])
+    );
+    assert_eq!(
+        unused_since(T0 + 10 * S).await,
+        sorted(vec![never.key_id.clone()])
+    );
+    assert_eq!(
+        unused_since(T0 + 21 * S).await,
+        sorted(vec![
+            old.key_id.clone(),
+            recent.key_id.clone(),
+            never.key_id.clone()
+        ])
+    );
+}
+
 both_backends!(
     insert_then_get_and_find_secret_round_trip_every_field,
     get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none,
@@ -1229,4 +1349,7 @@ both_backends!(
     a_failed_insert_leaves_neither_the_key_nor_an_audit_row,
     concurrent_rotations_of_one_key_all_succeed_and_leave_one_current_secret,
     concurrent_revokes_and_rotations_leave_a_consistent_key,
+    limits_and_budgets_round_trip_and_update_patches_them,
+    usage_adds_spend_and_moves_last_use_forward_only,
+    list_filters_by_unused_since,
 );

@@ -36,7 +36,7 @@ use crate::domain::key_format::{ApiKey, Brand, Environment};
 use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::verify_service_client::VerifyServiceClient;
-use server::{ServerProcess, Tokens};
+use server::{Limits, ServerProcess, Tokens};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -50,6 +50,7 @@ pub enum Scenario {
     Issue,
     RevocationLatency,
     Streams,
+    VerifyRatelimited,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,6 +89,13 @@ pub struct BenchArgs {
     /// Keys seeded into Postgres for verify-miss.
     #[arg(long, default_value_t = 1_000_000)]
     pub miss_keys: usize,
+    /// Redis for verify-ratelimited's shared counters (skipped when it does not answer).
+    #[arg(
+        long,
+        env = "KEYWARDEN_BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
     /// Keys revoked one by one for revocation-latency.
     #[arg(long, default_value_t = 1000)]
     pub revocations: usize,
@@ -344,7 +352,15 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         edge: generate_token()?,
     };
     let mut run = RunReport::default();
-    let server = ServerProcess::start(db._dir.path(), "cached", &db.url, &tokens, true).await?;
+    let server = ServerProcess::start(
+        db._dir.path(),
+        "cached",
+        &db.url,
+        &tokens,
+        true,
+        &Limits::Off,
+    )
+    .await?;
     let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
 
     // Keys for the hit workloads, issued through the API (this is also the issue scenario).
@@ -419,7 +435,15 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     server.stop().await;
 
     if wants(args, Scenario::VerifyNaive) {
-        let naive = ServerProcess::start(db._dir.path(), "naive", &db.url, &tokens, false).await?;
+        let naive = ServerProcess::start(
+            db._dir.path(),
+            "naive",
+            &db.url,
+            &tokens,
+            false,
+            &Limits::Off,
+        )
+        .await?;
         let clients = connect(&naive, &tokens, args.connections).await?;
         let r = verify_mix(&spec(args), &clients, &pools).await;
         print_line("verify-naive", &r);
@@ -427,14 +451,64 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         naive.stop().await;
     }
 
+    if wants(args, Scenario::VerifyRatelimited) {
+        let mut prefix = [0u8; 6];
+        getrandom::fill(&mut prefix)?;
+        let redis = Limits::Redis {
+            url: args.redis_url.clone(),
+            prefix: format!("kwbench_{}", hex::encode(prefix)),
+        };
+        for (name, limits) in [("memory", Limits::Memory), ("redis", redis)] {
+            if let Limits::Redis { url, .. } = &limits
+                && !redis_answers(url).await
+            {
+                println!("verify-ratelimited ({name}): Redis does not answer at {url}; skipped");
+                continue;
+            }
+            let server = ServerProcess::start(
+                db._dir.path(),
+                &format!("limited-{name}"),
+                &db.url,
+                &tokens,
+                true,
+                &limits,
+            )
+            .await?;
+            let clients = connect(&server, &tokens, args.connections).await?;
+            warm(&clients, &pools).await;
+            let r = verify_valid(&spec(args), &clients, &pools).await;
+            print_line(&format!("verify-ratelimited ({name})"), &r);
+            match name {
+                "memory" => run.verify_ratelimited_memory = Some(r),
+                _ => run.verify_ratelimited_redis = Some(r),
+            }
+            server.stop().await;
+        }
+    }
+
     if wants(args, Scenario::RevocationLatency) || wants(args, Scenario::Streams) {
-        let a = ServerProcess::start(db._dir.path(), "stream-a", &db.url, &tokens, true).await?;
+        let a = ServerProcess::start(
+            db._dir.path(),
+            "stream-a",
+            &db.url,
+            &tokens,
+            true,
+            &Limits::Off,
+        )
+        .await?;
         if wants(args, Scenario::RevocationLatency) {
             // Another replica needs the shared Postgres (SQLite fans out in process only).
             let b = match args.store {
                 StoreKind::Postgres => Some(
-                    ServerProcess::start(db._dir.path(), "stream-b", &db.url, &tokens, true)
-                        .await?,
+                    ServerProcess::start(
+                        db._dir.path(),
+                        "stream-b",
+                        &db.url,
+                        &tokens,
+                        true,
+                        &Limits::Off,
+                    )
+                    .await?,
                 ),
                 StoreKind::Sqlite => None,
             };
@@ -484,7 +558,9 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
             keys.len(),
             started.elapsed().as_secs_f64()
         );
-        let server = ServerProcess::start(db._dir.path(), "miss", &db.url, &tokens, true).await?;
+        let server =
+            ServerProcess::start(db._dir.path(), "miss", &db.url, &tokens, true, &Limits::Off)
+                .await?;
         let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
         let rss_before = server.rss_bytes();
         let next = Arc::new(AtomicUsize::new(0));
@@ -656,6 +732,34 @@ async fn verify_mix(spec: &LoadSpec, clients: &Clients, pools: &Arc<KeyPools>) -
         }
     })
     .await
+}
+
+/// Verify-hit where every answer must be VALID (and carry a rate-limit decision when the
+/// server applies limits): a limit reached by accident would show as errors.
+async fn verify_valid(spec: &LoadSpec, clients: &Clients, pools: &Arc<KeyPools>) -> LoadResult {
+    let verifiers = Arc::new(clients.verifiers.clone());
+    let pools = pools.clone();
+    load::run(spec, move |task, n| {
+        let mut client = verifiers[task % verifiers.len()].clone();
+        let key =
+            pools.hit[(n as usize).wrapping_mul(31).wrapping_add(task) % pools.hit.len()].clone();
+        async move { expect_valid(&mut client, key).await }
+    })
+    .await
+}
+
+async fn redis_answers(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let ping = async {
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), ping).await,
+        Ok(Some(_))
+    )
 }
 
 fn machine() -> String {

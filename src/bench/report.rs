@@ -16,6 +16,9 @@ pub struct RunReport {
     pub verify_hit_half_load: Option<LoadResult>,
     pub verify_naive: Option<LoadResult>,
     pub verify_miss: Option<LoadResult>,
+    /// verify-hit with a limit no run reaches, counted in memory / in Redis.
+    pub verify_ratelimited_memory: Option<LoadResult>,
+    pub verify_ratelimited_redis: Option<LoadResult>,
     pub h2load: Option<H2loadReport>,
     /// Server RSS growth per key filled into the cache by the miss run.
     pub bytes_per_cached_key: Option<f64>,
@@ -137,6 +140,28 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
+            "| verify-ratelimited (in memory) / verify-hit throughput | | {} |",
+            fmt(
+                self.med(|r| Some(
+                    r.verify_ratelimited_memory.as_ref()?.throughput
+                        / r.verify_hit.as_ref()?.throughput
+                )),
+                3
+            )
+        );
+        let _ = writeln!(
+            s,
+            "| verify-ratelimited (Redis) / verify-hit throughput | | {} |",
+            fmt(
+                self.med(|r| Some(
+                    r.verify_ratelimited_redis.as_ref()?.throughput
+                        / r.verify_hit.as_ref()?.throughput
+                )),
+                3
+            )
+        );
+        let _ = writeln!(
+            s,
             "| server memory per cached key | | {} bytes |\n",
             fmt(self.med(|r| r.bytes_per_cached_key), 0)
         );
@@ -146,7 +171,7 @@ impl BenchReport {
             "| scenario | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |"
         );
         let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-        let rows: [(&str, Pick); 6] = [
+        let rows: [(&str, Pick); 8] = [
             ("noop (Ping)", |r| r.noop.as_ref()),
             ("verify-hit", |r| r.verify_hit.as_ref()),
             ("verify-hit at half load", |r| {
@@ -154,6 +179,12 @@ impl BenchReport {
             }),
             ("verify-naive (cache off)", |r| r.verify_naive.as_ref()),
             ("verify-miss", |r| r.verify_miss.as_ref()),
+            ("verify-ratelimited (in memory)", |r| {
+                r.verify_ratelimited_memory.as_ref()
+            }),
+            ("verify-ratelimited (Redis)", |r| {
+                r.verify_ratelimited_redis.as_ref()
+            }),
             ("issue (IssueKey)", |r| r.issue.as_ref()),
         ];
         for (name, get) in rows {

@@ -17,6 +17,32 @@ pub struct ServerProcess {
     pub addr: SocketAddr,
 }
 
+/// The rate limits the server under test applies.
+#[derive(Clone, Debug)]
+pub enum Limits {
+    /// No limits at all (no deployment default): the bare verification.
+    Off,
+    /// A limit no run reaches, counted in the server's memory: the decision's own cost.
+    Memory,
+    /// The same, counted in Redis (one script call per decision).
+    Redis { url: String, prefix: String },
+}
+
+impl Limits {
+    fn config(&self) -> String {
+        const UNREACHABLE: &str =
+            "default = [{ unit = \"requests\", window = \"minute\", limit = 1000000000000 }]\n";
+        match self {
+            Limits::Off => "[rate_limits]\ndefault = []\n".to_owned(),
+            Limits::Memory => format!("[rate_limits]\n{UNREACHABLE}"),
+            Limits::Redis { url, prefix } => format!(
+                "[rate_limits]\n{UNREACHABLE}backend = \"redis\"\nredis_url = \"{url}\"\n\
+                 redis_prefix = \"{prefix}\"\nredis_failure = \"closed\"\n"
+            ),
+        }
+    }
+}
+
 pub struct Tokens {
     pub admin: String,
     pub verifier: String,
@@ -31,6 +57,7 @@ impl ServerProcess {
         database_url: &str,
         tokens: &Tokens,
         cache_enabled: bool,
+        limits: &Limits,
     ) -> Result<ServerProcess, BoxError> {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
@@ -41,10 +68,11 @@ impl ServerProcess {
                  [[tokens]]\nname = \"bench-admin\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n\n\
                  [[tokens]]\nname = \"bench-verifier\"\nsha256 = \"{}\"\nroles = [\"verifier\"]\n\n\
                  [[tokens]]\nname = \"bench-edge\"\nsha256 = \"{}\"\nroles = [\"edge\"]\n\n\
-                 [cache]\nenabled = {cache_enabled}\n",
+                 [cache]\nenabled = {cache_enabled}\n\n{}",
                 KeyHash::of(&tokens.admin).to_hex(),
                 KeyHash::of(&tokens.verifier).to_hex(),
                 KeyHash::of(&tokens.edge).to_hex(),
+                limits.config(),
             ),
         )?;
         let mut child = Command::new(std::env::current_exe()?)
