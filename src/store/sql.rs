@@ -108,6 +108,26 @@ pub(crate) fn metadata_json(m: &BTreeMap<String, String>) -> String {
     serde_json::to_string(m).unwrap_or_else(|_| "{}".to_owned())
 }
 
+/// Keys per usage statement.
+pub(crate) const USAGE_CHUNK: usize = 1000;
+
+/// A usage batch as the JSON array the usage statements unpack:
+/// `[[key_id, spend, last_used_at, 0|1], ...]`.
+pub(crate) fn usage_json(batch: &[super::UsageDelta]) -> String {
+    let rows: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|d| {
+            serde_json::json!([
+                d.key_id,
+                budget_column(Some(d.spend_micros)).unwrap_or(i64::MAX),
+                d.last_used_at.unwrap_or(0),
+                i64::from(d.last_used_at.is_some()),
+            ])
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
 /// A budget or spend as the signed BIGINT both stores hold (validated to fit).
 pub(crate) fn budget_column(v: Option<u64>) -> Option<i64> {
     v.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
@@ -226,12 +246,13 @@ impl TryFrom<AuditRow> for AuditRecord {
 
 /// Implements [`super::Store`] for `$store`, which must have a `pool: sqlx::Pool<$db>`
 /// field and an `async fn begin_write(&self) -> Result<sqlx::Transaction<'static, $db>,
-/// sqlx::Error>` method. `$lock` is appended to the statement that reads the key row
+/// sqlx::Error>` method. `$usage_sql` writes a usage batch (one JSON parameter, see
+/// [`usage_json`]) returning `(key_id, spent_micros)` per key found. `$lock` is appended to the statement that reads the key row
 /// a mutation changes (`" FOR UPDATE"` on Postgres; SQLite's write transactions are
 /// exclusive already). `$notify` is a statement run in every transaction that appends an
 /// event (Postgres: `pg_notify`, delivered at commit), or `""` for none.
 macro_rules! impl_store {
-    ($store:ty, $db:ty, $lock:literal, $notify:literal $(, $extra:item)*) => {
+    ($store:ty, $db:ty, $lock:literal, $notify:literal, $usage_sql:literal $(, $extra:item)*) => {
         impl $store {
             async fn locked_key(
                 tx: &mut sqlx::Transaction<'static, $db>,
@@ -800,29 +821,20 @@ macro_rules! impl_store {
                 &self,
                 batch: &[crate::store::UsageDelta],
             ) -> Result<Vec<(String, u64)>, crate::store::StoreError> {
-                if batch.is_empty() {
-                    return Ok(Vec::new());
-                }
                 // Usage is telemetry, not a principal's mutation: no audit row, no event.
-                let mut tx = self.pool.begin().await?;
+                // One statement per chunk, whatever the number of keys: the batch is a
+                // JSON array of [key_id, spend, last use, has a last use].
                 let mut totals = Vec::with_capacity(batch.len());
-                for d in batch {
-                    let spent: Option<i64> = sqlx::query_scalar(
-                        "UPDATE api_keys SET spent_micros = spent_micros + $2, \
-                         last_used_at = CASE WHEN $4 = 1 AND (last_used_at IS NULL OR last_used_at < $3) \
-                         THEN $3 ELSE last_used_at END WHERE key_id = $1 RETURNING spent_micros",
-                    )
-                    .bind(&d.key_id)
-                    .bind(crate::store::sql::budget_column(Some(d.spend_micros)).unwrap_or(i64::MAX))
-                    .bind(d.last_used_at.unwrap_or(0))
-                    .bind(i64::from(d.last_used_at.is_some()))
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    if let Some(spent) = spent {
-                        totals.push((d.key_id.clone(), u64::try_from(spent).unwrap_or(0)));
-                    }
+                for chunk in batch.chunks(crate::store::sql::USAGE_CHUNK) {
+                    let rows: Vec<(String, i64)> = sqlx::query_as($usage_sql)
+                        .bind(crate::store::sql::usage_json(chunk))
+                        .fetch_all(&self.pool)
+                        .await?;
+                    totals.extend(
+                        rows.into_iter()
+                            .map(|(key_id, spent)| (key_id, u64::try_from(spent).unwrap_or(0))),
+                    );
                 }
-                tx.commit().await?;
                 Ok(totals)
             }
 
