@@ -58,16 +58,17 @@ impl UsageFlusher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.flush().await,
+                _ = tick.tick() => self.flush(false).await,
                 _ = stop.changed() => return,
             }
         }
     }
 
-    async fn flush(&self) {
+    /// `all`: every last use too, however recent the one written (shutdown, tests).
+    async fn flush(&self, all: bool) {
         if let Err(e) = self
             .usage
-            .flush(self.store.as_ref(), self.clock.now())
+            .flush(self.store.as_ref(), self.clock.now(), all)
             .await
         {
             tracing::warn!(error = %e, "writing usage failed; kept for the next flush");
@@ -98,9 +99,9 @@ impl RunningServer {
         &self.hub
     }
 
-    /// Writes the usage book now (spend and last use), as the periodic flush does.
+    /// Writes the usage book now: spend and every last use (as shutdown does).
     pub async fn flush_usage(&self) {
-        self.flusher.flush().await;
+        self.flusher.flush(true).await;
     }
 
     /// Stops accepting, lets in-flight calls finish, and returns when the server is down.
@@ -250,7 +251,7 @@ pub async fn start_with_store(
         let served = serving.await;
         // In-flight calls have finished: write what they reported, so no spend is lost.
         let _ = flushing.await;
-        final_flush.flush().await;
+        final_flush.flush(true).await;
         served
     });
     tracing::info!(%addr, "keywarden serving");

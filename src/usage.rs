@@ -28,6 +28,11 @@ use crate::store::{Store, StoreError, UsageDelta};
 
 const SHARDS: usize = 32;
 
+/// How far a key's last use must have moved before the periodic write records it again:
+/// a key in steady use costs one row write a minute, not one per flush. (The first use
+/// is written at the next flush; a final flush at shutdown writes everything.)
+pub const LAST_USE_RESOLUTION: Micros = 60 * crate::domain::MICROS_PER_SECOND;
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Account {
     unwritten_spend: u64,
@@ -35,6 +40,8 @@ struct Account {
     persisted: u64,
     /// The latest use not yet written.
     unwritten_use: Option<Micros>,
+    /// The last use written.
+    written_use: Option<Micros>,
     /// When the account last changed: idle accounts are forgotten.
     touched_at: Micros,
 }
@@ -111,8 +118,21 @@ impl UsageBook {
         })
     }
 
-    /// Writes everything unwritten in one batch, and forgets idle accounts.
-    pub async fn flush(&self, store: &dyn Store, now: Micros) -> Result<usize, StoreError> {
+    /// Writes unwritten spend and the last uses that moved by [`LAST_USE_RESOLUTION`]
+    /// (every last use with `all`) in one batch, and forgets idle accounts.
+    pub async fn flush(
+        &self,
+        store: &dyn Store,
+        now: Micros,
+        all: bool,
+    ) -> Result<usize, StoreError> {
+        let use_due = |a: &Account| {
+            a.unwritten_use.is_some_and(|u| {
+                all || a
+                    .written_use
+                    .is_none_or(|w| u.saturating_sub(w) >= LAST_USE_RESOLUTION)
+            })
+        };
         let mut batch = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
@@ -124,11 +144,11 @@ impl UsageBook {
             batch.extend(
                 shard
                     .iter()
-                    .filter(|(_, a)| a.unwritten_spend > 0 || a.unwritten_use.is_some())
+                    .filter(|(_, a)| a.unwritten_spend > 0 || use_due(a))
                     .map(|(key_id, a)| UsageDelta {
                         key_id: key_id.clone(),
                         spend_micros: a.unwritten_spend,
-                        last_used_at: a.unwritten_use,
+                        last_used_at: a.unwritten_use.filter(|_| use_due(a)),
                     }),
             );
         }
@@ -142,8 +162,11 @@ impl UsageBook {
                 continue;
             };
             a.unwritten_spend = a.unwritten_spend.saturating_sub(written.spend_micros);
-            if a.unwritten_use == written.last_used_at {
-                a.unwritten_use = None;
+            if let Some(used) = written.last_used_at {
+                a.written_use = Some(a.written_use.map_or(used, |w| w.max(used)));
+                if a.unwritten_use == Some(used) {
+                    a.unwritten_use = None;
+                }
             }
             match totals.get(&written.key_id) {
                 Some(total) => a.persisted = a.persisted.max(*total),
@@ -160,6 +183,96 @@ impl UsageBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: Micros = crate::domain::MICROS_PER_SECOND;
+
+    /// Against a real (SQLite) store: a key in steady use is written once a minute, its
+    /// spend at every flush, and everything at a final flush.
+    #[tokio::test]
+    async fn steady_use_is_written_once_a_minute_and_spend_every_time() {
+        use crate::domain::key::{KeyRecord, Owner, OwnerKind};
+        use crate::domain::key_format::{Environment, KeyHash};
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("usage.db").display());
+        let store = crate::store::open(&url, 1).await.unwrap();
+        let key_id = crate::domain::ids::new_key_id().unwrap();
+        let key = KeyRecord {
+            key_id: key_id.clone(),
+            workspace_id: "ws".into(),
+            name: "n".into(),
+            environment: Environment::Live,
+            display: "kw_live_...abcd".into(),
+            scopes: vec![],
+            owner: Owner {
+                kind: OwnerKind::User,
+                id: "u".into(),
+            },
+            created_by: "u".into(),
+            metadata: Default::default(),
+            created_at: 0,
+            updated_at: 0,
+            expires_at: None,
+            revoked_at: None,
+            revoke_reason: None,
+            rotated_at: None,
+            deleted_at: None,
+            rate_limits: vec![],
+            max_budget_micros: None,
+            spent_micros: 0,
+            last_used_at: None,
+        };
+        let audit = crate::store::AuditContext {
+            actor_id: "u".into(),
+            caller: "t".into(),
+            action: "key.issue",
+            detail: String::new(),
+        };
+        store
+            .insert_key(&key, &KeyHash::of("k"), &audit)
+            .await
+            .unwrap();
+        let book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
+        let last_used = async || store.get_key(&key_id).await.unwrap().unwrap().last_used_at;
+
+        let t0 = 1_000_000 * S;
+        book.mark_used(&key_id, 0, t0);
+        assert_eq!(book.flush(store.as_ref(), t0, false).await.unwrap(), 1);
+        assert_eq!(last_used().await, Some(t0));
+        book.mark_used(&key_id, 0, t0 + 10 * S);
+        assert_eq!(
+            book.flush(store.as_ref(), t0 + 10 * S, false)
+                .await
+                .unwrap(),
+            0
+        );
+        book.add_spend(&key_id, 5, None, t0 + 11 * S);
+        assert_eq!(
+            book.flush(store.as_ref(), t0 + 11 * S, false)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(last_used().await, Some(t0), "the use is not due yet");
+        book.mark_used(&key_id, 0, t0 + 61 * S);
+        assert_eq!(
+            book.flush(store.as_ref(), t0 + 61 * S, false)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(last_used().await, Some(t0 + 61 * S));
+        book.mark_used(&key_id, 0, t0 + 70 * S);
+        assert_eq!(
+            book.flush(store.as_ref(), t0 + 70 * S, true).await.unwrap(),
+            1
+        );
+        assert_eq!(last_used().await, Some(t0 + 70 * S));
+        assert_eq!(book.spent(&key_id, 0), 5);
+        assert_eq!(
+            book.flush(store.as_ref(), t0 + 71 * S, true).await.unwrap(),
+            0
+        );
+    }
 
     #[test]
     fn spend_adds_to_the_fresher_persisted_figure() {
