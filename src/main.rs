@@ -101,7 +101,11 @@ async fn run(command: Command) -> Result<(), BoxError> {
             Ok(())
         }
         Command::Bench(args) => {
-            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            // As the reader runs it (`keywarden bench ...`), not where this binary lives.
+            let command = std::iter::once("keywarden".to_owned())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" ");
             keywarden::bench::run(args, command).await?;
             Ok(())
         }

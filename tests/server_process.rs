@@ -384,3 +384,137 @@ async fn token_prints_a_token_and_its_sha256() {
     assert!(again.wait().await.success());
     assert!(!again.stdout().contains(&token));
 }
+
+/// Two `keywarden serve` processes on one Postgres, as replicas behind a load balancer:
+/// answers cached on B stop the moment A revokes, rotates or narrows a key, and B's
+/// WatchRevocations subscriber receives each event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_server_processes_on_one_postgres_stay_coherent() {
+    use keywarden::proto::watch_revocations_response::Message;
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&db.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+    let edge_sha = hex::encode(Sha256::digest(EDGE_TOKEN.as_bytes()));
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(&format!(
+        "\n[[tokens]]\nname = \"edges\"\nsha256 = \"{edge_sha}\"\nroles = [\"edge\"]\n"
+    ));
+    std::fs::write(&config, toml).unwrap();
+    let mut a = Server::start(config_server(&config)).await;
+    let mut b = Server::start(config_server(&config)).await;
+    let mut admin = a.admin(ADMIN_TOKEN).await;
+    let issue = async |admin: &mut AdminClient| {
+        let mut r = issue_req("ws_proc");
+        r.scopes = vec!["read".into()];
+        admin.issue_key(r).await.unwrap().into_inner()
+    };
+    let (revoked, rotated, narrowed) = (
+        issue(&mut admin).await,
+        issue(&mut admin).await,
+        issue(&mut admin).await,
+    );
+    let verify_on_b = async |key: &str, scopes: &[&str]| {
+        let r = b
+            .verifier(VERIFIER_TOKEN)
+            .await
+            .verify_key(proto::VerifyKeyRequest {
+                key: key.to_owned(),
+                required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                cost: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        code(&r)
+    };
+    for issued in [&revoked, &rotated, &narrowed] {
+        for _ in 0..2 {
+            assert_eq!(verify_on_b(&issued.key, &["read"]).await, VerifyCode::Valid);
+        }
+    }
+    let mut stream = edge_client(b.channel().await, EDGE_TOKEN)
+        .watch_revocations(proto::WatchRevocationsRequest {
+            after_seq: 0,
+            workspace_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = async |stream: &mut tonic::Streaming<proto::WatchRevocationsResponse>| loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+            .await
+            .expect("a message within 10 s")
+            .unwrap()
+            .unwrap();
+        if let Some(Message::Event(e)) = m.message {
+            return e;
+        }
+    };
+    let key_id = |i: &proto::IssueKeyResponse| i.key_info.as_ref().unwrap().key_id.clone();
+    let eventually_on_b = async |key: &str, scopes: &[&str], expected: VerifyCode| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while verify_on_b(key, scopes).await != expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B kept a stale answer"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+
+    admin
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: key_id(&revoked),
+            actor: Some(actor()),
+            reason: "leaked".into(),
+        })
+        .await
+        .unwrap();
+    let e = next(&mut stream).await;
+    assert_eq!(
+        (e.kind, e.key_id.clone()),
+        (proto::KeyEventKind::Revoked as i32, key_id(&revoked))
+    );
+    eventually_on_b(&revoked.key, &["read"], VerifyCode::Revoked).await;
+
+    let new = admin
+        .rotate_key(proto::RotateKeyRequest {
+            key_id: key_id(&rotated),
+            actor: Some(actor()),
+            grace_period: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = next(&mut stream).await;
+    assert_eq!(
+        (e.kind, e.key_id.clone()),
+        (proto::KeyEventKind::Rotated as i32, key_id(&rotated))
+    );
+    eventually_on_b(&rotated.key, &["read"], VerifyCode::Revoked).await;
+    assert_eq!(verify_on_b(&new.key, &["read"]).await, VerifyCode::Valid);
+
+    admin
+        .update_key(proto::UpdateKeyRequest {
+            key_id: key_id(&narrowed),
+            actor: Some(proto::Actor {
+                id: "user_admin".into(),
+                permissions: vec!["list".into()],
+            }),
+            scopes: vec!["list".into()],
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["scopes".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e = next(&mut stream).await;
+    assert_eq!(
+        (e.kind, e.key_id.clone()),
+        (proto::KeyEventKind::Updated as i32, key_id(&narrowed))
+    );
+    eventually_on_b(&narrowed.key, &["read"], VerifyCode::InsufficientScope).await;
+    a.terminate().await;
+    b.terminate().await;
+}

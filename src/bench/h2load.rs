@@ -101,11 +101,21 @@ pub async fn measure(
         args,
     );
     let verify_hit_rps = run(&verify, min_verify_answer).await?;
+    // As a reader would type it: the token and this run's port and files elided.
     let redacted = |cmd: Vec<String>| {
         cmd.into_iter()
             .map(|a| {
                 if a.starts_with("--header=authorization") {
-                    "--header='authorization: Bearer $VERIFIER_TOKEN'".to_owned()
+                    "--header=\"authorization: Bearer $VERIFIER_TOKEN\"".to_owned()
+                } else if let Some(path) = a.strip_prefix("--data=") {
+                    let file = Path::new(path)
+                        .file_name()
+                        .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+                    format!("--data={file}")
+                } else if let Some(rest) = a.strip_prefix(&format!("http://{addr}/")) {
+                    format!("http://127.0.0.1:$PORT/{rest}")
+                } else if a.contains(' ') {
+                    format!("'{a}'")
                 } else {
                     a
                 }

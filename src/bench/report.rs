@@ -16,6 +16,8 @@ pub struct RunReport {
     pub verify_hit_half_load: Option<LoadResult>,
     pub verify_naive: Option<LoadResult>,
     pub verify_miss: Option<LoadResult>,
+    /// verify-miss paced at half of this run's verify-miss throughput.
+    pub verify_miss_half_load: Option<LoadResult>,
     /// verify-hit with a limit no run reaches, counted in memory / in Redis.
     pub verify_ratelimited_memory: Option<LoadResult>,
     pub verify_ratelimited_redis: Option<LoadResult>,
@@ -56,6 +58,10 @@ pub struct BenchReport {
     pub miss_keys: usize,
     pub runs: Vec<RunReport>,
 }
+
+/// What the figures mean, what changed them and what falls short: kept by hand in
+/// `src/bench/notes.md` and part of every generated report.
+const NOTES: &str = include_str!("notes.md");
 
 /// Picks one scenario's result out of a run.
 type Pick = fn(&RunReport) -> Option<&LoadResult>;
@@ -123,10 +129,10 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "| verify-miss p99 ({} keys in Postgres) | < 5000 µs | {} µs |",
+            "| verify-miss p99 at half of its peak ({} keys in Postgres) | < 5000 µs | {} µs |",
             self.miss_keys,
             fmt(
-                self.med(|r| r.verify_miss.as_ref().map(|l| l.p99_us as f64)),
+                self.med(|r| r.verify_miss_half_load.as_ref().map(|l| l.p99_us as f64)),
                 0
             )
         );
@@ -171,7 +177,7 @@ impl BenchReport {
             "| scenario | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |"
         );
         let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-        let rows: [(&str, Pick); 8] = [
+        let rows: [(&str, Pick); 9] = [
             ("noop (Ping)", |r| r.noop.as_ref()),
             ("verify-hit", |r| r.verify_hit.as_ref()),
             ("verify-hit at half load", |r| {
@@ -179,6 +185,9 @@ impl BenchReport {
             }),
             ("verify-naive (cache off)", |r| r.verify_naive.as_ref()),
             ("verify-miss", |r| r.verify_miss.as_ref()),
+            ("verify-miss at half load", |r| {
+                r.verify_miss_half_load.as_ref()
+            }),
             ("verify-ratelimited (in memory)", |r| {
                 r.verify_ratelimited_memory.as_ref()
             }),
@@ -279,10 +288,11 @@ impl BenchReport {
             }
             let _ = writeln!(s, "```");
         }
+        let _ = writeln!(s, "\n{}", NOTES.trim_end());
         let _ = writeln!(s, "\n## Per run\n");
         let _ = writeln!(
             s,
-            "| run | noop req/s | verify-hit req/s | hit/noop | naive req/s | hit/naive | half-load p99 µs | miss p99 µs |"
+            "| run | noop req/s | verify-hit req/s | hit/noop | naive req/s | hit/naive | half-load p99 µs | miss half-load p99 µs |"
         );
         let _ = writeln!(
             s,
@@ -301,7 +311,7 @@ impl BenchReport {
                 t(&r.verify_naive),
                 fmt(r.hit_over_naive(), 1),
                 p(&r.verify_hit_half_load),
-                p(&r.verify_miss),
+                p(&r.verify_miss_half_load),
             );
         }
         s
