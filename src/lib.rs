@@ -11,6 +11,8 @@
 //! - [`verify`]: the VerifyKey hot path.
 //! - [`ratelimit`]: rate-limit counters (in memory, or shared in Redis) behind one trait.
 //! - [`usage`]: spend and last use, per replica, written to storage in batches.
+//! - [`crypto`]: envelope encryption (AES-256-GCM data keys wrapped by versioned KEKs,
+//!   Argon2id for passphrase KEKs) for the secrets Keywarden must give back.
 //! - [`api`]: the tonic services, caller authentication, and the one mapping of errors
 //!   to gRPC statuses.
 //! - [`events`]: the per-replica event-log tailer and the WatchRevocations fan-out.
@@ -24,6 +26,7 @@ pub mod bench;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod edge;
 pub mod events;
