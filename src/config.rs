@@ -22,6 +22,7 @@ use crate::domain::key_format::{Brand, KeyHash};
 use crate::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use crate::domain::scopes::ScopeImplications;
 use crate::domain::validate::Violations;
+use crate::domain::workspace::{PlanPolicy, Plans};
 use crate::events::EventSettings;
 use crate::ratelimit::FailureMode;
 
@@ -44,6 +45,42 @@ pub struct Config {
     pub events: EventsConfig,
     pub rate_limits: RateLimitsConfig,
     pub usage: UsageConfig,
+    /// What each plan allows (`[plans.spark]`, `[plans.pro]`, ...).
+    pub plans: PlansConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlansConfig {
+    pub spark: PlanConfig,
+    pub pro: PlanConfig,
+    pub team: PlanConfig,
+    pub enterprise: PlanConfig,
+}
+
+/// A plan's rules; an unset one keeps the plan's default (keys on every plan, BYOK on
+/// every plan but SPARK).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanConfig {
+    pub api_keys: Option<bool>,
+    pub byok: Option<bool>,
+}
+
+impl PlansConfig {
+    fn plans(&self) -> Plans {
+        let d = Plans::default();
+        let merge = |c: &PlanConfig, d: PlanPolicy| PlanPolicy {
+            api_keys: c.api_keys.unwrap_or(d.api_keys),
+            byok: c.byok.unwrap_or(d.byok),
+        };
+        Plans {
+            spark: merge(&self.spark, d.spark),
+            pro: merge(&self.pro, d.pro),
+            team: merge(&self.team, d.team),
+            enterprise: merge(&self.enterprise, d.enterprise),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +227,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             usage: UsageConfig::default(),
+            plans: PlansConfig::default(),
         }
     }
 }
@@ -266,6 +304,7 @@ impl Config {
             },
         };
         Ok(Settings {
+            plans: Arc::new(self.plans.plans()),
             default_limits: Arc::new(default_limits),
             limiter,
             usage_flush_interval: Duration::from_millis(self.usage.flush_interval_ms.max(10)),
@@ -300,7 +339,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 10] = [
+const SETTINGS: [&str; 11] = [
     "listen",
     "database_url",
     "database_max_connections",
@@ -311,6 +350,7 @@ const SETTINGS: [&str; 10] = [
     "events",
     "rate_limits",
     "usage",
+    "plans",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -339,6 +379,8 @@ pub struct Settings {
     pub default_limits: Arc<Vec<RateLimit>>,
     pub limiter: LimiterSettings,
     pub usage_flush_interval: Duration,
+    /// What each workspace plan allows.
+    pub plans: Arc<Plans>,
 }
 
 /// Where rate-limit counters live.
@@ -448,6 +490,32 @@ mod tests {
             config.into_settings(),
             Err(ConfigError::MissingRedisUrl)
         ));
+    }
+
+    #[test]
+    fn plans_keep_their_defaults_where_the_file_is_silent() {
+        let config: Config = Figment::new()
+            .merge(Toml::string(
+                "database_url = \"sqlite::memory:\"\n[plans.spark]\napi_keys = false\n[plans.pro]\nbyok = false\n",
+            ))
+            .extract()
+            .unwrap();
+        let plans = config.into_settings().unwrap().plans;
+        assert_eq!(
+            plans.spark,
+            PlanPolicy {
+                api_keys: false,
+                byok: false
+            }
+        );
+        assert_eq!(
+            plans.pro,
+            PlanPolicy {
+                api_keys: true,
+                byok: false
+            }
+        );
+        assert_eq!(plans.team, Plans::default().team);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::limits::RateLimit;
 use crate::domain::scopes::ScopeImplications;
+use crate::domain::workspace::Plans;
 use crate::events::EventHub;
 use crate::store::{
     AuditContext, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
@@ -81,6 +82,11 @@ pub enum KeyError {
     NotFound,
     #[error("{0}")]
     FailedPrecondition(&'static str),
+    /// Refused by policy (a plan, a team's limits), with the reason.
+    #[error("{0}")]
+    Refused(String),
+    #[error("workspace {0} does not exist")]
+    WorkspaceNotFound(String),
     #[error(transparent)]
     Store(StoreError),
     #[error("the operating system's random source failed")]
@@ -104,6 +110,7 @@ pub struct KeyLifecycle {
     clock: Clock,
     brand: Brand,
     implications: Arc<ScopeImplications>,
+    plans: Arc<Plans>,
 }
 
 impl KeyLifecycle {
@@ -114,6 +121,7 @@ impl KeyLifecycle {
         clock: Clock,
         brand: Brand,
         implications: Arc<ScopeImplications>,
+        plans: Arc<Plans>,
     ) -> Self {
         KeyLifecycle {
             store,
@@ -122,6 +130,7 @@ impl KeyLifecycle {
             clock,
             brand,
             implications,
+            plans,
         }
     }
 
@@ -131,6 +140,28 @@ impl KeyLifecycle {
 
     pub async fn issue(&self, acting: &Acting, input: IssueInput) -> Result<Issued, KeyError> {
         let now = self.clock.now();
+        // The workspace must exist, and its plan allow keys (a refusal is audited).
+        let workspace = self
+            .store
+            .get_workspace(&input.workspace_id)
+            .await?
+            .ok_or_else(|| KeyError::WorkspaceNotFound(input.workspace_id.clone()))?;
+        if !self.plans.policy(workspace.plan).api_keys {
+            let why = format!(
+                "the {} plan of workspace {} does not allow API keys",
+                workspace.plan.display(),
+                workspace.workspace_id
+            );
+            self.store
+                .record_denied(&DeniedAudit {
+                    workspace_id: workspace.workspace_id.clone(),
+                    key_id: None,
+                    context: audit(acting, "key.issue", why.clone()),
+                    occurred_at: now,
+                })
+                .await?;
+            return Err(KeyError::Refused(why));
+        }
         self.check_ceiling(
             acting,
             &input.workspace_id,

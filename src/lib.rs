@@ -6,6 +6,7 @@
 //!   validation. Pure: no IO, no async, no clock.
 //! - [`store`]: the [`store::Store`] trait and its Postgres and SQLite implementations.
 //! - [`cache`]: the VerifyKey cache, whose fills cannot resurrect an invalidated entry.
+//! - [`workspaces`]: workspaces (tenants) and what their plans allow.
 //! - [`keys`]: the key lifecycle (issue, update, rotate, revoke, delete) over a store,
 //!   keeping the cache coherent.
 //! - [`verify`]: the VerifyKey hot path.
@@ -36,6 +37,7 @@ pub mod server;
 pub mod store;
 pub mod usage;
 pub mod verify;
+pub mod workspaces;
 
 /// The generated protobuf and gRPC code of `keywarden.v1`.
 pub mod proto {

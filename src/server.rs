@@ -15,6 +15,7 @@ use crate::api::auth::{RequireRole, Role};
 use crate::api::keys::KeyApi;
 use crate::api::revocations::RevocationApi;
 use crate::api::verify::VerifyApi;
+use crate::api::workspaces::WorkspaceApi;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::config::{LimiterSettings, Settings};
@@ -23,12 +24,14 @@ use crate::keys::KeyLifecycle;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::revocation_service_server::RevocationServiceServer;
 use crate::proto::verify_service_server::VerifyServiceServer;
+use crate::proto::workspace_service_server::WorkspaceServiceServer;
 use crate::ratelimit::RateLimiter;
 use crate::ratelimit::memory::MemoryLimiter;
 use crate::ratelimit::redis::RedisLimiter;
 use crate::store::{self, Store};
 use crate::usage::UsageBook;
 use crate::verify::{Verifier, VerifyPolicy};
+use crate::workspaces::Workspaces;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -163,6 +166,12 @@ pub async fn start_with_store(
         clock.clone(),
         settings.brand.clone(),
         settings.implications.clone(),
+        settings.plans.clone(),
+    ));
+    let workspaces = Arc::new(Workspaces::new(
+        store.clone(),
+        clock.clone(),
+        settings.plans.clone(),
     ));
     let limiter: Arc<dyn RateLimiter> = match &settings.limiter {
         LimiterSettings::Memory { max_keys } => Arc::new(MemoryLimiter::new(*max_keys)),
@@ -206,6 +215,9 @@ pub async fn start_with_store(
     health_reporter
         .set_serving::<VerifyServiceServer<VerifyApi>>()
         .await;
+    health_reporter
+        .set_serving::<WorkspaceServiceServer<WorkspaceApi>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -226,6 +238,10 @@ pub async fn start_with_store(
         .add_service(reflection_v1alpha)
         .add_service(KeyServiceServer::with_interceptor(
             KeyApi::new(lifecycle),
+            RequireRole::new(settings.tokens.clone(), Role::Admin),
+        ))
+        .add_service(WorkspaceServiceServer::with_interceptor(
+            WorkspaceApi::new(workspaces),
             RequireRole::new(settings.tokens.clone(), Role::Admin),
         ))
         .add_service(VerifyServiceServer::with_interceptor(

@@ -986,6 +986,7 @@ async fn a_postgres_restart_loses_no_event_and_half_writes_nothing() {
         Replica { server, channel }
     };
     let a = replica().await;
+    db.create_workspaces(TEST_WORKSPACES, "pro").await;
     let b = replica().await;
     eventually("both replicas to LISTEN", async || {
         listeners(&db).await == 2

@@ -106,6 +106,7 @@ fn issue_req(workspace_id: &str, name: &str, env: proto::Environment) -> IssueKe
 /// requests that carry a key. Checks the Debug output of what comes back. Returns every
 /// plaintext the server ever handed out.
 async fn workload(server: &Server, admin_token: &str, verifier_token: &str) -> Vec<Plain> {
+    server.create_workspace(admin_token, "ws_secrets").await;
     let mut admin = server.admin(admin_token).await;
     let mut verifier = server.verifier(verifier_token).await;
     let mut keys = Vec::new();

@@ -22,6 +22,7 @@ fn issue_req(workspace_id: &str) -> IssueKeyRequest {
 
 /// Issues a key with `admin_token` and checks that `verifier_token` verifies it.
 async fn issue_and_verify(server: &Server, admin_token: &str, verifier_token: &str) -> String {
+    server.create_workspace(admin_token, "ws_proc").await;
     let issued = server
         .admin(admin_token)
         .await
@@ -402,6 +403,7 @@ async fn two_server_processes_on_one_postgres_stay_coherent() {
     std::fs::write(&config, toml).unwrap();
     let mut a = Server::start(config_server(&config)).await;
     let mut b = Server::start(config_server(&config)).await;
+    a.create_workspace(ADMIN_TOKEN, "ws_proc").await;
     let mut admin = a.admin(ADMIN_TOKEN).await;
     let issue = async |admin: &mut AdminClient| {
         let mut r = issue_req("ws_proc");

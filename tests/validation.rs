@@ -84,6 +84,7 @@ const ZERO_KEY_ID: &str = "key_000000000000000000000000";
 async fn values_at_every_limit_are_accepted(backend: Backend) {
     // The refusals below mean something only if the limits themselves are usable.
     let app = TestApp::spawn(backend).await;
+    app.db.create_workspaces(&[&"w".repeat(64)], "pro").await;
     let name: String = "é".repeat(128);
     let metadata: HashMap<String, String> = (0..16)
         .map(|i| (format!("{i:0>64}"), "v".repeat(512)))

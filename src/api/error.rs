@@ -10,6 +10,7 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 use crate::domain::validate::Violations;
 use crate::keys::KeyError;
 use crate::store::StoreError;
+use crate::workspaces::WorkspaceError;
 
 /// The message and the details both travel in the trailers, and clients bound the size of
 /// those (hyper's default is 16 KiB, gRPC core's 8 KiB); a reply past the bound costs the
@@ -87,6 +88,7 @@ pub fn store_status(e: &StoreError) -> Status {
     match e {
         StoreError::NotFound => Status::not_found("not found"),
         StoreError::Precondition(why) => Status::failed_precondition(*why),
+        StoreError::AlreadyExists => Status::already_exists("already exists"),
         StoreError::Unavailable(_) => {
             tracing::warn!(error = %e, "storage unavailable");
             Status::unavailable("storage is unavailable; retry later")
@@ -104,11 +106,25 @@ impl From<KeyError> for Status {
             KeyError::PermissionDenied(why) => Status::permission_denied(why),
             KeyError::NotFound => Status::not_found("key not found"),
             KeyError::FailedPrecondition(why) => Status::failed_precondition(why),
+            KeyError::Refused(why) => Status::failed_precondition(why),
+            KeyError::WorkspaceNotFound(id) => {
+                Status::not_found(format!("workspace {id} does not exist"))
+            }
             KeyError::Store(e) => store_status(&e),
             KeyError::Randomness => {
                 tracing::error!("the OS random source failed");
                 Status::internal("internal error")
             }
+        }
+    }
+}
+
+impl From<WorkspaceError> for Status {
+    fn from(e: WorkspaceError) -> Self {
+        match e {
+            WorkspaceError::NotFound(_) => Status::not_found(e.to_string()),
+            WorkspaceError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            WorkspaceError::Store(e) => store_status(&e),
         }
     }
 }

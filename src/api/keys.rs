@@ -24,7 +24,7 @@ impl KeyApi {
     }
 }
 
-fn caller<T>(request: &Request<T>) -> Result<Arc<str>, Status> {
+pub(crate) fn caller<T>(request: &Request<T>) -> Result<Arc<str>, Status> {
     request
         .extensions()
         .get::<Caller>()

@@ -8,3 +8,4 @@ pub mod error;
 pub mod keys;
 pub mod revocations;
 pub mod verify;
+pub mod workspaces;

@@ -221,6 +221,29 @@ async fn connect(
     Ok(clients)
 }
 
+/// The workspace every benchmark key lives in, created as an admin backend would.
+async fn create_workspace(server: &ServerProcess, tokens: &Tokens) -> Result<(), BoxError> {
+    let admin: MetadataValue<Ascii> = format!("Bearer {}", tokens.admin).parse()?;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))?
+        .connect()
+        .await?;
+    proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(
+        channel,
+        Bearer(admin),
+    )
+    .create_workspace(proto::CreateWorkspaceRequest {
+        workspace_id: "ws_bench".into(),
+        name: "bench".into(),
+        plan: proto::Plan::Pro as i32,
+        actor: Some(proto::Actor {
+            id: "bench".into(),
+            permissions: Vec::new(),
+        }),
+    })
+    .await?;
+    Ok(())
+}
+
 fn issue_request(n: u64) -> proto::IssueKeyRequest {
     proto::IssueKeyRequest {
         workspace_id: "ws_bench".into(),
@@ -362,6 +385,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     )
     .await?;
     let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
+    create_workspace(&server, &tokens).await?;
 
     // Keys for the hit workloads, issued through the API (this is also the issue scenario).
     let issued = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));

@@ -14,6 +14,7 @@ pub mod key_format;
 pub mod limits;
 pub mod scopes;
 pub mod validate;
+pub mod workspace;
 
 /// A point in time as unix microseconds (UTC). Storage and the domain share this one
 /// representation so that both stores compare and order times identically.

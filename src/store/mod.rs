@@ -26,6 +26,7 @@ use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
+use crate::domain::workspace::{Plan, Workspace};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -34,6 +35,9 @@ pub enum StoreError {
     /// The mutation is not allowed in the key's current state.
     #[error("{0}")]
     Precondition(&'static str),
+    /// What the mutation would create exists already.
+    #[error("already exists")]
+    AlreadyExists,
     /// The database cannot be reached or did not answer in time.
     #[error("storage unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
@@ -156,6 +160,13 @@ pub struct KeyPatch {
     pub max_budget_micros: Option<Option<u64>>,
 }
 
+/// The fields a workspace update changes; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct WorkspacePatch {
+    pub name: Option<String>,
+    pub plan: Option<Plan>,
+}
+
 /// What one replica's usage book writes for a key in one batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageDelta {
@@ -265,6 +276,24 @@ pub trait Store: Send + Sync + 'static {
     /// Adds each delta's spend and moves its `last_used_at`, in one transaction; returns
     /// the persisted spend of every key that exists (deleted ones too), after the batch.
     async fn record_usage(&self, batch: &[UsageDelta]) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Stores a new workspace and its audit event; [`StoreError::AlreadyExists`] when the
+    /// id is taken (nothing written).
+    async fn insert_workspace(
+        &self,
+        workspace: &Workspace,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+
+    async fn get_workspace(&self, workspace_id: &str) -> Result<Option<Workspace>, StoreError>;
+
+    async fn update_workspace(
+        &self,
+        workspace_id: &str,
+        patch: &WorkspacePatch,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Workspace, StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -204,6 +204,31 @@ impl TryFrom<EventRow> for KeyEvent {
 }
 
 #[derive(sqlx::FromRow)]
+pub(crate) struct WorkspaceRow {
+    workspace_id: String,
+    name: String,
+    plan: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<WorkspaceRow> for crate::domain::workspace::Workspace {
+    type Error = StoreError;
+
+    fn try_from(r: WorkspaceRow) -> Result<Self, StoreError> {
+        Ok(crate::domain::workspace::Workspace {
+            plan: crate::domain::workspace::Plan::parse(&r.plan).ok_or_else(|| {
+                StoreError::Corrupt(format!("workspace {}: plan", r.workspace_id))
+            })?,
+            workspace_id: r.workspace_id,
+            name: r.name,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
 pub(crate) struct AuditRow {
     id: i64,
     workspace_id: String,
@@ -836,6 +861,101 @@ macro_rules! impl_store {
                     );
                 }
                 Ok(totals)
+            }
+
+            async fn insert_workspace(
+                &self,
+                workspace: &crate::domain::workspace::Workspace,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO workspaces (workspace_id, name, plan, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $4) ON CONFLICT (workspace_id) DO NOTHING",
+                )
+                .bind(&workspace.workspace_id)
+                .bind(&workspace.name)
+                .bind(workspace.plan.as_str())
+                .bind(workspace.created_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    return Err(crate::store::StoreError::AlreadyExists);
+                }
+                Self::write_audit(
+                    &mut tx,
+                    &workspace.workspace_id,
+                    None,
+                    crate::store::AuditOutcome::Success,
+                    audit,
+                    workspace.created_at,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn get_workspace(
+                &self,
+                workspace_id: &str,
+            ) -> Result<Option<crate::domain::workspace::Workspace>, crate::store::StoreError> {
+                let row: Option<crate::store::sql::WorkspaceRow> = sqlx::query_as(
+                    "SELECT workspace_id, name, plan, created_at, updated_at FROM workspaces \
+                     WHERE workspace_id = $1",
+                )
+                .bind(workspace_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn update_workspace(
+                &self,
+                workspace_id: &str,
+                patch: &crate::store::WorkspacePatch,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<crate::domain::workspace::Workspace, crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let row: Option<crate::store::sql::WorkspaceRow> = sqlx::query_as(concat!(
+                    "SELECT workspace_id, name, plan, created_at, updated_at FROM workspaces \
+                     WHERE workspace_id = $1",
+                    $lock
+                ))
+                .bind(workspace_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let mut workspace: crate::domain::workspace::Workspace =
+                    row.ok_or(crate::store::StoreError::NotFound)?.try_into()?;
+                if let Some(name) = &patch.name {
+                    workspace.name = name.clone();
+                }
+                if let Some(plan) = patch.plan {
+                    workspace.plan = plan;
+                }
+                workspace.updated_at = now;
+                sqlx::query(
+                    "UPDATE workspaces SET name = $2, plan = $3, updated_at = $4 \
+                     WHERE workspace_id = $1",
+                )
+                .bind(workspace_id)
+                .bind(&workspace.name)
+                .bind(workspace.plan.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                Self::write_audit(
+                    &mut tx,
+                    workspace_id,
+                    None,
+                    crate::store::AuditOutcome::Success,
+                    audit,
+                    now,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(workspace)
             }
 
             async fn ping(&self) -> Result<(), crate::store::StoreError> {

@@ -27,6 +27,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
+/// The workspaces every [`TestApp`] has (plan PRO).
+pub const TEST_WORKSPACES: &[&str] = &["ws_test", "ws_a", "ws_b", "ws_c", "ws_other", "ws_ok"];
+
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const VERIFIER_TOKEN: &str = "test-verifier-token";
 /// A caller token with the `edge` role (RevocationService).
@@ -117,6 +120,17 @@ impl TestDb {
             url,
             pg_name: None,
             _dir: None,
+        }
+    }
+
+    /// Creates workspaces on `plan` directly in the database (after the migrations ran).
+    pub async fn create_workspaces(&self, ids: &[&str], plan: &str) {
+        for id in ids {
+            self.execute(&format!(
+                "INSERT INTO workspaces (workspace_id, name, plan, created_at, updated_at) \
+                 VALUES ('{id}', '{id}', '{plan}', 0, 0)"
+            ))
+            .await;
         }
     }
 
@@ -256,6 +270,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
             limit: 1_000_000,
         }]),
         limiter: Default::default(),
+        plans: Default::default(),
         // Tests write usage when they mean to (`RunningServer::flush_usage`), so "not
         // written yet" is never a race with the periodic flush.
         usage_flush_interval: std::time::Duration::from_secs(3600),
@@ -299,6 +314,9 @@ impl TestApp {
         let server = keywarden::server::start(&settings, clock.clone())
             .await
             .unwrap();
+        // The workspaces the tests issue keys in, on a plan that allows everything,
+        // written behind the server's back so that no test sees their audit rows.
+        db.create_workspaces(TEST_WORKSPACES, "pro").await;
         let channel = Channel::from_shared(format!("http://{}", server.addr()))
             .unwrap()
             .connect()

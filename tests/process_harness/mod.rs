@@ -267,6 +267,29 @@ impl Server {
         KeyServiceClient::with_interceptor(self.channel().await, bearer(token))
     }
 
+    /// Creates a workspace (plan PRO) through the API, as an admin backend does first; one
+    /// that exists already (a restarted server) is fine.
+    pub async fn create_workspace(&self, admin_token: &str, workspace_id: &str) {
+        let created =
+            keywarden::proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(
+                self.channel().await,
+                bearer(admin_token),
+            )
+            .create_workspace(keywarden::proto::CreateWorkspaceRequest {
+                workspace_id: workspace_id.to_owned(),
+                name: workspace_id.to_owned(),
+                plan: keywarden::proto::Plan::Pro as i32,
+                actor: Some(keywarden::proto::Actor {
+                    id: "user_admin".to_owned(),
+                    permissions: Vec::new(),
+                }),
+            })
+            .await;
+        if let Err(e) = created {
+            assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+        }
+    }
+
     pub async fn verifier(&self, token: &str) -> VerifierClient {
         VerifyServiceClient::with_interceptor(self.channel().await, bearer(token))
     }

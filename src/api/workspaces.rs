@@ -1,0 +1,149 @@
+//! `keywarden.v1.WorkspaceService`: validate, convert, call [`Workspaces`], convert back.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::error::check;
+use super::keys::caller;
+use crate::domain::validate::Violations;
+use crate::domain::workspace::{Plan, Workspace};
+use crate::keys::Acting;
+use crate::proto;
+use crate::proto::workspace_service_server::WorkspaceService;
+use crate::store::WorkspacePatch;
+use crate::workspaces::Workspaces;
+
+pub struct WorkspaceApi {
+    workspaces: Arc<Workspaces>,
+}
+
+impl WorkspaceApi {
+    pub fn new(workspaces: Arc<Workspaces>) -> Self {
+        WorkspaceApi { workspaces }
+    }
+
+    fn workspace_pb(&self, w: &Workspace) -> proto::Workspace {
+        let policy = self.workspaces.policy(w.plan);
+        proto::Workspace {
+            workspace_id: w.workspace_id.clone(),
+            name: w.name.clone(),
+            plan: plan_pb(w.plan) as i32,
+            created_at: Some(convert::timestamp(w.created_at)),
+            updated_at: Some(convert::timestamp(w.updated_at)),
+            api_keys_allowed: policy.api_keys,
+            byok_allowed: policy.byok,
+        }
+    }
+}
+
+fn plan_pb(plan: Plan) -> proto::Plan {
+    match plan {
+        Plan::Spark => proto::Plan::Spark,
+        Plan::Pro => proto::Plan::Pro,
+        Plan::Team => proto::Plan::Team,
+        Plan::Enterprise => proto::Plan::Enterprise,
+    }
+}
+
+fn plan(raw: i32, field: &str, v: &mut Violations) -> Option<Plan> {
+    match proto::Plan::try_from(raw) {
+        Ok(proto::Plan::Spark) => Some(Plan::Spark),
+        Ok(proto::Plan::Pro) => Some(Plan::Pro),
+        Ok(proto::Plan::Team) => Some(Plan::Team),
+        Ok(proto::Plan::Enterprise) => Some(Plan::Enterprise),
+        _ => {
+            v.add(
+                field,
+                "must be PLAN_SPARK, PLAN_PRO, PLAN_TEAM or PLAN_ENTERPRISE",
+            );
+            None
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkspaceService for WorkspaceApi {
+    async fn create_workspace(
+        &self,
+        request: Request<proto::CreateWorkspaceRequest>,
+    ) -> Result<Response<proto::CreateWorkspaceResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.name("name", &r.name);
+        let plan = plan(r.plan, "plan", &mut v);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        check(v)?;
+        let Some(plan) = plan else {
+            return Err(Status::invalid_argument("invalid request"));
+        };
+        let workspace = self
+            .workspaces
+            .create(&Acting { caller, actor }, r.workspace_id, r.name, plan)
+            .await?;
+        Ok(Response::new(proto::CreateWorkspaceResponse {
+            workspace: Some(self.workspace_pb(&workspace)),
+        }))
+    }
+
+    async fn get_workspace(
+        &self,
+        request: Request<proto::GetWorkspaceRequest>,
+    ) -> Result<Response<proto::GetWorkspaceResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        check(v)?;
+        let workspace = self.workspaces.get(&r.workspace_id).await?;
+        Ok(Response::new(proto::GetWorkspaceResponse {
+            workspace: Some(self.workspace_pb(&workspace)),
+        }))
+    }
+
+    async fn update_workspace(
+        &self,
+        request: Request<proto::UpdateWorkspaceRequest>,
+    ) -> Result<Response<proto::UpdateWorkspaceResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let mut patch = WorkspacePatch::default();
+        let paths = r
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.as_slice())
+            .unwrap_or_default();
+        if paths.is_empty() {
+            v.add("update_mask", "must name at least one of name, plan");
+        }
+        for path in paths {
+            match path.as_str() {
+                "name" => {
+                    v.name("name", &r.name);
+                    patch.name = Some(r.name.clone());
+                }
+                "plan" => patch.plan = plan(r.plan, "plan", &mut v),
+                other => v.add(
+                    "update_mask",
+                    format!(
+                        "unknown path `{}`: expected name or plan",
+                        other.chars().take(64).collect::<String>()
+                    ),
+                ),
+            }
+        }
+        check(v)?;
+        let workspace = self
+            .workspaces
+            .update(&Acting { caller, actor }, &r.workspace_id, patch)
+            .await?;
+        Ok(Response::new(proto::UpdateWorkspaceResponse {
+            workspace: Some(self.workspace_pb(&workspace)),
+        }))
+    }
+}

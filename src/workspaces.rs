@@ -1,0 +1,114 @@
+//! Workspaces: create, get, update (name, plan), each audited in the mutation's own
+//! transaction, and what each plan allows in this deployment.
+
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::domain::workspace::{Plan, PlanPolicy, Plans, Workspace};
+use crate::keys::Acting;
+use crate::store::{AuditContext, Store, StoreError, WorkspacePatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    #[error("workspace {0} does not exist")]
+    NotFound(String),
+    #[error("workspace {0} exists already")]
+    AlreadyExists(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+pub struct Workspaces {
+    store: Arc<dyn Store>,
+    clock: Clock,
+    plans: Arc<Plans>,
+}
+
+impl Workspaces {
+    pub fn new(store: Arc<dyn Store>, clock: Clock, plans: Arc<Plans>) -> Self {
+        Workspaces {
+            store,
+            clock,
+            plans,
+        }
+    }
+
+    pub fn policy(&self, plan: Plan) -> PlanPolicy {
+        self.plans.policy(plan)
+    }
+
+    pub async fn create(
+        &self,
+        acting: &Acting,
+        workspace_id: String,
+        name: String,
+        plan: Plan,
+    ) -> Result<Workspace, WorkspaceError> {
+        let now = self.clock.now();
+        let workspace = Workspace {
+            workspace_id,
+            name,
+            plan,
+            created_at: now,
+            updated_at: now,
+        };
+        let audit = audit(
+            acting,
+            "workspace.create",
+            format!("plan: {}", plan.as_str()),
+        );
+        match self.store.insert_workspace(&workspace, &audit).await {
+            Ok(()) => {
+                tracing::info!(workspace_id = %workspace.workspace_id, "workspace created");
+                Ok(workspace)
+            }
+            Err(StoreError::AlreadyExists) => {
+                Err(WorkspaceError::AlreadyExists(workspace.workspace_id))
+            }
+            Err(e) => Err(WorkspaceError::Store(e)),
+        }
+    }
+
+    pub async fn get(&self, workspace_id: &str) -> Result<Workspace, WorkspaceError> {
+        self.store
+            .get_workspace(workspace_id)
+            .await
+            .map_err(WorkspaceError::Store)?
+            .ok_or_else(|| WorkspaceError::NotFound(workspace_id.to_owned()))
+    }
+
+    pub async fn update(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        patch: WorkspacePatch,
+    ) -> Result<Workspace, WorkspaceError> {
+        let detail = [
+            patch.name.as_ref().map(|_| "name".to_owned()),
+            patch.plan.map(|p| format!("plan: {}", p.as_str())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+        let audit = audit(acting, "workspace.update", detail);
+        match self
+            .store
+            .update_workspace(workspace_id, &patch, self.clock.now(), &audit)
+            .await
+        {
+            Ok(w) => Ok(w),
+            Err(StoreError::NotFound) => Err(WorkspaceError::NotFound(workspace_id.to_owned())),
+            Err(e) => Err(WorkspaceError::Store(e)),
+        }
+    }
+}
+
+fn audit(acting: &Acting, action: &'static str, detail: String) -> AuditContext {
+    AuditContext {
+        actor_id: acting.actor.id.clone(),
+        caller: acting.caller.to_string(),
+        action,
+        detail,
+    }
+}
