@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::api::auth::{CallerTokens, Role, TokenEntry};
 use crate::cache::CacheSizes;
+use crate::crypto::{KdfParams, derive_kek};
 use crate::domain::key_format::{Brand, KeyHash};
 use crate::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use crate::domain::scopes::ScopeImplications;
@@ -25,6 +26,8 @@ use crate::domain::validate::Violations;
 use crate::domain::workspace::{PlanPolicy, Plans};
 use crate::events::EventSettings;
 use crate::ratelimit::FailureMode;
+use base64::Engine;
+use zeroize::Zeroizing;
 
 /// The configuration as written by an operator.
 #[derive(Debug, Deserialize)]
@@ -47,6 +50,107 @@ pub struct Config {
     pub usage: UsageConfig,
     /// What each plan allows (`[plans.spark]`, `[plans.pro]`, ...).
     pub plans: PlansConfig,
+    /// Key-encryption keys for provider keys (`[[keks]]`); the newest version wraps.
+    pub keks: Vec<KekConfig>,
+}
+
+/// One key-encryption key: 32 raw bytes (base64), or a passphrase stretched with Argon2id
+/// under a salt (base64, at least 8 bytes) and parameters kept here with the version.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KekConfig {
+    pub version: u32,
+    pub key_base64: Option<SecretString>,
+    pub passphrase: Option<SecretString>,
+    pub salt_base64: Option<String>,
+    pub m_cost_kib: Option<u32>,
+    pub t_cost: Option<u32>,
+    pub p_cost: Option<u32>,
+}
+
+/// A validated KEK, not yet derived (Argon2id runs at start).
+#[derive(Clone)]
+pub enum KekMaterial {
+    Raw(Zeroizing<[u8; 32]>),
+    Passphrase {
+        passphrase: SecretString,
+        salt: Vec<u8>,
+        params: KdfParams,
+    },
+}
+
+impl std::fmt::Debug for KekMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KekMaterial::Raw(_) => f.write_str("Raw([redacted])"),
+            KekMaterial::Passphrase { params, .. } => {
+                write!(f, "Passphrase([redacted], {params:?})")
+            }
+        }
+    }
+}
+
+impl KekMaterial {
+    pub fn key(&self) -> Result<Zeroizing<[u8; 32]>, crate::crypto::CryptoError> {
+        match self {
+            KekMaterial::Raw(k) => Ok(k.clone()),
+            KekMaterial::Passphrase {
+                passphrase,
+                salt,
+                params,
+            } => derive_kek(passphrase.expose_secret().as_bytes(), salt, *params),
+        }
+    }
+}
+
+impl KekConfig {
+    fn material(&self) -> Result<KekMaterial, ConfigError> {
+        let bad = |what: &str| ConfigError::Kek(self.version, what.to_owned());
+        if self.version == 0 {
+            return Err(bad("version must be 1 or more"));
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        match (&self.key_base64, &self.passphrase) {
+            (Some(key), None) => {
+                let bytes = Zeroizing::new(
+                    b64.decode(key.expose_secret().trim())
+                        .map_err(|_| bad("key_base64 is not base64"))?,
+                );
+                let key: [u8; 32] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| bad("key_base64 must decode to 32 bytes"))?;
+                Ok(KekMaterial::Raw(Zeroizing::new(key)))
+            }
+            (None, Some(passphrase)) => {
+                if passphrase.expose_secret().len() < 12 {
+                    return Err(bad("the passphrase must be at least 12 characters"));
+                }
+                let salt = b64
+                    .decode(
+                        self.salt_base64
+                            .as_deref()
+                            .ok_or_else(|| bad("a passphrase needs salt_base64"))?
+                            .trim(),
+                    )
+                    .map_err(|_| bad("salt_base64 is not base64"))?;
+                if salt.len() < 8 {
+                    return Err(bad("the salt must be at least 8 bytes"));
+                }
+                let d = KdfParams::default();
+                Ok(KekMaterial::Passphrase {
+                    passphrase: passphrase.clone(),
+                    salt,
+                    params: KdfParams {
+                        m_cost_kib: self.m_cost_kib.unwrap_or(d.m_cost_kib),
+                        t_cost: self.t_cost.unwrap_or(d.t_cost),
+                        p_cost: self.p_cost.unwrap_or(d.p_cost),
+                    },
+                })
+            }
+            _ => Err(bad("set exactly one of key_base64 and passphrase")),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -228,6 +332,7 @@ impl Default for Config {
             rate_limits: RateLimitsConfig::default(),
             usage: UsageConfig::default(),
             plans: PlansConfig::default(),
+            keks: Vec::new(),
         }
     }
 }
@@ -252,6 +357,8 @@ pub enum ConfigError {
     DefaultLimits(String),
     #[error("configuration: rate_limits.redis_url is required with backend = \"redis\"")]
     MissingRedisUrl,
+    #[error("configuration: keks (version {0}): {1}")]
+    Kek(u32, String),
 }
 
 impl Config {
@@ -303,7 +410,15 @@ impl Config {
                 failure: self.rate_limits.redis_failure,
             },
         };
+        let mut keks = Vec::with_capacity(self.keks.len());
+        for kek in &self.keks {
+            if keks.iter().any(|(v, _)| *v == kek.version) {
+                return Err(ConfigError::Kek(kek.version, "configured twice".into()));
+            }
+            keks.push((kek.version, kek.material()?));
+        }
         Ok(Settings {
+            keks,
             plans: Arc::new(self.plans.plans()),
             default_limits: Arc::new(default_limits),
             limiter,
@@ -339,7 +454,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 11] = [
+const SETTINGS: [&str; 12] = [
     "listen",
     "database_url",
     "database_max_connections",
@@ -351,6 +466,7 @@ const SETTINGS: [&str; 11] = [
     "rate_limits",
     "usage",
     "plans",
+    "keks",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -381,6 +497,8 @@ pub struct Settings {
     pub usage_flush_interval: Duration,
     /// What each workspace plan allows.
     pub plans: Arc<Plans>,
+    /// Key-encryption keys by version (none: provider keys are unavailable).
+    pub keks: Vec<(u32, KekMaterial)>,
 }
 
 /// Where rate-limit counters live.
@@ -516,6 +634,38 @@ mod tests {
             }
         );
         assert_eq!(plans.team, Plans::default().team);
+    }
+
+    #[test]
+    fn keks_need_one_valid_source_and_hide_their_secrets() {
+        let kek = |toml: &str| {
+            let config: Config = Figment::new()
+                .merge(Toml::string(&format!(
+                    "database_url = \"sqlite::memory:\"\n[[keks]]\n{toml}"
+                )))
+                .extract()
+                .unwrap();
+            config.into_settings()
+        };
+        let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        let ok = kek(&format!("version = 1\nkey_base64 = \"{key}\"")).unwrap();
+        assert_eq!(ok.keks.len(), 1);
+        assert!(!format!("{ok:?}").contains(&key));
+        let ok = kek(
+            "version = 2\npassphrase = \"correct horse battery\"\nsalt_base64 = \"c2FsdHNhbHQ=\"",
+        )
+        .unwrap();
+        assert!(!format!("{ok:?}").contains("horse"));
+        for bad in [
+            "version = 0\nkey_base64 = \"AAAA\"".to_owned(),
+            "version = 1\nkey_base64 = \"AAAA\"".to_owned(),
+            "version = 1".to_owned(),
+            format!("version = 1\nkey_base64 = \"{key}\"\npassphrase = \"correct horse battery\""),
+            "version = 1\npassphrase = \"short\"\nsalt_base64 = \"c2FsdHNhbHQ=\"".to_owned(),
+            "version = 1\npassphrase = \"correct horse battery\"".to_owned(),
+        ] {
+            assert!(matches!(kek(&bad), Err(ConfigError::Kek(..))), "{bad}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod domain;
 pub mod edge;
 pub mod events;
 pub mod keys;
+pub mod provider_keys;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

@@ -47,8 +47,25 @@ enum Command {
     },
     /// Print a new random caller token and the SHA-256 to put in the configuration.
     Token,
+    /// Key-encryption keys of provider keys.
+    Kek {
+        #[command(subcommand)]
+        command: KekCommand,
+    },
     /// Measure throughput and latency against a real server (see BENCHMARKS.md).
     Bench(keywarden::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum KekCommand {
+    /// Rewrap every stored data key to the newest configured KEK, in batches, while the
+    /// servers keep running; afterwards older KEK versions can leave the configuration.
+    Rewrap {
+        #[arg(long, env = "KEYWARDEN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Print 32 random bytes, base64, for a new `[[keks]]` entry's key_base64.
+    New,
 }
 
 #[tokio::main]
@@ -109,6 +126,38 @@ async fn run(command: Command) -> Result<(), BoxError> {
             keywarden::bench::run(args, command).await?;
             Ok(())
         }
+        Command::Kek {
+            command: KekCommand::Rewrap { config },
+        } => {
+            let settings = Config::load(config.as_deref())?.into_settings()?;
+            let store = keywarden::store::open(
+                settings.database_url.expose_secret(),
+                settings.database_max_connections,
+            )
+            .await?;
+            let ring = keywarden::server::build_ring(&settings).await?;
+            keywarden::provider_keys::check_keks(
+                store.as_ref(),
+                ring.as_deref(),
+                Clock::System.now(),
+            )
+            .await?;
+            let keys = keywarden::provider_keys::ProviderKeys::new(
+                store,
+                Clock::System,
+                settings.plans.clone(),
+                ring,
+            );
+            let (rewrapped, version) = keys.rewrap().await?;
+            println!("rewrapped {rewrapped} provider key(s) to KEK version {version}");
+            Ok(())
+        }
+        Command::Kek {
+            command: KekCommand::New,
+        } => {
+            println!("{}", new_kek_base64()?);
+            Ok(())
+        }
         Command::Token => {
             let token = generate_token()?;
             println!("token:  {token}");
@@ -127,7 +176,13 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
     let admin = generate_token()?;
     let verifier = generate_token()?;
     let edge = generate_token()?;
+    let resolver = generate_token()?;
+    let kek_file = data_dir.join("kek.key");
+    let kek = dev_kek(&kek_file)?;
     let mut settings = config.into_settings()?;
+    if settings.keks.is_empty() {
+        settings.keks = vec![(1, keywarden::config::KekMaterial::Raw(kek))];
+    }
     settings.tokens = std::sync::Arc::new(settings.tokens.extended(vec![
         TokenEntry::new("dev-admin".into(), KeyHash::of(&admin), vec![Role::Admin]),
         TokenEntry::new(
@@ -136,6 +191,11 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
             vec![Role::Verifier],
         ),
         TokenEntry::new("dev-edge".into(), KeyHash::of(&edge), vec![Role::Edge]),
+        TokenEntry::new(
+            "dev-provider-resolver".into(),
+            KeyHash::of(&resolver),
+            vec![Role::ProviderResolver],
+        ),
     ]));
     println!("==> Keywarden is running in DEV MODE. Do not use it in production.");
     println!(
@@ -145,7 +205,41 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
     println!("admin token: {admin}");
     println!("verifier token: {verifier}");
     println!("edge token: {edge}");
+    println!("provider-resolver token: {resolver}");
+    println!(
+        "    Provider keys are encrypted under a KEK kept in {} (dev mode only: configure [[keks]] in production).",
+        kek_file.display()
+    );
     Ok(settings)
+}
+
+/// 32 random bytes as base64.
+fn new_kek_base64() -> Result<String, BoxError> {
+    use base64::Engine;
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(key.as_mut()).map_err(|e| e.to_string())?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(key.as_ref()))
+}
+
+/// Dev mode's KEK: made once, kept in the data directory (owner-only), reused after.
+fn dev_kek(path: &std::path::Path) -> Result<zeroize::Zeroizing<[u8; 32]>, BoxError> {
+    use base64::Engine;
+    if !path.exists() {
+        let encoded = new_kek_base64()?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        std::io::Write::write_all(&mut options.open(path)?, encoded.as_bytes())?;
+    }
+    let encoded = zeroize::Zeroizing::new(std::fs::read_to_string(path)?);
+    let bytes =
+        zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(encoded.trim())?);
+    let key: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("{} does not hold a 32-byte key", path.display()))?;
+    Ok(zeroize::Zeroizing::new(key))
 }
 
 async fn serve(settings: Settings) -> Result<(), BoxError> {

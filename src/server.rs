@@ -11,20 +11,25 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
+use crate::api::auth::Authenticate;
 use crate::api::auth::{RequireRole, Role};
 use crate::api::keys::KeyApi;
+use crate::api::provider_keys::ProviderKeyApi;
 use crate::api::revocations::RevocationApi;
 use crate::api::verify::VerifyApi;
 use crate::api::workspaces::WorkspaceApi;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::config::{LimiterSettings, Settings};
+use crate::crypto::KekRing;
 use crate::events::EventHub;
 use crate::keys::KeyLifecycle;
 use crate::proto::key_service_server::KeyServiceServer;
+use crate::proto::provider_key_service_server::ProviderKeyServiceServer;
 use crate::proto::revocation_service_server::RevocationServiceServer;
 use crate::proto::verify_service_server::VerifyServiceServer;
 use crate::proto::workspace_service_server::WorkspaceServiceServer;
+use crate::provider_keys::{ProviderKeys, check_keks};
 use crate::ratelimit::RateLimiter;
 use crate::ratelimit::memory::MemoryLimiter;
 use crate::ratelimit::redis::RedisLimiter;
@@ -45,6 +50,28 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("rate limits: {0}")]
     Limiter(#[from] crate::ratelimit::LimiterError),
+    #[error("key-encryption keys: {0}")]
+    Kek(String),
+}
+
+/// The KEK ring from the configured versions (Argon2id runs here for passphrase KEKs, off
+/// the async threads); `None` when none is configured.
+pub async fn build_ring(settings: &Settings) -> Result<Option<Arc<KekRing>>, StartError> {
+    if settings.keks.is_empty() {
+        return Ok(None);
+    }
+    let keks = settings.keks.clone();
+    let ring = tokio::task::spawn_blocking(move || {
+        let mut derived = Vec::with_capacity(keks.len());
+        for (version, material) in &keks {
+            derived.push((*version, material.key()?));
+        }
+        KekRing::new(derived)
+    })
+    .await
+    .map_err(|e| StartError::Kek(e.to_string()))?
+    .map_err(|e| StartError::Kek(e.to_string()))?;
+    Ok(Some(Arc::new(ring)))
 }
 
 /// Writes the usage book every interval until shutdown.
@@ -168,6 +195,16 @@ pub async fn start_with_store(
         settings.implications.clone(),
         settings.plans.clone(),
     ));
+    let ring = build_ring(settings).await?;
+    check_keks(store.as_ref(), ring.as_deref(), clock.now())
+        .await
+        .map_err(StartError::Kek)?;
+    let provider_keys = Arc::new(ProviderKeys::new(
+        store.clone(),
+        clock.clone(),
+        settings.plans.clone(),
+        ring,
+    ));
     let workspaces = Arc::new(Workspaces::new(
         store.clone(),
         clock.clone(),
@@ -218,6 +255,9 @@ pub async fn start_with_store(
     health_reporter
         .set_serving::<WorkspaceServiceServer<WorkspaceApi>>()
         .await;
+    health_reporter
+        .set_serving::<ProviderKeyServiceServer<ProviderKeyApi>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -239,6 +279,10 @@ pub async fn start_with_store(
         .add_service(KeyServiceServer::with_interceptor(
             KeyApi::new(lifecycle),
             RequireRole::new(settings.tokens.clone(), Role::Admin),
+        ))
+        .add_service(ProviderKeyServiceServer::with_interceptor(
+            ProviderKeyApi::new(provider_keys),
+            Authenticate::new(settings.tokens.clone()),
         ))
         .add_service(WorkspaceServiceServer::with_interceptor(
             WorkspaceApi::new(workspaces),

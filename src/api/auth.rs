@@ -22,6 +22,8 @@ pub enum Role {
     Verifier,
     /// RevocationService: WatchRevocations.
     Edge,
+    /// ProviderKeyService.ResolveProviderKey, and nothing else.
+    ProviderResolver,
 }
 
 impl Role {
@@ -30,6 +32,7 @@ impl Role {
             Role::Admin => "admin",
             Role::Verifier => "verifier",
             Role::Edge => "edge",
+            Role::ProviderResolver => "provider-resolver",
         }
     }
 }
@@ -81,6 +84,11 @@ impl CallerTokens {
     }
 
     pub fn authorize(&self, metadata: &MetadataMap, role: Role) -> Result<Caller, Status> {
+        self.authenticate(metadata)?.require(role)
+    }
+
+    /// Who the caller is and what roles it holds, whatever it asks for.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Authenticated, Status> {
         let token = bearer(metadata).ok_or_else(|| {
             Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
         })?;
@@ -93,15 +101,62 @@ impl CallerTokens {
             }
         }
         let entry = found.ok_or_else(|| Status::unauthenticated("unknown caller token"))?;
-        if entry.roles.contains(&role) {
-            Ok(Caller(entry.name.clone()))
+        Ok(Authenticated {
+            name: entry.name.clone(),
+            roles: entry.roles.clone(),
+        })
+    }
+}
+
+/// An authenticated caller and its roles, for services whose methods need different
+/// roles (put into the request's extensions by [`Authenticate`]).
+#[derive(Clone, Debug)]
+pub struct Authenticated {
+    name: Arc<str>,
+    roles: Vec<Role>,
+}
+
+impl Authenticated {
+    pub fn require(&self, role: Role) -> Result<Caller, Status> {
+        if self.roles.contains(&role) {
+            Ok(Caller(self.name.clone()))
         } else {
             Err(Status::permission_denied(format!(
-                "caller `{}` lacks the `{}` role this service needs",
-                entry.name,
+                "caller `{}` lacks the `{}` role this call needs",
+                self.name,
                 role.as_str()
             )))
         }
+    }
+}
+
+/// The role check of a method behind [`Authenticate`].
+pub fn require<T>(request: &Request<T>, role: Role) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Authenticated>()
+        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))?
+        .require(role)
+}
+
+/// A tonic interceptor that admits any known caller; each method then checks its role
+/// with [`require`].
+#[derive(Clone)]
+pub struct Authenticate {
+    tokens: Arc<CallerTokens>,
+}
+
+impl Authenticate {
+    pub fn new(tokens: Arc<CallerTokens>) -> Self {
+        Authenticate { tokens }
+    }
+}
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let who = self.tokens.authenticate(request.metadata())?;
+        request.extensions_mut().insert(who);
+        Ok(request)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod keys;
+pub mod provider_keys;
 pub mod revocations;
 pub mod verify;
 pub mod workspaces;

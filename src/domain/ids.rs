@@ -15,6 +15,11 @@ pub fn is_key_id(s: &str) -> bool {
         .is_some_and(|rest| rest.len() == KEY_ID_RANDOM_LEN && base62::is_base62(rest))
 }
 
+/// A new provider-key record id: `pk_` and 24 base62 characters.
+pub fn new_provider_key_id() -> Result<String, getrandom::Error> {
+    Ok(format!("pk_{}", base62::random_string(KEY_ID_RANDOM_LEN)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ pub mod ids;
 pub mod key;
 pub mod key_format;
 pub mod limits;
+pub mod provider_key;
 pub mod scopes;
 pub mod validate;
 pub mod workspace;

@@ -26,6 +26,7 @@ use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
+use crate::domain::provider_key::{Provider, ProviderKeyRecord};
 use crate::domain::workspace::{Plan, Workspace};
 
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +295,70 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
         audit: &AuditContext,
     ) -> Result<Workspace, StoreError>;
+
+    /// Records an audit event of its own (nothing else changes), e.g. a resolve.
+    async fn record_audit(
+        &self,
+        entry: &DeniedAudit,
+        outcome: AuditOutcome,
+    ) -> Result<(), StoreError>;
+
+    /// Stores the workspace's key for the record's provider, replacing any (the original
+    /// `created_at` is kept), with its audit event. Returns the record as stored.
+    async fn put_provider_key(
+        &self,
+        record: &ProviderKeyRecord,
+        audit: &AuditContext,
+    ) -> Result<ProviderKeyRecord, StoreError>;
+
+    async fn get_provider_key(
+        &self,
+        workspace_id: &str,
+        provider: Provider,
+    ) -> Result<Option<ProviderKeyRecord>, StoreError>;
+
+    async fn list_provider_keys(
+        &self,
+        workspace_id: &str,
+    ) -> Result<Vec<ProviderKeyRecord>, StoreError>;
+
+    /// [`StoreError::NotFound`] when there is none (nothing written).
+    async fn delete_provider_key(
+        &self,
+        workspace_id: &str,
+        provider: Provider,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` records whose data key is wrapped by another KEK version than
+    /// `current`.
+    async fn provider_keys_to_rewrap(
+        &self,
+        current: u32,
+        limit: u32,
+    ) -> Result<Vec<ProviderKeyRecord>, StoreError>;
+
+    /// Replaces a record's wrapped data key if it is still `expected` (a concurrent put
+    /// wins); returns whether it did.
+    async fn swap_wrapped_dek(
+        &self,
+        record_id: &str,
+        expected: &[u8],
+        kek_version: u32,
+        wrapped_dek: &[u8],
+    ) -> Result<bool, StoreError>;
+
+    /// The KEK versions stored records are wrapped by.
+    async fn kek_versions_in_use(&self) -> Result<Vec<u32>, StoreError>;
+
+    /// The stored check value of KEK `version`, storing `value` first if there is none.
+    async fn kek_check(
+        &self,
+        version: u32,
+        value: &[u8],
+        now: Micros,
+    ) -> Result<Vec<u8>, StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -204,6 +204,48 @@ impl TryFrom<EventRow> for KeyEvent {
 }
 
 #[derive(sqlx::FromRow)]
+pub(crate) struct ProviderKeyRow {
+    record_id: String,
+    workspace_id: String,
+    provider: String,
+    last_four: String,
+    kek_version: i64,
+    wrapped_dek: Vec<u8>,
+    ciphertext: Vec<u8>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+macro_rules! provider_key_columns {
+    () => {
+        "record_id, workspace_id, provider, last_four, kek_version, wrapped_dek, ciphertext, \
+         created_at, updated_at"
+    };
+}
+pub(crate) use provider_key_columns;
+
+impl TryFrom<ProviderKeyRow> for crate::domain::provider_key::ProviderKeyRecord {
+    type Error = StoreError;
+
+    fn try_from(r: ProviderKeyRow) -> Result<Self, StoreError> {
+        let corrupt =
+            |what: &str| StoreError::Corrupt(format!("provider key {}: {what}", r.record_id));
+        Ok(crate::domain::provider_key::ProviderKeyRecord {
+            provider: crate::domain::provider_key::Provider::parse(&r.provider)
+                .ok_or_else(|| corrupt("provider"))?,
+            kek_version: u32::try_from(r.kek_version).map_err(|_| corrupt("kek_version"))?,
+            record_id: r.record_id,
+            workspace_id: r.workspace_id,
+            last_four: r.last_four,
+            wrapped_dek: r.wrapped_dek,
+            ciphertext: r.ciphertext,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
 pub(crate) struct WorkspaceRow {
     workspace_id: String,
     name: String,
@@ -956,6 +998,206 @@ macro_rules! impl_store {
                 .await?;
                 tx.commit().await?;
                 Ok(workspace)
+            }
+
+            async fn record_audit(
+                &self,
+                entry: &crate::store::DeniedAudit,
+                outcome: crate::store::AuditOutcome,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                Self::write_audit(
+                    &mut tx,
+                    &entry.workspace_id,
+                    entry.key_id.as_deref(),
+                    outcome,
+                    &entry.context,
+                    entry.occurred_at,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn put_provider_key(
+                &self,
+                record: &crate::domain::provider_key::ProviderKeyRecord,
+                audit: &crate::store::AuditContext,
+            ) -> Result<crate::domain::provider_key::ProviderKeyRecord, crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let row: crate::store::sql::ProviderKeyRow = sqlx::query_as(concat!(
+                    "INSERT INTO provider_keys (",
+                    crate::store::sql::provider_key_columns!(),
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
+                     ON CONFLICT (workspace_id, provider) DO UPDATE SET \
+                     record_id = excluded.record_id, last_four = excluded.last_four, \
+                     kek_version = excluded.kek_version, wrapped_dek = excluded.wrapped_dek, \
+                     ciphertext = excluded.ciphertext, updated_at = excluded.updated_at \
+                     RETURNING ",
+                    crate::store::sql::provider_key_columns!()
+                ))
+                .bind(&record.record_id)
+                .bind(&record.workspace_id)
+                .bind(record.provider.as_str())
+                .bind(&record.last_four)
+                .bind(i64::from(record.kek_version))
+                .bind(&record.wrapped_dek)
+                .bind(&record.ciphertext)
+                .bind(record.updated_at)
+                .fetch_one(&mut *tx)
+                .await?;
+                Self::write_audit(
+                    &mut tx,
+                    &record.workspace_id,
+                    None,
+                    crate::store::AuditOutcome::Success,
+                    audit,
+                    record.updated_at,
+                )
+                .await?;
+                tx.commit().await?;
+                row.try_into()
+            }
+
+            async fn get_provider_key(
+                &self,
+                workspace_id: &str,
+                provider: crate::domain::provider_key::Provider,
+            ) -> Result<Option<crate::domain::provider_key::ProviderKeyRecord>, crate::store::StoreError> {
+                let row: Option<crate::store::sql::ProviderKeyRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    crate::store::sql::provider_key_columns!(),
+                    " FROM provider_keys WHERE workspace_id = $1 AND provider = $2"
+                ))
+                .bind(workspace_id)
+                .bind(provider.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn list_provider_keys(
+                &self,
+                workspace_id: &str,
+            ) -> Result<Vec<crate::domain::provider_key::ProviderKeyRecord>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::ProviderKeyRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    crate::store::sql::provider_key_columns!(),
+                    " FROM provider_keys WHERE workspace_id = $1 ORDER BY provider"
+                ))
+                .bind(workspace_id)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn delete_provider_key(
+                &self,
+                workspace_id: &str,
+                provider: crate::domain::provider_key::Provider,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let deleted = sqlx::query(
+                    "DELETE FROM provider_keys WHERE workspace_id = $1 AND provider = $2",
+                )
+                .bind(workspace_id)
+                .bind(provider.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if deleted == 0 {
+                    return Err(crate::store::StoreError::NotFound);
+                }
+                Self::write_audit(
+                    &mut tx,
+                    workspace_id,
+                    None,
+                    crate::store::AuditOutcome::Success,
+                    audit,
+                    now,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn provider_keys_to_rewrap(
+                &self,
+                current: u32,
+                limit: u32,
+            ) -> Result<Vec<crate::domain::provider_key::ProviderKeyRecord>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::ProviderKeyRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    crate::store::sql::provider_key_columns!(),
+                    " FROM provider_keys WHERE kek_version <> $1 ORDER BY record_id LIMIT $2"
+                ))
+                .bind(i64::from(current))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn swap_wrapped_dek(
+                &self,
+                record_id: &str,
+                expected: &[u8],
+                kek_version: u32,
+                wrapped_dek: &[u8],
+            ) -> Result<bool, crate::store::StoreError> {
+                let swapped = sqlx::query(
+                    "UPDATE provider_keys SET kek_version = $3, wrapped_dek = $4 \
+                     WHERE record_id = $1 AND wrapped_dek = $2",
+                )
+                .bind(record_id)
+                .bind(expected)
+                .bind(i64::from(kek_version))
+                .bind(wrapped_dek)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(swapped == 1)
+            }
+
+            async fn kek_versions_in_use(&self) -> Result<Vec<u32>, crate::store::StoreError> {
+                let versions: Vec<i64> = sqlx::query_scalar(
+                    "SELECT DISTINCT kek_version FROM provider_keys ORDER BY kek_version",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                versions
+                    .into_iter()
+                    .map(|v| {
+                        u32::try_from(v).map_err(|_| {
+                            crate::store::StoreError::Corrupt(format!("kek_version {v}"))
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn kek_check(
+                &self,
+                version: u32,
+                value: &[u8],
+                now: i64,
+            ) -> Result<Vec<u8>, crate::store::StoreError> {
+                sqlx::query(
+                    "INSERT INTO kek_checks (version, check_value, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (version) DO NOTHING",
+                )
+                .bind(i64::from(version))
+                .bind(value)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                let stored: Vec<u8> =
+                    sqlx::query_scalar("SELECT check_value FROM kek_checks WHERE version = $1")
+                        .bind(i64::from(version))
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(stored)
             }
 
             async fn ping(&self) -> Result<(), crate::store::StoreError> {

@@ -34,6 +34,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const VERIFIER_TOKEN: &str = "test-verifier-token";
 /// A caller token with the `edge` role (RevocationService).
 pub const EDGE_TOKEN: &str = "test-edge-token";
+/// A caller token with the `provider-resolver` role (ResolveProviderKey only).
+pub const RESOLVER_TOKEN: &str = "test-resolver-token";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -154,6 +156,87 @@ impl TestDb {
         }
     }
 
+    /// One bytes value (the first column of the first row).
+    pub async fn bytes(&self, sql: &str) -> Vec<u8> {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap()
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+                sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Runs `sql` with `value` bound as `$1`.
+    pub async fn set_bytes(&self, sql: &str, value: &[u8]) {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .bind(value)
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+                    .bind(value)
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Everything the database holds, as text: every row of every table (Postgres), or
+    /// the raw bytes of the database and its write-ahead log (SQLite).
+    pub async fn dump_text(&self) -> String {
+        match self.backend {
+            Backend::Sqlite => {
+                let path = self.url.trim_start_matches("sqlite://").to_owned();
+                let mut out = Vec::new();
+                for file in [path.clone(), format!("{path}-wal")] {
+                    if let Ok(bytes) = std::fs::read(&file) {
+                        out.extend(bytes);
+                    }
+                }
+                String::from_utf8_lossy(&out).into_owned()
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.url).await.unwrap();
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT table_name::text FROM information_schema.tables \
+                     WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+                )
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+                let mut out = String::new();
+                for table in tables {
+                    let rows: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                        "SELECT coalesce(string_agg(t::text, E'\\n'), '') FROM \"{table}\" t"
+                    )))
+                    .fetch_one(&mut c)
+                    .await
+                    .unwrap();
+                    out.push_str(&rows);
+                    out.push('\n');
+                }
+                out
+            }
+        }
+    }
+
     /// Counts rows with a query returning one integer.
     pub async fn count(&self, sql: &str) -> i64 {
         match self.backend {
@@ -239,6 +322,11 @@ pub fn test_tokens() -> Arc<CallerTokens> {
             KeyHash::of(EDGE_TOKEN),
             vec![Role::Edge],
         ),
+        TokenEntry::new(
+            "test-resolver".into(),
+            KeyHash::of(RESOLVER_TOKEN),
+            vec![Role::ProviderResolver],
+        ),
     ]))
 }
 
@@ -271,6 +359,10 @@ pub fn test_settings(db: &TestDb) -> Settings {
         }]),
         limiter: Default::default(),
         plans: Default::default(),
+        keks: vec![(
+            1,
+            keywarden::config::KekMaterial::Raw(zeroize::Zeroizing::new([1u8; 32])),
+        )],
         // Tests write usage when they mean to (`RunningServer::flush_usage`), so "not
         // written yet" is never a race with the periodic flush.
         usage_flush_interval: std::time::Duration::from_secs(3600),
