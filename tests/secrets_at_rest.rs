@@ -73,6 +73,50 @@ fn assert_absent(haystack: &[u8], keys: &[Plain], place: &str) {
     }
 }
 
+/// A workspace's own provider key, stored and resolved in dev mode.
+const PROVIDER_KEY: &str = "sk-ant-api03-Pq7Lm2Vx9Kw4Rt1Yb6Cd3Fg8Hj5Sa0Zn";
+
+/// Puts a provider key (admin) and resolves it (provider-resolver).
+async fn provider_key_workload(server: &Server, admin_token: &str, resolver_token: &str) {
+    use keywarden::proto::provider_key_service_client::ProviderKeyServiceClient;
+    let mut admin =
+        ProviderKeyServiceClient::with_interceptor(server.channel().await, bearer(admin_token));
+    let put = admin
+        .put_provider_key(proto::PutProviderKeyRequest {
+            workspace_id: "ws_secrets".into(),
+            provider: proto::Provider::Anthropic as i32,
+            api_key: PROVIDER_KEY.into(),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!format!("{put:?}").contains(&PROVIDER_KEY[8..16]));
+    let resolved = ProviderKeyServiceClient::with_interceptor(
+        server.channel().await,
+        bearer(resolver_token),
+    )
+    .resolve_provider_key(proto::ResolveProviderKeyRequest {
+        workspace_id: "ws_secrets".into(),
+        provider: proto::Provider::Anthropic as i32,
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(resolved.api_key, PROVIDER_KEY);
+}
+
+/// Neither `key` nor any 8-character run of it is in `haystack`.
+fn assert_no_part_of(haystack: &[u8], key: &str, place: &str) {
+    for run in key.as_bytes().windows(8) {
+        assert!(
+            !contains(haystack, run),
+            "`{}` of a provider key is in {place}",
+            String::from_utf8_lossy(run)
+        );
+    }
+}
+
 /// Text with its ANSI escape sequences (log colours) removed, so that no colour code
 /// can split a secret from the search.
 fn strip_ansi(bytes: &[u8]) -> Vec<u8> {
@@ -282,11 +326,15 @@ async fn dev_mode_on_sqlite_keeps_no_plaintext() {
     let admin = server.stdout_value("admin token: ");
     let verifier = server.stdout_value("verifier token: ");
 
+    let resolver = server.stdout_value("provider-resolver token: ");
+
     let keys = workload(&server, &admin, &verifier).await;
+    provider_key_workload(&server, &admin, &resolver).await;
     let output = stop_and_collect_output(&mut server).await;
     assert_traced(&output);
     assert_absent(&output, &keys, "the server's output");
     assert_absent(&strip_ansi(&output), &keys, "the server's output");
+    assert_no_part_of(&strip_ansi(&output), PROVIDER_KEY, "the server's output");
 
     // Every byte of every file in the data dir, read raw (free pages, WAL and all),
     // before anything else opens the database.
@@ -296,6 +344,7 @@ async fn dev_mode_on_sqlite_keeps_no_plaintext() {
         let path = entry.unwrap().path();
         let bytes = std::fs::read(&path).unwrap();
         assert_absent(&bytes, &keys, &path.display().to_string());
+        assert_no_part_of(&bytes, PROVIDER_KEY, &path.display().to_string());
         names.push(path.file_name().unwrap().to_string_lossy().into_owned());
         all_files.extend_from_slice(&bytes);
     }
