@@ -92,17 +92,15 @@ async fn provider_key_workload(server: &Server, admin_token: &str, resolver_toke
         .unwrap()
         .into_inner();
     assert!(!format!("{put:?}").contains(&PROVIDER_KEY[8..16]));
-    let resolved = ProviderKeyServiceClient::with_interceptor(
-        server.channel().await,
-        bearer(resolver_token),
-    )
-    .resolve_provider_key(proto::ResolveProviderKeyRequest {
-        workspace_id: "ws_secrets".into(),
-        provider: proto::Provider::Anthropic as i32,
-    })
-    .await
-    .unwrap()
-    .into_inner();
+    let resolved =
+        ProviderKeyServiceClient::with_interceptor(server.channel().await, bearer(resolver_token))
+            .resolve_provider_key(proto::ResolveProviderKeyRequest {
+                workspace_id: "ws_secrets".into(),
+                provider: proto::Provider::Anthropic as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(resolved.api_key, PROVIDER_KEY);
 }
 

@@ -520,3 +520,83 @@ async fn two_server_processes_on_one_postgres_stay_coherent() {
     a.terminate().await;
     b.terminate().await;
 }
+
+/// KEK rotation as an operator does it: a server stores a provider key under KEK 1; the
+/// configuration gains KEK 2; `keywarden kek rewrap` moves every data key to it; a server
+/// configured with KEK 2 alone resolves the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_rewrap_moves_every_provider_key_to_the_newest_kek() {
+    use keywarden::proto::provider_key_service_client::ProviderKeyServiceClient;
+    const KEY: &str = "sk-ant-api03-Rw8Lm2Vx9Kw4Rt1Yb6Cd3Fg8Hj5Sa0Zp";
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&db.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+    let base = std::fs::read_to_string(&config).unwrap();
+    let resolver_sha = hex::encode(Sha256::digest(RESOLVER_TOKEN.as_bytes()));
+    let kek = |version: u32, byte: u8| {
+        use base64::Engine;
+        format!(
+            "\n[[keks]]\nversion = {version}\nkey_base64 = \"{}\"\n",
+            base64::engine::general_purpose::STANDARD.encode([byte; 32])
+        )
+    };
+    let write = |keks: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "{base}\n[[tokens]]\nname = \"router\"\nsha256 = \"{resolver_sha}\"\nroles = [\"provider-resolver\"]\n{keks}"
+            ),
+        )
+        .unwrap();
+    };
+
+    write(&kek(1, 5));
+    let mut server = Server::start(config_server(&config)).await;
+    server.create_workspace(ADMIN_TOKEN, "ws_proc").await;
+    ProviderKeyServiceClient::with_interceptor(server.channel().await, bearer(ADMIN_TOKEN))
+        .put_provider_key(proto::PutProviderKeyRequest {
+            workspace_id: "ws_proc".into(),
+            provider: proto::Provider::Anthropic as i32,
+            api_key: KEY.into(),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap();
+    server.terminate().await;
+
+    write(&format!("{}{}", kek(1, 5), kek(2, 6)));
+    let mut rewrap = Process::spawn(keywarden(&[
+        "kek".as_ref(),
+        "rewrap".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]));
+    let status = rewrap.wait().await;
+    assert_exited_cleanly(status, &rewrap);
+    assert!(
+        rewrap
+            .stdout()
+            .contains("rewrapped 1 provider key(s) to KEK version 2"),
+        "{}",
+        rewrap.transcript()
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM provider_keys WHERE kek_version = 2")
+            .await,
+        1
+    );
+
+    write(&kek(2, 6));
+    let mut server = Server::start(config_server(&config)).await;
+    let resolved =
+        ProviderKeyServiceClient::with_interceptor(server.channel().await, bearer(RESOLVER_TOKEN))
+            .resolve_provider_key(proto::ResolveProviderKeyRequest {
+                workspace_id: "ws_proc".into(),
+                provider: proto::Provider::Anthropic as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(resolved.api_key, KEY);
+    server.terminate().await;
+}
