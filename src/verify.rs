@@ -24,6 +24,8 @@ pub struct Verdict {
     pub key: Option<Arc<CachedKey>>,
     pub limit: Option<LimitDecision>,
     pub spent_micros: u64,
+    /// The time the decision was made at (what `retry_after` counts from).
+    pub decided_at: crate::domain::Micros,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,10 +74,6 @@ impl Verifier {
 
     /// Verifies `presented` for a call that needs `required_scopes` and counts `cost`
     /// requests (at least 1).
-    pub fn now(&self) -> crate::domain::Micros {
-        self.clock.now()
-    }
-
     /// Records usage reported after an upstream call: tokens in the token windows, spend
     /// in the usage book. Returns the key's spend as this replica sees it, or `None` for
     /// a key that does not exist. Reads the key from storage only when this replica has
@@ -139,6 +137,7 @@ impl Verifier {
                 key: Some(entry),
                 limit: None,
                 spent_micros: 0,
+                decided_at: now,
             });
         }
         let key_id = entry.key.key_id.as_str();
@@ -149,6 +148,7 @@ impl Verifier {
                 key: Some(entry),
                 limit: None,
                 spent_micros,
+                decided_at: now,
             });
         }
         // A key without limits (none of its own and no deployment default) needs no
@@ -173,6 +173,7 @@ impl Verifier {
             key: Some(entry),
             limit: decision,
             spent_micros,
+            decided_at: now,
         })
     }
 
@@ -209,5 +210,6 @@ fn not_found_as(code: VerifyCode) -> Verdict {
         key: None,
         limit: None,
         spent_micros: 0,
+        decided_at: 0,
     }
 }

@@ -72,7 +72,7 @@ impl VerifyService for VerifyApi {
             rate_limit: verdict
                 .limit
                 .as_ref()
-                .map(|d| convert::limit_decision_pb(d, self.verifier.now())),
+                .map(|d| convert::limit_decision_pb(d, verdict.decided_at)),
             spent_micros: verdict.spent_micros,
             ..Default::default()
         };
