@@ -203,6 +203,8 @@ mod tests {
                 max_budget_micros: None,
                 spent_micros: 0,
                 last_used_at: None,
+                resource_access: Default::default(),
+                network: Default::default(),
             },
             secret_valid_until: None,
             effective_scopes: EffectiveScopes::default(),

@@ -359,6 +359,8 @@ impl Verifier {
                 key: key.to_owned(),
                 required_scopes: required_scopes.to_vec(),
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await?
             .into_inner();

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::Micros;
+use crate::domain::access::{NetworkAllowlist, ResourceAccess};
 use crate::domain::ids;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
@@ -49,6 +50,8 @@ pub struct IssueInput {
     pub metadata: BTreeMap<String, String>,
     pub rate_limits: Vec<RateLimit>,
     pub max_budget_micros: Option<u64>,
+    pub resource_access: ResourceAccess,
+    pub network: NetworkAllowlist,
 }
 
 /// Which keys a listing shows.
@@ -195,6 +198,8 @@ impl KeyLifecycle {
             max_budget_micros: input.max_budget_micros,
             spent_micros: 0,
             last_used_at: None,
+            resource_access: input.resource_access,
+            network: input.network,
         };
         let audit = audit(
             acting,

@@ -220,6 +220,8 @@ mod tests {
             max_budget_micros: None,
             spent_micros: 0,
             last_used_at: None,
+            resource_access: Default::default(),
+            network: Default::default(),
         };
         let audit = crate::store::AuditContext {
             actor_id: "u".into(),

@@ -72,7 +72,7 @@ impl Verifier {
         }
     }
 
-    /// Verifies `presented` for a call that needs `required_scopes` and counts `cost`
+    /// Verifies `presented` for a call that needs what `request` names and counts `cost`
     /// requests (at least 1).
     /// Records usage reported after an upstream call: tokens in the token windows, spend
     /// in the usage book. Returns the key's spend as this replica sees it, or `None` for
@@ -105,7 +105,7 @@ impl Verifier {
     pub async fn verify(
         &self,
         presented: &str,
-        required_scopes: &[String],
+        request: &key::Request<'_>,
         cost: u64,
     ) -> Result<Verdict, VerifyError> {
         if key_format::parse(&self.policy.brand, presented).is_err() {
@@ -125,7 +125,7 @@ impl Verifier {
             &entry.key,
             entry.secret_valid_until,
             &entry.effective_scopes,
-            required_scopes,
+            request,
             now,
         );
         if code == VerifyCode::NotFound {

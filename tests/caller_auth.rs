@@ -183,6 +183,8 @@ async fn refusals_of_every_verify_rpc(
             key: key.to_owned(),
             required_scopes: vec![],
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         })
         .await;
     let ping = client.ping(proto::PingRequest {}).await;

@@ -211,6 +211,8 @@ async fn update_changes_only_the_masked_fields(backend: Backend) {
             // Not in the mask either.
             rate_limits: Vec::new(),
             max_budget_micros: Some(5),
+            resource_access: None,
+            allowed_cidrs: vec!["10.0.0.0/8".into()],
         })
         .await
         .unwrap()

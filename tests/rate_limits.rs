@@ -78,6 +78,7 @@ async fn verify_with(verifier: &VerifierClient, key: &str, cost: u64) -> proto::
             key: key.to_owned(),
             required_scopes: Vec::new(),
             cost,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -574,6 +575,8 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
                     key: issued.key.clone(),
                     required_scopes: Vec::new(),
                     cost: 1,
+                    resource: String::new(),
+                    client_ip: String::new(),
                 })
                 .await;
             if expect_valid {
@@ -638,6 +641,8 @@ async fn usage_and_cost_are_validated(backend: Backend) {
             key: issued.key.clone(),
             required_scopes: Vec::new(),
             cost: u64::MAX,
+            resource: String::new(),
+            client_ip: String::new(),
         })
         .await
         .unwrap_err();

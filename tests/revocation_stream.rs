@@ -278,6 +278,8 @@ async fn verify_code(verifier: &VerifierClient, key: &str, scopes: &[&str]) -> V
             key: key.to_owned(),
             required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         })
         .await
         .unwrap()

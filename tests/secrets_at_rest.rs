@@ -221,6 +221,8 @@ async fn workload(server: &Server, admin_token: &str, verifier_token: &str) -> V
                 key: plain.key.clone(),
                 required_scopes: vec!["read".into()],
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await
             .unwrap()
@@ -233,6 +235,8 @@ async fn workload(server: &Server, admin_token: &str, verifier_token: &str) -> V
                 key: plain.wrong_checksum(),
                 required_scopes: vec![],
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await
             .unwrap()
@@ -278,6 +282,8 @@ async fn workload(server: &Server, admin_token: &str, verifier_token: &str) -> V
                 key: key.key.clone(),
                 required_scopes: vec![key.key.clone()],
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await
             .unwrap_err(),

@@ -46,6 +46,8 @@ async fn verify(server: &Server, verifier_token: &str, key: &str) -> proto::Veri
             key: key.to_owned(),
             required_scopes: vec!["read".into()],
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         })
         .await
         .unwrap()
@@ -95,6 +97,8 @@ async fn dev_mode_prints_working_tokens_and_keeps_keys_across_restarts() {
             key: key.clone(),
             required_scopes: vec![],
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         })
         .await
         .unwrap_err();
@@ -122,6 +126,8 @@ async fn dev_mode_prints_working_tokens_and_keeps_keys_across_restarts() {
             key,
             required_scopes: vec![],
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         })
         .await
         .unwrap_err();
@@ -423,6 +429,8 @@ async fn two_server_processes_on_one_postgres_stay_coherent() {
                 key: key.to_owned(),
                 required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await
             .unwrap()

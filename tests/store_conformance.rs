@@ -50,6 +50,8 @@ fn record(workspace_id: &str, created_at: Micros) -> KeyRecord {
         max_budget_micros: None,
         spent_micros: 0,
         last_used_at: None,
+        resource_access: Default::default(),
+        network: Default::default(),
     }
 }
 
@@ -168,6 +170,8 @@ async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend
         max_budget_micros: None,
         spent_micros: 0,
         last_used_at: None,
+        resource_access: Default::default(),
+        network: Default::default(),
     };
     let minimal = KeyRecord {
         scopes: Vec::new(),

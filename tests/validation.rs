@@ -422,6 +422,11 @@ async fn several_violations_in_one_request_are_all_reported(backend: Backend) {
                     },
                 ],
                 max_budget_micros: Some(0),
+                resource_access: Some(proto::ResourceAccess {
+                    mode: 42,
+                    targets: vec!["has space".into()],
+                }),
+                allowed_cidrs: vec!["10.0.0.0/33".into()],
             })
             .await,
     );
@@ -441,6 +446,9 @@ async fn several_violations_in_one_request_are_all_reported(backend: Backend) {
             "rate_limits[0].unit",
             "rate_limits[0].window",
             "max_budget_micros",
+            "resource_access.mode",
+            "resource_access.targets[0]",
+            "allowed_cidrs[0]",
         ]
     );
     // The message names them too, for a human reading a log.
@@ -501,6 +509,8 @@ async fn a_flood_of_violations_is_reported_in_an_answer_the_client_can_read(back
                     })
                     .collect(),
                 max_budget_micros: Some(u64::MAX),
+                resource_access: None,
+                allowed_cidrs: Vec::new(),
             })
             .await,
     );
@@ -850,6 +860,8 @@ async fn update_refuses_bad_masks_and_fields_and_changes_nothing(backend: Backen
         update_mask: mask(&["name", "scopes", "expires_at", "metadata"]),
         rate_limits: Vec::new(),
         max_budget_micros: None,
+        resource_access: None,
+        allowed_cidrs: Vec::new(),
     };
     let cases: Vec<(&str, proto::UpdateKeyRequest, &[&str])> = vec![
         (
@@ -987,6 +999,8 @@ async fn update_refuses_bad_masks_and_fields_and_changes_nothing(backend: Backen
                     },
                 ],
                 max_budget_micros: Some(u64::MAX),
+                resource_access: None,
+                allowed_cidrs: Vec::new(),
             },
             &[
                 "key_id",
@@ -1297,6 +1311,8 @@ async fn verify_refuses_malformed_required_scopes(backend: Backend) {
                     key: issued.key.clone(),
                     required_scopes: required_scopes.clone(),
                     cost: 0,
+                    resource: String::new(),
+                    client_ip: String::new(),
                 })
                 .await,
         );
@@ -1353,6 +1369,8 @@ async fn verify_answers_malformed_keys_with_a_code_not_an_error(backend: Backend
                 key,
                 required_scopes: vec![],
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await
             .unwrap_or_else(|e| panic!("{case}: an error instead of an answer: {e:?}"))
@@ -1376,6 +1394,8 @@ async fn malformed_keys_are_refused_before_any_storage_access(backend: Backend) 
                 key,
                 required_scopes: vec![],
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await
             .unwrap_or_else(|e| panic!("{case}: storage was consulted: {e:?}"))

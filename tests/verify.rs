@@ -94,6 +94,8 @@ async fn malformed_keys_are_refused_without_touching_storage(backend: Backend) {
             key: unknown_key(),
             required_scopes: vec![],
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         })
         .await
         .unwrap_err();

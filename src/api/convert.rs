@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use prost_types::{Duration as PbDuration, Timestamp};
 
+use crate::domain::access::{self, AccessMode, NetworkAllowlist, ResourceAccess};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::Environment;
 use crate::domain::limits::{LimitDecision, LimitUnit, LimitWindow, RateLimit};
@@ -239,6 +240,87 @@ pub fn limit_decision_pb(d: &LimitDecision, now: Micros) -> proto::RateLimitDeci
     }
 }
 
+pub fn resource_access_pb(a: &ResourceAccess) -> proto::ResourceAccess {
+    proto::ResourceAccess {
+        mode: match a.mode {
+            AccessMode::All => proto::ResourceAccessMode::All,
+            AccessMode::Include => proto::ResourceAccessMode::Include,
+            AccessMode::Exclude => proto::ResourceAccessMode::Exclude,
+        } as i32,
+        targets: a.targets.iter().cloned().collect(),
+    }
+}
+
+/// Resource access from the wire (unset: every resource).
+pub fn resource_access(
+    given: Option<&proto::ResourceAccess>,
+    field: &str,
+    v: &mut Violations,
+) -> ResourceAccess {
+    let Some(given) = given else {
+        return ResourceAccess::default();
+    };
+    let mode = match proto::ResourceAccessMode::try_from(given.mode) {
+        Ok(proto::ResourceAccessMode::Unspecified | proto::ResourceAccessMode::All) => {
+            Some(AccessMode::All)
+        }
+        Ok(proto::ResourceAccessMode::Include) => Some(AccessMode::Include),
+        Ok(proto::ResourceAccessMode::Exclude) => Some(AccessMode::Exclude),
+        Err(_) => {
+            v.add(format!("{field}.mode"), "is not a known mode");
+            None
+        }
+    };
+    if given.targets.len() > access::MAX_TARGETS {
+        v.add(
+            format!("{field}.targets"),
+            format!("must hold at most {} targets", access::MAX_TARGETS),
+        );
+        return ResourceAccess::default();
+    }
+    for (i, t) in given.targets.iter().enumerate() {
+        if !access::is_target(t) {
+            v.add(
+                format!("{field}.targets[{i}]"),
+                "must be 1 to 128 printable ASCII characters without spaces",
+            );
+        }
+    }
+    if mode == Some(AccessMode::All) && !given.targets.is_empty() {
+        v.add(
+            format!("{field}.targets"),
+            "must be empty when every resource is allowed (mode ALL)",
+        );
+    }
+    ResourceAccess {
+        mode: mode.unwrap_or_default(),
+        targets: given.targets.iter().cloned().collect(),
+    }
+}
+
+/// A network allowlist from the wire: CIDR ranges or bare addresses, IPv4 or IPv6.
+pub fn allowed_cidrs(given: &[String], field: &str, v: &mut Violations) -> NetworkAllowlist {
+    if given.len() > access::MAX_CIDRS {
+        v.add(
+            field,
+            format!("must hold at most {} ranges", access::MAX_CIDRS),
+        );
+        return NetworkAllowlist::default();
+    }
+    let mut nets = Vec::with_capacity(given.len());
+    for (i, c) in given.iter().enumerate() {
+        match (c.len() <= 64).then(|| access::parse_cidr(c)).flatten() {
+            Some(net) if !nets.contains(&net) => nets.push(net),
+            Some(_) => {}
+            None => v.add(
+                format!("{field}[{i}]"),
+                "is not a CIDR range or an IP address (e.g. 10.0.0.0/8, 2001:db8::/32)",
+            ),
+        }
+    }
+    NetworkAllowlist { nets }
+}
+
 pub fn key_info(key: &KeyRecord, now: Micros) -> proto::KeyInfo {
     proto::KeyInfo {
         key_id: key.key_id.clone(),
@@ -269,6 +351,8 @@ pub fn key_info(key: &KeyRecord, now: Micros) -> proto::KeyInfo {
         max_budget_micros: key.max_budget_micros,
         spent_micros: key.spent_micros,
         last_used_at: key.last_used_at.map(timestamp),
+        resource_access: Some(resource_access_pb(&key.resource_access)),
+        allowed_cidrs: key.network.nets.iter().map(ToString::to_string).collect(),
     }
 }
 

@@ -77,6 +77,9 @@ impl KeyService for KeyApi {
         if let Some(budget) = r.max_budget_micros {
             v.budget("max_budget_micros", budget);
         }
+        let resource_access =
+            convert::resource_access(r.resource_access.as_ref(), "resource_access", &mut v);
+        let network = convert::allowed_cidrs(&r.allowed_cidrs, "allowed_cidrs", &mut v);
         check(v)?;
         let (Some(environment), Some(owner)) = (environment, owner) else {
             return Err(Status::invalid_argument("invalid request"));
@@ -96,6 +99,8 @@ impl KeyService for KeyApi {
                     metadata,
                     rate_limits,
                     max_budget_micros: r.max_budget_micros,
+                    resource_access,
+                    network,
                 },
             )
             .await?;
@@ -179,7 +184,7 @@ impl KeyService for KeyApi {
         if paths.is_empty() {
             v.add(
                 "update_mask",
-                "must name at least one of name, scopes, expires_at, metadata, rate_limits, max_budget_micros",
+                "must name at least one of name, scopes, expires_at, metadata, rate_limits, max_budget_micros, resource_access, allowed_cidrs",
             );
         }
         for path in paths {
@@ -212,10 +217,24 @@ impl KeyService for KeyApi {
                     }
                     patch.max_budget_micros = Some(r.max_budget_micros);
                 }
+                "resource_access" => {
+                    patch.resource_access = Some(convert::resource_access(
+                        r.resource_access.as_ref(),
+                        "resource_access",
+                        &mut v,
+                    ))
+                }
+                "allowed_cidrs" => {
+                    patch.network = Some(convert::allowed_cidrs(
+                        &r.allowed_cidrs,
+                        "allowed_cidrs",
+                        &mut v,
+                    ))
+                }
                 other => v.add(
                     "update_mask",
                     format!(
-                        "unknown path `{}`: expected name, scopes, expires_at, metadata, rate_limits or max_budget_micros",
+                        "unknown path `{}`: expected name, scopes, expires_at, metadata, rate_limits, max_budget_micros, resource_access or allowed_cidrs",
                         other.chars().take(64).collect::<String>()
                     ),
                 ),

@@ -6,7 +6,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::error::{check, store_status};
-use crate::domain::key::VerifyCode;
+use crate::domain::access;
+use crate::domain::key::{self, VerifyCode};
 use crate::domain::validate::{MAX_COST, MAX_USAGE, Violations};
 use crate::proto;
 use crate::proto::verify_service_server::VerifyService;
@@ -43,6 +44,8 @@ fn code_pb(code: VerifyCode) -> proto::VerifyCode {
         VerifyCode::InsufficientScope => proto::VerifyCode::InsufficientScope,
         VerifyCode::RateLimited => proto::VerifyCode::RateLimited,
         VerifyCode::BudgetExceeded => proto::VerifyCode::BudgetExceeded,
+        VerifyCode::ResourceForbidden => proto::VerifyCode::ResourceForbidden,
+        VerifyCode::IpForbidden => proto::VerifyCode::IpForbidden,
     }
 }
 
@@ -53,17 +56,39 @@ impl VerifyService for VerifyApi {
         request: Request<proto::VerifyKeyRequest>,
     ) -> Result<Response<proto::VerifyKeyResponse>, Status> {
         let r = request.into_inner();
-        if !r.required_scopes.is_empty() || r.cost > MAX_COST {
+        let mut client_ip = None;
+        if !r.required_scopes.is_empty()
+            || r.cost > MAX_COST
+            || !r.resource.is_empty()
+            || !r.client_ip.is_empty()
+        {
             let mut v = Violations::default();
             v.scopes("required_scopes", &r.required_scopes);
             if r.cost > MAX_COST {
                 v.add("cost", format!("must be at most {MAX_COST}"));
             }
+            if !r.resource.is_empty() && !access::is_target(&r.resource) {
+                v.add(
+                    "resource",
+                    "must be 1 to 128 printable ASCII characters without spaces",
+                );
+            }
+            if !r.client_ip.is_empty() {
+                client_ip = r.client_ip.trim().parse::<std::net::IpAddr>().ok();
+                if client_ip.is_none() {
+                    v.add("client_ip", "is not an IPv4 or IPv6 address");
+                }
+            }
             check(v)?;
         }
+        let request = key::Request {
+            required_scopes: &r.required_scopes,
+            resource: (!r.resource.is_empty()).then_some(r.resource.as_str()),
+            client_ip,
+        };
         let verdict = self
             .verifier
-            .verify(&r.key, &r.required_scopes, r.cost.max(1))
+            .verify(&r.key, &request, r.cost.max(1))
             .await
             .map_err(|e| verify_status(&e))?;
         let mut response = proto::VerifyKeyResponse {

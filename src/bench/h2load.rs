@@ -72,6 +72,8 @@ pub async fn measure(
             key: hit_key.to_owned(),
             required_scopes: Vec::new(),
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         }),
     )?;
     let addr = server.addr.to_string();
@@ -191,6 +193,8 @@ mod tests {
             key: "abc".into(),
             required_scopes: vec![],
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         });
         assert_eq!(&f[..5], &[0, 0, 0, 0, 5]);
         assert_eq!(&f[5..], &[10, 3, b'a', b'b', b'c']);

@@ -635,6 +635,8 @@ async fn expect_valid(client: &mut Verifier, key: String) -> Result<(), String> 
             key,
             required_scopes: Vec::new(),
             cost: 0,
+            resource: String::new(),
+            client_ip: String::new(),
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -734,6 +736,8 @@ async fn warm(clients: &Clients, pools: &KeyPools) {
                 key: key.clone(),
                 required_scopes: Vec::new(),
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await;
     }
@@ -766,6 +770,8 @@ async fn verify_mix(spec: &LoadSpec, clients: &Clients, pools: &Arc<KeyPools>) -
                     key,
                     required_scopes: Vec::new(),
                     cost: 0,
+                    resource: String::new(),
+                    client_ip: String::new(),
                 })
                 .await
                 .map(|_| ())

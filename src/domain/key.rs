@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::Micros;
+use super::access::{NetworkAllowlist, ResourceAccess};
 use super::key_format::Environment;
 use super::limits::RateLimit;
 use super::scopes::EffectiveScopes;
@@ -64,6 +65,8 @@ pub struct KeyRecord {
     /// Persisted spend when the record was read.
     pub spent_micros: u64,
     pub last_used_at: Option<Micros>,
+    pub resource_access: ResourceAccess,
+    pub network: NetworkAllowlist,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +99,18 @@ pub enum VerifyCode {
     InsufficientScope,
     RateLimited,
     BudgetExceeded,
+    ResourceForbidden,
+    IpForbidden,
+}
+
+/// What a request asks of a key besides its secret.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Request<'a> {
+    pub required_scopes: &'a [String],
+    /// The resource (model) the call is for, if the caller names one.
+    pub resource: Option<&'a str>,
+    /// The end client's address, if the caller names one.
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 /// Decides a verification of a key whose secret matched a stored one.
@@ -106,7 +121,7 @@ pub fn decide(
     key: &KeyRecord,
     secret_valid_until: Option<Micros>,
     effective_scopes: &EffectiveScopes,
-    required_scopes: &[String],
+    request: &Request<'_>,
     now: Micros,
 ) -> VerifyCode {
     if key.deleted_at.is_some() {
@@ -115,8 +130,12 @@ pub fn decide(
         VerifyCode::Revoked
     } else if key.expires_at.is_some_and(|e| now >= e) {
         VerifyCode::Expired
-    } else if !effective_scopes.covers(required_scopes) {
+    } else if !key.network.allows(request.client_ip) {
+        VerifyCode::IpForbidden
+    } else if !effective_scopes.covers(request.required_scopes) {
         VerifyCode::InsufficientScope
+    } else if !key.resource_access.allows(request.resource) {
+        VerifyCode::ResourceForbidden
     } else {
         VerifyCode::Valid
     }
@@ -165,6 +184,15 @@ mod tests {
             max_budget_micros: None,
             spent_micros: 0,
             last_used_at: None,
+            resource_access: Default::default(),
+            network: Default::default(),
+        }
+    }
+
+    fn req(scopes: &[String]) -> Request<'_> {
+        Request {
+            required_scopes: scopes,
+            ..Request::default()
         }
     }
 
@@ -176,11 +204,11 @@ mod tests {
     fn an_active_key_with_its_scopes_is_valid() {
         let r = record();
         assert_eq!(
-            decide(&r, None, &scopes(&r), &["read".into()], 10),
+            decide(&r, None, &scopes(&r), &req(&["read".into()]), 10),
             VerifyCode::Valid
         );
         assert_eq!(
-            decide(&r, None, &scopes(&r), &["write".into()], 10),
+            decide(&r, None, &scopes(&r), &req(&["write".into()]), 10),
             VerifyCode::InsufficientScope
         );
     }
@@ -190,11 +218,11 @@ mod tests {
         let mut r = record();
         r.expires_at = Some(100 * S);
         assert_eq!(
-            decide(&r, None, &scopes(&r), &[], 100 * S - 1),
+            decide(&r, None, &scopes(&r), &Request::default(), 100 * S - 1),
             VerifyCode::Valid
         );
         assert_eq!(
-            decide(&r, None, &scopes(&r), &[], 100 * S),
+            decide(&r, None, &scopes(&r), &Request::default(), 100 * S),
             VerifyCode::Expired
         );
         assert_eq!(r.status(100 * S), KeyStatus::Expired);
@@ -206,13 +234,13 @@ mod tests {
         r.expires_at = Some(S);
         r.revoked_at = Some(0);
         assert_eq!(
-            decide(&r, None, &scopes(&r), &[], 2 * S),
+            decide(&r, None, &scopes(&r), &Request::default(), 2 * S),
             VerifyCode::Revoked
         );
         assert_eq!(r.status(2 * S), KeyStatus::Revoked);
         r.deleted_at = Some(3 * S);
         assert_eq!(
-            decide(&r, None, &scopes(&r), &[], 4 * S),
+            decide(&r, None, &scopes(&r), &Request::default(), 4 * S),
             VerifyCode::NotFound
         );
     }
@@ -221,11 +249,11 @@ mod tests {
     fn a_rotated_secret_works_until_its_grace_ends() {
         let r = record();
         assert_eq!(
-            decide(&r, Some(50 * S), &scopes(&r), &[], 49 * S),
+            decide(&r, Some(50 * S), &scopes(&r), &Request::default(), 49 * S),
             VerifyCode::Valid
         );
         assert_eq!(
-            decide(&r, Some(50 * S), &scopes(&r), &[], 50 * S),
+            decide(&r, Some(50 * S), &scopes(&r), &Request::default(), 50 * S),
             VerifyCode::Revoked
         );
     }

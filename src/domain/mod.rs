@@ -6,6 +6,7 @@
 //! clock or the environment. The current time is always a parameter (`now`, unix
 //! microseconds), so expiry and grace periods are tested without sleeping.
 
+pub mod access;
 pub mod base62;
 pub mod event;
 pub mod ids;

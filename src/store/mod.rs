@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use base64::Engine;
 
 use crate::domain::Micros;
+use crate::domain::access::{NetworkAllowlist, ResourceAccess};
 use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
@@ -159,6 +160,8 @@ pub struct KeyPatch {
     pub rate_limits: Option<Vec<RateLimit>>,
     /// `Some(None)` removes the budget.
     pub max_budget_micros: Option<Option<u64>>,
+    pub resource_access: Option<ResourceAccess>,
+    pub network: Option<NetworkAllowlist>,
 }
 
 /// The fields a workspace update changes; `None` leaves a field as it is.

@@ -20,7 +20,8 @@ macro_rules! key_columns {
     () => {
         "key_id, workspace_id, name, environment, display, scopes, owner_kind, owner_id, \
          created_by, metadata, created_at, updated_at, expires_at, revoked_at, revoke_reason, \
-         rotated_at, deleted_at, rate_limits, max_budget_micros, spent_micros, last_used_at"
+         rotated_at, deleted_at, rate_limits, max_budget_micros, spent_micros, last_used_at, \
+         resource_mode, resource_targets, allowed_cidrs"
     };
 }
 pub(crate) use key_columns;
@@ -48,6 +49,9 @@ pub(crate) struct KeyRow {
     max_budget_micros: Option<i64>,
     spent_micros: i64,
     last_used_at: Option<i64>,
+    resource_mode: String,
+    resource_targets: String,
+    allowed_cidrs: String,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -67,7 +71,20 @@ impl TryFrom<KeyRow> for KeyRecord {
             .transpose()
             .map_err(|_| corrupt("max_budget_micros"))?;
         let spent_micros = u64::try_from(r.spent_micros).map_err(|_| corrupt("spent_micros"))?;
+        let resource_access = crate::domain::access::ResourceAccess {
+            mode: crate::domain::access::AccessMode::parse(&r.resource_mode)
+                .ok_or_else(|| corrupt("resource_mode"))?,
+            targets: r
+                .resource_targets
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+        };
+        let network = crate::domain::access::NetworkAllowlist::split(&r.allowed_cidrs)
+            .ok_or_else(|| corrupt("allowed_cidrs"))?;
         Ok(KeyRecord {
+            resource_access,
+            network,
             rate_limits,
             max_budget_micros,
             spent_micros,
@@ -106,6 +123,15 @@ fn split_scopes(s: &str) -> Vec<String> {
 pub(crate) fn metadata_json(m: &BTreeMap<String, String>) -> String {
     // A map of strings always serializes.
     serde_json::to_string(m).unwrap_or_else(|_| "{}".to_owned())
+}
+
+pub(crate) fn join_targets(access: &crate::domain::access::ResourceAccess) -> String {
+    access
+        .targets
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Keys per usage statement.
@@ -465,7 +491,7 @@ macro_rules! impl_store {
                     "INSERT INTO api_keys (",
                     crate::store::sql::key_columns!(),
                     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                     $16, $17, $18, $19, $20, $21)"
+                     $16, $17, $18, $19, $20, $21, $22, $23, $24)"
                 ))
                 .bind(&key.key_id)
                 .bind(&key.workspace_id)
@@ -488,6 +514,9 @@ macro_rules! impl_store {
                 .bind(crate::store::sql::budget_column(key.max_budget_micros))
                 .bind(crate::store::sql::budget_column(Some(key.spent_micros)).unwrap_or(0))
                 .bind(key.last_used_at)
+                .bind(key.resource_access.mode.as_str())
+                .bind(crate::store::sql::join_targets(&key.resource_access))
+                .bind(key.network.join())
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
@@ -606,10 +635,17 @@ macro_rules! impl_store {
                 if let Some(budget) = patch.max_budget_micros {
                     key.max_budget_micros = budget;
                 }
+                if let Some(access) = &patch.resource_access {
+                    key.resource_access = access.clone();
+                }
+                if let Some(network) = &patch.network {
+                    key.network = network.clone();
+                }
                 key.updated_at = now;
                 sqlx::query(
                     "UPDATE api_keys SET name = $2, scopes = $3, expires_at = $4, metadata = $5, \
-                     updated_at = $6, rate_limits = $7, max_budget_micros = $8 WHERE key_id = $1",
+                     updated_at = $6, rate_limits = $7, max_budget_micros = $8, resource_mode = $9, \
+                     resource_targets = $10, allowed_cidrs = $11 WHERE key_id = $1",
                 )
                 .bind(key_id)
                 .bind(&key.name)
@@ -619,6 +655,9 @@ macro_rules! impl_store {
                 .bind(now)
                 .bind(crate::domain::limits::join(&key.rate_limits))
                 .bind(crate::store::sql::budget_column(key.max_budget_micros))
+                .bind(key.resource_access.mode.as_str())
+                .bind(crate::store::sql::join_targets(&key.resource_access))
+                .bind(key.network.join())
                 .execute(&mut *tx)
                 .await?;
                 let current = Self::current_hash(&mut tx, key_id).await?;

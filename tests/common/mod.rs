@@ -471,6 +471,8 @@ impl TestApp {
                 key: key.to_owned(),
                 required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 cost: 0,
+                resource: String::new(),
+                client_ip: String::new(),
             })
             .await
             .unwrap()
@@ -536,6 +538,8 @@ pub fn issue_request(workspace_id: &str) -> IssueKeyRequest {
         metadata: HashMap::new(),
         rate_limits: Vec::new(),
         max_budget_micros: None,
+        resource_access: None,
+        allowed_cidrs: Vec::new(),
     }
 }
 

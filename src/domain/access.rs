@@ -1,0 +1,190 @@
+//! What a key may reach: resources (models) by mode and list, and the networks its calls
+//! may come from.
+//!
+//! # Resources
+//! `All` reaches everything; `Include` only the listed targets; `Exclude` everything but
+//! them. A key limited to a list (`Include` or `Exclude`) needs the request to name its
+//! resource: a request without one is refused, as it cannot be shown to be allowed.
+//!
+//! # Networks
+//! An empty allowlist admits every address. Otherwise the client address must be inside
+//! a listed range, and a request without one is refused. A range of one family never
+//! contains an address of the other: a list of IPv4 ranges refuses every IPv6 address,
+//! with one exception, IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, what a dual-stack
+//! socket reports for an IPv4 client), which are judged as the IPv4 address they map
+//! when that address is inside a listed IPv4 range.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+pub const MAX_TARGETS: usize = 128;
+pub const MAX_TARGET_LEN: usize = 128;
+pub const MAX_CIDRS: usize = 64;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessMode {
+    #[default]
+    All,
+    Include,
+    Exclude,
+}
+
+impl AccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::All => "all",
+            AccessMode::Include => "include",
+            AccessMode::Exclude => "exclude",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "all" => Some(AccessMode::All),
+            "include" => Some(AccessMode::Include),
+            "exclude" => Some(AccessMode::Exclude),
+            _ => None,
+        }
+    }
+}
+
+/// Which resources a key reaches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceAccess {
+    pub mode: AccessMode,
+    pub targets: BTreeSet<String>,
+}
+
+impl ResourceAccess {
+    /// Whether a request for `resource` (`None`: the request names none) may proceed.
+    pub fn allows(&self, resource: Option<&str>) -> bool {
+        match (self.mode, resource) {
+            (AccessMode::All, _) => true,
+            (_, None) => false,
+            (AccessMode::Include, Some(r)) => self.targets.contains(r),
+            (AccessMode::Exclude, Some(r)) => !self.targets.contains(r),
+        }
+    }
+}
+
+/// A target name: 1 to 128 printable ASCII characters without spaces
+/// (`claude-sonnet-4-5`, `gpt-4o`, `openai/gpt-4o-mini`).
+pub fn is_target(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_TARGET_LEN && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Parses a CIDR range, or a bare address as its own /32 or /128; the range is
+/// normalized (host bits cleared).
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Some(net.trunc());
+    }
+    s.parse::<IpAddr>().ok().map(IpNet::from)
+}
+
+/// Where a key's calls may come from (empty: anywhere).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkAllowlist {
+    pub nets: Vec<IpNet>,
+}
+
+impl NetworkAllowlist {
+    /// Whether a call from `client` (`None`: the request names no address) may proceed.
+    pub fn allows(&self, client: Option<IpAddr>) -> bool {
+        if self.nets.is_empty() {
+            return true;
+        }
+        let Some(ip) = client else {
+            return false;
+        };
+        let mapped = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        self.nets
+            .iter()
+            .any(|net| net.contains(&ip) || mapped.is_some_and(|v4| net.contains(&v4)))
+    }
+
+    /// Text form for storage: space-separated canonical ranges.
+    pub fn join(&self) -> String {
+        self.nets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    pub fn split(s: &str) -> Option<Self> {
+        let nets = s
+            .split_whitespace()
+            .map(|n| n.parse::<IpNet>().ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some(NetworkAllowlist { nets })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(cidrs: &[&str]) -> NetworkAllowlist {
+        NetworkAllowlist {
+            nets: cidrs.iter().map(|c| parse_cidr(c).unwrap()).collect(),
+        }
+    }
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn resources_by_mode() {
+        let targets: BTreeSet<String> = ["gpt-4o".to_owned()].into();
+        let all = ResourceAccess::default();
+        let include = ResourceAccess {
+            mode: AccessMode::Include,
+            targets: targets.clone(),
+        };
+        let exclude = ResourceAccess {
+            mode: AccessMode::Exclude,
+            targets,
+        };
+        assert!(all.allows(Some("anything")) && all.allows(None));
+        assert!(include.allows(Some("gpt-4o")) && !include.allows(Some("claude")));
+        assert!(!exclude.allows(Some("gpt-4o")) && exclude.allows(Some("claude")));
+        assert!(!include.allows(None) && !exclude.allows(None));
+        assert!(is_target("openai/gpt-4o-mini") && !is_target("a b") && !is_target(""));
+    }
+
+    #[test]
+    fn cidr_edges() {
+        let host = list(&["10.1.2.3/32"]);
+        assert!(host.allows(ip("10.1.2.3")) && !host.allows(ip("10.1.2.4")));
+        assert_eq!(list(&["10.1.2.3"]), host, "a bare address is its own /32");
+        let everything_v4 = list(&["0.0.0.0/0"]);
+        assert!(everything_v4.allows(ip("203.0.113.9")));
+        // An IPv4-only list refuses every IPv6 address ...
+        assert!(!everything_v4.allows(ip("2001:db8::1")));
+        assert!(!everything_v4.allows(ip("::1")));
+        // ... except an IPv4-mapped one whose IPv4 address is listed.
+        assert!(everything_v4.allows(ip("::ffff:203.0.113.9")));
+        assert!(host.allows(ip("::ffff:10.1.2.3")));
+        assert!(!host.allows(ip("::ffff:10.1.2.4")));
+        let everything_v6 = list(&["::/0"]);
+        assert!(everything_v6.allows(ip("2001:db8::1")));
+        assert!(!everything_v6.allows(ip("10.0.0.1")));
+        // A list and no address: refused. No list: anything, even no address.
+        assert!(!host.allows(None));
+        assert!(NetworkAllowlist::default().allows(None));
+        // Host bits are cleared, and the text form round-trips.
+        let net = list(&["10.1.2.3/8", "2001:db8::7/32"]);
+        assert_eq!(net.join(), "10.0.0.0/8 2001:db8::/32");
+        assert_eq!(NetworkAllowlist::split(&net.join()), Some(net));
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+        assert_eq!(parse_cidr("banana"), None);
+    }
+}
