@@ -174,6 +174,8 @@ impl KeyLifecycle {
             now,
         )
         .await?;
+        self.check_groups(&input.workspace_id, &input.resource_access)
+            .await?;
         let key_id = ids::new_key_id().map_err(|_| KeyError::Randomness)?;
         let plaintext =
             ApiKey::generate(&self.brand, input.environment).map_err(|_| KeyError::Randomness)?;
@@ -266,6 +268,10 @@ impl KeyLifecycle {
                 now,
             )
             .await?;
+        }
+        if let Some(access) = &patch.resource_access {
+            let workspace_id = self.get(key_id).await?.workspace_id;
+            self.check_groups(&workspace_id, access).await?;
         }
         if let Some(Some(expires_at)) = patch.expires_at
             && expires_at <= now
@@ -370,6 +376,32 @@ impl KeyLifecycle {
             None
         };
         Ok((events, next))
+    }
+
+    /// Every access group a key names must exist in its workspace.
+    async fn check_groups(
+        &self,
+        workspace_id: &str,
+        access: &ResourceAccess,
+    ) -> Result<(), KeyError> {
+        if access.groups.is_empty() {
+            return Ok(());
+        }
+        let existing = self.store.list_groups(workspace_id).await?;
+        let missing: Vec<&str> = access
+            .groups
+            .iter()
+            .filter(|g| !existing.iter().any(|e| &e.name == *g))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(KeyError::Refused(format!(
+                "access groups not in workspace {workspace_id}: {}",
+                missing.join(", ")
+            )))
+        }
     }
 
     /// The RBAC ceiling: a key never holds a scope its creator does not (implications

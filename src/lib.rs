@@ -22,6 +22,7 @@
 //! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown.
 //! - [`bench`]: `keywarden bench`, the load generator and BENCHMARKS.md.
 
+pub mod access_groups;
 pub mod api;
 pub mod bench;
 pub mod cache;

@@ -11,6 +11,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
+use crate::access_groups::AccessGroups;
+use crate::api::access_groups::AccessGroupApi;
 use crate::api::auth::Authenticate;
 use crate::api::auth::{RequireRole, Role};
 use crate::api::keys::KeyApi;
@@ -24,6 +26,7 @@ use crate::config::{LimiterSettings, Settings};
 use crate::crypto::KekRing;
 use crate::events::EventHub;
 use crate::keys::KeyLifecycle;
+use crate::proto::access_group_service_server::AccessGroupServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::provider_key_service_server::ProviderKeyServiceServer;
 use crate::proto::revocation_service_server::RevocationServiceServer;
@@ -195,6 +198,12 @@ pub async fn start_with_store(
         settings.implications.clone(),
         settings.plans.clone(),
     ));
+    let access_groups = Arc::new(AccessGroups::new(
+        store.clone(),
+        cache.clone(),
+        hub.clone(),
+        clock.clone(),
+    ));
     let ring = build_ring(settings).await?;
     check_keks(store.as_ref(), ring.as_deref(), clock.now())
         .await
@@ -278,6 +287,10 @@ pub async fn start_with_store(
         .add_service(reflection_v1alpha)
         .add_service(KeyServiceServer::with_interceptor(
             KeyApi::new(lifecycle),
+            RequireRole::new(settings.tokens.clone(), Role::Admin),
+        ))
+        .add_service(AccessGroupServiceServer::with_interceptor(
+            AccessGroupApi::new(access_groups),
             RequireRole::new(settings.tokens.clone(), Role::Admin),
         ))
         .add_service(ProviderKeyServiceServer::with_interceptor(

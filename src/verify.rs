@@ -179,7 +179,21 @@ impl Verifier {
 
     async fn fill(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, StoreError> {
         let ticket = self.cache.begin_fill(hash);
-        let found = self.store.find_secret(hash).await?.map(|found| {
+        let mut found = self.store.find_secret(hash).await?;
+        // The targets of the access groups the key names, as they are now (a change of
+        // a group invalidates this key through its event, so this fill then loses).
+        if let Some(found) = found.as_mut()
+            && !found.key.resource_access.groups.is_empty()
+        {
+            let named = &found.key.resource_access.groups;
+            let groups = self.store.list_groups(&found.key.workspace_id).await?;
+            found.key.resource_access.group_targets = groups
+                .into_iter()
+                .filter(|g| named.contains(&g.name))
+                .flat_map(|g| g.targets)
+                .collect();
+        }
+        let found = found.map(|found| {
             let limits = if found.key.rate_limits.is_empty() {
                 self.policy.default_limits.as_ref().clone()
             } else {

@@ -13,7 +13,197 @@ fn access(mode: ResourceAccessMode, targets: &[&str]) -> Option<proto::ResourceA
     Some(proto::ResourceAccess {
         mode: mode as i32,
         targets: targets.iter().map(|t| t.to_string()).collect(),
+        access_groups: Vec::new(),
     })
+}
+
+fn via_groups(mode: ResourceAccessMode, groups: &[&str]) -> Option<proto::ResourceAccess> {
+    Some(proto::ResourceAccess {
+        mode: mode as i32,
+        targets: Vec::new(),
+        access_groups: groups.iter().map(|g| g.to_string()).collect(),
+    })
+}
+
+type GroupClient = proto::access_group_service_client::AccessGroupServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+fn groups(channel: &tonic::transport::Channel) -> GroupClient {
+    proto::access_group_service_client::AccessGroupServiceClient::with_interceptor(
+        channel.clone(),
+        bearer(ADMIN_TOKEN),
+    )
+}
+
+async fn set_group(
+    channel: &tonic::transport::Channel,
+    name: &str,
+    targets: &[&str],
+    create: bool,
+) {
+    let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+    if create {
+        groups(channel)
+            .create_access_group(proto::CreateAccessGroupRequest {
+                workspace_id: "ws_test".into(),
+                name: name.into(),
+                targets,
+                actor: Some(actor()),
+            })
+            .await
+            .unwrap();
+    } else {
+        groups(channel)
+            .update_access_group(proto::UpdateAccessGroupRequest {
+                workspace_id: "ws_test".into(),
+                name: name.into(),
+                targets,
+                actor: Some(actor()),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+async fn verify_on(channel: &tonic::transport::Channel, key: &str, resource: &str) -> VerifyCode {
+    let r = proto::verify_service_client::VerifyServiceClient::with_interceptor(
+        channel.clone(),
+        bearer(VERIFIER_TOKEN),
+    )
+    .verify_key(proto::VerifyKeyRequest {
+        key: key.to_owned(),
+        resource: resource.to_owned(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    code(&r)
+}
+
+/// A target added to a group is reachable on the next call without touching the key,
+/// here and on another replica (which learns of it from the event log); a target taken
+/// out of an EXCLUDE group likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_changes_reach_the_next_call_on_every_replica() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let b_server = keywarden::server::start(&test_settings(&app.db), app.clock.clone())
+        .await
+        .unwrap();
+    let b = channel_to(&b_server).await;
+    set_group(&app.channel, "frontier", &["gpt-4o"], true).await;
+    set_group(&app.channel, "banned", &["o1"], true).await;
+    let included = app
+        .issue_with(|r| r.resource_access = via_groups(ResourceAccessMode::Include, &["frontier"]))
+        .await;
+    let excluded = app
+        .issue_with(|r| r.resource_access = via_groups(ResourceAccessMode::Exclude, &["banned"]))
+        .await;
+    assert_eq!(
+        verify_on(&b, &included.key, "gpt-4o").await,
+        VerifyCode::Valid
+    );
+    assert_eq!(
+        verify_on(&b, &included.key, "o3").await,
+        VerifyCode::ResourceForbidden
+    );
+    assert_eq!(
+        verify_on(&app.channel, &excluded.key, "o1").await,
+        VerifyCode::ResourceForbidden
+    );
+
+    set_group(&app.channel, "frontier", &["gpt-4o", "o3"], false).await;
+    set_group(&app.channel, "banned", &[], false).await;
+    // This replica at once.
+    assert_eq!(
+        verify_on(&app.channel, &included.key, "o3").await,
+        VerifyCode::Valid
+    );
+    assert_eq!(
+        verify_on(&app.channel, &excluded.key, "o1").await,
+        VerifyCode::Valid
+    );
+    // The other one as soon as it reads the log.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while verify_on(&b, &included.key, "o3").await != VerifyCode::Valid {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never saw the group change"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The key itself was not touched.
+    let info = app
+        .admin()
+        .get_key(proto::GetKeyRequest {
+            key_id: included.key_info.as_ref().unwrap().key_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_info
+        .unwrap();
+    assert_eq!(info.updated_at, included.key_info.unwrap().updated_at);
+    b_server.shutdown().await.unwrap();
+}
+
+async fn groups_must_exist_and_cannot_go_while_named(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut r = issue_request("ws_test");
+    r.resource_access = via_groups(ResourceAccessMode::Include, &["nope"]);
+    let refused = app.admin().issue_key(r).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("nope"), "{refused:?}");
+
+    set_group(&app.channel, "frontier", &["gpt-4o"], true).await;
+    let dup = groups(&app.channel)
+        .create_access_group(proto::CreateAccessGroupRequest {
+            workspace_id: "ws_test".into(),
+            name: "frontier".into(),
+            targets: vec![],
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::FailedPrecondition);
+    app.issue_with(|r| r.resource_access = via_groups(ResourceAccessMode::Include, &["frontier"]))
+        .await;
+    let delete = |name: &str| proto::DeleteAccessGroupRequest {
+        workspace_id: "ws_test".into(),
+        name: name.into(),
+        actor: Some(actor()),
+    };
+    let refused = groups(&app.channel)
+        .delete_access_group(delete("frontier"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    set_group(&app.channel, "unused", &[], true).await;
+    groups(&app.channel)
+        .delete_access_group(delete("unused"))
+        .await
+        .unwrap();
+    let listed = groups(&app.channel)
+        .list_access_groups(proto::ListAccessGroupsRequest {
+            workspace_id: "ws_test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_groups;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].targets, ["gpt-4o"]);
+    let bad = groups(&app.channel)
+        .create_access_group(proto::CreateAccessGroupRequest {
+            workspace_id: "ws_test".into(),
+            name: "Bad Name".into(),
+            targets: vec!["two words".into()],
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&bad), ["name", "targets[0]"]);
 }
 
 async fn verify_at(app: &TestApp, key: &str, resource: &str, client_ip: &str) -> VerifyCode {
@@ -183,6 +373,7 @@ async fn malformed_ranges_targets_and_addresses_are_refused(backend: Backend) {
 }
 
 both_backends!(
+    groups_must_exist_and_cannot_go_while_named,
     resources_by_mode,
     network_allowlists_at_their_edges,
     malformed_ranges_targets_and_addresses_are_refused,

@@ -425,6 +425,7 @@ async fn several_violations_in_one_request_are_all_reported(backend: Backend) {
                 resource_access: Some(proto::ResourceAccess {
                     mode: 42,
                     targets: vec!["has space".into()],
+                    access_groups: Vec::new(),
                 }),
                 allowed_cidrs: vec!["10.0.0.0/33".into()],
             })

@@ -248,6 +248,7 @@ pub fn resource_access_pb(a: &ResourceAccess) -> proto::ResourceAccess {
             AccessMode::Exclude => proto::ResourceAccessMode::Exclude,
         } as i32,
         targets: a.targets.iter().cloned().collect(),
+        access_groups: a.groups.iter().cloned().collect(),
     }
 }
 
@@ -292,9 +293,31 @@ pub fn resource_access(
             "must be empty when every resource is allowed (mode ALL)",
         );
     }
+    if given.access_groups.len() > access::MAX_TARGETS {
+        v.add(
+            format!("{field}.access_groups"),
+            format!("must hold at most {} groups", access::MAX_TARGETS),
+        );
+    }
+    for (i, g) in given.access_groups.iter().enumerate() {
+        if !access::is_group_name(g) {
+            v.add(
+                format!("{field}.access_groups[{i}]"),
+                "must be 1 to 64 of a-z, 0-9, '_' and '-', starting with a letter",
+            );
+        }
+    }
+    if mode == Some(AccessMode::All) && !given.access_groups.is_empty() {
+        v.add(
+            format!("{field}.access_groups"),
+            "must be empty when every resource is allowed (mode ALL)",
+        );
+    }
     ResourceAccess {
         mode: mode.unwrap_or_default(),
         targets: given.targets.iter().cloned().collect(),
+        groups: given.access_groups.iter().cloned().collect(),
+        group_targets: Default::default(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! lifecycle or the verifier, and map errors to statuses in one place (`error.rs`).
 //! Caller authentication happens in interceptors (`auth.rs`) before a service sees a request.
 
+pub mod access_groups;
 pub mod auth;
 pub mod convert;
 pub mod error;

@@ -50,23 +50,51 @@ impl AccessMode {
     }
 }
 
-/// Which resources a key reaches.
+/// Which resources a key reaches: its own targets and those of the access groups it
+/// names (named sets of targets per workspace, resolved when the key is loaded, so a
+/// target added to a group later counts without touching the key).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResourceAccess {
     pub mode: AccessMode,
     pub targets: BTreeSet<String>,
+    /// Access group names (of the key's workspace).
+    pub groups: BTreeSet<String>,
+    /// The groups' targets as last loaded; never stored with the key.
+    pub group_targets: BTreeSet<String>,
 }
 
 impl ResourceAccess {
+    fn listed(&self, resource: &str) -> bool {
+        self.targets.contains(resource) || self.group_targets.contains(resource)
+    }
+
     /// Whether a request for `resource` (`None`: the request names none) may proceed.
     pub fn allows(&self, resource: Option<&str>) -> bool {
         match (self.mode, resource) {
             (AccessMode::All, _) => true,
             (_, None) => false,
-            (AccessMode::Include, Some(r)) => self.targets.contains(r),
-            (AccessMode::Exclude, Some(r)) => !self.targets.contains(r),
+            (AccessMode::Include, Some(r)) => self.listed(r),
+            (AccessMode::Exclude, Some(r)) => !self.listed(r),
         }
     }
+}
+
+/// An access group name: 1 to 64 of `a-z 0-9 _ -`, starting with a letter.
+pub fn is_group_name(s: &str) -> bool {
+    s.len() <= 64
+        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// A named set of targets in a workspace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessGroup {
+    pub workspace_id: String,
+    pub name: String,
+    pub targets: BTreeSet<String>,
+    pub created_at: super::Micros,
+    pub updated_at: super::Micros,
 }
 
 /// A target name: 1 to 128 printable ASCII characters without spaces
@@ -148,11 +176,22 @@ mod tests {
         let include = ResourceAccess {
             mode: AccessMode::Include,
             targets: targets.clone(),
+            ..Default::default()
         };
         let exclude = ResourceAccess {
             mode: AccessMode::Exclude,
             targets,
+            ..Default::default()
         };
+        let via_group = ResourceAccess {
+            mode: AccessMode::Include,
+            group_targets: ["o3".to_owned()].into(),
+            ..Default::default()
+        };
+        assert!(via_group.allows(Some("o3")) && !via_group.allows(Some("gpt-4o")));
+        assert!(
+            is_group_name("frontier-models") && !is_group_name("Frontier") && !is_group_name("")
+        );
         assert!(all.allows(Some("anything")) && all.allows(None));
         assert!(include.allows(Some("gpt-4o")) && !include.allows(Some("claude")));
         assert!(!exclude.allows(Some("gpt-4o")) && exclude.allows(Some("claude")));

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use base64::Engine;
 
 use crate::domain::Micros;
-use crate::domain::access::{NetworkAllowlist, ResourceAccess};
+use crate::domain::access::{AccessGroup, NetworkAllowlist, ResourceAccess};
 use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
@@ -362,6 +362,35 @@ pub trait Store: Send + Sync + 'static {
         value: &[u8],
         now: Micros,
     ) -> Result<Vec<u8>, StoreError>;
+
+    /// [`StoreError::AlreadyExists`] when the name is taken in the workspace.
+    async fn insert_group(
+        &self,
+        group: &AccessGroup,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+
+    async fn list_groups(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, StoreError>;
+
+    /// Sets a group's targets and appends an `updated` event for every key that names it
+    /// (one transaction); returns the group and every secret hash a cache must drop.
+    async fn update_group(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        targets: &std::collections::BTreeSet<String>,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(AccessGroup, Vec<KeyHash>), StoreError>;
+
+    /// Refused ([`StoreError::Precondition`]) while keys name the group.
+    async fn delete_group(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -21,7 +21,7 @@ macro_rules! key_columns {
         "key_id, workspace_id, name, environment, display, scopes, owner_kind, owner_id, \
          created_by, metadata, created_at, updated_at, expires_at, revoked_at, revoke_reason, \
          rotated_at, deleted_at, rate_limits, max_budget_micros, spent_micros, last_used_at, \
-         resource_mode, resource_targets, allowed_cidrs"
+         resource_mode, resource_targets, allowed_cidrs, resource_groups"
     };
 }
 pub(crate) use key_columns;
@@ -52,6 +52,7 @@ pub(crate) struct KeyRow {
     resource_mode: String,
     resource_targets: String,
     allowed_cidrs: String,
+    resource_groups: String,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -79,6 +80,12 @@ impl TryFrom<KeyRow> for KeyRecord {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
+            groups: r
+                .resource_groups
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            group_targets: Default::default(),
         };
         let network = crate::domain::access::NetworkAllowlist::split(&r.allowed_cidrs)
             .ok_or_else(|| corrupt("allowed_cidrs"))?;
@@ -126,12 +133,32 @@ pub(crate) fn metadata_json(m: &BTreeMap<String, String>) -> String {
 }
 
 pub(crate) fn join_targets(access: &crate::domain::access::ResourceAccess) -> String {
-    access
-        .targets
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(" ")
+    join_set(&access.targets)
+}
+
+pub(crate) fn join_set(set: &std::collections::BTreeSet<String>) -> String {
+    set.iter().map(String::as_str).collect::<Vec<_>>().join(" ")
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct GroupRow {
+    workspace_id: String,
+    name: String,
+    targets: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl From<GroupRow> for crate::domain::access::AccessGroup {
+    fn from(r: GroupRow) -> Self {
+        crate::domain::access::AccessGroup {
+            targets: r.targets.split_whitespace().map(str::to_owned).collect(),
+            workspace_id: r.workspace_id,
+            name: r.name,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
 }
 
 /// Keys per usage statement.
@@ -491,7 +518,7 @@ macro_rules! impl_store {
                     "INSERT INTO api_keys (",
                     crate::store::sql::key_columns!(),
                     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                     $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+                     $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
                 ))
                 .bind(&key.key_id)
                 .bind(&key.workspace_id)
@@ -517,6 +544,7 @@ macro_rules! impl_store {
                 .bind(key.resource_access.mode.as_str())
                 .bind(crate::store::sql::join_targets(&key.resource_access))
                 .bind(key.network.join())
+                .bind(crate::store::sql::join_set(&key.resource_access.groups))
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
@@ -645,7 +673,8 @@ macro_rules! impl_store {
                 sqlx::query(
                     "UPDATE api_keys SET name = $2, scopes = $3, expires_at = $4, metadata = $5, \
                      updated_at = $6, rate_limits = $7, max_budget_micros = $8, resource_mode = $9, \
-                     resource_targets = $10, allowed_cidrs = $11 WHERE key_id = $1",
+                     resource_targets = $10, allowed_cidrs = $11, resource_groups = $12 \
+                     WHERE key_id = $1",
                 )
                 .bind(key_id)
                 .bind(&key.name)
@@ -658,6 +687,7 @@ macro_rules! impl_store {
                 .bind(key.resource_access.mode.as_str())
                 .bind(crate::store::sql::join_targets(&key.resource_access))
                 .bind(key.network.join())
+                .bind(crate::store::sql::join_set(&key.resource_access.groups))
                 .execute(&mut *tx)
                 .await?;
                 let current = Self::current_hash(&mut tx, key_id).await?;
@@ -1237,6 +1267,171 @@ macro_rules! impl_store {
                         .fetch_one(&self.pool)
                         .await?;
                 Ok(stored)
+            }
+
+            async fn insert_group(
+                &self,
+                group: &crate::domain::access::AccessGroup,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO access_groups (workspace_id, name, targets, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $4) ON CONFLICT (workspace_id, name) DO NOTHING",
+                )
+                .bind(&group.workspace_id)
+                .bind(&group.name)
+                .bind(crate::store::sql::join_set(&group.targets))
+                .bind(group.created_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    return Err(crate::store::StoreError::AlreadyExists);
+                }
+                Self::write_audit(
+                    &mut tx,
+                    &group.workspace_id,
+                    None,
+                    crate::store::AuditOutcome::Success,
+                    audit,
+                    group.created_at,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn list_groups(
+                &self,
+                workspace_id: &str,
+            ) -> Result<Vec<crate::domain::access::AccessGroup>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::GroupRow> = sqlx::query_as(
+                    "SELECT workspace_id, name, targets, created_at, updated_at FROM access_groups \
+                     WHERE workspace_id = $1 ORDER BY name",
+                )
+                .bind(workspace_id)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn update_group(
+                &self,
+                workspace_id: &str,
+                name: &str,
+                targets: &std::collections::BTreeSet<String>,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(crate::domain::access::AccessGroup, Vec<crate::domain::key_format::KeyHash>), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let row: Option<crate::store::sql::GroupRow> = sqlx::query_as(concat!(
+                    "SELECT workspace_id, name, targets, created_at, updated_at FROM access_groups \
+                     WHERE workspace_id = $1 AND name = $2",
+                    $lock
+                ))
+                .bind(workspace_id)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let mut group: crate::domain::access::AccessGroup =
+                    row.ok_or(crate::store::StoreError::NotFound)?.into();
+                group.targets = targets.clone();
+                group.updated_at = now;
+                sqlx::query(
+                    "UPDATE access_groups SET targets = $3, updated_at = $4 \
+                     WHERE workspace_id = $1 AND name = $2",
+                )
+                .bind(workspace_id)
+                .bind(name)
+                .bind(crate::store::sql::join_set(targets))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                // Every key that names the group is reloaded by every replica.
+                let rows: Vec<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    crate::store::sql::key_columns!(),
+                    " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL \
+                     AND (' ' || resource_groups || ' ') LIKE ('% ' || $2 || ' %') ORDER BY key_id",
+                    $lock
+                ))
+                .bind(workspace_id)
+                .bind(name)
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut stale = Vec::new();
+                for row in rows {
+                    let key: crate::domain::key::KeyRecord = row.try_into()?;
+                    let hashes = Self::secret_hashes(&mut tx, &key.key_id).await?;
+                    let current = Self::current_hash(&mut tx, &key.key_id).await?;
+                    Self::append_event(
+                        &mut tx,
+                        crate::domain::event::EventKind::Updated,
+                        &key,
+                        &current,
+                        &hashes,
+                        now,
+                    )
+                    .await?;
+                    stale.extend(hashes);
+                }
+                Self::write_audit(
+                    &mut tx,
+                    workspace_id,
+                    None,
+                    crate::store::AuditOutcome::Success,
+                    audit,
+                    now,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok((group, stale))
+            }
+
+            async fn delete_group(
+                &self,
+                workspace_id: &str,
+                name: &str,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let users: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL \
+                     AND (' ' || resource_groups || ' ') LIKE ('% ' || $2 || ' %')",
+                )
+                .bind(workspace_id)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
+                if users > 0 {
+                    return Err(crate::store::StoreError::Precondition(
+                        "the access group is referenced by keys: change them first",
+                    ));
+                }
+                let deleted = sqlx::query(
+                    "DELETE FROM access_groups WHERE workspace_id = $1 AND name = $2",
+                )
+                .bind(workspace_id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if deleted == 0 {
+                    return Err(crate::store::StoreError::NotFound);
+                }
+                Self::write_audit(
+                    &mut tx,
+                    workspace_id,
+                    None,
+                    crate::store::AuditOutcome::Success,
+                    audit,
+                    now,
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn ping(&self) -> Result<(), crate::store::StoreError> {

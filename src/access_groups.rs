@@ -1,0 +1,135 @@
+//! Access groups: named sets of targets per workspace. Keys name groups in their
+//! resource access; the groups' targets are resolved when a key is loaded into the
+//! VerifyKey cache. A change appends an `updated` event for every key naming the group
+//! (in the change's transaction), so this replica drops those keys at once and every
+//! other replica when its tailer reads the events.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::cache::VerifyCache;
+use crate::clock::Clock;
+use crate::domain::access::AccessGroup;
+use crate::events::EventHub;
+use crate::keys::{Acting, KeyError};
+use crate::store::{AuditContext, Store, StoreError};
+
+pub struct AccessGroups {
+    store: Arc<dyn Store>,
+    cache: Arc<VerifyCache>,
+    events: Arc<EventHub>,
+    clock: Clock,
+}
+
+impl AccessGroups {
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: Arc<VerifyCache>,
+        events: Arc<EventHub>,
+        clock: Clock,
+    ) -> Self {
+        AccessGroups {
+            store,
+            cache,
+            events,
+            clock,
+        }
+    }
+
+    pub async fn create(
+        &self,
+        acting: &Acting,
+        workspace_id: String,
+        name: String,
+        targets: BTreeSet<String>,
+    ) -> Result<AccessGroup, KeyError> {
+        if self.store.get_workspace(&workspace_id).await?.is_none() {
+            return Err(KeyError::WorkspaceNotFound(workspace_id));
+        }
+        let now = self.clock.now();
+        let group = AccessGroup {
+            workspace_id,
+            name,
+            targets,
+            created_at: now,
+            updated_at: now,
+        };
+        let audit = audit(acting, "access_group.create", &group);
+        match self.store.insert_group(&group, &audit).await {
+            Ok(()) => Ok(group),
+            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(format!(
+                "access group {} exists already in workspace {}",
+                group.name, group.workspace_id
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn list(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, KeyError> {
+        Ok(self.store.list_groups(workspace_id).await?)
+    }
+
+    pub async fn update(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        name: &str,
+        targets: BTreeSet<String>,
+    ) -> Result<AccessGroup, KeyError> {
+        let probe = AccessGroup {
+            workspace_id: workspace_id.to_owned(),
+            name: name.to_owned(),
+            targets: targets.clone(),
+            created_at: 0,
+            updated_at: 0,
+        };
+        let (group, stale) = self
+            .store
+            .update_group(
+                workspace_id,
+                name,
+                &targets,
+                self.clock.now(),
+                &audit(acting, "access_group.update", &probe),
+            )
+            .await?;
+        for hash in &stale {
+            self.cache.invalidate(hash);
+        }
+        self.events.wake();
+        Ok(group)
+    }
+
+    pub async fn delete(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        name: &str,
+    ) -> Result<(), KeyError> {
+        let probe = AccessGroup {
+            workspace_id: workspace_id.to_owned(),
+            name: name.to_owned(),
+            targets: BTreeSet::new(),
+            created_at: 0,
+            updated_at: 0,
+        };
+        self.store
+            .delete_group(
+                workspace_id,
+                name,
+                self.clock.now(),
+                &audit(acting, "access_group.delete", &probe),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+fn audit(acting: &Acting, action: &'static str, group: &AccessGroup) -> AuditContext {
+    AuditContext {
+        actor_id: acting.actor.id.clone(),
+        caller: acting.caller.to_string(),
+        action,
+        detail: format!("group: {}, targets: {}", group.name, group.targets.len()),
+    }
+}
