@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keywarden/v1/workspaces.proto",
         "proto/keywarden/v1/provider_keys.proto",
         "proto/keywarden/v1/access_groups.proto",
+        "proto/keywarden/v1/teams.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("keywarden_descriptor.bin"))

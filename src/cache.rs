@@ -205,6 +205,7 @@ mod tests {
                 last_used_at: None,
                 resource_access: Default::default(),
                 network: Default::default(),
+                team_id: None,
             },
             secret_valid_until: None,
             effective_scopes: EffectiveScopes::default(),

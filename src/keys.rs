@@ -14,10 +14,11 @@ use crate::clock::Clock;
 use crate::domain::Micros;
 use crate::domain::access::{NetworkAllowlist, ResourceAccess};
 use crate::domain::ids;
-use crate::domain::key::{KeyRecord, KeyStatus, Owner};
+use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::limits::RateLimit;
 use crate::domain::scopes::ScopeImplications;
+use crate::domain::team::{SelfServiceKey, check_self_service};
 use crate::domain::workspace::Plans;
 use crate::events::EventHub;
 use crate::store::{
@@ -52,6 +53,7 @@ pub struct IssueInput {
     pub max_budget_micros: Option<u64>,
     pub resource_access: ResourceAccess,
     pub network: NetworkAllowlist,
+    pub team_id: Option<String>,
 }
 
 /// Which keys a listing shows.
@@ -90,6 +92,8 @@ pub enum KeyError {
     Refused(String),
     #[error("workspace {0} does not exist")]
     WorkspaceNotFound(String),
+    #[error("team {0} does not exist in this workspace")]
+    TeamNotFound(String),
     #[error(transparent)]
     Store(StoreError),
     #[error("the operating system's random source failed")]
@@ -111,10 +115,20 @@ pub struct KeyLifecycle {
     cache: Arc<VerifyCache>,
     events: Arc<EventHub>,
     clock: Clock,
-    brand: Brand,
-    implications: Arc<ScopeImplications>,
-    plans: Arc<Plans>,
+    policy: KeyPolicy,
 }
+
+/// The deployment's rules the lifecycle applies.
+pub struct KeyPolicy {
+    pub brand: Brand,
+    pub implications: Arc<ScopeImplications>,
+    pub plans: Arc<Plans>,
+    /// Limits for keys that name none (a team's rate-limit ceilings judge these too).
+    pub default_limits: Arc<Vec<RateLimit>>,
+}
+
+/// The permission that makes an actor an administrator rather than a self-service member.
+pub const ADMIN_PERMISSION: &str = "admin";
 
 impl KeyLifecycle {
     pub fn new(
@@ -122,18 +136,14 @@ impl KeyLifecycle {
         cache: Arc<VerifyCache>,
         events: Arc<EventHub>,
         clock: Clock,
-        brand: Brand,
-        implications: Arc<ScopeImplications>,
-        plans: Arc<Plans>,
+        policy: KeyPolicy,
     ) -> Self {
         KeyLifecycle {
             store,
             cache,
             events,
             clock,
-            brand,
-            implications,
-            plans,
+            policy,
         }
     }
 
@@ -149,7 +159,7 @@ impl KeyLifecycle {
             .get_workspace(&input.workspace_id)
             .await?
             .ok_or_else(|| KeyError::WorkspaceNotFound(input.workspace_id.clone()))?;
-        if !self.plans.policy(workspace.plan).api_keys {
+        if !self.policy.plans.policy(workspace.plan).api_keys {
             let why = format!(
                 "the {} plan of workspace {} does not allow API keys",
                 workspace.plan.display(),
@@ -176,11 +186,19 @@ impl KeyLifecycle {
         .await?;
         self.check_groups(&input.workspace_id, &input.resource_access)
             .await?;
+        let mut input = input;
+        if let Some(team_id) = input.team_id.clone() {
+            self.check_team(acting, &mut input, &team_id, now).await?;
+        }
         let key_id = ids::new_key_id().map_err(|_| KeyError::Randomness)?;
-        let plaintext =
-            ApiKey::generate(&self.brand, input.environment).map_err(|_| KeyError::Randomness)?;
+        let plaintext = ApiKey::generate(&self.policy.brand, input.environment)
+            .map_err(|_| KeyError::Randomness)?;
         let key = KeyRecord {
-            display: key_format::display(&self.brand, input.environment, plaintext.last_four()),
+            display: key_format::display(
+                &self.policy.brand,
+                input.environment,
+                plaintext.last_four(),
+            ),
             key_id,
             workspace_id: input.workspace_id,
             name: input.name,
@@ -202,6 +220,7 @@ impl KeyLifecycle {
             last_used_at: None,
             resource_access: input.resource_access,
             network: input.network,
+            team_id: input.team_id,
         };
         let audit = audit(
             acting,
@@ -312,8 +331,8 @@ impl KeyLifecycle {
         // The environment never changes, so reading it before the locked rotation is safe.
         let environment = self.get(key_id).await?.environment;
         let plaintext =
-            ApiKey::generate(&self.brand, environment).map_err(|_| KeyError::Randomness)?;
-        let display = key_format::display(&self.brand, environment, plaintext.last_four());
+            ApiKey::generate(&self.policy.brand, environment).map_err(|_| KeyError::Randomness)?;
+        let display = key_format::display(&self.policy.brand, environment, plaintext.last_four());
         let now = self.clock.now();
         let audit = audit(
             acting,
@@ -378,6 +397,66 @@ impl KeyLifecycle {
         Ok((events, next))
     }
 
+    /// A key of a team: the team must exist; a self-service actor (no `admin`
+    /// permission) gets a key it owns itself, within the team's policy (a refusal is
+    /// audited).
+    async fn check_team(
+        &self,
+        acting: &Acting,
+        input: &mut IssueInput,
+        team_id: &str,
+        now: Micros,
+    ) -> Result<(), KeyError> {
+        let team = self
+            .store
+            .get_team(&input.workspace_id, team_id)
+            .await?
+            .ok_or_else(|| KeyError::TeamNotFound(team_id.to_owned()))?;
+        if acting
+            .actor
+            .permissions
+            .iter()
+            .any(|p| p == ADMIN_PERMISSION)
+        {
+            return Ok(());
+        }
+        input.owner = Owner {
+            kind: OwnerKind::User,
+            id: acting.actor.id.clone(),
+        };
+        let held = self
+            .store
+            .count_member_keys(&input.workspace_id, team_id, &acting.actor.id, now)
+            .await?;
+        let effective_limits = if input.rate_limits.is_empty() {
+            self.policy.default_limits.as_slice()
+        } else {
+            input.rate_limits.as_slice()
+        };
+        let key = SelfServiceKey {
+            max_budget_micros: input.max_budget_micros,
+            expires_at: input.expires_at,
+            effective_limits,
+        };
+        let Err(refusal) = check_self_service(&team.policy, &key, held, now) else {
+            return Ok(());
+        };
+        let why = refusal.reason(team_id);
+        self.store
+            .record_denied(&DeniedAudit {
+                workspace_id: input.workspace_id.clone(),
+                key_id: None,
+                context: audit(acting, "key.issue", why.clone()),
+                occurred_at: now,
+            })
+            .await?;
+        Err(if refusal.is_permission() {
+            KeyError::PermissionDenied(why)
+        } else {
+            KeyError::Refused(why)
+        })
+    }
+
     /// Every access group a key names must exist in its workspace.
     async fn check_groups(
         &self,
@@ -415,7 +494,10 @@ impl KeyLifecycle {
         scopes: &[String],
         now: Micros,
     ) -> Result<(), KeyError> {
-        let missing = self.implications.missing(&acting.actor.permissions, scopes);
+        let missing = self
+            .policy
+            .implications
+            .missing(&acting.actor.permissions, scopes);
         if missing.is_empty() {
             return Ok(());
         }

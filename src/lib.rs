@@ -37,6 +37,7 @@ pub mod provider_keys;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
+pub mod teams;
 pub mod usage;
 pub mod verify;
 pub mod workspaces;

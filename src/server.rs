@@ -18,6 +18,7 @@ use crate::api::auth::{RequireRole, Role};
 use crate::api::keys::KeyApi;
 use crate::api::provider_keys::ProviderKeyApi;
 use crate::api::revocations::RevocationApi;
+use crate::api::teams::TeamApi;
 use crate::api::verify::VerifyApi;
 use crate::api::workspaces::WorkspaceApi;
 use crate::cache::VerifyCache;
@@ -25,11 +26,12 @@ use crate::clock::Clock;
 use crate::config::{LimiterSettings, Settings};
 use crate::crypto::KekRing;
 use crate::events::EventHub;
-use crate::keys::KeyLifecycle;
+use crate::keys::{KeyLifecycle, KeyPolicy};
 use crate::proto::access_group_service_server::AccessGroupServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::provider_key_service_server::ProviderKeyServiceServer;
 use crate::proto::revocation_service_server::RevocationServiceServer;
+use crate::proto::team_service_server::TeamServiceServer;
 use crate::proto::verify_service_server::VerifyServiceServer;
 use crate::proto::workspace_service_server::WorkspaceServiceServer;
 use crate::provider_keys::{ProviderKeys, check_keks};
@@ -37,6 +39,7 @@ use crate::ratelimit::RateLimiter;
 use crate::ratelimit::memory::MemoryLimiter;
 use crate::ratelimit::redis::RedisLimiter;
 use crate::store::{self, Store};
+use crate::teams::Teams;
 use crate::usage::UsageBook;
 use crate::verify::{Verifier, VerifyPolicy};
 use crate::workspaces::Workspaces;
@@ -194,10 +197,14 @@ pub async fn start_with_store(
         cache.clone(),
         hub.clone(),
         clock.clone(),
-        settings.brand.clone(),
-        settings.implications.clone(),
-        settings.plans.clone(),
+        KeyPolicy {
+            brand: settings.brand.clone(),
+            implications: settings.implications.clone(),
+            plans: settings.plans.clone(),
+            default_limits: settings.default_limits.clone(),
+        },
     ));
+    let teams = Arc::new(Teams::new(store.clone(), clock.clone()));
     let access_groups = Arc::new(AccessGroups::new(
         store.clone(),
         cache.clone(),
@@ -287,6 +294,10 @@ pub async fn start_with_store(
         .add_service(reflection_v1alpha)
         .add_service(KeyServiceServer::with_interceptor(
             KeyApi::new(lifecycle),
+            RequireRole::new(settings.tokens.clone(), Role::Admin),
+        ))
+        .add_service(TeamServiceServer::with_interceptor(
+            TeamApi::new(teams),
             RequireRole::new(settings.tokens.clone(), Role::Admin),
         ))
         .add_service(AccessGroupServiceServer::with_interceptor(

@@ -222,6 +222,7 @@ mod tests {
             last_used_at: None,
             resource_access: Default::default(),
             network: Default::default(),
+            team_id: None,
         };
         let audit = crate::store::AuditContext {
             actor_id: "u".into(),

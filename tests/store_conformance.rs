@@ -52,6 +52,7 @@ fn record(workspace_id: &str, created_at: Micros) -> KeyRecord {
         last_used_at: None,
         resource_access: Default::default(),
         network: Default::default(),
+        team_id: None,
     }
 }
 
@@ -172,6 +173,7 @@ async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend
         last_used_at: None,
         resource_access: Default::default(),
         network: Default::default(),
+        team_id: None,
     };
     let minimal = KeyRecord {
         scopes: Vec::new(),

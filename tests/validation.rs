@@ -428,6 +428,7 @@ async fn several_violations_in_one_request_are_all_reported(backend: Backend) {
                     access_groups: Vec::new(),
                 }),
                 allowed_cidrs: vec!["10.0.0.0/33".into()],
+                team_id: "team x".into(),
             })
             .await,
     );
@@ -450,6 +451,7 @@ async fn several_violations_in_one_request_are_all_reported(backend: Backend) {
             "resource_access.mode",
             "resource_access.targets[0]",
             "allowed_cidrs[0]",
+            "team_id",
         ]
     );
     // The message names them too, for a human reading a log.
@@ -512,6 +514,7 @@ async fn a_flood_of_violations_is_reported_in_an_answer_the_client_can_read(back
                 max_budget_micros: Some(u64::MAX),
                 resource_access: None,
                 allowed_cidrs: Vec::new(),
+                team_id: String::new(),
             })
             .await,
     );

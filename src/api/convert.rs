@@ -376,6 +376,7 @@ pub fn key_info(key: &KeyRecord, now: Micros) -> proto::KeyInfo {
         last_used_at: key.last_used_at.map(timestamp),
         resource_access: Some(resource_access_pb(&key.resource_access)),
         allowed_cidrs: key.network.nets.iter().map(ToString::to_string).collect(),
+        team_id: key.team_id.clone().unwrap_or_default(),
     }
 }
 

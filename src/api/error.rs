@@ -110,6 +110,9 @@ impl From<KeyError> for Status {
             KeyError::WorkspaceNotFound(id) => {
                 Status::not_found(format!("workspace {id} does not exist"))
             }
+            KeyError::TeamNotFound(id) => {
+                Status::not_found(format!("team {id} does not exist in this workspace"))
+            }
             KeyError::Store(e) => store_status(&e),
             KeyError::Randomness => {
                 tracing::error!("the OS random source failed");

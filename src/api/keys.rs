@@ -80,6 +80,9 @@ impl KeyService for KeyApi {
         let resource_access =
             convert::resource_access(r.resource_access.as_ref(), "resource_access", &mut v);
         let network = convert::allowed_cidrs(&r.allowed_cidrs, "allowed_cidrs", &mut v);
+        if !r.team_id.is_empty() {
+            v.workspace_id("team_id", &r.team_id);
+        }
         check(v)?;
         let (Some(environment), Some(owner)) = (environment, owner) else {
             return Err(Status::invalid_argument("invalid request"));
@@ -101,6 +104,7 @@ impl KeyService for KeyApi {
                     max_budget_micros: r.max_budget_micros,
                     resource_access,
                     network,
+                    team_id: (!r.team_id.is_empty()).then(|| r.team_id.clone()),
                 },
             )
             .await?;

@@ -9,5 +9,6 @@ pub mod error;
 pub mod keys;
 pub mod provider_keys;
 pub mod revocations;
+pub mod teams;
 pub mod verify;
 pub mod workspaces;

@@ -67,6 +67,8 @@ pub struct KeyRecord {
     pub last_used_at: Option<Micros>,
     pub resource_access: ResourceAccess,
     pub network: NetworkAllowlist,
+    /// The team the key belongs to, if any.
+    pub team_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +188,7 @@ mod tests {
             last_used_at: None,
             resource_access: Default::default(),
             network: Default::default(),
+            team_id: None,
         }
     }
 

@@ -15,6 +15,7 @@ pub mod key_format;
 pub mod limits;
 pub mod provider_key;
 pub mod scopes;
+pub mod team;
 pub mod validate;
 pub mod workspace;
 

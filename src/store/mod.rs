@@ -28,6 +28,7 @@ use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
 use crate::domain::provider_key::{Provider, ProviderKeyRecord};
+use crate::domain::team::Team;
 use crate::domain::workspace::{Plan, Workspace};
 
 #[derive(Debug, thiserror::Error)]
@@ -391,6 +392,27 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
         audit: &AuditContext,
     ) -> Result<(), StoreError>;
+
+    /// [`StoreError::AlreadyExists`] when the team id is taken in the workspace.
+    async fn insert_team(&self, team: &Team, audit: &AuditContext) -> Result<(), StoreError>;
+
+    async fn get_team(&self, workspace_id: &str, team_id: &str)
+    -> Result<Option<Team>, StoreError>;
+
+    async fn list_teams(&self, workspace_id: &str) -> Result<Vec<Team>, StoreError>;
+
+    /// Writes the team as given (name and policy), with its audit event.
+    async fn update_team(&self, team: &Team, audit: &AuditContext) -> Result<(), StoreError>;
+
+    /// Keys of `owner_id` in the team that are neither revoked, deleted nor expired at
+    /// `now`.
+    async fn count_member_keys(
+        &self,
+        workspace_id: &str,
+        team_id: &str,
+        owner_id: &str,
+        now: Micros,
+    ) -> Result<u64, StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

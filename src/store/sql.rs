@@ -21,7 +21,7 @@ macro_rules! key_columns {
         "key_id, workspace_id, name, environment, display, scopes, owner_kind, owner_id, \
          created_by, metadata, created_at, updated_at, expires_at, revoked_at, revoke_reason, \
          rotated_at, deleted_at, rate_limits, max_budget_micros, spent_micros, last_used_at, \
-         resource_mode, resource_targets, allowed_cidrs, resource_groups"
+         resource_mode, resource_targets, allowed_cidrs, resource_groups, team_id"
     };
 }
 pub(crate) use key_columns;
@@ -53,6 +53,7 @@ pub(crate) struct KeyRow {
     resource_targets: String,
     allowed_cidrs: String,
     resource_groups: String,
+    team_id: Option<String>,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -90,6 +91,7 @@ impl TryFrom<KeyRow> for KeyRecord {
         let network = crate::domain::access::NetworkAllowlist::split(&r.allowed_cidrs)
             .ok_or_else(|| corrupt("allowed_cidrs"))?;
         Ok(KeyRecord {
+            team_id: r.team_id,
             resource_access,
             network,
             rate_limits,
@@ -138,6 +140,37 @@ pub(crate) fn join_targets(access: &crate::domain::access::ResourceAccess) -> St
 
 pub(crate) fn join_set(set: &std::collections::BTreeSet<String>) -> String {
     set.iter().map(String::as_str).collect::<Vec<_>>().join(" ")
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TeamRow {
+    workspace_id: String,
+    team_id: String,
+    name: String,
+    policy: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<TeamRow> for crate::domain::team::Team {
+    type Error = StoreError;
+
+    fn try_from(r: TeamRow) -> Result<Self, StoreError> {
+        Ok(crate::domain::team::Team {
+            policy: serde_json::from_str(&r.policy)
+                .map_err(|_| StoreError::Corrupt(format!("team {}: policy", r.team_id)))?,
+            workspace_id: r.workspace_id,
+            team_id: r.team_id,
+            name: r.name,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+pub(crate) fn policy_json(policy: &crate::domain::team::TeamPolicy) -> String {
+    // Plain data always serializes.
+    serde_json::to_string(policy).unwrap_or_else(|_| "{}".to_owned())
 }
 
 #[derive(sqlx::FromRow)]
@@ -518,7 +551,7 @@ macro_rules! impl_store {
                     "INSERT INTO api_keys (",
                     crate::store::sql::key_columns!(),
                     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-                     $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+                     $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
                 ))
                 .bind(&key.key_id)
                 .bind(&key.workspace_id)
@@ -545,6 +578,7 @@ macro_rules! impl_store {
                 .bind(crate::store::sql::join_targets(&key.resource_access))
                 .bind(key.network.join())
                 .bind(crate::store::sql::join_set(&key.resource_access.groups))
+                .bind(&key.team_id)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
@@ -1432,6 +1466,109 @@ macro_rules! impl_store {
                 .await?;
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn insert_team(
+                &self,
+                team: &crate::domain::team::Team,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO teams (workspace_id, team_id, name, policy, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (workspace_id, team_id) DO NOTHING",
+                )
+                .bind(&team.workspace_id)
+                .bind(&team.team_id)
+                .bind(&team.name)
+                .bind(crate::store::sql::policy_json(&team.policy))
+                .bind(team.created_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    return Err(crate::store::StoreError::AlreadyExists);
+                }
+                Self::write_audit(&mut tx, &team.workspace_id, None, crate::store::AuditOutcome::Success, audit, team.created_at).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn get_team(
+                &self,
+                workspace_id: &str,
+                team_id: &str,
+            ) -> Result<Option<crate::domain::team::Team>, crate::store::StoreError> {
+                let row: Option<crate::store::sql::TeamRow> = sqlx::query_as(
+                    "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
+                     WHERE workspace_id = $1 AND team_id = $2",
+                )
+                .bind(workspace_id)
+                .bind(team_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(TryInto::try_into).transpose()
+            }
+
+            async fn list_teams(
+                &self,
+                workspace_id: &str,
+            ) -> Result<Vec<crate::domain::team::Team>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::TeamRow> = sqlx::query_as(
+                    "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
+                     WHERE workspace_id = $1 ORDER BY team_id",
+                )
+                .bind(workspace_id)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn update_team(
+                &self,
+                team: &crate::domain::team::Team,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let updated = sqlx::query(
+                    "UPDATE teams SET name = $3, policy = $4, updated_at = $5 \
+                     WHERE workspace_id = $1 AND team_id = $2",
+                )
+                .bind(&team.workspace_id)
+                .bind(&team.team_id)
+                .bind(&team.name)
+                .bind(crate::store::sql::policy_json(&team.policy))
+                .bind(team.updated_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if updated == 0 {
+                    return Err(crate::store::StoreError::NotFound);
+                }
+                Self::write_audit(&mut tx, &team.workspace_id, None, crate::store::AuditOutcome::Success, audit, team.updated_at).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn count_member_keys(
+                &self,
+                workspace_id: &str,
+                team_id: &str,
+                owner_id: &str,
+                now: i64,
+            ) -> Result<u64, crate::store::StoreError> {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM api_keys WHERE workspace_id = $1 AND team_id = $2 \
+                     AND owner_id = $3 AND deleted_at IS NULL AND revoked_at IS NULL \
+                     AND (expires_at IS NULL OR expires_at > $4)",
+                )
+                .bind(workspace_id)
+                .bind(team_id)
+                .bind(owner_id)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(u64::try_from(n).unwrap_or(0))
             }
 
             async fn ping(&self) -> Result<(), crate::store::StoreError> {

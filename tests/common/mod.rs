@@ -540,6 +540,7 @@ pub fn issue_request(workspace_id: &str) -> IssueKeyRequest {
         max_budget_micros: None,
         resource_access: None,
         allowed_cidrs: Vec::new(),
+        team_id: String::new(),
     }
 }
 

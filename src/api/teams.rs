@@ -1,0 +1,183 @@
+//! `keywarden.v1.TeamService`: validate, convert, call [`Teams`].
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::error::check;
+use super::keys::caller;
+use crate::domain::team::{Team, TeamPolicy};
+use crate::domain::validate::Violations;
+use crate::keys::Acting;
+use crate::proto;
+use crate::proto::team_service_server::TeamService;
+use crate::teams::Teams;
+
+pub struct TeamApi {
+    teams: Arc<Teams>,
+}
+
+impl TeamApi {
+    pub fn new(teams: Arc<Teams>) -> Self {
+        TeamApi { teams }
+    }
+}
+
+fn policy(given: Option<&proto::TeamPolicy>, v: &mut Violations) -> TeamPolicy {
+    let Some(p) = given else {
+        return TeamPolicy::default();
+    };
+    if let Some(budget) = p.max_budget_micros {
+        v.budget("policy.max_budget_micros", budget);
+    }
+    if p.max_expiry_days > 3660 {
+        v.add("policy.max_expiry_days", "must be at most 3660");
+    }
+    let ceilings = convert::rate_limits(&p.rate_limit_ceilings, "policy.rate_limit_ceilings", v);
+    let mut policy = TeamPolicy {
+        self_service_enabled: p.self_service_enabled,
+        max_keys_per_user: p.max_keys_per_user,
+        max_budget_micros: p.max_budget_micros,
+        require_expiry: p.require_expiry,
+        max_expiry_days: p.max_expiry_days,
+        rate_limit_ceilings: Vec::new(),
+    };
+    policy.set_ceilings(&ceilings);
+    policy
+}
+
+fn team_pb(t: &Team) -> proto::Team {
+    proto::Team {
+        workspace_id: t.workspace_id.clone(),
+        team_id: t.team_id.clone(),
+        name: t.name.clone(),
+        policy: Some(proto::TeamPolicy {
+            self_service_enabled: t.policy.self_service_enabled,
+            max_keys_per_user: t.policy.max_keys_per_user,
+            max_budget_micros: t.policy.max_budget_micros,
+            require_expiry: t.policy.require_expiry,
+            max_expiry_days: t.policy.max_expiry_days,
+            rate_limit_ceilings: t
+                .policy
+                .ceilings()
+                .iter()
+                .map(convert::rate_limit_pb)
+                .collect(),
+        }),
+        created_at: Some(convert::timestamp(t.created_at)),
+        updated_at: Some(convert::timestamp(t.updated_at)),
+    }
+}
+
+fn response(t: &Team) -> Response<proto::TeamResponse> {
+    Response::new(proto::TeamResponse {
+        team: Some(team_pb(t)),
+    })
+}
+
+#[tonic::async_trait]
+impl TeamService for TeamApi {
+    async fn create_team(
+        &self,
+        request: Request<proto::CreateTeamRequest>,
+    ) -> Result<Response<proto::TeamResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.workspace_id("team_id", &r.team_id);
+        v.name("name", &r.name);
+        let policy = policy(r.policy.as_ref(), &mut v);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        check(v)?;
+        let team = self
+            .teams
+            .create(
+                &Acting { caller, actor },
+                r.workspace_id,
+                r.team_id,
+                r.name,
+                policy,
+            )
+            .await?;
+        Ok(response(&team))
+    }
+
+    async fn get_team(
+        &self,
+        request: Request<proto::GetTeamRequest>,
+    ) -> Result<Response<proto::TeamResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.workspace_id("team_id", &r.team_id);
+        check(v)?;
+        Ok(response(
+            &self.teams.get(&r.workspace_id, &r.team_id).await?,
+        ))
+    }
+
+    async fn list_teams(
+        &self,
+        request: Request<proto::ListTeamsRequest>,
+    ) -> Result<Response<proto::ListTeamsResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        check(v)?;
+        let teams = self.teams.list(&r.workspace_id).await?;
+        Ok(Response::new(proto::ListTeamsResponse {
+            teams: teams.iter().map(team_pb).collect(),
+        }))
+    }
+
+    async fn update_team(
+        &self,
+        request: Request<proto::UpdateTeamRequest>,
+    ) -> Result<Response<proto::TeamResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.workspace_id("team_id", &r.team_id);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let (mut name, mut new_policy) = (None, None);
+        let paths = r
+            .update_mask
+            .as_ref()
+            .map(|m| m.paths.as_slice())
+            .unwrap_or_default();
+        if paths.is_empty() {
+            v.add("update_mask", "must name at least one of name, policy");
+        }
+        for path in paths {
+            match path.as_str() {
+                "name" => {
+                    v.name("name", &r.name);
+                    name = Some(r.name.clone());
+                }
+                "policy" => new_policy = Some(policy(r.policy.as_ref(), &mut v)),
+                other => v.add(
+                    "update_mask",
+                    format!(
+                        "unknown path `{}`: expected name or policy",
+                        other.chars().take(64).collect::<String>()
+                    ),
+                ),
+            }
+        }
+        check(v)?;
+        let team = self
+            .teams
+            .update(
+                &Acting { caller, actor },
+                &r.workspace_id,
+                &r.team_id,
+                name,
+                new_policy,
+            )
+            .await?;
+        Ok(response(&team))
+    }
+}

@@ -1,0 +1,247 @@
+//! Teams and their self-service policy: the rules a key created by a team member
+//! without the admin permission must follow. Pure: the caller supplies the key's fields,
+//! the time and how many keys the member holds.
+
+use serde::{Deserialize, Serialize};
+
+use super::limits::{LimitUnit, LimitWindow, RateLimit};
+use super::{MICROS_PER_SECOND, Micros};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeamPolicy {
+    pub self_service_enabled: bool,
+    /// 0: no cap.
+    pub max_keys_per_user: u32,
+    pub max_budget_micros: Option<u64>,
+    pub require_expiry: bool,
+    /// 0: no cap.
+    pub max_expiry_days: u32,
+    /// (unit, window, limit) as stored.
+    pub rate_limit_ceilings: Vec<(String, String, u64)>,
+}
+
+impl TeamPolicy {
+    pub fn ceilings(&self) -> Vec<RateLimit> {
+        self.rate_limit_ceilings
+            .iter()
+            .filter_map(|(u, w, l)| {
+                Some(RateLimit {
+                    unit: LimitUnit::parse(u)?,
+                    window: LimitWindow::parse(w)?,
+                    limit: *l,
+                })
+            })
+            .collect()
+    }
+
+    pub fn set_ceilings(&mut self, ceilings: &[RateLimit]) {
+        self.rate_limit_ceilings = ceilings
+            .iter()
+            .map(|c| {
+                (
+                    c.unit.as_str().to_owned(),
+                    c.window.as_str().to_owned(),
+                    c.limit,
+                )
+            })
+            .collect();
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Team {
+    pub workspace_id: String,
+    pub team_id: String,
+    pub name: String,
+    pub policy: TeamPolicy,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+}
+
+/// Why a self-service key is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SelfServiceRefusal {
+    /// PERMISSION_DENIED.
+    Disabled,
+    /// PERMISSION_DENIED.
+    TooManyKeys {
+        max: u32,
+    },
+    /// FAILED_PRECONDITION from here on.
+    BudgetAboveCeiling {
+        ceiling: u64,
+    },
+    ExpiryRequired,
+    ExpiryTooFar {
+        max_days: u32,
+    },
+    RateLimitAboveCeiling {
+        ceiling: RateLimit,
+    },
+}
+
+impl SelfServiceRefusal {
+    /// Whether the refusal is about who may act (PERMISSION_DENIED) rather than about the
+    /// key asked for (FAILED_PRECONDITION).
+    pub fn is_permission(&self) -> bool {
+        matches!(
+            self,
+            SelfServiceRefusal::Disabled | SelfServiceRefusal::TooManyKeys { .. }
+        )
+    }
+
+    pub fn reason(&self, team_id: &str) -> String {
+        match self {
+            SelfServiceRefusal::Disabled => {
+                format!("self-service key creation is off in team {team_id}")
+            }
+            SelfServiceRefusal::TooManyKeys { max } => {
+                format!("you already hold the maximum of {max} keys in team {team_id}")
+            }
+            SelfServiceRefusal::BudgetAboveCeiling { ceiling } => format!(
+                "max_budget_micros must be set and at most {ceiling}, team {team_id}'s max_budget"
+            ),
+            SelfServiceRefusal::ExpiryRequired => {
+                format!("team {team_id} requires an expiry (expires_at)")
+            }
+            SelfServiceRefusal::ExpiryTooFar { max_days } => format!(
+                "expires_at must be within {max_days} days (team {team_id}'s max_expiry_days)"
+            ),
+            SelfServiceRefusal::RateLimitAboveCeiling { ceiling } => format!(
+                "the {} limit must be set and at most {}, team {team_id}'s ceiling",
+                ceiling.name(),
+                ceiling.limit
+            ),
+        }
+    }
+}
+
+/// What a self-service key asks for.
+#[derive(Clone, Copy)]
+pub struct SelfServiceKey<'a> {
+    pub max_budget_micros: Option<u64>,
+    pub expires_at: Option<Micros>,
+    /// The limits that will apply (the key's own, or the deployment's default).
+    pub effective_limits: &'a [RateLimit],
+}
+
+/// Checks a self-service key against its team's policy, the member holding `held` keys.
+pub fn check_self_service(
+    policy: &TeamPolicy,
+    key: &SelfServiceKey<'_>,
+    held: u64,
+    now: Micros,
+) -> Result<(), SelfServiceRefusal> {
+    if !policy.self_service_enabled {
+        return Err(SelfServiceRefusal::Disabled);
+    }
+    if policy.max_keys_per_user > 0 && held >= u64::from(policy.max_keys_per_user) {
+        return Err(SelfServiceRefusal::TooManyKeys {
+            max: policy.max_keys_per_user,
+        });
+    }
+    if let Some(ceiling) = policy.max_budget_micros
+        && key.max_budget_micros.is_none_or(|b| b > ceiling)
+    {
+        return Err(SelfServiceRefusal::BudgetAboveCeiling { ceiling });
+    }
+    if policy.require_expiry && key.expires_at.is_none() {
+        return Err(SelfServiceRefusal::ExpiryRequired);
+    }
+    if policy.max_expiry_days > 0 {
+        let latest = now + i64::from(policy.max_expiry_days) * 86_400 * MICROS_PER_SECOND;
+        if key.expires_at.is_none_or(|e| e > latest) {
+            return Err(SelfServiceRefusal::ExpiryTooFar {
+                max_days: policy.max_expiry_days,
+            });
+        }
+    }
+    for ceiling in policy.ceilings() {
+        let within = key.effective_limits.iter().any(|l| {
+            l.unit == ceiling.unit && l.window == ceiling.window && l.limit <= ceiling.limit
+        });
+        if !within {
+            return Err(SelfServiceRefusal::RateLimitAboveCeiling { ceiling });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Micros = 86_400 * MICROS_PER_SECOND;
+
+    fn rpm(n: u64) -> RateLimit {
+        RateLimit {
+            unit: LimitUnit::Requests,
+            window: LimitWindow::Minute,
+            limit: n,
+        }
+    }
+
+    #[test]
+    fn each_rule_refuses_with_its_reason() {
+        let mut policy = TeamPolicy {
+            self_service_enabled: true,
+            max_keys_per_user: 2,
+            max_budget_micros: Some(1000),
+            require_expiry: true,
+            max_expiry_days: 30,
+            ..TeamPolicy::default()
+        };
+        policy.set_ceilings(&[rpm(60)]);
+        let limits = [rpm(60)];
+        let ok = SelfServiceKey {
+            max_budget_micros: Some(1000),
+            expires_at: Some(30 * DAY),
+            effective_limits: &limits,
+        };
+        assert_eq!(check_self_service(&policy, &ok, 1, 0), Ok(()));
+        assert_eq!(
+            check_self_service(&policy, &ok, 2, 0),
+            Err(SelfServiceRefusal::TooManyKeys { max: 2 })
+        );
+        let over = [rpm(61)];
+        for (key, refusal) in [
+            (
+                SelfServiceKey {
+                    max_budget_micros: Some(1001),
+                    ..ok
+                },
+                SelfServiceRefusal::BudgetAboveCeiling { ceiling: 1000 },
+            ),
+            (
+                SelfServiceKey {
+                    expires_at: None,
+                    ..ok
+                },
+                SelfServiceRefusal::ExpiryRequired,
+            ),
+            (
+                SelfServiceKey {
+                    expires_at: Some(30 * DAY + 1),
+                    ..ok
+                },
+                SelfServiceRefusal::ExpiryTooFar { max_days: 30 },
+            ),
+            (
+                SelfServiceKey {
+                    effective_limits: &over,
+                    ..ok
+                },
+                SelfServiceRefusal::RateLimitAboveCeiling { ceiling: rpm(60) },
+            ),
+        ] {
+            let refused = check_self_service(&policy, &key, 0, 0).unwrap_err();
+            assert_eq!(refused, refusal);
+            assert!(!refused.is_permission());
+        }
+        policy.self_service_enabled = false;
+        assert_eq!(
+            check_self_service(&policy, &ok, 0, 0),
+            Err(SelfServiceRefusal::Disabled)
+        );
+    }
+}

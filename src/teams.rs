@@ -1,0 +1,97 @@
+//! Teams inside a workspace and their self-service policy (enforced by the key
+//! lifecycle when a member without the admin permission creates a key).
+
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::domain::team::{Team, TeamPolicy};
+use crate::keys::{Acting, KeyError};
+use crate::store::{AuditContext, Store, StoreError};
+
+pub struct Teams {
+    store: Arc<dyn Store>,
+    clock: Clock,
+}
+
+impl Teams {
+    pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
+        Teams { store, clock }
+    }
+
+    pub async fn create(
+        &self,
+        acting: &Acting,
+        workspace_id: String,
+        team_id: String,
+        name: String,
+        policy: TeamPolicy,
+    ) -> Result<Team, KeyError> {
+        if self.store.get_workspace(&workspace_id).await?.is_none() {
+            return Err(KeyError::WorkspaceNotFound(workspace_id));
+        }
+        let now = self.clock.now();
+        let team = Team {
+            workspace_id,
+            team_id,
+            name,
+            policy,
+            created_at: now,
+            updated_at: now,
+        };
+        match self
+            .store
+            .insert_team(&team, &audit(acting, "team.create", &team.team_id))
+            .await
+        {
+            Ok(()) => Ok(team),
+            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(format!(
+                "team {} exists already in workspace {}",
+                team.team_id, team.workspace_id
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn get(&self, workspace_id: &str, team_id: &str) -> Result<Team, KeyError> {
+        self.store
+            .get_team(workspace_id, team_id)
+            .await?
+            .ok_or_else(|| KeyError::TeamNotFound(team_id.to_owned()))
+    }
+
+    pub async fn list(&self, workspace_id: &str) -> Result<Vec<Team>, KeyError> {
+        Ok(self.store.list_teams(workspace_id).await?)
+    }
+
+    /// Applies `name` and `policy` (each when given).
+    pub async fn update(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        team_id: &str,
+        name: Option<String>,
+        policy: Option<TeamPolicy>,
+    ) -> Result<Team, KeyError> {
+        let mut team = self.get(workspace_id, team_id).await?;
+        if let Some(name) = name {
+            team.name = name;
+        }
+        if let Some(policy) = policy {
+            team.policy = policy;
+        }
+        team.updated_at = self.clock.now();
+        self.store
+            .update_team(&team, &audit(acting, "team.update", team_id))
+            .await?;
+        Ok(team)
+    }
+}
+
+fn audit(acting: &Acting, action: &'static str, team_id: &str) -> AuditContext {
+    AuditContext {
+        actor_id: acting.actor.id.clone(),
+        caller: acting.caller.to_string(),
+        action,
+        detail: format!("team: {team_id}"),
+    }
+}
