@@ -418,6 +418,20 @@ impl KeyLifecycle {
             .iter()
             .any(|p| p == ADMIN_PERMISSION)
         {
+            // A team key owned by a service account must be owned by one of that team's
+            // (a self-service member's key is owned by the member, below).
+            if input.owner.kind == OwnerKind::ServiceAccount {
+                let account = self
+                    .store
+                    .get_service_account(&input.workspace_id, &input.owner.id)
+                    .await?;
+                if account.is_none_or(|a| a.team_id != team.team_id) {
+                    return Err(KeyError::Refused(format!(
+                        "service account {} is not in team {team_id}",
+                        input.owner.id
+                    )));
+                }
+            }
             return Ok(());
         }
         input.owner = Owner {

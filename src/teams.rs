@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::clock::Clock;
-use crate::domain::team::{Team, TeamPolicy};
+use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::keys::{Acting, KeyError};
 use crate::store::{AuditContext, Store, StoreError};
 
@@ -84,6 +84,73 @@ impl Teams {
             .update_team(&team, &audit(acting, "team.update", team_id))
             .await?;
         Ok(team)
+    }
+}
+
+impl Teams {
+    pub async fn create_service_account(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        team_id: &str,
+        service_account_id: String,
+        name: String,
+    ) -> Result<ServiceAccount, KeyError> {
+        self.get(workspace_id, team_id).await?;
+        let account = ServiceAccount {
+            workspace_id: workspace_id.to_owned(),
+            team_id: team_id.to_owned(),
+            service_account_id,
+            name,
+            created_at: self.clock.now(),
+        };
+        match self
+            .store
+            .insert_service_account(&account, &audit(acting, "service_account.create", team_id))
+            .await
+        {
+            Ok(()) => Ok(account),
+            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(format!(
+                "service account {} exists already in workspace {workspace_id}",
+                account.service_account_id
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn list_service_accounts(
+        &self,
+        workspace_id: &str,
+        team_id: &str,
+    ) -> Result<Vec<ServiceAccount>, KeyError> {
+        self.get(workspace_id, team_id).await?;
+        Ok(self
+            .store
+            .list_service_accounts(workspace_id, team_id)
+            .await?)
+    }
+
+    pub async fn delete_service_account(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        service_account_id: &str,
+    ) -> Result<(), KeyError> {
+        match self
+            .store
+            .delete_service_account(
+                workspace_id,
+                service_account_id,
+                self.clock.now(),
+                &audit(acting, "service_account.delete", service_account_id),
+            )
+            .await
+        {
+            Err(StoreError::NotFound) => Err(KeyError::Refused(format!(
+                "service account {service_account_id} does not exist in workspace {workspace_id}"
+            ))),
+            other => Ok(other?),
+        }
     }
 }
 

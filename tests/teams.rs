@@ -273,7 +273,91 @@ async fn teams_are_created_listed_updated_and_validated(backend: Backend) {
     );
 }
 
+/// Service accounts: created in a team, own that team's keys (and no other team's), and
+/// cannot be deleted while they own live keys.
+async fn service_accounts_own_their_teams_keys(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    create_team(&app, policy()).await;
+    let mut client = TeamServiceClient::with_interceptor(app.channel.clone(), bearer(ADMIN_TOKEN));
+    let account = client
+        .create_service_account(proto::CreateServiceAccountRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            service_account_id: "sa_batch".into(),
+            name: "Nightly batch".into(),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .service_account
+        .unwrap();
+    assert_eq!(account.team_id, "team_ml");
+    let sa_owner = |id: &str| proto::Owner {
+        kind: proto::OwnerKind::ServiceAccount as i32,
+        id: id.into(),
+    };
+    let mut r = issue_request("ws_test");
+    r.team_id = "team_ml".into();
+    r.owner = Some(sa_owner("sa_batch"));
+    let issued = app.admin().issue_key(r.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        issued.key_info.as_ref().unwrap().owner.as_ref().unwrap().id,
+        "sa_batch"
+    );
+    r.owner = Some(sa_owner("sa_unknown"));
+    let status = refused(&app, r).await;
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("not in team team_ml"),
+        "{status:?}"
+    );
+
+    let listed = client
+        .list_service_accounts(proto::ListServiceAccountsRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .service_accounts;
+    assert_eq!(listed.len(), 1);
+    let delete = proto::DeleteServiceAccountRequest {
+        workspace_id: "ws_test".into(),
+        service_account_id: "sa_batch".into(),
+        actor: Some(actor()),
+    };
+    let status = client
+        .delete_service_account(delete.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    app.admin()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: issued.key_info.unwrap().key_id,
+            actor: Some(actor()),
+            reason: "retired".into(),
+        })
+        .await
+        .unwrap();
+    client.delete_service_account(delete).await.unwrap();
+    assert!(
+        client
+            .list_service_accounts(proto::ListServiceAccountsRequest {
+                workspace_id: "ws_test".into(),
+                team_id: "team_ml".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .service_accounts
+            .is_empty()
+    );
+}
+
 both_backends!(
+    service_accounts_own_their_teams_keys,
     a_member_gets_a_key_it_owns_within_the_policy,
     self_service_off_is_permission_denied,
     the_maximum_of_keys_per_user_is_permission_denied,

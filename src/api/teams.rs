@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::error::check;
 use super::keys::caller;
-use crate::domain::team::{Team, TeamPolicy};
+use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::domain::validate::Violations;
 use crate::keys::Acting;
 use crate::proto;
@@ -76,8 +76,85 @@ fn response(t: &Team) -> Response<proto::TeamResponse> {
     })
 }
 
+fn account_pb(a: &ServiceAccount) -> proto::ServiceAccount {
+    proto::ServiceAccount {
+        workspace_id: a.workspace_id.clone(),
+        team_id: a.team_id.clone(),
+        service_account_id: a.service_account_id.clone(),
+        name: a.name.clone(),
+        created_at: Some(convert::timestamp(a.created_at)),
+    }
+}
+
 #[tonic::async_trait]
 impl TeamService for TeamApi {
+    async fn create_service_account(
+        &self,
+        request: Request<proto::CreateServiceAccountRequest>,
+    ) -> Result<Response<proto::ServiceAccountResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.workspace_id("team_id", &r.team_id);
+        v.principal_id("service_account_id", &r.service_account_id);
+        v.name("name", &r.name);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        check(v)?;
+        let account = self
+            .teams
+            .create_service_account(
+                &Acting { caller, actor },
+                &r.workspace_id,
+                &r.team_id,
+                r.service_account_id,
+                r.name,
+            )
+            .await?;
+        Ok(Response::new(proto::ServiceAccountResponse {
+            service_account: Some(account_pb(&account)),
+        }))
+    }
+
+    async fn list_service_accounts(
+        &self,
+        request: Request<proto::ListServiceAccountsRequest>,
+    ) -> Result<Response<proto::ListServiceAccountsResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.workspace_id("team_id", &r.team_id);
+        check(v)?;
+        let accounts = self
+            .teams
+            .list_service_accounts(&r.workspace_id, &r.team_id)
+            .await?;
+        Ok(Response::new(proto::ListServiceAccountsResponse {
+            service_accounts: accounts.iter().map(account_pb).collect(),
+        }))
+    }
+
+    async fn delete_service_account(
+        &self,
+        request: Request<proto::DeleteServiceAccountRequest>,
+    ) -> Result<Response<proto::DeleteServiceAccountResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.principal_id("service_account_id", &r.service_account_id);
+        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        check(v)?;
+        self.teams
+            .delete_service_account(
+                &Acting { caller, actor },
+                &r.workspace_id,
+                &r.service_account_id,
+            )
+            .await?;
+        Ok(Response::new(proto::DeleteServiceAccountResponse {}))
+    }
+
     async fn create_team(
         &self,
         request: Request<proto::CreateTeamRequest>,

@@ -58,6 +58,16 @@ pub struct Team {
     pub updated_at: Micros,
 }
 
+/// A non-login owner of a team's keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccount {
+    pub workspace_id: String,
+    pub team_id: String,
+    pub service_account_id: String,
+    pub name: String,
+    pub created_at: Micros,
+}
+
 /// Why a self-service key is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SelfServiceRefusal {

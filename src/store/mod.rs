@@ -28,7 +28,7 @@ use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
 use crate::domain::provider_key::{Provider, ProviderKeyRecord};
-use crate::domain::team::Team;
+use crate::domain::team::{ServiceAccount, Team};
 use crate::domain::workspace::{Plan, Workspace};
 
 #[derive(Debug, thiserror::Error)]
@@ -413,6 +413,34 @@ pub trait Store: Send + Sync + 'static {
         owner_id: &str,
         now: Micros,
     ) -> Result<u64, StoreError>;
+
+    /// [`StoreError::AlreadyExists`] when the id is taken in the workspace.
+    async fn insert_service_account(
+        &self,
+        account: &ServiceAccount,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+
+    async fn get_service_account(
+        &self,
+        workspace_id: &str,
+        service_account_id: &str,
+    ) -> Result<Option<ServiceAccount>, StoreError>;
+
+    async fn list_service_accounts(
+        &self,
+        workspace_id: &str,
+        team_id: &str,
+    ) -> Result<Vec<ServiceAccount>, StoreError>;
+
+    /// Refused ([`StoreError::Precondition`]) while the account owns live keys.
+    async fn delete_service_account(
+        &self,
+        workspace_id: &str,
+        service_account_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -168,6 +168,27 @@ impl TryFrom<TeamRow> for crate::domain::team::Team {
     }
 }
 
+#[derive(sqlx::FromRow)]
+pub(crate) struct ServiceAccountRow {
+    workspace_id: String,
+    service_account_id: String,
+    team_id: String,
+    name: String,
+    created_at: i64,
+}
+
+impl From<ServiceAccountRow> for crate::domain::team::ServiceAccount {
+    fn from(r: ServiceAccountRow) -> Self {
+        crate::domain::team::ServiceAccount {
+            workspace_id: r.workspace_id,
+            service_account_id: r.service_account_id,
+            team_id: r.team_id,
+            name: r.name,
+            created_at: r.created_at,
+        }
+    }
+}
+
 pub(crate) fn policy_json(policy: &crate::domain::team::TeamPolicy) -> String {
     // Plain data always serializes.
     serde_json::to_string(policy).unwrap_or_else(|_| "{}".to_owned())
@@ -1569,6 +1590,104 @@ macro_rules! impl_store {
                 .fetch_one(&self.pool)
                 .await?;
                 Ok(u64::try_from(n).unwrap_or(0))
+            }
+
+            async fn insert_service_account(
+                &self,
+                account: &crate::domain::team::ServiceAccount,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO service_accounts (workspace_id, service_account_id, team_id, name, \
+                     created_at) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (workspace_id, service_account_id) DO NOTHING",
+                )
+                .bind(&account.workspace_id)
+                .bind(&account.service_account_id)
+                .bind(&account.team_id)
+                .bind(&account.name)
+                .bind(account.created_at)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    return Err(crate::store::StoreError::AlreadyExists);
+                }
+                Self::write_audit(&mut tx, &account.workspace_id, None, crate::store::AuditOutcome::Success, audit, account.created_at).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn get_service_account(
+                &self,
+                workspace_id: &str,
+                service_account_id: &str,
+            ) -> Result<Option<crate::domain::team::ServiceAccount>, crate::store::StoreError> {
+                let row: Option<crate::store::sql::ServiceAccountRow> = sqlx::query_as(
+                    "SELECT workspace_id, service_account_id, team_id, name, created_at \
+                     FROM service_accounts WHERE workspace_id = $1 AND service_account_id = $2",
+                )
+                .bind(workspace_id)
+                .bind(service_account_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(Into::into))
+            }
+
+            async fn list_service_accounts(
+                &self,
+                workspace_id: &str,
+                team_id: &str,
+            ) -> Result<Vec<crate::domain::team::ServiceAccount>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::ServiceAccountRow> = sqlx::query_as(
+                    "SELECT workspace_id, service_account_id, team_id, name, created_at \
+                     FROM service_accounts WHERE workspace_id = $1 AND team_id = $2 \
+                     ORDER BY service_account_id",
+                )
+                .bind(workspace_id)
+                .bind(team_id)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(Into::into).collect())
+            }
+
+            async fn delete_service_account(
+                &self,
+                workspace_id: &str,
+                service_account_id: &str,
+                now: i64,
+                audit: &crate::store::AuditContext,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut tx = self.begin_write().await?;
+                let owned: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM api_keys WHERE workspace_id = $1 \
+                     AND owner_kind = 'service_account' AND owner_id = $2 \
+                     AND deleted_at IS NULL AND revoked_at IS NULL",
+                )
+                .bind(workspace_id)
+                .bind(service_account_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                if owned > 0 {
+                    return Err(crate::store::StoreError::Precondition(
+                        "the service account owns keys that are not revoked: revoke or delete them first",
+                    ));
+                }
+                let deleted = sqlx::query(
+                    "DELETE FROM service_accounts WHERE workspace_id = $1 AND service_account_id = $2",
+                )
+                .bind(workspace_id)
+                .bind(service_account_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if deleted == 0 {
+                    return Err(crate::store::StoreError::NotFound);
+                }
+                Self::write_audit(&mut tx, workspace_id, None, crate::store::AuditOutcome::Success, audit, now).await?;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn ping(&self) -> Result<(), crate::store::StoreError> {
