@@ -12,7 +12,7 @@ use crate::clock::Clock;
 use crate::domain::access::AccessGroup;
 use crate::events::EventHub;
 use crate::keys::{Acting, KeyError};
-use crate::store::{AuditContext, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 pub struct AccessGroups {
     store: Arc<dyn Store>,
@@ -54,7 +54,7 @@ impl AccessGroups {
             created_at: now,
             updated_at: now,
         };
-        let audit = audit(acting, "access_group.create", &group);
+        let audit = acting.audit("access_group.create", detail(&group.name, &group.targets));
         match self.store.insert_group(&group, &audit).await {
             Ok(()) => Ok(group),
             Err(StoreError::AlreadyExists) => Err(KeyError::Refused(format!(
@@ -76,13 +76,6 @@ impl AccessGroups {
         name: &str,
         targets: BTreeSet<String>,
     ) -> Result<AccessGroup, KeyError> {
-        let probe = AccessGroup {
-            workspace_id: workspace_id.to_owned(),
-            name: name.to_owned(),
-            targets: targets.clone(),
-            created_at: 0,
-            updated_at: 0,
-        };
         let (group, stale) = self
             .store
             .update_group(
@@ -90,7 +83,7 @@ impl AccessGroups {
                 name,
                 &targets,
                 self.clock.now(),
-                &audit(acting, "access_group.update", &probe),
+                &acting.audit("access_group.update", detail(name, &targets)),
             )
             .await?;
         for hash in &stale {
@@ -106,30 +99,18 @@ impl AccessGroups {
         workspace_id: &str,
         name: &str,
     ) -> Result<(), KeyError> {
-        let probe = AccessGroup {
-            workspace_id: workspace_id.to_owned(),
-            name: name.to_owned(),
-            targets: BTreeSet::new(),
-            created_at: 0,
-            updated_at: 0,
-        };
         self.store
             .delete_group(
                 workspace_id,
                 name,
                 self.clock.now(),
-                &audit(acting, "access_group.delete", &probe),
+                &acting.audit("access_group.delete", detail(name, &BTreeSet::new())),
             )
             .await?;
         Ok(())
     }
 }
 
-fn audit(acting: &Acting, action: &'static str, group: &AccessGroup) -> AuditContext {
-    AuditContext {
-        actor_id: acting.actor.id.clone(),
-        caller: acting.caller.to_string(),
-        action,
-        detail: format!("group: {}, targets: {}", group.name, group.targets.len()),
-    }
+fn detail(name: &str, targets: &BTreeSet<String>) -> String {
+    format!("group: {name}, targets: {}", targets.len())
 }

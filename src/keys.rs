@@ -40,6 +40,18 @@ pub struct Acting {
     pub actor: Actor,
 }
 
+impl Acting {
+    /// What the audit log records of this principal doing `action`.
+    pub fn audit(&self, action: &'static str, detail: String) -> AuditContext {
+        AuditContext {
+            actor_id: self.actor.id.clone(),
+            caller: self.caller.to_string(),
+            action,
+            detail,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct IssueInput {
     pub workspace_id: String,
@@ -169,7 +181,7 @@ impl KeyLifecycle {
                 .record_denied(&DeniedAudit {
                     workspace_id: workspace.workspace_id.clone(),
                     key_id: None,
-                    context: audit(acting, "key.issue", why.clone()),
+                    context: acting.audit("key.issue", why.clone()),
                     occurred_at: now,
                 })
                 .await?;
@@ -222,11 +234,7 @@ impl KeyLifecycle {
             network: input.network,
             team_id: input.team_id,
         };
-        let audit = audit(
-            acting,
-            "key.issue",
-            format!("scopes: {}", key.scopes.join(" ")),
-        );
+        let audit = acting.audit("key.issue", format!("scopes: {}", key.scopes.join(" ")));
         self.store
             .insert_key(&key, &plaintext.hash(), &audit)
             .await?;
@@ -313,11 +321,7 @@ impl KeyLifecycle {
         .into_iter()
         .flatten()
         .collect();
-        let audit = audit(
-            acting,
-            "key.update",
-            format!("fields: {}", fields.join(" ")),
-        );
+        let audit = acting.audit("key.update", format!("fields: {}", fields.join(" ")));
         let changed = self.store.update_key(key_id, &patch, now, &audit).await?;
         Ok(self.invalidated(changed))
     }
@@ -334,8 +338,7 @@ impl KeyLifecycle {
             ApiKey::generate(&self.policy.brand, environment).map_err(|_| KeyError::Randomness)?;
         let display = key_format::display(&self.policy.brand, environment, plaintext.last_four());
         let now = self.clock.now();
-        let audit = audit(
-            acting,
+        let audit = acting.audit(
             "key.rotate",
             format!("grace_seconds: {}", grace / 1_000_000),
         );
@@ -358,7 +361,7 @@ impl KeyLifecycle {
         key_id: &str,
         reason: &str,
     ) -> Result<KeyRecord, KeyError> {
-        let audit = audit(acting, "key.revoke", format!("reason: {reason}"));
+        let audit = acting.audit("key.revoke", format!("reason: {reason}"));
         let changed = self
             .store
             .revoke_key(key_id, reason, self.clock.now(), &audit)
@@ -368,7 +371,7 @@ impl KeyLifecycle {
     }
 
     pub async fn delete(&self, acting: &Acting, key_id: &str) -> Result<(), KeyError> {
-        let audit = audit(acting, "key.delete", String::new());
+        let audit = acting.audit("key.delete", String::new());
         let changed = self
             .store
             .delete_key(key_id, self.clock.now(), &audit)
@@ -460,7 +463,7 @@ impl KeyLifecycle {
             .record_denied(&DeniedAudit {
                 workspace_id: input.workspace_id.clone(),
                 key_id: None,
-                context: audit(acting, "key.issue", why.clone()),
+                context: acting.audit("key.issue", why.clone()),
                 occurred_at: now,
             })
             .await?;
@@ -524,7 +527,7 @@ impl KeyLifecycle {
             .record_denied(&DeniedAudit {
                 workspace_id: workspace_id.to_owned(),
                 key_id: key_id.map(str::to_owned),
-                context: audit(acting, action, why.clone()),
+                context: acting.audit(action, why.clone()),
                 occurred_at: now,
             })
             .await?;
@@ -543,14 +546,5 @@ impl KeyLifecycle {
             self.cache.invalidate(hash);
         }
         self.events.wake();
-    }
-}
-
-fn audit(acting: &Acting, action: &'static str, detail: String) -> AuditContext {
-    AuditContext {
-        actor_id: acting.actor.id.clone(),
-        caller: acting.caller.to_string(),
-        action,
-        detail,
     }
 }

@@ -105,7 +105,7 @@ impl ProviderKeys {
                     &DeniedAudit {
                         workspace_id: workspace_id.to_owned(),
                         key_id: None,
-                        context: audit(acting, "provider_key.put", why.clone()),
+                        context: acting.audit("provider_key.put", why.clone()),
                         occurred_at: now,
                     },
                     AuditOutcome::Denied,
@@ -130,7 +130,7 @@ impl ProviderKeys {
         let detail = format!("provider: {}", provider.as_str());
         let stored = self
             .store
-            .put_provider_key(&record, &audit(acting, "provider_key.put", detail))
+            .put_provider_key(&record, &acting.audit("provider_key.put", detail))
             .await?;
         tracing::info!(
             workspace_id,
@@ -174,7 +174,7 @@ impl ProviderKeys {
                 workspace_id,
                 provider,
                 self.clock.now(),
-                &audit(acting, "provider_key.delete", detail),
+                &acting.audit("provider_key.delete", detail),
             )
             .await
         {
@@ -302,13 +302,4 @@ pub async fn check_keks(
         }
     }
     Ok(())
-}
-
-fn audit(acting: &Acting, action: &'static str, detail: String) -> AuditContext {
-    AuditContext {
-        actor_id: acting.actor.id.clone(),
-        caller: acting.caller.to_string(),
-        action,
-        detail,
-    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::keys::{Acting, KeyError};
-use crate::store::{AuditContext, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 pub struct Teams {
     store: Arc<dyn Store>,
@@ -40,7 +40,10 @@ impl Teams {
         };
         match self
             .store
-            .insert_team(&team, &audit(acting, "team.create", &team.team_id))
+            .insert_team(
+                &team,
+                &acting.audit("team.create", format!("team: {}", team.team_id)),
+            )
             .await
         {
             Ok(()) => Ok(team),
@@ -81,7 +84,10 @@ impl Teams {
         }
         team.updated_at = self.clock.now();
         self.store
-            .update_team(&team, &audit(acting, "team.update", team_id))
+            .update_team(
+                &team,
+                &acting.audit("team.update", format!("team: {team_id}")),
+            )
             .await?;
         Ok(team)
     }
@@ -106,7 +112,10 @@ impl Teams {
         };
         match self
             .store
-            .insert_service_account(&account, &audit(acting, "service_account.create", team_id))
+            .insert_service_account(
+                &account,
+                &acting.audit("service_account.create", format!("team: {team_id}")),
+            )
             .await
         {
             Ok(()) => Ok(account),
@@ -142,7 +151,10 @@ impl Teams {
                 workspace_id,
                 service_account_id,
                 self.clock.now(),
-                &audit(acting, "service_account.delete", service_account_id),
+                &acting.audit(
+                    "service_account.delete",
+                    format!("service_account: {service_account_id}"),
+                ),
             )
             .await
         {
@@ -151,14 +163,5 @@ impl Teams {
             ))),
             other => Ok(other?),
         }
-    }
-}
-
-fn audit(acting: &Acting, action: &'static str, team_id: &str) -> AuditContext {
-    AuditContext {
-        actor_id: acting.actor.id.clone(),
-        caller: acting.caller.to_string(),
-        action,
-        detail: format!("team: {team_id}"),
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::domain::workspace::{Plan, PlanPolicy, Plans, Workspace};
 use crate::keys::Acting;
-use crate::store::{AuditContext, Store, StoreError, WorkspacePatch};
+use crate::store::{Store, StoreError, WorkspacePatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
@@ -52,11 +52,7 @@ impl Workspaces {
             created_at: now,
             updated_at: now,
         };
-        let audit = audit(
-            acting,
-            "workspace.create",
-            format!("plan: {}", plan.as_str()),
-        );
+        let audit = acting.audit("workspace.create", format!("plan: {}", plan.as_str()));
         match self.store.insert_workspace(&workspace, &audit).await {
             Ok(()) => {
                 tracing::info!(workspace_id = %workspace.workspace_id, "workspace created");
@@ -91,7 +87,7 @@ impl Workspaces {
         .flatten()
         .collect::<Vec<_>>()
         .join(", ");
-        let audit = audit(acting, "workspace.update", detail);
+        let audit = acting.audit("workspace.update", detail);
         match self
             .store
             .update_workspace(workspace_id, &patch, self.clock.now(), &audit)
@@ -101,14 +97,5 @@ impl Workspaces {
             Err(StoreError::NotFound) => Err(WorkspaceError::NotFound(workspace_id.to_owned())),
             Err(e) => Err(WorkspaceError::Store(e)),
         }
-    }
-}
-
-fn audit(acting: &Acting, action: &'static str, detail: String) -> AuditContext {
-    AuditContext {
-        actor_id: acting.actor.id.clone(),
-        caller: acting.caller.to_string(),
-        action,
-        detail,
     }
 }

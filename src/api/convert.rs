@@ -240,6 +240,39 @@ pub fn limit_decision_pb(d: &LimitDecision, now: Micros) -> proto::RateLimitDeci
     }
 }
 
+/// The paths of an update mask, each of which must be one of `known`; a missing or empty
+/// mask is a violation. Unknown paths are reported with [`unknown_mask_path`].
+pub fn mask_paths<'a>(
+    mask: Option<&'a prost_types::FieldMask>,
+    known: &[&str],
+    v: &mut Violations,
+) -> &'a [String] {
+    let paths = mask.map(|m| m.paths.as_slice()).unwrap_or_default();
+    if paths.is_empty() {
+        v.add(
+            "update_mask",
+            format!("must name at least one of {}", known.join(", ")),
+        );
+    }
+    paths
+}
+
+/// Reports a mask path that is none of `known` (echoing at most 64 characters of it).
+pub fn unknown_mask_path(path: &str, known: &[&str], v: &mut Violations) {
+    let expected = match known.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    v.add(
+        "update_mask",
+        format!(
+            "unknown path `{}`: expected {expected}",
+            path.chars().take(64).collect::<String>()
+        ),
+    );
+}
+
 pub fn resource_access_pb(a: &ResourceAccess) -> proto::ResourceAccess {
     proto::ResourceAccess {
         mode: match a.mode {
@@ -408,6 +441,24 @@ mod tests {
             assert_eq!(micros_of(&timestamp(at), "t", &mut v), Some(at));
         }
         assert!(v.is_empty());
+    }
+
+    #[test]
+    fn mask_paths_name_what_is_expected() {
+        let mut v = Violations::default();
+        assert!(mask_paths(None, &["name", "plan"], &mut v).is_empty());
+        unknown_mask_path(&"x".repeat(100), &["name", "scopes", "plan"], &mut v);
+        let described: Vec<_> = v.0.iter().map(|f| f.description.as_str()).collect();
+        assert_eq!(
+            described,
+            [
+                "must name at least one of name, plan".to_owned(),
+                format!(
+                    "unknown path `{}`: expected name, scopes or plan",
+                    "x".repeat(64)
+                ),
+            ]
+        );
     }
 
     #[test]

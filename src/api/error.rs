@@ -84,6 +84,13 @@ pub fn check(violations: Violations) -> Result<(), Status> {
     }
 }
 
+/// [`check`], then the value a field parsed into: a field that did not parse always left a
+/// violation, so the value is there once the check has passed.
+pub fn checked<T>(violations: Violations, value: Option<T>) -> Result<T, Status> {
+    check(violations)?;
+    value.ok_or_else(|| Status::invalid_argument("invalid request"))
+}
+
 pub fn store_status(e: &StoreError) -> Status {
     match e {
         StoreError::NotFound => Status::not_found("not found"),

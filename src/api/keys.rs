@@ -6,13 +6,25 @@ use tonic::{Request, Response, Status};
 
 use super::auth::Caller;
 use super::convert;
-use super::error::check;
+use super::error::{check, checked};
 use crate::domain::key::MAX_ROTATION_GRACE;
 use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, MAX_REASON_LEN, Violations};
 use crate::keys::{Acting, IssueInput, KeyLifecycle, KeyQuery};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
 use crate::store::{KeyPatch, page_token};
+
+/// What an update mask may name.
+const MASK_PATHS: &[&str] = &[
+    "name",
+    "scopes",
+    "expires_at",
+    "metadata",
+    "rate_limits",
+    "max_budget_micros",
+    "resource_access",
+    "allowed_cidrs",
+];
 
 pub struct KeyApi {
     lifecycle: Arc<KeyLifecycle>,
@@ -83,10 +95,7 @@ impl KeyService for KeyApi {
         if !r.team_id.is_empty() {
             v.workspace_id("team_id", &r.team_id);
         }
-        check(v)?;
-        let (Some(environment), Some(owner)) = (environment, owner) else {
-            return Err(Status::invalid_argument("invalid request"));
-        };
+        let (environment, owner) = checked(v, environment.zip(owner))?;
         let acting = Acting { caller, actor };
         let issued = self
             .lifecycle
@@ -180,17 +189,7 @@ impl KeyService for KeyApi {
         v.key_id("key_id", &r.key_id);
         let actor = convert::actor(r.actor.as_ref(), &mut v);
         let mut patch = KeyPatch::default();
-        let paths = r
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.as_slice())
-            .unwrap_or_default();
-        if paths.is_empty() {
-            v.add(
-                "update_mask",
-                "must name at least one of name, scopes, expires_at, metadata, rate_limits, max_budget_micros, resource_access, allowed_cidrs",
-            );
-        }
+        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, &mut v);
         for path in paths {
             match path.as_str() {
                 "name" => {
@@ -235,13 +234,7 @@ impl KeyService for KeyApi {
                         &mut v,
                     ))
                 }
-                other => v.add(
-                    "update_mask",
-                    format!(
-                        "unknown path `{}`: expected name, scopes, expires_at, metadata, rate_limits, max_budget_micros, resource_access or allowed_cidrs",
-                        other.chars().take(64).collect::<String>()
-                    ),
-                ),
+                other => convert::unknown_mask_path(other, MASK_PATHS, &mut v),
             }
         }
         check(v)?;

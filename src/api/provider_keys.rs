@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 
 use super::auth::{Role, require};
 use super::convert;
-use super::error::{check, store_status};
+use super::error::{check, checked, store_status};
 use crate::domain::provider_key::{self, Provider, ProviderKeyRecord};
 use crate::domain::validate::Violations;
 use crate::keys::Acting;
@@ -106,10 +106,7 @@ impl ProviderKeyService for ProviderKeyApi {
             v.add("api_key", why);
         }
         let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
-        let Some(provider) = provider else {
-            return Err(Status::invalid_argument("invalid request"));
-        };
+        let provider = checked(v, provider)?;
         let stored = self
             .keys
             .put(
@@ -132,10 +129,7 @@ impl ProviderKeyService for ProviderKeyApi {
         let r = request.into_inner();
         let mut v = Violations::default();
         let provider = target(&r.workspace_id, r.provider, &mut v);
-        check(v)?;
-        let Some(provider) = provider else {
-            return Err(Status::invalid_argument("invalid request"));
-        };
+        let provider = checked(v, provider)?;
         let record = self.keys.get(&r.workspace_id, provider).await?;
         Ok(Response::new(proto::GetProviderKeyResponse {
             provider_key: Some(info(&record)),
@@ -166,10 +160,7 @@ impl ProviderKeyService for ProviderKeyApi {
         let mut v = Violations::default();
         let provider = target(&r.workspace_id, r.provider, &mut v);
         let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
-        let Some(provider) = provider else {
-            return Err(Status::invalid_argument("invalid request"));
-        };
+        let provider = checked(v, provider)?;
         self.keys
             .delete(&Acting { caller, actor }, &r.workspace_id, provider)
             .await?;
@@ -184,10 +175,7 @@ impl ProviderKeyService for ProviderKeyApi {
         let r = request.into_inner();
         let mut v = Violations::default();
         let provider = target(&r.workspace_id, r.provider, &mut v);
-        check(v)?;
-        let Some(provider) = provider else {
-            return Err(Status::invalid_argument("invalid request"));
-        };
+        let provider = checked(v, provider)?;
         let api_key = self
             .keys
             .resolve(&caller, &r.workspace_id, provider)

@@ -14,6 +14,9 @@ use crate::proto;
 use crate::proto::team_service_server::TeamService;
 use crate::teams::Teams;
 
+/// What an update mask may name.
+const MASK_PATHS: &[&str] = &["name", "policy"];
+
 pub struct TeamApi {
     teams: Arc<Teams>,
 }
@@ -220,14 +223,7 @@ impl TeamService for TeamApi {
         v.workspace_id("team_id", &r.team_id);
         let actor = convert::actor(r.actor.as_ref(), &mut v);
         let (mut name, mut new_policy) = (None, None);
-        let paths = r
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.as_slice())
-            .unwrap_or_default();
-        if paths.is_empty() {
-            v.add("update_mask", "must name at least one of name, policy");
-        }
+        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, &mut v);
         for path in paths {
             match path.as_str() {
                 "name" => {
@@ -235,13 +231,7 @@ impl TeamService for TeamApi {
                     name = Some(r.name.clone());
                 }
                 "policy" => new_policy = Some(policy(r.policy.as_ref(), &mut v)),
-                other => v.add(
-                    "update_mask",
-                    format!(
-                        "unknown path `{}`: expected name or policy",
-                        other.chars().take(64).collect::<String>()
-                    ),
-                ),
+                other => convert::unknown_mask_path(other, MASK_PATHS, &mut v),
             }
         }
         check(v)?;

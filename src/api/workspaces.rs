@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::error::check;
+use super::error::{check, checked};
 use super::keys::caller;
 use crate::domain::validate::Violations;
 use crate::domain::workspace::{Plan, Workspace};
@@ -14,6 +14,9 @@ use crate::proto;
 use crate::proto::workspace_service_server::WorkspaceService;
 use crate::store::WorkspacePatch;
 use crate::workspaces::Workspaces;
+
+/// What an update mask may name.
+const MASK_PATHS: &[&str] = &["name", "plan"];
 
 pub struct WorkspaceApi {
     workspaces: Arc<Workspaces>,
@@ -76,10 +79,7 @@ impl WorkspaceService for WorkspaceApi {
         v.name("name", &r.name);
         let plan = plan(r.plan, "plan", &mut v);
         let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
-        let Some(plan) = plan else {
-            return Err(Status::invalid_argument("invalid request"));
-        };
+        let plan = checked(v, plan)?;
         let workspace = self
             .workspaces
             .create(&Acting { caller, actor }, r.workspace_id, r.name, plan)
@@ -113,14 +113,7 @@ impl WorkspaceService for WorkspaceApi {
         v.workspace_id("workspace_id", &r.workspace_id);
         let actor = convert::actor(r.actor.as_ref(), &mut v);
         let mut patch = WorkspacePatch::default();
-        let paths = r
-            .update_mask
-            .as_ref()
-            .map(|m| m.paths.as_slice())
-            .unwrap_or_default();
-        if paths.is_empty() {
-            v.add("update_mask", "must name at least one of name, plan");
-        }
+        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, &mut v);
         for path in paths {
             match path.as_str() {
                 "name" => {
@@ -128,13 +121,7 @@ impl WorkspaceService for WorkspaceApi {
                     patch.name = Some(r.name.clone());
                 }
                 "plan" => patch.plan = plan(r.plan, "plan", &mut v),
-                other => v.add(
-                    "update_mask",
-                    format!(
-                        "unknown path `{}`: expected name or plan",
-                        other.chars().take(64).collect::<String>()
-                    ),
-                ),
+                other => convert::unknown_mask_path(other, MASK_PATHS, &mut v),
             }
         }
         check(v)?;
