@@ -174,38 +174,13 @@ impl VerifyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::key::{Owner, OwnerKind};
-    use crate::domain::key_format::Environment;
 
     fn entry(revoked: bool) -> Arc<CachedKey> {
         Arc::new(CachedKey {
             key: KeyRecord {
-                key_id: "key_x".into(),
-                workspace_id: "ws".into(),
-                name: "n".into(),
-                environment: Environment::Live,
-                display: "kw_live_...abcd".into(),
                 scopes: vec![],
-                owner: Owner {
-                    kind: OwnerKind::User,
-                    id: "u".into(),
-                },
-                created_by: "u".into(),
-                metadata: Default::default(),
-                created_at: 0,
-                updated_at: 0,
-                expires_at: None,
                 revoked_at: revoked.then_some(1),
-                revoke_reason: None,
-                rotated_at: None,
-                deleted_at: None,
-                rate_limits: vec![],
-                max_budget_micros: None,
-                spent_micros: 0,
-                last_used_at: None,
-                resource_access: Default::default(),
-                network: Default::default(),
-                team_id: None,
+                ..KeyRecord::sample("key_x")
             },
             secret_valid_until: None,
             effective_scopes: EffectiveScopes::default(),

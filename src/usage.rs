@@ -190,39 +190,15 @@ mod tests {
     /// spend at every flush, and everything at a final flush.
     #[tokio::test]
     async fn steady_use_is_written_once_a_minute_and_spend_every_time() {
-        use crate::domain::key::{KeyRecord, Owner, OwnerKind};
-        use crate::domain::key_format::{Environment, KeyHash};
+        use crate::domain::key::KeyRecord;
+        use crate::domain::key_format::KeyHash;
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("usage.db").display());
         let store = crate::store::open(&url, 1).await.unwrap();
         let key_id = crate::domain::ids::new_key_id().unwrap();
         let key = KeyRecord {
-            key_id: key_id.clone(),
-            workspace_id: "ws".into(),
-            name: "n".into(),
-            environment: Environment::Live,
-            display: "kw_live_...abcd".into(),
             scopes: vec![],
-            owner: Owner {
-                kind: OwnerKind::User,
-                id: "u".into(),
-            },
-            created_by: "u".into(),
-            metadata: Default::default(),
-            created_at: 0,
-            updated_at: 0,
-            expires_at: None,
-            revoked_at: None,
-            revoke_reason: None,
-            rotated_at: None,
-            deleted_at: None,
-            rate_limits: vec![],
-            max_budget_micros: None,
-            spent_micros: 0,
-            last_used_at: None,
-            resource_access: Default::default(),
-            network: Default::default(),
-            team_id: None,
+            ..KeyRecord::sample(&key_id)
         };
         let audit = crate::store::AuditContext {
             actor_id: "u".into(),

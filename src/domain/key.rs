@@ -78,6 +78,41 @@ pub enum KeyStatus {
     Expired,
 }
 
+#[cfg(test)]
+impl KeyRecord {
+    /// A plain active key of `ws` owned by user `u`, with the `read` scope (tests only).
+    pub(crate) fn sample(key_id: &str) -> KeyRecord {
+        KeyRecord {
+            key_id: key_id.into(),
+            workspace_id: "ws".into(),
+            name: "n".into(),
+            environment: Environment::Live,
+            display: "kw_live_...abcd".into(),
+            scopes: vec!["read".into()],
+            owner: Owner {
+                kind: OwnerKind::User,
+                id: "u".into(),
+            },
+            created_by: "u".into(),
+            metadata: BTreeMap::new(),
+            created_at: 0,
+            updated_at: 0,
+            expires_at: None,
+            revoked_at: None,
+            revoke_reason: None,
+            rotated_at: None,
+            deleted_at: None,
+            rate_limits: vec![],
+            max_budget_micros: None,
+            spent_micros: 0,
+            last_used_at: None,
+            resource_access: Default::default(),
+            network: Default::default(),
+            team_id: None,
+        }
+    }
+}
+
 impl KeyRecord {
     /// Revocation wins over expiry: a revoked key stays revoked after it would have expired.
     pub fn status(&self, now: Micros) -> KeyStatus {
@@ -162,34 +197,7 @@ mod tests {
     const S: Micros = crate::domain::MICROS_PER_SECOND;
 
     fn record() -> KeyRecord {
-        KeyRecord {
-            key_id: "key_1".into(),
-            workspace_id: "ws".into(),
-            name: "n".into(),
-            environment: Environment::Live,
-            display: "kw_live_...abcd".into(),
-            scopes: vec!["read".into()],
-            owner: Owner {
-                kind: OwnerKind::User,
-                id: "u".into(),
-            },
-            created_by: "u".into(),
-            metadata: BTreeMap::new(),
-            created_at: 0,
-            updated_at: 0,
-            expires_at: None,
-            revoked_at: None,
-            revoke_reason: None,
-            rotated_at: None,
-            deleted_at: None,
-            rate_limits: vec![],
-            max_budget_micros: None,
-            spent_micros: 0,
-            last_used_at: None,
-            resource_access: Default::default(),
-            network: Default::default(),
-            team_id: None,
-        }
+        KeyRecord::sample("key_1")
     }
 
     fn req(scopes: &[String]) -> Request<'_> {
