@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
-use crate::domain::access::AccessGroup;
+use crate::domain::access::{AccessGroup, ResourceAccess};
+use crate::domain::key_format::KeyHash;
 use crate::events::EventHub;
 use crate::keys::{Acting, KeyError};
 use crate::store::{Store, StoreError};
@@ -86,10 +87,7 @@ impl AccessGroups {
                 &acting.audit("access_group.update", detail(name, &targets)),
             )
             .await?;
-        for hash in &stale {
-            self.cache.invalidate(hash);
-        }
-        self.events.wake();
+        invalidate_committed(&self.cache, &self.events, &stale);
         Ok(group)
     }
 
@@ -109,6 +107,42 @@ impl AccessGroups {
             .await?;
         Ok(())
     }
+}
+
+/// Every access group `access` names must exist in the workspace.
+pub async fn check_groups_exist(
+    store: &dyn Store,
+    workspace_id: &str,
+    access: &ResourceAccess,
+) -> Result<(), KeyError> {
+    if access.groups.is_empty() {
+        return Ok(());
+    }
+    let existing = store.list_groups(workspace_id).await?;
+    let missing: Vec<&str> = access
+        .groups
+        .iter()
+        .filter(|g| !existing.iter().any(|e| &e.name == *g))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(KeyError::Refused(format!(
+            "access groups not in workspace {workspace_id}: {}",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// After a commit that made `hashes` stale: drops this replica's cached entries at once,
+/// and wakes the event tailer so the committed events reach subscribers (and, through the
+/// log, every other replica).
+pub fn invalidate_committed(cache: &VerifyCache, events: &EventHub, hashes: &[KeyHash]) {
+    for hash in hashes {
+        cache.invalidate(hash);
+    }
+    events.wake();
 }
 
 fn detail(name: &str, targets: &BTreeSet<String>) -> String {

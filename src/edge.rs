@@ -24,12 +24,13 @@
 //!
 //! # What is cached, and for how long
 //!
-//! - The cache key is the SHA-256 of the presented key ([`KeyHash::of`]) plus the sorted,
-//!   deduplicated required scopes. The plaintext key is never stored, logged or printed.
-//!   A scope list the server would refuse (the same check as VerifyKey's) bypasses the
-//!   cache, so the caller gets the server's `INVALID_ARGUMENT`.
+//! - The cache key is the SHA-256 of the presented key ([`KeyHash::of`]) plus what else
+//!   the answer depends on: the sorted, deduplicated required scopes, the resource and
+//!   the client address ([`Verifier::verify_request`]). The plaintext key is never
+//!   stored, logged or printed. A request the server would refuse (the same checks as
+//!   VerifyKey's) bypasses the cache, so the caller gets the server's `INVALID_ARGUMENT`.
 //! - Answers about a key that exists (`VALID`, `REVOKED`, `EXPIRED`,
-//!   `INSUFFICIENT_SCOPE`) are cached until an event about the key drops them, for at
+//!   `INSUFFICIENT_SCOPE`, `RESOURCE_FORBIDDEN`, `IP_FORBIDDEN`) are cached until an event about the key drops them, for at
 //!   most [`EdgeConfig::cache_ttl`] (a backstop), and never past the key's `expires_at`:
 //!   an answer about a key that expires within [`EXPIRY_SLACK`] is not served from the
 //!   cache, whatever its code (so a modest clock skew between the edge and the server
@@ -96,6 +97,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -109,6 +111,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
+use crate::domain::access;
 use crate::domain::key_format::KeyHash;
 use crate::domain::validate::Violations;
 use crate::proto;
@@ -119,7 +122,8 @@ use crate::proto::watch_revocations_response::Message;
 /// An answer about a key that expires within this much is not served from the cache.
 pub const EXPIRY_SLACK: Duration = Duration::from_secs(1);
 
-/// Distinct required-scope sets cached per key; more start the key's set afresh.
+/// Distinct answer keys (scope set, resource, client address) cached per key hash; more
+/// start the key's set afresh.
 const MAX_SCOPE_SETS_PER_KEY: usize = 32;
 
 /// How an edge node reaches Keywarden and sizes its cache.
@@ -327,20 +331,37 @@ impl Verifier {
         Verifier::connect(channel, config)
     }
 
-    /// Verifies `key`: from the cache when the stream is healthy and the answer is
-    /// there, from the server otherwise. Errors are the server's (never cached).
+    /// Verifies `key` for a request needing `required_scopes`: from the cache when the
+    /// stream is healthy and the answer is there, from the server otherwise. Errors are
+    /// the server's (never cached).
     pub async fn verify(
         &self,
         key: &str,
         required_scopes: &[String],
     ) -> Result<proto::VerifyKeyResponse, Status> {
+        self.verify_request(proto::VerifyKeyRequest {
+            key: key.to_owned(),
+            required_scopes: required_scopes.to_vec(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// [`Verifier::verify`] with the whole of VerifyKey's request: the resource (a model)
+    /// and the client address the key's access policy judges, and the cost a rate-limit
+    /// decision counts (answers carrying one are never cached, so the cost always
+    /// reaches the server).
+    pub async fn verify_request(
+        &self,
+        request: proto::VerifyKeyRequest,
+    ) -> Result<proto::VerifyKeyResponse, Status> {
         let shared = &self.shared;
-        let hash = KeyHash::of(key);
-        // Scopes the server would refuse (INVALID_ARGUMENT) bypass the cache, so that the
-        // caller gets the server's error rather than a cached answer.
-        let scopes = scope_set(required_scopes);
+        let hash = KeyHash::of(&request.key);
+        // A request the server would refuse (INVALID_ARGUMENT) bypasses the cache, so
+        // that the caller gets the server's error rather than a cached answer.
+        let scopes = answer_key(&request);
         let cached = scopes
-            .as_deref()
+            .as_ref()
             .and_then(|scopes| shared.cache.get(&hash, scopes));
         if let Some(answer) = cached {
             shared.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -352,18 +373,7 @@ impl Verifier {
             .then(|| shared.cache.begin_fill())
             .flatten();
         shared.stats.server_calls.fetch_add(1, Ordering::Relaxed);
-        let response = self
-            .client
-            .clone()
-            .verify_key(proto::VerifyKeyRequest {
-                key: key.to_owned(),
-                required_scopes: required_scopes.to_vec(),
-                cost: 0,
-                resource: String::new(),
-                client_ip: String::new(),
-            })
-            .await?
-            .into_inner();
+        let response = self.client.clone().verify_key(request).await?.into_inner();
         let filled = match (ticket, scopes) {
             (Some(ticket), Some(scopes)) => {
                 shared.cache.complete_fill(ticket, hash, scopes, &response)
@@ -424,15 +434,41 @@ impl Verifier {
     }
 }
 
-/// The sorted, deduplicated scope list (the cache key's second half), or `None` when
-/// the server would refuse the list: the same check as VerifyKey's.
-fn scope_set(required: &[String]) -> Option<Box<[String]>> {
-    if required.is_empty() {
-        return Some(Box::default());
+/// What an answer depends on besides the key (the cache key's second half): the
+/// sorted, deduplicated required scopes, the resource and the client address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AnswerKey {
+    scopes: Box<[String]>,
+    resource: Box<str>,
+    client_ip: Option<IpAddr>,
+}
+
+/// The request's [`AnswerKey`], or `None` when the server would refuse the request: the
+/// same checks as VerifyKey's.
+fn answer_key(request: &proto::VerifyKeyRequest) -> Option<AnswerKey> {
+    let scopes = if request.required_scopes.is_empty() {
+        Box::default()
+    } else {
+        let mut v = Violations::default();
+        let scopes = v.scopes("required_scopes", &request.required_scopes);
+        if !v.is_empty() {
+            return None;
+        }
+        scopes.into_boxed_slice()
+    };
+    if !request.resource.is_empty() && !access::is_target(&request.resource) {
+        return None;
     }
-    let mut v = Violations::default();
-    let scopes = v.scopes("required_scopes", required);
-    v.is_empty().then(|| scopes.into_boxed_slice())
+    let client_ip = if request.client_ip.is_empty() {
+        None
+    } else {
+        Some(request.client_ip.trim().parse::<IpAddr>().ok()?)
+    };
+    Some(AnswerKey {
+        scopes,
+        resource: request.resource.as_str().into(),
+        client_ip,
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -651,7 +687,7 @@ async fn subscribe(shared: &Shared, client: &mut WatchClient) -> (StreamEnd, boo
 /// One key hash's cached answers, by scope set. Replaced whole (copy on write).
 struct HashAnswers {
     key_id: String,
-    answers: HashMap<Box<[String]>, CachedAnswer>,
+    answers: HashMap<AnswerKey, CachedAnswer>,
 }
 
 #[derive(Clone)]
@@ -740,7 +776,7 @@ impl EdgeCache {
         self.serving.load(Ordering::SeqCst)
     }
 
-    fn get(&self, hash: &KeyHash, scopes: &[String]) -> Option<proto::VerifyKeyResponse> {
+    fn get(&self, hash: &KeyHash, scopes: &AnswerKey) -> Option<proto::VerifyKeyResponse> {
         if !self.serving() {
             return None;
         }
@@ -770,7 +806,7 @@ impl EdgeCache {
         &self,
         ticket: FillTicket,
         hash: KeyHash,
-        scopes: Box<[String]>,
+        scopes: AnswerKey,
         response: &proto::VerifyKeyResponse,
     ) -> bool {
         let kind = self.kind(response);
@@ -831,12 +867,18 @@ impl EdgeCache {
         let per_call = response.rate_limit.is_some() || response.max_budget_micros.is_some();
         match C::try_from(response.code) {
             Ok(C::Valid) if per_call => Kind::Uncacheable,
-            Ok(C::Valid | C::Revoked | C::Expired | C::InsufficientScope)
-                if !response.key_id.is_empty()
-                    && self
-                        .workspace
-                        .as_deref()
-                        .is_none_or(|w| w == response.workspace_id) =>
+            Ok(
+                C::Valid
+                | C::Revoked
+                | C::Expired
+                | C::InsufficientScope
+                | C::ResourceForbidden
+                | C::IpForbidden,
+            ) if !response.key_id.is_empty()
+                && self
+                    .workspace
+                    .as_deref()
+                    .is_none_or(|w| w == response.workspace_id) =>
             {
                 Kind::Found
             }
@@ -932,8 +974,18 @@ mod tests {
         }
     }
 
-    fn scopes(s: &[&str]) -> Box<[String]> {
-        scope_set(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    fn request(scopes: &[&str], resource: &str, client_ip: &str) -> proto::VerifyKeyRequest {
+        proto::VerifyKeyRequest {
+            key: "k".to_owned(),
+            required_scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            resource: resource.to_owned(),
+            client_ip: client_ip.to_owned(),
+            cost: 0,
+        }
+    }
+
+    fn scopes(s: &[&str]) -> AnswerKey {
+        answer_key(&request(s, "", "")).unwrap()
     }
 
     #[allow(dead_code)]
@@ -953,14 +1005,34 @@ mod tests {
     }
 
     #[test]
-    fn the_scope_key_ignores_order_and_duplicates() {
+    fn the_answer_key_ignores_scope_order_and_duplicates() {
         assert_eq!(
             scopes(&["write", "read", "read"]),
             scopes(&["read", "write"])
         );
         // What the server refuses is never looked up.
-        assert_eq!(scope_set(&["Not A Scope".to_owned()]), None);
-        assert_eq!(scope_set(&vec!["read".to_owned(); 1000]), None);
+        assert_eq!(answer_key(&request(&["Not A Scope"], "", "")), None);
+        assert_eq!(answer_key(&request(&["read"; 1000], "", "")), None);
+        assert_eq!(answer_key(&request(&[], "two words", "")), None);
+        assert_eq!(answer_key(&request(&[], "", "10.0.0.1/8")), None);
+    }
+
+    #[test]
+    fn the_answer_key_tells_resources_and_addresses_apart() {
+        let base = answer_key(&request(&["read"], "gpt-4o", "10.0.0.1")).unwrap();
+        for other in [
+            request(&["read"], "o3", "10.0.0.1"),
+            request(&["read"], "", "10.0.0.1"),
+            request(&["read"], "gpt-4o", "10.0.0.2"),
+            request(&["read"], "gpt-4o", ""),
+        ] {
+            assert_ne!(answer_key(&other).unwrap(), base, "{other:?}");
+        }
+        // The same address written differently is the same address.
+        assert_eq!(
+            answer_key(&request(&["read"], "gpt-4o", " 10.0.0.1 ")).unwrap(),
+            base
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::access_groups::{check_groups_exist, invalidate_committed};
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::Micros;
@@ -18,7 +19,9 @@ use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::limits::RateLimit;
 use crate::domain::scopes::ScopeImplications;
-use crate::domain::team::{SelfServiceKey, check_self_service};
+use crate::domain::team::{
+    SelfServiceKey, SelfServiceRefusal, check_self_service, check_self_service_change,
+};
 use crate::domain::workspace::Plans;
 use crate::events::EventHub;
 use crate::store::{
@@ -31,6 +34,26 @@ use crate::store::{
 pub struct Actor {
     pub id: String,
     pub permissions: Vec<String>,
+}
+
+impl Actor {
+    /// A self-service member: an actor without the admin permission, who sees and manages
+    /// only the keys it owns.
+    pub fn is_self_service(&self) -> bool {
+        !self.permissions.iter().any(|p| p == ADMIN_PERMISSION)
+    }
+
+    /// Whether the actor owns `key` (as its user owner).
+    fn owns(&self, key: &KeyRecord) -> bool {
+        key.owner.kind == OwnerKind::User && key.owner.id == self.id
+    }
+
+    fn as_owner(&self) -> Owner {
+        Owner {
+            kind: OwnerKind::User,
+            id: self.id.clone(),
+        }
+    }
 }
 
 /// Who is asking: the caller token's name and the acting principal.
@@ -196,9 +219,17 @@ impl KeyLifecycle {
             now,
         )
         .await?;
-        self.check_groups(&input.workspace_id, &input.resource_access)
-            .await?;
+        check_groups_exist(
+            self.store.as_ref(),
+            &input.workspace_id,
+            &input.resource_access,
+        )
+        .await?;
         let mut input = input;
+        // A self-service member's key is its own, whoever the request names.
+        if acting.actor.is_self_service() {
+            input.owner = acting.actor.as_owner();
+        }
         if let Some(team_id) = input.team_id.clone() {
             self.check_team(acting, &mut input, &team_id, now).await?;
         }
@@ -233,6 +264,7 @@ impl KeyLifecycle {
             resource_access: input.resource_access,
             network: input.network,
             team_id: input.team_id,
+            team_access: ResourceAccess::default(),
         };
         let audit = acting.audit("key.issue", format!("scopes: {}", key.scopes.join(" ")));
         self.store
@@ -242,17 +274,37 @@ impl KeyLifecycle {
         Ok(Issued { plaintext, key })
     }
 
-    pub async fn get(&self, key_id: &str) -> Result<KeyRecord, KeyError> {
-        self.store.get_key(key_id).await?.ok_or(KeyError::NotFound)
+    /// A key as `actor` may see it (`None`: the admin backend's own view). A self-service
+    /// actor sees only keys it owns; any other is NOT_FOUND, as if it did not exist.
+    pub async fn get(&self, actor: Option<&Actor>, key_id: &str) -> Result<KeyRecord, KeyError> {
+        let key = self
+            .store
+            .get_key(key_id)
+            .await?
+            .ok_or(KeyError::NotFound)?;
+        if actor.is_some_and(|a| a.is_self_service() && !a.owns(&key)) {
+            return Err(KeyError::NotFound);
+        }
+        Ok(key)
     }
 
-    /// One page of keys and the cursor of the next page, if any.
+    /// One page of keys and the cursor of the next page, if any. A self-service actor
+    /// lists only its own keys.
     pub async fn list(
         &self,
+        actor: Option<&Actor>,
         query: KeyQuery,
         page_size: u32,
         after: Option<KeyCursor>,
     ) -> Result<(Vec<KeyRecord>, Option<KeyCursor>), KeyError> {
+        let mut query = query;
+        if let Some(actor) = actor.filter(|a| a.is_self_service()) {
+            let own = actor.as_owner();
+            if query.owner.as_ref().is_some_and(|o| *o != own) {
+                return Ok((Vec::new(), None));
+            }
+            query.owner = Some(own);
+        }
         let filter = KeyFilter {
             workspace_id: query.workspace_id,
             owner: query.owner,
@@ -284,11 +336,13 @@ impl KeyLifecycle {
         patch: KeyPatch,
     ) -> Result<KeyRecord, KeyError> {
         let now = self.clock.now();
+        // Ownership, workspace and team never change, so reading them before the locked
+        // update is safe.
+        let key = self.get(Some(&acting.actor), key_id).await?;
         if let Some(scopes) = &patch.scopes {
-            let workspace_id = self.get(key_id).await?.workspace_id;
             self.check_ceiling(
                 acting,
-                &workspace_id,
+                &key.workspace_id,
                 Some(key_id),
                 "key.update",
                 scopes,
@@ -297,8 +351,7 @@ impl KeyLifecycle {
             .await?;
         }
         if let Some(access) = &patch.resource_access {
-            let workspace_id = self.get(key_id).await?.workspace_id;
-            self.check_groups(&workspace_id, access).await?;
+            check_groups_exist(self.store.as_ref(), &key.workspace_id, access).await?;
         }
         if let Some(Some(expires_at)) = patch.expires_at
             && expires_at <= now
@@ -306,6 +359,19 @@ impl KeyLifecycle {
             return Err(KeyError::FailedPrecondition(
                 "expires_at must be in the future",
             ));
+        }
+        // A member's team key stays within the team's policy as the update leaves it.
+        if acting.actor.is_self_service()
+            && let Some(team_id) = &key.team_id
+        {
+            let rate_limits = patch.rate_limits.as_ref().unwrap_or(&key.rate_limits);
+            let after = SelfServiceKey {
+                max_budget_micros: patch.max_budget_micros.unwrap_or(key.max_budget_micros),
+                expires_at: patch.expires_at.unwrap_or(key.expires_at),
+                effective_limits: self.effective_limits(rate_limits),
+            };
+            self.check_team_change(acting, &key, team_id, &after, "key.update", now)
+                .await?;
         }
         let fields: Vec<&str> = [
             patch.name.as_ref().map(|_| "name"),
@@ -332,12 +398,27 @@ impl KeyLifecycle {
         key_id: &str,
         grace: Micros,
     ) -> Result<RotatedKey, KeyError> {
-        // The environment never changes, so reading it before the locked rotation is safe.
-        let environment = self.get(key_id).await?.environment;
+        // Ownership, environment and team never change, so reading them before the
+        // locked rotation is safe.
+        let key = self.get(Some(&acting.actor), key_id).await?;
+        let environment = key.environment;
+        let now = self.clock.now();
+        // A member rotates its team key only while self-service is on and the key is
+        // within the team's policy (a tightened policy is applied at the rotation).
+        if acting.actor.is_self_service()
+            && let Some(team_id) = &key.team_id
+        {
+            let current = SelfServiceKey {
+                max_budget_micros: key.max_budget_micros,
+                expires_at: key.expires_at,
+                effective_limits: self.effective_limits(&key.rate_limits),
+            };
+            self.check_team_change(acting, &key, team_id, &current, "key.rotate", now)
+                .await?;
+        }
         let plaintext =
             ApiKey::generate(&self.policy.brand, environment).map_err(|_| KeyError::Randomness)?;
         let display = key_format::display(&self.policy.brand, environment, plaintext.last_four());
-        let now = self.clock.now();
         let audit = acting.audit(
             "key.rotate",
             format!("grace_seconds: {}", grace / 1_000_000),
@@ -361,6 +442,7 @@ impl KeyLifecycle {
         key_id: &str,
         reason: &str,
     ) -> Result<KeyRecord, KeyError> {
+        self.get(Some(&acting.actor), key_id).await?;
         let audit = acting.audit("key.revoke", format!("reason: {reason}"));
         let changed = self
             .store
@@ -371,6 +453,7 @@ impl KeyLifecycle {
     }
 
     pub async fn delete(&self, acting: &Acting, key_id: &str) -> Result<(), KeyError> {
+        self.get(Some(&acting.actor), key_id).await?;
         let audit = acting.audit("key.delete", String::new());
         let changed = self
             .store
@@ -437,66 +520,103 @@ impl KeyLifecycle {
             }
             return Ok(());
         }
-        input.owner = Owner {
-            kind: OwnerKind::User,
-            id: acting.actor.id.clone(),
-        };
         let held = self
             .store
             .count_member_keys(&input.workspace_id, team_id, &acting.actor.id, now)
             .await?;
-        let effective_limits = if input.rate_limits.is_empty() {
-            self.policy.default_limits.as_slice()
-        } else {
-            input.rate_limits.as_slice()
-        };
         let key = SelfServiceKey {
             max_budget_micros: input.max_budget_micros,
             expires_at: input.expires_at,
-            effective_limits,
+            effective_limits: self.effective_limits(&input.rate_limits),
         };
-        let Err(refusal) = check_self_service(&team.policy, &key, held, now) else {
-            return Ok(());
-        };
+        match check_self_service(&team.policy, &key, held, now) {
+            Ok(()) => Ok(()),
+            Err(refusal) => Err(self
+                .refuse_self_service(
+                    acting,
+                    &input.workspace_id,
+                    None,
+                    "key.issue",
+                    team_id,
+                    &refusal,
+                    now,
+                )
+                .await),
+        }
+    }
+
+    /// A member's change or rotation of its team key: self-service must be on and the key,
+    /// as the change leaves it, within the team's policy (a refusal is audited).
+    async fn check_team_change(
+        &self,
+        acting: &Acting,
+        key: &KeyRecord,
+        team_id: &str,
+        after: &SelfServiceKey<'_>,
+        action: &'static str,
+        now: Micros,
+    ) -> Result<(), KeyError> {
+        let team = self
+            .store
+            .get_team(&key.workspace_id, team_id)
+            .await?
+            .ok_or_else(|| KeyError::TeamNotFound(team_id.to_owned()))?;
+        match check_self_service_change(&team.policy, after, now) {
+            Ok(()) => Ok(()),
+            Err(refusal) => Err(self
+                .refuse_self_service(
+                    acting,
+                    &key.workspace_id,
+                    Some(&key.key_id),
+                    action,
+                    team_id,
+                    &refusal,
+                    now,
+                )
+                .await),
+        }
+    }
+
+    /// Audits a self-service refusal and words its error: PERMISSION_DENIED when the
+    /// member may not act at all, FAILED_PRECONDITION when the key asked for is outside
+    /// the policy.
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse_self_service(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        key_id: Option<&str>,
+        action: &'static str,
+        team_id: &str,
+        refusal: &SelfServiceRefusal,
+        now: Micros,
+    ) -> KeyError {
         let why = refusal.reason(team_id);
-        self.store
+        let recorded = self
+            .store
             .record_denied(&DeniedAudit {
-                workspace_id: input.workspace_id.clone(),
-                key_id: None,
-                context: acting.audit("key.issue", why.clone()),
+                workspace_id: workspace_id.to_owned(),
+                key_id: key_id.map(str::to_owned),
+                context: acting.audit(action, why.clone()),
                 occurred_at: now,
             })
-            .await?;
-        Err(if refusal.is_permission() {
+            .await;
+        if let Err(e) = recorded {
+            return e.into();
+        }
+        if refusal.is_permission() {
             KeyError::PermissionDenied(why)
         } else {
             KeyError::Refused(why)
-        })
+        }
     }
 
-    /// Every access group a key names must exist in its workspace.
-    async fn check_groups(
-        &self,
-        workspace_id: &str,
-        access: &ResourceAccess,
-    ) -> Result<(), KeyError> {
-        if access.groups.is_empty() {
-            return Ok(());
-        }
-        let existing = self.store.list_groups(workspace_id).await?;
-        let missing: Vec<&str> = access
-            .groups
-            .iter()
-            .filter(|g| !existing.iter().any(|e| &e.name == *g))
-            .map(String::as_str)
-            .collect();
-        if missing.is_empty() {
-            Ok(())
+    /// The limits that apply to a key with these of its own (none: the default).
+    fn effective_limits<'a>(&'a self, own: &'a [RateLimit]) -> &'a [RateLimit] {
+        if own.is_empty() {
+            self.policy.default_limits.as_slice()
         } else {
-            Err(KeyError::Refused(format!(
-                "access groups not in workspace {workspace_id}: {}",
-                missing.join(", ")
-            )))
+            own
         }
     }
 
@@ -539,12 +659,7 @@ impl KeyLifecycle {
         changed.key
     }
 
-    /// Drops this replica's cached entries at once, and wakes the event tailer so the
-    /// committed event reaches subscribers (and, through the log, every other replica).
     fn invalidate_all(&self, hashes: &[KeyHash]) {
-        for hash in hashes {
-            self.cache.invalidate(hash);
-        }
-        self.events.wake();
+        invalidate_committed(&self.cache, &self.events, hashes);
     }
 }

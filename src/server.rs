@@ -204,7 +204,12 @@ pub async fn start_with_store(
             default_limits: settings.default_limits.clone(),
         },
     ));
-    let teams = Arc::new(Teams::new(store.clone(), clock.clone()));
+    let teams = Arc::new(Teams::new(
+        store.clone(),
+        cache.clone(),
+        hub.clone(),
+        clock.clone(),
+    ));
     let access_groups = Arc::new(AccessGroups::new(
         store.clone(),
         cache.clone(),

@@ -1,21 +1,39 @@
-//! Teams inside a workspace and their self-service policy (enforced by the key
-//! lifecycle when a member without the admin permission creates a key).
+//! Teams inside a workspace and their policy: the self-service rules (enforced by the key
+//! lifecycle when a member without the admin permission creates, changes or rotates a
+//! key) and the team's reach, which caps what every key of the team reaches. A change of
+//! the reach appends an `updated` event for each of the team's keys, like an access
+//! group change, so every replica reloads them.
 
 use std::sync::Arc;
 
+use crate::access_groups::{check_groups_exist, invalidate_committed};
+use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
+use crate::events::EventHub;
 use crate::keys::{Acting, KeyError};
 use crate::store::{Store, StoreError};
 
 pub struct Teams {
     store: Arc<dyn Store>,
+    cache: Arc<VerifyCache>,
+    events: Arc<EventHub>,
     clock: Clock,
 }
 
 impl Teams {
-    pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
-        Teams { store, clock }
+    pub fn new(
+        store: Arc<dyn Store>,
+        cache: Arc<VerifyCache>,
+        events: Arc<EventHub>,
+        clock: Clock,
+    ) -> Self {
+        Teams {
+            store,
+            cache,
+            events,
+            clock,
+        }
     }
 
     pub async fn create(
@@ -29,6 +47,7 @@ impl Teams {
         if self.store.get_workspace(&workspace_id).await?.is_none() {
             return Err(KeyError::WorkspaceNotFound(workspace_id));
         }
+        check_groups_exist(self.store.as_ref(), &workspace_id, &policy.resource_access).await?;
         let now = self.clock.now();
         let team = Team {
             workspace_id,
@@ -80,15 +99,18 @@ impl Teams {
             team.name = name;
         }
         if let Some(policy) = policy {
+            check_groups_exist(self.store.as_ref(), workspace_id, &policy.resource_access).await?;
             team.policy = policy;
         }
         team.updated_at = self.clock.now();
-        self.store
+        let stale = self
+            .store
             .update_team(
                 &team,
                 &acting.audit("team.update", format!("team: {team_id}")),
             )
             .await?;
+        invalidate_committed(&self.cache, &self.events, &stale);
         Ok(team)
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::cache::{CachedKey, Lookup, VerifyCache};
 use crate::clock::Clock;
-use crate::domain::key::{self, VerifyCode};
+use crate::domain::key::{self, KeyRecord, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::limits::{self, LimitDecision, RateLimit};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
@@ -180,18 +180,8 @@ impl Verifier {
     async fn fill(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, StoreError> {
         let ticket = self.cache.begin_fill(hash);
         let mut found = self.store.find_secret(hash).await?;
-        // The targets of the access groups the key names, as they are now (a change of
-        // a group invalidates this key through its event, so this fill then loses).
-        if let Some(found) = found.as_mut()
-            && !found.key.resource_access.groups.is_empty()
-        {
-            let named = &found.key.resource_access.groups;
-            let groups = self.store.list_groups(&found.key.workspace_id).await?;
-            found.key.resource_access.group_targets = groups
-                .into_iter()
-                .filter(|g| named.contains(&g.name))
-                .flat_map(|g| g.targets)
-                .collect();
+        if let Some(found) = found.as_mut() {
+            self.resolve_reach(&mut found.key).await?;
         }
         let found = found.map(|found| {
             let limits = if found.key.rate_limits.is_empty() {
@@ -211,6 +201,33 @@ impl Verifier {
         });
         self.cache.complete_fill(ticket, found.clone());
         Ok(found)
+    }
+
+    /// Loads what a key's reach depends on besides the key: its team's reach, and the
+    /// targets of the access groups the key and its team name, as they are now. A change
+    /// of either appends an event for this key, which invalidates it, so a fill that read
+    /// them before the change loses to the generation check.
+    async fn resolve_reach(&self, key: &mut KeyRecord) -> Result<(), StoreError> {
+        if let Some(team_id) = &key.team_id {
+            key.team_access = self
+                .store
+                .get_team(&key.workspace_id, team_id)
+                .await?
+                .map(|t| t.policy.resource_access)
+                .unwrap_or_default();
+        }
+        if key.resource_access.groups.is_empty() && key.team_access.groups.is_empty() {
+            return Ok(());
+        }
+        let groups = self.store.list_groups(&key.workspace_id).await?;
+        for access in [&mut key.resource_access, &mut key.team_access] {
+            access.group_targets = groups
+                .iter()
+                .filter(|g| access.groups.contains(&g.name))
+                .flat_map(|g| g.targets.iter().cloned())
+                .collect();
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! What a key may reach, through real servers: resources by mode (ALL, INCLUDE, EXCLUDE)
 //! and network allowlists (IPv4, IPv6, IPv4-mapped IPv6), set at IssueKey, changed by
-//! UpdateKey with effect on the next call, and validated.
+//! UpdateKey with effect on the next call, and validated; access groups; and the team's
+//! reach, which caps every key of the team.
 
 mod common;
 
@@ -138,6 +139,7 @@ async fn group_changes_reach_the_next_call_on_every_replica() {
         .admin()
         .get_key(proto::GetKeyRequest {
             key_id: included.key_info.as_ref().unwrap().key_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -145,6 +147,227 @@ async fn group_changes_reach_the_next_call_on_every_replica() {
         .key_info
         .unwrap();
     assert_eq!(info.updated_at, included.key_info.unwrap().updated_at);
+    b_server.shutdown().await.unwrap();
+}
+
+type TeamClient = proto::team_service_client::TeamServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+fn teams(channel: &tonic::transport::Channel) -> TeamClient {
+    proto::team_service_client::TeamServiceClient::with_interceptor(
+        channel.clone(),
+        bearer(ADMIN_TOKEN),
+    )
+}
+
+fn team_policy(reach: Option<proto::ResourceAccess>) -> proto::TeamPolicy {
+    proto::TeamPolicy {
+        resource_access: reach,
+        ..Default::default()
+    }
+}
+
+async fn set_team_reach(channel: &tonic::transport::Channel, reach: Option<proto::ResourceAccess>) {
+    teams(channel)
+        .update_team(proto::UpdateTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            actor: Some(actor()),
+            policy: Some(team_policy(reach)),
+            update_mask: Some(FieldMask {
+                paths: vec!["policy".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn eventually_on(
+    channel: &tonic::transport::Channel,
+    key: &str,
+    resource: &str,
+    want: VerifyCode,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = verify_on(channel, key, resource).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{resource}: still {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A key never reaches a target its team cannot reach, even a key an admin issued with
+/// ALL; the team's reach may name access groups; changing the reach or one of its groups
+/// takes effect on the next call, here and on another replica, without touching the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_never_reaches_what_its_team_cannot() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let b_server = keywarden::server::start(&test_settings(&app.db), app.clock.clone())
+        .await
+        .unwrap();
+    let b = channel_to(&b_server).await;
+    set_group(&app.channel, "frontier", &["gpt-4o"], true).await;
+
+    // A reach naming a group that does not exist is refused, and no team is made.
+    let refused = teams(&app.channel)
+        .create_team(proto::CreateTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            name: "ML".into(),
+            policy: Some(team_policy(via_groups(
+                ResourceAccessMode::Include,
+                &["nope"],
+            ))),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("nope"), "{refused:?}");
+
+    let mut reach = via_groups(ResourceAccessMode::Include, &["frontier"]);
+    if let Some(r) = reach.as_mut() {
+        r.targets = vec!["claude-haiku".into()];
+    }
+    teams(&app.channel)
+        .create_team(proto::CreateTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            name: "ML".into(),
+            policy: Some(team_policy(reach.clone())),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap();
+    let shown = teams(&app.channel)
+        .get_team(proto::GetTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .team
+        .unwrap();
+    assert_eq!(shown.policy.unwrap().resource_access, reach);
+
+    let everything = app.issue_with(|r| r.team_id = "team_ml".into()).await;
+    let but_gpt = app
+        .issue_with(|r| {
+            r.team_id = "team_ml".into();
+            r.resource_access = access(ResourceAccessMode::Exclude, &["gpt-4o"]);
+        })
+        .await;
+    let outside_team = app.issue().await;
+    let before = everything.key_info.clone().unwrap();
+    for channel in [&app.channel, &b] {
+        assert_eq!(
+            verify_on(channel, &everything.key, "gpt-4o").await,
+            VerifyCode::Valid
+        );
+        assert_eq!(
+            verify_on(channel, &everything.key, "claude-haiku").await,
+            VerifyCode::Valid
+        );
+        assert_eq!(
+            verify_on(channel, &everything.key, "o3").await,
+            VerifyCode::ResourceForbidden
+        );
+        assert_eq!(
+            verify_on(channel, &everything.key, "").await,
+            VerifyCode::ResourceForbidden,
+            "a team with a list needs the request to name its resource"
+        );
+        assert_eq!(
+            verify_on(channel, &but_gpt.key, "gpt-4o").await,
+            VerifyCode::ResourceForbidden
+        );
+        assert_eq!(
+            verify_on(channel, &but_gpt.key, "claude-haiku").await,
+            VerifyCode::Valid
+        );
+        assert_eq!(
+            verify_on(channel, &outside_team.key, "o3").await,
+            VerifyCode::Valid
+        );
+    }
+
+    // A target added to the team's group: reachable at once here, soon on B.
+    set_group(&app.channel, "frontier", &["gpt-4o", "o3"], false).await;
+    assert_eq!(
+        verify_on(&app.channel, &everything.key, "o3").await,
+        VerifyCode::Valid
+    );
+    eventually_on(&b, &everything.key, "o3", VerifyCode::Valid).await;
+
+    // The team's reach narrowed: every key of the team follows, on both replicas.
+    set_team_reach(&app.channel, access(ResourceAccessMode::Exclude, &["o3"])).await;
+    assert_eq!(
+        verify_on(&app.channel, &everything.key, "o3").await,
+        VerifyCode::ResourceForbidden
+    );
+    assert_eq!(
+        verify_on(&app.channel, &everything.key, "mistral").await,
+        VerifyCode::Valid
+    );
+    eventually_on(&b, &everything.key, "o3", VerifyCode::ResourceForbidden).await;
+    eventually_on(&b, &everything.key, "mistral", VerifyCode::Valid).await;
+    assert_eq!(
+        verify_on(&b, &but_gpt.key, "gpt-4o").await,
+        VerifyCode::ResourceForbidden
+    );
+    assert_eq!(
+        verify_on(&b, &outside_team.key, "o3").await,
+        VerifyCode::Valid
+    );
+
+    // A group the team names cannot be deleted; once the team no longer names it, it can.
+    set_team_reach(
+        &app.channel,
+        via_groups(ResourceAccessMode::Exclude, &["frontier"]),
+    )
+    .await;
+    let delete = proto::DeleteAccessGroupRequest {
+        workspace_id: "ws_test".into(),
+        name: "frontier".into(),
+        actor: Some(actor()),
+    };
+    let refused = groups(&app.channel)
+        .delete_access_group(delete.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("team"), "{refused:?}");
+    set_team_reach(&app.channel, None).await;
+    groups(&app.channel)
+        .delete_access_group(delete)
+        .await
+        .unwrap();
+    for channel in [&app.channel, &b] {
+        eventually_on(channel, &everything.key, "o3", VerifyCode::Valid).await;
+    }
+
+    // The keys themselves were never touched.
+    let after = app
+        .admin()
+        .get_key(proto::GetKeyRequest {
+            key_id: before.key_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_info
+        .unwrap();
+    assert_eq!(after.updated_at, before.updated_at);
     b_server.shutdown().await.unwrap();
 }
 

@@ -312,12 +312,14 @@ async fn reads_write_no_audit_event(backend: Backend) {
     admin
         .get_key(proto::GetKeyRequest {
             key_id: key_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
     let missing = admin
         .get_key(proto::GetKeyRequest {
             key_id: "key_000000000000000000000000".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -508,7 +510,13 @@ async fn a_scope_ceiling_refusal_writes_one_denied_event_and_nothing_else(backen
     assert_eq!(e.occurred_at, Some(now_ts(&app)));
     assert_eq!(app.db.count("SELECT COUNT(*) FROM api_keys").await, 0);
 
-    let key_id = app.issue().await.key_info.unwrap().key_id;
+    // The reader's own key (a member without the admin permission manages only its own).
+    let key_id = app
+        .issue_with(|r| r.owner = Some(user("user_reader")))
+        .await
+        .key_info
+        .unwrap()
+        .key_id;
     app.clock.advance(Duration::from_secs(1));
     let err = app
         .admin()

@@ -62,6 +62,7 @@ async fn get(app: &TestApp, key_id: &str) -> proto::KeyInfo {
     app.admin()
         .get_key(proto::GetKeyRequest {
             key_id: key_id.to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -104,6 +105,7 @@ async fn refusals_of_every_key_rpc(
             client
                 .get_key(proto::GetKeyRequest {
                     key_id: key_id.clone(),
+                    ..Default::default()
                 })
                 .await,
         ),
@@ -440,7 +442,10 @@ async fn actors_may_not_grant_scopes_above_their_own(backend: Backend) {
 
 async fn updating_in_a_scope_beyond_the_actors_own_is_denied_and_changes_nothing(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let issued = app.issue().await;
+    // The writer's own key (a member without the admin permission manages only its own).
+    let issued = app
+        .issue_with(|r| r.owner = Some(user("user_writer")))
+        .await;
     let before = issued.key_info.unwrap();
     assert_eq!(before.scopes, ["read"]);
     let status = app

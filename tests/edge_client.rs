@@ -545,7 +545,97 @@ async fn lag_follows_the_stream(backend: Backend) {
     assert!(!edge.lag().connected);
 }
 
+async fn verify_at(edge: &Verifier, key: &str, resource: &str, client_ip: &str) -> VerifyCode {
+    code(
+        &edge
+            .verify_request(proto::VerifyKeyRequest {
+                key: key.to_owned(),
+                resource: resource.to_owned(),
+                client_ip: client_ip.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+    )
+}
+
+/// The edge passes the resource and the client address to the server, and caches each
+/// answer under them: an answer for one model or address is never served for another,
+/// and a change of the key's reach reaches the edge.
+async fn resources_and_addresses_are_part_of_the_edge_answer(backend: Backend) {
+    let app = spawn_unlimited(backend).await;
+    let issued = app
+        .issue_with(|r| {
+            r.resource_access = Some(proto::ResourceAccess {
+                mode: proto::ResourceAccessMode::Include as i32,
+                targets: vec!["gpt-4o".into()],
+                access_groups: vec![],
+            });
+            r.allowed_cidrs = vec!["10.0.0.0/8".into()];
+        })
+        .await;
+    let edge = edge(&app).await;
+    let cases = [
+        ("gpt-4o", "10.1.2.3", VerifyCode::Valid),
+        ("o3", "10.1.2.3", VerifyCode::ResourceForbidden),
+        ("gpt-4o", "192.168.0.1", VerifyCode::IpForbidden),
+        ("gpt-4o", "", VerifyCode::IpForbidden),
+        ("", "10.1.2.3", VerifyCode::ResourceForbidden),
+    ];
+    for (resource, ip, want) in cases {
+        assert_eq!(
+            verify_at(&edge, &issued.key, resource, ip).await,
+            want,
+            "{resource} {ip}"
+        );
+    }
+    assert_eq!(edge.stats().server_calls, 5);
+    // The second round comes from the cache, each answer under its own request.
+    for (resource, ip, want) in cases {
+        assert_eq!(
+            verify_at(&edge, &issued.key, resource, ip).await,
+            want,
+            "{resource} {ip}"
+        );
+    }
+    assert_eq!(edge.stats().server_calls, 5);
+    // A malformed address is the server's error, never a cached answer.
+    let refused = edge
+        .verify_request(proto::VerifyKeyRequest {
+            key: issued.key.clone(),
+            client_ip: "10.0.0.1/8".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    // The key now reaches o3 too: the edge drops its answers at the event.
+    app.admin()
+        .update_key(proto::UpdateKeyRequest {
+            key_id: key_id(&issued),
+            actor: Some(actor()),
+            resource_access: Some(proto::ResourceAccess {
+                mode: proto::ResourceAccessMode::Include as i32,
+                targets: vec!["gpt-4o".into(), "o3".into()],
+                access_groups: vec![],
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["resource_access".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    eventually!(
+        "the edge sees o3 allowed",
+        verify_at(&edge, &issued.key, "o3", "10.1.2.3").await == VerifyCode::Valid
+    );
+    edge.shutdown().await;
+}
+
 both_backends!(
+    resources_and_addresses_are_part_of_the_edge_answer,
     served_from_the_edge_cache_the_second_time,
     an_answer_is_never_served_past_the_keys_expiry,
     answers_under_rate_limits_or_budgets_are_never_reused,

@@ -38,6 +38,7 @@ async fn issue_returns_the_plaintext_once_and_a_masked_record(backend: Backend) 
         .admin()
         .get_key(proto::GetKeyRequest {
             key_id: info.key_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -66,6 +67,7 @@ async fn get_of_an_unknown_key_is_not_found(backend: Backend) {
         .admin()
         .get_key(proto::GetKeyRequest {
             key_id: "key_000000000000000000000000".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -415,6 +417,7 @@ async fn delete_hides_the_key_for_good_but_keeps_its_audit_trail(backend: Backen
     let err = admin
         .get_key(proto::GetKeyRequest {
             key_id: key_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -461,6 +464,7 @@ async fn expiry_turns_a_key_expired(backend: Backend) {
         .admin()
         .get_key(proto::GetKeyRequest {
             key_id: issued.key_info.unwrap().key_id,
+            ..Default::default()
         })
         .await
         .unwrap()

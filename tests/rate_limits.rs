@@ -105,6 +105,7 @@ async fn get_key(app: &TestApp, key_id: &str) -> proto::KeyInfo {
     app.admin()
         .get_key(proto::GetKeyRequest {
             key_id: key_id.to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -252,6 +252,7 @@ async fn workload(server: &Server, admin_token: &str, verifier_token: &str) -> V
         admin
             .get_key(proto::GetKeyRequest {
                 key_id: key.key.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err(),

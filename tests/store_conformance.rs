@@ -53,6 +53,7 @@ fn record(workspace_id: &str, created_at: Micros) -> KeyRecord {
         resource_access: Default::default(),
         network: Default::default(),
         team_id: None,
+        team_access: Default::default(),
     }
 }
 
@@ -174,6 +175,7 @@ async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend
         resource_access: Default::default(),
         network: Default::default(),
         team_id: None,
+        team_access: Default::default(),
     };
     let minimal = KeyRecord {
         scopes: Vec::new(),

@@ -25,6 +25,7 @@ fn policy() -> proto::TeamPolicy {
             window: RateLimitWindow::Minute as i32,
             limit: 60,
         }],
+        resource_access: None,
     }
 }
 
@@ -106,7 +107,7 @@ async fn self_service_off_is_permission_denied(backend: Backend) {
     assert!(
         status
             .message()
-            .contains("self-service key creation is off"),
+            .contains("self-service is off in team team_ml"),
         "{status:?}"
     );
 }
@@ -356,6 +357,396 @@ async fn service_accounts_own_their_teams_keys(backend: Backend) {
     );
 }
 
+fn key_id(issued: &proto::IssueKeyResponse) -> String {
+    issued.key_info.as_ref().unwrap().key_id.clone()
+}
+
+async fn listed_ids(
+    app: &TestApp,
+    actor: Option<proto::Actor>,
+    owner: Option<proto::Owner>,
+) -> Vec<String> {
+    let mut ids: Vec<String> = app
+        .admin()
+        .list_keys(proto::ListKeysRequest {
+            workspace_id: "ws_test".into(),
+            owner,
+            actor,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.key_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// User A cannot see, change, rotate, revoke or delete user B's key: every attempt is
+/// NOT_FOUND, as if the key did not exist, and B's key is untouched; A manages its own.
+async fn members_see_and_manage_only_their_own_keys(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    create_team(&app, policy()).await;
+    let ann = app
+        .admin()
+        .issue_key(request(&app, "user_ann"))
+        .await
+        .unwrap()
+        .into_inner();
+    let bob = app
+        .admin()
+        .issue_key(request(&app, "user_bob"))
+        .await
+        .unwrap()
+        .into_inner();
+    // A key outside any team, owned by someone else.
+    let other = app.issue().await;
+    let bob_before = bob.key_info.clone().unwrap();
+
+    let mut all = vec![key_id(&ann), key_id(&bob), key_id(&other)];
+    all.sort();
+    assert_eq!(
+        listed_ids(&app, None, None).await,
+        all,
+        "the backend's own view"
+    );
+    assert_eq!(
+        listed_ids(&app, Some(actor()), None).await,
+        all,
+        "an admin actor"
+    );
+    assert_eq!(
+        listed_ids(&app, Some(member("user_ann")), None).await,
+        [key_id(&ann)]
+    );
+    assert!(
+        listed_ids(&app, Some(member("user_ann")), Some(user("user_bob")))
+            .await
+            .is_empty(),
+        "naming another owner lists nothing"
+    );
+
+    for victim in [key_id(&bob), key_id(&other)] {
+        let get = app
+            .admin()
+            .get_key(proto::GetKeyRequest {
+                key_id: victim.clone(),
+                actor: Some(member("user_ann")),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(get.code(), Code::NotFound, "get");
+        let update = app
+            .admin()
+            .update_key(proto::UpdateKeyRequest {
+                key_id: victim.clone(),
+                actor: Some(member("user_ann")),
+                name: "mine now".into(),
+                update_mask: Some(FieldMask {
+                    paths: vec!["name".into()],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(update.code(), Code::NotFound, "update");
+        let rotate = app
+            .admin()
+            .rotate_key(proto::RotateKeyRequest {
+                key_id: victim.clone(),
+                actor: Some(member("user_ann")),
+                grace_period: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(rotate.code(), Code::NotFound, "rotate");
+        let revoke = app
+            .admin()
+            .revoke_key(proto::RevokeKeyRequest {
+                key_id: victim.clone(),
+                actor: Some(member("user_ann")),
+                reason: "mischief".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(revoke.code(), Code::NotFound, "revoke");
+        let delete = app
+            .admin()
+            .delete_key(proto::DeleteKeyRequest {
+                key_id: victim.clone(),
+                actor: Some(member("user_ann")),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(delete.code(), Code::NotFound, "delete");
+    }
+    // Bob's key is as it was, and still works.
+    let bob_after = app
+        .admin()
+        .get_key(proto::GetKeyRequest {
+            key_id: key_id(&bob),
+            actor: Some(member("user_bob")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_info
+        .unwrap();
+    assert_eq!(bob_after, bob_before);
+    assert!(app.verify(&bob.key, &["read"]).await.valid);
+    assert!(app.verify(&other.key, &["read"]).await.valid);
+
+    // Ann manages her own key.
+    let rotated = app
+        .admin()
+        .rotate_key(proto::RotateKeyRequest {
+            key_id: key_id(&ann),
+            actor: Some(member("user_ann")),
+            grace_period: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(app.verify(&rotated.key, &["read"]).await.valid);
+    app.admin()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: key_id(&ann),
+            actor: Some(member("user_ann")),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(&app.verify(&rotated.key, &["read"]).await),
+        proto::VerifyCode::Revoked
+    );
+}
+
+async fn update_own(
+    app: &TestApp,
+    key_id: &str,
+    paths: &[&str],
+    adjust: impl FnOnce(&mut proto::UpdateKeyRequest),
+) -> Result<proto::KeyInfo, tonic::Status> {
+    let mut r = proto::UpdateKeyRequest {
+        key_id: key_id.to_owned(),
+        actor: Some(member("user_ann")),
+        update_mask: Some(FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        }),
+        ..Default::default()
+    };
+    adjust(&mut r);
+    app.admin()
+        .update_key(r)
+        .await
+        .map(|r| r.into_inner().key_info.unwrap())
+}
+
+/// A member's UpdateKey is held to the team's policy as the update would leave the key:
+/// one refusal per rule, each with its reason, changing nothing and audited; within the
+/// policy the update goes through; an admin is not bound.
+async fn a_members_update_stays_within_the_policy(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    create_team(&app, policy()).await;
+    let ann = app
+        .admin()
+        .issue_key(request(&app, "user_ann"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = key_id(&ann);
+    let before = ann.key_info.clone().unwrap();
+    let rpm = |limit| proto::RateLimit {
+        unit: RateLimitUnit::Requests as i32,
+        window: RateLimitWindow::Minute as i32,
+        limit,
+    };
+    let far = ts_in(&app.clock, 31 * DAY);
+    type Adjust = Box<dyn FnOnce(&mut proto::UpdateKeyRequest)>;
+    let cases: Vec<(&str, Vec<&str>, Adjust, &str)> = vec![
+        (
+            "budget",
+            vec!["max_budget_micros"],
+            Box::new(|r| r.max_budget_micros = Some(10_001)),
+            "max_budget_micros must be set and at most 10000",
+        ),
+        (
+            "no budget",
+            vec!["max_budget_micros"],
+            Box::new(|r| r.max_budget_micros = None),
+            "max_budget_micros must be set and at most 10000",
+        ),
+        (
+            "no expiry",
+            vec!["expires_at"],
+            Box::new(|r| r.expires_at = None),
+            "requires an expiry",
+        ),
+        (
+            "expiry too far",
+            vec!["expires_at"],
+            Box::new(move |r| r.expires_at = Some(far)),
+            "within 30 days",
+        ),
+        (
+            "rate limit",
+            vec!["rate_limits"],
+            Box::new(move |r| r.rate_limits = vec![rpm(61)]),
+            "at most 60",
+        ),
+    ];
+    for (case, paths, adjust, reason) in cases {
+        let status = update_own(&app, &id, &paths, adjust).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{case}");
+        assert!(status.message().contains(reason), "{case}: {status:?}");
+    }
+    let unchanged = app
+        .admin()
+        .get_key(proto::GetKeyRequest {
+            key_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_info
+        .unwrap();
+    assert_eq!(unchanged, before);
+    let denied: Vec<_> = app
+        .audit("ws_test")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "key.update")
+        .collect();
+    assert_eq!(denied.len(), 5);
+    assert!(
+        denied
+            .iter()
+            .all(|e| e.outcome == proto::AuditOutcome::Denied as i32 && e.key_id == id)
+    );
+
+    // Within the policy.
+    let updated = update_own(&app, &id, &["max_budget_micros", "rate_limits"], |r| {
+        r.max_budget_micros = Some(10_000);
+        r.rate_limits = vec![rpm(30)];
+    })
+    .await
+    .unwrap();
+    assert_eq!(updated.max_budget_micros, Some(10_000));
+    // An admin is not bound by the policy.
+    let lifted = app
+        .admin()
+        .update_key(proto::UpdateKeyRequest {
+            key_id: id.clone(),
+            actor: Some(actor()),
+            max_budget_micros: Some(1_000_000),
+            update_mask: Some(FieldMask {
+                paths: vec!["max_budget_micros".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_info
+        .unwrap();
+    assert_eq!(lifted.max_budget_micros, Some(1_000_000));
+}
+
+/// A member rotates its team key only while self-service is on and the key is within
+/// the team's current policy (a tightened policy applies at the rotation); revoking is
+/// always allowed.
+async fn a_members_rotation_follows_the_current_policy(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    create_team(&app, policy()).await;
+    let ann = app
+        .admin()
+        .issue_key(request(&app, "user_ann"))
+        .await
+        .unwrap()
+        .into_inner();
+    let rotate = || proto::RotateKeyRequest {
+        key_id: key_id(&ann),
+        actor: Some(member("user_ann")),
+        grace_period: None,
+    };
+    let first = app.admin().rotate_key(rotate()).await.unwrap().into_inner();
+
+    let set_policy = |p: proto::TeamPolicy| {
+        let channel = app.channel.clone();
+        async move {
+            TeamServiceClient::with_interceptor(channel, bearer(ADMIN_TOKEN))
+                .update_team(proto::UpdateTeamRequest {
+                    workspace_id: "ws_test".into(),
+                    team_id: "team_ml".into(),
+                    actor: Some(actor()),
+                    policy: Some(p),
+                    update_mask: Some(FieldMask {
+                        paths: vec!["policy".into()],
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    };
+    set_policy(proto::TeamPolicy {
+        self_service_enabled: false,
+        ..policy()
+    })
+    .await;
+    let status = app.admin().rotate_key(rotate()).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status
+            .message()
+            .contains("self-service is off in team team_ml"),
+        "{status:?}"
+    );
+
+    set_policy(proto::TeamPolicy {
+        max_budget_micros: Some(1_000),
+        ..policy()
+    })
+    .await;
+    let status = app.admin().rotate_key(rotate()).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("at most 1000"), "{status:?}");
+    // Nothing rotated: the secret from the first rotation still works.
+    assert!(app.verify(&first.key, &["read"]).await.valid);
+    let rotations: Vec<_> = app
+        .audit("ws_test")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "key.rotate")
+        .map(|e| e.outcome)
+        .collect();
+    assert_eq!(
+        rotations,
+        [
+            proto::AuditOutcome::Denied as i32,
+            proto::AuditOutcome::Denied as i32,
+            proto::AuditOutcome::Success as i32
+        ]
+    );
+    app.admin()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: key_id(&ann),
+            actor: Some(member("user_ann")),
+            reason: "out of policy".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(&app.verify(&first.key, &["read"]).await),
+        proto::VerifyCode::Revoked
+    );
+}
+
 both_backends!(
     service_accounts_own_their_teams_keys,
     a_member_gets_a_key_it_owns_within_the_policy,
@@ -367,4 +758,7 @@ both_backends!(
     a_rate_limit_above_the_team_ceiling_is_refused,
     an_admin_is_not_bound_by_the_policy_and_unknown_teams_are_not_found,
     teams_are_created_listed_updated_and_validated,
+    members_see_and_manage_only_their_own_keys,
+    a_members_update_stays_within_the_policy,
+    a_members_rotation_follows_the_current_policy,
 );

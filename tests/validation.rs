@@ -50,6 +50,7 @@ async fn get(app: &TestApp, key_id: &str) -> proto::KeyInfo {
     app.admin()
         .get_key(proto::GetKeyRequest {
             key_id: key_id.to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -593,6 +594,7 @@ async fn get_refuses_empty_overlong_and_hostile_key_ids(backend: Backend) {
             app.admin()
                 .get_key(proto::GetKeyRequest {
                     key_id: key_id.clone(),
+                    ..Default::default()
                 })
                 .await,
         );
@@ -700,6 +702,7 @@ async fn list_keys_refuses_bad_workspaces_filters_and_page_sizes(backend: Backen
                     seconds: i64::MAX,
                     nanos: 0,
                 }),
+                ..Default::default()
             },
             &[
                 "workspace_id",

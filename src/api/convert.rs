@@ -119,6 +119,12 @@ pub fn actor(given: Option<&proto::Actor>, v: &mut Violations) -> Actor {
     }
 }
 
+/// An actor a request may name (GetKey, ListKeys): validated like a required one when
+/// present.
+pub fn optional_actor(given: Option<&proto::Actor>, v: &mut Violations) -> Option<Actor> {
+    given.map(|a| actor(Some(a), v))
+}
+
 /// `None` for UNSPECIFIED (no filter).
 pub fn status_filter(raw: i32, field: &str, v: &mut Violations) -> Option<KeyStatus> {
     match proto::KeyStatus::try_from(raw) {

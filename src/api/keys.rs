@@ -130,8 +130,9 @@ impl KeyService for KeyApi {
         let r = request.into_inner();
         let mut v = Violations::default();
         v.key_id("key_id", &r.key_id);
+        let actor = convert::optional_actor(r.actor.as_ref(), &mut v);
         check(v)?;
-        let key = self.lifecycle.get(&r.key_id).await?;
+        let key = self.lifecycle.get(actor.as_ref(), &r.key_id).await?;
         Ok(Response::new(proto::GetKeyResponse {
             key_info: Some(convert::key_info(&key, self.lifecycle.now())),
         }))
@@ -155,10 +156,12 @@ impl KeyService for KeyApi {
             .unused_since
             .as_ref()
             .and_then(|ts| convert::micros_of(ts, "unused_since", &mut v));
+        let actor = convert::optional_actor(r.actor.as_ref(), &mut v);
         check(v)?;
         let (keys, next) = self
             .lifecycle
             .list(
+                actor.as_ref(),
                 KeyQuery {
                     workspace_id: r.workspace_id,
                     owner,

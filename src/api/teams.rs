@@ -38,6 +38,8 @@ fn policy(given: Option<&proto::TeamPolicy>, v: &mut Violations) -> TeamPolicy {
         v.add("policy.max_expiry_days", "must be at most 3660");
     }
     let ceilings = convert::rate_limits(&p.rate_limit_ceilings, "policy.rate_limit_ceilings", v);
+    let resource_access =
+        convert::resource_access(p.resource_access.as_ref(), "policy.resource_access", v);
     let mut policy = TeamPolicy {
         self_service_enabled: p.self_service_enabled,
         max_keys_per_user: p.max_keys_per_user,
@@ -45,6 +47,7 @@ fn policy(given: Option<&proto::TeamPolicy>, v: &mut Violations) -> TeamPolicy {
         require_expiry: p.require_expiry,
         max_expiry_days: p.max_expiry_days,
         rate_limit_ceilings: Vec::new(),
+        resource_access,
     };
     policy.set_ceilings(&ceilings);
     policy
@@ -67,6 +70,7 @@ fn team_pb(t: &Team) -> proto::Team {
                 .iter()
                 .map(convert::rate_limit_pb)
                 .collect(),
+            resource_access: Some(convert::resource_access_pb(&t.policy.resource_access)),
         }),
         created_at: Some(convert::timestamp(t.created_at)),
         updated_at: Some(convert::timestamp(t.updated_at)),

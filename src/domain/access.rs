@@ -18,12 +18,14 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 pub const MAX_TARGETS: usize = 128;
 pub const MAX_TARGET_LEN: usize = 128;
 pub const MAX_CIDRS: usize = 64;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AccessMode {
     #[default]
     All,
@@ -53,13 +55,15 @@ impl AccessMode {
 /// Which resources a key reaches: its own targets and those of the access groups it
 /// names (named sets of targets per workspace, resolved when the key is loaded, so a
 /// target added to a group later counts without touching the key).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ResourceAccess {
     pub mode: AccessMode,
     pub targets: BTreeSet<String>,
     /// Access group names (of the key's workspace).
     pub groups: BTreeSet<String>,
     /// The groups' targets as last loaded; never stored with the key.
+    #[serde(skip)]
     pub group_targets: BTreeSet<String>,
 }
 

@@ -69,6 +69,9 @@ pub struct KeyRecord {
     pub network: NetworkAllowlist,
     /// The team the key belongs to, if any.
     pub team_id: Option<String>,
+    /// The team's reach (its policy's resource access, groups resolved) as last loaded;
+    /// never stored with the key. `All` for a key without a team.
+    pub team_access: ResourceAccess,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +112,7 @@ impl KeyRecord {
             resource_access: Default::default(),
             network: Default::default(),
             team_id: None,
+            team_access: Default::default(),
         }
     }
 }
@@ -171,7 +175,9 @@ pub fn decide(
         VerifyCode::IpForbidden
     } else if !effective_scopes.covers(request.required_scopes) {
         VerifyCode::InsufficientScope
-    } else if !key.resource_access.allows(request.resource) {
+    } else if !key.resource_access.allows(request.resource)
+        || !key.team_access.allows(request.resource)
+    {
         VerifyCode::ResourceForbidden
     } else {
         VerifyCode::Valid

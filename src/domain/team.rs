@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::access::ResourceAccess;
 use super::limits::{LimitUnit, LimitWindow, RateLimit};
 use super::{MICROS_PER_SECOND, Micros};
 
@@ -18,6 +19,10 @@ pub struct TeamPolicy {
     pub max_expiry_days: u32,
     /// (unit, window, limit) as stored.
     pub rate_limit_ceilings: Vec<(String, String, u64)>,
+    /// The widest reach any key of the team has, whoever issued it: a key reaches a
+    /// resource only when both its own access and this allow it. Default: everything.
+    #[serde(default)]
+    pub resource_access: ResourceAccess,
 }
 
 impl TeamPolicy {
@@ -103,7 +108,7 @@ impl SelfServiceRefusal {
     pub fn reason(&self, team_id: &str) -> String {
         match self {
             SelfServiceRefusal::Disabled => {
-                format!("self-service key creation is off in team {team_id}")
+                format!("self-service is off in team {team_id}")
             }
             SelfServiceRefusal::TooManyKeys { max } => {
                 format!("you already hold the maximum of {max} keys in team {team_id}")
@@ -135,7 +140,8 @@ pub struct SelfServiceKey<'a> {
     pub effective_limits: &'a [RateLimit],
 }
 
-/// Checks a self-service key against its team's policy, the member holding `held` keys.
+/// Checks a new self-service key against its team's policy, the member holding `held`
+/// keys.
 pub fn check_self_service(
     policy: &TeamPolicy,
     key: &SelfServiceKey<'_>,
@@ -149,6 +155,21 @@ pub fn check_self_service(
         return Err(SelfServiceRefusal::TooManyKeys {
             max: policy.max_keys_per_user,
         });
+    }
+    check_self_service_change(policy, key, now)
+}
+
+/// Checks an existing self-service key as an update or a rotation would leave it: the
+/// same rules as for a new key but the count (the key is already counted). A key that a
+/// tightened policy no longer admits cannot be changed or rotated by its member until it
+/// is brought within the policy (revoking it is always allowed).
+pub fn check_self_service_change(
+    policy: &TeamPolicy,
+    key: &SelfServiceKey<'_>,
+    now: Micros,
+) -> Result<(), SelfServiceRefusal> {
+    if !policy.self_service_enabled {
+        return Err(SelfServiceRefusal::Disabled);
     }
     if let Some(ceiling) = policy.max_budget_micros
         && key.max_budget_micros.is_none_or(|b| b > ceiling)
@@ -251,6 +272,43 @@ mod tests {
         policy.self_service_enabled = false;
         assert_eq!(
             check_self_service(&policy, &ok, 0, 0),
+            Err(SelfServiceRefusal::Disabled)
+        );
+    }
+
+    #[test]
+    fn a_change_is_judged_by_every_rule_but_the_count() {
+        let policy = TeamPolicy {
+            self_service_enabled: true,
+            max_keys_per_user: 1,
+            max_budget_micros: Some(1000),
+            ..TeamPolicy::default()
+        };
+        let within = SelfServiceKey {
+            max_budget_micros: Some(1000),
+            expires_at: None,
+            effective_limits: &[],
+        };
+        // The member holds its one key: a new one is refused, changing it is not.
+        assert_eq!(
+            check_self_service(&policy, &within, 1, 0),
+            Err(SelfServiceRefusal::TooManyKeys { max: 1 })
+        );
+        assert_eq!(check_self_service_change(&policy, &within, 0), Ok(()));
+        let over = SelfServiceKey {
+            max_budget_micros: Some(1001),
+            ..within
+        };
+        assert_eq!(
+            check_self_service_change(&policy, &over, 0),
+            Err(SelfServiceRefusal::BudgetAboveCeiling { ceiling: 1000 })
+        );
+        let off = TeamPolicy {
+            self_service_enabled: false,
+            ..policy
+        };
+        assert_eq!(
+            check_self_service_change(&off, &within, 0),
             Err(SelfServiceRefusal::Disabled)
         );
     }

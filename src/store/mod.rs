@@ -374,7 +374,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_groups(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, StoreError>;
 
     /// Sets a group's targets and appends an `updated` event for every key that names it
-    /// (one transaction); returns the group and every secret hash a cache must drop.
+    /// or whose team's reach names it (one transaction); returns the group and every
+    /// secret hash a cache must drop.
     async fn update_group(
         &self,
         workspace_id: &str,
@@ -384,7 +385,7 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditContext,
     ) -> Result<(AccessGroup, Vec<KeyHash>), StoreError>;
 
-    /// Refused ([`StoreError::Precondition`]) while keys name the group.
+    /// Refused ([`StoreError::Precondition`]) while keys or a team's reach name the group.
     async fn delete_group(
         &self,
         workspace_id: &str,
@@ -401,8 +402,14 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_teams(&self, workspace_id: &str) -> Result<Vec<Team>, StoreError>;
 
-    /// Writes the team as given (name and policy), with its audit event.
-    async fn update_team(&self, team: &Team, audit: &AuditContext) -> Result<(), StoreError>;
+    /// Writes the team as given (name and policy), with its audit event; when its reach
+    /// changed, appends an `updated` event for each of its keys (same transaction) and
+    /// returns every secret hash a cache must drop.
+    async fn update_team(
+        &self,
+        team: &Team,
+        audit: &AuditContext,
+    ) -> Result<Vec<KeyHash>, StoreError>;
 
     /// Keys of `owner_id` in the team that are neither revoked, deleted nor expired at
     /// `now`.

@@ -92,6 +92,7 @@ impl TryFrom<KeyRow> for KeyRecord {
             .ok_or_else(|| corrupt("allowed_cidrs"))?;
         Ok(KeyRecord {
             team_id: r.team_id,
+            team_access: Default::default(),
             resource_access,
             network,
             rate_limits,
@@ -496,6 +497,55 @@ macro_rules! impl_store {
                 crate::store::sql::hashes(vec![row])?
                     .pop()
                     .ok_or_else(|| crate::store::StoreError::Corrupt("no current secret".into()))
+            }
+
+            /// Appends an `updated` event for each key (their reach changed without the
+            /// rows changing), so every replica reloads them; returns their secret hashes.
+            async fn reload_keys(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                rows: Vec<crate::store::sql::KeyRow>,
+                now: i64,
+            ) -> Result<Vec<crate::domain::key_format::KeyHash>, crate::store::StoreError> {
+                let mut stale = Vec::new();
+                for row in rows {
+                    let key: crate::domain::key::KeyRecord = row.try_into()?;
+                    let hashes = Self::secret_hashes(tx, &key.key_id).await?;
+                    let current = Self::current_hash(tx, &key.key_id).await?;
+                    Self::append_event(
+                        tx,
+                        crate::domain::event::EventKind::Updated,
+                        &key,
+                        &current,
+                        &hashes,
+                        now,
+                    )
+                    .await?;
+                    stale.extend(hashes);
+                }
+                Ok(stale)
+            }
+
+            /// The teams of a workspace whose reach names access group `name`.
+            async fn teams_naming_group(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                workspace_id: &str,
+                name: &str,
+            ) -> Result<Vec<String>, crate::store::StoreError> {
+                let rows: Vec<crate::store::sql::TeamRow> = sqlx::query_as(
+                    "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
+                     WHERE workspace_id = $1 ORDER BY team_id",
+                )
+                .bind(workspace_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                let mut named = Vec::new();
+                for row in rows {
+                    let team: crate::domain::team::Team = row.try_into()?;
+                    if team.policy.resource_access.groups.contains(name) {
+                        named.push(team.team_id);
+                    }
+                }
+                Ok(named)
             }
 
             /// Appends an event to the log, taking the next seq from the `event_log` row:
@@ -1403,8 +1453,9 @@ macro_rules! impl_store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-                // Every key that names the group is reloaded by every replica.
-                let rows: Vec<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
+                // Every key that names the group, or whose team's reach names it, is
+                // reloaded by every replica.
+                let mut rows: Vec<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
                     "SELECT ",
                     crate::store::sql::key_columns!(),
                     " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL \
@@ -1415,22 +1466,24 @@ macro_rules! impl_store {
                 .bind(name)
                 .fetch_all(&mut *tx)
                 .await?;
-                let mut stale = Vec::new();
-                for row in rows {
-                    let key: crate::domain::key::KeyRecord = row.try_into()?;
-                    let hashes = Self::secret_hashes(&mut tx, &key.key_id).await?;
-                    let current = Self::current_hash(&mut tx, &key.key_id).await?;
-                    Self::append_event(
-                        &mut tx,
-                        crate::domain::event::EventKind::Updated,
-                        &key,
-                        &current,
-                        &hashes,
-                        now,
-                    )
+                for team_id in Self::teams_naming_group(&mut tx, workspace_id, name).await? {
+                    let team_rows: Vec<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
+                        "SELECT ",
+                        crate::store::sql::key_columns!(),
+                        " FROM api_keys WHERE workspace_id = $1 AND team_id = $2 \
+                         AND deleted_at IS NULL \
+                         AND NOT ((' ' || resource_groups || ' ') LIKE ('% ' || $3 || ' %')) \
+                         ORDER BY key_id",
+                        $lock
+                    ))
+                    .bind(workspace_id)
+                    .bind(&team_id)
+                    .bind(name)
+                    .fetch_all(&mut *tx)
                     .await?;
-                    stale.extend(hashes);
+                    rows.extend(team_rows);
                 }
+                let stale = Self::reload_keys(&mut tx, rows, now).await?;
                 Self::write_audit(
                     &mut tx,
                     workspace_id,
@@ -1463,6 +1516,11 @@ macro_rules! impl_store {
                 if users > 0 {
                     return Err(crate::store::StoreError::Precondition(
                         "the access group is referenced by keys: change them first",
+                    ));
+                }
+                if !Self::teams_naming_group(&mut tx, workspace_id, name).await?.is_empty() {
+                    return Err(crate::store::StoreError::Precondition(
+                        "the access group is referenced by a team's reach: change it first",
                     ));
                 }
                 let deleted = sqlx::query(
@@ -1549,9 +1607,20 @@ macro_rules! impl_store {
                 &self,
                 team: &crate::domain::team::Team,
                 audit: &crate::store::AuditContext,
-            ) -> Result<(), crate::store::StoreError> {
+            ) -> Result<Vec<crate::domain::key_format::KeyHash>, crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
-                let updated = sqlx::query(
+                let before: Option<crate::store::sql::TeamRow> = sqlx::query_as(concat!(
+                    "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
+                     WHERE workspace_id = $1 AND team_id = $2",
+                    $lock
+                ))
+                .bind(&team.workspace_id)
+                .bind(&team.team_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let before: crate::domain::team::Team =
+                    before.ok_or(crate::store::StoreError::NotFound)?.try_into()?;
+                sqlx::query(
                     "UPDATE teams SET name = $3, policy = $4, updated_at = $5 \
                      WHERE workspace_id = $1 AND team_id = $2",
                 )
@@ -1561,14 +1630,28 @@ macro_rules! impl_store {
                 .bind(crate::store::sql::policy_json(&team.policy))
                 .bind(team.updated_at)
                 .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if updated == 0 {
-                    return Err(crate::store::StoreError::NotFound);
-                }
+                .await?;
+                // A change of the team's reach changes what its keys reach: every replica
+                // reloads them.
+                let stale = if before.policy.resource_access == team.policy.resource_access {
+                    Vec::new()
+                } else {
+                    let rows: Vec<crate::store::sql::KeyRow> = sqlx::query_as(concat!(
+                        "SELECT ",
+                        crate::store::sql::key_columns!(),
+                        " FROM api_keys WHERE workspace_id = $1 AND team_id = $2 \
+                         AND deleted_at IS NULL ORDER BY key_id",
+                        $lock
+                    ))
+                    .bind(&team.workspace_id)
+                    .bind(&team.team_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    Self::reload_keys(&mut tx, rows, team.updated_at).await?
+                };
                 Self::write_audit(&mut tx, &team.workspace_id, None, crate::store::AuditOutcome::Success, audit, team.updated_at).await?;
                 tx.commit().await?;
-                Ok(())
+                Ok(stale)
             }
 
             async fn count_member_keys(
