@@ -544,10 +544,12 @@ fn compose_runs_a_migration_then_replicas_on_distinct_host_ports() {
         assert_eq!(container.parse::<u16>().unwrap(), port, "{name}");
         host_ports.push(host.parse::<u16>().unwrap());
         let check = strings(&replica["healthcheck"]["test"]).join(" ");
-        assert!(
-            check.contains(&format!("/{port}")),
-            "{name}'s healthcheck checks another port: {check}"
-        );
+        let checked_port = check
+            .split_whitespace()
+            .find_map(|word| word.split_once("/dev/tcp/"))
+            .and_then(|(_, target)| target.rsplit('/').next())
+            .unwrap_or_else(|| panic!("{name}'s healthcheck opens no /dev/tcp port: {check}"));
+        assert_eq!(checked_port, port.to_string(), "{name}'s healthcheck");
         assert!(matches!(
             settings.limiter,
             keywarden::config::LimiterSettings::Redis { .. }
