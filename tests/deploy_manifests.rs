@@ -309,7 +309,7 @@ fn is_admin(settings: &Settings, token: &str) -> bool {
         .is_ok()
 }
 
-/// The Deployment's and the Job's containers, with their pod specs.
+/// The pod spec of the template of a Deployment or a Job.
 fn pod_spec<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
     &manifest(documents, kind, name)["spec"]["template"]["spec"]
 }
