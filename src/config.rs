@@ -52,6 +52,33 @@ pub struct Config {
     pub plans: PlansConfig,
     /// Key-encryption keys for provider keys (`[[keks]]`); the newest version wraps.
     pub keks: Vec<KekConfig>,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+/// How the process logs (to stderr).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json` (one object per line, for log shippers). The level
+    /// filter is `RUST_LOG` (default `info`).
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve `GET /metrics` (plain HTTP, a port of its own); unset: no metrics.
+    pub listen: Option<SocketAddr>,
 }
 
 /// One key-encryption key: 32 raw bytes (base64), or a passphrase stretched with Argon2id
@@ -333,6 +360,8 @@ impl Default for Config {
             usage: UsageConfig::default(),
             plans: PlansConfig::default(),
             keks: Vec::new(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -419,6 +448,7 @@ impl Config {
         }
         Ok(Settings {
             keks,
+            metrics_listen: self.metrics.listen,
             plans: Arc::new(self.plans.plans()),
             default_limits: Arc::new(default_limits),
             limiter,
@@ -454,7 +484,9 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 12] = [
+const SETTINGS: [&str; 14] = [
+    "metrics",
+    "log",
     "listen",
     "database_url",
     "database_max_connections",
@@ -499,6 +531,8 @@ pub struct Settings {
     pub plans: Arc<Plans>,
     /// Key-encryption keys by version (none: provider keys are unavailable).
     pub keks: Vec<(u32, KekMaterial)>,
+    /// Where to serve Prometheus metrics; `None`: no metrics are kept.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Where rate-limit counters live.

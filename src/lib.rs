@@ -17,6 +17,7 @@
 //! - [`api`]: the tonic services, caller authentication, and the one mapping of errors
 //!   to gRPC statuses.
 //! - [`events`]: the per-replica event-log tailer and the WatchRevocations fan-out.
+//! - [`metrics`]: the Prometheus figures each replica keeps, and `/metrics`.
 //! - [`edge`]: the client library for edge nodes: [`edge::Verifier`], VerifyKey with a
 //!   local cache kept coherent by the revocation stream.
 //! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown.
@@ -33,6 +34,7 @@ pub mod domain;
 pub mod edge;
 pub mod events;
 pub mod keys;
+pub mod metrics;
 pub mod provider_keys;
 pub mod ratelimit;
 pub mod server;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keywarden::api::auth::{Role, TokenEntry, generate_token};
 use keywarden::clock::Clock;
-use keywarden::config::{Config, Settings};
+use keywarden::config::{Config, LogFormat, Settings};
 use keywarden::domain::key_format::KeyHash;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -68,16 +68,32 @@ enum KekCommand {
     New,
 }
 
+/// Logs to stderr, as text or JSON lines, filtered by `RUST_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse().command).await {
+    let cli = Cli::parse();
+    // The log format is configuration: read it before anything logs. A configuration
+    // that does not load is reported by the command itself.
+    let format = match &cli.command {
+        Command::Serve { config, .. } => Config::load(config.as_deref())
+            .map(|c| c.log.format)
+            .unwrap_or_default(),
+        _ => LogFormat::Text,
+    };
+    init_logging(format);
+    match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

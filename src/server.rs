@@ -27,6 +27,7 @@ use crate::config::{LimiterSettings, Settings};
 use crate::crypto::KekRing;
 use crate::events::EventHub;
 use crate::keys::{KeyLifecycle, KeyPolicy};
+use crate::metrics::{self, Metrics, Refresh, RpcLayer};
 use crate::proto::access_group_service_server::AccessGroupServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::provider_key_service_server::ProviderKeyServiceServer;
@@ -80,6 +81,56 @@ pub async fn build_ring(settings: &Settings) -> Result<Option<Arc<KekRing>>, Sta
     Ok(Some(Arc::new(ring)))
 }
 
+/// Every gRPC method the server routes (Keywarden's own, read from its descriptors, and
+/// the standard services next to them): each gets its own latency histogram.
+fn grpc_methods() -> Vec<String> {
+    use prost::Message;
+    let mut methods: Vec<String> = [
+        "/envoy.service.auth.v3.Authorization/Check",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    // The descriptor set is compiled in; failing to decode it would be a build defect,
+    // and costs only the per-method split (those calls count as `other`).
+    if let Ok(set) = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET) {
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    methods.push(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+    }
+    methods
+}
+
+/// Reads the figures that are state, not events, into their gauges before a scrape.
+fn refresh_gauges(
+    cache: Arc<VerifyCache>,
+    hub: Arc<EventHub>,
+    store: Arc<dyn Store>,
+    limiter: Arc<dyn RateLimiter>,
+) -> Refresh {
+    Arc::new(move |m: &Metrics| {
+        m.cache_entries.set(cache.len() as f64);
+        m.subscribers.set(hub.subscribers() as f64);
+        m.event_log_head.set(hub.published() as f64);
+        let pool = store.pool_stats();
+        m.pool_idle.set(f64::from(pool.idle));
+        m.pool_in_use
+            .set(f64::from(pool.open.saturating_sub(pool.idle)));
+        m.pool_max.set(f64::from(pool.max));
+        m.limiter_failures.absolute(limiter.failures());
+    })
+}
+
 /// Writes the usage book every interval until shutdown.
 #[derive(Clone)]
 struct UsageFlusher {
@@ -115,6 +166,7 @@ impl UsageFlusher {
 /// A server that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
 pub struct RunningServer {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     cache: Arc<VerifyCache>,
     hub: Arc<EventHub>,
     flusher: UsageFlusher,
@@ -125,6 +177,11 @@ pub struct RunningServer {
 impl RunningServer {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `GET /metrics` is served, when metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn cache(&self) -> &VerifyCache {
@@ -180,6 +237,11 @@ pub async fn start_with_store(
     store: Arc<dyn Store>,
     clock: Clock,
 ) -> Result<RunningServer, StartError> {
+    let metrics = Arc::new(if settings.metrics_listen.is_some() {
+        Metrics::new(&grpc_methods())
+    } else {
+        Metrics::disabled()
+    });
     let cache = Arc::new(if settings.cache_enabled {
         VerifyCache::new(settings.cache)
     } else {
@@ -190,6 +252,7 @@ pub async fn start_with_store(
         cache.clone(),
         clock.clone(),
         settings.events.clone(),
+        metrics.clone(),
     )
     .await?;
     let lifecycle = Arc::new(KeyLifecycle::new(
@@ -243,6 +306,7 @@ pub async fn start_with_store(
         settings.cache.ttl,
         settings.usage_flush_interval,
     ));
+    let limiter_failures = limiter.clone();
     let verifier = Arc::new(Verifier::new(
         store.clone(),
         cache.clone(),
@@ -254,6 +318,7 @@ pub async fn start_with_store(
             implications: settings.implications.clone(),
             default_limits: settings.default_limits.clone(),
         },
+        metrics.clone(),
     ));
     let flusher = UsageFlusher {
         usage: usage.clone(),
@@ -294,6 +359,7 @@ pub async fn start_with_store(
     let (stop, stopped) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(RpcLayer::new(metrics.clone()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -335,6 +401,26 @@ pub async fn start_with_store(
         // Streams never end on their own: end them so the graceful shutdown can finish.
         stopping.shutdown();
     });
+    let metrics_addr = match settings.metrics_listen {
+        Some(at) => {
+            let listener = TcpListener::bind(at).await?;
+            let bound = listener.local_addr()?;
+            let refresh =
+                refresh_gauges(cache.clone(), hub.clone(), store.clone(), limiter_failures);
+            let mut stop = hub.stopping();
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.changed().await;
+                };
+                if let Err(e) = metrics::serve(listener, metrics, refresh, stopped).await {
+                    tracing::error!(error = %e, "the metrics endpoint failed");
+                }
+            });
+            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+            Some(bound)
+        }
+        None => None,
+    };
     let final_flush = flusher.clone();
     let task = tokio::spawn(async move {
         let served = serving.await;
@@ -346,6 +432,7 @@ pub async fn start_with_store(
     tracing::info!(%addr, "keywarden serving");
     Ok(RunningServer {
         addr,
+        metrics_addr,
         cache,
         hub,
         flusher,

@@ -13,6 +13,7 @@ use crate::domain::key::{self, KeyRecord, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::limits::{self, LimitDecision, RateLimit};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
+use crate::metrics::Metrics;
 use crate::ratelimit::{LimiterError, RateLimiter};
 use crate::store::{Store, StoreError};
 use crate::usage::UsageBook;
@@ -51,6 +52,7 @@ pub struct Verifier {
     usage: Arc<UsageBook>,
     clock: Clock,
     policy: VerifyPolicy,
+    metrics: Arc<Metrics>,
 }
 
 impl Verifier {
@@ -61,6 +63,7 @@ impl Verifier {
         usage: Arc<UsageBook>,
         clock: Clock,
         policy: VerifyPolicy,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Verifier {
             store,
@@ -69,6 +72,7 @@ impl Verifier {
             usage,
             clock,
             policy,
+            metrics,
         }
     }
 
@@ -108,17 +112,37 @@ impl Verifier {
         request: &key::Request<'_>,
         cost: u64,
     ) -> Result<Verdict, VerifyError> {
+        let verdict = self.decide(presented, request, cost).await?;
+        self.metrics.verified(verdict.code);
+        Ok(verdict)
+    }
+
+    async fn decide(
+        &self,
+        presented: &str,
+        request: &key::Request<'_>,
+        cost: u64,
+    ) -> Result<Verdict, VerifyError> {
         if key_format::parse(&self.policy.brand, presented).is_err() {
             return Ok(not_found_as(VerifyCode::Malformed));
         }
         let hash = KeyHash::of(presented);
         let entry = match self.cache.get(&hash) {
-            Lookup::Hit(entry) => entry,
-            Lookup::KnownMissing => return Ok(not_found()),
-            Lookup::Miss => match self.fill(&hash).await? {
-                Some(entry) => entry,
-                None => return Ok(not_found()),
-            },
+            Lookup::Hit(entry) => {
+                self.metrics.cache_hits.increment(1);
+                entry
+            }
+            Lookup::KnownMissing => {
+                self.metrics.cache_negative_hits.increment(1);
+                return Ok(not_found());
+            }
+            Lookup::Miss => {
+                self.metrics.cache_misses.increment(1);
+                match self.fill(&hash).await? {
+                    Some(entry) => entry,
+                    None => return Ok(not_found()),
+                }
+            }
         };
         let now = self.clock.now();
         let code = key::decide(
@@ -163,9 +187,13 @@ impl Verifier {
             )
         };
         let code = if decision.as_ref().is_none_or(|d| d.allowed) {
+            if decision.is_some() {
+                self.metrics.limit_allowed.increment(1);
+            }
             self.usage.mark_used(key_id, entry.key.spent_micros, now);
             VerifyCode::Valid
         } else {
+            self.metrics.limit_refused.increment(1);
             VerifyCode::RateLimited
         };
         Ok(Verdict {

@@ -438,3 +438,36 @@ async fn postgres_with_a_config_file_keeps_no_plaintext() {
         );
     }
 }
+
+/// JSON logs (`log.format = "json"`), at trace level: every line the server writes to
+/// stderr is one JSON object, the RPC and store spans are in them, and no key is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_and_keep_no_plaintext() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut cmd = dev_server(data_dir.path());
+    cmd.env("RUST_LOG", "trace")
+        .env("KEYWARDEN_LOG__FORMAT", "json");
+    let mut server = Server::start(cmd).await;
+    let admin = server.stdout_value("admin token: ");
+    let verifier = server.stdout_value("verifier token: ");
+    let keys = workload(&server, &admin, &verifier).await;
+    let status = server.terminate().await;
+    assert!(status.success(), "{}", server.process.transcript());
+    let stderr = server.process.stderr_bytes();
+    let text = String::from_utf8(stderr.clone()).unwrap();
+    let mut spans = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(value.get("level").is_some(), "{line}");
+        if let Some(name) = value.pointer("/span/name").and_then(|n| n.as_str()) {
+            spans.insert(name.to_owned());
+        }
+    }
+    assert!(spans.contains("rpc"), "no RPC span in the logs: {spans:?}");
+    assert!(
+        spans.contains("insert_key"),
+        "no store span in the logs: {spans:?}"
+    );
+    assert_absent(&stderr, &keys, "the JSON logs");
+}

@@ -24,6 +24,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::event::KeyEvent;
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// How many events one read takes from the log.
@@ -72,6 +73,7 @@ pub struct EventHub {
     live: broadcast::Sender<Arc<KeyEvent>>,
     wake: Notify,
     stop: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
 }
 
 impl EventHub {
@@ -82,6 +84,7 @@ impl EventHub {
         cache: Arc<VerifyCache>,
         clock: Clock,
         settings: EventSettings,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<EventHub>, crate::store::StoreError> {
         let head = store.event_bounds().await?.head;
         let (live, _) = broadcast::channel(settings.subscriber_lag.max(16));
@@ -95,6 +98,7 @@ impl EventHub {
             live,
             wake: Notify::new(),
             stop,
+            metrics,
         });
         tokio::spawn(hub.clone().tail());
         tokio::spawn(hub.clone().sweep_grace_ends());
@@ -174,6 +178,9 @@ impl EventHub {
                 // reads `published` as this seq also receives the event (and skips it as
                 // already covered); the other order would lose it for that stream.
                 self.published.store(event.seq, Ordering::SeqCst);
+                self.metrics.events_published.increment(1);
+                let lag = self.clock.now().saturating_sub(event.occurred_at).max(0);
+                self.metrics.event_lag.record(lag as f64 / 1e6);
                 // No subscriber is not an error.
                 let _ = self.live.send(Arc::new(event));
             }

@@ -47,6 +47,11 @@ pub trait RateLimiter: Send + Sync + 'static {
         now: Micros,
     ) -> Result<LimitDecision, LimiterError>;
 
+    /// Calls to the backend that failed so far (a remote backend only).
+    fn failures(&self) -> u64 {
+        0
+    }
+
     /// Counts `tokens` reported for `key_id` in every token window.
     async fn record_tokens(
         &self,

@@ -127,10 +127,6 @@ impl RedisLimiter {
     }
 
     /// Decisions made without Redis since start.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
-    }
-
     fn window_key(&self, key_id: &str, unit: LimitUnit, window: LimitWindow) -> String {
         format!(
             "{}:rl:{{{key_id}}}:{}:{}",
@@ -167,6 +163,10 @@ fn bucket_args(window: LimitWindow, now: Micros) -> (i64, i64, i64) {
 
 #[async_trait]
 impl RateLimiter for RedisLimiter {
+    fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
     async fn check(
         &self,
         key_id: &str,

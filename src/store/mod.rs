@@ -31,6 +31,14 @@ use crate::domain::provider_key::{Provider, ProviderKeyRecord};
 use crate::domain::team::{ServiceAccount, Team};
 use crate::domain::workspace::{Plan, Workspace};
 
+/// A connection pool's figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    pub open: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]
@@ -451,6 +459,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The connection pool's figures, for metrics.
+    fn pool_stats(&self) -> PoolStats;
 
     /// The Postgres pool, for LISTEN; `None` for stores that fan out in process.
     fn postgres_pool(&self) -> Option<&sqlx::PgPool> {

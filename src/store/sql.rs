@@ -611,6 +611,15 @@ macro_rules! impl_store {
 
         #[async_trait::async_trait]
         impl crate::store::Store for $store {
+            fn pool_stats(&self) -> crate::store::PoolStats {
+                crate::store::PoolStats {
+                    open: self.pool.size(),
+                    idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+                    max: self.pool.options().get_max_connections(),
+                }
+            }
+
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn insert_key(
                 &self,
                 key: &crate::domain::key::KeyRecord,
@@ -674,6 +683,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn get_key(
                 &self,
                 key_id: &str,
@@ -689,6 +699,7 @@ macro_rules! impl_store {
                 row.map(TryInto::try_into).transpose()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn list_keys(
                 &self,
                 filter: &crate::store::KeyFilter,
@@ -724,6 +735,7 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn find_secret(
                 &self,
                 hash: &crate::domain::key_format::KeyHash,
@@ -741,6 +753,7 @@ macro_rules! impl_store {
                 row.map(TryInto::try_into).transpose()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn update_key(
                 &self,
                 key_id: &str,
@@ -800,6 +813,7 @@ macro_rules! impl_store {
                 Self::finish(tx, key, audit, now, event).await
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn rotate_key(
                 &self,
                 key_id: &str,
@@ -868,6 +882,7 @@ macro_rules! impl_store {
                 })
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn revoke_key(
                 &self,
                 key_id: &str,
@@ -897,6 +912,7 @@ macro_rules! impl_store {
                 Self::finish(tx, key, audit, now, event).await
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn delete_key(
                 &self,
                 key_id: &str,
@@ -917,6 +933,7 @@ macro_rules! impl_store {
                 Self::finish(tx, key, audit, now, event).await
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn record_denied(
                 &self,
                 denied: &crate::store::DeniedAudit,
@@ -935,6 +952,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn list_audit(
                 &self,
                 workspace_id: &str,
@@ -954,6 +972,7 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn read_events(
                 &self,
                 after_seq: i64,
@@ -970,6 +989,7 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn event_bounds(
                 &self,
             ) -> Result<crate::domain::event::EventBounds, crate::store::StoreError> {
@@ -983,6 +1003,7 @@ macro_rules! impl_store {
                 })
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn prune_events(&self, older_than: i64) -> Result<u64, crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
                 // Everything below the first event inside the window, and nothing else:
@@ -1012,6 +1033,7 @@ macro_rules! impl_store {
                 Ok(deleted)
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn announce_grace_ends(
                 &self,
                 now: i64,
@@ -1058,6 +1080,7 @@ macro_rules! impl_store {
                 Ok(announced)
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn record_usage(
                 &self,
                 batch: &[crate::store::UsageDelta],
@@ -1079,6 +1102,7 @@ macro_rules! impl_store {
                 Ok(totals)
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn insert_workspace(
                 &self,
                 workspace: &crate::domain::workspace::Workspace,
@@ -1112,6 +1136,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn get_workspace(
                 &self,
                 workspace_id: &str,
@@ -1126,6 +1151,7 @@ macro_rules! impl_store {
                 row.map(TryInto::try_into).transpose()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn update_workspace(
                 &self,
                 workspace_id: &str,
@@ -1174,6 +1200,7 @@ macro_rules! impl_store {
                 Ok(workspace)
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn record_audit(
                 &self,
                 entry: &crate::store::DeniedAudit,
@@ -1193,6 +1220,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn put_provider_key(
                 &self,
                 record: &crate::domain::provider_key::ProviderKeyRecord,
@@ -1233,6 +1261,7 @@ macro_rules! impl_store {
                 row.try_into()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn get_provider_key(
                 &self,
                 workspace_id: &str,
@@ -1250,6 +1279,7 @@ macro_rules! impl_store {
                 row.map(TryInto::try_into).transpose()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn list_provider_keys(
                 &self,
                 workspace_id: &str,
@@ -1265,6 +1295,7 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn delete_provider_key(
                 &self,
                 workspace_id: &str,
@@ -1297,6 +1328,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn provider_keys_to_rewrap(
                 &self,
                 current: u32,
@@ -1314,6 +1346,7 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn swap_wrapped_dek(
                 &self,
                 record_id: &str,
@@ -1335,6 +1368,7 @@ macro_rules! impl_store {
                 Ok(swapped == 1)
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn kek_versions_in_use(&self) -> Result<Vec<u32>, crate::store::StoreError> {
                 let versions: Vec<i64> = sqlx::query_scalar(
                     "SELECT DISTINCT kek_version FROM provider_keys ORDER BY kek_version",
@@ -1351,6 +1385,7 @@ macro_rules! impl_store {
                     .collect()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn kek_check(
                 &self,
                 version: u32,
@@ -1374,6 +1409,7 @@ macro_rules! impl_store {
                 Ok(stored)
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn insert_group(
                 &self,
                 group: &crate::domain::access::AccessGroup,
@@ -1407,6 +1443,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn list_groups(
                 &self,
                 workspace_id: &str,
@@ -1421,6 +1458,7 @@ macro_rules! impl_store {
                 Ok(rows.into_iter().map(Into::into).collect())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn update_group(
                 &self,
                 workspace_id: &str,
@@ -1497,6 +1535,7 @@ macro_rules! impl_store {
                 Ok((group, stale))
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn delete_group(
                 &self,
                 workspace_id: &str,
@@ -1547,6 +1586,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn insert_team(
                 &self,
                 team: &crate::domain::team::Team,
@@ -1573,6 +1613,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn get_team(
                 &self,
                 workspace_id: &str,
@@ -1589,6 +1630,7 @@ macro_rules! impl_store {
                 row.map(TryInto::try_into).transpose()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn list_teams(
                 &self,
                 workspace_id: &str,
@@ -1603,6 +1645,7 @@ macro_rules! impl_store {
                 rows.into_iter().map(TryInto::try_into).collect()
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn update_team(
                 &self,
                 team: &crate::domain::team::Team,
@@ -1654,6 +1697,7 @@ macro_rules! impl_store {
                 Ok(stale)
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn count_member_keys(
                 &self,
                 workspace_id: &str,
@@ -1675,6 +1719,7 @@ macro_rules! impl_store {
                 Ok(u64::try_from(n).unwrap_or(0))
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn insert_service_account(
                 &self,
                 account: &crate::domain::team::ServiceAccount,
@@ -1702,6 +1747,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn get_service_account(
                 &self,
                 workspace_id: &str,
@@ -1718,6 +1764,7 @@ macro_rules! impl_store {
                 Ok(row.map(Into::into))
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn list_service_accounts(
                 &self,
                 workspace_id: &str,
@@ -1735,6 +1782,7 @@ macro_rules! impl_store {
                 Ok(rows.into_iter().map(Into::into).collect())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn delete_service_account(
                 &self,
                 workspace_id: &str,
@@ -1773,6 +1821,7 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            #[tracing::instrument(level = "debug", skip_all)]
             async fn ping(&self) -> Result<(), crate::store::StoreError> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
