@@ -1,5 +1,5 @@
-//! The `keywarden` binary: `serve` (production, or `--dev` on embedded SQLite) and
-//! `migrate`.
+//! The `keywarden` binary: `serve` (production, or `--dev` on embedded SQLite),
+//! `migrate`, and the admin CLI (`keys`, `verify`, ... in `keywarden::cli`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +20,16 @@ use secrecy::{ExposeSecret, SecretString};
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: TopLevel,
+}
+
+/// The server's own commands, then the admin CLI's (clients of a running server).
+#[derive(Subcommand)]
+enum TopLevel {
+    #[command(flatten)]
+    Server(Command),
+    #[command(flatten)]
+    Admin(keywarden::cli::AdminCommand),
 }
 
 #[derive(Subcommand)]
@@ -77,7 +86,12 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse().command).await {
+    let command = match Cli::parse().command {
+        // The admin CLI has its own exit statuses (see keywarden::cli).
+        TopLevel::Admin(admin) => return keywarden::cli::run(admin).await,
+        TopLevel::Server(command) => command,
+    };
+    match run(command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
