@@ -22,11 +22,14 @@
 //!   local cache kept coherent by the revocation stream.
 //! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown.
 //! - [`bench`]: `keywarden bench`, the load generator and BENCHMARKS.md.
+//! - [`cli`]: the admin CLI (`keywarden keys ...`, `verify`, ...), a gRPC client of a
+//!   running server.
 
 pub mod access_groups;
 pub mod api;
 pub mod bench;
 pub mod cache;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;

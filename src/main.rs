@@ -1,5 +1,5 @@
-//! The `keywarden` binary: `serve` (production, or `--dev` on embedded SQLite) and
-//! `migrate`.
+//! The `keywarden` binary: `serve` (production, or `--dev` on embedded SQLite),
+//! `migrate`, and the admin CLI (`keys`, `verify`, ... in `keywarden::cli`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +20,16 @@ use secrecy::{ExposeSecret, SecretString};
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: TopLevel,
+}
+
+/// The server's own commands, then the admin CLI's (clients of a running server).
+#[derive(Subcommand)]
+enum TopLevel {
+    #[command(flatten)]
+    Server(Command),
+    #[command(flatten)]
+    Admin(keywarden::cli::AdminCommand),
 }
 
 #[derive(Subcommand)]
@@ -83,17 +92,24 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let command = match Cli::parse().command {
+        // The admin CLI has its own exit statuses (see keywarden::cli).
+        TopLevel::Admin(admin) => {
+            init_logging(LogFormat::Text);
+            return keywarden::cli::run(admin).await;
+        }
+        TopLevel::Server(command) => command,
+    };
     // The log format is configuration: read it before anything logs. A configuration
     // that does not load is reported by the command itself.
-    let format = match &cli.command {
+    let format = match &command {
         Command::Serve { config, .. } => Config::load(config.as_deref())
             .map(|c| c.log.format)
             .unwrap_or_default(),
         _ => LogFormat::Text,
     };
     init_logging(format);
-    match run(cli.command).await {
+    match run(command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -1,0 +1,77 @@
+//! `keywarden audit list`: a workspace's audit log (ListAuditEvents), newest first.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::output::{self, Format};
+use super::{CliError, Connection, Session};
+use crate::proto;
+
+#[derive(Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// List a workspace's audit events, newest first.
+    List(ListArgs),
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// The workspace.
+    #[arg(long)]
+    workspace: String,
+    /// Events per page (1 to 1000).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    page_size: Option<i32>,
+    /// Continue from a previous page (its `next_page_token`).
+    #[arg(long, conflicts_with = "all")]
+    page_token: Option<String>,
+    /// Follow every page and print them as one list.
+    #[arg(long)]
+    all: bool,
+}
+
+pub async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
+    let AuditCommand::List(a) = args.command;
+    let session = Session::open(&args.conn).await?;
+    let mut events = Vec::new();
+    let mut page_token = a.page_token.unwrap_or_default();
+    let next_page_token = loop {
+        let page = session
+            .keys()
+            .list_audit_events(proto::ListAuditEventsRequest {
+                workspace_id: a.workspace.clone(),
+                page_size: a.page_size.unwrap_or(0),
+                page_token: page_token.clone(),
+            })
+            .await?
+            .into_inner();
+        events.extend(page.events);
+        // A server that hands back the token it was given would loop forever.
+        if !a.all || page.next_page_token.is_empty() || page.next_page_token == page_token {
+            break page.next_page_token;
+        }
+        page_token = page.next_page_token;
+    };
+    match session.format {
+        Format::Json => output::emit_json(&json!({
+            "events": events.iter().map(output::audit_event_json).collect::<Vec<_>>(),
+            "next_page_token": next_page_token,
+        }))?,
+        Format::Table => {
+            output::emit(&output::audit_table(&events).render())?;
+            if !next_page_token.is_empty() {
+                eprintln!("more events: --page-token {next_page_token} (or --all)");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,432 @@
+//! `keywarden keys issue|get|list|update|rotate|revoke|delete`: KeyService.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+use super::output::{self, Format};
+use super::{ActorArgs, CliError, Connection, Session, in_future, parse, warn_shown_once};
+use crate::proto;
+
+#[derive(Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Issue a key. Its plaintext is printed this once: store it now.
+    Issue(IssueArgs),
+    /// Show one key (never its secret).
+    Get {
+        /// The key's id (`key_...`).
+        key_id: String,
+    },
+    /// List a workspace's keys, newest first.
+    List(ListArgs),
+    /// Change a key's name, scopes, expiry, budget or metadata (only what is given).
+    Update(UpdateArgs),
+    /// Give a key a new secret (printed this once); the old one stops now or after --grace.
+    Rotate(RotateArgs),
+    /// Revoke a key at once (idempotent).
+    Revoke(RevokeArgs),
+    /// Remove a key from listings for good (it then verifies as not_found; the audit
+    /// trail stays).
+    Delete(DeleteArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EnvArg {
+    Live,
+    Test,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusArg {
+    Active,
+    Revoked,
+    Expired,
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    /// The workspace (tenant) the key belongs to; it must exist.
+    #[arg(long)]
+    workspace: String,
+    /// A display name.
+    #[arg(long)]
+    name: String,
+    /// The key's environment, part of the key itself (`kw_live_...` / `kw_test_...`).
+    #[arg(long = "env", value_enum, default_value = "live")]
+    environment: EnvArg,
+    /// A scope the key grants (repeatable). The actor must hold it.
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// Expire after this long: 30d, 12h, 1h30m (s, m, h, d, w).
+    #[arg(long, value_parser = parse::duration, conflicts_with = "expires_at")]
+    expires_in: Option<Duration>,
+    /// Expire at this time (RFC 3339, e.g. 2030-01-31T00:00:00Z).
+    #[arg(long, value_parser = parse::timestamp)]
+    expires_at: Option<prost_types::Timestamp>,
+    /// Who the key belongs to: user:ID or service_account:ID.
+    #[arg(long, value_parser = parse::owner)]
+    owner: proto::Owner,
+    /// The team the key belongs to.
+    #[arg(long = "team", value_name = "TEAM_ID")]
+    team_id: Option<String>,
+    /// The key's own limit in requests per minute (otherwise the deployment's default).
+    #[arg(long, value_name = "REQUESTS")]
+    rpm: Option<u64>,
+    /// A spend ceiling, in currency units (e.g. 25 or 12.50).
+    #[arg(long, value_parser = parse::money_micros, value_name = "AMOUNT")]
+    budget: Option<u64>,
+    /// Metadata KEY=VALUE (repeatable).
+    #[arg(long = "meta", value_parser = parse::key_value, value_name = "KEY=VALUE")]
+    metadata: Vec<(String, String)>,
+    /// A CIDR range the key's calls may come from (repeatable; none: anywhere).
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    allowed_cidrs: Vec<String>,
+    #[command(flatten)]
+    actor: ActorArgs,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// The workspace whose keys to list.
+    #[arg(long)]
+    workspace: String,
+    /// Only keys in this status.
+    #[arg(long, value_enum)]
+    status: Option<StatusArg>,
+    /// Only keys of this owner: user:ID or service_account:ID.
+    #[arg(long, value_parser = parse::owner)]
+    owner: Option<proto::Owner>,
+    /// Only keys not used since this time (never-used keys included), RFC 3339.
+    #[arg(long, value_parser = parse::timestamp)]
+    unused_since: Option<prost_types::Timestamp>,
+    /// Keys per page (1 to 1000; the server's default is 50).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    page_size: Option<i32>,
+    /// Continue from a previous page (its `next_page_token`).
+    #[arg(long, conflicts_with = "all")]
+    page_token: Option<String>,
+    /// Follow every page and print them as one list.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Args)]
+#[command(group(
+    ArgGroup::new("change")
+        .required(true)
+        .multiple(true)
+        .args(["name", "scopes", "expires_at", "expires_in", "no_expiry", "budget", "no_budget", "metadata"])
+))]
+struct UpdateArgs {
+    /// The key's id (`key_...`).
+    key_id: String,
+    /// A new display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// The key's new scopes (repeatable; replaces them all).
+    #[arg(long = "scope", value_name = "SCOPE")]
+    scopes: Vec<String>,
+    /// A new expiry (RFC 3339).
+    #[arg(long, value_parser = parse::timestamp, conflicts_with_all = ["expires_in", "no_expiry"])]
+    expires_at: Option<prost_types::Timestamp>,
+    /// A new expiry, this long from now (30d, 12h).
+    #[arg(long, value_parser = parse::duration, conflicts_with = "no_expiry")]
+    expires_in: Option<Duration>,
+    /// The key no longer expires.
+    #[arg(long)]
+    no_expiry: bool,
+    /// A new spend ceiling, in currency units.
+    #[arg(long, value_parser = parse::money_micros, value_name = "AMOUNT", conflicts_with = "no_budget")]
+    budget: Option<u64>,
+    /// Remove the spend ceiling.
+    #[arg(long)]
+    no_budget: bool,
+    /// The key's new metadata KEY=VALUE (repeatable; replaces it all).
+    #[arg(long = "meta", value_parser = parse::key_value, value_name = "KEY=VALUE")]
+    metadata: Vec<(String, String)>,
+    #[command(flatten)]
+    actor: ActorArgs,
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    /// The key's id (`key_...`).
+    key_id: String,
+    /// How long the old secret keeps working (at most 7d; default: it stops at once).
+    #[arg(long, value_parser = parse::duration)]
+    grace: Option<Duration>,
+    #[command(flatten)]
+    actor: ActorArgs,
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    /// The key's id (`key_...`).
+    key_id: String,
+    /// Why, for the audit log and the key's record.
+    #[arg(long, default_value = "")]
+    reason: String,
+    #[command(flatten)]
+    actor: ActorArgs,
+}
+
+#[derive(Args)]
+struct DeleteArgs {
+    /// The key's id (`key_...`).
+    key_id: String,
+    #[command(flatten)]
+    actor: ActorArgs,
+}
+
+pub async fn run(args: KeysArgs) -> Result<ExitCode, CliError> {
+    let session = Session::open(&args.conn).await?;
+    match args.command {
+        KeysCommand::Issue(a) => issue(&session, a).await?,
+        KeysCommand::Get { key_id } => {
+            let info = session
+                .keys()
+                .get_key(proto::GetKeyRequest {
+                    key_id,
+                    actor: None,
+                })
+                .await?
+                .into_inner()
+                .key_info;
+            show_key(&session, info)?;
+        }
+        KeysCommand::List(a) => list(&session, a).await?,
+        KeysCommand::Update(a) => update(&session, a).await?,
+        KeysCommand::Rotate(a) => rotate(&session, a).await?,
+        KeysCommand::Revoke(a) => {
+            let info = session
+                .keys()
+                .revoke_key(proto::RevokeKeyRequest {
+                    key_id: a.key_id,
+                    actor: Some(a.actor.proto()),
+                    reason: a.reason,
+                })
+                .await?
+                .into_inner()
+                .key_info;
+            show_key(&session, info)?;
+        }
+        KeysCommand::Delete(a) => {
+            session
+                .keys()
+                .delete_key(proto::DeleteKeyRequest {
+                    key_id: a.key_id.clone(),
+                    actor: Some(a.actor.proto()),
+                })
+                .await?;
+            match session.format {
+                Format::Json => output::emit_json(&json!({ "deleted": a.key_id }))?,
+                Format::Table => output::emit(&format!("deleted {}\n", a.key_id))?,
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn environment(e: EnvArg) -> proto::Environment {
+    match e {
+        EnvArg::Live => proto::Environment::Live,
+        EnvArg::Test => proto::Environment::Test,
+    }
+}
+
+fn status(s: StatusArg) -> proto::KeyStatus {
+    match s {
+        StatusArg::Active => proto::KeyStatus::Active,
+        StatusArg::Revoked => proto::KeyStatus::Revoked,
+        StatusArg::Expired => proto::KeyStatus::Expired,
+    }
+}
+
+fn requests_per_minute(limit: u64) -> proto::RateLimit {
+    proto::RateLimit {
+        unit: proto::RateLimitUnit::Requests as i32,
+        window: proto::RateLimitWindow::Minute as i32,
+        limit,
+    }
+}
+
+async fn issue(session: &Session, a: IssueArgs) -> Result<(), CliError> {
+    let expires_at = a.expires_at.or(a.expires_in.map(in_future));
+    let response = session
+        .keys()
+        .issue_key(proto::IssueKeyRequest {
+            workspace_id: a.workspace,
+            name: a.name,
+            environment: environment(a.environment) as i32,
+            scopes: a.scopes,
+            expires_at,
+            owner: Some(a.owner),
+            actor: Some(a.actor.proto()),
+            metadata: a.metadata.into_iter().collect::<HashMap<_, _>>(),
+            rate_limits: a.rpm.map(requests_per_minute).into_iter().collect(),
+            max_budget_micros: a.budget,
+            resource_access: None,
+            allowed_cidrs: a.allowed_cidrs,
+            team_id: a.team_id.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    show_new_secret(session, &response.key, response.key_info, None)
+}
+
+async fn rotate(session: &Session, a: RotateArgs) -> Result<(), CliError> {
+    let grace_period = a
+        .grace
+        .map(|d| {
+            prost_types::Duration::try_from(d)
+                .map_err(|_| CliError::Usage("--grace is too long".into()))
+        })
+        .transpose()?;
+    let response = session
+        .keys()
+        .rotate_key(proto::RotateKeyRequest {
+            key_id: a.key_id,
+            actor: Some(a.actor.proto()),
+            grace_period,
+        })
+        .await?
+        .into_inner();
+    show_new_secret(
+        session,
+        &response.key,
+        response.key_info,
+        Some(response.old_key_valid_until),
+    )
+}
+
+async fn update(session: &Session, a: UpdateArgs) -> Result<(), CliError> {
+    // The mask names exactly the fields whose flags were given: UpdateKey changes those
+    // and leaves the rest alone.
+    let mut paths = Vec::new();
+    if a.name.is_some() {
+        paths.push("name");
+    }
+    if !a.scopes.is_empty() {
+        paths.push("scopes");
+    }
+    let expires_at = a.expires_at.or(a.expires_in.map(in_future));
+    if expires_at.is_some() || a.no_expiry {
+        paths.push("expires_at");
+    }
+    if a.budget.is_some() || a.no_budget {
+        paths.push("max_budget_micros");
+    }
+    if !a.metadata.is_empty() {
+        paths.push("metadata");
+    }
+    let info = session
+        .keys()
+        .update_key(proto::UpdateKeyRequest {
+            key_id: a.key_id,
+            actor: Some(a.actor.proto()),
+            name: a.name.unwrap_or_default(),
+            scopes: a.scopes,
+            expires_at,
+            metadata: a.metadata.into_iter().collect(),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.into_iter().map(str::to_owned).collect(),
+            }),
+            rate_limits: Vec::new(),
+            max_budget_micros: a.budget,
+            resource_access: None,
+            allowed_cidrs: Vec::new(),
+        })
+        .await?
+        .into_inner()
+        .key_info;
+    show_key(session, info)
+}
+
+async fn list(session: &Session, a: ListArgs) -> Result<(), CliError> {
+    let mut keys = Vec::new();
+    let mut page_token = a.page_token.unwrap_or_default();
+    let next_page_token = loop {
+        let page = session
+            .keys()
+            .list_keys(proto::ListKeysRequest {
+                workspace_id: a.workspace.clone(),
+                owner: a.owner.clone(),
+                status: a
+                    .status
+                    .map(status)
+                    .unwrap_or(proto::KeyStatus::Unspecified) as i32,
+                page_size: a.page_size.unwrap_or(0),
+                page_token: page_token.clone(),
+                unused_since: a.unused_since,
+                actor: None,
+            })
+            .await?
+            .into_inner();
+        keys.extend(page.keys);
+        // A server that hands back the token it was given would loop forever.
+        if !a.all || page.next_page_token.is_empty() || page.next_page_token == page_token {
+            break page.next_page_token;
+        }
+        page_token = page.next_page_token;
+    };
+    match session.format {
+        Format::Json => output::emit_json(&json!({
+            "keys": keys.iter().map(output::key_info_json).collect::<Vec<_>>(),
+            "next_page_token": next_page_token,
+        })),
+        Format::Table => {
+            output::emit(&output::key_table(&keys).render())?;
+            if !next_page_token.is_empty() {
+                eprintln!("more keys: --page-token {next_page_token} (or --all)");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn show_key(session: &Session, info: Option<proto::KeyInfo>) -> Result<(), CliError> {
+    let info = info.unwrap_or_default();
+    match session.format {
+        Format::Json => output::emit_json(&output::key_info_json(&info)),
+        Format::Table => output::emit(&output::fields(&output::key_info_fields(&info))),
+    }
+}
+
+/// A new key's plaintext (issue, rotate) on stdout, the warning on stderr.
+fn show_new_secret(
+    session: &Session,
+    key: &str,
+    info: Option<proto::KeyInfo>,
+    old_key_valid_until: Option<Option<prost_types::Timestamp>>,
+) -> Result<(), CliError> {
+    let info = info.unwrap_or_default();
+    warn_shown_once();
+    match session.format {
+        Format::Json => {
+            let mut value = json!({ "key": key, "key_info": output::key_info_json(&info) });
+            if let Some(until) = old_key_valid_until {
+                value["old_key_valid_until"] = json!(output::time(until.as_ref()));
+            }
+            output::emit_json(&value)
+        }
+        Format::Table => {
+            let mut fields = vec![("key", key.to_owned())];
+            if let Some(until) = old_key_valid_until {
+                fields.push(("old_key_valid_until", output::time_cell(until.as_ref())));
+            }
+            fields.extend(output::key_info_fields(&info));
+            output::emit(&output::fields(&fields))
+        }
+    }
+}
