@@ -615,3 +615,58 @@ async fn a_disabled_ext_authz_is_not_served() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
 }
+
+/// The code block of `lang` in `docs/envoy.md`.
+fn doc_block(lang: &str) -> String {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/envoy.md")).unwrap();
+    let start = doc.find(&format!("```{lang}\n")).unwrap() + lang.len() + 4;
+    let len = doc[start..].find("```").unwrap();
+    doc[start..start + len].to_owned()
+}
+
+/// The Envoy configuration in the docs is YAML with the settings the check relies on.
+#[test]
+fn the_documented_envoy_filter_fails_closed_and_sends_the_verifier_token() {
+    let config: serde_norway::Value = serde_norway::from_str(&doc_block("yaml")).unwrap();
+    let hcm = &config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let filter = &hcm["http_filters"][0];
+    assert_eq!(
+        filter["name"].as_str(),
+        Some("envoy.filters.http.ext_authz")
+    );
+    let authz = &filter["typed_config"];
+    assert_eq!(authz["transport_api_version"].as_str(), Some("V3"));
+    assert_eq!(authz["failure_mode_allow"].as_bool(), Some(false));
+    let grpc = &authz["grpc_service"];
+    assert_eq!(
+        grpc["envoy_grpc"]["cluster_name"].as_str(),
+        Some("keywarden")
+    );
+    let metadata = &grpc["initial_metadata"][0];
+    assert_eq!(metadata["key"].as_str(), Some("authorization"));
+    assert!(metadata["value"].as_str().unwrap().starts_with("Bearer "));
+    let clusters = config["static_resources"]["clusters"]
+        .as_sequence()
+        .unwrap();
+    assert!(
+        clusters
+            .iter()
+            .any(|c| c["name"].as_str() == Some("keywarden"))
+    );
+}
+
+/// The Keywarden configuration in the docs loads and means what the docs say.
+#[test]
+fn the_documented_keywarden_section_loads() {
+    use figment::Figment;
+    use figment::providers::{Format, Toml};
+    let toml = format!("database_url = \"sqlite::memory:\"\n{}", doc_block("toml"));
+    let config: keywarden::config::Config =
+        Figment::new().merge(Toml::string(&toml)).extract().unwrap();
+    let s = config.into_settings().unwrap().ext_authz;
+    assert_eq!(s.resource_header.as_deref(), Some("x-model"));
+    assert_eq!(s.routes.required_for("/v1/admin/keys"), ["admin"]);
+    assert_eq!(s.routes.required_for("/v1/chat"), ["read"]);
+    assert!(s.routes.required_for("/v1/public/status").is_empty());
+}
