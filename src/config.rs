@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::api::auth::{CallerTokens, Role, TokenEntry};
+use crate::api::ext_authz::settings::{ExtAuthzInput, ExtAuthzSettings};
 use crate::cache::CacheSizes;
 use crate::crypto::{KdfParams, derive_kek};
 use crate::domain::key_format::{Brand, KeyHash};
@@ -54,6 +55,8 @@ pub struct Config {
     pub keks: Vec<KekConfig>,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    /// Envoy's external authorization API (`[ext_authz]`).
+    pub ext_authz: ExtAuthzConfig,
 }
 
 /// How the process logs (to stderr).
@@ -79,6 +82,51 @@ pub enum LogFormat {
 pub struct MetricsConfig {
     /// Where to serve `GET /metrics` (plain HTTP, a port of its own); unset: no metrics.
     pub listen: Option<SocketAddr>,
+}
+
+/// `[ext_authz]`: how `envoy.service.auth.v3.Authorization/Check` reads a proxied request.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExtAuthzConfig {
+    pub enabled: bool,
+    /// Where the key is looked for, in order (`authorization` carries `Bearer <key>`).
+    pub key_headers: Vec<String>,
+    /// Path prefix → scopes the request needs (`"/v1/admin" = ["admin"]`); the longest
+    /// matching prefix wins, and a path no prefix matches needs none.
+    pub path_scopes: HashMap<String, Vec<String>>,
+    /// The header naming the resource (model) of the request (`x-model`); unset: none.
+    pub resource_header: Option<String>,
+    /// Headers passed upstream with the verified key's id and workspace.
+    pub key_id_header: String,
+    pub workspace_id_header: String,
+}
+
+impl Default for ExtAuthzConfig {
+    fn default() -> Self {
+        let d = ExtAuthzSettings::default();
+        ExtAuthzConfig {
+            enabled: d.enabled,
+            key_headers: d.key_headers,
+            path_scopes: HashMap::new(),
+            resource_header: d.resource_header,
+            key_id_header: d.key_id_header,
+            workspace_id_header: d.workspace_id_header,
+        }
+    }
+}
+
+impl ExtAuthzConfig {
+    fn settings(&self) -> Result<ExtAuthzSettings, ConfigError> {
+        ExtAuthzSettings::new(ExtAuthzInput {
+            enabled: self.enabled,
+            key_headers: &self.key_headers,
+            path_scopes: &self.path_scopes,
+            resource_header: self.resource_header.as_deref(),
+            key_id_header: &self.key_id_header,
+            workspace_id_header: &self.workspace_id_header,
+        })
+        .map_err(ConfigError::ExtAuthz)
+    }
 }
 
 /// One key-encryption key: 32 raw bytes (base64), or a passphrase stretched with Argon2id
@@ -362,6 +410,7 @@ impl Default for Config {
             keks: Vec::new(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            ext_authz: ExtAuthzConfig::default(),
         }
     }
 }
@@ -388,6 +437,8 @@ pub enum ConfigError {
     MissingRedisUrl,
     #[error("configuration: keks (version {0}): {1}")]
     Kek(u32, String),
+    #[error("configuration: ext_authz.{0}")]
+    ExtAuthz(String),
 }
 
 impl Config {
@@ -446,7 +497,9 @@ impl Config {
             }
             keks.push((kek.version, kek.material()?));
         }
+        let ext_authz = Arc::new(self.ext_authz.settings()?);
         Ok(Settings {
+            ext_authz,
             keks,
             metrics_listen: self.metrics.listen,
             plans: Arc::new(self.plans.plans()),
@@ -484,7 +537,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 14] = [
+const SETTINGS: [&str; 15] = [
     "metrics",
     "log",
     "listen",
@@ -499,6 +552,7 @@ const SETTINGS: [&str; 14] = [
     "usage",
     "plans",
     "keks",
+    "ext_authz",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -533,6 +587,8 @@ pub struct Settings {
     pub keks: Vec<(u32, KekMaterial)>,
     /// Where to serve Prometheus metrics; `None`: no metrics are kept.
     pub metrics_listen: Option<SocketAddr>,
+    /// Envoy's external authorization API.
+    pub ext_authz: Arc<ExtAuthzSettings>,
 }
 
 /// Where rate-limit counters live.
@@ -709,6 +765,34 @@ mod tests {
         assert!(!is_setting("CONFIG"));
         assert!(!is_setting("TEST_DATABASE_URL"));
         assert!(!is_setting("CACHEX"));
+    }
+
+    #[test]
+    fn ext_authz_is_read_from_the_file_and_checked() {
+        let load = |toml: &str| {
+            let config: Config = Figment::new()
+                .merge(Toml::string(&format!(
+                    "database_url = \"sqlite::memory:\"\n[ext_authz]\n{toml}"
+                )))
+                .extract()
+                .unwrap();
+            config.into_settings()
+        };
+        let s = load(
+            "resource_header = \"x-model\"\n[ext_authz.path_scopes]\n\"/v1/\" = [\"read\"]\n\"/v1/admin\" = [\"admin\"]",
+        )
+        .unwrap();
+        assert!(s.ext_authz.enabled);
+        assert_eq!(s.ext_authz.key_headers, ["authorization", "x-api-key"]);
+        assert_eq!(s.ext_authz.resource_header.as_deref(), Some("x-model"));
+        assert_eq!(s.ext_authz.routes.required_for("/v1/admin/x"), ["admin"]);
+        let err = load("key_headers = [\"X-Api-Key\"]").unwrap_err();
+        assert!(matches!(err, ConfigError::ExtAuthz(_)), "{err}");
+        assert!(
+            err.to_string().contains("ext_authz.key_headers[0]"),
+            "{err}"
+        );
+        assert!(is_setting("EXT_AUTHZ__RESOURCE_HEADER"));
     }
 
     #[test]

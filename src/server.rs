@@ -15,6 +15,7 @@ use crate::access_groups::AccessGroups;
 use crate::api::access_groups::AccessGroupApi;
 use crate::api::auth::Authenticate;
 use crate::api::auth::{RequireRole, Role};
+use crate::api::ext_authz::ExtAuthzApi;
 use crate::api::keys::KeyApi;
 use crate::api::provider_keys::ProviderKeyApi;
 use crate::api::revocations::RevocationApi;
@@ -44,6 +45,7 @@ use crate::teams::Teams;
 use crate::usage::UsageBook;
 use crate::verify::{Verifier, VerifyPolicy};
 use crate::workspaces::Workspaces;
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -354,6 +356,22 @@ pub async fn start_with_store(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // Envoy's ext_authz API, on the same verifier as VerifyKey and for the same role.
+    let ext_authz = settings.ext_authz.enabled.then(|| {
+        AuthorizationServer::with_interceptor(
+            ExtAuthzApi::new(verifier.clone(), settings.ext_authz.clone()),
+            RequireRole::new(settings.tokens.clone(), Role::Verifier),
+        )
+    });
+    if ext_authz.is_some() {
+        health_reporter
+            .set_service_status(
+                "envoy.service.auth.v3.Authorization",
+                tonic_health::ServingStatus::Serving,
+            )
+            .await;
+    }
+
     let listener = TcpListener::bind(settings.listen).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -390,7 +408,8 @@ pub async fn start_with_store(
         .add_service(RevocationServiceServer::with_interceptor(
             RevocationApi::new(hub.clone()),
             RequireRole::new(settings.tokens.clone(), Role::Edge),
-        ));
+        ))
+        .add_optional_service(ext_authz);
     let stopping = hub.clone();
     // The builder's `tcp_nodelay` applies only to listeners it binds itself: set it on
     // this one, or Nagle holds a stream's event back behind a unary reply on the same

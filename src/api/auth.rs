@@ -18,7 +18,7 @@ use crate::domain::key_format::KeyHash;
 pub enum Role {
     /// KeyService: issue, list, update, rotate, revoke, delete, audit.
     Admin,
-    /// VerifyService: VerifyKey.
+    /// VerifyService (VerifyKey, ReportUsage), and Envoy's ext_authz Check.
     Verifier,
     /// RevocationService: WatchRevocations.
     Edge,

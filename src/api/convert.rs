@@ -214,7 +214,7 @@ pub fn rate_limit_pb(l: &RateLimit) -> proto::RateLimit {
 }
 
 /// Unix seconds, rounded up: a reset is never announced before it happens.
-fn unix_seconds_ceil(at: Micros) -> i64 {
+pub fn unix_seconds_ceil(at: Micros) -> i64 {
     at.div_euclid(MICROS_PER_SECOND) + i64::from(at.rem_euclid(MICROS_PER_SECOND) != 0)
 }
 

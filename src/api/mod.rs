@@ -6,6 +6,7 @@ pub mod access_groups;
 pub mod auth;
 pub mod convert;
 pub mod error;
+pub mod ext_authz;
 pub mod keys;
 pub mod provider_keys;
 pub mod revocations;

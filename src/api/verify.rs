@@ -24,7 +24,7 @@ impl VerifyApi {
     }
 }
 
-fn verify_status(e: &VerifyError) -> Status {
+pub(crate) fn verify_status(e: &VerifyError) -> Status {
     match e {
         VerifyError::Store(e) => store_status(e),
         VerifyError::Limiter(e) => {
