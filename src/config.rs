@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub struct Config {
     pub keks: Vec<KekConfig>,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub tls: TlsConfig,
+    pub transport: TransportConfig,
     /// Envoy's external authorization API (`[ext_authz]`).
     pub ext_authz: ExtAuthzConfig,
 }
@@ -74,6 +76,132 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// TLS on the gRPC port (`[tls]`); unset: plaintext (a private network, or a mesh that
+/// terminates TLS).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Mutual TLS: every caller must present a certificate this CA (PEM) signed.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Limits and keep-alives of the gRPC port (`[transport]`).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportConfig {
+    /// The largest request message a service decodes (RESOURCE_EXHAUSTED beyond it).
+    pub max_message_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection (calls and open streams); unset: the
+    /// HTTP/2 stack's default.
+    pub max_concurrent_streams: Option<u32>,
+    /// The longest a call may take to answer (a client's own shorter `grpc-timeout` is
+    /// honoured too); 0: no server-side limit. A stream's lifetime is not bounded by it.
+    pub request_timeout_ms: u64,
+    /// HTTP/2 PING interval on idle connections, so load balancers and NATs keep edge
+    /// streams open and dead peers are found; 0: off.
+    pub http2_keepalive_interval_seconds: u64,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout_seconds: u64,
+    /// TCP keep-alive idle time; 0: off.
+    pub tcp_keepalive_seconds: u64,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            max_message_bytes: 1024 * 1024,
+            max_concurrent_streams: None,
+            request_timeout_ms: 30_000,
+            http2_keepalive_interval_seconds: 30,
+            http2_keepalive_timeout_seconds: 20,
+            tcp_keepalive_seconds: 60,
+        }
+    }
+}
+
+impl TransportConfig {
+    fn settings(&self) -> TransportSettings {
+        let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        TransportSettings {
+            max_message_bytes: self.max_message_bytes.max(1024),
+            max_concurrent_streams: self.max_concurrent_streams,
+            request_timeout: (self.request_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.request_timeout_ms)),
+            http2_keepalive_interval: seconds(self.http2_keepalive_interval_seconds),
+            http2_keepalive_timeout: seconds(self.http2_keepalive_timeout_seconds),
+            tcp_keepalive: seconds(self.tcp_keepalive_seconds),
+        }
+    }
+}
+
+/// The transport as the server applies it.
+#[derive(Clone, Debug)]
+pub struct TransportSettings {
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: Option<u32>,
+    pub request_timeout: Option<Duration>,
+    pub http2_keepalive_interval: Option<Duration>,
+    pub http2_keepalive_timeout: Option<Duration>,
+    pub tcp_keepalive: Option<Duration>,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        TransportConfig::default().settings()
+    }
+}
+
+/// TLS material, read at start.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Zeroizing<Vec<u8>>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("key_pem", &"[redacted]")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    fn settings(&self) -> Result<Option<TlsSettings>, ConfigError> {
+        let read = |field: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| ConfigError::Tls(format!("{field}: {e}")))
+        };
+        match (&self.cert_file, &self.key_file) {
+            (None, None) => {
+                if self.client_ca_file.is_some() {
+                    return Err(ConfigError::Tls(
+                        "client_ca_file needs cert_file and key_file".into(),
+                    ));
+                }
+                Ok(None)
+            }
+            (Some(cert), Some(key)) => Ok(Some(TlsSettings {
+                cert_pem: read("cert_file", cert)?,
+                key_pem: Zeroizing::new(read("key_file", key)?),
+                client_ca_pem: self
+                    .client_ca_file
+                    .as_deref()
+                    .map(|ca| read("client_ca_file", ca))
+                    .transpose()?,
+            })),
+            _ => Err(ConfigError::Tls(
+                "cert_file and key_file go together".into(),
+            )),
+        }
+    }
 }
 
 /// The Prometheus endpoint.
@@ -410,6 +538,8 @@ impl Default for Config {
             keks: Vec::new(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            tls: TlsConfig::default(),
+            transport: TransportConfig::default(),
             ext_authz: ExtAuthzConfig::default(),
         }
     }
@@ -439,6 +569,8 @@ pub enum ConfigError {
     Kek(u32, String),
     #[error("configuration: ext_authz.{0}")]
     ExtAuthz(String),
+    #[error("configuration: tls.{0}")]
+    Tls(String),
 }
 
 impl Config {
@@ -499,6 +631,8 @@ impl Config {
         }
         let ext_authz = Arc::new(self.ext_authz.settings()?);
         Ok(Settings {
+            tls: self.tls.settings()?,
+            transport: self.transport.settings(),
             ext_authz,
             keks,
             metrics_listen: self.metrics.listen,
@@ -537,7 +671,9 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 15] = [
+const SETTINGS: [&str; 17] = [
+    "tls",
+    "transport",
     "metrics",
     "log",
     "listen",
@@ -587,6 +723,9 @@ pub struct Settings {
     pub keks: Vec<(u32, KekMaterial)>,
     /// Where to serve Prometheus metrics; `None`: no metrics are kept.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS on the gRPC port; `None`: plaintext.
+    pub tls: Option<TlsSettings>,
+    pub transport: TransportSettings,
     /// Envoy's external authorization API.
     pub ext_authz: Arc<ExtAuthzSettings>,
 }

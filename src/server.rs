@@ -9,7 +9,9 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::{ServerTlsConfig, TcpIncoming};
+use tonic::transport::{Certificate, Identity};
 
 use crate::access_groups::AccessGroups;
 use crate::api::access_groups::AccessGroupApi;
@@ -61,6 +63,8 @@ pub enum StartError {
     Limiter(#[from] crate::ratelimit::LimiterError),
     #[error("key-encryption keys: {0}")]
     Kek(String),
+    #[error("tls: {0}")]
+    Tls(tonic::transport::Error),
 }
 
 /// The KEK ring from the configured versions (Argon2id runs here for passphrase KEKs, off
@@ -357,13 +361,7 @@ pub async fn start_with_store(
         .build_v1alpha()?;
 
     // Envoy's ext_authz API, on the same verifier as VerifyKey and for the same role.
-    let ext_authz = settings.ext_authz.enabled.then(|| {
-        AuthorizationServer::with_interceptor(
-            ExtAuthzApi::new(verifier.clone(), settings.ext_authz.clone()),
-            RequireRole::new(settings.tokens.clone(), Role::Verifier),
-        )
-    });
-    if ext_authz.is_some() {
+    if settings.ext_authz.enabled {
         health_reporter
             .set_service_status(
                 "envoy.service.auth.v3.Authorization",
@@ -375,46 +373,81 @@ pub async fn start_with_store(
     let listener = TcpListener::bind(settings.listen).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let transport = &settings.transport;
+    let max = transport.max_message_bytes;
+    let tokens = &settings.tokens;
+    let role = |role| RequireRole::new(tokens.clone(), role);
+    let ext_authz = settings.ext_authz.enabled.then(|| {
+        InterceptedService::new(
+            AuthorizationServer::new(ExtAuthzApi::new(
+                verifier.clone(),
+                settings.ext_authz.clone(),
+            ))
+            .max_decoding_message_size(max),
+            role(Role::Verifier),
+        )
+    });
+    let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(transport.max_concurrent_streams)
+        .http2_keepalive_interval(transport.http2_keepalive_interval)
+        .http2_keepalive_timeout(transport.http2_keepalive_timeout);
+    if let Some(timeout) = transport.request_timeout {
+        builder = builder.timeout(timeout);
+    }
+    if let Some(tls) = &settings.tls {
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()));
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(config).map_err(StartError::Tls)?;
+    }
+    let router = builder
         .layer(RpcLayer::new(metrics.clone()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(KeyServiceServer::with_interceptor(
-            KeyApi::new(lifecycle),
-            RequireRole::new(settings.tokens.clone(), Role::Admin),
+        .add_service(InterceptedService::new(
+            KeyServiceServer::new(KeyApi::new(lifecycle)).max_decoding_message_size(max),
+            role(Role::Admin),
         ))
-        .add_service(TeamServiceServer::with_interceptor(
-            TeamApi::new(teams),
-            RequireRole::new(settings.tokens.clone(), Role::Admin),
+        .add_service(InterceptedService::new(
+            TeamServiceServer::new(TeamApi::new(teams)).max_decoding_message_size(max),
+            role(Role::Admin),
         ))
-        .add_service(AccessGroupServiceServer::with_interceptor(
-            AccessGroupApi::new(access_groups),
-            RequireRole::new(settings.tokens.clone(), Role::Admin),
+        .add_service(InterceptedService::new(
+            AccessGroupServiceServer::new(AccessGroupApi::new(access_groups))
+                .max_decoding_message_size(max),
+            role(Role::Admin),
         ))
-        .add_service(ProviderKeyServiceServer::with_interceptor(
-            ProviderKeyApi::new(provider_keys),
-            Authenticate::new(settings.tokens.clone()),
+        .add_service(InterceptedService::new(
+            ProviderKeyServiceServer::new(ProviderKeyApi::new(provider_keys))
+                .max_decoding_message_size(max),
+            Authenticate::new(tokens.clone()),
         ))
-        .add_service(WorkspaceServiceServer::with_interceptor(
-            WorkspaceApi::new(workspaces),
-            RequireRole::new(settings.tokens.clone(), Role::Admin),
+        .add_service(InterceptedService::new(
+            WorkspaceServiceServer::new(WorkspaceApi::new(workspaces))
+                .max_decoding_message_size(max),
+            role(Role::Admin),
         ))
-        .add_service(VerifyServiceServer::with_interceptor(
-            VerifyApi::new(verifier),
-            RequireRole::new(settings.tokens.clone(), Role::Verifier),
+        .add_service(InterceptedService::new(
+            VerifyServiceServer::new(VerifyApi::new(verifier)).max_decoding_message_size(max),
+            role(Role::Verifier),
         ))
-        .add_service(RevocationServiceServer::with_interceptor(
-            RevocationApi::new(hub.clone()),
-            RequireRole::new(settings.tokens.clone(), Role::Edge),
+        .add_service(InterceptedService::new(
+            RevocationServiceServer::new(RevocationApi::new(hub.clone()))
+                .max_decoding_message_size(max),
+            role(Role::Edge),
         ))
         .add_optional_service(ext_authz);
     let stopping = hub.clone();
     // The builder's `tcp_nodelay` applies only to listeners it binds itself: set it on
     // this one, or Nagle holds a stream's event back behind a unary reply on the same
     // connection until the client's delayed ACK (~40 ms).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(settings.transport.tcp_keepalive);
     let serving = router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stopped.await;
         // Streams never end on their own: end them so the graceful shutdown can finish.

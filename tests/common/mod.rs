@@ -337,6 +337,8 @@ pub fn test_settings(db: &TestDb) -> Settings {
     implications.insert("write".to_owned(), vec!["read".to_owned()]);
     Settings {
         metrics_listen: None,
+        tls: None,
+        transport: Default::default(),
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: SecretString::from(db.url.clone()),
         database_max_connections: 5,

@@ -1,0 +1,242 @@
+//! The gRPC port's transport, through real servers and real tonic clients: TLS (a client
+//! must trust the server's CA; a plaintext client gets nothing), mutual TLS (a caller
+//! without a certificate from the configured CA is turned away before any RPC), TLS
+//! configuration errors refuse to start, the request size limit, and client deadlines
+//! honoured (a call past its deadline is abandoned and writes nothing).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use keywarden::config::{Config, TlsSettings};
+use keywarden::proto::{self, verify_service_client::VerifyServiceClient};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use zeroize::Zeroizing;
+
+/// A CA, and PEM pairs it signs.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// (certificate, key) for `names`.
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+async fn start_tls(
+    db: &TestDb,
+    server_ca: &Ca,
+    client_ca: Option<&Ca>,
+) -> keywarden::server::RunningServer {
+    let mut settings = test_settings(db);
+    let (cert, key) = server_ca.issue(&["localhost"]);
+    settings.tls = Some(TlsSettings {
+        cert_pem: cert.into_bytes(),
+        key_pem: Zeroizing::new(key.into_bytes()),
+        client_ca_pem: client_ca.map(|ca| ca.pem().into_bytes()),
+    });
+    keywarden::server::start(&settings, keywarden::clock::Clock::System)
+        .await
+        .unwrap()
+}
+
+/// A TLS channel to `localhost:port`, trusting `trust`, presenting `identity`.
+async fn tls_channel(
+    port: u16,
+    trust: &Ca,
+    identity: Option<(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(trust.pem()))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+/// A Ping through `channel` with the verifier token.
+async fn ping(channel: Channel) -> Result<(), tonic::Status> {
+    VerifyServiceClient::with_interceptor(channel, bearer(VERIFIER_TOKEN))
+        .ping(proto::PingRequest::default())
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_clients_that_trust_its_ca_and_no_plaintext() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let ca = Ca::new("keywarden test CA");
+    let server = start_tls(&db, &ca, None).await;
+    let port = server.addr().port();
+
+    let channel = tls_channel(port, &ca, None).await.unwrap();
+    ping(channel).await.unwrap();
+
+    // A client that trusts another CA does not get a connection.
+    let stranger = Ca::new("someone else");
+    assert!(tls_channel(port, &stranger, None).await.is_err());
+
+    // Plaintext HTTP/2 to the TLS port: no call gets through.
+    let plain = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    match plain.connect().await {
+        Err(_) => {}
+        Ok(channel) => assert!(ping(channel).await.is_err()),
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_turns_away_callers_without_a_certificate_from_the_ca() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let server = start_tls(&db, &server_ca, Some(&client_ca)).await;
+    let port = server.addr().port();
+
+    // A certificate from the client CA: served (the caller token is still required).
+    let channel = tls_channel(port, &server_ca, Some(client_ca.issue(&["gateway"])))
+        .await
+        .unwrap();
+    ping(channel.clone()).await.unwrap();
+    let no_token = VerifyServiceClient::new(channel)
+        .ping(proto::PingRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(no_token.code(), Code::Unauthenticated);
+
+    // No certificate, or one from another CA: the handshake fails, no RPC runs.
+    for identity in [None, Some(Ca::new("rogue CA").issue(&["gateway"]))] {
+        match tls_channel(port, &server_ca, identity).await {
+            Err(_) => {}
+            Ok(channel) => assert!(ping(channel).await.is_err()),
+        }
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_misconfiguration_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (cert, _) = ca.issue(&["localhost"]);
+    let cert_file = dir.path().join("server.pem");
+    std::fs::write(&cert_file, &cert).unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a key").unwrap();
+    let config = |tls: &str| -> Result<keywarden::config::Settings, String> {
+        let file = dir.path().join("keywarden.toml");
+        std::fs::write(
+            &file,
+            format!("database_url = \"sqlite::memory:\"\n[tls]\n{tls}\n"),
+        )
+        .unwrap();
+        Config::load(Some(&file))
+            .map_err(|e| e.to_string())?
+            .into_settings()
+            .map_err(|e| e.to_string())
+    };
+    let cert = cert_file.display();
+    let err = config(&format!("cert_file = \"{cert}\"")).unwrap_err();
+    assert!(err.contains("cert_file and key_file go together"), "{err}");
+    let err = config(&format!("client_ca_file = \"{cert}\"")).unwrap_err();
+    assert!(err.contains("client_ca_file needs"), "{err}");
+    let err = config(&format!(
+        "cert_file = \"{cert}\"\nkey_file = \"{}\"",
+        dir.path().join("missing.pem").display()
+    ))
+    .unwrap_err();
+    assert!(err.contains("tls.key_file"), "{err}");
+    // A key that does not parse: the configuration loads, the server does not start.
+    let settings = config(&format!(
+        "cert_file = \"{cert}\"\nkey_file = \"{}\"",
+        garbage.display()
+    ))
+    .unwrap();
+    assert!(
+        !format!("{settings:?}").contains("not a key"),
+        "key material in Debug output"
+    );
+    let refused = keywarden::server::start(&settings, keywarden::clock::Clock::System).await;
+    assert!(refused.is_err());
+}
+
+async fn an_oversized_request_is_refused_before_it_is_decoded(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| s.transport.max_message_bytes = 64 * 1024).await;
+    let status = app
+        .verifier()
+        .verify_key(proto::VerifyKeyRequest {
+            key: "k".repeat(100 * 1024),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    // The connection is fine for the next call.
+    let issued = app.issue().await;
+    assert!(app.verify(&issued.key, &["read"]).await.valid);
+}
+
+both_backends!(an_oversized_request_is_refused_before_it_is_decoded);
+
+/// A client deadline is honoured: an IssueKey stuck behind a lock is abandoned when its
+/// deadline passes (DEADLINE_EXCEEDED or CANCELLED), and its transaction with it, so the
+/// key it was writing never appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_is_abandoned_and_writes_nothing() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let before = app.db.count("SELECT count(*) FROM api_keys").await;
+    // Hold a lock IssueKey needs, from a connection of our own.
+    let pool = sqlx::PgPool::connect(&app.db.url).await.unwrap();
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(issue_request("ws_test"));
+    request.set_timeout(Duration::from_millis(300));
+    let status = app.admin().issue_key(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    blocker.rollback().await.unwrap();
+    // Nothing was written then, and nothing is written later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.db.count("SELECT count(*) FROM api_keys").await, before);
+    // The server is fine.
+    app.issue().await;
+    pool.close().await;
+}
