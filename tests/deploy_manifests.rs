@@ -352,6 +352,29 @@ fn every_kubernetes_port_is_the_port_of_the_configured_listen_address() {
         .expect("a container port named grpc");
     assert_eq!(port_number(&grpc["containerPort"]), port);
 
+    // The metrics port: configured beyond loopback, declared, and where scrapers look.
+    let metrics = settings_from(&kubernetes_env(&docs, server, &placeholders))
+        .metrics_listen
+        .expect("KEYWARDEN_METRICS__LISTEN is set");
+    assert!(!metrics.ip().is_loopback(), "{metrics}");
+    let declared = container_ports
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a container port named metrics");
+    assert_eq!(port_number(&declared["containerPort"]), metrics.port());
+    let deployment = manifest(&docs, "Deployment", "keywarden");
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        str_of(&annotations["prometheus.io/port"]),
+        metrics.port().to_string()
+    );
+    assert_eq!(str_of(&annotations["prometheus.io/path"]), "/metrics");
+    assert_ne!(
+        metrics.port(),
+        port,
+        "metrics and gRPC need ports of their own"
+    );
+
     for probe in PROBES {
         let probe = &server[probe];
         assert!(probe["grpc"].is_object(), "a native gRPC probe: {probe}");
@@ -655,8 +678,12 @@ fn the_image_exposes_the_listen_port_and_runs_serve_unprivileged() {
 }
 
 /// The manifests' environment for a run on this machine: SQLite in `dir` instead of
-/// the cluster's database, and this machine's Redis.
+/// the cluster's database, this machine's Redis, and metrics on an ephemeral loopback
+/// port (the configured one could be taken here).
 fn local_env(mut env: Env, dir: &Path) -> Env {
+    if env.contains_key("KEYWARDEN_METRICS__LISTEN") {
+        env.insert("KEYWARDEN_METRICS__LISTEN".into(), "127.0.0.1:0".into());
+    }
     let db = dir.join("keywarden.db");
     env.insert(
         "KEYWARDEN_DATABASE_URL".into(),
