@@ -55,10 +55,34 @@ pub struct Config {
     pub keks: Vec<KekConfig>,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
     pub tls: TlsConfig,
     pub transport: TransportConfig,
     /// Envoy's external authorization API (`[ext_authz]`).
     pub ext_authz: ExtAuthzConfig,
+}
+
+/// Trace export (`[tracing]`).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// An OTLP/gRPC collector (`http://otel-collector:4317`); unset: no export.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` the spans carry.
+    pub service_name: String,
+    /// Which spans are exported (`tracing` filter syntax): the RPC and store spans are
+    /// at `debug` under `keywarden`.
+    pub otlp_filter: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            service_name: "keywarden".to_owned(),
+            otlp_filter: "keywarden=debug".to_owned(),
+        }
+    }
 }
 
 /// How the process logs (to stderr).
@@ -538,6 +562,7 @@ impl Default for Config {
             keks: Vec::new(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            tracing: TracingConfig::default(),
             tls: TlsConfig::default(),
             transport: TransportConfig::default(),
             ext_authz: ExtAuthzConfig::default(),
@@ -671,7 +696,8 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 17] = [
+const SETTINGS: [&str; 18] = [
+    "tracing",
     "tls",
     "transport",
     "metrics",

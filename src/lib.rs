@@ -18,6 +18,7 @@
 //!   to gRPC statuses.
 //! - [`events`]: the per-replica event-log tailer and the WatchRevocations fan-out.
 //! - [`metrics`]: the Prometheus figures each replica keeps, and `/metrics`.
+//! - [`telemetry`]: log lines and OTLP trace export for the process.
 //! - [`edge`]: the client library for edge nodes: [`edge::Verifier`], VerifyKey with a
 //!   local cache kept coherent by the revocation stream.
 //! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown.
@@ -43,6 +44,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod teams;
+pub mod telemetry;
 pub mod usage;
 pub mod verify;
 pub mod workspaces;

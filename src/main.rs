@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use keywarden::api::auth::{Role, TokenEntry, generate_token};
 use keywarden::clock::Clock;
-use keywarden::config::{Config, LogFormat, Settings};
+use keywarden::config::{Config, LogFormat, Settings, TracingConfig};
 use keywarden::domain::key_format::KeyHash;
+use keywarden::telemetry::Telemetry;
 use secrecy::{ExposeSecret, SecretString};
 
 #[derive(Parser)]
@@ -77,16 +78,14 @@ enum KekCommand {
     New,
 }
 
-/// Logs to stderr, as text or JSON lines, filtered by `RUST_LOG` (default `info`).
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
+/// Logs and traces as configured (text logs and no export when nothing is).
+fn init_telemetry(format: LogFormat, tracing: &TracingConfig) -> Option<Telemetry> {
+    match keywarden::telemetry::init(format, tracing) {
+        Ok(telemetry) => Some(telemetry),
+        Err(e) => {
+            eprintln!("error: {e}");
+            None
+        }
     }
 }
 
@@ -95,21 +94,25 @@ async fn main() -> ExitCode {
     let command = match Cli::parse().command {
         // The admin CLI has its own exit statuses (see keywarden::cli).
         TopLevel::Admin(admin) => {
-            init_logging(LogFormat::Text);
+            let _ = init_telemetry(LogFormat::Text, &TracingConfig::default());
             return keywarden::cli::run(admin).await;
         }
         TopLevel::Server(command) => command,
     };
-    // The log format is configuration: read it before anything logs. A configuration
+    // Logs and traces are configuration: read it before anything logs. A configuration
     // that does not load is reported by the command itself.
-    let format = match &command {
+    let (format, tracing) = match &command {
         Command::Serve { config, .. } => Config::load(config.as_deref())
-            .map(|c| c.log.format)
+            .map(|c| (c.log.format, c.tracing))
             .unwrap_or_default(),
-        _ => LogFormat::Text,
+        _ => Default::default(),
     };
-    init_logging(format);
-    match run(command).await {
+    let Some(telemetry) = init_telemetry(format, &tracing) else {
+        return ExitCode::FAILURE;
+    };
+    let result = run(command).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
