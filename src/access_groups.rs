@@ -11,6 +11,7 @@ use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::access::{AccessGroup, ResourceAccess};
 use crate::domain::key_format::KeyHash;
+use crate::domain::refusal::{Reason, Refusal};
 use crate::events::EventHub;
 use crate::keys::{Acting, KeyError};
 use crate::store::{Store, StoreError};
@@ -58,10 +59,17 @@ impl AccessGroups {
         let audit = acting.audit("access_group.create", detail(&group.name, &group.targets));
         match self.store.insert_group(&group, &audit).await {
             Ok(()) => Ok(group),
-            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(format!(
-                "access group {} exists already in workspace {}",
-                group.name, group.workspace_id
-            ))),
+            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(
+                Refusal::new(
+                    Reason::AccessGroupAlreadyExists,
+                    format!(
+                        "access group {} exists already in workspace {}",
+                        group.name, group.workspace_id
+                    ),
+                )
+                .with("workspace_id", &group.workspace_id)
+                .with("access_group", &group.name),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -86,7 +94,8 @@ impl AccessGroups {
                 self.clock.now(),
                 &acting.audit("access_group.update", detail(name, &targets)),
             )
-            .await?;
+            .await
+            .map_err(|e| group_error(e, workspace_id, name))?;
         invalidate_committed(&self.cache, &self.events, &stale);
         Ok(group)
     }
@@ -104,8 +113,24 @@ impl AccessGroups {
                 self.clock.now(),
                 &acting.audit("access_group.delete", detail(name, &BTreeSet::new())),
             )
-            .await?;
+            .await
+            .map_err(|e| group_error(e, workspace_id, name))?;
         Ok(())
+    }
+}
+
+/// A storage error about one group: "not found" names the group (not a key).
+fn group_error(e: StoreError, workspace_id: &str, name: &str) -> KeyError {
+    match e {
+        StoreError::NotFound => KeyError::Refused(
+            Refusal::new(
+                Reason::AccessGroupNotFound,
+                format!("access group {name} does not exist in workspace {workspace_id}"),
+            )
+            .with("workspace_id", workspace_id)
+            .with("access_group", name),
+        ),
+        other => other.into(),
     }
 }
 
@@ -128,10 +153,17 @@ pub async fn check_groups_exist(
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(KeyError::Refused(format!(
-            "access groups not in workspace {workspace_id}: {}",
-            missing.join(", ")
-        )))
+        Err(KeyError::Refused(
+            Refusal::new(
+                Reason::AccessGroupsMissing,
+                format!(
+                    "access groups not in workspace {workspace_id}: {}",
+                    missing.join(", ")
+                ),
+            )
+            .with("workspace_id", workspace_id)
+            .with("access_groups", missing.join(",")),
+        ))
     }
 }
 

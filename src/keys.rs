@@ -18,6 +18,7 @@ use crate::domain::ids;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::limits::RateLimit;
+use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::scopes::ScopeImplications;
 use crate::domain::team::{
     SelfServiceKey, SelfServiceRefusal, check_self_service, check_self_service_change,
@@ -116,15 +117,13 @@ pub struct RotatedKey {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
+    /// Refused, with the reason that decides the status code (the RBAC ceiling and
+    /// self-service are PERMISSION_DENIED, a plan, a team's policy or the key's state
+    /// FAILED_PRECONDITION: see `api::error`).
     #[error("{0}")]
-    PermissionDenied(String),
+    Refused(Refusal),
     #[error("key not found")]
     NotFound,
-    #[error("{0}")]
-    FailedPrecondition(&'static str),
-    /// Refused by policy (a plan, a team's limits), with the reason.
-    #[error("{0}")]
-    Refused(String),
     #[error("workspace {0} does not exist")]
     WorkspaceNotFound(String),
     #[error("team {0} does not exist in this workspace")]
@@ -139,7 +138,7 @@ impl From<StoreError> for KeyError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => KeyError::NotFound,
-            StoreError::Precondition(why) => KeyError::FailedPrecondition(why),
+            StoreError::Precondition(refusal) => KeyError::Refused(refusal),
             other => KeyError::Store(other),
         }
     }
@@ -208,7 +207,11 @@ impl KeyLifecycle {
                     occurred_at: now,
                 })
                 .await?;
-            return Err(KeyError::Refused(why));
+            return Err(KeyError::Refused(
+                Refusal::new(Reason::PlanForbidsApiKeys, why)
+                    .with("workspace_id", &workspace.workspace_id)
+                    .with("plan", workspace.plan.display()),
+            ));
         }
         self.check_ceiling(
             acting,
@@ -356,8 +359,9 @@ impl KeyLifecycle {
         if let Some(Some(expires_at)) = patch.expires_at
             && expires_at <= now
         {
-            return Err(KeyError::FailedPrecondition(
-                "expires_at must be in the future",
+            return Err(KeyError::Refused(
+                Refusal::new(Reason::ExpiryInPast, "expires_at must be in the future")
+                    .with("field", "expires_at"),
             ));
         }
         // A member's team key stays within the team's policy as the update leaves it.
@@ -512,10 +516,17 @@ impl KeyLifecycle {
                     .get_service_account(&input.workspace_id, &input.owner.id)
                     .await?;
                 if account.is_none_or(|a| a.team_id != team.team_id) {
-                    return Err(KeyError::Refused(format!(
-                        "service account {} is not in team {team_id}",
-                        input.owner.id
-                    )));
+                    return Err(KeyError::Refused(
+                        Refusal::new(
+                            Reason::ServiceAccountNotInTeam,
+                            format!(
+                                "service account {} is not in team {team_id}",
+                                input.owner.id
+                            ),
+                        )
+                        .with("service_account_id", &input.owner.id)
+                        .with("team_id", team_id),
+                    ));
                 }
             }
             return Ok(());
@@ -591,23 +602,19 @@ impl KeyLifecycle {
         refusal: &SelfServiceRefusal,
         now: Micros,
     ) -> KeyError {
-        let why = refusal.reason(team_id);
+        let refusal = refusal.refusal(team_id);
         let recorded = self
             .store
             .record_denied(&DeniedAudit {
                 workspace_id: workspace_id.to_owned(),
                 key_id: key_id.map(str::to_owned),
-                context: acting.audit(action, why.clone()),
+                context: acting.audit(action, refusal.message.clone()),
                 occurred_at: now,
             })
             .await;
-        if let Err(e) = recorded {
-            return e.into();
-        }
-        if refusal.is_permission() {
-            KeyError::PermissionDenied(why)
-        } else {
-            KeyError::Refused(why)
+        match recorded {
+            Ok(()) => KeyError::Refused(refusal),
+            Err(e) => e.into(),
         }
     }
 
@@ -651,7 +658,11 @@ impl KeyLifecycle {
                 occurred_at: now,
             })
             .await?;
-        Err(KeyError::PermissionDenied(why))
+        Err(KeyError::Refused(
+            Refusal::new(Reason::ScopeCeilingExceeded, why)
+                .with("actor_id", &acting.actor.id)
+                .with("missing_scopes", missing.join(",")),
+        ))
     }
 
     fn invalidated(&self, changed: Changed) -> KeyRecord {

@@ -17,6 +17,7 @@ use crate::clock::Clock;
 use crate::crypto::{CryptoError, KekRing, Sealed};
 use crate::domain::ids;
 use crate::domain::provider_key::{self, Provider, ProviderKeyRecord};
+use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::workspace::{Plans, Workspace};
 use crate::keys::Acting;
 use crate::store::{AuditContext, AuditOutcome, DeniedAudit, Store, StoreError};
@@ -31,7 +32,7 @@ pub enum ProviderKeyError {
     #[error("workspace {0} does not exist")]
     WorkspaceNotFound(String),
     #[error("{0}")]
-    Refused(String),
+    Refused(Refusal),
     #[error("no {0} key is stored for this workspace")]
     NotFound(&'static str),
     #[error(transparent)]
@@ -111,7 +112,11 @@ impl ProviderKeys {
                     AuditOutcome::Denied,
                 )
                 .await?;
-            return Err(ProviderKeyError::Refused(why));
+            return Err(ProviderKeyError::Refused(
+                Refusal::new(Reason::PlanForbidsByok, why)
+                    .with("workspace_id", workspace_id)
+                    .with("plan", workspace.plan.display()),
+            ));
         }
         let record_id = ids::new_provider_key_id().map_err(|_| ProviderKeyError::Randomness)?;
         let aad = provider_key::associated_data(workspace_id, provider, &record_id);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::access_groups::{check_groups_exist, invalidate_committed};
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
+use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::events::EventHub;
 use crate::keys::{Acting, KeyError};
@@ -66,10 +67,17 @@ impl Teams {
             .await
         {
             Ok(()) => Ok(team),
-            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(format!(
-                "team {} exists already in workspace {}",
-                team.team_id, team.workspace_id
-            ))),
+            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(
+                Refusal::new(
+                    Reason::TeamAlreadyExists,
+                    format!(
+                        "team {} exists already in workspace {}",
+                        team.team_id, team.workspace_id
+                    ),
+                )
+                .with("workspace_id", &team.workspace_id)
+                .with("team_id", &team.team_id),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -141,10 +149,17 @@ impl Teams {
             .await
         {
             Ok(()) => Ok(account),
-            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(format!(
-                "service account {} exists already in workspace {workspace_id}",
-                account.service_account_id
-            ))),
+            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(
+                Refusal::new(
+                    Reason::ServiceAccountAlreadyExists,
+                    format!(
+                        "service account {} exists already in workspace {workspace_id}",
+                        account.service_account_id
+                    ),
+                )
+                .with("workspace_id", workspace_id)
+                .with("service_account_id", &account.service_account_id),
+            )),
             Err(e) => Err(e.into()),
         }
     }
@@ -180,9 +195,16 @@ impl Teams {
             )
             .await
         {
-            Err(StoreError::NotFound) => Err(KeyError::Refused(format!(
-                "service account {service_account_id} does not exist in workspace {workspace_id}"
-            ))),
+            Err(StoreError::NotFound) => Err(KeyError::Refused(
+                Refusal::new(
+                    Reason::ServiceAccountNotFound,
+                    format!(
+                        "service account {service_account_id} does not exist in workspace {workspace_id}"
+                    ),
+                )
+                .with("workspace_id", workspace_id)
+                .with("service_account_id", service_account_id),
+            )),
             other => Ok(other?),
         }
     }

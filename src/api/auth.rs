@@ -10,8 +10,10 @@ use serde::Deserialize;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 
+use super::error::refused;
 use crate::domain::base62;
 use crate::domain::key_format::KeyHash;
+use crate::domain::refusal::{Reason, Refusal};
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -90,7 +92,10 @@ impl CallerTokens {
     /// Who the caller is and what roles it holds, whatever it asks for.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Authenticated, Status> {
         let token = bearer(metadata).ok_or_else(|| {
-            Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            refused(Refusal::new(
+                Reason::CallerTokenMissing,
+                "missing `authorization: Bearer <token>` metadata",
+            ))
         })?;
         let presented = KeyHash::of(token);
         // Compare against every entry, without stopping at the first match.
@@ -100,7 +105,12 @@ impl CallerTokens {
                 found = Some(entry);
             }
         }
-        let entry = found.ok_or_else(|| Status::unauthenticated("unknown caller token"))?;
+        let entry = found.ok_or_else(|| {
+            refused(Refusal::new(
+                Reason::CallerTokenUnknown,
+                "unknown caller token",
+            ))
+        })?;
         Ok(Authenticated {
             name: entry.name.clone(),
             roles: entry.roles.clone(),
@@ -121,13 +131,28 @@ impl Authenticated {
         if self.roles.contains(&role) {
             Ok(Caller(self.name.clone()))
         } else {
-            Err(Status::permission_denied(format!(
-                "caller `{}` lacks the `{}` role this call needs",
-                self.name,
-                role.as_str()
-            )))
+            Err(refused(
+                Refusal::new(
+                    Reason::CallerRoleMissing,
+                    format!(
+                        "caller `{}` lacks the `{}` role this call needs",
+                        self.name,
+                        role.as_str()
+                    ),
+                )
+                .with("role", role.as_str()),
+            ))
         }
     }
+}
+
+/// A request that reached a service with no caller in its extensions: only when the
+/// service was mounted without its interceptor, so the caller is as good as missing.
+pub(crate) fn no_caller() -> Status {
+    refused(Refusal::new(
+        Reason::CallerTokenMissing,
+        "no authenticated caller",
+    ))
 }
 
 /// The role check of a method behind [`Authenticate`].
@@ -135,7 +160,7 @@ pub fn require<T>(request: &Request<T>, role: Role) -> Result<Caller, Status> {
     request
         .extensions()
         .get::<Authenticated>()
-        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))?
+        .ok_or_else(no_caller)?
         .require(role)
 }
 

@@ -1,22 +1,123 @@
 //! The one place errors become gRPC statuses.
 //!
-//! INVALID_ARGUMENT carries google.rpc.BadRequest field violations; faults become
-//! UNAVAILABLE (retry) or INTERNAL with a generic message, the details going to the log
-//! only (they never hold a secret: the store never sees one).
+//! Every status the server produces is built by [`refused`] from a [`Refusal`]: the
+//! reason decides the code ([`code`]) and whether a retry is suggested ([`retry_delay`]),
+//! and the status carries a google.rpc.ErrorInfo (the reason, domain `keywarden.dev`, the
+//! refusal's metadata), plus google.rpc.RetryInfo where waiting and trying again can
+//! succeed. INVALID_ARGUMENT also carries google.rpc.BadRequest field violations. Faults
+//! become UNAVAILABLE (retry) or INTERNAL with a generic message, the details going to the
+//! log only (they never hold a secret: the store never sees one). `docs/errors.md` lists
+//! the reasons for clients.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::Violations;
 use crate::keys::KeyError;
 use crate::store::StoreError;
 use crate::workspaces::WorkspaceError;
+
+/// The ErrorInfo `domain` of every reason.
+pub const ERROR_DOMAIN: &str = "keywarden.dev";
+
+/// The gRPC code a reason travels with: one code per reason, whoever refuses.
+pub fn code(reason: Reason) -> Code {
+    use Reason::*;
+    match reason {
+        CallerTokenMissing | CallerTokenUnknown => Code::Unauthenticated,
+        CallerRoleMissing
+        | ScopeCeilingExceeded
+        | SelfServiceDisabled
+        | SelfServiceKeyLimitReached => Code::PermissionDenied,
+        PlanForbidsApiKeys
+        | PlanForbidsByok
+        | KekNotConfigured
+        | TeamBudgetCeilingExceeded
+        | TeamExpiryRequired
+        | TeamExpiryTooFar
+        | TeamRateLimitCeilingExceeded
+        | AccessGroupsMissing
+        | AccessGroupInUse
+        | ServiceAccountNotInTeam
+        | ServiceAccountOwnsKeys
+        | KeyRevoked
+        | KeyExpired
+        | ExpiryInPast
+        // Taken names of teams, groups and service accounts have always been refused as
+        // FAILED_PRECONDITION; clients tell them apart by the reason.
+        | TeamAlreadyExists
+        | AccessGroupAlreadyExists
+        | ServiceAccountAlreadyExists => Code::FailedPrecondition,
+        KeyNotFound
+        | WorkspaceNotFound
+        | TeamNotFound
+        | AccessGroupNotFound
+        | ServiceAccountNotFound
+        | ProviderKeyNotFound
+        | ResourceNotFound => Code::NotFound,
+        WorkspaceAlreadyExists | ResourceAlreadyExists => Code::AlreadyExists,
+        InvalidRequest => Code::InvalidArgument,
+        StreamSubscriberTooSlow => Code::Aborted,
+        StorageUnavailable | RateLimitBackendUnavailable | ServerShuttingDown => {
+            Code::Unavailable
+        }
+        InternalError => Code::Internal,
+    }
+}
+
+/// How long to wait before trying again, for the reasons where trying again can succeed
+/// with nothing changed: a backend that did not answer, a replica going away, a stream
+/// subscriber that can resume at once (a short pause lets it drain). Never for a policy
+/// refusal: the same request would be refused again.
+pub fn retry_delay(reason: Reason) -> Option<Duration> {
+    match reason {
+        Reason::StorageUnavailable
+        | Reason::RateLimitBackendUnavailable
+        | Reason::ServerShuttingDown => Some(Duration::from_secs(1)),
+        Reason::StreamSubscriberTooSlow => Some(Duration::from_millis(100)),
+        _ => None,
+    }
+}
+
+/// The one way a refusal becomes a status.
+pub fn refused(refusal: Refusal) -> Status {
+    with_details(refusal, ErrorDetails::new())
+}
+
+/// [`refused`], adding ErrorInfo and RetryInfo to `details` (which may hold a BadRequest).
+fn with_details(refusal: Refusal, mut details: ErrorDetails) -> Status {
+    let reason = refusal.reason;
+    let metadata: HashMap<String, String> = refusal
+        .metadata
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    details.set_error_info(reason.as_str(), ERROR_DOMAIN, metadata);
+    if let Some(delay) = retry_delay(reason) {
+        details.set_retry_info(Some(delay));
+    }
+    Status::with_error_details(code(reason), refusal.message, details)
+}
+
+/// A fault: the reason with a fixed, generic message (what went wrong is logged by the
+/// caller, never sent).
+fn fault(reason: Reason, message: &str) -> Status {
+    refused(Refusal::new(reason, message))
+}
 
 /// The message and the details both travel in the trailers, and clients bound the size of
 /// those (hyper's default is 16 KiB, gRPC core's 8 KiB); a reply past the bound costs the
 /// client its whole connection. A request can hold any number of wrong fields (every
 /// `update_mask` path may be unknown), so the report is cut at this many bytes as sent.
 const MAX_REPORT_BYTES: usize = 6 * 1024;
+
+/// What the ErrorInfo beside the violations costs at most (its reason, domain and a count),
+/// base64-encoded: taken from the report's budget.
+const ERROR_INFO_BYTES: usize = 128;
 
 /// What one violation costs in the trailers: percent-encoded in `grpc-message` (bytes
 /// outside printable ASCII take three), then base64-encoded twice over in
@@ -37,7 +138,7 @@ fn report_bytes(v: &crate::domain::validate::FieldViolation) -> usize {
 
 pub fn invalid_argument(violations: Violations) -> Status {
     let total = violations.0.len();
-    let mut budget = MAX_REPORT_BYTES;
+    let mut budget = MAX_REPORT_BYTES - ERROR_INFO_BYTES;
     let reported: Vec<_> = violations
         .0
         .into_iter()
@@ -68,9 +169,12 @@ pub fn invalid_argument(violations: Violations) -> Status {
             .map(|v| FieldViolation::new(v.field, v.description))
             .collect::<Vec<_>>(),
     );
-    Status::with_error_details(
-        Code::InvalidArgument,
-        format!("invalid request: {message}"),
+    with_details(
+        Refusal::new(
+            Reason::InvalidRequest,
+            format!("invalid request: {message}"),
+        )
+        .with("violations", total),
         details,
     )
 }
@@ -88,42 +192,56 @@ pub fn check(violations: Violations) -> Result<(), Status> {
 /// violation, so the value is there once the check has passed.
 pub fn checked<T>(violations: Violations, value: Option<T>) -> Result<T, Status> {
     check(violations)?;
-    value.ok_or_else(|| Status::invalid_argument("invalid request"))
+    value.ok_or_else(|| fault(Reason::InvalidRequest, "invalid request"))
 }
 
 pub fn store_status(e: &StoreError) -> Status {
     match e {
-        StoreError::NotFound => Status::not_found("not found"),
-        StoreError::Precondition(why) => Status::failed_precondition(*why),
-        StoreError::AlreadyExists => Status::already_exists("already exists"),
+        StoreError::NotFound => fault(Reason::ResourceNotFound, "not found"),
+        StoreError::Precondition(refusal) => refused(refusal.clone()),
+        StoreError::AlreadyExists => fault(Reason::ResourceAlreadyExists, "already exists"),
         StoreError::Unavailable(_) => {
             tracing::warn!(error = %e, "storage unavailable");
-            Status::unavailable("storage is unavailable; retry later")
+            fault(
+                Reason::StorageUnavailable,
+                "storage is unavailable; retry later",
+            )
         }
         _ => {
             tracing::error!(error = %e, "storage error");
-            Status::internal("internal error")
+            internal()
         }
     }
+}
+
+/// INTERNAL with nothing to say: the cause is logged where it happened.
+pub fn internal() -> Status {
+    fault(Reason::InternalError, "internal error")
 }
 
 impl From<KeyError> for Status {
     fn from(e: KeyError) -> Self {
         match e {
-            KeyError::PermissionDenied(why) => Status::permission_denied(why),
-            KeyError::NotFound => Status::not_found("key not found"),
-            KeyError::FailedPrecondition(why) => Status::failed_precondition(why),
-            KeyError::Refused(why) => Status::failed_precondition(why),
-            KeyError::WorkspaceNotFound(id) => {
-                Status::not_found(format!("workspace {id} does not exist"))
-            }
-            KeyError::TeamNotFound(id) => {
-                Status::not_found(format!("team {id} does not exist in this workspace"))
-            }
+            KeyError::Refused(refusal) => refused(refusal),
+            KeyError::NotFound => fault(Reason::KeyNotFound, "key not found"),
+            KeyError::WorkspaceNotFound(id) => refused(
+                Refusal::new(
+                    Reason::WorkspaceNotFound,
+                    format!("workspace {id} does not exist"),
+                )
+                .with("workspace_id", id),
+            ),
+            KeyError::TeamNotFound(id) => refused(
+                Refusal::new(
+                    Reason::TeamNotFound,
+                    format!("team {id} does not exist in this workspace"),
+                )
+                .with("team_id", id),
+            ),
             KeyError::Store(e) => store_status(&e),
             KeyError::Randomness => {
                 tracing::error!("the OS random source failed");
-                Status::internal("internal error")
+                internal()
             }
         }
     }
@@ -131,9 +249,14 @@ impl From<KeyError> for Status {
 
 impl From<WorkspaceError> for Status {
     fn from(e: WorkspaceError) -> Self {
+        let message = e.to_string();
         match e {
-            WorkspaceError::NotFound(_) => Status::not_found(e.to_string()),
-            WorkspaceError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            WorkspaceError::NotFound(id) => {
+                refused(Refusal::new(Reason::WorkspaceNotFound, message).with("workspace_id", id))
+            }
+            WorkspaceError::AlreadyExists(id) => refused(
+                Refusal::new(Reason::WorkspaceAlreadyExists, message).with("workspace_id", id),
+            ),
             WorkspaceError::Store(e) => store_status(&e),
         }
     }
@@ -152,6 +275,90 @@ mod tests {
             .into_iter()
             .map(|v| v.field)
             .collect()
+    }
+
+    fn screaming(code: Code) -> String {
+        let mut out = String::new();
+        for (i, c) in format!("{code:?}").chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
+
+    fn delay_text(delay: Option<Duration>) -> String {
+        match delay {
+            None => "no".to_owned(),
+            Some(d) if d.subsec_millis() == 0 => format!("yes, {} s", d.as_secs()),
+            Some(d) => format!("yes, {} ms", d.as_millis()),
+        }
+    }
+
+    /// docs/errors.md is the contract clients read: every reason has exactly one row, and
+    /// the row's code and retry are what the server sends.
+    #[test]
+    fn the_documented_table_matches_every_reason() {
+        let doc = include_str!("../../docs/errors.md");
+        let rows: Vec<Vec<&str>> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+            .collect();
+        let documented: Vec<&str> = rows.iter().map(|r| r[0].trim_matches('`')).collect();
+        let expected: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(documented, expected, "one row per reason, in order");
+        for (row, reason) in rows.iter().zip(Reason::ALL) {
+            assert_eq!(
+                row[1].trim_matches('`'),
+                screaming(code(*reason)),
+                "{reason}"
+            );
+            assert_eq!(row[3], delay_text(retry_delay(*reason)), "{reason}");
+        }
+    }
+
+    #[test]
+    fn every_status_carries_its_reason_and_a_retry_only_where_one_helps() {
+        for reason in Reason::ALL {
+            let status = refused(Refusal::new(*reason, "why").with("team_id", "team_ml"));
+            assert_eq!(status.code(), code(*reason));
+            assert_eq!(status.message(), "why");
+            let info = status.get_details_error_info().unwrap();
+            assert_eq!(info.reason, reason.as_str());
+            assert_eq!(info.domain, ERROR_DOMAIN);
+            assert_eq!(
+                info.metadata.get("team_id").map(String::as_str),
+                Some("team_ml")
+            );
+            let retry = status.get_details_retry_info().map(|r| r.retry_delay);
+            assert_eq!(retry, retry_delay(*reason).map(Some), "{reason}");
+        }
+        // Policy refusals never suggest a retry.
+        for reason in [
+            Reason::ScopeCeilingExceeded,
+            Reason::TeamExpiryTooFar,
+            Reason::PlanForbidsApiKeys,
+            Reason::InvalidRequest,
+        ] {
+            assert_eq!(retry_delay(reason), None);
+        }
+    }
+
+    #[test]
+    fn invalid_argument_carries_the_violations_and_the_reason() {
+        let mut v = Violations::default();
+        v.add("name", "is required");
+        let status = invalid_argument(v);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INVALID_REQUEST");
+        assert_eq!(
+            info.metadata.get("violations").map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(fields(&status), ["name"]);
     }
 
     #[test]

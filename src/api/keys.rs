@@ -41,7 +41,7 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Result<Arc<str>, Status> {
         .extensions()
         .get::<Caller>()
         .map(|c| c.0.clone())
-        .ok_or_else(|| Status::unauthenticated("no authenticated caller"))
+        .ok_or_else(super::auth::no_caller)
 }
 
 fn page_token_field<T>(

@@ -9,8 +9,9 @@ use zeroize::Zeroizing;
 
 use super::auth::{Role, require};
 use super::convert;
-use super::error::{check, checked, store_status};
+use super::error::{check, checked, internal, refused, store_status};
 use crate::domain::provider_key::{self, Provider, ProviderKeyRecord};
+use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::Violations;
 use crate::keys::Acting;
 use crate::proto;
@@ -32,17 +33,20 @@ impl ProviderKeyApi {
 
 impl From<ProviderKeyError> for Status {
     fn from(e: ProviderKeyError) -> Self {
+        let message = e.to_string();
         match e {
-            ProviderKeyError::NoKek | ProviderKeyError::Refused(_) => {
-                Status::failed_precondition(e.to_string())
+            ProviderKeyError::NoKek => refused(Refusal::new(Reason::KekNotConfigured, message)),
+            ProviderKeyError::Refused(refusal) => refused(refusal),
+            ProviderKeyError::WorkspaceNotFound(id) => {
+                refused(Refusal::new(Reason::WorkspaceNotFound, message).with("workspace_id", id))
             }
-            ProviderKeyError::WorkspaceNotFound(_) | ProviderKeyError::NotFound(_) => {
-                Status::not_found(e.to_string())
-            }
+            ProviderKeyError::NotFound(provider) => refused(
+                Refusal::new(Reason::ProviderKeyNotFound, message).with("provider", provider),
+            ),
             ProviderKeyError::Store(e) => store_status(&e),
             ProviderKeyError::Crypto(_) | ProviderKeyError::Randomness => {
-                tracing::error!(error = %e, "provider key operation failed");
-                Status::internal("internal error")
+                tracing::error!(error = %message, "provider key operation failed");
+                internal()
             }
         }
     }

@@ -18,8 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::error::{check, store_status};
+use super::error::{check, refused, store_status};
 use crate::domain::event::{EventKind, KeyEvent};
+use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::Violations;
 use crate::events::EventHub;
 use crate::proto;
@@ -100,10 +101,16 @@ impl Subscription {
     }
 
     fn behind(&self) -> Status {
-        Status::aborted(format!(
-            "subscriber fell too far behind; resume with after_seq={}",
-            self.cursor
-        ))
+        refused(
+            Refusal::new(
+                Reason::StreamSubscriberTooSlow,
+                format!(
+                    "subscriber fell too far behind; resume with after_seq={}",
+                    self.cursor
+                ),
+            )
+            .with("after_seq", self.cursor),
+        )
     }
 
     fn filtered_out(&self, event: &KeyEvent) -> bool {
@@ -141,10 +148,16 @@ impl Subscription {
     }
 
     fn shutting_down(&self) -> Flow {
-        let _ = self.out.try_send(Err(Status::unavailable(format!(
-            "server shutting down; resume with after_seq={}",
-            self.cursor
-        ))));
+        let _ = self.out.try_send(Err(refused(
+            Refusal::new(
+                Reason::ServerShuttingDown,
+                format!(
+                    "server shutting down; resume with after_seq={}",
+                    self.cursor
+                ),
+            )
+            .with("after_seq", self.cursor),
+        )));
         Flow::End
     }
 

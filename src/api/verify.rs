@@ -5,9 +5,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::error::{check, store_status};
+use super::error::{check, refused, store_status};
 use crate::domain::access;
 use crate::domain::key::{self, VerifyCode};
+use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::{MAX_COST, MAX_USAGE, Violations};
 use crate::proto;
 use crate::proto::verify_service_server::VerifyService;
@@ -29,7 +30,10 @@ pub(crate) fn verify_status(e: &VerifyError) -> Status {
         VerifyError::Store(e) => store_status(e),
         VerifyError::Limiter(e) => {
             tracing::warn!(error = %e, "no rate-limit decision");
-            Status::unavailable("rate-limit backend unavailable; retry")
+            refused(Refusal::new(
+                Reason::RateLimitBackendUnavailable,
+                "rate-limit backend unavailable; retry",
+            ))
         }
     }
 }
@@ -137,7 +141,11 @@ impl VerifyService for VerifyApi {
             .report_usage(&r.key_id, r.tokens, r.spend_micros)
             .await
             .map_err(|e| verify_status(&e))?
-            .ok_or_else(|| Status::not_found("key not found"))?;
+            .ok_or_else(|| {
+                refused(
+                    Refusal::new(Reason::KeyNotFound, "key not found").with("key_id", &r.key_id),
+                )
+            })?;
         Ok(Response::new(proto::ReportUsageResponse {
             spent_micros: spent,
         }))

@@ -14,6 +14,7 @@ pub mod key;
 pub mod key_format;
 pub mod limits;
 pub mod provider_key;
+pub mod refusal;
 pub mod scopes;
 pub mod team;
 pub mod validate;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::access::ResourceAccess;
 use super::limits::{LimitUnit, LimitWindow, RateLimit};
+use super::refusal::{Reason, Refusal};
 use super::{MICROS_PER_SECOND, Micros};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,13 +97,39 @@ pub enum SelfServiceRefusal {
 }
 
 impl SelfServiceRefusal {
-    /// Whether the refusal is about who may act (PERMISSION_DENIED) rather than about the
-    /// key asked for (FAILED_PRECONDITION).
-    pub fn is_permission(&self) -> bool {
-        matches!(
-            self,
-            SelfServiceRefusal::Disabled | SelfServiceRefusal::TooManyKeys { .. }
-        )
+    /// The refusal as a client sees it: a member who may not act at all
+    /// (SELF_SERVICE_DISABLED, SELF_SERVICE_KEY_LIMIT_REACHED: PERMISSION_DENIED) or a key
+    /// outside the policy (the TEAM_* reasons: FAILED_PRECONDITION), with the team and the
+    /// field or limit at fault.
+    pub fn refusal(&self, team_id: &str) -> Refusal {
+        let message = self.reason(team_id);
+        let refusal = match self {
+            SelfServiceRefusal::Disabled => Refusal::new(Reason::SelfServiceDisabled, message),
+            SelfServiceRefusal::TooManyKeys { max } => {
+                Refusal::new(Reason::SelfServiceKeyLimitReached, message)
+                    .with("max_keys_per_user", max)
+            }
+            SelfServiceRefusal::BudgetAboveCeiling { ceiling } => {
+                Refusal::new(Reason::TeamBudgetCeilingExceeded, message)
+                    .with("field", "max_budget_micros")
+                    .with("max_budget_micros", ceiling)
+            }
+            SelfServiceRefusal::ExpiryRequired => {
+                Refusal::new(Reason::TeamExpiryRequired, message).with("field", "expires_at")
+            }
+            SelfServiceRefusal::ExpiryTooFar { max_days } => {
+                Refusal::new(Reason::TeamExpiryTooFar, message)
+                    .with("field", "expires_at")
+                    .with("max_expiry_days", max_days)
+            }
+            SelfServiceRefusal::RateLimitAboveCeiling { ceiling } => {
+                Refusal::new(Reason::TeamRateLimitCeilingExceeded, message)
+                    .with("field", "rate_limits")
+                    .with("limit", ceiling.name())
+                    .with("ceiling", ceiling.limit)
+            }
+        };
+        refusal.with("team_id", team_id)
     }
 
     pub fn reason(&self, team_id: &str) -> String {
@@ -267,7 +294,7 @@ mod tests {
         ] {
             let refused = check_self_service(&policy, &key, 0, 0).unwrap_err();
             assert_eq!(refused, refusal);
-            assert!(!refused.is_permission());
+            assert!(refused.refusal("t").reason.as_str().starts_with("TEAM_"));
         }
         policy.self_service_enabled = false;
         assert_eq!(

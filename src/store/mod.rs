@@ -43,9 +43,10 @@ pub struct PoolStats {
 pub enum StoreError {
     #[error("not found")]
     NotFound,
-    /// The mutation is not allowed in the key's current state.
+    /// The mutation is not allowed in the current state (a revoked key, a group in use...),
+    /// with the reason the client sees.
     #[error("{0}")]
-    Precondition(&'static str),
+    Precondition(crate::domain::refusal::Refusal),
     /// What the mutation would create exists already.
     #[error("already exists")]
     AlreadyExists,

@@ -828,10 +828,22 @@ macro_rules! impl_store {
                 let mut key = Self::locked_key(&mut tx, key_id).await?;
                 match key.status(now) {
                     KeyStatus::Revoked => {
-                        return Err(crate::store::StoreError::Precondition("key is revoked"));
+                        return Err(crate::store::StoreError::Precondition(
+                            crate::domain::refusal::Refusal::new(
+                                crate::domain::refusal::Reason::KeyRevoked,
+                                "key is revoked",
+                            )
+                            .with("key_id", key_id),
+                        ));
                     }
                     KeyStatus::Expired => {
-                        return Err(crate::store::StoreError::Precondition("key has expired"));
+                        return Err(crate::store::StoreError::Precondition(
+                            crate::domain::refusal::Refusal::new(
+                                crate::domain::refusal::Reason::KeyExpired,
+                                "key has expired",
+                            )
+                            .with("key_id", key_id),
+                        ));
                     }
                     KeyStatus::Active => {}
                 }
@@ -1554,12 +1566,20 @@ macro_rules! impl_store {
                 .await?;
                 if users > 0 {
                     return Err(crate::store::StoreError::Precondition(
-                        "the access group is referenced by keys: change them first",
+                        crate::domain::refusal::Refusal::new(
+                            crate::domain::refusal::Reason::AccessGroupInUse,
+                            "the access group is referenced by keys: change them first",
+                        )
+                        .with("access_group", name),
                     ));
                 }
                 if !Self::teams_naming_group(&mut tx, workspace_id, name).await?.is_empty() {
                     return Err(crate::store::StoreError::Precondition(
-                        "the access group is referenced by a team's reach: change it first",
+                        crate::domain::refusal::Refusal::new(
+                            crate::domain::refusal::Reason::AccessGroupInUse,
+                            "the access group is referenced by a team's reach: change it first",
+                        )
+                        .with("access_group", name),
                     ));
                 }
                 let deleted = sqlx::query(
@@ -1802,7 +1822,11 @@ macro_rules! impl_store {
                 .await?;
                 if owned > 0 {
                     return Err(crate::store::StoreError::Precondition(
-                        "the service account owns keys that are not revoked: revoke or delete them first",
+                        crate::domain::refusal::Refusal::new(
+                            crate::domain::refusal::Reason::ServiceAccountOwnsKeys,
+                            "the service account owns keys that are not revoked: revoke or delete them first",
+                        )
+                        .with("service_account_id", service_account_id),
                     ));
                 }
                 let deleted = sqlx::query(

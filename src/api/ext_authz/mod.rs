@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use self::reply::{Allowed, Denial};
 use self::settings::ExtAuthzSettings;
+use super::error::internal;
 use super::verify::verify_status;
 use crate::domain::key;
 use crate::verify::Verifier;
@@ -66,7 +67,8 @@ impl ExtAuthzApi {
             None => {
                 let Some(entry) = verdict.key.as_ref() else {
                     // VALID always names its key; refuse rather than pass an anonymous call.
-                    return Err(Status::internal("verification answered without a key"));
+                    tracing::error!("verification answered VALID without a key");
+                    return Err(internal());
                 };
                 Ok(reply::allowed(
                     &Allowed {
