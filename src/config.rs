@@ -139,7 +139,7 @@ pub struct TransportConfig {
 impl Default for TransportConfig {
     fn default() -> Self {
         TransportConfig {
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_streams: None,
             request_timeout_ms: 30_000,
             http2_keepalive_interval_seconds: 30,
