@@ -240,3 +240,46 @@ async fn a_call_past_its_deadline_is_abandoned_and_writes_nothing() {
     app.issue().await;
     pool.close().await;
 }
+
+/// `transport.max_concurrent_streams` bounds the calls one connection carries at once: with
+/// a limit of one, an open WatchRevocations stream holds the connection's only stream, so
+/// a Ping on the same connection waits (and runs out its deadline); once the stream ends,
+/// the Ping goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_connection_are_bounded() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.transport.max_concurrent_streams = Some(1)
+    })
+    .await;
+    let channel = channel_to(app.server()).await;
+    let mut stream = edge_client(channel.clone(), EDGE_TOKEN)
+        .watch_revocations(proto::WatchRevocationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // The stream is open (its first message, a heartbeat or reset, has arrived).
+    stream.message().await.unwrap();
+    let mut ping = tonic::Request::new(proto::PingRequest::default());
+    ping.set_timeout(Duration::from_millis(500));
+    let waited = VerifyServiceClient::with_interceptor(channel.clone(), bearer(VERIFIER_TOKEN))
+        .ping(ping)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(waited.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{waited:?}"
+    );
+    drop(stream);
+    ping_with_retry(channel).await;
+}
+
+/// A Ping that succeeds once the connection has a free stream again.
+async fn ping_with_retry(channel: Channel) {
+    for _ in 0..50 {
+        if ping(channel.clone()).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the connection never freed its stream");
+}
