@@ -459,6 +459,13 @@ pub async fn start_with_store(
             let bound = listener.local_addr()?;
             let refresh =
                 refresh_gauges(cache.clone(), hub.clone(), store.clone(), limiter_failures);
+            // Histogram samples are held until folded: fold them every few seconds, so
+            // memory stays flat whether or not anyone scrapes.
+            tokio::spawn(
+                metrics
+                    .clone()
+                    .keep_up(std::time::Duration::from_secs(5), hub.stopping()),
+            );
             let mut stop = hub.stopping();
             tokio::spawn(async move {
                 let stopped = async move {
