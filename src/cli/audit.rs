@@ -42,25 +42,20 @@ struct ListArgs {
 pub async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
     let AuditCommand::List(a) = args.command;
     let session = Session::open(&args.conn).await?;
-    let mut events = Vec::new();
-    let mut page_token = a.page_token.unwrap_or_default();
-    let next_page_token = loop {
-        let page = session
-            .keys()
-            .list_audit_events(proto::ListAuditEventsRequest {
+    let (events, next_page_token) =
+        super::pages(a.page_token.unwrap_or_default(), a.all, |page_token| {
+            let request = proto::ListAuditEventsRequest {
                 workspace_id: a.workspace.clone(),
                 page_size: a.page_size.unwrap_or(0),
-                page_token: page_token.clone(),
-            })
-            .await?
-            .into_inner();
-        events.extend(page.events);
-        // A server that hands back the token it was given would loop forever.
-        if !a.all || page.next_page_token.is_empty() || page.next_page_token == page_token {
-            break page.next_page_token;
-        }
-        page_token = page.next_page_token;
-    };
+                page_token,
+            };
+            let mut client = session.keys();
+            async move {
+                let page = client.list_audit_events(request).await?.into_inner();
+                Ok((page.events, page.next_page_token))
+            }
+        })
+        .await?;
     match session.format {
         Format::Json => output::emit_json(&json!({
             "events": events.iter().map(output::audit_event_json).collect::<Vec<_>>(),

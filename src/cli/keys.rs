@@ -354,12 +354,9 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<(), CliError> {
 }
 
 async fn list(session: &Session, a: ListArgs) -> Result<(), CliError> {
-    let mut keys = Vec::new();
-    let mut page_token = a.page_token.unwrap_or_default();
-    let next_page_token = loop {
-        let page = session
-            .keys()
-            .list_keys(proto::ListKeysRequest {
+    let (keys, next_page_token) =
+        super::pages(a.page_token.unwrap_or_default(), a.all, |page_token| {
+            let request = proto::ListKeysRequest {
                 workspace_id: a.workspace.clone(),
                 owner: a.owner.clone(),
                 status: a
@@ -367,19 +364,17 @@ async fn list(session: &Session, a: ListArgs) -> Result<(), CliError> {
                     .map(status)
                     .unwrap_or(proto::KeyStatus::Unspecified) as i32,
                 page_size: a.page_size.unwrap_or(0),
-                page_token: page_token.clone(),
+                page_token,
                 unused_since: a.unused_since,
                 actor: None,
-            })
-            .await?
-            .into_inner();
-        keys.extend(page.keys);
-        // A server that hands back the token it was given would loop forever.
-        if !a.all || page.next_page_token.is_empty() || page.next_page_token == page_token {
-            break page.next_page_token;
-        }
-        page_token = page.next_page_token;
-    };
+            };
+            let mut client = session.keys();
+            async move {
+                let page = client.list_keys(request).await?.into_inner();
+                Ok((page.keys, page.next_page_token))
+            }
+        })
+        .await?;
     match session.format {
         Format::Json => output::emit_json(&json!({
             "keys": keys.iter().map(output::key_info_json).collect::<Vec<_>>(),

@@ -329,6 +329,31 @@ fn warn_shown_once() {
     );
 }
 
+/// One page from `first` (empty: the first page), or with `all` every page after it:
+/// `fetch` asks for the page at a token and gives its items and the next token. Returns
+/// the items and the token of the first page not fetched (empty: none left).
+async fn pages<T, F, Fut>(
+    first: String,
+    all: bool,
+    mut fetch: F,
+) -> Result<(Vec<T>, String), CliError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), CliError>>,
+{
+    let mut items = Vec::new();
+    let mut token = first;
+    loop {
+        let (page, next) = fetch(token.clone()).await?;
+        items.extend(page);
+        // A server that hands back the token it was given would loop forever.
+        if !all || next.is_empty() || next == token {
+            return Ok((items, next));
+        }
+        token = next;
+    }
+}
+
 /// Now plus `d`, as a timestamp (for `--expires-in`).
 fn in_future(d: Duration) -> prost_types::Timestamp {
     let at = std::time::SystemTime::now() + d;
