@@ -6,7 +6,9 @@
 //! touches is registered once at start and kept here: recording is an atomic add (a
 //! counter) or a lock-free push (a histogram), with no lookup by name per call. Figures
 //! that are state rather than events (cache size, subscribers, pool connections) are read
-//! when a scrape comes in.
+//! when a scrape comes in. The exporter keeps each histogram's raw samples until upkeep
+//! folds them into buckets, so [`Metrics::keep_up`] runs it every few seconds: without
+//! it, a replica nobody scrapes would grow with every call (and measurably slow down).
 //!
 //! **No label ever carries a secret or a key id**: labels are the VerifyKey code, the
 //! gRPC method path (from the server's own routes; any other path is counted as `other`),
