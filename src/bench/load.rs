@@ -2,10 +2,13 @@
 //! a fixed time (or number of calls), closed-loop at full speed or paced at a fixed total
 //! rate, and record each call's latency in an HDR histogram.
 //!
-//! Paced runs measure latency from when a call *should* have started, not when it did,
-//! so a stalled server cannot hide its stall (no coordinated omission). The one exception
-//! is the timer's own resolution (1 ms): a call that starts within [`TIMER_SLACK`] of its
-//! slot is timed from its actual start.
+//! Paced runs are open-loop: a pacer thread releases evenly spaced slots (`1 / rate`
+//! apart) and the first free task takes the next one, and a call is timed from its slot,
+//! not from when a task got round to it, so a stalled server or client cannot hide its
+//! stall (no coordinated omission). The pacer is an OS thread sleeping to each slot rather
+//! than Tokio timers: those tick in whole milliseconds, so at tens of thousands of calls a
+//! second every task due in one millisecond would fire at once, a burst the server never
+//! sees from real traffic and whose queue would be charged as latency.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
 #[derive(Clone, Debug)]
 pub struct LoadSpec {
@@ -40,9 +44,6 @@ pub struct LoadResult {
     pub max_us: u64,
 }
 
-/// How late a paced call may start before the wait counts as the server's.
-const TIMER_SLACK: Duration = Duration::from_millis(2);
-
 fn new_histogram() -> Histogram<u64> {
     // 1 µs to 60 s at 3 significant figures: constant bounds that are valid.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid constant histogram bounds")
@@ -58,23 +59,28 @@ where
     let issued = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + spec.duration;
+    let pacer = spec
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|rate| Pacer::start(rate, start, deadline));
     let mut tasks = Vec::with_capacity(spec.concurrency);
     for task in 0..spec.concurrency {
         let call = call.clone();
         let issued = issued.clone();
         let max = spec.max_requests;
-        let concurrency = spec.concurrency as f64;
-        let interval = spec
-            .rate
-            .filter(|r| *r > 0.0)
-            .map(|r| Duration::from_secs_f64(spec.concurrency as f64 / r));
+        let slots = pacer.as_ref().map(|p| p.slots.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = new_histogram();
             let mut errors = 0u64;
             let mut n = 0u64;
-            // Spread the paced tasks' first calls over one interval.
-            let mut next = interval.map(|i| start + i.mul_f64(task as f64 / concurrency));
             loop {
+                let began = match &slots {
+                    Some(slots) => match slots.next().await {
+                        Some(at) => at,
+                        None => break,
+                    },
+                    None => Instant::now(),
+                };
                 if Instant::now() >= deadline {
                     break;
                 }
@@ -83,23 +89,6 @@ where
                 {
                     break;
                 }
-                let began = match (next, interval) {
-                    (Some(at), Some(i)) => {
-                        tokio::time::sleep_until(at.into()).await;
-                        next = Some(at + i);
-                        // Tokio's timer ticks in whole milliseconds: a call woken within
-                        // that slack of its slot is timed from when it actually started
-                        // (the lateness is the generator's); a later one from its slot,
-                        // so a stalled server is still charged for the wait.
-                        let woke = Instant::now();
-                        if woke.saturating_duration_since(at) <= TIMER_SLACK {
-                            woke
-                        } else {
-                            at
-                        }
-                    }
-                    _ => Instant::now(),
-                };
                 if call(task, n).await.is_err() {
                     errors += 1;
                 }
@@ -118,6 +107,9 @@ where
             errors += e;
         }
     }
+    if let Some(pacer) = pacer {
+        pacer.stop();
+    }
     let seconds = start.elapsed().as_secs_f64();
     let requests = hist.len();
     LoadResult {
@@ -131,5 +123,76 @@ where
         p99_us: hist.value_at_quantile(0.99),
         p999_us: hist.value_at_quantile(0.999),
         max_us: hist.max(),
+    }
+}
+
+/// The slots of a paced run, shared by its tasks: each permit of `released` is one slot
+/// that has come due, and `taken` numbers them in order.
+struct Slots {
+    released: Semaphore,
+    taken: AtomicU64,
+    start: Instant,
+    rate: f64,
+}
+
+impl Slots {
+    /// Waits for the next due slot and returns the instant it was due at; `None` once
+    /// the run is over.
+    async fn next(&self) -> Option<Instant> {
+        self.released.acquire().await.ok()?.forget();
+        let slot = self.taken.fetch_add(1, Ordering::Relaxed);
+        Some(self.start + Duration::from_secs_f64(slot as f64 / self.rate))
+    }
+}
+
+/// The thread that releases slots as they come due.
+struct Pacer {
+    slots: Arc<Slots>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pacer {
+    fn start(rate: f64, start: Instant, deadline: Instant) -> Pacer {
+        let slots = Arc::new(Slots {
+            released: Semaphore::new(0),
+            taken: AtomicU64::new(0),
+            start,
+            rate,
+        });
+        let thread = {
+            let slots = slots.clone();
+            std::thread::spawn(move || {
+                let mut released = 0u64;
+                loop {
+                    let now = Instant::now();
+                    if now >= deadline || slots.released.is_closed() {
+                        break;
+                    }
+                    // Every slot due by now, at once if this thread woke late.
+                    let due = ((now - start).as_secs_f64() * rate) as u64 + 1;
+                    if due > released {
+                        let more = usize::try_from(due - released).unwrap_or(usize::MAX);
+                        slots
+                            .released
+                            .add_permits(more.min(Semaphore::MAX_PERMITS / 2));
+                        released = due;
+                    }
+                    let next = start + Duration::from_secs_f64(released as f64 / rate);
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                slots.released.close();
+            })
+        };
+        Pacer {
+            slots,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.slots.released.close();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

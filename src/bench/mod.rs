@@ -427,9 +427,18 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     warm(&clients, &pools).await;
 
     if wants(args, Scenario::Noop) {
-        let r = noop(args, &clients).await;
+        let r = noop(&spec(args), &clients).await;
         print_line("noop", &r);
+        // The same pacing as verify-hit's half-load run: the tail the transport, the
+        // client and this machine impose on any RPC, which VerifyKey's cannot beat.
+        let half = LoadSpec {
+            rate: Some(r.throughput / 2.0),
+            ..spec(args)
+        };
         run.noop = Some(r);
+        let r = noop(&half, &clients).await;
+        print_line("noop at half load", &r);
+        run.noop_half_load = Some(r);
     }
     if wants(args, Scenario::VerifyHit) {
         let r = verify_mix(&spec(args), &clients, &pools).await;
@@ -743,9 +752,9 @@ async fn warm(clients: &Clients, pools: &KeyPools) {
     }
 }
 
-async fn noop(args: &BenchArgs, clients: &Arc<Clients>) -> LoadResult {
+async fn noop(spec: &LoadSpec, clients: &Arc<Clients>) -> LoadResult {
     let clients = clients.clone();
-    load::run(&spec(args), move |task, _| {
+    load::run(spec, move |task, _| {
         let mut client = clients.verifiers[task % clients.verifiers.len()].clone();
         async move {
             client

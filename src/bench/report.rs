@@ -11,6 +11,8 @@ use super::stream::{RevocationLatency, StreamsReport};
 pub struct RunReport {
     pub issue: Option<LoadResult>,
     pub noop: Option<LoadResult>,
+    /// noop paced at half of this run's noop throughput.
+    pub noop_half_load: Option<LoadResult>,
     pub verify_hit: Option<LoadResult>,
     /// verify-hit paced at half of this run's verify-hit throughput.
     pub verify_hit_half_load: Option<LoadResult>,
@@ -177,8 +179,9 @@ impl BenchReport {
             "| scenario | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |"
         );
         let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-        let rows: [(&str, Pick); 9] = [
+        let rows: [(&str, Pick); 10] = [
             ("noop (Ping)", |r| r.noop.as_ref()),
+            ("noop at half load", |r| r.noop_half_load.as_ref()),
             ("verify-hit", |r| r.verify_hit.as_ref()),
             ("verify-hit at half load", |r| {
                 r.verify_hit_half_load.as_ref()
@@ -292,24 +295,25 @@ impl BenchReport {
         let _ = writeln!(s, "\n## Per run\n");
         let _ = writeln!(
             s,
-            "| run | noop req/s | verify-hit req/s | hit/noop | naive req/s | hit/naive | half-load p99 µs | miss half-load p99 µs |"
+            "| run | noop req/s | verify-hit req/s | hit/noop | naive req/s | hit/naive | noop half-load p99 µs | hit half-load p99 µs | miss half-load p99 µs |"
         );
         let _ = writeln!(
             s,
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for (i, r) in self.runs.iter().enumerate() {
             let t = |l: &Option<LoadResult>| fmt(l.as_ref().map(|l| l.throughput), 0);
             let p = |l: &Option<LoadResult>| fmt(l.as_ref().map(|l| l.p99_us as f64), 0);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 i + 1,
                 t(&r.noop),
                 t(&r.verify_hit),
                 fmt(r.hit_over_noop(), 3),
                 t(&r.verify_naive),
                 fmt(r.hit_over_naive(), 1),
+                p(&r.noop_half_load),
                 p(&r.verify_hit_half_load),
                 p(&r.verify_miss_half_load),
             );
