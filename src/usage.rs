@@ -46,8 +46,12 @@ struct Account {
     touched_at: Micros,
 }
 
+/// Accounts by key id, hashed with foldhash (seeded per process) rather than SipHash:
+/// VerifyKey looks a key up here twice per call.
+type Accounts = HashMap<String, Account, foldhash::quality::RandomState>;
+
 pub struct UsageBook {
-    shards: Box<[Mutex<HashMap<String, Account>>]>,
+    shards: Box<[Mutex<Accounts>]>,
     /// How long an idle account with nothing unwritten is kept: longer than any cached key
     /// record can live, so a record read before this replica's last write is never the
     /// only figure left.
@@ -59,12 +63,14 @@ impl UsageBook {
     pub fn new(record_ttl: Duration, flush_interval: Duration) -> Self {
         let keep = record_ttl + 2 * flush_interval + Duration::from_secs(1);
         UsageBook {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Accounts::default()))
+                .collect(),
             keep_idle: i64::try_from(keep.as_micros()).unwrap_or(i64::MAX),
         }
     }
 
-    fn shard(&self, key_id: &str) -> MutexGuard<'_, HashMap<String, Account>> {
+    fn shard(&self, key_id: &str) -> MutexGuard<'_, Accounts> {
         // FNV-1a: cheap, and key ids are random already.
         let h = key_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

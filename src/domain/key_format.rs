@@ -196,7 +196,12 @@ impl KeyHash {
 
     /// Constant-time equality, for comparing a stored hash with a presented one.
     pub fn ct_eq(&self, other: &KeyHash) -> bool {
-        self.0.ct_eq(&other.0).into()
+        // Word by word: as constant-time as byte by byte, in an eighth of the steps.
+        self.words().ct_eq(&other.words()).into()
+    }
+
+    fn words(&self) -> [u64; 4] {
+        std::array::from_fn(|i| u64::from_ne_bytes(std::array::from_fn(|j| self.0[i * 8 + j])))
     }
 
     pub fn to_hex(&self) -> String {

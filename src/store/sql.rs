@@ -740,12 +740,14 @@ macro_rules! impl_store {
                 &self,
                 hash: &crate::domain::key_format::KeyHash,
             ) -> Result<Option<crate::store::FoundSecret>, crate::store::StoreError> {
-                // One round trip: two primary-key lookups.
+                // One round trip, two primary-key lookups: the secret by hash, its key by id.
+                // (The derived table keeps key_secrets' other columns out of the select list.)
                 let row: Option<crate::store::sql::FoundRow> = sqlx::query_as(concat!(
                     "SELECT ",
                     crate::store::sql::key_columns!(),
-                    ", (SELECT valid_until FROM key_secrets WHERE secret_hash = $1) AS secret_valid_until \
-                     FROM api_keys WHERE key_id = (SELECT key_id FROM key_secrets WHERE secret_hash = $1)"
+                    ", secret_valid_until FROM api_keys JOIN \
+                     (SELECT key_id, valid_until AS secret_valid_until FROM key_secrets \
+                      WHERE secret_hash = $1) AS secret USING (key_id)"
                 ))
                 .bind(&hash.as_bytes()[..])
                 .fetch_optional(&self.pool)
