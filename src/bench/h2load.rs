@@ -44,6 +44,62 @@ pub fn command(
     ]
 }
 
+async fn installed() -> bool {
+    tokio::process::Command::new("h2load")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+fn verify_frame(key: &str) -> Vec<u8> {
+    grpc_frame(&proto::VerifyKeyRequest {
+        key: key.to_owned(),
+        required_scopes: Vec::new(),
+        cost: 0,
+        resource: String::new(),
+        client_ip: String::new(),
+    })
+}
+
+/// The least a valid key's VerifyKey answer carries: a gRPC error is HTTP 200 too, with
+/// no DATA, so each answer must carry at least this much.
+fn min_verify_answer() -> u64 {
+    grpc_frame(&proto::VerifyKeyResponse {
+        valid: true,
+        code: proto::VerifyCode::Valid as i32,
+        key_id: "key_0000000000000000000000".into(),
+        ..Default::default()
+    })
+    .len() as u64
+}
+
+/// VerifyKey's requests per second through h2load with `key` (every answer valid), or
+/// `None` when h2load is not installed: verify-naive's side of the independent ratio.
+pub async fn verify_rps(
+    server: &ServerProcess,
+    tokens: &Tokens,
+    key: &str,
+    args: &BenchArgs,
+) -> Result<Option<f64>, BoxError> {
+    if !installed().await {
+        return Ok(None);
+    }
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("verify.bin");
+    std::fs::write(&data, verify_frame(key))?;
+    let cmd = command(
+        &server.addr.to_string(),
+        &tokens.verifier,
+        &data,
+        "keywarden.v1.VerifyService/VerifyKey",
+        args,
+    );
+    Ok(Some(run(&cmd, min_verify_answer()).await?))
+}
+
 /// Requests per second of noop and verify-hit through h2load, or `None` when h2load is
 /// not installed.
 pub async fn measure(
@@ -52,34 +108,17 @@ pub async fn measure(
     hit_key: &str,
     args: &BenchArgs,
 ) -> Result<Option<H2loadReport>, BoxError> {
-    let installed = tokio::process::Command::new("h2load")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success());
-    if !installed {
+    if !installed().await {
         return Ok(None);
     }
     let dir = tempfile::tempdir()?;
     let ping = dir.path().join("ping.bin");
     let verify = dir.path().join("verify.bin");
     std::fs::write(&ping, grpc_frame(&proto::PingRequest {}))?;
-    std::fs::write(
-        &verify,
-        grpc_frame(&proto::VerifyKeyRequest {
-            key: hit_key.to_owned(),
-            required_scopes: Vec::new(),
-            cost: 0,
-            resource: String::new(),
-            client_ip: String::new(),
-        }),
-    )?;
+    std::fs::write(&verify, verify_frame(hit_key))?;
     let addr = server.addr.to_string();
-    // A gRPC error is HTTP 200 too, with no DATA: each answer must carry at least the
-    // response message a valid call gets (Ping: an empty message; VerifyKey: a valid key's
-    // answer, which names at least its key id).
+    // Each answer must carry at least the response message a valid call gets (Ping: an
+    // empty message; VerifyKey: a valid key's answer, which names at least its key id).
     let noop = command(
         &addr,
         &tokens.verifier,
@@ -88,13 +127,6 @@ pub async fn measure(
         args,
     );
     let noop_rps = run(&noop, grpc_frame(&proto::PingRequest {}).len() as u64).await?;
-    let min_verify_answer = grpc_frame(&proto::VerifyKeyResponse {
-        valid: true,
-        code: proto::VerifyCode::Valid as i32,
-        key_id: "key_0000000000000000000000".into(),
-        ..Default::default()
-    })
-    .len() as u64;
     let verify = command(
         &addr,
         &tokens.verifier,
@@ -102,7 +134,7 @@ pub async fn measure(
         "keywarden.v1.VerifyService/VerifyKey",
         args,
     );
-    let verify_hit_rps = run(&verify, min_verify_answer).await?;
+    let verify_hit_rps = run(&verify, min_verify_answer()).await?;
     // As a reader would type it: the token and this run's port and files elided.
     let redacted = |cmd: Vec<String>| {
         cmd.into_iter()
@@ -128,6 +160,7 @@ pub async fn measure(
     Ok(Some(H2loadReport {
         noop_rps,
         verify_hit_rps,
+        verify_naive_rps: None,
         commands: vec![redacted(noop), redacted(verify)],
     }))
 }

@@ -481,6 +481,15 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         let r = verify_mix(&spec(args), &clients, &pools).await;
         print_line("verify-naive", &r);
         run.verify_naive = Some(r);
+        if let Some(h) = run.h2load.as_mut() {
+            match h2load::verify_rps(&naive, &tokens, &pools.hit[0], args).await {
+                Ok(rps) => {
+                    h.verify_naive_rps = rps;
+                    println!("h2load: verify-naive {:.0} req/s", rps.unwrap_or(0.0));
+                }
+                Err(e) => println!("h2load (verify-naive) failed: {e}"),
+            }
+        }
         naive.stop().await;
     }
 

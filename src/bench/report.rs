@@ -34,6 +34,8 @@ pub struct RunReport {
 pub struct H2loadReport {
     pub noop_rps: f64,
     pub verify_hit_rps: f64,
+    /// VerifyKey on the cache-off server, same key (the naive design's figure).
+    pub verify_naive_rps: Option<f64>,
     /// The exact command lines (caller token elided).
     pub commands: Vec<String>,
 }
@@ -144,6 +146,17 @@ impl BenchReport {
             fmt(
                 self.med(|r| r.h2load.as_ref().map(|h| h.verify_hit_rps / h.noop_rps)),
                 3
+            )
+        );
+        let _ = writeln!(
+            s,
+            "| h2load verify-hit / verify-naive (independent client) | >= 20 | {} |",
+            fmt(
+                self.med(|r| r
+                    .h2load
+                    .as_ref()
+                    .and_then(|h| Some(h.verify_hit_rps / h.verify_naive_rps?))),
+                1
             )
         );
         let _ = writeln!(
