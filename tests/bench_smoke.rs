@@ -96,6 +96,7 @@ fn the_bench_reports_sane_figures_on_sqlite() {
     for scenario in [
         "issue",
         "noop",
+        "noop_half_load",
         "verify_hit",
         "verify_hit_half_load",
         "verify_naive",

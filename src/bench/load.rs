@@ -196,3 +196,62 @@ impl Pacer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paced(concurrency: usize, rate: f64, millis: u64) -> LoadSpec {
+        LoadSpec {
+            concurrency,
+            duration: Duration::from_millis(millis),
+            max_requests: None,
+            rate: Some(rate),
+        }
+    }
+
+    /// One caller, a slot every 5 ms, calls that take 20 ms: the calls fall further and
+    /// further behind their slots, and that wait is charged. Timed from when each call
+    /// actually started, every latency would be about 20 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paced_call_is_timed_from_its_slot_not_its_start() {
+        let r = run(&paced(1, 200.0, 400), |_, _| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(())
+        })
+        .await;
+        assert!(r.requests >= 5, "{r:?}");
+        assert!(r.max_us > 80_000, "the backlog was not charged: {r:?}");
+    }
+
+    /// Slots come due at the rate, not as fast as callers are free: ten idle callers at
+    /// 10 calls a second for 300 ms make at most the four slots due by then (at 0, 100,
+    /// 200 ms, and one more if the pacer wakes at 300), and the run ends at its deadline
+    /// although callers are still waiting for slots.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paced_run_offers_only_the_slots_due() {
+        let r = run(&paced(10, 10.0, 300), |_, _| async { Ok(()) }).await;
+        assert!((1..=4).contains(&r.requests), "{r:?}");
+        assert_eq!(r.errors, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_are_counted_and_still_timed() {
+        let spec = LoadSpec {
+            concurrency: 1,
+            duration: Duration::from_secs(10),
+            max_requests: Some(50),
+            rate: None,
+        };
+        let r = run(&spec, |_, n| async move {
+            if n % 2 == 0 {
+                Err("refused".into())
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        assert_eq!(r.requests, 50);
+        assert_eq!(r.errors, 25);
+    }
+}
