@@ -42,6 +42,10 @@ pub struct LoadResult {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_us: u64,
+    /// Paced runs only: how late the pacer thread woke for its slots, p99. It does no work
+    /// but sleep and wake, so this is what the machine's scheduler alone adds to a wake-up
+    /// at this load: a floor under every call's tail, which crosses several wake-ups.
+    pub pacer_wake_p99_us: Option<u64>,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -107,9 +111,9 @@ where
             errors += e;
         }
     }
-    if let Some(pacer) = pacer {
-        pacer.stop();
-    }
+    let pacer_wake_p99_us = pacer
+        .and_then(Pacer::stop)
+        .map(|late| late.value_at_quantile(0.99));
     let seconds = start.elapsed().as_secs_f64();
     let requests = hist.len();
     LoadResult {
@@ -123,6 +127,7 @@ where
         p99_us: hist.value_at_quantile(0.99),
         p999_us: hist.value_at_quantile(0.999),
         max_us: hist.max(),
+        pacer_wake_p99_us,
     }
 }
 
@@ -148,7 +153,8 @@ impl Slots {
 /// The thread that releases slots as they come due.
 struct Pacer {
     slots: Arc<Slots>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Ends with how late the thread woke for each slot, in µs.
+    thread: Option<std::thread::JoinHandle<Histogram<u64>>>,
 }
 
 impl Pacer {
@@ -163,6 +169,7 @@ impl Pacer {
             let slots = slots.clone();
             std::thread::spawn(move || {
                 let mut released = 0u64;
+                let mut late = new_histogram();
                 loop {
                     let now = Instant::now();
                     if now >= deadline || slots.released.is_closed() {
@@ -179,8 +186,11 @@ impl Pacer {
                     }
                     let next = start + Duration::from_secs_f64(released as f64 / rate);
                     std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    let woke = Instant::now().saturating_duration_since(next);
+                    late.saturating_record(u64::try_from(woke.as_micros()).unwrap_or(u64::MAX));
                 }
                 slots.released.close();
+                late
             })
         };
         Pacer {
@@ -189,11 +199,10 @@ impl Pacer {
         }
     }
 
-    fn stop(mut self) {
+    /// Stops releasing slots; returns the wake-up lateness it saw.
+    fn stop(mut self) -> Option<Histogram<u64>> {
         self.slots.released.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.thread.take()?.join().ok()
     }
 }
 

@@ -9,6 +9,7 @@
 //! client's noop / verify-hit throughput. The revocation stream's scenarios
 //! (`revocation-latency`, `streams`) are in `stream.rs`.
 
+mod connection;
 mod h2load;
 mod load;
 mod report;
@@ -36,6 +37,7 @@ use crate::domain::key_format::{ApiKey, Brand, Environment};
 use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::verify_service_client::VerifyServiceClient;
+use connection::Http2;
 use server::{Limits, ServerProcess, Tokens};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -183,8 +185,8 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-type Verifier = VerifyServiceClient<InterceptedService<Channel, Bearer>>;
-type Admin = KeyServiceClient<InterceptedService<Channel, Bearer>>;
+type Verifier = VerifyServiceClient<InterceptedService<Http2, Bearer>>;
+type Admin = KeyServiceClient<InterceptedService<Http2, Bearer>>;
 
 struct Clients {
     verifiers: Vec<Verifier>,
@@ -202,20 +204,16 @@ async fn connect(
         verifiers: Vec::new(),
         admins: Vec::new(),
     };
+    let origin: http::Uri = format!("http://{}", server.addr).parse()?;
     for _ in 0..connections.max(1) {
-        let channel = Channel::from_shared(format!("http://{}", server.addr))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
-        clients
-            .verifiers
-            .push(VerifyServiceClient::with_interceptor(
-                channel.clone(),
-                Bearer(verifier.clone()),
-            ));
-        clients.admins.push(KeyServiceClient::with_interceptor(
-            channel,
-            Bearer(admin.clone()),
+        let connection = Http2::open(server.addr).await?;
+        clients.verifiers.push(VerifyServiceClient::with_origin(
+            InterceptedService::new(connection.clone(), Bearer(verifier.clone())),
+            origin.clone(),
+        ));
+        clients.admins.push(KeyServiceClient::with_origin(
+            InterceptedService::new(connection, Bearer(admin.clone())),
+            origin.clone(),
         ));
     }
     Ok(clients)

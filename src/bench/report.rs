@@ -133,6 +133,25 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
+            "| noop p99 at half of its peak (the same pacing, no VerifyKey) | | {} µs |",
+            fmt(
+                self.med(|r| r.noop_half_load.as_ref().map(|l| l.p99_us as f64)),
+                0
+            )
+        );
+        let _ = writeln!(
+            s,
+            "| a bare thread's wake-up lateness p99 during verify-hit at half load (the pacer's: the machine's scheduling alone) | | {} µs |",
+            fmt(
+                self.med(|r| r
+                    .verify_hit_half_load
+                    .as_ref()
+                    .and_then(|l| l.pacer_wake_p99_us.map(|p| p as f64))),
+                0
+            )
+        );
+        let _ = writeln!(
+            s,
             "| verify-miss p99 at half of its peak ({} keys in Postgres) | < 5000 µs | {} µs |",
             self.miss_keys,
             fmt(

@@ -14,10 +14,11 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::server::{ServerProcess, Tokens};
-use super::{Admin, Bearer, BoxError, issue_request};
+use super::{Bearer, BoxError, issue_request};
 use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::revocation_service_client::RevocationServiceClient;
@@ -79,6 +80,9 @@ fn histogram() -> Result<Histogram<u64>, BoxError> {
 fn micros_since(from: Instant, to: Instant) -> u64 {
     (to.saturating_duration_since(from).as_micros() as u64).max(1)
 }
+
+/// The stream scenarios' admin client, on a tonic `Channel` like an edge node's.
+type Admin = KeyServiceClient<InterceptedService<Channel, Bearer>>;
 
 fn admin(channel: Channel, tokens: &Tokens) -> Result<Admin, BoxError> {
     let bearer: MetadataValue<Ascii> = format!("Bearer {}", tokens.admin).parse()?;
