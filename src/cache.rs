@@ -73,9 +73,11 @@ pub struct FillTicket {
     generation: u64,
 }
 
-/// Tables keyed by secret hash hash them with foldhash, seeded at random per process:
-/// a fraction of the default SipHash's cost on the hot path, and still keyed, so nobody
-/// can grind keys whose hashes crowd one bucket.
+/// Tables keyed by secret hash hash them with foldhash, seeded at random per process: a
+/// fraction of the default SipHash's cost on the hot path. Seeded, so collisions cannot be
+/// worked out offline; foldhash claims no cryptographic strength, which is acceptable
+/// here because the keys are already SHA-256 outputs and a crowded bucket would cost
+/// lookups, never a wrong answer.
 type Hasher = foldhash::quality::RandomState;
 
 pub struct VerifyCache {
