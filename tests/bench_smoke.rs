@@ -143,3 +143,73 @@ fn the_bench_seeds_postgres_and_measures_misses() {
     assert!(markdown.contains("| verify-ratelimited (Redis) |"));
     assert!(markdown.contains("| other replica (Postgres NOTIFY) |"));
 }
+
+/// `--target`: the bench drives a server it did not start (as from another machine), with
+/// that server's own tokens, and runs only the hit-path scenarios.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_drives_an_already_running_server_with_target() {
+    let app = common::TestApp::spawn(common::Backend::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let md = dir.path().join("BENCHMARKS.md");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .args(["bench", "--target", &app.server().addr().to_string()])
+        .args(["--duration", "2", "--keys", "20", "--max-requests", "200"])
+        .args(["--concurrency", "4", "--connections", "1", "--no-h2load"])
+        .arg("--out")
+        .arg(&json)
+        .arg("--markdown")
+        .arg(&md)
+        .env("KEYWARDEN_BENCH_ADMIN_TOKEN", common::ADMIN_TOKEN)
+        .env("KEYWARDEN_BENCH_VERIFIER_TOKEN", common::VERIFIER_TOKEN)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bench failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let run = &report["runs"][0];
+    assert_sane(run, "issue", 20);
+    for scenario in [
+        "noop",
+        "noop_half_load",
+        "verify_hit",
+        "verify_hit_half_load",
+    ] {
+        assert_sane(run, scenario, 200);
+    }
+    for skipped in [
+        "verify_naive",
+        "verify_miss",
+        "revocation_latency",
+        "streams",
+    ] {
+        assert!(run[skipped].is_null(), "{skipped} ran with --target: {run}");
+    }
+    // The keys were issued on the target itself, in the workspace the bench made there.
+    assert_eq!(
+        app.db
+            .count("SELECT COUNT(*) FROM api_keys WHERE workspace_id = 'ws_bench'")
+            .await,
+        20
+    );
+    let markdown = std::fs::read_to_string(&md).unwrap();
+    assert!(markdown.contains("already running keywarden"), "{markdown}");
+}
+
+#[test]
+fn target_without_its_tokens_is_refused() {
+    let output = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .args(["bench", "--target", "127.0.0.1:9", "--no-h2load"])
+        .env_remove("KEYWARDEN_BENCH_ADMIN_TOKEN")
+        .env_remove("KEYWARDEN_BENCH_VERIFIER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("KEYWARDEN_BENCH_ADMIN_TOKEN"), "{stderr}");
+}

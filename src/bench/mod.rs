@@ -122,6 +122,18 @@ pub struct BenchArgs {
     /// Skip the independent h2load check even if h2load is installed.
     #[arg(long)]
     pub no_h2load: bool,
+    /// Drive an already running server at HOST:PORT instead of starting one (a client on
+    /// another machine than the server). Runs issue, noop, verify-hit and h2load; the
+    /// scenarios that need a server of their own configuration are skipped. Keys are
+    /// issued in workspace `ws_bench`, which is created if missing.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub target: Option<String>,
+    /// With --target: a caller token of the target with role admin.
+    #[arg(long, env = "KEYWARDEN_BENCH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// With --target: a caller token of the target with role verifier.
+    #[arg(long, env = "KEYWARDEN_BENCH_VERIFIER_TOKEN", hide_env_values = true)]
+    pub verifier_token: Option<String>,
 }
 
 /// The key mix of a verify workload, as cumulative weights out of their sum.
@@ -225,7 +237,7 @@ async fn create_workspace(server: &ServerProcess, tokens: &Tokens) -> Result<(),
     let channel = Channel::from_shared(format!("http://{}", server.addr))?
         .connect()
         .await?;
-    proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(
+    let created = proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(
         channel,
         Bearer(admin),
     )
@@ -238,8 +250,12 @@ async fn create_workspace(server: &ServerProcess, tokens: &Tokens) -> Result<(),
             permissions: Vec::new(),
         }),
     })
-    .await?;
-    Ok(())
+    .await;
+    match created {
+        // A server driven with --target may hold it from an earlier run.
+        Err(status) if status.code() != tonic::Code::AlreadyExists => Err(status.into()),
+        _ => Ok(()),
+    }
 }
 
 fn issue_request(n: u64) -> proto::IssueKeyRequest {
@@ -348,10 +364,15 @@ pub async fn run(args: BenchArgs, command: String) -> Result<BenchReport, BoxErr
         duration_secs: args.duration,
         keys: args.keys,
         miss_keys: args.miss_keys,
+        target: args.target.clone(),
         runs: Vec::new(),
     };
     for run in 0..args.runs.max(1) {
         println!("== run {} of {}", run + 1, args.runs.max(1));
+        if let Some(target) = &args.target {
+            report.runs.push(target_run(&args, mix, target).await?);
+            continue;
+        }
         let db = BenchDb::create(&args).await?;
         let outcome = one_run(&args, mix, &db).await;
         db.drop_database().await;
@@ -364,6 +385,39 @@ pub async fn run(args: BenchArgs, command: String) -> Result<BenchReport, BoxErr
         std::fs::write(md, report.markdown())?;
     }
     Ok(report)
+}
+
+/// One run against an already running server (`--target`): the hit-path scenarios only,
+/// since the others need servers of their own configuration.
+async fn target_run(args: &BenchArgs, mix: Mix, target: &str) -> Result<RunReport, BoxError> {
+    let (Some(admin), Some(verifier)) = (&args.admin_token, &args.verifier_token) else {
+        return Err("--target needs the target's caller tokens: \
+                    KEYWARDEN_BENCH_ADMIN_TOKEN (role admin) and \
+                    KEYWARDEN_BENCH_VERIFIER_TOKEN (role verifier)"
+            .into());
+    };
+    let addr = tokio::net::lookup_host(target)
+        .await?
+        .next()
+        .ok_or_else(|| format!("--target {target}: no address"))?;
+    let tokens = Tokens {
+        admin: admin.clone(),
+        verifier: verifier.clone(),
+        edge: String::new(),
+    };
+    let server = ServerProcess::external(addr);
+    let mut run = RunReport::default();
+    hit_scenarios(args, mix, &server, &tokens, &mut run).await?;
+    for scenario in [
+        "verify-naive",
+        "verify-ratelimited",
+        "revocation-latency",
+        "streams",
+        "verify-miss",
+    ] {
+        println!("{scenario}: needs a server of its own configuration; skipped with --target");
+    }
+    Ok(run)
 }
 
 async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, BoxError> {
@@ -382,87 +436,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         &Limits::Off,
     )
     .await?;
-    let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
-    create_workspace(&server, &tokens).await?;
-
-    // Keys for the hit workloads, issued through the API (this is also the issue scenario).
-    let issued = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
-    let issue_spec = LoadSpec {
-        max_requests: Some(args.keys as u64),
-        duration: Duration::from_secs(600),
-        concurrency: args.concurrency.clamp(1, 16),
-        rate: None,
-    };
-    let result = {
-        let (clients, issued) = (clients.clone(), issued.clone());
-        load::run(&issue_spec, move |task, n| {
-            let mut admin = clients.admins[task % clients.admins.len()].clone();
-            let issued = issued.clone();
-            async move {
-                let r = admin
-                    .issue_key(issue_request(n))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner();
-                let key_id = r.key_info.map(|i| i.key_id).unwrap_or_default();
-                if let Ok(mut v) = issued.lock() {
-                    v.push((r.key, key_id));
-                }
-                Ok(())
-            }
-        })
-        .await
-    };
-    if wants(args, Scenario::Issue) {
-        print_line("issue", &result);
-        run.issue = Some(result);
-    }
-    let issued: Vec<(String, String)> = issued.lock().map(|v| v.clone()).unwrap_or_default();
-    if issued.is_empty() {
-        return Err("no key could be issued".into());
-    }
-    let pools = Arc::new(KeyPools::build(&issued, mix, &clients).await?);
-    warm(&clients, &pools).await;
-
-    if wants(args, Scenario::Noop) {
-        let r = noop(&spec(args), &clients).await;
-        print_line("noop", &r);
-        // The same pacing as verify-hit's half-load run: the tail the transport, the
-        // client and this machine impose on any RPC, which VerifyKey's cannot beat.
-        let half = LoadSpec {
-            rate: Some(r.throughput / 2.0),
-            ..spec(args)
-        };
-        run.noop = Some(r);
-        let r = noop(&half, &clients).await;
-        print_line("noop at half load", &r);
-        run.noop_half_load = Some(r);
-    }
-    if wants(args, Scenario::VerifyHit) {
-        let r = verify_mix(&spec(args), &clients, &pools).await;
-        print_line("verify-hit", &r);
-        let half = LoadSpec {
-            rate: Some(r.throughput / 2.0),
-            ..spec(args)
-        };
-        run.verify_hit = Some(r);
-        let r = verify_mix(&half, &clients, &pools).await;
-        print_line("verify-hit at half load", &r);
-        run.verify_hit_half_load = Some(r);
-    }
-    if !args.no_h2load && args.scenario == Scenario::All {
-        match h2load::measure(&server, &tokens, &pools.hit[0], args).await {
-            Ok(Some(h)) => {
-                println!(
-                    "h2load: noop {:.0} req/s, verify-hit {:.0} req/s",
-                    h.noop_rps, h.verify_hit_rps
-                );
-                run.h2load = Some(h);
-            }
-            Ok(None) => println!("h2load not installed: independent check skipped"),
-            Err(e) => println!("h2load failed: {e}"),
-        }
-    }
+    let pools = hit_scenarios(args, mix, &server, &tokens, &mut run).await?;
     server.stop().await;
 
     if wants(args, Scenario::VerifyNaive) {
@@ -643,6 +617,99 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         server.stop().await;
     }
     Ok(run)
+}
+
+/// The scenarios on the caching server: issue (the hit keys), noop, verify-hit at full
+/// and half load, and h2load's check. Returns the key pools the later scenarios use.
+async fn hit_scenarios(
+    args: &BenchArgs,
+    mix: Mix,
+    server: &ServerProcess,
+    tokens: &Tokens,
+    run: &mut RunReport,
+) -> Result<Arc<KeyPools>, BoxError> {
+    let clients = Arc::new(connect(server, tokens, args.connections).await?);
+    create_workspace(server, tokens).await?;
+
+    // Keys for the hit workloads, issued through the API (this is also the issue scenario).
+    let issued = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let issue_spec = LoadSpec {
+        max_requests: Some(args.keys as u64),
+        duration: Duration::from_secs(600),
+        concurrency: args.concurrency.clamp(1, 16),
+        rate: None,
+    };
+    let result = {
+        let (clients, issued) = (clients.clone(), issued.clone());
+        load::run(&issue_spec, move |task, n| {
+            let mut admin = clients.admins[task % clients.admins.len()].clone();
+            let issued = issued.clone();
+            async move {
+                let r = admin
+                    .issue_key(issue_request(n))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                let key_id = r.key_info.map(|i| i.key_id).unwrap_or_default();
+                if let Ok(mut v) = issued.lock() {
+                    v.push((r.key, key_id));
+                }
+                Ok(())
+            }
+        })
+        .await
+    };
+    if wants(args, Scenario::Issue) {
+        print_line("issue", &result);
+        run.issue = Some(result);
+    }
+    let issued: Vec<(String, String)> = issued.lock().map(|v| v.clone()).unwrap_or_default();
+    if issued.is_empty() {
+        return Err("no key could be issued".into());
+    }
+    let pools = Arc::new(KeyPools::build(&issued, mix, &clients).await?);
+    warm(&clients, &pools).await;
+
+    if wants(args, Scenario::Noop) {
+        let r = noop(&spec(args), &clients).await;
+        print_line("noop", &r);
+        // The same pacing as verify-hit's half-load run: the tail the transport, the
+        // client and this machine impose on any RPC, which VerifyKey's cannot beat.
+        let half = LoadSpec {
+            rate: Some(r.throughput / 2.0),
+            ..spec(args)
+        };
+        run.noop = Some(r);
+        let r = noop(&half, &clients).await;
+        print_line("noop at half load", &r);
+        run.noop_half_load = Some(r);
+    }
+    if wants(args, Scenario::VerifyHit) {
+        let r = verify_mix(&spec(args), &clients, &pools).await;
+        print_line("verify-hit", &r);
+        let half = LoadSpec {
+            rate: Some(r.throughput / 2.0),
+            ..spec(args)
+        };
+        run.verify_hit = Some(r);
+        let r = verify_mix(&half, &clients, &pools).await;
+        print_line("verify-hit at half load", &r);
+        run.verify_hit_half_load = Some(r);
+    }
+    if !args.no_h2load && args.scenario == Scenario::All {
+        match h2load::measure(server, tokens, &pools.hit[0], args).await {
+            Ok(Some(h)) => {
+                println!(
+                    "h2load: noop {:.0} req/s, verify-hit {:.0} req/s",
+                    h.noop_rps, h.verify_hit_rps
+                );
+                run.h2load = Some(h);
+            }
+            Ok(None) => println!("h2load not installed: independent check skipped"),
+            Err(e) => println!("h2load failed: {e}"),
+        }
+    }
+    Ok(pools)
 }
 
 async fn expect_valid(client: &mut Verifier, key: String) -> Result<(), String> {
@@ -845,7 +912,7 @@ fn machine() -> String {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
-    format!("{cores} cores ({cpu}), {mem_gib:.0} GiB, Linux, loopback")
+    format!("{cores} cores ({cpu}), {mem_gib:.0} GiB, Linux")
 }
 
 #[cfg(test)]

@@ -60,6 +60,8 @@ pub struct BenchReport {
     pub duration_secs: f64,
     pub keys: usize,
     pub miss_keys: usize,
+    /// The already running server driven with `--target`, if any.
+    pub target: Option<String>,
     pub runs: Vec<RunReport>,
 }
 
@@ -96,20 +98,31 @@ impl BenchReport {
             self.runs.len()
         );
         let _ = writeln!(s, "- Machine: {}", self.machine);
-        let _ = writeln!(
-            s,
-            "- Store: {}; {} concurrent callers over {} HTTP/2 connection(s); {:.0} s per scenario; {} hit keys; {} keys seeded for the miss run.",
-            self.store,
-            self.concurrency,
-            self.connections,
-            self.duration_secs,
-            self.keys,
-            self.miss_keys
-        );
-        let _ = writeln!(
-            s,
-            "- Client and server share the machine's cores (loopback): absolute figures are this box's, the ratios are what carries over.\n"
-        );
+        match &self.target {
+            Some(target) => {
+                let _ = writeln!(
+                    s,
+                    "- Server: an already running keywarden at `{target}` (`--target`), on its own configuration and store; the machine above is the client's. {} concurrent callers over {} HTTP/2 connection(s); {:.0} s per scenario; {} hit keys. Only the hit-path scenarios ran.\n",
+                    self.concurrency, self.connections, self.duration_secs, self.keys
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "- Store: {}; {} concurrent callers over {} HTTP/2 connection(s); {:.0} s per scenario; {} hit keys; {} keys seeded for the miss run.",
+                    self.store,
+                    self.concurrency,
+                    self.connections,
+                    self.duration_secs,
+                    self.keys,
+                    self.miss_keys
+                );
+                let _ = writeln!(
+                    s,
+                    "- Client and server share the machine's cores (loopback): absolute figures are this box's, the ratios are what carries over.\n"
+                );
+            }
+        }
         let _ = writeln!(s, "## Targets\n");
         let _ = writeln!(s, "| ratio / figure | target | measured (median) |");
         let _ = writeln!(s, "| --- | --- | --- |");

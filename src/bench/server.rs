@@ -13,7 +13,8 @@ use super::BoxError;
 use crate::domain::key_format::KeyHash;
 
 pub struct ServerProcess {
-    child: Child,
+    /// `None` for a server this benchmark did not start (`--target`).
+    child: Option<Child>,
     pub addr: SocketAddr,
 }
 
@@ -97,12 +98,20 @@ impl ServerProcess {
         .await??;
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(ServerProcess { child, addr })
+        Ok(ServerProcess {
+            child: Some(child),
+            addr,
+        })
+    }
+
+    /// A server started by someone else, at `addr`: never stopped by the benchmark.
+    pub fn external(addr: SocketAddr) -> ServerProcess {
+        ServerProcess { child: None, addr }
     }
 
     /// Resident memory of the server process, in bytes (Linux).
     pub fn rss_bytes(&self) -> Option<u64> {
-        let pid = self.child.id()?;
+        let pid = self.child.as_ref()?.id()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -110,6 +119,8 @@ impl ServerProcess {
     }
 
     pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill().await;
+        }
     }
 }
