@@ -106,11 +106,11 @@ use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::metadata::{Ascii, MetadataValue};
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
 
+use crate::bearer::Bearer;
 use crate::domain::access;
 use crate::domain::key_format::KeyHash;
 use crate::domain::validate::Violations;
@@ -253,27 +253,9 @@ pub struct EdgeStats {
 
 /// `authorization: Bearer <token>`, marked sensitive so that it is never logged or
 /// indexed by HPACK.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl Bearer {
-    fn new(token: &SecretString, which: &str) -> Result<Self, EdgeError> {
-        let mut value: MetadataValue<Ascii> =
-            format!("Bearer {}", token.expose_secret())
-                .parse()
-                .map_err(|_| EdgeError::Config(format!("{which} is not a valid header value")))?;
-        value.set_sensitive(true);
-        Ok(Bearer(value))
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
+fn bearer(token: &SecretString, which: &str) -> Result<Bearer, EdgeError> {
+    Bearer::sensitive(token.expose_secret())
+        .map_err(|_| EdgeError::Config(format!("{which} is not a valid header value")))
 }
 
 type VerifyClient = VerifyServiceClient<InterceptedService<Channel, Bearer>>;
@@ -306,8 +288,8 @@ impl Verifier {
     pub fn connect(channel: Channel, config: EdgeConfig) -> Result<Verifier, EdgeError> {
         config.check()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| EdgeError::NoRuntime)?;
-        let verify_auth = Bearer::new(&config.verifier_token, "verifier_token")?;
-        let edge_auth = Bearer::new(&config.edge_token, "edge_token")?;
+        let verify_auth = bearer(&config.verifier_token, "verifier_token")?;
+        let edge_auth = bearer(&config.edge_token, "edge_token")?;
         let shared = Arc::new(Shared::new(&config));
         let (stop, stopped) = watch::channel(false);
         let task = runtime.spawn(follow(

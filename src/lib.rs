@@ -28,6 +28,7 @@
 
 pub mod access_groups;
 pub mod api;
+pub mod bearer;
 pub mod bench;
 pub mod cache;
 pub mod cli;

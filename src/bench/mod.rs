@@ -24,15 +24,14 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use sqlx::Connection;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
 pub use load::{LoadResult, LoadSpec};
 pub use report::{BenchReport, RunReport};
 
 use crate::api::auth::generate_token;
+use crate::bearer::Bearer;
 use crate::domain::key_format::{ApiKey, Brand, Environment};
 use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
@@ -184,19 +183,6 @@ impl Mix {
     }
 }
 
-/// Adds the caller token to every call.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
 type Verifier = VerifyServiceClient<InterceptedService<Http2, Bearer>>;
 type Admin = KeyServiceClient<InterceptedService<Http2, Bearer>>;
 
@@ -210,8 +196,8 @@ async fn connect(
     tokens: &Tokens,
     connections: usize,
 ) -> Result<Clients, BoxError> {
-    let admin: MetadataValue<Ascii> = format!("Bearer {}", tokens.admin).parse()?;
-    let verifier: MetadataValue<Ascii> = format!("Bearer {}", tokens.verifier).parse()?;
+    let admin = Bearer::indexed(&tokens.admin)?;
+    let verifier = Bearer::indexed(&tokens.verifier)?;
     let mut clients = Clients {
         verifiers: Vec::new(),
         admins: Vec::new(),
@@ -220,11 +206,11 @@ async fn connect(
     for _ in 0..connections.max(1) {
         let connection = Http2::open(server.addr).await?;
         clients.verifiers.push(VerifyServiceClient::with_origin(
-            InterceptedService::new(connection.clone(), Bearer(verifier.clone())),
+            InterceptedService::new(connection.clone(), verifier.clone()),
             origin.clone(),
         ));
         clients.admins.push(KeyServiceClient::with_origin(
-            InterceptedService::new(connection, Bearer(admin.clone())),
+            InterceptedService::new(connection, admin.clone()),
             origin.clone(),
         ));
     }
@@ -233,24 +219,22 @@ async fn connect(
 
 /// The workspace every benchmark key lives in, created as an admin backend would.
 async fn create_workspace(server: &ServerProcess, tokens: &Tokens) -> Result<(), BoxError> {
-    let admin: MetadataValue<Ascii> = format!("Bearer {}", tokens.admin).parse()?;
+    let admin = Bearer::indexed(&tokens.admin)?;
     let channel = Channel::from_shared(format!("http://{}", server.addr))?
         .connect()
         .await?;
-    let created = proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(
-        channel,
-        Bearer(admin),
-    )
-    .create_workspace(proto::CreateWorkspaceRequest {
-        workspace_id: "ws_bench".into(),
-        name: "bench".into(),
-        plan: proto::Plan::Pro as i32,
-        actor: Some(proto::Actor {
-            id: "bench".into(),
-            permissions: Vec::new(),
-        }),
-    })
-    .await;
+    let created =
+        proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(channel, admin)
+            .create_workspace(proto::CreateWorkspaceRequest {
+                workspace_id: "ws_bench".into(),
+                name: "bench".into(),
+                plan: proto::Plan::Pro as i32,
+                actor: Some(proto::Actor {
+                    id: "bench".into(),
+                    permissions: Vec::new(),
+                }),
+            })
+            .await;
     match created {
         // A server driven with --target may hold it from an earlier run.
         Err(status) if status.code() != tonic::Code::AlreadyExists => Err(status.into()),

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::server::{ServerProcess, Tokens};
-use super::{Bearer, BoxError, issue_request};
+use super::{BoxError, issue_request};
+use crate::bearer::Bearer;
 use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::revocation_service_client::RevocationServiceClient;
@@ -85,8 +85,10 @@ fn micros_since(from: Instant, to: Instant) -> u64 {
 type Admin = KeyServiceClient<InterceptedService<Channel, Bearer>>;
 
 fn admin(channel: Channel, tokens: &Tokens) -> Result<Admin, BoxError> {
-    let bearer: MetadataValue<Ascii> = format!("Bearer {}", tokens.admin).parse()?;
-    Ok(KeyServiceClient::with_interceptor(channel, Bearer(bearer)))
+    Ok(KeyServiceClient::with_interceptor(
+        channel,
+        Bearer::indexed(&tokens.admin)?,
+    ))
 }
 
 async fn channel(server: &ServerProcess) -> Result<Channel, BoxError> {
@@ -103,8 +105,8 @@ async fn subscribe(
     tokens: &Tokens,
     arrivals: mpsc::UnboundedSender<(String, Instant)>,
 ) -> Result<tokio::task::JoinHandle<()>, BoxError> {
-    let bearer: MetadataValue<Ascii> = format!("Bearer {}", tokens.edge).parse()?;
-    let mut client = RevocationServiceClient::with_interceptor(channel, Bearer(bearer));
+    let mut client =
+        RevocationServiceClient::with_interceptor(channel, Bearer::indexed(&tokens.edge)?);
     let mut stream = client
         .watch_revocations(proto::WatchRevocationsRequest {
             after_seq: 0,

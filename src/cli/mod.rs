@@ -25,10 +25,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
-use tonic::metadata::{Ascii, MetadataValue};
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
 pub use audit::AuditArgs;
@@ -38,6 +37,7 @@ pub use provider_keys::ProviderKeysArgs;
 pub use verify::VerifyArgs;
 pub use workspaces::WorkspacesArgs;
 
+use crate::bearer::Bearer;
 use crate::proto;
 
 /// The exit status of `verify` when the key is not valid.
@@ -197,20 +197,6 @@ pub async fn run(command: AdminCommand) -> ExitCode {
     }
 }
 
-/// `authorization: Bearer <token>`, marked sensitive (never logged, never indexed by
-/// HPACK).
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
 type Authed = InterceptedService<Channel, Bearer>;
 
 /// A connection to the server with the caller token, and the chosen output format.
@@ -226,14 +212,11 @@ impl Session {
         let token = conn.token.as_ref().ok_or_else(|| {
             CliError::Usage("no caller token: pass --token or set KEYWARDEN_TOKEN".into())
         })?;
-        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.expose_secret())
-            .parse()
-            .map_err(|_| {
+        let bearer = Bearer::sensitive(token.expose_secret()).map_err(|_| {
             CliError::Usage(
                 "the caller token is not a valid header value (printable ASCII only)".into(),
             )
         })?;
-        value.set_sensitive(true);
         // `host:port` alone means plaintext HTTP/2, as the dev server speaks.
         let addr = if conn.addr.contains("://") {
             conn.addr.clone()
@@ -253,7 +236,7 @@ impl Session {
             .map_err(|e| connect_error(chain(&e)))?;
         Ok(Session {
             channel,
-            bearer: Bearer(value),
+            bearer,
             format: conn.output,
         })
     }

@@ -22,10 +22,9 @@ use keywarden::proto::{self, Actor, IssueKeyRequest, Owner, OwnerKind};
 use keywarden::server::RunningServer;
 use secrecy::SecretString;
 use sqlx::Connection;
-use tonic::metadata::{Ascii, MetadataValue};
+use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
 /// The workspaces every [`TestApp`] has (plan PRO).
 pub const TEST_WORKSPACES: &[&str] = &["ws_test", "ws_a", "ws_b", "ws_c", "ws_other", "ws_ok"];
@@ -373,18 +372,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
+pub use keywarden::bearer::Bearer;
 
 pub type AdminClient = KeyServiceClient<InterceptedService<Channel, Bearer>>;
 pub type VerifierClient = VerifyServiceClient<InterceptedService<Channel, Bearer>>;
@@ -512,7 +500,7 @@ pub async fn channel_to(server: &RunningServer) -> Channel {
 }
 
 pub fn bearer(token: &str) -> Bearer {
-    Bearer(format!("Bearer {token}").parse().unwrap())
+    Bearer::indexed(token).unwrap()
 }
 
 pub fn actor() -> Actor {
