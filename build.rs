@@ -26,5 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
+    // `sqlx::migrate!` embeds the migration files at compile time but cannot tell cargo
+    // about them on stable Rust: without this, a new migration is missed by an
+    // incremental build.
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }
