@@ -1335,6 +1335,36 @@ async fn list_filters_by_unused_since(backend: Backend) {
     );
 }
 
+/// The usage book rewrites `spent_micros` and `last_used_at` of every key in use, in
+/// batches. No index may name either column: then Postgres can update the row in place
+/// (a heap-only tuple, with room left on each page) and no index is written on a flush.
+async fn no_index_names_a_column_the_usage_book_writes(backend: Backend) {
+    let (db, _store) = open(backend).await;
+    let (indexed, room) = match backend {
+        Backend::Sqlite => (
+            "SELECT COUNT(*) FROM pragma_index_list('api_keys') AS l \
+             JOIN pragma_index_info(l.name) AS i \
+             WHERE i.name IN ('spent_micros', 'last_used_at')",
+            None,
+        ),
+        Backend::Postgres => (
+            "SELECT COUNT(*) FROM pg_index AS i JOIN pg_attribute AS a \
+             ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+             WHERE i.indrelid = 'api_keys'::regclass \
+             AND a.attname IN ('spent_micros', 'last_used_at')",
+            Some(
+                "SELECT COUNT(*) FROM pg_class, unnest(reloptions) AS o \
+                 WHERE relname = 'api_keys' AND o LIKE 'fillfactor=%' \
+                 AND split_part(o, '=', 2)::int < 100",
+            ),
+        ),
+    };
+    assert_eq!(db.count(indexed).await, 0, "an index names a usage column");
+    if let Some(room) = room {
+        assert_eq!(db.count(room).await, 1, "api_keys pages keep no room");
+    }
+}
+
 both_backends!(
     insert_then_get_and_find_secret_round_trip_every_field,
     get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none,
@@ -1360,4 +1390,5 @@ both_backends!(
     limits_and_budgets_round_trip_and_update_patches_them,
     usage_adds_spend_and_moves_last_use_forward_only,
     list_filters_by_unused_since,
+    no_index_names_a_column_the_usage_book_writes,
 );
