@@ -76,6 +76,27 @@ fn min_verify_answer() -> u64 {
     .len() as u64
 }
 
+/// Writes `key`'s VerifyKey request into `dir` and returns the h2load command that sends
+/// it, and the least each answer must carry.
+fn verify_command(
+    dir: &Path,
+    server: &ServerProcess,
+    tokens: &Tokens,
+    key: &str,
+    args: &BenchArgs,
+) -> Result<(Vec<String>, u64), BoxError> {
+    let data = dir.join("verify.bin");
+    std::fs::write(&data, verify_frame(key))?;
+    let cmd = command(
+        &server.addr.to_string(),
+        &tokens.verifier,
+        &data,
+        "keywarden.v1.VerifyService/VerifyKey",
+        args,
+    );
+    Ok((cmd, min_verify_answer()))
+}
+
 /// VerifyKey's requests per second through h2load with `key` (every answer valid), or
 /// `None` when h2load is not installed: verify-naive's side of the independent ratio.
 pub async fn verify_rps(
@@ -88,16 +109,8 @@ pub async fn verify_rps(
         return Ok(None);
     }
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("verify.bin");
-    std::fs::write(&data, verify_frame(key))?;
-    let cmd = command(
-        &server.addr.to_string(),
-        &tokens.verifier,
-        &data,
-        "keywarden.v1.VerifyService/VerifyKey",
-        args,
-    );
-    Ok(Some(run(&cmd, min_verify_answer()).await?))
+    let (cmd, min_answer) = verify_command(dir.path(), server, tokens, key, args)?;
+    Ok(Some(run(&cmd, min_answer).await?))
 }
 
 /// Requests per second of noop and verify-hit through h2load, or `None` when h2load is
@@ -113,9 +126,7 @@ pub async fn measure(
     }
     let dir = tempfile::tempdir()?;
     let ping = dir.path().join("ping.bin");
-    let verify = dir.path().join("verify.bin");
     std::fs::write(&ping, grpc_frame(&proto::PingRequest {}))?;
-    std::fs::write(&verify, verify_frame(hit_key))?;
     let addr = server.addr.to_string();
     // Each answer must carry at least the response message a valid call gets (Ping: an
     // empty message; VerifyKey: a valid key's answer, which names at least its key id).
@@ -127,14 +138,8 @@ pub async fn measure(
         args,
     );
     let noop_rps = run(&noop, grpc_frame(&proto::PingRequest {}).len() as u64).await?;
-    let verify = command(
-        &addr,
-        &tokens.verifier,
-        &verify,
-        "keywarden.v1.VerifyService/VerifyKey",
-        args,
-    );
-    let verify_hit_rps = run(&verify, min_verify_answer()).await?;
+    let (verify, min_answer) = verify_command(dir.path(), server, tokens, hit_key, args)?;
+    let verify_hit_rps = run(&verify, min_answer).await?;
     // As a reader would type it: the token and this run's port and files elided.
     let redacted = |cmd: Vec<String>| {
         cmd.into_iter()

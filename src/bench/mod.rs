@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// Keys issued for the hit workloads.
     #[arg(long, default_value_t = 1000)]
     pub keys: usize,
+    /// The Postgres connection pool of each server the benchmark starts
+    /// (`database_max_connections`).
+    #[arg(long, default_value_t = 32)]
+    pub database_connections: u32,
     /// Keys seeded into Postgres for verify-miss.
     #[arg(long, default_value_t = 1_000_000)]
     pub miss_keys: usize,
@@ -418,6 +422,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         &tokens,
         true,
         &Limits::Off,
+        args.database_connections,
     )
     .await?;
     let pools = hit_scenarios(args, mix, &server, &tokens, &mut run).await?;
@@ -431,6 +436,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
             &tokens,
             false,
             &Limits::Off,
+            args.database_connections,
         )
         .await?;
         let clients = connect(&naive, &tokens, args.connections).await?;
@@ -470,6 +476,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
                 &tokens,
                 true,
                 &limits,
+                args.database_connections,
             )
             .await?;
             let clients = connect(&server, &tokens, args.connections).await?;
@@ -492,6 +499,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
             &tokens,
             true,
             &Limits::Off,
+            args.database_connections,
         )
         .await?;
         if wants(args, Scenario::RevocationLatency) {
@@ -505,6 +513,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
                         &tokens,
                         true,
                         &Limits::Off,
+                        args.database_connections,
                     )
                     .await?,
                 ),
@@ -556,9 +565,16 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
             keys.len(),
             started.elapsed().as_secs_f64()
         );
-        let server =
-            ServerProcess::start(db._dir.path(), "miss", &db.url, &tokens, true, &Limits::Off)
-                .await?;
+        let server = ServerProcess::start(
+            db._dir.path(),
+            "miss",
+            &db.url,
+            &tokens,
+            true,
+            &Limits::Off,
+            args.database_connections,
+        )
+        .await?;
         let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
         let rss_before = server.rss_bytes();
         let next = Arc::new(AtomicUsize::new(0));

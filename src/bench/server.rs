@@ -59,13 +59,14 @@ impl ServerProcess {
         tokens: &Tokens,
         cache_enabled: bool,
         limits: &Limits,
+        database_connections: u32,
     ) -> Result<ServerProcess, BoxError> {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\ndatabase_url = \"{database_url}\"\n\
-                 database_max_connections = 32\n\n\
+                 database_max_connections = {database_connections}\n\n\
                  [[tokens]]\nname = \"bench-admin\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n\n\
                  [[tokens]]\nname = \"bench-verifier\"\nsha256 = \"{}\"\nroles = [\"verifier\"]\n\n\
                  [[tokens]]\nname = \"bench-edge\"\nsha256 = \"{}\"\nroles = [\"edge\"]\n\n\
