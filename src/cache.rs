@@ -22,7 +22,7 @@ use std::time::Duration;
 use moka::sync::Cache;
 
 use crate::domain::Micros;
-use crate::domain::key::KeyRecord;
+use crate::domain::key::VerifiableKey;
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
 use crate::domain::scopes::EffectiveScopes;
@@ -32,7 +32,7 @@ const SHARDS: usize = 64;
 /// What VerifyKey needs of a key, prepared once per fill.
 #[derive(Debug)]
 pub struct CachedKey {
-    pub key: KeyRecord,
+    pub key: VerifiableKey,
     /// `None` for the key's current secret; the end of the grace period otherwise.
     pub secret_valid_until: Option<Micros>,
     pub effective_scopes: EffectiveScopes,
@@ -181,6 +181,7 @@ impl VerifyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::key::KeyRecord;
 
     fn entry(revoked: bool) -> Arc<CachedKey> {
         Arc::new(CachedKey {
@@ -188,7 +189,8 @@ mod tests {
                 scopes: vec![],
                 revoked_at: revoked.then_some(1),
                 ..KeyRecord::sample("key_x")
-            },
+            }
+            .into(),
             secret_valid_until: None,
             effective_scopes: EffectiveScopes::default(),
             limits: vec![],

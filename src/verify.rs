@@ -211,11 +211,11 @@ impl Verifier {
         if let Some(found) = found.as_mut() {
             self.resolve_reach(&mut found.key).await?;
         }
-        let found = found.map(|found| {
+        let found = found.map(|mut found| {
             let limits = if found.key.rate_limits.is_empty() {
                 self.policy.default_limits.as_ref().clone()
             } else {
-                found.key.rate_limits.clone()
+                std::mem::take(&mut found.key.rate_limits)
             };
             Arc::new(CachedKey {
                 effective_scopes: EffectiveScopes::new(
@@ -223,7 +223,7 @@ impl Verifier {
                     &found.key.scopes,
                 ),
                 limits,
-                key: found.key,
+                key: found.key.into(),
                 secret_valid_until: found.valid_until,
             })
         });

@@ -1,0 +1,143 @@
+//! What a cached key costs in heap, counted exactly: this test binary's allocator counts
+//! the bytes every allocation asks for (its own binary, so no other test allocates while
+//! it counts). Sizes, not times: the figures are the same on every run.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Duration;
+
+use keywarden::cache::{CacheSizes, CachedKey, VerifyCache};
+use keywarden::domain::key::{KeyRecord, Owner, OwnerKind};
+use keywarden::domain::key_format::{Environment, KeyHash};
+use keywarden::domain::scopes::{EffectiveScopes, ScopeImplications};
+use keywarden::usage::UsageBook;
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+const KEYS: usize = 20_000;
+
+/// A key as the miss benchmark seeds them: one scope, no metadata, no limits.
+fn record(i: usize) -> KeyRecord {
+    KeyRecord {
+        key_id: format!("key_{i:022}"),
+        workspace_id: "ws_bench".into(),
+        name: "bench".into(),
+        environment: Environment::Live,
+        display: "kw_live_...abcd".into(),
+        scopes: vec!["read".into()],
+        owner: Owner {
+            kind: OwnerKind::User,
+            id: "bench".into(),
+        },
+        created_by: "bench".into(),
+        metadata: BTreeMap::new(),
+        created_at: 1,
+        updated_at: 1,
+        expires_at: None,
+        revoked_at: None,
+        revoke_reason: None,
+        rotated_at: None,
+        deleted_at: None,
+        rate_limits: Vec::new(),
+        max_budget_micros: None,
+        spent_micros: 0,
+        last_used_at: None,
+        resource_access: Default::default(),
+        network: Default::default(),
+        team_id: None,
+        team_access: Default::default(),
+    }
+}
+
+/// Heap bytes per item that `make` keeps alive, over `KEYS` items.
+fn heap_per_item<T>(mut make: impl FnMut(usize) -> T) -> (isize, Vec<T>) {
+    let mut kept = Vec::with_capacity(KEYS);
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 0..KEYS {
+        kept.push(make(i));
+    }
+    (
+        (LIVE.load(Ordering::Relaxed) - before) / KEYS as isize,
+        kept,
+    )
+}
+
+#[test]
+fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone() {
+    let implications = ScopeImplications::default();
+    let records: Vec<KeyRecord> = (0..KEYS).map(record).collect();
+    let cached = |r: &KeyRecord| {
+        Arc::new(CachedKey {
+            effective_scopes: EffectiveScopes::new(&implications, &r.scopes),
+            limits: Vec::new(),
+            key: r.clone().into(),
+            secret_valid_until: None,
+        })
+    };
+
+    // What the cache held before: the whole record in an Arc.
+    let (whole, whole_kept) = heap_per_item(|i| Arc::new(records[i].clone()));
+    drop(whole_kept);
+    let (entry, entries) = heap_per_item(|i| cached(&records[i]));
+
+    // The cache's own bookkeeping and the usage account each verified key gets.
+    let cache = VerifyCache::new(CacheSizes {
+        max_keys: 1_000_000,
+        ttl: Duration::from_secs(600),
+        negative_max_keys: 1_000,
+        negative_ttl: Duration::from_secs(60),
+    });
+    let hashes: Vec<KeyHash> = (0..KEYS).map(|i| KeyHash::of(&format!("k{i}"))).collect();
+    let before = LIVE.load(Ordering::Relaxed);
+    for (hash, entry) in hashes.iter().zip(&entries) {
+        let ticket = cache.begin_fill(hash);
+        assert!(cache.complete_fill(ticket, Some(entry.clone())));
+    }
+    assert_eq!(cache.len(), KEYS as u64);
+    let moka = (LIVE.load(Ordering::Relaxed) - before) / KEYS as isize;
+    let usage = UsageBook::new(Duration::from_secs(600), Duration::from_secs(1));
+    let before = LIVE.load(Ordering::Relaxed);
+    for r in &records {
+        usage.mark_used(&r.key_id, 0, 1);
+    }
+    let account = (LIVE.load(Ordering::Relaxed) - before) / KEYS as isize;
+
+    eprintln!(
+        "heap per cached key: entry {entry} bytes (the whole record: {whole}), \
+         cache bookkeeping {moka}, usage account {account}"
+    );
+    assert!(entry > 0 && moka > 0 && account > 0);
+    // The entry carries only what VerifyKey decides on and answers with, so with its
+    // expanded scopes and limits it still costs less than the whole record would alone.
+    assert!(
+        entry < whole,
+        "a cached entry ({entry} bytes) costs more than the whole record alone ({whole})"
+    );
+}
