@@ -1365,6 +1365,29 @@ async fn no_index_names_a_column_the_usage_book_writes(backend: Backend) {
     }
 }
 
+/// Connections are not pinged before every query (a round trip each), but one idle for a
+/// while is: when the server has dropped every pooled connection (a restart, a proxy's
+/// idle cut-off), the next call still succeeds on a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replaces_pooled_connections_the_server_dropped_while_idle() {
+    let (db, store) = open(Backend::Postgres).await;
+    let key = record(WS, T0);
+    insert(store.as_ref(), &key).await;
+    let dropped = db
+        .count(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+        )
+        .await;
+    assert!(dropped >= 1, "the pool held no connection to drop");
+    // Idle past the threshold below which a connection is handed out unpinged.
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    for _ in 0..3 {
+        let found = store.get_key(&key.key_id).await.unwrap();
+        assert_eq!(found.map(|k| k.key_id), Some(key.key_id.clone()));
+    }
+}
+
 both_backends!(
     insert_then_get_and_find_secret_round_trip_every_field,
     get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none,

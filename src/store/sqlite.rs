@@ -31,6 +31,9 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
+            // A file in this process has no far end to lose; sqlx's default ping before
+            // every acquire would only be a round trip to the connection's worker thread.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
