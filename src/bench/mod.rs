@@ -290,6 +290,9 @@ impl BenchDb {
                 sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .execute(&mut conn)
                     .await?;
+                // What earlier runs (or anything else) left dirty is written out before
+                // this run measures, not during it.
+                seed::checkpoint(&mut conn).await;
                 let base = args
                     .postgres_url
                     .rsplit_once('/')

@@ -75,9 +75,15 @@ async fn settle(pool: &PgPool) -> Result<(), sqlx::Error> {
         .execute(pool)
         .await?;
     }
-    // Needs superuser or pg_checkpoint; without it the run still counts, only noisier.
-    if let Err(e) = sqlx::query("CHECKPOINT").execute(pool).await {
-        println!("CHECKPOINT after seeding failed ({e}); measuring anyway");
-    }
+    checkpoint(pool).await;
     Ok(())
+}
+
+/// Writes out every dirty page now, so that the checkpointer does not write them in the
+/// middle of the measurement. Needs superuser or pg_checkpoint; without it the run still
+/// counts, only noisier.
+pub async fn checkpoint<'c>(executor: impl sqlx::PgExecutor<'c>) {
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(executor).await {
+        println!("CHECKPOINT failed ({e}); measuring anyway");
+    }
 }
