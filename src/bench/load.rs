@@ -46,6 +46,9 @@ pub struct LoadResult {
     /// but sleep and wake, so this is what the machine's scheduler alone adds to a wake-up
     /// at this load: a floor under every call's tail, which crosses several wake-ups.
     pub pacer_wake_p99_us: Option<u64>,
+    /// The latencies themselves, so that slices of one workload add up ([`interleaved`]).
+    #[serde(skip)]
+    pub measured: Option<Measured>,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -56,6 +59,103 @@ fn new_histogram() -> Histogram<u64> {
 /// Runs `call(task, n)` from `spec.concurrency` tasks. A call's `Err` counts as an error
 /// (and its latency is still recorded).
 pub async fn run<F, Fut>(spec: &LoadSpec, call: F) -> LoadResult
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    measure(spec, call).await.result()
+}
+
+/// Runs two workloads at full speed in turn, `slices` times round, each slice a
+/// `slices`-th of `spec.duration` (and of `spec.max_requests`), and returns each one's
+/// slices added up. A ratio of the two is then taken over the same stretch of time: a
+/// machine that slows down for a few seconds slows both alike, where back-to-back runs
+/// would charge it to whichever ran then. `first` and `second` run one slice each call
+/// (with [`run`]).
+pub async fn interleaved<A, AF, B, BF>(
+    spec: &LoadSpec,
+    slices: u32,
+    mut first: A,
+    mut second: B,
+) -> (LoadResult, LoadResult)
+where
+    A: FnMut(LoadSpec) -> AF,
+    AF: Future<Output = LoadResult>,
+    B: FnMut(LoadSpec) -> BF,
+    BF: Future<Output = LoadResult>,
+{
+    let slices = slices.max(1);
+    let slice = LoadSpec {
+        duration: spec.duration / slices,
+        max_requests: spec
+            .max_requests
+            .map(|max| (max / u64::from(slices)).max(1)),
+        rate: None,
+        ..spec.clone()
+    };
+    let (mut a, mut b) = (Measured::default(), Measured::default());
+    for _ in 0..slices {
+        a.add(first(slice.clone()).await);
+        b.add(second(slice.clone()).await);
+    }
+    (a.result(), b.result())
+}
+
+/// The raw outcome of one or more load runs, before percentiles are read off it.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    hist: Histogram<u64>,
+    errors: u64,
+    seconds: f64,
+    pacer_wake_p99_us: Option<u64>,
+}
+
+impl Default for Measured {
+    fn default() -> Self {
+        Measured {
+            hist: new_histogram(),
+            errors: 0,
+            seconds: 0.0,
+            pacer_wake_p99_us: None,
+        }
+    }
+}
+
+impl Measured {
+    fn add(&mut self, result: LoadResult) {
+        let Some(other) = result.measured else {
+            return;
+        };
+        // Same bounds on both sides: adding cannot fail.
+        let _ = self.hist.add(&other.hist);
+        self.errors += other.errors;
+        self.seconds += other.seconds;
+        self.pacer_wake_p99_us = self.pacer_wake_p99_us.max(other.pacer_wake_p99_us);
+    }
+
+    fn result(self) -> LoadResult {
+        let hist = &self.hist;
+        let requests = hist.len();
+        let mut result = LoadResult {
+            requests,
+            errors: self.errors,
+            seconds: self.seconds,
+            throughput: requests as f64 / self.seconds.max(f64::EPSILON),
+            mean_us: hist.mean(),
+            p50_us: hist.value_at_quantile(0.50),
+            p90_us: hist.value_at_quantile(0.90),
+            p99_us: hist.value_at_quantile(0.99),
+            p999_us: hist.value_at_quantile(0.999),
+            max_us: hist.max(),
+            pacer_wake_p99_us: self.pacer_wake_p99_us,
+            measured: None,
+        };
+        result.measured = Some(self);
+        result
+    }
+}
+
+async fn measure<F, Fut>(spec: &LoadSpec, call: F) -> Measured
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
@@ -114,19 +214,10 @@ where
     let pacer_wake_p99_us = pacer
         .and_then(Pacer::stop)
         .map(|late| late.value_at_quantile(0.99));
-    let seconds = start.elapsed().as_secs_f64();
-    let requests = hist.len();
-    LoadResult {
-        requests,
+    Measured {
+        hist,
         errors,
-        seconds,
-        throughput: requests as f64 / seconds.max(f64::EPSILON),
-        mean_us: hist.mean(),
-        p50_us: hist.value_at_quantile(0.50),
-        p90_us: hist.value_at_quantile(0.90),
-        p99_us: hist.value_at_quantile(0.99),
-        p999_us: hist.value_at_quantile(0.999),
-        max_us: hist.max(),
+        seconds: start.elapsed().as_secs_f64(),
         pacer_wake_p99_us,
     }
 }
@@ -262,5 +353,35 @@ mod tests {
         .await;
         assert_eq!(r.requests, 50);
         assert_eq!(r.errors, 25);
+    }
+
+    /// Interleaved workloads take turns, slice by slice, and each result adds up its own
+    /// slices: three turns of at most 10 calls each give 30 calls and their errors.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interleaved_workloads_take_turns_and_add_up_their_slices() {
+        let spec = LoadSpec {
+            concurrency: 1,
+            duration: Duration::from_secs(30),
+            max_requests: Some(30),
+            rate: None,
+        };
+        let turns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, b) = interleaved(
+            &spec,
+            3,
+            |slice| {
+                turns.lock().unwrap().push('a');
+                async move { run(&slice, |_, _| async { Ok(()) }).await }
+            },
+            |slice| {
+                turns.lock().unwrap().push('b');
+                async move { run(&slice, |_, _| async { Err("refused".into()) }).await }
+            },
+        )
+        .await;
+        assert_eq!(*turns.lock().unwrap(), ['a', 'b', 'a', 'b', 'a', 'b']);
+        assert_eq!((a.requests, a.errors), (30, 0));
+        assert_eq!((b.requests, b.errors), (30, 30));
+        assert!(a.seconds > 0.0 && a.throughput > 0.0 && b.p99_us >= b.p50_us);
     }
 }

@@ -673,8 +673,27 @@ async fn hit_scenarios(
     let pools = Arc::new(KeyPools::build(&issued, mix, &clients).await?);
     warm(&clients, &pools).await;
 
-    if wants(args, Scenario::Noop) {
-        let r = noop(&spec(args), &clients).await;
+    // Full load: noop and verify-hit in turns of a fifth of the duration each, so that
+    // their ratio is taken over the same seconds (see `load::interleaved`).
+    let (noop_full, hit_full) = match (
+        wants(args, Scenario::Noop),
+        wants(args, Scenario::VerifyHit),
+    ) {
+        (true, true) => {
+            let (r, h) = load::interleaved(
+                &spec(args),
+                INTERLEAVED_SLICES,
+                |s| noop_owned(s, clients.clone()),
+                |s| verify_mix_owned(s, clients.clone(), pools.clone()),
+            )
+            .await;
+            (Some(r), Some(h))
+        }
+        (true, false) => (Some(noop(&spec(args), &clients).await), None),
+        (false, true) => (None, Some(verify_mix(&spec(args), &clients, &pools).await)),
+        (false, false) => (None, None),
+    };
+    if let Some(r) = noop_full {
         print_line("noop", &r);
         // The same pacing as verify-hit's half-load run: the tail the transport, the
         // client and this machine impose on any RPC, which VerifyKey's cannot beat.
@@ -687,8 +706,7 @@ async fn hit_scenarios(
         print_line("noop at half load", &r);
         run.noop_half_load = Some(r);
     }
-    if wants(args, Scenario::VerifyHit) {
-        let r = verify_mix(&spec(args), &clients, &pools).await;
+    if let Some(r) = hit_full {
         print_line("verify-hit", &r);
         let half = LoadSpec {
             rate: Some(r.throughput / 2.0),
@@ -842,6 +860,21 @@ async fn noop(spec: &LoadSpec, clients: &Arc<Clients>) -> LoadResult {
         }
     })
     .await
+}
+
+/// Turns of noop and verify-hit at full load (see `hit_scenarios`).
+const INTERLEAVED_SLICES: u32 = 5;
+
+async fn noop_owned(spec: LoadSpec, clients: Arc<Clients>) -> LoadResult {
+    noop(&spec, &clients).await
+}
+
+async fn verify_mix_owned(
+    spec: LoadSpec,
+    clients: Arc<Clients>,
+    pools: Arc<KeyPools>,
+) -> LoadResult {
+    verify_mix(&spec, &clients, &pools).await
 }
 
 async fn verify_mix(spec: &LoadSpec, clients: &Clients, pools: &Arc<KeyPools>) -> LoadResult {
