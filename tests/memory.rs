@@ -2,15 +2,17 @@
 //! the bytes every allocation asks for (its own binary, so no other test allocates while
 //! it counts). Sizes, not times: the figures are the same on every run.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
+use common::key_record;
 use keywarden::cache::{CacheSizes, CachedKey, VerifyCache};
-use keywarden::domain::key::{KeyRecord, Owner, OwnerKind};
-use keywarden::domain::key_format::{Environment, KeyHash};
+use keywarden::domain::key::KeyRecord;
+use keywarden::domain::key_format::KeyHash;
 use keywarden::domain::scopes::{EffectiveScopes, ScopeImplications};
 use keywarden::usage::UsageBook;
 
@@ -43,39 +45,6 @@ static COUNTING: Counting = Counting;
 
 const KEYS: usize = 20_000;
 
-/// A key as the miss benchmark seeds them: one scope, no metadata, no limits.
-fn record(i: usize) -> KeyRecord {
-    KeyRecord {
-        key_id: format!("key_{i:022}"),
-        workspace_id: "ws_bench".into(),
-        name: "bench".into(),
-        environment: Environment::Live,
-        display: "kw_live_...abcd".into(),
-        scopes: vec!["read".into()],
-        owner: Owner {
-            kind: OwnerKind::User,
-            id: "bench".into(),
-        },
-        created_by: "bench".into(),
-        metadata: BTreeMap::new(),
-        created_at: 1,
-        updated_at: 1,
-        expires_at: None,
-        revoked_at: None,
-        revoke_reason: None,
-        rotated_at: None,
-        deleted_at: None,
-        rate_limits: Vec::new(),
-        max_budget_micros: None,
-        spent_micros: 0,
-        last_used_at: None,
-        resource_access: Default::default(),
-        network: Default::default(),
-        team_id: None,
-        team_access: Default::default(),
-    }
-}
-
 /// Heap bytes per item that `make` keeps alive, over `KEYS` items.
 fn heap_per_item<T>(mut make: impl FnMut(usize) -> T) -> (isize, Vec<T>) {
     let mut kept = Vec::with_capacity(KEYS);
@@ -92,7 +61,8 @@ fn heap_per_item<T>(mut make: impl FnMut(usize) -> T) -> (isize, Vec<T>) {
 #[test]
 fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone() {
     let implications = ScopeImplications::default();
-    let records: Vec<KeyRecord> = (0..KEYS).map(record).collect();
+    // Like the miss benchmark's seeded keys: one scope, no metadata, no limits.
+    let records: Vec<KeyRecord> = (0..KEYS).map(|_| key_record("ws_bench", 1)).collect();
     let cached = |r: &KeyRecord| {
         Arc::new(CachedKey {
             effective_scopes: EffectiveScopes::new(&implications, &r.scopes),

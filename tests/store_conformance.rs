@@ -28,35 +28,6 @@ async fn open(backend: Backend) -> (TestDb, Arc<dyn Store>) {
     (db, store)
 }
 
-fn record(workspace_id: &str, created_at: Micros) -> KeyRecord {
-    KeyRecord {
-        key_id: new_key_id().unwrap(),
-        workspace_id: workspace_id.to_owned(),
-        name: "conformance key".to_owned(),
-        environment: Environment::Live,
-        display: "kw_live_...abcd".to_owned(),
-        scopes: vec!["read".to_owned()],
-        owner: owner(OwnerKind::User, "user_1"),
-        created_by: "user_admin".to_owned(),
-        metadata: BTreeMap::new(),
-        created_at,
-        updated_at: created_at,
-        expires_at: None,
-        revoked_at: None,
-        revoke_reason: None,
-        rotated_at: None,
-        deleted_at: None,
-        rate_limits: vec![],
-        max_budget_micros: None,
-        spent_micros: 0,
-        last_used_at: None,
-        resource_access: Default::default(),
-        network: Default::default(),
-        team_id: None,
-        team_access: Default::default(),
-    }
-}
-
 fn owner(kind: OwnerKind, id: &str) -> Owner {
     Owner {
         kind,
@@ -179,7 +150,7 @@ async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend
     };
     let minimal = KeyRecord {
         scopes: Vec::new(),
-        ..record(WS, T0 - 1)
+        ..key_record(WS, T0 - 1)
     };
     for key in [full, minimal] {
         let secret = insert(&*store, &key).await;
@@ -192,7 +163,7 @@ async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend
 
 async fn get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none(backend: Backend) {
     let (_db, store) = open(backend).await;
-    insert(&*store, &record(WS, T0)).await;
+    insert(&*store, &key_record(WS, T0)).await;
     assert_eq!(store.get_key(&new_key_id().unwrap()).await.unwrap(), None);
     assert!(store.find_secret(&new_secret()).await.unwrap().is_none());
 }
@@ -206,15 +177,15 @@ async fn list_orders_newest_first_with_key_id_breaking_ties(backend: Backend) {
     // byte order (what SQLite does, and Postgres under the C collation).
     let with_id = |id: String, created_at| KeyRecord {
         key_id: id,
-        ..record(WS, created_at)
+        ..key_record(WS, created_at)
     };
     let keys = vec![
-        record(WS, T0),
+        key_record(WS, T0),
         with_id(format!("key_{}", "a".repeat(24)), T0 + 1),
-        record(WS, T0 + 2),
+        key_record(WS, T0 + 2),
         with_id(format!("key_{}", "B".repeat(24)), T0 + 1),
         with_id(format!("key_{}", "0".repeat(24)), T0 + 1),
-        record(WS, T0 - S),
+        key_record(WS, T0 - S),
     ];
     for key in &keys {
         insert(&*store, key).await;
@@ -231,7 +202,7 @@ async fn list_orders_newest_first_with_key_id_breaking_ties(backend: Backend) {
 async fn list_cursor_continues_after_the_cursor_without_gaps_or_repeats(backend: Backend) {
     let (_db, store) = open(backend).await;
     let keys: Vec<KeyRecord> = (0..8)
-        .map(|i| record(WS, T0 + (i / 3) * S)) // groups of equal created_at
+        .map(|i| key_record(WS, T0 + (i / 3) * S)) // groups of equal created_at
         .collect();
     for key in &keys {
         insert(&*store, key).await;
@@ -282,20 +253,20 @@ async fn list_filters_by_owner_kind_and_id(backend: Backend) {
     let alice_user = [
         KeyRecord {
             owner: owner(OwnerKind::User, "alice"),
-            ..record(WS, T0)
+            ..key_record(WS, T0)
         },
         KeyRecord {
             owner: owner(OwnerKind::User, "alice"),
-            ..record(WS, T0 + 1)
+            ..key_record(WS, T0 + 1)
         },
     ];
     let alice_service = KeyRecord {
         owner: owner(OwnerKind::ServiceAccount, "alice"),
-        ..record(WS, T0 + 2)
+        ..key_record(WS, T0 + 2)
     };
     let bob = KeyRecord {
         owner: owner(OwnerKind::User, "bob"),
-        ..record(WS, T0 + 3)
+        ..key_record(WS, T0 + 3)
     };
     for key in alice_user.iter().chain([&alice_service, &bob]) {
         insert(&*store, key).await;
@@ -326,23 +297,23 @@ async fn list_filters_by_owner_kind_and_id(backend: Backend) {
 
 async fn list_filters_by_status_as_of_the_filters_now(backend: Backend) {
     let (_db, store) = open(backend).await;
-    let active = record(WS, T0);
+    let active = key_record(WS, T0);
     let expires_later = KeyRecord {
         expires_at: Some(T0 + 100 * S),
-        ..record(WS, T0)
+        ..key_record(WS, T0)
     };
     let expires_at_boundary = KeyRecord {
         expires_at: Some(T0 + 10 * S),
-        ..record(WS, T0)
+        ..key_record(WS, T0)
     };
     let expired_long_ago = KeyRecord {
         expires_at: Some(T0 + 1),
-        ..record(WS, T0)
+        ..key_record(WS, T0)
     };
     // Revoked and past its expiry: revocation wins.
     let revoked = KeyRecord {
         expires_at: Some(T0 + 5 * S),
-        ..record(WS, T0)
+        ..key_record(WS, T0)
     };
     for key in [
         &active,
@@ -404,9 +375,9 @@ async fn list_filters_by_status_as_of_the_filters_now(backend: Backend) {
 
 async fn list_is_confined_to_its_workspace_and_skips_deleted_keys(backend: Backend) {
     let (_db, store) = open(backend).await;
-    let a_kept = record("ws_a", T0);
-    let a_deleted = record("ws_a", T0 + 1);
-    let b = record("ws_b", T0 + 2);
+    let a_kept = key_record("ws_a", T0);
+    let a_deleted = key_record("ws_a", T0 + 1);
+    let b = key_record("ws_b", T0 + 2);
     for key in [&a_kept, &a_deleted, &b] {
         insert(&*store, key).await;
     }
@@ -446,7 +417,7 @@ async fn update_applies_only_the_patched_fields_and_returns_every_secret_as_stal
     let original = KeyRecord {
         metadata: BTreeMap::from([("team".to_owned(), "ml".to_owned())]),
         expires_at: Some(T0 + 3600 * S),
-        ..record(WS, T0)
+        ..key_record(WS, T0)
     };
     let first_secret = insert(&*store, &original).await;
     let second_secret = new_secret();
@@ -560,7 +531,7 @@ async fn rotate_ends_the_old_secret_at_now_plus_grace_and_makes_the_new_one_curr
     backend: Backend,
 ) {
     let (db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     let old = insert(&*store, &key).await;
     let new = new_secret();
     let now = T0 + 10 * S;
@@ -601,7 +572,7 @@ async fn rotate_caps_the_old_secrets_end_at_the_keys_expiry(backend: Backend) {
     let now = T0 + 10 * S;
     let key = KeyRecord {
         expires_at: Some(now + 60 * S),
-        ..record(WS, T0)
+        ..key_record(WS, T0)
     };
     let old = insert(&*store, &key).await;
     let rotated = store
@@ -625,7 +596,7 @@ async fn rotate_caps_the_old_secrets_end_at_the_keys_expiry(backend: Backend) {
 
 async fn rotating_twice_keeps_the_earlier_end_of_the_first_old_secret(backend: Backend) {
     let (db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     let s0 = insert(&*store, &key).await;
     let (s1, s2, s3) = (new_secret(), new_secret(), new_secret());
     let t1 = T0 + 10 * S;
@@ -677,7 +648,7 @@ async fn rotating_a_revoked_or_expired_key_is_a_precondition_and_leaves_nothing_
     backend: Backend,
 ) {
     let (db, store) = open(backend).await;
-    let revoked = record(WS, T0);
+    let revoked = key_record(WS, T0);
     insert(&*store, &revoked).await;
     store
         .revoke_key(&revoked.key_id, "leaked", T0 + S, &ctx("key.revoke"))
@@ -685,7 +656,7 @@ async fn rotating_a_revoked_or_expired_key_is_a_precondition_and_leaves_nothing_
         .unwrap();
     let expired = KeyRecord {
         expires_at: Some(T0 + 5 * S),
-        ..record(WS, T0)
+        ..key_record(WS, T0)
     };
     insert(&*store, &expired).await;
 
@@ -720,7 +691,7 @@ async fn rotating_a_revoked_or_expired_key_is_a_precondition_and_leaves_nothing_
 
 async fn revoke_sets_revoked_at_and_reason_once(backend: Backend) {
     let (_db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     let secret = insert(&*store, &key).await;
     let t1 = T0 + 10 * S;
     let first = store
@@ -751,7 +722,7 @@ async fn revoke_sets_revoked_at_and_reason_once(backend: Backend) {
 
 async fn delete_hides_the_key_but_find_secret_still_returns_it_marked_deleted(backend: Backend) {
     let (_db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     let old = insert(&*store, &key).await;
     let new = new_secret();
     store
@@ -791,7 +762,7 @@ async fn delete_hides_the_key_but_find_secret_still_returns_it_marked_deleted(ba
 
 async fn mutations_of_unknown_or_deleted_keys_are_not_found_and_write_nothing(backend: Backend) {
     let (db, store) = open(backend).await;
-    let deleted = record(WS, T0);
+    let deleted = key_record(WS, T0);
     insert(&*store, &deleted).await;
     store
         .delete_key(&deleted.key_id, T0 + S, &ctx("key.delete"))
@@ -860,7 +831,7 @@ async fn mutations_of_unknown_or_deleted_keys_are_not_found_and_write_nothing(ba
 
 async fn every_successful_mutation_writes_one_audit_row_newest_first(backend: Backend) {
     let (db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     let who = |action: &'static str, n: u32| AuditContext {
         actor_id: format!("actor_{n}"),
         caller: format!("caller-{n}"),
@@ -944,7 +915,7 @@ async fn every_successful_mutation_writes_one_audit_row_newest_first(backend: Ba
 
 async fn record_denied_writes_a_denied_row_and_changes_nothing_else(backend: Backend) {
     let (db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     insert(&*store, &key).await;
     let denied = |key_id: Option<String>, at: Micros| DeniedAudit {
         workspace_id: WS.to_owned(),
@@ -990,8 +961,8 @@ async fn list_audit_pages_by_before_id(backend: Backend) {
     let (_db, store) = open(backend).await;
     // Interleave another workspace, so this one's ids have gaps.
     for i in 0..7 {
-        insert(&*store, &record(WS, T0 + i)).await;
-        insert(&*store, &record("ws_other", T0 + i)).await;
+        insert(&*store, &key_record(WS, T0 + i)).await;
+        insert(&*store, &key_record("ws_other", T0 + i)).await;
     }
     let all = audit(&*store, WS).await;
     assert_eq!(all.len(), 7);
@@ -1029,12 +1000,12 @@ async fn list_audit_pages_by_before_id(backend: Backend) {
 
 async fn a_failed_insert_leaves_neither_the_key_nor_an_audit_row(backend: Backend) {
     let (db, store) = open(backend).await;
-    let first = record(WS, T0);
+    let first = key_record(WS, T0);
     let secret = insert(&*store, &first).await;
 
     // The same secret hash for another key, in this workspace and another.
     for ws in [WS, "ws_other"] {
-        let dup = record(ws, T0 + S);
+        let dup = key_record(ws, T0 + S);
         let err = store
             .insert_key(&dup, &secret, &ctx("key.issue"))
             .await
@@ -1082,7 +1053,7 @@ async fn concurrent_rotations_of_one_key_all_succeed_and_leave_one_current_secre
     backend: Backend,
 ) {
     let (db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     let original = insert(&*store, &key).await;
     let now = T0 + S;
     let tasks: Vec<_> = (0..20)
@@ -1129,7 +1100,7 @@ async fn concurrent_rotations_of_one_key_all_succeed_and_leave_one_current_secre
 
 async fn concurrent_revokes_and_rotations_leave_a_consistent_key(backend: Backend) {
     let (db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     let original = insert(&*store, &key).await;
     let now = T0 + S;
 
@@ -1218,7 +1189,7 @@ async fn concurrent_revokes_and_rotations_leave_a_consistent_key(backend: Backen
 
 async fn limits_and_budgets_round_trip_and_update_patches_them(backend: Backend) {
     let (_db, store) = open(backend).await;
-    let mut key = record(WS, T0);
+    let mut key = key_record(WS, T0);
     key.rate_limits = vec![
         RateLimit {
             unit: LimitUnit::Requests,
@@ -1251,7 +1222,7 @@ async fn limits_and_budgets_round_trip_and_update_patches_them(backend: Backend)
 
 async fn usage_adds_spend_and_moves_last_use_forward_only(backend: Backend) {
     let (_db, store) = open(backend).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     insert(store.as_ref(), &key).await;
     let delta = |spend: u64, used: Option<Micros>| UsageDelta {
         key_id: key.key_id.clone(),
@@ -1290,7 +1261,11 @@ async fn usage_adds_spend_and_moves_last_use_forward_only(backend: Backend) {
 
 async fn list_filters_by_unused_since(backend: Backend) {
     let (_db, store) = open(backend).await;
-    let (old, recent, never) = (record(WS, T0), record(WS, T0 + 1), record(WS, T0 + 2));
+    let (old, recent, never) = (
+        key_record(WS, T0),
+        key_record(WS, T0 + 1),
+        key_record(WS, T0 + 2),
+    );
     for k in [&old, &recent, &never] {
         insert(store.as_ref(), k).await;
     }
@@ -1371,7 +1346,7 @@ async fn no_index_names_a_column_the_usage_book_writes(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replaces_pooled_connections_the_server_dropped_while_idle() {
     let (db, store) = open(Backend::Postgres).await;
-    let key = record(WS, T0);
+    let key = key_record(WS, T0);
     insert(store.as_ref(), &key).await;
     let dropped = db
         .count(

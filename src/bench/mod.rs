@@ -37,7 +37,7 @@ use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::verify_service_client::VerifyServiceClient;
 use connection::Http2;
-use server::{Limits, ServerProcess, Tokens};
+use server::{Launcher, Limits, ServerProcess, Tokens};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -418,30 +418,18 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         edge: generate_token()?,
     };
     let mut run = RunReport::default();
-    let server = ServerProcess::start(
-        db._dir.path(),
-        "cached",
-        &db.url,
-        &tokens,
-        true,
-        &Limits::Off,
-        args.database_connections,
-    )
-    .await?;
+    let launch = Launcher {
+        dir: db._dir.path(),
+        database_url: &db.url,
+        tokens: &tokens,
+        database_connections: args.database_connections,
+    };
+    let server = launch.start("cached", true, &Limits::Off).await?;
     let pools = hit_scenarios(args, mix, &server, &tokens, &mut run).await?;
     server.stop().await;
 
     if wants(args, Scenario::VerifyNaive) {
-        let naive = ServerProcess::start(
-            db._dir.path(),
-            "naive",
-            &db.url,
-            &tokens,
-            false,
-            &Limits::Off,
-            args.database_connections,
-        )
-        .await?;
+        let naive = launch.start("naive", false, &Limits::Off).await?;
         let clients = connect(&naive, &tokens, args.connections).await?;
         let r = verify_mix(&spec(args), &clients, &pools).await;
         print_line("verify-naive", &r);
@@ -472,16 +460,9 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
                 println!("verify-ratelimited ({name}): Redis does not answer at {url}; skipped");
                 continue;
             }
-            let server = ServerProcess::start(
-                db._dir.path(),
-                &format!("limited-{name}"),
-                &db.url,
-                &tokens,
-                true,
-                &limits,
-                args.database_connections,
-            )
-            .await?;
+            let server = launch
+                .start(&format!("limited-{name}"), true, &limits)
+                .await?;
             let clients = connect(&server, &tokens, args.connections).await?;
             warm(&clients, &pools).await;
             let r = verify_valid(&spec(args), &clients, &pools).await;
@@ -495,31 +476,11 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     }
 
     if wants(args, Scenario::RevocationLatency) || wants(args, Scenario::Streams) {
-        let a = ServerProcess::start(
-            db._dir.path(),
-            "stream-a",
-            &db.url,
-            &tokens,
-            true,
-            &Limits::Off,
-            args.database_connections,
-        )
-        .await?;
+        let a = launch.start("stream-a", true, &Limits::Off).await?;
         if wants(args, Scenario::RevocationLatency) {
             // Another replica needs the shared Postgres (SQLite fans out in process only).
             let b = match args.store {
-                StoreKind::Postgres => Some(
-                    ServerProcess::start(
-                        db._dir.path(),
-                        "stream-b",
-                        &db.url,
-                        &tokens,
-                        true,
-                        &Limits::Off,
-                        args.database_connections,
-                    )
-                    .await?,
-                ),
+                StoreKind::Postgres => Some(launch.start("stream-b", true, &Limits::Off).await?),
                 StoreKind::Sqlite => None,
             };
             let r = stream::revocation_latency(&a, b.as_ref(), &tokens, args.revocations).await?;
@@ -568,16 +529,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
             keys.len(),
             started.elapsed().as_secs_f64()
         );
-        let server = ServerProcess::start(
-            db._dir.path(),
-            "miss",
-            &db.url,
-            &tokens,
-            true,
-            &Limits::Off,
-            args.database_connections,
-        )
-        .await?;
+        let server = launch.start("miss", true, &Limits::Off).await?;
         let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
         let rss_before = server.rss_bytes();
         let next = Arc::new(AtomicUsize::new(0));

@@ -50,17 +50,30 @@ pub struct Tokens {
     pub edge: String,
 }
 
-impl ServerProcess {
-    /// Starts `keywarden serve` on a free loopback port over `database_url`.
+/// What every server of one benchmark run shares: where its files go, its database, the
+/// callers' tokens and the pool size. Servers differ only in what a scenario needs.
+pub struct Launcher<'a> {
+    pub dir: &'a Path,
+    pub database_url: &'a str,
+    pub tokens: &'a Tokens,
+    pub database_connections: u32,
+}
+
+impl Launcher<'_> {
+    /// Starts `keywarden serve` on a free loopback port: `name` names its configuration
+    /// file, `cache_enabled` off makes the naive server, `limits` the rate limits.
     pub async fn start(
-        dir: &Path,
+        &self,
         name: &str,
-        database_url: &str,
-        tokens: &Tokens,
         cache_enabled: bool,
         limits: &Limits,
-        database_connections: u32,
     ) -> Result<ServerProcess, BoxError> {
+        let Launcher {
+            dir,
+            database_url,
+            tokens,
+            database_connections,
+        } = *self;
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
@@ -104,7 +117,9 @@ impl ServerProcess {
             addr,
         })
     }
+}
 
+impl ServerProcess {
     /// A server started by someone else, at `addr`: never stopped by the benchmark.
     pub fn external(addr: SocketAddr) -> ServerProcess {
         ServerProcess { child: None, addr }
