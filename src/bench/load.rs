@@ -29,6 +29,17 @@ pub struct LoadSpec {
     pub rate: Option<f64>,
 }
 
+impl LoadSpec {
+    /// This load paced at half of what `peak` reached: the "half of peak load" at which
+    /// the latency targets are read.
+    pub fn half_of(&self, peak: &LoadResult) -> LoadSpec {
+        LoadSpec {
+            rate: Some(peak.throughput / 2.0),
+            ..self.clone()
+        }
+    }
+}
+
 /// What one load run measured. Latencies in microseconds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LoadResult {
@@ -310,6 +321,16 @@ mod tests {
         }
     }
 
+    /// One caller at full speed until `max_requests` calls.
+    fn capped(max_requests: u64) -> LoadSpec {
+        LoadSpec {
+            concurrency: 1,
+            duration: Duration::from_secs(30),
+            max_requests: Some(max_requests),
+            rate: None,
+        }
+    }
+
     /// One caller, a slot every 5 ms, calls that take 20 ms: the calls fall further and
     /// further behind their slots, and that wait is charged. Timed from when each call
     /// actually started, every latency would be about 20 ms.
@@ -337,13 +358,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn errors_are_counted_and_still_timed() {
-        let spec = LoadSpec {
-            concurrency: 1,
-            duration: Duration::from_secs(10),
-            max_requests: Some(50),
-            rate: None,
-        };
-        let r = run(&spec, |_, n| async move {
+        let r = run(&capped(50), |_, n| async move {
             if n % 2 == 0 {
                 Err("refused".into())
             } else {
@@ -359,12 +374,7 @@ mod tests {
     /// slices: three turns of at most 10 calls each give 30 calls and their errors.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn interleaved_workloads_take_turns_and_add_up_their_slices() {
-        let spec = LoadSpec {
-            concurrency: 1,
-            duration: Duration::from_secs(30),
-            max_requests: Some(30),
-            rate: None,
-        };
+        let spec = capped(30);
         let turns = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (a, b) = interleaved(
             &spec,

@@ -559,9 +559,8 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         // on keys not presented yet.
         let left = keys.len().saturating_sub(next.load(Ordering::Relaxed)) as u64;
         let half = LoadSpec {
-            rate: Some(r.throughput / 2.0),
             max_requests: Some(spec.max_requests.unwrap_or(u64::MAX).min(left)),
-            ..spec.clone()
+            ..spec.half_of(&r)
         };
         run.verify_miss = Some(r);
         if left > 0 {
@@ -649,10 +648,7 @@ async fn hit_scenarios(
         print_line("noop", &r);
         // The same pacing as verify-hit's half-load run: the tail the transport, the
         // client and this machine impose on any RPC, which VerifyKey's cannot beat.
-        let half = LoadSpec {
-            rate: Some(r.throughput / 2.0),
-            ..spec(args)
-        };
+        let half = spec(args).half_of(&r);
         run.noop = Some(r);
         let r = noop(&half, &clients).await;
         print_line("noop at half load", &r);
@@ -660,10 +656,7 @@ async fn hit_scenarios(
     }
     if let Some(r) = hit_full {
         print_line("verify-hit", &r);
-        let half = LoadSpec {
-            rate: Some(r.throughput / 2.0),
-            ..spec(args)
-        };
+        let half = spec(args).half_of(&r);
         run.verify_hit = Some(r);
         let r = verify_mix(&half, &clients, &pools).await;
         print_line("verify-hit at half load", &r);
