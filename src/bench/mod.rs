@@ -431,7 +431,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     if wants(args, Scenario::VerifyNaive) {
         let naive = launch.start("naive", false, &Limits::Off).await?;
         let clients = connect(&naive, &tokens, args.connections).await?;
-        let r = verify_mix(&spec(args), &clients, &pools).await;
+        let r = verify_mix(spec(args), &clients, &pools).await;
         print_line("verify-naive", &r);
         run.verify_naive = Some(r);
         if let Some(h) = run.h2load.as_mut() {
@@ -634,14 +634,14 @@ async fn hit_scenarios(
             let (r, h) = load::interleaved(
                 &spec(args),
                 INTERLEAVED_SLICES,
-                |s| noop_owned(s, clients.clone()),
-                |s| verify_mix_owned(s, clients.clone(), pools.clone()),
+                |s| noop(s, &clients),
+                |s| verify_mix(s, &clients, &pools),
             )
             .await;
             (Some(r), Some(h))
         }
-        (true, false) => (Some(noop(&spec(args), &clients).await), None),
-        (false, true) => (None, Some(verify_mix(&spec(args), &clients, &pools).await)),
+        (true, false) => (Some(noop(spec(args), &clients).await), None),
+        (false, true) => (None, Some(verify_mix(spec(args), &clients, &pools).await)),
         (false, false) => (None, None),
     };
     if let Some(r) = noop_full {
@@ -650,7 +650,7 @@ async fn hit_scenarios(
         // client and this machine impose on any RPC, which VerifyKey's cannot beat.
         let half = spec(args).half_of(&r);
         run.noop = Some(r);
-        let r = noop(&half, &clients).await;
+        let r = noop(half, &clients).await;
         print_line("noop at half load", &r);
         run.noop_half_load = Some(r);
     }
@@ -658,7 +658,7 @@ async fn hit_scenarios(
         print_line("verify-hit", &r);
         let half = spec(args).half_of(&r);
         run.verify_hit = Some(r);
-        let r = verify_mix(&half, &clients, &pools).await;
+        let r = verify_mix(half, &clients, &pools).await;
         print_line("verify-hit at half load", &r);
         run.verify_hit_half_load = Some(r);
     }
@@ -792,9 +792,11 @@ async fn warm(clients: &Clients, pools: &KeyPools) {
     }
 }
 
-async fn noop(spec: &LoadSpec, clients: &Arc<Clients>) -> LoadResult {
+/// Ping at `spec`'s load (the spec by value, so that a turn of `load::interleaved` can
+/// hand it over).
+async fn noop(spec: LoadSpec, clients: &Arc<Clients>) -> LoadResult {
     let clients = clients.clone();
-    load::run(spec, move |task, _| {
+    load::run(&spec, move |task, _| {
         let mut client = clients.verifiers[task % clients.verifiers.len()].clone();
         async move {
             client
@@ -810,22 +812,10 @@ async fn noop(spec: &LoadSpec, clients: &Arc<Clients>) -> LoadResult {
 /// Turns of noop and verify-hit at full load (see `hit_scenarios`).
 const INTERLEAVED_SLICES: u32 = 5;
 
-async fn noop_owned(spec: LoadSpec, clients: Arc<Clients>) -> LoadResult {
-    noop(&spec, &clients).await
-}
-
-async fn verify_mix_owned(
-    spec: LoadSpec,
-    clients: Arc<Clients>,
-    pools: Arc<KeyPools>,
-) -> LoadResult {
-    verify_mix(&spec, &clients, &pools).await
-}
-
-async fn verify_mix(spec: &LoadSpec, clients: &Clients, pools: &Arc<KeyPools>) -> LoadResult {
+async fn verify_mix(spec: LoadSpec, clients: &Clients, pools: &Arc<KeyPools>) -> LoadResult {
     let verifiers = Arc::new(clients.verifiers.clone());
     let pools = pools.clone();
-    load::run(spec, move |task, n| {
+    load::run(&spec, move |task, n| {
         let mut client = verifiers[task % verifiers.len()].clone();
         let key = pools.pick(task, n).to_owned();
         async move {
