@@ -93,6 +93,22 @@ fn assert_sane(run: &serde_json::Value, scenario: &str, max_requests: u64) {
         r["p999_us"].as_u64().unwrap(),
     );
     assert!(p50 > 0 && p50 <= p99 && p99 <= p999, "{scenario}: {r}");
+    // The client's CPU is always this process's own; a few hundred calls may not reach
+    // one clock tick, so only its presence and sign are checked.
+    assert!(
+        r["client_cores"].as_f64().unwrap() >= 0.0,
+        "{scenario}: {r}"
+    );
+}
+
+/// The server's CPU is reported for servers the bench started, and only for those.
+fn assert_server_cpu(run: &serde_json::Value, scenario: &str, started_by_bench: bool) {
+    let cores = &run[scenario]["server_cores"];
+    if started_by_bench {
+        assert!(cores.as_f64().unwrap() >= 0.0, "{scenario}: {cores}");
+    } else {
+        assert!(cores.is_null(), "{scenario}: {cores}");
+    }
 }
 
 #[test]
@@ -111,6 +127,7 @@ fn the_bench_reports_sane_figures_on_sqlite() {
     ] {
         let max = if scenario == "issue" { 40 } else { 300 };
         assert_sane(run, scenario, max);
+        assert_server_cpu(run, scenario, true);
     }
     assert!(
         run["verify_miss"].is_null(),
@@ -119,6 +136,7 @@ fn the_bench_reports_sane_figures_on_sqlite() {
     assert_stream_figures(run, false);
     assert!(markdown.contains("verify-hit / noop throughput"));
     assert!(markdown.contains("| verify-hit |"));
+    assert!(markdown.contains("server CPU µs per call"));
     assert!(markdown.contains("| same replica |"));
 }
 
@@ -177,6 +195,7 @@ async fn the_bench_drives_an_already_running_server_with_target() {
         "verify_hit_half_load",
     ] {
         assert_sane(run, scenario, 300);
+        assert_server_cpu(run, scenario, false);
     }
     for skipped in [
         "verify_naive",

@@ -19,6 +19,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use super::cpu;
+
 #[derive(Clone, Debug)]
 pub struct LoadSpec {
     pub concurrency: usize,
@@ -27,6 +29,9 @@ pub struct LoadSpec {
     pub max_requests: Option<u64>,
     /// Total calls per second across all tasks; `None` runs at full speed.
     pub rate: Option<f64>,
+    /// The server process whose CPU time the run reports beside its own; `None` for a
+    /// server the benchmark did not start (`--target`).
+    pub server_pid: Option<u32>,
 }
 
 impl LoadSpec {
@@ -57,6 +62,11 @@ pub struct LoadResult {
     /// but sleep and wake, so this is what the machine's scheduler alone adds to a wake-up
     /// at this load: a floor under every call's tail, which crosses several wake-ups.
     pub pacer_wake_p99_us: Option<u64>,
+    /// The server's CPU time over the run divided by the run's time: how many cores it
+    /// kept busy on average (Linux only; `None` without a server process of our own).
+    pub server_cores: Option<f64>,
+    /// The same for this process, the client (its callers, connections and pacer).
+    pub client_cores: Option<f64>,
     /// The latencies themselves, so that slices of one workload add up ([`interleaved`]).
     #[serde(skip)]
     pub measured: Option<Measured>,
@@ -119,6 +129,9 @@ pub struct Measured {
     errors: u64,
     seconds: f64,
     pacer_wake_p99_us: Option<u64>,
+    /// CPU seconds the server and the client used during the run.
+    server_cpu_seconds: Option<f64>,
+    client_cpu_seconds: Option<f64>,
 }
 
 impl Default for Measured {
@@ -128,7 +141,17 @@ impl Default for Measured {
             errors: 0,
             seconds: 0.0,
             pacer_wake_p99_us: None,
+            server_cpu_seconds: None,
+            client_cpu_seconds: None,
         }
+    }
+}
+
+/// A sum of figures that may be unknown: unknown only if every part is.
+fn add_known(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
     }
 }
 
@@ -142,16 +165,19 @@ impl Measured {
         self.errors += other.errors;
         self.seconds += other.seconds;
         self.pacer_wake_p99_us = self.pacer_wake_p99_us.max(other.pacer_wake_p99_us);
+        self.server_cpu_seconds = add_known(self.server_cpu_seconds, other.server_cpu_seconds);
+        self.client_cpu_seconds = add_known(self.client_cpu_seconds, other.client_cpu_seconds);
     }
 
     fn result(self) -> LoadResult {
         let hist = &self.hist;
         let requests = hist.len();
+        let seconds = self.seconds.max(f64::EPSILON);
         let mut result = LoadResult {
             requests,
             errors: self.errors,
             seconds: self.seconds,
-            throughput: requests as f64 / self.seconds.max(f64::EPSILON),
+            throughput: requests as f64 / seconds,
             mean_us: hist.mean(),
             p50_us: hist.value_at_quantile(0.50),
             p90_us: hist.value_at_quantile(0.90),
@@ -159,6 +185,8 @@ impl Measured {
             p999_us: hist.value_at_quantile(0.999),
             max_us: hist.max(),
             pacer_wake_p99_us: self.pacer_wake_p99_us,
+            server_cores: self.server_cpu_seconds.map(|cpu| cpu / seconds),
+            client_cores: self.client_cpu_seconds.map(|cpu| cpu / seconds),
             measured: None,
         };
         result.measured = Some(self);
@@ -172,6 +200,10 @@ where
     Fut: Future<Output = Result<(), String>> + Send,
 {
     let issued = Arc::new(AtomicU64::new(0));
+    let server_cpu = spec
+        .server_pid
+        .and_then(|pid| cpu::process_seconds(Some(pid)));
+    let client_cpu = cpu::process_seconds(None);
     let start = Instant::now();
     let deadline = start + spec.duration;
     let pacer = spec
@@ -222,14 +254,20 @@ where
             errors += e;
         }
     }
+    let seconds = start.elapsed().as_secs_f64();
+    let since = |before: Option<f64>, pid| Some(cpu::process_seconds(pid)? - before?);
+    let server_cpu_seconds = spec.server_pid.and_then(|pid| since(server_cpu, Some(pid)));
+    let client_cpu_seconds = since(client_cpu, None);
     let pacer_wake_p99_us = pacer
         .and_then(Pacer::stop)
         .map(|late| late.value_at_quantile(0.99));
     Measured {
         hist,
         errors,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
         pacer_wake_p99_us,
+        server_cpu_seconds,
+        client_cpu_seconds,
     }
 }
 
@@ -318,6 +356,7 @@ mod tests {
             duration: Duration::from_millis(millis),
             max_requests: None,
             rate: Some(rate),
+            server_pid: None,
         }
     }
 
@@ -328,6 +367,7 @@ mod tests {
             duration: Duration::from_secs(30),
             max_requests: Some(max_requests),
             rate: None,
+            server_pid: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! (`revocation-latency`, `streams`) are in `stream.rs`.
 
 mod connection;
+mod cpu;
 mod h2load;
 mod load;
 mod report;
@@ -324,12 +325,14 @@ fn wants(args: &BenchArgs, s: Scenario) -> bool {
     args.scenario == Scenario::All || args.scenario == s
 }
 
-fn spec(args: &BenchArgs) -> LoadSpec {
+/// The load of one scenario against `server`, at full speed.
+fn spec(args: &BenchArgs, server: &ServerProcess) -> LoadSpec {
     LoadSpec {
         concurrency: args.concurrency.max(1),
         duration: Duration::from_secs_f64(args.duration.max(0.1)),
         max_requests: args.max_requests,
         rate: None,
+        server_pid: server.pid(),
     }
 }
 
@@ -431,7 +434,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     if wants(args, Scenario::VerifyNaive) {
         let naive = launch.start("naive", false, &Limits::Off).await?;
         let clients = connect(&naive, &tokens, args.connections).await?;
-        let r = verify_mix(spec(args), &clients, &pools).await;
+        let r = verify_mix(spec(args, &naive), &clients, &pools).await;
         print_line("verify-naive", &r);
         run.verify_naive = Some(r);
         if let Some(h) = run.h2load.as_mut() {
@@ -465,7 +468,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
                 .await?;
             let clients = connect(&server, &tokens, args.connections).await?;
             warm(&clients, &pools).await;
-            let r = verify_valid(&spec(args), &clients, &pools).await;
+            let r = verify_valid(&spec(args, &server), &clients, &pools).await;
             print_line(&format!("verify-ratelimited ({name})"), &r);
             match name {
                 "memory" => run.verify_ratelimited_memory = Some(r),
@@ -535,7 +538,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         let next = Arc::new(AtomicUsize::new(0));
         let spec = LoadSpec {
             max_requests: Some(args.max_requests.unwrap_or(u64::MAX).min(keys.len() as u64)),
-            ..spec(args)
+            ..spec(args, &server)
         };
         // Each call presents a key no call presented before (never cached).
         let miss = {
@@ -591,7 +594,7 @@ async fn hit_scenarios(
         max_requests: Some(args.keys as u64),
         duration: Duration::from_secs(600),
         concurrency: args.concurrency.clamp(1, 16),
-        rate: None,
+        ..spec(args, server)
     };
     let result = {
         let (clients, issued) = (clients.clone(), issued.clone());
@@ -632,7 +635,7 @@ async fn hit_scenarios(
     ) {
         (true, true) => {
             let (r, h) = load::interleaved(
-                &spec(args),
+                &spec(args, server),
                 INTERLEAVED_SLICES,
                 |s| noop(s, &clients),
                 |s| verify_mix(s, &clients, &pools),
@@ -640,15 +643,18 @@ async fn hit_scenarios(
             .await;
             (Some(r), Some(h))
         }
-        (true, false) => (Some(noop(spec(args), &clients).await), None),
-        (false, true) => (None, Some(verify_mix(spec(args), &clients, &pools).await)),
+        (true, false) => (Some(noop(spec(args, server), &clients).await), None),
+        (false, true) => (
+            None,
+            Some(verify_mix(spec(args, server), &clients, &pools).await),
+        ),
         (false, false) => (None, None),
     };
     if let Some(r) = noop_full {
         print_line("noop", &r);
         // The same pacing as verify-hit's half-load run: the tail the transport, the
         // client and this machine impose on any RPC, which VerifyKey's cannot beat.
-        let half = spec(args).half_of(&r);
+        let half = spec(args, server).half_of(&r);
         run.noop = Some(r);
         let r = noop(half, &clients).await;
         print_line("noop at half load", &r);
@@ -656,7 +662,7 @@ async fn hit_scenarios(
     }
     if let Some(r) = hit_full {
         print_line("verify-hit", &r);
-        let half = spec(args).half_of(&r);
+        let half = spec(args, server).half_of(&r);
         run.verify_hit = Some(r);
         let r = verify_mix(half, &clients, &pools).await;
         print_line("verify-hit at half load", &r);

@@ -221,9 +221,16 @@ impl BenchReport {
         let _ = writeln!(s, "## Scenarios (medians)\n");
         let _ = writeln!(
             s,
-            "| scenario | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |"
+            "Cores busy: CPU time over the run's time, of the server process and of the client (this benchmark) apart; server CPU per call is the server's CPU time divided by its calls.\n"
         );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let _ = writeln!(
+            s,
+            "| scenario | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | server cores busy | server CPU µs per call | client cores busy |"
+        );
+        let _ = writeln!(
+            s,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
         let rows: [(&str, Pick); 10] = [
             ("noop (Ping)", |r| r.noop.as_ref()),
             ("noop at half load", |r| r.noop_half_load.as_ref()),
@@ -249,15 +256,24 @@ impl BenchReport {
                 continue;
             }
             let m = |f: fn(&LoadResult) -> f64| fmt(self.med(|r| get(r).map(f)), 0);
+            let cpu = |f: fn(&LoadResult) -> Option<f64>, digits| {
+                fmt(self.med(|r| get(r).and_then(f)), digits)
+            };
             let _ = writeln!(
                 s,
-                "| {name} | {} | {} | {} | {} | {} | {} |",
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 m(|l| l.throughput),
                 m(|l| l.p50_us as f64),
                 m(|l| l.p90_us as f64),
                 m(|l| l.p99_us as f64),
                 m(|l| l.p999_us as f64),
                 m(|l| l.errors as f64),
+                cpu(|l| l.server_cores, 2),
+                cpu(
+                    |l| Some(l.server_cores? * 1e6 / l.throughput).filter(|v| v.is_finite()),
+                    1
+                ),
+                cpu(|l| l.client_cores, 2),
             );
         }
         let spread = |get: fn(&RunReport) -> Option<&super::stream::Spread>| {

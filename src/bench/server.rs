@@ -125,9 +125,14 @@ impl ServerProcess {
         ServerProcess { child: None, addr }
     }
 
+    /// The server's process id, if this benchmark started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
     /// Resident memory of the server process, in bytes (Linux).
     pub fn rss_bytes(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id()?;
+        let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
