@@ -13,12 +13,6 @@ use keywarden::domain::key_format::KeyHash;
 use keywarden::telemetry::Telemetry;
 use secrecy::{ExposeSecret, SecretString};
 
-/// mimalloc instead of the system allocator: a served call allocates a few dozen small
-/// buffers (hyper's frames, tonic's bodies, the answer), and glibc's malloc and free
-/// cost about an eighth of a no-op call's instructions (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "keywarden",
