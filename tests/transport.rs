@@ -1,8 +1,10 @@
 //! The gRPC port's transport, through real servers and real tonic clients: TLS (a client
 //! must trust the server's CA; a plaintext client gets nothing), mutual TLS (a caller
 //! without a certificate from the configured CA is turned away before any RPC), TLS
-//! configuration errors refuse to start, the request size limit, and client deadlines
-//! honoured (a call past its deadline is abandoned and writes nothing).
+//! configuration errors refuse to start, the request size limit, client deadlines
+//! honoured (a call past its deadline is abandoned and writes nothing), streams per
+//! connection bounded, and HTTP/2 keep-alive (a peer that stops answering PINGs is
+//! disconnected; one that answers stays).
 
 mod common;
 
@@ -287,4 +289,101 @@ async fn ping_with_retry(channel: Channel) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the connection never freed its stream");
+}
+
+/// An HTTP/2 peer spoken to over a raw socket, so a test can decide whether it answers
+/// the server's PINGs, which every HTTP/2 library does on its own.
+struct RawPeer {
+    tcp: tokio::net::TcpStream,
+}
+
+/// HTTP/2 frame types and flags (RFC 9113, section 6).
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const ACK: u8 = 0x1;
+
+impl RawPeer {
+    /// Connects and sends the client preface and an empty SETTINGS frame.
+    async fn connect(addr: std::net::SocketAddr) -> RawPeer {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut peer = RawPeer { tcp };
+        peer.send(SETTINGS, 0, &[]).await;
+        peer
+    }
+
+    async fn send(&mut self, kind: u8, flags: u8, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        self.tcp.write_all(&frame).await.unwrap();
+    }
+
+    /// The next frame's (type, flags, payload); `None` once the server has closed.
+    async fn next(&mut self) -> Option<(u8, u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 9];
+        self.tcp.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        self.tcp.read_exact(&mut payload).await.ok()?;
+        Some((head[3], head[4], payload))
+    }
+}
+
+/// `transport.http2_keepalive_*`, a peer that stops answering: the server PINGs the idle
+/// connection and, with no answer within the timeout, closes it, so a vanished edge node
+/// does not hold its stream and its memory for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_answer_pings_is_disconnected() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.transport.http2_keepalive_interval = Some(Duration::from_millis(200));
+        s.transport.http2_keepalive_timeout = Some(Duration::from_millis(200));
+    })
+    .await;
+    let mut peer = RawPeer::connect(app.server().addr()).await;
+    let mut pings = 0;
+    // Generous bound: the close is expected within about half a second.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some((kind, flags, _)) = peer.next().await {
+            if kind == PING && flags & ACK == 0 {
+                pings += 1;
+            }
+        }
+    })
+    .await
+    .expect("the server kept a peer that never answered its PINGs");
+    assert!(pings >= 1, "closed without pinging first");
+}
+
+/// The same server keeps a peer that answers its PINGs, idle as it is: the close above
+/// is the keep-alive's doing, not an idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_answers_pings_stays_connected() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.transport.http2_keepalive_interval = Some(Duration::from_millis(200));
+        s.transport.http2_keepalive_timeout = Some(Duration::from_millis(200));
+    })
+    .await;
+    let mut peer = RawPeer::connect(app.server().addr()).await;
+    let mut pings = 0;
+    // Five PINGs answered means the connection outlived interval + timeout five times.
+    while pings < 5 {
+        let (kind, flags, payload) = tokio::time::timeout(Duration::from_secs(30), peer.next())
+            .await
+            .expect("no frame from the server")
+            .expect("the server closed a connection whose peer answered every PING");
+        match (kind, flags & ACK) {
+            (SETTINGS, 0) => peer.send(SETTINGS, ACK, &[]).await,
+            (PING, 0) => {
+                pings += 1;
+                peer.send(PING, ACK, &payload).await;
+            }
+            _ => {}
+        }
+    }
 }
