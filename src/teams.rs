@@ -13,7 +13,7 @@ use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::events::EventHub;
 use crate::keys::{Acting, KeyError};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, TeamPatch};
 
 pub struct Teams {
     store: Arc<dyn Store>,
@@ -102,22 +102,25 @@ impl Teams {
         name: Option<String>,
         policy: Option<TeamPolicy>,
     ) -> Result<Team, KeyError> {
-        let mut team = self.get(workspace_id, team_id).await?;
-        if let Some(name) = name {
-            team.name = name;
-        }
-        if let Some(policy) = policy {
+        if let Some(policy) = &policy {
             check_groups_exist(self.store.as_ref(), workspace_id, &policy.resource_access).await?;
-            team.policy = policy;
         }
-        team.updated_at = self.clock.now();
-        let stale = self
+        // The store applies the patch to the team as it stands under its row lock: a read
+        // here and a write of the whole team would undo a concurrent update's field.
+        let written = self
             .store
             .update_team(
-                &team,
+                workspace_id,
+                team_id,
+                &TeamPatch { name, policy },
+                self.clock.now(),
                 &acting.audit("team.update", format!("team: {team_id}")),
             )
-            .await?;
+            .await;
+        let (team, stale) = match written {
+            Err(StoreError::NotFound) => return Err(KeyError::TeamNotFound(team_id.to_owned())),
+            other => other?,
+        };
         invalidate_committed(&self.cache, &self.events, &stale);
         Ok(team)
     }

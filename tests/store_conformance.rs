@@ -12,9 +12,10 @@ use keywarden::domain::ids::new_key_id;
 use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
 use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
+use keywarden::domain::team::{Team, TeamPolicy};
 use keywarden::store::{
     AuditContext, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
-    StoreError, UsageDelta,
+    StoreError, TeamPatch, UsageDelta,
 };
 
 const S: Micros = 1_000_000;
@@ -1340,6 +1341,82 @@ async fn no_index_names_a_column_the_usage_book_writes(backend: Backend) {
     }
 }
 
+/// A team update applies its patch to the team as it stands: an update of the name,
+/// made by a caller that read the team before a policy change, keeps that policy.
+async fn team_updates_of_different_fields_both_take_effect(backend: Backend) {
+    let (db, store) = open(backend).await;
+    db.create_workspaces(&[WS], "pro").await;
+    let team = Team {
+        workspace_id: WS.to_owned(),
+        team_id: "team_ml".to_owned(),
+        name: "ML".to_owned(),
+        policy: TeamPolicy::default(),
+        created_at: T0,
+        updated_at: T0,
+    };
+    store.insert_team(&team, &ctx("team.create")).await.unwrap();
+    let policy = TeamPolicy {
+        max_keys_per_user: 3,
+        require_expiry: true,
+        ..TeamPolicy::default()
+    };
+    let patch = |name: Option<&str>, policy: Option<&TeamPolicy>| TeamPatch {
+        name: name.map(str::to_owned),
+        policy: policy.cloned(),
+    };
+    let (first, _) = store
+        .update_team(
+            WS,
+            "team_ml",
+            &patch(None, Some(&policy)),
+            T0 + S,
+            &ctx("team.update"),
+        )
+        .await
+        .unwrap();
+    assert_eq!((first.name.as_str(), &first.policy), ("ML", &policy));
+    let (written, stale) = store
+        .update_team(
+            WS,
+            "team_ml",
+            &patch(Some("Machine learning"), None),
+            T0 + 2 * S,
+            &ctx("team.update"),
+        )
+        .await
+        .unwrap();
+    let expected = Team {
+        name: "Machine learning".to_owned(),
+        policy,
+        updated_at: T0 + 2 * S,
+        ..team
+    };
+    assert_eq!(written, expected);
+    assert!(
+        stale.is_empty(),
+        "the reach did not change: no key is stale"
+    );
+    assert_eq!(store.get_team(WS, "team_ml").await.unwrap(), Some(expected));
+    let audit_rows = all_audit_rows(&db).await;
+    assert!(matches!(
+        store
+            .update_team(
+                WS,
+                "team_none",
+                &patch(Some("x"), None),
+                T0,
+                &ctx("team.update")
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        all_audit_rows(&db).await,
+        audit_rows,
+        "a failed update audits nothing"
+    );
+}
+
 /// Connections are not pinged before every query (a round trip each), but one idle for a
 /// while is: when the server has dropped every pooled connection (a restart, a proxy's
 /// idle cut-off), the next call still succeeds on a fresh one.
@@ -1389,4 +1466,5 @@ both_backends!(
     usage_adds_spend_and_moves_last_use_forward_only,
     list_filters_by_unused_since,
     no_index_names_a_column_the_usage_book_writes,
+    team_updates_of_different_fields_both_take_effect,
 );

@@ -246,6 +246,39 @@ async fn teams_are_created_listed_updated_and_validated(backend: Backend) {
         .unwrap();
     assert_eq!(updated.policy.unwrap().max_keys_per_user, 5);
     assert_eq!(updated.name, "ML");
+    // A rename applies to the team as stored: the policy just written stays.
+    let renamed = client
+        .update_team(proto::UpdateTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            actor: Some(actor()),
+            name: "Machine learning".into(),
+            update_mask: Some(FieldMask {
+                paths: vec!["name".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .team
+        .unwrap();
+    assert_eq!(renamed.name, "Machine learning");
+    assert_eq!(renamed.policy.unwrap().max_keys_per_user, 5);
+    let unknown = client
+        .update_team(proto::UpdateTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_nope".into(),
+            actor: Some(actor()),
+            name: "Nobody".into(),
+            update_mask: Some(FieldMask {
+                paths: vec!["name".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
     let listed = client
         .list_teams(proto::ListTeamsRequest {
             workspace_id: "ws_test".into(),

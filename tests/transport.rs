@@ -335,16 +335,22 @@ impl RawPeer {
     }
 }
 
+/// A server that PINGs an idle connection every 200 ms and gives a PING 200 ms to be
+/// answered.
+async fn pinging_app() -> TestApp {
+    TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.transport.http2_keepalive_interval = Some(Duration::from_millis(200));
+        s.transport.http2_keepalive_timeout = Some(Duration::from_millis(200));
+    })
+    .await
+}
+
 /// `transport.http2_keepalive_*`, a peer that stops answering: the server PINGs the idle
 /// connection and, with no answer within the timeout, closes it, so a vanished edge node
 /// does not hold its stream and its memory for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_does_not_answer_pings_is_disconnected() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
-        s.transport.http2_keepalive_interval = Some(Duration::from_millis(200));
-        s.transport.http2_keepalive_timeout = Some(Duration::from_millis(200));
-    })
-    .await;
+    let app = pinging_app().await;
     let mut peer = RawPeer::connect(app.server().addr()).await;
     let mut pings = 0;
     // Generous bound: the close is expected within about half a second.
@@ -364,11 +370,7 @@ async fn a_peer_that_does_not_answer_pings_is_disconnected() {
 /// is the keep-alive's doing, not an idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_answers_pings_stays_connected() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
-        s.transport.http2_keepalive_interval = Some(Duration::from_millis(200));
-        s.transport.http2_keepalive_timeout = Some(Duration::from_millis(200));
-    })
-    .await;
+    let app = pinging_app().await;
     let mut peer = RawPeer::connect(app.server().addr()).await;
     let mut pings = 0;
     // Five PINGs answered means the connection outlived interval + timeout five times.

@@ -28,7 +28,7 @@ use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
 use crate::domain::provider_key::{Provider, ProviderKeyRecord};
-use crate::domain::team::{ServiceAccount, Team};
+use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::domain::workspace::{Plan, Workspace};
 
 /// A connection pool's figures.
@@ -156,6 +156,13 @@ pub struct FoundSecret {
     pub key: KeyRecord,
     /// `None` for the current secret; the end of the grace period for a replaced one.
     pub valid_until: Option<Micros>,
+}
+
+/// The fields a team update changes; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct TeamPatch {
+    pub name: Option<String>,
+    pub policy: Option<TeamPolicy>,
 }
 
 /// The fields an update changes; `None` leaves a field as it is.
@@ -411,14 +418,20 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_teams(&self, workspace_id: &str) -> Result<Vec<Team>, StoreError>;
 
-    /// Writes the team as given (name and policy), with its audit event; when its reach
-    /// changed, appends an `updated` event for each of its keys (same transaction) and
-    /// returns every secret hash a cache must drop.
+    /// Applies `patch` to the team as it stands when its row is locked, so that two
+    /// updates of different fields both take effect (neither writes back a stale copy of
+    /// the other's field), and sets `updated_at` to `now`, with its audit event. When the
+    /// team's reach changed, appends an `updated` event for each of its keys (same
+    /// transaction). Returns the team as written and every secret hash a cache must drop;
+    /// [`StoreError::NotFound`] when there is no such team.
     async fn update_team(
         &self,
-        team: &Team,
+        workspace_id: &str,
+        team_id: &str,
+        patch: &TeamPatch,
+        now: Micros,
         audit: &AuditContext,
-    ) -> Result<Vec<KeyHash>, StoreError>;
+    ) -> Result<(Team, Vec<KeyHash>), StoreError>;
 
     /// Keys of `owner_id` in the team that are neither revoked, deleted nor expired at
     /// `now`.

@@ -1670,21 +1670,35 @@ macro_rules! impl_store {
             #[tracing::instrument(level = "debug", skip_all)]
             async fn update_team(
                 &self,
-                team: &crate::domain::team::Team,
+                workspace_id: &str,
+                team_id: &str,
+                patch: &crate::store::TeamPatch,
+                now: crate::domain::Micros,
                 audit: &crate::store::AuditContext,
-            ) -> Result<Vec<crate::domain::key_format::KeyHash>, crate::store::StoreError> {
+            ) -> Result<
+                (crate::domain::team::Team, Vec<crate::domain::key_format::KeyHash>),
+                crate::store::StoreError,
+            > {
                 let mut tx = self.begin_write().await?;
                 let before: Option<crate::store::sql::TeamRow> = sqlx::query_as(concat!(
                     "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
                      WHERE workspace_id = $1 AND team_id = $2",
                     $lock
                 ))
-                .bind(&team.workspace_id)
-                .bind(&team.team_id)
+                .bind(workspace_id)
+                .bind(team_id)
                 .fetch_optional(&mut *tx)
                 .await?;
                 let before: crate::domain::team::Team =
                     before.ok_or(crate::store::StoreError::NotFound)?.try_into()?;
+                let mut team = before.clone();
+                if let Some(name) = &patch.name {
+                    team.name.clone_from(name);
+                }
+                if let Some(policy) = &patch.policy {
+                    team.policy = policy.clone();
+                }
+                team.updated_at = now;
                 sqlx::query(
                     "UPDATE teams SET name = $3, policy = $4, updated_at = $5 \
                      WHERE workspace_id = $1 AND team_id = $2",
@@ -1716,7 +1730,7 @@ macro_rules! impl_store {
                 };
                 Self::write_audit(&mut tx, &team.workspace_id, None, crate::store::AuditOutcome::Success, audit, team.updated_at).await?;
                 tx.commit().await?;
-                Ok(stale)
+                Ok((team, stale))
             }
 
             #[tracing::instrument(level = "debug", skip_all)]
