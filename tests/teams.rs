@@ -247,17 +247,18 @@ async fn teams_are_created_listed_updated_and_validated(backend: Backend) {
     assert_eq!(updated.policy.unwrap().max_keys_per_user, 5);
     assert_eq!(updated.name, "ML");
     // A rename applies to the team as stored: the policy just written stays.
+    let rename = |team_id: &str, name: &str| proto::UpdateTeamRequest {
+        workspace_id: "ws_test".into(),
+        team_id: team_id.into(),
+        actor: Some(actor()),
+        name: name.into(),
+        update_mask: Some(FieldMask {
+            paths: vec!["name".into()],
+        }),
+        ..Default::default()
+    };
     let renamed = client
-        .update_team(proto::UpdateTeamRequest {
-            workspace_id: "ws_test".into(),
-            team_id: "team_ml".into(),
-            actor: Some(actor()),
-            name: "Machine learning".into(),
-            update_mask: Some(FieldMask {
-                paths: vec!["name".into()],
-            }),
-            ..Default::default()
-        })
+        .update_team(rename("team_ml", "Machine learning"))
         .await
         .unwrap()
         .into_inner()
@@ -266,16 +267,7 @@ async fn teams_are_created_listed_updated_and_validated(backend: Backend) {
     assert_eq!(renamed.name, "Machine learning");
     assert_eq!(renamed.policy.unwrap().max_keys_per_user, 5);
     let unknown = client
-        .update_team(proto::UpdateTeamRequest {
-            workspace_id: "ws_test".into(),
-            team_id: "team_nope".into(),
-            actor: Some(actor()),
-            name: "Nobody".into(),
-            update_mask: Some(FieldMask {
-                paths: vec!["name".into()],
-            }),
-            ..Default::default()
-        })
+        .update_team(rename("team_nope", "Nobody"))
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
