@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
-use crate::domain::access::{AccessGroup, ResourceAccess};
+use crate::domain::access::AccessGroup;
 use crate::domain::key_format::KeyHash;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::events::EventHub;
@@ -131,39 +131,6 @@ fn group_error(e: StoreError, workspace_id: &str, name: &str) -> KeyError {
             .with("access_group", name),
         ),
         other => other.into(),
-    }
-}
-
-/// Every access group `access` names must exist in the workspace.
-pub async fn check_groups_exist(
-    store: &dyn Store,
-    workspace_id: &str,
-    access: &ResourceAccess,
-) -> Result<(), KeyError> {
-    if access.groups.is_empty() {
-        return Ok(());
-    }
-    let existing = store.list_groups(workspace_id).await?;
-    let missing: Vec<&str> = access
-        .groups
-        .iter()
-        .filter(|g| !existing.iter().any(|e| &e.name == *g))
-        .map(String::as_str)
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(KeyError::Refused(
-            Refusal::new(
-                Reason::AccessGroupsMissing,
-                format!(
-                    "access groups not in workspace {workspace_id}: {}",
-                    missing.join(", ")
-                ),
-            )
-            .with("workspace_id", workspace_id)
-            .with("access_groups", missing.join(",")),
-        ))
     }
 }
 

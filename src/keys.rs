@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::access_groups::{check_groups_exist, invalidate_committed};
+use crate::access_groups::invalidate_committed;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::Micros;
@@ -222,12 +222,6 @@ impl KeyLifecycle {
             now,
         )
         .await?;
-        check_groups_exist(
-            self.store.as_ref(),
-            &input.workspace_id,
-            &input.resource_access,
-        )
-        .await?;
         let mut input = input;
         // A self-service member's key is its own, whoever the request names.
         if acting.actor.is_self_service() {
@@ -352,9 +346,6 @@ impl KeyLifecycle {
                 now,
             )
             .await?;
-        }
-        if let Some(access) = &patch.resource_access {
-            check_groups_exist(self.store.as_ref(), &key.workspace_id, access).await?;
         }
         if let Some(Some(expires_at)) = patch.expires_at
             && expires_at <= now

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::access_groups::{check_groups_exist, invalidate_committed};
+use crate::access_groups::invalidate_committed;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::refusal::{Reason, Refusal};
@@ -48,7 +48,6 @@ impl Teams {
         if self.store.get_workspace(&workspace_id).await?.is_none() {
             return Err(KeyError::WorkspaceNotFound(workspace_id));
         }
-        check_groups_exist(self.store.as_ref(), &workspace_id, &policy.resource_access).await?;
         let now = self.clock.now();
         let team = Team {
             workspace_id,
@@ -102,9 +101,6 @@ impl Teams {
         name: Option<String>,
         policy: Option<TeamPolicy>,
     ) -> Result<Team, KeyError> {
-        if let Some(policy) = &policy {
-            check_groups_exist(self.store.as_ref(), workspace_id, &policy.resource_access).await?;
-        }
         // The store applies the patch to the team as it stands under its row lock: a read
         // here and a write of the whole team would undo a concurrent update's field.
         let written = self

@@ -6,12 +6,16 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use sqlx::Connection;
+
 use common::*;
 use keywarden::domain::Micros;
+use keywarden::domain::access::{AccessGroup, AccessMode, ResourceAccess};
 use keywarden::domain::ids::new_key_id;
 use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
 use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
+use keywarden::domain::refusal::Reason;
 use keywarden::domain::team::{Team, TeamPolicy};
 use keywarden::store::{
     AuditContext, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
@@ -1417,6 +1421,245 @@ async fn team_updates_of_different_fields_both_take_effect(backend: Backend) {
     );
 }
 
+fn group(name: &str) -> AccessGroup {
+    AccessGroup {
+        workspace_id: WS.to_owned(),
+        name: name.to_owned(),
+        targets: ["claude-sonnet".to_owned()].into(),
+        created_at: T0,
+        updated_at: T0,
+    }
+}
+
+fn reaching(groups: &[&str]) -> ResourceAccess {
+    ResourceAccess {
+        mode: AccessMode::Include,
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        ..ResourceAccess::default()
+    }
+}
+
+fn team_reaching(team_id: &str, groups: &[&str]) -> Team {
+    Team {
+        workspace_id: WS.to_owned(),
+        team_id: team_id.to_owned(),
+        name: team_id.to_owned(),
+        policy: TeamPolicy {
+            resource_access: reaching(groups),
+            ..TeamPolicy::default()
+        },
+        created_at: T0,
+        updated_at: T0,
+    }
+}
+
+/// The store's refusal of a reach naming groups the workspace lacks: the missing ones only.
+fn assert_groups_missing<T: std::fmt::Debug>(result: Result<T, StoreError>, missing: &str) {
+    match result {
+        Err(StoreError::Precondition(refusal)) => {
+            assert_eq!(refusal.reason, Reason::AccessGroupsMissing);
+            assert!(
+                refusal.message.ends_with(&format!(": {missing}")),
+                "{}",
+                refusal.message
+            );
+        }
+        other => panic!("expected ACCESS_GROUPS_MISSING for {missing}, got {other:?}"),
+    }
+}
+
+/// Every mutation that writes a reach (a key's or a team's) checks the groups it names in
+/// its own transaction: a missing one refuses the whole mutation, which writes nothing.
+async fn a_reach_naming_a_missing_group_is_refused_and_writes_nothing(backend: Backend) {
+    let (db, store) = open(backend).await;
+    db.create_workspaces(&[WS], "pro").await;
+    store
+        .insert_group(&group("g_known"), &ctx("access_group.create"))
+        .await
+        .unwrap();
+    let kept = key_record(WS, T0);
+    insert(store.as_ref(), &kept).await;
+    store
+        .insert_team(&team_reaching("team_ml", &["g_known"]), &ctx("team.create"))
+        .await
+        .unwrap();
+    let (audit_rows, key_rows) = (
+        all_audit_rows(&db).await,
+        db.count("SELECT COUNT(*) FROM api_keys").await,
+    );
+
+    let key = KeyRecord {
+        resource_access: reaching(&["g_known", "g_gone"]),
+        ..key_record(WS, T0)
+    };
+    assert_groups_missing(
+        store
+            .insert_key(&key, &new_secret(), &ctx("key.issue"))
+            .await,
+        "g_gone",
+    );
+    assert_eq!(store.get_key(&key.key_id).await.unwrap(), None);
+    let patch = KeyPatch {
+        name: Some("renamed".to_owned()),
+        resource_access: Some(reaching(&["g_gone"])),
+        ..KeyPatch::default()
+    };
+    assert_groups_missing(
+        store
+            .update_key(&kept.key_id, &patch, T0 + S, &ctx("key.update"))
+            .await,
+        "g_gone",
+    );
+    assert_eq!(
+        store.get_key(&kept.key_id).await.unwrap(),
+        Some(kept.clone())
+    );
+    assert_groups_missing(
+        store
+            .insert_team(&team_reaching("team_new", &["g_gone"]), &ctx("team.create"))
+            .await,
+        "g_gone",
+    );
+    assert_eq!(store.get_team(WS, "team_new").await.unwrap(), None);
+    let team_patch = TeamPatch {
+        name: Some("renamed".to_owned()),
+        policy: Some(team_reaching("team_ml", &["g_gone"]).policy),
+    };
+    assert_groups_missing(
+        store
+            .update_team(WS, "team_ml", &team_patch, T0 + S, &ctx("team.update"))
+            .await,
+        "g_gone",
+    );
+    assert_eq!(
+        store.get_team(WS, "team_ml").await.unwrap(),
+        Some(team_reaching("team_ml", &["g_known"]))
+    );
+    assert_eq!(
+        all_audit_rows(&db).await,
+        audit_rows,
+        "refusals audit nothing here"
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, key_rows);
+
+    // The same mutations naming only known groups go through.
+    let key = KeyRecord {
+        resource_access: reaching(&["g_known"]),
+        ..key_record(WS, T0)
+    };
+    insert(store.as_ref(), &key).await;
+    assert_eq!(
+        store
+            .get_key(&key.key_id)
+            .await
+            .unwrap()
+            .map(|k| k.resource_access.groups),
+        Some(["g_known".to_owned()].into())
+    );
+}
+
+/// Waits until another session of the test's database waits for a lock: the mutation
+/// under test has reached the lock a raw transaction holds.
+async fn until_a_session_waits_for_a_lock(db: &TestDb) {
+    for _ in 0..500 {
+        let waiting = db
+            .count(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock'",
+            )
+            .await;
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no session waited for the raw transaction's lock");
+}
+
+/// IssueKey against a delete of the group it names, the delete first: the key's check
+/// waits for the delete's row lock, then finds the group gone, and the key is refused.
+/// (Checked before the transaction, the group was still there and the key was written
+/// naming a deleted group.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_key_naming_a_group_deleted_meanwhile_is_refused() {
+    let (db, store) = open(Backend::Postgres).await;
+    db.create_workspaces(&[WS], "pro").await;
+    store
+        .insert_group(&group("g_doomed"), &ctx("access_group.create"))
+        .await
+        .unwrap();
+    let mut deleting = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut deleting).await.unwrap();
+    sqlx::query("DELETE FROM access_groups WHERE name = 'g_doomed'")
+        .execute(&mut deleting)
+        .await
+        .unwrap();
+    let key = KeyRecord {
+        resource_access: reaching(&["g_doomed"]),
+        ..key_record(WS, T0)
+    };
+    let issuing = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move {
+            store
+                .insert_key(&key, &new_secret(), &ctx("key.issue"))
+                .await
+        })
+    };
+    until_a_session_waits_for_a_lock(&db).await;
+    sqlx::query("COMMIT").execute(&mut deleting).await.unwrap();
+    assert_groups_missing(issuing.await.unwrap(), "g_doomed");
+    assert_eq!(store.get_key(&key.key_id).await.unwrap(), None);
+}
+
+/// A delete of a group against a key update naming it, the update first (its transaction
+/// holds the group's share lock, as `update_key` takes it, and names the group): the delete
+/// waits, then sees the committed key and is refused. (Counting the group's users before
+/// deleting, it counted none, waited, and deleted a group the key names.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_group_named_meanwhile_by_a_key_is_not_deleted() {
+    let (db, store) = open(Backend::Postgres).await;
+    db.create_workspaces(&[WS], "pro").await;
+    store
+        .insert_group(&group("g_kept"), &ctx("access_group.create"))
+        .await
+        .unwrap();
+    let key = key_record(WS, T0);
+    insert(store.as_ref(), &key).await;
+    let mut naming = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut naming).await.unwrap();
+    sqlx::query("SELECT name FROM access_groups WHERE name = 'g_kept' FOR SHARE")
+        .execute(&mut naming)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE api_keys SET resource_groups = 'g_kept' WHERE key_id = $1")
+        .bind(&key.key_id)
+        .execute(&mut naming)
+        .await
+        .unwrap();
+    let deleting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .delete_group(WS, "g_kept", T0 + S, &ctx("access_group.delete"))
+                .await
+        })
+    };
+    until_a_session_waits_for_a_lock(&db).await;
+    sqlx::query("COMMIT").execute(&mut naming).await.unwrap();
+    match deleting.await.unwrap() {
+        Err(StoreError::Precondition(refusal)) => {
+            assert_eq!(refusal.reason, Reason::AccessGroupInUse)
+        }
+        other => panic!("expected ACCESS_GROUP_IN_USE, got {other:?}"),
+    }
+    let groups = store.list_groups(WS).await.unwrap();
+    assert_eq!(
+        groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(),
+        ["g_kept"]
+    );
+}
+
 /// Connections are not pinged before every query (a round trip each), but one idle for a
 /// while is: when the server has dropped every pooled connection (a restart, a proxy's
 /// idle cut-off), the next call still succeeds on a fresh one.
@@ -1467,4 +1710,5 @@ both_backends!(
     list_filters_by_unused_since,
     no_index_names_a_column_the_usage_book_writes,
     team_updates_of_different_fields_both_take_effect,
+    a_reach_naming_a_missing_group_is_refused_and_writes_nothing,
 );

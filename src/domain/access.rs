@@ -20,6 +20,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::refusal::{Reason, Refusal};
+
 pub const MAX_TARGETS: usize = 128;
 pub const MAX_TARGET_LEN: usize = 128;
 pub const MAX_CIDRS: usize = 64;
@@ -65,6 +67,20 @@ pub struct ResourceAccess {
     /// The groups' targets as last loaded; never stored with the key.
     #[serde(skip)]
     pub group_targets: BTreeSet<String>,
+}
+
+/// The refusal of a reach (a key's or a team's) that names access groups the workspace
+/// does not have.
+pub fn groups_missing(workspace_id: &str, missing: &[&str]) -> Refusal {
+    Refusal::new(
+        Reason::AccessGroupsMissing,
+        format!(
+            "access groups not in workspace {workspace_id}: {}",
+            missing.join(", ")
+        ),
+    )
+    .with("workspace_id", workspace_id)
+    .with("access_groups", missing.join(","))
 }
 
 impl ResourceAccess {

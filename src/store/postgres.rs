@@ -61,6 +61,7 @@ impl_store!(
     PgStore,
     sqlx::Postgres,
     " FOR UPDATE",
+    " FOR SHARE",
     "SELECT pg_notify('keywarden_key_events', '')",
     "UPDATE api_keys AS k SET spent_micros = k.spent_micros + d.spend, \
      last_used_at = CASE WHEN d.has_use = 1 AND (k.last_used_at IS NULL OR k.last_used_at < d.used) \

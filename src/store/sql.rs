@@ -424,10 +424,12 @@ impl TryFrom<AuditRow> for AuditRecord {
 /// sqlx::Error>` method. `$usage_sql` writes a usage batch (one JSON parameter, see
 /// [`usage_json`]) returning `(key_id, spent_micros)` per key found. `$lock` is appended to the statement that reads the key row
 /// a mutation changes (`" FOR UPDATE"` on Postgres; SQLite's write transactions are
-/// exclusive already). `$notify` is a statement run in every transaction that appends an
+/// exclusive already), `$share` to the one that reads the access groups a mutation
+/// names (`" FOR SHARE"` on Postgres: they must not be deleted before it commits).
+/// `$notify` is a statement run in every transaction that appends an
 /// event (Postgres: `pg_notify`, delivered at commit), or `""` for none.
 macro_rules! impl_store {
-    ($store:ty, $db:ty, $lock:literal, $notify:literal, $usage_sql:literal $(, $extra:item)*) => {
+    ($store:ty, $db:ty, $lock:literal, $share:literal, $notify:literal, $usage_sql:literal $(, $extra:item)*) => {
         impl $store {
             async fn locked_key(
                 tx: &mut sqlx::Transaction<'static, $db>,
@@ -523,6 +525,39 @@ macro_rules! impl_store {
                     stale.extend(hashes);
                 }
                 Ok(stale)
+            }
+
+            /// Every access group `groups` names must exist in the workspace, checked in the
+            /// mutation's own transaction. On Postgres each group row stays share-locked until
+            /// commit, so a concurrent `delete_group` either waits for this transaction (and
+            /// then sees the key or team naming the group) or this one waits for the delete
+            /// (and then finds the group gone): never a reach naming a deleted group.
+            async fn lock_groups(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                workspace_id: &str,
+                groups: &std::collections::BTreeSet<String>,
+            ) -> Result<(), crate::store::StoreError> {
+                let mut missing = Vec::new();
+                for name in groups {
+                    let found: Option<String> = sqlx::query_scalar(concat!(
+                        "SELECT name FROM access_groups WHERE workspace_id = $1 AND name = $2",
+                        $share
+                    ))
+                    .bind(workspace_id)
+                    .bind(name)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                    if found.is_none() {
+                        missing.push(name.as_str());
+                    }
+                }
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(crate::store::StoreError::Precondition(
+                        crate::domain::access::groups_missing(workspace_id, &missing),
+                    ))
+                }
             }
 
             /// The teams of a workspace whose reach names access group `name`.
@@ -627,6 +662,7 @@ macro_rules! impl_store {
                 audit: &crate::store::AuditContext,
             ) -> Result<(), crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
+                Self::lock_groups(&mut tx, &key.workspace_id, &key.resource_access.groups).await?;
                 sqlx::query(concat!(
                     "INSERT INTO api_keys (",
                     crate::store::sql::key_columns!(),
@@ -784,6 +820,7 @@ macro_rules! impl_store {
                     key.max_budget_micros = budget;
                 }
                 if let Some(access) = &patch.resource_access {
+                    Self::lock_groups(&mut tx, &key.workspace_id, &access.groups).await?;
                     key.resource_access = access.clone();
                 }
                 if let Some(network) = &patch.network {
@@ -1558,6 +1595,21 @@ macro_rules! impl_store {
                 audit: &crate::store::AuditContext,
             ) -> Result<(), crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
+                // Delete first, then look for users: the delete waits for any transaction
+                // that has share-locked the group to name it (see `lock_groups`), and the
+                // look that follows, a statement of its own, sees what that one committed.
+                // Found users roll the delete back.
+                let deleted = sqlx::query(
+                    "DELETE FROM access_groups WHERE workspace_id = $1 AND name = $2",
+                )
+                .bind(workspace_id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if deleted == 0 {
+                    return Err(crate::store::StoreError::NotFound);
+                }
                 let users: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL \
                      AND (' ' || resource_groups || ' ') LIKE ('% ' || $2 || ' %')",
@@ -1584,17 +1636,6 @@ macro_rules! impl_store {
                         .with("access_group", name),
                     ));
                 }
-                let deleted = sqlx::query(
-                    "DELETE FROM access_groups WHERE workspace_id = $1 AND name = $2",
-                )
-                .bind(workspace_id)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if deleted == 0 {
-                    return Err(crate::store::StoreError::NotFound);
-                }
                 Self::write_audit(
                     &mut tx,
                     workspace_id,
@@ -1615,6 +1656,8 @@ macro_rules! impl_store {
                 audit: &crate::store::AuditContext,
             ) -> Result<(), crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
+                Self::lock_groups(&mut tx, &team.workspace_id, &team.policy.resource_access.groups)
+                    .await?;
                 let inserted = sqlx::query(
                     "INSERT INTO teams (workspace_id, team_id, name, policy, created_at, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (workspace_id, team_id) DO NOTHING",
@@ -1696,6 +1739,7 @@ macro_rules! impl_store {
                     team.name.clone_from(name);
                 }
                 if let Some(policy) = &patch.policy {
+                    Self::lock_groups(&mut tx, workspace_id, &policy.resource_access.groups).await?;
                     team.policy = policy.clone();
                 }
                 team.updated_at = now;

@@ -54,6 +54,7 @@ impl_store!(
     sqlx::Sqlite,
     "",
     "",
+    "",
     "UPDATE api_keys SET spent_micros = api_keys.spent_micros + d.spend, \
      last_used_at = CASE WHEN d.has_use = 1 AND (api_keys.last_used_at IS NULL \
      OR api_keys.last_used_at < d.used) THEN d.used ELSE api_keys.last_used_at END \
