@@ -1660,6 +1660,66 @@ async fn postgres_a_group_named_meanwhile_by_a_key_is_not_deleted() {
     );
 }
 
+/// A key update naming groups takes the groups' locks before the key row's, in the order
+/// `update_group` takes them (its group, then the keys naming it): the other order
+/// deadlocked an update of a key against an update of a group it names. Here a raw
+/// transaction holds the group as `update_group` would; the key update waits for it
+/// without having locked the key, so the raw transaction can still lock the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_key_update_locks_its_groups_before_its_row() {
+    let (db, store) = open(Backend::Postgres).await;
+    db.create_workspaces(&[WS], "pro").await;
+    store
+        .insert_group(&group("g_busy"), &ctx("access_group.create"))
+        .await
+        .unwrap();
+    let key = KeyRecord {
+        resource_access: reaching(&["g_busy"]),
+        ..key_record(WS, T0)
+    };
+    insert(store.as_ref(), &key).await;
+    let mut group_update = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN")
+        .execute(&mut group_update)
+        .await
+        .unwrap();
+    sqlx::query("SELECT name FROM access_groups WHERE name = 'g_busy' FOR UPDATE")
+        .execute(&mut group_update)
+        .await
+        .unwrap();
+    let updating = {
+        let (store, key_id) = (store.clone(), key.key_id.clone());
+        tokio::spawn(async move {
+            let patch = KeyPatch {
+                resource_access: Some(ResourceAccess {
+                    targets: ["claude-haiku".to_owned()].into(),
+                    ..reaching(&["g_busy"])
+                }),
+                ..KeyPatch::default()
+            };
+            store
+                .update_key(&key_id, &patch, T0 + S, &ctx("key.update"))
+                .await
+        })
+    };
+    until_a_session_waits_for_a_lock(&db).await;
+    let key_row = sqlx::query("SELECT key_id FROM api_keys WHERE key_id = $1 FOR UPDATE NOWAIT")
+        .bind(&key.key_id)
+        .execute(&mut group_update)
+        .await;
+    assert!(
+        key_row.is_ok(),
+        "the key update held the key row while it waited for the group: {key_row:?}"
+    );
+    sqlx::query("COMMIT")
+        .execute(&mut group_update)
+        .await
+        .unwrap();
+    updating.await.unwrap().unwrap();
+    let updated = store.get_key(&key.key_id).await.unwrap().unwrap();
+    assert!(updated.resource_access.targets.contains("claude-haiku"));
+}
+
 /// Connections are not pinged before every query (a round trip each), but one idle for a
 /// while is: when the server has dropped every pooled connection (a restart, a proxy's
 /// idle cut-off), the next call still succeeds on a fresh one.

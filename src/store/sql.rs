@@ -800,6 +800,19 @@ macro_rules! impl_store {
                 audit: &crate::store::AuditContext,
             ) -> Result<crate::store::Changed, crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
+                // The groups before the key row, the order `update_group` takes them in (its
+                // group, then the keys naming it): the other order deadlocks against it. A
+                // key's workspace never changes, so reading it unlocked is safe.
+                if let Some(access) = &patch.resource_access {
+                    let workspace_id: Option<String> =
+                        sqlx::query_scalar("SELECT workspace_id FROM api_keys WHERE key_id = $1")
+                            .bind(key_id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    if let Some(workspace_id) = workspace_id {
+                        Self::lock_groups(&mut tx, &workspace_id, &access.groups).await?;
+                    }
+                }
                 let mut key = Self::locked_key(&mut tx, key_id).await?;
                 if let Some(name) = &patch.name {
                     key.name = name.clone();
@@ -820,7 +833,6 @@ macro_rules! impl_store {
                     key.max_budget_micros = budget;
                 }
                 if let Some(access) = &patch.resource_access {
-                    Self::lock_groups(&mut tx, &key.workspace_id, &access.groups).await?;
                     key.resource_access = access.clone();
                 }
                 if let Some(network) = &patch.network {
