@@ -1576,24 +1576,38 @@ async fn until_a_session_waits_for_a_lock(db: &TestDb) {
     panic!("no session waited for the raw transaction's lock");
 }
 
+/// A Postgres store whose workspace holds access group `name`.
+async fn postgres_with_group(name: &str) -> (TestDb, Arc<dyn Store>) {
+    let (db, store) = open(Backend::Postgres).await;
+    db.create_workspaces(&[WS], "pro").await;
+    store
+        .insert_group(&group(name), &ctx("access_group.create"))
+        .await
+        .unwrap();
+    (db, store)
+}
+
+/// A raw transaction on the test's database, left open after `sql` (a statement of a
+/// concurrent mutation's, holding its locks).
+async fn open_transaction(db: &TestDb, sql: &str) -> sqlx::PgConnection {
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
 /// IssueKey against a delete of the group it names, the delete first: the key's check
 /// waits for the delete's row lock, then finds the group gone, and the key is refused.
 /// (Checked before the transaction, the group was still there and the key was written
 /// naming a deleted group.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_key_naming_a_group_deleted_meanwhile_is_refused() {
-    let (db, store) = open(Backend::Postgres).await;
-    db.create_workspaces(&[WS], "pro").await;
-    store
-        .insert_group(&group("g_doomed"), &ctx("access_group.create"))
-        .await
-        .unwrap();
-    let mut deleting = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut deleting).await.unwrap();
-    sqlx::query("DELETE FROM access_groups WHERE name = 'g_doomed'")
-        .execute(&mut deleting)
-        .await
-        .unwrap();
+    let (db, store) = postgres_with_group("g_doomed").await;
+    let mut deleting =
+        open_transaction(&db, "DELETE FROM access_groups WHERE name = 'g_doomed'").await;
     let key = KeyRecord {
         resource_access: reaching(&["g_doomed"]),
         ..key_record(WS, T0)
@@ -1618,20 +1632,14 @@ async fn postgres_a_key_naming_a_group_deleted_meanwhile_is_refused() {
 /// deleting, it counted none, waited, and deleted a group the key names.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_group_named_meanwhile_by_a_key_is_not_deleted() {
-    let (db, store) = open(Backend::Postgres).await;
-    db.create_workspaces(&[WS], "pro").await;
-    store
-        .insert_group(&group("g_kept"), &ctx("access_group.create"))
-        .await
-        .unwrap();
+    let (db, store) = postgres_with_group("g_kept").await;
     let key = key_record(WS, T0);
     insert(store.as_ref(), &key).await;
-    let mut naming = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut naming).await.unwrap();
-    sqlx::query("SELECT name FROM access_groups WHERE name = 'g_kept' FOR SHARE")
-        .execute(&mut naming)
-        .await
-        .unwrap();
+    let mut naming = open_transaction(
+        &db,
+        "SELECT name FROM access_groups WHERE name = 'g_kept' FOR SHARE",
+    )
+    .await;
     sqlx::query("UPDATE api_keys SET resource_groups = 'g_kept' WHERE key_id = $1")
         .bind(&key.key_id)
         .execute(&mut naming)
@@ -1667,26 +1675,17 @@ async fn postgres_a_group_named_meanwhile_by_a_key_is_not_deleted() {
 /// without having locked the key, so the raw transaction can still lock the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_key_update_locks_its_groups_before_its_row() {
-    let (db, store) = open(Backend::Postgres).await;
-    db.create_workspaces(&[WS], "pro").await;
-    store
-        .insert_group(&group("g_busy"), &ctx("access_group.create"))
-        .await
-        .unwrap();
+    let (db, store) = postgres_with_group("g_busy").await;
     let key = KeyRecord {
         resource_access: reaching(&["g_busy"]),
         ..key_record(WS, T0)
     };
     insert(store.as_ref(), &key).await;
-    let mut group_update = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN")
-        .execute(&mut group_update)
-        .await
-        .unwrap();
-    sqlx::query("SELECT name FROM access_groups WHERE name = 'g_busy' FOR UPDATE")
-        .execute(&mut group_update)
-        .await
-        .unwrap();
+    let mut group_update = open_transaction(
+        &db,
+        "SELECT name FROM access_groups WHERE name = 'g_busy' FOR UPDATE",
+    )
+    .await;
     let updating = {
         let (store, key_id) = (store.clone(), key.key_id.clone());
         tokio::spawn(async move {
