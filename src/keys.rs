@@ -199,19 +199,19 @@ impl KeyLifecycle {
                 workspace.plan.display(),
                 workspace.workspace_id
             );
-            self.store
-                .record_denied(&DeniedAudit {
-                    workspace_id: workspace.workspace_id.clone(),
-                    key_id: None,
-                    context: acting.audit("key.issue", why.clone()),
-                    occurred_at: now,
-                })
-                .await?;
-            return Err(KeyError::Refused(
-                Refusal::new(Reason::PlanForbidsApiKeys, why)
-                    .with("workspace_id", &workspace.workspace_id)
-                    .with("plan", workspace.plan.display()),
-            ));
+            let refusal = Refusal::new(Reason::PlanForbidsApiKeys, why)
+                .with("workspace_id", &workspace.workspace_id)
+                .with("plan", workspace.plan.display());
+            return Err(self
+                .deny(
+                    acting,
+                    &workspace.workspace_id,
+                    None,
+                    "key.issue",
+                    refusal,
+                    now,
+                )
+                .await);
         }
         self.check_ceiling(
             acting,
@@ -227,9 +227,10 @@ impl KeyLifecycle {
         if acting.actor.is_self_service() {
             input.owner = acting.actor.as_owner();
         }
-        if let Some(team_id) = input.team_id.clone() {
-            self.check_team(acting, &mut input, &team_id, now).await?;
-        }
+        let member_cap = match input.team_id.clone() {
+            Some(team_id) => self.check_team(acting, &mut input, &team_id, now).await?,
+            None => None,
+        };
         let key_id = ids::new_key_id().map_err(|_| KeyError::Randomness)?;
         let plaintext = ApiKey::generate(&self.policy.brand, input.environment)
             .map_err(|_| KeyError::Randomness)?;
@@ -264,9 +265,23 @@ impl KeyLifecycle {
             team_access: ResourceAccess::default(),
         };
         let audit = acting.audit("key.issue", format!("scopes: {}", key.scopes.join(" ")));
-        self.store
-            .insert_key(&key, &plaintext.hash(), &audit)
-            .await?;
+        match self
+            .store
+            .insert_key(&key, &plaintext.hash(), member_cap, &audit)
+            .await
+        {
+            Ok(()) => {}
+            // A concurrent issue of the member's took the last place after `check_team`
+            // counted: the store's count, made under the team's lock, is the one that holds.
+            Err(StoreError::Precondition(refusal))
+                if refusal.reason == Reason::SelfServiceKeyLimitReached =>
+            {
+                return Err(self
+                    .deny(acting, &key.workspace_id, None, "key.issue", refusal, now)
+                    .await);
+            }
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!(key_id = %key.key_id, workspace_id = %key.workspace_id, "key issued");
         Ok(Issued { plaintext, key })
     }
@@ -480,14 +495,15 @@ impl KeyLifecycle {
 
     /// A key of a team: the team must exist; a self-service actor (no `admin`
     /// permission) gets a key it owns itself, within the team's policy (a refusal is
-    /// audited).
+    /// audited). Returns the cap on the member's keys in the team that the insert must
+    /// hold to in its own transaction (the count here races a concurrent issue).
     async fn check_team(
         &self,
         acting: &Acting,
         input: &mut IssueInput,
         team_id: &str,
         now: Micros,
-    ) -> Result<(), KeyError> {
+    ) -> Result<Option<u32>, KeyError> {
         let team = self
             .store
             .get_team(&input.workspace_id, team_id)
@@ -520,7 +536,7 @@ impl KeyLifecycle {
                     ));
                 }
             }
-            return Ok(());
+            return Ok(None);
         }
         let held = self
             .store
@@ -532,7 +548,9 @@ impl KeyLifecycle {
             effective_limits: self.effective_limits(&input.rate_limits),
         };
         match check_self_service(&team.policy, &key, held, now) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                Ok((team.policy.max_keys_per_user > 0).then_some(team.policy.max_keys_per_user))
+            }
             Err(refusal) => Err(self
                 .refuse_self_service(
                     acting,
@@ -593,7 +611,27 @@ impl KeyLifecycle {
         refusal: &SelfServiceRefusal,
         now: Micros,
     ) -> KeyError {
-        let refusal = refusal.refusal(team_id);
+        self.deny(
+            acting,
+            workspace_id,
+            key_id,
+            action,
+            refusal.refusal(team_id),
+            now,
+        )
+        .await
+    }
+
+    /// A policy refusal, audited as denied: the refused error, or the audit's own failure.
+    async fn deny(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        key_id: Option<&str>,
+        action: &'static str,
+        refusal: Refusal,
+        now: Micros,
+    ) -> KeyError {
         let recorded = self
             .store
             .record_denied(&DeniedAudit {
@@ -641,19 +679,12 @@ impl KeyLifecycle {
             acting.actor.id,
             missing.join(", ")
         );
-        self.store
-            .record_denied(&DeniedAudit {
-                workspace_id: workspace_id.to_owned(),
-                key_id: key_id.map(str::to_owned),
-                context: acting.audit(action, why.clone()),
-                occurred_at: now,
-            })
-            .await?;
-        Err(KeyError::Refused(
-            Refusal::new(Reason::ScopeCeilingExceeded, why)
-                .with("actor_id", &acting.actor.id)
-                .with("missing_scopes", missing.join(",")),
-        ))
+        let refusal = Refusal::new(Reason::ScopeCeilingExceeded, why)
+            .with("actor_id", &acting.actor.id)
+            .with("missing_scopes", missing.join(","));
+        Err(self
+            .deny(acting, workspace_id, key_id, action, refusal, now)
+            .await)
     }
 
     fn invalidated(&self, changed: Changed) -> KeyRecord {

@@ -213,7 +213,7 @@ mod tests {
             detail: String::new(),
         };
         store
-            .insert_key(&key, &KeyHash::of("k"), &audit)
+            .insert_key(&key, &KeyHash::of("k"), None, &audit)
             .await
             .unwrap();
         let book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));

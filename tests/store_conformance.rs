@@ -57,7 +57,7 @@ fn ctx(action: &'static str) -> AuditContext {
 async fn insert(store: &dyn Store, key: &KeyRecord) -> KeyHash {
     let secret = new_secret();
     store
-        .insert_key(key, &secret, &ctx("key.issue"))
+        .insert_key(key, &secret, None, &ctx("key.issue"))
         .await
         .unwrap();
     secret
@@ -866,7 +866,10 @@ async fn every_successful_mutation_writes_one_audit_row_newest_first(backend: Ba
     };
 
     let c = who("key.issue", 1);
-    store.insert_key(&key, &new_secret(), &c).await.unwrap();
+    store
+        .insert_key(&key, &new_secret(), None, &c)
+        .await
+        .unwrap();
     expected.push((c, T0));
     check(&expected).await;
 
@@ -1012,7 +1015,7 @@ async fn a_failed_insert_leaves_neither_the_key_nor_an_audit_row(backend: Backen
     for ws in [WS, "ws_other"] {
         let dup = key_record(ws, T0 + S);
         let err = store
-            .insert_key(&dup, &secret, &ctx("key.issue"))
+            .insert_key(&dup, &secret, None, &ctx("key.issue"))
             .await
             .unwrap_err();
         assert!(
@@ -1033,7 +1036,7 @@ async fn a_failed_insert_leaves_neither_the_key_nor_an_audit_row(backend: Backen
     let other_secret = new_secret();
     assert!(
         store
-            .insert_key(&first, &other_secret, &ctx("key.issue"))
+            .insert_key(&first, &other_secret, None, &ctx("key.issue"))
             .await
             .is_err()
     );
@@ -1494,7 +1497,7 @@ async fn a_reach_naming_a_missing_group_is_refused_and_writes_nothing(backend: B
     };
     assert_groups_missing(
         store
-            .insert_key(&key, &new_secret(), &ctx("key.issue"))
+            .insert_key(&key, &new_secret(), None, &ctx("key.issue"))
             .await,
         "g_gone",
     );
@@ -1558,6 +1561,89 @@ async fn a_reach_naming_a_missing_group_is_refused_and_writes_nothing(backend: B
     );
 }
 
+/// A key of `owner` in team `team_ml`, issued at `at`.
+fn member_key(owner_id: &str, at: Micros) -> KeyRecord {
+    KeyRecord {
+        owner: owner(OwnerKind::User, owner_id),
+        team_id: Some("team_ml".to_owned()),
+        ..key_record(WS, at)
+    }
+}
+
+fn assert_member_cap_reached<T: std::fmt::Debug>(result: Result<T, StoreError>) {
+    match result {
+        Err(StoreError::Precondition(refusal)) => {
+            assert_eq!(refusal.reason, Reason::SelfServiceKeyLimitReached)
+        }
+        other => panic!("expected SELF_SERVICE_KEY_LIMIT_REACHED, got {other:?}"),
+    }
+}
+
+/// With a member cap, `insert_key` counts the owner's live keys in the key's team in its
+/// own transaction: revoked, deleted and expired keys, other owners' and other teams'
+/// do not count; a refused insert writes nothing; without a cap nothing is counted.
+async fn insert_key_holds_a_member_to_the_cap_it_is_given(backend: Backend) {
+    let (db, store) = open(backend).await;
+    db.create_workspaces(&[WS], "pro").await;
+    store
+        .insert_team(&team_reaching("team_ml", &[]), &ctx("team.create"))
+        .await
+        .unwrap();
+    let issue = |key: KeyRecord, cap: Option<u32>| {
+        let store = store.clone();
+        async move {
+            store
+                .insert_key(&key, &new_secret(), cap, &ctx("key.issue"))
+                .await
+        }
+    };
+    let (revoked, deleted) = (member_key("user_ann", T0), member_key("user_ann", T0));
+    for key in [&revoked, &deleted] {
+        issue(key.clone(), None).await.unwrap();
+    }
+    store
+        .revoke_key(&revoked.key_id, "test", T0 + S, &ctx("key.revoke"))
+        .await
+        .unwrap();
+    store
+        .delete_key(&deleted.key_id, T0 + S, &ctx("key.delete"))
+        .await
+        .unwrap();
+    let expired = KeyRecord {
+        expires_at: Some(T0 + 2 * S),
+        ..member_key("user_ann", T0)
+    };
+    issue(expired, None).await.unwrap();
+    // Someone else's key in the team, and the member's key outside it.
+    issue(member_key("user_bob", T0), None).await.unwrap();
+    issue(
+        KeyRecord {
+            team_id: None,
+            ..member_key("user_ann", T0)
+        },
+        None,
+    )
+    .await
+    .unwrap();
+
+    // At T0 + 3 s none of the member's keys above is live in the team: one more fits.
+    let at = T0 + 3 * S;
+    issue(member_key("user_ann", at), Some(2)).await.unwrap();
+    issue(member_key("user_ann", at), Some(2)).await.unwrap();
+    let (audit_rows, key_rows) = (
+        all_audit_rows(&db).await,
+        db.count("SELECT COUNT(*) FROM api_keys").await,
+    );
+    let third = member_key("user_ann", at);
+    assert_member_cap_reached(issue(third.clone(), Some(2)).await);
+    assert_eq!(store.get_key(&third.key_id).await.unwrap(), None);
+    assert_eq!(all_audit_rows(&db).await, audit_rows);
+    assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, key_rows);
+    // A higher cap, or none (an admin's issue), lets it in.
+    issue(third, Some(3)).await.unwrap();
+    issue(member_key("user_ann", at), None).await.unwrap();
+}
+
 /// Waits until another session of the test's database waits for a lock: the mutation
 /// under test has reached the lock a raw transaction holds.
 async fn until_a_session_waits_for_a_lock(db: &TestDb) {
@@ -1616,7 +1702,7 @@ async fn postgres_a_key_naming_a_group_deleted_meanwhile_is_refused() {
         let (store, key) = (store.clone(), key.clone());
         tokio::spawn(async move {
             store
-                .insert_key(&key, &new_secret(), &ctx("key.issue"))
+                .insert_key(&key, &new_secret(), None, &ctx("key.issue"))
                 .await
         })
     };
@@ -1719,6 +1805,49 @@ async fn postgres_a_key_update_locks_its_groups_before_its_row() {
     assert!(updated.resource_access.targets.contains("claude-haiku"));
 }
 
+/// Two issues of one member racing for the last place under the cap: the later one
+/// waits for the earlier one's lock on the team, then counts its key, and is refused.
+/// Here a raw transaction stands for the earlier issue: it holds the team's lock and has
+/// given the member a key in the team, not yet committed. (Counted without the lock, the
+/// uncommitted key was not seen and both issues went through.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_issue_racing_another_for_the_last_place_is_refused() {
+    let (db, store) = open(Backend::Postgres).await;
+    db.create_workspaces(&[WS], "pro").await;
+    store
+        .insert_team(&team_reaching("team_ml", &[]), &ctx("team.create"))
+        .await
+        .unwrap();
+    let earlier = KeyRecord {
+        team_id: None,
+        ..member_key("user_ann", T0)
+    };
+    insert(store.as_ref(), &earlier).await;
+    let mut issuing = open_transaction(
+        &db,
+        "SELECT team_id FROM teams WHERE team_id = 'team_ml' FOR UPDATE",
+    )
+    .await;
+    sqlx::query("UPDATE api_keys SET team_id = 'team_ml' WHERE key_id = $1")
+        .bind(&earlier.key_id)
+        .execute(&mut issuing)
+        .await
+        .unwrap();
+    let later = member_key("user_ann", T0);
+    let racing = {
+        let (store, key) = (store.clone(), later.clone());
+        tokio::spawn(async move {
+            store
+                .insert_key(&key, &new_secret(), Some(1), &ctx("key.issue"))
+                .await
+        })
+    };
+    until_a_session_waits_for_a_lock(&db).await;
+    sqlx::query("COMMIT").execute(&mut issuing).await.unwrap();
+    assert_member_cap_reached(racing.await.unwrap());
+    assert_eq!(store.get_key(&later.key_id).await.unwrap(), None);
+}
+
 /// Connections are not pinged before every query (a round trip each), but one idle for a
 /// while is: when the server has dropped every pooled connection (a restart, a proxy's
 /// idle cut-off), the next call still succeeds on a fresh one.
@@ -1770,4 +1899,5 @@ both_backends!(
     no_index_names_a_column_the_usage_book_writes,
     team_updates_of_different_fields_both_take_effect,
     a_reach_naming_a_missing_group_is_refused_and_writes_nothing,
+    insert_key_holds_a_member_to_the_cap_it_is_given,
 );

@@ -131,6 +131,39 @@ async fn the_maximum_of_keys_per_user_is_permission_denied(backend: Backend) {
         .unwrap();
 }
 
+/// Issues racing each other are held to the maximum too: the count that decides is made
+/// in the insert's transaction under the team's lock, not only before it.
+async fn concurrent_issues_of_a_member_never_pass_the_maximum(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    create_team(&app, policy()).await;
+    let calls = (0..8).map(|_| {
+        let (mut admin, r) = (app.admin(), request(&app, "user_ann"));
+        tokio::spawn(async move { admin.issue_key(r).await })
+    });
+    let mut refusals = 0;
+    for call in calls.collect::<Vec<_>>() {
+        if let Err(status) = call.await.unwrap() {
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            assert!(status.message().contains("maximum of 2 keys"), "{status:?}");
+            refusals += 1;
+        }
+    }
+    assert_eq!(refusals, 6);
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) FROM api_keys WHERE owner_id = 'user_ann'")
+            .await,
+        2
+    );
+    let denied = app
+        .audit("ws_test")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "key.issue" && e.outcome == proto::AuditOutcome::Denied as i32)
+        .count();
+    assert_eq!(denied, 6, "every refusal is audited");
+}
+
 async fn a_budget_above_the_team_ceiling_is_refused(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     create_team(&app, policy()).await;
@@ -777,6 +810,7 @@ both_backends!(
     a_member_gets_a_key_it_owns_within_the_policy,
     self_service_off_is_permission_denied,
     the_maximum_of_keys_per_user_is_permission_denied,
+    concurrent_issues_of_a_member_never_pass_the_maximum,
     a_budget_above_the_team_ceiling_is_refused,
     a_missing_expiry_is_refused_when_required,
     an_expiry_too_far_is_refused,

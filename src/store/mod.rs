@@ -215,11 +215,16 @@ pub struct Rotated {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Stores a new key with its secret's hash, and its audit event.
+    /// Stores a new key with its secret's hash, and its audit event. Refused
+    /// ([`StoreError::Precondition`]) when its reach names a group the workspace lacks, or,
+    /// with `member_cap`, when the key's owner already holds that many live keys in the
+    /// key's team (counted under a lock on the team, so that concurrent issues cannot all
+    /// pass one count).
     async fn insert_key(
         &self,
         key: &KeyRecord,
         secret: &KeyHash,
+        member_cap: Option<u32>,
         audit: &AuditContext,
     ) -> Result<(), StoreError>;
 

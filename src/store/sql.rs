@@ -219,6 +219,12 @@ impl From<GroupRow> for crate::domain::access::AccessGroup {
 /// Keys per usage statement.
 pub(crate) const USAGE_CHUNK: usize = 1000;
 
+/// The live keys (neither revoked, deleted nor expired at `$4`) of owner `$3` in team `$2`
+/// of workspace `$1`: what a team's `max_keys_per_user` caps.
+pub(crate) const MEMBER_KEYS: &str = "SELECT count(*) FROM api_keys WHERE workspace_id = $1 \
+     AND team_id = $2 AND owner_id = $3 AND deleted_at IS NULL AND revoked_at IS NULL \
+     AND (expires_at IS NULL OR expires_at > $4)";
+
 /// A usage batch as the JSON array the usage statements unpack:
 /// `[[key_id, spend, last_used_at, 0|1], ...]`.
 pub(crate) fn usage_json(batch: &[super::UsageDelta]) -> String {
@@ -659,9 +665,36 @@ macro_rules! impl_store {
                 &self,
                 key: &crate::domain::key::KeyRecord,
                 secret: &crate::domain::key_format::KeyHash,
+                member_cap: Option<u32>,
                 audit: &crate::store::AuditContext,
             ) -> Result<(), crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
+                if let (Some(max), Some(team_id)) = (member_cap, &key.team_id) {
+                    // The team row's lock (the first lock taken, as `update_team` takes it)
+                    // serializes a team's member issues: this count sees every key a
+                    // concurrent issue committed before it.
+                    sqlx::query(concat!(
+                        "SELECT team_id FROM teams WHERE workspace_id = $1 AND team_id = $2",
+                        $lock
+                    ))
+                    .bind(&key.workspace_id)
+                    .bind(team_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let held: i64 = sqlx::query_scalar(crate::store::sql::MEMBER_KEYS)
+                        .bind(&key.workspace_id)
+                        .bind(team_id)
+                        .bind(&key.owner.id)
+                        .bind(key.created_at)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    if u64::try_from(held).unwrap_or(0) >= u64::from(max) {
+                        return Err(crate::store::StoreError::Precondition(
+                            crate::domain::team::SelfServiceRefusal::TooManyKeys { max }
+                                .refusal(team_id),
+                        ));
+                    }
+                }
                 Self::lock_groups(&mut tx, &key.workspace_id, &key.resource_access.groups).await?;
                 sqlx::query(concat!(
                     "INSERT INTO api_keys (",
@@ -1797,11 +1830,7 @@ macro_rules! impl_store {
                 owner_id: &str,
                 now: i64,
             ) -> Result<u64, crate::store::StoreError> {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM api_keys WHERE workspace_id = $1 AND team_id = $2 \
-                     AND owner_id = $3 AND deleted_at IS NULL AND revoked_at IS NULL \
-                     AND (expires_at IS NULL OR expires_at > $4)",
-                )
+                let n: i64 = sqlx::query_scalar(crate::store::sql::MEMBER_KEYS)
                 .bind(workspace_id)
                 .bind(team_id)
                 .bind(owner_id)
