@@ -515,27 +515,8 @@ impl KeyLifecycle {
             .iter()
             .any(|p| p == ADMIN_PERMISSION)
         {
-            // A team key owned by a service account must be owned by one of that team's
-            // (a self-service member's key is owned by the member, below).
-            if input.owner.kind == OwnerKind::ServiceAccount {
-                let account = self
-                    .store
-                    .get_service_account(&input.workspace_id, &input.owner.id)
-                    .await?;
-                if account.is_none_or(|a| a.team_id != team.team_id) {
-                    return Err(KeyError::Refused(
-                        Refusal::new(
-                            Reason::ServiceAccountNotInTeam,
-                            format!(
-                                "service account {} is not in team {team_id}",
-                                input.owner.id
-                            ),
-                        )
-                        .with("service_account_id", &input.owner.id)
-                        .with("team_id", team_id),
-                    ));
-                }
-            }
+            // A team key owned by a service account must be owned by one of that team's:
+            // the store checks it in the insert's transaction.
             return Ok(None);
         }
         let held = self

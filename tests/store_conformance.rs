@@ -16,7 +16,7 @@ use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
 use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::domain::refusal::Reason;
-use keywarden::domain::team::{Team, TeamPolicy};
+use keywarden::domain::team::{ServiceAccount, Team, TeamPolicy};
 use keywarden::store::{
     AuditContext, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
     StoreError, TeamPatch, UsageDelta,
@@ -1644,6 +1644,84 @@ async fn insert_key_holds_a_member_to_the_cap_it_is_given(backend: Backend) {
     issue(member_key("user_ann", at), None).await.unwrap();
 }
 
+fn service_account(id: &str, team_id: &str) -> ServiceAccount {
+    ServiceAccount {
+        workspace_id: WS.to_owned(),
+        team_id: team_id.to_owned(),
+        service_account_id: id.to_owned(),
+        name: id.to_owned(),
+        created_at: T0,
+    }
+}
+
+/// A team key owned by a service account of `team`'s.
+fn account_key(account_id: &str, team_id: &str) -> KeyRecord {
+    KeyRecord {
+        owner: owner(OwnerKind::ServiceAccount, account_id),
+        team_id: Some(team_id.to_owned()),
+        ..key_record(WS, T0)
+    }
+}
+
+/// Workspace WS with teams `team_ml` and `team_ops`, and a service account in each
+/// (`sa_ml`, `sa_ops`).
+async fn teams_with_accounts(store: &dyn Store) {
+    for team in ["team_ml", "team_ops"] {
+        store
+            .insert_team(&team_reaching(team, &[]), &ctx("team.create"))
+            .await
+            .unwrap();
+    }
+    for (account, team) in [("sa_ml", "team_ml"), ("sa_ops", "team_ops")] {
+        store
+            .insert_service_account(&service_account(account, team), &ctx("sa.create"))
+            .await
+            .unwrap();
+    }
+}
+
+fn assert_not_in_team<T: std::fmt::Debug>(result: Result<T, StoreError>) {
+    match result {
+        Err(StoreError::Precondition(refusal)) => {
+            assert_eq!(refusal.reason, Reason::ServiceAccountNotInTeam)
+        }
+        other => panic!("expected SERVICE_ACCOUNT_NOT_IN_TEAM, got {other:?}"),
+    }
+}
+
+/// A team key owned by a service account is owned by one of that team's, checked in
+/// the insert's transaction: another team's account or an unknown one is refused and
+/// nothing is written. Keys outside a team, and users' keys, are not checked.
+async fn a_team_key_of_a_service_account_needs_one_of_the_teams(backend: Backend) {
+    let (db, store) = open(backend).await;
+    db.create_workspaces(&[WS], "pro").await;
+    teams_with_accounts(store.as_ref()).await;
+    let issue = |key: KeyRecord| {
+        let store = store.clone();
+        async move {
+            store
+                .insert_key(&key, &new_secret(), None, &ctx("key.issue"))
+                .await
+        }
+    };
+    issue(account_key("sa_ml", "team_ml")).await.unwrap();
+    let (audit_rows, key_rows) = (
+        all_audit_rows(&db).await,
+        db.count("SELECT COUNT(*) FROM api_keys").await,
+    );
+    assert_not_in_team(issue(account_key("sa_ops", "team_ml")).await);
+    assert_not_in_team(issue(account_key("sa_gone", "team_ml")).await);
+    assert_eq!(all_audit_rows(&db).await, audit_rows);
+    assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, key_rows);
+    issue(KeyRecord {
+        team_id: None,
+        ..account_key("sa_ops", "team_ml")
+    })
+    .await
+    .unwrap();
+    issue(member_key("user_ann", T0)).await.unwrap();
+}
+
 /// Waits until another session of the test's database waits for a lock: the mutation
 /// under test has reached the lock a raw transaction holds.
 async fn until_a_session_waits_for_a_lock(db: &TestDb) {
@@ -1848,6 +1926,84 @@ async fn postgres_an_issue_racing_another_for_the_last_place_is_refused() {
     assert_eq!(store.get_key(&later.key_id).await.unwrap(), None);
 }
 
+/// A team key issued to a service account being deleted, the delete first: the issue
+/// waits for the delete's lock, then finds the account gone and is refused. (Checked
+/// before the insert's transaction, the account was still there, and the key was written
+/// owned by a deleted account.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_key_of_a_service_account_deleted_meanwhile_is_refused() {
+    let (db, store) = open(Backend::Postgres).await;
+    db.create_workspaces(&[WS], "pro").await;
+    teams_with_accounts(store.as_ref()).await;
+    let mut deleting = open_transaction(
+        &db,
+        "DELETE FROM service_accounts WHERE service_account_id = 'sa_ml'",
+    )
+    .await;
+    let key = account_key("sa_ml", "team_ml");
+    let issuing = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move {
+            store
+                .insert_key(&key, &new_secret(), None, &ctx("key.issue"))
+                .await
+        })
+    };
+    until_a_session_waits_for_a_lock(&db).await;
+    sqlx::query("COMMIT").execute(&mut deleting).await.unwrap();
+    assert_not_in_team(issuing.await.unwrap());
+    assert_eq!(store.get_key(&key.key_id).await.unwrap(), None);
+}
+
+/// A delete of a service account against an issue of a key it owns, the issue first
+/// (its transaction holds the account's share lock and has the key): the delete waits,
+/// then sees the committed key and is refused. (Counting keys before deleting, it
+/// counted none, waited, and deleted the owner of a live key.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_service_account_given_a_key_meanwhile_is_not_deleted() {
+    let (db, store) = open(Backend::Postgres).await;
+    db.create_workspaces(&[WS], "pro").await;
+    teams_with_accounts(store.as_ref()).await;
+    let key = member_key("user_ann", T0);
+    insert(store.as_ref(), &key).await;
+    let mut issuing = open_transaction(
+        &db,
+        "SELECT team_id FROM service_accounts WHERE service_account_id = 'sa_ml' FOR SHARE",
+    )
+    .await;
+    sqlx::query(
+        "UPDATE api_keys SET owner_kind = 'service_account', owner_id = 'sa_ml' \
+         WHERE key_id = $1",
+    )
+    .bind(&key.key_id)
+    .execute(&mut issuing)
+    .await
+    .unwrap();
+    let deleting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .delete_service_account(WS, "sa_ml", T0 + S, &ctx("sa.delete"))
+                .await
+        })
+    };
+    until_a_session_waits_for_a_lock(&db).await;
+    sqlx::query("COMMIT").execute(&mut issuing).await.unwrap();
+    match deleting.await.unwrap() {
+        Err(StoreError::Precondition(refusal)) => {
+            assert_eq!(refusal.reason, Reason::ServiceAccountOwnsKeys)
+        }
+        other => panic!("expected SERVICE_ACCOUNT_OWNS_KEYS, got {other:?}"),
+    }
+    assert!(
+        store
+            .get_service_account(WS, "sa_ml")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
 /// Connections are not pinged before every query (a round trip each), but one idle for a
 /// while is: when the server has dropped every pooled connection (a restart, a proxy's
 /// idle cut-off), the next call still succeeds on a fresh one.
@@ -1900,4 +2056,5 @@ both_backends!(
     team_updates_of_different_fields_both_take_effect,
     a_reach_naming_a_missing_group_is_refused_and_writes_nothing,
     insert_key_holds_a_member_to_the_cap_it_is_given,
+    a_team_key_of_a_service_account_needs_one_of_the_teams,
 );

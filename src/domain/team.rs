@@ -74,6 +74,16 @@ pub struct ServiceAccount {
     pub created_at: Micros,
 }
 
+/// The refusal of a team key owned by a service account that is not one of the team's.
+pub fn service_account_not_in_team(service_account_id: &str, team_id: &str) -> Refusal {
+    Refusal::new(
+        Reason::ServiceAccountNotInTeam,
+        format!("service account {service_account_id} is not in team {team_id}"),
+    )
+    .with("service_account_id", service_account_id)
+    .with("team_id", team_id)
+}
+
 /// Why a self-service key is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SelfServiceRefusal {

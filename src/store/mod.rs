@@ -216,10 +216,11 @@ pub struct Rotated {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores a new key with its secret's hash, and its audit event. Refused
-    /// ([`StoreError::Precondition`]) when its reach names a group the workspace lacks, or,
+    /// ([`StoreError::Precondition`]) when its reach names a group the workspace lacks,
+    /// when it is a team key owned by a service account that is not one of the team's, or,
     /// with `member_cap`, when the key's owner already holds that many live keys in the
     /// key's team (counted under a lock on the team, so that concurrent issues cannot all
-    /// pass one count).
+    /// pass one count). All three are checked in the insert's transaction.
     async fn insert_key(
         &self,
         key: &KeyRecord,

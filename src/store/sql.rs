@@ -695,6 +695,28 @@ macro_rules! impl_store {
                         ));
                     }
                 }
+                if let Some(team_id) = &key.team_id
+                    && key.owner.kind == crate::domain::key::OwnerKind::ServiceAccount
+                {
+                    // A team key owned by a service account is owned by one of that team's.
+                    // The account's row stays share-locked until commit, so it cannot be
+                    // deleted in between (`delete_service_account` deletes, then looks for
+                    // keys the account owns).
+                    let team: Option<String> = sqlx::query_scalar(concat!(
+                        "SELECT team_id FROM service_accounts \
+                         WHERE workspace_id = $1 AND service_account_id = $2",
+                        $share
+                    ))
+                    .bind(&key.workspace_id)
+                    .bind(&key.owner.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if team.as_deref() != Some(team_id.as_str()) {
+                        return Err(crate::store::StoreError::Precondition(
+                            crate::domain::team::service_account_not_in_team(&key.owner.id, team_id),
+                        ));
+                    }
+                }
                 Self::lock_groups(&mut tx, &key.workspace_id, &key.resource_access.groups).await?;
                 sqlx::query(concat!(
                     "INSERT INTO api_keys (",
@@ -1912,6 +1934,20 @@ macro_rules! impl_store {
                 audit: &crate::store::AuditContext,
             ) -> Result<(), crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
+                // Delete first, then look for keys: the delete waits for an issue that has
+                // share-locked the account to own a key, and the look, a statement of its
+                // own, sees that key once committed. Found keys roll the delete back.
+                let deleted = sqlx::query(
+                    "DELETE FROM service_accounts WHERE workspace_id = $1 AND service_account_id = $2",
+                )
+                .bind(workspace_id)
+                .bind(service_account_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if deleted == 0 {
+                    return Err(crate::store::StoreError::NotFound);
+                }
                 let owned: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM api_keys WHERE workspace_id = $1 \
                      AND owner_kind = 'service_account' AND owner_id = $2 \
@@ -1929,17 +1965,6 @@ macro_rules! impl_store {
                         )
                         .with("service_account_id", service_account_id),
                     ));
-                }
-                let deleted = sqlx::query(
-                    "DELETE FROM service_accounts WHERE workspace_id = $1 AND service_account_id = $2",
-                )
-                .bind(workspace_id)
-                .bind(service_account_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if deleted == 0 {
-                    return Err(crate::store::StoreError::NotFound);
                 }
                 Self::write_audit(&mut tx, workspace_id, None, crate::store::AuditOutcome::Success, audit, now).await?;
                 tx.commit().await?;
