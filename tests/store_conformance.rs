@@ -15,7 +15,7 @@ use keywarden::domain::ids::new_key_id;
 use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
 use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
-use keywarden::domain::refusal::Reason;
+use keywarden::domain::refusal::{Reason, Refusal};
 use keywarden::domain::team::{ServiceAccount, Team, TeamPolicy};
 use keywarden::store::{
     AuditContext, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
@@ -1457,18 +1457,21 @@ fn team_reaching(team_id: &str, groups: &[&str]) -> Team {
 }
 
 /// The store's refusal of a reach naming groups the workspace lacks: the missing ones only.
-fn assert_groups_missing<T: std::fmt::Debug>(result: Result<T, StoreError>, missing: &str) {
+/// The store's refusal of a mutation, for `reason`.
+fn assert_refused<T: std::fmt::Debug>(result: Result<T, StoreError>, reason: Reason) -> Refusal {
     match result {
-        Err(StoreError::Precondition(refusal)) => {
-            assert_eq!(refusal.reason, Reason::AccessGroupsMissing);
-            assert!(
-                refusal.message.ends_with(&format!(": {missing}")),
-                "{}",
-                refusal.message
-            );
-        }
-        other => panic!("expected ACCESS_GROUPS_MISSING for {missing}, got {other:?}"),
+        Err(StoreError::Precondition(refusal)) if refusal.reason == reason => refusal,
+        other => panic!("expected a refusal for {reason:?}, got {other:?}"),
     }
+}
+
+fn assert_groups_missing<T: std::fmt::Debug>(result: Result<T, StoreError>, missing: &str) {
+    let refusal = assert_refused(result, Reason::AccessGroupsMissing);
+    assert!(
+        refusal.message.ends_with(&format!(": {missing}")),
+        "{}",
+        refusal.message
+    );
 }
 
 /// Every mutation that writes a reach (a key's or a team's) checks the groups it names in
@@ -1570,15 +1573,6 @@ fn member_key(owner_id: &str, at: Micros) -> KeyRecord {
     }
 }
 
-fn assert_member_cap_reached<T: std::fmt::Debug>(result: Result<T, StoreError>) {
-    match result {
-        Err(StoreError::Precondition(refusal)) => {
-            assert_eq!(refusal.reason, Reason::SelfServiceKeyLimitReached)
-        }
-        other => panic!("expected SELF_SERVICE_KEY_LIMIT_REACHED, got {other:?}"),
-    }
-}
-
 /// With a member cap, `insert_key` counts the owner's live keys in the key's team in its
 /// own transaction: revoked, deleted and expired keys, other owners' and other teams'
 /// do not count; a refused insert writes nothing; without a cap nothing is counted.
@@ -1635,7 +1629,10 @@ async fn insert_key_holds_a_member_to_the_cap_it_is_given(backend: Backend) {
         db.count("SELECT COUNT(*) FROM api_keys").await,
     );
     let third = member_key("user_ann", at);
-    assert_member_cap_reached(issue(third.clone(), Some(2)).await);
+    assert_refused(
+        issue(third.clone(), Some(2)).await,
+        Reason::SelfServiceKeyLimitReached,
+    );
     assert_eq!(store.get_key(&third.key_id).await.unwrap(), None);
     assert_eq!(all_audit_rows(&db).await, audit_rows);
     assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, key_rows);
@@ -1680,15 +1677,6 @@ async fn teams_with_accounts(store: &dyn Store) {
     }
 }
 
-fn assert_not_in_team<T: std::fmt::Debug>(result: Result<T, StoreError>) {
-    match result {
-        Err(StoreError::Precondition(refusal)) => {
-            assert_eq!(refusal.reason, Reason::ServiceAccountNotInTeam)
-        }
-        other => panic!("expected SERVICE_ACCOUNT_NOT_IN_TEAM, got {other:?}"),
-    }
-}
-
 /// A team key owned by a service account is owned by one of that team's, checked in
 /// the insert's transaction: another team's account or an unknown one is refused and
 /// nothing is written. Keys outside a team, and users' keys, are not checked.
@@ -1709,8 +1697,14 @@ async fn a_team_key_of_a_service_account_needs_one_of_the_teams(backend: Backend
         all_audit_rows(&db).await,
         db.count("SELECT COUNT(*) FROM api_keys").await,
     );
-    assert_not_in_team(issue(account_key("sa_ops", "team_ml")).await);
-    assert_not_in_team(issue(account_key("sa_gone", "team_ml")).await);
+    assert_refused(
+        issue(account_key("sa_ops", "team_ml")).await,
+        Reason::ServiceAccountNotInTeam,
+    );
+    assert_refused(
+        issue(account_key("sa_gone", "team_ml")).await,
+        Reason::ServiceAccountNotInTeam,
+    );
     assert_eq!(all_audit_rows(&db).await, audit_rows);
     assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, key_rows);
     issue(KeyRecord {
@@ -1738,6 +1732,19 @@ async fn until_a_session_waits_for_a_lock(db: &TestDb) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     panic!("no session waited for the raw transaction's lock");
+}
+
+/// Runs `mutation` against the raw transaction `raw`: waits until the mutation blocks on
+/// the raw transaction's locks, commits it, and returns what the mutation then did.
+async fn after_commit_of<T: Send + 'static>(
+    db: &TestDb,
+    mut raw: sqlx::PgConnection,
+    mutation: impl Future<Output = T> + Send + 'static,
+) -> T {
+    let running = tokio::spawn(mutation);
+    until_a_session_waits_for_a_lock(db).await;
+    sqlx::query("COMMIT").execute(&mut raw).await.unwrap();
+    running.await.unwrap()
 }
 
 /// A Postgres store whose workspace holds access group `name`.
@@ -1770,23 +1777,21 @@ async fn open_transaction(db: &TestDb, sql: &str) -> sqlx::PgConnection {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_key_naming_a_group_deleted_meanwhile_is_refused() {
     let (db, store) = postgres_with_group("g_doomed").await;
-    let mut deleting =
-        open_transaction(&db, "DELETE FROM access_groups WHERE name = 'g_doomed'").await;
+    let deleting = open_transaction(&db, "DELETE FROM access_groups WHERE name = 'g_doomed'").await;
     let key = KeyRecord {
         resource_access: reaching(&["g_doomed"]),
         ..key_record(WS, T0)
     };
     let issuing = {
         let (store, key) = (store.clone(), key.clone());
-        tokio::spawn(async move {
+        after_commit_of(&db, deleting, async move {
             store
                 .insert_key(&key, &new_secret(), None, &ctx("key.issue"))
                 .await
         })
+        .await
     };
-    until_a_session_waits_for_a_lock(&db).await;
-    sqlx::query("COMMIT").execute(&mut deleting).await.unwrap();
-    assert_groups_missing(issuing.await.unwrap(), "g_doomed");
+    assert_groups_missing(issuing, "g_doomed");
     assert_eq!(store.get_key(&key.key_id).await.unwrap(), None);
 }
 
@@ -1811,20 +1816,14 @@ async fn postgres_a_group_named_meanwhile_by_a_key_is_not_deleted() {
         .unwrap();
     let deleting = {
         let store = store.clone();
-        tokio::spawn(async move {
+        after_commit_of(&db, naming, async move {
             store
                 .delete_group(WS, "g_kept", T0 + S, &ctx("access_group.delete"))
                 .await
         })
+        .await
     };
-    until_a_session_waits_for_a_lock(&db).await;
-    sqlx::query("COMMIT").execute(&mut naming).await.unwrap();
-    match deleting.await.unwrap() {
-        Err(StoreError::Precondition(refusal)) => {
-            assert_eq!(refusal.reason, Reason::AccessGroupInUse)
-        }
-        other => panic!("expected ACCESS_GROUP_IN_USE, got {other:?}"),
-    }
+    assert_refused(deleting, Reason::AccessGroupInUse);
     let groups = store.list_groups(WS).await.unwrap();
     assert_eq!(
         groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(),
@@ -1914,15 +1913,14 @@ async fn postgres_an_issue_racing_another_for_the_last_place_is_refused() {
     let later = member_key("user_ann", T0);
     let racing = {
         let (store, key) = (store.clone(), later.clone());
-        tokio::spawn(async move {
+        after_commit_of(&db, issuing, async move {
             store
                 .insert_key(&key, &new_secret(), Some(1), &ctx("key.issue"))
                 .await
         })
+        .await
     };
-    until_a_session_waits_for_a_lock(&db).await;
-    sqlx::query("COMMIT").execute(&mut issuing).await.unwrap();
-    assert_member_cap_reached(racing.await.unwrap());
+    assert_refused(racing, Reason::SelfServiceKeyLimitReached);
     assert_eq!(store.get_key(&later.key_id).await.unwrap(), None);
 }
 
@@ -1935,7 +1933,7 @@ async fn postgres_a_key_of_a_service_account_deleted_meanwhile_is_refused() {
     let (db, store) = open(Backend::Postgres).await;
     db.create_workspaces(&[WS], "pro").await;
     teams_with_accounts(store.as_ref()).await;
-    let mut deleting = open_transaction(
+    let deleting = open_transaction(
         &db,
         "DELETE FROM service_accounts WHERE service_account_id = 'sa_ml'",
     )
@@ -1943,15 +1941,14 @@ async fn postgres_a_key_of_a_service_account_deleted_meanwhile_is_refused() {
     let key = account_key("sa_ml", "team_ml");
     let issuing = {
         let (store, key) = (store.clone(), key.clone());
-        tokio::spawn(async move {
+        after_commit_of(&db, deleting, async move {
             store
                 .insert_key(&key, &new_secret(), None, &ctx("key.issue"))
                 .await
         })
+        .await
     };
-    until_a_session_waits_for_a_lock(&db).await;
-    sqlx::query("COMMIT").execute(&mut deleting).await.unwrap();
-    assert_not_in_team(issuing.await.unwrap());
+    assert_refused(issuing, Reason::ServiceAccountNotInTeam);
     assert_eq!(store.get_key(&key.key_id).await.unwrap(), None);
 }
 
@@ -1981,20 +1978,14 @@ async fn postgres_a_service_account_given_a_key_meanwhile_is_not_deleted() {
     .unwrap();
     let deleting = {
         let store = store.clone();
-        tokio::spawn(async move {
+        after_commit_of(&db, issuing, async move {
             store
                 .delete_service_account(WS, "sa_ml", T0 + S, &ctx("sa.delete"))
                 .await
         })
+        .await
     };
-    until_a_session_waits_for_a_lock(&db).await;
-    sqlx::query("COMMIT").execute(&mut issuing).await.unwrap();
-    match deleting.await.unwrap() {
-        Err(StoreError::Precondition(refusal)) => {
-            assert_eq!(refusal.reason, Reason::ServiceAccountOwnsKeys)
-        }
-        other => panic!("expected SERVICE_ACCOUNT_OWNS_KEYS, got {other:?}"),
-    }
+    assert_refused(deleting, Reason::ServiceAccountOwnsKeys);
     assert!(
         store
             .get_service_account(WS, "sa_ml")
