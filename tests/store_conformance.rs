@@ -1747,6 +1747,24 @@ async fn after_commit_of<T: Send + 'static>(
     running.await.unwrap()
 }
 
+/// Issues `key` (with `member_cap`) against the raw transaction `raw`, as
+/// [`after_commit_of`] runs a mutation.
+async fn issue_after_commit_of(
+    db: &TestDb,
+    store: &Arc<dyn Store>,
+    raw: sqlx::PgConnection,
+    key: &KeyRecord,
+    member_cap: Option<u32>,
+) -> Result<(), StoreError> {
+    let (store, key) = (store.clone(), key.clone());
+    after_commit_of(db, raw, async move {
+        store
+            .insert_key(&key, &new_secret(), member_cap, &ctx("key.issue"))
+            .await
+    })
+    .await
+}
+
 /// A Postgres store whose workspace holds access group `name`.
 async fn postgres_with_group(name: &str) -> (TestDb, Arc<dyn Store>) {
     let (db, store) = open(Backend::Postgres).await;
@@ -1782,15 +1800,7 @@ async fn postgres_a_key_naming_a_group_deleted_meanwhile_is_refused() {
         resource_access: reaching(&["g_doomed"]),
         ..key_record(WS, T0)
     };
-    let issuing = {
-        let (store, key) = (store.clone(), key.clone());
-        after_commit_of(&db, deleting, async move {
-            store
-                .insert_key(&key, &new_secret(), None, &ctx("key.issue"))
-                .await
-        })
-        .await
-    };
+    let issuing = issue_after_commit_of(&db, &store, deleting, &key, None).await;
     assert_groups_missing(issuing, "g_doomed");
     assert_eq!(store.get_key(&key.key_id).await.unwrap(), None);
 }
@@ -1911,15 +1921,7 @@ async fn postgres_an_issue_racing_another_for_the_last_place_is_refused() {
         .await
         .unwrap();
     let later = member_key("user_ann", T0);
-    let racing = {
-        let (store, key) = (store.clone(), later.clone());
-        after_commit_of(&db, issuing, async move {
-            store
-                .insert_key(&key, &new_secret(), Some(1), &ctx("key.issue"))
-                .await
-        })
-        .await
-    };
+    let racing = issue_after_commit_of(&db, &store, issuing, &later, Some(1)).await;
     assert_refused(racing, Reason::SelfServiceKeyLimitReached);
     assert_eq!(store.get_key(&later.key_id).await.unwrap(), None);
 }
@@ -1939,15 +1941,7 @@ async fn postgres_a_key_of_a_service_account_deleted_meanwhile_is_refused() {
     )
     .await;
     let key = account_key("sa_ml", "team_ml");
-    let issuing = {
-        let (store, key) = (store.clone(), key.clone());
-        after_commit_of(&db, deleting, async move {
-            store
-                .insert_key(&key, &new_secret(), None, &ctx("key.issue"))
-                .await
-        })
-        .await
-    };
+    let issuing = issue_after_commit_of(&db, &store, deleting, &key, None).await;
     assert_refused(issuing, Reason::ServiceAccountNotInTeam);
     assert_eq!(store.get_key(&key.key_id).await.unwrap(), None);
 }
