@@ -857,8 +857,13 @@ macro_rules! impl_store {
                 let mut tx = self.begin_write().await?;
                 // The groups before the key row, the order `update_group` takes them in (its
                 // group, then the keys naming it): the other order deadlocks against it. A
-                // key's workspace never changes, so reading it unlocked is safe.
-                if let Some(access) = &patch.resource_access {
+                // key's workspace never changes, so reading it unlocked is safe. A reach that
+                // names no group has nothing to lock, and no reason for the read.
+                if let Some(access) = patch
+                    .resource_access
+                    .as_ref()
+                    .filter(|a| !a.groups.is_empty())
+                {
                     let workspace_id: Option<String> =
                         sqlx::query_scalar("SELECT workspace_id FROM api_keys WHERE key_id = $1")
                             .bind(key_id)
