@@ -798,7 +798,10 @@ async fn issue_keys(
         })
         .await
     };
-    let issued = issued.lock().map(|v| v.clone()).unwrap_or_default();
+    let issued = issued
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
     (result, issued)
 }
 
