@@ -494,6 +494,9 @@ pub struct EventsConfig {
     pub subscriber_lag: usize,
     /// LISTEN for Postgres notifications (off behind a transaction-pooling proxy).
     pub listen: bool,
+    /// How long the replica may go without a successful read of the event log and still
+    /// answer from its cache, in milliseconds (0: no bound; not for production).
+    pub max_staleness_ms: u64,
 }
 
 impl Default for EventsConfig {
@@ -507,6 +510,7 @@ impl Default for EventsConfig {
             grace_sweep_interval_ms: d.grace_sweep_interval.as_millis() as u64,
             subscriber_lag: d.subscriber_lag,
             listen: d.listen,
+            max_staleness_ms: d.max_staleness.map_or(0, |b| b.as_millis() as u64),
         }
     }
 }
@@ -688,6 +692,8 @@ impl Config {
                 ),
                 subscriber_lag: self.events.subscriber_lag.max(16),
                 listen: self.events.listen,
+                max_staleness: (self.events.max_staleness_ms > 0)
+                    .then(|| Duration::from_millis(self.events.max_staleness_ms.max(10))),
             },
         })
     }

@@ -9,6 +9,7 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::{ServerTlsConfig, TcpIncoming};
 use tonic::transport::{Certificate, Identity};
@@ -169,6 +170,42 @@ impl UsageFlusher {
     }
 }
 
+/// Envoy's ext_authz service, as health names it.
+const EXT_AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
+async fn follow_freshness(
+    reporter: &tonic_health::server::HealthReporter,
+    services: &[&str],
+    vouching: bool,
+) {
+    let status = if vouching {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for service in services {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// Keeps the vouching services' health in step with [`crate::events::Freshness`].
+async fn report_freshness(
+    reporter: tonic_health::server::HealthReporter,
+    services: Vec<&'static str>,
+    hub: Arc<EventHub>,
+) {
+    let mut changes = hub.freshness().watch();
+    let mut stop = hub.stopping();
+    loop {
+        let vouching = *changes.borrow_and_update();
+        follow_freshness(&reporter, &services, vouching).await;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// A server that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
 pub struct RunningServer {
     addr: SocketAddr,
@@ -314,7 +351,7 @@ pub async fn start_with_store(
     ));
     let limiter_failures = limiter.clone();
     let verifier = Arc::new(Verifier::new(
-        store.clone(),
+        hub.clone(),
         cache.clone(),
         limiter,
         usage.clone(),
@@ -342,9 +379,6 @@ pub async fn start_with_store(
         .set_serving::<KeyServiceServer<KeyApi>>()
         .await;
     health_reporter
-        .set_serving::<VerifyServiceServer<VerifyApi>>()
-        .await;
-    health_reporter
         .set_serving::<WorkspaceServiceServer<WorkspaceApi>>()
         .await;
     health_reporter
@@ -360,15 +394,28 @@ pub async fn start_with_store(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    // Envoy's ext_authz API, on the same verifier as VerifyKey and for the same role.
+    // The services that vouch for keys (VerifyService, RevocationService and Envoy's
+    // ext_authz API, on the same verifier as VerifyKey and for the same role) are SERVING
+    // only while the replica reads the event log; the others, and "" (liveness), stay
+    // SERVING: a replica that cannot reach its database is not one to restart.
+    let mut vouching_services = vec![
+        <VerifyServiceServer<VerifyApi> as NamedService>::NAME,
+        <RevocationServiceServer<RevocationApi> as NamedService>::NAME,
+    ];
     if settings.ext_authz.enabled {
-        health_reporter
-            .set_service_status(
-                "envoy.service.auth.v3.Authorization",
-                tonic_health::ServingStatus::Serving,
-            )
-            .await;
+        vouching_services.push(EXT_AUTHZ_SERVICE);
     }
+    follow_freshness(
+        &health_reporter,
+        &vouching_services,
+        hub.freshness().vouching(),
+    )
+    .await;
+    tokio::spawn(report_freshness(
+        health_reporter.clone(),
+        vouching_services,
+        hub.clone(),
+    ));
 
     let listener = TcpListener::bind(settings.listen).await?;
     let addr = listener.local_addr()?;

@@ -4,6 +4,10 @@
 //! note the use. A miss costs one indexed query by hash; a hash that matches nothing goes
 //! to the negative cache. No lock is held across an await, and nothing is written to the
 //! database on the way (the use is noted in the usage book, written in batches).
+//!
+//! A replica that has not read the event log within its freshness bound answers
+//! [`VerifyError::Stale`] (UNAVAILABLE) for any well-formed key: its cache may hold a key
+//! revoked elsewhere meanwhile.
 
 use std::sync::Arc;
 
@@ -13,6 +17,7 @@ use crate::domain::key::{self, KeyRecord, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::limits::{self, LimitDecision, RateLimit};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
+use crate::events::EventHub;
 use crate::metrics::Metrics;
 use crate::ratelimit::{LimiterError, RateLimiter};
 use crate::store::{Store, StoreError};
@@ -35,6 +40,10 @@ pub enum VerifyError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Limiter(#[from] LimiterError),
+    /// The replica has not read the event log within its freshness bound, so it cannot
+    /// tell whether a key was revoked meanwhile (see [`crate::events::Freshness`]).
+    #[error("the event log has not been read within the freshness bound")]
+    Stale,
 }
 
 /// What verifications need besides the store and the cache.
@@ -53,11 +62,14 @@ pub struct Verifier {
     clock: Clock,
     policy: VerifyPolicy,
     metrics: Arc<Metrics>,
+    events: Arc<EventHub>,
 }
 
 impl Verifier {
+    /// The keys are read from the store whose log `events` follows: the freshness that
+    /// vouches for the cache is that store's.
     pub fn new(
-        store: Arc<dyn Store>,
+        events: Arc<EventHub>,
         cache: Arc<VerifyCache>,
         limiter: Arc<dyn RateLimiter>,
         usage: Arc<UsageBook>,
@@ -66,13 +78,14 @@ impl Verifier {
         metrics: Arc<Metrics>,
     ) -> Self {
         Verifier {
-            store,
+            store: events.store().clone(),
             cache,
             limiter,
             usage,
             clock,
             policy,
             metrics,
+            events,
         }
     }
 
@@ -125,6 +138,11 @@ impl Verifier {
     ) -> Result<Verdict, VerifyError> {
         if key_format::parse(&self.policy.brand, presented).is_err() {
             return Ok(not_found_as(VerifyCode::Malformed));
+        }
+        // Everything past the key's text depends on the log: a replica that has not read
+        // it lately cannot tell a revoked key from a live one, in its cache or not.
+        if !self.events.freshness().vouching() {
+            return Err(VerifyError::Stale);
         }
         let hash = KeyHash::of(presented);
         let entry = match self.cache.get(&hash) {

@@ -62,7 +62,7 @@ pub fn code(reason: Reason) -> Code {
         WorkspaceAlreadyExists | ResourceAlreadyExists => Code::AlreadyExists,
         InvalidRequest => Code::InvalidArgument,
         StreamSubscriberTooSlow => Code::Aborted,
-        StorageUnavailable | RateLimitBackendUnavailable | ServerShuttingDown => {
+        StorageUnavailable | RateLimitBackendUnavailable | ServerShuttingDown | EventLogStale => {
             Code::Unavailable
         }
         InternalError => Code::Internal,
@@ -77,7 +77,8 @@ pub fn retry_delay(reason: Reason) -> Option<Duration> {
     match reason {
         Reason::StorageUnavailable
         | Reason::RateLimitBackendUnavailable
-        | Reason::ServerShuttingDown => Some(Duration::from_secs(1)),
+        | Reason::ServerShuttingDown
+        | Reason::EventLogStale => Some(Duration::from_secs(1)),
         Reason::StreamSubscriberTooSlow => Some(Duration::from_millis(100)),
         _ => None,
     }

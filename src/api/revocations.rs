@@ -75,6 +75,22 @@ fn message(m: Message) -> Outgoing {
     }))
 }
 
+/// The status a stream ends with (or a subscription is refused with) while the replica
+/// cannot read the log; `cursor`: where the subscriber should resume.
+fn stale_status(cursor: Option<i64>) -> Status {
+    let message = "this replica cannot read the event log; resume on another replica";
+    match cursor {
+        Some(cursor) => refused(
+            Refusal::new(
+                Reason::EventLogStale,
+                format!("{message} with after_seq={cursor}"),
+            )
+            .with("after_seq", cursor),
+        ),
+        None => refused(Refusal::new(Reason::EventLogStale, message)),
+    }
+}
+
 /// One subscriber's stream.
 struct Subscription {
     hub: Arc<EventHub>,
@@ -145,8 +161,12 @@ impl Subscription {
 
     /// The cursor, not what the replica has published: an event published but not yet
     /// taken from the live receiver has not been sent, and a heartbeat claims that the
-    /// subscriber has seen everything up to `head_seq`.
+    /// subscriber has seen everything up to `head_seq`. A replica that has not read the
+    /// log lately cannot claim that: it ends the stream instead.
     fn heartbeat(&mut self) -> Flow {
+        if !self.hub.freshness().vouching() {
+            return self.stale();
+        }
         let head = self.cursor;
         self.push(message(Message::Heartbeat(proto::Heartbeat {
             head_seq: head,
@@ -168,10 +188,19 @@ impl Subscription {
         Flow::End
     }
 
+    /// The replica stopped vouching (see [`crate::events::Freshness`]): the subscriber
+    /// must not take silence for being caught up, so the stream ends, naming the cursor
+    /// to resume from (on another replica, or here once the log is readable again).
+    fn stale(&self) -> Flow {
+        let _ = self.out.try_send(Err(stale_status(Some(self.cursor))));
+        Flow::End
+    }
+
     async fn run(mut self, after_seq: i64) {
         // Before anything else: a shutdown that begins while this stream is starting or
         // replaying must still end it (`wait_for` sees a stop that already happened).
         let mut stopping = self.hub.stopping();
+        let mut freshness = self.hub.freshness().watch();
         let (mut live, published) = self.hub.subscribe();
         if let Flow::End = self.start(after_seq, published, &mut stopping).await {
             return;
@@ -189,6 +218,7 @@ impl Subscription {
                     Err(broadcast::error::RecvError::Closed) => Flow::End,
                 },
                 _ = heartbeat.tick() => self.heartbeat(),
+                _ = freshness.wait_for(|vouching| !*vouching) => self.stale(),
                 _ = stopping.wait_for(|stop| *stop) => self.shutting_down(),
                 _ = self.out.closed() => Flow::End,
             };
@@ -276,6 +306,9 @@ impl RevocationService for RevocationApi {
             v.workspace_id("workspace_id", &r.workspace_id);
         }
         check(v)?;
+        if !self.hub.freshness().vouching() {
+            return Err(stale_status(None));
+        }
         let (out, rx) = mpsc::channel(STREAM_QUEUE);
         let subscription = Subscription {
             hub: self.hub.clone(),

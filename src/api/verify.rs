@@ -28,6 +28,10 @@ impl VerifyApi {
 pub(crate) fn verify_status(e: &VerifyError) -> Status {
     match e {
         VerifyError::Store(e) => store_status(e),
+        VerifyError::Stale => refused(Refusal::new(
+            Reason::EventLogStale,
+            "this replica cannot read the event log; retry (another replica may answer)",
+        )),
         VerifyError::Limiter(e) => {
             tracing::warn!(error = %e, "no rate-limit decision");
             refused(Refusal::new(

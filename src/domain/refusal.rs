@@ -119,6 +119,9 @@ reasons! {
     RateLimitBackendUnavailable => "RATE_LIMIT_BACKEND_UNAVAILABLE",
     /// The replica is shutting down; another replica answers.
     ServerShuttingDown => "SERVER_SHUTTING_DOWN",
+    /// The replica has not read the event log within its freshness bound, so it cannot
+    /// vouch for any key; another replica (or this one, once it has caught up) answers.
+    EventLogStale => "EVENT_LOG_STALE",
 
     // INTERNAL
     /// A fault with no retry to suggest; the details are in the server's log only.

@@ -12,8 +12,14 @@
 //!
 //! Two more periodic jobs run here: announcing the end of rotation grace periods, and
 //! pruning events older than the retention window.
+//!
+//! The tailer also keeps [`Freshness`]: the replica vouches for its cache only while its
+//! last successful read of the log is recent (see `freshness.rs`).
 
+mod freshness;
 mod listen;
+
+pub use freshness::Freshness;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -47,6 +53,10 @@ pub struct EventSettings {
     /// LISTEN (a transaction-pooling proxy such as PgBouncer): the poll alone then
     /// delivers every event, one poll interval late at most.
     pub listen: bool,
+    /// How long the replica may go without a successful read of the log and still answer
+    /// from its cache (see [`Freshness`]). The tailer reads at least every third of it,
+    /// whatever `poll_interval` says. `None`: no bound (tests of the listener alone).
+    pub max_staleness: Option<Duration>,
 }
 
 impl Default for EventSettings {
@@ -59,6 +69,7 @@ impl Default for EventSettings {
             grace_sweep_interval: Duration::from_secs(1),
             subscriber_lag: 4096,
             listen: true,
+            max_staleness: Some(Duration::from_secs(3)),
         }
     }
 }
@@ -74,11 +85,12 @@ pub struct EventHub {
     wake: Notify,
     stop: watch::Sender<bool>,
     metrics: Arc<Metrics>,
+    freshness: Freshness,
 }
 
 impl EventHub {
-    /// Starts the tailer (from the log's current head), the LISTEN task on Postgres, the
-    /// grace-period sweeper and the pruner.
+    /// Starts the tailer (from the log's current head), the freshness watchdog, the
+    /// LISTEN task on Postgres, the grace-period sweeper and the pruner.
     pub async fn start(
         store: Arc<dyn Store>,
         cache: Arc<VerifyCache>,
@@ -86,7 +98,10 @@ impl EventHub {
         settings: EventSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<EventHub>, crate::store::StoreError> {
+        let freshness = Freshness::new(settings.max_staleness);
+        let read_started = tokio::time::Instant::now();
         let head = store.event_bounds().await?.head;
+        freshness.read_succeeded(read_started, tokio::time::Instant::now());
         let (live, _) = broadcast::channel(settings.subscriber_lag.max(16));
         let (stop, _) = watch::channel(false);
         let hub = Arc::new(EventHub {
@@ -99,8 +114,10 @@ impl EventHub {
             wake: Notify::new(),
             stop,
             metrics,
+            freshness,
         });
         tokio::spawn(hub.clone().tail());
+        tokio::spawn(hub.clone().watch_freshness());
         tokio::spawn(hub.clone().sweep_grace_ends());
         tokio::spawn(hub.clone().prune());
         if let Some(pool) = hub.store.postgres_pool().filter(|_| hub.settings.listen) {
@@ -138,6 +155,11 @@ impl EventHub {
         &self.settings
     }
 
+    /// Whether this replica has read the log recently enough to vouch for its cache.
+    pub fn freshness(&self) -> &Freshness {
+        &self.freshness
+    }
+
     /// Resolves when the server is shutting down.
     pub fn stopping(&self) -> watch::Receiver<bool> {
         self.stop.subscribe()
@@ -150,7 +172,22 @@ impl EventHub {
 
     async fn tail(self: Arc<Self>) {
         let mut stop = self.stopping();
-        let mut poll = tokio::time::interval(self.settings.poll_interval);
+        // Read at least every third of the freshness bound, so that an idle log keeps the
+        // replica vouching.
+        let every = self
+            .freshness
+            .read_at_least_every()
+            .map_or(self.settings.poll_interval, |f| {
+                f.min(self.settings.poll_interval)
+            });
+        // A read that hangs (a blackholed connection) is abandoned after this long and
+        // tried again; meanwhile the freshness bound has stopped the vouching.
+        let give_up = self
+            .freshness
+            .max_staleness()
+            .unwrap_or(Duration::from_secs(30))
+            .max(Duration::from_secs(1));
+        let mut poll = tokio::time::interval(every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -158,15 +195,42 @@ impl EventHub {
                 _ = poll.tick() => {}
                 _ = stop.changed() => return,
             }
-            if let Err(e) = self.catch_up().await {
-                tracing::warn!(error = %e, "reading the event log failed; retrying at the next poll");
+            match tokio::time::timeout(give_up, self.catch_up()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reading the event log failed; retrying at the next poll");
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        timeout_ms = give_up.as_millis() as u64,
+                        "reading the event log did not finish; retrying at the next poll"
+                    );
+                }
             }
         }
     }
 
-    /// Applies and publishes every event after the last one published.
+    /// Clears [`Freshness::vouching`] once the last successful read is too old.
+    async fn watch_freshness(self: Arc<Self>) {
+        let Some(tick) = self.freshness.watchdog_tick() else {
+            return;
+        };
+        let mut stop = self.stopping();
+        let mut every = tokio::time::interval(tick);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => self.freshness.check(tokio::time::Instant::now()),
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Applies and publishes every event after the last one published; once a read finds
+    /// nothing more, tells [`Freshness`] when that read began.
     async fn catch_up(&self) -> Result<(), crate::store::StoreError> {
         loop {
+            let started = tokio::time::Instant::now();
             let events = self.store.read_events(self.published(), READ_BATCH).await?;
             let full = events.len() == READ_BATCH as usize;
             for event in events {
@@ -185,6 +249,8 @@ impl EventHub {
                 let _ = self.live.send(Arc::new(event));
             }
             if !full {
+                self.freshness
+                    .read_succeeded(started, tokio::time::Instant::now());
                 return Ok(());
             }
         }
