@@ -144,9 +144,16 @@ pub fn split(s: &str) -> Option<Vec<RateLimit>> {
 }
 
 /// One window's usage: non-empty buckets, oldest first, as (bucket number, amount).
+///
+/// Buckets may lie ahead of `now`: a quota lease is counted in the bucket of its expiry
+/// (see [`crate::domain::lease`]), and every bucket from the oldest counted one onward
+/// counts, future ones included.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WindowUsage {
     buckets: VecDeque<(i64, u64)>,
+    /// The newest bucket a call was counted in ([`WindowUsage::add`]); a clock that
+    /// stepped back counts there instead of further back.
+    newest: i64,
 }
 
 impl WindowUsage {
@@ -155,6 +162,7 @@ impl WindowUsage {
         pairs.sort_unstable();
         WindowUsage {
             buckets: pairs.into_iter().filter(|(_, n)| *n > 0).collect(),
+            newest: 0,
         }
     }
 
@@ -189,18 +197,50 @@ impl WindowUsage {
             .fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
     }
 
+    /// Counts `amount` used at `now`.
     pub fn add(&mut self, window: LimitWindow, now: Micros, amount: u64) {
         if amount == 0 {
             return;
         }
         self.prune(window, now);
         let current = now.div_euclid(window.bucket());
-        match self.buckets.back_mut() {
-            Some((b, n)) if *b == current => *n = n.saturating_add(amount),
-            // A clock that stepped back: count it in the newest bucket rather than
-            // reorder (it leaves the window no earlier than it should).
-            Some((b, n)) if *b > current => *n = n.saturating_add(amount),
-            _ => self.buckets.push_back((current, amount)),
+        // A clock that stepped back: count it in the newest bucket rather than further
+        // back (it leaves the window no earlier than it should).
+        self.newest = self.newest.max(current);
+        self.insert(self.newest, amount);
+    }
+
+    /// Counts `amount` in the bucket of `at` (a lease's expiry, ahead of `now`).
+    pub fn add_at(&mut self, window: LimitWindow, now: Micros, at: Micros, amount: u64) {
+        if amount == 0 {
+            return;
+        }
+        self.prune(window, now);
+        self.insert(at.div_euclid(window.bucket()), amount);
+    }
+
+    /// Takes back up to `amount` from the bucket of `at` (a lease given back).
+    pub fn remove_at(&mut self, window: LimitWindow, at: Micros, amount: u64) {
+        let b = at.div_euclid(window.bucket());
+        if let Some(i) = self.buckets.iter().position(|(x, _)| *x == b) {
+            let n = &mut self.buckets[i].1;
+            *n = n.saturating_sub(amount);
+            if *n == 0 {
+                self.buckets.remove(i);
+            }
+        }
+    }
+
+    /// Adds to bucket `b`, keeping the buckets in order (most land at the back).
+    fn insert(&mut self, b: i64, amount: u64) {
+        let at = self
+            .buckets
+            .iter()
+            .rposition(|(x, _)| *x <= b)
+            .map_or(0, |i| i + 1);
+        match at.checked_sub(1).and_then(|i| self.buckets.get_mut(i)) {
+            Some((x, n)) if *x == b => *n = n.saturating_add(amount),
+            _ => self.buckets.insert(at, (b, amount)),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod event;
 pub mod ids;
 pub mod key;
 pub mod key_format;
+pub mod lease;
 pub mod limits;
 pub mod provider_key;
 pub mod refusal;
