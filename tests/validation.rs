@@ -172,6 +172,68 @@ async fn issue_refuses_blank_control_or_overlong_names(backend: Backend) {
     assert_eq!(rows(&app).await, [0, 0, 0]);
 }
 
+/// Unicode format characters (category Cf: bidi controls, zero-width characters, the
+/// byte-order mark, the soft hyphen) draw nothing or reorder what follows, so a name
+/// holding one lists as something else: refused in key, workspace and team names, and
+/// nothing is written.
+async fn names_with_invisible_format_characters_are_refused_and_nothing_is_written(
+    backend: Backend,
+) {
+    use keywarden::proto::team_service_client::TeamServiceClient;
+    use keywarden::proto::workspace_service_client::WorkspaceServiceClient;
+    let app = TestApp::spawn(backend).await;
+    let tables = async || {
+        let mut counts = rows(&app).await.to_vec();
+        counts.push(app.db.count("SELECT COUNT(*) FROM workspaces").await);
+        counts.push(app.db.count("SELECT COUNT(*) FROM teams").await);
+        counts
+    };
+    let before = tables().await;
+    let mut workspaces =
+        WorkspaceServiceClient::with_interceptor(app.channel.clone(), bearer(ADMIN_TOKEN));
+    let mut teams = TeamServiceClient::with_interceptor(app.channel.clone(), bearer(ADMIN_TOKEN));
+    for name in [
+        "\u{202e}gnp.exe",
+        "ci\u{200b}key",
+        "\u{feff}ci key",
+        "ci \u{2066}key\u{2069}",
+        "ci \u{2067}key\u{2069}",
+        "ci \u{2068}key\u{2069}",
+        "ci\u{ad}key",
+    ] {
+        let fields = issue_violations(&app, |r| r.name = name.to_owned()).await;
+        assert_eq!(fields, ["name"], "IssueKey {name:?}");
+        let status = refused(
+            workspaces
+                .create_workspace(proto::CreateWorkspaceRequest {
+                    workspace_id: "ws_new".into(),
+                    name: name.to_owned(),
+                    plan: proto::Plan::Pro as i32,
+                    actor: Some(actor()),
+                })
+                .await,
+        );
+        assert_eq!(
+            violated_fields(&status),
+            ["name"],
+            "CreateWorkspace {name:?}"
+        );
+        let status = refused(
+            teams
+                .create_team(proto::CreateTeamRequest {
+                    workspace_id: "ws_test".into(),
+                    team_id: "team_new".into(),
+                    name: name.to_owned(),
+                    policy: None,
+                    actor: Some(actor()),
+                })
+                .await,
+        );
+        assert_eq!(violated_fields(&status), ["name"], "CreateTeam {name:?}");
+    }
+    assert_eq!(tables().await, before);
+}
+
 async fn issue_refuses_unknown_or_missing_environments_and_owners(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let cases: Vec<(&str, Adjust, &[&str])> = vec![
@@ -1420,7 +1482,7 @@ async fn hostile_but_valid_text_is_stored_literally_and_the_tables_survive(backe
         "Robert'); DELETE FROM key_secrets; --".to_owned(),
         "\"; DROP TABLE audit_events; --".to_owned(),
         "%_\\ LIKE '%".to_owned(),
-        "clé 🔑 ключ 鍵 \u{202e}txt.exe".to_owned(),
+        "clé 🔑 ключ 鍵 txt.exe".to_owned(),
     ];
     let mut issued = Vec::new();
     for name in &names {
@@ -1486,6 +1548,7 @@ both_backends!(
     values_at_every_limit_are_accepted,
     issue_refuses_bad_workspace_ids_and_writes_nothing,
     issue_refuses_blank_control_or_overlong_names,
+    names_with_invisible_format_characters_are_refused_and_nothing_is_written,
     issue_refuses_unknown_or_missing_environments_and_owners,
     issue_refuses_malformed_scopes_and_more_than_32,
     issue_refuses_missing_or_malformed_actors,
