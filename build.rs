@@ -20,8 +20,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keywarden/v1/access_groups.proto",
         "proto/keywarden/v1/teams.proto",
     ];
+    // The messages and the servers. The servers decode requests with
+    // `api::codec::RequestCodec`: a body that does not decode is INVALID_ARGUMENT, not
+    // tonic's INTERNAL.
     tonic_prost_build::configure()
+        .build_client(false)
+        .codec_path("crate::api::codec::RequestCodec")
         .file_descriptor_set_path(out_dir.join("keywarden_descriptor.bin"))
+        .compile_protos(&protos, &["proto"])?;
+    // The clients, with tonic's own codec (an answer that does not decode is a fault of
+    // the server: INTERNAL), over the messages above (`extern_path`: not generated twice).
+    let clients = out_dir.join("clients");
+    std::fs::create_dir_all(&clients)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .extern_path(".keywarden.v1", "crate::proto")
+        .out_dir(&clients)
         .compile_protos(&protos, &["proto"])?;
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -54,6 +54,9 @@ pub mod workspaces;
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic)]
     tonic::include_proto!("keywarden.v1");
+    // The clients, generated apart from the servers so that they keep tonic's codec
+    // (see `build.rs` and `api::codec`).
+    include!(concat!(env!("OUT_DIR"), "/clients/keywarden.v1.rs"));
 
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("keywarden_descriptor");

@@ -207,6 +207,7 @@ async fn run(command: Command) -> Result<(), BoxError> {
 fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settings, BoxError> {
     std::fs::create_dir_all(data_dir)?;
     let db = data_dir.join("keywarden.db");
+    owner_only_database(&db)?;
     config.database_url = Some(SecretString::from(format!("sqlite://{}", db.display())));
     let admin = generate_token()?;
     let verifier = generate_token()?;
@@ -246,6 +247,37 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
         kek_file.display()
     );
     Ok(settings)
+}
+
+/// Dev mode's database, its write-ahead log and index are owner-only, like its KEK. The
+/// store creates a new database so (SQLite gives the other two the database file's
+/// mode); a data directory from a version that left them readable by all is tightened
+/// here, before SQLite opens them.
+fn owner_only_database(db: &std::path::Path) -> Result<(), BoxError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut files = vec![db.to_path_buf()];
+        for suffix in ["-wal", "-shm"] {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            files.push(name.into());
+        }
+        for file in files {
+            match std::fs::metadata(&file) {
+                Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| format!("cannot make {} owner-only: {e}", file.display()))?;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", file.display()).into()),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = db;
+    Ok(())
 }
 
 /// 32 random bytes as base64.

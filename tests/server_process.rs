@@ -136,6 +136,56 @@ async fn dev_mode_prints_working_tokens_and_keeps_keys_across_restarts() {
     assert_exited_cleanly(status, &second.process);
 }
 
+/// Dev mode's database holds key hashes, the audit log and wrapped provider keys: the
+/// file, its write-ahead log and its shared-memory index are owner-only (0600), like the
+/// KEK beside them, whatever the umask (022 here); a data directory whose database was
+/// left readable by all (by an older version) is made owner-only at start.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_keeps_its_database_files_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let modes = || {
+        [
+            "keywarden.db",
+            "keywarden.db-wal",
+            "keywarden.db-shm",
+            "kek.key",
+        ]
+        .map(|name| {
+            let meta =
+                std::fs::metadata(data_dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            (name, format!("{:o}", meta.permissions().mode() & 0o777))
+        })
+    };
+    let owner_only = [
+        "keywarden.db",
+        "keywarden.db-wal",
+        "keywarden.db-shm",
+        "kek.key",
+    ]
+    .map(|name| (name, "600".to_owned()));
+
+    let mut server = Server::start(with_umask("022", &dev_server(&data_dir))).await;
+    let (admin, verifier) = (dev_token(&server, "admin"), dev_token(&server, "verifier"));
+    // A write: the write-ahead log and its index exist while the server runs.
+    issue_and_verify(&server, &admin, &verifier).await;
+    assert_eq!(modes(), owner_only);
+    assert_exited_cleanly(server.terminate().await, &server.process);
+
+    std::fs::set_permissions(
+        data_dir.join("keywarden.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let mut server = Server::start(with_umask("022", &dev_server(&data_dir))).await;
+    let (admin, verifier) = (dev_token(&server, "admin"), dev_token(&server, "verifier"));
+    issue_and_verify(&server, &admin, &verifier).await;
+    assert_eq!(modes(), owner_only);
+    assert_exited_cleanly(server.terminate().await, &server.process);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_without_a_database_url_fails_with_a_clear_error() {
     let cwd = tempfile::tempdir().unwrap();

@@ -172,6 +172,68 @@ async fn issue_refuses_blank_control_or_overlong_names(backend: Backend) {
     assert_eq!(rows(&app).await, [0, 0, 0]);
 }
 
+/// Unicode format characters (category Cf: bidi controls, zero-width characters, the
+/// byte-order mark, the soft hyphen) draw nothing or reorder what follows, so a name
+/// holding one lists as something else: refused in key, workspace and team names, and
+/// nothing is written.
+async fn names_with_invisible_format_characters_are_refused_and_nothing_is_written(
+    backend: Backend,
+) {
+    use keywarden::proto::team_service_client::TeamServiceClient;
+    use keywarden::proto::workspace_service_client::WorkspaceServiceClient;
+    let app = TestApp::spawn(backend).await;
+    let tables = async || {
+        let mut counts = rows(&app).await.to_vec();
+        counts.push(app.db.count("SELECT COUNT(*) FROM workspaces").await);
+        counts.push(app.db.count("SELECT COUNT(*) FROM teams").await);
+        counts
+    };
+    let before = tables().await;
+    let mut workspaces =
+        WorkspaceServiceClient::with_interceptor(app.channel.clone(), bearer(ADMIN_TOKEN));
+    let mut teams = TeamServiceClient::with_interceptor(app.channel.clone(), bearer(ADMIN_TOKEN));
+    for name in [
+        "\u{202e}gnp.exe",
+        "ci\u{200b}key",
+        "\u{feff}ci key",
+        "ci \u{2066}key\u{2069}",
+        "ci \u{2067}key\u{2069}",
+        "ci \u{2068}key\u{2069}",
+        "ci\u{ad}key",
+    ] {
+        let fields = issue_violations(&app, |r| r.name = name.to_owned()).await;
+        assert_eq!(fields, ["name"], "IssueKey {name:?}");
+        let status = refused(
+            workspaces
+                .create_workspace(proto::CreateWorkspaceRequest {
+                    workspace_id: "ws_new".into(),
+                    name: name.to_owned(),
+                    plan: proto::Plan::Pro as i32,
+                    actor: Some(actor()),
+                })
+                .await,
+        );
+        assert_eq!(
+            violated_fields(&status),
+            ["name"],
+            "CreateWorkspace {name:?}"
+        );
+        let status = refused(
+            teams
+                .create_team(proto::CreateTeamRequest {
+                    workspace_id: "ws_test".into(),
+                    team_id: "team_new".into(),
+                    name: name.to_owned(),
+                    policy: None,
+                    actor: Some(actor()),
+                })
+                .await,
+        );
+        assert_eq!(violated_fields(&status), ["name"], "CreateTeam {name:?}");
+    }
+    assert_eq!(tables().await, before);
+}
+
 async fn issue_refuses_unknown_or_missing_environments_and_owners(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let cases: Vec<(&str, Adjust, &[&str])> = vec![
@@ -1420,7 +1482,7 @@ async fn hostile_but_valid_text_is_stored_literally_and_the_tables_survive(backe
         "Robert'); DELETE FROM key_secrets; --".to_owned(),
         "\"; DROP TABLE audit_events; --".to_owned(),
         "%_\\ LIKE '%".to_owned(),
-        "clé 🔑 ключ 鍵 \u{202e}txt.exe".to_owned(),
+        "clé 🔑 ключ 鍵 txt.exe".to_owned(),
     ];
     let mut issued = Vec::new();
     for name in &names {
@@ -1482,10 +1544,157 @@ async fn hostile_but_valid_text_is_stored_literally_and_the_tables_survive(backe
     assert_eq!(rows(&app).await, [5, 5, 7]);
 }
 
+/// Sends request bodies as given, bytes that need not be a valid message, and reads
+/// answers as bytes: what a broken or hostile client puts on the wire.
+#[derive(Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use prost::bytes::Buf;
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+/// Calls `path` with `body` as the request message's bytes, the caller token `token`.
+async fn call_raw(app: &TestApp, path: &'static str, token: &str, body: &[u8]) -> Status {
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(body.to_vec());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let route = http::uri::PathAndQuery::from_static(path);
+    let answered = if path.ends_with("/WatchRevocations") {
+        match grpc.server_streaming(request, route, RawBytes).await {
+            Ok(mut stream) => stream.get_mut().message().await.map(|_| ()),
+            Err(status) => Err(status),
+        }
+    } else {
+        grpc.unary(request, route, RawBytes).await.map(|_| ())
+    };
+    match answered {
+        Ok(()) => panic!("{path} accepted {body:02x?}"),
+        Err(status) => status,
+    }
+}
+
+/// A request body that is not a valid protobuf message (a truncated varint, a string
+/// field holding invalid UTF-8, a field with a wire type that does not exist) is the
+/// caller's mistake: INVALID_ARGUMENT with the reason MALFORMED_REQUEST, not INTERNAL
+/// (which means a fault of the server, and is what alerts watch). Nothing is written.
+async fn request_bodies_that_do_not_decode_are_invalid_argument(backend: Backend) {
+    use tonic_types::StatusExt;
+    let app = TestApp::spawn(backend).await;
+    let before = rows(&app).await;
+    // Field 3 (environment, a varint) whose varint never ends.
+    let truncated_varint = [0x18, 0xff];
+    // Field 2 (name, a string) holding 0xC3 0x28: not UTF-8.
+    let bad_utf8 = [0x12, 0x02, 0xc3, 0x28];
+    // Field 1 with wire type 7, which protobuf does not define.
+    let bad_wire_type = [0x0f];
+    // Field 1 (key, a string) holding a lone continuation byte.
+    let bad_key_utf8 = [0x0a, 0x01, 0x80];
+    let cases: [(&'static str, &str, &[u8]); 5] = [
+        (
+            "/keywarden.v1.KeyService/IssueKey",
+            ADMIN_TOKEN,
+            &truncated_varint,
+        ),
+        ("/keywarden.v1.KeyService/IssueKey", ADMIN_TOKEN, &bad_utf8),
+        (
+            "/keywarden.v1.KeyService/IssueKey",
+            ADMIN_TOKEN,
+            &bad_wire_type,
+        ),
+        (
+            "/keywarden.v1.VerifyService/VerifyKey",
+            VERIFIER_TOKEN,
+            &bad_key_utf8,
+        ),
+        // A server-streaming method decodes its request the same way.
+        (
+            "/keywarden.v1.RevocationService/WatchRevocations",
+            EDGE_TOKEN,
+            &truncated_varint,
+        ),
+    ];
+    for (path, token, body) in cases {
+        let status = call_raw(&app, path, token, body).await;
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{path} {body:02x?}: {status:?}"
+        );
+        let info = status
+            .get_details_error_info()
+            .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+        assert_eq!(
+            (info.domain.as_str(), info.reason.as_str()),
+            ("keywarden.dev", "MALFORMED_REQUEST"),
+            "{path} {body:02x?}"
+        );
+        assert!(status.get_details_retry_info().is_none(), "{status:?}");
+    }
+    // The same bytes framed as a valid message go through: the refusal is the body's.
+    let valid = prost::Message::encode_to_vec(&issue_request("ws_test"));
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(valid);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    grpc.unary(
+        request,
+        http::uri::PathAndQuery::from_static("/keywarden.v1.KeyService/IssueKey"),
+        RawBytes,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows(&app).await,
+        [before[0] + 1, before[1] + 1, before[2] + 1]
+    );
+}
+
 both_backends!(
     values_at_every_limit_are_accepted,
     issue_refuses_bad_workspace_ids_and_writes_nothing,
     issue_refuses_blank_control_or_overlong_names,
+    names_with_invisible_format_characters_are_refused_and_nothing_is_written,
     issue_refuses_unknown_or_missing_environments_and_owners,
     issue_refuses_malformed_scopes_and_more_than_32,
     issue_refuses_missing_or_malformed_actors,
@@ -1505,4 +1714,5 @@ both_backends!(
     verify_answers_malformed_keys_with_a_code_not_an_error,
     malformed_keys_are_refused_before_any_storage_access,
     hostile_but_valid_text_is_stored_literally_and_the_tables_survive,
+    request_bodies_that_do_not_decode_are_invalid_argument,
 );

@@ -60,7 +60,7 @@ pub fn code(reason: Reason) -> Code {
         | ProviderKeyNotFound
         | ResourceNotFound => Code::NotFound,
         WorkspaceAlreadyExists | ResourceAlreadyExists => Code::AlreadyExists,
-        InvalidRequest => Code::InvalidArgument,
+        InvalidRequest | MalformedRequest => Code::InvalidArgument,
         StreamSubscriberTooSlow => Code::Aborted,
         StorageUnavailable | RateLimitBackendUnavailable | ServerShuttingDown | EventLogStale => {
             Code::Unavailable
@@ -213,6 +213,17 @@ pub fn store_status(e: &StoreError) -> Status {
             internal()
         }
     }
+}
+
+/// A request body that does not decode as the method's request message: the caller's
+/// mistake, not a fault. prost's description names the message and field and the kind of
+/// error ("IssueKeyRequest.name: invalid string value: data is not UTF-8 encoded"),
+/// never the bytes.
+pub fn malformed_request(e: &prost::DecodeError) -> Status {
+    refused(Refusal::new(
+        Reason::MalformedRequest,
+        format!("malformed request: {e}"),
+    ))
 }
 
 /// INTERNAL with nothing to say: the cause is logged where it happened.

@@ -1,9 +1,11 @@
 //! The gRPC surface: thin tonic services that validate and convert requests, call the
 //! lifecycle or the verifier, and map errors to statuses in one place (`error.rs`).
-//! Caller authentication happens in interceptors (`auth.rs`) before a service sees a request.
+//! Caller authentication happens in interceptors (`auth.rs`) before a service sees a request;
+//! request bodies are decoded by `codec.rs`, which refuses one that is not a valid message.
 
 pub mod access_groups;
 pub mod auth;
+pub mod codec;
 pub mod convert;
 pub mod error;
 pub mod ext_authz;

@@ -107,6 +107,9 @@ reasons! {
     // INVALID_ARGUMENT
     /// Fields failed validation (the google.rpc.BadRequest details name them).
     InvalidRequest => "INVALID_REQUEST",
+    /// The request body is not a valid protobuf message of the method's request type
+    /// (a truncated field, a string that is not UTF-8, an undefined wire type).
+    MalformedRequest => "MALFORMED_REQUEST",
 
     // ABORTED
     /// A WatchRevocations subscriber fell too far behind; resume from the cursor named.

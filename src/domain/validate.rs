@@ -88,12 +88,29 @@ impl Violations {
         }
     }
 
-    /// Display names: 1 to 128 characters, no control characters, not only whitespace.
+    /// Display names: 1 to 128 characters, no control characters, no format characters,
+    /// not only whitespace.
+    ///
+    /// Format characters (Unicode category Cf: bidi overrides and isolates such as
+    /// U+202E, zero-width characters, U+FEFF, the soft hyphen, tag characters) draw
+    /// nothing or reorder what follows, so a name holding one shows as something else in
+    /// every listing ("\u{202e}gnp.exe" reads "exe.png"). Names exist to be read by
+    /// people, so none is accepted; this includes the zero-width joiners some scripts and
+    /// emoji sequences use. Free text (reasons, metadata values) is not a name and keeps
+    /// them.
     pub fn name(&mut self, field: &str, s: &str) {
         if s.trim().is_empty() {
             self.add(field, "is required");
         } else {
+            let reported = self.0.len();
             self.text(field, s, MAX_NAME_LEN);
+            // One violation per field: the length and control characters come first.
+            if self.0.len() == reported && s.chars().any(is_format_char) {
+                self.add(
+                    field,
+                    "must not contain invisible format characters (Unicode category Cf, e.g. U+202E or U+200B)",
+                );
+            }
         }
     }
 
@@ -213,6 +230,13 @@ impl Violations {
     }
 }
 
+/// Unicode general category Cf (format), from the `unicode-properties` tables (the
+/// Unicode version they name, `unicode_properties::UNICODE_VERSION`).
+fn is_format_char(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.general_category() == GeneralCategory::Format
+}
+
 /// A short, printable rendering of untrusted text for use inside a field path: short
 /// enough (8 characters) never to echo a secret pasted into the wrong field.
 fn printable_prefix(s: &str) -> String {
@@ -247,6 +271,45 @@ mod tests {
                 "key_id"
             ]
         );
+    }
+
+    /// Format characters (category Cf) draw nothing, or reorder what follows: a name
+    /// holding one reads as something else in a listing.
+    #[test]
+    fn names_with_invisible_format_characters_are_refused() {
+        for name in [
+            "\u{202e}gnp.exe",
+            "ci\u{200b}key",
+            "\u{feff}ci key",
+            "ci\u{2066}key\u{2069}",
+            "ci\u{2067}key",
+            "ci\u{2068}key",
+            "ci\u{ad}key",
+            "ci\u{200d}key",
+            "tag\u{e0041}",
+            "\u{200b}",
+        ] {
+            let mut v = Violations::default();
+            v.name("name", name);
+            let fields: Vec<_> = v.0.iter().map(|f| f.field.as_str()).collect();
+            assert_eq!(fields, ["name"], "{name:?}");
+            assert!(
+                v.0[0].description.contains("format characters"),
+                "{name:?}: {}",
+                v.0[0].description
+            );
+        }
+        // Visible text in any script, symbols and emoji stay names.
+        for name in [
+            "clé 🔑 ключ 鍵",
+            "مفتاح",
+            "ci-key (prod) №2",
+            "é".repeat(128).as_str(),
+        ] {
+            let mut v = Violations::default();
+            v.name("name", name);
+            assert!(v.is_empty(), "{name:?}: {:?}", v.0);
+        }
     }
 
     #[test]

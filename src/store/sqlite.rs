@@ -1,6 +1,12 @@
 //! The embedded store (bundled SQLite): WAL mode for concurrent readers, and every write
 //! transaction begins `IMMEDIATE`, so writers queue on SQLite's lock (with a busy timeout)
 //! instead of failing when a read transaction tries to upgrade.
+//!
+//! A database file this store creates is owner-only (0600): it holds key hashes, the
+//! audit log and wrapped provider keys. SQLite would create it with 0644 less the umask,
+//! so the store creates it first; SQLite then gives the write-ahead log (`-wal`) and its
+//! index (`-shm`) the database file's mode, whatever the umask. An existing file keeps
+//! the mode it has (dev mode tightens its own, see `main.rs`).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -28,6 +34,9 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        if !in_memory(url) {
+            create_owner_only(options.get_filename())?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
@@ -49,6 +58,34 @@ impl SqliteStore {
     }
 }
 
+/// Whether the URL names a database in memory, as sqlx reads it: `sqlite::memory:`, or
+/// `mode=memory` among the parameters. (sqlx's own options do not say, and their URL
+/// form cannot be built for `sqlite::memory:`.)
+fn in_memory(url: &str) -> bool {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+    database == ":memory:" || params.split('&').any(|p| p == "mode=memory")
+}
+
+/// Creates the database file, empty and owner-only, if it does not exist yet (SQLite
+/// takes an empty file for an empty database).
+fn create_owner_only(path: &std::path::Path) -> Result<(), StoreError> {
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    match file.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Internal(sqlx::Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot create {}: {e}", path.display()),
+        )))),
+    }
+}
+
 impl_store!(
     SqliteStore,
     sqlx::Sqlite,
@@ -63,3 +100,43 @@ impl_store!(
      FROM json_each($1)) AS d \
      WHERE api_keys.key_id = d.key_id RETURNING api_keys.key_id, api_keys.spent_micros"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_database_file_is_created_owner_only_and_an_existing_one_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keywarden.db");
+        create_owner_only(&file).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(&file, b"kept").unwrap();
+        create_owner_only(&file).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn databases_in_memory_are_told_from_files() {
+        for url in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://data/k.db?mode=memory",
+            "sqlite:k.db?cache=shared&mode=memory",
+        ] {
+            assert!(in_memory(url), "{url}");
+        }
+        for url in [
+            "sqlite://data/keywarden.db",
+            "sqlite:keywarden.db?mode=rwc",
+            "sqlite:///var/lib/keywarden/memory.db",
+        ] {
+            assert!(!in_memory(url), "{url}");
+        }
+    }
+}

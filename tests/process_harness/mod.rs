@@ -65,6 +65,31 @@ pub fn config_server(config: &Path) -> Command {
     ])
 }
 
+/// `cmd` run under `umask MASK`, through `sh`, which then `exec`s it (the child is the
+/// same process): so a test of file modes does not depend on the umask it runs under.
+pub fn with_umask(mask: &str, cmd: &Command) -> Command {
+    let mut wrapped = Command::new("sh");
+    wrapped
+        .arg("-c")
+        .arg(format!("umask {mask} && exec \"$0\" \"$@\""))
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (name, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(name, value),
+            None => wrapped.env_remove(name),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    wrapped
+}
+
 #[derive(Default)]
 struct Captured {
     stdout: Vec<u8>,
