@@ -7,9 +7,10 @@
 # Override the server the tests use with KEYWARDEN_TEST_DATABASE_URL (a database the
 # tests may CREATE DATABASE from; each test makes and drops its own).
 #
-# Redis (the shared rate-limit counters) is made to be there the same way: if nothing
-# answers on 127.0.0.1:6379, the Debian package is installed if missing and a server
+# Redis (the shared rate-limit counters) is made to be there the same way: the Debian
+# package is installed if missing and, if nothing answers on 127.0.0.1:6379, a server
 # started. Override with KEYWARDEN_TEST_REDIS_URL (each test uses keys of its own prefix).
+# One test also runs a redis-server of its own on a free loopback port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,9 +62,8 @@ redis_answers() {
 }
 
 ensure_redis() {
-  if redis_answers; then
-    return
-  fi
+  # Installed even when a Redis already answers: tests/rate_limits.rs starts a
+  # redis-server of its own too (one it may stop without disturbing the shared one).
   if ! command -v redis-server >/dev/null 2>&1; then
     log "installing Redis (Debian package)"
     as_root apt-get update -qq

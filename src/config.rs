@@ -27,6 +27,7 @@ use crate::domain::validate::Violations;
 use crate::domain::workspace::{PlanPolicy, Plans};
 use crate::events::EventSettings;
 use crate::ratelimit::FailureMode;
+use crate::ratelimit::breaker::CircuitSettings;
 use base64::Engine;
 use zeroize::Zeroizing;
 
@@ -428,6 +429,11 @@ pub struct RateLimitsConfig {
     /// When Redis cannot be reached: `open` (let calls through, logged and counted) or
     /// `closed` (UNAVAILABLE).
     pub redis_failure: FailureMode,
+    /// Consecutive failed Redis calls that open the circuit: calls then skip Redis and
+    /// answer under `redis_failure` at once, until a background probe gets an answer.
+    pub redis_circuit_failures: u32,
+    /// While the circuit is open, Redis is probed (PING) this often, in milliseconds.
+    pub redis_circuit_probe_ms: u64,
     /// Memory backend: how many keys' counters are kept (the least recently used go).
     pub max_keys: u64,
 }
@@ -461,6 +467,8 @@ impl Default for RateLimitsConfig {
             redis_url: None,
             redis_prefix: "kw".into(),
             redis_failure: FailureMode::Open,
+            redis_circuit_failures: CircuitSettings::default().failures,
+            redis_circuit_probe_ms: CircuitSettings::default().probe_interval.as_millis() as u64,
             max_keys: 1_000_000,
         }
     }
@@ -649,6 +657,12 @@ impl Config {
                     .ok_or(ConfigError::MissingRedisUrl)?,
                 prefix: self.rate_limits.redis_prefix,
                 failure: self.rate_limits.redis_failure,
+                circuit: CircuitSettings {
+                    failures: self.rate_limits.redis_circuit_failures.max(1),
+                    probe_interval: Duration::from_millis(
+                        self.rate_limits.redis_circuit_probe_ms.max(10),
+                    ),
+                },
             },
         };
         let mut keks = Vec::with_capacity(self.keks.len());
@@ -772,6 +786,7 @@ pub enum LimiterSettings {
         url: SecretString,
         prefix: String,
         failure: FailureMode,
+        circuit: CircuitSettings,
     },
 }
 
@@ -869,6 +884,44 @@ mod tests {
             config.into_settings(),
             Err(ConfigError::MissingRedisUrl)
         ));
+    }
+
+    #[test]
+    fn the_redis_circuit_opens_after_3_failures_and_probes_every_second_unless_configured() {
+        let circuit = |toml: &str| {
+            let config: Config = Figment::new()
+                .merge(Toml::string(&format!(
+                    "database_url = \"sqlite::memory:\"\n[rate_limits]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\n{toml}"
+                )))
+                .extract()
+                .unwrap();
+            match config.into_settings().unwrap().limiter {
+                LimiterSettings::Redis { circuit, .. } => circuit,
+                LimiterSettings::Memory { .. } => panic!("not redis"),
+            }
+        };
+        assert_eq!(
+            circuit(""),
+            CircuitSettings {
+                failures: 3,
+                probe_interval: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(
+            circuit("redis_circuit_failures = 5\nredis_circuit_probe_ms = 250"),
+            CircuitSettings {
+                failures: 5,
+                probe_interval: Duration::from_millis(250)
+            }
+        );
+        // Zero failures or a zero interval (a busy probe loop) make no sense: floors apply.
+        assert_eq!(
+            circuit("redis_circuit_failures = 0\nredis_circuit_probe_ms = 0"),
+            CircuitSettings {
+                failures: 1,
+                probe_interval: Duration::from_millis(10)
+            }
+        );
     }
 
     #[test]

@@ -42,9 +42,10 @@
 //!   a hash that matched nothing (or a deleted key, or a rotated-out secret) stays
 //!   unmatched; `MALFORMED` depends only on the key's text and the server's brand.
 //! - Errors (`INVALID_ARGUMENT`, `UNAVAILABLE`, ...) are never cached.
-//! - A `VALID` answer that carries a rate-limit decision or a budget is never cached:
-//!   each call must count against the key's limits on the server (`RATE_LIMITED` and
-//!   `BUDGET_EXCEEDED` are not cached either). With limits on (the server's default is
+//! - A `VALID` answer that carries a rate-limit decision or a budget, or that is marked
+//!   `rate_limit_unknown` (passed while the server's counters were unreachable), is never
+//!   cached: each call must count against the key's limits on the server
+//!   (`RATE_LIMITED` and `BUDGET_EXCEEDED` are not cached either). With limits on (the server's default is
 //!   100 requests per minute), the edge cache therefore holds only refusals (revoked,
 //!   expired, insufficient scope, unknown, malformed), which still spares the server a
 //!   flood of dead keys; valid calls are answered by the server from its own memory.
@@ -846,7 +847,11 @@ impl EdgeCache {
     fn kind(&self, response: &proto::VerifyKeyResponse) -> Kind {
         use proto::VerifyCode as C;
         // A rate-limit decision or a budget is per call: such an answer is never reused.
-        let per_call = response.rate_limit.is_some() || response.max_budget_micros.is_some();
+        // Neither is one that passed without the decision it should have had (the
+        // server's counters unreachable): the next call must be counted.
+        let per_call = response.rate_limit.is_some()
+            || response.rate_limit_unknown
+            || response.max_budget_micros.is_some();
         match C::try_from(response.code) {
             Ok(C::Valid) if per_call => Kind::Uncacheable,
             Ok(
@@ -1026,6 +1031,19 @@ mod tests {
         assert!(cache.complete_fill(t, h, scopes(&["read"]), &answer));
         assert_eq!(cache.get(&h, &scopes(&["read"])), Some(answer));
         assert_eq!(cache.get(&h, &scopes(&["write"])), None);
+    }
+
+    #[test]
+    fn an_answer_that_passed_without_its_rate_limit_decision_is_not_cached() {
+        let cache = serving_cache();
+        let h = KeyHash::of("k");
+        let t = cache.begin_fill().unwrap();
+        let answer = proto::VerifyKeyResponse {
+            rate_limit_unknown: true,
+            ..found("key_1", proto::VerifyCode::Valid)
+        };
+        assert!(!cache.complete_fill(t, h, scopes(&["read"]), &answer));
+        assert_eq!(cache.get(&h, &scopes(&["read"])), None);
     }
 
     #[test]

@@ -20,8 +20,10 @@
 //! | `keywarden_rpc_duration_seconds` | histogram | `method` (`/keywarden.v1.VerifyService/VerifyKey`, ...) |
 //! | `keywarden_verify_cache_lookups_total` | counter | `result` (hit, miss, negative_hit) |
 //! | `keywarden_verify_cache_entries` | gauge | |
-//! | `keywarden_ratelimit_decisions_total` | counter | `outcome` (allowed, limited) |
+//! | `keywarden_ratelimit_decisions_total` | counter | `outcome` (allowed, limited, unknown: let through without a decision, the counters unreachable) |
 //! | `keywarden_ratelimit_backend_failures_total` | counter | |
+//! | `keywarden_ratelimit_circuit_open` | gauge | (1 while calls skip Redis) |
+//! | `keywarden_ratelimit_circuit_transitions_total` | counter | `to` (open, closed) |
 //! | `keywarden_stream_subscribers` | gauge | |
 //! | `keywarden_events_published_total` | counter | |
 //! | `keywarden_event_lag_seconds` | histogram | (commit of an event to its fan-out here) |
@@ -103,7 +105,12 @@ pub struct Metrics {
     pub cache_negative_hits: Counter,
     pub limit_allowed: Counter,
     pub limit_refused: Counter,
+    /// Calls let through without a decision (the counters unreachable, failing open).
+    pub limit_unknown: Counter,
     pub limiter_failures: Counter,
+    pub circuit_open: Gauge,
+    pub circuit_opened: Counter,
+    pub circuit_closed: Counter,
     pub events_published: Counter,
     pub event_lag: Histogram,
     pub cache_entries: Gauge,
@@ -142,7 +149,11 @@ impl Metrics {
             cache_negative_hits: Counter::noop(),
             limit_allowed: Counter::noop(),
             limit_refused: Counter::noop(),
+            limit_unknown: Counter::noop(),
             limiter_failures: Counter::noop(),
+            circuit_open: Gauge::noop(),
+            circuit_opened: Counter::noop(),
+            circuit_closed: Counter::noop(),
             events_published: Counter::noop(),
             event_lag: Histogram::noop(),
             cache_entries: Gauge::noop(),
@@ -196,6 +207,12 @@ impl Metrics {
                 vec![Label::new("outcome", outcome)],
             )
         };
+        let transitions = |to: &'static str| {
+            counter(
+                "keywarden_ratelimit_circuit_transitions_total",
+                vec![Label::new("to", to)],
+            )
+        };
         let pool = |state: &'static str| {
             gauge(
                 "keywarden_db_pool_connections",
@@ -227,7 +244,11 @@ impl Metrics {
             cache_negative_hits: lookups("negative_hit"),
             limit_allowed: decisions("allowed"),
             limit_refused: decisions("limited"),
+            limit_unknown: decisions("unknown"),
             limiter_failures: counter("keywarden_ratelimit_backend_failures_total", vec![]),
+            circuit_open: gauge("keywarden_ratelimit_circuit_open", vec![]),
+            circuit_opened: transitions("open"),
+            circuit_closed: transitions("closed"),
             events_published: counter("keywarden_events_published_total", vec![]),
             event_lag: histogram("keywarden_event_lag_seconds", vec![]),
             cache_entries: gauge("keywarden_verify_cache_entries", vec![]),
@@ -326,13 +347,25 @@ fn describe(recorder: &PrometheusRecorder) {
     d(
         "keywarden_ratelimit_decisions_total",
         None,
-        "Rate-limit decisions by outcome.",
+        "Rate-limit decisions by outcome (unknown: let through without one, the backend unreachable).",
         0,
     );
     d(
         "keywarden_ratelimit_backend_failures_total",
         None,
-        "Calls to the rate-limit backend (Redis) that failed.",
+        "Calls to the rate-limit backend (Redis) that failed (probes not counted).",
+        0,
+    );
+    d(
+        "keywarden_ratelimit_circuit_open",
+        None,
+        "1 while the circuit to the rate-limit backend is open: calls skip it and answer under redis_failure.",
+        1,
+    );
+    d(
+        "keywarden_ratelimit_circuit_transitions_total",
+        None,
+        "Times the circuit to the rate-limit backend opened or closed.",
         0,
     );
     d(

@@ -134,7 +134,12 @@ fn refresh_gauges(
         m.pool_in_use
             .set(f64::from(pool.open.saturating_sub(pool.idle)));
         m.pool_max.set(f64::from(pool.max));
-        m.limiter_failures.absolute(limiter.failures());
+        let backend = limiter.backend_stats();
+        m.limiter_failures.absolute(backend.failures);
+        m.circuit_open
+            .set(f64::from(u8::from(backend.circuit.open)));
+        m.circuit_opened.absolute(backend.circuit.opened);
+        m.circuit_closed.absolute(backend.circuit.closed);
     })
 }
 
@@ -343,7 +348,13 @@ pub async fn start_with_store(
             url,
             prefix,
             failure,
-        } => Arc::new(RedisLimiter::new(url.expose_secret(), prefix, *failure)?),
+            circuit,
+        } => Arc::new(RedisLimiter::new(
+            url.expose_secret(),
+            prefix,
+            *failure,
+            *circuit,
+        )?),
     };
     let usage = Arc::new(UsageBook::new(
         settings.cache.ttl,

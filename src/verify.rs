@@ -29,6 +29,9 @@ pub struct Verdict {
     pub code: VerifyCode,
     pub key: Option<Arc<CachedKey>>,
     pub limit: Option<LimitDecision>,
+    /// The key has limits but the call passed without a decision: the shared counters
+    /// could not be reached and the limiter fails open (`limit` is then `None`).
+    pub limit_unknown: bool,
     pub spent_micros: u64,
     /// The time the decision was made at (what `retry_after` counts from).
     pub decided_at: crate::domain::Micros,
@@ -178,6 +181,7 @@ impl Verifier {
                 code,
                 key: Some(entry),
                 limit: None,
+                limit_unknown: false,
                 spent_micros: 0,
                 decided_at: now,
             });
@@ -189,24 +193,29 @@ impl Verifier {
                 code: VerifyCode::BudgetExceeded,
                 key: Some(entry),
                 limit: None,
+                limit_unknown: false,
                 spent_micros,
                 decided_at: now,
             });
         }
         // A key without limits (none of its own and no deployment default) needs no
-        // decision, and its answer says so by carrying none.
-        let decision = if entry.limits.is_empty() {
-            None
+        // decision, and its answer says so by carrying none. A key with limits whose
+        // counters could not be reached (failing open) carries none either, marked unknown.
+        let (decision, limit_unknown) = if entry.limits.is_empty() {
+            (None, false)
         } else {
-            Some(
-                self.limiter
-                    .check(key_id, &entry.limits, cost.max(1), now)
-                    .await?,
-            )
+            let decision = self
+                .limiter
+                .check(key_id, &entry.limits, cost.max(1), now)
+                .await?;
+            let unknown = decision.is_none();
+            (decision, unknown)
         };
         let code = if decision.as_ref().is_none_or(|d| d.allowed) {
             if decision.is_some() {
                 self.metrics.limit_allowed.increment(1);
+            } else if limit_unknown {
+                self.metrics.limit_unknown.increment(1);
             }
             self.usage.mark_used(key_id, entry.key.spent_micros, now);
             VerifyCode::Valid
@@ -218,6 +227,7 @@ impl Verifier {
             code,
             key: Some(entry),
             limit: decision,
+            limit_unknown,
             spent_micros,
             decided_at: now,
         })
@@ -286,6 +296,7 @@ fn not_found_as(code: VerifyCode) -> Verdict {
         code,
         key: None,
         limit: None,
+        limit_unknown: false,
         spent_micros: 0,
         decided_at: 0,
     }

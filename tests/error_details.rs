@@ -538,6 +538,7 @@ async fn an_unreachable_rate_limit_backend_suggests_a_retry(backend: Backend) {
             url: SecretString::from("redis://127.0.0.1:1".to_owned()),
             prefix: "kwtest_error_details".into(),
             failure: FailureMode::Closed,
+            circuit: Default::default(),
         };
     })
     .await;

@@ -1,8 +1,9 @@
 //! Rate limits, usage and budgets through real servers: the decision in every VerifyKey
 //! answer (in memory and in Redis), token windows and budgets spent through ReportUsage,
 //! limits changed by UpdateKey taking effect at once (on another replica too), replicas
-//! sharing Redis admitting exactly the limit, Redis unreachable (open / closed), spend
-//! surviving a restart, and `last_used_at` / `unused_since`.
+//! sharing Redis admitting exactly the limit, Redis unreachable (open / closed), a hung
+//! Redis (a process of the test's own, stopped) opening the circuit and closing it again
+//! once it resumes, spend surviving a restart, and `last_used_at` / `unused_since`.
 //!
 //! Time is the test's manual clock: windows pass by advancing it, never by sleeping.
 
@@ -16,6 +17,7 @@ use keywarden::config::{LimiterSettings, Settings};
 use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::proto::{self, VerifyCode};
 use keywarden::ratelimit::FailureMode;
+use keywarden::ratelimit::breaker::CircuitSettings;
 use prost_types::FieldMask;
 use secrecy::SecretString;
 use tokio::time::Instant;
@@ -46,6 +48,7 @@ fn use_counters(s: &mut Settings, counters: Counters, prefix: &str) {
             url: SecretString::from(redis_url()),
             prefix: prefix.to_owned(),
             failure: FailureMode::Closed,
+            circuit: Default::default(),
         },
     };
 }
@@ -555,8 +558,9 @@ async fn a_limit_change_reaches_another_replica_with_redis() {
     a_limit_change_reaches_another_replica(Counters::Redis).await;
 }
 
-/// Nothing listens on port 1: `open` lets calls through without limits, `closed` refuses
-/// them with UNAVAILABLE; both answer at once.
+/// Nothing listens on port 1: `open` lets calls through without a decision (marked
+/// unknown, not a decision of zeros), `closed` refuses them with UNAVAILABLE; both answer
+/// at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
     for (failure, expect_valid) in [(FailureMode::Open, true), (FailureMode::Closed, false)] {
@@ -565,6 +569,7 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
                 url: SecretString::from("redis://127.0.0.1:1".to_owned()),
                 prefix: redis_prefix(),
                 failure,
+                circuit: Default::default(),
             };
         })
         .await;
@@ -583,10 +588,9 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
             if expect_valid {
                 let r = r.unwrap().into_inner();
                 assert!(r.valid, "{r:?}");
-                let d = r.rate_limit.unwrap();
                 assert!(
-                    d.allowed && d.windows.is_empty(),
-                    "no limit was applied: {d:?}"
+                    r.rate_limit.is_none() && r.rate_limit_unknown,
+                    "passed without a decision: {r:?}"
                 );
             } else {
                 assert_eq!(r.unwrap_err().code(), Code::Unavailable);
@@ -595,6 +599,190 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
         let tokens = report(&app, &key_id(&issued), 5, 0).await;
         assert_eq!(tokens.is_ok(), expect_valid, "{tokens:?}");
     }
+}
+
+/// A `redis-server` of one test's own on a free loopback port, so the test can stop it
+/// (SIGSTOP) without touching the Redis other tests share. Killed on drop, also when the
+/// test panics (SIGKILL ends a stopped process too).
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnRedis {
+    async fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        let redis = OwnRedis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let client = redis::Client::open(redis.url()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return redis;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("cannot run kill")
+            .success();
+        assert!(ok, "kill {signal} failed");
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `series` (exactly as rendered) on the server's `/metrics`.
+async fn metric(app: &TestApp, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.server().metrics_addr().expect("metrics are on");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Redis hangs (SIGSTOP) instead of refusing, failing open. The first calls each wait
+/// out the response timeout and pass without a decision; after 3 of them the circuit
+/// opens, and later calls pass without a decision too but without calling Redis (the
+/// failure count stays put). Once Redis resumes, the background probe closes the circuit
+/// and decisions come back. Nothing here asserts a latency: "at once" is "Redis not
+/// called".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_opens_the_circuit_and_calls_pass_undecided_without_calling_it() {
+    let redis = OwnRedis::start().await;
+    let url = redis.url();
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        s.limiter = LimiterSettings::Redis {
+            url: SecretString::from(url),
+            prefix: redis_prefix(),
+            failure: FailureMode::Open,
+            circuit: CircuitSettings {
+                failures: 3,
+                probe_interval: Duration::from_millis(200),
+            },
+        };
+    })
+    .await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(100)]).await;
+    let verifier = app.verifier();
+    let decided = verify_with(&verifier, &issued.key, 1).await;
+    assert_eq!(decided.rate_limit.map(|d| d.limit), Some(100));
+    assert!(!decided.rate_limit_unknown);
+
+    redis.signal("-STOP");
+    let undecided = |r: &proto::VerifyKeyResponse| {
+        assert!(r.valid, "{r:?}");
+        assert!(
+            r.rate_limit.is_none() && r.rate_limit_unknown,
+            "passed without a decision, and says so: {r:?}"
+        );
+    };
+    for _ in 0..3 {
+        undecided(&verify_with(&verifier, &issued.key, 1).await);
+    }
+    let failures = "keywarden_ratelimit_backend_failures_total";
+    assert_eq!(metric(&app, failures).await, 3.0);
+    assert_eq!(metric(&app, "keywarden_ratelimit_circuit_open").await, 1.0);
+    for _ in 0..5 {
+        undecided(&verify_with(&verifier, &issued.key, 1).await);
+    }
+    assert_eq!(
+        metric(&app, failures).await,
+        3.0,
+        "calls while the circuit is open do not call Redis"
+    );
+    assert_eq!(
+        metric(
+            &app,
+            r#"keywarden_ratelimit_decisions_total{outcome="unknown"}"#
+        )
+        .await,
+        8.0
+    );
+    assert_eq!(
+        metric(
+            &app,
+            r#"keywarden_ratelimit_circuit_transitions_total{to="open"}"#
+        )
+        .await,
+        1.0
+    );
+
+    redis.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = verify_with(&verifier, &issued.key, 1).await;
+        assert!(r.valid, "{r:?}");
+        if let Some(d) = r.rate_limit {
+            assert_eq!(d.limit, 100);
+            assert!(!r.rate_limit_unknown);
+            break;
+        }
+        assert!(r.rate_limit_unknown, "{r:?}");
+        assert!(Instant::now() < deadline, "the circuit never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&app, "keywarden_ratelimit_circuit_open").await, 0.0);
+    assert_eq!(
+        metric(
+            &app,
+            r#"keywarden_ratelimit_circuit_transitions_total{to="closed"}"#
+        )
+        .await,
+        1.0
+    );
 }
 
 // ---------------------------------------------------------------------------------------

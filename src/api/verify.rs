@@ -106,6 +106,7 @@ impl VerifyService for VerifyApi {
                 .limit
                 .as_ref()
                 .map(|d| convert::limit_decision_pb(d, verdict.decided_at)),
+            rate_limit_unknown: verdict.limit_unknown,
             spent_micros: verdict.spent_micros,
             ..Default::default()
         };

@@ -96,6 +96,7 @@ fn answer_json(a: &proto::VerifyKeyResponse) -> serde_json::Value {
         "expires_at": output::time(a.expires_at.as_ref()),
         "metadata": metadata.into_iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "rate_limit": rate_limit,
+        "rate_limit_unknown": a.rate_limit_unknown,
         "max_budget_micros": a.max_budget_micros,
         "spent_micros": a.spent_micros,
     })
@@ -123,6 +124,12 @@ fn answer_fields(a: &proto::VerifyKeyResponse) -> Vec<(&'static str, String)> {
         ("owner", output::owner(a.owner.as_ref()).unwrap_or_default()),
         ("expires_at", output::time_cell(a.expires_at.as_ref())),
     ]);
+    if a.rate_limit_unknown {
+        fields.push((
+            "rate_limit",
+            "unknown: the counters could not be reached; let through uncounted".into(),
+        ));
+    }
     if let Some(r) = &a.rate_limit {
         fields.push((
             "rate_limit",

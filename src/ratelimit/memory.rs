@@ -63,7 +63,7 @@ impl RateLimiter for MemoryLimiter {
         limits: &[RateLimit],
         cost: u64,
         now: Micros,
-    ) -> Result<LimitDecision, LimiterError> {
+    ) -> Result<Option<LimitDecision>, LimiterError> {
         let counters = self.counters(key_id);
         let mut counters = counters.lock().unwrap_or_else(PoisonError::into_inner);
         // Take the windows this key's limits name, decide, and put them back.
@@ -75,7 +75,7 @@ impl RateLimiter for MemoryLimiter {
         for (l, u) in limits.iter().zip(usage) {
             counters.slots[slot(l.unit, l.window)] = u;
         }
-        Ok(decision)
+        Ok(Some(decision))
     }
 
     async fn record_tokens(

@@ -10,9 +10,14 @@
 //! in a decision.
 //!
 //! When Redis cannot be reached, the configured [`FailureMode`] decides: `open` lets the
-//! call through without a limit, `closed` refuses it with UNAVAILABLE. Either way the
-//! failure is logged (at most once a second) and counted.
+//! call through with no decision (`Ok(None)`), `closed` refuses it with UNAVAILABLE.
+//! Either way the failure is logged (at most once a second) and counted. A Redis that
+//! hangs rather than refuses would make every call wait the 500 ms response timeout
+//! first, so the calls go through a [`CircuitBreaker`]: after a few consecutive failures
+//! they skip Redis and answer under the failure mode at once, while a background PING
+//! every probe interval finds out when Redis answers again.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -20,7 +25,8 @@ use async_trait::async_trait;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{FailureMode, LimiterError, RateLimiter};
+use super::breaker::{CircuitBreaker, CircuitSettings, Probe};
+use super::{BackendStats, FailureMode, LimiterError, RateLimiter};
 use crate::domain::limits::{
     self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, RateLimit, WindowUsage,
 };
@@ -98,13 +104,19 @@ pub struct RedisLimiter {
     failure: FailureMode,
     decide: Script,
     record: Script,
+    breaker: Arc<CircuitBreaker>,
     failures: AtomicU64,
     last_logged: AtomicI64,
 }
 
 impl RedisLimiter {
     /// Connects lazily (a Redis that is down at start-up is retried on use).
-    pub fn new(url: &str, prefix: &str, failure: FailureMode) -> Result<Self, LimiterError> {
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        failure: FailureMode,
+        circuit: CircuitSettings,
+    ) -> Result<Self, LimiterError> {
         let client =
             redis::Client::open(url).map_err(|e| LimiterError::Unavailable(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
@@ -115,7 +127,18 @@ impl RedisLimiter {
         let connection = client
             .get_connection_manager_lazy(config)
             .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+        let probing = connection.clone();
+        let probe: Probe = Arc::new(move || {
+            let mut connection = probing.clone();
+            Box::pin(async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            })
+        });
         Ok(RedisLimiter {
+            breaker: CircuitBreaker::new("redis", circuit, probe),
             connection,
             prefix: prefix.to_owned(),
             failure,
@@ -126,7 +149,6 @@ impl RedisLimiter {
         })
     }
 
-    /// Decisions made without Redis since start.
     fn window_key(&self, key_id: &str, unit: LimitUnit, window: LimitWindow) -> String {
         format!(
             "{}:rl:{{{key_id}}}:{}:{}",
@@ -136,7 +158,10 @@ impl RedisLimiter {
         )
     }
 
+    /// A call to Redis failed: counted, logged, told to the breaker, answered under the
+    /// failure mode.
     fn failed(&self, e: &redis::RedisError, now: Micros) -> Result<(), LimiterError> {
+        self.breaker.failed();
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let last = self.last_logged.load(Ordering::Relaxed);
         if now - last >= MICROS_PER_SECOND
@@ -152,6 +177,16 @@ impl RedisLimiter {
             FailureMode::Closed => Err(LimiterError::Unavailable(e.to_string())),
         }
     }
+
+    /// The circuit is open: the failure mode answers without a call to Redis.
+    fn skipped(&self) -> Result<(), LimiterError> {
+        match self.failure {
+            FailureMode::Open => Ok(()),
+            FailureMode::Closed => Err(LimiterError::Unavailable(
+                "circuit open after consecutive failures; Redis is probed in the background".into(),
+            )),
+        }
+    }
 }
 
 /// A window's current bucket, its first counted bucket, and how long its hash must live.
@@ -163,8 +198,11 @@ fn bucket_args(window: LimitWindow, now: Micros) -> (i64, i64, i64) {
 
 #[async_trait]
 impl RateLimiter for RedisLimiter {
-    fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+    fn backend_stats(&self) -> BackendStats {
+        BackendStats {
+            failures: self.failures.load(Ordering::Relaxed),
+            circuit: self.breaker.stats(),
+        }
     }
 
     async fn check(
@@ -173,9 +211,13 @@ impl RateLimiter for RedisLimiter {
         limits: &[RateLimit],
         cost: u64,
         now: Micros,
-    ) -> Result<LimitDecision, LimiterError> {
+    ) -> Result<Option<LimitDecision>, LimiterError> {
         if limits.is_empty() {
-            return Ok(limits::decide(limits, &mut [], now, cost));
+            return Ok(Some(limits::decide(limits, &mut [], now, cost)));
+        }
+        if self.breaker.is_open() {
+            self.skipped()?;
+            return Ok(None);
         }
         let mut invocation = self.decide.prepare_invoke();
         invocation.arg(cost);
@@ -196,6 +238,7 @@ impl RateLimiter for RedisLimiter {
         let reply: Result<Vec<Vec<i64>>, _> = invocation.invoke_async(&mut connection).await;
         match reply {
             Ok(reply) => {
+                self.breaker.succeeded();
                 let allowed = reply.first().and_then(|a| a.first()) == Some(&1);
                 let usage: Vec<WindowUsage> = reply
                     .iter()
@@ -208,11 +251,11 @@ impl RateLimiter for RedisLimiter {
                         )
                     })
                     .collect();
-                Ok(limits::describe(limits, &usage, now, cost, allowed))
+                Ok(Some(limits::describe(limits, &usage, now, cost, allowed)))
             }
             Err(e) => {
                 self.failed(&e, now)?;
-                Ok(limits::decide(&[], &mut [], now, cost))
+                Ok(None)
             }
         }
     }
@@ -226,6 +269,9 @@ impl RateLimiter for RedisLimiter {
         if tokens == 0 {
             return Ok(());
         }
+        if self.breaker.is_open() {
+            return self.skipped();
+        }
         let mut invocation = self.record.prepare_invoke();
         invocation.arg(tokens);
         for window in LimitWindow::ALL {
@@ -238,7 +284,10 @@ impl RateLimiter for RedisLimiter {
         let mut connection = self.connection.clone();
         let reply: Result<i64, _> = invocation.invoke_async(&mut connection).await;
         match reply {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.breaker.succeeded();
+                Ok(())
+            }
             Err(e) => self.failed(&e, now),
         }
     }

@@ -108,7 +108,9 @@ fn set(name: &str, value: impl Into<String>) -> HeaderValueOption {
     }
 }
 
-/// `x-ratelimit-limit` / `-remaining` / `-reset` (unix seconds) of the tightest window.
+/// `x-ratelimit-limit` / `-remaining` / `-reset` (unix seconds) of the tightest window;
+/// none at all (never zeros) without a decision: a key without limits, or a call let
+/// through while the counters were unreachable (`rate_limits.redis_failure = "open"`).
 fn rate_limit_headers(limit: Option<&LimitDecision>) -> Vec<HeaderValueOption> {
     let Some(w) = limit.and_then(LimitDecision::tightest) else {
         return Vec::new();
@@ -239,6 +241,29 @@ mod tests {
                 Some("application/json")
             );
         }
+    }
+
+    #[test]
+    fn an_allowed_call_without_a_decision_gets_no_rate_limit_headers() {
+        let r = allowed(
+            &Allowed {
+                key_id: "key_1",
+                workspace_id: "ws",
+                limit: None,
+            },
+            &ExtAuthzSettings::default(),
+        );
+        let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+            panic!("not an OK");
+        };
+        assert!(
+            ok.response_headers_to_add
+                .iter()
+                .filter_map(|h| h.header.as_ref())
+                .all(|h| !h.key.starts_with("x-ratelimit")),
+            "{:?}",
+            ok.response_headers_to_add
+        );
     }
 
     #[test]
