@@ -28,6 +28,7 @@ use crate::domain::workspace::{PlanPolicy, Plans};
 use crate::events::EventSettings;
 use crate::ratelimit::FailureMode;
 use crate::ratelimit::breaker::CircuitSettings;
+use crate::ratelimit::leased::LeaseSettings;
 use base64::Engine;
 use zeroize::Zeroizing;
 
@@ -434,6 +435,12 @@ pub struct RateLimitsConfig {
     pub redis_circuit_failures: u32,
     /// While the circuit is open, Redis is probed (PING) this often, in milliseconds.
     pub redis_circuit_probe_ms: u64,
+    /// Redis backend: how long a replica admits calls from one quota lease, in
+    /// milliseconds; 0: no leases, one Redis call per decision.
+    pub lease_ms: u64,
+    /// Redis backend: how far replicas' clocks may disagree, in milliseconds; a lease is
+    /// counted this much past its end.
+    pub clock_skew_ms: u64,
     /// Memory backend: how many keys' counters are kept (the least recently used go).
     pub max_keys: u64,
 }
@@ -469,6 +476,8 @@ impl Default for RateLimitsConfig {
             redis_failure: FailureMode::Open,
             redis_circuit_failures: CircuitSettings::default().failures,
             redis_circuit_probe_ms: CircuitSettings::default().probe_interval.as_millis() as u64,
+            lease_ms: LeaseSettings::default().life.as_millis() as u64,
+            clock_skew_ms: 1000,
             max_keys: 1_000_000,
         }
     }
@@ -663,6 +672,11 @@ impl Config {
                         self.rate_limits.redis_circuit_probe_ms.max(10),
                     ),
                 },
+                lease: (self.rate_limits.lease_ms > 0).then(|| LeaseSettings {
+                    life: Duration::from_millis(self.rate_limits.lease_ms.max(10)),
+                    max_keys: self.rate_limits.max_keys,
+                }),
+                clock_skew: Duration::from_millis(self.rate_limits.clock_skew_ms),
             },
         };
         let mut keks = Vec::with_capacity(self.keks.len());
@@ -787,6 +801,9 @@ pub enum LimiterSettings {
         prefix: String,
         failure: FailureMode,
         circuit: CircuitSettings,
+        /// Quota leases (`None`: one Redis call per decision).
+        lease: Option<LeaseSettings>,
+        clock_skew: Duration,
     },
 }
 

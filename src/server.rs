@@ -41,6 +41,7 @@ use crate::proto::verify_service_server::VerifyServiceServer;
 use crate::proto::workspace_service_server::WorkspaceServiceServer;
 use crate::provider_keys::{ProviderKeys, check_keks};
 use crate::ratelimit::RateLimiter;
+use crate::ratelimit::leased::{LeasedLimiter, Leases};
 use crate::ratelimit::memory::MemoryLimiter;
 use crate::ratelimit::redis::RedisLimiter;
 use crate::store::{self, Store};
@@ -349,12 +350,20 @@ pub async fn start_with_store(
             prefix,
             failure,
             circuit,
-        } => Arc::new(RedisLimiter::new(
-            url.expose_secret(),
-            prefix,
-            *failure,
-            *circuit,
-        )?),
+            lease,
+            clock_skew,
+        } => {
+            let redis =
+                RedisLimiter::new(url.expose_secret(), prefix, *failure, *circuit, *clock_skew)?;
+            match lease {
+                Some(lease) => Arc::new(Leases(LeasedLimiter::new(
+                    Arc::new(redis),
+                    *lease,
+                    clock.clone(),
+                ))),
+                None => Arc::new(redis),
+            }
+        }
     };
     let usage = Arc::new(UsageBook::new(
         settings.cache.ttl,

@@ -539,6 +539,8 @@ async fn an_unreachable_rate_limit_backend_suggests_a_retry(backend: Backend) {
             prefix: "kwtest_error_details".into(),
             failure: FailureMode::Closed,
             circuit: Default::default(),
+            lease: None,
+            clock_skew: Duration::ZERO,
         };
     })
     .await;

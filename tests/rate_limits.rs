@@ -49,6 +49,8 @@ fn use_counters(s: &mut Settings, counters: Counters, prefix: &str) {
             prefix: prefix.to_owned(),
             failure: FailureMode::Closed,
             circuit: Default::default(),
+            lease: None,
+            clock_skew: Duration::ZERO,
         },
     };
 }
@@ -570,6 +572,8 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
                 prefix: redis_prefix(),
                 failure,
                 circuit: Default::default(),
+                lease: None,
+                clock_skew: Duration::ZERO,
             };
         })
         .await;
@@ -712,6 +716,8 @@ async fn a_hung_redis_opens_the_circuit_and_calls_pass_undecided_without_calling
                 failures: 3,
                 probe_interval: Duration::from_millis(200),
             },
+            lease: None,
+            clock_skew: Duration::ZERO,
         };
     })
     .await;

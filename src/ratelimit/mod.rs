@@ -13,6 +13,7 @@
 //! [`crate::domain::limits`]; backends only store buckets and apply it.
 
 pub mod breaker;
+pub mod leased;
 pub mod memory;
 pub mod redis;
 

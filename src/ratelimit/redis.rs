@@ -26,7 +26,9 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::{CircuitBreaker, CircuitSettings, Probe};
+use super::leased::{LeaseRecord, QuotaAuthority};
 use super::{BackendStats, FailureMode, LimiterError, RateLimiter};
+use crate::domain::lease::{self, Grant, MAX_LEASE};
 use crate::domain::limits::{
     self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, RateLimit, WindowUsage,
 };
@@ -98,12 +100,80 @@ end
 return 1
 "#;
 
+const GRANT: &str = r#"
+-- ARGV[1] = want, ARGV[2] = min; for window i, ARGV[2 + 5(i-1) + 1 ..+5] = unit (0
+-- requests, 1 tokens), the bucket the grant is counted in, first bucket still counted,
+-- limit, ttl in ms. Grants min(want, what every request window has left), or 0 when that
+-- is below min or a token window is spent; counts the grant in its bucket. Returns the
+-- amount, then each window's live buckets as they were before the grant.
+local amount = tonumber(ARGV[1])
+local min = tonumber(ARGV[2])
+local ok = true
+local out = { {} }
+for i = 1, #KEYS do
+  local base = 2 + (i - 1) * 5
+  local unit = tonumber(ARGV[base + 1])
+  local first = tonumber(ARGV[base + 3])
+  local limit = tonumber(ARGV[base + 4])
+  local flat = redis.call('HGETALL', KEYS[i])
+  local used = 0
+  local buckets = {}
+  for j = 1, #flat, 2 do
+    local b = tonumber(flat[j])
+    if b < first then
+      redis.call('HDEL', KEYS[i], flat[j])
+    else
+      local c = tonumber(flat[j + 1])
+      used = used + c
+      buckets[#buckets + 1] = b
+      buckets[#buckets + 1] = c
+    end
+  end
+  out[#out + 1] = buckets
+  if unit == 0 then
+    if limit - used < amount then amount = limit - used end
+  elseif used >= limit then
+    ok = false
+  end
+end
+if not ok or amount < min then amount = 0 end
+if amount > 0 then
+  for i = 1, #KEYS do
+    local base = 2 + (i - 1) * 5
+    if tonumber(ARGV[base + 1]) == 0 then
+      redis.call('HINCRBY', KEYS[i], ARGV[base + 2], amount)
+      redis.call('PEXPIRE', KEYS[i], ARGV[base + 5])
+    end
+  end
+end
+out[1] = { amount }
+return out
+"#;
+
+const SETTLE: &str = r#"
+-- For request window i: ARGV[4(i-1) + 1 ..+4] = the grant's bucket, the amount granted,
+-- the bucket of now, the amount used. Takes the grant back and counts what was used.
+for i = 1, #KEYS do
+  local base = (i - 1) * 4
+  local left = redis.call('HINCRBY', KEYS[i], ARGV[base + 1], -tonumber(ARGV[base + 2]))
+  if left <= 0 then redis.call('HDEL', KEYS[i], ARGV[base + 1]) end
+  if tonumber(ARGV[base + 4]) > 0 then
+    redis.call('HINCRBY', KEYS[i], ARGV[base + 3], ARGV[base + 4])
+  end
+end
+return 1
+"#;
+
 pub struct RedisLimiter {
     connection: ConnectionManager,
     prefix: String,
     failure: FailureMode,
     decide: Script,
     record: Script,
+    grant: Script,
+    settle: Script,
+    /// How far replicas' clocks may disagree: a lease is counted this much past its end.
+    skew: Micros,
     breaker: Arc<CircuitBreaker>,
     failures: AtomicU64,
     last_logged: AtomicI64,
@@ -116,6 +186,7 @@ impl RedisLimiter {
         prefix: &str,
         failure: FailureMode,
         circuit: CircuitSettings,
+        skew: Duration,
     ) -> Result<Self, LimiterError> {
         let client =
             redis::Client::open(url).map_err(|e| LimiterError::Unavailable(e.to_string()))?;
@@ -144,6 +215,9 @@ impl RedisLimiter {
             failure,
             decide: Script::new(DECIDE),
             record: Script::new(RECORD),
+            grant: Script::new(GRANT),
+            settle: Script::new(SETTLE),
+            skew: micros_of(skew),
             failures: AtomicU64::new(0),
             last_logged: AtomicI64::new(0),
         })
@@ -187,6 +261,10 @@ impl RedisLimiter {
             )),
         }
     }
+}
+
+fn micros_of(d: Duration) -> Micros {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// A window's current bucket, its first counted bucket, and how long its hash must live.
@@ -290,5 +368,141 @@ impl RateLimiter for RedisLimiter {
             }
             Err(e) => self.failed(&e, now),
         }
+    }
+}
+
+#[async_trait]
+impl QuotaAuthority for RedisLimiter {
+    async fn grant(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        want: u64,
+        min: u64,
+        life: Micros,
+        now: Micros,
+    ) -> Result<Option<Grant>, LimiterError> {
+        let min = min.max(1);
+        let want = want.clamp(min, MAX_LEASE.max(min));
+        let counted_at = now.saturating_add(life.max(0)).saturating_add(self.skew);
+        if limits.is_empty() {
+            let mut usage = Vec::new();
+            return Ok(Some(lease::grant(
+                limits, &mut usage, now, want, min, life, self.skew,
+            )));
+        }
+        if self.breaker.is_open() {
+            self.skipped()?;
+            return Ok(None);
+        }
+        let mut invocation = self.grant.prepare_invoke();
+        invocation.arg(want).arg(min);
+        for l in limits {
+            let (_, first, ttl_ms) = bucket_args(l.window, now);
+            let ahead_ms = (counted_at - now) / 1000;
+            invocation
+                .key(self.window_key(key_id, l.unit, l.window))
+                .arg(match l.unit {
+                    LimitUnit::Requests => 0,
+                    LimitUnit::Tokens => 1,
+                })
+                .arg(counted_at.div_euclid(l.window.bucket()))
+                .arg(first)
+                .arg(l.limit)
+                .arg(ttl_ms + ahead_ms);
+        }
+        let mut connection = self.connection.clone();
+        let reply: Result<Vec<Vec<i64>>, _> = invocation.invoke_async(&mut connection).await;
+        match reply {
+            Ok(reply) => {
+                self.breaker.succeeded();
+                let amount = reply
+                    .first()
+                    .and_then(|a| a.first())
+                    .map_or(0, |a| u64::try_from(*a).unwrap_or(0));
+                let mut usage: Vec<WindowUsage> = reply
+                    .iter()
+                    .skip(1)
+                    .map(|flat| {
+                        WindowUsage::from_buckets(
+                            flat.chunks_exact(2)
+                                .map(|p| (p[0], u64::try_from(p[1]).unwrap_or(0)))
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                let granted = amount > 0;
+                if granted {
+                    for (l, u) in limits.iter().zip(usage.iter_mut()) {
+                        if l.unit == LimitUnit::Requests {
+                            u.add_at(l.window, now, counted_at, amount);
+                        }
+                    }
+                }
+                let cost = if granted { amount } else { min };
+                Ok(Some(Grant {
+                    amount,
+                    counted_at,
+                    decision: limits::describe(limits, &usage, now, cost, granted),
+                }))
+            }
+            Err(e) => {
+                self.failed(&e, now)?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn settle(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        lease: LeaseRecord,
+        used: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError> {
+        let used = used.min(lease.granted);
+        if self.breaker.is_open() {
+            return Err(LimiterError::Unavailable("circuit open".into()));
+        }
+        let mut invocation = self.settle.prepare_invoke();
+        let mut any = false;
+        for l in limits.iter().filter(|l| l.unit == LimitUnit::Requests) {
+            any = true;
+            invocation
+                .key(self.window_key(key_id, l.unit, l.window))
+                .arg(lease.counted_at.div_euclid(l.window.bucket()))
+                .arg(lease.granted)
+                .arg(now.min(lease.counted_at).div_euclid(l.window.bucket()))
+                .arg(used);
+        }
+        if !any || lease.granted == used && lease.counted_at <= now {
+            return Ok(());
+        }
+        let mut connection = self.connection.clone();
+        let reply: Result<i64, _> = invocation.invoke_async(&mut connection).await;
+        match reply {
+            Ok(_) => {
+                self.breaker.succeeded();
+                Ok(())
+            }
+            Err(e) => {
+                self.breaker.failed();
+                Err(LimiterError::Unavailable(e.to_string()))
+            }
+        }
+    }
+
+    async fn record_tokens(
+        &self,
+        key_id: &str,
+        tokens: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError> {
+        RateLimiter::record_tokens(self, key_id, tokens, now).await
+    }
+
+    fn backend_stats(&self) -> BackendStats {
+        RateLimiter::backend_stats(self)
     }
 }

@@ -1,0 +1,484 @@
+//! A holder of quota leases: decides rate limits locally from leases granted by a shared
+//! authority (Redis for replicas), asking the authority once per lease instead of once per
+//! call.
+//!
+//! Per key it holds at most one lease: a number of requests it may admit, until a
+//! deadline it times itself from when it *asked* (on the monotonic clock, so the lease
+//! ends here no later than the authority counted it; see [`crate::domain::lease`]). A call
+//! that finds room in the lease is decided with no IO. The first call to a key, or one
+//! that finds the lease spent or expired, asks the authority and waits; before that
+//! happens to a key in use, a background refill asks ahead (when what is left covers less
+//! than half a lease's worth of calls at the key's observed rate, or a third of the life
+//! is left), so a key in steady use never waits.
+//!
+//! Lease sizes follow each key's observed demand here: the calls of the lease just used
+//! over its time, times the lease life and a margin, capped at half of the tightest
+//! request limit (so one holder never takes everything while others ask). A key seen once
+//! a minute gets a lease of one or two calls; a hot key a bigger one. What a lease did not
+//! use goes back to the authority when it ends: on expiry (a sweeper settles expired
+//! leases), when a refill replaces it, or when the key's limits change (an UpdateKey: the
+//! verifier's cache is refilled with the new limits, and a lease for other limits is
+//! settled and not used again).
+//!
+//! A refusal is remembered until the authority says the call could pass (`retry_at`), at
+//! most one lease life, so a refused key does not cost an authority call per call.
+//!
+//! When the authority cannot be reached, calls keep being admitted from the lease held
+//! until it runs out; then the authority's failure mode answers (`None`: open, an error:
+//! closed). Unsettled leases are counted by the authority until they expire, so nothing is
+//! counted twice and nothing admitted is lost.
+//!
+//! The figures a call is answered with are the grant's, less what this holder used
+//! since: `remaining` is what the authority had left after the grant plus what is left of
+//! the lease, so `X-RateLimit-Remaining` counts down here and is true within the lease.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use moka::sync::Cache;
+use tokio::time::Instant;
+
+use super::{BackendStats, LimiterError, RateLimiter};
+use crate::domain::Micros;
+use crate::domain::lease::{Grant, MAX_LEASE};
+use crate::domain::limits::{LimitDecision, LimitUnit, RateLimit};
+
+/// A lease as the authority recorded it: what a settle must name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseRecord {
+    pub granted: u64,
+    pub counted_at: Micros,
+}
+
+/// Where leases come from: the counters every holder of a key shares.
+#[async_trait]
+pub trait QuotaAuthority: Send + Sync + 'static {
+    /// Grants up to `want` requests of `limits` (at least `min`, or none) for a holder that
+    /// admits from it for at most `life`. `Ok(None)`: the authority cannot be reached and
+    /// fails open.
+    async fn grant(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        want: u64,
+        min: u64,
+        life: Micros,
+        now: Micros,
+    ) -> Result<Option<Grant>, LimiterError>;
+
+    /// Gives back what a lease did not use: `used` of `lease.granted` were admitted.
+    async fn settle(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        lease: LeaseRecord,
+        used: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError>;
+
+    /// Counts `tokens` reported for `key_id` in every token window.
+    async fn record_tokens(
+        &self,
+        key_id: &str,
+        tokens: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError>;
+
+    fn backend_stats(&self) -> BackendStats {
+        BackendStats::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseSettings {
+    /// How long a holder admits from one lease.
+    pub life: Duration,
+    /// Keys whose lease state is kept at most.
+    pub max_keys: u64,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            life: Duration::from_secs(2),
+            max_keys: 1_000_000,
+        }
+    }
+}
+
+/// The lease held for one key.
+struct Lease {
+    record: LeaseRecord,
+    used: u64,
+    asked_at: Instant,
+    /// When this holder stops admitting from it (asked_at + life).
+    ends: Instant,
+    /// The grant's view of the limits, with the grant counted as used.
+    decision: LimitDecision,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The limits the lease (and a remembered refusal) was granted against.
+    limits: Vec<RateLimit>,
+    lease: Option<Lease>,
+    /// A refusal, answered again until then.
+    refused: Option<(Instant, LimitDecision)>,
+    /// A refill is on its way (or a first grant): one at a time per key.
+    asking: bool,
+    /// Calls wanted since the current lease was asked for (admitted or not).
+    demand: u64,
+}
+
+/// Statistics a bench or a test reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseStats {
+    pub grants: u64,
+    pub settles: u64,
+    /// Calls decided from a lease held, with no authority call.
+    pub local: u64,
+    /// Calls that waited for the authority.
+    pub waited: u64,
+}
+
+pub struct LeasedLimiter {
+    authority: Arc<dyn QuotaAuthority>,
+    settings: LeaseSettings,
+    slots: Cache<String, Arc<Mutex<Slot>>>,
+    grants: AtomicU64,
+    settles: AtomicU64,
+    local: AtomicU64,
+    waited: AtomicU64,
+}
+
+fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn micros(d: Duration) -> Micros {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl LeasedLimiter {
+    /// Starts the sweeper that settles expired leases (it stops when the limiter is
+    /// dropped). Must be called within a Tokio runtime.
+    pub fn new(
+        authority: Arc<dyn QuotaAuthority>,
+        settings: LeaseSettings,
+        clock: crate::clock::Clock,
+    ) -> Arc<Self> {
+        let limiter = Arc::new(LeasedLimiter {
+            authority,
+            settings,
+            slots: Cache::builder()
+                .max_capacity(settings.max_keys)
+                .time_to_idle(settings.life * 4)
+                .build(),
+            grants: AtomicU64::new(0),
+            settles: AtomicU64::new(0),
+            local: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&limiter), clock));
+        limiter
+    }
+
+    pub fn stats(&self) -> LeaseStats {
+        LeaseStats {
+            grants: self.grants.load(Ordering::Relaxed),
+            settles: self.settles.load(Ordering::Relaxed),
+            local: self.local.load(Ordering::Relaxed),
+            waited: self.waited.load(Ordering::Relaxed),
+        }
+    }
+
+    fn slot(&self, key_id: &str) -> Arc<Mutex<Slot>> {
+        if let Some(s) = self.slots.get(key_id) {
+            return s;
+        }
+        self.slots.get_with(key_id.to_owned(), Default::default)
+    }
+
+    /// How many calls to ask for: the demand seen over the last lease, scaled to a
+    /// lease's life with a margin, plus `cost`; capped at half the tightest limit.
+    fn want(&self, limits: &[RateLimit], demand: u64, since: Option<Instant>, cost: u64) -> u64 {
+        let life = self.settings.life.as_secs_f64();
+        let expected = match since {
+            Some(at) => {
+                let elapsed = at.elapsed().as_secs_f64().max(life / 20.0);
+                (demand as f64 / elapsed * life * 1.5).ceil() as u64
+            }
+            None => 1,
+        };
+        let cap = limits
+            .iter()
+            .filter(|l| l.unit == LimitUnit::Requests)
+            .map(|l| (l.limit / 2).max(1))
+            .min()
+            .unwrap_or(MAX_LEASE);
+        expected.min(cap).max(1).saturating_add(cost).min(MAX_LEASE)
+    }
+
+    /// Settles `lease` in the background.
+    fn settle_later(
+        self: &Arc<Self>,
+        key_id: &str,
+        limits: Vec<RateLimit>,
+        lease: Lease,
+        now: Micros,
+    ) {
+        let this = self.clone();
+        let key_id = key_id.to_owned();
+        tokio::spawn(async move {
+            this.settle(&key_id, &limits, lease.record, lease.used, now)
+                .await;
+        });
+    }
+
+    async fn settle(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        record: LeaseRecord,
+        used: u64,
+        now: Micros,
+    ) {
+        match self
+            .authority
+            .settle(key_id, limits, record, used, now)
+            .await
+        {
+            Ok(()) => {
+                self.settles.fetch_add(1, Ordering::Relaxed);
+            }
+            // Unsettled, the lease stays counted until its bucket leaves the window:
+            // never an over-admission, at worst quota parked for one window.
+            Err(e) => tracing::debug!(error = %e, "settling a quota lease failed"),
+        }
+    }
+
+    /// Asks for a new lease for `key_id` and installs it; settles the one it replaces.
+    /// `cost`: a call waiting for it, admitted from it when it arrives.
+    async fn ask(
+        self: &Arc<Self>,
+        key_id: &str,
+        limits: &[RateLimit],
+        want: u64,
+        cost: u64,
+        now: Micros,
+    ) -> Result<Option<LimitDecision>, LimiterError> {
+        let asked_at = Instant::now();
+        let life = micros(self.settings.life);
+        let answer = self
+            .authority
+            .grant(key_id, limits, want, cost.max(1), life, now)
+            .await;
+        let grant = match answer {
+            Ok(Some(grant)) => grant,
+            Ok(None) | Err(_) => {
+                lock(&self.slot(key_id)).asking = false;
+                // `None` fails open: admitted, no decision, nothing held.
+                return answer.map(|_| None);
+            }
+        };
+        self.grants.fetch_add(1, Ordering::Relaxed);
+        let (answer, to_settle) = self.install(key_id, limits, grant, cost, asked_at, now);
+        if let Some((limits, record, used)) = to_settle {
+            self.settle(key_id, &limits, record, used, now).await;
+        }
+        Ok(Some(answer))
+    }
+
+    /// Puts a grant in place under the slot's lock; returns the answer for a call of
+    /// `cost` waiting for it, and what must be settled (a lease it replaced, or the grant
+    /// itself when the key's limits changed meanwhile).
+    #[allow(clippy::type_complexity)]
+    fn install(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        grant: Grant,
+        cost: u64,
+        asked_at: Instant,
+        now: Micros,
+    ) -> (LimitDecision, Option<(Vec<RateLimit>, LeaseRecord, u64)>) {
+        let slot = self.slot(key_id);
+        let mut s = lock(&slot);
+        s.asking = false;
+        let record = LeaseRecord {
+            granted: grant.amount,
+            counted_at: grant.counted_at,
+        };
+        if s.limits.as_slice() != limits {
+            // The key's limits changed while this grant was on its way: it is given back
+            // unused rather than held against limits no longer the key's.
+            let settle = grant.granted().then(|| (limits.to_vec(), record, 0));
+            return (grant.decision, settle);
+        }
+        if !grant.granted() {
+            let until = grant
+                .decision
+                .retry_at()
+                .map(|at| Duration::from_micros(at.saturating_sub(now).max(0).unsigned_abs()))
+                .unwrap_or(self.settings.life)
+                .min(self.settings.life);
+            s.refused = Some((asked_at + until, grant.decision.clone()));
+            return (grant.decision, None);
+        }
+        s.refused = None;
+        s.demand = 0;
+        let lease = Lease {
+            record,
+            used: cost,
+            asked_at,
+            ends: asked_at + self.settings.life,
+            decision: grant.decision,
+        };
+        let answer = answer_from(&lease);
+        let old = s
+            .lease
+            .replace(lease)
+            .map(|old| (limits.to_vec(), old.record, old.used));
+        (answer, old)
+    }
+
+    async fn sweep_once(self: &Arc<Self>, now: Micros) {
+        let at = Instant::now();
+        let mut expired = Vec::new();
+        for (key_id, slot) in self.slots.iter() {
+            let mut s = lock(&slot);
+            if s.lease.as_ref().is_some_and(|l| l.ends <= at) {
+                let limits = s.limits.clone();
+                if let Some(lease) = s.lease.take() {
+                    expired.push((key_id.as_ref().clone(), limits, lease));
+                }
+            }
+        }
+        for (key_id, limits, lease) in expired {
+            self.settle(&key_id, &limits, lease.record, lease.used, now)
+                .await;
+        }
+    }
+}
+
+/// The decision for a call admitted from `lease`: the grant's figures, with what is left
+/// of the lease given back to `remaining`.
+fn answer_from(lease: &Lease) -> LimitDecision {
+    let unused = lease.record.granted.saturating_sub(lease.used);
+    let mut d = lease.decision.clone();
+    for w in &mut d.windows {
+        if w.limit.unit == LimitUnit::Requests {
+            w.remaining = w.remaining.saturating_add(unused).min(w.limit.limit);
+            w.used = w.limit.limit - w.remaining;
+        }
+    }
+    d.allowed = true;
+    d
+}
+
+async fn sweep(limiter: Weak<LeasedLimiter>, clock: crate::clock::Clock) {
+    let every = match limiter.upgrade() {
+        Some(l) => (l.settings.life / 4).max(Duration::from_millis(10)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(limiter) = limiter.upgrade() else {
+            return;
+        };
+        limiter.sweep_once(clock.now()).await;
+    }
+}
+
+/// Lets [`LeasedLimiter`] stand where a [`RateLimiter`] is expected (it needs an `Arc` of
+/// itself to refill in the background).
+pub struct Leases(pub Arc<LeasedLimiter>);
+
+#[async_trait]
+impl RateLimiter for Leases {
+    async fn check(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        cost: u64,
+        now: Micros,
+    ) -> Result<Option<LimitDecision>, LimiterError> {
+        let this = &self.0;
+        let at = Instant::now();
+        let slot = this.slot(key_id);
+        let (want, stale) = {
+            let mut s = lock(&slot);
+            s.demand = s.demand.saturating_add(cost);
+            let mut stale = None;
+            if s.limits.as_slice() != limits {
+                stale = s.lease.take().map(|l| (s.limits.clone(), l));
+                s.refused = None;
+                s.limits = limits.to_vec();
+            }
+            if let Some(lease) = s.lease.as_mut()
+                && at < lease.ends
+                && lease.used.saturating_add(cost) <= lease.record.granted
+            {
+                lease.used += cost;
+                let answer = answer_from(lease);
+                let left = lease.record.granted - lease.used;
+                let (asked_at, ends) = (lease.asked_at, lease.ends);
+                this.local.fetch_add(1, Ordering::Relaxed);
+                // Ask ahead while the key is in use, so its calls never wait.
+                let life = this.settings.life.as_secs_f64();
+                let elapsed = asked_at.elapsed().as_secs_f64().max(life / 20.0);
+                let rate = s.demand as f64 / elapsed;
+                let soon = left as f64 <= rate * life / 2.0 || ends - at <= this.settings.life / 3;
+                if soon && !s.asking {
+                    s.asking = true;
+                    let want = this.want(limits, s.demand, Some(asked_at), 0);
+                    let (this, key_id, limits) = (this.clone(), key_id.to_owned(), limits.to_vec());
+                    tokio::spawn(async move {
+                        if let Err(e) = this.ask(&key_id, &limits, want, 0, now).await {
+                            tracing::debug!(error = %e, "refilling a quota lease failed");
+                        }
+                    });
+                }
+                drop(s);
+                if let Some((old_limits, old)) = stale {
+                    this.settle_later(key_id, old_limits, old, now);
+                }
+                return Ok(Some(answer));
+            }
+            if let Some((until, decision)) = &s.refused
+                && at < *until
+            {
+                this.local.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(decision.clone()));
+            }
+            let since = s.lease.as_ref().map(|l| l.asked_at);
+            s.asking = true;
+            (this.want(limits, s.demand, since, cost), stale)
+        };
+        // Limits changed (an UpdateKey): the old lease is given back before the new
+        // limits are asked for, so the grant sees exactly what was used under the old.
+        if let Some((old_limits, old)) = stale {
+            this.settle(key_id, &old_limits, old.record, old.used, now)
+                .await;
+        }
+        this.waited.fetch_add(1, Ordering::Relaxed);
+        this.ask(key_id, limits, want, cost, now).await
+    }
+
+    fn backend_stats(&self) -> BackendStats {
+        self.0.authority.backend_stats()
+    }
+
+    async fn record_tokens(
+        &self,
+        key_id: &str,
+        tokens: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError> {
+        self.0.authority.record_tokens(key_id, tokens, now).await
+    }
+}

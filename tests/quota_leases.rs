@@ -1,0 +1,191 @@
+//! Quota leases through real servers: two replicas lease one key's limit from real Redis
+//! and decide locally, together admitting at most the limit in a window and, under
+//! saturation, at least 90% of it; a lowered limit is judged at once on the next call.
+//!
+//! The windows are the test's manual clock (standing still, then moved past a whole
+//! window); the leases' lives are real time, as they are in production. Demand runs for
+//! a bounded real time per window; nothing is asserted about time, only counts.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use keywarden::config::{LimiterSettings, Settings};
+use keywarden::proto::{self, VerifyCode};
+use keywarden::ratelimit::FailureMode;
+use keywarden::ratelimit::leased::LeaseSettings;
+use keywarden::server::RunningServer;
+use prost_types::FieldMask;
+use secrecy::SecretString;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+const LIFE: Duration = Duration::from_millis(500);
+
+fn leasing_from_redis(s: &mut Settings, prefix: &str) {
+    s.limiter = LimiterSettings::Redis {
+        url: SecretString::from(
+            std::env::var("KEYWARDEN_TEST_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+        ),
+        prefix: prefix.to_owned(),
+        failure: FailureMode::Closed,
+        circuit: Default::default(),
+        lease: Some(LeaseSettings {
+            life: LIFE,
+            max_keys: 10_000,
+        }),
+        clock_skew: Duration::from_millis(100),
+    };
+}
+
+fn prefix() -> String {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    format!("kwtest_{}", hex::encode(b))
+}
+
+fn rpm(n: u64) -> proto::RateLimit {
+    proto::RateLimit {
+        unit: proto::RateLimitUnit::Requests as i32,
+        window: proto::RateLimitWindow::Minute as i32,
+        limit: n,
+    }
+}
+
+fn verifier(channel: &Channel) -> VerifierClient {
+    proto::verify_service_client::VerifyServiceClient::with_interceptor(
+        channel.clone(),
+        bearer(VERIFIER_TOKEN),
+    )
+}
+
+async fn code_of(channel: &Channel, key: &str) -> VerifyCode {
+    let r = verifier(channel)
+        .verify_key(proto::VerifyKeyRequest {
+            key: key.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    code(&r)
+}
+
+/// Four callers per replica verify `key` until `demand` has passed (real time); returns
+/// the calls admitted.
+async fn hammer(channels: &[Channel], key: &str, demand: Duration) -> u64 {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + demand;
+    let mut tasks = Vec::new();
+    for channel in channels {
+        for _ in 0..4 {
+            let (channel, key, admitted) = (channel.clone(), key.to_owned(), admitted.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    match code_of(&channel, &key).await {
+                        VerifyCode::Valid => {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        VerifyCode::RateLimited => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    admitted.load(Ordering::Relaxed)
+}
+
+async fn second_replica(app: &TestApp, prefix: &str) -> (RunningServer, Channel) {
+    let mut settings = test_settings(&app.db);
+    leasing_from_redis(&mut settings, prefix);
+    let server = keywarden::server::start(&settings, app.clock.clone())
+        .await
+        .unwrap();
+    let channel = channel_to(&server).await;
+    (server, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_leasing_from_redis_admit_at_most_the_limit_and_nearly_all_of_it() {
+    const L: u64 = 60;
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| leasing_from_redis(s, &prefix)).await;
+    let (b, b_channel) = second_replica(&app, &prefix).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(L)]).await;
+    let replicas = [app.channel.clone(), b_channel.clone()];
+
+    // One window (the clock stands still): demand far above the limit, for several
+    // lease lives, so that leases parked at one replica expire and go back.
+    let first = hammer(&replicas, &issued.key, LIFE * 6).await;
+    assert!(first <= L, "{first} admitted in one window, limit {L}");
+    assert!(
+        first * 10 >= L * 9,
+        "only {first} admitted under saturation, limit {L}"
+    );
+
+    // The next window: everything counted (leases included) has left it.
+    app.clock.advance(Duration::from_secs(65));
+    let second = hammer(&replicas, &issued.key, LIFE * 6).await;
+    assert!(
+        second <= L,
+        "{second} admitted in the next window, limit {L}"
+    );
+    assert!(
+        second * 10 >= L * 9,
+        "only {second} admitted in the next window"
+    );
+    b.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_limit_is_judged_on_the_next_call_with_the_calls_already_admitted() {
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| leasing_from_redis(s, &prefix)).await;
+    let (b, b_channel) = second_replica(&app, &prefix).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(100)]).await;
+    let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
+    for channel in [&app.channel, &b_channel] {
+        for _ in 0..3 {
+            assert_eq!(code_of(channel, &issued.key).await, VerifyCode::Valid);
+        }
+    }
+    let seen_by_b = b.events().published();
+    // 6 admitted; the limit drops to 8: two more calls in this window, whichever
+    // replica they reach, although each replica may still hold a lease of the old.
+    app.admin()
+        .update_key(proto::UpdateKeyRequest {
+            key_id,
+            actor: Some(actor()),
+            rate_limits: vec![rpm(8)],
+            update_mask: Some(FieldMask {
+                paths: vec!["rate_limits".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // B learns of the change through the log (its cache entry is dropped on the event).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.events().published() <= seen_by_b {
+        assert!(Instant::now() < deadline, "B never saw the update");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut admitted = 0;
+    for channel in [&app.channel, &b_channel, &app.channel, &b_channel] {
+        if code_of(channel, &issued.key).await == VerifyCode::Valid {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 2, "8 - 6 calls left under the lowered limit");
+    b.shutdown().await.unwrap();
+}
