@@ -41,6 +41,10 @@ pub struct Config {
     /// `postgres://...` (production) or `sqlite:...` (single node). Required.
     pub database_url: Option<SecretString>,
     pub database_max_connections: u32,
+    /// `serve`: a database that cannot be reached at start is waited for (retried with
+    /// backoff while health answers NOT_SERVING); `false`: the first failure ends the
+    /// process. `migrate` never waits.
+    pub database_wait_at_start: bool,
     /// The key prefix of this deployment (`kw` gives `kw_live_...`).
     pub brand: String,
     /// Scope implications: `admin = ["write"]`, `write = ["read"]`. Transitive.
@@ -572,6 +576,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             database_url: None,
             database_max_connections: 16,
+            database_wait_at_start: true,
             brand: "kw".to_owned(),
             scope_implications: HashMap::new(),
             tokens: Vec::new(),
@@ -700,6 +705,7 @@ impl Config {
             listen: self.listen,
             database_url,
             database_max_connections: self.database_max_connections,
+            database_wait_at_start: self.database_wait_at_start,
             brand: Brand::parse(&self.brand)?,
             implications: Arc::new(ScopeImplications::new(&self.scope_implications)?),
             tokens: Arc::new(CallerTokens::new(entries)),
@@ -730,7 +736,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 18] = [
+const SETTINGS: [&str; 19] = [
     "tracing",
     "tls",
     "transport",
@@ -739,6 +745,7 @@ const SETTINGS: [&str; 18] = [
     "listen",
     "database_url",
     "database_max_connections",
+    "database_wait_at_start",
     "brand",
     "scope_implications",
     "tokens",
@@ -767,6 +774,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub database_url: SecretString,
     pub database_max_connections: u32,
+    /// `serve` waits for a database it cannot reach at start (see `startup`).
+    pub database_wait_at_start: bool,
     pub brand: Brand,
     pub implications: Arc<ScopeImplications>,
     pub tokens: Arc<CallerTokens>,

@@ -21,7 +21,8 @@
 //! - [`telemetry`]: log lines and OTLP trace export for the process.
 //! - [`edge`]: the client library for edge nodes: [`edge::Verifier`], VerifyKey with a
 //!   local cache kept coherent by the revocation stream.
-//! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown.
+//! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown;
+//!   [`startup`]: `serve`'s wait for its database, the port answering NOT_SERVING.
 //! - [`bench`]: `keywarden bench`, the load generator and BENCHMARKS.md.
 //! - [`cli`]: the admin CLI (`keywarden keys ...`, `verify`, ...), a gRPC client of a
 //!   running server.
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod provider_keys;
 pub mod ratelimit;
 pub mod server;
+pub mod startup;
 pub mod store;
 pub mod teams;
 pub mod telemetry;

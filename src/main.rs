@@ -309,13 +309,40 @@ fn dev_kek(path: &std::path::Path) -> Result<zeroize::Zeroizing<[u8; 32]>, BoxEr
     Ok(zeroize::Zeroizing::new(key))
 }
 
+/// Binds first (`starting on ADDR`), waits for the database while health answers
+/// NOT_SERVING (see `keywarden::startup`), then serves (`listening on ADDR`) until SIGTERM
+/// or Ctrl-C, which also ends the wait.
 async fn serve(settings: Settings) -> Result<(), BoxError> {
-    let mut server = keywarden::server::start(&settings, Clock::System).await?;
-    println!("listening on {}", server.addr());
-    let stop = server.stop_handle();
+    let (signal, signalled) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
+        let _ = signal.send(true);
+    });
+    let until_signalled = |mut signalled: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = signalled.wait_for(|s| *s).await;
+    };
+    let starting = keywarden::startup::Starting::bind(&settings).await?;
+    println!("starting on {}", starting.addr());
+    let opened = tokio::select! {
+        opened = keywarden::startup::open_store(&settings) => opened,
+        () = until_signalled(signalled.clone()) => {
+            starting.shutdown().await;
+            return Ok(());
+        }
+    };
+    let store = match opened {
+        Ok(store) => store,
+        Err(e) => {
+            starting.shutdown().await;
+            return Err(e.into());
+        }
+    };
+    let mut server = starting.serve(&settings, store, Clock::System).await?;
+    println!("listening on {}", server.addr());
+    let stop = server.stop_handle();
+    tokio::spawn(async move {
+        until_signalled(signalled).await;
         if let Some(stop) = stop {
             let _ = stop.send(());
         }

@@ -1,6 +1,10 @@
 //! Start-up and shutdown: builds the services over a store, binds the listener, serves
 //! health and reflection next to Keywarden's own services, and returns a handle with the
 //! bound address (so tests and benchmarks run the real server on port 0).
+//!
+//! [`start`] opens the store first and fails when it cannot (tests, benchmarks);
+//! `keywarden serve` binds first and waits for the store (`crate::startup`), then hands
+//! the same socket to [`serve_on`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +13,6 @@ use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::{ServerTlsConfig, TcpIncoming};
 use tonic::transport::{Certificate, Identity};
@@ -271,7 +274,8 @@ impl RunningServer {
     }
 }
 
-/// Opens the configured database (running its migrations) and starts serving.
+/// Opens the configured database (running its migrations) and starts serving; a database
+/// that cannot be reached is an error at once.
 pub async fn start(settings: &Settings, clock: Clock) -> Result<RunningServer, StartError> {
     let store = store::open(
         settings.database_url.expose_secret(),
@@ -285,6 +289,77 @@ pub async fn start_with_store(
     settings: &Settings,
     store: Arc<dyn Store>,
     clock: Clock,
+) -> Result<RunningServer, StartError> {
+    let listener = TcpListener::bind(settings.listen).await?;
+    serve_on(settings, store, clock, listener).await
+}
+
+/// The services health reports by name besides the server as a whole (`""`): SERVING
+/// once the server runs, NOT_SERVING while `serve` still waits for its database.
+pub fn reported_services(settings: &Settings) -> Vec<&'static str> {
+    use tonic::server::NamedService;
+    let mut names = vec![
+        <KeyServiceServer<KeyApi> as NamedService>::NAME,
+        <WorkspaceServiceServer<WorkspaceApi> as NamedService>::NAME,
+        <ProviderKeyServiceServer<ProviderKeyApi> as NamedService>::NAME,
+    ];
+    names.extend(vouching_services(settings));
+    names
+}
+
+/// The services that vouch for keys: VerifyService, RevocationService and Envoy's
+/// ext_authz API (on the same verifier as VerifyKey and for the same role). Their health
+/// follows [`crate::events::Freshness`].
+pub fn vouching_services(settings: &Settings) -> Vec<&'static str> {
+    use tonic::server::NamedService;
+    let mut names = vec![
+        <VerifyServiceServer<VerifyApi> as NamedService>::NAME,
+        <RevocationServiceServer<RevocationApi> as NamedService>::NAME,
+    ];
+    if settings.ext_authz.enabled {
+        names.push(EXT_AUTHZ_SERVICE);
+    }
+    names
+}
+
+/// The gRPC transport as configured: `[transport]` limits and keep-alives, `[tls]`.
+pub fn transport(settings: &Settings) -> Result<tonic::transport::Server, StartError> {
+    let transport = &settings.transport;
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(transport.max_concurrent_streams)
+        .http2_keepalive_interval(transport.http2_keepalive_interval)
+        .http2_keepalive_timeout(transport.http2_keepalive_timeout);
+    if let Some(timeout) = transport.request_timeout {
+        builder = builder.timeout(timeout);
+    }
+    if let Some(tls) = &settings.tls {
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()));
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(config).map_err(StartError::Tls)?;
+    }
+    Ok(builder)
+}
+
+/// The connections `listener` accepts, with the configured TCP options.
+pub fn incoming(listener: TcpListener, settings: &Settings) -> TcpIncoming {
+    // The builder's `tcp_nodelay` applies only to listeners it binds itself: set it on
+    // this one, or Nagle holds a stream's event back behind a unary reply on the same
+    // connection until the client's delayed ACK (~40 ms).
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(settings.transport.tcp_keepalive)
+}
+
+/// Builds every service over `store` and serves them on `listener`, bound already.
+pub async fn serve_on(
+    settings: &Settings,
+    store: Arc<dyn Store>,
+    clock: Clock,
+    listener: TcpListener,
 ) -> Result<RunningServer, StartError> {
     let metrics = Arc::new(if settings.metrics_listen.is_some() {
         Metrics::new(&grpc_methods())
@@ -395,15 +470,17 @@ pub async fn start_with_store(
     );
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<KeyServiceServer<KeyApi>>()
-        .await;
-    health_reporter
-        .set_serving::<WorkspaceServiceServer<WorkspaceApi>>()
-        .await;
-    health_reporter
-        .set_serving::<ProviderKeyServiceServer<ProviderKeyApi>>()
-        .await;
+    // The services that vouch for keys are SERVING only while the replica reads the
+    // event log (see `vouching_services`); the others, and "" (liveness), stay SERVING:
+    // a replica that cannot reach its database is not one to restart.
+    let vouching = vouching_services(settings);
+    for name in reported_services(settings) {
+        if !vouching.contains(&name) {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -414,34 +491,15 @@ pub async fn start_with_store(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    // The services that vouch for keys (VerifyService, RevocationService and Envoy's
-    // ext_authz API, on the same verifier as VerifyKey and for the same role) are SERVING
-    // only while the replica reads the event log; the others, and "" (liveness), stay
-    // SERVING: a replica that cannot reach its database is not one to restart.
-    let mut vouching_services = vec![
-        <VerifyServiceServer<VerifyApi> as NamedService>::NAME,
-        <RevocationServiceServer<RevocationApi> as NamedService>::NAME,
-    ];
-    if settings.ext_authz.enabled {
-        vouching_services.push(EXT_AUTHZ_SERVICE);
-    }
-    follow_freshness(
-        &health_reporter,
-        &vouching_services,
-        hub.freshness().vouching(),
-    )
-    .await;
+    follow_freshness(&health_reporter, &vouching, hub.freshness().vouching()).await;
     tokio::spawn(report_freshness(
         health_reporter.clone(),
-        vouching_services,
+        vouching,
         hub.clone(),
     ));
-
-    let listener = TcpListener::bind(settings.listen).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let transport = &settings.transport;
-    let max = transport.max_message_bytes;
+    let max = settings.transport.max_message_bytes;
     let tokens = &settings.tokens;
     let role = |role| RequireRole::new(tokens.clone(), role);
     let ext_authz = settings.ext_authz.enabled.then(|| {
@@ -454,23 +512,7 @@ pub async fn start_with_store(
             role(Role::Verifier),
         )
     });
-    let mut builder = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .max_concurrent_streams(transport.max_concurrent_streams)
-        .http2_keepalive_interval(transport.http2_keepalive_interval)
-        .http2_keepalive_timeout(transport.http2_keepalive_timeout);
-    if let Some(timeout) = transport.request_timeout {
-        builder = builder.timeout(timeout);
-    }
-    if let Some(tls) = &settings.tls {
-        let mut config = ServerTlsConfig::new()
-            .identity(Identity::from_pem(&tls.cert_pem, tls.key_pem.as_slice()));
-        if let Some(ca) = &tls.client_ca_pem {
-            config = config.client_ca_root(Certificate::from_pem(ca));
-        }
-        builder = builder.tls_config(config).map_err(StartError::Tls)?;
-    }
-    let router = builder
+    let router = transport(settings)?
         .layer(RpcLayer::new(metrics.clone()))
         .add_service(health)
         .add_service(reflection_v1)
@@ -509,12 +551,7 @@ pub async fn start_with_store(
         ))
         .add_optional_service(ext_authz);
     let stopping = hub.clone();
-    // The builder's `tcp_nodelay` applies only to listeners it binds itself: set it on
-    // this one, or Nagle holds a stream's event back behind a unary reply on the same
-    // connection until the client's delayed ACK (~40 ms).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(settings.transport.tcp_keepalive);
+    let incoming = incoming(listener, settings);
     let serving = router.serve_with_incoming_shutdown(incoming, async move {
         let _ = stopped.await;
         // Streams never end on their own: end them so the graceful shutdown can finish.

@@ -268,6 +268,223 @@ async fn serve_with_the_config_file_named_by_keywarden_config() {
     assert_exited_cleanly(status, &server.process);
 }
 
+/// A database that is down at start, for a server process: the URL of a fresh Postgres
+/// database, but on a loopback port that is bound and not listening (connections are
+/// refused) until [`DownDatabase::come_up`] forwards it to the real server.
+struct DownDatabase {
+    db: TestDb,
+    url: String,
+    socket: Option<tokio::net::TcpSocket>,
+    real: String,
+}
+
+impl DownDatabase {
+    async fn new() -> DownDatabase {
+        use std::str::FromStr;
+        let db = TestDb::new(Backend::Postgres).await;
+        let admin = sqlx::postgres::PgConnectOptions::from_str(&postgres_admin_url()).unwrap();
+        let real = format!("{}:{}", admin.get_host(), admin.get_port());
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let url = db.url.replacen(&real, &format!("127.0.0.1:{port}"), 1);
+        assert_ne!(url, db.url, "{real} is not in {}", db.url);
+        DownDatabase {
+            db,
+            url,
+            socket: Some(socket),
+            real,
+        }
+    }
+
+    /// The port starts listening and forwards every connection to the real server.
+    fn come_up(&mut self) {
+        let listener = self.socket.take().unwrap().listen(64).unwrap();
+        let real = self.real.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let real = real.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&real).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// What `serve` logs when an attempt to open the database failed and it will try again.
+const WAITING_FOR_THE_DATABASE: &str = "the database is not available yet";
+
+/// The health of each of `services` on the server at `addr`.
+async fn health_of(addr: std::net::SocketAddr, services: &[&str]) -> Vec<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut out = Vec::new();
+    for service in services {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("Check({service:?}): {e:?}"))
+            .into_inner()
+            .status;
+        out.push(ServingStatus::try_from(status).unwrap());
+    }
+    out
+}
+
+/// The address of the `starting on ADDR` line: the port listens before the database is
+/// open.
+async fn starting_addr(process: &mut Process) -> std::net::SocketAddr {
+    let line = process
+        .wait_for_stdout_line(|l| l.starts_with("starting on "))
+        .await;
+    line["starting on ".len()..].trim().parse().unwrap()
+}
+
+/// A replica started while Postgres is down does not exit: it keeps trying to open the
+/// database, and meanwhile its port answers health NOT_SERVING (the whole server and each
+/// service) and every other call UNAVAILABLE (STORAGE_UNAVAILABLE, with a retry delay), as
+/// orchestrators expect. Once Postgres answers, the same port serves for real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_waits_for_a_database_that_is_down_at_start() {
+    use tonic_types::StatusExt;
+    const SERVICES: [&str; 3] = ["", "keywarden.v1.KeyService", "keywarden.v1.VerifyService"];
+    let mut database = DownDatabase::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&database.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+    let mut process = Process::spawn(config_server(&config));
+    let addr = starting_addr(&mut process).await;
+
+    // An attempt failed, and the process is still there, answering.
+    process
+        .wait_for_stderr(|e| e.contains(WAITING_FOR_THE_DATABASE))
+        .await;
+    assert!(process.is_running(), "{}", process.transcript());
+    assert_eq!(
+        health_of(addr, &SERVICES).await,
+        [ServingStatus::NotServing; 3]
+    );
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = keywarden::proto::key_service_client::KeyServiceClient::with_interceptor(
+        channel,
+        bearer(ADMIN_TOKEN),
+    )
+    .issue_key(issue_req("ws_proc"))
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let info = err.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "STORAGE_UNAVAILABLE", "{err:?}");
+    assert!(err.get_details_retry_info().is_some(), "{err:?}");
+    assert!(!process.stdout().contains("listening on"));
+    // A watcher hears NOT_SERVING now; its stream ends when the full server takes over,
+    // so that it watches again there.
+    let mut watch = HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+    .watch(HealthCheckRequest {
+        service: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::NotServing as i32);
+
+    database.come_up();
+    let mut server = Server {
+        addr,
+        process: {
+            process
+                .wait_for_stdout_line(|l| l == format!("listening on {addr}"))
+                .await;
+            process
+        },
+    };
+    assert_eq!(
+        health_of(addr, &SERVICES).await,
+        [ServingStatus::Serving; 3]
+    );
+    let ended = tokio::time::timeout(TIMEOUT, watch.message())
+        .await
+        .expect("the stand-in's Watch stream ends");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    issue_and_verify(&server, ADMIN_TOKEN, VERIFIER_TOKEN).await;
+    assert_eq!(database.db.count("SELECT count(*) FROM api_keys").await, 1);
+    let status = server.terminate().await;
+    assert_exited_cleanly(status, &server.process);
+}
+
+/// SIGTERM while the database is still down ends the process cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_for_the_database_exits_cleanly() {
+    let database = DownDatabase::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&database.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+    let mut process = Process::spawn(config_server(&config));
+    let addr = starting_addr(&mut process).await;
+    process
+        .wait_for_stderr(|e| e.contains(WAITING_FOR_THE_DATABASE))
+        .await;
+    assert_eq!(health_of(addr, &[""]).await, [ServingStatus::NotServing]);
+    let status = process.terminate().await;
+    assert_exited_cleanly(status, &process);
+    assert!(process.stderr().contains("shutting down"));
+    assert!(!process.stdout().contains("listening on"));
+}
+
+/// `database_wait_at_start = false` restores failing fast: the process exits when the
+/// first attempt to reach the database fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_fails_fast_when_told_not_to_wait_for_the_database() {
+    let database = DownDatabase::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&database.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+    let toml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("database_wait_at_start = false\n{toml}")).unwrap();
+    let mut process = Process::spawn(config_server(&config));
+    let status = process.wait().await;
+    assert!(!status.success(), "{status}\n{}", process.transcript());
+    let stderr = process.stderr();
+    assert!(stderr.contains("cannot open the database"), "{stderr}");
+    assert!(!stderr.contains(WAITING_FOR_THE_DATABASE), "{stderr}");
+    assert!(!process.stdout().contains("listening on"));
+}
+
+/// `keywarden migrate` (a Job, a deploy step) does not wait: a database that is down is
+/// an error at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_fails_fast_when_the_database_is_down() {
+    let database = DownDatabase::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), Some(&database.url), ADMIN_TOKEN, VERIFIER_TOKEN);
+    let mut process = Process::spawn(keywarden(&[
+        "migrate".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ]));
+    let status = process.wait().await;
+    assert!(!status.success(), "{status}\n{}", process.transcript());
+    assert!(!process.stdout().contains("migrations applied"));
+    assert!(!process.stderr().contains(WAITING_FOR_THE_DATABASE));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_applies_the_migrations_and_exits() {
     let db = TestDb::new(Backend::Postgres).await;

@@ -66,16 +66,23 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::RowNotFound => StoreError::NotFound,
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
-            sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
-                StoreError::Unavailable(e)
-            }
+            e if is_unavailable(&e) => StoreError::Unavailable(e),
             other => StoreError::Internal(other),
         }
+    }
+}
+
+/// The database could not be reached or did not answer in time: trying again later can
+/// succeed with nothing changed.
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => is_unavailable_code(db.code().as_deref()),
+        _ => false,
     }
 }
 
@@ -511,6 +518,23 @@ pub enum OpenError {
     UnknownScheme,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl OpenError {
+    /// Whether opening again later can succeed with nothing changed: the database was
+    /// unreachable, refused the connection, was starting up or shutting down (also while
+    /// the migrations ran). A bad URL, a refused password, a missing database or a
+    /// migration the database rejects are not: waiting changes nothing.
+    pub fn is_transient(&self) -> bool {
+        use sqlx::migrate::MigrateError;
+        match self {
+            OpenError::Store(StoreError::Unavailable(_)) => true,
+            OpenError::Store(StoreError::Migrate(
+                MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _),
+            )) => is_unavailable(e),
+            _ => false,
+        }
+    }
 }
 
 /// Opaque page tokens: URL-safe base64 of a versioned cursor, so clients cannot depend on

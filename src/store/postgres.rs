@@ -18,8 +18,10 @@ pub struct PgStore {
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl PgStore {
-    /// Connects (lazily: a database that is down at start-up is retried on use) and runs
-    /// the migrations.
+    /// Connects and runs the migrations. A database that cannot be reached fails within the
+    /// pool's acquire timeout (3 s) as [`StoreError::Unavailable`]; `keywarden serve` then
+    /// tries again with backoff (`startup`), `keywarden migrate` reports it. Once open, a
+    /// connection lost later is replaced on use.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.parse().map_err(StoreError::Internal)?;
         let pool = PgPoolOptions::new()

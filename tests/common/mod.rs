@@ -341,6 +341,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: SecretString::from(db.url.clone()),
         database_max_connections: 5,
+        database_wait_at_start: true,
         brand: Brand::default(),
         implications: Arc::new(ScopeImplications::new(&implications).unwrap()),
         tokens: test_tokens(),

@@ -181,6 +181,39 @@ impl Process {
         }
     }
 
+    /// Waits until what the child wrote to stderr satisfies `pred`. Panics (with the
+    /// output so far) if the child exits first or `TIMEOUT` passes.
+    pub async fn wait_for_stderr(&mut self, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if pred(&self.stderr()) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.status = Some(status);
+                self.join_readers();
+                if pred(&self.stderr()) {
+                    return;
+                }
+                panic!(
+                    "keywarden exited ({status}) before logging the expected text\n{}",
+                    self.transcript()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keywarden did not log the expected text within {TIMEOUT:?}\n{}",
+                self.transcript()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Whether the child is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.status.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits for the child to exit (at most `TIMEOUT`), then for its output to be read
     /// to the end.
     pub async fn wait(&mut self) -> ExitStatus {
