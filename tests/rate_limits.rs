@@ -419,6 +419,110 @@ async fn last_used_at_moves_once_written_and_unused_since_lists_the_rest(backend
     assert_eq!(unused_since(t2 + 1).await, sorted(ids.clone()));
 }
 
+/// The usage book writes at most `USAGE_CHUNK` (1 000) keys per statement. Here the
+/// database refuses one key's row (a trigger raises on its update), so every statement
+/// holding it fails. Each other key's spend must be written exactly once however many
+/// flushes follow (not again at each flush, as when the chunks written before a failing
+/// one were left in the book), and the refused key's spend kept, not lost or doubled,
+/// until the database takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_one_key_the_database_refuses_leaves_every_other_keys_spend_written_once() {
+    use futures::StreamExt;
+    const KEYS: usize = 1_500;
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let store = keywarden::store::open(&app.db.url, 5).await.unwrap();
+    let audit = keywarden::store::AuditContext {
+        actor_id: "user_admin".into(),
+        caller: "test-admin".into(),
+        action: "key.issue",
+        detail: String::new(),
+    };
+    let ids: Vec<String> = futures::stream::iter(0..=KEYS)
+        .map(|_| {
+            let (store, audit) = (store.clone(), audit.clone());
+            async move {
+                let key = key_record("ws_test", 1);
+                let hash = keywarden::domain::key_format::KeyHash::of(&key.key_id);
+                store.insert_key(&key, &hash, None, &audit).await.unwrap();
+                key.key_id
+            }
+        })
+        .buffer_unordered(5)
+        .collect()
+        .await;
+    let refused = ids[0].clone();
+    app.db
+        .execute(&format!(
+            "CREATE FUNCTION refuse_usage() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.key_id = '{refused}' THEN RAISE EXCEPTION 'refused by the test'; \
+             END IF; RETURN NEW; END $$"
+        ))
+        .await;
+    app.db
+        .execute(
+            "CREATE TRIGGER refuse_usage BEFORE UPDATE ON api_keys \
+             FOR EACH ROW EXECUTE FUNCTION refuse_usage()",
+        )
+        .await;
+    let refused = refused.as_str();
+    let spent: Vec<u64> = futures::stream::iter(&ids)
+        .map(|id| {
+            let app = &app;
+            async move { report(app, id, 0, if id == refused { 5 } else { 1 }).await }
+        })
+        .buffer_unordered(8)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(spent.iter().sum::<u64>(), KEYS as u64 + 5);
+    // How many of the other keys have a persisted spend `op` (`= 1`, `> 1`), and the
+    // refused key's.
+    let persisted = async |op: &str| {
+        app.db
+            .count(&format!(
+                "SELECT count(*) FROM api_keys WHERE key_id <> '{refused}' \
+                 AND spent_micros {op}"
+            ))
+            .await
+    };
+    let refused_persisted = async || {
+        app.db
+            .count(&format!(
+                "SELECT spent_micros FROM api_keys WHERE key_id = '{refused}'"
+            ))
+            .await
+    };
+
+    for flush in 1..=3 {
+        app.server().flush_usage().await;
+        assert_eq!(
+            persisted("> 1").await,
+            0,
+            "after flush {flush}, keys whose spend was written again"
+        );
+        assert_eq!(refused_persisted().await, 0);
+    }
+    assert_eq!(
+        persisted("= 1").await,
+        KEYS as i64,
+        "every other key's spend is written"
+    );
+    // The refused key's spend is kept by the replica: its budget still counts it.
+    assert_eq!(report(&app, refused, 0, 0).await.unwrap(), 5);
+
+    app.db
+        .execute("DROP TRIGGER refuse_usage ON api_keys")
+        .await;
+    app.server().flush_usage().await;
+    app.server().flush_usage().await;
+    assert_eq!(
+        refused_persisted().await,
+        5,
+        "written once, not lost or doubled"
+    );
+    assert_eq!(persisted("= 1").await, KEYS as i64);
+}
+
 // ---------------------------------------------------------------------------------------
 // Limit changes and replicas
 

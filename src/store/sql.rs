@@ -216,9 +216,6 @@ impl From<GroupRow> for crate::domain::access::AccessGroup {
     }
 }
 
-/// Keys per usage statement.
-pub(crate) const USAGE_CHUNK: usize = 1000;
-
 /// The live keys (neither revoked, deleted nor expired at `$4`) of owner `$3` in team `$2`
 /// of workspace `$1`: what a team's `max_keys_per_user` caps.
 pub(crate) const MEMBER_KEYS: &str = "SELECT count(*) FROM api_keys WHERE workspace_id = $1 \
@@ -1209,20 +1206,20 @@ macro_rules! impl_store {
                 batch: &[crate::store::UsageDelta],
             ) -> Result<Vec<(String, u64)>, crate::store::StoreError> {
                 // Usage is telemetry, not a principal's mutation: no audit row, no event.
-                // One statement per chunk, whatever the number of keys: the batch is a
-                // JSON array of [key_id, spend, last use, has a last use].
-                let mut totals = Vec::with_capacity(batch.len());
-                for chunk in batch.chunks(crate::store::sql::USAGE_CHUNK) {
-                    let rows: Vec<(String, i64)> = sqlx::query_as($usage_sql)
-                        .bind(crate::store::sql::usage_json(chunk))
-                        .fetch_all(&self.pool)
-                        .await?;
-                    totals.extend(
-                        rows.into_iter()
-                            .map(|(key_id, spent)| (key_id, u64::try_from(spent).unwrap_or(0))),
-                    );
+                // One statement, whatever the number of keys (the batch is a JSON array of
+                // [key_id, spend, last use, has a last use]), so it commits whole or not at
+                // all: the usage book settles what it wrote only when this returns.
+                if batch.is_empty() {
+                    return Ok(Vec::new());
                 }
-                Ok(totals)
+                let rows: Vec<(String, i64)> = sqlx::query_as($usage_sql)
+                    .bind(crate::store::sql::usage_json(batch))
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(key_id, spent)| (key_id, u64::try_from(spent).unwrap_or(0)))
+                    .collect())
             }
 
             #[tracing::instrument(level = "debug", skip_all)]
