@@ -8,6 +8,8 @@
 //!
 //! `max(every persisted figure seen) + unwritten`
 //!
+//! saturated at [`MAX_SPEND_MICROS`], as the stored total is.
+//!
 //! Persisted figures include every replica's writes up to when they were read and spend
 //! only grows, so the largest is the freshest; unwritten spend is this replica's alone. A
 //! write removes exactly what it wrote from "unwritten", after its commit, so spend is
@@ -28,6 +30,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::domain::Micros;
+use crate::domain::limits::MAX_SPEND_MICROS;
 use crate::store::{Store, StoreError, USAGE_CHUNK, UsageDelta};
 
 const SHARDS: usize = 32;
@@ -129,10 +132,13 @@ impl UsageBook {
     pub fn add_spend(&self, key_id: &str, spend: u64, persisted: Option<u64>, now: Micros) -> u64 {
         let mut shard = self.shard(key_id);
         let a = shard.entry(key_id.to_owned()).or_default();
-        a.unwritten_spend = a.unwritten_spend.saturating_add(spend);
+        a.unwritten_spend = a
+            .unwritten_spend
+            .saturating_add(spend)
+            .min(MAX_SPEND_MICROS);
         a.persisted = a.persisted.max(persisted.unwrap_or(0));
         a.touched_at = now;
-        a.persisted.saturating_add(a.unwritten_spend)
+        total(a.persisted, a.unwritten_spend)
     }
 
     /// Whether this replica knows the key (it verified or reported it recently).
@@ -143,7 +149,7 @@ impl UsageBook {
     /// The key's spend as this replica sees it, given the persisted spend of its record.
     pub fn spent(&self, key_id: &str, persisted: u64) -> u64 {
         self.shard(key_id).get(key_id).map_or(persisted, |a| {
-            a.persisted.max(persisted).saturating_add(a.unwritten_spend)
+            total(a.persisted.max(persisted), a.unwritten_spend)
         })
     }
 
@@ -277,6 +283,13 @@ impl UsageBook {
     fn failing_keys(&self) -> MutexGuard<'_, KeyIds> {
         self.failing.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A persisted total plus unwritten spend as the store will hold it once written: the
+/// sum, saturated at [`MAX_SPEND_MICROS`] (a total already above it, stored before there
+/// was a ceiling, stays as it is), like the stores' usage statement.
+fn total(persisted: u64, unwritten: u64) -> u64 {
+    persisted.max(persisted.saturating_add(unwritten).min(MAX_SPEND_MICROS))
 }
 
 /// What one [`UsageBook::flush`] did.
@@ -500,6 +513,18 @@ mod tests {
             (40, 0, 0)
         );
         assert_eq!(persisted(store.as_ref(), &ids).await, [3; 40]);
+    }
+
+    #[test]
+    fn spend_saturates_at_the_ceiling() {
+        let book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
+        let near = MAX_SPEND_MICROS - 10;
+        assert_eq!(book.add_spend("key_a", 5, Some(near), 0), near + 5);
+        assert_eq!(book.add_spend("key_a", 1_000, None, 0), MAX_SPEND_MICROS);
+        assert_eq!(book.add_spend("key_a", u64::MAX, None, 0), MAX_SPEND_MICROS);
+        assert_eq!(book.spent("key_a", 0), MAX_SPEND_MICROS);
+        // A total stored above the ceiling (before there was one) is not lowered.
+        assert_eq!(book.spent("key_a", u64::MAX), u64::MAX);
     }
 
     #[test]
