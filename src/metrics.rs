@@ -29,6 +29,7 @@
 //! | `keywarden_event_lag_seconds` | histogram | (commit of an event to its fan-out here) |
 //! | `keywarden_event_log_head` | gauge | (the last seq applied) |
 //! | `keywarden_db_pool_connections` | gauge | `state` (idle, in_use, max) |
+//! | `keywarden_usage_write_failures_total` | counter | (keys a usage flush kept unwritten) |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -119,6 +120,8 @@ pub struct Metrics {
     pub pool_idle: Gauge,
     pub pool_in_use: Gauge,
     pub pool_max: Gauge,
+    /// Keys whose usage a flush could not write (kept for the next one), per flush.
+    pub usage_keys_kept: Counter,
     rpc: HashMap<String, Histogram>,
     rpc_other: Histogram,
     /// VerifyKey's histogram, found without hashing its path (the call that dominates).
@@ -162,6 +165,7 @@ impl Metrics {
             pool_idle: Gauge::noop(),
             pool_in_use: Gauge::noop(),
             pool_max: Gauge::noop(),
+            usage_keys_kept: Counter::noop(),
             rpc: HashMap::new(),
             rpc_other: Histogram::noop(),
             rpc_verify_key: Histogram::noop(),
@@ -257,6 +261,7 @@ impl Metrics {
             pool_idle: pool("idle"),
             pool_in_use: pool("in_use"),
             pool_max: pool("max"),
+            usage_keys_kept: counter("keywarden_usage_write_failures_total", vec![]),
             rpc,
             rpc_other: histogram(
                 "keywarden_rpc_duration_seconds",
@@ -397,6 +402,13 @@ fn describe(recorder: &PrometheusRecorder) {
         None,
         "Database pool connections by state.",
         1,
+    );
+    d(
+        "keywarden_usage_write_failures_total",
+        None,
+        "Keys whose spend or last use a usage flush could not write (kept for the next \
+         flush), counted at every flush that kept them.",
+        0,
     );
 }
 

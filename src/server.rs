@@ -153,6 +153,7 @@ struct UsageFlusher {
     usage: Arc<UsageBook>,
     store: Arc<dyn Store>,
     clock: Clock,
+    metrics: Arc<Metrics>,
 }
 
 impl UsageFlusher {
@@ -169,12 +170,19 @@ impl UsageFlusher {
 
     /// `all`: every last use too, however recent the one written (shutdown, tests).
     async fn flush(&self, all: bool) {
-        if let Err(e) = self
+        let flushed = self
             .usage
             .flush(self.store.as_ref(), self.clock.now(), all)
-            .await
-        {
-            tracing::warn!(error = %e, "writing usage failed; kept for the next flush");
+            .await;
+        if let Some(e) = flushed.error {
+            self.metrics.usage_keys_kept.increment(flushed.kept as u64);
+            tracing::warn!(
+                error = %e,
+                written = flushed.written,
+                kept = flushed.kept,
+                failed_writes = flushed.failures,
+                "writing usage failed for some keys; kept for the next flush"
+            );
         }
     }
 }
@@ -462,6 +470,7 @@ pub async fn serve_on(
         usage: usage.clone(),
         store: store.clone(),
         clock,
+        metrics: metrics.clone(),
     };
     let flushing = tokio::spawn(
         flusher

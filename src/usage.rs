@@ -8,25 +8,38 @@
 //!
 //! `max(every persisted figure seen) + unwritten`
 //!
-//! Persisted figures include every replica's writes up to when they were read and spend
-//! only grows, so the largest is the freshest; unwritten spend is this replica's alone. A write removes exactly
-//! what it wrote from "unwritten", after its commit, so spend is never lost and never
-//! counted twice once the write has returned (between the commit and that moment a
-//! reader may count it twice, which only errs toward refusing). With several replicas,
-//! another replica's spend is seen once it has written it (every `usage.flush_interval`)
-//! and this replica has read it (a write returns the key's total).
+//! saturated at [`MAX_SPEND_MICROS`], as the stored total is.
 //!
-//! Writes happen every flush interval and at shutdown; a write that fails keeps its
-//! figures for the next one.
+//! Persisted figures include every replica's writes up to when they were read and spend
+//! only grows, so the largest is the freshest; unwritten spend is this replica's alone. A
+//! write removes exactly what it wrote from "unwritten", after its commit, so spend is
+//! never lost and never counted twice once the write has returned (between the commit and
+//! that moment a reader may count it twice, which only errs toward refusing). With several
+//! replicas, another replica's spend is seen once it has written it (every
+//! `usage.flush_interval`) and this replica has read it (a write returns the key's total).
+//!
+//! Writes happen every flush interval and at shutdown, in statements of at most
+//! [`USAGE_CHUNK`] keys, each settled on its own as it commits: a flush writes each key's
+//! figures once, whichever of its statements fail. A statement that fails keeps its
+//! figures for the next flush; one the database refuses (rather than one it cannot
+//! answer) is halved and retried until the keys it refuses are isolated, so one key the
+//! database will not update holds back no other key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::domain::Micros;
-use crate::store::{Store, StoreError, UsageDelta};
+use crate::domain::limits::MAX_SPEND_MICROS;
+use crate::store::{Store, StoreError, USAGE_CHUNK, UsageDelta};
 
 const SHARDS: usize = 32;
+
+/// Failed writes one flush may spend halving pieces to find the keys the database
+/// refuses. Isolating one such key in a chunk of [`USAGE_CHUNK`] takes about a dozen
+/// (one per halving); a database that refuses every write costs this many statements per
+/// flush, plus one per chunk, rather than one per key.
+const MAX_FAILED_WRITES: usize = 64;
 
 /// How far a key's last use must have moved before the periodic write records it again:
 /// a key in steady use costs one row write a minute, not one per flush. (The first use
@@ -50,12 +63,22 @@ struct Account {
 /// VerifyKey looks a key up here twice per call.
 type Accounts = HashMap<String, Account, foldhash::quality::RandomState>;
 
+type KeyIds = HashSet<String, foldhash::quality::RandomState>;
+
 pub struct UsageBook {
     shards: Box<[Mutex<Accounts>]>,
     /// How long an idle account with nothing unwritten is kept: longer than any cached key
     /// record can live, so a record read before this replica's last write is never the
     /// only figure left.
     keep_idle: Micros,
+    /// Keys per write ([`USAGE_CHUNK`]; smaller in tests).
+    chunk: usize,
+    /// [`MAX_FAILED_WRITES`] (smaller in tests).
+    max_failures: usize,
+    /// Keys whose last write failed on their own (the database refused them): written
+    /// apart from the other keys until a write succeeds. Normally none, so kept here
+    /// rather than as a flag that would grow every account.
+    failing: Mutex<KeyIds>,
 }
 
 impl UsageBook {
@@ -67,6 +90,9 @@ impl UsageBook {
                 .map(|_| Mutex::new(Accounts::default()))
                 .collect(),
             keep_idle: i64::try_from(keep.as_micros()).unwrap_or(i64::MAX),
+            chunk: USAGE_CHUNK,
+            max_failures: MAX_FAILED_WRITES,
+            failing: Mutex::default(),
         }
     }
 
@@ -106,10 +132,13 @@ impl UsageBook {
     pub fn add_spend(&self, key_id: &str, spend: u64, persisted: Option<u64>, now: Micros) -> u64 {
         let mut shard = self.shard(key_id);
         let a = shard.entry(key_id.to_owned()).or_default();
-        a.unwritten_spend = a.unwritten_spend.saturating_add(spend);
+        a.unwritten_spend = a
+            .unwritten_spend
+            .saturating_add(spend)
+            .min(MAX_SPEND_MICROS);
         a.persisted = a.persisted.max(persisted.unwrap_or(0));
         a.touched_at = now;
-        a.persisted.saturating_add(a.unwritten_spend)
+        total(a.persisted, a.unwritten_spend)
     }
 
     /// Whether this replica knows the key (it verified or reported it recently).
@@ -120,18 +149,22 @@ impl UsageBook {
     /// The key's spend as this replica sees it, given the persisted spend of its record.
     pub fn spent(&self, key_id: &str, persisted: u64) -> u64 {
         self.shard(key_id).get(key_id).map_or(persisted, |a| {
-            a.persisted.max(persisted).saturating_add(a.unwritten_spend)
+            total(a.persisted.max(persisted), a.unwritten_spend)
         })
     }
 
     /// Writes unwritten spend and the last uses that moved by [`LAST_USE_RESOLUTION`]
-    /// (every last use with `all`) in one batch, and forgets idle accounts.
-    pub async fn flush(
-        &self,
-        store: &dyn Store,
-        now: Micros,
-        all: bool,
-    ) -> Result<usize, StoreError> {
+    /// (every last use with `all`), and forgets idle accounts.
+    ///
+    /// Each write is one statement of at most [`USAGE_CHUNK`] keys that commits whole or
+    /// not at all, and each key's figures are settled right after its write commits: a
+    /// failure later in the flush cannot make a committed write count again. A write that
+    /// fails for a reason other than an unreachable database is halved and each half
+    /// retried, down to single keys, so that one key the database refuses (a row it cannot
+    /// update) is isolated, logged by key id and kept, while every other key is written.
+    /// An isolated key is written on its own at later flushes until a write succeeds. An
+    /// unreachable database ends the flush: the rest is kept for the next one.
+    pub async fn flush(&self, store: &dyn Store, now: Micros, all: bool) -> Flushed {
         let use_due = |a: &Account| {
             a.unwritten_use.is_some_and(|u| {
                 all || a
@@ -139,7 +172,10 @@ impl UsageBook {
                     .is_none_or(|w| u.saturating_sub(w) >= LAST_USE_RESOLUTION)
             })
         };
-        let mut batch = Vec::new();
+        // Keys whose write failed at an earlier flush are written apart from the others,
+        // so a key the database keeps refusing fails no other key's write first.
+        let failing_keys = self.failing_keys().clone();
+        let (mut batch, mut failing) = (Vec::new(), Vec::new());
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             shard.retain(|_, a| {
@@ -147,22 +183,69 @@ impl UsageBook {
                     || a.unwritten_use.is_some()
                     || now.saturating_sub(a.touched_at) < self.keep_idle
             });
-            batch.extend(
-                shard
-                    .iter()
-                    .filter(|(_, a)| a.unwritten_spend > 0 || use_due(a))
-                    .map(|(key_id, a)| UsageDelta {
-                        key_id: key_id.clone(),
-                        spend_micros: a.unwritten_spend,
-                        last_used_at: a.unwritten_use.filter(|_| use_due(a)),
-                    }),
-            );
+            for (key_id, a) in shard
+                .iter()
+                .filter(|(_, a)| a.unwritten_spend > 0 || use_due(a))
+            {
+                let delta = UsageDelta {
+                    key_id: key_id.clone(),
+                    spend_micros: a.unwritten_spend,
+                    last_used_at: a.unwritten_use.filter(|_| use_due(a)),
+                };
+                let apart = !failing_keys.is_empty() && failing_keys.contains(key_id);
+                if apart { &mut failing } else { &mut batch }.push(delta);
+            }
         }
-        if batch.is_empty() {
-            return Ok(0);
+        let chunk = self.chunk.max(1);
+        let mut pending: VecDeque<&[UsageDelta]> =
+            batch.chunks(chunk).chain(failing.chunks(chunk)).collect();
+        let mut flushed = Flushed::default();
+        while let Some(piece) = pending.pop_front() {
+            let e = match store.record_usage(piece).await {
+                Ok(totals) => {
+                    self.settle(piece, totals);
+                    flushed.written += piece.len();
+                    continue;
+                }
+                Err(e) => e,
+            };
+            flushed.failures += 1;
+            if matches!(e, StoreError::Unavailable(_)) {
+                // Every other write would fail alike (or wait for the pool's timeout).
+                flushed.kept += piece.len() + pending.iter().map(|p| p.len()).sum::<usize>();
+                flushed.error = Some(e);
+                break;
+            }
+            if let [delta] = piece {
+                self.isolate(&delta.key_id, &e);
+                flushed.kept += 1;
+            } else if flushed.failures < self.max_failures {
+                let (first, second) = piece.split_at(piece.len() / 2);
+                pending.push_front(second);
+                pending.push_front(first);
+            } else {
+                // A database that refuses everything must not cost a statement per key
+                // at every flush: the remaining pieces are tried once each, whole.
+                flushed.kept += piece.len();
+            }
+            flushed.error = Some(e);
         }
-        let totals: HashMap<String, u64> = store.record_usage(&batch).await?.into_iter().collect();
-        for written in &batch {
+        flushed
+    }
+
+    /// Takes what a committed write wrote out of the unwritten figures (what was added
+    /// since the batch was taken stays), and notes the totals it returned.
+    fn settle(&self, written: &[UsageDelta], totals: Vec<(String, u64)>) {
+        {
+            let mut failing = self.failing_keys();
+            if !failing.is_empty() {
+                for w in written {
+                    failing.remove(&w.key_id);
+                }
+            }
+        }
+        let totals: HashMap<String, u64> = totals.into_iter().collect();
+        for written in written {
             let mut shard = self.shard(&written.key_id);
             let Some(a) = shard.get_mut(&written.key_id) else {
                 continue;
@@ -182,8 +265,44 @@ impl UsageBook {
                 }
             }
         }
-        Ok(batch.len())
     }
+
+    /// A key whose write failed on its own: kept, and written apart from now on.
+    fn isolate(&self, key_id: &str, e: &StoreError) {
+        if self.failing_keys().insert(key_id.to_owned()) {
+            tracing::warn!(
+                key_id,
+                error = %e,
+                "writing one key's usage failed; kept for the next flush (the other keys were written)"
+            );
+        } else {
+            tracing::debug!(key_id, error = %e, "writing one key's usage failed again; kept");
+        }
+    }
+
+    fn failing_keys(&self) -> MutexGuard<'_, KeyIds> {
+        self.failing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A persisted total plus unwritten spend as the store will hold it once written: the
+/// sum, saturated at [`MAX_SPEND_MICROS`] (a total already above it, stored before there
+/// was a ceiling, stays as it is), like the stores' usage statement.
+fn total(persisted: u64, unwritten: u64) -> u64 {
+    persisted.max(persisted.saturating_add(unwritten).min(MAX_SPEND_MICROS))
+}
+
+/// What one [`UsageBook::flush`] did.
+#[derive(Debug, Default)]
+pub struct Flushed {
+    /// Keys whose figures were written.
+    pub written: usize,
+    /// Keys whose figures could not be written: kept for the next flush.
+    pub kept: usize,
+    /// Writes (statements) that failed.
+    pub failures: usize,
+    /// The last failure, when a write failed.
+    pub error: Option<StoreError>,
 }
 
 #[cfg(test)]
@@ -221,42 +340,191 @@ mod tests {
 
         let t0 = 1_000_000 * S;
         book.mark_used(&key_id, 0, t0);
-        assert_eq!(book.flush(store.as_ref(), t0, false).await.unwrap(), 1);
+        assert_eq!(book.flush(store.as_ref(), t0, false).await.written, 1);
         assert_eq!(last_used().await, Some(t0));
         book.mark_used(&key_id, 0, t0 + 10 * S);
         assert_eq!(
-            book.flush(store.as_ref(), t0 + 10 * S, false)
-                .await
-                .unwrap(),
+            book.flush(store.as_ref(), t0 + 10 * S, false).await.written,
             0
         );
         book.add_spend(&key_id, 5, None, t0 + 11 * S);
         assert_eq!(
-            book.flush(store.as_ref(), t0 + 11 * S, false)
-                .await
-                .unwrap(),
+            book.flush(store.as_ref(), t0 + 11 * S, false).await.written,
             1
         );
         assert_eq!(last_used().await, Some(t0), "the use is not due yet");
         book.mark_used(&key_id, 0, t0 + 61 * S);
         assert_eq!(
-            book.flush(store.as_ref(), t0 + 61 * S, false)
-                .await
-                .unwrap(),
+            book.flush(store.as_ref(), t0 + 61 * S, false).await.written,
             1
         );
         assert_eq!(last_used().await, Some(t0 + 61 * S));
         book.mark_used(&key_id, 0, t0 + 70 * S);
         assert_eq!(
-            book.flush(store.as_ref(), t0 + 70 * S, true).await.unwrap(),
+            book.flush(store.as_ref(), t0 + 70 * S, true).await.written,
             1
         );
         assert_eq!(last_used().await, Some(t0 + 70 * S));
         assert_eq!(book.spent(&key_id, 0), 5);
         assert_eq!(
-            book.flush(store.as_ref(), t0 + 71 * S, true).await.unwrap(),
+            book.flush(store.as_ref(), t0 + 71 * S, true).await.written,
             0
         );
+    }
+
+    /// A fresh SQLite store holding `n` keys (its directory, URL, store and key ids).
+    async fn store_with_keys(
+        n: usize,
+    ) -> (
+        tempfile::TempDir,
+        String,
+        std::sync::Arc<dyn Store>,
+        Vec<String>,
+    ) {
+        use crate::domain::key::KeyRecord;
+        use crate::domain::key_format::KeyHash;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("usage.db").display());
+        let store = crate::store::open(&url, 1).await.unwrap();
+        let audit = crate::store::AuditContext {
+            actor_id: "u".into(),
+            caller: "t".into(),
+            action: "key.issue",
+            detail: String::new(),
+        };
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let key_id = crate::domain::ids::new_key_id().unwrap();
+            store
+                .insert_key(
+                    &KeyRecord::sample(&key_id),
+                    &KeyHash::of(&key_id),
+                    None,
+                    &audit,
+                )
+                .await
+                .unwrap();
+            ids.push(key_id);
+        }
+        (dir, url, store, ids)
+    }
+
+    /// Runs one statement on the database behind the store's back.
+    async fn execute(url: &str, sql: &str) {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+
+    async fn persisted(store: &dyn Store, ids: &[String]) -> Vec<u64> {
+        let mut spent = Vec::new();
+        for id in ids {
+            spent.push(store.get_key(id).await.unwrap().unwrap().spent_micros);
+        }
+        spent
+    }
+
+    /// One key the database refuses (a trigger raises on its row) fails every write that
+    /// holds it. The keys written before and after it are taken out of the book once,
+    /// when their write commits, and are not written again at later flushes; the refused
+    /// key is isolated and its spend kept, and written once the database takes it.
+    #[tokio::test]
+    async fn a_failed_write_takes_out_only_what_committed_and_keeps_the_refused_key() {
+        let (_dir, url, store, ids) = store_with_keys(7).await;
+        let mut book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
+        book.chunk = 2;
+        let refused = ids[3].clone();
+        let others: Vec<String> = ids.iter().filter(|id| **id != refused).cloned().collect();
+        execute(
+            &url,
+            &format!(
+                "CREATE TRIGGER refuse BEFORE UPDATE ON api_keys WHEN NEW.key_id = '{refused}' \
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            ),
+        )
+        .await;
+        for id in &ids {
+            book.add_spend(id, 10, Some(0), 1);
+        }
+
+        let flushed = book.flush(store.as_ref(), 2, true).await;
+        assert_eq!((flushed.written, flushed.kept), (6, 1));
+        assert!(flushed.error.is_some());
+        assert_eq!(persisted(store.as_ref(), &others).await, [10; 6]);
+        assert_eq!(
+            persisted(store.as_ref(), std::slice::from_ref(&refused)).await,
+            [0]
+        );
+        // Written once: nothing of theirs is left to write again.
+        assert_eq!(book.spent(&others[0], 10), 10);
+        assert_eq!(
+            book.spent(&refused, 0),
+            10,
+            "the refused key's spend is kept"
+        );
+        for now in [3, 4] {
+            let flushed = book.flush(store.as_ref(), now, true).await;
+            assert_eq!((flushed.written, flushed.kept), (0, 1));
+        }
+        assert_eq!(persisted(store.as_ref(), &others).await, [10; 6]);
+
+        for id in &ids {
+            book.add_spend(id, 1, None, 5);
+        }
+        let flushed = book.flush(store.as_ref(), 6, true).await;
+        assert_eq!((flushed.written, flushed.kept), (6, 1));
+        assert_eq!(persisted(store.as_ref(), &others).await, [11; 6]);
+
+        execute(&url, "DROP TRIGGER refuse").await;
+        let flushed = book.flush(store.as_ref(), 7, true).await;
+        assert_eq!((flushed.written, flushed.kept), (1, 0));
+        assert!(flushed.error.is_none());
+        assert_eq!(persisted(store.as_ref(), &ids).await, [11; 7]);
+        assert_eq!(book.spent(&refused, 11), 11);
+        assert_eq!(book.flush(store.as_ref(), 8, true).await.written, 0);
+    }
+
+    /// A database that refuses every write (its table is gone) costs a flush at most one
+    /// failed write per chunk plus the halving allowance, not one per key; everything is
+    /// kept and written once the table is back.
+    #[tokio::test]
+    async fn a_database_refusing_every_write_costs_bounded_writes_and_loses_nothing() {
+        let (_dir, url, store, ids) = store_with_keys(40).await;
+        let mut book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
+        (book.chunk, book.max_failures) = (2, 4);
+        for id in &ids {
+            book.add_spend(id, 3, Some(0), 1);
+        }
+        execute(&url, "ALTER TABLE api_keys RENAME TO api_keys_hidden").await;
+        let flushed = book.flush(store.as_ref(), 2, true).await;
+        assert_eq!((flushed.written, flushed.kept), (0, 40));
+        assert!(
+            flushed.failures <= 20 + 4,
+            "{} failed writes",
+            flushed.failures
+        );
+        execute(&url, "ALTER TABLE api_keys_hidden RENAME TO api_keys").await;
+        let flushed = book.flush(store.as_ref(), 3, true).await;
+        assert_eq!(
+            (flushed.written, flushed.kept, flushed.failures),
+            (40, 0, 0)
+        );
+        assert_eq!(persisted(store.as_ref(), &ids).await, [3; 40]);
+    }
+
+    #[test]
+    fn spend_saturates_at_the_ceiling() {
+        let book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
+        let near = MAX_SPEND_MICROS - 10;
+        assert_eq!(book.add_spend("key_a", 5, Some(near), 0), near + 5);
+        assert_eq!(book.add_spend("key_a", 1_000, None, 0), MAX_SPEND_MICROS);
+        assert_eq!(book.add_spend("key_a", u64::MAX, None, 0), MAX_SPEND_MICROS);
+        assert_eq!(book.spent("key_a", 0), MAX_SPEND_MICROS);
+        // A total stored above the ceiling (before there was one) is not lowered.
+        assert_eq!(book.spent("key_a", u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -366,6 +366,56 @@ async fn reported_spend_survives_a_restart(backend: Backend) {
     assert_eq!(r.spent_micros, 1_000);
 }
 
+/// Spend saturates at `MAX_SPEND_MICROS`: ReportUsage answers the ceiling, and the
+/// flushes write it. A total stored above the ceiling (before there was one) stays as it
+/// is and no longer fails the write: before, adding to a total near the BIGINT limit
+/// failed every flush ("bigint out of range"), and every key in the same statement with it.
+async fn spend_past_the_ceiling_saturates_and_never_fails_a_flush(backend: Backend) {
+    use keywarden::domain::limits::MAX_SPEND_MICROS;
+    use keywarden::domain::validate::MAX_USAGE;
+    let app = TestApp::spawn(backend).await;
+    let (near, above, other) = (
+        key_id(&app.issue().await),
+        key_id(&app.issue().await),
+        key_id(&app.issue().await),
+    );
+    let stored_above = i64::MAX - 807;
+    for (id, spent) in [
+        (&near, MAX_SPEND_MICROS as i64 - 10),
+        (&above, stored_above),
+    ] {
+        app.db
+            .execute(&format!(
+                "UPDATE api_keys SET spent_micros = {spent} WHERE key_id = '{id}'"
+            ))
+            .await;
+    }
+    assert_eq!(
+        report(&app, &near, 0, MAX_USAGE).await.unwrap(),
+        MAX_SPEND_MICROS
+    );
+    assert_eq!(
+        report(&app, &above, 0, MAX_USAGE).await.unwrap(),
+        stored_above as u64
+    );
+    assert_eq!(report(&app, &other, 0, 1).await.unwrap(), 1);
+    app.server().flush_usage().await;
+    assert_eq!(
+        report(&app, &near, 0, MAX_USAGE).await.unwrap(),
+        MAX_SPEND_MICROS
+    );
+    assert_eq!(report(&app, &other, 0, 1).await.unwrap(), 2);
+    app.server().flush_usage().await;
+    app.server().flush_usage().await;
+    for (id, spent) in [
+        (&near, MAX_SPEND_MICROS),
+        (&above, stored_above as u64),
+        (&other, 2),
+    ] {
+        assert_eq!(get_key(&app, id).await.spent_micros, spent);
+    }
+}
+
 async fn last_used_at_moves_once_written_and_unused_since_lists_the_rest(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let keys: Vec<_> = [app.issue().await, app.issue().await, app.issue().await]
@@ -422,6 +472,191 @@ async fn last_used_at_moves_once_written_and_unused_since_lists_the_rest(backend
     // Not used since t1: only the never-used one (the first was used at t1 itself).
     assert_eq!(unused_since(t1).await, sorted(vec![ids[2].clone()]));
     assert_eq!(unused_since(t2 + 1).await, sorted(ids.clone()));
+}
+
+/// A token bucket in Redis saturates at `MAX_BUCKET_COUNT` instead of overflowing
+/// HINCRBY's 64-bit integer, an error that made the report fail (UNAVAILABLE when the
+/// limiter fails closed) for as long as the bucket lived. A bucket already above the
+/// ceiling (counted before there was one) stays as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_token_buckets_saturate_at_their_ceiling_instead_of_overflowing() {
+    use keywarden::domain::limits::{MAX_BUCKET_COUNT, MAX_LIMIT};
+    use keywarden::domain::validate::MAX_USAGE;
+    use std::collections::HashMap;
+    let prefix = redis_prefix();
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        use_counters(s, Counters::Redis, &prefix)
+    })
+    .await;
+    let issued = app
+        .issue_with(|r| {
+            r.rate_limits = vec![
+                rpm(100),
+                limit(
+                    proto::RateLimitUnit::Tokens,
+                    proto::RateLimitWindow::Day,
+                    MAX_LIMIT,
+                ),
+            ]
+        })
+        .await;
+    let id = key_id(&issued);
+    report(&app, &id, 1, 0).await.unwrap();
+    let redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let hash = |window: &str| format!("{prefix}:rl:{{{id}}}:tokens:{window}");
+    let buckets = |window: &str| {
+        let (mut redis, hash) = (redis.clone(), hash(window));
+        async move {
+            let counted: HashMap<String, i64> = redis::cmd("HGETALL")
+                .arg(hash)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            counted
+        }
+    };
+    let above = i64::MAX - 5;
+    let near = MAX_BUCKET_COUNT as i64 - 10;
+    let mut set = Vec::new();
+    for (window, value) in [("minute", above), ("day", near)] {
+        let counted = buckets(window).await;
+        assert_eq!(counted.values().collect::<Vec<_>>(), [&1]);
+        let bucket = counted.into_keys().next().unwrap();
+        set.push((window, bucket, value));
+    }
+    for (window, bucket, value) in &set {
+        let _: () = redis::cmd("HSET")
+            .arg(hash(window))
+            .arg(bucket)
+            .arg(value)
+            .query_async(&mut redis.clone())
+            .await
+            .unwrap();
+    }
+
+    report(&app, &id, MAX_USAGE, 0).await.unwrap();
+    let value = async |window: &str| buckets(window).await.into_values().next().unwrap();
+    assert_eq!(
+        value("minute").await,
+        above,
+        "above the ceiling: left as it is"
+    );
+    assert_eq!(value("day").await, MAX_BUCKET_COUNT as i64, "saturated");
+    assert_eq!(value("hour").await, 1 + MAX_USAGE as i64);
+    let refused = verify_with(&app.verifier(), &issued.key, 1).await;
+    assert_eq!(code(&refused), VerifyCode::RateLimited);
+    assert_eq!(
+        refused.rate_limit.unwrap().windows[1].used,
+        MAX_BUCKET_COUNT
+    );
+}
+
+/// The usage book writes at most `USAGE_CHUNK` (1 000) keys per statement. Here the
+/// database refuses one key's row (a trigger raises on its update), so every statement
+/// holding it fails. Each other key's spend must be written exactly once however many
+/// flushes follow (not again at each flush, as when the chunks written before a failing
+/// one were left in the book), and the refused key's spend kept, not lost or doubled,
+/// until the database takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_one_key_the_database_refuses_leaves_every_other_keys_spend_written_once() {
+    use futures::StreamExt;
+    const KEYS: usize = 1_500;
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let store = keywarden::store::open(&app.db.url, 5).await.unwrap();
+    let audit = keywarden::store::AuditContext {
+        actor_id: "user_admin".into(),
+        caller: "test-admin".into(),
+        action: "key.issue",
+        detail: String::new(),
+    };
+    let ids: Vec<String> = futures::stream::iter(0..=KEYS)
+        .map(|_| {
+            let (store, audit) = (store.clone(), audit.clone());
+            async move {
+                let key = key_record("ws_test", 1);
+                let hash = keywarden::domain::key_format::KeyHash::of(&key.key_id);
+                store.insert_key(&key, &hash, None, &audit).await.unwrap();
+                key.key_id
+            }
+        })
+        .buffer_unordered(5)
+        .collect()
+        .await;
+    let refused = ids[0].clone();
+    app.db
+        .execute(&format!(
+            "CREATE FUNCTION refuse_usage() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.key_id = '{refused}' THEN RAISE EXCEPTION 'refused by the test'; \
+             END IF; RETURN NEW; END $$"
+        ))
+        .await;
+    app.db
+        .execute(
+            "CREATE TRIGGER refuse_usage BEFORE UPDATE ON api_keys \
+             FOR EACH ROW EXECUTE FUNCTION refuse_usage()",
+        )
+        .await;
+    let refused = refused.as_str();
+    let spent: Vec<u64> = futures::stream::iter(&ids)
+        .map(|id| {
+            let app = &app;
+            async move { report(app, id, 0, if id == refused { 5 } else { 1 }).await }
+        })
+        .buffer_unordered(8)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(spent.iter().sum::<u64>(), KEYS as u64 + 5);
+    // How many of the other keys have a persisted spend `op` (`= 1`, `> 1`), and the
+    // refused key's.
+    let persisted = async |op: &str| {
+        app.db
+            .count(&format!(
+                "SELECT count(*) FROM api_keys WHERE key_id <> '{refused}' \
+                 AND spent_micros {op}"
+            ))
+            .await
+    };
+    let refused_persisted = async || {
+        app.db
+            .count(&format!(
+                "SELECT spent_micros FROM api_keys WHERE key_id = '{refused}'"
+            ))
+            .await
+    };
+
+    for flush in 1..=3 {
+        app.server().flush_usage().await;
+        assert_eq!(
+            persisted("> 1").await,
+            0,
+            "after flush {flush}, keys whose spend was written again"
+        );
+        assert_eq!(refused_persisted().await, 0);
+    }
+    assert_eq!(
+        persisted("= 1").await,
+        KEYS as i64,
+        "every other key's spend is written"
+    );
+    // The refused key's spend is kept by the replica: its budget still counts it.
+    assert_eq!(report(&app, refused, 0, 0).await.unwrap(), 5);
+
+    app.db
+        .execute("DROP TRIGGER refuse_usage ON api_keys")
+        .await;
+    app.server().flush_usage().await;
+    app.server().flush_usage().await;
+    assert_eq!(
+        refused_persisted().await,
+        5,
+        "written once, not lost or doubled"
+    );
+    assert_eq!(persisted("= 1").await, KEYS as i64);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -905,6 +1140,7 @@ both_backends!(
     the_deployment_default_applies_to_keys_that_name_none,
     a_spent_budget_refuses_the_next_call,
     reported_spend_survives_a_restart,
+    spend_past_the_ceiling_saturates_and_never_fails_a_flush,
     last_used_at_moves_once_written_and_unused_since_lists_the_rest,
     usage_and_cost_are_validated,
 );

@@ -1267,6 +1267,91 @@ async fn usage_adds_spend_and_moves_last_use_forward_only(backend: Backend) {
     assert_eq!(store.record_usage(&[]).await.unwrap(), []);
 }
 
+/// A key's stored spend saturates at `MAX_SPEND_MICROS`, whatever the deltas, and the
+/// statement never overflows BIGINT (which would fail it for every key in the batch); a
+/// total already above the ceiling (stored before there was one) neither grows nor falls.
+async fn usage_saturates_spend_at_the_ceiling_without_overflowing(backend: Backend) {
+    use keywarden::domain::limits::MAX_SPEND_MICROS as MAX;
+    let (db, store) = open(backend).await;
+    let (key, above) = (key_record(WS, T0), key_record(WS, T0 + 1));
+    insert(store.as_ref(), &key).await;
+    insert(store.as_ref(), &above).await;
+    let spend = |k: &KeyRecord, spend: u64| UsageDelta {
+        key_id: k.key_id.clone(),
+        spend_micros: spend,
+        last_used_at: None,
+    };
+    let totals = store.record_usage(&[spend(&key, MAX - 10)]).await.unwrap();
+    assert_eq!(totals, [(key.key_id.clone(), MAX - 10)]);
+    let totals = store.record_usage(&[spend(&key, 100)]).await.unwrap();
+    assert_eq!(totals, [(key.key_id.clone(), MAX)]);
+    let totals = store.record_usage(&[spend(&key, u64::MAX)]).await.unwrap();
+    assert_eq!(totals, [(key.key_id.clone(), MAX)]);
+
+    let stored_above = i64::MAX - 807;
+    db.execute(&format!(
+        "UPDATE api_keys SET spent_micros = {stored_above} WHERE key_id = '{}'",
+        above.key_id
+    ))
+    .await;
+    let mut totals = store
+        .record_usage(&[spend(&above, 1_000_000_000_000), spend(&key, 1)])
+        .await
+        .unwrap();
+    totals.sort();
+    let mut expected = vec![
+        (above.key_id.clone(), stored_above as u64),
+        (key.key_id.clone(), MAX),
+    ];
+    expected.sort();
+    assert_eq!(totals, expected);
+    let stored = store.get_key(&key.key_id).await.unwrap().unwrap();
+    assert_eq!(stored.spent_micros, MAX);
+}
+
+/// Before spend had a ceiling, SQLite stored a sum past the INTEGER range as REAL, and the
+/// usage statement's RETURNING then failed to decode it after the statement had
+/// committed, so every key written with it was written again at the next flush. Such a
+/// total is now turned into the largest integer by the next write, which succeeds and
+/// writes the other keys once.
+#[tokio::test]
+async fn sqlite_a_spend_stored_as_real_by_an_old_overflow_is_written_back_as_an_integer() {
+    let (db, store) = open(Backend::Sqlite).await;
+    let (real, other) = (key_record(WS, T0), key_record(WS, T0 + 1));
+    insert(store.as_ref(), &real).await;
+    insert(store.as_ref(), &other).await;
+    db.execute(&format!(
+        "UPDATE api_keys SET spent_micros = 9223372036854775000 + 1000000000000 \
+         WHERE key_id = '{}'",
+        real.key_id
+    ))
+    .await;
+    let typeof_real = format!(
+        "SELECT count(*) FROM api_keys WHERE typeof(spent_micros) = 'real' AND key_id = '{}'",
+        real.key_id
+    );
+    assert_eq!(db.count(&typeof_real).await, 1);
+    let delta = |k: &KeyRecord, spend: u64| UsageDelta {
+        key_id: k.key_id.clone(),
+        spend_micros: spend,
+        last_used_at: None,
+    };
+    let mut totals = store
+        .record_usage(&[delta(&real, 5), delta(&other, 7)])
+        .await
+        .unwrap();
+    totals.sort();
+    let mut expected = vec![
+        (real.key_id.clone(), i64::MAX as u64),
+        (other.key_id.clone(), 7),
+    ];
+    expected.sort();
+    assert_eq!(totals, expected);
+    assert_eq!(db.count(&typeof_real).await, 0);
+    let stored = store.get_key(&real.key_id).await.unwrap().unwrap();
+    assert_eq!(stored.spent_micros, i64::MAX as u64);
+}
+
 async fn list_filters_by_unused_since(backend: Backend) {
     let (_db, store) = open(backend).await;
     let (old, recent, never) = (
@@ -2036,6 +2121,7 @@ both_backends!(
     concurrent_revokes_and_rotations_leave_a_consistent_key,
     limits_and_budgets_round_trip_and_update_patches_them,
     usage_adds_spend_and_moves_last_use_forward_only,
+    usage_saturates_spend_at_the_ceiling_without_overflowing,
     list_filters_by_unused_since,
     no_index_names_a_column_the_usage_book_writes,
     team_updates_of_different_fields_both_take_effect,

@@ -32,6 +32,17 @@ pub const BUCKETS: i64 = 60;
 pub const MAX_LIMIT: u64 = 1_000_000_000_000;
 /// The largest budget, in micro-units of currency (a billion units).
 pub const MAX_BUDGET_MICROS: u64 = 1_000_000_000_000_000;
+/// The most spend a key's total reaches: reported spend past it saturates there (in the
+/// usage book and in the stored total). A thousand times the largest budget, so that no
+/// budget decision ever changes, and well under what the BIGINT column holds
+/// (about 9.2 × 10^18), which the stores' usage statement therefore never overflows.
+pub const MAX_SPEND_MICROS: u64 = 1_000 * MAX_BUDGET_MICROS;
+/// The most one bucket of a window counts: reported tokens past it saturate there (in
+/// memory and in Redis). A thousand times the largest limit, so no decision changes;
+/// exact in Lua's numbers (doubles, below 2^53) and far from Redis's 64-bit integers,
+/// which its counters therefore never overflow. (Requests never get near it: a call is
+/// counted only when it fits under its limit.)
+pub const MAX_BUCKET_COUNT: u64 = 1_000 * MAX_LIMIT;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LimitUnit {
@@ -239,8 +250,11 @@ impl WindowUsage {
             .rposition(|(x, _)| *x <= b)
             .map_or(0, |i| i + 1);
         match at.checked_sub(1).and_then(|i| self.buckets.get_mut(i)) {
-            Some((x, n)) if *x == b => *n = n.saturating_add(amount),
-            _ => self.buckets.insert(at, (b, amount)),
+            // A bucket counts at most MAX_BUCKET_COUNT (and never less than it held).
+            Some((x, n)) if *x == b => {
+                *n = (*n).max(n.saturating_add(amount).min(MAX_BUCKET_COUNT))
+            }
+            _ => self.buckets.insert(at, (b, amount.min(MAX_BUCKET_COUNT))),
         }
     }
 
@@ -555,6 +569,19 @@ mod tests {
         // The 600 tokens of second 1 leave at 62 s, and 400 < 1000.
         assert_eq!(w.retry_at, Some(T0 + 62 * S));
         assert!(decide(&limits, &mut usage, T0 + 62 * S, 1).allowed);
+    }
+
+    #[test]
+    fn a_bucket_counts_tokens_up_to_its_ceiling_and_still_refuses() {
+        let limits = [limit(LimitUnit::Tokens, LimitWindow::Day, MAX_LIMIT)];
+        let mut usage = fresh(1);
+        usage[0].add(LimitWindow::Day, T0, MAX_BUCKET_COUNT - 10);
+        usage[0].add(LimitWindow::Day, T0, MAX_LIMIT);
+        usage[0].add(LimitWindow::Day, T0, u64::MAX);
+        assert_eq!(usage[0].used(LimitWindow::Day, T0), MAX_BUCKET_COUNT);
+        let d = decide(&limits, &mut usage, T0, 1);
+        assert!(!d.allowed);
+        assert_eq!(d.tightest().unwrap().used, MAX_BUCKET_COUNT);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use super::leased::{LeaseRecord, QuotaAuthority};
 use super::{BackendStats, FailureMode, LimiterError, RateLimiter};
 use crate::domain::lease::{self, Grant, MAX_LEASE};
 use crate::domain::limits::{
-    self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, RateLimit, WindowUsage,
+    self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, MAX_BUCKET_COUNT, RateLimit, WindowUsage,
 };
 use crate::domain::{MICROS_PER_SECOND, Micros};
 
@@ -91,10 +91,21 @@ return out
 "#;
 
 const RECORD: &str = r#"
--- ARGV[1] = amount; for key i: ARGV[1 + 2(i-1) + 1] = bucket, + 2 = ttl in ms.
+-- ARGV[1] = amount, ARGV[2] = the most a bucket counts; for key i:
+-- ARGV[2 + 2(i-1) + 1] = bucket, + 2 = ttl in ms.
+-- A bucket saturates at the ceiling rather than overflow HINCRBY's 64-bit integer (an
+-- error that would fail every later report); one above it (from before) stays as it is.
+-- Both figures are below 2^53, so Lua's doubles hold them and their sum exactly.
+local amount = tonumber(ARGV[1])
+local most = tonumber(ARGV[2])
 for i = 1, #KEYS do
-  local base = 1 + (i - 1) * 2
-  redis.call('HINCRBY', KEYS[i], ARGV[base + 1], ARGV[1])
+  local base = 2 + (i - 1) * 2
+  local counted = tonumber(redis.call('HGET', KEYS[i], ARGV[base + 1])) or 0
+  if counted + amount <= most then
+    redis.call('HINCRBY', KEYS[i], ARGV[base + 1], ARGV[1])
+  elseif counted < most then
+    redis.call('HSET', KEYS[i], ARGV[base + 1], ARGV[2])
+  end
   redis.call('PEXPIRE', KEYS[i], ARGV[base + 2])
 end
 return 1
@@ -351,7 +362,9 @@ impl RateLimiter for RedisLimiter {
             return self.skipped();
         }
         let mut invocation = self.record.prepare_invoke();
-        invocation.arg(tokens);
+        invocation
+            .arg(tokens.min(MAX_BUCKET_COUNT))
+            .arg(MAX_BUCKET_COUNT);
         for window in LimitWindow::ALL {
             let (current, _, ttl_ms) = bucket_args(window, now);
             invocation

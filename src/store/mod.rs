@@ -195,6 +195,10 @@ pub struct WorkspacePatch {
     pub plan: Option<Plan>,
 }
 
+/// The most keys the usage book gives [`Store::record_usage`] at once, so that the rows
+/// one statement locks and the JSON it parses stay bounded however many keys are in use.
+pub const USAGE_CHUNK: usize = 1000;
+
 /// What one replica's usage book writes for a key in one batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageDelta {
@@ -307,8 +311,10 @@ pub trait Store: Send + Sync + 'static {
     /// `now` and was not announced yet (at most `limit`); returns how many.
     async fn announce_grace_ends(&self, now: Micros, limit: u32) -> Result<usize, StoreError>;
 
-    /// Adds each delta's spend and moves its `last_used_at`, in one transaction; returns
-    /// the persisted spend of every key that exists (deleted ones too), after the batch.
+    /// Adds each delta's spend and moves its `last_used_at`, in one statement that writes
+    /// the whole batch or nothing (an error means nothing was written); returns the
+    /// persisted spend of every key that exists (deleted ones too), after the batch.
+    /// Callers keep batches to [`USAGE_CHUNK`] keys.
     async fn record_usage(&self, batch: &[UsageDelta]) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Stores a new workspace and its audit event; [`StoreError::AlreadyExists`] when the

@@ -65,12 +65,15 @@ impl_store!(
     " FOR UPDATE",
     " FOR SHARE",
     "SELECT pg_notify('keywarden_key_events', '')",
-    "UPDATE api_keys AS k SET spent_micros = k.spent_micros + d.spend, \
-     last_used_at = CASE WHEN d.has_use = 1 AND (k.last_used_at IS NULL OR k.last_used_at < d.used) \
-     THEN d.used ELSE k.last_used_at END \
-     FROM (SELECT e->>0 AS key_id, (e->>1)::bigint AS spend, (e->>2)::bigint AS used, \
-     (e->>3)::int AS has_use FROM jsonb_array_elements($1::text::jsonb) AS e) AS d \
-     WHERE k.key_id = d.key_id RETURNING k.key_id, k.spent_micros",
+    concat!(
+        "UPDATE api_keys AS k SET spent_micros = ",
+        crate::store::sql::saturated_spend!("k"),
+        ", last_used_at = CASE WHEN d.has_use = 1 AND (k.last_used_at IS NULL OR k.last_used_at < d.used) \
+         THEN d.used ELSE k.last_used_at END \
+         FROM (SELECT e->>0 AS key_id, (e->>1)::bigint AS spend, (e->>2)::bigint AS used, \
+         (e->>3)::int AS has_use FROM jsonb_array_elements($1::text::jsonb) AS e) AS d \
+         WHERE k.key_id = d.key_id RETURNING k.key_id, k.spent_micros"
+    ),
     fn postgres_pool(&self) -> Option<&PgPool> {
         Some(&self.pool)
     }

@@ -216,24 +216,56 @@ impl From<GroupRow> for crate::domain::access::AccessGroup {
     }
 }
 
-/// Keys per usage statement.
-pub(crate) const USAGE_CHUNK: usize = 1000;
-
 /// The live keys (neither revoked, deleted nor expired at `$4`) of owner `$3` in team `$2`
 /// of workspace `$1`: what a team's `max_keys_per_user` caps.
 pub(crate) const MEMBER_KEYS: &str = "SELECT count(*) FROM api_keys WHERE workspace_id = $1 \
      AND team_id = $2 AND owner_id = $3 AND deleted_at IS NULL AND revoked_at IS NULL \
      AND (expires_at IS NULL OR expires_at > $4)";
 
+/// The new spend of key row `$row` (`k` on Postgres, `api_keys` on SQLite) in the usage
+/// statements, which bind [`MAX_SPEND_MICROS`] as `$2`: the old total plus the delta
+/// `d.spend`, saturated at the ceiling. No operation in it can overflow BIGINT (the sum is
+/// taken only when it stays under the ceiling, and the delta is at most the ceiling), so
+/// no replica's figures can make the statement fail. A total already above the ceiling
+/// (stored before there was one) is kept: spend never goes down. The cast matters on
+/// SQLite only, whose overflowing sums (before the ceiling) were stored as REAL: it turns
+/// such a total back into the largest integer, which the statement's RETURNING (and every
+/// read of the key) can decode; a decoding error there would come after the statement
+/// committed, and have the usage book write the whole batch again.
+///
+/// [`MAX_SPEND_MICROS`]: crate::domain::limits::MAX_SPEND_MICROS
+macro_rules! saturated_spend {
+    ($row:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $row,
+            ".spent_micros >= $2 THEN CAST(",
+            $row,
+            ".spent_micros AS BIGINT) WHEN d.spend > $2 - ",
+            $row,
+            ".spent_micros THEN $2 ELSE ",
+            $row,
+            ".spent_micros + d.spend END"
+        )
+    };
+}
+pub(crate) use saturated_spend;
+
+/// The ceiling the usage statements bind as `$2`.
+pub(crate) fn spend_ceiling() -> i64 {
+    budget_column(Some(crate::domain::limits::MAX_SPEND_MICROS)).unwrap_or(i64::MAX)
+}
+
 /// A usage batch as the JSON array the usage statements unpack:
-/// `[[key_id, spend, last_used_at, 0|1], ...]`.
+/// `[[key_id, spend, last_used_at, 0|1], ...]` (spend capped at the ceiling: more could
+/// not be stored anyway).
 pub(crate) fn usage_json(batch: &[super::UsageDelta]) -> String {
     let rows: Vec<serde_json::Value> = batch
         .iter()
         .map(|d| {
             serde_json::json!([
                 d.key_id,
-                budget_column(Some(d.spend_micros)).unwrap_or(i64::MAX),
+                budget_column(Some(d.spend_micros)).map_or(0, |s| s.min(spend_ceiling())),
                 d.last_used_at.unwrap_or(0),
                 i64::from(d.last_used_at.is_some()),
             ])
@@ -427,15 +459,16 @@ impl TryFrom<AuditRow> for AuditRecord {
 
 /// Implements [`super::Store`] for `$store`, which must have a `pool: sqlx::Pool<$db>`
 /// field and an `async fn begin_write(&self) -> Result<sqlx::Transaction<'static, $db>,
-/// sqlx::Error>` method. `$usage_sql` writes a usage batch (one JSON parameter, see
-/// [`usage_json`]) returning `(key_id, spent_micros)` per key found. `$lock` is appended to the statement that reads the key row
+/// sqlx::Error>` method. `$usage_sql` writes a usage batch (the JSON of [`usage_json`] as
+/// `$1`, the spend ceiling as `$2`, the new spend computed by [`saturated_spend!`])
+/// returning `(key_id, spent_micros)` per key found. `$lock` is appended to the statement that reads the key row
 /// a mutation changes (`" FOR UPDATE"` on Postgres; SQLite's write transactions are
 /// exclusive already), `$share` to the one that reads the access groups a mutation
 /// names (`" FOR SHARE"` on Postgres: they must not be deleted before it commits).
 /// `$notify` is a statement run in every transaction that appends an
 /// event (Postgres: `pg_notify`, delivered at commit), or `""` for none.
 macro_rules! impl_store {
-    ($store:ty, $db:ty, $lock:literal, $share:literal, $notify:literal, $usage_sql:literal $(, $extra:item)*) => {
+    ($store:ty, $db:ty, $lock:literal, $share:literal, $notify:literal, $usage_sql:expr $(, $extra:item)*) => {
         impl $store {
             async fn locked_key(
                 tx: &mut sqlx::Transaction<'static, $db>,
@@ -1209,20 +1242,21 @@ macro_rules! impl_store {
                 batch: &[crate::store::UsageDelta],
             ) -> Result<Vec<(String, u64)>, crate::store::StoreError> {
                 // Usage is telemetry, not a principal's mutation: no audit row, no event.
-                // One statement per chunk, whatever the number of keys: the batch is a
-                // JSON array of [key_id, spend, last use, has a last use].
-                let mut totals = Vec::with_capacity(batch.len());
-                for chunk in batch.chunks(crate::store::sql::USAGE_CHUNK) {
-                    let rows: Vec<(String, i64)> = sqlx::query_as($usage_sql)
-                        .bind(crate::store::sql::usage_json(chunk))
-                        .fetch_all(&self.pool)
-                        .await?;
-                    totals.extend(
-                        rows.into_iter()
-                            .map(|(key_id, spent)| (key_id, u64::try_from(spent).unwrap_or(0))),
-                    );
+                // One statement, whatever the number of keys (the batch is a JSON array of
+                // [key_id, spend, last use, has a last use]), so it commits whole or not at
+                // all: the usage book settles what it wrote only when this returns.
+                if batch.is_empty() {
+                    return Ok(Vec::new());
                 }
-                Ok(totals)
+                let rows: Vec<(String, i64)> = sqlx::query_as($usage_sql)
+                    .bind(crate::store::sql::usage_json(batch))
+                    .bind(crate::store::sql::spend_ceiling())
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(key_id, spent)| (key_id, u64::try_from(spent).unwrap_or(0)))
+                    .collect())
             }
 
             #[tracing::instrument(level = "debug", skip_all)]

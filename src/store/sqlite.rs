@@ -92,13 +92,16 @@ impl_store!(
     "",
     "",
     "",
-    "UPDATE api_keys SET spent_micros = api_keys.spent_micros + d.spend, \
-     last_used_at = CASE WHEN d.has_use = 1 AND (api_keys.last_used_at IS NULL \
-     OR api_keys.last_used_at < d.used) THEN d.used ELSE api_keys.last_used_at END \
-     FROM (SELECT json_extract(value, '$[0]') AS key_id, json_extract(value, '$[1]') AS spend, \
-     json_extract(value, '$[2]') AS used, json_extract(value, '$[3]') AS has_use \
-     FROM json_each($1)) AS d \
-     WHERE api_keys.key_id = d.key_id RETURNING api_keys.key_id, api_keys.spent_micros"
+    concat!(
+        "UPDATE api_keys SET spent_micros = ",
+        crate::store::sql::saturated_spend!("api_keys"),
+        ", last_used_at = CASE WHEN d.has_use = 1 AND (api_keys.last_used_at IS NULL \
+         OR api_keys.last_used_at < d.used) THEN d.used ELSE api_keys.last_used_at END \
+         FROM (SELECT json_extract(value, '$[0]') AS key_id, json_extract(value, '$[1]') AS spend, \
+         json_extract(value, '$[2]') AS used, json_extract(value, '$[3]') AS has_use \
+         FROM json_each($1)) AS d \
+         WHERE api_keys.key_id = d.key_id RETURNING api_keys.key_id, api_keys.spent_micros"
+    )
 );
 
 #[cfg(test)]
