@@ -1,6 +1,7 @@
 //! Quota leases through real servers: two replicas lease one key's limit from real Redis
 //! and decide locally, together admitting at most the limit in a window and, under
-//! saturation, at least 90% of it; a lowered limit is judged at once on the next call.
+//! saturation, at least 90% of it; so do two replicas and two edge Verifiers leasing from
+//! them (LeaseQuota) together; a lowered limit is judged at once on the next call.
 //!
 //! The windows are the test's manual clock (standing still, then moved past a whole
 //! window); the leases' lives are real time, as they are in production. Demand runs for
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use keywarden::config::{LimiterSettings, Settings};
+use keywarden::edge::{EdgeConfig, Verifier};
 use keywarden::proto::{self, VerifyCode};
 use keywarden::ratelimit::FailureMode;
 use keywarden::ratelimit::leased::LeaseSettings;
@@ -40,6 +42,7 @@ fn leasing_from_redis(s: &mut Settings, prefix: &str) {
         }),
         clock_skew: Duration::from_millis(100),
     };
+    s.edge_lease = Some(LIFE);
 }
 
 fn prefix() -> String {
@@ -105,6 +108,55 @@ async fn hammer(channels: &[Channel], key: &str, demand: Duration) -> u64 {
     admitted.load(Ordering::Relaxed)
 }
 
+/// An edge Verifier following the replica behind `channel`, caught up.
+async fn edge_on(channel: &Channel) -> Arc<Verifier> {
+    let mut config = EdgeConfig::new(VERIFIER_TOKEN, EDGE_TOKEN);
+    config.idle_timeout = Duration::from_secs(5);
+    let edge = Verifier::connect(channel.clone(), config).unwrap();
+    assert!(
+        edge.wait_connected(Duration::from_secs(10)).await,
+        "the edge never caught up"
+    );
+    Arc::new(edge)
+}
+
+/// [`hammer`] with four more callers per edge Verifier; returns the calls admitted by
+/// all of them together.
+async fn hammer_with_edges(
+    channels: &[Channel],
+    edges: &[Arc<Verifier>],
+    key: &str,
+    demand: Duration,
+) -> u64 {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + demand;
+    let mut tasks = Vec::new();
+    for edge in edges {
+        for _ in 0..4 {
+            let (edge, key, admitted) = (edge.clone(), key.to_owned(), admitted.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let answer = edge.verify(&key, &[]).await.unwrap();
+                    match code(&answer) {
+                        VerifyCode::Valid => {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        VerifyCode::RateLimited => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }));
+        }
+    }
+    let direct = hammer(channels, key, demand).await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    direct + admitted.load(Ordering::Relaxed)
+}
+
 async fn second_replica(app: &TestApp, prefix: &str) -> (RunningServer, Channel) {
     let mut settings = test_settings(&app.db);
     leasing_from_redis(&mut settings, prefix);
@@ -144,6 +196,63 @@ async fn two_replicas_leasing_from_redis_admit_at_most_the_limit_and_nearly_all_
         second * 10 >= L * 9,
         "only {second} admitted in the next window"
     );
+    b.shutdown().await.unwrap();
+}
+
+/// Edge leases are counted at the authority like every holder's: two replicas (leasing
+/// from Redis) and two edge Verifiers (one following each, leasing from it, so from the
+/// same Redis counters), all far above the limit for several lease lives, together admit
+/// at most the limit in a window, and at least 90% of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_and_two_edges_leasing_admit_at_most_the_limit_and_nearly_all_of_it() {
+    const L: u64 = 60;
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| leasing_from_redis(s, &prefix)).await;
+    let (b, b_channel) = second_replica(&app, &prefix).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(L)]).await;
+    let replicas = [app.channel.clone(), b_channel.clone()];
+    let edges = [edge_on(&app.channel).await, edge_on(&b_channel).await];
+
+    // Each edge verifies the key a few times first: the first call goes to VerifyKey,
+    // the next ones wait for and use the edge's lease (quota is free yet), so both edges
+    // hold leases when the demand starts.
+    let mut warm = 0;
+    for edge in &edges {
+        for _ in 0..3 {
+            assert_eq!(
+                code(&edge.verify(&issued.key, &[]).await.unwrap()),
+                VerifyCode::Valid
+            );
+            warm += 1;
+        }
+        assert!(edge.stats().leased >= 1, "{:?}", edge.stats());
+    }
+    let first = warm + hammer_with_edges(&replicas, &edges, &issued.key, LIFE * 6).await;
+    let leased: u64 = edges.iter().map(|e| e.stats().leased).sum();
+    eprintln!("first window: {first} admitted, {leased} of them from edge leases");
+    assert!(first <= L, "{first} admitted in one window, limit {L}");
+    assert!(
+        first * 10 >= L * 9,
+        "only {first} admitted under saturation, limit {L}"
+    );
+
+    // Every lease of the first window ends (real time) before the clock jumps a window:
+    // in production a lease's life passes on both clocks alike.
+    tokio::time::sleep(LIFE * 2).await;
+    app.clock.advance(Duration::from_secs(65));
+    let second = hammer_with_edges(&replicas, &edges, &issued.key, LIFE * 6).await;
+    eprintln!("second window: {second} admitted");
+    assert!(
+        second <= L,
+        "{second} admitted in the next window, limit {L}"
+    );
+    assert!(
+        second * 10 >= L * 9,
+        "only {second} admitted in the next window"
+    );
+    for edge in &edges {
+        edge.shutdown().await;
+    }
     b.shutdown().await.unwrap();
 }
 
