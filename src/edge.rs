@@ -42,19 +42,53 @@
 //!   a hash that matched nothing (or a deleted key, or a rotated-out secret) stays
 //!   unmatched; `MALFORMED` depends only on the key's text and the server's brand.
 //! - Errors (`INVALID_ARGUMENT`, `UNAVAILABLE`, ...) are never cached.
-//! - A `VALID` answer that carries a rate-limit decision or a budget, or that is marked
-//!   `rate_limit_unknown` (passed while the server's counters were unreachable), is never
-//!   cached: each call must count against the key's limits on the server
-//!   (`RATE_LIMITED` and `BUDGET_EXCEEDED` are not cached either). With limits on (the server's default is
-//!   100 requests per minute), the edge cache therefore holds only refusals (revoked,
-//!   expired, insufficient scope, unknown, malformed), which still spares the server a
-//!   flood of dead keys; valid calls are answered by the server from its own memory.
+//! - A `VALID` answer that carries a rate-limit decision is cached, but served only from
+//!   a quota lease for the key (below), which counts each call against the key's limits
+//!   as the server would.
+//! - A `VALID` answer that carries a budget (spend is reported after the call, and judged
+//!   on the server), or a token window (counted when usage is reported, which a lease
+//!   cannot foresee), or that is marked `rate_limit_unknown` (passed while the server's
+//!   counters were unreachable), is never cached: each call must be judged on the server.
+//!   `RATE_LIMITED` and `BUDGET_EXCEEDED` are not cached either.
 //! - A rotated-out secret's grace period ends on the server's clock; the edge learns of
 //!   it from the event the server's grace sweeper sends (`events.grace_sweep_interval_ms`,
 //!   1 s by default), so it may accept the old secret that much longer.
 //! - With [`EdgeConfig::workspace`] set, the stream carries only that workspace's
 //!   events, so only answers about that workspace's keys are cached; other keys are
 //!   verified by the server every time.
+//!
+//! # Quota leases
+//!
+//! With [`EdgeConfig::leases`] (the default), the edge answers rate-limited keys with no
+//! round trip: it leases quota from the server (`VerifyService.LeaseQuota`) and admits
+//! calls from it, as a replica does from Redis (see [`crate::domain::lease`]).
+//!
+//! - The first call of a key goes to VerifyKey as always; when its answer is `VALID` with
+//!   a decision and is cached, a background task asks for a lease for the key (by key id
+//!   and key hash; several keys' asks and settlements go in one call). Later calls with a
+//!   cached answer are admitted from the lease while it has room for their cost: the
+//!   answer is the cached one with the lease's figures (the grant's, with what is left
+//!   of the lease given back to `remaining`, so `X-RateLimit-Remaining` counts down, and
+//!   is exact while the edge is the key's only user).
+//! - A lease is used for at most its life (the server's `rate_limits.edge_lease_ms`, 2 s
+//!   by default), timed on the monotonic clock from when the edge *sent* the ask: the
+//!   server counted it until then or later, so every call admitted from it is counted
+//!   in every window it falls in. A refill is asked ahead while the key is in use (when
+//!   what is left covers less than half a life at the rate seen, or a third of the life
+//!   is left); its size follows the key's demand, capped at half the tightest limit.
+//! - A call that finds no room while a grant is on its way waits for it (at most
+//!   500 ms); otherwise (no lease, or refused until the call could pass) it goes to
+//!   VerifyKey, which counts it exactly. Nothing is ever admitted that no one counted.
+//! - What a lease did not use is given back (settled) in the next LeaseQuota call: when
+//!   it expires, when a refill replaces it, and when it is dropped. Leases are dropped
+//!   on any event about the key, on a flush or reset, when the stream is lost (every
+//!   call then goes to the server, as for any answer), and at shutdown. A grant that
+//!   raced any of those is given back unused (the fills' generation guard). A settlement
+//!   lost to a failed call leaves the lease counted until it leaves its window: quota
+//!   parked, never over-admitted.
+//! - A server with leases off (`QUOTA_LEASES_DISABLED`), or one that does not know
+//!   LeaseQuota, sends every rate-limited call to VerifyKey; the edge asks again a
+//!   minute later.
 //!
 //! # Only while the stream is healthy
 //!
