@@ -460,6 +460,9 @@ impl Verifier {
     ) -> Option<proto::VerifyKeyResponse> {
         let cache = &self.shared.cache;
         let mut first = true;
+        // Watched only once a call has to wait (then checked once more before waiting,
+        // so that a grant installed in between is not missed).
+        let mut grants: Option<watch::Receiver<u64>> = None;
         let mut deadline = None;
         loop {
             // Looked up again after a wait: an event meanwhile may have dropped it.
@@ -467,7 +470,6 @@ impl Verifier {
             let Some(key_id) = hit.lease else {
                 return Some(hit.response);
             };
-            let mut grants = cache.batches.subscribe();
             match cache.admit(&key_id, cost, first) {
                 Admit::Served(figures) => {
                     self.shared.stats.leased.fetch_add(1, Ordering::Relaxed);
@@ -477,10 +479,11 @@ impl Verifier {
                 }
                 Admit::Wait => {
                     first = false;
+                    let Some(grants) = grants.as_mut() else {
+                        grants = Some(cache.batches.subscribe());
+                        continue;
+                    };
                     let until = *deadline.get_or_insert_with(|| Instant::now() + LEASE_WAIT);
-                    if Instant::now() >= until {
-                        return None;
-                    }
                     let until = tokio::time::Instant::from_std(until);
                     if tokio::time::timeout_at(until, grants.changed())
                         .await

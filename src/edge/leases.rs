@@ -100,6 +100,8 @@ struct Slot {
     /// The most one ask wants: half the tightest request limit, so one holder never
     /// takes everything while others ask.
     cap: u64,
+    /// The largest cost of a call seen: an ask wants at least that much.
+    max_cost: u64,
 }
 
 impl Slot {
@@ -206,6 +208,11 @@ impl LeaseBook {
         if first {
             slot.demand = slot.demand.saturating_add(cost);
         }
+        // No lease this edge asks for could admit it: to the server at once.
+        if cost > slot.cap {
+            return (Admit::NotLeased, false);
+        }
+        slot.max_cost = slot.max_cost.max(cost);
         if let Some(held) = slot.held.as_mut()
             && now < held.ends
             && held.used.saturating_add(cost) <= held.granted
@@ -260,6 +267,7 @@ impl LeaseBook {
             demand: 0,
             since: now,
             cap,
+            max_cost: 1,
         });
         slot.demand = slot.demand.saturating_add(1);
         slot.cap = cap;
@@ -285,7 +293,7 @@ impl LeaseBook {
         } else {
             1
         };
-        expected.clamp(1, slot.cap.max(1))
+        expected.max(slot.max_cost).clamp(1, slot.cap.max(1))
     }
 
     /// Gives up every lease past its end (what it did not use is settled with the next
@@ -593,6 +601,18 @@ mod tests {
         assert!(matches!(book.admit("k", 4, true, t0).0, Admit::Wait));
         assert_eq!(book.room("k", t0), 3, "nothing taken");
         assert!(matches!(book.admit("k", 3, true, t0).0, Admit::Served(_)));
+    }
+
+    #[test]
+    fn a_call_no_lease_could_hold_goes_to_the_server_at_once() {
+        let t0 = Instant::now();
+        let mut book = holding(3, t0);
+        // The cap is 50 (half the limit of 100).
+        assert_eq!(book.admit("k", 51, true, t0), (Admit::NotLeased, false));
+        // A costly call that a lease could hold makes the next ask at least that big.
+        assert!(matches!(book.admit("k", 40, true, t0).0, Admit::Wait));
+        let asks = book.take_batch(true, 1000, t0);
+        assert!(asks[0].want >= 40, "{}", asks[0].want);
     }
 
     #[test]
