@@ -445,6 +445,10 @@ pub struct RateLimitsConfig {
     /// Redis backend: how far replicas' clocks may disagree, in milliseconds; a lease is
     /// counted this much past its end.
     pub clock_skew_ms: u64,
+    /// How long an edge node may admit calls from one quota lease (LeaseQuota), in
+    /// milliseconds; 0: this replica leases nothing to edges (they verify each
+    /// rate-limited call).
+    pub edge_lease_ms: u64,
     /// Memory backend: how many keys' counters are kept (the least recently used go).
     pub max_keys: u64,
 }
@@ -482,6 +486,7 @@ impl Default for RateLimitsConfig {
             redis_circuit_probe_ms: CircuitSettings::default().probe_interval.as_millis() as u64,
             lease_ms: LeaseSettings::default().life.as_millis() as u64,
             clock_skew_ms: 1000,
+            edge_lease_ms: 2000,
             max_keys: 1_000_000,
         }
     }
@@ -702,6 +707,8 @@ impl Config {
             default_limits: Arc::new(default_limits),
             limiter,
             usage_flush_interval: Duration::from_millis(self.usage.flush_interval_ms.max(10)),
+            edge_lease: (self.rate_limits.edge_lease_ms > 0)
+                .then(|| Duration::from_millis(self.rate_limits.edge_lease_ms.max(10))),
             listen: self.listen,
             database_url,
             database_max_connections: self.database_max_connections,
@@ -785,6 +792,8 @@ pub struct Settings {
     /// Limits for keys that name none.
     pub default_limits: Arc<Vec<RateLimit>>,
     pub limiter: LimiterSettings,
+    /// How long edge nodes may use a quota lease; `None`: LeaseQuota is refused.
+    pub edge_lease: Option<Duration>,
     pub usage_flush_interval: Duration,
     /// What each workspace plan allows.
     pub plans: Arc<Plans>,

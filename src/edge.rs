@@ -42,19 +42,53 @@
 //!   a hash that matched nothing (or a deleted key, or a rotated-out secret) stays
 //!   unmatched; `MALFORMED` depends only on the key's text and the server's brand.
 //! - Errors (`INVALID_ARGUMENT`, `UNAVAILABLE`, ...) are never cached.
-//! - A `VALID` answer that carries a rate-limit decision or a budget, or that is marked
-//!   `rate_limit_unknown` (passed while the server's counters were unreachable), is never
-//!   cached: each call must count against the key's limits on the server
-//!   (`RATE_LIMITED` and `BUDGET_EXCEEDED` are not cached either). With limits on (the server's default is
-//!   100 requests per minute), the edge cache therefore holds only refusals (revoked,
-//!   expired, insufficient scope, unknown, malformed), which still spares the server a
-//!   flood of dead keys; valid calls are answered by the server from its own memory.
+//! - A `VALID` answer that carries a rate-limit decision is cached, but served only from
+//!   a quota lease for the key (below), which counts each call against the key's limits
+//!   as the server would.
+//! - A `VALID` answer that carries a budget (spend is reported after the call, and judged
+//!   on the server), or a token window (counted when usage is reported, which a lease
+//!   cannot foresee), or that is marked `rate_limit_unknown` (passed while the server's
+//!   counters were unreachable), is never cached: each call must be judged on the server.
+//!   `RATE_LIMITED` and `BUDGET_EXCEEDED` are not cached either.
 //! - A rotated-out secret's grace period ends on the server's clock; the edge learns of
 //!   it from the event the server's grace sweeper sends (`events.grace_sweep_interval_ms`,
 //!   1 s by default), so it may accept the old secret that much longer.
 //! - With [`EdgeConfig::workspace`] set, the stream carries only that workspace's
 //!   events, so only answers about that workspace's keys are cached; other keys are
 //!   verified by the server every time.
+//!
+//! # Quota leases
+//!
+//! With [`EdgeConfig::leases`] (the default), the edge answers rate-limited keys with no
+//! round trip: it leases quota from the server (`VerifyService.LeaseQuota`) and admits
+//! calls from it, as a replica does from Redis (see [`crate::domain::lease`]).
+//!
+//! - The first call of a key goes to VerifyKey as always; when its answer is `VALID` with
+//!   a decision and is cached, a background task asks for a lease for the key (by key id
+//!   and key hash; several keys' asks and settlements go in one call). Later calls with a
+//!   cached answer are admitted from the lease while it has room for their cost: the
+//!   answer is the cached one with the lease's figures (the grant's, with what is left
+//!   of the lease given back to `remaining`, so `X-RateLimit-Remaining` counts down, and
+//!   is exact while the edge is the key's only user).
+//! - A lease is used for at most its life (the server's `rate_limits.edge_lease_ms`, 2 s
+//!   by default), timed on the monotonic clock from when the edge *sent* the ask: the
+//!   server counted it until then or later, so every call admitted from it is counted
+//!   in every window it falls in. A refill is asked ahead while the key is in use (when
+//!   what is left covers less than half a life at the rate seen, or a third of the life
+//!   is left); its size follows the key's demand, capped at half the tightest limit.
+//! - A call that finds no room while a grant is on its way waits for it (at most
+//!   500 ms); otherwise (no lease, or refused until the call could pass) it goes to
+//!   VerifyKey, which counts it exactly. Nothing is ever admitted that no one counted.
+//! - What a lease did not use is given back (settled) in the next LeaseQuota call: when
+//!   it expires, when a refill replaces it, and when it is dropped. Leases are dropped
+//!   on any event about the key, on a flush or reset, when the stream is lost (every
+//!   call then goes to the server, as for any answer), and at shutdown. A grant that
+//!   raced any of those is given back unused (the fills' generation guard). A settlement
+//!   lost to a failed call leaves the lease counted until it leaves its window: quota
+//!   parked, never over-admitted.
+//! - A server with leases off (`QUOTA_LEASES_DISABLED`), or one that does not know
+//!   LeaseQuota, sends every rate-limited call to VerifyKey; the edge asks again a
+//!   minute later.
 //!
 //! # Only while the stream is healthy
 //!
@@ -105,7 +139,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
@@ -120,8 +154,29 @@ use crate::proto::revocation_service_client::RevocationServiceClient;
 use crate::proto::verify_service_client::VerifyServiceClient;
 use crate::proto::watch_revocations_response::Message;
 
+mod leases;
+use leases::{Admit, LeaseBook, lease_cap};
+
 /// An answer about a key that expires within this much is not served from the cache.
 pub const EXPIRY_SLACK: Duration = Duration::from_secs(1);
+
+/// The most asks one LeaseQuota call carries (the server's bound).
+const MAX_LEASE_ASKS: usize = 1000;
+
+/// How long a call that found its key's lease spent waits for the grant on its way
+/// before it goes to the server instead.
+const LEASE_WAIT: Duration = Duration::from_millis(500);
+
+/// A LeaseQuota call that has not answered by then is abandoned (nothing installed; the
+/// server counts what it granted until it leaves its window).
+const LEASE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often expired leases are looked for (and settled).
+const LEASE_SWEEP: Duration = Duration::from_millis(100);
+
+/// After a server said it leases nothing (`QUOTA_LEASES_DISABLED`, or a server that does
+/// not know LeaseQuota), no ask for this long.
+const LEASES_OFF_FOR: Duration = Duration::from_secs(60);
 
 /// Distinct answer keys (scope set, resource, client address) cached per key hash; more
 /// start the key's set afresh.
@@ -150,6 +205,9 @@ pub struct EdgeConfig {
     pub idle_timeout: Duration,
     /// Follow only this workspace's events (and cache only its keys' answers).
     pub workspace: Option<String>,
+    /// Lease quota (LeaseQuota) so that VALID answers of rate-limited keys are served
+    /// from the cache; off: every such call goes to the server.
+    pub leases: bool,
 }
 
 impl EdgeConfig {
@@ -166,6 +224,7 @@ impl EdgeConfig {
             backoff_max: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             workspace: None,
+            leases: true,
         }
     }
 
@@ -204,6 +263,7 @@ impl fmt::Debug for EdgeConfig {
             .field("backoff_max", &self.backoff_max)
             .field("idle_timeout", &self.idle_timeout)
             .field("workspace", &self.workspace)
+            .field("leases", &self.leases)
             .finish()
     }
 }
@@ -250,6 +310,10 @@ pub struct EdgeStats {
     pub resets: u64,
     /// Streams opened (the first one and every reconnection).
     pub streams: u64,
+    /// Hits of rate-limited keys admitted from a quota lease (counted in `hits` too).
+    pub leased: u64,
+    /// LeaseQuota calls made (asks and settlements, batched).
+    pub lease_calls: u64,
 }
 
 /// `authorization: Bearer <token>`, marked sensitive so that it is never logged or
@@ -271,6 +335,10 @@ pub struct Verifier {
     client: VerifyClient,
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// The lease task stops after the stream's, so that it settles what the stream's
+    /// end dropped.
+    lease_stop: watch::Sender<bool>,
+    lease_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for Verifier {
@@ -298,11 +366,18 @@ impl Verifier {
             RevocationServiceClient::with_interceptor(channel.clone(), edge_auth),
             stopped,
         ));
+        let client = VerifyServiceClient::with_interceptor(channel, verify_auth);
+        let (lease_stop, lease_stopped) = watch::channel(false);
+        let lease_task = config
+            .leases
+            .then(|| runtime.spawn(lease(shared.clone(), client.clone(), lease_stopped)));
         Ok(Verifier {
             shared,
-            client: VerifyServiceClient::with_interceptor(channel, verify_auth),
+            client,
             stop,
             task: Mutex::new(Some(task)),
+            lease_stop,
+            lease_task: Mutex::new(lease_task),
         })
     }
 
@@ -332,8 +407,8 @@ impl Verifier {
 
     /// [`Verifier::verify`] with the whole of VerifyKey's request: the resource (a model)
     /// and the client address the key's access policy judges, and the cost a rate-limit
-    /// decision counts (answers carrying one are never cached, so the cost always
-    /// reaches the server).
+    /// decision counts (from the key's quota lease when its answer is cached, else on
+    /// the server).
     pub async fn verify_request(
         &self,
         request: proto::VerifyKeyRequest,
@@ -343,10 +418,9 @@ impl Verifier {
         // A request the server would refuse (INVALID_ARGUMENT) bypasses the cache, so
         // that the caller gets the server's error rather than a cached answer.
         let scopes = answer_key(&request);
-        let cached = scopes
-            .as_ref()
-            .and_then(|scopes| shared.cache.get(&hash, scopes));
-        if let Some(answer) = cached {
+        if let Some(scopes) = &scopes
+            && let Some(answer) = self.cached_answer(&hash, scopes, request.cost.max(1)).await
+        {
             shared.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(answer);
         }
@@ -365,8 +439,62 @@ impl Verifier {
         };
         if filled {
             shared.stats.fills.fetch_add(1, Ordering::Relaxed);
+            // A VALID answer with a decision is cached, but served only from a lease:
+            // make sure one is on its way.
+            if let Some(cap) = response.rate_limit.as_ref().and_then(lease_cap) {
+                shared.cache.want_lease(&response.key_id, hash, cap);
+            }
         }
         Ok(response)
+    }
+
+    /// The cached answer, if any may be served: an answer that needs a lease is served
+    /// only when the key's lease admits `cost` (its figures then the lease's). A call
+    /// that finds the lease spent while a grant is on its way waits for it (at most
+    /// [`LEASE_WAIT`]), as that costs no more than the server call it would make.
+    async fn cached_answer(
+        &self,
+        hash: &KeyHash,
+        scopes: &AnswerKey,
+        cost: u64,
+    ) -> Option<proto::VerifyKeyResponse> {
+        let cache = &self.shared.cache;
+        let mut first = true;
+        // Watched only once a call has to wait (then checked once more before waiting,
+        // so that a grant installed in between is not missed).
+        let mut grants: Option<watch::Receiver<u64>> = None;
+        let mut deadline = None;
+        loop {
+            // Looked up again after a wait: an event meanwhile may have dropped it.
+            let hit = cache.lookup(hash, scopes)?;
+            let Some(key_id) = hit.lease else {
+                return Some(hit.response);
+            };
+            match cache.admit(&key_id, cost, first) {
+                Admit::Served(figures) => {
+                    self.shared.stats.leased.fetch_add(1, Ordering::Relaxed);
+                    let mut response = hit.response;
+                    response.rate_limit = Some(figures);
+                    return Some(response);
+                }
+                Admit::Wait => {
+                    first = false;
+                    let Some(grants) = grants.as_mut() else {
+                        grants = Some(cache.batches.subscribe());
+                        continue;
+                    };
+                    let until = *deadline.get_or_insert_with(|| Instant::now() + LEASE_WAIT);
+                    let until = tokio::time::Instant::from_std(until);
+                    if tokio::time::timeout_at(until, grants.changed())
+                        .await
+                        .is_err()
+                    {
+                        return None;
+                    }
+                }
+                Admit::NotLeased => return None,
+            }
+        }
     }
 
     /// Where the stream stands.
@@ -392,6 +520,8 @@ impl Verifier {
             flushes: s.flushes.load(Ordering::Relaxed),
             resets: s.resets.load(Ordering::Relaxed),
             streams: s.streams.load(Ordering::Relaxed),
+            leased: s.leased.load(Ordering::Relaxed),
+            lease_calls: s.lease_calls.load(Ordering::Relaxed),
         }
     }
 
@@ -405,8 +535,9 @@ impl Verifier {
         )
     }
 
-    /// Stops the background task and waits for it. Verifies still work afterwards, but
-    /// every one goes to the server.
+    /// Stops the background tasks and waits for them, giving back what the quota leases
+    /// held did not use. Verifies still work afterwards, but every one goes to the
+    /// server.
     pub async fn shutdown(&self) {
         self.stop.send_replace(true);
         let task = lock(&self.task).take();
@@ -414,6 +545,11 @@ impl Verifier {
             let _ = task.await;
         }
         self.shared.cache.set_serving(false);
+        self.lease_stop.send_replace(true);
+        let task = lock(&self.lease_task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 }
 
@@ -470,6 +606,8 @@ struct Counters {
     flushes: AtomicU64,
     resets: AtomicU64,
     streams: AtomicU64,
+    leased: AtomicU64,
+    lease_calls: AtomicU64,
 }
 
 /// What the verifier and the background task share.
@@ -589,6 +727,72 @@ async fn follow(shared: Arc<Shared>, mut client: WatchClient, mut stop: watch::R
     shared.cache.set_serving(false);
 }
 
+/// The lease task: sends the queued asks and settlements as one LeaseQuota call when
+/// woken (a call queued one, or an event dropped a lease), sweeps expired leases on a
+/// short tick, and on stop sends what is left to settle.
+async fn lease(shared: Arc<Shared>, mut client: VerifyClient, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(LEASE_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = shared.cache.lease_wake.notified() => false,
+            _ = tick.tick() => false,
+            _ = stop.changed() => true,
+        };
+        send_leases(&shared, &mut client).await;
+        if stopping {
+            break;
+        }
+    }
+}
+
+/// One round of LeaseQuota calls (more than one only past [`MAX_LEASE_ASKS`]).
+async fn send_leases(shared: &Shared, client: &mut VerifyClient) {
+    loop {
+        // Taken before the asks: a grant that raced an event, a flush or a disconnection
+        // is given back instead of installed.
+        let ticket = shared.cache.begin_fill();
+        let asks = shared.cache.take_lease_batch(ticket.is_some());
+        if asks.is_empty() {
+            return;
+        }
+        let full = asks.len() >= MAX_LEASE_ASKS;
+        // Each lease is timed from here: the server starts its life no earlier.
+        let asked_at = Instant::now();
+        shared.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
+        let request = proto::LeaseQuotaRequest { asks: asks.clone() };
+        match tokio::time::timeout(LEASE_CALL_TIMEOUT, client.lease_quota(request)).await {
+            Ok(Ok(response)) => {
+                shared
+                    .cache
+                    .install_leases(ticket, asked_at, &asks, &response.into_inner().grants);
+            }
+            Ok(Err(status)) => {
+                let off = matches!(
+                    status.code(),
+                    tonic::Code::Unimplemented | tonic::Code::FailedPrecondition
+                );
+                tracing::warn!(
+                    code = ?status.code(),
+                    message = status.message(),
+                    "LeaseQuota failed; rate-limited calls go to the server"
+                );
+                shared
+                    .cache
+                    .leases_failed(&asks, off.then_some(LEASES_OFF_FOR));
+            }
+            Err(_) => {
+                tracing::warn!("LeaseQuota timed out; rate-limited calls go to the server");
+                shared.cache.leases_failed(&asks, None);
+            }
+        }
+        shared.cache.batches.send_modify(|n| *n = n.wrapping_add(1));
+        if !full {
+            return;
+        }
+    }
+}
+
 /// Half of `step` plus a random part of the other half.
 fn jittered(step: Duration) -> Duration {
     let half = step / 2;
@@ -676,6 +880,8 @@ struct HashAnswers {
 #[derive(Clone)]
 struct CachedAnswer {
     response: Arc<proto::VerifyKeyResponse>,
+    /// VALID with a rate-limit decision: served only from the key's quota lease.
+    leased: bool,
     cached_at: Instant,
     /// Unix microseconds; the answer is not served from `expires_at - EXPIRY_SLACK` on.
     serve_until: Option<i64>,
@@ -697,6 +903,15 @@ struct Guard {
 /// under the write lock, so a check-and-insert and a bump-and-remove never interleave.
 struct EdgeCache {
     found: Cache<KeyHash, Arc<HashAnswers>>,
+    /// Quota leases by key id. Dropped under the guard's write lock (events, flushes,
+    /// losing the stream), installed under its read lock with a fill's generation check.
+    leases: Mutex<LeaseBook>,
+    /// Whether answers needing a lease are cached at all ([`EdgeConfig::leases`]).
+    leasing: bool,
+    /// Wakes the lease task: an ask or a settlement is waiting.
+    lease_wake: Notify,
+    /// Counts the lease task's rounds: calls waiting for a grant watch it.
+    batches: watch::Sender<u64>,
     missing: Option<Cache<KeyHash, Arc<proto::VerifyKeyResponse>>>,
     /// key_id → the hashes cached for it, to drop them all on an event about the key.
     by_key_id: Mutex<KeyIndex>,
@@ -717,9 +932,16 @@ struct KeyIndex {
 }
 
 enum Kind {
-    Found,
+    Found { leased: bool },
     Missing,
     Uncacheable,
+}
+
+/// A cached answer that may be served.
+struct Hit {
+    response: proto::VerifyKeyResponse,
+    /// The key id whose quota lease must admit the call, for an answer that needs one.
+    lease: Option<String>,
 }
 
 impl EdgeCache {
@@ -731,6 +953,10 @@ impl EdgeCache {
                 .build()
         });
         EdgeCache {
+            leases: Mutex::new(LeaseBook::default()),
+            leasing: config.leases,
+            lease_wake: Notify::new(),
+            batches: watch::channel(0).0,
             found: Cache::builder()
                 .max_capacity(config.cache_capacity)
                 .weigher(|_, v: &Arc<HashAnswers>| {
@@ -759,7 +985,8 @@ impl EdgeCache {
         self.serving.load(Ordering::SeqCst)
     }
 
-    fn get(&self, hash: &KeyHash, scopes: &AnswerKey) -> Option<proto::VerifyKeyResponse> {
+    /// The answer cached for `hash` and `scopes`, while the cache is in use.
+    fn lookup(&self, hash: &KeyHash, scopes: &AnswerKey) -> Option<Hit> {
         if !self.serving() {
             return None;
         }
@@ -767,12 +994,69 @@ impl EdgeCache {
             let answer = entry.answers.get(scopes)?;
             let fresh = answer.cached_at.elapsed() < self.ttl
                 && answer.serve_until.is_none_or(|until| now_micros() < until);
-            return fresh.then(|| (*answer.response).clone());
+            return fresh.then(|| Hit {
+                response: (*answer.response).clone(),
+                lease: answer.leased.then(|| entry.key_id.clone()),
+            });
         }
         self.missing
             .as_ref()
             .and_then(|m| m.get(hash))
-            .map(|answer| (*answer).clone())
+            .map(|answer| Hit {
+                response: (*answer).clone(),
+                lease: None,
+            })
+    }
+
+    /// [`EdgeCache::lookup`]'s answer, whether or not it needs a lease (tests).
+    #[cfg(test)]
+    fn get(&self, hash: &KeyHash, scopes: &AnswerKey) -> Option<proto::VerifyKeyResponse> {
+        self.lookup(hash, scopes).map(|hit| hit.response)
+    }
+
+    /// A call of `cost` at the key's lease (see [`LeaseBook::admit`]).
+    fn admit(&self, key_id: &str, cost: u64, first: bool) -> Admit {
+        let (admit, queued) = lock(&self.leases).admit(key_id, cost, first, Instant::now());
+        if queued {
+            self.lease_wake.notify_one();
+        }
+        admit
+    }
+
+    /// The server answered VALID with a decision for `key_id`, and it was cached.
+    fn want_lease(&self, key_id: &str, hash: KeyHash, cap: u64) {
+        if lock(&self.leases).want(key_id, hash, cap, Instant::now()) {
+            self.lease_wake.notify_one();
+        }
+    }
+
+    fn take_lease_batch(&self, grants: bool) -> Vec<proto::LeaseAsk> {
+        lock(&self.leases).take_batch(grants, MAX_LEASE_ASKS, Instant::now())
+    }
+
+    /// Installs grants unless anything was invalidated (or the stream lost) since
+    /// `ticket` was taken; a grant not installed is settled unused.
+    fn install_leases(
+        &self,
+        ticket: Option<FillTicket>,
+        asked_at: Instant,
+        asks: &[proto::LeaseAsk],
+        grants: &[proto::LeaseGrant],
+    ) {
+        let guard = self.guard.read().unwrap_or_else(PoisonError::into_inner);
+        let valid = ticket.is_some_and(|t| guard.serving && guard.generation == t.generation);
+        let mut book = lock(&self.leases);
+        book.install(valid, asked_at, asks, grants);
+        let settle = book.has_settlements();
+        drop(book);
+        drop(guard);
+        if settle {
+            self.lease_wake.notify_one();
+        }
+    }
+
+    fn leases_failed(&self, asks: &[proto::LeaseAsk], off: Option<Duration>) {
+        lock(&self.leases).failed(asks, off, Instant::now());
     }
 
     /// Call before asking the server; `None` while the cache is not in use.
@@ -809,9 +1093,10 @@ impl EdgeCache {
                 }
                 None => false,
             },
-            Kind::Found => {
+            Kind::Found { leased } => {
                 let answer = CachedAnswer {
                     response: Arc::new(response.clone()),
+                    leased,
                     cached_at: Instant::now(),
                     serve_until: response.expires_at.as_ref().map(|t| {
                         let slack = i64::try_from(EXPIRY_SLACK.as_micros()).unwrap_or(i64::MAX);
@@ -846,12 +1131,19 @@ impl EdgeCache {
 
     fn kind(&self, response: &proto::VerifyKeyResponse) -> Kind {
         use proto::VerifyCode as C;
-        // A rate-limit decision or a budget is per call: such an answer is never reused.
-        // Neither is one that passed without the decision it should have had (the
-        // server's counters unreachable): the next call must be counted.
-        let per_call = response.rate_limit.is_some()
-            || response.rate_limit_unknown
-            || response.max_budget_micros.is_some();
+        // A budget is judged per call on the server (spend is reported after the call):
+        // such an answer is never reused. Neither is one that passed without the
+        // decision it should have had (the server's counters unreachable): the next call
+        // must be counted. A rate-limit decision is reused only with a quota lease to
+        // count each call, and only for request windows (token windows are counted when
+        // usage is reported, which a lease cannot foresee).
+        let per_call = response.rate_limit_unknown
+            || response.max_budget_micros.is_some()
+            || response
+                .rate_limit
+                .as_ref()
+                .is_some_and(|d| !self.leasing || lease_cap(d).is_none());
+        let leased = response.rate_limit.is_some();
         match C::try_from(response.code) {
             Ok(C::Valid) if per_call => Kind::Uncacheable,
             Ok(
@@ -867,7 +1159,9 @@ impl EdgeCache {
                     .as_deref()
                     .is_none_or(|w| w == response.workspace_id) =>
             {
-                Kind::Found
+                Kind::Found {
+                    leased: leased && response.code == C::Valid as i32,
+                }
             }
             Ok(C::NotFound | C::Malformed) => Kind::Missing,
             _ => Kind::Uncacheable,
@@ -902,7 +1196,23 @@ impl EdgeCache {
                 missing.invalidate(hash);
             }
         }
+        self.drop_leases(Some(key_id));
         drop(guard);
+    }
+
+    /// Drops the key's lease, or every lease, and wakes the lease task to settle them.
+    /// Called under the guard's write lock, so no grant asked before is installed after.
+    fn drop_leases(&self, key_id: Option<&str>) {
+        let mut book = lock(&self.leases);
+        match key_id {
+            Some(key_id) => book.drop_key(key_id),
+            None => book.drop_all(),
+        }
+        let settle = book.has_settlements();
+        drop(book);
+        if settle {
+            self.lease_wake.notify_one();
+        }
     }
 
     fn flush(&self) {
@@ -913,6 +1223,7 @@ impl EdgeCache {
             missing.invalidate_all();
         }
         lock(&self.by_key_id).hashes.clear();
+        self.drop_leases(None);
         drop(guard);
     }
 
@@ -922,6 +1233,9 @@ impl EdgeCache {
         let mut guard = self.guard.write().unwrap_or_else(PoisonError::into_inner);
         if !serving {
             guard.generation = guard.generation.wrapping_add(1);
+            // Served only while caught up: no call is admitted from a lease meanwhile,
+            // and what the leases did not use goes back.
+            self.drop_leases(None);
         }
         guard.serving = serving;
         self.serving.store(serving, Ordering::SeqCst);

@@ -44,13 +44,13 @@ use crate::proto::verify_service_server::VerifyServiceServer;
 use crate::proto::workspace_service_server::WorkspaceServiceServer;
 use crate::provider_keys::{ProviderKeys, check_keks};
 use crate::ratelimit::RateLimiter;
-use crate::ratelimit::leased::{LeasedLimiter, Leases};
+use crate::ratelimit::leased::{LeasedLimiter, Leases, QuotaAuthority};
 use crate::ratelimit::memory::MemoryLimiter;
 use crate::ratelimit::redis::RedisLimiter;
 use crate::store::{self, Store};
 use crate::teams::Teams;
 use crate::usage::UsageBook;
-use crate::verify::{Verifier, VerifyPolicy};
+use crate::verify::{EdgeLeasing, Verifier, VerifyPolicy};
 use crate::workspaces::Workspaces;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
@@ -426,34 +426,49 @@ pub async fn serve_on(
         clock.clone(),
         settings.plans.clone(),
     ));
-    let limiter: Arc<dyn RateLimiter> = match &settings.limiter {
-        LimiterSettings::Memory { max_keys } => Arc::new(MemoryLimiter::new(*max_keys)),
-        LimiterSettings::Redis {
-            url,
-            prefix,
-            failure,
-            circuit,
-            lease,
-            clock_skew,
-        } => {
-            let redis =
-                RedisLimiter::new(url.expose_secret(), prefix, *failure, *circuit, *clock_skew)?;
-            match lease {
-                Some(lease) => Arc::new(Leases(LeasedLimiter::new(
-                    Arc::new(redis),
-                    *lease,
-                    clock.clone(),
-                ))),
-                None => Arc::new(redis),
+    // The limiter decides this replica's own calls; the authority is the counters under
+    // it, which edge nodes lease from (never a lease holder such as `Leases`: a grant to
+    // an edge must be counted where every holder's is).
+    let (limiter, authority): (Arc<dyn RateLimiter>, Arc<dyn QuotaAuthority>) =
+        match &settings.limiter {
+            LimiterSettings::Memory { max_keys } => {
+                let memory = Arc::new(MemoryLimiter::new(*max_keys));
+                (memory.clone(), memory)
             }
-        }
-    };
+            LimiterSettings::Redis {
+                url,
+                prefix,
+                failure,
+                circuit,
+                lease,
+                clock_skew,
+            } => {
+                let redis = Arc::new(RedisLimiter::new(
+                    url.expose_secret(),
+                    prefix,
+                    *failure,
+                    *circuit,
+                    *clock_skew,
+                )?);
+                match lease {
+                    Some(lease) => (
+                        Arc::new(Leases(LeasedLimiter::new(
+                            redis.clone(),
+                            *lease,
+                            clock.clone(),
+                        ))),
+                        redis,
+                    ),
+                    None => (redis.clone(), redis),
+                }
+            }
+        };
     let usage = Arc::new(UsageBook::new(
         settings.cache.ttl,
         settings.usage_flush_interval,
     ));
     let limiter_failures = limiter.clone();
-    let verifier = Arc::new(Verifier::new(
+    let verifier = Verifier::new(
         hub.clone(),
         cache.clone(),
         limiter,
@@ -465,7 +480,11 @@ pub async fn serve_on(
             default_limits: settings.default_limits.clone(),
         },
         metrics.clone(),
-    ));
+    );
+    let verifier = Arc::new(match settings.edge_lease {
+        Some(life) => verifier.with_edge_leasing(EdgeLeasing { authority, life }),
+        None => verifier,
+    });
     let flusher = UsageFlusher {
         usage: usage.clone(),
         store: store.clone(),

@@ -13,12 +13,15 @@ use std::sync::Arc;
 
 use crate::cache::{CachedKey, Lookup, VerifyCache};
 use crate::clock::Clock;
+use crate::domain::Micros;
 use crate::domain::key::{self, KeyRecord, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
+use crate::domain::lease::Grant;
 use crate::domain::limits::{self, LimitDecision, RateLimit};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
 use crate::events::EventHub;
 use crate::metrics::Metrics;
+use crate::ratelimit::leased::{LeaseRecord, QuotaAuthority};
 use crate::ratelimit::{LimiterError, RateLimiter};
 use crate::store::{Store, StoreError};
 use crate::usage::UsageBook;
@@ -57,10 +60,45 @@ pub struct VerifyPolicy {
     pub default_limits: Arc<Vec<RateLimit>>,
 }
 
+/// Where quota leases for edge nodes come from, and how long each may be used.
+pub struct EdgeLeasing {
+    /// The counters themselves (never a lease holder in front of them): the memory
+    /// backend, or Redis.
+    pub authority: Arc<dyn QuotaAuthority>,
+    pub life: std::time::Duration,
+}
+
+/// One key's ask for a quota lease (see `LeaseQuota` in `verify.proto`).
+pub struct LeaseAsk {
+    pub key_id: String,
+    /// The secret the holder verified.
+    pub hash: KeyHash,
+    /// 0: settle only.
+    pub want: u64,
+    pub min: u64,
+    /// The holder's previous lease: the limits it was counted against, the record, and
+    /// how many of it were admitted.
+    pub settle: Option<(Vec<RateLimit>, LeaseRecord, u64)>,
+}
+
+/// The answer to one [`LeaseAsk`].
+pub struct LeaseAnswer {
+    /// The key's own state ([`key::status`]), BUDGET_EXCEEDED, or RATE_LIMITED when the
+    /// limits had no room.
+    pub code: VerifyCode,
+    /// The grant (or the refusal's figures); `None` when none was attempted.
+    pub grant: Option<Grant>,
+    /// The counters could not be reached: nothing granted.
+    pub unknown: bool,
+    pub decided_at: Micros,
+    pub life: std::time::Duration,
+}
+
 pub struct Verifier {
     store: Arc<dyn Store>,
     cache: Arc<VerifyCache>,
     limiter: Arc<dyn RateLimiter>,
+    leasing: Option<EdgeLeasing>,
     usage: Arc<UsageBook>,
     clock: Clock,
     policy: VerifyPolicy,
@@ -84,6 +122,7 @@ impl Verifier {
             store: events.store().clone(),
             cache,
             limiter,
+            leasing: None,
             usage,
             clock,
             policy,
@@ -92,8 +131,92 @@ impl Verifier {
         }
     }
 
-    /// Verifies `presented` for a call that needs what `request` names and counts `cost`
-    /// requests (at least 1).
+    /// Lets edge nodes lease quota (`LeaseQuota`) from `leasing.authority`, which must be
+    /// the counters this verifier's limiter decides from (or the limiter itself).
+    pub fn with_edge_leasing(mut self, leasing: EdgeLeasing) -> Self {
+        self.leasing = Some(leasing);
+        self
+    }
+
+    /// Whether `LeaseQuota` is served.
+    pub fn leases_quota(&self) -> bool {
+        self.leasing.is_some()
+    }
+
+    /// Handles a batch of lease asks, in order. Each key is looked up as VerifyKey looks
+    /// it up (its hash through the cache, filled on a miss), so a grant is judged on the
+    /// same record and the same limits (its own or the deployment default) as the calls
+    /// it stands for. A settlement goes to the authority before the grant, so what it
+    /// gives back can be granted again. An authority that cannot be reached grants
+    /// nothing (`unknown`); a settlement that fails leaves the lease counted until it
+    /// leaves its window, which never admits too much.
+    ///
+    /// `Ok(None)`: this replica does not lease quota.
+    pub async fn lease(&self, asks: &[LeaseAsk]) -> Result<Option<Vec<LeaseAnswer>>, VerifyError> {
+        let Some(leasing) = &self.leasing else {
+            return Ok(None);
+        };
+        if !self.events.freshness().vouching() {
+            return Err(VerifyError::Stale);
+        }
+        let life = i64::try_from(leasing.life.as_micros()).unwrap_or(i64::MAX);
+        let mut answers = Vec::with_capacity(asks.len());
+        for ask in asks {
+            let answer = |code, grant, unknown, decided_at| LeaseAnswer {
+                code,
+                grant,
+                unknown,
+                decided_at,
+                life: leasing.life,
+            };
+            let entry = match self.entry(&ask.hash).await? {
+                Some(entry) if entry.key.key_id == ask.key_id => entry,
+                // A hash of another key is that key's business, not this one's.
+                _ => {
+                    answers.push(answer(VerifyCode::NotFound, None, false, 0));
+                    continue;
+                }
+            };
+            let now = self.clock.now();
+            if let Some((limits, record, used)) = &ask.settle
+                && let Err(e) = leasing
+                    .authority
+                    .settle(&ask.key_id, limits, *record, *used, now)
+                    .await
+            {
+                tracing::debug!(error = %e, "settling an edge lease failed");
+            }
+            let code = key::status(&entry.key, entry.secret_valid_until, now);
+            if code != VerifyCode::Valid || ask.want == 0 {
+                answers.push(answer(code, None, false, now));
+                continue;
+            }
+            let spent = self.usage.spent(&ask.key_id, entry.key.spent_micros);
+            if limits::budget_exceeded(entry.key.max_budget_micros, spent) {
+                answers.push(answer(VerifyCode::BudgetExceeded, None, false, now));
+                continue;
+            }
+            match leasing
+                .authority
+                .grant(&ask.key_id, &entry.limits, ask.want, ask.min, life, now)
+                .await
+            {
+                Ok(Some(grant)) => {
+                    let code = if grant.granted() {
+                        VerifyCode::Valid
+                    } else {
+                        VerifyCode::RateLimited
+                    };
+                    answers.push(answer(code, Some(grant), false, now));
+                }
+                // Failing open or closed, the holder gets nothing: each of its calls then
+                // goes to VerifyKey, which applies the failure mode.
+                Ok(None) | Err(_) => answers.push(answer(VerifyCode::Valid, None, true, now)),
+            }
+        }
+        Ok(Some(answers))
+    }
+
     /// Records usage reported after an upstream call: tokens in the token windows, spend
     /// in the usage book. Returns the key's spend as this replica sees it, or `None` for
     /// a key that does not exist. Reads the key from storage only when this replica has
@@ -122,6 +245,8 @@ impl Verifier {
         )))
     }
 
+    /// Verifies `presented` for a call that needs what `request` names and counts `cost`
+    /// requests (at least 1).
     pub async fn verify(
         &self,
         presented: &str,
@@ -148,22 +273,8 @@ impl Verifier {
             return Err(VerifyError::Stale);
         }
         let hash = KeyHash::of(presented);
-        let entry = match self.cache.get(&hash) {
-            Lookup::Hit(entry) => {
-                self.metrics.cache_hits.increment(1);
-                entry
-            }
-            Lookup::KnownMissing => {
-                self.metrics.cache_negative_hits.increment(1);
-                return Ok(not_found());
-            }
-            Lookup::Miss => {
-                self.metrics.cache_misses.increment(1);
-                match self.fill(&hash).await? {
-                    Some(entry) => entry,
-                    None => return Ok(not_found()),
-                }
-            }
+        let Some(entry) = self.entry(&hash).await? else {
+            return Ok(not_found());
         };
         let now = self.clock.now();
         let code = key::decide(
@@ -231,6 +342,24 @@ impl Verifier {
             spent_micros,
             decided_at: now,
         })
+    }
+
+    /// The key a secret hash belongs to, from the cache or filled into it.
+    async fn entry(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, StoreError> {
+        match self.cache.get(hash) {
+            Lookup::Hit(entry) => {
+                self.metrics.cache_hits.increment(1);
+                Ok(Some(entry))
+            }
+            Lookup::KnownMissing => {
+                self.metrics.cache_negative_hits.increment(1);
+                Ok(None)
+            }
+            Lookup::Miss => {
+                self.metrics.cache_misses.increment(1);
+                self.fill(hash).await
+            }
+        }
     }
 
     async fn fill(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, StoreError> {

@@ -2,7 +2,8 @@
 //! come from its cache (proved by its server-call counter), every revoke / rotation /
 //! scope change reaches it within a bounded wait, a RESET flushes it, and a server
 //! restart is survived by resuming from the last seq without losing the event that
-//! happened meanwhile.
+//! happened meanwhile. Rate-limited keys are answered from quota leases, never past the
+//! limit.
 
 mod common;
 
@@ -206,21 +207,27 @@ async fn served_from_the_edge_cache_the_second_time(backend: Backend) {
     edge.shutdown().await;
 }
 
-/// With limits (here the key's own: 2 requests a minute), every valid call must count on
-/// the server: none is answered from the edge cache, and the third is refused there.
-async fn answers_under_rate_limits_or_budgets_are_never_reused(backend: Backend) {
+fn requests_per_minute(limit: u64) -> proto::RateLimit {
+    proto::RateLimit {
+        unit: proto::RateLimitUnit::Requests as i32,
+        window: proto::RateLimitWindow::Minute as i32,
+        limit,
+    }
+}
+
+/// Without quota leases (the edge's `leases` off), every valid call of a key with limits
+/// (here its own: 2 requests a minute) must count on the server: none is answered from
+/// the edge cache, and the third is refused there. Budgets are never reused either way.
+async fn without_leases_answers_under_rate_limits_or_budgets_are_never_reused(backend: Backend) {
     let app = spawn_unlimited(backend).await;
     let limited = app
-        .issue_with(|r| {
-            r.rate_limits = vec![proto::RateLimit {
-                unit: proto::RateLimitUnit::Requests as i32,
-                window: proto::RateLimitWindow::Minute as i32,
-                limit: 2,
-            }]
-        })
+        .issue_with(|r| r.rate_limits = vec![requests_per_minute(2)])
         .await;
     let budgeted = app.issue_with(|r| r.max_budget_micros = Some(1_000)).await;
-    let edge = edge(&app).await;
+    let mut config = edge_config();
+    config.leases = false;
+    let edge = Verifier::connect(app.channel.clone(), config).unwrap();
+    assert!(edge.wait_connected(DEADLINE).await);
     assert_eq!(edge_code(&edge, &limited.key, &[]).await, VerifyCode::Valid);
     assert_eq!(edge_code(&edge, &limited.key, &[]).await, VerifyCode::Valid);
     assert_eq!(
@@ -236,6 +243,127 @@ async fn answers_under_rate_limits_or_budgets_are_never_reused(backend: Backend)
     }
     let stats = edge.stats();
     assert_eq!((stats.server_calls, stats.hits), (5, 0), "{stats:?}");
+    assert_eq!(stats.lease_calls, 0, "{stats:?}");
+    edge.shutdown().await;
+}
+
+/// With leases, a budget (spend is judged on the server, reported after each call) and a
+/// token window (counted when usage is reported) still send every call to the server.
+async fn answers_under_budgets_or_token_limits_are_never_reused(backend: Backend) {
+    let app = spawn_unlimited(backend).await;
+    let budgeted = app
+        .issue_with(|r| {
+            r.max_budget_micros = Some(1_000);
+            r.rate_limits = vec![requests_per_minute(100)];
+        })
+        .await;
+    let tokens = app
+        .issue_with(|r| {
+            r.rate_limits = vec![
+                requests_per_minute(100),
+                proto::RateLimit {
+                    unit: proto::RateLimitUnit::Tokens as i32,
+                    window: proto::RateLimitWindow::Minute as i32,
+                    limit: 10_000,
+                },
+            ]
+        })
+        .await;
+    let edge = edge(&app).await;
+    for key in [&budgeted.key, &tokens.key] {
+        for _ in 0..3 {
+            assert_eq!(edge_code(&edge, key, &[]).await, VerifyCode::Valid);
+        }
+    }
+    let stats = edge.stats();
+    assert_eq!((stats.server_calls, stats.hits), (6, 0), "{stats:?}");
+    assert_eq!(stats.lease_calls, 0, "{stats:?}");
+    edge.shutdown().await;
+}
+
+/// A rate-limited key, once verified by the server, is answered from the edge's quota
+/// lease: no VerifyKey call for 200 more calls, and `remaining` counts down by one per
+/// call, as the server would have counted (this edge is the key's only user).
+async fn a_rate_limited_key_is_answered_from_its_lease_without_server_calls(backend: Backend) {
+    const L: u64 = 1000;
+    let app = spawn_unlimited(backend).await;
+    let issued = app
+        .issue_with(|r| r.rate_limits = vec![requests_per_minute(L)])
+        .await;
+    let edge = edge(&app).await;
+    let first = verify(&edge, &issued.key, &["read"]).await;
+    assert_eq!(code(&first), VerifyCode::Valid);
+    assert_eq!(first.rate_limit.as_ref().unwrap().remaining, L - 1);
+    let warm = edge.stats();
+    assert_eq!(warm.server_calls, 1, "{warm:?}");
+    for k in 2..=201 {
+        let answer = verify(&edge, &issued.key, &["read"]).await;
+        assert_eq!(code(&answer), VerifyCode::Valid);
+        let figures = answer.rate_limit.as_ref().unwrap();
+        assert!(figures.allowed);
+        assert_eq!(figures.limit, L);
+        assert_eq!(figures.remaining, L - k, "call {k}");
+        assert_eq!(answer.key_id, first.key_id);
+    }
+    let stats = edge.stats();
+    assert_eq!(stats.server_calls, 1, "{stats:?}");
+    assert_eq!(stats.hits - warm.hits, 200, "{stats:?}");
+    assert_eq!(stats.leased - warm.leased, 200, "{stats:?}");
+    assert!(stats.lease_calls >= 1, "{stats:?}");
+    edge.shutdown().await;
+}
+
+/// The edge's leases and the server's own decisions count against the same limit: of 3N
+/// calls in one window (the test's clock stands still) exactly N are valid, whichever of
+/// them the edge admitted itself, and the rest are RATE_LIMITED.
+async fn an_edge_never_admits_more_than_the_limit(backend: Backend) {
+    const N: u64 = 20;
+    let app = spawn_unlimited(backend).await;
+    let issued = app
+        .issue_with(|r| r.rate_limits = vec![requests_per_minute(N)])
+        .await;
+    let edge = edge(&app).await;
+    let mut valid = 0;
+    for _ in 0..3 * N {
+        match edge_code(&edge, &issued.key, &[]).await {
+            VerifyCode::Valid => valid += 1,
+            VerifyCode::RateLimited => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let stats = edge.stats();
+    assert_eq!(valid, N, "{stats:?}");
+    assert!(
+        stats.leased > 0,
+        "some were admitted at the edge: {stats:?}"
+    );
+    // Neither is the server left any room by the edge.
+    assert_eq!(
+        code(&app.verify(&issued.key, &[]).await),
+        VerifyCode::RateLimited
+    );
+    edge.shutdown().await;
+}
+
+/// A revoke drops the key's lease with its cached answer: once the event has reached the
+/// edge, the next call is REVOKED, though the lease had room left.
+async fn a_revoke_drops_the_lease(backend: Backend) {
+    let app = spawn_unlimited(backend).await;
+    let issued = app
+        .issue_with(|r| r.rate_limits = vec![requests_per_minute(1000)])
+        .await;
+    let edge = edge(&app).await;
+    for _ in 0..5 {
+        assert_eq!(edge_code(&edge, &issued.key, &[]).await, VerifyCode::Valid);
+    }
+    assert!(edge.stats().leased >= 1, "{:?}", edge.stats());
+    let events = edge.stats().events;
+    revoke(&mut app.admin(), &key_id(&issued)).await;
+    eventually!("the edge applies the revoke", edge.stats().events > events);
+    assert_eq!(
+        edge_code(&edge, &issued.key, &[]).await,
+        VerifyCode::Revoked
+    );
     edge.shutdown().await;
 }
 
@@ -638,7 +766,11 @@ both_backends!(
     resources_and_addresses_are_part_of_the_edge_answer,
     served_from_the_edge_cache_the_second_time,
     an_answer_is_never_served_past_the_keys_expiry,
-    answers_under_rate_limits_or_budgets_are_never_reused,
+    without_leases_answers_under_rate_limits_or_budgets_are_never_reused,
+    answers_under_budgets_or_token_limits_are_never_reused,
+    a_rate_limited_key_is_answered_from_its_lease_without_server_calls,
+    an_edge_never_admits_more_than_the_limit,
+    a_revoke_drops_the_lease,
     a_revoke_reaches_the_edge,
     a_rotation_reaches_the_edge,
     a_scope_change_reaches_the_edge,

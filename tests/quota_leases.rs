@@ -1,6 +1,7 @@
 //! Quota leases through real servers: two replicas lease one key's limit from real Redis
 //! and decide locally, together admitting at most the limit in a window and, under
-//! saturation, at least 90% of it; a lowered limit is judged at once on the next call.
+//! saturation, at least 90% of it; so do two replicas and two edge Verifiers leasing from
+//! them (LeaseQuota) together; a lowered limit is judged at once on the next call.
 //!
 //! The windows are the test's manual clock (standing still, then moved past a whole
 //! window); the leases' lives are real time, as they are in production. Demand runs for
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use keywarden::config::{LimiterSettings, Settings};
+use keywarden::edge::{EdgeConfig, Verifier};
 use keywarden::proto::{self, VerifyCode};
 use keywarden::ratelimit::FailureMode;
 use keywarden::ratelimit::leased::LeaseSettings;
@@ -40,6 +42,7 @@ fn leasing_from_redis(s: &mut Settings, prefix: &str) {
         }),
         clock_skew: Duration::from_millis(100),
     };
+    s.edge_lease = Some(LIFE);
 }
 
 fn prefix() -> String {
@@ -105,6 +108,55 @@ async fn hammer(channels: &[Channel], key: &str, demand: Duration) -> u64 {
     admitted.load(Ordering::Relaxed)
 }
 
+/// An edge Verifier following the replica behind `channel`, caught up.
+async fn edge_on(channel: &Channel) -> Arc<Verifier> {
+    let mut config = EdgeConfig::new(VERIFIER_TOKEN, EDGE_TOKEN);
+    config.idle_timeout = Duration::from_secs(5);
+    let edge = Verifier::connect(channel.clone(), config).unwrap();
+    assert!(
+        edge.wait_connected(Duration::from_secs(10)).await,
+        "the edge never caught up"
+    );
+    Arc::new(edge)
+}
+
+/// [`hammer`] with four more callers per edge Verifier; returns the calls admitted by
+/// all of them together.
+async fn hammer_with_edges(
+    channels: &[Channel],
+    edges: &[Arc<Verifier>],
+    key: &str,
+    demand: Duration,
+) -> u64 {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + demand;
+    let mut tasks = Vec::new();
+    for edge in edges {
+        for _ in 0..4 {
+            let (edge, key, admitted) = (edge.clone(), key.to_owned(), admitted.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let answer = edge.verify(&key, &[]).await.unwrap();
+                    match code(&answer) {
+                        VerifyCode::Valid => {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        VerifyCode::RateLimited => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }));
+        }
+    }
+    let direct = hammer(channels, key, demand).await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    direct + admitted.load(Ordering::Relaxed)
+}
+
 async fn second_replica(app: &TestApp, prefix: &str) -> (RunningServer, Channel) {
     let mut settings = test_settings(&app.db);
     leasing_from_redis(&mut settings, prefix);
@@ -144,6 +196,63 @@ async fn two_replicas_leasing_from_redis_admit_at_most_the_limit_and_nearly_all_
         second * 10 >= L * 9,
         "only {second} admitted in the next window"
     );
+    b.shutdown().await.unwrap();
+}
+
+/// Edge leases are counted at the authority like every holder's: two replicas (leasing
+/// from Redis) and two edge Verifiers (one following each, leasing from it, so from the
+/// same Redis counters), all far above the limit for several lease lives, together admit
+/// at most the limit in a window, and at least 90% of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_and_two_edges_leasing_admit_at_most_the_limit_and_nearly_all_of_it() {
+    const L: u64 = 60;
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| leasing_from_redis(s, &prefix)).await;
+    let (b, b_channel) = second_replica(&app, &prefix).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(L)]).await;
+    let replicas = [app.channel.clone(), b_channel.clone()];
+    let edges = [edge_on(&app.channel).await, edge_on(&b_channel).await];
+
+    // Each edge verifies the key a few times first: the first call goes to VerifyKey,
+    // the next ones wait for and use the edge's lease (quota is free yet), so both edges
+    // hold leases when the demand starts.
+    let mut warm = 0;
+    for edge in &edges {
+        for _ in 0..3 {
+            assert_eq!(
+                code(&edge.verify(&issued.key, &[]).await.unwrap()),
+                VerifyCode::Valid
+            );
+            warm += 1;
+        }
+        assert!(edge.stats().leased >= 1, "{:?}", edge.stats());
+    }
+    let first = warm + hammer_with_edges(&replicas, &edges, &issued.key, LIFE * 6).await;
+    let leased: u64 = edges.iter().map(|e| e.stats().leased).sum();
+    eprintln!("first window: {first} admitted, {leased} of them from edge leases");
+    assert!(first <= L, "{first} admitted in one window, limit {L}");
+    assert!(
+        first * 10 >= L * 9,
+        "only {first} admitted under saturation, limit {L}"
+    );
+
+    // Every lease of the first window ends (real time) before the clock jumps a window:
+    // in production a lease's life passes on both clocks alike.
+    tokio::time::sleep(LIFE * 2).await;
+    app.clock.advance(Duration::from_secs(65));
+    let second = hammer_with_edges(&replicas, &edges, &issued.key, LIFE * 6).await;
+    eprintln!("second window: {second} admitted");
+    assert!(
+        second <= L,
+        "{second} admitted in the next window, limit {L}"
+    );
+    assert!(
+        second * 10 >= L * 9,
+        "only {second} admitted in the next window"
+    );
+    for edge in &edges {
+        edge.shutdown().await;
+    }
     b.shutdown().await.unwrap();
 }
 
@@ -188,4 +297,239 @@ async fn a_lowered_limit_is_judged_on_the_next_call_with_the_calls_already_admit
     }
     assert_eq!(admitted, 2, "8 - 6 calls left under the lowered limit");
     b.shutdown().await.unwrap();
+}
+
+// LeaseQuota itself, on one replica with the memory backend (the default): the edge's
+// grants and settlements against the counters VerifyKey decides from.
+
+fn hash_of(key: &str) -> String {
+    keywarden::domain::key_format::KeyHash::of(key).to_hex()
+}
+
+fn ask(issued: &proto::IssueKeyResponse, want: u64) -> proto::LeaseAsk {
+    proto::LeaseAsk {
+        key_id: issued.key_info.as_ref().unwrap().key_id.clone(),
+        key_hash: hash_of(&issued.key),
+        want,
+        min: 1,
+        settle: None,
+    }
+}
+
+async fn lease(app: &TestApp, asks: Vec<proto::LeaseAsk>) -> Vec<proto::LeaseGrant> {
+    app.verifier()
+        .lease_quota(proto::LeaseQuotaRequest { asks })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants
+}
+
+/// A grant is counted by the replica's own counters: what it holds VerifyKey no longer
+/// admits, and what a settlement gives back it admits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_and_its_settlement_count_where_verify_key_counts() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(10)]).await;
+    let grants = lease(&app, vec![ask(&issued, 6)]).await;
+    assert_eq!(grants.len(), 1);
+    let g = &grants[0];
+    assert_eq!(g.code, VerifyCode::Valid as i32);
+    assert_eq!(g.amount, 6);
+    assert!(g.counted_at_micros > app.clock.now());
+    assert_eq!(
+        g.life,
+        Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0
+        })
+    );
+    let figures = g.rate_limit.as_ref().unwrap();
+    assert_eq!((figures.limit, figures.remaining), (10, 4));
+    assert!(!g.rate_limit_unknown);
+    let valid = |app: &TestApp| {
+        let key = issued.key.clone();
+        let channel = app.channel.clone();
+        async move {
+            let mut n = 0;
+            for _ in 0..10 {
+                if code_of(&channel, &key).await == VerifyCode::Valid {
+                    n += 1;
+                }
+            }
+            n
+        }
+    };
+    assert_eq!(valid(&app).await, 4, "10 - the 6 leased");
+    // The holder used 2 of 6: 4 go back.
+    let settle = proto::LeaseSettlement {
+        granted: g.amount,
+        counted_at_micros: g.counted_at_micros,
+        used: 2,
+        limits: vec![rpm(10)],
+    };
+    let grants = lease(
+        &app,
+        vec![proto::LeaseAsk {
+            want: 0,
+            settle: Some(settle),
+            ..ask(&issued, 0)
+        }],
+    )
+    .await;
+    assert_eq!(
+        (grants[0].amount, grants[0].code),
+        (0, VerifyCode::Valid as i32)
+    );
+    assert_eq!(valid(&app).await, 4, "the 4 the lease did not use");
+    // Nothing left: a refusal, with when to retry.
+    let refused = &lease(&app, vec![ask(&issued, 1)]).await[0];
+    assert_eq!(refused.amount, 0);
+    assert_eq!(refused.code, VerifyCode::RateLimited as i32);
+    let figures = refused.rate_limit.as_ref().unwrap();
+    assert!(!figures.allowed && figures.retry_after.is_some());
+}
+
+/// Only the key's own state is judged, and a hash must belong to the key id named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_refused_for_a_revoked_key_or_a_hash_of_another_key() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let revoked = app.issue_with(|r| r.rate_limits = vec![rpm(10)]).await;
+    let other = app.issue().await;
+    app.admin()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: revoked.key_info.as_ref().unwrap().key_id.clone(),
+            actor: Some(actor()),
+            reason: "leaked".into(),
+        })
+        .await
+        .unwrap();
+    let mismatched = proto::LeaseAsk {
+        key_hash: hash_of(&other.key),
+        ..ask(&revoked, 5)
+    };
+    let unknown = proto::LeaseAsk {
+        key_hash: hash_of("kw_live_nothing"),
+        ..ask(&other, 5)
+    };
+    let grants = lease(&app, vec![ask(&revoked, 5), mismatched, unknown]).await;
+    let codes: Vec<(u64, i32)> = grants.iter().map(|g| (g.amount, g.code)).collect();
+    assert_eq!(
+        codes,
+        vec![
+            (0, VerifyCode::Revoked as i32),
+            (0, VerifyCode::NotFound as i32),
+            (0, VerifyCode::NotFound as i32),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_quota_names_every_invalid_field() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let empty = app
+        .verifier()
+        .lease_quota(proto::LeaseQuotaRequest { asks: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&empty), vec!["asks"]);
+    let bad = proto::LeaseAsk {
+        key_id: "not a key id".into(),
+        key_hash: "ABC".into(),
+        want: keywarden::domain::lease::MAX_LEASE + 1,
+        min: 0,
+        settle: Some(proto::LeaseSettlement {
+            granted: 3,
+            counted_at_micros: 0,
+            used: 4,
+            limits: vec![proto::RateLimit { unit: 0, ..rpm(10) }],
+        }),
+    };
+    let issued = app.issue().await;
+    let zero = proto::LeaseAsk {
+        want: 0,
+        min: 0,
+        ..ask(&issued, 0)
+    };
+    let min_above_want = proto::LeaseAsk {
+        want: 2,
+        min: 3,
+        ..zero.clone()
+    };
+    let status = app
+        .verifier()
+        .lease_quota(proto::LeaseQuotaRequest {
+            asks: vec![bad, zero, min_above_want],
+        })
+        .await
+        .unwrap_err();
+    let mut fields = violated_fields(&status);
+    fields.sort();
+    assert_eq!(
+        fields,
+        vec![
+            "asks[0].key_hash",
+            "asks[0].key_id",
+            "asks[0].settle.counted_at_micros",
+            "asks[0].settle.limits[0].unit",
+            "asks[0].settle.used",
+            "asks[0].want",
+            "asks[1].want",
+            "asks[2].min",
+        ]
+    );
+    let too_many = app
+        .verifier()
+        .lease_quota(proto::LeaseQuotaRequest {
+            asks: vec![
+                proto::LeaseAsk {
+                    want: 1,
+                    ..Default::default()
+                };
+                1001
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&too_many), vec!["asks"]);
+}
+
+/// With `rate_limits.edge_lease_ms = 0` the replica leases nothing
+/// (QUOTA_LEASES_DISABLED), and an edge Verifier then sends every rate-limited call to
+/// VerifyKey, answered as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_edge_leases_off_the_edge_verifies_every_limited_call() {
+    use tonic_types::StatusExt;
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| s.edge_lease = None).await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(3)]).await;
+    let refused = app
+        .verifier()
+        .lease_quota(proto::LeaseQuotaRequest {
+            asks: vec![ask(&issued, 1)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        refused.get_details_error_info().unwrap().reason,
+        "QUOTA_LEASES_DISABLED"
+    );
+    let edge = edge_on(&app.channel).await;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(code(&edge.verify(&issued.key, &[]).await.unwrap()));
+    }
+    assert_eq!(
+        codes,
+        [
+            VerifyCode::Valid,
+            VerifyCode::Valid,
+            VerifyCode::Valid,
+            VerifyCode::RateLimited,
+            VerifyCode::RateLimited
+        ]
+    );
+    let stats = edge.stats();
+    assert_eq!((stats.server_calls, stats.leased), (5, 0), "{stats:?}");
+    edge.shutdown().await;
 }

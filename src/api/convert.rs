@@ -45,6 +45,13 @@ pub fn duration_micros(d: &PbDuration, field: &str, v: &mut Violations) -> Optio
     Some(d.seconds * MICROS_PER_SECOND + i64::from(d.nanos / 1000))
 }
 
+pub fn duration_pb(d: std::time::Duration) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
 pub fn environment(raw: i32, field: &str, v: &mut Violations) -> Option<Environment> {
     match proto::Environment::try_from(raw) {
         Ok(proto::Environment::Live) => Some(Environment::Live),

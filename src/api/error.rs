@@ -36,6 +36,7 @@ pub fn code(reason: Reason) -> Code {
         PlanForbidsApiKeys
         | PlanForbidsByok
         | KekNotConfigured
+        | QuotaLeasesDisabled
         | TeamBudgetCeilingExceeded
         | TeamExpiryRequired
         | TeamExpiryTooFar

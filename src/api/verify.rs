@@ -8,12 +8,17 @@ use super::convert;
 use super::error::{check, refused, store_status};
 use crate::domain::access;
 use crate::domain::key::{self, VerifyCode};
+use crate::domain::key_format::KeyHash;
+use crate::domain::lease::MAX_LEASE;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::{MAX_COST, MAX_USAGE, Violations};
 use crate::proto;
 use crate::proto::verify_service_server::VerifyService;
-use crate::verify::Verifier;
-use crate::verify::VerifyError;
+use crate::ratelimit::leased::LeaseRecord;
+use crate::verify::{LeaseAsk, Verifier, VerifyError};
+
+/// The most asks one LeaseQuota call may carry.
+pub const MAX_LEASE_ASKS: usize = 1000;
 
 pub struct VerifyApi {
     verifier: Arc<Verifier>,
@@ -156,10 +161,125 @@ impl VerifyService for VerifyApi {
         }))
     }
 
+    async fn lease_quota(
+        &self,
+        request: Request<proto::LeaseQuotaRequest>,
+    ) -> Result<Response<proto::LeaseQuotaResponse>, Status> {
+        let r = request.into_inner();
+        let asks = lease_asks(&r)?;
+        let answers = self
+            .verifier
+            .lease(&asks)
+            .await
+            .map_err(|e| verify_status(&e))?
+            .ok_or_else(|| {
+                refused(Refusal::new(
+                    Reason::QuotaLeasesDisabled,
+                    "this server does not lease quota; verify each call with VerifyKey",
+                ))
+            })?;
+        let grants = asks
+            .iter()
+            .zip(answers)
+            .map(|(ask, a)| {
+                let (amount, counted_at_micros) = match &a.grant {
+                    Some(g) if g.granted() => (g.amount, g.counted_at),
+                    _ => (0, 0),
+                };
+                proto::LeaseGrant {
+                    key_id: ask.key_id.clone(),
+                    amount,
+                    counted_at_micros,
+                    life: Some(convert::duration_pb(a.life)),
+                    rate_limit: a
+                        .grant
+                        .as_ref()
+                        .filter(|g| !g.decision.windows.is_empty())
+                        .map(|g| convert::limit_decision_pb(&g.decision, a.decided_at)),
+                    code: code_pb(a.code) as i32,
+                    rate_limit_unknown: a.unknown,
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::LeaseQuotaResponse { grants }))
+    }
+
     async fn ping(
         &self,
         _request: Request<proto::PingRequest>,
     ) -> Result<Response<proto::PingResponse>, Status> {
         Ok(Response::new(proto::PingResponse {}))
     }
+}
+
+/// Validates a LeaseQuota request (every violation at once, each naming its field) and
+/// converts its asks.
+fn lease_asks(r: &proto::LeaseQuotaRequest) -> Result<Vec<LeaseAsk>, Status> {
+    let mut v = Violations::default();
+    if r.asks.is_empty() || r.asks.len() > MAX_LEASE_ASKS {
+        v.add("asks", format!("must hold 1 to {MAX_LEASE_ASKS} asks"));
+        check(v)?;
+        return Ok(Vec::new());
+    }
+    let mut asks = Vec::with_capacity(r.asks.len());
+    for (i, a) in r.asks.iter().enumerate() {
+        let field = |name: &str| format!("asks[{i}].{name}");
+        v.key_id(&field("key_id"), &a.key_id);
+        let hash = (a.key_hash.len() == 64
+            && a.key_hash
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| hex::decode(&a.key_hash).ok())
+        .flatten()
+        .and_then(|b| KeyHash::from_slice(&b));
+        if hash.is_none() {
+            v.add(
+                field("key_hash"),
+                "must be the SHA-256 of the key in lowercase hex (64 characters)",
+            );
+        }
+        if a.want > MAX_LEASE {
+            v.add(field("want"), format!("must be at most {MAX_LEASE}"));
+        }
+        if a.want == 0 && a.settle.is_none() {
+            v.add(field("want"), "must be at least 1 unless settle is set");
+        }
+        if a.want > 0 && a.min > a.want {
+            v.add(field("min"), "must be at most want");
+        }
+        let settle = a.settle.as_ref().map(|s| {
+            if s.granted == 0 || s.granted > MAX_LEASE {
+                v.add(
+                    field("settle.granted"),
+                    format!("must be from 1 to {MAX_LEASE}"),
+                );
+            }
+            if s.used > s.granted {
+                v.add(field("settle.used"), "must be at most settle.granted");
+            }
+            if s.counted_at_micros <= 0 {
+                v.add(
+                    field("settle.counted_at_micros"),
+                    "must be the grant's counted_at_micros",
+                );
+            }
+            let limits = convert::rate_limits(&s.limits, &field("settle.limits"), &mut v);
+            let record = LeaseRecord {
+                granted: s.granted,
+                counted_at: s.counted_at_micros,
+            };
+            (limits, record, s.used)
+        });
+        if let Some(hash) = hash {
+            asks.push(LeaseAsk {
+                key_id: a.key_id.clone(),
+                hash,
+                want: a.want,
+                min: a.min,
+                settle,
+            });
+        }
+    }
+    check(v)?;
+    Ok(asks)
 }

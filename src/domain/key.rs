@@ -210,12 +210,9 @@ pub fn decide(
     request: &Request<'_>,
     now: Micros,
 ) -> VerifyCode {
-    if key.deleted_at.is_some() {
-        VerifyCode::NotFound
-    } else if key.revoked_at.is_some() || secret_valid_until.is_some_and(|until| now >= until) {
-        VerifyCode::Revoked
-    } else if key.expires_at.is_some_and(|e| now >= e) {
-        VerifyCode::Expired
+    let status = status(key, secret_valid_until, now);
+    if status != VerifyCode::Valid {
+        status
     } else if !key.network.allows(request.client_ip) {
         VerifyCode::IpForbidden
     } else if !effective_scopes.covers(request.required_scopes) {
@@ -224,6 +221,22 @@ pub fn decide(
         || !key.team_access.allows(request.resource)
     {
         VerifyCode::ResourceForbidden
+    } else {
+        VerifyCode::Valid
+    }
+}
+
+/// The key's own state, whatever the request: deleted → NOT_FOUND, revoked or a
+/// rotated-away secret past its grace → REVOKED, expired → EXPIRED, else VALID. The first
+/// checks of [`decide`]; a quota lease is judged by these alone (the holder's cached
+/// answers judge the rest).
+pub fn status(key: &VerifiableKey, secret_valid_until: Option<Micros>, now: Micros) -> VerifyCode {
+    if key.deleted_at.is_some() {
+        VerifyCode::NotFound
+    } else if key.revoked_at.is_some() || secret_valid_until.is_some_and(|until| now >= until) {
+        VerifyCode::Revoked
+    } else if key.expires_at.is_some_and(|e| now >= e) {
+        VerifyCode::Expired
     } else {
         VerifyCode::Valid
     }

@@ -60,6 +60,8 @@ reasons! {
     PlanForbidsByok => "PLAN_FORBIDS_BYOK",
     /// No key-encryption key is configured, so provider keys cannot be stored or read.
     KekNotConfigured => "KEK_NOT_CONFIGURED",
+    /// LeaseQuota on a replica that does not lease quota (`rate_limits.edge_lease_ms = 0`).
+    QuotaLeasesDisabled => "QUOTA_LEASES_DISABLED",
     /// A member's key has no budget or one above the team's `max_budget_micros`.
     TeamBudgetCeilingExceeded => "TEAM_BUDGET_CEILING_EXCEEDED",
     /// The team requires an expiry and the member's key has none.

@@ -1,6 +1,11 @@
 //! This replica's own counters: per key, the buckets of each (unit, window) in use,
 //! behind a mutex of that key's own. Idle keys are forgotten once their longest window
 //! could no longer count anything (a day and a bucket), bounded in number.
+//!
+//! It is also a [`QuotaAuthority`]: edge nodes lease quota from a replica with this
+//! backend, the grants counted in the same buckets as the replica's own decisions (with
+//! [`crate::domain::lease`]'s arithmetic, no clock skew: one clock), so one replica and
+//! its edges together stay within each limit.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -8,8 +13,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use moka::sync::Cache;
 
+use super::leased::{LeaseRecord, QuotaAuthority};
 use super::{LimiterError, RateLimiter};
 use crate::domain::Micros;
+use crate::domain::lease::{self, Grant};
 use crate::domain::limits::{self, LimitDecision, LimitUnit, LimitWindow, RateLimit, WindowUsage};
 
 /// The (unit, window) pairs a key can have, as indices.
@@ -53,6 +60,27 @@ impl MemoryLimiter {
         }
         self.keys.get_with(key_id.to_owned(), Default::default)
     }
+
+    /// Runs `f` on the windows `limits` name, taken out of the key's counters and put
+    /// back after, under the key's lock.
+    fn with_usage<T>(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        f: impl FnOnce(&mut [WindowUsage]) -> T,
+    ) -> T {
+        let counters = self.counters(key_id);
+        let mut counters = counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut usage: Vec<WindowUsage> = limits
+            .iter()
+            .map(|l| std::mem::take(&mut counters.slots[slot(l.unit, l.window)]))
+            .collect();
+        let out = f(&mut usage);
+        for (l, u) in limits.iter().zip(usage) {
+            counters.slots[slot(l.unit, l.window)] = u;
+        }
+        out
+    }
 }
 
 #[async_trait]
@@ -64,17 +92,9 @@ impl RateLimiter for MemoryLimiter {
         cost: u64,
         now: Micros,
     ) -> Result<Option<LimitDecision>, LimiterError> {
-        let counters = self.counters(key_id);
-        let mut counters = counters.lock().unwrap_or_else(PoisonError::into_inner);
-        // Take the windows this key's limits name, decide, and put them back.
-        let mut usage: Vec<WindowUsage> = limits
-            .iter()
-            .map(|l| std::mem::take(&mut counters.slots[slot(l.unit, l.window)]))
-            .collect();
-        let decision = limits::decide(limits, &mut usage, now, cost);
-        for (l, u) in limits.iter().zip(usage) {
-            counters.slots[slot(l.unit, l.window)] = u;
-        }
+        let decision = self.with_usage(key_id, limits, |usage| {
+            limits::decide(limits, usage, now, cost)
+        });
         Ok(Some(decision))
     }
 
@@ -90,5 +110,89 @@ impl RateLimiter for MemoryLimiter {
             counters.slots[slot(LimitUnit::Tokens, window)].add(window, now, tokens);
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl QuotaAuthority for MemoryLimiter {
+    async fn grant(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        want: u64,
+        min: u64,
+        life: Micros,
+        now: Micros,
+    ) -> Result<Option<Grant>, LimiterError> {
+        Ok(Some(self.with_usage(key_id, limits, |usage| {
+            lease::grant(limits, usage, now, want, min, life, 0)
+        })))
+    }
+
+    async fn settle(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        record: LeaseRecord,
+        used: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError> {
+        self.with_usage(key_id, limits, |usage| {
+            lease::settle(limits, usage, record.counted_at, record.granted, used, now)
+        });
+        Ok(())
+    }
+
+    async fn record_tokens(
+        &self,
+        key_id: &str,
+        tokens: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError> {
+        RateLimiter::record_tokens(self, key_id, tokens, now).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::MICROS_PER_SECOND as S;
+
+    fn rpm(limit: u64) -> RateLimit {
+        RateLimit {
+            unit: LimitUnit::Requests,
+            window: LimitWindow::Minute,
+            limit,
+        }
+    }
+
+    /// The replica's own calls and the leases it grants share the same counters: what a
+    /// lease holds is not admitted again, and what it gives back is.
+    #[tokio::test]
+    async fn leases_and_direct_decisions_share_the_counters() {
+        let m = MemoryLimiter::new(100);
+        let limits = [rpm(10)];
+        let now = 1_800_000_000 * S;
+        let g = QuotaAuthority::grant(&m, "k", &limits, 8, 1, 2 * S, now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.amount, 8);
+        for allowed in [true, true, false] {
+            let d = m.check("k", &limits, 1, now).await.unwrap().unwrap();
+            assert_eq!(d.allowed, allowed);
+        }
+        let record = LeaseRecord {
+            granted: g.amount,
+            counted_at: g.counted_at,
+        };
+        QuotaAuthority::settle(&m, "k", &limits, record, 3, now + S)
+            .await
+            .unwrap();
+        let g = QuotaAuthority::grant(&m, "k", &limits, 10, 1, 2 * S, now + S)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.amount, 5, "10 - 2 direct - 3 used from the lease");
     }
 }

@@ -361,6 +361,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
             limit: 1_000_000,
         }]),
         limiter: Default::default(),
+        edge_lease: Some(std::time::Duration::from_secs(2)),
         plans: Default::default(),
         keks: vec![(
             1,

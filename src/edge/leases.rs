@@ -1,0 +1,752 @@
+//! The edge's quota leases: per key id, the requests this edge may admit on its own,
+//! granted by `LeaseQuota` and timed from when it asked (see "Quota leases" in the
+//! [module documentation](super)).
+//!
+//! [`LeaseBook`] is the bookkeeping only: no IO, no lock, the time a parameter. The
+//! [`super::EdgeCache`] holds it behind a mutex and decides when a grant may be
+//! installed (its generation guard); the background task sends what
+//! [`LeaseBook::take_batch`] hands it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::domain::key_format::KeyHash;
+use crate::domain::lease::MAX_LEASE;
+use crate::proto;
+
+/// The life assumed before the server has said (its default).
+const DEFAULT_LIFE: Duration = Duration::from_secs(2);
+
+/// The longest life this edge accepts from a server, whatever it says.
+const MAX_LIFE: Duration = Duration::from_secs(60);
+
+/// After a failed LeaseQuota call, no new ask for a key before this.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// One lease held: what the server granted and what this edge used of it.
+struct Held {
+    granted: u64,
+    used: u64,
+    counted_at: i64,
+    /// The limits the grant was counted against, named again when it is settled.
+    limits: Vec<proto::RateLimit>,
+    /// The grant's figures (the whole grant counted as used).
+    decision: proto::RateLimitDecision,
+    /// What this edge gives back of the lease this one replaced: counted by the server
+    /// when it granted this one, soon freed by the settlement.
+    returned: u64,
+    asked_at: Instant,
+    /// Not one call is admitted from it from here on: `asked_at + life`.
+    ends: Instant,
+}
+
+impl Held {
+    fn settlement(&self) -> proto::LeaseSettlement {
+        proto::LeaseSettlement {
+            granted: self.granted,
+            counted_at_micros: self.counted_at,
+            used: self.used,
+            limits: self.limits.clone(),
+        }
+    }
+
+    /// The figures of a call admitted from this lease: the grant's, with what is left of
+    /// the lease (and of the one it replaced) given back to `remaining`, so that
+    /// `X-RateLimit-Remaining` counts down truthfully while this edge is the only user.
+    fn figures(&self) -> proto::RateLimitDecision {
+        let back = self
+            .granted
+            .saturating_sub(self.used)
+            .saturating_add(self.returned);
+        let mut d = self.decision.clone();
+        for w in &mut d.windows {
+            let limit = w.limit.as_ref().map_or(0, |l| l.limit);
+            w.remaining = w.remaining.saturating_add(back).min(limit);
+            w.used = limit.saturating_sub(w.remaining);
+            w.allowed = true;
+        }
+        // The tightest window as the server picks it when a call passes: least headroom
+        // as a share of the limit, the shorter window on a tie.
+        let tightest = d.windows.iter().min_by(|a, b| {
+            let limit = |w: &proto::RateLimitWindowState| w.limit.as_ref().map_or(0, |l| l.limit);
+            let window = |w: &proto::RateLimitWindowState| w.limit.as_ref().map_or(0, |l| l.window);
+            (u128::from(a.remaining) * u128::from(limit(b)))
+                .cmp(&(u128::from(b.remaining) * u128::from(limit(a))))
+                .then(window(a).cmp(&window(b)))
+        });
+        if let Some(t) = tightest {
+            d.limit = t.limit.as_ref().map_or(0, |l| l.limit);
+            d.remaining = t.remaining;
+            d.reset_at = t.reset_at;
+        }
+        d.allowed = true;
+        d.retry_after = None;
+        d
+    }
+}
+
+/// One key's lease state.
+struct Slot {
+    /// A secret of the key (the one first verified): asks name it.
+    hash: KeyHash,
+    held: Option<Held>,
+    /// An ask is queued or on its way: one at a time per key.
+    asking: bool,
+    /// No new ask before this (after a refusal, or a failed call).
+    not_before: Option<Instant>,
+    /// Calls wanted since `since` (admitted or not): sizes the next ask.
+    demand: u64,
+    since: Instant,
+    /// The most one ask wants: half the tightest request limit, so one holder never
+    /// takes everything while others ask.
+    cap: u64,
+    /// The largest cost of a call seen: an ask wants at least that much.
+    max_cost: u64,
+}
+
+impl Slot {
+    fn may_ask(&self, now: Instant) -> bool {
+        !self.asking && self.not_before.is_none_or(|t| now >= t)
+    }
+}
+
+/// A call's turn at the lease of its key.
+#[derive(Debug, PartialEq)]
+pub(super) enum Admit {
+    /// Admitted from the lease, with these figures.
+    Served(proto::RateLimitDecision),
+    /// No room now, but an ask for the key is queued or on its way: worth waiting for.
+    Wait,
+    /// No lease to admit from: the call goes to the server.
+    NotLeased,
+}
+
+/// Every lease this edge holds, by key id.
+pub(super) struct LeaseBook {
+    slots: HashMap<String, Slot>,
+    /// Key ids whose ask is queued (their slot's `asking` set), not sent yet.
+    queued: Vec<String>,
+    /// Leases given up (expired, replaced, dropped) for the next LeaseQuota call to
+    /// settle, with the key's id and a hash of it.
+    settlements: Vec<(String, String, proto::LeaseSettlement)>,
+    /// The life of the last grant: sizes asks.
+    life: Duration,
+    /// Asks wait until then after the server said it leases nothing.
+    off_until: Option<Instant>,
+}
+
+impl Default for LeaseBook {
+    fn default() -> Self {
+        LeaseBook {
+            slots: HashMap::new(),
+            queued: Vec::new(),
+            settlements: Vec::new(),
+            life: DEFAULT_LIFE,
+            off_until: None,
+        }
+    }
+}
+
+/// The cap of one ask for a key answered with `decision`: half its tightest request
+/// limit (at least 1), or `None` when the answer cannot be leased (a token window: those
+/// are counted when usage is reported, which a lease cannot foresee).
+pub(super) fn lease_cap(decision: &proto::RateLimitDecision) -> Option<u64> {
+    let mut cap = MAX_LEASE;
+    for w in &decision.windows {
+        let limit = w.limit.as_ref()?;
+        if limit.unit != proto::RateLimitUnit::Requests as i32 {
+            return None;
+        }
+        cap = cap.min((limit.limit / 2).max(1));
+    }
+    (!decision.windows.is_empty()).then_some(cap)
+}
+
+/// A grant's life, if it is one this edge can use.
+fn life_of(grant: &proto::LeaseGrant) -> Option<Duration> {
+    let d = grant.life.as_ref()?;
+    let life = Duration::new(
+        u64::try_from(d.seconds).ok()?,
+        u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000)?,
+    );
+    (!life.is_zero() && life <= MAX_LIFE).then_some(life)
+}
+
+impl LeaseBook {
+    /// Whether leases wait to be settled (the lease task should run).
+    pub(super) fn has_settlements(&self) -> bool {
+        !self.settlements.is_empty()
+    }
+
+    fn queue(&mut self, key_id: &str, now: Instant) -> bool {
+        if self.off_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        match self.slots.get_mut(key_id) {
+            Some(slot) if slot.may_ask(now) => {
+                slot.asking = true;
+                self.queued.push(key_id.to_owned());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A call of `cost` requests for `key_id`, whose answer is cached and needs a lease.
+    /// `first`: its first turn (its demand is counted once). Returns the call's fate and
+    /// whether an ask was queued (the background task must be woken).
+    pub(super) fn admit(
+        &mut self,
+        key_id: &str,
+        cost: u64,
+        first: bool,
+        now: Instant,
+    ) -> (Admit, bool) {
+        let Some(slot) = self.slots.get_mut(key_id) else {
+            return (Admit::NotLeased, false);
+        };
+        if first {
+            slot.demand = slot.demand.saturating_add(cost);
+        }
+        // No lease this edge asks for could admit it: to the server at once.
+        if cost > slot.cap {
+            return (Admit::NotLeased, false);
+        }
+        slot.max_cost = slot.max_cost.max(cost);
+        if let Some(held) = slot.held.as_mut()
+            && now < held.ends
+            && held.used.saturating_add(cost) <= held.granted
+        {
+            held.used += cost;
+            let figures = held.figures();
+            // Ask ahead while the key is in use, so that its calls never wait: when what
+            // is left covers less than half a life at the rate seen, or a third of the
+            // life is left.
+            let left = held.granted - held.used;
+            let held_life = held.ends.saturating_duration_since(held.asked_at);
+            let elapsed = now
+                .saturating_duration_since(slot.since)
+                .max(held_life / 20)
+                .as_secs_f64()
+                .max(f64::EPSILON);
+            let rate = slot.demand as f64 / elapsed;
+            let soon = left as f64 <= rate * held_life.as_secs_f64() / 2.0
+                || held.ends.saturating_duration_since(now) <= held_life / 3;
+            let queued = soon && self.queue(key_id, now);
+            return (Admit::Served(figures), queued);
+        }
+        // Spent or expired. An expired lease is given up at once: nothing more is
+        // admitted from it, and what it did not use goes back with the next call.
+        if slot.held.as_ref().is_some_and(|h| now >= h.ends)
+            && let Some(held) = slot.held.take()
+        {
+            let (hash, settlement) = (slot.hash.to_hex(), held.settlement());
+            self.settlements.push((key_id.to_owned(), hash, settlement));
+        }
+        let queued = self.queue(key_id, now);
+        let asking = self.slots.get(key_id).is_some_and(|s| s.asking);
+        (
+            if asking {
+                Admit::Wait
+            } else {
+                Admit::NotLeased
+            },
+            queued,
+        )
+    }
+
+    /// The server answered a call for `key_id` (secret `hash`) VALID with a decision this
+    /// edge can lease (`cap` from [`lease_cap`]), and the answer was cached: make sure a
+    /// lease is on its way. Returns whether an ask was queued.
+    pub(super) fn want(&mut self, key_id: &str, hash: KeyHash, cap: u64, now: Instant) -> bool {
+        let slot = self.slots.entry(key_id.to_owned()).or_insert_with(|| Slot {
+            hash,
+            held: None,
+            asking: false,
+            not_before: None,
+            demand: 0,
+            since: now,
+            cap,
+            max_cost: 1,
+        });
+        slot.demand = slot.demand.saturating_add(1);
+        slot.cap = cap;
+        let has_room = slot
+            .held
+            .as_ref()
+            .is_some_and(|h| now < h.ends && h.used < h.granted);
+        !has_room && self.queue(key_id, now)
+    }
+
+    /// How many requests to ask for: the demand seen since the last grant, scaled to a
+    /// lease's life with a margin, capped.
+    fn size(&self, slot: &Slot, now: Instant) -> u64 {
+        let life = self.life.as_secs_f64();
+        let elapsed = now
+            .saturating_duration_since(slot.since)
+            .as_secs_f64()
+            .max(life / 20.0)
+            .max(f64::EPSILON);
+        let expected = (slot.demand.max(1) as f64 / elapsed * life * 1.5).ceil();
+        let expected = if expected.is_finite() && expected >= 1.0 {
+            expected.min(MAX_LEASE as f64) as u64
+        } else {
+            1
+        };
+        expected.max(slot.max_cost).clamp(1, slot.cap.max(1))
+    }
+
+    /// Gives up every lease past its end (what it did not use is settled with the next
+    /// call), and forgets idle keys.
+    pub(super) fn sweep(&mut self, now: Instant) {
+        let mut given_up = Vec::new();
+        self.slots.retain(|key_id, slot| {
+            if slot.held.as_ref().is_some_and(|h| now >= h.ends)
+                && let Some(held) = slot.held.take()
+            {
+                given_up.push((key_id.clone(), slot.hash.to_hex(), held.settlement()));
+            }
+            // A key not asked for in a while, with nothing held, is forgotten; its next
+            // VALID from the server starts it afresh.
+            slot.held.is_some()
+                || slot.asking
+                || now.saturating_duration_since(slot.since) < MAX_LIFE
+        });
+        self.settlements.extend(given_up);
+    }
+
+    /// The next LeaseQuota call's asks (at most `max`): the queued asks for grants (only
+    /// when `grants`: the cache is in use), each carrying the settlement of its key's
+    /// last lease if one is waiting, then the other settlements alone. Expired leases
+    /// are swept first.
+    pub(super) fn take_batch(
+        &mut self,
+        grants: bool,
+        max: usize,
+        now: Instant,
+    ) -> Vec<proto::LeaseAsk> {
+        self.sweep(now);
+        let mut asks = Vec::new();
+        let queued = std::mem::take(&mut self.queued);
+        let mut later = Vec::new();
+        for key_id in queued {
+            let Some(slot) = self.slots.get(&key_id) else {
+                continue;
+            };
+            if !grants {
+                if let Some(slot) = self.slots.get_mut(&key_id) {
+                    slot.asking = false;
+                }
+                continue;
+            }
+            if asks.len() >= max {
+                later.push(key_id);
+                continue;
+            }
+            let settle = self
+                .settlements
+                .iter()
+                .position(|(k, _, _)| *k == key_id)
+                .map(|i| self.settlements.swap_remove(i).2);
+            asks.push(proto::LeaseAsk {
+                key_id: key_id.clone(),
+                key_hash: slot.hash.to_hex(),
+                want: self.size(slot, now),
+                min: 1,
+                settle,
+            });
+        }
+        self.queued = later;
+        while asks.len() < max
+            && let Some((key_id, hash, settle)) = self.settlements.pop()
+        {
+            asks.push(proto::LeaseAsk {
+                key_id,
+                key_hash: hash,
+                want: 0,
+                min: 0,
+                settle: Some(settle),
+            });
+        }
+        asks
+    }
+
+    /// Puts the grants answering `asks` (sent at `asked_at`) in place; `valid`: no event,
+    /// flush or disconnection happened since the asks were taken, so no lease dropped
+    /// since is brought back. A grant not installed is settled unused.
+    pub(super) fn install(
+        &mut self,
+        valid: bool,
+        asked_at: Instant,
+        asks: &[proto::LeaseAsk],
+        grants: &[proto::LeaseGrant],
+    ) {
+        for (i, ask) in asks.iter().enumerate() {
+            if ask.want == 0 {
+                continue;
+            }
+            let grant = grants.get(i).filter(|g| g.key_id == ask.key_id);
+            let life = grant.and_then(life_of);
+            if let Some(life) = life {
+                self.life = life;
+            }
+            let mut unused = grant
+                .filter(|g| g.amount > 0)
+                .map(|g| proto::LeaseSettlement {
+                    granted: g.amount,
+                    counted_at_micros: g.counted_at_micros,
+                    used: 0,
+                    limits: g
+                        .rate_limit
+                        .iter()
+                        .flat_map(|d| d.windows.iter().filter_map(|w| w.limit))
+                        .collect(),
+                });
+            if let Some(slot) = self.slots.get_mut(&ask.key_id) {
+                slot.asking = false;
+                match grant {
+                    Some(g)
+                        if valid
+                            && g.amount > 0
+                            && g.code == proto::VerifyCode::Valid as i32
+                            && g.rate_limit.as_ref().and_then(lease_cap).is_some() =>
+                    {
+                        if let (Some(life), Some(decision), Some(settlement)) =
+                            (life, g.rate_limit.clone(), unused.take())
+                        {
+                            let old = slot.held.take();
+                            let returned =
+                                old.as_ref().map_or(0, |o| o.granted.saturating_sub(o.used));
+                            if let Some(old) = old {
+                                self.settlements.push((
+                                    ask.key_id.clone(),
+                                    slot.hash.to_hex(),
+                                    old.settlement(),
+                                ));
+                            }
+                            slot.held = Some(Held {
+                                granted: g.amount,
+                                used: 0,
+                                counted_at: g.counted_at_micros,
+                                limits: settlement.limits,
+                                decision,
+                                returned,
+                                asked_at,
+                                ends: asked_at + life,
+                            });
+                            slot.demand = 0;
+                            slot.since = asked_at;
+                            slot.not_before = None;
+                        }
+                    }
+                    // Refused: no new ask until the call could pass (at most one life);
+                    // meanwhile calls go to the server, which counts them exactly.
+                    Some(g) if valid => {
+                        let wait = g
+                            .rate_limit
+                            .as_ref()
+                            .and_then(|d| d.retry_after.as_ref())
+                            .and_then(|d| {
+                                Some(Duration::new(
+                                    u64::try_from(d.seconds).ok()?,
+                                    u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000)?,
+                                ))
+                            })
+                            .unwrap_or(self.life)
+                            .min(self.life);
+                        slot.not_before = Some(asked_at + wait);
+                    }
+                    _ => {}
+                }
+            }
+            // Not installed (refused nothing, but raced an event, or unusable): given back.
+            if let Some(settlement) = unused {
+                self.settlements
+                    .push((ask.key_id.clone(), ask.key_hash.clone(), settlement));
+            }
+        }
+    }
+
+    /// The LeaseQuota call failed: no grant, and the settlements it carried are lost
+    /// (those leases stay counted by the server until they leave their windows: nothing
+    /// is over-admitted). `off`: the server leases nothing; ask again only after `off`.
+    pub(super) fn failed(&mut self, asks: &[proto::LeaseAsk], off: Option<Duration>, now: Instant) {
+        for ask in asks.iter().filter(|a| a.want > 0) {
+            if let Some(slot) = self.slots.get_mut(&ask.key_id) {
+                slot.asking = false;
+                slot.not_before = Some(now + RETRY_AFTER_FAILURE);
+            }
+        }
+        if let Some(off) = off {
+            self.off_until = Some(now + off);
+        }
+    }
+
+    /// Drops the key's lease (an event about it): nothing more is admitted from it, and
+    /// what it did not use is settled.
+    pub(super) fn drop_key(&mut self, key_id: &str) {
+        if let Some(slot) = self.slots.remove(key_id)
+            && let Some(held) = slot.held
+        {
+            self.settlements
+                .push((key_id.to_owned(), slot.hash.to_hex(), held.settlement()));
+        }
+    }
+
+    /// Drops every lease (a flush, a disconnection, a shutdown).
+    pub(super) fn drop_all(&mut self) {
+        for (key_id, slot) in self.slots.drain() {
+            if let Some(held) = slot.held {
+                self.settlements
+                    .push((key_id, slot.hash.to_hex(), held.settlement()));
+            }
+        }
+        self.queued.clear();
+    }
+
+    /// The requests still admissible from the key's lease now (tests, debugging).
+    #[cfg(test)]
+    fn room(&self, key_id: &str, now: Instant) -> u64 {
+        self.slots
+            .get(key_id)
+            .and_then(|s| s.held.as_ref())
+            .filter(|h| now < h.ends)
+            .map_or(0, |h| h.granted - h.used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIFE: Duration = Duration::from_secs(2);
+
+    fn rpm(limit: u64) -> proto::RateLimit {
+        proto::RateLimit {
+            unit: proto::RateLimitUnit::Requests as i32,
+            window: proto::RateLimitWindow::Minute as i32,
+            limit,
+        }
+    }
+
+    /// The figures a server sends with a VALID answer or a grant: `remaining` left.
+    fn decision(limit: u64, remaining: u64) -> proto::RateLimitDecision {
+        proto::RateLimitDecision {
+            allowed: true,
+            limit,
+            remaining,
+            reset_at: 1_800_000_060,
+            retry_after: None,
+            windows: vec![proto::RateLimitWindowState {
+                limit: Some(rpm(limit)),
+                used: limit - remaining,
+                remaining,
+                reset_at: 1_800_000_060,
+                allowed: true,
+            }],
+        }
+    }
+
+    fn grant(key_id: &str, amount: u64, remaining_after: u64) -> proto::LeaseGrant {
+        proto::LeaseGrant {
+            key_id: key_id.to_owned(),
+            amount,
+            counted_at_micros: 1_800_000_002_000_000,
+            life: Some(prost_types::Duration {
+                seconds: LIFE.as_secs() as i64,
+                nanos: 0,
+            }),
+            rate_limit: Some(decision(100, remaining_after)),
+            code: proto::VerifyCode::Valid as i32,
+            rate_limit_unknown: false,
+        }
+    }
+
+    /// A book holding a lease of `amount` for key "k" (limit 100, one call admitted by
+    /// the server before), granted at `t0`.
+    fn holding(amount: u64, t0: Instant) -> LeaseBook {
+        let mut book = LeaseBook::default();
+        assert!(book.want("k", KeyHash::of("secret"), 50, t0));
+        let asks = book.take_batch(true, 1000, t0);
+        assert_eq!(asks.len(), 1);
+        assert_eq!(asks[0].key_hash, KeyHash::of("secret").to_hex());
+        book.install(true, t0, &asks, &[grant("k", amount, 99 - amount)]);
+        book
+    }
+
+    #[test]
+    fn a_lease_admits_what_it_holds_and_counts_the_figures_down() {
+        let t0 = Instant::now();
+        let mut book = holding(3, t0);
+        for left in [98, 97, 96] {
+            match book.admit("k", 1, true, t0).0 {
+                Admit::Served(d) => {
+                    assert_eq!(d.remaining, left);
+                    assert_eq!(d.windows[0].remaining, left);
+                    assert_eq!(d.windows[0].used, 100 - left);
+                    assert!(d.allowed);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(book.room("k", t0), 0);
+        // Spent: the call waits for the refill asked ahead, or goes to the server.
+        assert!(!matches!(book.admit("k", 1, true, t0).0, Admit::Served(_)));
+    }
+
+    #[test]
+    fn a_call_costing_more_than_is_left_is_not_admitted() {
+        let t0 = Instant::now();
+        let mut book = holding(3, t0);
+        assert!(matches!(book.admit("k", 4, true, t0).0, Admit::Wait));
+        assert_eq!(book.room("k", t0), 3, "nothing taken");
+        assert!(matches!(book.admit("k", 3, true, t0).0, Admit::Served(_)));
+    }
+
+    #[test]
+    fn a_call_no_lease_could_hold_goes_to_the_server_at_once() {
+        let t0 = Instant::now();
+        let mut book = holding(3, t0);
+        // The cap is 50 (half the limit of 100).
+        assert_eq!(book.admit("k", 51, true, t0), (Admit::NotLeased, false));
+        // A costly call that a lease could hold makes the next ask at least that big.
+        assert!(matches!(book.admit("k", 40, true, t0).0, Admit::Wait));
+        let asks = book.take_batch(true, 1000, t0);
+        assert!(asks[0].want >= 40, "{}", asks[0].want);
+    }
+
+    #[test]
+    fn nothing_is_admitted_past_the_end_of_a_lease_and_it_is_settled() {
+        let t0 = Instant::now();
+        let mut book = holding(10, t0);
+        assert!(matches!(book.admit("k", 1, true, t0).0, Admit::Served(_)));
+        let late = t0 + LIFE;
+        assert!(!matches!(
+            book.admit("k", 1, true, late).0,
+            Admit::Served(_)
+        ));
+        // The expired lease goes back with the next call: 1 of 10 used.
+        let asks = book.take_batch(true, 1000, late);
+        let settled: Vec<_> = asks.iter().filter_map(|a| a.settle.as_ref()).collect();
+        assert_eq!(settled.len(), 1);
+        assert_eq!((settled[0].granted, settled[0].used), (10, 1));
+        assert_eq!(settled[0].limits, vec![rpm(100)]);
+        assert_eq!(settled[0].counted_at_micros, 1_800_000_002_000_000);
+    }
+
+    #[test]
+    fn the_sweep_settles_an_expired_lease_nobody_calls_for() {
+        let t0 = Instant::now();
+        let mut book = holding(10, t0);
+        assert!(book.take_batch(true, 1000, t0 + LIFE / 2).is_empty());
+        let asks = book.take_batch(true, 1000, t0 + LIFE);
+        assert_eq!(asks.len(), 1);
+        assert_eq!(asks[0].want, 0, "a settlement alone");
+        assert_eq!(asks[0].settle.as_ref().unwrap().used, 0);
+    }
+
+    #[test]
+    fn an_event_drops_the_lease_and_settles_what_it_did_not_use() {
+        let t0 = Instant::now();
+        let mut book = holding(10, t0);
+        for _ in 0..4 {
+            assert!(matches!(book.admit("k", 1, true, t0).0, Admit::Served(_)));
+        }
+        book.drop_key("k");
+        assert_eq!(book.admit("k", 1, true, t0).0, Admit::NotLeased);
+        let asks = book.take_batch(true, 1000, t0);
+        assert_eq!(asks.len(), 1);
+        let settle = asks[0].settle.as_ref().unwrap();
+        assert_eq!((asks[0].want, settle.granted, settle.used), (0, 10, 4));
+    }
+
+    #[test]
+    fn a_grant_that_raced_an_event_is_given_back_unused() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::default();
+        assert!(book.want("k", KeyHash::of("secret"), 50, t0));
+        let asks = book.take_batch(true, 1000, t0);
+        // The event the grant raced (its generation check fails at install).
+        book.drop_key("k");
+        book.install(false, t0, &asks, &[grant("k", 7, 92)]);
+        assert_eq!(book.admit("k", 1, true, t0).0, Admit::NotLeased);
+        let asks = book.take_batch(true, 1000, t0);
+        let settle = asks[0].settle.as_ref().unwrap();
+        assert_eq!((asks[0].want, settle.granted, settle.used), (0, 7, 0));
+    }
+
+    #[test]
+    fn a_refill_replaces_the_lease_and_settles_the_old_one() {
+        let t0 = Instant::now();
+        let mut book = holding(4, t0);
+        // Fast use: the refill is asked ahead.
+        let mut queued = false;
+        for _ in 0..3 {
+            let (admit, q) = book.admit("k", 1, true, t0);
+            assert!(matches!(admit, Admit::Served(_)));
+            queued |= q;
+        }
+        assert!(queued, "asked ahead");
+        let asks = book.take_batch(true, 1000, t0);
+        assert_eq!(asks.len(), 1);
+        assert!(asks[0].want >= 1 && asks[0].want <= 50, "{}", asks[0].want);
+        // Server: 1 + 4 counted before, 10 granted now.
+        book.install(true, t0, &asks, &[grant("k", 10, 85)]);
+        match book.admit("k", 1, true, t0).0 {
+            // 1 by the server, 3 + 1 from leases: 96 left, the old lease's unused one
+            // counted as given back.
+            Admit::Served(d) => assert_eq!(d.remaining, 95),
+            other => panic!("{other:?}"),
+        }
+        let asks = book.take_batch(true, 1000, t0);
+        let settle = asks[0].settle.as_ref().unwrap();
+        assert_eq!((settle.granted, settle.used), (4, 3));
+    }
+
+    #[test]
+    fn a_refusal_stops_asking_until_the_call_could_pass() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::default();
+        assert!(book.want("k", KeyHash::of("secret"), 50, t0));
+        let asks = book.take_batch(true, 1000, t0);
+        let mut refused = grant("k", 0, 0);
+        refused.code = proto::VerifyCode::RateLimited as i32;
+        refused.rate_limit.as_mut().unwrap().retry_after = Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        });
+        book.install(true, t0, &asks, &[refused]);
+        assert_eq!(book.admit("k", 1, true, t0).0, Admit::NotLeased);
+        assert!(book.take_batch(true, 1000, t0).is_empty());
+        assert!(!book.want("k", KeyHash::of("secret"), 50, t0));
+        assert!(book.want("k", KeyHash::of("secret"), 50, t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn while_the_cache_is_not_in_use_only_settlements_are_sent() {
+        let t0 = Instant::now();
+        let mut book = holding(5, t0);
+        assert!(book.want("other", KeyHash::of("other"), 50, t0));
+        book.drop_all();
+        let asks = book.take_batch(false, 1000, t0);
+        assert_eq!(asks.len(), 1);
+        assert_eq!(asks[0].want, 0);
+        assert_eq!(book.admit("k", 1, true, t0).0, Admit::NotLeased);
+    }
+
+    #[test]
+    fn token_windows_are_not_leased() {
+        let mut d = decision(100, 50);
+        assert_eq!(lease_cap(&d), Some(50));
+        d.windows.push(proto::RateLimitWindowState {
+            limit: Some(proto::RateLimit {
+                unit: proto::RateLimitUnit::Tokens as i32,
+                window: proto::RateLimitWindow::Minute as i32,
+                limit: 1000,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(lease_cap(&d), None);
+        assert_eq!(lease_cap(&proto::RateLimitDecision::default()), None);
+    }
+}
