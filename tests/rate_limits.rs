@@ -1002,6 +1002,10 @@ async fn a_hung_redis_opens_the_circuit_and_calls_pass_undecided_without_calling
     );
 
     redis.signal("-CONT");
+    // A grant whose reply timed out while Redis hung is executed when it resumes and
+    // stays counted until it leaves its window (under-admission, never over): move on
+    // to the next window.
+    app.clock.advance(Duration::from_secs(65));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = verify_with(&verifier, &issued.key, 1).await;
@@ -1144,3 +1148,86 @@ both_backends!(
     last_used_at_moves_once_written_and_unused_since_lists_the_rest,
     usage_and_cost_are_validated,
 );
+
+/// A replica deciding from quota leases and a Redis that hangs: calls keep being admitted
+/// from the lease it holds, with no Redis call, then follow the failure mode (closed:
+/// UNAVAILABLE); once Redis answers again, leases are granted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_leaves_a_leasing_replica_its_lease_then_the_failure_mode() {
+    let redis = OwnRedis::start().await;
+    let url = redis.url();
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.limiter = LimiterSettings::Redis {
+            url: SecretString::from(url),
+            prefix: redis_prefix(),
+            failure: FailureMode::Closed,
+            circuit: CircuitSettings {
+                failures: 1,
+                probe_interval: Duration::from_millis(100),
+            },
+            lease: Some(keywarden::ratelimit::leased::LeaseSettings {
+                life: Duration::from_secs(2),
+                max_keys: 1000,
+            }),
+            clock_skew: Duration::ZERO,
+        };
+    })
+    .await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(1000)]).await;
+    let verifier = app.verifier();
+    // A few calls in quick succession: the demand grows the lease (refilled ahead).
+    for _ in 0..20 {
+        let r = verify_with(&verifier, &issued.key, 1).await;
+        assert_eq!(code(&r), VerifyCode::Valid);
+    }
+    redis.signal("-STOP");
+    let mut from_the_lease = 0;
+    let refused = loop {
+        match verifier
+            .clone()
+            .verify_key(proto::VerifyKeyRequest {
+                key: issued.key.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                assert_eq!(code(&r), VerifyCode::Valid);
+                let d = r
+                    .rate_limit
+                    .expect("a call from a lease carries its decision");
+                assert_eq!(d.limit, 1000);
+                from_the_lease += 1;
+                assert!(from_the_lease <= 1000, "the lease never ran out");
+            }
+            Err(status) => break status,
+        }
+    };
+    assert!(
+        from_the_lease >= 1,
+        "the lease held admitted calls while Redis hung"
+    );
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    redis.signal("-CONT");
+    // A grant whose reply timed out while Redis hung is executed when it resumes and
+    // stays counted until it leaves its window (under-admission, never over): move on
+    // to the next window.
+    app.clock.advance(Duration::from_secs(65));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = verifier
+            .clone()
+            .verify_key(proto::VerifyKeyRequest {
+                key: issued.key.clone(),
+                ..Default::default()
+            })
+            .await
+            && code(r.get_ref()) == VerifyCode::Valid
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no lease after Redis resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -143,8 +143,24 @@ pub struct LeaseStats {
     pub waited: u64,
 }
 
+/// A settle that failed, kept to be tried again.
+struct Unsettled {
+    key_id: String,
+    limits: Vec<RateLimit>,
+    record: LeaseRecord,
+    used: u64,
+    now: Micros,
+    since: Instant,
+}
+
+/// Failed settles kept at most; past it a lease stays counted until it leaves its window.
+const MAX_UNSETTLED: usize = 100_000;
+/// How long a failed settle is tried again (the authority keeps a settle's mark longer).
+const RETRY_SETTLES_FOR: Duration = Duration::from_secs(300);
+
 pub struct LeasedLimiter {
     authority: Arc<dyn QuotaAuthority>,
+    unsettled: Mutex<Vec<Unsettled>>,
     settings: LeaseSettings,
     slots: Cache<String, Arc<Mutex<Slot>>>,
     grants: AtomicU64,
@@ -171,6 +187,7 @@ impl LeasedLimiter {
     ) -> Arc<Self> {
         let limiter = Arc::new(LeasedLimiter {
             authority,
+            unsettled: Mutex::new(Vec::new()),
             settings,
             slots: Cache::builder()
                 .max_capacity(settings.max_keys)
@@ -253,9 +270,41 @@ impl LeasedLimiter {
             Ok(()) => {
                 self.settles.fetch_add(1, Ordering::Relaxed);
             }
-            // Unsettled, the lease stays counted until its bucket leaves the window:
-            // never an over-admission, at worst quota parked for one window.
-            Err(e) => tracing::debug!(error = %e, "settling a quota lease failed"),
+            // Kept and tried again by the sweeper (a settle applies once, whatever the
+            // retries); meanwhile the lease stays counted: never an over-admission.
+            Err(e) => {
+                tracing::debug!(error = %e, "settling a quota lease failed; retried later");
+                let mut unsettled = self
+                    .unsettled
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if unsettled.len() < MAX_UNSETTLED {
+                    unsettled.push(Unsettled {
+                        key_id: key_id.to_owned(),
+                        limits: limits.to_vec(),
+                        record,
+                        used,
+                        now,
+                        since: Instant::now(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Tries the settles that failed again (those younger than [`RETRY_SETTLES_FOR`]).
+    async fn retry_settles(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .unsettled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for u in pending {
+            if u.since.elapsed() < RETRY_SETTLES_FOR {
+                self.settle(&u.key_id, &u.limits, u.record, u.used, u.now)
+                    .await;
+            }
         }
     }
 
@@ -345,6 +394,7 @@ impl LeasedLimiter {
     }
 
     async fn sweep_once(self: &Arc<Self>, now: Micros) {
+        self.retry_settles().await;
         let at = Instant::now();
         let mut expired = Vec::new();
         for (key_id, slot) in self.slots.iter() {

@@ -162,18 +162,28 @@ return out
 "#;
 
 const SETTLE: &str = r#"
--- For request window i: ARGV[4(i-1) + 1 ..+4] = the grant's bucket, the amount granted,
--- the bucket of now, the amount used. Takes the grant back and counts what was used.
-for i = 1, #KEYS do
-  local base = (i - 1) * 4
-  local left = redis.call('HINCRBY', KEYS[i], ARGV[base + 1], -tonumber(ARGV[base + 2]))
-  if left <= 0 then redis.call('HDEL', KEYS[i], ARGV[base + 1]) end
+-- KEYS[1] = the key's settled-lease marks, ARGV[1] = this lease's mark, ARGV[2] = how
+-- long marks are kept (ms). A lease settles once: a settle retried after a reply was lost
+-- finds its mark and changes nothing (taking a grant back twice would take other
+-- holders' counts). For request window i (KEYS[i + 1]): ARGV[2 + 4(i-1) + 1 ..+4] = the
+-- grant's bucket, the amount granted, the bucket of now, the amount used. Takes the grant
+-- back and counts what was used.
+if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+for i = 1, #KEYS - 1 do
+  local w = KEYS[i + 1]
+  local base = 2 + (i - 1) * 4
+  local left = redis.call('HINCRBY', w, ARGV[base + 1], -tonumber(ARGV[base + 2]))
+  if left <= 0 then redis.call('HDEL', w, ARGV[base + 1]) end
   if tonumber(ARGV[base + 4]) > 0 then
-    redis.call('HINCRBY', KEYS[i], ARGV[base + 3], ARGV[base + 4])
+    redis.call('HINCRBY', w, ARGV[base + 3], ARGV[base + 4])
   end
 end
 return 1
 "#;
+
+/// How long a settled lease's mark is kept: longer than a holder retries a settle.
+const SETTLED_MARK_TTL_MS: i64 = 10 * 60 * 1000;
 
 pub struct RedisLimiter {
     connection: ConnectionManager,
@@ -479,6 +489,10 @@ impl QuotaAuthority for RedisLimiter {
             return Err(LimiterError::Unavailable("circuit open".into()));
         }
         let mut invocation = self.settle.prepare_invoke();
+        invocation
+            .key(format!("{}:rl:{{{key_id}}}:settled", self.prefix))
+            .arg(format!("{}:{}", lease.counted_at, lease.granted))
+            .arg(SETTLED_MARK_TTL_MS);
         let mut any = false;
         for l in limits.iter().filter(|l| l.unit == LimitUnit::Requests) {
             any = true;
