@@ -264,9 +264,11 @@ fn lease_asks(r: &proto::LeaseQuotaRequest) -> Result<Vec<LeaseAsk>, Status> {
                 );
             }
             let limits = convert::rate_limits(&s.limits, &field("settle.limits"), &mut v);
+            // Edge settlements name no grant id: they are applied as sent.
             let record = LeaseRecord {
                 granted: s.granted,
                 counted_at: s.counted_at_micros,
+                id: 0,
             };
             (limits, record, s.used)
         });

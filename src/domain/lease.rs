@@ -58,6 +58,9 @@ pub struct Grant {
     /// The limits after the grant (remaining counts the grant as used); for a refusal,
     /// which window refused and when a call of `min` requests could pass.
     pub decision: LimitDecision,
+    /// The authority's name for this grant, which a settle repeats so that it applies
+    /// once; 0 where the authority keeps none (in-process counters).
+    pub id: u64,
 }
 
 impl Grant {
@@ -96,6 +99,7 @@ pub fn grant(
             amount: 0,
             counted_at,
             decision: limits::describe(limits, usage, now, min, false),
+            id: 0,
         };
     }
     for (limit, u) in limits.iter().zip(usage.iter_mut()) {
@@ -111,6 +115,7 @@ pub fn grant(
         amount,
         counted_at,
         decision: limits::describe(limits, usage, now, amount, true),
+        id: 0,
     }
 }
 

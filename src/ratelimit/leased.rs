@@ -50,6 +50,8 @@ use crate::domain::limits::{LimitDecision, LimitUnit, RateLimit};
 pub struct LeaseRecord {
     pub granted: u64,
     pub counted_at: Micros,
+    /// [`Grant::id`]: 0 settles without the authority's once-only check.
+    pub id: u64,
 }
 
 /// Where leases come from: the counters every holder of a key shares.
@@ -359,6 +361,7 @@ impl LeasedLimiter {
         let record = LeaseRecord {
             granted: grant.amount,
             counted_at: grant.counted_at,
+            id: grant.id,
         };
         if s.limits.as_slice() != limits {
             // The key's limits changed while this grant was on its way: it is given back

@@ -185,6 +185,7 @@ mod tests {
         let record = LeaseRecord {
             granted: g.amount,
             counted_at: g.counted_at,
+            id: g.id,
         };
         QuotaAuthority::settle(&m, "k", &limits, record, 3, now + S)
             .await

@@ -168,8 +168,10 @@ const SETTLE: &str = r#"
 -- holders' counts). For request window i (KEYS[i + 1]): ARGV[2 + 4(i-1) + 1 ..+4] = the
 -- grant's bucket, the amount granted, the bucket of now, the amount used. Takes the grant
 -- back and counts what was used.
-if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[1] ~= '' then
+  if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return 0 end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 for i = 1, #KEYS - 1 do
   local w = KEYS[i + 1]
   local base = 2 + (i - 1) * 4
@@ -282,6 +284,16 @@ impl RedisLimiter {
             )),
         }
     }
+}
+
+/// A name for a grant, unique among a key's grants in practice (64 random bits); never 0.
+fn grant_id() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // Without randomness the grant settles without the once-only check.
+        return 0;
+    }
+    u64::from_le_bytes(b).max(1)
 }
 
 fn micros_of(d: Duration) -> Micros {
@@ -466,6 +478,7 @@ impl QuotaAuthority for RedisLimiter {
                 Ok(Some(Grant {
                     amount,
                     counted_at,
+                    id: grant_id(),
                     decision: limits::describe(limits, &usage, now, cost, granted),
                 }))
             }
@@ -491,7 +504,11 @@ impl QuotaAuthority for RedisLimiter {
         let mut invocation = self.settle.prepare_invoke();
         invocation
             .key(format!("{}:rl:{{{key_id}}}:settled", self.prefix))
-            .arg(format!("{}:{}", lease.counted_at, lease.granted))
+            .arg(if lease.id == 0 {
+                String::new()
+            } else {
+                format!("{:x}", lease.id)
+            })
             .arg(SETTLED_MARK_TTL_MS);
         let mut any = false;
         for l in limits.iter().filter(|l| l.unit == LimitUnit::Requests) {
