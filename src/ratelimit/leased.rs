@@ -145,6 +145,9 @@ pub struct LeaseStats {
     pub waited: u64,
 }
 
+/// A lease to give back: the limits it was granted against, its record, its use.
+type ToSettle = (Vec<RateLimit>, LeaseRecord, u64);
+
 /// A settle that failed, kept to be tried again.
 struct Unsettled {
     key_id: String,
@@ -241,18 +244,11 @@ impl LeasedLimiter {
     }
 
     /// Settles `lease` in the background.
-    fn settle_later(
-        self: &Arc<Self>,
-        key_id: &str,
-        limits: Vec<RateLimit>,
-        lease: Lease,
-        now: Micros,
-    ) {
+    fn settle_later(self: &Arc<Self>, key_id: &str, (limits, record, used): ToSettle, now: Micros) {
         let this = self.clone();
         let key_id = key_id.to_owned();
         tokio::spawn(async move {
-            this.settle(&key_id, &limits, lease.record, lease.used, now)
-                .await;
+            this.settle(&key_id, &limits, record, used, now).await;
         });
     }
 
@@ -336,8 +332,9 @@ impl LeasedLimiter {
         };
         self.grants.fetch_add(1, Ordering::Relaxed);
         let (answer, to_settle) = self.install(key_id, limits, grant, cost, asked_at, now);
-        if let Some((limits, record, used)) = to_settle {
-            self.settle(key_id, &limits, record, used, now).await;
+        // Off the call's path: the lease it replaces is given back in the background.
+        if let Some(to_settle) = to_settle {
+            self.settle_later(key_id, to_settle, now);
         }
         Ok(Some(answer))
     }
@@ -345,7 +342,6 @@ impl LeasedLimiter {
     /// Puts a grant in place under the slot's lock; returns the answer for a call of
     /// `cost` waiting for it, and what must be settled (a lease it replaced, or the grant
     /// itself when the key's limits changed meanwhile).
-    #[allow(clippy::type_complexity)]
     fn install(
         &self,
         key_id: &str,
@@ -354,7 +350,7 @@ impl LeasedLimiter {
         cost: u64,
         asked_at: Instant,
         now: Micros,
-    ) -> (LimitDecision, Option<(Vec<RateLimit>, LeaseRecord, u64)>) {
+    ) -> (LimitDecision, Option<ToSettle>) {
         let slot = self.slot(key_id);
         let mut s = lock(&slot);
         s.asking = false;
@@ -495,10 +491,6 @@ impl RateLimiter for Leases {
                             tracing::debug!(error = %e, "refilling a quota lease failed");
                         }
                     });
-                }
-                drop(s);
-                if let Some((old_limits, old)) = stale {
-                    this.settle_later(key_id, old_limits, old, now);
                 }
                 return Ok(Some(answer));
             }
