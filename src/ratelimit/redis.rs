@@ -1,6 +1,8 @@
-//! Counters shared by every replica, in Redis. One Lua script per decision reads every
-//! window of the key, decides, and (only when the call passes) adds its cost, atomically:
-//! there is no read-modify-write race between replicas, and one round trip per call.
+//! Counters shared by every replica, in Redis. One Lua script (GRANT) reads every window
+//! of the key, decides, and (only when it passes) counts what it grants, atomically:
+//! there is no read-modify-write race between replicas. A single call is a grant of its
+//! own cost counted now (one round trip per call); a quota lease is a grant counted at the
+//! lease's end (one round trip per lease, see [`super::leased`]), given back by SETTLE.
 //!
 //! Each window is a hash `<prefix>:rl:{<key_id>}:<unit>:<window>` of bucket number →
 //! amount, expiring once it could no longer count anything. The braces are a Redis Cluster
@@ -33,62 +35,6 @@ use crate::domain::limits::{
     self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, MAX_BUCKET_COUNT, RateLimit, WindowUsage,
 };
 use crate::domain::{MICROS_PER_SECOND, Micros};
-
-const DECIDE: &str = r#"
--- ARGV[1] = cost; for window i, ARGV[1 + 5(i-1) + 1 ..+5] = unit (0 requests, 1 tokens),
--- current bucket, first bucket still counted, limit, ttl in ms.
-local cost = tonumber(ARGV[1])
-local allowed = 1
-local live = {}
-for i = 1, #KEYS do
-  local base = 1 + (i - 1) * 5
-  local unit = tonumber(ARGV[base + 1])
-  local first = tonumber(ARGV[base + 3])
-  local limit = tonumber(ARGV[base + 4])
-  local flat = redis.call('HGETALL', KEYS[i])
-  local used = 0
-  local buckets = {}
-  for j = 1, #flat, 2 do
-    local b = tonumber(flat[j])
-    if b < first then
-      redis.call('HDEL', KEYS[i], flat[j])
-    else
-      local c = tonumber(flat[j + 1])
-      used = used + c
-      buckets[#buckets + 1] = b
-      buckets[#buckets + 1] = c
-    end
-  end
-  live[i] = buckets
-  if unit == 0 then
-    if used + cost > limit then allowed = 0 end
-  elseif used >= limit then
-    allowed = 0
-  end
-end
-local out = { { allowed } }
-for i = 1, #KEYS do
-  local base = 1 + (i - 1) * 5
-  if allowed == 1 and cost > 0 and tonumber(ARGV[base + 1]) == 0 then
-    local cur = tonumber(ARGV[base + 2])
-    redis.call('HINCRBY', KEYS[i], ARGV[base + 2], cost)
-    redis.call('PEXPIRE', KEYS[i], ARGV[base + 5])
-    local found = false
-    for j = 1, #live[i], 2 do
-      if live[i][j] == cur then
-        live[i][j + 1] = live[i][j + 1] + cost
-        found = true
-      end
-    end
-    if not found then
-      live[i][#live[i] + 1] = cur
-      live[i][#live[i] + 1] = cost
-    end
-  end
-  out[#out + 1] = live[i]
-end
-return out
-"#;
 
 const RECORD: &str = r#"
 -- ARGV[1] = amount, ARGV[2] = the most a bucket counts; for key i:
@@ -191,7 +137,6 @@ pub struct RedisLimiter {
     connection: ConnectionManager,
     prefix: String,
     failure: FailureMode,
-    decide: Script,
     record: Script,
     grant: Script,
     settle: Script,
@@ -236,7 +181,6 @@ impl RedisLimiter {
             connection,
             prefix: prefix.to_owned(),
             failure,
-            decide: Script::new(DECIDE),
             record: Script::new(RECORD),
             grant: Script::new(GRANT),
             settle: Script::new(SETTLE),
@@ -300,130 +244,30 @@ fn micros_of(d: Duration) -> Micros {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// A window's current bucket, its first counted bucket, and how long its hash must live.
-fn bucket_args(window: LimitWindow, now: Micros) -> (i64, i64, i64) {
-    let current = now.div_euclid(window.bucket());
-    let ttl_ms = (window.length() + 2 * window.bucket()) / 1000;
-    (current, current - BUCKETS, ttl_ms)
-}
-
-#[async_trait]
-impl RateLimiter for RedisLimiter {
-    fn backend_stats(&self) -> BackendStats {
-        BackendStats {
-            failures: self.failures.load(Ordering::Relaxed),
-            circuit: self.breaker.stats(),
-        }
-    }
-
-    async fn check(
-        &self,
-        key_id: &str,
-        limits: &[RateLimit],
-        cost: u64,
-        now: Micros,
-    ) -> Result<Option<LimitDecision>, LimiterError> {
-        if limits.is_empty() {
-            return Ok(Some(limits::decide(limits, &mut [], now, cost)));
-        }
-        if self.breaker.is_open() {
-            self.skipped()?;
-            return Ok(None);
-        }
-        let mut invocation = self.decide.prepare_invoke();
-        invocation.arg(cost);
-        for l in limits {
-            let (current, first, ttl_ms) = bucket_args(l.window, now);
-            invocation
-                .key(self.window_key(key_id, l.unit, l.window))
-                .arg(match l.unit {
-                    LimitUnit::Requests => 0,
-                    LimitUnit::Tokens => 1,
-                })
-                .arg(current)
-                .arg(first)
-                .arg(l.limit)
-                .arg(ttl_ms);
-        }
-        let mut connection = self.connection.clone();
-        let reply: Result<Vec<Vec<i64>>, _> = invocation.invoke_async(&mut connection).await;
-        match reply {
-            Ok(reply) => {
-                self.breaker.succeeded();
-                let allowed = reply.first().and_then(|a| a.first()) == Some(&1);
-                let usage: Vec<WindowUsage> = reply
-                    .iter()
-                    .skip(1)
-                    .map(|flat| {
-                        WindowUsage::from_buckets(
-                            flat.chunks_exact(2)
-                                .map(|p| (p[0], u64::try_from(p[1]).unwrap_or(0)))
-                                .collect(),
-                        )
-                    })
-                    .collect();
-                Ok(Some(limits::describe(limits, &usage, now, cost, allowed)))
-            }
-            Err(e) => {
-                self.failed(&e, now)?;
-                Ok(None)
-            }
-        }
-    }
-
-    async fn record_tokens(
-        &self,
-        key_id: &str,
-        tokens: u64,
-        now: Micros,
-    ) -> Result<(), LimiterError> {
-        if tokens == 0 {
-            return Ok(());
-        }
-        if self.breaker.is_open() {
-            return self.skipped();
-        }
-        let mut invocation = self.record.prepare_invoke();
-        invocation
-            .arg(tokens.min(MAX_BUCKET_COUNT))
-            .arg(MAX_BUCKET_COUNT);
-        for window in LimitWindow::ALL {
-            let (current, _, ttl_ms) = bucket_args(window, now);
-            invocation
-                .key(self.window_key(key_id, LimitUnit::Tokens, window))
-                .arg(current)
-                .arg(ttl_ms);
-        }
-        let mut connection = self.connection.clone();
-        let reply: Result<i64, _> = invocation.invoke_async(&mut connection).await;
-        match reply {
-            Ok(_) => {
-                self.breaker.succeeded();
-                Ok(())
-            }
-            Err(e) => self.failed(&e, now),
-        }
-    }
-}
-
-#[async_trait]
-impl QuotaAuthority for RedisLimiter {
-    async fn grant(
+impl RedisLimiter {
+    /// Grants up to `want` (at least `min`) of `limits`, counted in the bucket of
+    /// `counted_at`: one GRANT script call, for a lease and for a single call alike.
+    async fn grant_at(
         &self,
         key_id: &str,
         limits: &[RateLimit],
         want: u64,
         min: u64,
-        life: Micros,
+        counted_at: Micros,
         now: Micros,
     ) -> Result<Option<Grant>, LimiterError> {
         let min = min.max(1);
         let want = want.clamp(min, MAX_LEASE.max(min));
-        let counted_at = now.saturating_add(life.max(0)).saturating_add(self.skew);
         if limits.is_empty() {
             let mut usage = Vec::new();
             return Ok(Some(lease::grant(
-                limits, &mut usage, now, want, min, life, self.skew,
+                limits,
+                &mut usage,
+                now,
+                want,
+                min,
+                counted_at - now,
+                0,
             )));
         }
         if self.breaker.is_open() {
@@ -478,7 +322,7 @@ impl QuotaAuthority for RedisLimiter {
                 Ok(Some(Grant {
                     amount,
                     counted_at,
-                    id: grant_id(),
+                    id: 0,
                     decision: limits::describe(limits, &usage, now, cost, granted),
                 }))
             }
@@ -487,6 +331,93 @@ impl QuotaAuthority for RedisLimiter {
                 Ok(None)
             }
         }
+    }
+}
+
+/// A window's current bucket, its first counted bucket, and how long its hash must live.
+fn bucket_args(window: LimitWindow, now: Micros) -> (i64, i64, i64) {
+    let current = now.div_euclid(window.bucket());
+    let ttl_ms = (window.length() + 2 * window.bucket()) / 1000;
+    (current, current - BUCKETS, ttl_ms)
+}
+
+#[async_trait]
+impl RateLimiter for RedisLimiter {
+    fn backend_stats(&self) -> BackendStats {
+        BackendStats {
+            failures: self.failures.load(Ordering::Relaxed),
+            circuit: self.breaker.stats(),
+        }
+    }
+
+    async fn check(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        cost: u64,
+        now: Micros,
+    ) -> Result<Option<LimitDecision>, LimiterError> {
+        // A call is a grant of its own cost, counted now and used at once.
+        Ok(self
+            .grant_at(key_id, limits, cost, cost, now, now)
+            .await?
+            .map(|grant| grant.decision))
+    }
+
+    async fn record_tokens(
+        &self,
+        key_id: &str,
+        tokens: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        if self.breaker.is_open() {
+            return self.skipped();
+        }
+        let mut invocation = self.record.prepare_invoke();
+        invocation
+            .arg(tokens.min(MAX_BUCKET_COUNT))
+            .arg(MAX_BUCKET_COUNT);
+        for window in LimitWindow::ALL {
+            let (current, _, ttl_ms) = bucket_args(window, now);
+            invocation
+                .key(self.window_key(key_id, LimitUnit::Tokens, window))
+                .arg(current)
+                .arg(ttl_ms);
+        }
+        let mut connection = self.connection.clone();
+        let reply: Result<i64, _> = invocation.invoke_async(&mut connection).await;
+        match reply {
+            Ok(_) => {
+                self.breaker.succeeded();
+                Ok(())
+            }
+            Err(e) => self.failed(&e, now),
+        }
+    }
+}
+
+#[async_trait]
+impl QuotaAuthority for RedisLimiter {
+    async fn grant(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        want: u64,
+        min: u64,
+        life: Micros,
+        now: Micros,
+    ) -> Result<Option<Grant>, LimiterError> {
+        let counted_at = now.saturating_add(life.max(0)).saturating_add(self.skew);
+        Ok(self
+            .grant_at(key_id, limits, want, min, counted_at, now)
+            .await?
+            .map(|grant| Grant {
+                id: grant_id(),
+                ..grant
+            }))
     }
 
     async fn settle(
