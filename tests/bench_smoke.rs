@@ -134,6 +134,8 @@ fn the_bench_reports_sane_figures_on_sqlite() {
         "verify-miss runs on Postgres only"
     );
     assert_stream_figures(run, false);
+    // `--scenario all` includes edge-verify (its figures: the test below).
+    assert!(run["edge_verify"]["calls"].as_u64().unwrap() > 0, "{run}");
     assert!(markdown.contains("verify-hit / noop throughput"));
     assert!(markdown.contains("| verify-hit |"));
     assert!(markdown.contains("server CPU µs per call"));
@@ -166,6 +168,33 @@ fn the_bench_seeds_postgres_and_measures_misses() {
     assert!(markdown.contains("verify-miss p99"));
     assert!(markdown.contains("| verify-ratelimited (Redis) |"));
     assert!(markdown.contains("| other replica (Postgres NOTIFY) |"));
+}
+
+/// `edge-verify` alone: the edge `Verifier` in process, its leases held after the
+/// warm-up, both workloads counted, and the two target rows written.
+#[test]
+fn the_bench_measures_the_edge_verifier_against_a_hash_lookup() {
+    let (report, markdown) = run_bench(&["--store", "sqlite", "--scenario", "edge-verify"]);
+    let run = &report["runs"][0];
+    let e = &run["edge_verify"];
+    assert_eq!(e["keys"].as_u64(), Some(40), "{e}");
+    assert_eq!(e["warmed"].as_bool(), Some(true), "{e}");
+    let calls = e["calls"].as_u64().unwrap();
+    assert!(calls > 0 && calls <= 300, "{e}");
+    assert_eq!(e["errors"].as_u64(), Some(0), "{e}");
+    assert!(e["hits"].as_u64().unwrap() <= calls, "{e}");
+    let share = e["without_round_trip"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&share), "{e}");
+    let hash_calls = e["hash_lookup_calls"].as_u64().unwrap();
+    assert!(hash_calls > 0 && hash_calls <= 300, "{e}");
+    assert!(e["throughput"].as_f64().unwrap() > 0.0, "{e}");
+    assert!(e["over_hash_lookup"].as_f64().unwrap() > 0.0, "{e}");
+    for other in ["noop", "verify_hit", "verify_ratelimited_memory", "streams"] {
+        assert!(run[other].is_null(), "{other} ran: {run}");
+    }
+    assert!(markdown.contains("edge-verify calls without a round trip"));
+    assert!(markdown.contains("edge-verify / hash lookup"));
+    assert!(markdown.contains("## Edge verifier in process"));
 }
 
 /// `--target`: the bench drives a server it did not start (as from another machine), with
@@ -202,6 +231,7 @@ async fn the_bench_drives_an_already_running_server_with_target() {
         "verify_miss",
         "revocation_latency",
         "streams",
+        "edge_verify",
     ] {
         assert!(run[skipped].is_null(), "{skipped} ran with --target: {run}");
     }

@@ -7,10 +7,12 @@
 //! `verify-miss` (every call a distinct key out of `--miss-keys` seeded keys), plus the
 //! server's memory per cached key and, when `h2load` is installed, an independent
 //! client's noop / verify-hit throughput. The revocation stream's scenarios
-//! (`revocation-latency`, `streams`) are in `stream.rs`.
+//! (`revocation-latency`, `streams`) are in `stream.rs`; `edge-verify` (the edge
+//! `Verifier` in this process, against a hash lookup) is in `edge_verify.rs`.
 
 mod connection;
 mod cpu;
+mod edge_verify;
 mod h2load;
 mod load;
 mod report;
@@ -53,6 +55,7 @@ pub enum Scenario {
     RevocationLatency,
     Streams,
     VerifyRatelimited,
+    EdgeVerify,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -408,6 +411,7 @@ async fn target_run(args: &BenchArgs, mix: Mix, target: &str) -> Result<RunRepor
         "revocation-latency",
         "streams",
         "verify-miss",
+        "edge-verify",
     ] {
         println!("{scenario}: needs a server of its own configuration; skipped with --target");
     }
@@ -476,6 +480,38 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
             }
             server.stop().await;
         }
+    }
+
+    if wants(args, Scenario::EdgeVerify) {
+        // A limit no run reaches: every VALID answer carries a decision, so the edge
+        // serves it only from a quota lease, which is what this scenario measures.
+        let server = launch.start("edge", true, &Limits::Memory).await?;
+        let outcome = edge_verify::run(
+            &server,
+            &tokens,
+            &pools.hit,
+            args.concurrency,
+            Duration::from_secs_f64(args.duration.max(0.1)),
+            args.max_requests,
+        )
+        .await;
+        server.stop().await;
+        let r = outcome?;
+        println!(
+            "edge-verify                {:>9.0} calls/s ({:.3} of a hash lookup's {:.0}); without a round trip {:.4} ({} server calls, {} lease calls of {}); errors {}",
+            r.throughput,
+            r.over_hash_lookup,
+            r.hash_lookup_throughput,
+            r.without_round_trip,
+            r.server_calls,
+            r.lease_calls,
+            r.calls,
+            r.errors
+        );
+        if !r.warmed {
+            println!("edge-verify: not every key's lease was held after the warm-up");
+        }
+        run.edge_verify = Some(r);
     }
 
     if wants(args, Scenario::RevocationLatency) || wants(args, Scenario::Streams) {

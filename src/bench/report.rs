@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::edge_verify::EdgeVerifyReport;
 use super::load::LoadResult;
 use super::stream::{RevocationLatency, StreamsReport};
 
@@ -28,6 +29,8 @@ pub struct RunReport {
     pub bytes_per_cached_key: Option<f64>,
     pub revocation_latency: Option<RevocationLatency>,
     pub streams: Option<StreamsReport>,
+    /// The edge `Verifier` in process, on cached rate-limited keys, against a hash lookup.
+    pub edge_verify: Option<EdgeVerifyReport>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -215,6 +218,22 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
+            "| edge-verify calls without a round trip, after warm-up (edge `Verifier` in process, rate-limited keys) | >= 0.99 | {} |",
+            fmt(
+                self.med(|r| r.edge_verify.as_ref().map(|e| e.without_round_trip)),
+                4
+            )
+        );
+        let _ = writeln!(
+            s,
+            "| edge-verify / hash lookup (SHA-256 and a `HashMap` get) calls per second, same callers | >= 0.5 | {} |",
+            fmt(
+                self.med(|r| r.edge_verify.as_ref().map(|e| e.over_hash_lookup)),
+                3
+            )
+        );
+        let _ = writeln!(
+            s,
             "| server memory per cached key | | {} bytes |\n",
             fmt(self.med(|r| r.bytes_per_cached_key), 0)
         );
@@ -338,6 +357,31 @@ impl BenchReport {
                 m(|r| Some(r.open_seconds), 1),
                 m(|r| r.bytes_per_stream, 0),
                 m(|r| Some(r.missed as f64), 0),
+            );
+        }
+        if self.runs.iter().any(|r| r.edge_verify.is_some()) {
+            let _ = writeln!(s, "\n## Edge verifier in process (medians)\n");
+            let _ = writeln!(
+                s,
+                "The edge `Verifier` in the benchmark's process, in front of a server whose keys have a limit no run reaches (so each VALID answer is served from a quota lease), after a warm-up that holds every key's lease; alternate slices of the same callers do a SHA-256 of the key and a `HashMap` get. Only calls are counted (no per-call timing). Round trips: the VerifyKey and LeaseQuota calls the edge made during the measured calls.\n"
+            );
+            let _ = writeln!(
+                s,
+                "| edge calls/s | hash lookup calls/s | edge calls | VerifyKey calls | LeaseQuota calls | errors |"
+            );
+            let _ = writeln!(s, "| ---: | ---: | ---: | ---: | ---: | ---: |");
+            let m = |f: fn(&EdgeVerifyReport) -> f64| {
+                fmt(self.med(|r| r.edge_verify.as_ref().map(f)), 0)
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                m(|e| e.throughput),
+                m(|e| e.hash_lookup_throughput),
+                m(|e| e.calls as f64),
+                m(|e| e.server_calls as f64),
+                m(|e| e.lease_calls as f64),
+                m(|e| e.errors as f64),
             );
         }
         if let Some(h) = self.runs.iter().find_map(|r| r.h2load.as_ref()) {
