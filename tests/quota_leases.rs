@@ -367,6 +367,7 @@ async fn a_grant_and_its_settlement_count_where_verify_key_counts() {
         counted_at_micros: g.counted_at_micros,
         used: 2,
         limits: vec![rpm(10)],
+        lease_id: g.lease_id,
     };
     let grants = lease(
         &app,
@@ -443,6 +444,7 @@ async fn lease_quota_names_every_invalid_field() {
             counted_at_micros: 0,
             used: 4,
             limits: vec![proto::RateLimit { unit: 0, ..rpm(10) }],
+            lease_id: 0,
         }),
     };
     let issued = app.issue().await;
@@ -532,4 +534,49 @@ async fn with_edge_leases_off_the_edge_verifies_every_limited_call() {
     let stats = edge.stats();
     assert_eq!((stats.server_calls, stats.leased), (5, 0), "{stats:?}");
     edge.shutdown().await;
+}
+
+/// On Redis a grant is registered under its id: a settlement repeated (an answer lost and
+/// the call made again) or naming a grant never made gives nothing back, and what was
+/// registered, not what the caller says, is what a settlement takes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_a_grant_is_settled_once_and_only_as_registered() {
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        leasing_from_redis(s, &prefix);
+        // The replica decides its own calls one by one here, so that VerifyKey shows
+        // exactly what the counters hold.
+        if let LimiterSettings::Redis { lease, .. } = &mut s.limiter {
+            *lease = None;
+        }
+    })
+    .await;
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(10)]).await;
+    let g = lease(&app, vec![ask(&issued, 6)]).await.remove(0);
+    assert_eq!(g.amount, 6);
+    assert_ne!(g.lease_id, 0, "Redis names its grants");
+    let settle = |used: u64, lease_id: u64, granted: u64| proto::LeaseAsk {
+        want: 0,
+        settle: Some(proto::LeaseSettlement {
+            granted,
+            counted_at_micros: g.counted_at_micros,
+            used,
+            limits: vec![rpm(10)],
+            lease_id,
+        }),
+        ..ask(&issued, 0)
+    };
+    // A grant never made, and one claiming more than was granted: nothing, and only
+    // the registered 6, are given back.
+    lease(&app, vec![settle(0, g.lease_id ^ 1, 6)]).await;
+    lease(&app, vec![settle(2, g.lease_id, 1_000)]).await;
+    // Repeated: nothing more.
+    lease(&app, vec![settle(0, g.lease_id, 6)]).await;
+    let mut valid = 0;
+    for _ in 0..12 {
+        if code_of(&app.channel, &issued.key).await == VerifyCode::Valid {
+            valid += 1;
+        }
+    }
+    assert_eq!(valid, 8, "10 - the 2 the holder used");
 }

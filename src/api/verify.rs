@@ -182,9 +182,9 @@ impl VerifyService for VerifyApi {
             .iter()
             .zip(answers)
             .map(|(ask, a)| {
-                let (amount, counted_at_micros) = match &a.grant {
-                    Some(g) if g.granted() => (g.amount, g.counted_at),
-                    _ => (0, 0),
+                let (amount, counted_at_micros, lease_id) = match &a.grant {
+                    Some(g) if g.granted() => (g.amount, g.counted_at, g.id),
+                    _ => (0, 0, 0),
                 };
                 proto::LeaseGrant {
                     key_id: ask.key_id.clone(),
@@ -198,6 +198,7 @@ impl VerifyService for VerifyApi {
                         .map(|g| convert::limit_decision_pb(&g.decision, a.decided_at)),
                     code: code_pb(a.code) as i32,
                     rate_limit_unknown: a.unknown,
+                    lease_id,
                 }
             })
             .collect();
@@ -264,11 +265,10 @@ fn lease_asks(r: &proto::LeaseQuotaRequest) -> Result<Vec<LeaseAsk>, Status> {
                 );
             }
             let limits = convert::rate_limits(&s.limits, &field("settle.limits"), &mut v);
-            // Edge settlements name no grant id: they are applied as sent.
             let record = LeaseRecord {
                 granted: s.granted,
                 counted_at: s.counted_at_micros,
-                id: 0,
+                id: s.lease_id,
             };
             (limits, record, s.used)
         });

@@ -28,6 +28,8 @@ struct Held {
     granted: u64,
     used: u64,
     counted_at: i64,
+    /// The grant's name at the server's counters, named again when it is settled.
+    lease_id: u64,
     /// The limits the grant was counted against, named again when it is settled.
     limits: Vec<proto::RateLimit>,
     /// The grant's figures (the whole grant counted as used).
@@ -47,6 +49,7 @@ impl Held {
             counted_at_micros: self.counted_at,
             used: self.used,
             limits: self.limits.clone(),
+            lease_id: self.lease_id,
         }
     }
 
@@ -396,6 +399,7 @@ impl LeaseBook {
                     granted: g.amount,
                     counted_at_micros: g.counted_at_micros,
                     used: 0,
+                    lease_id: g.lease_id,
                     limits: g
                         .rate_limit
                         .iter()
@@ -428,6 +432,7 @@ impl LeaseBook {
                                 granted: g.amount,
                                 used: 0,
                                 counted_at: g.counted_at_micros,
+                                lease_id: g.lease_id,
                                 limits: settlement.limits,
                                 decision,
                                 returned,
@@ -559,6 +564,7 @@ mod tests {
             rate_limit: Some(decision(100, remaining_after)),
             code: proto::VerifyCode::Valid as i32,
             rate_limit_unknown: false,
+            lease_id: 7,
         }
     }
 
@@ -632,6 +638,7 @@ mod tests {
         assert_eq!((settled[0].granted, settled[0].used), (10, 1));
         assert_eq!(settled[0].limits, vec![rpm(100)]);
         assert_eq!(settled[0].counted_at_micros, 1_800_000_002_000_000);
+        assert_eq!(settled[0].lease_id, 7, "the grant is named by its id");
     }
 
     #[test]

@@ -19,8 +19,8 @@
 //! they skip Redis and answer under the failure mode at once, while a background PING
 //! every probe interval finds out when Redis answers again.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -58,17 +58,26 @@ return 1
 "#;
 
 const GRANT: &str = r#"
--- ARGV[1] = want, ARGV[2] = min; for window i, ARGV[2 + 5(i-1) + 1 ..+5] = unit (0
--- requests, 1 tokens), the bucket the grant is counted in, first bucket still counted,
--- limit, ttl in ms. Grants min(want, what every request window has left), or 0 when that
--- is below min or a token window is spent; counts the grant in its bucket. Returns the
--- amount, then each window's live buckets as they were before the grant.
+-- KEYS[1] = the key's grant registry; KEYS[2..] = its windows.
+-- ARGV[1] = want, ARGV[2] = min, ARGV[3] = the grant's id ('' for a single call, which is
+-- used at once and never settled), ARGV[4] = how long the registry is kept (ms); for
+-- window i, ARGV[4 + 5(i-1) + 1 ..+5] = unit (0 requests, 1 tokens), the bucket the grant
+-- is counted in, first bucket still counted, limit, ttl in ms. Grants min(want, what
+-- every request window has left), or 0 when that is below min, a token window is spent,
+-- or the grant was cancelled before it arrived; counts the grant in its bucket and
+-- registers it (amount and buckets) under its id, which a settle or a cancel names.
+-- Returns the amount, then each window's live buckets as they were before the grant.
+local id = ARGV[3]
+local out = { {} }
+if id ~= '' and redis.call('HEXISTS', KEYS[1], 'x' .. id) == 1 then
+  out[1] = { 0 }
+  return out
+end
 local amount = tonumber(ARGV[1])
 local min = tonumber(ARGV[2])
 local ok = true
-local out = { {} }
-for i = 1, #KEYS do
-  local base = 2 + (i - 1) * 5
+for i = 2, #KEYS do
+  local base = 4 + (i - 2) * 5
   local unit = tonumber(ARGV[base + 1])
   local first = tonumber(ARGV[base + 3])
   local limit = tonumber(ARGV[base + 4])
@@ -95,12 +104,18 @@ for i = 1, #KEYS do
 end
 if not ok or amount < min then amount = 0 end
 if amount > 0 then
-  for i = 1, #KEYS do
-    local base = 2 + (i - 1) * 5
+  local record = tostring(amount)
+  for i = 2, #KEYS do
+    local base = 4 + (i - 2) * 5
     if tonumber(ARGV[base + 1]) == 0 then
       redis.call('HINCRBY', KEYS[i], ARGV[base + 2], amount)
       redis.call('PEXPIRE', KEYS[i], ARGV[base + 5])
+      record = record .. '|' .. ARGV[base + 2]
     end
+  end
+  if id ~= '' then
+    redis.call('HSET', KEYS[1], id, record)
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
   end
 end
 out[1] = { amount }
@@ -108,30 +123,57 @@ return out
 "#;
 
 const SETTLE: &str = r#"
--- KEYS[1] = the key's settled-lease marks, ARGV[1] = this lease's mark, ARGV[2] = how
--- long marks are kept (ms). A lease settles once: a settle retried after a reply was lost
--- finds its mark and changes nothing (taking a grant back twice would take other
--- holders' counts). For request window i (KEYS[i + 1]): ARGV[2 + 4(i-1) + 1 ..+4] = the
--- grant's bucket, the amount granted, the bucket of now, the amount used. Takes the grant
--- back and counts what was used.
-if ARGV[1] ~= '' then
-  if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return 0 end
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-for i = 1, #KEYS - 1 do
-  local w = KEYS[i + 1]
-  local base = 2 + (i - 1) * 4
-  local left = redis.call('HINCRBY', w, ARGV[base + 1], -tonumber(ARGV[base + 2]))
-  if left <= 0 then redis.call('HDEL', w, ARGV[base + 1]) end
-  if tonumber(ARGV[base + 4]) > 0 then
-    redis.call('HINCRBY', w, ARGV[base + 3], ARGV[base + 4])
+-- KEYS[1] = the key's grant registry; KEYS[2..] = its request windows, in the grant's
+-- order. ARGV[1] = the grant's id, ARGV[2] = how many were used, ARGV[2 + i] = the bucket
+-- of now in window i. Takes the registered grant back from the buckets it was counted in
+-- and counts what was used no later than those: what the grant was, and where, is the
+-- registry's word, not the caller's. A grant settles once: an unknown id (settled,
+-- cancelled, expired, or never granted) changes nothing.
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local fields = {}
+for f in string.gmatch(record, '[^|]+') do fields[#fields + 1] = tonumber(f) end
+local amount = fields[1]
+local used = math.min(tonumber(ARGV[2]), amount)
+for i = 2, #KEYS do
+  local b = fields[i]
+  if b then
+    local left = redis.call('HINCRBY', KEYS[i], b, -amount)
+    if left <= 0 then redis.call('HDEL', KEYS[i], b) end
+    if used > 0 then
+      redis.call('HINCRBY', KEYS[i], math.min(tonumber(ARGV[2 + i - 1]), b), used)
+    end
   end
 end
 return 1
 "#;
 
-/// How long a settled lease's mark is kept: longer than a holder retries a settle.
-const SETTLED_MARK_TTL_MS: i64 = 10 * 60 * 1000;
+const CANCEL: &str = r#"
+-- KEYS[1] = the key's grant registry; KEYS[2..] = its request windows, in the grant's
+-- order. ARGV[1] = the id of a grant whose answer never came back, ARGV[2] = how long the
+-- registry is kept (ms). Marks the id cancelled (a grant still on its way then grants
+-- nothing) and takes back a grant that was made.
+redis.call('HSET', KEYS[1], 'x' .. ARGV[1], 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local fields = {}
+for f in string.gmatch(record, '[^|]+') do fields[#fields + 1] = tonumber(f) end
+for i = 2, #KEYS do
+  local b = fields[i]
+  if b then
+    local left = redis.call('HINCRBY', KEYS[i], b, -fields[1])
+    if left <= 0 then redis.call('HDEL', KEYS[i], b) end
+  end
+end
+return 1
+"#;
+
+/// How long a key's grant registry is kept after its last grant: longer than a lease
+/// lives and its settle is retried.
+const REGISTRY_TTL_MS: i64 = 10 * 60 * 1000;
 
 pub struct RedisLimiter {
     connection: ConnectionManager,
@@ -140,6 +182,9 @@ pub struct RedisLimiter {
     record: Script,
     grant: Script,
     settle: Script,
+    /// Grants whose answer never came back, to be cancelled (shared with the task that
+    /// retries them).
+    cancels: Arc<Mutex<Vec<PendingCancel>>>,
     /// How far replicas' clocks may disagree: a lease is counted this much past its end.
     skew: Micros,
     breaker: Arc<CircuitBreaker>,
@@ -176,7 +221,16 @@ impl RedisLimiter {
                     .is_ok()
             })
         });
+        let cancels = Arc::new(Mutex::new(Vec::new()));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(cancel_lost_grants(
+                Arc::downgrade(&cancels),
+                connection.clone(),
+                prefix.to_owned(),
+            ));
+        }
         Ok(RedisLimiter {
+            cancels,
             breaker: CircuitBreaker::new("redis", circuit, probe),
             connection,
             prefix: prefix.to_owned(),
@@ -191,12 +245,7 @@ impl RedisLimiter {
     }
 
     fn window_key(&self, key_id: &str, unit: LimitUnit, window: LimitWindow) -> String {
-        format!(
-            "{}:rl:{{{key_id}}}:{}:{}",
-            self.prefix,
-            unit.as_str(),
-            window.as_str()
-        )
+        window_key(&self.prefix, key_id, unit, window)
     }
 
     /// A call to Redis failed: counted, logged, told to the breaker, answered under the
@@ -230,6 +279,87 @@ impl RedisLimiter {
     }
 }
 
+/// A window's hash: bucket number → amount.
+fn window_key(prefix: &str, key_id: &str, unit: LimitUnit, window: LimitWindow) -> String {
+    format!(
+        "{prefix}:rl:{{{key_id}}}:{}:{}",
+        unit.as_str(),
+        window.as_str()
+    )
+}
+
+/// Where a key's grants are registered, by id (amount and buckets): beside its windows,
+/// under the same hash tag.
+fn registry_key(prefix: &str, key_id: &str) -> String {
+    format!("{prefix}:rl:{{{key_id}}}:grants")
+}
+
+/// The request windows of `limits`, in order: the ones a grant is counted in.
+fn requests_only(limits: &[RateLimit]) -> Vec<RateLimit> {
+    limits
+        .iter()
+        .filter(|l| l.unit == LimitUnit::Requests)
+        .copied()
+        .collect()
+}
+
+/// What one GRANT script call asks for: up to `want` (at least `min`) counted in the
+/// bucket of `counted_at`, registered under `id` (`None`: a single call, used at once).
+struct Ask {
+    want: u64,
+    min: u64,
+    counted_at: Micros,
+    id: Option<u64>,
+}
+
+/// A grant whose answer never came back.
+struct PendingCancel {
+    key_id: String,
+    windows: Vec<RateLimit>,
+    id: u64,
+    since: tokio::time::Instant,
+}
+
+/// Cancels lost grants every second until Redis takes the cancel (for as long as the
+/// registry would remember them); ends when the limiter is dropped.
+async fn cancel_lost_grants(
+    pending: std::sync::Weak<Mutex<Vec<PendingCancel>>>,
+    mut connection: ConnectionManager,
+    prefix: String,
+) {
+    let script = Script::new(CANCEL);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pending) = pending.upgrade() else {
+            return;
+        };
+        let due = std::mem::take(&mut *pending.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut left = Vec::new();
+        for c in due {
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(registry_key(&prefix, &c.key_id))
+                .arg(format!("{:x}", c.id))
+                .arg(REGISTRY_TTL_MS);
+            for l in &c.windows {
+                invocation.key(window_key(&prefix, &c.key_id, l.unit, l.window));
+            }
+            let done: Result<i64, _> = invocation.invoke_async(&mut connection).await;
+            if done.is_err()
+                && c.since.elapsed() < Duration::from_millis(REGISTRY_TTL_MS.unsigned_abs() / 2)
+            {
+                left.push(c);
+            }
+        }
+        pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(left);
+    }
+}
+
 /// A name for a grant, unique among a key's grants in practice (64 random bits); never 0.
 fn grant_id() -> u64 {
     let mut b = [0u8; 8];
@@ -251,9 +381,12 @@ impl RedisLimiter {
         &self,
         key_id: &str,
         limits: &[RateLimit],
-        want: u64,
-        min: u64,
-        counted_at: Micros,
+        Ask {
+            want,
+            min,
+            counted_at,
+            id,
+        }: Ask,
         now: Micros,
     ) -> Result<Option<Grant>, LimiterError> {
         let min = min.max(1);
@@ -275,7 +408,12 @@ impl RedisLimiter {
             return Ok(None);
         }
         let mut invocation = self.grant.prepare_invoke();
-        invocation.arg(want).arg(min);
+        invocation
+            .key(registry_key(&self.prefix, key_id))
+            .arg(want)
+            .arg(min)
+            .arg(id.map(|id| format!("{id:x}")).unwrap_or_default())
+            .arg(REGISTRY_TTL_MS);
         for l in limits {
             let (_, first, ttl_ms) = bucket_args(l.window, now);
             let ahead_ms = (counted_at - now) / 1000;
@@ -322,11 +460,24 @@ impl RedisLimiter {
                 Ok(Some(Grant {
                     amount,
                     counted_at,
-                    id: 0,
+                    id: id.unwrap_or(0),
                     decision: limits::describe(limits, &usage, now, cost, granted),
                 }))
             }
             Err(e) => {
+                // The script may still run (a Redis that hung runs what it was sent
+                // when it resumes): the grant is cancelled, so its quota is not parked.
+                if let Some(id) = id {
+                    self.cancels
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(PendingCancel {
+                            key_id: key_id.to_owned(),
+                            windows: requests_only(limits),
+                            id,
+                            since: tokio::time::Instant::now(),
+                        });
+                }
                 self.failed(&e, now)?;
                 Ok(None)
             }
@@ -359,7 +510,17 @@ impl RateLimiter for RedisLimiter {
     ) -> Result<Option<LimitDecision>, LimiterError> {
         // A call is a grant of its own cost, counted now and used at once.
         Ok(self
-            .grant_at(key_id, limits, cost, cost, now, now)
+            .grant_at(
+                key_id,
+                limits,
+                Ask {
+                    want: cost,
+                    min: cost,
+                    counted_at: now,
+                    id: None,
+                },
+                now,
+            )
             .await?
             .map(|grant| grant.decision))
     }
@@ -411,13 +572,13 @@ impl QuotaAuthority for RedisLimiter {
         now: Micros,
     ) -> Result<Option<Grant>, LimiterError> {
         let counted_at = now.saturating_add(life.max(0)).saturating_add(self.skew);
-        Ok(self
-            .grant_at(key_id, limits, want, min, counted_at, now)
-            .await?
-            .map(|grant| Grant {
-                id: grant_id(),
-                ..grant
-            }))
+        let ask = Ask {
+            want,
+            min,
+            counted_at,
+            id: Some(grant_id()),
+        };
+        self.grant_at(key_id, limits, ask, now).await
     }
 
     async fn settle(
@@ -428,31 +589,28 @@ impl QuotaAuthority for RedisLimiter {
         used: u64,
         now: Micros,
     ) -> Result<(), LimiterError> {
-        let used = used.min(lease.granted);
+        // Only a registered grant can be given back: without its id there is nothing
+        // to name (it then stays counted until it leaves its window).
+        if lease.id == 0 {
+            tracing::debug!(key_id, "a lease without a grant id cannot be settled");
+            return Ok(());
+        }
+        let windows = requests_only(limits);
+        if windows.is_empty() {
+            return Ok(());
+        }
         if self.breaker.is_open() {
             return Err(LimiterError::Unavailable("circuit open".into()));
         }
         let mut invocation = self.settle.prepare_invoke();
         invocation
-            .key(format!("{}:rl:{{{key_id}}}:settled", self.prefix))
-            .arg(if lease.id == 0 {
-                String::new()
-            } else {
-                format!("{:x}", lease.id)
-            })
-            .arg(SETTLED_MARK_TTL_MS);
-        let mut any = false;
-        for l in limits.iter().filter(|l| l.unit == LimitUnit::Requests) {
-            any = true;
+            .key(registry_key(&self.prefix, key_id))
+            .arg(format!("{:x}", lease.id))
+            .arg(used.min(lease.granted));
+        for l in &windows {
             invocation
                 .key(self.window_key(key_id, l.unit, l.window))
-                .arg(lease.counted_at.div_euclid(l.window.bucket()))
-                .arg(lease.granted)
-                .arg(now.min(lease.counted_at).div_euclid(l.window.bucket()))
-                .arg(used);
-        }
-        if !any || lease.granted == used && lease.counted_at <= now {
-            return Ok(());
+                .arg(now.div_euclid(l.window.bucket()));
         }
         let mut connection = self.connection.clone();
         let reply: Result<i64, _> = invocation.invoke_async(&mut connection).await;
