@@ -536,25 +536,33 @@ async fn with_edge_leases_off_the_edge_verifies_every_limited_call() {
     edge.shutdown().await;
 }
 
-/// On Redis a grant is registered under its id: a settlement repeated (an answer lost and
-/// the call made again) or naming a grant never made gives nothing back, and what was
-/// registered, not what the caller says, is what a settlement takes back.
+/// A grant is registered under its id, in memory and in Redis: a settlement repeated (an
+/// answer lost and the call made again) or naming a grant never made gives nothing back,
+/// and what was registered, not what the caller says, is what a settlement takes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_redis_a_grant_is_settled_once_and_only_as_registered() {
+async fn a_grant_is_settled_once_and_only_as_registered() {
+    for on_redis in [false, true] {
+        a_grant_is_settled_once_and_only_as_registered_on(on_redis).await;
+    }
+}
+
+async fn a_grant_is_settled_once_and_only_as_registered_on(on_redis: bool) {
     let prefix = prefix();
     let app = TestApp::spawn_with(Backend::Sqlite, |s| {
-        leasing_from_redis(s, &prefix);
-        // The replica decides its own calls one by one here, so that VerifyKey shows
-        // exactly what the counters hold.
-        if let LimiterSettings::Redis { lease, .. } = &mut s.limiter {
-            *lease = None;
+        if on_redis {
+            leasing_from_redis(s, &prefix);
+            // The replica decides its own calls one by one here, so that VerifyKey shows
+            // exactly what the counters hold.
+            if let LimiterSettings::Redis { lease, .. } = &mut s.limiter {
+                *lease = None;
+            }
         }
     })
     .await;
     let issued = app.issue_with(|r| r.rate_limits = vec![rpm(10)]).await;
     let g = lease(&app, vec![ask(&issued, 6)]).await.remove(0);
     assert_eq!(g.amount, 6);
-    assert_ne!(g.lease_id, 0, "Redis names its grants");
+    assert_ne!(g.lease_id, 0, "the counters name their grants");
     let settle = |used: u64, lease_id: u64, granted: u64| proto::LeaseAsk {
         want: 0,
         settle: Some(proto::LeaseSettlement {
@@ -578,5 +586,8 @@ async fn on_redis_a_grant_is_settled_once_and_only_as_registered() {
             valid += 1;
         }
     }
-    assert_eq!(valid, 8, "10 - the 2 the holder used");
+    assert_eq!(
+        valid, 8,
+        "10 - the 2 the holder used (on Redis: {on_redis})"
+    );
 }

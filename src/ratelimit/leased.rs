@@ -54,6 +54,17 @@ pub struct LeaseRecord {
     pub id: u64,
 }
 
+/// A name for a grant, which its settlement repeats: 64 random bits, unique among a key's
+/// grants in practice, never 0 (0 only when no randomness could be had: such a grant
+/// cannot be settled and is freed by time, never an over-admission).
+pub fn new_grant_id() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return 0;
+    }
+    u64::from_le_bytes(b).max(1)
+}
+
 /// Where leases come from: the counters every holder of a key shares.
 #[async_trait]
 pub trait QuotaAuthority: Send + Sync + 'static {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use moka::sync::Cache;
 
-use super::leased::{LeaseRecord, QuotaAuthority};
+use super::leased::{LeaseRecord, QuotaAuthority, new_grant_id};
 use super::{LimiterError, RateLimiter};
 use crate::domain::Micros;
 use crate::domain::lease::{self, Grant};
@@ -37,6 +37,16 @@ fn slot(unit: LimitUnit, window: LimitWindow) -> usize {
 #[derive(Default)]
 struct KeyCounters {
     slots: [WindowUsage; SLOTS],
+    /// Leases granted to edge nodes and not settled yet, by id: a settlement gives back
+    /// only a grant listed here, once, by what is listed.
+    grants: Vec<Registered>,
+}
+
+#[derive(Clone, Copy)]
+struct Registered {
+    id: u64,
+    amount: u64,
+    counted_at: Micros,
 }
 
 pub struct MemoryLimiter {
@@ -67,7 +77,7 @@ impl MemoryLimiter {
         &self,
         key_id: &str,
         limits: &[RateLimit],
-        f: impl FnOnce(&mut [WindowUsage]) -> T,
+        f: impl FnOnce(&mut [WindowUsage], &mut Vec<Registered>) -> T,
     ) -> T {
         let counters = self.counters(key_id);
         let mut counters = counters.lock().unwrap_or_else(PoisonError::into_inner);
@@ -75,7 +85,7 @@ impl MemoryLimiter {
             .iter()
             .map(|l| std::mem::take(&mut counters.slots[slot(l.unit, l.window)]))
             .collect();
-        let out = f(&mut usage);
+        let out = f(&mut usage, &mut counters.grants);
         for (l, u) in limits.iter().zip(usage) {
             counters.slots[slot(l.unit, l.window)] = u;
         }
@@ -92,7 +102,7 @@ impl RateLimiter for MemoryLimiter {
         cost: u64,
         now: Micros,
     ) -> Result<Option<LimitDecision>, LimiterError> {
-        let decision = self.with_usage(key_id, limits, |usage| {
+        let decision = self.with_usage(key_id, limits, |usage, _| {
             limits::decide(limits, usage, now, cost)
         });
         Ok(Some(decision))
@@ -124,8 +134,20 @@ impl QuotaAuthority for MemoryLimiter {
         life: Micros,
         now: Micros,
     ) -> Result<Option<Grant>, LimiterError> {
-        Ok(Some(self.with_usage(key_id, limits, |usage| {
-            lease::grant(limits, usage, now, want, min, life, 0)
+        Ok(Some(self.with_usage(key_id, limits, |usage, grants| {
+            let mut grant = lease::grant(limits, usage, now, want, min, life, 0);
+            // A grant that left every window is settled by time itself.
+            let day = LimitWindow::Day.length();
+            grants.retain(|g| g.counted_at > now.saturating_sub(day));
+            if grant.granted() {
+                grant.id = new_grant_id();
+                grants.push(Registered {
+                    id: grant.id,
+                    amount: grant.amount,
+                    counted_at: grant.counted_at,
+                });
+            }
+            grant
         })))
     }
 
@@ -137,8 +159,12 @@ impl QuotaAuthority for MemoryLimiter {
         used: u64,
         now: Micros,
     ) -> Result<(), LimiterError> {
-        self.with_usage(key_id, limits, |usage| {
-            lease::settle(limits, usage, record.counted_at, record.granted, used, now)
+        self.with_usage(key_id, limits, |usage, grants| {
+            // Only a listed grant, once, by what was listed.
+            if let Some(i) = grants.iter().position(|g| g.id == record.id && g.id != 0) {
+                let g = grants.swap_remove(i);
+                lease::settle(limits, usage, g.counted_at, g.amount, used, now);
+            }
         });
         Ok(())
     }

@@ -28,7 +28,7 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::{CircuitBreaker, CircuitSettings, Probe};
-use super::leased::{LeaseRecord, QuotaAuthority};
+use super::leased::{LeaseRecord, QuotaAuthority, new_grant_id};
 use super::{BackendStats, FailureMode, LimiterError, RateLimiter};
 use crate::domain::lease::{self, Grant, MAX_LEASE};
 use crate::domain::limits::{
@@ -360,16 +360,6 @@ async fn cancel_lost_grants(
     }
 }
 
-/// A name for a grant, unique among a key's grants in practice (64 random bits); never 0.
-fn grant_id() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        // Without randomness the grant settles without the once-only check.
-        return 0;
-    }
-    u64::from_le_bytes(b).max(1)
-}
-
 fn micros_of(d: Duration) -> Micros {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
@@ -576,7 +566,7 @@ impl QuotaAuthority for RedisLimiter {
             want,
             min,
             counted_at,
-            id: Some(grant_id()),
+            id: Some(new_grant_id()),
         };
         self.grant_at(key_id, limits, ask, now).await
     }
