@@ -25,8 +25,10 @@
 //!
 //! When the authority cannot be reached, calls keep being admitted from the lease held
 //! until it runs out; then the authority's failure mode answers (`None`: open, an error:
-//! closed). Unsettled leases are counted by the authority until they expire, so nothing is
-//! counted twice and nothing admitted is lost.
+//! closed). A settle that failed is kept and tried again by the sweeper; the authority
+//! applies a grant's settle once (it registers grants by id), so a retry after a lost
+//! answer counts nothing twice, and until then the lease stays counted: never an
+//! over-admission.
 //!
 //! The figures a call is answered with are the grant's, less what this holder used
 //! since: `remaining` is what the authority had left after the grant plus what is left of
@@ -171,7 +173,7 @@ struct Unsettled {
 
 /// Failed settles kept at most; past it a lease stays counted until it leaves its window.
 const MAX_UNSETTLED: usize = 100_000;
-/// How long a failed settle is tried again (the authority keeps a settle's mark longer).
+/// How long a failed settle is tried again (the authority registers a grant for longer).
 const RETRY_SETTLES_FOR: Duration = Duration::from_secs(300);
 
 pub struct LeasedLimiter {
