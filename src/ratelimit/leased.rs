@@ -34,7 +34,6 @@
 //! since: `remaining` is what the authority had left after the grant plus what is left of
 //! the lease, so `X-RateLimit-Remaining` counts down here and is true within the lease.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -147,17 +146,6 @@ struct Slot {
     demand: u64,
 }
 
-/// Statistics a bench or a test reads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LeaseStats {
-    pub grants: u64,
-    pub settles: u64,
-    /// Calls decided from a lease held, with no authority call.
-    pub local: u64,
-    /// Calls that waited for the authority.
-    pub waited: u64,
-}
-
 /// A lease to give back: the limits it was granted against, its record, its use.
 type ToSettle = (Vec<RateLimit>, LeaseRecord, u64);
 
@@ -181,10 +169,6 @@ pub struct LeasedLimiter {
     unsettled: Mutex<Vec<Unsettled>>,
     settings: LeaseSettings,
     slots: Cache<String, Arc<Mutex<Slot>>>,
-    grants: AtomicU64,
-    settles: AtomicU64,
-    local: AtomicU64,
-    waited: AtomicU64,
 }
 
 fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -211,22 +195,9 @@ impl LeasedLimiter {
                 .max_capacity(settings.max_keys)
                 .time_to_idle(settings.life * 4)
                 .build(),
-            grants: AtomicU64::new(0),
-            settles: AtomicU64::new(0),
-            local: AtomicU64::new(0),
-            waited: AtomicU64::new(0),
         });
         tokio::spawn(sweep(Arc::downgrade(&limiter), clock));
         limiter
-    }
-
-    pub fn stats(&self) -> LeaseStats {
-        LeaseStats {
-            grants: self.grants.load(Ordering::Relaxed),
-            settles: self.settles.load(Ordering::Relaxed),
-            local: self.local.load(Ordering::Relaxed),
-            waited: self.waited.load(Ordering::Relaxed),
-        }
     }
 
     fn slot(&self, key_id: &str) -> Arc<Mutex<Slot>> {
@@ -273,32 +244,27 @@ impl LeasedLimiter {
         used: u64,
         now: Micros,
     ) {
-        match self
+        // Kept and tried again by the sweeper (a settle applies once, whatever the
+        // retries); meanwhile the lease stays counted: never an over-admission.
+        if let Err(e) = self
             .authority
             .settle(key_id, limits, record, used, now)
             .await
         {
-            Ok(()) => {
-                self.settles.fetch_add(1, Ordering::Relaxed);
-            }
-            // Kept and tried again by the sweeper (a settle applies once, whatever the
-            // retries); meanwhile the lease stays counted: never an over-admission.
-            Err(e) => {
-                tracing::debug!(error = %e, "settling a quota lease failed; retried later");
-                let mut unsettled = self
-                    .unsettled
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if unsettled.len() < MAX_UNSETTLED {
-                    unsettled.push(Unsettled {
-                        key_id: key_id.to_owned(),
-                        limits: limits.to_vec(),
-                        record,
-                        used,
-                        now,
-                        since: Instant::now(),
-                    });
-                }
+            tracing::debug!(error = %e, "settling a quota lease failed; retried later");
+            let mut unsettled = self
+                .unsettled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if unsettled.len() < MAX_UNSETTLED {
+                unsettled.push(Unsettled {
+                    key_id: key_id.to_owned(),
+                    limits: limits.to_vec(),
+                    record,
+                    used,
+                    now,
+                    since: Instant::now(),
+                });
             }
         }
     }
@@ -343,7 +309,6 @@ impl LeasedLimiter {
                 return answer.map(|_| None);
             }
         };
-        self.grants.fetch_add(1, Ordering::Relaxed);
         let (answer, to_settle) = self.install(key_id, limits, grant, cost, asked_at, now);
         // Off the call's path: the lease it replaces is given back in the background.
         if let Some(to_settle) = to_settle {
@@ -489,7 +454,6 @@ impl RateLimiter for Leases {
                 let answer = answer_from(lease);
                 let left = lease.record.granted - lease.used;
                 let (asked_at, ends) = (lease.asked_at, lease.ends);
-                this.local.fetch_add(1, Ordering::Relaxed);
                 // Ask ahead while the key is in use, so its calls never wait.
                 let life = this.settings.life.as_secs_f64();
                 let elapsed = asked_at.elapsed().as_secs_f64().max(life / 20.0);
@@ -510,7 +474,6 @@ impl RateLimiter for Leases {
             if let Some((until, decision)) = &s.refused
                 && at < *until
             {
-                this.local.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(decision.clone()));
             }
             let since = s.lease.as_ref().map(|l| l.asked_at);
@@ -523,7 +486,6 @@ impl RateLimiter for Leases {
             this.settle(key_id, &old_limits, old.record, old.used, now)
                 .await;
         }
-        this.waited.fetch_add(1, Ordering::Relaxed);
         this.ask(key_id, limits, want, cost, now).await
     }
 
