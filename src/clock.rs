@@ -29,7 +29,7 @@ impl Clock {
         match self {
             Clock::System => SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+                .map_or(0, crate::domain::micros_in),
             Clock::Manual(t) => t.load(Ordering::SeqCst),
         }
     }
@@ -37,7 +37,7 @@ impl Clock {
     /// Moves a manual clock forward; the system clock cannot be moved.
     pub fn advance(&self, by: Duration) {
         if let Clock::Manual(t) = self {
-            let by = i64::try_from(by.as_micros()).unwrap_or(i64::MAX);
+            let by = crate::domain::micros_in(by);
             t.fetch_add(by, Ordering::SeqCst);
         }
     }

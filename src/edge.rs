@@ -1099,7 +1099,7 @@ impl EdgeCache {
                     leased,
                     cached_at: Instant::now(),
                     serve_until: response.expires_at.as_ref().map(|t| {
-                        let slack = i64::try_from(EXPIRY_SLACK.as_micros()).unwrap_or(i64::MAX);
+                        let slack = crate::domain::micros_in(EXPIRY_SLACK);
                         t.seconds
                             .saturating_mul(1_000_000)
                             .saturating_add(i64::from(t.nanos / 1000))
@@ -1247,7 +1247,7 @@ impl EdgeCache {
 fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .map(crate::domain::micros_in)
         .unwrap_or(0)
 }
 

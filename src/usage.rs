@@ -89,7 +89,7 @@ impl UsageBook {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(Accounts::default()))
                 .collect(),
-            keep_idle: i64::try_from(keep.as_micros()).unwrap_or(i64::MAX),
+            keep_idle: crate::domain::micros_in(keep),
             chunk: USAGE_CHUNK,
             max_failures: MAX_FAILED_WRITES,
             failing: Mutex::default(),

@@ -159,7 +159,7 @@ impl Verifier {
         if !self.events.freshness().vouching() {
             return Err(VerifyError::Stale);
         }
-        let life = i64::try_from(leasing.life.as_micros()).unwrap_or(i64::MAX);
+        let life = crate::domain::micros_in(leasing.life);
         let mut answers = Vec::with_capacity(asks.len());
         for ask in asks {
             let answer = |code, grant, unknown, decided_at| LeaseAnswer {

@@ -26,3 +26,8 @@ pub mod workspace;
 pub type Micros = i64;
 
 pub const MICROS_PER_SECOND: i64 = 1_000_000;
+
+/// A length of time in microseconds, saturating at `Micros::MAX`.
+pub fn micros_in(d: std::time::Duration) -> Micros {
+    Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX)
+}

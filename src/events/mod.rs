@@ -285,7 +285,7 @@ impl EventHub {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
-            let retention = i64::try_from(self.settings.retention.as_micros()).unwrap_or(i64::MAX);
+            let retention = crate::domain::micros_in(self.settings.retention);
             let cutoff = self.clock.now().saturating_sub(retention);
             match self.store.prune_events(cutoff).await {
                 Ok(0) => {}

@@ -175,10 +175,6 @@ fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn micros(d: Duration) -> Micros {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
-
 impl LeasedLimiter {
     /// Starts the sweeper that settles expired leases (it stops when the limiter is
     /// dropped). Must be called within a Tokio runtime.
@@ -296,7 +292,7 @@ impl LeasedLimiter {
         now: Micros,
     ) -> Result<Option<LimitDecision>, LimiterError> {
         let asked_at = Instant::now();
-        let life = micros(self.settings.life);
+        let life = crate::domain::micros_in(self.settings.life);
         let answer = self
             .authority
             .grant(key_id, limits, want, cost.max(1), life, now)

@@ -238,7 +238,7 @@ impl RedisLimiter {
             record: Script::new(RECORD),
             grant: Script::new(GRANT),
             settle: Script::new(SETTLE),
-            skew: micros_of(skew),
+            skew: crate::domain::micros_in(skew),
             failures: AtomicU64::new(0),
             last_logged: AtomicI64::new(0),
         })
@@ -358,10 +358,6 @@ async fn cancel_lost_grants(
             .unwrap_or_else(PoisonError::into_inner)
             .extend(left);
     }
-}
-
-fn micros_of(d: Duration) -> Micros {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 impl RedisLimiter {
