@@ -124,11 +124,17 @@ return out
 
 const SETTLE: &str = r#"
 -- KEYS[1] = the key's grant registry; KEYS[2..] = its request windows, in the grant's
--- order. ARGV[1] = the grant's id, ARGV[2] = how many were used, ARGV[2 + i] = the bucket
--- of now in window i. Takes the registered grant back from the buckets it was counted in
--- and counts what was used no later than those: what the grant was, and where, is the
--- registry's word, not the caller's. A grant settles once: an unknown id (settled,
--- cancelled, expired, or never granted) changes nothing.
+-- order. ARGV[1] = the grant's id, ARGV[2] = how many were used, ARGV[3] = '' for a
+-- settle, or for a cancel (a grant whose answer never came back) how long the registry
+-- keeps the id marked cancelled (ms), so that a grant still on its way grants nothing;
+-- ARGV[3 + i] = the bucket of now in window i. Takes the registered grant back from the
+-- buckets it was counted in and counts what was used no later than those: what the
+-- grant was, and where, is the registry's word, not the caller's. A grant settles once:
+-- an unknown id (settled, cancelled, expired, or never granted) changes nothing.
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'x' .. ARGV[1], 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if not record then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -142,30 +148,8 @@ for i = 2, #KEYS do
     local left = redis.call('HINCRBY', KEYS[i], b, -amount)
     if left <= 0 then redis.call('HDEL', KEYS[i], b) end
     if used > 0 then
-      redis.call('HINCRBY', KEYS[i], math.min(tonumber(ARGV[2 + i - 1]), b), used)
+      redis.call('HINCRBY', KEYS[i], math.min(tonumber(ARGV[3 + i - 1]), b), used)
     end
-  end
-end
-return 1
-"#;
-
-const CANCEL: &str = r#"
--- KEYS[1] = the key's grant registry; KEYS[2..] = its request windows, in the grant's
--- order. ARGV[1] = the id of a grant whose answer never came back, ARGV[2] = how long the
--- registry is kept (ms). Marks the id cancelled (a grant still on its way then grants
--- nothing) and takes back a grant that was made.
-redis.call('HSET', KEYS[1], 'x' .. ARGV[1], 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local record = redis.call('HGET', KEYS[1], ARGV[1])
-if not record then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-local fields = {}
-for f in string.gmatch(record, '[^|]+') do fields[#fields + 1] = tonumber(f) end
-for i = 2, #KEYS do
-  local b = fields[i]
-  if b then
-    local left = redis.call('HINCRBY', KEYS[i], b, -fields[1])
-    if left <= 0 then redis.call('HDEL', KEYS[i], b) end
   end
 end
 return 1
@@ -327,7 +311,7 @@ async fn cancel_lost_grants(
     mut connection: ConnectionManager,
     prefix: String,
 ) {
-    let script = Script::new(CANCEL);
+    let script = Script::new(SETTLE);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -342,9 +326,13 @@ async fn cancel_lost_grants(
             invocation
                 .key(registry_key(&prefix, &c.key_id))
                 .arg(format!("{:x}", c.id))
+                .arg(0)
                 .arg(REGISTRY_TTL_MS);
+            // A cancel is a settle of nothing used that also marks the id cancelled.
             for l in &c.windows {
-                invocation.key(window_key(&prefix, &c.key_id, l.unit, l.window));
+                invocation
+                    .key(window_key(&prefix, &c.key_id, l.unit, l.window))
+                    .arg(0);
             }
             let done: Result<i64, _> = invocation.invoke_async(&mut connection).await;
             if done.is_err()
@@ -592,7 +580,8 @@ impl QuotaAuthority for RedisLimiter {
         invocation
             .key(registry_key(&self.prefix, key_id))
             .arg(format!("{:x}", lease.id))
-            .arg(used.min(lease.granted));
+            .arg(used.min(lease.granted))
+            .arg("");
         for l in &windows {
             invocation
                 .key(self.window_key(key_id, l.unit, l.window))
