@@ -153,6 +153,13 @@ impl UsageBook {
         })
     }
 
+    /// The largest stored spend this replica has seen for the key, given its record's.
+    pub fn persisted(&self, key_id: &str, persisted: u64) -> u64 {
+        self.shard(key_id)
+            .get(key_id)
+            .map_or(persisted, |a| a.persisted.max(persisted))
+    }
+
     /// Writes unwritten spend and the last uses that moved by [`LAST_USE_RESOLUTION`]
     /// (every last use with `all`), and forgets idle accounts.
     ///

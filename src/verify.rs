@@ -22,7 +22,7 @@ use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
 use crate::events::EventHub;
 use crate::metrics::Metrics;
 use crate::ratelimit::leased::{LeaseRecord, QuotaAuthority};
-use crate::ratelimit::{LimiterError, RateLimiter};
+use crate::ratelimit::{Budget, BudgetCheck, LimiterError, RateLimiter, Reported};
 use crate::store::{Store, StoreError};
 use crate::usage::UsageBook;
 
@@ -192,7 +192,9 @@ impl Verifier {
                 continue;
             }
             let spent = self.usage.spent(&ask.key_id, entry.key.spent_micros);
-            if limits::budget_exceeded(entry.key.max_budget_micros, spent) {
+            if limits::budget_exceeded(entry.key.max_budget_micros, spent)
+                || self.budget_shared_exceeded(&entry, now).await?
+            {
                 answers.push(answer(VerifyCode::BudgetExceeded, None, false, now));
                 continue;
             }
@@ -236,7 +238,12 @@ impl Verifier {
             }
         };
         let now = self.clock.now();
-        self.limiter.record_tokens(key_id, tokens, now).await?;
+        let reported = Reported {
+            tokens,
+            spend_micros,
+            persisted_micros: persisted.unwrap_or_else(|| self.usage.persisted(key_id, 0)),
+        };
+        self.limiter.record_usage(key_id, reported, now).await?;
         Ok(Some(self.usage.add_spend(
             key_id,
             spend_micros,
@@ -299,7 +306,9 @@ impl Verifier {
         }
         let key_id = entry.key.key_id.as_str();
         let spent_micros = self.usage.spent(key_id, entry.key.spent_micros);
-        if limits::budget_exceeded(entry.key.max_budget_micros, spent_micros) {
+        if limits::budget_exceeded(entry.key.max_budget_micros, spent_micros)
+            || self.budget_shared_exceeded(&entry, now).await?
+        {
             return Ok(Verdict {
                 code: VerifyCode::BudgetExceeded,
                 key: Some(entry),
@@ -342,6 +351,25 @@ impl Verifier {
             spent_micros,
             decided_at: now,
         })
+    }
+
+    /// Whether the spend shared with other replicas (and their outstanding allowances)
+    /// has reached the key's budget: the limiter's judgement, past this replica's own.
+    async fn budget_shared_exceeded(
+        &self,
+        entry: &CachedKey,
+        now: Micros,
+    ) -> Result<bool, LimiterError> {
+        let Some(max_micros) = entry.key.max_budget_micros else {
+            return Ok(false);
+        };
+        let key_id = entry.key.key_id.as_str();
+        let budget = Budget {
+            max_micros,
+            persisted_micros: self.usage.persisted(key_id, entry.key.spent_micros),
+        };
+        let check = self.limiter.check_budget(key_id, budget, now).await?;
+        Ok(check == BudgetCheck::Exceeded)
     }
 
     /// The key a secret hash belongs to, from the cache or filled into it.

@@ -256,6 +256,108 @@ async fn two_replicas_and_two_edges_leasing_admit_at_most_the_limit_and_nearly_a
     b.shutdown().await.unwrap();
 }
 
+/// Verifies `key` at `channel` and, when admitted, reports `spend` for the call there,
+/// one call at a time, until the replica has refused for `quiet` (real time) on end;
+/// returns the calls admitted.
+async fn spend_until_refused(
+    channel: Channel,
+    key: String,
+    key_id: String,
+    spend: u64,
+    quiet: Duration,
+) -> u64 {
+    let mut admitted = 0;
+    let mut refused_since: Option<Instant> = None;
+    loop {
+        match code_of(&channel, &key).await {
+            VerifyCode::Valid => {
+                admitted += 1;
+                refused_since = None;
+                verifier(&channel)
+                    .report_usage(proto::ReportUsageRequest {
+                        key_id: key_id.clone(),
+                        spend_micros: spend,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+            VerifyCode::BudgetExceeded => {
+                let since = *refused_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= quiet {
+                    return admitted;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A budget holds across replicas: each judges it from an allowance of spend leased
+/// from Redis, never from its own spend alone. Two replicas that never see each other's
+/// spend in storage (their usage is written once an hour) together admit calls worth at
+/// most the budget plus the calls in flight when it ran out (one per caller here), and
+/// at least the budget: allowances parked at one replica go back when they end. Without
+/// leases (a Redis call per decision) the spend is shared the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_is_shared_by_replicas_and_overrun_only_by_the_calls_in_flight() {
+    for leasing in [true, false] {
+        a_budget_is_shared_by_replicas(leasing).await;
+    }
+}
+
+async fn a_budget_is_shared_by_replicas(leasing: bool) {
+    const BUDGET: u64 = 1_000;
+    const SPEND: u64 = 10;
+    let prefix = prefix();
+    let configure = |s: &mut Settings| {
+        leasing_from_redis(s, &prefix);
+        if !leasing && let LimiterSettings::Redis { lease, .. } = &mut s.limiter {
+            *lease = None;
+        }
+    };
+    let app = TestApp::spawn_with(Backend::Postgres, configure).await;
+    let mut settings = test_settings(&app.db);
+    configure(&mut settings);
+    let b = keywarden::server::start(&settings, app.clock.clone())
+        .await
+        .unwrap();
+    let b_channel = channel_to(&b).await;
+    let issued = app
+        .issue_with(|r| {
+            r.rate_limits = vec![rpm(1_000_000)];
+            r.max_budget_micros = Some(BUDGET);
+        })
+        .await;
+    let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
+    let mut tasks = Vec::new();
+    for channel in [app.channel.clone(), b_channel.clone()] {
+        tasks.push(tokio::spawn(spend_until_refused(
+            channel,
+            issued.key.clone(),
+            key_id.clone(),
+            SPEND,
+            LIFE * 3,
+        )));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    let callers = 2;
+    assert!(
+        admitted * SPEND <= BUDGET + callers * SPEND,
+        "{admitted} calls of {SPEND} admitted against a budget of {BUDGET} (leasing: {leasing})"
+    );
+    assert!(
+        admitted * SPEND >= BUDGET,
+        "only {admitted} calls of {SPEND} admitted before the budget of {BUDGET} was refused \
+         (leasing: {leasing})"
+    );
+    b.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lowered_limit_is_judged_on_the_next_call_with_the_calls_already_admitted() {
     let prefix = prefix();

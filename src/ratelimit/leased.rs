@@ -30,6 +30,14 @@
 //! answer counts nothing twice, and until then the lease stays counted: never an
 //! over-admission.
 //!
+//! Budgets go through the same holder as **allowances of spend** ([`SpendGrant`]):
+//! spend is known only after a call, so a holder admits a budgeted key's calls while less
+//! than its allowance has been reported to it (ReportUsage at this replica), asks ahead
+//! for the next (half reported, or a third of the life left), and settles what was
+//! reported, all of it, when the allowance ends or is spent. A spent allowance is settled
+//! before the next is asked for, so what calls in flight ran past it counts in the next
+//! grant: a budget is overrun only by the calls in flight when an allowance ran out.
+//!
 //! The figures a call is answered with are the grant's, less what this holder used
 //! since: `remaining` is what the authority had left after the grant plus what is left of
 //! the lease, so `X-RateLimit-Remaining` counts down here and is true within the lease.
@@ -41,7 +49,7 @@ use async_trait::async_trait;
 use moka::sync::Cache;
 use tokio::time::Instant;
 
-use super::{BackendStats, LimiterError, RateLimiter};
+use super::{BackendStats, Budget, BudgetCheck, LimiterError, RateLimiter, Reported};
 use crate::domain::Micros;
 use crate::domain::lease::{Grant, MAX_LEASE};
 use crate::domain::limits::{LimitDecision, LimitUnit, RateLimit};
@@ -64,6 +72,16 @@ pub fn new_grant_id() -> u64 {
         return 0;
     }
     u64::from_le_bytes(b).max(1)
+}
+
+/// An allowance of spend: how much may be reported to a holder for a key before it
+/// asks again. Spend is known only after a call, so a holder admits calls while less
+/// than the allowance has been reported to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpendGrant {
+    pub amount: u64,
+    /// As [`Grant::id`]: the settlement names it, and applies once.
+    pub id: u64,
 }
 
 /// Where leases come from: the counters every holder of a key shares.
@@ -92,13 +110,38 @@ pub trait QuotaAuthority: Send + Sync + 'static {
         now: Micros,
     ) -> Result<(), LimiterError>;
 
-    /// Counts `tokens` reported for `key_id` in every token window.
-    async fn record_tokens(
+    /// Counts usage reported to a holder that holds no allowance for it.
+    async fn record_usage(
         &self,
         key_id: &str,
-        tokens: u64,
+        usage: Reported,
         now: Micros,
     ) -> Result<(), LimiterError>;
+
+    /// Grants up to `want` micro-units of what is left of `budget`: its ceiling less the
+    /// spend every holder has counted and the allowances outstanding. A refusal is an
+    /// amount of 0. `Ok(None)`: this authority keeps no shared spend (the holder's usage
+    /// book alone judges), or it cannot be reached and fails open.
+    async fn grant_spend(
+        &self,
+        _key_id: &str,
+        _budget: Budget,
+        _want: u64,
+        _now: Micros,
+    ) -> Result<Option<SpendGrant>, LimiterError> {
+        Ok(None)
+    }
+
+    /// Ends an allowance: `used` micro-units were reported to its holder, all of which
+    /// count (also what ran past the allowance: calls in flight when it ran out).
+    async fn settle_spend(
+        &self,
+        _key_id: &str,
+        _grant: SpendGrant,
+        _used: u64,
+    ) -> Result<(), LimiterError> {
+        Ok(())
+    }
 
     fn backend_stats(&self) -> BackendStats {
         BackendStats::default()
@@ -144,6 +187,21 @@ struct Slot {
     asking: bool,
     /// Calls wanted since the current lease was asked for (admitted or not).
     demand: u64,
+    /// The budget the spend allowance was granted against.
+    budget: Option<u64>,
+    spend: Option<Allowance>,
+    /// A refused allowance: BUDGET_EXCEEDED until then.
+    spend_refused: Option<Instant>,
+    spend_asking: bool,
+}
+
+/// The spend allowance held for one key.
+struct Allowance {
+    grant: SpendGrant,
+    /// Spend reported to this holder since the grant.
+    used: u64,
+    asked_at: Instant,
+    ends: Instant,
 }
 
 /// A lease to give back: the limits it was granted against, its record, its use.
@@ -152,11 +210,21 @@ type ToSettle = (Vec<RateLimit>, LeaseRecord, u64);
 /// A settle that failed, kept to be tried again.
 struct Unsettled {
     key_id: String,
-    limits: Vec<RateLimit>,
-    record: LeaseRecord,
-    used: u64,
-    now: Micros,
+    what: Settlement,
     since: Instant,
+}
+
+enum Settlement {
+    Requests {
+        limits: Vec<RateLimit>,
+        record: LeaseRecord,
+        used: u64,
+        now: Micros,
+    },
+    Spend {
+        grant: SpendGrant,
+        used: u64,
+    },
 }
 
 /// Failed settles kept at most; past it a lease stays counted until it leaves its window.
@@ -240,13 +308,43 @@ impl LeasedLimiter {
         used: u64,
         now: Micros,
     ) {
-        // Kept and tried again by the sweeper (a settle applies once, whatever the
-        // retries); meanwhile the lease stays counted: never an over-admission.
-        if let Err(e) = self
-            .authority
-            .settle(key_id, limits, record, used, now)
-            .await
-        {
+        let what = Settlement::Requests {
+            limits: limits.to_vec(),
+            record,
+            used,
+            now,
+        };
+        self.send_settlement(key_id, what, Instant::now()).await;
+    }
+
+    async fn settle_spend(&self, key_id: &str, held: &Allowance) {
+        let what = Settlement::Spend {
+            grant: held.grant,
+            used: held.used,
+        };
+        self.send_settlement(key_id, what, Instant::now()).await;
+    }
+
+    /// Sends a settlement; one that fails is kept and tried again by the sweeper (a
+    /// settlement applies once, whatever the retries). Meanwhile the lease or allowance
+    /// stays counted: never an over-admission.
+    async fn send_settlement(&self, key_id: &str, what: Settlement, since: Instant) {
+        let sent = match &what {
+            Settlement::Requests {
+                limits,
+                record,
+                used,
+                now,
+            } => {
+                self.authority
+                    .settle(key_id, limits, *record, *used, *now)
+                    .await
+            }
+            Settlement::Spend { grant, used } => {
+                self.authority.settle_spend(key_id, *grant, *used).await
+            }
+        };
+        if let Err(e) = sent {
             tracing::debug!(error = %e, "settling a quota lease failed; retried later");
             let mut unsettled = self
                 .unsettled
@@ -255,11 +353,8 @@ impl LeasedLimiter {
             if unsettled.len() < MAX_UNSETTLED {
                 unsettled.push(Unsettled {
                     key_id: key_id.to_owned(),
-                    limits: limits.to_vec(),
-                    record,
-                    used,
-                    now,
-                    since: Instant::now(),
+                    what,
+                    since,
                 });
             }
         }
@@ -275,8 +370,7 @@ impl LeasedLimiter {
         );
         for u in pending {
             if u.since.elapsed() < RETRY_SETTLES_FOR {
-                self.settle(&u.key_id, &u.limits, u.record, u.used, u.now)
-                    .await;
+                self.send_settlement(&u.key_id, u.what, u.since).await;
             }
         }
     }
@@ -366,10 +460,75 @@ impl LeasedLimiter {
         (answer, old)
     }
 
+    /// How much spend to ask for: what was reported over the allowance before, scaled to
+    /// a lease's life with a margin; at least a thousandth of the budget (the authority
+    /// grants at most half of what is left).
+    fn want_spend(&self, budget: Budget, reported: u64, since: Option<Instant>) -> u64 {
+        let life = self.settings.life.as_secs_f64();
+        let expected = since.map_or(0, |at| {
+            let elapsed = at.elapsed().as_secs_f64().max(life / 20.0);
+            (reported as f64 / elapsed * life * 1.5).ceil() as u64
+        });
+        expected.max(budget.max_micros / 1000).max(1)
+    }
+
+    /// Asks for a spend allowance for `key_id` and installs it; settles the one it
+    /// replaces.
+    async fn ask_spend(
+        self: &Arc<Self>,
+        key_id: &str,
+        budget: Budget,
+        want: u64,
+        now: Micros,
+    ) -> Result<BudgetCheck, LimiterError> {
+        let asked_at = Instant::now();
+        let answer = self.authority.grant_spend(key_id, budget, want, now).await;
+        let slot = self.slot(key_id);
+        let grant = match answer {
+            Ok(Some(grant)) => grant,
+            // `None` fails open (or keeps no shared spend): the usage book judged.
+            Ok(None) | Err(_) => {
+                lock(&slot).spend_asking = false;
+                return answer.map(|_| BudgetCheck::Room);
+            }
+        };
+        let check = if grant.amount > 0 {
+            BudgetCheck::Room
+        } else {
+            BudgetCheck::Exceeded
+        };
+        let held = Allowance {
+            grant,
+            used: 0,
+            asked_at,
+            ends: asked_at + self.settings.life,
+        };
+        let to_settle = {
+            let mut s = lock(&slot);
+            s.spend_asking = false;
+            if s.budget != Some(budget.max_micros) {
+                // The budget changed while this grant was on its way: given back unused.
+                (grant.amount > 0).then_some(held)
+            } else if grant.amount == 0 {
+                s.spend_refused = Some(asked_at + self.settings.life);
+                None
+            } else {
+                s.spend_refused = None;
+                s.spend.replace(held)
+            }
+        };
+        if let Some(old) = to_settle {
+            let (this, key_id) = (self.clone(), key_id.to_owned());
+            tokio::spawn(async move { this.settle_spend(&key_id, &old).await });
+        }
+        Ok(check)
+    }
+
     async fn sweep_once(self: &Arc<Self>, now: Micros) {
         self.retry_settles().await;
         let at = Instant::now();
         let mut expired = Vec::new();
+        let mut spent = Vec::new();
         for (key_id, slot) in self.slots.iter() {
             let mut s = lock(&slot);
             if s.lease.as_ref().is_some_and(|l| l.ends <= at) {
@@ -378,10 +537,18 @@ impl LeasedLimiter {
                     expired.push((key_id.as_ref().clone(), limits, lease));
                 }
             }
+            if s.spend.as_ref().is_some_and(|a| a.ends <= at)
+                && let Some(held) = s.spend.take()
+            {
+                spent.push((key_id.as_ref().clone(), held));
+            }
         }
         for (key_id, limits, lease) in expired {
             self.settle(&key_id, &limits, lease.record, lease.used, now)
                 .await;
+        }
+        for (key_id, held) in spent {
+            self.settle_spend(&key_id, &held).await;
         }
     }
 }
@@ -489,12 +656,85 @@ impl RateLimiter for Leases {
         self.0.authority.backend_stats()
     }
 
-    async fn record_tokens(
+    /// Spend reported for a key this holder holds an allowance for is counted against it
+    /// (and reaches the authority when the allowance is settled); the rest goes to the
+    /// authority at once.
+    async fn record_usage(
         &self,
         key_id: &str,
-        tokens: u64,
+        usage: Reported,
         now: Micros,
     ) -> Result<(), LimiterError> {
-        self.0.authority.record_tokens(key_id, tokens, now).await
+        let mut rest = usage;
+        if usage.spend_micros > 0
+            && let Some(slot) = self.0.slots.get(key_id)
+            && let Some(held) = lock(&slot).spend.as_mut()
+        {
+            held.used = held.used.saturating_add(usage.spend_micros);
+            rest.spend_micros = 0;
+        }
+        if rest.tokens == 0 && rest.spend_micros == 0 {
+            return Ok(());
+        }
+        self.0.authority.record_usage(key_id, rest, now).await
+    }
+
+    /// Admits while the key's spend allowance has room: spend reported to this holder
+    /// since the grant is below it. Asks for more ahead (half of it reported, or a third
+    /// of its life left), so a key in steady use never waits.
+    async fn check_budget(
+        &self,
+        key_id: &str,
+        budget: Budget,
+        now: Micros,
+    ) -> Result<BudgetCheck, LimiterError> {
+        let this = &self.0;
+        let at = Instant::now();
+        let slot = this.slot(key_id);
+        let (want, stale) = {
+            let mut s = lock(&slot);
+            let mut stale = None;
+            if s.budget != Some(budget.max_micros) {
+                stale = s.spend.take();
+                s.spend_refused = None;
+                s.budget = Some(budget.max_micros);
+            }
+            if let Some(held) = s.spend.as_ref()
+                && at < held.ends
+                && held.used < held.grant.amount
+            {
+                let soon = held.used.saturating_mul(2) >= held.grant.amount
+                    || held.ends - at <= this.settings.life / 3;
+                if soon && !s.spend_asking {
+                    let want = this.want_spend(budget, held.used, Some(held.asked_at));
+                    s.spend_asking = true;
+                    let (this, key_id) = (this.clone(), key_id.to_owned());
+                    tokio::spawn(async move {
+                        if let Err(e) = this.ask_spend(&key_id, budget, want, now).await {
+                            tracing::debug!(error = %e, "refilling a spend allowance failed");
+                        }
+                    });
+                }
+                return Ok(BudgetCheck::Room);
+            }
+            if let Some(until) = s.spend_refused
+                && at < until
+            {
+                return Ok(BudgetCheck::Exceeded);
+            }
+            s.spend_asking = true;
+            let held = s.spend.as_ref();
+            let want =
+                this.want_spend(budget, held.map_or(0, |h| h.used), held.map(|h| h.asked_at));
+            // A spent or ended allowance is settled before the next is asked for, like
+            // one granted under a budget that changed (an UpdateKey): what was reported
+            // past it (calls in flight when it ran out) then counts in the next grant,
+            // rather than leaving room there that was already spent.
+            (want, stale.or_else(|| s.spend.take()))
+        };
+        if let Some(old) = stale {
+            this.settle_spend(key_id, &old).await;
+        }
+        this.ask_spend(key_id, budget, want, now).await
     }
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use moka::sync::Cache;
 
 use super::leased::{LeaseRecord, QuotaAuthority, new_grant_id};
-use super::{LimiterError, RateLimiter};
+use super::{LimiterError, RateLimiter, Reported};
 use crate::domain::Micros;
 use crate::domain::lease::{self, Grant};
 use crate::domain::limits::{self, LimitDecision, LimitUnit, LimitWindow, RateLimit, WindowUsage};
@@ -108,12 +108,16 @@ impl RateLimiter for MemoryLimiter {
         Ok(Some(decision))
     }
 
-    async fn record_tokens(
+    async fn record_usage(
         &self,
         key_id: &str,
-        tokens: u64,
+        usage: Reported,
         now: Micros,
     ) -> Result<(), LimiterError> {
+        let tokens = usage.tokens;
+        if tokens == 0 {
+            return Ok(());
+        }
         let counters = self.counters(key_id);
         let mut counters = counters.lock().unwrap_or_else(PoisonError::into_inner);
         for window in LimitWindow::ALL {
@@ -169,13 +173,13 @@ impl QuotaAuthority for MemoryLimiter {
         Ok(())
     }
 
-    async fn record_tokens(
+    async fn record_usage(
         &self,
         key_id: &str,
-        tokens: u64,
+        usage: Reported,
         now: Micros,
     ) -> Result<(), LimiterError> {
-        RateLimiter::record_tokens(self, key_id, tokens, now).await
+        RateLimiter::record_usage(self, key_id, usage, now).await
     }
 }
 

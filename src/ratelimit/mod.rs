@@ -9,6 +9,10 @@
 //!   Behind a [`breaker::CircuitBreaker`]: a Redis that hangs costs a few calls their
 //!   response timeout, not every call.
 //!
+//! Budgets are judged first by the replica's usage book; with Redis, also by the spend
+//! every replica shares there ([`RateLimiter::check_budget`]), leased as allowances of
+//! spend like quota (see [`leased`]).
+//!
 //! The algorithm (bucketed sliding windows) and its accuracy are in
 //! [`crate::domain::limits`]; backends only store buckets and apply it.
 
@@ -41,6 +45,35 @@ pub enum FailureMode {
     Closed,
 }
 
+/// A key's spend ceiling, as a decision needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// The key's `max_budget_micros`.
+    pub max_micros: u64,
+    /// The largest stored total this replica has seen for the key (what seeds shared
+    /// counters that do not know the key yet).
+    pub persisted_micros: u64,
+}
+
+/// Usage reported after a call (ReportUsage), as the counters take it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub tokens: u64,
+    pub spend_micros: u64,
+    /// The largest stored spend this replica has seen for the key.
+    pub persisted_micros: u64,
+}
+
+/// A shared judgement of a key's budget, beside the replica's own usage book.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetCheck {
+    /// Room is left (or no shared counter judges budgets here: the usage book alone
+    /// decides, as it does on a single replica).
+    Room,
+    /// Every replica's spend and outstanding allowances together reach the budget.
+    Exceeded,
+}
+
 /// A remote backend's health as this replica sees it, read at each metrics scrape.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendStats {
@@ -68,11 +101,26 @@ pub trait RateLimiter: Send + Sync + 'static {
         BackendStats::default()
     }
 
-    /// Counts `tokens` reported for `key_id` in every token window.
-    async fn record_tokens(
+    /// Counts usage reported after a call: its tokens in every token window, and its
+    /// spend where a budget shared by replicas is judged (memory keeps no such spend:
+    /// the replica's usage book is its judge).
+    async fn record_usage(
         &self,
         key_id: &str,
-        tokens: u64,
+        usage: Reported,
         now: Micros,
     ) -> Result<(), LimiterError>;
+
+    /// Judges `budget` for a call against spend shared with other replicas and their
+    /// outstanding allowances. Backends that share none (memory) answer
+    /// [`BudgetCheck::Room`]: the replica's usage book, checked before, is then the whole
+    /// judgement.
+    async fn check_budget(
+        &self,
+        _key_id: &str,
+        _budget: Budget,
+        _now: Micros,
+    ) -> Result<BudgetCheck, LimiterError> {
+        Ok(BudgetCheck::Room)
+    }
 }

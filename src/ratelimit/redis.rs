@@ -28,11 +28,12 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::{CircuitBreaker, CircuitSettings, Probe};
-use super::leased::{LeaseRecord, QuotaAuthority, new_grant_id};
-use super::{BackendStats, FailureMode, LimiterError, RateLimiter};
+use super::leased::{LeaseRecord, QuotaAuthority, SpendGrant, new_grant_id};
+use super::{BackendStats, Budget, BudgetCheck, FailureMode, LimiterError, RateLimiter, Reported};
 use crate::domain::lease::{self, Grant, MAX_LEASE};
 use crate::domain::limits::{
-    self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, MAX_BUCKET_COUNT, RateLimit, WindowUsage,
+    self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, MAX_BUCKET_COUNT, MAX_BUDGET_MICROS,
+    MAX_SPEND_MICROS, RateLimit, WindowUsage,
 };
 use crate::domain::{MICROS_PER_SECOND, Micros};
 
@@ -155,6 +156,71 @@ end
 return 1
 "#;
 
+const SPEND: &str = r#"
+-- KEYS[1] = the key's spend: 'spent', the spend every holder has counted (seeded with the
+-- stored total when Redis does not know the key), and per outstanding allowance a field
+-- 'g<id>' = '<amount>|<when it stops counting, ms>'.
+-- ARGV[1] = 'grant' (ARGV[4] = want; 0 only asks whether room is left), 'settle'
+-- (ARGV[4] = spend reported against the allowance ARGV[5]) or 'record' (ARGV[4] = spend
+-- reported with no allowance; counted only where the key's spend is kept already);
+-- ARGV[2] = the budget, ARGV[3] = the seed, ARGV[5] = the allowance's id, ARGV[6] = now
+-- (ms), ARGV[7] = how long an allowance counts unsettled (ms), ARGV[8] = how long the
+-- hash is kept (ms), ARGV[9] = the most 'spent' reaches.
+-- A grant is at most half of what is left (the budget less 'spent' and what is
+-- outstanding), so idle holders never park it all; a settle applies once (it removes
+-- the allowance), and counts all that was reported, also past the allowance.
+-- Returns { amount granted, 1 when room was left }.
+local op = ARGV[1]
+local spent = tonumber(redis.call('HGET', KEYS[1], 'spent'))
+if not spent then
+  if op ~= 'grant' then return { 0, 0 } end
+  spent = tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], 'spent', ARGV[3])
+end
+local function count(n)
+  local most = tonumber(ARGV[9])
+  if spent + tonumber(n) <= most then
+    redis.call('HINCRBY', KEYS[1], 'spent', n)
+  else
+    redis.call('HSET', KEYS[1], 'spent', ARGV[9])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+if op == 'record' then
+  count(ARGV[4])
+  return { 0, 0 }
+end
+if op == 'settle' then
+  if redis.call('HDEL', KEYS[1], 'g' .. ARGV[5]) == 1 then count(ARGV[4]) end
+  return { 0, 0 }
+end
+local now = tonumber(ARGV[6])
+local out = 0
+local flat = redis.call('HGETALL', KEYS[1])
+for j = 1, #flat, 2 do
+  if string.sub(flat[j], 1, 1) == 'g' then
+    local sep = string.find(flat[j + 1], '|', 1, true)
+    if tonumber(string.sub(flat[j + 1], sep + 1)) <= now then
+      redis.call('HDEL', KEYS[1], flat[j])
+    else
+      out = out + tonumber(string.sub(flat[j + 1], 1, sep - 1))
+    end
+  end
+end
+local left = tonumber(ARGV[2]) - spent - out
+if left <= 0 then return { 0, 0 } end
+local amount = math.min(tonumber(ARGV[4]), math.ceil(left / 2))
+if amount > 0 then
+  redis.call('HSET', KEYS[1], 'g' .. ARGV[5],
+    string.format('%.0f|%.0f', amount, now + tonumber(ARGV[7])))
+end
+return { amount, 1 }
+"#;
+
+/// How long Redis keeps a key's spend after its last use. A key idle longer has all of
+/// its spend in storage, which seeds it again.
+const SPEND_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
+
 /// How long a key's grant registry is kept after its last grant: longer than a lease
 /// lives and its settle is retried.
 const REGISTRY_TTL_MS: i64 = 10 * 60 * 1000;
@@ -166,6 +232,7 @@ pub struct RedisLimiter {
     record: Script,
     grant: Script,
     settle: Script,
+    spend: Script,
     /// Grants whose answer never came back, to be cancelled (shared with the task that
     /// retries them).
     cancels: Arc<Mutex<Vec<PendingCancel>>>,
@@ -222,6 +289,7 @@ impl RedisLimiter {
             record: Script::new(RECORD),
             grant: Script::new(GRANT),
             settle: Script::new(SETTLE),
+            spend: Script::new(SPEND),
             skew: crate::domain::micros_in(skew),
             failures: AtomicU64::new(0),
             last_logged: AtomicI64::new(0),
@@ -270,6 +338,19 @@ fn window_key(prefix: &str, key_id: &str, unit: LimitUnit, window: LimitWindow) 
         unit.as_str(),
         window.as_str()
     )
+}
+
+/// A key's spend and its outstanding allowances, under the key's hash tag.
+fn spend_key(prefix: &str, key_id: &str) -> String {
+    format!("{prefix}:rl:{{{key_id}}}:spend")
+}
+
+/// Which SPEND operation, and its amount.
+#[derive(Clone, Copy)]
+enum SpendOp {
+    Grant { want: u64, id: u64 },
+    Settle { used: u64, id: u64 },
+    Record { spend: u64 },
 }
 
 /// Where a key's grants are registered, by id (amount and buckets): beside its windows,
@@ -459,6 +540,72 @@ impl RedisLimiter {
     }
 }
 
+impl RedisLimiter {
+    /// One SPEND script call: `(amount granted, room left)`, or `None` when Redis could
+    /// not be reached and the failure mode lets the call through.
+    async fn spend_op(
+        &self,
+        key_id: &str,
+        op: SpendOp,
+        budget: Budget,
+        now: Micros,
+    ) -> Result<Option<(u64, bool)>, LimiterError> {
+        if self.breaker.is_open() {
+            self.skipped()?;
+            return Ok(None);
+        }
+        let (name, amount, id) = match op {
+            SpendOp::Grant { want, id } => ("grant", want, id),
+            SpendOp::Settle { used, id } => ("settle", used, id),
+            SpendOp::Record { spend } => ("record", spend, 0),
+        };
+        let mut invocation = self.spend.prepare_invoke();
+        invocation
+            .key(spend_key(&self.prefix, key_id))
+            .arg(name)
+            .arg(budget.max_micros.min(MAX_BUDGET_MICROS))
+            .arg(budget.persisted_micros.min(MAX_SPEND_MICROS))
+            .arg(amount.min(MAX_SPEND_MICROS))
+            .arg(format!("{id:x}"))
+            .arg(now.div_euclid(1000))
+            .arg(REGISTRY_TTL_MS)
+            .arg(SPEND_TTL_MS)
+            .arg(MAX_SPEND_MICROS);
+        let mut connection = self.connection.clone();
+        let reply: Result<(i64, i64), _> = invocation.invoke_async(&mut connection).await;
+        match reply {
+            Ok((amount, room)) => {
+                self.breaker.succeeded();
+                Ok(Some((u64::try_from(amount).unwrap_or(0), room == 1)))
+            }
+            Err(e) => {
+                self.failed(&e, now)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Counts reported spend where the key's spend is kept (keys with a budget).
+    async fn record_spend(
+        &self,
+        key_id: &str,
+        usage: Reported,
+        now: Micros,
+    ) -> Result<(), LimiterError> {
+        if usage.spend_micros == 0 {
+            return Ok(());
+        }
+        let budget = Budget {
+            max_micros: 0,
+            persisted_micros: usage.persisted_micros,
+        };
+        let op = SpendOp::Record {
+            spend: usage.spend_micros,
+        };
+        self.spend_op(key_id, op, budget, now).await.map(|_| ())
+    }
+}
+
 /// A window's current bucket, its first counted bucket, and how long its hash must live.
 fn bucket_args(window: LimitWindow, now: Micros) -> (i64, i64, i64) {
     let current = now.div_euclid(window.bucket());
@@ -499,12 +646,27 @@ impl RateLimiter for RedisLimiter {
             .map(|grant| grant.decision))
     }
 
-    async fn record_tokens(
+    async fn check_budget(
         &self,
         key_id: &str,
-        tokens: u64,
+        budget: Budget,
+        now: Micros,
+    ) -> Result<BudgetCheck, LimiterError> {
+        let op = SpendOp::Grant { want: 0, id: 0 };
+        Ok(match self.spend_op(key_id, op, budget, now).await? {
+            Some((_, false)) => BudgetCheck::Exceeded,
+            Some((_, true)) | None => BudgetCheck::Room,
+        })
+    }
+
+    async fn record_usage(
+        &self,
+        key_id: &str,
+        usage: Reported,
         now: Micros,
     ) -> Result<(), LimiterError> {
+        self.record_spend(key_id, usage, now).await?;
+        let tokens = usage.tokens;
         if tokens == 0 {
             return Ok(());
         }
@@ -601,13 +763,57 @@ impl QuotaAuthority for RedisLimiter {
         }
     }
 
-    async fn record_tokens(
+    async fn record_usage(
         &self,
         key_id: &str,
-        tokens: u64,
+        usage: Reported,
         now: Micros,
     ) -> Result<(), LimiterError> {
-        RateLimiter::record_tokens(self, key_id, tokens, now).await
+        RateLimiter::record_usage(self, key_id, usage, now).await
+    }
+
+    async fn grant_spend(
+        &self,
+        key_id: &str,
+        budget: Budget,
+        want: u64,
+        now: Micros,
+    ) -> Result<Option<SpendGrant>, LimiterError> {
+        let id = new_grant_id();
+        let op = SpendOp::Grant {
+            want: want.max(1),
+            id,
+        };
+        Ok(self
+            .spend_op(key_id, op, budget, now)
+            .await?
+            .map(|(amount, _)| SpendGrant { amount, id }))
+    }
+
+    async fn settle_spend(
+        &self,
+        key_id: &str,
+        grant: SpendGrant,
+        used: u64,
+    ) -> Result<(), LimiterError> {
+        if grant.id == 0 || grant.amount == 0 {
+            return Ok(());
+        }
+        if self.breaker.is_open() {
+            return Err(LimiterError::Unavailable("circuit open".into()));
+        }
+        let op = SpendOp::Settle { used, id: grant.id };
+        let budget = Budget {
+            max_micros: 0,
+            persisted_micros: 0,
+        };
+        // A settlement is retried, never let through: a failure is an error whatever
+        // the failure mode.
+        match self.spend_op(key_id, op, budget, 0).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(LimiterError::Unavailable("Redis unreachable".into())),
+            Err(e) => Err(e),
+        }
     }
 
     fn backend_stats(&self) -> BackendStats {
