@@ -16,7 +16,7 @@ use crate::clock::Clock;
 use crate::domain::Micros;
 use crate::domain::key::{self, KeyRecord, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
-use crate::domain::lease::Grant;
+use crate::domain::lease::{Amounts, Grant};
 use crate::domain::limits::{self, LimitDecision, RateLimit};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
 use crate::events::EventHub;
@@ -181,7 +181,7 @@ impl Verifier {
             if let Some((limits, record, used)) = &ask.settle
                 && let Err(e) = leasing
                     .authority
-                    .settle(&ask.key_id, limits, *record, *used, now)
+                    .settle(&ask.key_id, limits, *record, Amounts::requests(*used), now)
                     .await
             {
                 tracing::debug!(error = %e, "settling an edge lease failed");
@@ -200,7 +200,14 @@ impl Verifier {
             }
             match leasing
                 .authority
-                .grant(&ask.key_id, &entry.limits, ask.want, ask.min, life, now)
+                .grant(
+                    &ask.key_id,
+                    &entry.limits,
+                    Amounts::requests(ask.want),
+                    ask.min,
+                    life,
+                    now,
+                )
                 .await
             {
                 Ok(Some(grant)) => {

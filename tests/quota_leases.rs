@@ -256,14 +256,14 @@ async fn two_replicas_and_two_edges_leasing_admit_at_most_the_limit_and_nearly_a
     b.shutdown().await.unwrap();
 }
 
-/// Verifies `key` at `channel` and, when admitted, reports `spend` for the call there,
-/// one call at a time, until the replica has refused for `quiet` (real time) on end;
-/// returns the calls admitted.
-async fn spend_until_refused(
+/// Verifies `key` at `channel` and, when admitted, reports `usage` for the call there,
+/// one call at a time, until the replica has refused (with `refusal`) for `quiet` (real
+/// time) on end; returns the calls admitted.
+async fn use_until_refused(
     channel: Channel,
     key: String,
-    key_id: String,
-    spend: u64,
+    usage: proto::ReportUsageRequest,
+    refusal: VerifyCode,
     quiet: Duration,
 ) -> u64 {
     let mut admitted = 0;
@@ -274,15 +274,11 @@ async fn spend_until_refused(
                 admitted += 1;
                 refused_since = None;
                 verifier(&channel)
-                    .report_usage(proto::ReportUsageRequest {
-                        key_id: key_id.clone(),
-                        spend_micros: spend,
-                        ..Default::default()
-                    })
+                    .report_usage(usage.clone())
                     .await
                     .unwrap();
             }
-            VerifyCode::BudgetExceeded => {
+            code if code == refusal => {
                 let since = *refused_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= quiet {
                     return admitted;
@@ -333,11 +329,16 @@ async fn a_budget_is_shared_by_replicas(leasing: bool) {
     let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
     let mut tasks = Vec::new();
     for channel in [app.channel.clone(), b_channel.clone()] {
-        tasks.push(tokio::spawn(spend_until_refused(
+        let usage = proto::ReportUsageRequest {
+            key_id: key_id.clone(),
+            spend_micros: SPEND,
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(use_until_refused(
             channel,
             issued.key.clone(),
-            key_id.clone(),
-            SPEND,
+            usage,
+            VerifyCode::BudgetExceeded,
             LIFE * 3,
         )));
     }
@@ -354,6 +355,61 @@ async fn a_budget_is_shared_by_replicas(leasing: bool) {
         admitted * SPEND >= BUDGET,
         "only {admitted} calls of {SPEND} admitted before the budget of {BUDGET} was refused \
          (leasing: {leasing})"
+    );
+    b.shutdown().await.unwrap();
+}
+
+/// Token windows go the same way: each replica admits from an allowance of tokens leased
+/// with its requests, while less than it has been reported there. Two replicas together
+/// admit calls worth at most the token limit plus the calls in flight when an allowance
+/// ran out (one per caller), and at least the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_window_is_shared_by_replicas_and_overrun_only_by_the_calls_in_flight() {
+    const TPM: u64 = 1_000;
+    const TOKENS: u64 = 10;
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| leasing_from_redis(s, &prefix)).await;
+    let (b, b_channel) = second_replica(&app, &prefix).await;
+    let issued = app
+        .issue_with(|r| {
+            r.rate_limits = vec![
+                rpm(1_000_000),
+                proto::RateLimit {
+                    unit: proto::RateLimitUnit::Tokens as i32,
+                    window: proto::RateLimitWindow::Minute as i32,
+                    limit: TPM,
+                },
+            ];
+        })
+        .await;
+    let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
+    let mut tasks = Vec::new();
+    for channel in [app.channel.clone(), b_channel.clone()] {
+        let usage = proto::ReportUsageRequest {
+            key_id: key_id.clone(),
+            tokens: TOKENS,
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(use_until_refused(
+            channel,
+            issued.key.clone(),
+            usage,
+            VerifyCode::RateLimited,
+            LIFE * 3,
+        )));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    let callers = 2;
+    assert!(
+        admitted * TOKENS <= TPM + callers * TOKENS,
+        "{admitted} calls of {TOKENS} tokens admitted in one minute limited to {TPM}"
+    );
+    assert!(
+        admitted * TOKENS >= TPM,
+        "only {admitted} calls of {TOKENS} tokens admitted before {TPM} a minute was refused"
     );
     b.shutdown().await.unwrap();
 }

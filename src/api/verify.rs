@@ -265,8 +265,11 @@ fn lease_asks(r: &proto::LeaseQuotaRequest) -> Result<Vec<LeaseAsk>, Status> {
                 );
             }
             let limits = convert::rate_limits(&s.limits, &field("settle.limits"), &mut v);
+            // Edge leases carry requests only: an edge never admits a key with a token
+            // window or a budget from its cache.
             let record = LeaseRecord {
                 granted: s.granted,
+                tokens: 0,
                 counted_at: s.counted_at_micros,
                 id: s.lease_id,
             };

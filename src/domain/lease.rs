@@ -37,8 +37,13 @@
 //! sharing Redis each bring their own wall clock, so for them it is the clock skew
 //! allowed between replicas).
 //!
-//! Requests only: a lease is a number of calls. Token windows are judged at the grant
-//! (a spent token window grants nothing) and counted when usage is reported.
+//! Token windows go the same way, as an **allowance of tokens**: a grant may carry tokens
+//! too (at most what every token window has left), recorded in the token windows in the
+//! same bucket, and the holder admits calls while less than it has been reported to it.
+//! Tokens are known only after a call, so a settle counts every token reported, also past
+//! the allowance (the calls in flight when it ran out): a token window is overrun only by
+//! those. A grant that asks for no tokens judges token windows as before (a spent window
+//! grants nothing).
 //!
 //! Pure: time is a parameter, no IO.
 
@@ -48,11 +53,31 @@ use super::limits::{self, LimitDecision, LimitUnit, RateLimit, WindowUsage};
 /// The largest lease, in requests, whatever a holder asks for.
 pub const MAX_LEASE: u64 = 1_000_000;
 
+/// What a lease holds, or what was used of it: requests, and tokens of the key's token
+/// windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Amounts {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+impl Amounts {
+    pub fn requests(requests: u64) -> Self {
+        Amounts {
+            requests,
+            tokens: 0,
+        }
+    }
+}
+
 /// What the authority handed out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     /// Calls the holder may admit; 0 when refused.
     pub amount: u64,
+    /// Tokens that may be reported to the holder before it asks again (0 when none were
+    /// asked for, or the key has no token window).
+    pub tokens: u64,
     /// Where the grant is recorded, in the authority's time: the bucket a settle must name.
     pub counted_at: Micros,
     /// The limits after the grant (remaining counts the grant as used); for a refusal,
@@ -69,71 +94,86 @@ impl Grant {
     }
 }
 
-/// Grants up to `want` requests (at least `min`, or nothing) of `limits` at `now`, for a
-/// holder that will admit from it for at most `life` (plus `skew`), recording the grant in
-/// `usage` (one per limit, same order).
+/// Grants up to `want.requests` requests (at least `min`, or nothing) of `limits` at
+/// `now`, and up to `want.tokens` tokens of its token windows, for a holder that will
+/// admit from it for at most `life` (plus `skew`), recording the grant in `usage` (one per
+/// limit, same order).
 pub fn grant(
     limits: &[RateLimit],
     usage: &mut [WindowUsage],
     now: Micros,
-    want: u64,
+    want: Amounts,
     min: u64,
     life: Micros,
     skew: Micros,
 ) -> Grant {
     let min = min.max(1);
-    let want = want.clamp(min, MAX_LEASE.max(min));
+    let want_requests = want.requests.clamp(min, MAX_LEASE.max(min));
     let counted_at = now.saturating_add(life.max(0)).saturating_add(skew.max(0));
-    let mut amount = want;
+    let mut amount = want_requests;
+    let mut tokens = if limits.iter().any(|l| l.unit == LimitUnit::Tokens) {
+        want.tokens.min(limits::MAX_LIMIT)
+    } else {
+        0
+    };
     let mut ok = usage.len() >= limits.len();
     for (limit, u) in limits.iter().zip(usage.iter_mut()) {
         u.prune(limit.window, now);
         let used = u.used(limit.window, now);
+        let left = limit.limit.saturating_sub(used);
         match limit.unit {
-            LimitUnit::Requests => amount = amount.min(limit.limit.saturating_sub(used)),
-            LimitUnit::Tokens => ok &= used < limit.limit,
+            LimitUnit::Requests => amount = amount.min(left),
+            LimitUnit::Tokens => {
+                ok &= left > 0;
+                tokens = tokens.min(left);
+            }
         }
     }
     if !ok || amount < min {
         return Grant {
             amount: 0,
+            tokens: 0,
             counted_at,
             decision: limits::describe(limits, usage, now, min, false),
             id: 0,
         };
     }
     for (limit, u) in limits.iter().zip(usage.iter_mut()) {
-        if limit.unit == LimitUnit::Requests {
-            if life <= 0 && skew <= 0 {
-                u.add(limit.window, now, amount);
-            } else {
-                u.add_at(limit.window, now, counted_at, amount);
-            }
+        let n = match limit.unit {
+            LimitUnit::Requests => amount,
+            LimitUnit::Tokens => tokens,
+        };
+        if life <= 0 && skew <= 0 {
+            u.add(limit.window, now, n);
+        } else {
+            u.add_at(limit.window, now, counted_at, n);
         }
     }
     Grant {
         amount,
+        tokens,
         counted_at,
         decision: limits::describe(limits, usage, now, amount, true),
         id: 0,
     }
 }
 
-/// Settles a lease of `granted` requests recorded at `counted_at`, of which the holder
-/// admitted `used` by `now`: the rest is given back.
+/// Settles a lease of `granted` recorded at `counted_at`, of which the holder admitted
+/// `used.requests` requests and was reported `used.tokens` tokens by `now`: the rest is
+/// given back. Tokens count in full, also past the allowance (requests never run past).
 pub fn settle(
     limits: &[RateLimit],
     usage: &mut [WindowUsage],
     counted_at: Micros,
-    granted: u64,
-    used: u64,
+    granted: Amounts,
+    used: Amounts,
     now: Micros,
 ) {
-    let used = used.min(granted);
     for (limit, u) in limits.iter().zip(usage.iter_mut()) {
-        if limit.unit != LimitUnit::Requests {
-            continue;
-        }
+        let (granted, used) = match limit.unit {
+            LimitUnit::Requests => (granted.requests, used.requests.min(granted.requests)),
+            LimitUnit::Tokens => (granted.tokens, used.tokens.min(limits::MAX_BUCKET_COUNT)),
+        };
         u.remove_at(limit.window, counted_at, granted);
         // Counted no later than the grant was: `now` past `counted_at` means the holder
         // settled late, and its uses all came before `counted_at`.
@@ -161,12 +201,12 @@ mod tests {
     fn a_grant_takes_what_remains_and_no_more() {
         let limits = [rpm(10)];
         let mut usage = vec![WindowUsage::default()];
-        let g = grant(&limits, &mut usage, T0, 6, 1, 2 * S, 0);
+        let g = grant(&limits, &mut usage, T0, Amounts::requests(6), 1, 2 * S, 0);
         assert_eq!(g.amount, 6);
         assert_eq!(g.decision.tightest().unwrap().remaining, 4);
-        let g2 = grant(&limits, &mut usage, T0, 6, 1, 2 * S, 0);
+        let g2 = grant(&limits, &mut usage, T0, Amounts::requests(6), 1, 2 * S, 0);
         assert_eq!(g2.amount, 4, "only what remains");
-        let g3 = grant(&limits, &mut usage, T0, 1, 1, 2 * S, 0);
+        let g3 = grant(&limits, &mut usage, T0, Amounts::requests(1), 1, 2 * S, 0);
         assert!(!g3.granted());
         assert!(!g3.decision.allowed);
         // The leases count until their bucket (T0 + 2 s) leaves the minute.
@@ -177,8 +217,11 @@ mod tests {
     fn a_grant_smaller_than_the_call_is_no_grant() {
         let limits = [rpm(10)];
         let mut usage = vec![WindowUsage::default()];
-        assert_eq!(grant(&limits, &mut usage, T0, 8, 1, S, 0).amount, 8);
-        let g = grant(&limits, &mut usage, T0, 5, 3, S, 0);
+        assert_eq!(
+            grant(&limits, &mut usage, T0, Amounts::requests(8), 1, S, 0).amount,
+            8
+        );
+        let g = grant(&limits, &mut usage, T0, Amounts::requests(5), 3, S, 0);
         assert!(!g.granted(), "2 remain, the call costs 3");
         assert_eq!(
             usage[0].used(LimitWindow::Minute, T0),
@@ -191,12 +234,28 @@ mod tests {
     fn settling_gives_back_what_was_not_used() {
         let limits = [rpm(10)];
         let mut usage = vec![WindowUsage::default()];
-        let g = grant(&limits, &mut usage, T0, 10, 1, 5 * S, 0);
+        let g = grant(&limits, &mut usage, T0, Amounts::requests(10), 1, 5 * S, 0);
         assert_eq!(g.amount, 10);
-        settle(&limits, &mut usage, g.counted_at, g.amount, 3, T0 + S);
+        settle(
+            &limits,
+            &mut usage,
+            g.counted_at,
+            Amounts::requests(g.amount),
+            Amounts::requests(3),
+            T0 + S,
+        );
         assert_eq!(usage[0].used(LimitWindow::Minute, T0 + S), 3);
         assert_eq!(
-            grant(&limits, &mut usage, T0 + S, 10, 1, 5 * S, 0).amount,
+            grant(
+                &limits,
+                &mut usage,
+                T0 + S,
+                Amounts::requests(10),
+                1,
+                5 * S,
+                0
+            )
+            .amount,
             7
         );
     }
@@ -213,9 +272,59 @@ mod tests {
         ];
         let mut usage = vec![WindowUsage::default(), WindowUsage::default()];
         usage[1].add(LimitWindow::Minute, T0, 100);
-        let g = grant(&limits, &mut usage, T0, 5, 1, S, 0);
+        let g = grant(&limits, &mut usage, T0, Amounts::requests(5), 1, S, 0);
         assert!(!g.granted());
         assert_eq!(usage[0].used(LimitWindow::Minute, T0), 0);
+    }
+
+    fn tpm(limit: u64) -> RateLimit {
+        RateLimit {
+            unit: LimitUnit::Tokens,
+            window: LimitWindow::Minute,
+            limit,
+        }
+    }
+
+    #[test]
+    fn a_token_allowance_takes_what_the_token_window_has_left_and_counts_all_reported() {
+        let limits = [rpm(100), tpm(1_000)];
+        let mut usage = vec![WindowUsage::default(), WindowUsage::default()];
+        let want = Amounts {
+            requests: 5,
+            tokens: 600,
+        };
+        let a = grant(&limits, &mut usage, T0, want, 1, 2 * S, 0);
+        assert_eq!((a.amount, a.tokens), (5, 600));
+        let b = grant(&limits, &mut usage, T0, want, 1, 2 * S, 0);
+        assert_eq!(
+            (b.amount, b.tokens),
+            (5, 400),
+            "only what the window has left"
+        );
+        let c = grant(&limits, &mut usage, T0, want, 1, 2 * S, 0);
+        assert!(!c.granted(), "the token window is all given out");
+        // The first holder was reported 700 tokens (its calls in flight ran past 600):
+        // all of them count; the second gives its 400 back unused.
+        let granted = |g: &Grant| Amounts {
+            requests: g.amount,
+            tokens: g.tokens,
+        };
+        let used = Amounts {
+            requests: 2,
+            tokens: 700,
+        };
+        settle(&limits, &mut usage, a.counted_at, granted(&a), used, T0 + S);
+        settle(
+            &limits,
+            &mut usage,
+            b.counted_at,
+            granted(&b),
+            Amounts::default(),
+            T0 + S,
+        );
+        assert_eq!(usage[1].used(LimitWindow::Minute, T0 + S), 700);
+        let d = grant(&limits, &mut usage, T0 + S, want, 1, 2 * S, 0);
+        assert_eq!(d.tokens, 300);
     }
 
     #[derive(Clone, Debug)]
@@ -276,9 +385,9 @@ mod tests {
                     Step::Wait(d) => now += d,
                     Step::Ask(h, want, life) => {
                         if let Some(old) = holders[h].take() {
-                            settle(&limits, &mut usage, old.counted_at, old.granted, old.used, now);
+                            settle(&limits, &mut usage, old.counted_at, Amounts::requests(old.granted), Amounts::requests(old.used), now);
                         }
-                        let g = grant(&limits, &mut usage, now, want, 1, life, 0);
+                        let g = grant(&limits, &mut usage, now, Amounts::requests(want), 1, life, 0);
                         if g.granted() {
                             holders[h] = Some(Held {
                                 granted: g.amount,
@@ -299,12 +408,12 @@ mod tests {
                     }
                     Step::Release(h) => {
                         if let Some(old) = holders[h].take() {
-                            settle(&limits, &mut usage, old.counted_at, old.granted, old.used, now);
+                            settle(&limits, &mut usage, old.counted_at, Amounts::requests(old.granted), Amounts::requests(old.used), now);
                         }
                     }
                     Step::Crash(h) => holders[h] = None,
                     Step::Direct => {
-                        if grant(&limits, &mut usage, now, 1, 1, 0, 0).granted() {
+                        if grant(&limits, &mut usage, now, Amounts::requests(1), 1, 0, 0).granted() {
                             admitted.push(now);
                         }
                     }

@@ -51,13 +51,15 @@ use tokio::time::Instant;
 
 use super::{BackendStats, Budget, BudgetCheck, LimiterError, RateLimiter, Reported};
 use crate::domain::Micros;
-use crate::domain::lease::{Grant, MAX_LEASE};
+use crate::domain::lease::{Amounts, Grant, MAX_LEASE};
 use crate::domain::limits::{LimitDecision, LimitUnit, RateLimit};
 
 /// A lease as the authority recorded it: what a settle must name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseRecord {
     pub granted: u64,
+    /// Tokens granted with it (its allowance of tokens).
+    pub tokens: u64,
     pub counted_at: Micros,
     /// [`Grant::id`]: 0 settles without the authority's once-only check.
     pub id: u64,
@@ -87,26 +89,27 @@ pub struct SpendGrant {
 /// Where leases come from: the counters every holder of a key shares.
 #[async_trait]
 pub trait QuotaAuthority: Send + Sync + 'static {
-    /// Grants up to `want` requests of `limits` (at least `min`, or none) for a holder that
-    /// admits from it for at most `life`. `Ok(None)`: the authority cannot be reached and
-    /// fails open.
+    /// Grants up to `want.requests` requests of `limits` (at least `min`, or none), and up
+    /// to `want.tokens` tokens of its token windows, for a holder that admits from it for
+    /// at most `life`. `Ok(None)`: the authority cannot be reached and fails open.
     async fn grant(
         &self,
         key_id: &str,
         limits: &[RateLimit],
-        want: u64,
+        want: Amounts,
         min: u64,
         life: Micros,
         now: Micros,
     ) -> Result<Option<Grant>, LimiterError>;
 
-    /// Gives back what a lease did not use: `used` of `lease.granted` were admitted.
+    /// Gives back what a lease did not use: `used.requests` of `lease.granted` were
+    /// admitted, and `used.tokens` reported (all of which count).
     async fn settle(
         &self,
         key_id: &str,
         limits: &[RateLimit],
         lease: LeaseRecord,
-        used: u64,
+        used: Amounts,
         now: Micros,
     ) -> Result<(), LimiterError>;
 
@@ -169,6 +172,8 @@ impl Default for LeaseSettings {
 struct Lease {
     record: LeaseRecord,
     used: u64,
+    /// Tokens reported to this holder since the grant.
+    tokens_used: u64,
     asked_at: Instant,
     /// When this holder stops admitting from it (asked_at + life).
     ends: Instant,
@@ -187,6 +192,8 @@ struct Slot {
     asking: bool,
     /// Calls wanted since the current lease was asked for (admitted or not).
     demand: u64,
+    /// Tokens reported since the current lease was asked for.
+    tokens_reported: u64,
     /// The budget the spend allowance was granted against.
     budget: Option<u64>,
     spend: Option<Allowance>,
@@ -205,7 +212,7 @@ struct Allowance {
 }
 
 /// A lease to give back: the limits it was granted against, its record, its use.
-type ToSettle = (Vec<RateLimit>, LeaseRecord, u64);
+type ToSettle = (Vec<RateLimit>, LeaseRecord, Amounts);
 
 /// A settle that failed, kept to be tried again.
 struct Unsettled {
@@ -218,7 +225,7 @@ enum Settlement {
     Requests {
         limits: Vec<RateLimit>,
         record: LeaseRecord,
-        used: u64,
+        used: Amounts,
         now: Micros,
     },
     Spend {
@@ -271,24 +278,38 @@ impl LeasedLimiter {
         self.slots.get_with(key_id.to_owned(), Default::default)
     }
 
-    /// How many calls to ask for: the demand seen over the last lease, scaled to a
-    /// lease's life with a margin, plus `cost`; capped at half the tightest limit.
-    fn want(&self, limits: &[RateLimit], demand: u64, since: Option<Instant>, cost: u64) -> u64 {
+    /// What to ask for: the calls (and tokens) seen over the last lease, scaled to a
+    /// lease's life with a margin, plus `cost`; capped at half the tightest limit. Tokens
+    /// at least a thousandth of the tightest token limit, none without a token window.
+    fn want(&self, limits: &[RateLimit], s: &Slot, since: Option<Instant>, cost: u64) -> Amounts {
         let life = self.settings.life.as_secs_f64();
-        let expected = match since {
+        let expected = |seen: u64, first: u64| match since {
             Some(at) => {
                 let elapsed = at.elapsed().as_secs_f64().max(life / 20.0);
-                (demand as f64 / elapsed * life * 1.5).ceil() as u64
+                (seen as f64 / elapsed * life * 1.5).ceil() as u64
             }
-            None => 1,
+            None => first,
         };
-        let cap = limits
-            .iter()
-            .filter(|l| l.unit == LimitUnit::Requests)
-            .map(|l| (l.limit / 2).max(1))
-            .min()
-            .unwrap_or(MAX_LEASE);
-        expected.min(cap).max(1).saturating_add(cost).min(MAX_LEASE)
+        let tightest = |unit| {
+            limits
+                .iter()
+                .filter(|l| l.unit == unit)
+                .map(|l| l.limit)
+                .min()
+        };
+        let cap = tightest(LimitUnit::Requests).map_or(MAX_LEASE, |l| (l / 2).max(1));
+        let requests = expected(s.demand, 1)
+            .min(cap)
+            .max(1)
+            .saturating_add(cost)
+            .min(MAX_LEASE);
+        let tokens = tightest(LimitUnit::Tokens).map_or(0, |l| {
+            let floor = (l / 1000).max(1);
+            expected(s.tokens_reported, floor)
+                .max(floor)
+                .min((l / 2).max(1))
+        });
+        Amounts { requests, tokens }
     }
 
     /// Settles `lease` in the background.
@@ -305,7 +326,7 @@ impl LeasedLimiter {
         key_id: &str,
         limits: &[RateLimit],
         record: LeaseRecord,
-        used: u64,
+        used: Amounts,
         now: Micros,
     ) {
         let what = Settlement::Requests {
@@ -381,7 +402,7 @@ impl LeasedLimiter {
         self: &Arc<Self>,
         key_id: &str,
         limits: &[RateLimit],
-        want: u64,
+        want: Amounts,
         cost: u64,
         now: Micros,
     ) -> Result<Option<LimitDecision>, LimiterError> {
@@ -424,13 +445,16 @@ impl LeasedLimiter {
         s.asking = false;
         let record = LeaseRecord {
             granted: grant.amount,
+            tokens: grant.tokens,
             counted_at: grant.counted_at,
             id: grant.id,
         };
         if s.limits.as_slice() != limits {
             // The key's limits changed while this grant was on its way: it is given back
             // unused rather than held against limits no longer the key's.
-            let settle = grant.granted().then(|| (limits.to_vec(), record, 0));
+            let settle = grant
+                .granted()
+                .then(|| (limits.to_vec(), record, Amounts::default()));
             return (grant.decision, settle);
         }
         if !grant.granted() {
@@ -445,9 +469,11 @@ impl LeasedLimiter {
         }
         s.refused = None;
         s.demand = 0;
+        s.tokens_reported = 0;
         let lease = Lease {
             record,
             used: cost,
+            tokens_used: 0,
             asked_at,
             ends: asked_at + self.settings.life,
             decision: grant.decision,
@@ -456,7 +482,7 @@ impl LeasedLimiter {
         let old = s
             .lease
             .replace(lease)
-            .map(|old| (limits.to_vec(), old.record, old.used));
+            .map(|old| (limits.to_vec(), old.record, old.used_amounts()));
         (answer, old)
     }
 
@@ -544,7 +570,7 @@ impl LeasedLimiter {
             }
         }
         for (key_id, limits, lease) in expired {
-            self.settle(&key_id, &limits, lease.record, lease.used, now)
+            self.settle(&key_id, &limits, lease.record, lease.used_amounts(), now)
                 .await;
         }
         for (key_id, held) in spent {
@@ -553,16 +579,39 @@ impl LeasedLimiter {
     }
 }
 
+impl Lease {
+    fn used_amounts(&self) -> Amounts {
+        Amounts {
+            requests: self.used,
+            tokens: self.tokens_used,
+        }
+    }
+
+    /// Whether a call of `cost` fits: requests left, and the allowance of tokens not all
+    /// reported (where the key has token windows).
+    fn has_room(&self, cost: u64, tokens: bool) -> bool {
+        self.used.saturating_add(cost) <= self.record.granted
+            && (!tokens || self.tokens_used < self.record.tokens)
+    }
+}
+
+fn has_token_window(limits: &[RateLimit]) -> bool {
+    limits.iter().any(|l| l.unit == LimitUnit::Tokens)
+}
+
 /// The decision for a call admitted from `lease`: the grant's figures, with what is left
 /// of the lease given back to `remaining`.
 fn answer_from(lease: &Lease) -> LimitDecision {
     let unused = lease.record.granted.saturating_sub(lease.used);
+    let unused_tokens = lease.record.tokens.saturating_sub(lease.tokens_used);
     let mut d = lease.decision.clone();
     for w in &mut d.windows {
-        if w.limit.unit == LimitUnit::Requests {
-            w.remaining = w.remaining.saturating_add(unused).min(w.limit.limit);
-            w.used = w.limit.limit - w.remaining;
-        }
+        let back = match w.limit.unit {
+            LimitUnit::Requests => unused,
+            LimitUnit::Tokens => unused_tokens,
+        };
+        w.remaining = w.remaining.saturating_add(back).min(w.limit.limit);
+        w.used = w.limit.limit - w.remaining;
     }
     d.allowed = true;
     d
@@ -609,22 +658,27 @@ impl RateLimiter for Leases {
                 s.refused = None;
                 s.limits = limits.to_vec();
             }
+            let tokens = has_token_window(limits);
             if let Some(lease) = s.lease.as_mut()
                 && at < lease.ends
-                && lease.used.saturating_add(cost) <= lease.record.granted
+                && lease.has_room(cost, tokens)
             {
                 lease.used += cost;
                 let answer = answer_from(lease);
                 let left = lease.record.granted - lease.used;
                 let (asked_at, ends) = (lease.asked_at, lease.ends);
+                let tokens_low =
+                    tokens && lease.tokens_used.saturating_mul(2) >= lease.record.tokens;
                 // Ask ahead while the key is in use, so its calls never wait.
                 let life = this.settings.life.as_secs_f64();
                 let elapsed = asked_at.elapsed().as_secs_f64().max(life / 20.0);
                 let rate = s.demand as f64 / elapsed;
-                let soon = left as f64 <= rate * life / 2.0 || ends - at <= this.settings.life / 3;
+                let soon = left as f64 <= rate * life / 2.0
+                    || tokens_low
+                    || ends - at <= this.settings.life / 3;
                 if soon && !s.asking {
                     s.asking = true;
-                    let want = this.want(limits, s.demand, Some(asked_at), 0);
+                    let want = this.want(limits, &s, Some(asked_at), 0);
                     let (this, key_id, limits) = (this.clone(), key_id.to_owned(), limits.to_vec());
                     tokio::spawn(async move {
                         if let Err(e) = this.ask(&key_id, &limits, want, 0, now).await {
@@ -641,12 +695,17 @@ impl RateLimiter for Leases {
             }
             let since = s.lease.as_ref().map(|l| l.asked_at);
             s.asking = true;
-            (this.want(limits, s.demand, since, cost), stale)
+            let want = this.want(limits, &s, since, cost);
+            // A spent or ended lease is settled before the next is asked for: tokens
+            // reported past its allowance (calls in flight when it ran out) then count
+            // in the next grant, rather than leaving room there that was already used.
+            let old = s.lease.take().map(|l| (s.limits.clone(), l));
+            (want, stale.or(old))
         };
         // Limits changed (an UpdateKey): the old lease is given back before the new
         // limits are asked for, so the grant sees exactly what was used under the old.
         if let Some((old_limits, old)) = stale {
-            this.settle(key_id, &old_limits, old.record, old.used, now)
+            this.settle(key_id, &old_limits, old.record, old.used_amounts(), now)
                 .await;
         }
         this.ask(key_id, limits, want, cost, now).await
@@ -666,12 +725,21 @@ impl RateLimiter for Leases {
         now: Micros,
     ) -> Result<(), LimiterError> {
         let mut rest = usage;
-        if usage.spend_micros > 0
-            && let Some(slot) = self.0.slots.get(key_id)
-            && let Some(held) = lock(&slot).spend.as_mut()
-        {
-            held.used = held.used.saturating_add(usage.spend_micros);
-            rest.spend_micros = 0;
+        if let Some(slot) = self.0.slots.get(key_id) {
+            let mut s = lock(&slot);
+            s.tokens_reported = s.tokens_reported.saturating_add(usage.tokens);
+            if let Some(lease) = s.lease.as_mut()
+                && lease.record.tokens > 0
+            {
+                lease.tokens_used = lease.tokens_used.saturating_add(usage.tokens);
+                rest.tokens = 0;
+            }
+            if let Some(held) = s.spend.as_mut()
+                && usage.spend_micros > 0
+            {
+                held.used = held.used.saturating_add(usage.spend_micros);
+                rest.spend_micros = 0;
+            }
         }
         if rest.tokens == 0 && rest.spend_micros == 0 {
             return Ok(());

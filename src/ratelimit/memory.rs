@@ -16,7 +16,7 @@ use moka::sync::Cache;
 use super::leased::{LeaseRecord, QuotaAuthority, new_grant_id};
 use super::{LimiterError, RateLimiter, Reported};
 use crate::domain::Micros;
-use crate::domain::lease::{self, Grant};
+use crate::domain::lease::{self, Amounts, Grant};
 use crate::domain::limits::{self, LimitDecision, LimitUnit, LimitWindow, RateLimit, WindowUsage};
 
 /// The (unit, window) pairs a key can have, as indices.
@@ -45,7 +45,7 @@ struct KeyCounters {
 #[derive(Clone, Copy)]
 struct Registered {
     id: u64,
-    amount: u64,
+    amount: Amounts,
     counted_at: Micros,
 }
 
@@ -133,7 +133,7 @@ impl QuotaAuthority for MemoryLimiter {
         &self,
         key_id: &str,
         limits: &[RateLimit],
-        want: u64,
+        want: Amounts,
         min: u64,
         life: Micros,
         now: Micros,
@@ -147,7 +147,10 @@ impl QuotaAuthority for MemoryLimiter {
                 grant.id = new_grant_id();
                 grants.push(Registered {
                     id: grant.id,
-                    amount: grant.amount,
+                    amount: Amounts {
+                        requests: grant.amount,
+                        tokens: grant.tokens,
+                    },
                     counted_at: grant.counted_at,
                 });
             }
@@ -160,7 +163,7 @@ impl QuotaAuthority for MemoryLimiter {
         key_id: &str,
         limits: &[RateLimit],
         record: LeaseRecord,
-        used: u64,
+        used: Amounts,
         now: Micros,
     ) -> Result<(), LimiterError> {
         self.with_usage(key_id, limits, |usage, grants| {
@@ -203,7 +206,7 @@ mod tests {
         let m = MemoryLimiter::new(100);
         let limits = [rpm(10)];
         let now = 1_800_000_000 * S;
-        let g = QuotaAuthority::grant(&m, "k", &limits, 8, 1, 2 * S, now)
+        let g = QuotaAuthority::grant(&m, "k", &limits, Amounts::requests(8), 1, 2 * S, now)
             .await
             .unwrap()
             .unwrap();
@@ -214,13 +217,14 @@ mod tests {
         }
         let record = LeaseRecord {
             granted: g.amount,
+            tokens: g.tokens,
             counted_at: g.counted_at,
             id: g.id,
         };
-        QuotaAuthority::settle(&m, "k", &limits, record, 3, now + S)
+        QuotaAuthority::settle(&m, "k", &limits, record, Amounts::requests(3), now + S)
             .await
             .unwrap();
-        let g = QuotaAuthority::grant(&m, "k", &limits, 10, 1, 2 * S, now + S)
+        let g = QuotaAuthority::grant(&m, "k", &limits, Amounts::requests(10), 1, 2 * S, now + S)
             .await
             .unwrap()
             .unwrap();

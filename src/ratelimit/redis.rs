@@ -30,7 +30,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::breaker::{CircuitBreaker, CircuitSettings, Probe};
 use super::leased::{LeaseRecord, QuotaAuthority, SpendGrant, new_grant_id};
 use super::{BackendStats, Budget, BudgetCheck, FailureMode, LimiterError, RateLimiter, Reported};
-use crate::domain::lease::{self, Grant, MAX_LEASE};
+use crate::domain::lease::{self, Amounts, Grant, MAX_LEASE};
 use crate::domain::limits::{
     self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, MAX_BUCKET_COUNT, MAX_BUDGET_MICROS,
     MAX_SPEND_MICROS, RateLimit, WindowUsage,
@@ -61,24 +61,29 @@ return 1
 const GRANT: &str = r#"
 -- KEYS[1] = the key's grant registry; KEYS[2..] = its windows.
 -- ARGV[1] = want, ARGV[2] = min, ARGV[3] = the grant's id ('' for a single call, which is
--- used at once and never settled), ARGV[4] = how long the registry is kept (ms); for
--- window i, ARGV[4 + 5(i-1) + 1 ..+5] = unit (0 requests, 1 tokens), the bucket the grant
--- is counted in, first bucket still counted, limit, ttl in ms. Grants min(want, what
--- every request window has left), or 0 when that is below min, a token window is spent,
--- or the grant was cancelled before it arrived; counts the grant in its bucket and
--- registers it (amount and buckets) under its id, which a settle or a cancel names.
--- Returns the amount, then each window's live buckets as they were before the grant.
+-- used at once and never settled), ARGV[4] = how long the registry is kept (ms), ARGV[5]
+-- = tokens wanted (0: none; token windows are then only judged); for window i,
+-- ARGV[5 + 5(i-2) + 1 ..+5] = unit (0 requests, 1 tokens), the bucket the grant is counted
+-- in, first bucket still counted, limit, ttl in ms. Grants min(want, what every request
+-- window has left), or 0 when that is below min, a token window is spent, or the grant
+-- was cancelled before it arrived; with it min(tokens wanted, what every token window
+-- has left) tokens. Counts both in the grant's bucket and registers the grant (amounts
+-- and buckets) under its id, which a settle or a cancel names. Numbers are written with
+-- string.format: tostring would write a large one as 1e+12.
+-- Returns { amount, tokens }, then each window's live buckets as they were before.
 local id = ARGV[3]
 local out = { {} }
 if id ~= '' and redis.call('HEXISTS', KEYS[1], 'x' .. id) == 1 then
-  out[1] = { 0 }
+  out[1] = { 0, 0 }
   return out
 end
 local amount = tonumber(ARGV[1])
 local min = tonumber(ARGV[2])
+local tokens = tonumber(ARGV[5])
+local has_tokens = false
 local ok = true
 for i = 2, #KEYS do
-  local base = 4 + (i - 2) * 5
+  local base = 5 + (i - 2) * 5
   local unit = tonumber(ARGV[base + 1])
   local first = tonumber(ARGV[base + 3])
   local limit = tonumber(ARGV[base + 4])
@@ -99,39 +104,48 @@ for i = 2, #KEYS do
   out[#out + 1] = buckets
   if unit == 0 then
     if limit - used < amount then amount = limit - used end
-  elseif used >= limit then
-    ok = false
+  else
+    has_tokens = true
+    if used >= limit then ok = false end
+    if limit - used < tokens then tokens = limit - used end
   end
 end
+if not has_tokens then tokens = 0 end
 if not ok or amount < min then amount = 0 end
 if amount > 0 then
-  local record = tostring(amount)
+  local record = string.format('%.0f|%.0f', amount, tokens)
   for i = 2, #KEYS do
-    local base = 4 + (i - 2) * 5
-    if tonumber(ARGV[base + 1]) == 0 then
-      redis.call('HINCRBY', KEYS[i], ARGV[base + 2], amount)
+    local base = 5 + (i - 2) * 5
+    local n = amount
+    if tonumber(ARGV[base + 1]) == 1 then n = tokens end
+    if n > 0 then
+      redis.call('HINCRBY', KEYS[i], ARGV[base + 2], string.format('%.0f', n))
       redis.call('PEXPIRE', KEYS[i], ARGV[base + 5])
-      record = record .. '|' .. ARGV[base + 2]
     end
+    record = record .. '|' .. ARGV[base + 2]
   end
   if id ~= '' then
     redis.call('HSET', KEYS[1], id, record)
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
   end
+else
+  tokens = 0
 end
-out[1] = { amount }
+out[1] = { amount, tokens }
 return out
 "#;
 
 const SETTLE: &str = r#"
--- KEYS[1] = the key's grant registry; KEYS[2..] = its request windows, in the grant's
--- order. ARGV[1] = the grant's id, ARGV[2] = how many were used, ARGV[3] = '' for a
--- settle, or for a cancel (a grant whose answer never came back) how long the registry
--- keeps the id marked cancelled (ms), so that a grant still on its way grants nothing;
--- ARGV[3 + i] = the bucket of now in window i. Takes the registered grant back from the
--- buckets it was counted in and counts what was used no later than those: what the
--- grant was, and where, is the registry's word, not the caller's. A grant settles once:
--- an unknown id (settled, cancelled, expired, or never granted) changes nothing.
+-- KEYS[1] = the key's grant registry; KEYS[2..] = its windows, in the grant's order.
+-- ARGV[1] = the grant's id, ARGV[2] = requests used, ARGV[3] = '' for a settle, or for a
+-- cancel (a grant whose answer never came back) how long the registry keeps the id
+-- marked cancelled (ms), so that a grant still on its way grants nothing; ARGV[4] =
+-- tokens reported, ARGV[5] = the most a bucket counts; for window i, ARGV[5 + 2(i-2) + 1]
+-- = its unit, + 2 = the bucket of now. Takes the registered grant back from the buckets
+-- it was counted in and counts what was used no later than those: requests up to the
+-- grant, tokens all of them (calls in flight ran past the allowance). What the grant was,
+-- and where, is the registry's word, not the caller's. A grant settles once: an unknown
+-- id (settled, cancelled, expired, or never granted) changes nothing.
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'x' .. ARGV[1], 1)
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -142,14 +156,28 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 local fields = {}
 for f in string.gmatch(record, '[^|]+') do fields[#fields + 1] = tonumber(f) end
 local amount = fields[1]
+local tokens = fields[2]
 local used = math.min(tonumber(ARGV[2]), amount)
+local used_tokens = tonumber(ARGV[4])
+local most = tonumber(ARGV[5])
 for i = 2, #KEYS do
-  local b = fields[i]
+  local b = fields[i + 1]
   if b then
-    local left = redis.call('HINCRBY', KEYS[i], b, -amount)
-    if left <= 0 then redis.call('HDEL', KEYS[i], b) end
-    if used > 0 then
-      redis.call('HINCRBY', KEYS[i], math.min(tonumber(ARGV[3 + i - 1]), b), used)
+    local base = 5 + (i - 2) * 2
+    local granted, n = amount, used
+    if tonumber(ARGV[base + 1]) == 1 then granted, n = tokens, used_tokens end
+    if granted > 0 then
+      local left = redis.call('HINCRBY', KEYS[i], b, string.format('%.0f', -granted))
+      if left <= 0 then redis.call('HDEL', KEYS[i], b) end
+    end
+    if n > 0 then
+      local at = math.min(tonumber(ARGV[base + 2]), b)
+      local counted = tonumber(redis.call('HGET', KEYS[i], at)) or 0
+      if counted + n <= most then
+        redis.call('HINCRBY', KEYS[i], at, string.format('%.0f', n))
+      elseif counted < most then
+        redis.call('HSET', KEYS[i], at, ARGV[5])
+      end
     end
   end
 end
@@ -359,19 +387,20 @@ fn registry_key(prefix: &str, key_id: &str) -> String {
     format!("{prefix}:rl:{{{key_id}}}:grants")
 }
 
-/// The request windows of `limits`, in order: the ones a grant is counted in.
-fn requests_only(limits: &[RateLimit]) -> Vec<RateLimit> {
-    limits
-        .iter()
-        .filter(|l| l.unit == LimitUnit::Requests)
-        .copied()
-        .collect()
+/// A window's unit as the scripts take it.
+fn unit_arg(unit: LimitUnit) -> u8 {
+    match unit {
+        LimitUnit::Requests => 0,
+        LimitUnit::Tokens => 1,
+    }
 }
 
 /// What one GRANT script call asks for: up to `want` (at least `min`) counted in the
 /// bucket of `counted_at`, registered under `id` (`None`: a single call, used at once).
 struct Ask {
     want: u64,
+    /// Tokens wanted with it (0: token windows are only judged).
+    tokens: u64,
     min: u64,
     counted_at: Micros,
     id: Option<u64>,
@@ -408,11 +437,14 @@ async fn cancel_lost_grants(
                 .key(registry_key(&prefix, &c.key_id))
                 .arg(format!("{:x}", c.id))
                 .arg(0)
-                .arg(REGISTRY_TTL_MS);
+                .arg(REGISTRY_TTL_MS)
+                .arg(0)
+                .arg(MAX_BUCKET_COUNT);
             // A cancel is a settle of nothing used that also marks the id cancelled.
             for l in &c.windows {
                 invocation
                     .key(window_key(&prefix, &c.key_id, l.unit, l.window))
+                    .arg(unit_arg(l.unit))
                     .arg(0);
             }
             let done: Result<i64, _> = invocation.invoke_async(&mut connection).await;
@@ -438,6 +470,7 @@ impl RedisLimiter {
         limits: &[RateLimit],
         Ask {
             want,
+            tokens,
             min,
             counted_at,
             id,
@@ -452,7 +485,7 @@ impl RedisLimiter {
                 limits,
                 &mut usage,
                 now,
-                want,
+                Amounts::requests(want),
                 min,
                 counted_at - now,
                 0,
@@ -468,16 +501,14 @@ impl RedisLimiter {
             .arg(want)
             .arg(min)
             .arg(id.map(|id| format!("{id:x}")).unwrap_or_default())
-            .arg(REGISTRY_TTL_MS);
+            .arg(REGISTRY_TTL_MS)
+            .arg(tokens.min(limits::MAX_LIMIT));
         for l in limits {
             let (_, first, ttl_ms) = bucket_args(l.window, now);
             let ahead_ms = (counted_at - now) / 1000;
             invocation
                 .key(self.window_key(key_id, l.unit, l.window))
-                .arg(match l.unit {
-                    LimitUnit::Requests => 0,
-                    LimitUnit::Tokens => 1,
-                })
+                .arg(unit_arg(l.unit))
                 .arg(counted_at.div_euclid(l.window.bucket()))
                 .arg(first)
                 .arg(l.limit)
@@ -488,10 +519,12 @@ impl RedisLimiter {
         match reply {
             Ok(reply) => {
                 self.breaker.succeeded();
-                let amount = reply
-                    .first()
-                    .and_then(|a| a.first())
-                    .map_or(0, |a| u64::try_from(*a).unwrap_or(0));
+                let head = reply.first();
+                let figure = |i: usize| {
+                    head.and_then(|a| a.get(i))
+                        .map_or(0, |a| u64::try_from(*a).unwrap_or(0))
+                };
+                let (amount, tokens) = (figure(0), figure(1));
                 let mut usage: Vec<WindowUsage> = reply
                     .iter()
                     .skip(1)
@@ -506,14 +539,17 @@ impl RedisLimiter {
                 let granted = amount > 0;
                 if granted {
                     for (l, u) in limits.iter().zip(usage.iter_mut()) {
-                        if l.unit == LimitUnit::Requests {
-                            u.add_at(l.window, now, counted_at, amount);
-                        }
+                        let n = match l.unit {
+                            LimitUnit::Requests => amount,
+                            LimitUnit::Tokens => tokens,
+                        };
+                        u.add_at(l.window, now, counted_at, n);
                     }
                 }
                 let cost = if granted { amount } else { min };
                 Ok(Some(Grant {
                     amount,
+                    tokens,
                     counted_at,
                     id: id.unwrap_or(0),
                     decision: limits::describe(limits, &usage, now, cost, granted),
@@ -528,7 +564,7 @@ impl RedisLimiter {
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(PendingCancel {
                             key_id: key_id.to_owned(),
-                            windows: requests_only(limits),
+                            windows: limits.to_vec(),
                             id,
                             since: tokio::time::Instant::now(),
                         });
@@ -636,6 +672,7 @@ impl RateLimiter for RedisLimiter {
                 limits,
                 Ask {
                     want: cost,
+                    tokens: 0,
                     min: cost,
                     counted_at: now,
                     id: None,
@@ -702,14 +739,15 @@ impl QuotaAuthority for RedisLimiter {
         &self,
         key_id: &str,
         limits: &[RateLimit],
-        want: u64,
+        want: Amounts,
         min: u64,
         life: Micros,
         now: Micros,
     ) -> Result<Option<Grant>, LimiterError> {
         let counted_at = now.saturating_add(life.max(0)).saturating_add(self.skew);
         let ask = Ask {
-            want,
+            want: want.requests,
+            tokens: want.tokens,
             min,
             counted_at,
             id: Some(new_grant_id()),
@@ -722,7 +760,7 @@ impl QuotaAuthority for RedisLimiter {
         key_id: &str,
         limits: &[RateLimit],
         lease: LeaseRecord,
-        used: u64,
+        used: Amounts,
         now: Micros,
     ) -> Result<(), LimiterError> {
         // Only a registered grant can be given back: without its id there is nothing
@@ -731,8 +769,7 @@ impl QuotaAuthority for RedisLimiter {
             tracing::debug!(key_id, "a lease without a grant id cannot be settled");
             return Ok(());
         }
-        let windows = requests_only(limits);
-        if windows.is_empty() {
+        if limits.is_empty() {
             return Ok(());
         }
         if self.breaker.is_open() {
@@ -742,11 +779,14 @@ impl QuotaAuthority for RedisLimiter {
         invocation
             .key(registry_key(&self.prefix, key_id))
             .arg(format!("{:x}", lease.id))
-            .arg(used.min(lease.granted))
-            .arg("");
-        for l in &windows {
+            .arg(used.requests.min(lease.granted))
+            .arg("")
+            .arg(used.tokens.min(MAX_BUCKET_COUNT))
+            .arg(MAX_BUCKET_COUNT);
+        for l in limits {
             invocation
                 .key(self.window_key(key_id, l.unit, l.window))
+                .arg(unit_arg(l.unit))
                 .arg(now.div_euclid(l.window.bucket()));
         }
         let mut connection = self.connection.clone();
