@@ -13,6 +13,7 @@
 mod connection;
 mod cpu;
 mod edge_verify;
+mod exactness;
 mod h2load;
 mod load;
 mod report;
@@ -56,6 +57,7 @@ pub enum Scenario {
     Streams,
     VerifyRatelimited,
     EdgeVerify,
+    Exactness,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -412,6 +414,7 @@ async fn target_run(args: &BenchArgs, mix: Mix, target: &str) -> Result<RunRepor
         "streams",
         "verify-miss",
         "edge-verify",
+        "exactness",
     ] {
         println!("{scenario}: needs a server of its own configuration; skipped with --target");
     }
@@ -512,6 +515,10 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
             println!("edge-verify: not every key's lease was held after the warm-up");
         }
         run.edge_verify = Some(r);
+    }
+
+    if wants(args, Scenario::Exactness) {
+        exactness_scenario(args, &launch, &tokens, &mut run).await?;
     }
 
     if wants(args, Scenario::RevocationLatency) || wants(args, Scenario::Streams) {
@@ -912,6 +919,47 @@ async fn verify_valid(spec: &LoadSpec, clients: &Clients, pools: &Arc<KeyPools>)
         async move { expect_valid(&mut client, key).await }
     })
     .await
+}
+
+/// `exactness`: two replicas leasing from one Redis, two edges leasing from them.
+async fn exactness_scenario(
+    args: &BenchArgs,
+    launch: &Launcher<'_>,
+    tokens: &Tokens,
+    run: &mut RunReport,
+) -> Result<(), BoxError> {
+    if args.store != StoreKind::Postgres {
+        println!("exactness: two replicas need the shared Postgres; skipped");
+        return Ok(());
+    }
+    if !redis_answers(&args.redis_url).await {
+        println!("exactness: Redis does not answer at {}; skipped", args.redis_url);
+        return Ok(());
+    }
+    let mut prefix = [0u8; 6];
+    getrandom::fill(&mut prefix)?;
+    let redis = Limits::Redis {
+        url: args.redis_url.clone(),
+        prefix: format!("kwbench_{}", hex::encode(prefix)),
+    };
+    let a = launch.start("exact-a", true, &redis).await?;
+    let b = launch.start("exact-b", true, &redis).await?;
+    let outcome = exactness::run(
+        &a,
+        &b,
+        tokens,
+        Duration::from_secs_f64(args.duration.max(0.1)),
+    )
+    .await;
+    a.stop().await;
+    b.stop().await;
+    let r = outcome?;
+    println!(
+        "exactness                  admitted per key over its limit of {}/min: most {:.3}, least {:.3} ({:?} in {:.1} s; {} calls, errors {})",
+        r.limit, r.max_ratio, r.min_ratio, r.admitted, r.seconds, r.calls, r.errors
+    );
+    run.exactness = Some(r);
+    Ok(())
 }
 
 async fn redis_answers(url: &str) -> bool {

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::edge_verify::EdgeVerifyReport;
+use super::exactness::ExactnessReport;
 use super::load::LoadResult;
 use super::stream::{RevocationLatency, StreamsReport};
 
@@ -31,6 +32,7 @@ pub struct RunReport {
     pub streams: Option<StreamsReport>,
     /// The edge `Verifier` in process, on cached rate-limited keys, against a hash lookup.
     pub edge_verify: Option<EdgeVerifyReport>,
+    pub exactness: Option<ExactnessReport>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -231,6 +233,16 @@ impl BenchReport {
                 self.med(|r| r.edge_verify.as_ref().map(|e| e.over_hash_lookup)),
                 3
             )
+        );
+        let _ = writeln!(
+            s,
+            "| exactness: most calls admitted in a window / the limit, 2 replicas (Redis) and 2 edges, every holder far above the limit | <= 1.00 | {} |",
+            fmt(self.med(|r| r.exactness.as_ref().map(|e| e.max_ratio)), 3)
+        );
+        let _ = writeln!(
+            s,
+            "| exactness: least calls admitted in a window / the limit, the same saturation | >= 0.90 | {} |",
+            fmt(self.med(|r| r.exactness.as_ref().map(|e| e.min_ratio)), 3)
         );
         let _ = writeln!(
             s,
