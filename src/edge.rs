@@ -155,7 +155,26 @@ use crate::proto::verify_service_client::VerifyServiceClient;
 use crate::proto::watch_revocations_response::Message;
 
 mod leases;
-use leases::{Admit, LeaseBook, lease_cap};
+pub use leases::RateLimitFigures;
+use leases::{Admit, Admitted, LeaseBook, lease_cap};
+
+/// An answer as [`Verifier::check`] gives it.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    /// The answer, shared with the cache when it came from there. Its `rate_limit` is
+    /// the decision it was cached with: read this call's in [`Checked::rate_limit`].
+    pub response: Arc<proto::VerifyKeyResponse>,
+    /// This call's rate-limit figures (the tightest window), for `X-RateLimit-Limit`,
+    /// `-Remaining` and `-Reset`; `None` for a key without limits (or one whose decision
+    /// is unknown: see `rate_limit_unknown`).
+    pub rate_limit: Option<RateLimitFigures>,
+}
+
+impl Checked {
+    pub fn valid(&self) -> bool {
+        self.response.valid
+    }
+}
 
 /// An answer about a key that expires within this much is not served from the cache.
 pub const EXPIRY_SLACK: Duration = Duration::from_secs(1);
@@ -413,17 +432,68 @@ impl Verifier {
         &self,
         request: proto::VerifyKeyRequest,
     ) -> Result<proto::VerifyKeyResponse, Status> {
-        let shared = &self.shared;
         let hash = KeyHash::of(&request.key);
         // A request the server would refuse (INVALID_ARGUMENT) bypasses the cache, so
         // that the caller gets the server's error rather than a cached answer.
         let scopes = answer_key(&request);
         if let Some(scopes) = &scopes
-            && let Some(answer) = self.cached_answer(&hash, scopes, request.cost.max(1)).await
+            && let Some((response, admitted)) =
+                self.cached_answer(&hash, scopes, request.cost.max(1)).await
         {
-            shared.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(answer);
+            self.shared.stats.hits.fetch_add(1, Ordering::Relaxed);
+            let mut response = Arc::unwrap_or_clone(response);
+            if let Some(admitted) = admitted {
+                response.rate_limit = Some(admitted.decision());
+            }
+            return Ok(response);
         }
+        Box::pin(self.fetch(request, hash, scopes)).await
+    }
+
+    /// [`Verifier::verify`] for a gateway that reads the answer rather than owning a copy
+    /// of it: a cached answer comes shared with the cache (nothing of it is copied), and
+    /// the rate-limit decision of this call as the figures its `X-RateLimit-*` headers
+    /// carry. The same answers as `verify`, decided the same way; a call the cache
+    /// cannot answer goes to the server.
+    pub async fn check(&self, key: &str, required_scopes: &[String]) -> Result<Checked, Status> {
+        let hash = KeyHash::of(key);
+        let scopes = scopes_key(required_scopes);
+        if let Some(scopes) = &scopes
+            && let Some((response, admitted)) = self.cached_answer(&hash, scopes, 1).await
+        {
+            self.shared.stats.hits.fetch_add(1, Ordering::Relaxed);
+            let rate_limit = match admitted {
+                Some(admitted) => Some(admitted.figures()),
+                None => response.rate_limit.as_ref().map(figures_of),
+            };
+            return Ok(Checked {
+                response,
+                rate_limit,
+            });
+        }
+        let request = proto::VerifyKeyRequest {
+            key: key.to_owned(),
+            required_scopes: required_scopes.to_vec(),
+            ..Default::default()
+        };
+        // Boxed: the server call's state would otherwise make every call's future (the
+        // cached ones too) as large as its own, and copying that costs a hit its time.
+        let response = Box::pin(self.fetch(request, hash, scopes)).await?;
+        Ok(Checked {
+            rate_limit: response.rate_limit.as_ref().map(figures_of),
+            response: Arc::new(response),
+        })
+    }
+
+    /// A call the cache did not answer: to the server, and its answer into the cache
+    /// (when `scopes`, the request's answer key, allows it).
+    async fn fetch(
+        &self,
+        request: proto::VerifyKeyRequest,
+        hash: KeyHash,
+        scopes: Option<AnswerKey>,
+    ) -> Result<proto::VerifyKeyResponse, Status> {
+        let shared = &self.shared;
         shared.stats.misses.fetch_add(1, Ordering::Relaxed);
         let ticket = scopes
             .is_some()
@@ -457,7 +527,7 @@ impl Verifier {
         hash: &KeyHash,
         scopes: &AnswerKey,
         cost: u64,
-    ) -> Option<proto::VerifyKeyResponse> {
+    ) -> Option<(Arc<proto::VerifyKeyResponse>, Option<Admitted>)> {
         let cache = &self.shared.cache;
         let mut first = true;
         // Watched only once a call has to wait (then checked once more before waiting,
@@ -467,15 +537,13 @@ impl Verifier {
         loop {
             // Looked up again after a wait: an event meanwhile may have dropped it.
             let hit = cache.lookup(hash, scopes)?;
-            let Some(key_id) = hit.lease else {
-                return Some(hit.response);
+            let Some(entry) = hit.leased_by else {
+                return Some((hit.response, None));
             };
-            match cache.admit(&key_id, cost, first) {
-                Admit::Served(figures) => {
+            match cache.admit(&entry.key_id, cost, first) {
+                Admit::Served(admitted) => {
                     self.shared.stats.leased.fetch_add(1, Ordering::Relaxed);
-                    let mut response = hit.response;
-                    response.rate_limit = Some(figures);
-                    return Some(response);
+                    return Some((hit.response, Some(admitted)));
                 }
                 Admit::Wait => {
                     first = false;
@@ -485,7 +553,8 @@ impl Verifier {
                     };
                     let until = *deadline.get_or_insert_with(|| Instant::now() + LEASE_WAIT);
                     let until = tokio::time::Instant::from_std(until);
-                    if tokio::time::timeout_at(until, grants.changed())
+                    // Boxed, like the server call: only a call that waits pays for it.
+                    if Box::pin(tokio::time::timeout_at(until, grants.changed()))
                         .await
                         .is_err()
                     {
@@ -565,16 +634,7 @@ struct AnswerKey {
 /// The request's [`AnswerKey`], or `None` when the server would refuse the request: the
 /// same checks as VerifyKey's.
 fn answer_key(request: &proto::VerifyKeyRequest) -> Option<AnswerKey> {
-    let scopes = if request.required_scopes.is_empty() {
-        Box::default()
-    } else {
-        let mut v = Violations::default();
-        let scopes = v.scopes("required_scopes", &request.required_scopes);
-        if !v.is_empty() {
-            return None;
-        }
-        scopes.into_boxed_slice()
-    };
+    let AnswerKey { scopes, .. } = scopes_key(&request.required_scopes)?;
     if !request.resource.is_empty() && !access::is_target(&request.resource) {
         return None;
     }
@@ -588,6 +648,35 @@ fn answer_key(request: &proto::VerifyKeyRequest) -> Option<AnswerKey> {
         resource: request.resource.as_str().into(),
         client_ip,
     })
+}
+
+/// The [`AnswerKey`] of a request naming only `required` scopes, or `None` when the
+/// server would refuse them.
+fn scopes_key(required: &[String]) -> Option<AnswerKey> {
+    let scopes = if required.is_empty() {
+        Box::default()
+    } else {
+        let mut v = Violations::default();
+        let scopes = v.scopes("required_scopes", required);
+        if !v.is_empty() {
+            return None;
+        }
+        scopes.into_boxed_slice()
+    };
+    Some(AnswerKey {
+        scopes,
+        resource: Box::default(),
+        client_ip: None,
+    })
+}
+
+/// The tightest window's figures of a decision, as the server chose it.
+fn figures_of(d: &proto::RateLimitDecision) -> RateLimitFigures {
+    RateLimitFigures {
+        limit: d.limit,
+        remaining: d.remaining,
+        reset_at: d.reset_at,
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -939,9 +1028,9 @@ enum Kind {
 
 /// A cached answer that may be served.
 struct Hit {
-    response: proto::VerifyKeyResponse,
-    /// The key id whose quota lease must admit the call, for an answer that needs one.
-    lease: Option<String>,
+    response: Arc<proto::VerifyKeyResponse>,
+    /// For an answer that needs a quota lease, the key's entry (its key id names it).
+    leased_by: Option<Arc<HashAnswers>>,
 }
 
 impl EdgeCache {
@@ -994,24 +1083,27 @@ impl EdgeCache {
             let answer = entry.answers.get(scopes)?;
             let fresh = answer.cached_at.elapsed() < self.ttl
                 && answer.serve_until.is_none_or(|until| now_micros() < until);
+            let leased = answer.leased;
+            let response = answer.response.clone();
             return fresh.then(|| Hit {
-                response: (*answer.response).clone(),
-                lease: answer.leased.then(|| entry.key_id.clone()),
+                response,
+                leased_by: leased.then_some(entry),
             });
         }
         self.missing
             .as_ref()
             .and_then(|m| m.get(hash))
-            .map(|answer| Hit {
-                response: (*answer).clone(),
-                lease: None,
+            .map(|response| Hit {
+                response,
+                leased_by: None,
             })
     }
 
     /// [`EdgeCache::lookup`]'s answer, whether or not it needs a lease (tests).
     #[cfg(test)]
     fn get(&self, hash: &KeyHash, scopes: &AnswerKey) -> Option<proto::VerifyKeyResponse> {
-        self.lookup(hash, scopes).map(|hit| hit.response)
+        self.lookup(hash, scopes)
+            .map(|hit| Arc::unwrap_or_clone(hit.response))
     }
 
     /// A call of `cost` at the key's lease (see [`LeaseBook::admit`]).

@@ -282,8 +282,9 @@ async fn answers_under_budgets_or_token_limits_are_never_reused(backend: Backend
 }
 
 /// A rate-limited key, once verified by the server, is answered from the edge's quota
-/// lease: no VerifyKey call for 200 more calls, and `remaining` counts down by one per
-/// call, as the server would have counted (this edge is the key's only user).
+/// lease: no VerifyKey call for 300 more calls (`verify`, then `check`), and `remaining`
+/// counts down by one per call, as the server would have counted (this edge is the key's
+/// only user).
 async fn a_rate_limited_key_is_answered_from_its_lease_without_server_calls(backend: Backend) {
     const L: u64 = 1000;
     let app = spawn_unlimited(backend).await;
@@ -305,10 +306,23 @@ async fn a_rate_limited_key_is_answered_from_its_lease_without_server_calls(back
         assert_eq!(figures.remaining, L - k, "call {k}");
         assert_eq!(answer.key_id, first.key_id);
     }
+    // `check` gives the same decisions, sharing the cached answer instead of copying it,
+    // with this call's figures beside it.
+    let mut shared = None;
+    for k in 202..=301 {
+        let checked = edge.check(&issued.key, &["read".to_owned()]).await.unwrap();
+        assert!(checked.valid());
+        let figures = checked.rate_limit.unwrap();
+        assert_eq!((figures.limit, figures.remaining), (L, L - k), "call {k}");
+        let previous = shared.replace(checked.response.clone());
+        if let Some(previous) = previous {
+            assert!(std::sync::Arc::ptr_eq(&previous, &checked.response));
+        }
+    }
     let stats = edge.stats();
     assert_eq!(stats.server_calls, 1, "{stats:?}");
-    assert_eq!(stats.hits - warm.hits, 200, "{stats:?}");
-    assert_eq!(stats.leased - warm.leased, 200, "{stats:?}");
+    assert_eq!(stats.hits - warm.hits, 300, "{stats:?}");
+    assert_eq!(stats.leased - warm.leased, 300, "{stats:?}");
     assert!(stats.lease_calls >= 1, "{stats:?}");
     edge.shutdown().await;
 }

@@ -123,7 +123,7 @@ pub async fn run(
                 let (e, k) = (e.clone(), k.clone());
                 async move {
                     let key = &k[pick(task, n, k.len())];
-                    matches!(e.verify(key, &[]).await, Ok(r) if r.valid)
+                    matches!(e.check(key, &[]).await, Ok(r) if r.valid())
                 }
             })
             .await,

@@ -91,8 +91,12 @@ pub async fn run(
     for task in 0..CALLERS {
         for clients in [&clients_a, &clients_b] {
             let mut verifier = clients.verifiers.first().ok_or("no client")?.clone();
-            let (keys, admitted, calls, errors) =
-                (keys.clone(), admitted.clone(), calls.clone(), errors.clone());
+            let (keys, admitted, calls, errors) = (
+                keys.clone(),
+                admitted.clone(),
+                calls.clone(),
+                errors.clone(),
+            );
             tasks.push(tokio::spawn(async move {
                 let mut n = task;
                 while Instant::now() < until {
@@ -103,7 +107,12 @@ pub async fn run(
                         ..Default::default()
                     };
                     let answer = verifier.verify_key(request).await.map(|r| r.into_inner());
-                    tally(answer.ok().map(|r| (r.valid, r.code)), i, &admitted, &errors);
+                    tally(
+                        answer.ok().map(|r| (r.valid, r.code)),
+                        i,
+                        &admitted,
+                        &errors,
+                    );
                     calls.fetch_add(1, Ordering::Relaxed);
                 }
             }));
@@ -122,7 +131,12 @@ pub async fn run(
                     n += 1;
                     let i = n % keys.len();
                     let answer = edge.verify(&keys[i], &[]).await;
-                    tally(answer.ok().map(|r| (r.valid, r.code)), i, &admitted, &errors);
+                    tally(
+                        answer.ok().map(|r| (r.valid, r.code)),
+                        i,
+                        &admitted,
+                        &errors,
+                    );
                     calls.fetch_add(1, Ordering::Relaxed);
                     // Cached refusals take no time: let the other callers run.
                     tokio::task::yield_now().await;

@@ -933,7 +933,10 @@ async fn exactness_scenario(
         return Ok(());
     }
     if !redis_answers(&args.redis_url).await {
-        println!("exactness: Redis does not answer at {}; skipped", args.redis_url);
+        println!(
+            "exactness: Redis does not answer at {}; skipped",
+            args.redis_url
+        );
         return Ok(());
     }
     let mut prefix = [0u8; 6];

@@ -8,6 +8,7 @@
 //! [`LeaseBook::take_batch`] hands it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::domain::key_format::KeyHash;
@@ -32,8 +33,9 @@ struct Held {
     lease_id: u64,
     /// The limits the grant was counted against, named again when it is settled.
     limits: Vec<proto::RateLimit>,
-    /// The grant's figures (the whole grant counted as used).
-    decision: proto::RateLimitDecision,
+    /// The grant's figures (the whole grant counted as used), shared with each call
+    /// admitted from it (see [`Admitted`]).
+    decision: Arc<proto::RateLimitDecision>,
     /// What this edge gives back of the lease this one replaced: counted by the server
     /// when it granted this one, soon freed by the settlement.
     returned: u64,
@@ -53,38 +55,91 @@ impl Held {
         }
     }
 
-    /// The figures of a call admitted from this lease: the grant's, with what is left of
-    /// the lease (and of the one it replaced) given back to `remaining`, so that
-    /// `X-RateLimit-Remaining` counts down truthfully while this edge is the only user.
-    fn figures(&self) -> proto::RateLimitDecision {
-        let back = self
-            .granted
-            .saturating_sub(self.used)
-            .saturating_add(self.returned);
-        let mut d = self.decision.clone();
+    /// A call admitted from this lease: the grant's figures, with what is left of the
+    /// lease (and of the one it replaced) to give back to `remaining`.
+    fn admitted(&self) -> Admitted {
+        Admitted {
+            decision: self.decision.clone(),
+            back: self
+                .granted
+                .saturating_sub(self.used)
+                .saturating_add(self.returned),
+        }
+    }
+}
+
+/// The figures a gateway sends as `X-RateLimit-Limit`, `-Remaining` and `-Reset`: the
+/// tightest window of a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimitFigures {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Unix seconds.
+    pub reset_at: i64,
+}
+
+/// A call admitted from a lease, as taken under the lease book's lock: a shared grant
+/// and a number, so that nothing is copied there. Its figures are made from them: the
+/// grant's, with `back` given back to `remaining`, so that `X-RateLimit-Remaining`
+/// counts down truthfully while this edge is the only user.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Admitted {
+    decision: Arc<proto::RateLimitDecision>,
+    back: u64,
+}
+
+impl Admitted {
+    /// A window's state for this call.
+    fn window(&self, w: &proto::RateLimitWindowState) -> (u64, u64, i64) {
+        let limit = w.limit.as_ref().map_or(0, |l| l.limit);
+        let remaining = w.remaining.saturating_add(self.back).min(limit);
+        (limit, remaining, w.reset_at)
+    }
+
+    /// The tightest window as the server picks it when a call passes: least headroom as a
+    /// share of the limit, the shorter window on a tie.
+    fn tightest(&self) -> Option<&proto::RateLimitWindowState> {
+        let window = |w: &proto::RateLimitWindowState| w.limit.as_ref().map_or(0, |l| l.window);
+        self.decision.windows.iter().min_by(|a, b| {
+            let ((la, ra, _), (lb, rb, _)) = (self.window(a), self.window(b));
+            (u128::from(ra) * u128::from(lb))
+                .cmp(&(u128::from(rb) * u128::from(la)))
+                .then(window(a).cmp(&window(b)))
+        })
+    }
+
+    /// The whole decision, as VerifyKey answers it.
+    pub(super) fn decision(&self) -> proto::RateLimitDecision {
+        let mut d = (*self.decision).clone();
+        let tightest = self.tightest().map(|t| self.window(t));
         for w in &mut d.windows {
-            let limit = w.limit.as_ref().map_or(0, |l| l.limit);
-            w.remaining = w.remaining.saturating_add(back).min(limit);
-            w.used = limit.saturating_sub(w.remaining);
+            let (limit, remaining, _) = self.window(w);
+            w.remaining = remaining;
+            w.used = limit.saturating_sub(remaining);
             w.allowed = true;
         }
-        // The tightest window as the server picks it when a call passes: least headroom
-        // as a share of the limit, the shorter window on a tie.
-        let tightest = d.windows.iter().min_by(|a, b| {
-            let limit = |w: &proto::RateLimitWindowState| w.limit.as_ref().map_or(0, |l| l.limit);
-            let window = |w: &proto::RateLimitWindowState| w.limit.as_ref().map_or(0, |l| l.window);
-            (u128::from(a.remaining) * u128::from(limit(b)))
-                .cmp(&(u128::from(b.remaining) * u128::from(limit(a))))
-                .then(window(a).cmp(&window(b)))
-        });
-        if let Some(t) = tightest {
-            d.limit = t.limit.as_ref().map_or(0, |l| l.limit);
-            d.remaining = t.remaining;
-            d.reset_at = t.reset_at;
+        if let Some((limit, remaining, reset_at)) = tightest {
+            d.limit = limit;
+            d.remaining = remaining;
+            d.reset_at = reset_at;
         }
         d.allowed = true;
         d.retry_after = None;
         d
+    }
+
+    /// The tightest window's figures alone: no allocation.
+    pub(super) fn figures(&self) -> RateLimitFigures {
+        let (limit, remaining, reset_at) = self.tightest().map(|t| self.window(t)).unwrap_or((
+            self.decision.limit,
+            self.decision.remaining,
+            self.decision.reset_at,
+        ));
+        RateLimitFigures {
+            limit,
+            remaining,
+            reset_at,
+        }
     }
 }
 
@@ -116,8 +171,8 @@ impl Slot {
 /// A call's turn at the lease of its key.
 #[derive(Debug, PartialEq)]
 pub(super) enum Admit {
-    /// Admitted from the lease, with these figures.
-    Served(proto::RateLimitDecision),
+    /// Admitted from the lease.
+    Served(Admitted),
     /// No room now, but an ask for the key is queued or on its way: worth waiting for.
     Wait,
     /// No lease to admit from: the call goes to the server.
@@ -221,7 +276,7 @@ impl LeaseBook {
             && held.used.saturating_add(cost) <= held.granted
         {
             held.used += cost;
-            let figures = held.figures();
+            let admitted = held.admitted();
             // Ask ahead while the key is in use, so that its calls never wait: when what
             // is left covers less than half a life at the rate seen, or a third of the
             // life is left.
@@ -236,7 +291,7 @@ impl LeaseBook {
             let soon = left as f64 <= rate * held_life.as_secs_f64() / 2.0
                 || held.ends.saturating_duration_since(now) <= held_life / 3;
             let queued = soon && self.queue(key_id, now);
-            return (Admit::Served(figures), queued);
+            return (Admit::Served(admitted), queued);
         }
         // Spent or expired. An expired lease is given up at once: nothing more is
         // admitted from it, and what it did not use goes back with the next call.
@@ -434,7 +489,7 @@ impl LeaseBook {
                                 counted_at: g.counted_at_micros,
                                 lease_id: g.lease_id,
                                 limits: settlement.limits,
-                                decision,
+                                decision: Arc::new(decision),
                                 returned,
                                 asked_at,
                                 ends: asked_at + life,
@@ -586,8 +641,11 @@ mod tests {
         let mut book = holding(3, t0);
         for left in [98, 97, 96] {
             match book.admit("k", 1, true, t0).0 {
-                Admit::Served(d) => {
+                Admit::Served(a) => {
+                    let d = a.decision();
                     assert_eq!(d.remaining, left);
+                    let f = a.figures();
+                    assert_eq!((f.limit, f.remaining, f.reset_at), (100, left, d.reset_at));
                     assert_eq!(d.windows[0].remaining, left);
                     assert_eq!(d.windows[0].used, 100 - left);
                     assert!(d.allowed);
@@ -702,7 +760,7 @@ mod tests {
         match book.admit("k", 1, true, t0).0 {
             // 1 by the server, 3 + 1 from leases: 96 left, the old lease's unused one
             // counted as given back.
-            Admit::Served(d) => assert_eq!(d.remaining, 95),
+            Admit::Served(a) => assert_eq!(a.decision().remaining, 95),
             other => panic!("{other:?}"),
         }
         let asks = book.take_batch(true, 1000, t0);
