@@ -64,6 +64,12 @@ enum Command {
     },
     /// Measure throughput and latency against a real server (see BENCHMARKS.md).
     Bench(keywarden::bench::BenchArgs),
+    /// The benchmark's transport floor: a bare tonic no-op server (started by `bench`).
+    #[command(hide = true)]
+    BenchBareServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +165,10 @@ async fn run(command: Command) -> Result<(), BoxError> {
                 .collect::<Vec<_>>()
                 .join(" ");
             keywarden::bench::run(args, command).await?;
+            Ok(())
+        }
+        Command::BenchBareServer { listen } => {
+            keywarden::bench::bare::serve(listen).await?;
             Ok(())
         }
         Command::Kek {

@@ -138,6 +138,14 @@ fn the_bench_reports_sane_figures_on_sqlite() {
     assert!(run["edge_verify"]["calls"].as_u64().unwrap() > 0, "{run}");
     assert!(markdown.contains("verify-hit / noop throughput"));
     assert!(markdown.contains("| verify-hit |"));
+    // The transport's floor: the bare tonic no-op server, in turns with Ping and VerifyKey.
+    let bare = &run["bare"];
+    for figure in ["bare_beside_noop", "noop", "bare_beside_hit", "verify_hit"] {
+        let r = &bare[figure];
+        assert!(r["throughput"].as_f64().unwrap() > 0.0, "{figure}: {bare}");
+        assert_eq!(r["errors"].as_u64(), Some(0), "{figure}: {bare}");
+    }
+    assert!(markdown.contains("verify-hit / bare tonic no-op throughput"));
     assert!(markdown.contains("server CPU µs per call"));
     assert!(markdown.contains("| same replica |"));
 }
@@ -165,6 +173,13 @@ fn the_bench_seeds_postgres_and_measures_misses() {
     }
     assert!(run["bytes_per_cached_key"].as_f64().is_some());
     assert_stream_figures(run, true);
+    // Two replicas and two edges on one limit: never over it, whatever the timing.
+    let exact = &run["exactness"];
+    let admitted = exact["admitted"].as_array().unwrap();
+    assert_eq!(admitted.len(), 4, "{exact}");
+    assert!(exact["max_ratio"].as_f64().unwrap() <= 1.0, "{exact}");
+    assert_eq!(exact["errors"].as_u64(), Some(0), "{exact}");
+    assert!(markdown.contains("exactness: most calls admitted"));
     assert!(markdown.contains("verify-miss p99"));
     assert!(markdown.contains("| verify-ratelimited (Redis) |"));
     assert!(markdown.contains("| other replica (Postgres NOTIFY) |"));

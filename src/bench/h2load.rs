@@ -113,6 +113,26 @@ pub async fn verify_rps(
     Ok(Some(run(&cmd, min_answer).await?))
 }
 
+/// The bare no-op server's requests per second through h2load (the same Ping command as
+/// Keywarden's, its bearer header ignored there), or `None` when h2load is not installed.
+pub async fn bare_rps(bare: &ServerProcess, args: &BenchArgs) -> Result<Option<f64>, BoxError> {
+    if !installed().await {
+        return Ok(None);
+    }
+    let dir = tempfile::tempdir()?;
+    let ping = dir.path().join("ping.bin");
+    let frame = grpc_frame(&proto::PingRequest {});
+    std::fs::write(&ping, &frame)?;
+    let cmd = command(
+        &bare.addr.to_string(),
+        "unused",
+        &ping,
+        "keywarden.v1.VerifyService/Ping",
+        args,
+    );
+    Ok(Some(run(&cmd, frame.len() as u64).await?))
+}
+
 /// Requests per second of noop and verify-hit through h2load, or `None` when h2load is
 /// not installed.
 pub async fn measure(

@@ -10,6 +10,7 @@
 //! (`revocation-latency`, `streams`) are in `stream.rs`; `edge-verify` (the edge
 //! `Verifier` in this process, against a hash lookup) is in `edge_verify.rs`.
 
+pub mod bare;
 mod connection;
 mod cpu;
 mod edge_verify;
@@ -41,6 +42,7 @@ use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::verify_service_client::VerifyServiceClient;
 use connection::Http2;
+use report::BareFloor;
 use server::{Launcher, Limits, ServerProcess, Tokens};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -697,6 +699,54 @@ async fn hit_scenarios(
         let r = verify_mix(half, &clients, &pools).await;
         print_line("verify-hit at half load", &r);
         run.verify_hit_half_load = Some(r);
+    }
+    // The transport's floor, beside each: a bare tonic no-op server (only where this
+    // benchmark starts the servers, on this machine).
+    if wants(args, Scenario::Noop) && wants(args, Scenario::VerifyHit) && server.pid().is_some() {
+        let bare = bare::start().await?;
+        let bare_clients = Arc::new(connect(&bare, tokens, args.connections).await?);
+        let on_bare = |s: LoadSpec| LoadSpec {
+            server_pid: bare.pid(),
+            ..s
+        };
+        let (b, p) = load::interleaved(
+            &spec(args, server),
+            INTERLEAVED_SLICES,
+            |s| noop(on_bare(s), &bare_clients),
+            |s| noop(s, &clients),
+        )
+        .await;
+        print_line("bare no-op (beside Ping)", &b);
+        print_line("noop (beside bare)", &p);
+        let (b2, h) = load::interleaved(
+            &spec(args, server),
+            INTERLEAVED_SLICES,
+            |s| noop(on_bare(s), &bare_clients),
+            |s| verify_mix(s, &clients, &pools),
+        )
+        .await;
+        print_line("bare no-op (beside hit)", &b2);
+        print_line("verify-hit (beside bare)", &h);
+        run.bare = Some(BareFloor {
+            bare_beside_noop: b,
+            noop: p,
+            bare_beside_hit: b2,
+            verify_hit: h,
+        });
+        let h2 = if !args.no_h2load && args.scenario == Scenario::All {
+            h2load::bare_rps(&bare, args).await
+        } else {
+            Ok(None)
+        };
+        bare.stop().await;
+        match h2 {
+            Ok(Some(rps)) => {
+                println!("h2load: bare no-op {rps:.0} req/s");
+                run.h2load_bare_rps = Some(rps);
+            }
+            Ok(None) => {}
+            Err(e) => println!("h2load on the bare server failed: {e}"),
+        }
     }
     if !args.no_h2load && args.scenario == Scenario::All {
         match h2load::measure(server, tokens, &pools.hit[0], args).await {

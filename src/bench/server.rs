@@ -125,6 +125,14 @@ impl ServerProcess {
         ServerProcess { child: None, addr }
     }
 
+    /// A process this benchmark started, serving at `addr`.
+    pub fn started(child: tokio::process::Child, addr: SocketAddr) -> ServerProcess {
+        ServerProcess {
+            child: Some(child),
+            addr,
+        }
+    }
+
     /// The server's process id, if this benchmark started it.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref()?.id()
