@@ -36,8 +36,8 @@ pub struct CachedKey {
     /// `None` for the key's current secret; the end of the grace period otherwise.
     pub secret_valid_until: Option<Micros>,
     pub effective_scopes: EffectiveScopes,
-    /// The limits that apply: the key's own, or the deployment's default.
-    pub limits: Vec<RateLimit>,
+    /// The limits that apply: the key's own, or the deployment's default (shared).
+    pub limits: Arc<Vec<RateLimit>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -193,7 +193,7 @@ mod tests {
             .into(),
             secret_valid_until: None,
             effective_scopes: EffectiveScopes::default(),
-            limits: vec![],
+            limits: Arc::default(),
         })
     }
 

@@ -404,10 +404,11 @@ impl Verifier {
             self.resolve_reach(&mut found.key).await?;
         }
         let found = found.map(|mut found| {
+            // The deployment's default is shared by every key that has none of its own.
             let limits = if found.key.rate_limits.is_empty() {
-                self.policy.default_limits.as_ref().clone()
+                self.policy.default_limits.clone()
             } else {
-                std::mem::take(&mut found.key.rate_limits)
+                Arc::new(std::mem::take(&mut found.key.rate_limits))
             };
             Arc::new(CachedKey {
                 effective_scopes: EffectiveScopes::new(

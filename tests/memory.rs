@@ -13,7 +13,10 @@ use common::key_record;
 use keywarden::cache::{CacheSizes, CachedKey, VerifyCache};
 use keywarden::domain::key::KeyRecord;
 use keywarden::domain::key_format::KeyHash;
+use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::domain::scopes::{EffectiveScopes, ScopeImplications};
+use keywarden::ratelimit::RateLimiter;
+use keywarden::ratelimit::memory::MemoryLimiter;
 use keywarden::usage::UsageBook;
 
 struct Counting;
@@ -66,7 +69,7 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
     let cached = |r: &KeyRecord| {
         Arc::new(CachedKey {
             effective_scopes: EffectiveScopes::new(&implications, &r.scopes),
-            limits: Vec::new(),
+            limits: Arc::default(),
             key: r.clone().into(),
             secret_valid_until: None,
         })
@@ -98,12 +101,37 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
         usage.mark_used(&r.key_id, 0, 1);
     }
     let account = (LIVE.load(Ordering::Relaxed) - before) / KEYS as isize;
+    // Its rate-limit counters: the default limit (100 a minute), one call decided.
+    let limiter = MemoryLimiter::new(1_000_000);
+    let default_limit = [RateLimit {
+        unit: LimitUnit::Requests,
+        window: LimitWindow::Minute,
+        limit: 100,
+    }];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let before = LIVE.load(Ordering::Relaxed);
+    runtime.block_on(async {
+        for r in &records {
+            let d = limiter
+                .check(&r.key_id, &default_limit, 1, 1_800_000_000_000_000)
+                .await;
+            assert!(d.unwrap().unwrap().allowed);
+        }
+    });
+    let counters = (LIVE.load(Ordering::Relaxed) - before) / KEYS as isize;
 
     eprintln!(
         "heap per cached key: entry {entry} bytes (the whole record: {whole}), \
-         cache bookkeeping {moka}, usage account {account}"
+         cache bookkeeping {moka}, usage account {account}, rate-limit counters {counters}; \
+         in all {}",
+        entry + moka + account + counters
     );
-    assert!(entry > 0 && moka > 0 && account > 0);
+    assert!(entry > 0 && moka > 0 && account > 0 && counters > 0);
+    // A key without metadata, rules of reach or a network allowlist pays one pointer for
+    // them, and the default limits are shared: 554 bytes before, 378 after.
+    assert!(entry <= 400, "a cached entry costs {entry} bytes");
     // The entry carries only what VerifyKey decides on and answers with, so with its
     // expanded scopes and limits it still costs less than the whole record would alone.
     assert!(

@@ -124,7 +124,7 @@ impl VerifyService for VerifyApi {
             response.owner = Some(convert::owner_pb(&key.owner));
             response.expires_at = key.expires_at.map(convert::timestamp);
             response.metadata = key
-                .metadata
+                .metadata()
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();

@@ -69,6 +69,16 @@ pub struct ResourceAccess {
     pub group_targets: BTreeSet<String>,
 }
 
+impl ResourceAccess {
+    /// Every target, no groups: what a key without rules of reach has.
+    pub const ALL: ResourceAccess = ResourceAccess {
+        mode: AccessMode::All,
+        targets: BTreeSet::new(),
+        groups: BTreeSet::new(),
+        group_targets: BTreeSet::new(),
+    };
+}
+
 /// The refusal of a reach (a key's or a team's) that names access groups the workspace
 /// does not have.
 pub fn groups_missing(workspace_id: &str, missing: &[&str]) -> Refusal {

@@ -85,36 +85,79 @@ pub struct VerifiableKey {
     pub environment: Environment,
     pub scopes: Vec<String>,
     pub owner: Owner,
-    pub metadata: BTreeMap<String, String>,
     pub expires_at: Option<Micros>,
     pub revoked_at: Option<Micros>,
     pub deleted_at: Option<Micros>,
     pub max_budget_micros: Option<u64>,
     /// Persisted spend when the record was read.
     pub spent_micros: u64,
-    pub resource_access: ResourceAccess,
-    pub network: NetworkAllowlist,
+    /// `None` when the key has none of them (most keys): one pointer instead of the
+    /// two hundred bytes their empty forms take.
+    extras: Option<Box<KeyExtras>>,
+}
+
+/// What most keys do not have: metadata, rules of reach, a network allowlist, and a
+/// team's reach.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct KeyExtras {
+    metadata: BTreeMap<String, String>,
+    resource_access: ResourceAccess,
+    network: NetworkAllowlist,
     /// The team's reach as loaded with the record (see [`KeyRecord::team_access`]).
-    pub team_access: ResourceAccess,
+    team_access: ResourceAccess,
+}
+
+/// A key without extras reads these.
+static NO_EXTRAS: KeyExtras = KeyExtras {
+    metadata: BTreeMap::new(),
+    resource_access: ResourceAccess::ALL,
+    network: NetworkAllowlist { nets: Vec::new() },
+    team_access: ResourceAccess::ALL,
+};
+
+impl VerifiableKey {
+    fn extras(&self) -> &KeyExtras {
+        self.extras.as_deref().unwrap_or(&NO_EXTRAS)
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.extras().metadata
+    }
+
+    pub fn resource_access(&self) -> &ResourceAccess {
+        &self.extras().resource_access
+    }
+
+    pub fn network(&self) -> &NetworkAllowlist {
+        &self.extras().network
+    }
+
+    /// The team's reach as loaded with the record (see [`KeyRecord::team_access`]).
+    pub fn team_access(&self) -> &ResourceAccess {
+        &self.extras().team_access
+    }
 }
 
 impl From<KeyRecord> for VerifiableKey {
     fn from(r: KeyRecord) -> Self {
+        let extras = KeyExtras {
+            metadata: r.metadata,
+            resource_access: r.resource_access,
+            network: r.network,
+            team_access: r.team_access,
+        };
         VerifiableKey {
             key_id: r.key_id,
             workspace_id: r.workspace_id,
             environment: r.environment,
             scopes: r.scopes,
             owner: r.owner,
-            metadata: r.metadata,
             expires_at: r.expires_at,
             revoked_at: r.revoked_at,
             deleted_at: r.deleted_at,
             max_budget_micros: r.max_budget_micros,
             spent_micros: r.spent_micros,
-            resource_access: r.resource_access,
-            network: r.network,
-            team_access: r.team_access,
+            extras: (extras != NO_EXTRAS).then(|| Box::new(extras)),
         }
     }
 }
@@ -213,12 +256,12 @@ pub fn decide(
     let status = status(key, secret_valid_until, now);
     if status != VerifyCode::Valid {
         status
-    } else if !key.network.allows(request.client_ip) {
+    } else if !key.network().allows(request.client_ip) {
         VerifyCode::IpForbidden
     } else if !effective_scopes.covers(request.required_scopes) {
         VerifyCode::InsufficientScope
-    } else if !key.resource_access.allows(request.resource)
-        || !key.team_access.allows(request.resource)
+    } else if !key.resource_access().allows(request.resource)
+        || !key.team_access().allows(request.resource)
     {
         VerifyCode::ResourceForbidden
     } else {

@@ -177,6 +177,11 @@ impl WindowUsage {
         }
     }
 
+    /// Whether it counts nothing (no bucket left).
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
     pub fn buckets(&self) -> impl Iterator<Item = (i64, u64)> + '_ {
         self.buckets.iter().copied()
     }

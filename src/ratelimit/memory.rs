@@ -19,10 +19,8 @@ use crate::domain::Micros;
 use crate::domain::lease::{self, Amounts, Grant};
 use crate::domain::limits::{self, LimitDecision, LimitUnit, LimitWindow, RateLimit, WindowUsage};
 
-/// The (unit, window) pairs a key can have, as indices.
-const SLOTS: usize = 6;
-
-fn slot(unit: LimitUnit, window: LimitWindow) -> usize {
+/// A (unit, window) pair as a small index.
+fn slot(unit: LimitUnit, window: LimitWindow) -> u8 {
     let u = match unit {
         LimitUnit::Requests => 0,
         LimitUnit::Tokens => 3,
@@ -34,12 +32,33 @@ fn slot(unit: LimitUnit, window: LimitWindow) -> usize {
     }
 }
 
+/// One key's counters: only the windows that count something (most keys have one limit,
+/// and no window at all while idle), and the grants made to edge nodes, if any.
 #[derive(Default)]
 struct KeyCounters {
-    slots: [WindowUsage; SLOTS],
+    windows: Vec<(u8, WindowUsage)>,
     /// Leases granted to edge nodes and not settled yet, by id: a settlement gives back
-    /// only a grant listed here, once, by what is listed.
-    grants: Vec<Registered>,
+    /// only a grant listed here, once, by what is listed. Boxed: few keys have any, and
+    /// the rest then pay one word for it instead of a `Vec`'s three.
+    #[allow(clippy::box_collection)]
+    grants: Option<Box<Vec<Registered>>>,
+}
+
+impl KeyCounters {
+    /// Takes the window of `slot` out (empty if it counts nothing yet).
+    fn take(&mut self, slot: u8) -> WindowUsage {
+        match self.windows.iter().position(|(s, _)| *s == slot) {
+            Some(i) => self.windows.swap_remove(i).1,
+            None => WindowUsage::default(),
+        }
+    }
+
+    /// Puts a window back, unless it counts nothing any more.
+    fn put(&mut self, slot: u8, usage: WindowUsage) {
+        if !usage.is_empty() {
+            self.windows.push((slot, usage));
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -77,17 +96,20 @@ impl MemoryLimiter {
         &self,
         key_id: &str,
         limits: &[RateLimit],
-        f: impl FnOnce(&mut [WindowUsage], &mut Vec<Registered>) -> T,
+        f: impl FnOnce(&mut [WindowUsage], &mut Option<Box<Vec<Registered>>>) -> T,
     ) -> T {
         let counters = self.counters(key_id);
         let mut counters = counters.lock().unwrap_or_else(PoisonError::into_inner);
         let mut usage: Vec<WindowUsage> = limits
             .iter()
-            .map(|l| std::mem::take(&mut counters.slots[slot(l.unit, l.window)]))
+            .map(|l| counters.take(slot(l.unit, l.window)))
             .collect();
         let out = f(&mut usage, &mut counters.grants);
         for (l, u) in limits.iter().zip(usage) {
-            counters.slots[slot(l.unit, l.window)] = u;
+            counters.put(slot(l.unit, l.window), u);
+        }
+        if counters.windows.capacity() > counters.windows.len().max(1) {
+            counters.windows.shrink_to_fit();
         }
         out
     }
@@ -121,7 +143,10 @@ impl RateLimiter for MemoryLimiter {
         let counters = self.counters(key_id);
         let mut counters = counters.lock().unwrap_or_else(PoisonError::into_inner);
         for window in LimitWindow::ALL {
-            counters.slots[slot(LimitUnit::Tokens, window)].add(window, now, tokens);
+            let slot = slot(LimitUnit::Tokens, window);
+            let mut usage = counters.take(slot);
+            usage.add(window, now, tokens);
+            counters.put(slot, usage);
         }
         Ok(())
     }
@@ -142,10 +167,12 @@ impl QuotaAuthority for MemoryLimiter {
             let mut grant = lease::grant(limits, usage, now, want, min, life, 0);
             // A grant that left every window is settled by time itself.
             let day = LimitWindow::Day.length();
-            grants.retain(|g| g.counted_at > now.saturating_sub(day));
+            if let Some(list) = grants.as_mut() {
+                list.retain(|g| g.counted_at > now.saturating_sub(day));
+            }
             if grant.granted() {
                 grant.id = new_grant_id();
-                grants.push(Registered {
+                grants.get_or_insert_default().push(Registered {
                     id: grant.id,
                     amount: Amounts {
                         requests: grant.amount,
@@ -153,6 +180,9 @@ impl QuotaAuthority for MemoryLimiter {
                     },
                     counted_at: grant.counted_at,
                 });
+            }
+            if grants.as_ref().is_some_and(|list| list.is_empty()) {
+                *grants = None;
             }
             grant
         })))
@@ -168,9 +198,15 @@ impl QuotaAuthority for MemoryLimiter {
     ) -> Result<(), LimiterError> {
         self.with_usage(key_id, limits, |usage, grants| {
             // Only a listed grant, once, by what was listed.
-            if let Some(i) = grants.iter().position(|g| g.id == record.id && g.id != 0) {
-                let g = grants.swap_remove(i);
+            let Some(list) = grants.as_mut() else {
+                return;
+            };
+            if let Some(i) = list.iter().position(|g| g.id == record.id && g.id != 0) {
+                let g = list.swap_remove(i);
                 lease::settle(limits, usage, g.counted_at, g.amount, used, now);
+            }
+            if list.is_empty() {
+                *grants = None;
             }
         });
         Ok(())
