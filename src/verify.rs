@@ -170,7 +170,7 @@ impl Verifier {
                 life: leasing.life,
             };
             let entry = match self.entry(&ask.hash).await? {
-                Some(entry) if entry.key.key_id == ask.key_id => entry,
+                Some(entry) if *entry.key.key_id == *ask.key_id => entry,
                 // A hash of another key is that key's business, not this one's.
                 _ => {
                     answers.push(answer(VerifyCode::NotFound, None, false, 0));
@@ -186,13 +186,13 @@ impl Verifier {
             {
                 tracing::debug!(error = %e, "settling an edge lease failed");
             }
-            let code = key::status(&entry.key, entry.secret_valid_until, now);
+            let code = key::status(&entry.key, entry.secret_valid_until(), now);
             if code != VerifyCode::Valid || ask.want == 0 {
                 answers.push(answer(code, None, false, now));
                 continue;
             }
             let spent = self.usage.spent(&ask.key_id, entry.key.spent_micros);
-            if limits::budget_exceeded(entry.key.max_budget_micros, spent)
+            if limits::budget_exceeded(entry.key.max_budget_micros(), spent)
                 || self.budget_shared_exceeded(&entry, now).await?
             {
                 answers.push(answer(VerifyCode::BudgetExceeded, None, false, now));
@@ -293,7 +293,7 @@ impl Verifier {
         let now = self.clock.now();
         let code = key::decide(
             &entry.key,
-            entry.secret_valid_until,
+            entry.secret_valid_until(),
             &entry.effective_scopes,
             request,
             now,
@@ -311,9 +311,9 @@ impl Verifier {
                 decided_at: now,
             });
         }
-        let key_id = entry.key.key_id.as_str();
+        let key_id = &*entry.key.key_id;
         let spent_micros = self.usage.spent(key_id, entry.key.spent_micros);
-        if limits::budget_exceeded(entry.key.max_budget_micros, spent_micros)
+        if limits::budget_exceeded(entry.key.max_budget_micros(), spent_micros)
             || self.budget_shared_exceeded(&entry, now).await?
         {
             return Ok(Verdict {
@@ -367,10 +367,10 @@ impl Verifier {
         entry: &CachedKey,
         now: Micros,
     ) -> Result<bool, LimiterError> {
-        let Some(max_micros) = entry.key.max_budget_micros else {
+        let Some(max_micros) = entry.key.max_budget_micros() else {
             return Ok(false);
         };
-        let key_id = entry.key.key_id.as_str();
+        let key_id = &*entry.key.key_id;
         let budget = Budget {
             max_micros,
             persisted_micros: self.usage.persisted(key_id, entry.key.spent_micros),
@@ -417,7 +417,7 @@ impl Verifier {
                 ),
                 limits,
                 key: found.key.into(),
-                secret_valid_until: found.valid_until,
+                secret_valid_until_or_max: found.valid_until.unwrap_or(Micros::MAX),
             })
         });
         self.cache.complete_fill(ticket, found.clone());

@@ -80,15 +80,21 @@ pub struct KeyRecord {
 /// the whole record per cached key (`tests/memory.rs` counts it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiableKey {
-    pub key_id: String,
-    pub workspace_id: String,
+    pub key_id: Box<str>,
+    pub workspace_id: Box<str>,
     pub environment: Environment,
-    pub scopes: Vec<String>,
+    pub scopes: Box<[String]>,
     pub owner: Owner,
-    pub expires_at: Option<Micros>,
-    pub revoked_at: Option<Micros>,
-    pub deleted_at: Option<Micros>,
-    pub max_budget_micros: Option<u64>,
+    /// `Micros::MAX` when the key never expires (one word instead of an `Option`'s two;
+    /// read it with [`VerifiableKey::expires_at`]).
+    expires_at: Micros,
+    /// Whether the key was revoked, or deleted (when is the record's: a cached key
+    /// needs only whether).
+    pub revoked: bool,
+    pub deleted: bool,
+    /// `u64::MAX` when the key has no budget (budgets are far below it); read it with
+    /// [`VerifiableKey::max_budget_micros`].
+    max_budget_micros: u64,
     /// Persisted spend when the record was read.
     pub spent_micros: u64,
     /// `None` when the key has none of them (most keys): one pointer instead of the
@@ -116,6 +122,14 @@ static NO_EXTRAS: KeyExtras = KeyExtras {
 };
 
 impl VerifiableKey {
+    pub fn expires_at(&self) -> Option<Micros> {
+        (self.expires_at != Micros::MAX).then_some(self.expires_at)
+    }
+
+    pub fn max_budget_micros(&self) -> Option<u64> {
+        (self.max_budget_micros != u64::MAX).then_some(self.max_budget_micros)
+    }
+
     fn extras(&self) -> &KeyExtras {
         self.extras.as_deref().unwrap_or(&NO_EXTRAS)
     }
@@ -147,15 +161,15 @@ impl From<KeyRecord> for VerifiableKey {
             team_access: r.team_access,
         };
         VerifiableKey {
-            key_id: r.key_id,
-            workspace_id: r.workspace_id,
+            key_id: r.key_id.into_boxed_str(),
+            workspace_id: r.workspace_id.into_boxed_str(),
             environment: r.environment,
-            scopes: r.scopes,
+            scopes: r.scopes.into_boxed_slice(),
             owner: r.owner,
-            expires_at: r.expires_at,
-            revoked_at: r.revoked_at,
-            deleted_at: r.deleted_at,
-            max_budget_micros: r.max_budget_micros,
+            expires_at: r.expires_at.unwrap_or(Micros::MAX),
+            revoked: r.revoked_at.is_some(),
+            deleted: r.deleted_at.is_some(),
+            max_budget_micros: r.max_budget_micros.unwrap_or(u64::MAX),
             spent_micros: r.spent_micros,
             extras: (extras != NO_EXTRAS).then(|| Box::new(extras)),
         }
@@ -274,11 +288,11 @@ pub fn decide(
 /// checks of [`decide`]; a quota lease is judged by these alone (the holder's cached
 /// answers judge the rest).
 pub fn status(key: &VerifiableKey, secret_valid_until: Option<Micros>, now: Micros) -> VerifyCode {
-    if key.deleted_at.is_some() {
+    if key.deleted {
         VerifyCode::NotFound
-    } else if key.revoked_at.is_some() || secret_valid_until.is_some_and(|until| now >= until) {
+    } else if key.revoked || secret_valid_until.is_some_and(|until| now >= until) {
         VerifyCode::Revoked
-    } else if key.expires_at.is_some_and(|e| now >= e) {
+    } else if key.expires_at().is_some_and(|e| now >= e) {
         VerifyCode::Expired
     } else {
         VerifyCode::Valid
