@@ -1,7 +1,9 @@
 //! Quota leases through real servers: two replicas lease one key's limit from real Redis
 //! and decide locally, together admitting at most the limit in a window and, under
 //! saturation, at least 90% of it; so do two replicas and two edge Verifiers leasing from
-//! them (LeaseQuota) together; a lowered limit is judged at once on the next call.
+//! them (LeaseQuota) together; a lowered limit is judged at once on the next call; a
+//! revoke mid-run ends every holder's lease; budgets and token windows hold across
+//! replicas, decided from allowances of spend and tokens.
 //!
 //! The windows are the test's manual clock (standing still, then moved past a whole
 //! window); the leases' lives are real time, as they are in production. Demand runs for
@@ -250,6 +252,78 @@ async fn two_replicas_and_two_edges_leasing_admit_at_most_the_limit_and_nearly_a
         second * 10 >= L * 9,
         "only {second} admitted in the next window"
     );
+    for edge in &edges {
+        edge.shutdown().await;
+    }
+    b.shutdown().await.unwrap();
+}
+
+/// A revoke in the middle of the demand ends every holder's lease, though each still had
+/// room: the replica that revoked refuses its next call; the other replica refuses once
+/// its log reader has the event, and never admits after that; each edge refuses its next
+/// call once the event has reached it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_mid_run_ends_the_lease_of_every_holder() {
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| leasing_from_redis(s, &prefix)).await;
+    let (b, b_channel) = second_replica(&app, &prefix).await;
+    let issued = app
+        .issue_with(|r| r.rate_limits = vec![rpm(1_000_000)])
+        .await;
+    let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
+    let edges = [edge_on(&app.channel).await, edge_on(&b_channel).await];
+    for channel in [&app.channel, &b_channel] {
+        for _ in 0..5 {
+            assert_eq!(code_of(channel, &issued.key).await, VerifyCode::Valid);
+        }
+    }
+    for edge in &edges {
+        for _ in 0..5 {
+            assert_eq!(
+                code(&edge.verify(&issued.key, &[]).await.unwrap()),
+                VerifyCode::Valid
+            );
+        }
+        assert!(edge.stats().leased >= 1, "{:?}", edge.stats());
+    }
+    let events: Vec<u64> = edges.iter().map(|e| e.stats().events).collect();
+    app.admin()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id,
+            actor: Some(actor()),
+            reason: "leaked".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code_of(&app.channel, &issued.key).await,
+        VerifyCode::Revoked
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match code_of(&b_channel, &issued.key).await {
+            VerifyCode::Revoked => break,
+            VerifyCode::Valid => assert!(
+                Instant::now() < deadline,
+                "the other replica still admits 10 s after the revoke"
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(code_of(&b_channel, &issued.key).await, VerifyCode::Revoked);
+    }
+    for (edge, before) in edges.iter().zip(events) {
+        while edge.stats().events <= before {
+            assert!(Instant::now() < deadline, "an edge never got the revoke");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            code(&edge.verify(&issued.key, &[]).await.unwrap()),
+            VerifyCode::Revoked
+        );
+    }
     for edge in &edges {
         edge.shutdown().await;
     }

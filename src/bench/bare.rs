@@ -1,7 +1,7 @@
 //! The transport's floor: a bare tonic server, the same tonic as Keywarden's, serving
 //! `VerifyService` with one method that does nothing (`Ping`) and no layers at all (no
 //! caller authentication, timing, timeout, metrics, tracing, health or reflection).
-//! Every other method is UNIMPLEMENTED. The bench starts it as a process of its own
+//! Every other method is UNIMPLEMENTED. Its sockets are TCP_NODELAY, as Keywarden's are. The bench starts it as a process of its own
 //! (`keywarden bench-bare-server`), as it starts Keywarden, and calls the same path.
 
 use std::net::SocketAddr;
@@ -59,9 +59,13 @@ impl VerifyService for BareVerify {
 pub async fn serve(listen: SocketAddr) -> Result<(), BoxError> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on {}", listener.local_addr()?);
+    // TCP_NODELAY on the accepted sockets, as Keywarden's server sets it: a transport
+    // setting, not a layer, and without it Nagle holds answers back (the bare server
+    // then read at a third of Keywarden's rate through h2load).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(VerifyServiceServer::new(BareVerify))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(incoming)
         .await?;
     Ok(())
 }
