@@ -170,7 +170,7 @@ impl Verifier {
                 life: leasing.life,
             };
             let entry = match self.entry(&ask.hash).await? {
-                Some(entry) if *entry.key.key_id == *ask.key_id => entry,
+                Some(entry) if entry.key.key_id == ask.key_id => entry,
                 // A hash of another key is that key's business, not this one's.
                 _ => {
                     answers.push(answer(VerifyCode::NotFound, None, false, 0));
@@ -311,7 +311,7 @@ impl Verifier {
                 decided_at: now,
             });
         }
-        let key_id = &*entry.key.key_id;
+        let key_id = entry.key.key_id.as_str();
         let spent_micros = self.usage.spent(key_id, entry.key.spent_micros);
         if limits::budget_exceeded(entry.key.max_budget_micros(), spent_micros)
             || self.budget_shared_exceeded(&entry, now).await?
@@ -370,7 +370,7 @@ impl Verifier {
         let Some(max_micros) = entry.key.max_budget_micros() else {
             return Ok(false);
         };
-        let key_id = &*entry.key.key_id;
+        let key_id = entry.key.key_id.as_str();
         let budget = Budget {
             max_micros,
             persisted_micros: self.usage.persisted(key_id, entry.key.spent_micros),

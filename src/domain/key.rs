@@ -80,10 +80,10 @@ pub struct KeyRecord {
 /// the whole record per cached key (`tests/memory.rs` counts it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiableKey {
-    pub key_id: Box<str>,
-    pub workspace_id: Box<str>,
+    pub key_id: String,
+    pub workspace_id: String,
     pub environment: Environment,
-    pub scopes: Box<[String]>,
+    pub scopes: Vec<String>,
     pub owner: Owner,
     /// `Micros::MAX` when the key never expires (one word instead of an `Option`'s two;
     /// read it with [`VerifiableKey::expires_at`]).
@@ -161,10 +161,10 @@ impl From<KeyRecord> for VerifiableKey {
             team_access: r.team_access,
         };
         VerifiableKey {
-            key_id: r.key_id.into_boxed_str(),
-            workspace_id: r.workspace_id.into_boxed_str(),
+            key_id: r.key_id,
+            workspace_id: r.workspace_id,
             environment: r.environment,
-            scopes: r.scopes.into_boxed_slice(),
+            scopes: r.scopes,
             owner: r.owner,
             expires_at: r.expires_at.unwrap_or(Micros::MAX),
             revoked: r.revoked_at.is_some(),

@@ -381,10 +381,13 @@ enum SpendOp {
     Record { spend: u64 },
 }
 
-/// Where a key's grants are registered, by id (amount and buckets): beside its windows,
-/// under the same hash tag.
+/// Where a key's grants are registered, by id (requests, tokens and buckets): beside its
+/// windows, under the same hash tag. Named for its format: grants registered by a
+/// replica of an older format (`grants`, without tokens) are never read as this one's;
+/// during a rolling upgrade each replica settles its own, and the others' stay counted
+/// until they leave their window (never an over-admission).
 fn registry_key(prefix: &str, key_id: &str) -> String {
-    format!("{prefix}:rl:{{{key_id}}}:grants")
+    format!("{prefix}:rl:{{{key_id}}}:grants2")
 }
 
 /// A window's unit as the scripts take it.

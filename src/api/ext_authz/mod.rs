@@ -62,7 +62,7 @@ impl ExtAuthzApi {
             .verify(presented, &request, 1)
             .await
             .map_err(|e| verify_status(&e))?;
-        let key_id = verdict.key.as_ref().map(|e| &*e.key.key_id);
+        let key_id = verdict.key.as_ref().map(|e| e.key.key_id.as_str());
         match Denial::of(verdict.code) {
             None => {
                 let Some(entry) = verdict.key.as_ref() else {
