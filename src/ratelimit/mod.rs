@@ -4,10 +4,11 @@
 //! - [`memory::MemoryLimiter`] (default): this replica's own counters. No IO and no
 //!   global lock: one small mutex per key, held for the arithmetic only. With several
 //!   replicas each admits up to the limit on its own.
-//! - [`redis::RedisLimiter`]: counters shared by every replica in Redis, one atomic Lua
-//!   script per decision (one round trip), so replicas together admit at most the limit.
-//!   Behind a [`breaker::CircuitBreaker`]: a Redis that hangs costs a few calls their
-//!   response timeout, not every call.
+//! - [`redis::RedisLimiter`]: counters shared by every replica in Redis, so replicas
+//!   together admit at most the limit: one atomic Lua script per lease through
+//!   [`leased::LeasedLimiter`] (the default), or per decision with leases off. Behind a
+//!   [`breaker::CircuitBreaker`]: a Redis that hangs costs a few calls their response
+//!   timeout, not every call.
 //!
 //! Budgets are judged first by the replica's usage book; with Redis, also by the spend
 //! every replica shares there ([`RateLimiter::check_budget`]), leased as allowances of
