@@ -65,6 +65,15 @@ type Accounts = HashMap<String, Account, foldhash::quality::RandomState>;
 
 type KeyIds = HashSet<String, foldhash::quality::RandomState>;
 
+/// A key's spend as one replica sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spend {
+    /// The largest persisted figure seen plus what this replica has not written.
+    pub total: u64,
+    /// The largest persisted figure seen (what seeds spend shared by replicas).
+    pub persisted: u64,
+}
+
 pub struct UsageBook {
     shards: Box<[Mutex<Accounts>]>,
     /// How long an idle account with nothing unwritten is kept: longer than any cached key
@@ -146,18 +155,22 @@ impl UsageBook {
         self.shard(key_id).contains_key(key_id)
     }
 
-    /// The key's spend as this replica sees it, given the persisted spend of its record.
-    pub fn spent(&self, key_id: &str, persisted: u64) -> u64 {
-        self.shard(key_id).get(key_id).map_or(persisted, |a| {
-            total(a.persisted.max(persisted), a.unwritten_spend)
-        })
-    }
-
-    /// The largest stored spend this replica has seen for the key, given its record's.
-    pub fn persisted(&self, key_id: &str, persisted: u64) -> u64 {
-        self.shard(key_id)
-            .get(key_id)
-            .map_or(persisted, |a| a.persisted.max(persisted))
+    /// The key's spend as this replica sees it, given the persisted spend of its record:
+    /// one lookup for both figures a budget decision needs.
+    pub fn spend(&self, key_id: &str, persisted: u64) -> Spend {
+        self.shard(key_id).get(key_id).map_or(
+            Spend {
+                total: persisted,
+                persisted,
+            },
+            |a| {
+                let persisted = a.persisted.max(persisted);
+                Spend {
+                    total: total(persisted, a.unwritten_spend),
+                    persisted,
+                }
+            },
+        )
     }
 
     /// Writes unwritten spend and the last uses that moved by [`LAST_USE_RESOLUTION`]
@@ -372,7 +385,7 @@ mod tests {
             1
         );
         assert_eq!(last_used().await, Some(t0 + 70 * S));
-        assert_eq!(book.spent(&key_id, 0), 5);
+        assert_eq!(book.spend(&key_id, 0).total, 5);
         assert_eq!(
             book.flush(store.as_ref(), t0 + 71 * S, true).await.written,
             0
@@ -466,9 +479,9 @@ mod tests {
             [0]
         );
         // Written once: nothing of theirs is left to write again.
-        assert_eq!(book.spent(&others[0], 10), 10);
+        assert_eq!(book.spend(&others[0], 10).total, 10);
         assert_eq!(
-            book.spent(&refused, 0),
+            book.spend(&refused, 0).total,
             10,
             "the refused key's spend is kept"
         );
@@ -490,7 +503,7 @@ mod tests {
         assert_eq!((flushed.written, flushed.kept), (1, 0));
         assert!(flushed.error.is_none());
         assert_eq!(persisted(store.as_ref(), &ids).await, [11; 7]);
-        assert_eq!(book.spent(&refused, 11), 11);
+        assert_eq!(book.spend(&refused, 11).total, 11);
         assert_eq!(book.flush(store.as_ref(), 8, true).await.written, 0);
     }
 
@@ -529,21 +542,21 @@ mod tests {
         assert_eq!(book.add_spend("key_a", 5, Some(near), 0), near + 5);
         assert_eq!(book.add_spend("key_a", 1_000, None, 0), MAX_SPEND_MICROS);
         assert_eq!(book.add_spend("key_a", u64::MAX, None, 0), MAX_SPEND_MICROS);
-        assert_eq!(book.spent("key_a", 0), MAX_SPEND_MICROS);
+        assert_eq!(book.spend("key_a", 0).total, MAX_SPEND_MICROS);
         // A total stored above the ceiling (before there was one) is not lowered.
-        assert_eq!(book.spent("key_a", u64::MAX), u64::MAX);
+        assert_eq!(book.spend("key_a", u64::MAX).total, u64::MAX);
     }
 
     #[test]
     fn spend_adds_to_the_fresher_persisted_figure() {
         let book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
-        assert_eq!(book.spent("key_a", 40), 40);
+        assert_eq!(book.spend("key_a", 40).total, 40);
         assert_eq!(book.add_spend("key_a", 10, Some(40), 0), 50);
-        assert_eq!(book.spent("key_a", 40), 50);
+        assert_eq!(book.spend("key_a", 40).total, 50);
         // A stale record does not lower it; a fresher one (another replica wrote 100
         // more) raises it.
-        assert_eq!(book.spent("key_a", 0), 50);
-        assert_eq!(book.spent("key_a", 140), 150);
+        assert_eq!(book.spend("key_a", 0).total, 50);
+        assert_eq!(book.spend("key_a", 140).total, 150);
         assert!(!book.knows("key_b"));
         book.mark_used("key_b", 7, 5);
         assert!(book.knows("key_b"));

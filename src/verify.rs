@@ -191,10 +191,7 @@ impl Verifier {
                 answers.push(answer(code, None, false, now));
                 continue;
             }
-            let spent = self.usage.spent(&ask.key_id, entry.key.spent_micros);
-            if limits::budget_exceeded(entry.key.max_budget_micros(), spent)
-                || self.budget_shared_exceeded(&entry, now).await?
-            {
+            if self.budget(&entry, now).await?.1 {
                 answers.push(answer(VerifyCode::BudgetExceeded, None, false, now));
                 continue;
             }
@@ -248,7 +245,7 @@ impl Verifier {
         let reported = Reported {
             tokens,
             spend_micros,
-            persisted_micros: persisted.unwrap_or_else(|| self.usage.persisted(key_id, 0)),
+            persisted_micros: persisted.unwrap_or_else(|| self.usage.spend(key_id, 0).persisted),
         };
         self.limiter.record_usage(key_id, reported, now).await?;
         Ok(Some(self.usage.add_spend(
@@ -312,10 +309,8 @@ impl Verifier {
             });
         }
         let key_id = entry.key.key_id.as_str();
-        let spent_micros = self.usage.spent(key_id, entry.key.spent_micros);
-        if limits::budget_exceeded(entry.key.max_budget_micros(), spent_micros)
-            || self.budget_shared_exceeded(&entry, now).await?
-        {
+        let (spent_micros, over_budget) = self.budget(&entry, now).await?;
+        if over_budget {
             return Ok(Verdict {
                 code: VerifyCode::BudgetExceeded,
                 key: Some(entry),
@@ -360,23 +355,24 @@ impl Verifier {
         })
     }
 
-    /// Whether the spend shared with other replicas (and their outstanding allowances)
-    /// has reached the key's budget: the limiter's judgement, past this replica's own.
-    async fn budget_shared_exceeded(
-        &self,
-        entry: &CachedKey,
-        now: Micros,
-    ) -> Result<bool, LimiterError> {
-        let Some(max_micros) = entry.key.max_budget_micros() else {
-            return Ok(false);
-        };
+    /// The key's spend as this replica sees it, and whether its budget is reached: by
+    /// that spend, or past it by the spend every replica shares and their outstanding
+    /// allowances (the limiter's judgement; the memory backend shares none).
+    async fn budget(&self, entry: &CachedKey, now: Micros) -> Result<(u64, bool), LimiterError> {
         let key_id = entry.key.key_id.as_str();
+        let spend = self.usage.spend(key_id, entry.key.spent_micros);
+        let Some(max_micros) = entry.key.max_budget_micros() else {
+            return Ok((spend.total, false));
+        };
+        if limits::budget_exceeded(Some(max_micros), spend.total) {
+            return Ok((spend.total, true));
+        }
         let budget = Budget {
             max_micros,
-            persisted_micros: self.usage.persisted(key_id, entry.key.spent_micros),
+            persisted_micros: spend.persisted,
         };
         let check = self.limiter.check_budget(key_id, budget, now).await?;
-        Ok(check == BudgetCheck::Exceeded)
+        Ok((spend.total, check == BudgetCheck::Exceeded))
     }
 
     /// The key a secret hash belongs to, from the cache or filled into it.
