@@ -282,14 +282,7 @@ impl LeasedLimiter {
     /// lease's life with a margin, plus `cost`; capped at half the tightest limit. Tokens
     /// at least a thousandth of the tightest token limit, none without a token window.
     fn want(&self, limits: &[RateLimit], s: &Slot, since: Option<Instant>, cost: u64) -> Amounts {
-        let life = self.settings.life.as_secs_f64();
-        let expected = |seen: u64, first: u64| match since {
-            Some(at) => {
-                let elapsed = at.elapsed().as_secs_f64().max(life / 20.0);
-                (seen as f64 / elapsed * life * 1.5).ceil() as u64
-            }
-            None => first,
-        };
+        let expected = |seen: u64, first: u64| since.map_or(first, |at| self.expected(seen, at));
         let tightest = |unit| {
             limits
                 .iter()
@@ -310,6 +303,20 @@ impl LeasedLimiter {
                 .min((l / 2).max(1))
         });
         Amounts { requests, tokens }
+    }
+
+    /// What `seen` (calls, tokens or spend since `since`) comes to over one lease life at
+    /// the same rate (the time since counted as at least a twentieth of a life).
+    fn per_life(&self, seen: u64, since: Instant) -> f64 {
+        let life = self.settings.life.as_secs_f64();
+        let elapsed = since.elapsed().as_secs_f64().max(life / 20.0);
+        seen as f64 / elapsed * life
+    }
+
+    /// What to ask for, having seen `seen` since `since`: a lease life's worth, and half
+    /// again as margin.
+    fn expected(&self, seen: u64, since: Instant) -> u64 {
+        (self.per_life(seen, since) * 1.5).ceil() as u64
     }
 
     /// Settles `lease` in the background.
@@ -490,11 +497,7 @@ impl LeasedLimiter {
     /// a lease's life with a margin; at least a thousandth of the budget (the authority
     /// grants at most half of what is left).
     fn want_spend(&self, budget: Budget, reported: u64, since: Option<Instant>) -> u64 {
-        let life = self.settings.life.as_secs_f64();
-        let expected = since.map_or(0, |at| {
-            let elapsed = at.elapsed().as_secs_f64().max(life / 20.0);
-            (reported as f64 / elapsed * life * 1.5).ceil() as u64
-        });
+        let expected = since.map_or(0, |at| self.expected(reported, at));
         expected.max(budget.max_micros / 1000).max(1)
     }
 
@@ -670,10 +673,7 @@ impl RateLimiter for Leases {
                 let tokens_low =
                     tokens && lease.tokens_used.saturating_mul(2) >= lease.record.tokens;
                 // Ask ahead while the key is in use, so its calls never wait.
-                let life = this.settings.life.as_secs_f64();
-                let elapsed = asked_at.elapsed().as_secs_f64().max(life / 20.0);
-                let rate = s.demand as f64 / elapsed;
-                let soon = left as f64 <= rate * life / 2.0
+                let soon = left as f64 <= this.per_life(s.demand, asked_at) / 2.0
                     || tokens_low
                     || ends - at <= this.settings.life / 3;
                 if soon && !s.asking {
