@@ -5,10 +5,8 @@
 //! (`keywarden bench-bare-server`), as it starts Keywarden, and calls the same path.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic::{Request, Response, Status};
 
@@ -72,23 +70,7 @@ pub async fn serve(listen: SocketAddr) -> Result<(), BoxError> {
 
 /// Starts the bare server as a process of its own on a free loopback port.
 pub async fn start() -> Result<ServerProcess, BoxError> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["bench-bare-server", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(addr) = line.strip_prefix("listening on ") {
-                return Ok::<SocketAddr, BoxError>(addr.trim().parse()?);
-            }
-        }
-        Err("the bare server exited before listening".into())
-    })
-    .await??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(ServerProcess::started(child, addr))
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(["bench-bare-server", "--listen", "127.0.0.1:0"]);
+    ServerProcess::spawn(command, Duration::from_secs(30)).await
 }

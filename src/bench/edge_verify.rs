@@ -78,15 +78,7 @@ pub async fn run(
     if keys.is_empty() {
         return Err("edge-verify: no keys".into());
     }
-    let config = EdgeConfig::new(tokens.verifier.clone(), tokens.edge.clone());
-    let edge = Arc::new(Verifier::connect_to(
-        &format!("http://{}", server.addr),
-        config,
-    )?);
-    if !edge.wait_connected(Duration::from_secs(10)).await {
-        edge.shutdown().await;
-        return Err("edge-verify: the edge did not catch up with the revocation stream".into());
-    }
+    let edge = connect_edge(server, tokens).await?;
 
     // Until a whole round is admitted from leases: the first call of each key goes to
     // the server and fills the cache, and its lease is asked for in the background.
@@ -151,6 +143,27 @@ pub async fn run(
         edge_count,
         hash_count,
     ))
+}
+
+/// An edge `Verifier` in this process following `server`, caught up with its stream.
+pub(super) async fn connect_edge(
+    server: &ServerProcess,
+    tokens: &Tokens,
+) -> Result<Arc<Verifier>, BoxError> {
+    let config = EdgeConfig::new(tokens.verifier.clone(), tokens.edge.clone());
+    let edge = Arc::new(Verifier::connect_to(
+        &format!("http://{}", server.addr),
+        config,
+    )?);
+    if !edge.wait_connected(Duration::from_secs(10)).await {
+        edge.shutdown().await;
+        return Err(format!(
+            "the edge following {} did not catch up with its revocation stream",
+            server.addr
+        )
+        .into());
+    }
+    Ok(edge)
 }
 
 fn report(

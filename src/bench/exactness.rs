@@ -9,6 +9,7 @@
 //! costs). The run lasts at least [`MIN_RUN`], several lease lives, so parked quota has
 //! gone back and been granted again.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,7 +18,6 @@ use serde::Serialize;
 
 use super::BoxError;
 use super::server::{ServerProcess, Tokens};
-use crate::edge::{EdgeConfig, Verifier};
 use crate::proto;
 
 /// Requests per minute of each key.
@@ -69,77 +69,43 @@ pub async fn run(
     }
     let keys = Arc::new(keys);
 
-    let mut edges = Vec::new();
-    for server in [a, b] {
-        let config = EdgeConfig::new(tokens.verifier.clone(), tokens.edge.clone());
-        let edge = Arc::new(Verifier::connect_to(
-            &format!("http://{}", server.addr),
-            config,
-        )?);
-        if !edge.wait_connected(Duration::from_secs(10)).await {
-            edge.shutdown().await;
-            return Err("exactness: an edge did not catch up with its revocation stream".into());
-        }
-        edges.push(edge);
-    }
+    let edges = [
+        super::edge_verify::connect_edge(a, tokens).await?,
+        super::edge_verify::connect_edge(b, tokens).await?,
+    ];
 
-    let admitted: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
-    let (calls, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let tally = Tally {
+        admitted: Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect()),
+        calls: Arc::default(),
+        errors: Arc::default(),
+    };
     let started = Instant::now();
     let until = started + duration;
     let mut tasks = Vec::new();
     for task in 0..CALLERS {
         for clients in [&clients_a, &clients_b] {
-            let mut verifier = clients.verifiers.first().ok_or("no client")?.clone();
-            let (keys, admitted, calls, errors) = (
-                keys.clone(),
-                admitted.clone(),
-                calls.clone(),
-                errors.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut n = task;
-                while Instant::now() < until {
-                    n += 1;
-                    let i = n % keys.len();
+            let verifier = clients.verifiers.first().ok_or("no client")?.clone();
+            tasks.push(tally.spawn_caller(keys.clone(), task, until, move |key| {
+                let mut verifier = verifier.clone();
+                async move {
                     let request = proto::VerifyKeyRequest {
-                        key: keys[i].clone(),
+                        key,
                         ..Default::default()
                     };
-                    let answer = verifier.verify_key(request).await.map(|r| r.into_inner());
-                    tally(
-                        answer.ok().map(|r| (r.valid, r.code)),
-                        i,
-                        &admitted,
-                        &errors,
-                    );
-                    calls.fetch_add(1, Ordering::Relaxed);
+                    let r = verifier.verify_key(request).await.ok()?.into_inner();
+                    Some((r.valid, r.code))
                 }
             }));
         }
         for edge in &edges {
-            let (edge, keys, admitted, calls, errors) = (
-                edge.clone(),
-                keys.clone(),
-                admitted.clone(),
-                calls.clone(),
-                errors.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut n = task;
-                while Instant::now() < until {
-                    n += 1;
-                    let i = n % keys.len();
-                    let answer = edge.verify(&keys[i], &[]).await;
-                    tally(
-                        answer.ok().map(|r| (r.valid, r.code)),
-                        i,
-                        &admitted,
-                        &errors,
-                    );
-                    calls.fetch_add(1, Ordering::Relaxed);
+            let edge = edge.clone();
+            tasks.push(tally.spawn_caller(keys.clone(), task, until, move |key| {
+                let edge = edge.clone();
+                async move {
+                    let answer = edge.verify(&key, &[]).await;
                     // Cached refusals take no time: let the other callers run.
                     tokio::task::yield_now().await;
+                    answer.ok().map(|r| (r.valid, r.code))
                 }
             }));
         }
@@ -151,7 +117,11 @@ pub async fn run(
     for edge in edges {
         edge.shutdown().await;
     }
-    let admitted: Vec<u64> = admitted.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    let admitted: Vec<u64> = tally
+        .admitted
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .collect();
     let ratio = |n: u64| n as f64 / LIMIT as f64;
     Ok(ExactnessReport {
         keys: KEYS,
@@ -160,21 +130,57 @@ pub async fn run(
         max_ratio: ratio(admitted.iter().copied().max().unwrap_or(0)),
         min_ratio: ratio(admitted.iter().copied().min().unwrap_or(0)),
         admitted,
-        calls: calls.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
+        calls: tally.calls.load(Ordering::Relaxed),
+        errors: tally.errors.load(Ordering::Relaxed),
     })
 }
 
-/// Counts an answer: VALID as admitted for key `i`, RATE_LIMITED as a refusal, anything
-/// else (or no answer) as an error.
-fn tally(answer: Option<(bool, i32)>, i: usize, admitted: &[AtomicU64], errors: &AtomicU64) {
-    match answer {
-        Some((true, _)) => {
-            admitted[i].fetch_add(1, Ordering::Relaxed);
+/// What every caller counts into: admitted calls per key, calls, and errors.
+#[derive(Clone)]
+struct Tally {
+    admitted: Arc<Vec<AtomicU64>>,
+    calls: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+}
+
+impl Tally {
+    /// A caller verifying `keys` in turn (from the `task`-th) with `verify` until
+    /// `until`. `verify` answers `(valid, code)`, or `None` for a failed call.
+    fn spawn_caller<F, Fut>(
+        &self,
+        keys: Arc<Vec<String>>,
+        task: usize,
+        until: Instant,
+        verify: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(String) -> Fut + Send + 'static,
+        Fut: Future<Output = Option<(bool, i32)>> + Send,
+    {
+        let tally = self.clone();
+        tokio::spawn(async move {
+            let mut n = task;
+            while Instant::now() < until {
+                n += 1;
+                let i = n % keys.len();
+                let answer = verify(keys[i].clone()).await;
+                tally.count(answer, i);
+            }
+        })
+    }
+
+    /// VALID counts as admitted for key `i`, RATE_LIMITED as a refusal, anything else
+    /// (or no answer) as an error.
+    fn count(&self, answer: Option<(bool, i32)>, i: usize) {
+        match answer {
+            Some((true, _)) => {
+                self.admitted[i].fetch_add(1, Ordering::Relaxed);
+            }
+            Some((false, code)) if code == proto::VerifyCode::RateLimited as i32 => {}
+            _ => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        Some((false, code)) if code == proto::VerifyCode::RateLimited as i32 => {}
-        _ => {
-            errors.fetch_add(1, Ordering::Relaxed);
-        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -90,18 +90,33 @@ impl Launcher<'_> {
                 limits.config(),
             ),
         )?;
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut command = Command::new(std::env::current_exe()?);
+        command
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
-            .env_remove("KEYWARDEN_DATABASE_URL")
+            .env_remove("KEYWARDEN_DATABASE_URL");
+        ServerProcess::spawn(command, Duration::from_secs(60)).await
+    }
+}
+
+impl ServerProcess {
+    /// A server started by someone else, at `addr`: never stopped by the benchmark.
+    pub fn external(addr: SocketAddr) -> ServerProcess {
+        ServerProcess { child: None, addr }
+    }
+
+    /// Starts `command` (this binary, serving on a free port) and waits, at most
+    /// `timeout`, for the `listening on <addr>` line it prints once bound.
+    pub async fn spawn(mut command: Command, timeout: Duration) -> Result<ServerProcess, BoxError> {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        let addr = tokio::time::timeout(timeout, async {
             while let Some(line) = lines.next_line().await? {
                 if let Some(addr) = line.strip_prefix("listening on ") {
                     return Ok::<_, BoxError>(addr.trim().parse()?);
@@ -116,21 +131,6 @@ impl Launcher<'_> {
             child: Some(child),
             addr,
         })
-    }
-}
-
-impl ServerProcess {
-    /// A server started by someone else, at `addr`: never stopped by the benchmark.
-    pub fn external(addr: SocketAddr) -> ServerProcess {
-        ServerProcess { child: None, addr }
-    }
-
-    /// A process this benchmark started, serving at `addr`.
-    pub fn started(child: tokio::process::Child, addr: SocketAddr) -> ServerProcess {
-        ServerProcess {
-            child: Some(child),
-            addr,
-        }
     }
 
     /// The server's process id, if this benchmark started it.
