@@ -364,6 +364,33 @@ async fn use_until_refused(
     }
 }
 
+/// One caller per replica in `channels`, each as `use_until_refused` (quiet for three
+/// lease lives), at once; returns the calls admitted by all of them.
+async fn use_at_each_until_refused(
+    channels: [Channel; 2],
+    key: &str,
+    usage: proto::ReportUsageRequest,
+    refusal: VerifyCode,
+) -> u64 {
+    let tasks: Vec<_> = channels
+        .into_iter()
+        .map(|channel| {
+            tokio::spawn(use_until_refused(
+                channel,
+                key.to_owned(),
+                usage.clone(),
+                refusal,
+                LIFE * 3,
+            ))
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    admitted
+}
+
 /// A budget holds across replicas: each judges it from an allowance of spend leased
 /// from Redis, never from its own spend alone. Two replicas that never see each other's
 /// spend in storage (their usage is written once an hour) together admit calls worth at
@@ -400,26 +427,18 @@ async fn a_budget_is_shared_by_replicas(leasing: bool) {
             r.max_budget_micros = Some(BUDGET);
         })
         .await;
-    let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
-    let mut tasks = Vec::new();
-    for channel in [app.channel.clone(), b_channel.clone()] {
-        let usage = proto::ReportUsageRequest {
-            key_id: key_id.clone(),
-            spend_micros: SPEND,
-            ..Default::default()
-        };
-        tasks.push(tokio::spawn(use_until_refused(
-            channel,
-            issued.key.clone(),
-            usage,
-            VerifyCode::BudgetExceeded,
-            LIFE * 3,
-        )));
-    }
-    let mut admitted = 0;
-    for t in tasks {
-        admitted += t.await.unwrap();
-    }
+    let usage = proto::ReportUsageRequest {
+        key_id: issued.key_info.as_ref().unwrap().key_id.clone(),
+        spend_micros: SPEND,
+        ..Default::default()
+    };
+    let admitted = use_at_each_until_refused(
+        [app.channel.clone(), b_channel.clone()],
+        &issued.key,
+        usage,
+        VerifyCode::BudgetExceeded,
+    )
+    .await;
     let callers = 2;
     assert!(
         admitted * SPEND <= BUDGET + callers * SPEND,
@@ -456,26 +475,18 @@ async fn a_token_window_is_shared_by_replicas_and_overrun_only_by_the_calls_in_f
             ];
         })
         .await;
-    let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
-    let mut tasks = Vec::new();
-    for channel in [app.channel.clone(), b_channel.clone()] {
-        let usage = proto::ReportUsageRequest {
-            key_id: key_id.clone(),
-            tokens: TOKENS,
-            ..Default::default()
-        };
-        tasks.push(tokio::spawn(use_until_refused(
-            channel,
-            issued.key.clone(),
-            usage,
-            VerifyCode::RateLimited,
-            LIFE * 3,
-        )));
-    }
-    let mut admitted = 0;
-    for t in tasks {
-        admitted += t.await.unwrap();
-    }
+    let usage = proto::ReportUsageRequest {
+        key_id: issued.key_info.as_ref().unwrap().key_id.clone(),
+        tokens: TOKENS,
+        ..Default::default()
+    };
+    let admitted = use_at_each_until_refused(
+        [app.channel.clone(), b_channel.clone()],
+        &issued.key,
+        usage,
+        VerifyCode::RateLimited,
+    )
+    .await;
     let callers = 2;
     assert!(
         admitted * TOKENS <= TPM + callers * TOKENS,
