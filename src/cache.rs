@@ -12,14 +12,24 @@
 //! happened since. Invalidation bumps the generation and removes the entry under the same
 //! shard lock, so the check-and-insert and the bump-and-remove cannot interleave.
 //!
-//! Reads ([`VerifyCache::get`]) take no lock of ours: they go straight to moka's
-//! concurrent map. The shard locks are held only for a few instructions and never across
+//! Reads ([`VerifyCache::get`]) take no lock of ours: they go straight to quick_cache's
+//! sharded map. The shard locks are held only for a few instructions and never across
 //! an await.
+//!
+//! # Why quick_cache, and TTLs judged on reading
+//!
+//! moka kept about 270 bytes of bookkeeping per entry (its deques, frequency sketch and
+//! timer wheel) and recorded every read for its background maintenance; quick_cache's
+//! S3-FIFO keeps an entry in a slab with a few bytes of state and reads under a shard's
+//! read lock. It has no time-to-live, so each entry carries when it was cached and a
+//! read past the TTL is a miss (the entry is then overwritten by the next fill, or
+//! evicted by capacity).
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use moka::sync::Cache;
+use quick_cache::UnitWeighter;
+use quick_cache::sync::{Cache, DefaultLifecycle};
 
 use crate::domain::Micros;
 use crate::domain::key::VerifiableKey;
@@ -86,30 +96,50 @@ pub struct FillTicket {
 /// fraction of the default SipHash's cost on the hot path. Seeded, so collisions cannot be
 /// worked out offline; foldhash claims no cryptographic strength, which is acceptable
 /// here because the keys are already SHA-256 outputs and a crowded bucket would cost
-/// lookups, never a wrong answer.
-type Hasher = foldhash::quality::RandomState;
+/// lookups, never a wrong answer. The edge's cache and lease book use it too.
+pub(crate) type Hasher = foldhash::quality::RandomState;
+
+/// A cache of `T` by secret hash, each entry with the millisecond (since the cache was
+/// made) it was cached at.
+type Timed<T> = Cache<KeyHash, (T, u64), UnitWeighter, Hasher>;
+
+fn timed<T: Clone>(capacity: u64) -> Timed<T> {
+    Cache::with(
+        usize::try_from(capacity).unwrap_or(usize::MAX),
+        capacity,
+        UnitWeighter,
+        Hasher::default(),
+        DefaultLifecycle::default(),
+    )
+}
 
 pub struct VerifyCache {
-    entries: Cache<KeyHash, Arc<CachedKey>, Hasher>,
-    missing: Cache<KeyHash, (), Hasher>,
+    entries: Timed<Arc<CachedKey>>,
+    missing: Timed<()>,
+    /// What the millisecond stamps count from.
+    epoch: Instant,
+    ttl_ms: u64,
+    negative_ttl_ms: u64,
     generations: Box<[Mutex<u64>]>,
     enabled: bool,
 }
 
 impl VerifyCache {
     pub fn new(sizes: CacheSizes) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         VerifyCache {
-            entries: Cache::builder()
-                .max_capacity(sizes.max_keys)
-                .time_to_live(sizes.ttl)
-                .build_with_hasher(Hasher::default()),
-            missing: Cache::builder()
-                .max_capacity(sizes.negative_max_keys)
-                .time_to_live(sizes.negative_ttl)
-                .build_with_hasher(Hasher::default()),
+            entries: timed(sizes.max_keys),
+            missing: timed(sizes.negative_max_keys),
+            epoch: Instant::now(),
+            ttl_ms: ms(sizes.ttl),
+            negative_ttl_ms: ms(sizes.negative_ttl),
             generations: (0..SHARDS).map(|_| Mutex::new(0)).collect(),
             enabled: true,
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// A cache that never holds anything: every VerifyKey reads the database. Only for
@@ -125,12 +155,14 @@ impl VerifyCache {
     }
 
     pub fn get(&self, hash: &KeyHash) -> Lookup {
-        if let Some(hit) = self.entries.get(hash) {
-            Lookup::Hit(hit)
-        } else if self.missing.contains_key(hash) {
-            Lookup::KnownMissing
-        } else {
-            Lookup::Miss
+        let now = self.now_ms();
+        let fresh = |at: u64, ttl: u64| now.saturating_sub(at) < ttl;
+        match self.entries.get(hash) {
+            Some((hit, at)) if fresh(at, self.ttl_ms) => Lookup::Hit(hit),
+            _ => match self.missing.get(hash) {
+                Some(((), at)) if fresh(at, self.negative_ttl_ms) => Lookup::KnownMissing,
+                _ => Lookup::Miss,
+            },
         }
     }
 
@@ -152,9 +184,10 @@ impl VerifyCache {
         if *generation != ticket.generation {
             return false;
         }
+        let now = self.now_ms();
         match found {
-            Some(entry) => self.entries.insert(ticket.hash, entry),
-            None => self.missing.insert(ticket.hash, ()),
+            Some(entry) => self.entries.insert(ticket.hash, (entry, now)),
+            None => self.missing.insert(ticket.hash, ((), now)),
         }
         true
     }
@@ -164,13 +197,13 @@ impl VerifyCache {
     pub fn invalidate(&self, hash: &KeyHash) {
         let mut generation = self.shard(hash);
         *generation = generation.wrapping_add(1);
-        self.entries.invalidate(hash);
-        self.missing.invalidate(hash);
+        self.entries.remove(hash);
+        self.missing.remove(hash);
     }
 
+    /// Entries held, stale ones included until they are overwritten or evicted.
     pub fn len(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        self.entries.entry_count()
+        self.entries.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
@@ -276,6 +309,21 @@ mod tests {
             // Whatever won before the invalidation was removed by it; whatever came after lost.
             assert!(matches!(cache.get(&h), Lookup::Miss));
         }
+    }
+
+    #[test]
+    fn an_entry_past_its_ttl_is_a_miss() {
+        let cache = VerifyCache::new(CacheSizes {
+            ttl: Duration::from_millis(1),
+            negative_ttl: Duration::from_millis(1),
+            ..CacheSizes::default()
+        });
+        let (a, b) = (KeyHash::of("a"), KeyHash::of("b"));
+        assert!(cache.complete_fill(cache.begin_fill(&a), Some(entry(false))));
+        assert!(cache.complete_fill(cache.begin_fill(&b), None));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(matches!(cache.get(&a), Lookup::Miss));
+        assert!(matches!(cache.get(&b), Lookup::Miss));
     }
 
     #[test]

@@ -97,40 +97,26 @@ pub async fn run(
         tokio::time::sleep(WARM_UP_PAUSE).await;
     }
 
-    let map: Arc<HashMap<KeyHash, usize>> = Arc::new(
-        keys.iter()
+    let edge_caller = Arc::new(EdgeCaller {
+        edge: edge.clone(),
+        keys: keys.clone(),
+    });
+    let hash_caller = Arc::new(HashCaller {
+        map: keys
+            .iter()
             .enumerate()
             .map(|(i, k)| (KeyHash::of(k), i))
             .collect(),
-    );
+        keys: keys.clone(),
+    });
     let concurrency = concurrency.max(1);
     let slice = duration / SLICES;
     let slice_max = max_requests.map(|m| (m / u64::from(SLICES)).max(1));
     let before = edge.stats();
     let (mut edge_count, mut hash_count) = (Count::default(), Count::default());
     for _ in 0..SLICES {
-        let (e, k) = (edge.clone(), keys.clone());
-        edge_count.add(
-            count(concurrency, slice, slice_max, move |task, n| {
-                let (e, k) = (e.clone(), k.clone());
-                async move {
-                    let key = &k[pick(task, n, k.len())];
-                    matches!(e.check(key, &[]).await, Ok(r) if r.valid())
-                }
-            })
-            .await,
-        );
-        let (m, k) = (map.clone(), keys.clone());
-        hash_count.add(
-            count(concurrency, slice, slice_max, move |task, n| {
-                let (m, k) = (m.clone(), k.clone());
-                async move {
-                    let key = &k[pick(task, n, k.len())];
-                    std::hint::black_box(m.get(&KeyHash::of(key))).is_some()
-                }
-            })
-            .await,
-        );
+        edge_count.add(count(concurrency, slice, slice_max, edge_caller.clone()).await);
+        hash_count.add(count(concurrency, slice, slice_max, hash_caller.clone()).await);
     }
     let after = edge.stats();
     edge.shutdown().await;
@@ -220,30 +206,58 @@ impl Count {
     }
 }
 
-/// `call(task, n)` from `concurrency` tasks until `duration` has passed (checked every
+/// One workload's call: the `n`-th of task `task`. Each task holds the caller and
+/// borrows it per call, so that no reference count shared by every task is bumped per
+/// call (that alone cost the hash lookup more than half its time).
+trait Caller: Send + Sync + 'static {
+    /// Whether the call succeeded.
+    fn call(&self, task: usize, n: u64) -> impl Future<Output = bool> + Send + '_;
+}
+
+struct EdgeCaller {
+    edge: Arc<Verifier>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Caller for EdgeCaller {
+    async fn call(&self, task: usize, n: u64) -> bool {
+        let key = &self.keys[pick(task, n, self.keys.len())];
+        matches!(self.edge.check(key, &[]).await, Ok(r) if r.valid())
+    }
+}
+
+struct HashCaller {
+    map: HashMap<KeyHash, usize>,
+    keys: Arc<Vec<String>>,
+}
+
+impl Caller for HashCaller {
+    async fn call(&self, task: usize, n: u64) -> bool {
+        let key = &self.keys[pick(task, n, self.keys.len())];
+        std::hint::black_box(self.map.get(&KeyHash::of(key))).is_some()
+    }
+}
+
+/// `caller`'s calls from `concurrency` tasks until `duration` has passed (checked every
 /// [`BATCH`] calls) or `max_calls` were made in all; a call returning `false` is an error.
-async fn count<F, Fut>(
+async fn count<C: Caller>(
     concurrency: usize,
     duration: Duration,
     max_calls: Option<u64>,
-    call: F,
-) -> Count
-where
-    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = bool> + Send,
-{
+    caller: Arc<C>,
+) -> Count {
     let start = Instant::now();
     let deadline = start + duration;
     // Each task's share of the cap, so that the tasks need not share a counter.
     let budget = max_calls.map_or(u64::MAX, |m| m.div_ceil(concurrency as u64).max(1));
     let mut tasks = Vec::with_capacity(concurrency);
     for task in 0..concurrency {
-        let call = call.clone();
+        let caller = caller.clone();
         tasks.push(tokio::spawn(async move {
             let (mut n, mut errors) = (0u64, 0u64);
             while n < budget && Instant::now() < deadline {
                 for _ in 0..BATCH.min(budget - n) {
-                    if !call(task, n).await {
+                    if !caller.call(task, n).await {
                         errors += 1;
                     }
                     n += 1;

@@ -181,7 +181,7 @@ pub(super) enum Admit {
 
 /// Every lease this edge holds, by key id.
 pub(super) struct LeaseBook {
-    slots: HashMap<String, Slot>,
+    slots: HashMap<String, Slot, crate::cache::Hasher>,
     /// Key ids whose ask is queued (their slot's `asking` set), not sent yet.
     queued: Vec<String>,
     /// Leases given up (expired, replaced, dropped) for the next LeaseQuota call to
@@ -196,7 +196,7 @@ pub(super) struct LeaseBook {
 impl Default for LeaseBook {
     fn default() -> Self {
         LeaseBook {
-            slots: HashMap::new(),
+            slots: HashMap::default(),
             queued: Vec::new(),
             settlements: Vec::new(),
             life: DEFAULT_LIFE,

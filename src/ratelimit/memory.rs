@@ -1,17 +1,20 @@
 //! This replica's own counters: per key, the buckets of each (unit, window) in use,
-//! behind a mutex of that key's own. Idle keys are forgotten once their longest window
-//! could no longer count anything (a day and a bucket), bounded in number.
+//! behind a mutex of that key's own, in a cache bounded in number of keys (quick_cache:
+//! see [`crate::cache`] for why not moka). A window that counts nothing any more drops
+//! its buckets when the key is next counted; a key idle long enough to count nothing is
+//! among the first evicted when the bound is reached.
 //!
 //! It is also a [`QuotaAuthority`]: edge nodes lease quota from a replica with this
 //! backend, the grants counted in the same buckets as the replica's own decisions (with
 //! [`crate::domain::lease`]'s arithmetic, no clock skew: one clock), so one replica and
 //! its edges together stay within each limit.
 
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use async_trait::async_trait;
-use moka::sync::Cache;
+use quick_cache::UnitWeighter;
+use quick_cache::sync::{Cache, DefaultLifecycle};
 
 use super::leased::{LeaseRecord, QuotaAuthority, new_grant_id};
 use super::{LimiterError, RateLimiter, Reported};
@@ -68,26 +71,33 @@ struct Registered {
     counted_at: Micros,
 }
 
+type Counters = Arc<Mutex<KeyCounters>>;
+
 pub struct MemoryLimiter {
-    keys: Cache<String, Arc<Mutex<KeyCounters>>>,
+    keys: Cache<String, Counters, UnitWeighter, crate::cache::Hasher>,
 }
 
 impl MemoryLimiter {
     pub fn new(max_keys: u64) -> Self {
-        let idle = LimitWindow::Day.length() + LimitWindow::Day.bucket();
         MemoryLimiter {
-            keys: Cache::builder()
-                .max_capacity(max_keys)
-                .time_to_idle(Duration::from_micros(idle.unsigned_abs()))
-                .build(),
+            keys: Cache::with(
+                usize::try_from(max_keys).unwrap_or(usize::MAX),
+                max_keys,
+                UnitWeighter,
+                crate::cache::Hasher::default(),
+                DefaultLifecycle::default(),
+            ),
         }
     }
 
-    fn counters(&self, key_id: &str) -> Arc<Mutex<KeyCounters>> {
-        if let Some(c) = self.keys.get(key_id) {
-            return c;
+    fn counters(&self, key_id: &str) -> Counters {
+        let made = self
+            .keys
+            .get_or_insert_with(key_id, || Ok::<_, Infallible>(Counters::default()));
+        match made {
+            Ok(counters) => counters,
+            Err(never) => match never {},
         }
-        self.keys.get_with(key_id.to_owned(), Default::default)
     }
 
     /// Runs `f` on the windows `limits` name, taken out of the key's counters and put
