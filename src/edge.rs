@@ -1140,7 +1140,7 @@ struct Guard {
     serving: bool,
 }
 
-/// The edge's cache. Reads go straight to moka. Fills check the generation and insert
+/// The edge's cache. Reads go straight to quick_cache. Fills check the generation and insert
 /// under the guard's read lock; invalidations, flushes and losing the stream bump it
 /// under the write lock, so a check-and-insert and a bump-and-remove never interleave.
 struct EdgeCache {

@@ -94,7 +94,7 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
         assert!(cache.complete_fill(ticket, Some(entry.clone())));
     }
     assert_eq!(cache.len(), KEYS as u64);
-    let moka = (LIVE.load(Ordering::Relaxed) - before) / KEYS as isize;
+    let bookkeeping = (LIVE.load(Ordering::Relaxed) - before) / KEYS as isize;
     let usage = UsageBook::new(Duration::from_secs(600), Duration::from_secs(1));
     let before = LIVE.load(Ordering::Relaxed);
     for r in &records {
@@ -124,11 +124,11 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
 
     eprintln!(
         "heap per cached key: entry {entry} bytes (the whole record: {whole}), \
-         cache bookkeeping {moka}, usage account {account}, rate-limit counters {counters}; \
+         cache bookkeeping {bookkeeping}, usage account {account}, rate-limit counters {counters}; \
          in all {}",
-        entry + moka + account + counters
+        entry + bookkeeping + account + counters
     );
-    assert!(entry > 0 && moka > 0 && account > 0 && counters > 0);
+    assert!(entry > 0 && bookkeeping > 0 && account > 0 && counters > 0);
     // A key without metadata, rules of reach or a network allowlist pays one pointer for
     // them, the default limits are shared, and "none" is a sentinel rather than an
     // `Option`'s extra word: 554 bytes before all that, 322 after. (Boxing the ids and

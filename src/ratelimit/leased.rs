@@ -42,11 +42,13 @@
 //! since: `remaining` is what the authority had left after the grant plus what is left of
 //! the lease, so `X-RateLimit-Remaining` counts down here and is true within the lease.
 
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use moka::sync::Cache;
+use quick_cache::UnitWeighter;
+use quick_cache::sync::{Cache, DefaultLifecycle};
 use tokio::time::Instant;
 
 use super::{BackendStats, Budget, BudgetCheck, LimiterError, RateLimiter, Reported};
@@ -202,6 +204,19 @@ struct Slot {
     spend_asking: bool,
 }
 
+impl Slot {
+    /// Nothing held, asked for or remembered at `at`: the slot can go (a call makes a
+    /// new one).
+    fn holds_nothing(&self, at: Instant) -> bool {
+        self.lease.is_none()
+            && self.spend.is_none()
+            && !self.asking
+            && !self.spend_asking
+            && self.refused.as_ref().is_none_or(|(until, _)| *until <= at)
+            && self.spend_refused.is_none_or(|until| until <= at)
+    }
+}
+
 /// The spend allowance held for one key.
 struct Allowance {
     grant: SpendGrant,
@@ -243,7 +258,8 @@ pub struct LeasedLimiter {
     authority: Arc<dyn QuotaAuthority>,
     unsettled: Mutex<Vec<Unsettled>>,
     settings: LeaseSettings,
-    slots: Cache<String, Arc<Mutex<Slot>>>,
+    /// Bounded by `max_keys`; a slot holding nothing is dropped by the sweeper.
+    slots: Cache<String, Arc<Mutex<Slot>>, UnitWeighter, crate::cache::Hasher>,
 }
 
 fn lock(m: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
@@ -262,20 +278,26 @@ impl LeasedLimiter {
             authority,
             unsettled: Mutex::new(Vec::new()),
             settings,
-            slots: Cache::builder()
-                .max_capacity(settings.max_keys)
-                .time_to_idle(settings.life * 4)
-                .build(),
+            slots: Cache::with(
+                usize::try_from(settings.max_keys).unwrap_or(usize::MAX),
+                settings.max_keys,
+                UnitWeighter,
+                crate::cache::Hasher::default(),
+                DefaultLifecycle::default(),
+            ),
         });
         tokio::spawn(sweep(Arc::downgrade(&limiter), clock));
         limiter
     }
 
     fn slot(&self, key_id: &str) -> Arc<Mutex<Slot>> {
-        if let Some(s) = self.slots.get(key_id) {
-            return s;
+        let made = self
+            .slots
+            .get_or_insert_with(key_id, || Ok::<_, Infallible>(Arc::default()));
+        match made {
+            Ok(slot) => slot,
+            Err(never) => match never {},
         }
-        self.slots.get_with(key_id.to_owned(), Default::default)
     }
 
     /// What to ask for: the calls (and tokens) seen over the last lease, scaled to a
@@ -558,19 +580,31 @@ impl LeasedLimiter {
         let at = Instant::now();
         let mut expired = Vec::new();
         let mut spent = Vec::new();
+        let mut idle = Vec::new();
         for (key_id, slot) in self.slots.iter() {
             let mut s = lock(&slot);
+            // Held nothing since the last sweep at least (a lease that ends now leaves
+            // its slot, and the demand it saw, until the next one).
+            if s.holds_nothing(at) {
+                idle.push(key_id.clone());
+                continue;
+            }
             if s.lease.as_ref().is_some_and(|l| l.ends <= at) {
                 let limits = s.limits.clone();
                 if let Some(lease) = s.lease.take() {
-                    expired.push((key_id.as_ref().clone(), limits, lease));
+                    expired.push((key_id.clone(), limits, lease));
                 }
             }
             if s.spend.as_ref().is_some_and(|a| a.ends <= at)
                 && let Some(held) = s.spend.take()
             {
-                spent.push((key_id.as_ref().clone(), held));
+                spent.push((key_id.clone(), held));
             }
+        }
+        for key_id in idle {
+            // Checked again under the shard's lock: a call may have used it since.
+            self.slots
+                .remove_if(&key_id, |slot| lock(slot).holds_nothing(at));
         }
         for (key_id, limits, lease) in expired {
             self.settle(&key_id, &limits, lease.record, lease.used_amounts(), now)
