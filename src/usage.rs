@@ -46,17 +46,34 @@ const MAX_FAILED_WRITES: usize = 64;
 /// is written at the next flush; a final flush at shutdown writes everything.)
 pub const LAST_USE_RESOLUTION: Micros = 60 * crate::domain::MICROS_PER_SECOND;
 
-#[derive(Clone, Copy, Debug, Default)]
+/// One key's usage not yet written. Uses are `NEVER` for none rather than `Option`s
+/// (a word each instead of two, in an account every verified key has), which the code
+/// below needs no case for: uses only ever merge by `max`.
+#[derive(Clone, Copy, Debug)]
 struct Account {
     unwritten_spend: u64,
     /// The largest persisted spend seen (records read, writes returned).
     persisted: u64,
-    /// The latest use not yet written.
-    unwritten_use: Option<Micros>,
-    /// The last use written.
-    written_use: Option<Micros>,
+    /// The latest use not yet written, or `NEVER`.
+    unwritten_use: Micros,
+    /// The last use written, or `NEVER`.
+    written_use: Micros,
     /// When the account last changed: idle accounts are forgotten.
     touched_at: Micros,
+}
+
+const NEVER: Micros = Micros::MIN;
+
+impl Default for Account {
+    fn default() -> Self {
+        Account {
+            unwritten_spend: 0,
+            persisted: 0,
+            unwritten_use: NEVER,
+            written_use: NEVER,
+            touched_at: 0,
+        }
+    }
 }
 
 /// Accounts by key id, hashed with foldhash (seeded per process) rather than SipHash:
@@ -120,14 +137,14 @@ impl UsageBook {
     pub fn mark_used(&self, key_id: &str, persisted: u64, now: Micros) {
         let mut shard = self.shard(key_id);
         if let Some(a) = shard.get_mut(key_id) {
-            a.unwritten_use = Some(a.unwritten_use.map_or(now, |u| u.max(now)));
+            a.unwritten_use = a.unwritten_use.max(now);
             a.persisted = a.persisted.max(persisted);
             a.touched_at = now;
         } else {
             shard.insert(
                 key_id.to_owned(),
                 Account {
-                    unwritten_use: Some(now),
+                    unwritten_use: now,
                     persisted,
                     touched_at: now,
                     ..Account::default()
@@ -186,11 +203,8 @@ impl UsageBook {
     /// unreachable database ends the flush: the rest is kept for the next one.
     pub async fn flush(&self, store: &dyn Store, now: Micros, all: bool) -> Flushed {
         let use_due = |a: &Account| {
-            a.unwritten_use.is_some_and(|u| {
-                all || a
-                    .written_use
-                    .is_none_or(|w| u.saturating_sub(w) >= LAST_USE_RESOLUTION)
-            })
+            a.unwritten_use != NEVER
+                && (all || a.unwritten_use.saturating_sub(a.written_use) >= LAST_USE_RESOLUTION)
         };
         // Keys whose write failed at an earlier flush are written apart from the others,
         // so a key the database keeps refusing fails no other key's write first.
@@ -200,7 +214,7 @@ impl UsageBook {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             shard.retain(|_, a| {
                 a.unwritten_spend > 0
-                    || a.unwritten_use.is_some()
+                    || a.unwritten_use != NEVER
                     || now.saturating_sub(a.touched_at) < self.keep_idle
             });
             for (key_id, a) in shard
@@ -210,7 +224,7 @@ impl UsageBook {
                 let delta = UsageDelta {
                     key_id: key_id.clone(),
                     spend_micros: a.unwritten_spend,
-                    last_used_at: a.unwritten_use.filter(|_| use_due(a)),
+                    last_used_at: use_due(a).then_some(a.unwritten_use),
                 };
                 let apart = !failing_keys.is_empty() && failing_keys.contains(key_id);
                 if apart { &mut failing } else { &mut batch }.push(delta);
@@ -272,9 +286,9 @@ impl UsageBook {
             };
             a.unwritten_spend = a.unwritten_spend.saturating_sub(written.spend_micros);
             if let Some(used) = written.last_used_at {
-                a.written_use = Some(a.written_use.map_or(used, |w| w.max(used)));
-                if a.unwritten_use == Some(used) {
-                    a.unwritten_use = None;
+                a.written_use = a.written_use.max(used);
+                if a.unwritten_use == used {
+                    a.unwritten_use = NEVER;
                 }
             }
             match totals.get(&written.key_id) {

@@ -135,6 +135,13 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
     // scopes too reached 298 here but grew the server's RSS by 3 KB a key: see
     // src/bench/notes.md.)
     assert!(entry <= 330, "a cached entry costs {entry} bytes");
+    // Everything a verified key costs: 1 188 bytes with moka's maps, `Option`'d uses in
+    // the usage account and a first bucket with room for four; 816 without.
+    let all = entry + bookkeeping + account + counters;
+    assert!(
+        all <= 850,
+        "a verified key costs {all} bytes of heap in all"
+    );
     // The entry carries only what VerifyKey decides on and answers with, so with its
     // expanded scopes and limits it still costs less than the whole record would alone.
     assert!(

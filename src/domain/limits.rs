@@ -259,7 +259,14 @@ impl WindowUsage {
             Some((x, n)) if *x == b => {
                 *n = (*n).max(n.saturating_add(amount).min(MAX_BUCKET_COUNT))
             }
-            _ => self.buckets.insert(at, (b, amount.min(MAX_BUCKET_COUNT))),
+            _ => {
+                // A window's first bucket takes room for one, not the four a `VecDeque`
+                // grows to: a key used now and then never counts more than one.
+                if self.buckets.capacity() == 0 {
+                    self.buckets.reserve_exact(1);
+                }
+                self.buckets.insert(at, (b, amount.min(MAX_BUCKET_COUNT)))
+            }
         }
     }
 
