@@ -156,7 +156,7 @@ fn the_bench_seeds_postgres_and_measures_misses() {
         "--store",
         "postgres",
         "--miss-keys",
-        "500",
+        "1200",
         "--mix",
         "hit=80,miss=10,malformed=5,revoked=5",
     ]);
@@ -172,6 +172,15 @@ fn the_bench_seeds_postgres_and_measures_misses() {
         assert_sane(run, scenario, 500);
     }
     assert!(run["bytes_per_cached_key"].as_f64().is_some());
+    // The database's own floor for a miss, in turns with verify-miss, on keys of its own.
+    let floor = &run["miss_floor"];
+    for figure in ["verify_miss", "database"] {
+        let r = &floor[figure];
+        assert!(r["requests"].as_u64().unwrap() > 0, "{figure}: {floor}");
+        assert!(r["throughput"].as_f64().unwrap() > 0.0, "{figure}: {floor}");
+        assert_eq!(r["errors"].as_u64(), Some(0), "{figure}: {floor}");
+    }
+    assert!(markdown.contains("verify-miss / the database's own lookup by hash"));
     assert_stream_figures(run, true);
     // Two replicas and two edges on one limit: never over it, whatever the timing.
     let exact = &run["exactness"];

@@ -42,7 +42,7 @@ use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
 use crate::proto::verify_service_client::VerifyServiceClient;
 use connection::Http2;
-use report::BareFloor;
+use report::{BareFloor, MissFloor};
 use server::{Launcher, Limits, ServerProcess, Tokens};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -612,9 +612,64 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         };
         run.verify_miss = Some(r);
         if left > 0 {
-            let r = load::run(&half, miss).await;
+            let r = load::run(&half, miss.clone()).await;
             print_line("verify-miss at half load", &r);
             run.verify_miss_half_load = Some(r);
+        }
+        // The database's own floor for a miss: the statement a miss issues, by hash, on
+        // keys not presented yet, through a pool of the server's size, in turns with
+        // verify-miss (the same seconds).
+        let left = keys.len().saturating_sub(next.load(Ordering::Relaxed)) as u64;
+        if left >= 2 {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(args.database_connections)
+                .connect(&db.url)
+                .await?;
+            let floor = {
+                let (pool, keys, next) = (pool.clone(), keys.clone(), next.clone());
+                move |_, _| {
+                    let pool = pool.clone();
+                    let i = next.fetch_add(1, Ordering::Relaxed) % keys.len();
+                    let hash = crate::domain::key_format::KeyHash::of(&keys[i]);
+                    async move {
+                        match sqlx::query(crate::store::FIND_SECRET)
+                            .bind(&hash.as_bytes()[..])
+                            .fetch_optional(&pool)
+                            .await
+                        {
+                            Ok(Some(_)) => Ok(()),
+                            Ok(None) => Err("a seeded key's secret was not found".to_owned()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                }
+            };
+            // Each workload takes keys of its own: at most half of those left, so that no
+            // key is presented twice (a second time would be a cache hit).
+            let turns = LoadSpec {
+                max_requests: Some(spec.max_requests.unwrap_or(u64::MAX).min(left / 2)),
+                ..spec.clone()
+            };
+            let (m, f) = load::interleaved(
+                &turns,
+                INTERLEAVED_SLICES,
+                |s| {
+                    let call = miss.clone();
+                    async move { load::run(&s, call).await }
+                },
+                |s| {
+                    let call = floor.clone();
+                    async move { load::run(&s, call).await }
+                },
+            )
+            .await;
+            pool.close().await;
+            print_line("verify-miss (beside the database)", &m);
+            print_line("the database's lookup by hash", &f);
+            run.miss_floor = Some(MissFloor {
+                verify_miss: m,
+                database: f,
+            });
         }
         server.stop().await;
     }

@@ -38,6 +38,16 @@ pub struct RunReport {
     pub bare: Option<BareFloor>,
     /// The bare server's no-op through h2load, just before h2load's other figures.
     pub h2load_bare_rps: Option<f64>,
+    /// verify-miss and the database's own lookup by hash, in alternating slices.
+    pub miss_floor: Option<MissFloor>,
+}
+
+/// The database's floor for a cache miss: the statement a miss issues, by a plain sqlx
+/// loop through a pool of the server's size, taken in turns with verify-miss.
+#[derive(Debug, Serialize)]
+pub struct MissFloor {
+    pub verify_miss: LoadResult,
+    pub database: LoadResult,
 }
 
 /// The transport's floor, each figure taken in turns with the one it is read against.
@@ -302,6 +312,17 @@ impl BenchReport {
             "| h2load Ping / bare tonic no-op (independent client) | >= 0.97 | {} |",
             fmt(
                 self.med(|r| Some(r.h2load.as_ref()?.noop_rps / r.h2load_bare_rps?)),
+                3
+            )
+        );
+        let _ = writeln!(
+            s,
+            "| verify-miss / the database's own lookup by hash (same statement, same pool size, taken in turns) | >= 0.70 | {} |",
+            fmt(
+                self.med(|r| r
+                    .miss_floor
+                    .as_ref()
+                    .map(|m| m.verify_miss.throughput / m.database.throughput)),
                 3
             )
         );

@@ -12,6 +12,7 @@
 //! holds SHA-256 hashes of keys, never a plaintext.
 
 mod sql;
+pub(crate) use sql::FIND_SECRET;
 
 pub mod postgres;
 pub mod sqlite;

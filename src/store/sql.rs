@@ -26,6 +26,17 @@ macro_rules! key_columns {
 }
 pub(crate) use key_columns;
 
+/// A key by a secret's hash: one round trip, two primary-key lookups (the secret by hash,
+/// its key by id; the derived table keeps key_secrets' other columns out of the select
+/// list). The cache-miss benchmark's floor issues the same statement.
+pub(crate) const FIND_SECRET: &str = concat!(
+    "SELECT ",
+    key_columns!(),
+    ", secret_valid_until FROM api_keys JOIN \
+     (SELECT key_id, valid_until AS secret_valid_until FROM key_secrets \
+      WHERE secret_hash = $1) AS secret USING (key_id)"
+);
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct KeyRow {
     key_id: String,
@@ -864,15 +875,8 @@ macro_rules! impl_store {
                 &self,
                 hash: &crate::domain::key_format::KeyHash,
             ) -> Result<Option<crate::store::FoundSecret>, crate::store::StoreError> {
-                // One round trip, two primary-key lookups: the secret by hash, its key by id.
-                // (The derived table keeps key_secrets' other columns out of the select list.)
-                let row: Option<crate::store::sql::FoundRow> = sqlx::query_as(concat!(
-                    "SELECT ",
-                    crate::store::sql::key_columns!(),
-                    ", secret_valid_until FROM api_keys JOIN \
-                     (SELECT key_id, valid_until AS secret_valid_until FROM key_secrets \
-                      WHERE secret_hash = $1) AS secret USING (key_id)"
-                ))
+                let row: Option<crate::store::sql::FoundRow> =
+                    sqlx::query_as(crate::store::sql::FIND_SECRET)
                 .bind(&hash.as_bytes()[..])
                 .fetch_optional(&self.pool)
                 .await?;
