@@ -272,7 +272,7 @@ pub fn decide(
         status
     } else if !key.network().allows(request.client_ip) {
         VerifyCode::IpForbidden
-    } else if !effective_scopes.covers(request.required_scopes) {
+    } else if !effective_scopes.covers(&key.scopes, request.required_scopes) {
         VerifyCode::InsufficientScope
     } else if !key.resource_access().allows(request.resource)
         || !key.team_access().allows(request.resource)
