@@ -99,19 +99,37 @@ pub struct FillTicket {
 /// lookups, never a wrong answer. The edge's cache and lease book use it too.
 pub(crate) type Hasher = foldhash::quality::RandomState;
 
-/// A cache of `T` by secret hash, each entry with the millisecond (since the cache was
-/// made) it was cached at.
-type Timed<T> = Cache<KeyHash, (T, u64), UnitWeighter, Hasher>;
-
-fn timed<T: Clone>(capacity: u64) -> Timed<T> {
+/// A quick_cache map of at most `capacity` in weight (entries, with `weigher`), hashed
+/// with [`Hasher`]: every bounded map of the server and the edge is made here.
+pub(crate) fn bounded<K, V, W>(capacity: u64, weigher: W) -> Cache<K, V, W, Hasher>
+where
+    K: Eq + std::hash::Hash,
+    V: Clone,
+    W: quick_cache::Weighter<K, V> + Clone,
+{
     Cache::with(
         usize::try_from(capacity).unwrap_or(usize::MAX),
         capacity,
-        UnitWeighter,
+        weigher,
         Hasher::default(),
         DefaultLifecycle::default(),
     )
 }
+
+/// A map's value for `key`, made by `Default` (and inserted) when it has none.
+pub(crate) fn get_or_default<V: Clone + Default>(
+    cache: &Cache<String, V, UnitWeighter, Hasher>,
+    key: &str,
+) -> V {
+    match cache.get_or_insert_with(key, || Ok::<_, std::convert::Infallible>(V::default())) {
+        Ok(value) => value,
+        Err(never) => match never {},
+    }
+}
+
+/// A cache of `T` by secret hash, each entry with the millisecond (since the cache was
+/// made) it was cached at.
+type Timed<T> = Cache<KeyHash, (T, u64), UnitWeighter, Hasher>;
 
 pub struct VerifyCache {
     entries: Timed<Arc<CachedKey>>,
@@ -128,8 +146,8 @@ impl VerifyCache {
     pub fn new(sizes: CacheSizes) -> Self {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         VerifyCache {
-            entries: timed(sizes.max_keys),
-            missing: timed(sizes.negative_max_keys),
+            entries: bounded(sizes.max_keys, UnitWeighter),
+            missing: bounded(sizes.negative_max_keys, UnitWeighter),
             epoch: Instant::now(),
             ttl_ms: ms(sizes.ttl),
             negative_ttl_ms: ms(sizes.negative_ttl),

@@ -138,7 +138,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::sync::Cache;
 use quick_cache::{UnitWeighter, Weighter};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Notify, watch};
@@ -1191,28 +1191,14 @@ struct Hit {
 
 impl EdgeCache {
     fn new(config: &EdgeConfig) -> Self {
-        let capacity = usize::try_from(config.cache_capacity).unwrap_or(usize::MAX);
-        let missing = (!config.negative_ttl.is_zero()).then(|| {
-            Cache::with(
-                capacity,
-                config.cache_capacity,
-                UnitWeighter,
-                Hasher::default(),
-                DefaultLifecycle::default(),
-            )
-        });
+        let missing = (!config.negative_ttl.is_zero())
+            .then(|| crate::cache::bounded(config.cache_capacity, UnitWeighter));
         EdgeCache {
             leases: LeaseBooks::new(),
             leasing: config.leases,
             lease_wake: Notify::new(),
             batches: watch::channel(0).0,
-            found: Cache::with(
-                capacity,
-                config.cache_capacity,
-                AnswersWeigher,
-                Hasher::default(),
-                DefaultLifecycle::default(),
-            ),
+            found: crate::cache::bounded(config.cache_capacity, AnswersWeigher),
             missing,
             negative_ttl: config.negative_ttl,
             by_key_id: Mutex::new(KeyIndex {

@@ -42,13 +42,12 @@
 //! since: `remaining` is what the authority had left after the grant plus what is left of
 //! the lease, so `X-RateLimit-Remaining` counts down here and is true within the lease.
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use quick_cache::UnitWeighter;
-use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::sync::Cache;
 use tokio::time::Instant;
 
 use super::{BackendStats, Budget, BudgetCheck, LimiterError, RateLimiter, Reported};
@@ -278,26 +277,14 @@ impl LeasedLimiter {
             authority,
             unsettled: Mutex::new(Vec::new()),
             settings,
-            slots: Cache::with(
-                usize::try_from(settings.max_keys).unwrap_or(usize::MAX),
-                settings.max_keys,
-                UnitWeighter,
-                crate::cache::Hasher::default(),
-                DefaultLifecycle::default(),
-            ),
+            slots: crate::cache::bounded(settings.max_keys, UnitWeighter),
         });
         tokio::spawn(sweep(Arc::downgrade(&limiter), clock));
         limiter
     }
 
     fn slot(&self, key_id: &str) -> Arc<Mutex<Slot>> {
-        let made = self
-            .slots
-            .get_or_insert_with(key_id, || Ok::<_, Infallible>(Arc::default()));
-        match made {
-            Ok(slot) => slot,
-            Err(never) => match never {},
-        }
+        crate::cache::get_or_default(&self.slots, key_id)
     }
 
     /// What to ask for: the calls (and tokens) seen over the last lease, scaled to a

@@ -9,12 +9,11 @@
 //! [`crate::domain::lease`]'s arithmetic, no clock skew: one clock), so one replica and
 //! its edges together stay within each limit.
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use quick_cache::UnitWeighter;
-use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::sync::Cache;
 
 use super::leased::{LeaseRecord, QuotaAuthority, new_grant_id};
 use super::{LimiterError, RateLimiter, Reported};
@@ -80,24 +79,12 @@ pub struct MemoryLimiter {
 impl MemoryLimiter {
     pub fn new(max_keys: u64) -> Self {
         MemoryLimiter {
-            keys: Cache::with(
-                usize::try_from(max_keys).unwrap_or(usize::MAX),
-                max_keys,
-                UnitWeighter,
-                crate::cache::Hasher::default(),
-                DefaultLifecycle::default(),
-            ),
+            keys: crate::cache::bounded(max_keys, UnitWeighter),
         }
     }
 
     fn counters(&self, key_id: &str) -> Counters {
-        let made = self
-            .keys
-            .get_or_insert_with(key_id, || Ok::<_, Infallible>(Counters::default()));
-        match made {
-            Ok(counters) => counters,
-            Err(never) => match never {},
-        }
+        crate::cache::get_or_default(&self.keys, key_id)
     }
 
     /// Runs `f` on the windows `limits` name, taken out of the key's counters and put
