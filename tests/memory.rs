@@ -131,14 +131,14 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
     assert!(entry > 0 && bookkeeping > 0 && account > 0 && counters > 0);
     // A key without metadata, rules of reach or a network allowlist pays one pointer for
     // them, the default limits are shared, and "none" is a sentinel rather than an
-    // `Option`'s extra word: 554 bytes before all that, 322 after; 302 once a key whose
-    // scopes imply nothing more keeps no expanded copy of them. (Boxing the ids and
-    // scopes too reached 298 here but grew the server's RSS by 3 KB a key: see
-    // src/bench/notes.md.)
-    assert!(entry <= 310, "a cached entry costs {entry} bytes");
+    // `Option`'s extra word: 554 bytes before all that, 322 after; 294 once a key whose
+    // scopes imply nothing more keeps no expanded copy of them (and one word for none).
+    // (Boxing the ids and scopes too reached 298 here but grew the server's RSS by 3 KB
+    // a key: see src/bench/notes.md.)
+    assert!(entry <= 300, "a cached entry costs {entry} bytes");
     // Everything a verified key costs: 1 188 bytes with moka's maps, `Option`'d uses in
     // the usage account, a first bucket with room for four and an expanded copy of
-    // every key's scopes; 796 without.
+    // every key's scopes; 788 without.
     let all = entry + bookkeeping + account + counters;
     assert!(
         all <= 810,

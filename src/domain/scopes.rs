@@ -79,10 +79,15 @@ impl ScopeImplications {
 /// required scope with one binary search. A sorted boxed slice rather than a set: every
 /// cached key holds one, and a `BTreeSet`'s first node alone is some 280 bytes, where
 /// a key holds a handful of scopes. `None` when nothing is implied beyond the granted
-/// scopes themselves (most keys): those are then checked in place, and the key pays
-/// nothing for a second copy of them.
+/// scopes themselves (most keys): those are then checked in place, and the key pays one
+/// word for the expanded set it does not need (boxed, a thin pointer, where the slice
+/// itself would take two).
 #[derive(Clone, Debug, Default)]
-pub struct EffectiveScopes(Option<Box<[Box<str>]>>);
+pub struct EffectiveScopes(Option<Box<Expanded>>);
+
+/// Granted scopes and all they imply, sorted, without repeats.
+#[derive(Clone, Debug)]
+struct Expanded(Box<[Box<str>]>);
 
 impl EffectiveScopes {
     pub fn new(implications: &ScopeImplications, granted: &[String]) -> Self {
@@ -91,9 +96,9 @@ impl EffectiveScopes {
         if expanded.iter().all(|s| granted.contains(s)) {
             return EffectiveScopes(None);
         }
-        EffectiveScopes(Some(
+        EffectiveScopes(Some(Box::new(Expanded(
             expanded.into_iter().map(String::into_boxed_str).collect(),
-        ))
+        ))))
     }
 
     /// Whether a key granted `granted` (the scopes this was made from) holds every scope
@@ -103,6 +108,7 @@ impl EffectiveScopes {
             None => required.iter().all(|s| granted.contains(s)),
             Some(expanded) => required.iter().all(|s| {
                 expanded
+                    .0
                     .binary_search_by(|held| held.as_ref().cmp(s.as_str()))
                     .is_ok()
             }),
