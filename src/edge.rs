@@ -1718,6 +1718,63 @@ mod tests {
     }
 
     #[test]
+    fn the_lease_shards_keep_each_grant_beside_its_ask() {
+        let books = LeaseBooks::new();
+        let ask = |key_id: &str| proto::LeaseAsk {
+            key_id: key_id.to_owned(),
+            want: 1,
+            ..Default::default()
+        };
+        let grant = |key_id: &str| proto::LeaseGrant {
+            key_id: key_id.to_owned(),
+            ..Default::default()
+        };
+        let key_ids: Vec<String> = (0..200).map(|i| format!("key_{i}")).collect();
+        let asks: Vec<_> = key_ids.iter().map(|k| ask(k)).collect();
+        // The server answered the first 150 asks only (a truncated batch).
+        let grants: Vec<_> = key_ids[..150].iter().map(|k| grant(k)).collect();
+        let shards = books.split(&asks, &grants);
+        let (mut asked, mut granted) = (0, 0);
+        for (index, (asks, grants)) in shards.iter().enumerate() {
+            assert!(grants.len() <= asks.len());
+            for (a, g) in asks.iter().zip(grants) {
+                assert_eq!(a.key_id, g.key_id, "shard {index}");
+            }
+            for a in asks {
+                assert_eq!(books.index(&a.key_id), index);
+            }
+            asked += asks.len();
+            granted += grants.len();
+        }
+        assert_eq!((asked, granted), (200, 150));
+        // Two hundred keys spread over more than one shard.
+        assert!(shards.iter().filter(|(a, _)| !a.is_empty()).count() > 1);
+    }
+
+    #[test]
+    fn a_batch_over_the_lease_shards_holds_at_most_max_asks() {
+        let books = LeaseBooks::new();
+        let now = Instant::now();
+        for i in 0..100 {
+            let key_id = format!("key_{i}");
+            assert!(
+                books
+                    .of(&key_id)
+                    .want(&key_id, KeyHash::of(&key_id), 50, now)
+            );
+        }
+        let first = books.take_batch(true, 60, now);
+        assert_eq!(first.len(), 60);
+        // The rest stay queued for the next batch, none asked twice.
+        let second = books.take_batch(true, 60, now);
+        assert_eq!(second.len(), 40);
+        let mut all: Vec<_> = first.iter().chain(&second).map(|a| &a.key_id).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 100);
+    }
+
+    #[test]
     fn jitter_stays_within_half_and_all_of_the_step() {
         for _ in 0..100 {
             let d = jittered(Duration::from_millis(200));
