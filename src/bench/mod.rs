@@ -603,9 +603,11 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
                 Some(after.saturating_sub(before) as f64 / r.requests as f64);
         }
         print_line("verify-miss", &r);
+        // Seeded keys no call has presented yet.
+        let unpresented = || keys.len().saturating_sub(next.load(Ordering::Relaxed)) as u64;
         // The latency target is for a server that is not saturated: half of that peak,
         // on keys not presented yet.
-        let left = keys.len().saturating_sub(next.load(Ordering::Relaxed)) as u64;
+        let left = unpresented();
         let half = LoadSpec {
             max_requests: Some(spec.max_requests.unwrap_or(u64::MAX).min(left)),
             ..spec.half_of(&r)
@@ -619,7 +621,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         // The database's own floor for a miss: the statement a miss issues, by hash, on
         // keys not presented yet, through a pool of the server's size, in turns with
         // verify-miss (the same seconds).
-        let left = keys.len().saturating_sub(next.load(Ordering::Relaxed)) as u64;
+        let left = unpresented();
         if left >= 2 {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(args.database_connections)
