@@ -159,7 +159,7 @@ use crate::proto::watch_revocations_response::Message;
 
 mod leases;
 pub use leases::RateLimitFigures;
-use leases::{Admit, Admitted, LeaseBook, lease_cap};
+use leases::{Admit, Admitted, LeaseBook, LeaseCell, lease_cap};
 
 /// An answer as [`Verifier::check`] gives it.
 #[derive(Clone, Debug)]
@@ -443,7 +443,6 @@ impl Verifier {
             && let Some((response, admitted)) =
                 self.cached_answer(&hash, scopes, request.cost.max(1)).await
         {
-            self.shared.stats.hits.add(1);
             let mut response = Arc::unwrap_or_clone(response);
             if let Some(admitted) = admitted {
                 response.rate_limit = Some(admitted.decision());
@@ -464,7 +463,6 @@ impl Verifier {
         if let Some(scopes) = &scopes
             && let Some((response, admitted)) = self.cached_answer(&hash, scopes, 1).await
         {
-            self.shared.stats.hits.add(1);
             let rate_limit = match admitted {
                 Some(admitted) => Some(admitted.figures()),
                 None => response.rate_limit.as_ref().map(figures_of),
@@ -543,8 +541,19 @@ impl Verifier {
             let now = Instant::now();
             let hit = cache.lookup(hash, scopes, now)?;
             let Some(entry) = hit.leased_by else {
+                self.shared.stats.hits.add(1);
                 return Some((hit.response, None));
             };
+            // The lease's count, with no lock; the book's way when it has no room.
+            if first
+                && let Some((admitted, ask)) = entry.lease.as_ref().and_then(|l| l.admit(cost, now))
+            {
+                if ask {
+                    cache.ask_ahead(&entry.key_id, now);
+                }
+                self.shared.stats.leased.add(1);
+                return Some((hit.response, Some(admitted)));
+            }
             match cache.admit(&entry.key_id, cost, first, now) {
                 Admit::Served(admitted) => {
                     self.shared.stats.leased.add(1);
@@ -586,7 +595,7 @@ impl Verifier {
     pub fn stats(&self) -> EdgeStats {
         let s = &self.shared.stats;
         EdgeStats {
-            hits: s.hits.sum(),
+            hits: s.hits.sum() + s.leased.sum(),
             misses: s.misses.load(Ordering::Relaxed),
             server_calls: s.server_calls.load(Ordering::Relaxed),
             fills: s.fills.load(Ordering::Relaxed),
@@ -692,7 +701,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Default)]
 struct Counters {
-    /// Bumped by every cached answer: striped, like `leased`.
+    /// Bumped by every cached answer not admitted from a lease (those bump `leased`
+    /// alone: one count per call): striped, like `leased`.
     hits: Striped,
     misses: AtomicU64,
     server_calls: AtomicU64,
@@ -999,6 +1009,8 @@ async fn subscribe(shared: &Shared, client: &mut WatchClient) -> (StreamEnd, boo
 struct HashAnswers {
     key_id: String,
     answers: HashMap<AnswerKey, CachedAnswer, Hasher>,
+    /// The key's quota lease, when an answer needs one: spent here with no lock.
+    lease: Option<Arc<LeaseCell>>,
 }
 
 /// The lease book in shards by key id: a call locks only its key's shard, so that calls
@@ -1263,6 +1275,13 @@ impl EdgeCache {
         admit
     }
 
+    /// A call admitted by the key's lease cell found it running low.
+    fn ask_ahead(&self, key_id: &str, now: Instant) {
+        if self.leases.of(key_id).ask_ahead(key_id, now) {
+            self.lease_wake.notify_one();
+        }
+    }
+
     /// The server answered VALID with a decision for `key_id`, and it was cached.
     fn want_lease(&self, key_id: &str, hash: KeyHash, cap: u64) {
         if self
@@ -1349,14 +1368,25 @@ impl EdgeCache {
                     }),
                 };
                 let key_id = response.key_id.clone();
+                // The key's lease cell, shared by its answers (the slot made if none).
+                let lease = response
+                    .rate_limit
+                    .as_ref()
+                    .filter(|_| leased)
+                    .and_then(lease_cap)
+                    .map(|cap| {
+                        self.leases
+                            .of(&key_id)
+                            .cell(&key_id, hash, cap, Instant::now())
+                    });
                 // Not atomic with a concurrent fill of the same hash (one of the two
                 // answers may be lost, to be fetched again), and never with an
                 // invalidation: that holds the guard's write lock.
-                let mut answers = match self.found.get(&hash) {
+                let (mut answers, lease) = match self.found.get(&hash) {
                     Some(e) if e.key_id == key_id && e.answers.len() < MAX_SCOPE_SETS_PER_KEY => {
-                        e.answers.clone()
+                        (e.answers.clone(), lease.or_else(|| e.lease.clone()))
                     }
-                    _ => HashMap::default(),
+                    _ => (HashMap::default(), lease),
                 };
                 answers.insert(scopes, answer);
                 self.found.insert(
@@ -1364,6 +1394,7 @@ impl EdgeCache {
                     Arc::new(HashAnswers {
                         key_id: key_id.clone(),
                         answers,
+                        lease,
                     }),
                 );
                 self.index(key_id, hash);

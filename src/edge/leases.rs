@@ -2,14 +2,25 @@
 //! granted by `LeaseQuota` and timed from when it asked (see "Quota leases" in the
 //! [module documentation](super)).
 //!
-//! [`LeaseBook`] is the bookkeeping only: no IO, no lock, the time a parameter. The
+//! [`LeaseBook`] is the bookkeeping only: no IO, the time a parameter. The
 //! [`super::EdgeCache`] holds it behind a mutex and decides when a grant may be
 //! installed (its generation guard); the background task sends what
 //! [`LeaseBook::take_batch`] hands it.
+//!
+//! A call spends a lease without that mutex: each key's [`LeaseCell`] is shared by the
+//! book and the key's cached answers, and [`LeaseCell::admit`] takes a call's cost from
+//! the held lease's atomic count. Only the book (under its mutex) puts a lease in a cell
+//! or takes one out, and taking one out swaps its count to zero before its settlement
+//! is written, so a call either took its cost first (and is counted as used) or finds no
+//! room: nothing is admitted that the settlement misses. A call the cell cannot admit
+//! (no lease, spent, expired) takes the book's slow path, which also asks for more.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
 
 use crate::domain::key_format::KeyHash;
 use crate::domain::lease::MAX_LEASE;
@@ -24,10 +35,12 @@ const MAX_LIFE: Duration = Duration::from_secs(60);
 /// After a failed LeaseQuota call, no new ask for a key before this.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
-/// One lease held: what the server granted and what this edge used of it.
+/// One lease held: what the server granted and what this edge has left of it.
 struct Held {
     granted: u64,
-    used: u64,
+    /// The requests it may still admit: taken by calls with no lock, swapped to zero
+    /// when the lease is given up ([`Held::give_up`]).
+    left: AtomicU64,
     counted_at: i64,
     /// The grant's name at the server's counters, named again when it is settled.
     lease_id: u64,
@@ -45,26 +58,104 @@ struct Held {
 }
 
 impl Held {
-    fn settlement(&self) -> proto::LeaseSettlement {
+    /// Takes `cost` from what is left, if there is room. Returns what is left after.
+    fn take(&self, cost: u64) -> Option<u64> {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(cost)
+            })
+            .ok()
+            .map(|before| before - cost)
+    }
+
+    /// The requests it may still admit.
+    fn room(&self) -> u64 {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    /// Ends the lease: nothing more is admitted from it. Its settlement, made once, by
+    /// whoever took it out of its cell (later calls would find nothing left).
+    fn give_up(&self) -> proto::LeaseSettlement {
+        let left = self.left.swap(0, Ordering::Relaxed);
         proto::LeaseSettlement {
             granted: self.granted,
             counted_at_micros: self.counted_at,
-            used: self.used,
+            used: self.granted.saturating_sub(left),
             limits: self.limits.clone(),
             lease_id: self.lease_id,
         }
     }
 
-    /// A call admitted from this lease: the grant's figures, with what is left of the
-    /// lease (and of the one it replaced) to give back to `remaining`.
-    fn admitted(&self) -> Admitted {
+    /// A call admitted from this lease with `left` left after it: the grant's figures,
+    /// with what is left of the lease (and of the one it replaced) given back to
+    /// `remaining`.
+    fn admitted(&self, left: u64) -> Admitted {
         Admitted {
             decision: self.decision.clone(),
-            back: self
-                .granted
-                .saturating_sub(self.used)
-                .saturating_add(self.returned),
+            back: left.saturating_add(self.returned),
         }
+    }
+
+    /// Whether to ask ahead, with `left` left after a call and `demand` calls seen since
+    /// the ask: so that the key's calls never wait, when what is left covers less than
+    /// half a life at the rate seen, or a third of the life is left.
+    ///
+    /// In integers, as every call asks it: `left <= demand / elapsed * life / 2`.
+    fn runs_low(&self, left: u64, demand: u64, now: Instant) -> bool {
+        let life = self.ends.saturating_duration_since(self.asked_at);
+        let elapsed = now.saturating_duration_since(self.asked_at).max(life / 20);
+        u128::from(left) * elapsed.as_nanos() * 2 <= u128::from(demand) * life.as_nanos()
+            || self.ends.saturating_duration_since(now) <= life / 3
+    }
+}
+
+/// A key's lease as its calls see it, shared by the book's slot and the key's cached
+/// answers: read and spent with no lock (see the module documentation).
+#[derive(Default)]
+pub(super) struct LeaseCell {
+    /// Put in and taken out only by the book, under its mutex.
+    held: ArcSwapOption<Held>,
+    /// Calls wanted since the lease was asked for (admitted or not): sizes the next ask.
+    demand: AtomicU64,
+    /// An ask is queued or on its way: one at a time per key.
+    asking: AtomicBool,
+    /// The largest cost of a call seen: an ask wants at least that much.
+    max_cost: AtomicU64,
+}
+
+impl LeaseCell {
+    fn new() -> Self {
+        LeaseCell {
+            max_cost: AtomicU64::new(1),
+            ..LeaseCell::default()
+        }
+    }
+
+    /// A call of `cost` at its first turn, admitted from the lease held if it has room:
+    /// no lock. With it, whether an ask ahead is due ([`LeaseBook::ask_ahead`]). `None`:
+    /// the call takes the book's way ([`LeaseBook::admit`]).
+    pub(super) fn admit(&self, cost: u64, now: Instant) -> Option<(Admitted, bool)> {
+        let guard = self.held.load();
+        let held = guard.as_ref().filter(|h| now < h.ends)?;
+        let left = held.take(cost)?;
+        let demand = self
+            .demand
+            .fetch_add(cost, Ordering::Relaxed)
+            .saturating_add(cost);
+        self.saw_cost(cost);
+        let ask = !self.asking.load(Ordering::Relaxed) && held.runs_low(left, demand, now);
+        Some((held.admitted(left), ask))
+    }
+
+    fn saw_cost(&self, cost: u64) {
+        if cost > self.max_cost.load(Ordering::Relaxed) {
+            self.max_cost.fetch_max(cost, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the lease out, if any, for its settlement.
+    fn take_held(&self) -> Option<proto::LeaseSettlement> {
+        self.held.swap(None).map(|held| held.give_up())
     }
 }
 
@@ -147,24 +238,52 @@ impl Admitted {
 struct Slot {
     /// A secret of the key (the one first verified): asks name it.
     hash: KeyHash,
-    held: Option<Held>,
-    /// An ask is queued or on its way: one at a time per key.
-    asking: bool,
+    /// The lease held and the key's demand, spent by calls with no lock.
+    cell: Arc<LeaseCell>,
     /// No new ask before this (after a refusal, or a failed call).
     not_before: Option<Instant>,
-    /// Calls wanted since `since` (admitted or not): sizes the next ask.
-    demand: u64,
+    /// Since when the cell's demand was counted.
     since: Instant,
     /// The most one ask wants: half the tightest request limit, so one holder never
     /// takes everything while others ask.
     cap: u64,
-    /// The largest cost of a call seen: an ask wants at least that much.
-    max_cost: u64,
 }
 
 impl Slot {
+    fn new(hash: KeyHash, cap: u64, now: Instant) -> Self {
+        Slot {
+            hash,
+            cell: Arc::new(LeaseCell::new()),
+            not_before: None,
+            since: now,
+            cap,
+        }
+    }
+
     fn may_ask(&self, now: Instant) -> bool {
-        !self.asking && self.not_before.is_none_or(|t| now >= t)
+        !self.cell.asking.load(Ordering::Relaxed) && self.not_before.is_none_or(|t| now >= t)
+    }
+
+    fn asking(&self) -> bool {
+        self.cell.asking.load(Ordering::Relaxed)
+    }
+
+    fn set_asking(&self, asking: bool) {
+        self.cell.asking.store(asking, Ordering::Relaxed);
+    }
+
+    /// The lease held, if it may still admit a call at `now`.
+    fn live(&self, now: Instant) -> Option<Arc<Held>> {
+        self.cell.held.load_full().filter(|h| now < h.ends)
+    }
+
+    /// Whether the lease held has ended by `now`.
+    fn ended(&self, now: Instant) -> bool {
+        self.cell
+            .held
+            .load()
+            .as_ref()
+            .is_some_and(|h| now >= h.ends)
     }
 }
 
@@ -240,14 +359,36 @@ impl LeaseBook {
         if self.off_until.is_some_and(|t| now < t) {
             return false;
         }
-        match self.slots.get_mut(key_id) {
+        match self.slots.get(key_id) {
             Some(slot) if slot.may_ask(now) => {
-                slot.asking = true;
+                slot.set_asking(true);
                 self.queued.push(key_id.to_owned());
                 true
             }
             _ => false,
         }
+    }
+
+    /// A call admitted by the key's [`LeaseCell`] found the lease running low: queue an
+    /// ask unless one is on its way. Returns whether one was queued.
+    pub(super) fn ask_ahead(&mut self, key_id: &str, now: Instant) -> bool {
+        self.queue(key_id, now)
+    }
+
+    /// The key's [`LeaseCell`], for its cached answers to share (the slot made if the
+    /// key has none).
+    pub(super) fn cell(
+        &mut self,
+        key_id: &str,
+        hash: KeyHash,
+        cap: u64,
+        now: Instant,
+    ) -> Arc<LeaseCell> {
+        self.slots
+            .entry(key_id.to_owned())
+            .or_insert_with(|| Slot::new(hash, cap, now))
+            .cell
+            .clone()
     }
 
     /// A call of `cost` requests for `key_id`, whose answer is cached and needs a lease.
@@ -260,49 +401,35 @@ impl LeaseBook {
         first: bool,
         now: Instant,
     ) -> (Admit, bool) {
-        let Some(slot) = self.slots.get_mut(key_id) else {
+        let Some(slot) = self.slots.get(key_id) else {
             return (Admit::NotLeased, false);
         };
+        let cell = &slot.cell;
         if first {
-            slot.demand = slot.demand.saturating_add(cost);
+            cell.demand.fetch_add(cost, Ordering::Relaxed);
         }
         // No lease this edge asks for could admit it: to the server at once.
         if cost > slot.cap {
             return (Admit::NotLeased, false);
         }
-        slot.max_cost = slot.max_cost.max(cost);
-        if let Some(held) = slot.held.as_mut()
-            && now < held.ends
-            && held.used.saturating_add(cost) <= held.granted
+        cell.saw_cost(cost);
+        if let Some(held) = slot.live(now)
+            && let Some(left) = held.take(cost)
         {
-            held.used += cost;
-            let admitted = held.admitted();
-            // Ask ahead while the key is in use, so that its calls never wait: when what
-            // is left covers less than half a life at the rate seen, or a third of the
-            // life is left.
-            let left = held.granted - held.used;
-            let held_life = held.ends.saturating_duration_since(held.asked_at);
-            let elapsed = now
-                .saturating_duration_since(slot.since)
-                .max(held_life / 20)
-                .as_secs_f64()
-                .max(f64::EPSILON);
-            let rate = slot.demand as f64 / elapsed;
-            let soon = left as f64 <= rate * held_life.as_secs_f64() / 2.0
-                || held.ends.saturating_duration_since(now) <= held_life / 3;
-            let queued = soon && self.queue(key_id, now);
-            return (Admit::Served(admitted), queued);
+            let demand = cell.demand.load(Ordering::Relaxed);
+            let queued = held.runs_low(left, demand, now) && self.queue(key_id, now);
+            return (Admit::Served(held.admitted(left)), queued);
         }
         // Spent or expired. An expired lease is given up at once: nothing more is
         // admitted from it, and what it did not use goes back with the next call.
-        if slot.held.as_ref().is_some_and(|h| now >= h.ends)
-            && let Some(held) = slot.held.take()
+        if slot.ended(now)
+            && let Some(settlement) = cell.take_held()
         {
-            let (hash, settlement) = (slot.hash.to_hex(), held.settlement());
+            let hash = slot.hash.to_hex();
             self.settlements.push((key_id.to_owned(), hash, settlement));
         }
         let queued = self.queue(key_id, now);
-        let asking = self.slots.get(key_id).is_some_and(|s| s.asking);
+        let asking = self.slots.get(key_id).is_some_and(Slot::asking);
         (
             if asking {
                 Admit::Wait
@@ -317,22 +444,13 @@ impl LeaseBook {
     /// edge can lease (`cap` from [`lease_cap`]), and the answer was cached: make sure a
     /// lease is on its way. Returns whether an ask was queued.
     pub(super) fn want(&mut self, key_id: &str, hash: KeyHash, cap: u64, now: Instant) -> bool {
-        let slot = self.slots.entry(key_id.to_owned()).or_insert_with(|| Slot {
-            hash,
-            held: None,
-            asking: false,
-            not_before: None,
-            demand: 0,
-            since: now,
-            cap,
-            max_cost: 1,
-        });
-        slot.demand = slot.demand.saturating_add(1);
+        let slot = self
+            .slots
+            .entry(key_id.to_owned())
+            .or_insert_with(|| Slot::new(hash, cap, now));
+        slot.cell.demand.fetch_add(1, Ordering::Relaxed);
         slot.cap = cap;
-        let has_room = slot
-            .held
-            .as_ref()
-            .is_some_and(|h| now < h.ends && h.used < h.granted);
+        let has_room = slot.live(now).is_some_and(|h| h.room() > 0);
         !has_room && self.queue(key_id, now)
     }
 
@@ -345,13 +463,15 @@ impl LeaseBook {
             .as_secs_f64()
             .max(life / 20.0)
             .max(f64::EPSILON);
-        let expected = (slot.demand.max(1) as f64 / elapsed * life * 1.5).ceil();
+        let demand = slot.cell.demand.load(Ordering::Relaxed);
+        let expected = (demand.max(1) as f64 / elapsed * life * 1.5).ceil();
         let expected = if expected.is_finite() && expected >= 1.0 {
             expected.min(MAX_LEASE as f64) as u64
         } else {
             1
         };
-        expected.max(slot.max_cost).clamp(1, slot.cap.max(1))
+        let max_cost = slot.cell.max_cost.load(Ordering::Relaxed);
+        expected.max(max_cost).clamp(1, slot.cap.max(1))
     }
 
     /// Gives up every lease past its end (what it did not use is settled with the next
@@ -359,15 +479,16 @@ impl LeaseBook {
     pub(super) fn sweep(&mut self, now: Instant) {
         let mut given_up = Vec::new();
         self.slots.retain(|key_id, slot| {
-            if slot.held.as_ref().is_some_and(|h| now >= h.ends)
-                && let Some(held) = slot.held.take()
+            if slot.ended(now)
+                && let Some(settlement) = slot.cell.take_held()
             {
-                given_up.push((key_id.clone(), slot.hash.to_hex(), held.settlement()));
+                given_up.push((key_id.clone(), slot.hash.to_hex(), settlement));
             }
             // A key not asked for in a while, with nothing held, is forgotten; its next
-            // VALID from the server starts it afresh.
-            slot.held.is_some()
-                || slot.asking
+            // VALID from the server starts it afresh (a new cell, which its next fill
+            // gives its cached answers).
+            slot.cell.held.load().is_some()
+                || slot.asking()
                 || now.saturating_duration_since(slot.since) < MAX_LIFE
         });
         self.settlements.extend(given_up);
@@ -392,9 +513,7 @@ impl LeaseBook {
                 continue;
             };
             if !grants {
-                if let Some(slot) = self.slots.get_mut(&key_id) {
-                    slot.asking = false;
-                }
+                slot.set_asking(false);
                 continue;
             }
             if asks.len() >= max {
@@ -462,7 +581,7 @@ impl LeaseBook {
                         .collect(),
                 });
             if let Some(slot) = self.slots.get_mut(&ask.key_id) {
-                slot.asking = false;
+                slot.set_asking(false);
                 match grant {
                     Some(g)
                         if valid
@@ -473,19 +592,22 @@ impl LeaseBook {
                         if let (Some(life), Some(decision), Some(settlement)) =
                             (life, g.rate_limit.clone(), unused.take())
                         {
-                            let old = slot.held.take();
+                            // The old lease ends before the new one is put in: a call
+                            // meanwhile finds no room and waits for the book's lock.
+                            let old = slot.cell.take_held();
                             let returned =
                                 old.as_ref().map_or(0, |o| o.granted.saturating_sub(o.used));
                             if let Some(old) = old {
                                 self.settlements.push((
                                     ask.key_id.clone(),
                                     slot.hash.to_hex(),
-                                    old.settlement(),
+                                    old,
                                 ));
                             }
-                            slot.held = Some(Held {
+                            slot.cell.demand.store(0, Ordering::Relaxed);
+                            slot.cell.held.store(Some(Arc::new(Held {
                                 granted: g.amount,
-                                used: 0,
+                                left: AtomicU64::new(g.amount),
                                 counted_at: g.counted_at_micros,
                                 lease_id: g.lease_id,
                                 limits: settlement.limits,
@@ -493,8 +615,7 @@ impl LeaseBook {
                                 returned,
                                 asked_at,
                                 ends: asked_at + life,
-                            });
-                            slot.demand = 0;
+                            })));
                             slot.since = asked_at;
                             slot.not_before = None;
                         }
@@ -533,7 +654,7 @@ impl LeaseBook {
     pub(super) fn failed(&mut self, asks: &[proto::LeaseAsk], off: Option<Duration>, now: Instant) {
         for ask in asks.iter().filter(|a| a.want > 0) {
             if let Some(slot) = self.slots.get_mut(&ask.key_id) {
-                slot.asking = false;
+                slot.set_asking(false);
                 slot.not_before = Some(now + RETRY_AFTER_FAILURE);
             }
         }
@@ -546,19 +667,19 @@ impl LeaseBook {
     /// what it did not use is settled.
     pub(super) fn drop_key(&mut self, key_id: &str) {
         if let Some(slot) = self.slots.remove(key_id)
-            && let Some(held) = slot.held
+            && let Some(settlement) = slot.cell.take_held()
         {
             self.settlements
-                .push((key_id.to_owned(), slot.hash.to_hex(), held.settlement()));
+                .push((key_id.to_owned(), slot.hash.to_hex(), settlement));
         }
     }
 
     /// Drops every lease (a flush, a disconnection, a shutdown).
     pub(super) fn drop_all(&mut self) {
         for (key_id, slot) in self.slots.drain() {
-            if let Some(held) = slot.held {
+            if let Some(settlement) = slot.cell.take_held() {
                 self.settlements
-                    .push((key_id, slot.hash.to_hex(), held.settlement()));
+                    .push((key_id, slot.hash.to_hex(), settlement));
             }
         }
         self.queued.clear();
@@ -569,9 +690,8 @@ impl LeaseBook {
     fn room(&self, key_id: &str, now: Instant) -> u64 {
         self.slots
             .get(key_id)
-            .and_then(|s| s.held.as_ref())
-            .filter(|h| now < h.ends)
-            .map_or(0, |h| h.granted - h.used)
+            .and_then(|s| s.live(now))
+            .map_or(0, |h| h.room())
     }
 }
 
@@ -708,6 +828,81 @@ mod tests {
         assert_eq!(asks.len(), 1);
         assert_eq!(asks[0].want, 0, "a settlement alone");
         assert_eq!(asks[0].settle.as_ref().unwrap().used, 0);
+    }
+
+    #[test]
+    fn calls_spend_the_cell_without_the_book_and_the_figures_count_down() {
+        let t0 = Instant::now();
+        let mut book = holding(3, t0);
+        let cell = book.cell("k", KeyHash::of("secret"), 50, t0);
+        for left in [98, 97, 96] {
+            let (admitted, _) = cell.admit(1, t0).expect("room in the lease");
+            assert_eq!(admitted.figures().remaining, left);
+        }
+        assert!(cell.admit(1, t0).is_none(), "spent: the book's way");
+        assert!(cell.admit(1, t0 + LIFE).is_none(), "ended: the book's way");
+        assert_eq!(book.room("k", t0), 0);
+    }
+
+    #[test]
+    fn a_cell_running_low_asks_ahead_once() {
+        let t0 = Instant::now();
+        let mut book = holding(10, t0);
+        let cell = book.cell("k", KeyHash::of("secret"), 50, t0);
+        // Ten calls within a tenth of the life: the rate seen would spend a new lease
+        // long before it ends.
+        let asks: Vec<bool> = (0..9).map(|_| cell.admit(1, t0).unwrap().1).collect();
+        assert!(asks.iter().any(|a| *a), "{asks:?}");
+        assert!(book.ask_ahead("k", t0));
+        assert!(!cell.admit(1, t0).unwrap().1, "an ask is on its way");
+        assert!(!book.ask_ahead("k", t0));
+        let batch = book.take_batch(true, 1000, t0);
+        assert_eq!(batch.len(), 1);
+        assert!(batch[0].want > 0);
+    }
+
+    /// Calls spending a cell on other threads while the book gives the lease up: each
+    /// call is either in the settlement's `used` or not admitted, never both or neither.
+    #[test]
+    fn a_lease_given_up_while_calls_spend_it_settles_exactly_what_was_admitted() {
+        let mut raced = 0;
+        for _ in 0..50 {
+            let t0 = Instant::now();
+            let mut book = LeaseBook::default();
+            assert!(book.want("k", KeyHash::of("secret"), 50_000, t0));
+            let asks = book.take_batch(true, 1000, t0);
+            let mut g = grant("k", 20_000, 0);
+            g.rate_limit = Some(decision(100_000, 79_999));
+            book.install(true, t0, &asks, &[g]);
+            let cell = book.cell("k", KeyHash::of("secret"), 50_000, t0);
+            let start = std::sync::Barrier::new(3);
+            let admitted = std::thread::scope(|scope| {
+                let spenders: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (cell, start) = (&cell, &start);
+                        scope.spawn(move || {
+                            start.wait();
+                            let mut n = 0u64;
+                            while cell.admit(1, t0).is_some() {
+                                n += 1;
+                            }
+                            n
+                        })
+                    })
+                    .collect();
+                start.wait();
+                std::thread::yield_now();
+                book.drop_key("k");
+                spenders.into_iter().map(|s| s.join().unwrap()).sum::<u64>()
+            });
+            let asks = book.take_batch(true, 1000, t0);
+            let settle = asks[0].settle.as_ref().unwrap();
+            assert_eq!(settle.used, admitted);
+            assert!(cell.admit(1, t0).is_none());
+            raced += usize::from(admitted > 0 && admitted < 20_000);
+        }
+        // The lease was given up while calls were spending it, not only before or after.
+        assert!(raced > 0);
     }
 
     #[test]
