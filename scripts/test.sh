@@ -89,8 +89,8 @@ log "Redis answers on 127.0.0.1:6379"
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
-log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+log "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "cargo test"
-cargo test --locked
+log "cargo test --workspace"
+cargo test --workspace --locked

@@ -231,9 +231,13 @@ impl KeyLifecycle {
             Some(team_id) => self.check_team(acting, &mut input, &team_id, now).await?,
             None => None,
         };
-        let key_id = ids::new_key_id().map_err(|_| KeyError::Randomness)?;
-        let plaintext = ApiKey::generate(&self.policy.brand, input.environment)
-            .map_err(|_| KeyError::Randomness)?;
+        let key_id = ids::new_key_id(&mut getrandom::SysRng).map_err(|_| KeyError::Randomness)?;
+        let plaintext = ApiKey::generate(
+            &mut getrandom::SysRng,
+            &self.policy.brand,
+            input.environment,
+        )
+        .map_err(|_| KeyError::Randomness)?;
         let key = KeyRecord {
             display: key_format::display(
                 &self.policy.brand,
@@ -426,8 +430,8 @@ impl KeyLifecycle {
             self.check_team_change(acting, &key, team_id, &current, "key.rotate", now)
                 .await?;
         }
-        let plaintext =
-            ApiKey::generate(&self.policy.brand, environment).map_err(|_| KeyError::Randomness)?;
+        let plaintext = ApiKey::generate(&mut getrandom::SysRng, &self.policy.brand, environment)
+            .map_err(|_| KeyError::Randomness)?;
         let display = key_format::display(&self.policy.brand, environment, plaintext.last_four());
         let audit = acting.audit(
             "key.rotate",

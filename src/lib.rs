@@ -36,7 +36,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
-pub mod domain;
+pub use keywarden_domain as domain;
 pub mod edge;
 pub mod events;
 pub mod keys;

@@ -118,7 +118,8 @@ impl ProviderKeys {
                     .with("plan", workspace.plan.display()),
             ));
         }
-        let record_id = ids::new_provider_key_id().map_err(|_| ProviderKeyError::Randomness)?;
+        let record_id = ids::new_provider_key_id(&mut getrandom::SysRng)
+            .map_err(|_| ProviderKeyError::Randomness)?;
         let aad = provider_key::associated_data(workspace_id, provider, &record_id);
         let sealed = ring.seal(api_key.as_bytes(), &aad)?;
         let record = ProviderKeyRecord {

@@ -354,7 +354,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("usage.db").display());
         let store = crate::store::open(&url, 1).await.unwrap();
-        let key_id = crate::domain::ids::new_key_id().unwrap();
+        let key_id = crate::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap();
         let key = KeyRecord {
             scopes: vec![],
             ..KeyRecord::sample(&key_id)
@@ -428,7 +428,7 @@ mod tests {
         };
         let mut ids = Vec::new();
         for _ in 0..n {
-            let key_id = crate::domain::ids::new_key_id().unwrap();
+            let key_id = crate::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap();
             store
                 .insert_key(
                     &KeyRecord::sample(&key_id),

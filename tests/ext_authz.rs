@@ -209,7 +209,7 @@ async fn check(client: &mut Client, req: CheckRequest, secret: &str) -> Answer {
 }
 
 fn unknown_key() -> String {
-    ApiKey::generate(&Brand::default(), Environment::Live)
+    ApiKey::generate(&mut getrandom::SysRng, &Brand::default(), Environment::Live)
         .unwrap()
         .expose()
         .to_owned()

@@ -87,10 +87,14 @@ async fn verifications_caches_limits_and_rpcs_are_counted(backend: Backend) {
         VerifyCode::Malformed
     );
     // Well-formed, never issued.
-    let unknown = ApiKey::generate(&Brand::parse("kw").unwrap(), Environment::Live)
-        .unwrap()
-        .expose()
-        .to_owned();
+    let unknown = ApiKey::generate(
+        &mut getrandom::SysRng,
+        &Brand::parse("kw").unwrap(),
+        Environment::Live,
+    )
+    .unwrap()
+    .expose()
+    .to_owned();
     assert_eq!(code(&app.verify(&unknown, &[]).await), VerifyCode::NotFound);
 
     let text = scrape(&app).await;

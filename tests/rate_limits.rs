@@ -1065,7 +1065,7 @@ async fn usage_and_cost_are_validated(backend: Backend) {
         assert_eq!(violated_fields(&status), [field]);
     }
     // Unknown (or deleted) keys are NOT_FOUND, and nothing is recorded for them.
-    let unknown = keywarden::domain::ids::new_key_id().unwrap();
+    let unknown = keywarden::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap();
     let status = report(&app, &unknown, 1, 1).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = app

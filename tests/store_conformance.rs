@@ -42,7 +42,10 @@ fn owner(kind: OwnerKind, id: &str) -> Owner {
 
 /// A fresh, unique secret hash.
 fn new_secret() -> KeyHash {
-    KeyHash::of(&format!("kw_live_{}", new_key_id().unwrap()))
+    KeyHash::of(&format!(
+        "kw_live_{}",
+        new_key_id(&mut getrandom::SysRng).unwrap()
+    ))
 }
 
 fn ctx(action: &'static str) -> AuditContext {
@@ -123,7 +126,7 @@ fn hash_set(hashes: &[KeyHash]) -> Vec<String> {
 async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend) {
     let (_db, store) = open(backend).await;
     let full = KeyRecord {
-        key_id: new_key_id().unwrap(),
+        key_id: new_key_id(&mut getrandom::SysRng).unwrap(),
         workspace_id: WS.to_owned(),
         name: "ingest pipeline – eu".to_owned(),
         environment: Environment::Test,
@@ -169,7 +172,13 @@ async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend
 async fn get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none(backend: Backend) {
     let (_db, store) = open(backend).await;
     insert(&*store, &key_record(WS, T0)).await;
-    assert_eq!(store.get_key(&new_key_id().unwrap()).await.unwrap(), None);
+    assert_eq!(
+        store
+            .get_key(&new_key_id(&mut getrandom::SysRng).unwrap())
+            .await
+            .unwrap(),
+        None
+    );
     assert!(store.find_secret(&new_secret()).await.unwrap().is_none());
 }
 
@@ -777,7 +786,10 @@ async fn mutations_of_unknown_or_deleted_keys_are_not_found_and_write_nothing(ba
     let secrets_before = db.count("SELECT COUNT(*) FROM key_secrets").await;
     let now = T0 + 10 * S;
 
-    for key_id in [new_key_id().unwrap(), deleted.key_id.clone()] {
+    for key_id in [
+        new_key_id(&mut getrandom::SysRng).unwrap(),
+        deleted.key_id.clone(),
+    ] {
         let patch = KeyPatch {
             name: Some("x".into()),
             ..Default::default()
@@ -1238,7 +1250,7 @@ async fn usage_adds_spend_and_moves_last_use_forward_only(backend: Backend) {
         last_used_at: used,
     };
     let unknown = UsageDelta {
-        key_id: new_key_id().unwrap(),
+        key_id: new_key_id(&mut getrandom::SysRng).unwrap(),
         spend_micros: 7,
         last_used_at: Some(T0),
     };

@@ -1402,7 +1402,12 @@ fn malformed_keys(real: &str) -> Vec<(&'static str, String)> {
         let other = if c == b'a' { 'b' } else { 'a' };
         format!("{}{other}{}", &real[..mid], &real[mid + 1..])
     };
-    let other_brand = ApiKey::generate(&Brand::parse("clne").unwrap(), Environment::Live).unwrap();
+    let other_brand = ApiKey::generate(
+        &mut getrandom::SysRng,
+        &Brand::parse("clne").unwrap(),
+        Environment::Live,
+    )
+    .unwrap();
     vec![
         ("100 KB", "k".repeat(100 * 1024)),
         (

@@ -12,7 +12,7 @@ use keywarden::proto::{self, VerifyCode};
 use prost_types::FieldMask;
 
 fn unknown_key() -> String {
-    ApiKey::generate(&Brand::default(), Environment::Live)
+    ApiKey::generate(&mut getrandom::SysRng, &Brand::default(), Environment::Live)
         .unwrap()
         .expose()
         .to_owned()

@@ -230,7 +230,10 @@ impl tonic::service::Interceptor for RequireRole {
 
 /// A fresh random caller token (for dev mode and for operators: `keywarden token`).
 pub fn generate_token() -> Result<String, getrandom::Error> {
-    Ok(format!("kwt_{}", base62::random_string(40)?))
+    Ok(format!(
+        "kwt_{}",
+        base62::random_string(&mut getrandom::SysRng, 40)?
+    ))
 }
 
 #[cfg(test)]

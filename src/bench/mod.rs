@@ -882,7 +882,7 @@ impl KeyPools {
         let mut miss = Vec::new();
         for _ in 0..1000 {
             miss.push(
-                ApiKey::generate(&Brand::default(), Environment::Live)?
+                ApiKey::generate(&mut getrandom::SysRng, &Brand::default(), Environment::Live)?
                     .expose()
                     .to_owned(),
             );

@@ -25,8 +25,8 @@ pub async fn seed_keys(
         let mut displays = Vec::with_capacity(n);
         let mut hashes = Vec::with_capacity(n);
         for _ in 0..n {
-            let key = ApiKey::generate(&brand, Environment::Live)?;
-            key_ids.push(ids::new_key_id()?);
+            let key = ApiKey::generate(&mut getrandom::SysRng, &brand, Environment::Live)?;
+            key_ids.push(ids::new_key_id(&mut getrandom::SysRng)?);
             displays.push(key_format::display(
                 &brand,
                 Environment::Live,

@@ -567,7 +567,7 @@ pub fn key_record(
     created_at: keywarden::domain::Micros,
 ) -> keywarden::domain::key::KeyRecord {
     keywarden::domain::key::KeyRecord {
-        key_id: keywarden::domain::ids::new_key_id().unwrap(),
+        key_id: keywarden::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap(),
         workspace_id: workspace_id.to_owned(),
         name: "conformance key".to_owned(),
         environment: keywarden::domain::key_format::Environment::Live,

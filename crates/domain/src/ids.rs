@@ -1,12 +1,17 @@
 //! Identifiers the service mints itself.
 
+use rand_core::TryCryptoRng;
+
 use super::base62;
 
 /// Length of the random part of a key id (`key_` + 24 base62 characters, ~143 bits).
 const KEY_ID_RANDOM_LEN: usize = 24;
 
-pub fn new_key_id() -> Result<String, getrandom::Error> {
-    Ok(format!("key_{}", base62::random_string(KEY_ID_RANDOM_LEN)?))
+pub fn new_key_id<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<String, R::Error> {
+    Ok(format!(
+        "key_{}",
+        base62::random_string(rng, KEY_ID_RANDOM_LEN)?
+    ))
 }
 
 /// Whether `s` has the shape of a key id this service mints.
@@ -16,8 +21,11 @@ pub fn is_key_id(s: &str) -> bool {
 }
 
 /// A new provider-key record id: `pk_` and 24 base62 characters.
-pub fn new_provider_key_id() -> Result<String, getrandom::Error> {
-    Ok(format!("pk_{}", base62::random_string(KEY_ID_RANDOM_LEN)?))
+pub fn new_provider_key_id<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<String, R::Error> {
+    Ok(format!(
+        "pk_{}",
+        base62::random_string(rng, KEY_ID_RANDOM_LEN)?
+    ))
 }
 
 #[cfg(test)]
@@ -26,7 +34,7 @@ mod tests {
 
     #[test]
     fn minted_key_ids_have_the_recognised_shape() {
-        let id = new_key_id().unwrap();
+        let id = new_key_id(&mut getrandom::SysRng).unwrap();
         assert!(is_key_id(&id), "{id}");
         assert!(!is_key_id("key_short"));
         assert!(!is_key_id(&format!("kex_{}", &id[4..])));

@@ -12,7 +12,7 @@
 //! The authority therefore records the whole grant in the bucket of
 //! `counted_at = t + life + skew` (a moment no use of it can come after) and counts, at
 //! any `now`, every bucket from the oldest one still counted (see
-//! [`crate::domain::limits`]) onward, *future buckets included*. Then:
+//! [`crate::limits`]) onward, *future buckets included*. Then:
 //!
 //! - a window `(T - W, T]` that some use of the lease falls in has `T - W <= counted_at`,
 //!   so the lease's bucket is at or after the oldest bucket counted at `T`;
@@ -184,9 +184,9 @@ pub fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::limits::LimitWindow;
+    use crate::limits::LimitWindow;
 
-    const S: Micros = crate::domain::MICROS_PER_SECOND;
+    const S: Micros = crate::MICROS_PER_SECOND;
     const T0: Micros = 1_800_000_000 * S;
 
     fn rpm(limit: u64) -> RateLimit {

@@ -157,7 +157,7 @@ pub fn split(s: &str) -> Option<Vec<RateLimit>> {
 /// One window's usage: non-empty buckets, oldest first, as (bucket number, amount).
 ///
 /// Buckets may lie ahead of `now`: a quota lease is counted in the bucket of its expiry
-/// (see [`crate::domain::lease`]), and every bucket from the oldest counted one onward
+/// (see [`crate::lease`]), and every bucket from the oldest counted one onward
 /// counts, future ones included.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WindowUsage {

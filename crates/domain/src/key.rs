@@ -183,10 +183,11 @@ pub enum KeyStatus {
     Expired,
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 impl KeyRecord {
-    /// A plain active key of `ws` owned by user `u`, with the `read` scope (tests only).
-    pub(crate) fn sample(key_id: &str) -> KeyRecord {
+    /// A plain active key of `ws` owned by user `u`, with the `read` scope (tests only:
+    /// the `testing` feature, which only dev-dependencies turn on).
+    pub fn sample(key_id: &str) -> KeyRecord {
         KeyRecord {
             key_id: key_id.into(),
             workspace_id: "ws".into(),
@@ -313,9 +314,9 @@ pub fn rotated_secret_valid_until(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::scopes::ScopeImplications;
+    use crate::scopes::ScopeImplications;
 
-    const S: Micros = crate::domain::MICROS_PER_SECOND;
+    const S: Micros = crate::MICROS_PER_SECOND;
 
     fn record() -> KeyRecord {
         KeyRecord::sample("key_1")

@@ -1,17 +1,23 @@
 //! Base62 (`0-9A-Za-z`): URL-safe, copy-paste-safe (no `-` or `_` that editors split words
 //! on), and what secret scanners expect of API keys.
 
+use rand_core::TryCryptoRng;
+
 pub const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-/// Fills `out` with uniformly random base62 characters from the OS CSPRNG.
+/// `len` uniformly random base62 characters from `rng` (the server passes the OS CSPRNG,
+/// `getrandom::SysRng`: the domain has no randomness of its own).
 ///
 /// Rejection sampling keeps the distribution uniform: bytes >= 248 (= 62 * 4) are dropped
 /// instead of being folded onto the first characters.
-pub fn random_string(len: usize) -> Result<String, getrandom::Error> {
+pub fn random_string<R: TryCryptoRng + ?Sized>(
+    rng: &mut R,
+    len: usize,
+) -> Result<String, R::Error> {
     let mut out = String::with_capacity(len);
     let mut buf = [0u8; 64];
     while out.len() < len {
-        getrandom::fill(&mut buf)?;
+        rng.try_fill_bytes(&mut buf)?;
         for &b in &buf {
             if b < 248 && out.len() < len {
                 out.push(char::from(ALPHABET[usize::from(b % 62)]));
@@ -49,10 +55,10 @@ mod tests {
 
     #[test]
     fn random_strings_have_the_length_asked_and_only_base62() {
-        let s = random_string(40).unwrap();
+        let s = random_string(&mut getrandom::SysRng, 40).unwrap();
         assert_eq!(s.len(), 40);
         assert!(is_base62(&s));
-        assert_ne!(s, random_string(40).unwrap());
+        assert_ne!(s, random_string(&mut getrandom::SysRng, 40).unwrap());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use std::fmt;
 
+use rand_core::TryCryptoRng;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -81,8 +82,12 @@ impl Default for Brand {
 pub struct ApiKey(Zeroizing<String>);
 
 impl ApiKey {
-    pub fn generate(brand: &Brand, env: Environment) -> Result<Self, getrandom::Error> {
-        let secret = Zeroizing::new(base62::random_string(SECRET_LEN)?);
+    pub fn generate<R: TryCryptoRng + ?Sized>(
+        rng: &mut R,
+        brand: &Brand,
+        env: Environment,
+    ) -> Result<Self, R::Error> {
+        let secret = Zeroizing::new(base62::random_string(rng, SECRET_LEN)?);
         let mut key = Zeroizing::new(String::with_capacity(MAX_KEY_LEN));
         key.push_str(brand.as_str());
         key.push('_');
@@ -227,7 +232,7 @@ mod tests {
 
     #[test]
     fn generated_keys_have_the_documented_shape_and_parse() {
-        let key = ApiKey::generate(&brand(), Environment::Live).unwrap();
+        let key = ApiKey::generate(&mut getrandom::SysRng, &brand(), Environment::Live).unwrap();
         let s = key.expose();
         assert!(s.starts_with("kw_live_"), "{s}");
         assert_eq!(s.len(), "kw_live_".len() + SECRET_LEN + CHECKSUM_LEN);
@@ -237,7 +242,8 @@ mod tests {
                 environment: Environment::Live
             })
         );
-        let test_key = ApiKey::generate(&brand(), Environment::Test).unwrap();
+        let test_key =
+            ApiKey::generate(&mut getrandom::SysRng, &brand(), Environment::Test).unwrap();
         assert_eq!(
             parse(&brand(), test_key.expose()).unwrap().environment,
             Environment::Test
@@ -247,7 +253,7 @@ mod tests {
     #[test]
     fn a_custom_brand_is_used_and_other_brands_are_refused() {
         let clne = Brand::parse("clne").unwrap();
-        let key = ApiKey::generate(&clne, Environment::Test).unwrap();
+        let key = ApiKey::generate(&mut getrandom::SysRng, &clne, Environment::Test).unwrap();
         assert!(key.expose().starts_with("clne_test_"));
         assert!(parse(&clne, key.expose()).is_ok());
         assert_eq!(parse(&brand(), key.expose()), Err(MalformedKey::WrongBrand));
@@ -265,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_changed_character_fails_the_checksum() {
-        let key = ApiKey::generate(&brand(), Environment::Live).unwrap();
+        let key = ApiKey::generate(&mut getrandom::SysRng, &brand(), Environment::Live).unwrap();
         let s = key.expose();
         let mut bytes = s.as_bytes().to_vec();
         let i = "kw_live_".len() + 3;
@@ -276,7 +282,7 @@ mod tests {
 
     #[test]
     fn malformed_shapes_are_named() {
-        let key = ApiKey::generate(&brand(), Environment::Live).unwrap();
+        let key = ApiKey::generate(&mut getrandom::SysRng, &brand(), Environment::Live).unwrap();
         let s = key.expose();
         assert_eq!(parse(&brand(), ""), Err(MalformedKey::WrongBrand));
         assert_eq!(
@@ -299,7 +305,7 @@ mod tests {
 
     #[test]
     fn debug_output_never_shows_the_plaintext() {
-        let key = ApiKey::generate(&brand(), Environment::Live).unwrap();
+        let key = ApiKey::generate(&mut getrandom::SysRng, &brand(), Environment::Live).unwrap();
         let debug = format!("{key:?} {:?}", key.hash());
         assert!(!debug.contains(&key.expose()[8..20]));
         assert!(!debug.contains(&key.hash().to_hex()));
@@ -307,7 +313,7 @@ mod tests {
 
     #[test]
     fn last_four_comes_from_the_checksum_and_display_uses_it() {
-        let key = ApiKey::generate(&brand(), Environment::Live).unwrap();
+        let key = ApiKey::generate(&mut getrandom::SysRng, &brand(), Environment::Live).unwrap();
         let s = key.expose();
         assert_eq!(key.last_four(), &s[s.len() - 4..]);
         assert_eq!(
@@ -336,7 +342,7 @@ mod tests {
 
         #[test]
         fn any_single_substitution_in_the_body_is_caught(pos in 8usize..46, c in "[0-9A-Za-z]") {
-            let key = ApiKey::generate(&brand(), Environment::Live).unwrap();
+            let key = ApiKey::generate(&mut getrandom::SysRng, &brand(), Environment::Live).unwrap();
             let s = key.expose().to_owned();
             let replacement = c.chars().next().unwrap();
             let original = s.as_bytes()[pos] as char;
@@ -349,7 +355,7 @@ mod tests {
         #[test]
         fn keys_survive_a_round_trip(live in any::<bool>()) {
             let env = if live { Environment::Live } else { Environment::Test };
-            let key = ApiKey::generate(&brand(), env).unwrap();
+            let key = ApiKey::generate(&mut getrandom::SysRng, &brand(), env).unwrap();
             prop_assert_eq!(parse(&brand(), key.expose()).unwrap().environment, env);
         }
     }
