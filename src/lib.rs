@@ -29,7 +29,7 @@
 
 pub mod access_groups;
 pub mod api;
-pub mod bearer;
+pub use keywarden_proto::bearer;
 pub mod bench;
 pub mod cache;
 pub mod cli;
@@ -52,14 +52,11 @@ pub mod usage;
 pub mod verify;
 pub mod workspaces;
 
-/// The generated protobuf and gRPC code of `keywarden.v1`.
+/// The protobuf and gRPC code of `keywarden.v1`: the messages, clients and file
+/// descriptor set of the `keywarden-proto` crate, and the servers, generated here with
+/// the server's request codec (see `build.rs` and `api::codec`).
 pub mod proto {
     #![allow(clippy::all, clippy::pedantic)]
+    pub use keywarden_proto::*;
     tonic::include_proto!("keywarden.v1");
-    // The clients, generated apart from the servers so that they keep tonic's codec
-    // (see `build.rs` and `api::codec`).
-    include!(concat!(env!("OUT_DIR"), "/clients/keywarden.v1.rs"));
-
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("keywarden_descriptor");
 }
