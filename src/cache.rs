@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use quick_cache::UnitWeighter;
-use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::sync::Cache;
 
 use crate::domain::Micros;
 use crate::domain::key::VerifiableKey;
@@ -92,29 +92,8 @@ pub struct FillTicket {
     generation: u64,
 }
 
-/// Tables keyed by secret hash hash them with foldhash, seeded at random per process: a
-/// fraction of the default SipHash's cost on the hot path. Seeded, so collisions cannot be
-/// worked out offline; foldhash claims no cryptographic strength, which is acceptable
-/// here because the keys are already SHA-256 outputs and a crowded bucket would cost
-/// lookups, never a wrong answer. The edge's cache and lease book use it too.
-pub(crate) type Hasher = foldhash::quality::RandomState;
-
-/// A quick_cache map of at most `capacity` in weight (entries, with `weigher`), hashed
-/// with [`Hasher`]: every bounded map of the server and the edge is made here.
-pub(crate) fn bounded<K, V, W>(capacity: u64, weigher: W) -> Cache<K, V, W, Hasher>
-where
-    K: Eq + std::hash::Hash,
-    V: Clone,
-    W: quick_cache::Weighter<K, V> + Clone,
-{
-    Cache::with(
-        usize::try_from(capacity).unwrap_or(usize::MAX),
-        capacity,
-        weigher,
-        Hasher::default(),
-        DefaultLifecycle::default(),
-    )
-}
+/// The one way a bounded map is made, shared with the edge (see `keywarden_edge::maps`).
+pub(crate) use keywarden_edge::maps::{Hasher, bounded};
 
 /// A map's value for `key`, made by `Default` (and inserted) when it has none.
 pub(crate) fn get_or_default<V: Clone + Default>(

@@ -37,7 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub use keywarden_domain as domain;
-pub mod edge;
+pub use keywarden_edge as edge;
 pub mod events;
 pub mod keys;
 pub mod metrics;

@@ -56,10 +56,36 @@ fn the_domain_crate_pulls_in_no_runtime_database_or_transport() {
 }
 
 #[test]
+fn the_edge_crate_carries_none_of_the_servers_dependencies() {
+    assert_free_of(
+        "keywarden-edge",
+        &[
+            "sqlx",
+            "axum",
+            "redis",
+            "argon2",
+            "aes-gcm",
+            "opentelemetry_sdk",
+            "metrics-exporter-prometheus",
+            "clap",
+            "keywarden",
+        ],
+    );
+}
+
+#[test]
 fn the_check_sees_a_dependency_at_any_depth() {
     // The server reaches hyper only through tonic and axum: the check must see it.
     let deps = normal_dependencies("keywarden");
-    for name in ["tokio", "sqlx", "tonic", "hyper", "keywarden-domain"] {
+    for name in [
+        "tokio",
+        "sqlx",
+        "tonic",
+        "hyper",
+        "redis",
+        "clap",
+        "keywarden-edge",
+    ] {
         assert!(deps.contains(name), "{name} missing from {deps:?}");
     }
 }

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 
-use crate::domain::key_format::KeyHash;
-use crate::domain::lease::MAX_LEASE;
-use crate::proto;
+use keywarden_domain::key_format::KeyHash;
+use keywarden_domain::lease::MAX_LEASE;
+use keywarden_proto as proto;
 
 /// The life assumed before the server has said (its default).
 const DEFAULT_LIFE: Duration = Duration::from_secs(2);
@@ -300,7 +300,7 @@ pub(super) enum Admit {
 
 /// Every lease this edge holds, by key id.
 pub(super) struct LeaseBook {
-    slots: HashMap<String, Slot, crate::cache::Hasher>,
+    slots: HashMap<String, Slot, crate::maps::Hasher>,
     /// Key ids whose ask is queued (their slot's `asking` set), not sent yet.
     queued: Vec<String>,
     /// Leases given up (expired, replaced, dropped) for the next LeaseQuota call to

@@ -10,7 +10,7 @@
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use keywarden::edge::{EdgeConfig, Verifier};
+//! use keywarden_edge::{EdgeConfig, Verifier};
 //!
 //! let config = EdgeConfig::new("kwt_verifier...", "kwt_edge...");
 //! let verifier = Verifier::connect_to("http://127.0.0.1:50051", config)?;
@@ -61,7 +61,7 @@
 //!
 //! With [`EdgeConfig::leases`] (the default), the edge answers rate-limited keys with no
 //! round trip: it leases quota from the server (`VerifyService.LeaseQuota`) and admits
-//! calls from it, as a replica does from Redis (see [`crate::domain::lease`]).
+//! calls from it, as a replica does from Redis (see [`keywarden_domain::lease`]).
 //!
 //! - The first call of a key goes to VerifyKey as always; when its answer is `VALID` with
 //!   a decision and is cached, a background task asks for a lease for the key (by key id
@@ -147,17 +147,18 @@ use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::bearer::Bearer;
-use crate::cache::Hasher;
-use crate::domain::access;
-use crate::domain::key_format::KeyHash;
-use crate::domain::validate::Violations;
-use crate::proto;
-use crate::proto::revocation_service_client::RevocationServiceClient;
-use crate::proto::verify_service_client::VerifyServiceClient;
-use crate::proto::watch_revocations_response::Message;
+use keywarden_domain::access;
+use keywarden_domain::key_format::KeyHash;
+use keywarden_domain::validate::Violations;
+use keywarden_proto as proto;
+use keywarden_proto::Bearer;
+use keywarden_proto::revocation_service_client::RevocationServiceClient;
+use keywarden_proto::verify_service_client::VerifyServiceClient;
+use keywarden_proto::watch_revocations_response::Message;
+use maps::Hasher;
 
 mod leases;
+pub mod maps;
 pub use leases::RateLimitFigures;
 use leases::{Admit, Admitted, LeaseBook, LeaseCell, lease_cap};
 
@@ -1204,13 +1205,13 @@ struct Hit {
 impl EdgeCache {
     fn new(config: &EdgeConfig) -> Self {
         let missing = (!config.negative_ttl.is_zero())
-            .then(|| crate::cache::bounded(config.cache_capacity, UnitWeighter));
+            .then(|| maps::bounded(config.cache_capacity, UnitWeighter));
         EdgeCache {
             leases: LeaseBooks::new(),
             leasing: config.leases,
             lease_wake: Notify::new(),
             batches: watch::channel(0).0,
-            found: crate::cache::bounded(config.cache_capacity, AnswersWeigher),
+            found: maps::bounded(config.cache_capacity, AnswersWeigher),
             missing,
             negative_ttl: config.negative_ttl,
             by_key_id: Mutex::new(KeyIndex {
@@ -1360,7 +1361,7 @@ impl EdgeCache {
                     leased,
                     cached_at: Instant::now(),
                     serve_until: response.expires_at.as_ref().map(|t| {
-                        let slack = crate::domain::micros_in(EXPIRY_SLACK);
+                        let slack = keywarden_domain::micros_in(EXPIRY_SLACK);
                         t.seconds
                             .saturating_mul(1_000_000)
                             .saturating_add(i64::from(t.nanos / 1000))
@@ -1522,7 +1523,7 @@ impl EdgeCache {
 fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(crate::domain::micros_in)
+        .map(keywarden_domain::micros_in)
         .unwrap_or(0)
 }
 

@@ -1,4 +1,4 @@
-//! An edge node in a few lines: verify a key twice through `keywarden::edge::Verifier`
+//! An edge node in a few lines: verify a key twice through `keywarden_edge::Verifier`
 //! (the second answer comes from the local cache) and print how far behind the
 //! revocation stream it is.
 //!
@@ -6,12 +6,12 @@
 //!
 //! ```sh
 //! KEYWARDEN_VERIFIER_TOKEN=kwt_... KEYWARDEN_EDGE_TOKEN=kwt_... \
-//!   cargo run --example edge_verifier -- kw_live_...
+//!   cargo run -p keywarden-edge --example edge_verifier -- kw_live_...
 //! ```
 
 use std::time::Duration;
 
-use keywarden::edge::{EdgeConfig, Verifier};
+use keywarden_edge::{EdgeConfig, Verifier};
 
 fn env(name: &str) -> Result<String, String> {
     std::env::var(name).map_err(|_| format!("set {name} (see `keywarden serve --dev` output)"))
