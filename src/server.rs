@@ -70,6 +70,13 @@ pub enum StartError {
     Kek(String),
     #[error("tls: {0}")]
     Tls(tonic::transport::Error),
+    /// A service added to the router without a health status, or the reverse: a
+    /// programming error, refused at start rather than answered NOT_FOUND to a probe.
+    #[error("health reports {reported:?} but the router serves {serving:?}")]
+    Services {
+        reported: Vec<&'static str>,
+        serving: Vec<&'static str>,
+    },
 }
 
 /// The KEK ring from the configured versions (Argon2id runs here for passphrase KEKs, off
@@ -303,16 +310,69 @@ pub async fn start_with_store(
 }
 
 /// The services health reports by name besides the server as a whole (`""`): SERVING
-/// once the server runs, NOT_SERVING while `serve` still waits for its database.
+/// once the server runs, NOT_SERVING while `serve` still waits for its database. The
+/// router serves exactly these ([`Served`] records what it adds; `serve_on` refuses to
+/// start if the two lists differ).
 pub fn reported_services(settings: &Settings) -> Vec<&'static str> {
     use tonic::server::NamedService;
     let mut names = vec![
         <KeyServiceServer<KeyApi> as NamedService>::NAME,
+        <TeamServiceServer<TeamApi> as NamedService>::NAME,
+        <AccessGroupServiceServer<AccessGroupApi> as NamedService>::NAME,
         <WorkspaceServiceServer<WorkspaceApi> as NamedService>::NAME,
         <ProviderKeyServiceServer<ProviderKeyApi> as NamedService>::NAME,
     ];
     names.extend(vouching_services(settings));
     names
+}
+
+/// The router as it is built, and the name of every service of Keywarden's added to it:
+/// what health must report on.
+struct Served<L> {
+    router: tonic::transport::server::Router<L>,
+    names: Vec<&'static str>,
+}
+
+impl<L> Served<L> {
+    fn new(router: tonic::transport::server::Router<L>) -> Self {
+        Served {
+            router,
+            names: Vec::new(),
+        }
+    }
+
+    fn add<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.router = self.router.add_service(service);
+        self
+    }
+
+    fn add_optional<S>(self, service: Option<S>) -> Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        match service {
+            Some(service) => self.add(service),
+            None => self,
+        }
+    }
 }
 
 /// The services that vouch for keys: VerifyService, RevocationService and Envoy's
@@ -544,40 +604,49 @@ pub async fn serve_on(
         .layer(RpcLayer::new(metrics.clone()))
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(
+        .add_service(reflection_v1alpha);
+    let served = Served::new(router)
+        .add(InterceptedService::new(
             KeyServiceServer::new(KeyApi::new(lifecycle)).max_decoding_message_size(max),
             role(Role::Admin),
         ))
-        .add_service(InterceptedService::new(
+        .add(InterceptedService::new(
             TeamServiceServer::new(TeamApi::new(teams)).max_decoding_message_size(max),
             role(Role::Admin),
         ))
-        .add_service(InterceptedService::new(
+        .add(InterceptedService::new(
             AccessGroupServiceServer::new(AccessGroupApi::new(access_groups))
                 .max_decoding_message_size(max),
             role(Role::Admin),
         ))
-        .add_service(InterceptedService::new(
+        .add(InterceptedService::new(
             ProviderKeyServiceServer::new(ProviderKeyApi::new(provider_keys))
                 .max_decoding_message_size(max),
             Authenticate::new(tokens.clone()),
         ))
-        .add_service(InterceptedService::new(
+        .add(InterceptedService::new(
             WorkspaceServiceServer::new(WorkspaceApi::new(workspaces))
                 .max_decoding_message_size(max),
             role(Role::Admin),
         ))
-        .add_service(InterceptedService::new(
+        .add(InterceptedService::new(
             VerifyServiceServer::new(VerifyApi::new(verifier)).max_decoding_message_size(max),
             role(Role::Verifier),
         ))
-        .add_service(InterceptedService::new(
+        .add(InterceptedService::new(
             RevocationServiceServer::new(RevocationApi::new(hub.clone()))
                 .max_decoding_message_size(max),
             role(Role::Edge),
         ))
-        .add_optional_service(ext_authz);
+        .add_optional(ext_authz);
+    let mut reported = reported_services(settings);
+    let mut serving = served.names.clone();
+    reported.sort_unstable();
+    serving.sort_unstable();
+    if reported != serving {
+        return Err(StartError::Services { reported, serving });
+    }
+    let router = served.router;
     let stopping = hub.clone();
     let incoming = incoming(listener, settings);
     let serving = router.serve_with_incoming_shutdown(incoming, async move {

@@ -536,7 +536,16 @@ async fn health_answers_serving() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dev_server(dir.path())).await;
     let mut health = HealthClient::new(server.channel().await);
-    for service in ["", "keywarden.v1.KeyService", "keywarden.v1.VerifyService"] {
+    // Every service the server lists, so that a probe naming any of them (a Kubernetes
+    // gRPC probe on RevocationService, say) is answered.
+    let listed = listed_services(&server).await;
+    let keywarden: Vec<&str> = listed
+        .iter()
+        .map(String::as_str)
+        .filter(|s| s.starts_with("keywarden.v1."))
+        .collect();
+    assert_eq!(keywarden.len(), 7, "{listed:?}");
+    for service in std::iter::once("").chain(keywarden) {
         let resp = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -556,6 +565,30 @@ async fn health_answers_serving() {
     drop(health);
     let status = server.terminate().await;
     assert_exited_cleanly(status, &server.process);
+}
+
+/// The services the server lists by reflection (v1alpha).
+async fn listed_services(server: &Server) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().expect("a response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("not a list_services answer: {response:?}");
+    };
+    list.service.into_iter().map(|s| s.name).collect()
 }
 
 const SERVICES: [&str; 3] = [
