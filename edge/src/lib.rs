@@ -147,7 +147,7 @@ use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use keywarden_domain::access;
+use keywarden_domain::key;
 use keywarden_domain::key_format::KeyHash;
 use keywarden_domain::validate::Violations;
 use keywarden_proto as proto;
@@ -439,10 +439,9 @@ impl Verifier {
         let hash = KeyHash::of(&request.key);
         // A request the server would refuse (INVALID_ARGUMENT) bypasses the cache, so
         // that the caller gets the server's error rather than a cached answer.
-        let scopes = answer_key(&request);
-        if let Some(scopes) = &scopes
-            && let Some((response, admitted)) =
-                self.cached_answer(&hash, scopes, request.cost.max(1)).await
+        let checked = answer_key(&request);
+        if let Some((scopes, cost)) = &checked
+            && let Some((response, admitted)) = self.cached_answer(&hash, scopes, *cost).await
         {
             let mut response = Arc::unwrap_or_clone(response);
             if let Some(admitted) = admitted {
@@ -450,7 +449,7 @@ impl Verifier {
             }
             return Ok(response);
         }
-        Box::pin(self.fetch(request, hash, scopes)).await
+        Box::pin(self.fetch(request, hash, checked.map(|(scopes, _)| scopes))).await
     }
 
     /// [`Verifier::verify`] for a gateway that reads the answer rather than owning a copy
@@ -646,43 +645,38 @@ struct AnswerKey {
     client_ip: Option<IpAddr>,
 }
 
-/// The request's [`AnswerKey`], or `None` when the server would refuse the request: the
-/// same checks as VerifyKey's.
-fn answer_key(request: &proto::VerifyKeyRequest) -> Option<AnswerKey> {
-    let AnswerKey { scopes, .. } = scopes_key(&request.required_scopes)?;
-    if !request.resource.is_empty() && !access::is_target(&request.resource) {
-        return None;
+impl AnswerKey {
+    /// What the checked request's answer depends on: its scopes sorted and deduplicated.
+    fn of(request: &key::Request<'_>) -> Self {
+        let mut scopes = request.required_scopes.to_vec();
+        scopes.sort_unstable();
+        scopes.dedup();
+        AnswerKey {
+            scopes: scopes.into_boxed_slice(),
+            resource: request.resource.unwrap_or_default().into(),
+            client_ip: request.client_ip,
+        }
     }
-    let client_ip = if request.client_ip.is_empty() {
-        None
-    } else {
-        Some(request.client_ip.trim().parse::<IpAddr>().ok()?)
-    };
-    Some(AnswerKey {
-        scopes,
-        resource: request.resource.as_str().into(),
-        client_ip,
-    })
+}
+
+/// The request's [`AnswerKey`] and cost, or `None` when the server would refuse the
+/// request: VerifyKey's own checks ([`key::Request::parse`]).
+fn answer_key(request: &proto::VerifyKeyRequest) -> Option<(AnswerKey, u64)> {
+    let (parsed, cost) = key::Request::parse(
+        &request.required_scopes,
+        &request.resource,
+        &request.client_ip,
+        request.cost,
+    )
+    .ok()?;
+    Some((AnswerKey::of(&parsed), cost))
 }
 
 /// The [`AnswerKey`] of a request naming only `required` scopes, or `None` when the
 /// server would refuse them.
 fn scopes_key(required: &[String]) -> Option<AnswerKey> {
-    let scopes = if required.is_empty() {
-        Box::default()
-    } else {
-        let mut v = Violations::default();
-        let scopes = v.scopes("required_scopes", required);
-        if !v.is_empty() {
-            return None;
-        }
-        scopes.into_boxed_slice()
-    };
-    Some(AnswerKey {
-        scopes,
-        resource: Box::default(),
-        client_ip: None,
-    })
+    let (parsed, _) = key::Request::parse(required, "", "", 1).ok()?;
+    Some(AnswerKey::of(&parsed))
 }
 
 /// The tightest window's figures of a decision, as the server chose it.
@@ -1562,7 +1556,7 @@ mod tests {
     }
 
     fn scopes(s: &[&str]) -> AnswerKey {
-        answer_key(&request(s, "", "")).unwrap()
+        answer_key(&request(s, "", "")).unwrap().0
     }
 
     #[allow(dead_code)]
@@ -1592,22 +1586,37 @@ mod tests {
         assert_eq!(answer_key(&request(&["read"; 1000], "", "")), None);
         assert_eq!(answer_key(&request(&[], "two words", "")), None);
         assert_eq!(answer_key(&request(&[], "", "10.0.0.1/8")), None);
+        // A cost the server refuses: never answered from the cache (the edge once
+        // checked every field but this one).
+        let costly = proto::VerifyKeyRequest {
+            cost: keywarden_domain::validate::MAX_COST + 1,
+            ..request(&[], "", "")
+        };
+        assert_eq!(answer_key(&costly), None);
+        assert_eq!(
+            answer_key(&request(&[], "", "")).map(|(_, cost)| cost),
+            Some(1)
+        );
     }
 
     #[test]
     fn the_answer_key_tells_resources_and_addresses_apart() {
-        let base = answer_key(&request(&["read"], "gpt-4o", "10.0.0.1")).unwrap();
+        let base = answer_key(&request(&["read"], "gpt-4o", "10.0.0.1"))
+            .unwrap()
+            .0;
         for other in [
             request(&["read"], "o3", "10.0.0.1"),
             request(&["read"], "", "10.0.0.1"),
             request(&["read"], "gpt-4o", "10.0.0.2"),
             request(&["read"], "gpt-4o", ""),
         ] {
-            assert_ne!(answer_key(&other).unwrap(), base, "{other:?}");
+            assert_ne!(answer_key(&other).unwrap().0, base, "{other:?}");
         }
         // The same address written differently is the same address.
         assert_eq!(
-            answer_key(&request(&["read"], "gpt-4o", " 10.0.0.1 ")).unwrap(),
+            answer_key(&request(&["read"], "gpt-4o", " 10.0.0.1 "))
+                .unwrap()
+                .0,
             base
         );
     }

@@ -5,13 +5,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::error::{check, refused, store_status};
-use crate::domain::access;
+use super::error::{check, invalid_argument, refused, store_status};
 use crate::domain::key::{self, VerifyCode};
 use crate::domain::key_format::KeyHash;
 use crate::domain::lease::MAX_LEASE;
 use crate::domain::refusal::{Reason, Refusal};
-use crate::domain::validate::{MAX_COST, MAX_USAGE, Violations};
+use crate::domain::validate::{MAX_USAGE, Violations};
 use crate::proto;
 use crate::proto::verify_service_server::VerifyService;
 use crate::ratelimit::leased::LeaseRecord;
@@ -69,39 +68,12 @@ impl VerifyService for VerifyApi {
         request: Request<proto::VerifyKeyRequest>,
     ) -> Result<Response<proto::VerifyKeyResponse>, Status> {
         let r = request.into_inner();
-        let mut client_ip = None;
-        if !r.required_scopes.is_empty()
-            || r.cost > MAX_COST
-            || !r.resource.is_empty()
-            || !r.client_ip.is_empty()
-        {
-            let mut v = Violations::default();
-            v.scopes("required_scopes", &r.required_scopes);
-            if r.cost > MAX_COST {
-                v.add("cost", format!("must be at most {MAX_COST}"));
-            }
-            if !r.resource.is_empty() && !access::is_target(&r.resource) {
-                v.add(
-                    "resource",
-                    "must be 1 to 128 printable ASCII characters without spaces",
-                );
-            }
-            if !r.client_ip.is_empty() {
-                client_ip = r.client_ip.trim().parse::<std::net::IpAddr>().ok();
-                if client_ip.is_none() {
-                    v.add("client_ip", "is not an IPv4 or IPv6 address");
-                }
-            }
-            check(v)?;
-        }
-        let request = key::Request {
-            required_scopes: &r.required_scopes,
-            resource: (!r.resource.is_empty()).then_some(r.resource.as_str()),
-            client_ip,
-        };
+        let (request, cost) =
+            key::Request::parse(&r.required_scopes, &r.resource, &r.client_ip, r.cost)
+                .map_err(invalid_argument)?;
         let verdict = self
             .verifier
-            .verify(&r.key, &request, r.cost.max(1))
+            .verify(&r.key, &request, cost)
             .await
             .map_err(|e| verify_status(&e))?;
         let mut response = proto::VerifyKeyResponse {

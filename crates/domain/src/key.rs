@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 
 use super::Micros;
-use super::access::{NetworkAllowlist, ResourceAccess};
+use super::access::{self, NetworkAllowlist, ResourceAccess};
 use super::key_format::Environment;
 use super::limits::RateLimit;
 use super::scopes::EffectiveScopes;
+use super::validate::{MAX_COST, Violations};
 
 /// The longest grace period a rotation may give the old secret.
 pub const MAX_ROTATION_GRACE: Micros = 7 * 24 * 3600 * super::MICROS_PER_SECOND;
@@ -257,6 +258,55 @@ pub struct Request<'a> {
     pub client_ip: Option<std::net::IpAddr>,
 }
 
+impl<'a> Request<'a> {
+    /// VerifyKey's request fields besides the key, checked: the one check both the server
+    /// and the edge make (the edge sends what this refuses to the server, uncached, so
+    /// its caller gets the server's INVALID_ARGUMENT). Returns the request and the cost
+    /// the call counts for (at least 1), or every violation, each naming its field.
+    pub fn parse(
+        required_scopes: &'a [String],
+        resource: &'a str,
+        client_ip: &str,
+        cost: u64,
+    ) -> Result<(Request<'a>, u64), Violations> {
+        let mut request = Request {
+            required_scopes,
+            resource: (!resource.is_empty()).then_some(resource),
+            client_ip: None,
+        };
+        // The usual call names nothing else: no checks to run.
+        if required_scopes.is_empty()
+            && resource.is_empty()
+            && client_ip.is_empty()
+            && cost <= MAX_COST
+        {
+            return Ok((request, cost.max(1)));
+        }
+        let mut v = Violations::default();
+        v.scopes("required_scopes", required_scopes);
+        if cost > MAX_COST {
+            v.add("cost", format!("must be at most {MAX_COST}"));
+        }
+        if !resource.is_empty() && !access::is_target(resource) {
+            v.add(
+                "resource",
+                "must be 1 to 128 printable ASCII characters without spaces",
+            );
+        }
+        if !client_ip.is_empty() {
+            request.client_ip = client_ip.trim().parse::<std::net::IpAddr>().ok();
+            if request.client_ip.is_none() {
+                v.add("client_ip", "is not an IPv4 or IPv6 address");
+            }
+        }
+        if v.is_empty() {
+            Ok((request, cost.max(1)))
+        } else {
+            Err(v)
+        }
+    }
+}
+
 /// Decides a verification of a key whose secret matched a stored one.
 ///
 /// `secret_valid_until` is `None` for the key's current secret and the end of the grace
@@ -320,6 +370,27 @@ mod tests {
 
     fn record() -> KeyRecord {
         KeyRecord::sample("key_1")
+    }
+
+    #[test]
+    fn a_request_is_parsed_once_for_server_and_edge_naming_each_bad_field() {
+        let (plain, cost) = Request::parse(&[], "", "", 0).unwrap();
+        assert_eq!((plain.resource, plain.client_ip, cost), (None, None, 1));
+        let scopes = ["read".to_owned()];
+        let (r, cost) = Request::parse(&scopes, "gpt-4o", " 10.0.0.1 ", 7).unwrap();
+        assert_eq!(r.resource, Some("gpt-4o"));
+        assert_eq!(r.client_ip, Some([10, 0, 0, 1].into()));
+        assert_eq!(cost, 7);
+        let bad = ["Not A Scope".to_owned()];
+        let v = Request::parse(&bad, "two words", "10.0.0.0/8", MAX_COST + 1).unwrap_err();
+        let fields: Vec<&str> = v.0.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["required_scopes[0]", "cost", "resource", "client_ip"]
+        );
+        // A cost alone, with nothing else named, is checked too.
+        let v = Request::parse(&[], "", "", MAX_COST + 1).unwrap_err();
+        assert_eq!(v.0[0].field, "cost");
     }
 
     fn req(scopes: &[String]) -> Request<'_> {
