@@ -6,11 +6,12 @@
 //!
 //! A miss reads the row, then writes it into the cache. If a revoke commits and
 //! invalidates in between, a naive fill writes the stale (still-valid) row back and the
-//! revoked key lives on until eviction. Here every hash maps to a shard with a generation
-//! counter: a fill takes a [`FillTicket`] (the generation) *before* it reads the database,
-//! and [`VerifyCache::complete_fill`] inserts only if no invalidation of that shard
-//! happened since. Invalidation bumps the generation and removes the entry under the same
-//! shard lock, so the check-and-insert and the bump-and-remove cannot interleave.
+//! revoked key lives on until eviction. Every hash maps to one of 64 shards of a
+//! [`FillGuard`] (the edge's cache uses the same guard): a fill takes a [`FillTicket`]
+//! *before* it reads the database, and [`VerifyCache::complete_fill`] inserts only if no
+//! invalidation of that shard happened since. Invalidation bumps the shard's generation
+//! and removes the entry under the shard's lock, so the check-and-insert and the
+//! bump-and-remove cannot interleave.
 //!
 //! Reads ([`VerifyCache::get`]) take no lock of ours: they go straight to quick_cache's
 //! sharded map. The shard locks are held only for a few instructions and never across
@@ -25,8 +26,10 @@
 //! read past the TTL is a miss (the entry is then overwritten by the next fill, or
 //! evicted by capacity).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use keywarden_edge::fill::{FillGuard, FillTicket};
 
 use quick_cache::UnitWeighter;
 use quick_cache::sync::Cache;
@@ -85,11 +88,11 @@ pub enum Lookup {
     Miss,
 }
 
-/// Proof of the generation a fill started at.
+/// A fill under way: its hash, and the guard's ticket for the hash's shard.
 #[must_use]
-pub struct FillTicket {
+pub struct Fill {
     hash: KeyHash,
-    generation: u64,
+    ticket: FillTicket,
 }
 
 /// The one way a bounded map is made, shared with the edge (see `keywarden_edge::maps`).
@@ -117,7 +120,7 @@ pub struct VerifyCache {
     epoch: Instant,
     ttl_ms: u64,
     negative_ttl_ms: u64,
-    generations: Box<[Mutex<u64>]>,
+    guard: FillGuard<()>,
     enabled: bool,
 }
 
@@ -130,7 +133,7 @@ impl VerifyCache {
             epoch: Instant::now(),
             ttl_ms: ms(sizes.ttl),
             negative_ttl_ms: ms(sizes.negative_ttl),
-            generations: (0..SHARDS).map(|_| Mutex::new(0)).collect(),
+            guard: FillGuard::new(SHARDS, || ()),
             enabled: true,
         }
     }
@@ -164,38 +167,42 @@ impl VerifyCache {
     }
 
     /// Call before reading the database for `hash`.
-    pub fn begin_fill(&self, hash: &KeyHash) -> FillTicket {
-        FillTicket {
+    pub fn begin_fill(&self, hash: &KeyHash) -> Fill {
+        Fill {
             hash: *hash,
-            generation: *self.shard(hash),
+            ticket: self.guard.begin(shard(hash)),
         }
     }
 
     /// Caches what the database said (`None`: no such secret) unless `hash`'s shard was
     /// invalidated since the ticket was taken. Returns whether it was cached.
-    pub fn complete_fill(&self, ticket: FillTicket, found: Option<Arc<CachedKey>>) -> bool {
+    pub fn complete_fill(&self, fill: Fill, found: Option<Arc<CachedKey>>) -> bool {
         if !self.enabled {
             return false;
         }
-        let generation = self.shard(&ticket.hash);
-        if *generation != ticket.generation {
-            return false;
-        }
-        let now = self.now_ms();
-        match found {
-            Some(entry) => self.entries.insert(ticket.hash, (entry, now)),
-            None => self.missing.insert(ticket.hash, ((), now)),
-        }
-        true
+        let Fill { hash, ticket } = fill;
+        self.guard
+            .complete(
+                ticket,
+                |()| true,
+                || {
+                    let now = self.now_ms();
+                    match found {
+                        Some(entry) => self.entries.insert(hash, (entry, now)),
+                        None => self.missing.insert(hash, ((), now)),
+                    }
+                },
+            )
+            .is_some()
     }
 
     /// Drops whatever is cached for `hash`, and makes every fill that started before this
     /// call lose.
     pub fn invalidate(&self, hash: &KeyHash) {
-        let mut generation = self.shard(hash);
-        *generation = generation.wrapping_add(1);
-        self.entries.remove(hash);
-        self.missing.remove(hash);
+        self.guard.invalidate(shard(hash), |()| {
+            self.entries.remove(hash);
+            self.missing.remove(hash);
+        });
     }
 
     /// Entries held, stale ones included until they are overwritten or evicted.
@@ -206,15 +213,11 @@ impl VerifyCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
 
-    fn shard(&self, hash: &KeyHash) -> MutexGuard<'_, u64> {
-        let index = usize::from(hash.0[0]) % SHARDS;
-        // A poisoned lock only means another thread panicked while holding it; the
-        // counter itself is always consistent.
-        self.generations[index]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// The fill guard's shard of `hash`.
+fn shard(hash: &KeyHash) -> usize {
+    usize::from(hash.0[0]) % SHARDS
 }
 
 #[cfg(test)]

@@ -135,7 +135,7 @@ use std::fmt;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quick_cache::sync::Cache;
@@ -147,6 +147,7 @@ use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use fill::{FillGuard, FillTicket};
 use keywarden_domain::key;
 use keywarden_domain::key_format::KeyHash;
 use keywarden_domain::validate::Violations;
@@ -157,6 +158,7 @@ use keywarden_proto::verify_service_client::VerifyServiceClient;
 use keywarden_proto::watch_revocations_response::Message;
 use maps::Hasher;
 
+pub mod fill;
 mod leases;
 pub mod maps;
 pub use leases::RateLimitFigures;
@@ -1136,19 +1138,9 @@ struct CachedAnswer {
     serve_until: Option<i64>,
 }
 
-/// Proof of the generation a fill started at.
-#[must_use]
-struct FillTicket {
-    generation: u64,
-}
-
-struct Guard {
-    generation: u64,
-    serving: bool,
-}
-
 /// The edge's cache. Reads go straight to quick_cache. Fills check the generation and insert
-/// under the guard's read lock; invalidations, flushes and losing the stream bump it
+/// under the fill guard's read lock ([`fill::FillGuard`], one shard, whose state is
+/// whether the stream is caught up); invalidations, flushes and losing the stream bump it
 /// under the write lock, so a check-and-insert and a bump-and-remove never interleave.
 struct EdgeCache {
     found: Cache<KeyHash, Arc<HashAnswers>, AnswersWeigher, Hasher>,
@@ -1167,8 +1159,10 @@ struct EdgeCache {
     negative_ttl: Duration,
     /// key_id → the hashes cached for it, to drop them all on an event about the key.
     by_key_id: Mutex<KeyIndex>,
-    guard: RwLock<Guard>,
-    /// `guard.serving`, readable without a lock on the hot path.
+    /// One shard for the whole cache (an event names a key id and hashes, while a fill
+    /// knows only its hash); its state: serving (the stream caught up).
+    guard: FillGuard<bool>,
+    /// The guard's serving state, readable without a lock on the hot path.
     serving: AtomicBool,
     serving_tx: watch::Sender<bool>,
     ttl: Duration,
@@ -1212,10 +1206,7 @@ impl EdgeCache {
                 hashes: HashMap::new(),
                 prune_at: 1024,
             }),
-            guard: RwLock::new(Guard {
-                generation: 0,
-                serving: false,
-            }),
+            guard: FillGuard::new(1, || false),
             serving: AtomicBool::new(false),
             serving_tx: watch::channel(false).0,
             ttl: config.cache_ttl,
@@ -1302,10 +1293,16 @@ impl EdgeCache {
         asks: &[proto::LeaseAsk],
         grants: &[proto::LeaseGrant],
     ) {
-        let guard = self.guard.read().unwrap_or_else(PoisonError::into_inner);
-        let valid = ticket.is_some_and(|t| guard.serving && guard.generation == t.generation);
-        let settle = self.leases.install(valid, asked_at, asks, grants);
-        drop(guard);
+        let installed = ticket.and_then(|ticket| {
+            self.guard.complete(
+                ticket,
+                |serving| *serving,
+                || self.leases.install(true, asked_at, asks, grants),
+            )
+        });
+        // Raced an event, a flush or a disconnection: every grant is given back.
+        let settle =
+            installed.unwrap_or_else(|| self.leases.install(false, asked_at, asks, grants));
         if settle {
             self.lease_wake.notify_one();
         }
@@ -1317,10 +1314,7 @@ impl EdgeCache {
 
     /// Call before asking the server; `None` while the cache is not in use.
     fn begin_fill(&self) -> Option<FillTicket> {
-        let guard = self.guard.read().unwrap_or_else(PoisonError::into_inner);
-        guard.serving.then_some(FillTicket {
-            generation: guard.generation,
-        })
+        self.guard.begin_if(0, |serving| *serving)
     }
 
     /// Caches the server's answer unless the stream lost health or anything was
@@ -1336,10 +1330,23 @@ impl EdgeCache {
         if matches!(kind, Kind::Uncacheable) {
             return false;
         }
-        let guard = self.guard.read().unwrap_or_else(PoisonError::into_inner);
-        if !guard.serving || guard.generation != ticket.generation {
-            return false;
-        }
+        self.guard
+            .complete(
+                ticket,
+                |serving| *serving,
+                || self.insert(kind, hash, scopes, response),
+            )
+            .unwrap_or(false)
+    }
+
+    /// Puts an answer in the cache (under the fill guard's read lock).
+    fn insert(
+        &self,
+        kind: Kind,
+        hash: KeyHash,
+        scopes: AnswerKey,
+        response: &proto::VerifyKeyResponse,
+    ) -> bool {
         match kind {
             Kind::Uncacheable => false,
             Kind::Missing => match &self.missing {
@@ -1456,17 +1463,16 @@ impl EdgeCache {
     /// Drops every answer for `hashes` and for the hashes indexed under `key_id`, and
     /// makes every fill that started before lose.
     fn invalidate(&self, hashes: &[KeyHash], key_id: &str) {
-        let mut guard = self.guard.write().unwrap_or_else(PoisonError::into_inner);
-        guard.generation = guard.generation.wrapping_add(1);
-        let indexed = lock(&self.by_key_id).hashes.remove(key_id);
-        for hash in hashes.iter().chain(indexed.iter().flatten()) {
-            self.found.remove(hash);
-            if let Some(missing) = &self.missing {
-                missing.remove(hash);
+        self.guard.invalidate(0, |_| {
+            let indexed = lock(&self.by_key_id).hashes.remove(key_id);
+            for hash in hashes.iter().chain(indexed.iter().flatten()) {
+                self.found.remove(hash);
+                if let Some(missing) = &self.missing {
+                    missing.remove(hash);
+                }
             }
-        }
-        self.drop_leases(Some(key_id));
-        drop(guard);
+            self.drop_leases(Some(key_id));
+        });
     }
 
     /// Drops the key's lease, or every lease, and wakes the lease task to settle them.
@@ -1486,30 +1492,29 @@ impl EdgeCache {
     }
 
     fn flush(&self) {
-        let mut guard = self.guard.write().unwrap_or_else(PoisonError::into_inner);
-        guard.generation = guard.generation.wrapping_add(1);
-        self.found.clear();
-        if let Some(missing) = &self.missing {
-            missing.clear();
-        }
-        lock(&self.by_key_id).hashes.clear();
-        self.drop_leases(None);
-        drop(guard);
+        self.guard.invalidate(0, |_| {
+            self.found.clear();
+            if let Some(missing) = &self.missing {
+                missing.clear();
+            }
+            lock(&self.by_key_id).hashes.clear();
+            self.drop_leases(None);
+        });
     }
 
     /// In use (caught up) or not (connecting, replaying, disconnected). Losing health
     /// makes every fill in flight lose.
+    /// (Becoming serving bumps the generation too: no fill began while it was not.)
     fn set_serving(&self, serving: bool) {
-        let mut guard = self.guard.write().unwrap_or_else(PoisonError::into_inner);
-        if !serving {
-            guard.generation = guard.generation.wrapping_add(1);
-            // Served only while caught up: no call is admitted from a lease meanwhile,
-            // and what the leases did not use goes back.
-            self.drop_leases(None);
-        }
-        guard.serving = serving;
-        self.serving.store(serving, Ordering::SeqCst);
-        drop(guard);
+        self.guard.invalidate(0, |state| {
+            if !serving {
+                // Served only while caught up: no call is admitted from a lease
+                // meanwhile, and what the leases did not use goes back.
+                self.drop_leases(None);
+            }
+            *state = serving;
+            self.serving.store(serving, Ordering::SeqCst);
+        });
         self.serving_tx.send_replace(serving);
     }
 }
