@@ -10,11 +10,32 @@ use std::sync::Arc;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::access::AccessGroup;
-use crate::domain::key_format::KeyHash;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::events::EventHub;
-use crate::keys::{Acting, KeyError};
+use crate::events::invalidate_committed;
+use crate::store::Acting;
 use crate::store::{Store, StoreError};
+
+/// Why an access-group operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessGroupError {
+    /// Refused, with the reason that decides the status code (see `api::error`).
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("workspace {0} does not exist")]
+    WorkspaceNotFound(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for AccessGroupError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Precondition(refusal) => AccessGroupError::Refused(refusal),
+            other => AccessGroupError::Store(other),
+        }
+    }
+}
 
 pub struct AccessGroups {
     store: Arc<dyn Store>,
@@ -44,9 +65,9 @@ impl AccessGroups {
         workspace_id: String,
         name: String,
         targets: BTreeSet<String>,
-    ) -> Result<AccessGroup, KeyError> {
+    ) -> Result<AccessGroup, AccessGroupError> {
         if self.store.get_workspace(&workspace_id).await?.is_none() {
-            return Err(KeyError::WorkspaceNotFound(workspace_id));
+            return Err(AccessGroupError::WorkspaceNotFound(workspace_id));
         }
         let now = self.clock.now();
         let group = AccessGroup {
@@ -59,7 +80,7 @@ impl AccessGroups {
         let audit = acting.audit("access_group.create", detail(&group.name, &group.targets));
         match self.store.insert_group(&group, &audit).await {
             Ok(()) => Ok(group),
-            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(
+            Err(StoreError::AlreadyExists) => Err(AccessGroupError::Refused(
                 Refusal::new(
                     Reason::AccessGroupAlreadyExists,
                     format!(
@@ -74,7 +95,7 @@ impl AccessGroups {
         }
     }
 
-    pub async fn list(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, KeyError> {
+    pub async fn list(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, AccessGroupError> {
         Ok(self.store.list_groups(workspace_id).await?)
     }
 
@@ -84,7 +105,7 @@ impl AccessGroups {
         workspace_id: &str,
         name: &str,
         targets: BTreeSet<String>,
-    ) -> Result<AccessGroup, KeyError> {
+    ) -> Result<AccessGroup, AccessGroupError> {
         let (group, stale) = self
             .store
             .update_group(
@@ -105,7 +126,7 @@ impl AccessGroups {
         acting: &Acting,
         workspace_id: &str,
         name: &str,
-    ) -> Result<(), KeyError> {
+    ) -> Result<(), AccessGroupError> {
         self.store
             .delete_group(
                 workspace_id,
@@ -120,9 +141,9 @@ impl AccessGroups {
 }
 
 /// A storage error about one group: "not found" names the group (not a key).
-fn group_error(e: StoreError, workspace_id: &str, name: &str) -> KeyError {
+fn group_error(e: StoreError, workspace_id: &str, name: &str) -> AccessGroupError {
     match e {
-        StoreError::NotFound => KeyError::Refused(
+        StoreError::NotFound => AccessGroupError::Refused(
             Refusal::new(
                 Reason::AccessGroupNotFound,
                 format!("access group {name} does not exist in workspace {workspace_id}"),
@@ -132,16 +153,6 @@ fn group_error(e: StoreError, workspace_id: &str, name: &str) -> KeyError {
         ),
         other => other.into(),
     }
-}
-
-/// After a commit that made `hashes` stale: drops this replica's cached entries at once,
-/// and wakes the event tailer so the committed events reach subscribers (and, through the
-/// log, every other replica).
-pub fn invalidate_committed(cache: &VerifyCache, events: &EventHub, hashes: &[KeyHash]) {
-    for hash in hashes {
-        cache.invalidate(hash);
-    }
-    events.wake();
 }
 
 fn detail(name: &str, targets: &BTreeSet<String>) -> String {

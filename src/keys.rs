@@ -9,13 +9,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::access_groups::invalidate_committed;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::Micros;
 use crate::domain::access::{NetworkAllowlist, ResourceAccess};
+use crate::domain::actor::Actor;
 use crate::domain::ids;
-use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
+use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::limits::RateLimit;
 use crate::domain::refusal::{Reason, Refusal};
@@ -24,57 +24,10 @@ use crate::domain::team::{
     SelfServiceKey, SelfServiceRefusal, check_self_service, check_self_service_change,
 };
 use crate::domain::workspace::Plans;
-use crate::events::EventHub;
+use crate::events::{EventHub, invalidate_committed};
 use crate::store::{
-    AuditContext, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
-    StoreError,
+    Acting, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store, StoreError,
 };
-
-/// The principal acting through an admin backend.
-#[derive(Clone, Debug)]
-pub struct Actor {
-    pub id: String,
-    pub permissions: Vec<String>,
-}
-
-impl Actor {
-    /// A self-service member: an actor without the admin permission, who sees and manages
-    /// only the keys it owns.
-    pub fn is_self_service(&self) -> bool {
-        !self.permissions.iter().any(|p| p == ADMIN_PERMISSION)
-    }
-
-    /// Whether the actor owns `key` (as its user owner).
-    fn owns(&self, key: &KeyRecord) -> bool {
-        key.owner.kind == OwnerKind::User && key.owner.id == self.id
-    }
-
-    fn as_owner(&self) -> Owner {
-        Owner {
-            kind: OwnerKind::User,
-            id: self.id.clone(),
-        }
-    }
-}
-
-/// Who is asking: the caller token's name and the acting principal.
-#[derive(Clone, Debug)]
-pub struct Acting {
-    pub caller: Arc<str>,
-    pub actor: Actor,
-}
-
-impl Acting {
-    /// What the audit log records of this principal doing `action`.
-    pub fn audit(&self, action: &'static str, detail: String) -> AuditContext {
-        AuditContext {
-            actor_id: self.actor.id.clone(),
-            caller: self.caller.to_string(),
-            action,
-            detail,
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct IssueInput {
@@ -160,9 +113,6 @@ pub struct KeyPolicy {
     /// Limits for keys that name none (a team's rate-limit ceilings judge these too).
     pub default_limits: Arc<Vec<RateLimit>>,
 }
-
-/// The permission that makes an actor an administrator rather than a self-service member.
-pub const ADMIN_PERMISSION: &str = "admin";
 
 impl KeyLifecycle {
     pub fn new(
@@ -513,12 +463,7 @@ impl KeyLifecycle {
             .get_team(&input.workspace_id, team_id)
             .await?
             .ok_or_else(|| KeyError::TeamNotFound(team_id.to_owned()))?;
-        if acting
-            .actor
-            .permissions
-            .iter()
-            .any(|p| p == ADMIN_PERMISSION)
-        {
+        if !acting.actor.is_self_service() {
             // A team key owned by a service account must be owned by one of that team's:
             // the store checks it in the insert's transaction.
             return Ok(None);

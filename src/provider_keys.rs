@@ -19,7 +19,7 @@ use crate::domain::ids;
 use crate::domain::provider_key::{self, Provider, ProviderKeyRecord};
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::workspace::{Plans, Workspace};
-use crate::keys::Acting;
+use crate::store::Acting;
 use crate::store::{AuditContext, AuditOutcome, DeniedAudit, Store, StoreError};
 
 /// Records rewrapped per database round of a rewrap.

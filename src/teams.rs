@@ -6,14 +6,37 @@
 
 use std::sync::Arc;
 
-use crate::access_groups::invalidate_committed;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::events::EventHub;
-use crate::keys::{Acting, KeyError};
+use crate::events::invalidate_committed;
+use crate::store::Acting;
 use crate::store::{Store, StoreError, TeamPatch};
+
+/// Why a team operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TeamError {
+    /// Refused, with the reason that decides the status code (see `api::error`).
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("workspace {0} does not exist")]
+    WorkspaceNotFound(String),
+    #[error("team {0} does not exist in this workspace")]
+    TeamNotFound(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for TeamError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Precondition(refusal) => TeamError::Refused(refusal),
+            other => TeamError::Store(other),
+        }
+    }
+}
 
 pub struct Teams {
     store: Arc<dyn Store>,
@@ -44,9 +67,9 @@ impl Teams {
         team_id: String,
         name: String,
         policy: TeamPolicy,
-    ) -> Result<Team, KeyError> {
+    ) -> Result<Team, TeamError> {
         if self.store.get_workspace(&workspace_id).await?.is_none() {
-            return Err(KeyError::WorkspaceNotFound(workspace_id));
+            return Err(TeamError::WorkspaceNotFound(workspace_id));
         }
         let now = self.clock.now();
         let team = Team {
@@ -66,7 +89,7 @@ impl Teams {
             .await
         {
             Ok(()) => Ok(team),
-            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(
+            Err(StoreError::AlreadyExists) => Err(TeamError::Refused(
                 Refusal::new(
                     Reason::TeamAlreadyExists,
                     format!(
@@ -81,14 +104,14 @@ impl Teams {
         }
     }
 
-    pub async fn get(&self, workspace_id: &str, team_id: &str) -> Result<Team, KeyError> {
+    pub async fn get(&self, workspace_id: &str, team_id: &str) -> Result<Team, TeamError> {
         self.store
             .get_team(workspace_id, team_id)
             .await?
-            .ok_or_else(|| KeyError::TeamNotFound(team_id.to_owned()))
+            .ok_or_else(|| TeamError::TeamNotFound(team_id.to_owned()))
     }
 
-    pub async fn list(&self, workspace_id: &str) -> Result<Vec<Team>, KeyError> {
+    pub async fn list(&self, workspace_id: &str) -> Result<Vec<Team>, TeamError> {
         Ok(self.store.list_teams(workspace_id).await?)
     }
 
@@ -100,7 +123,7 @@ impl Teams {
         team_id: &str,
         name: Option<String>,
         policy: Option<TeamPolicy>,
-    ) -> Result<Team, KeyError> {
+    ) -> Result<Team, TeamError> {
         // The store applies the patch to the team as it stands under its row lock: a read
         // here and a write of the whole team would undo a concurrent update's field.
         let written = self
@@ -114,7 +137,7 @@ impl Teams {
             )
             .await;
         let (team, stale) = match written {
-            Err(StoreError::NotFound) => return Err(KeyError::TeamNotFound(team_id.to_owned())),
+            Err(StoreError::NotFound) => return Err(TeamError::TeamNotFound(team_id.to_owned())),
             other => other?,
         };
         invalidate_committed(&self.cache, &self.events, &stale);
@@ -130,7 +153,7 @@ impl Teams {
         team_id: &str,
         service_account_id: String,
         name: String,
-    ) -> Result<ServiceAccount, KeyError> {
+    ) -> Result<ServiceAccount, TeamError> {
         self.get(workspace_id, team_id).await?;
         let account = ServiceAccount {
             workspace_id: workspace_id.to_owned(),
@@ -148,7 +171,7 @@ impl Teams {
             .await
         {
             Ok(()) => Ok(account),
-            Err(StoreError::AlreadyExists) => Err(KeyError::Refused(
+            Err(StoreError::AlreadyExists) => Err(TeamError::Refused(
                 Refusal::new(
                     Reason::ServiceAccountAlreadyExists,
                     format!(
@@ -167,7 +190,7 @@ impl Teams {
         &self,
         workspace_id: &str,
         team_id: &str,
-    ) -> Result<Vec<ServiceAccount>, KeyError> {
+    ) -> Result<Vec<ServiceAccount>, TeamError> {
         self.get(workspace_id, team_id).await?;
         Ok(self
             .store
@@ -180,7 +203,7 @@ impl Teams {
         acting: &Acting,
         workspace_id: &str,
         service_account_id: &str,
-    ) -> Result<(), KeyError> {
+    ) -> Result<(), TeamError> {
         match self
             .store
             .delete_service_account(
@@ -194,7 +217,7 @@ impl Teams {
             )
             .await
         {
-            Err(StoreError::NotFound) => Err(KeyError::Refused(
+            Err(StoreError::NotFound) => Err(TeamError::Refused(
                 Refusal::new(
                     Reason::ServiceAccountNotFound,
                     format!(

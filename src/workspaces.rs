@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::domain::workspace::{Plan, PlanPolicy, Plans, Workspace};
-use crate::keys::Acting;
+use crate::store::Acting;
 use crate::store::{Store, StoreError, WorkspacePatch};
 
 #[derive(Debug, thiserror::Error)]

@@ -11,9 +11,9 @@ use super::keys::caller;
 use crate::access_groups::AccessGroups;
 use crate::domain::access::{self, AccessGroup};
 use crate::domain::validate::Violations;
-use crate::keys::Acting;
 use crate::proto;
 use crate::proto::access_group_service_server::AccessGroupService;
+use crate::store::Acting;
 
 pub struct AccessGroupApi {
     groups: Arc<AccessGroups>,

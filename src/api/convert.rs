@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 use prost_types::{Duration as PbDuration, Timestamp};
 
 use crate::domain::access::{self, AccessMode, NetworkAllowlist, ResourceAccess};
+use crate::domain::actor::Actor;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::Environment;
 use crate::domain::limits::{LimitDecision, LimitUnit, LimitWindow, RateLimit};
 use crate::domain::validate::Violations;
 use crate::domain::{MICROS_PER_SECOND, Micros};
-use crate::keys::Actor;
 use crate::proto;
 use crate::store::{AuditOutcome, AuditRecord};
 

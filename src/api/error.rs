@@ -15,10 +15,12 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::access_groups::AccessGroupError;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::Violations;
 use crate::keys::KeyError;
 use crate::store::StoreError;
+use crate::teams::TeamError;
 use crate::workspaces::WorkspaceError;
 
 /// The ErrorInfo `domain` of every reason.
@@ -237,20 +239,8 @@ impl From<KeyError> for Status {
         match e {
             KeyError::Refused(refusal) => refused(refusal),
             KeyError::NotFound => fault(Reason::KeyNotFound, "key not found"),
-            KeyError::WorkspaceNotFound(id) => refused(
-                Refusal::new(
-                    Reason::WorkspaceNotFound,
-                    format!("workspace {id} does not exist"),
-                )
-                .with("workspace_id", id),
-            ),
-            KeyError::TeamNotFound(id) => refused(
-                Refusal::new(
-                    Reason::TeamNotFound,
-                    format!("team {id} does not exist in this workspace"),
-                )
-                .with("team_id", id),
-            ),
+            KeyError::WorkspaceNotFound(id) => workspace_not_found(id),
+            KeyError::TeamNotFound(id) => team_not_found(id),
             KeyError::Store(e) => store_status(&e),
             KeyError::Randomness => {
                 tracing::error!("the OS random source failed");
@@ -258,6 +248,47 @@ impl From<KeyError> for Status {
             }
         }
     }
+}
+
+impl From<TeamError> for Status {
+    fn from(e: TeamError) -> Self {
+        match e {
+            TeamError::Refused(refusal) => refused(refusal),
+            TeamError::WorkspaceNotFound(id) => workspace_not_found(id),
+            TeamError::TeamNotFound(id) => team_not_found(id),
+            TeamError::Store(e) => store_status(&e),
+        }
+    }
+}
+
+impl From<AccessGroupError> for Status {
+    fn from(e: AccessGroupError) -> Self {
+        match e {
+            AccessGroupError::Refused(refusal) => refused(refusal),
+            AccessGroupError::WorkspaceNotFound(id) => workspace_not_found(id),
+            AccessGroupError::Store(e) => store_status(&e),
+        }
+    }
+}
+
+fn workspace_not_found(id: String) -> Status {
+    refused(
+        Refusal::new(
+            Reason::WorkspaceNotFound,
+            format!("workspace {id} does not exist"),
+        )
+        .with("workspace_id", id),
+    )
+}
+
+fn team_not_found(id: String) -> Status {
+    refused(
+        Refusal::new(
+            Reason::TeamNotFound,
+            format!("team {id} does not exist in this workspace"),
+        )
+        .with("team_id", id),
+    )
 }
 
 impl From<WorkspaceError> for Status {

@@ -9,9 +9,10 @@ use super::convert;
 use super::error::{check, checked};
 use crate::domain::key::MAX_ROTATION_GRACE;
 use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, MAX_REASON_LEN, Violations};
-use crate::keys::{Acting, IssueInput, KeyLifecycle, KeyQuery};
+use crate::keys::{IssueInput, KeyLifecycle, KeyQuery};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
+use crate::store::Acting;
 use crate::store::{KeyPatch, page_token};
 
 /// What an update mask may name.

@@ -13,10 +13,10 @@ use super::error::{check, checked, internal, refused, store_status};
 use crate::domain::provider_key::{self, Provider, ProviderKeyRecord};
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::Violations;
-use crate::keys::Acting;
 use crate::proto;
 use crate::proto::provider_key_service_server::ProviderKeyService;
 use crate::provider_keys::{ProviderKeyError, ProviderKeys};
+use crate::store::Acting;
 
 /// Bytes of `api_key` looked at before anything else: a larger value is refused unread.
 const MAX_API_KEY_BYTES: usize = 4096;

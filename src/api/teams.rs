@@ -9,9 +9,9 @@ use super::error::check;
 use super::keys::caller;
 use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::domain::validate::Violations;
-use crate::keys::Acting;
 use crate::proto;
 use crate::proto::team_service_server::TeamService;
+use crate::store::Acting;
 use crate::teams::Teams;
 
 /// What an update mask may name.

@@ -9,9 +9,9 @@ use super::error::{check, checked};
 use super::keys::caller;
 use crate::domain::validate::Violations;
 use crate::domain::workspace::{Plan, Workspace};
-use crate::keys::Acting;
 use crate::proto;
 use crate::proto::workspace_service_server::WorkspaceService;
+use crate::store::Acting;
 use crate::store::WorkspacePatch;
 use crate::workspaces::Workspaces;
 

@@ -30,6 +30,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::event::KeyEvent;
+use crate::domain::key_format::KeyHash;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -294,4 +295,14 @@ impl EventHub {
             }
         }
     }
+}
+
+/// After a commit that made `hashes` stale: drops this replica's cached entries at once,
+/// and wakes the event tailer so the committed events reach subscribers (and, through the
+/// log, every other replica).
+pub fn invalidate_committed(cache: &VerifyCache, events: &EventHub, hashes: &[KeyHash]) {
+    for hash in hashes {
+        cache.invalidate(hash);
+    }
+    events.wake();
 }

@@ -103,6 +103,26 @@ pub struct AuditContext {
     pub detail: String,
 }
 
+/// Who is asking: the caller token's name and the acting principal. What the audit log
+/// records of them comes from here ([`Acting::audit`]).
+#[derive(Clone, Debug)]
+pub struct Acting {
+    pub caller: std::sync::Arc<str>,
+    pub actor: crate::domain::actor::Actor,
+}
+
+impl Acting {
+    /// What the audit log records of this principal doing `action`.
+    pub fn audit(&self, action: &'static str, detail: String) -> AuditContext {
+        AuditContext {
+            actor_id: self.actor.id.clone(),
+            caller: self.caller.to_string(),
+            action,
+            detail,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuditOutcome {
     Success,

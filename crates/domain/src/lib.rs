@@ -7,6 +7,7 @@
 //! microseconds), so expiry and grace periods are tested without sleeping.
 
 pub mod access;
+pub mod actor;
 pub mod base62;
 pub mod event;
 pub mod ids;
