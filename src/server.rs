@@ -447,206 +447,18 @@ pub async fn serve_on(
         metrics.clone(),
     )
     .await?;
-    let lifecycle = Arc::new(KeyLifecycle::new(
-        store.clone(),
-        cache.clone(),
-        hub.clone(),
-        clock.clone(),
-        KeyPolicy {
-            brand: settings.brand.clone(),
-            implications: settings.implications.clone(),
-            plans: settings.plans.clone(),
-            default_limits: settings.default_limits.clone(),
-        },
-    ));
-    let teams = Arc::new(Teams::new(
-        store.clone(),
-        cache.clone(),
-        hub.clone(),
-        clock.clone(),
-    ));
-    let access_groups = Arc::new(AccessGroups::new(
-        store.clone(),
-        cache.clone(),
-        hub.clone(),
-        clock.clone(),
-    ));
-    let ring = build_ring(settings).await?;
-    check_keks(store.as_ref(), ring.as_deref(), clock.now())
-        .await
-        .map_err(StartError::Kek)?;
-    let provider_keys = Arc::new(ProviderKeys::new(
-        store.clone(),
-        clock.clone(),
-        settings.plans.clone(),
-        ring,
-    ));
-    let workspaces = Arc::new(Workspaces::new(
-        store.clone(),
-        clock.clone(),
-        settings.plans.clone(),
-    ));
-    // The limiter decides this replica's own calls; the authority is the counters under
-    // it, which edge nodes lease from (never a lease holder such as `Leases`: a grant to
-    // an edge must be counted where every holder's is).
-    let (limiter, authority): (Arc<dyn RateLimiter>, Arc<dyn QuotaAuthority>) =
-        match &settings.limiter {
-            LimiterSettings::Memory { max_keys } => {
-                let memory = Arc::new(MemoryLimiter::new(*max_keys));
-                (memory.clone(), memory)
-            }
-            LimiterSettings::Redis {
-                url,
-                prefix,
-                failure,
-                circuit,
-                lease,
-                clock_skew,
-            } => {
-                let redis = Arc::new(RedisLimiter::new(
-                    url.expose_secret(),
-                    prefix,
-                    *failure,
-                    *circuit,
-                    *clock_skew,
-                )?);
-                match lease {
-                    Some(lease) => (
-                        Arc::new(Leases(LeasedLimiter::new(
-                            redis.clone(),
-                            *lease,
-                            clock.clone(),
-                        ))),
-                        redis,
-                    ),
-                    None => (redis.clone(), redis),
-                }
-            }
-        };
-    let usage = Arc::new(UsageBook::new(
-        settings.cache.ttl,
-        settings.usage_flush_interval,
-    ));
-    let limiter_failures = limiter.clone();
-    let verifier = Verifier::new(
-        hub.clone(),
-        cache.clone(),
-        limiter,
-        usage.clone(),
-        clock.clone(),
-        VerifyPolicy {
-            brand: settings.brand.clone(),
-            implications: settings.implications.clone(),
-            default_limits: settings.default_limits.clone(),
-        },
-        metrics.clone(),
-    );
-    let verifier = Arc::new(match settings.edge_lease {
-        Some(life) => verifier.with_edge_leasing(EdgeLeasing { authority, life }),
-        None => verifier,
-    });
-    let flusher = UsageFlusher {
-        usage: usage.clone(),
-        store: store.clone(),
-        clock,
-        metrics: metrics.clone(),
-    };
+    let services = Services::build(settings, &store, &clock, &cache, &hub, &metrics).await?;
     let flushing = tokio::spawn(
-        flusher
+        services
+            .flusher
             .clone()
             .run(settings.usage_flush_interval, hub.stopping()),
     );
-
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    // The services that vouch for keys are SERVING only while the replica reads the
-    // event log (see `vouching_services`); the others, and "" (liveness), stay SERVING:
-    // a replica that cannot reach its database is not one to restart.
-    let vouching = vouching_services(settings);
-    for name in reported_services(settings) {
-        if !vouching.contains(&name) {
-            health_reporter
-                .set_service_status(name, tonic_health::ServingStatus::Serving)
-                .await;
-        }
-    }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    // grpcurl and Python's grpcio reflection client speak only v1alpha.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
-    follow_freshness(&health_reporter, &vouching, hub.freshness().vouching()).await;
-    tokio::spawn(report_freshness(
-        health_reporter.clone(),
-        vouching,
-        hub.clone(),
-    ));
+    let flusher = services.flusher.clone();
+    let limiter = services.limiter.clone();
+    let router = router(settings, services, &hub, &metrics).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let max = settings.transport.max_message_bytes;
-    let tokens = &settings.tokens;
-    let role = |role| RequireRole::new(tokens.clone(), role);
-    let ext_authz = settings.ext_authz.enabled.then(|| {
-        InterceptedService::new(
-            AuthorizationServer::new(ExtAuthzApi::new(
-                verifier.clone(),
-                settings.ext_authz.clone(),
-            ))
-            .max_decoding_message_size(max),
-            role(Role::Verifier),
-        )
-    });
-    let router = transport(settings)?
-        .layer(RpcLayer::new(metrics.clone()))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
-    let served = Served::new(router)
-        .add(InterceptedService::new(
-            KeyServiceServer::new(KeyApi::new(lifecycle)).max_decoding_message_size(max),
-            role(Role::Admin),
-        ))
-        .add(InterceptedService::new(
-            TeamServiceServer::new(TeamApi::new(teams)).max_decoding_message_size(max),
-            role(Role::Admin),
-        ))
-        .add(InterceptedService::new(
-            AccessGroupServiceServer::new(AccessGroupApi::new(access_groups))
-                .max_decoding_message_size(max),
-            role(Role::Admin),
-        ))
-        .add(InterceptedService::new(
-            ProviderKeyServiceServer::new(ProviderKeyApi::new(provider_keys))
-                .max_decoding_message_size(max),
-            Authenticate::new(tokens.clone()),
-        ))
-        .add(InterceptedService::new(
-            WorkspaceServiceServer::new(WorkspaceApi::new(workspaces))
-                .max_decoding_message_size(max),
-            role(Role::Admin),
-        ))
-        .add(InterceptedService::new(
-            VerifyServiceServer::new(VerifyApi::new(verifier)).max_decoding_message_size(max),
-            role(Role::Verifier),
-        ))
-        .add(InterceptedService::new(
-            RevocationServiceServer::new(RevocationApi::new(hub.clone()))
-                .max_decoding_message_size(max),
-            role(Role::Edge),
-        ))
-        .add_optional(ext_authz);
-    let mut reported = reported_services(settings);
-    let mut serving = served.names.clone();
-    reported.sort_unstable();
-    serving.sort_unstable();
-    if reported != serving {
-        return Err(StartError::Services { reported, serving });
-    }
-    let router = served.router;
     let stopping = hub.clone();
     let incoming = incoming(listener, settings);
     let serving = router.serve_with_incoming_shutdown(incoming, async move {
@@ -656,28 +468,8 @@ pub async fn serve_on(
     });
     let metrics_addr = match settings.metrics_listen {
         Some(at) => {
-            let listener = TcpListener::bind(at).await?;
-            let bound = listener.local_addr()?;
-            let refresh =
-                refresh_gauges(cache.clone(), hub.clone(), store.clone(), limiter_failures);
-            // Histogram samples are held until folded: fold them every few seconds, so
-            // memory stays flat whether or not anyone scrapes.
-            tokio::spawn(
-                metrics
-                    .clone()
-                    .keep_up(std::time::Duration::from_secs(5), hub.stopping()),
-            );
-            let mut stop = hub.stopping();
-            tokio::spawn(async move {
-                let stopped = async move {
-                    let _ = stop.changed().await;
-                };
-                if let Err(e) = metrics::serve(listener, metrics, refresh, stopped).await {
-                    tracing::error!(error = %e, "the metrics endpoint failed");
-                }
-            });
-            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
-            Some(bound)
+            let refresh = refresh_gauges(cache.clone(), hub.clone(), store.clone(), limiter);
+            Some(serve_metrics(at, metrics, refresh, &hub).await?)
         }
         None => None,
     };
@@ -699,4 +491,279 @@ pub async fn serve_on(
         stop: Some(stop),
         task,
     })
+}
+
+/// The services a replica runs, over one store, cache and event hub.
+struct Services {
+    lifecycle: Arc<KeyLifecycle>,
+    teams: Arc<Teams>,
+    access_groups: Arc<AccessGroups>,
+    provider_keys: Arc<ProviderKeys>,
+    workspaces: Arc<Workspaces>,
+    verifier: Arc<Verifier>,
+    /// The limiter the verifier decides with (its failures are a gauge).
+    limiter: Arc<dyn RateLimiter>,
+    flusher: UsageFlusher,
+}
+
+impl Services {
+    async fn build(
+        settings: &Settings,
+        store: &Arc<dyn Store>,
+        clock: &Clock,
+        cache: &Arc<VerifyCache>,
+        hub: &Arc<EventHub>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Services, StartError> {
+        let lifecycle = Arc::new(KeyLifecycle::new(
+            store.clone(),
+            cache.clone(),
+            hub.clone(),
+            clock.clone(),
+            KeyPolicy {
+                brand: settings.brand.clone(),
+                implications: settings.implications.clone(),
+                plans: settings.plans.clone(),
+                default_limits: settings.default_limits.clone(),
+            },
+        ));
+        let teams = Arc::new(Teams::new(
+            store.clone(),
+            cache.clone(),
+            hub.clone(),
+            clock.clone(),
+        ));
+        let access_groups = Arc::new(AccessGroups::new(
+            store.clone(),
+            cache.clone(),
+            hub.clone(),
+            clock.clone(),
+        ));
+        let ring = build_ring(settings).await?;
+        check_keks(store.as_ref(), ring.as_deref(), clock.now())
+            .await
+            .map_err(StartError::Kek)?;
+        let provider_keys = Arc::new(ProviderKeys::new(
+            store.clone(),
+            clock.clone(),
+            settings.plans.clone(),
+            ring,
+        ));
+        let workspaces = Arc::new(Workspaces::new(
+            store.clone(),
+            clock.clone(),
+            settings.plans.clone(),
+        ));
+        let (limiter, authority) = limiters(settings, clock)?;
+        let usage = Arc::new(UsageBook::new(
+            settings.cache.ttl,
+            settings.usage_flush_interval,
+        ));
+        let verifier = Verifier::new(
+            hub.clone(),
+            cache.clone(),
+            limiter.clone(),
+            usage.clone(),
+            clock.clone(),
+            VerifyPolicy {
+                brand: settings.brand.clone(),
+                implications: settings.implications.clone(),
+                default_limits: settings.default_limits.clone(),
+            },
+            metrics.clone(),
+        );
+        let verifier = Arc::new(match settings.edge_lease {
+            Some(life) => verifier.with_edge_leasing(EdgeLeasing { authority, life }),
+            None => verifier,
+        });
+        let flusher = UsageFlusher {
+            usage,
+            store: store.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+        };
+        Ok(Services {
+            lifecycle,
+            teams,
+            access_groups,
+            provider_keys,
+            workspaces,
+            verifier,
+            limiter,
+            flusher,
+        })
+    }
+}
+
+type Limiters = (Arc<dyn RateLimiter>, Arc<dyn QuotaAuthority>);
+
+/// The limiter that decides this replica's own calls, and the authority under it that
+/// edge nodes lease from (never a lease holder such as `Leases`: a grant to an edge must
+/// be counted where every holder's is).
+fn limiters(settings: &Settings, clock: &Clock) -> Result<Limiters, StartError> {
+    Ok(match &settings.limiter {
+        LimiterSettings::Memory { max_keys } => {
+            let memory = Arc::new(MemoryLimiter::new(*max_keys));
+            (memory.clone(), memory)
+        }
+        LimiterSettings::Redis {
+            url,
+            prefix,
+            failure,
+            circuit,
+            lease,
+            clock_skew,
+        } => {
+            let redis = Arc::new(RedisLimiter::new(
+                url.expose_secret(),
+                prefix,
+                *failure,
+                *circuit,
+                *clock_skew,
+            )?);
+            match lease {
+                Some(lease) => (
+                    Arc::new(Leases(LeasedLimiter::new(
+                        redis.clone(),
+                        *lease,
+                        clock.clone(),
+                    ))),
+                    redis,
+                ),
+                None => (redis.clone(), redis),
+            }
+        }
+    })
+}
+
+/// The gRPC router: health and reflection, then every service behind its caller check.
+/// Health reports on exactly the services added ([`Served`]).
+async fn router(
+    settings: &Settings,
+    services: Services,
+    hub: &Arc<EventHub>,
+    metrics: &Arc<Metrics>,
+) -> Result<
+    tonic::transport::server::Router<
+        tower::layer::util::Stack<RpcLayer, tower::layer::util::Identity>,
+    >,
+    StartError,
+> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    // The services that vouch for keys are SERVING only while the replica reads the
+    // event log (see `vouching_services`); the others, and "" (liveness), stay SERVING:
+    // a replica that cannot reach its database is not one to restart.
+    let vouching = vouching_services(settings);
+    for name in reported_services(settings) {
+        if !vouching.contains(&name) {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl and Python's grpcio reflection client speak only v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    follow_freshness(&health_reporter, &vouching, hub.freshness().vouching()).await;
+    tokio::spawn(report_freshness(
+        health_reporter.clone(),
+        vouching,
+        hub.clone(),
+    ));
+    let max = settings.transport.max_message_bytes;
+    let tokens = &settings.tokens;
+    let role = |role| RequireRole::new(tokens.clone(), role);
+    let ext_authz = settings.ext_authz.enabled.then(|| {
+        InterceptedService::new(
+            AuthorizationServer::new(ExtAuthzApi::new(
+                services.verifier.clone(),
+                settings.ext_authz.clone(),
+            ))
+            .max_decoding_message_size(max),
+            role(Role::Verifier),
+        )
+    });
+    let router = transport(settings)?
+        .layer(RpcLayer::new(metrics.clone()))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    let served = Served::new(router)
+        .add(InterceptedService::new(
+            KeyServiceServer::new(KeyApi::new(services.lifecycle)).max_decoding_message_size(max),
+            role(Role::Admin),
+        ))
+        .add(InterceptedService::new(
+            TeamServiceServer::new(TeamApi::new(services.teams)).max_decoding_message_size(max),
+            role(Role::Admin),
+        ))
+        .add(InterceptedService::new(
+            AccessGroupServiceServer::new(AccessGroupApi::new(services.access_groups))
+                .max_decoding_message_size(max),
+            role(Role::Admin),
+        ))
+        .add(InterceptedService::new(
+            ProviderKeyServiceServer::new(ProviderKeyApi::new(services.provider_keys))
+                .max_decoding_message_size(max),
+            Authenticate::new(tokens.clone()),
+        ))
+        .add(InterceptedService::new(
+            WorkspaceServiceServer::new(WorkspaceApi::new(services.workspaces))
+                .max_decoding_message_size(max),
+            role(Role::Admin),
+        ))
+        .add(InterceptedService::new(
+            VerifyServiceServer::new(VerifyApi::new(services.verifier))
+                .max_decoding_message_size(max),
+            role(Role::Verifier),
+        ))
+        .add(InterceptedService::new(
+            RevocationServiceServer::new(RevocationApi::new(hub.clone()))
+                .max_decoding_message_size(max),
+            role(Role::Edge),
+        ))
+        .add_optional(ext_authz);
+    let mut reported = reported_services(settings);
+    let mut serving = served.names.clone();
+    reported.sort_unstable();
+    serving.sort_unstable();
+    if reported != serving {
+        return Err(StartError::Services { reported, serving });
+    }
+    Ok(served.router)
+}
+
+/// `/metrics` on `at`, until the hub stops; returns the address bound.
+async fn serve_metrics(
+    at: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    refresh: Refresh,
+    hub: &Arc<EventHub>,
+) -> Result<std::net::SocketAddr, StartError> {
+    let listener = TcpListener::bind(at).await?;
+    let bound = listener.local_addr()?;
+    // Histogram samples are held until folded: fold them every few seconds, so memory
+    // stays flat whether or not anyone scrapes.
+    tokio::spawn(
+        metrics
+            .clone()
+            .keep_up(std::time::Duration::from_secs(5), hub.stopping()),
+    );
+    let mut stop = hub.stopping();
+    tokio::spawn(async move {
+        let stopped = async move {
+            let _ = stop.changed().await;
+        };
+        if let Err(e) = metrics::serve(listener, metrics, refresh, stopped).await {
+            tracing::error!(error = %e, "the metrics endpoint failed");
+        }
+    });
+    tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+    Ok(bound)
 }
