@@ -26,11 +26,10 @@ use crate::ratelimit::{Budget, BudgetCheck, LimiterError, RateLimiter, Reported}
 use crate::store::{Store, StoreError};
 use crate::usage::UsageBook;
 
-/// The answer to one verification: the code, the key when one matched, and for a key
-/// that passed every other check, the rate-limit decision and its spend.
+/// The answer to one verification: whether the key passed (and then which key, always),
+/// and for a key that passed every other check, the rate-limit decision and its spend.
 pub struct Verdict {
-    pub code: VerifyCode,
-    pub key: Option<Arc<CachedKey>>,
+    pub outcome: Outcome,
     pub limit: Option<LimitDecision>,
     /// The key has limits but the call passed without a decision: the shared counters
     /// could not be reached and the limiter fails open (`limit` is then `None`).
@@ -38,6 +37,60 @@ pub struct Verdict {
     pub spent_micros: u64,
     /// The time the decision was made at (what `retry_after` counts from).
     pub decided_at: crate::domain::Micros,
+}
+
+/// Passed, with the key (a VALID answer always names its key, by construction), or
+/// refused with why, and the key when one matched.
+pub enum Outcome {
+    Valid(Arc<CachedKey>),
+    Refused(Refused, Option<Arc<CachedKey>>),
+}
+
+/// Why a verification was refused: a [`VerifyCode`] other than `Valid`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused(VerifyCode);
+
+impl Refused {
+    /// `None` for `Valid`, which is no refusal.
+    pub fn new(code: VerifyCode) -> Option<Refused> {
+        (code != VerifyCode::Valid).then_some(Refused(code))
+    }
+
+    pub fn code(self) -> VerifyCode {
+        self.0
+    }
+}
+
+impl Verdict {
+    pub fn code(&self) -> VerifyCode {
+        match &self.outcome {
+            Outcome::Valid(_) => VerifyCode::Valid,
+            Outcome::Refused(why, _) => why.code(),
+        }
+    }
+
+    /// The key that matched, if any.
+    pub fn key(&self) -> Option<&Arc<CachedKey>> {
+        match &self.outcome {
+            Outcome::Valid(key) => Some(key),
+            Outcome::Refused(_, key) => key.as_ref(),
+        }
+    }
+
+    fn refused(
+        why: Refused,
+        key: Option<Arc<CachedKey>>,
+        spent_micros: u64,
+        decided_at: crate::domain::Micros,
+    ) -> Verdict {
+        Verdict {
+            outcome: Outcome::Refused(why, key),
+            limit: None,
+            limit_unknown: false,
+            spent_micros,
+            decided_at,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -265,7 +318,7 @@ impl Verifier {
         cost: u64,
     ) -> Result<Verdict, VerifyError> {
         let verdict = self.decide(presented, request, cost).await?;
-        self.metrics.verified(verdict.code);
+        self.metrics.verified(verdict.code());
         Ok(verdict)
     }
 
@@ -298,27 +351,14 @@ impl Verifier {
         if code == VerifyCode::NotFound {
             return Ok(not_found());
         }
-        if code != VerifyCode::Valid {
-            return Ok(Verdict {
-                code,
-                key: Some(entry),
-                limit: None,
-                limit_unknown: false,
-                spent_micros: 0,
-                decided_at: now,
-            });
+        if let Some(why) = Refused::new(code) {
+            return Ok(Verdict::refused(why, Some(entry), 0, now));
         }
         let key_id = entry.key.key_id.as_str();
         let (spent_micros, over_budget) = self.budget(&entry, now).await?;
         if over_budget {
-            return Ok(Verdict {
-                code: VerifyCode::BudgetExceeded,
-                key: Some(entry),
-                limit: None,
-                limit_unknown: false,
-                spent_micros,
-                decided_at: now,
-            });
+            let why = Refused(VerifyCode::BudgetExceeded);
+            return Ok(Verdict::refused(why, Some(entry), spent_micros, now));
         }
         // A key without limits (none of its own and no deployment default) needs no
         // decision, and its answer says so by carrying none. A key with limits whose
@@ -333,21 +373,20 @@ impl Verifier {
             let unknown = decision.is_none();
             (decision, unknown)
         };
-        let code = if decision.as_ref().is_none_or(|d| d.allowed) {
+        let outcome = if decision.as_ref().is_none_or(|d| d.allowed) {
             if decision.is_some() {
                 self.metrics.limit_allowed.increment(1);
             } else if limit_unknown {
                 self.metrics.limit_unknown.increment(1);
             }
             self.usage.mark_used(key_id, entry.key.spent_micros, now);
-            VerifyCode::Valid
+            Outcome::Valid(entry)
         } else {
             self.metrics.limit_refused.increment(1);
-            VerifyCode::RateLimited
+            Outcome::Refused(Refused(VerifyCode::RateLimited), Some(entry))
         };
         Ok(Verdict {
-            code,
-            key: Some(entry),
+            outcome,
             limit: decision,
             limit_unknown,
             spent_micros,
@@ -452,13 +491,7 @@ fn not_found() -> Verdict {
     not_found_as(VerifyCode::NotFound)
 }
 
+/// No key matched: NOT_FOUND, or MALFORMED.
 fn not_found_as(code: VerifyCode) -> Verdict {
-    Verdict {
-        code,
-        key: None,
-        limit: None,
-        limit_unknown: false,
-        spent_micros: 0,
-        decided_at: 0,
-    }
+    Verdict::refused(Refused(code), None, 0, 0)
 }

@@ -14,7 +14,7 @@ use crate::domain::validate::{MAX_USAGE, Violations};
 use crate::proto;
 use crate::proto::verify_service_server::VerifyService;
 use crate::ratelimit::leased::LeaseRecord;
-use crate::verify::{LeaseAsk, Verifier, VerifyError};
+use crate::verify::{LeaseAsk, Outcome, Verifier, VerifyError};
 
 /// The most asks one LeaseQuota call may carry.
 pub const MAX_LEASE_ASKS: usize = 1000;
@@ -77,8 +77,8 @@ impl VerifyService for VerifyApi {
             .await
             .map_err(|e| verify_status(&e))?;
         let mut response = proto::VerifyKeyResponse {
-            valid: verdict.code == VerifyCode::Valid,
-            code: code_pb(verdict.code) as i32,
+            valid: matches!(verdict.outcome, Outcome::Valid(_)),
+            code: code_pb(verdict.code()) as i32,
             rate_limit: verdict
                 .limit
                 .as_ref()
@@ -87,7 +87,7 @@ impl VerifyService for VerifyApi {
             spent_micros: verdict.spent_micros,
             ..Default::default()
         };
-        if let Some(entry) = verdict.key {
+        if let Some(entry) = verdict.key() {
             let key = &entry.key;
             response.key_id = key.key_id.clone();
             response.workspace_id = key.workspace_id.clone();

@@ -19,10 +19,9 @@ use tonic::{Request, Response, Status};
 
 use self::reply::{Allowed, Denial};
 use self::settings::ExtAuthzSettings;
-use super::error::internal;
 use super::verify::verify_status;
 use crate::domain::key;
-use crate::verify::Verifier;
+use crate::verify::{Outcome, Verifier};
 
 pub struct ExtAuthzApi {
     verifier: Arc<Verifier>,
@@ -62,24 +61,18 @@ impl ExtAuthzApi {
             .verify(presented, &request, 1)
             .await
             .map_err(|e| verify_status(&e))?;
-        let key_id = verdict.key.as_ref().map(|e| e.key.key_id.as_str());
-        match Denial::of(verdict.code) {
-            None => {
-                let Some(entry) = verdict.key.as_ref() else {
-                    // VALID always names its key; refuse rather than pass an anonymous call.
-                    tracing::error!("verification answered VALID without a key");
-                    return Err(internal());
-                };
-                Ok(reply::allowed(
-                    &Allowed {
-                        key_id: &entry.key.key_id,
-                        workspace_id: &entry.key.workspace_id,
-                        limit: verdict.limit.as_ref(),
-                    },
-                    &self.settings,
-                ))
-            }
-            Some(denial) => {
+        match &verdict.outcome {
+            Outcome::Valid(entry) => Ok(reply::allowed(
+                &Allowed {
+                    key_id: &entry.key.key_id,
+                    workspace_id: &entry.key.workspace_id,
+                    limit: verdict.limit.as_ref(),
+                },
+                &self.settings,
+            )),
+            Outcome::Refused(why, key) => {
+                let key_id = key.as_ref().map(|e| e.key.key_id.as_str());
+                let denial = Denial::of(*why);
                 tracing::debug!(key_id, reason = denial.reason(), "ext_authz refused");
                 Ok(reply::denied(
                     denial,

@@ -18,6 +18,7 @@ use crate::api::convert::unix_seconds_ceil;
 use crate::domain::key::VerifyCode;
 use crate::domain::limits::LimitDecision;
 use crate::domain::{MICROS_PER_SECOND, Micros};
+use crate::verify::Refused;
 
 /// Why a request is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,11 +40,11 @@ pub enum Denial {
 }
 
 impl Denial {
-    /// The denial for a verifier answer other than VALID.
-    pub fn of(code: VerifyCode) -> Option<Denial> {
-        Some(match code {
-            VerifyCode::Valid => return None,
-            VerifyCode::NotFound => Denial::UnknownKey,
+    /// The denial for a verifier's refusal.
+    pub fn of(why: Refused) -> Denial {
+        match why.code() {
+            // A refusal is never VALID (`Refused::new`); were it, no key is the answer.
+            VerifyCode::Valid | VerifyCode::NotFound => Denial::UnknownKey,
             VerifyCode::Malformed => Denial::MalformedKey,
             VerifyCode::Revoked => Denial::RevokedKey,
             VerifyCode::Expired => Denial::ExpiredKey,
@@ -52,7 +53,7 @@ impl Denial {
             VerifyCode::IpForbidden => Denial::IpForbidden,
             VerifyCode::RateLimited => Denial::RateLimited,
             VerifyCode::BudgetExceeded => Denial::BudgetExceeded,
-        })
+        }
     }
 
     /// The reason in the JSON body (and the gRPC status message Envoy may log).
