@@ -146,25 +146,12 @@ async fn list_filters_by_owner_and_status(backend: Backend) {
     app.clock.advance(Duration::from_secs(61));
 
     let list = |owner: Option<proto::Owner>, status: KeyStatus| {
-        let mut admin = app.admin();
-        async move {
-            let mut ids: Vec<String> = admin
-                .list_keys(proto::ListKeysRequest {
-                    workspace_id: "ws_test".into(),
-                    owner,
-                    status: status as i32,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .keys
-                .into_iter()
-                .map(|k| k.key_id)
-                .collect();
-            ids.sort();
-            ids
-        }
+        app.listed_key_ids(proto::ListKeysRequest {
+            workspace_id: "ws_test".into(),
+            owner,
+            status: status as i32,
+            ..Default::default()
+        })
     };
     let sorted = |mut v: Vec<&str>| {
         v.sort();

@@ -440,25 +440,11 @@ async fn last_used_at_moves_once_written_and_unused_since_lists_the_rest(backend
     app.server().flush_usage().await;
 
     let unused_since = |at: i64| {
-        let app = &app;
-        async move {
-            let mut ids: Vec<String> = app
-                .admin()
-                .list_keys(proto::ListKeysRequest {
-                    workspace_id: "ws_test".into(),
-                    unused_since: Some(keywarden::api::convert::timestamp(at)),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .keys
-                .into_iter()
-                .map(|k| k.key_id)
-                .collect();
-            ids.sort();
-            ids
-        }
+        app.listed_key_ids(proto::ListKeysRequest {
+            workspace_id: "ws_test".into(),
+            unused_since: Some(keywarden::api::convert::timestamp(at)),
+            ..Default::default()
+        })
     };
     let sorted = |mut v: Vec<String>| {
         v.sort();

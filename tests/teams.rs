@@ -424,23 +424,13 @@ async fn listed_ids(
     actor: Option<proto::Actor>,
     owner: Option<proto::Owner>,
 ) -> Vec<String> {
-    let mut ids: Vec<String> = app
-        .admin()
-        .list_keys(proto::ListKeysRequest {
-            workspace_id: "ws_test".into(),
-            owner,
-            actor,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys
-        .into_iter()
-        .map(|k| k.key_id)
-        .collect();
-    ids.sort();
-    ids
+    app.listed_key_ids(proto::ListKeysRequest {
+        workspace_id: "ws_test".into(),
+        owner,
+        actor,
+        ..Default::default()
+    })
+    .await
 }
 
 /// User A cannot see, change, rotate, revoke or delete user B's key: every attempt is

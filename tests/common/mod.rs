@@ -424,6 +424,22 @@ impl TestApp {
         self.admin_with(ADMIN_TOKEN)
     }
 
+    /// The ids ListKeys answers `request` with (one page), sorted.
+    pub async fn listed_key_ids(&self, request: proto::ListKeysRequest) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .admin()
+            .list_keys(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+            .into_iter()
+            .map(|k| k.key_id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
     pub fn admin_with(&self, token: &str) -> AdminClient {
         KeyServiceClient::with_interceptor(self.channel.clone(), bearer(token))
     }
