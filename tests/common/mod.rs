@@ -583,32 +583,19 @@ pub fn key_record(
     created_at: keywarden::domain::Micros,
 ) -> keywarden::domain::key::KeyRecord {
     keywarden::domain::key::KeyRecord {
-        key_id: keywarden::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap(),
-        workspace_id: workspace_id.to_owned(),
         name: "conformance key".to_owned(),
-        environment: keywarden::domain::key_format::Environment::Live,
         display: "kw_live_...abcd".to_owned(),
         scopes: vec!["read".to_owned()],
-        owner: keywarden::domain::key::Owner {
-            kind: keywarden::domain::key::OwnerKind::User,
-            id: "user_1".to_owned(),
-        },
-        created_by: "user_admin".to_owned(),
-        metadata: Default::default(),
-        created_at,
-        updated_at: created_at,
-        expires_at: None,
-        revoked_at: None,
-        revoke_reason: None,
-        rotated_at: None,
-        deleted_at: None,
-        rate_limits: vec![],
-        max_budget_micros: None,
-        spent_micros: 0,
-        last_used_at: None,
-        resource_access: Default::default(),
-        network: Default::default(),
-        team_id: None,
-        team_access: Default::default(),
+        ..keywarden::domain::key::KeyRecord::issued(
+            keywarden::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap(),
+            workspace_id.to_owned(),
+            keywarden::domain::key_format::Environment::Live,
+            keywarden::domain::key::Owner {
+                kind: keywarden::domain::key::OwnerKind::User,
+                id: "user_1".to_owned(),
+            },
+            "user_admin".to_owned(),
+            created_at,
+        )
     }
 }

@@ -184,39 +184,67 @@ pub enum KeyStatus {
     Expired,
 }
 
-#[cfg(any(test, feature = "testing"))]
 impl KeyRecord {
-    /// A plain active key of `ws` owned by user `u`, with the `read` scope (tests only:
-    /// the `testing` feature, which only dev-dependencies turn on).
-    pub fn sample(key_id: &str) -> KeyRecord {
+    /// A key as issued at `now`: active, never used, nothing spent, no limits, budget,
+    /// expiry, scopes or metadata of its own, reaching everything from anywhere. The
+    /// issuer sets what it decides with struct update syntax
+    /// (`KeyRecord { scopes, ..KeyRecord::issued(..) }`), so the lifecycle's fields are
+    /// spelled out in one place.
+    pub fn issued(
+        key_id: String,
+        workspace_id: String,
+        environment: Environment,
+        owner: Owner,
+        created_by: String,
+        now: Micros,
+    ) -> KeyRecord {
         KeyRecord {
-            key_id: key_id.into(),
-            workspace_id: "ws".into(),
-            name: "n".into(),
-            environment: Environment::Live,
-            display: "kw_live_...abcd".into(),
-            scopes: vec!["read".into()],
-            owner: Owner {
-                kind: OwnerKind::User,
-                id: "u".into(),
-            },
-            created_by: "u".into(),
+            key_id,
+            workspace_id,
+            name: String::new(),
+            environment,
+            display: String::new(),
+            scopes: Vec::new(),
+            owner,
+            created_by,
             metadata: BTreeMap::new(),
-            created_at: 0,
-            updated_at: 0,
+            created_at: now,
+            updated_at: now,
             expires_at: None,
             revoked_at: None,
             revoke_reason: None,
             rotated_at: None,
             deleted_at: None,
-            rate_limits: vec![],
+            rate_limits: Vec::new(),
             max_budget_micros: None,
             spent_micros: 0,
             last_used_at: None,
-            resource_access: Default::default(),
-            network: Default::default(),
+            resource_access: ResourceAccess::default(),
+            network: NetworkAllowlist::default(),
             team_id: None,
-            team_access: Default::default(),
+            team_access: ResourceAccess::default(),
+        }
+    }
+
+    /// A plain active key of `ws` owned by user `u`, with the `read` scope (tests only:
+    /// the `testing` feature, which only dev-dependencies turn on).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn sample(key_id: &str) -> KeyRecord {
+        KeyRecord {
+            name: "n".into(),
+            display: "kw_live_...abcd".into(),
+            scopes: vec!["read".into()],
+            ..KeyRecord::issued(
+                key_id.into(),
+                "ws".into(),
+                Environment::Live,
+                Owner {
+                    kind: OwnerKind::User,
+                    id: "u".into(),
+                },
+                "u".into(),
+                0,
+            )
         }
     }
 }
