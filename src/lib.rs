@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - [`domain`]: key format, scopes, key records, verification decisions, field
-//!   validation. Pure: no IO, no async, no clock.
+//!   validation. Pure: no IO, no async, no clock, no randomness of its own. The
+//!   `keywarden-domain` crate (`crates/domain`), re-exported.
 //! - [`store`]: the [`store::Store`] trait and its Postgres and SQLite implementations.
 //! - [`cache`]: the VerifyKey cache, whose fills cannot resurrect an invalidated entry.
 //! - [`workspaces`]: workspaces (tenants) and what their plans allow.
@@ -20,7 +21,11 @@
 //! - [`metrics`]: the Prometheus figures each replica keeps, and `/metrics`.
 //! - [`telemetry`]: log lines and OTLP trace export for the process.
 //! - [`edge`]: the client library for edge nodes: [`edge::Verifier`], VerifyKey with a
-//!   local cache kept coherent by the revocation stream.
+//!   local cache kept coherent by the revocation stream. The `keywarden-edge` crate
+//!   (`edge/`), re-exported; it also holds the bounded maps and the fill guard both
+//!   caches use.
+//! - [`proto`]: the messages and clients of the `keywarden-proto` crate (`crates/proto`),
+//!   and the servers generated here over them.
 //! - [`config`], [`clock`], [`server`]: configuration, time, and start-up / shutdown;
 //!   [`startup`]: `serve`'s wait for its database, the port answering NOT_SERVING.
 //! - [`bench`]: `keywarden bench`, the load generator and BENCHMARKS.md.
