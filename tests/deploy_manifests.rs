@@ -628,6 +628,39 @@ fn dockerfile() -> Vec<(String, String)> {
 }
 
 #[test]
+fn the_image_builder_copies_every_workspace_member() {
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    // `members = ["a", "b"]` of [workspace]: the quoted names between the brackets.
+    let list = manifest
+        .split_once("members = [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .unwrap()
+        .0;
+    let members: Vec<&str> = list.split('"').skip(1).step_by(2).collect();
+    assert!(members.contains(&"edge"), "{members:?}");
+    let instructions = dockerfile();
+    let first_build = instructions
+        .iter()
+        .position(|(i, a)| i == "RUN" && a.contains("cargo build"))
+        .unwrap();
+    let copied: Vec<&str> = instructions[..first_build]
+        .iter()
+        .filter(|(i, _)| i == "COPY")
+        .flat_map(|(_, a)| a.split_whitespace().next())
+        .collect();
+    for member in members {
+        // A member is copied itself, or inside a folder copied whole.
+        assert!(
+            copied
+                .iter()
+                .any(|c| member == *c || member.starts_with(&format!("{c}/"))),
+            "the image's builder does not copy workspace member {member} before building: {copied:?}"
+        );
+    }
+}
+
+#[test]
 fn the_image_exposes_the_listen_port_and_runs_serve_unprivileged() {
     let docs = kubernetes_documents();
     let placeholders = Placeholders::new();
