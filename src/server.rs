@@ -356,23 +356,6 @@ impl<L> Served<L> {
         self.router = self.router.add_service(service);
         self
     }
-
-    fn add_optional<S>(self, service: Option<S>) -> Self
-    where
-        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
-            + tonic::server::NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
-    {
-        match service {
-            Some(service) => self.add(service),
-            None => self,
-        }
-    }
 }
 
 /// The services that vouch for keys: VerifyService, RevocationService and Envoy's
@@ -727,8 +710,11 @@ async fn router(
             RevocationServiceServer::new(RevocationApi::new(hub.clone()))
                 .max_decoding_message_size(max),
             role(Role::Edge),
-        ))
-        .add_optional(ext_authz);
+        ));
+    let served = match ext_authz {
+        Some(ext_authz) => served.add(ext_authz),
+        None => served,
+    };
     let mut reported = reported_services(settings);
     let mut serving = served.names.clone();
     reported.sort_unstable();

@@ -599,35 +599,15 @@ const SERVICES: [&str; 3] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_v1alpha_lists_the_services() {
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dev_server(dir.path())).await;
-    let mut client = ServerReflectionClient::new(server.channel().await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.message().await.unwrap().expect("a response");
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("not a list_services answer: {response:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let names = listed_services(&server).await;
     for service in SERVICES {
         assert!(
             names.iter().any(|n| n == service),
             "{service} not in {names:?}"
         );
     }
-    drop((responses, client));
     let status = server.terminate().await;
     assert_exited_cleanly(status, &server.process);
 }
