@@ -7,13 +7,12 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::error::check;
-use super::keys::caller;
+use super::mutation::Mutation;
 use crate::access_groups::AccessGroups;
 use crate::domain::access::{self, AccessGroup};
 use crate::domain::validate::Violations;
 use crate::proto;
 use crate::proto::access_group_service_server::AccessGroupService;
-use crate::store::Acting;
 
 pub struct AccessGroupApi {
     groups: Arc<AccessGroups>,
@@ -74,15 +73,14 @@ impl AccessGroupService for AccessGroupApi {
         &self,
         request: Request<proto::CreateAccessGroupRequest>,
     ) -> Result<Response<proto::AccessGroupResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let targets = group_fields(&r.workspace_id, &r.name, Some(&r.targets), &mut v);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
+        let targets = group_fields(&r.workspace_id, &r.name, Some(&r.targets), v);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
         let group = self
             .groups
-            .create(&Acting { caller, actor }, r.workspace_id, r.name, targets)
+            .create(&acting, r.workspace_id, r.name, targets)
             .await?;
         Ok(Response::new(proto::AccessGroupResponse {
             access_group: Some(group_pb(&group)),
@@ -107,15 +105,14 @@ impl AccessGroupService for AccessGroupApi {
         &self,
         request: Request<proto::UpdateAccessGroupRequest>,
     ) -> Result<Response<proto::AccessGroupResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        let targets = group_fields(&r.workspace_id, &r.name, Some(&r.targets), &mut v);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
+        let targets = group_fields(&r.workspace_id, &r.name, Some(&r.targets), v);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
         let group = self
             .groups
-            .update(&Acting { caller, actor }, &r.workspace_id, &r.name, targets)
+            .update(&acting, &r.workspace_id, &r.name, targets)
             .await?;
         Ok(Response::new(proto::AccessGroupResponse {
             access_group: Some(group_pb(&group)),
@@ -126,14 +123,13 @@ impl AccessGroupService for AccessGroupApi {
         &self,
         request: Request<proto::DeleteAccessGroupRequest>,
     ) -> Result<Response<proto::DeleteAccessGroupResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
-        group_fields(&r.workspace_id, &r.name, None, &mut v);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
+        group_fields(&r.workspace_id, &r.name, None, v);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
         self.groups
-            .delete(&Acting { caller, actor }, &r.workspace_id, &r.name)
+            .delete(&acting, &r.workspace_id, &r.name)
             .await?;
         Ok(Response::new(proto::DeleteAccessGroupResponse {}))
     }

@@ -4,15 +4,14 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::Caller;
 use super::convert;
-use super::error::{check, checked};
+use super::error::check;
+use super::mutation::Mutation;
 use crate::domain::key::MAX_ROTATION_GRACE;
 use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, MAX_REASON_LEN, Violations};
 use crate::keys::{IssueInput, KeyLifecycle, KeyQuery};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
-use crate::store::Acting;
 use crate::store::{KeyPatch, page_token};
 
 /// What an update mask may name.
@@ -35,14 +34,6 @@ impl KeyApi {
     pub fn new(lifecycle: Arc<KeyLifecycle>) -> Self {
         KeyApi { lifecycle }
     }
-}
-
-pub(crate) fn caller<T>(request: &Request<T>) -> Result<Arc<str>, Status> {
-    request
-        .extensions()
-        .get::<Caller>()
-        .map(|c| c.0.clone())
-        .ok_or_else(super::auth::no_caller)
 }
 
 fn page_token_field<T>(
@@ -68,36 +59,34 @@ impl KeyService for KeyApi {
         &self,
         request: Request<proto::IssueKeyRequest>,
     ) -> Result<Response<proto::IssueKeyResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
+        let (mut m, r) = Mutation::of(request)?;
         let now = self.lifecycle.now();
-        let mut v = Violations::default();
+        let v = &mut m.v;
         v.workspace_id("workspace_id", &r.workspace_id);
         v.name("name", &r.name);
-        let environment = convert::environment(r.environment, "environment", &mut v);
+        let environment = convert::environment(r.environment, "environment", v);
         let scopes = v.scopes("scopes", &r.scopes);
         let expires_at = r
             .expires_at
             .as_ref()
-            .and_then(|ts| convert::micros_of(ts, "expires_at", &mut v));
+            .and_then(|ts| convert::micros_of(ts, "expires_at", v));
         if let Some(at) = expires_at {
             v.expiry("expires_at", at, now);
         }
-        let owner = convert::owner(r.owner.as_ref(), "owner", &mut v);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        let metadata = convert::metadata(&r.metadata, "metadata", &mut v);
-        let rate_limits = convert::rate_limits(&r.rate_limits, "rate_limits", &mut v);
+        let owner = convert::owner(r.owner.as_ref(), "owner", v);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let metadata = convert::metadata(&r.metadata, "metadata", v);
+        let rate_limits = convert::rate_limits(&r.rate_limits, "rate_limits", v);
         if let Some(budget) = r.max_budget_micros {
             v.budget("max_budget_micros", budget);
         }
         let resource_access =
-            convert::resource_access(r.resource_access.as_ref(), "resource_access", &mut v);
-        let network = convert::allowed_cidrs(&r.allowed_cidrs, "allowed_cidrs", &mut v);
+            convert::resource_access(r.resource_access.as_ref(), "resource_access", v);
+        let network = convert::allowed_cidrs(&r.allowed_cidrs, "allowed_cidrs", v);
         if !r.team_id.is_empty() {
             v.workspace_id("team_id", &r.team_id);
         }
-        let (environment, owner) = checked(v, environment.zip(owner))?;
-        let acting = Acting { caller, actor };
+        let (acting, (environment, owner)) = m.acting_with(actor, environment.zip(owner))?;
         let issued = self
             .lifecycle
             .issue(
@@ -186,14 +175,13 @@ impl KeyService for KeyApi {
         &self,
         request: Request<proto::UpdateKeyRequest>,
     ) -> Result<Response<proto::UpdateKeyResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
+        let (mut m, r) = Mutation::of(request)?;
         let now = self.lifecycle.now();
-        let mut v = Violations::default();
+        let v = &mut m.v;
         v.key_id("key_id", &r.key_id);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let actor = convert::actor(r.actor.as_ref(), v);
         let mut patch = KeyPatch::default();
-        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, &mut v);
+        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, v);
         for path in paths {
             match path.as_str() {
                 "name" => {
@@ -205,18 +193,15 @@ impl KeyService for KeyApi {
                     let at = r
                         .expires_at
                         .as_ref()
-                        .and_then(|ts| convert::micros_of(ts, "expires_at", &mut v));
+                        .and_then(|ts| convert::micros_of(ts, "expires_at", v));
                     if let Some(at) = at {
                         v.expiry("expires_at", at, now);
                     }
                     patch.expires_at = Some(at);
                 }
-                "metadata" => {
-                    patch.metadata = Some(convert::metadata(&r.metadata, "metadata", &mut v))
-                }
+                "metadata" => patch.metadata = Some(convert::metadata(&r.metadata, "metadata", v)),
                 "rate_limits" => {
-                    patch.rate_limits =
-                        Some(convert::rate_limits(&r.rate_limits, "rate_limits", &mut v))
+                    patch.rate_limits = Some(convert::rate_limits(&r.rate_limits, "rate_limits", v))
                 }
                 "max_budget_micros" => {
                     if let Some(budget) = r.max_budget_micros {
@@ -228,24 +213,18 @@ impl KeyService for KeyApi {
                     patch.resource_access = Some(convert::resource_access(
                         r.resource_access.as_ref(),
                         "resource_access",
-                        &mut v,
+                        v,
                     ))
                 }
                 "allowed_cidrs" => {
-                    patch.network = Some(convert::allowed_cidrs(
-                        &r.allowed_cidrs,
-                        "allowed_cidrs",
-                        &mut v,
-                    ))
+                    patch.network =
+                        Some(convert::allowed_cidrs(&r.allowed_cidrs, "allowed_cidrs", v))
                 }
-                other => convert::unknown_mask_path(other, MASK_PATHS, &mut v),
+                other => convert::unknown_mask_path(other, MASK_PATHS, v),
             }
         }
-        check(v)?;
-        let key = self
-            .lifecycle
-            .update(&Acting { caller, actor }, &r.key_id, patch)
-            .await?;
+        let acting = m.acting(actor)?;
+        let key = self.lifecycle.update(&acting, &r.key_id, patch).await?;
         Ok(Response::new(proto::UpdateKeyResponse {
             key_info: Some(convert::key_info(&key, now)),
         }))
@@ -255,24 +234,20 @@ impl KeyService for KeyApi {
         &self,
         request: Request<proto::RotateKeyRequest>,
     ) -> Result<Response<proto::RotateKeyResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.key_id("key_id", &r.key_id);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let actor = convert::actor(r.actor.as_ref(), v);
         let grace = r
             .grace_period
             .as_ref()
-            .and_then(|d| convert::duration_micros(d, "grace_period", &mut v))
+            .and_then(|d| convert::duration_micros(d, "grace_period", v))
             .unwrap_or(0);
         if grace > MAX_ROTATION_GRACE {
             v.add("grace_period", "must be at most 7 days");
         }
-        check(v)?;
-        let rotated = self
-            .lifecycle
-            .rotate(&Acting { caller, actor }, &r.key_id, grace)
-            .await?;
+        let acting = m.acting(actor)?;
+        let rotated = self.lifecycle.rotate(&acting, &r.key_id, grace).await?;
         Ok(Response::new(proto::RotateKeyResponse {
             key: rotated.plaintext.expose().to_owned(),
             key_info: Some(convert::key_info(&rotated.key, self.lifecycle.now())),
@@ -284,17 +259,13 @@ impl KeyService for KeyApi {
         &self,
         request: Request<proto::RevokeKeyRequest>,
     ) -> Result<Response<proto::RevokeKeyResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.key_id("key_id", &r.key_id);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let actor = convert::actor(r.actor.as_ref(), v);
         v.text("reason", &r.reason, MAX_REASON_LEN);
-        check(v)?;
-        let key = self
-            .lifecycle
-            .revoke(&Acting { caller, actor }, &r.key_id, &r.reason)
-            .await?;
+        let acting = m.acting(actor)?;
+        let key = self.lifecycle.revoke(&acting, &r.key_id, &r.reason).await?;
         Ok(Response::new(proto::RevokeKeyResponse {
             key_info: Some(convert::key_info(&key, self.lifecycle.now())),
         }))
@@ -304,15 +275,12 @@ impl KeyService for KeyApi {
         &self,
         request: Request<proto::DeleteKeyRequest>,
     ) -> Result<Response<proto::DeleteKeyResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.key_id("key_id", &r.key_id);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
-        self.lifecycle
-            .delete(&Acting { caller, actor }, &r.key_id)
-            .await?;
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
+        self.lifecycle.delete(&acting, &r.key_id).await?;
         Ok(Response::new(proto::DeleteKeyResponse {}))
     }
 

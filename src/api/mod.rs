@@ -10,6 +10,7 @@ pub mod convert;
 pub mod error;
 pub mod ext_authz;
 pub mod keys;
+pub mod mutation;
 pub mod provider_keys;
 pub mod revocations;
 pub mod teams;

@@ -10,13 +10,13 @@ use zeroize::Zeroizing;
 use super::auth::{Role, require};
 use super::convert;
 use super::error::{check, checked, internal, refused, store_status};
+use super::mutation::Mutation;
 use crate::domain::provider_key::{self, Provider, ProviderKeyRecord};
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::Violations;
 use crate::proto;
 use crate::proto::provider_key_service_server::ProviderKeyService;
 use crate::provider_keys::{ProviderKeyError, ProviderKeys};
-use crate::store::Acting;
 
 /// Bytes of `api_key` looked at before anything else: a larger value is refused unread.
 const MAX_API_KEY_BYTES: usize = 4096;
@@ -93,12 +93,12 @@ impl ProviderKeyService for ProviderKeyApi {
         &self,
         request: Request<proto::PutProviderKeyRequest>,
     ) -> Result<Response<proto::PutProviderKeyResponse>, Status> {
-        let caller = require(&request, Role::Admin)?.0;
+        let mut m = Mutation::by(require(&request, Role::Admin)?.0);
         let mut r = request.into_inner();
         // The plaintext lives in a buffer that is wiped when this call ends.
         let api_key = Zeroizing::new(std::mem::take(&mut r.api_key));
-        let mut v = Violations::default();
-        let provider = target(&r.workspace_id, r.provider, &mut v);
+        let v = &mut m.v;
+        let provider = target(&r.workspace_id, r.provider, v);
         if api_key.len() > MAX_API_KEY_BYTES {
             v.add(
                 "api_key",
@@ -109,16 +109,11 @@ impl ProviderKeyService for ProviderKeyApi {
         {
             v.add("api_key", why);
         }
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        let provider = checked(v, provider)?;
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let (acting, provider) = m.acting_with(actor, provider)?;
         let stored = self
             .keys
-            .put(
-                &Acting { caller, actor },
-                &r.workspace_id,
-                provider,
-                api_key,
-            )
+            .put(&acting, &r.workspace_id, provider, api_key)
             .await?;
         Ok(Response::new(proto::PutProviderKeyResponse {
             provider_key: Some(info(&stored)),
@@ -159,15 +154,13 @@ impl ProviderKeyService for ProviderKeyApi {
         &self,
         request: Request<proto::DeleteProviderKeyRequest>,
     ) -> Result<Response<proto::DeleteProviderKeyResponse>, Status> {
-        let caller = require(&request, Role::Admin)?.0;
+        let mut m = Mutation::by(require(&request, Role::Admin)?.0);
         let r = request.into_inner();
-        let mut v = Violations::default();
-        let provider = target(&r.workspace_id, r.provider, &mut v);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        let provider = checked(v, provider)?;
-        self.keys
-            .delete(&Acting { caller, actor }, &r.workspace_id, provider)
-            .await?;
+        let v = &mut m.v;
+        let provider = target(&r.workspace_id, r.provider, v);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let (acting, provider) = m.acting_with(actor, provider)?;
+        self.keys.delete(&acting, &r.workspace_id, provider).await?;
         Ok(Response::new(proto::DeleteProviderKeyResponse {}))
     }
 

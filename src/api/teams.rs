@@ -6,12 +6,11 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::error::check;
-use super::keys::caller;
+use super::mutation::Mutation;
 use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::domain::validate::Violations;
 use crate::proto;
 use crate::proto::team_service_server::TeamService;
-use crate::store::Acting;
 use crate::teams::Teams;
 
 /// What an update mask may name.
@@ -99,19 +98,18 @@ impl TeamService for TeamApi {
         &self,
         request: Request<proto::CreateServiceAccountRequest>,
     ) -> Result<Response<proto::ServiceAccountResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.workspace_id("workspace_id", &r.workspace_id);
         v.workspace_id("team_id", &r.team_id);
         v.principal_id("service_account_id", &r.service_account_id);
         v.name("name", &r.name);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
         let account = self
             .teams
             .create_service_account(
-                &Acting { caller, actor },
+                &acting,
                 &r.workspace_id,
                 &r.team_id,
                 r.service_account_id,
@@ -145,19 +143,14 @@ impl TeamService for TeamApi {
         &self,
         request: Request<proto::DeleteServiceAccountRequest>,
     ) -> Result<Response<proto::DeleteServiceAccountResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.workspace_id("workspace_id", &r.workspace_id);
         v.principal_id("service_account_id", &r.service_account_id);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
         self.teams
-            .delete_service_account(
-                &Acting { caller, actor },
-                &r.workspace_id,
-                &r.service_account_id,
-            )
+            .delete_service_account(&acting, &r.workspace_id, &r.service_account_id)
             .await?;
         Ok(Response::new(proto::DeleteServiceAccountResponse {}))
     }
@@ -166,24 +159,17 @@ impl TeamService for TeamApi {
         &self,
         request: Request<proto::CreateTeamRequest>,
     ) -> Result<Response<proto::TeamResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.workspace_id("workspace_id", &r.workspace_id);
         v.workspace_id("team_id", &r.team_id);
         v.name("name", &r.name);
-        let policy = policy(r.policy.as_ref(), &mut v);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        check(v)?;
+        let policy = policy(r.policy.as_ref(), v);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
         let team = self
             .teams
-            .create(
-                &Acting { caller, actor },
-                r.workspace_id,
-                r.team_id,
-                r.name,
-                policy,
-            )
+            .create(&acting, r.workspace_id, r.team_id, r.name, policy)
             .await?;
         Ok(response(&team))
     }
@@ -220,34 +206,27 @@ impl TeamService for TeamApi {
         &self,
         request: Request<proto::UpdateTeamRequest>,
     ) -> Result<Response<proto::TeamResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.workspace_id("workspace_id", &r.workspace_id);
         v.workspace_id("team_id", &r.team_id);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let actor = convert::actor(r.actor.as_ref(), v);
         let (mut name, mut new_policy) = (None, None);
-        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, &mut v);
+        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, v);
         for path in paths {
             match path.as_str() {
                 "name" => {
                     v.name("name", &r.name);
                     name = Some(r.name.clone());
                 }
-                "policy" => new_policy = Some(policy(r.policy.as_ref(), &mut v)),
-                other => convert::unknown_mask_path(other, MASK_PATHS, &mut v),
+                "policy" => new_policy = Some(policy(r.policy.as_ref(), v)),
+                other => convert::unknown_mask_path(other, MASK_PATHS, v),
             }
         }
-        check(v)?;
+        let acting = m.acting(actor)?;
         let team = self
             .teams
-            .update(
-                &Acting { caller, actor },
-                &r.workspace_id,
-                &r.team_id,
-                name,
-                new_policy,
-            )
+            .update(&acting, &r.workspace_id, &r.team_id, name, new_policy)
             .await?;
         Ok(response(&team))
     }

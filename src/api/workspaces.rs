@@ -5,13 +5,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::error::{check, checked};
-use super::keys::caller;
+use super::error::check;
+use super::mutation::Mutation;
 use crate::domain::validate::Violations;
 use crate::domain::workspace::{Plan, Workspace};
 use crate::proto;
 use crate::proto::workspace_service_server::WorkspaceService;
-use crate::store::Acting;
 use crate::store::WorkspacePatch;
 use crate::workspaces::Workspaces;
 
@@ -72,17 +71,16 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         request: Request<proto::CreateWorkspaceRequest>,
     ) -> Result<Response<proto::CreateWorkspaceResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.workspace_id("workspace_id", &r.workspace_id);
         v.name("name", &r.name);
-        let plan = plan(r.plan, "plan", &mut v);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
-        let plan = checked(v, plan)?;
+        let plan = plan(r.plan, "plan", v);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let (acting, plan) = m.acting_with(actor, plan)?;
         let workspace = self
             .workspaces
-            .create(&Acting { caller, actor }, r.workspace_id, r.name, plan)
+            .create(&acting, r.workspace_id, r.name, plan)
             .await?;
         Ok(Response::new(proto::CreateWorkspaceResponse {
             workspace: Some(self.workspace_pb(&workspace)),
@@ -107,27 +105,26 @@ impl WorkspaceService for WorkspaceApi {
         &self,
         request: Request<proto::UpdateWorkspaceRequest>,
     ) -> Result<Response<proto::UpdateWorkspaceResponse>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        let mut v = Violations::default();
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
         v.workspace_id("workspace_id", &r.workspace_id);
-        let actor = convert::actor(r.actor.as_ref(), &mut v);
+        let actor = convert::actor(r.actor.as_ref(), v);
         let mut patch = WorkspacePatch::default();
-        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, &mut v);
+        let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, v);
         for path in paths {
             match path.as_str() {
                 "name" => {
                     v.name("name", &r.name);
                     patch.name = Some(r.name.clone());
                 }
-                "plan" => patch.plan = plan(r.plan, "plan", &mut v),
-                other => convert::unknown_mask_path(other, MASK_PATHS, &mut v),
+                "plan" => patch.plan = plan(r.plan, "plan", v),
+                other => convert::unknown_mask_path(other, MASK_PATHS, v),
             }
         }
-        check(v)?;
+        let acting = m.acting(actor)?;
         let workspace = self
             .workspaces
-            .update(&Acting { caller, actor }, &r.workspace_id, patch)
+            .update(&acting, &r.workspace_id, patch)
             .await?;
         Ok(Response::new(proto::UpdateWorkspaceResponse {
             workspace: Some(self.workspace_pb(&workspace)),
