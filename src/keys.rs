@@ -20,9 +20,7 @@ use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::limits::RateLimit;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::scopes::ScopeImplications;
-use crate::domain::team::{
-    SelfServiceKey, SelfServiceRefusal, check_self_service, check_self_service_change,
-};
+use crate::domain::team::{SelfServiceKey, SelfServiceRefusal, check_self_service_change};
 use crate::domain::workspace::Plans;
 use crate::events::{EventHub, invalidate_committed};
 use crate::store::{
@@ -177,10 +175,12 @@ impl KeyLifecycle {
         if acting.actor.is_self_service() {
             input.owner = acting.actor.as_owner();
         }
-        let member_cap = match input.team_id.clone() {
-            Some(team_id) => self.check_team(acting, &mut input, &team_id, now).await?,
-            None => None,
-        };
+        if let Some(team_id) = &input.team_id {
+            self.store
+                .get_team(&input.workspace_id, team_id)
+                .await?
+                .ok_or_else(|| KeyError::TeamNotFound(team_id.clone()))?;
+        }
         let key_id = ids::new_key_id(&mut getrandom::SysRng).map_err(|_| KeyError::Randomness)?;
         let plaintext = ApiKey::generate(
             &mut getrandom::SysRng,
@@ -213,23 +213,19 @@ impl KeyLifecycle {
             )
         };
         let audit = acting.audit("key.issue", format!("scopes: {}", key.scopes.join(" ")));
-        match self
-            .store
-            .insert_key(&key, &plaintext.hash(), member_cap, &audit)
-            .await
-        {
-            Ok(()) => {}
-            // A concurrent issue of the member's took the last place after `check_team`
-            // counted: the store's count, made under the team's lock, is the one that holds.
-            Err(StoreError::Precondition(refusal))
-                if refusal.reason == Reason::SelfServiceKeyLimitReached =>
-            {
-                return Err(self
-                    .deny(acting, &key.workspace_id, None, "key.issue", refusal, now)
-                    .await);
-            }
-            Err(e) => return Err(e.into()),
-        }
+        // A self-service member's team key keeps to the team's policy, judged by the
+        // store inside the insert's transaction on the team as locked there and the keys
+        // the member holds then (`domain::team::check_team_issue`); a refusal is audited
+        // in that transaction.
+        let member =
+            (acting.actor.is_self_service() && key.team_id.is_some()).then(|| SelfServiceKey {
+                max_budget_micros: key.max_budget_micros,
+                expires_at: key.expires_at,
+                effective_limits: self.effective_limits(&key.rate_limits),
+            });
+        self.store
+            .insert_key(&key, &plaintext.hash(), member.as_ref(), &audit)
+            .await?;
         tracing::info!(key_id = %key.key_id, workspace_id = %key.workspace_id, "key issued");
         Ok(Issued { plaintext, key })
     }
@@ -439,54 +435,6 @@ impl KeyLifecycle {
             None
         };
         Ok((events, next))
-    }
-
-    /// A key of a team: the team must exist; a self-service actor (no `admin`
-    /// permission) gets a key it owns itself, within the team's policy (a refusal is
-    /// audited). Returns the cap on the member's keys in the team that the insert must
-    /// hold to in its own transaction (the count here races a concurrent issue).
-    async fn check_team(
-        &self,
-        acting: &Acting,
-        input: &mut IssueInput,
-        team_id: &str,
-        now: Micros,
-    ) -> Result<Option<u32>, KeyError> {
-        let team = self
-            .store
-            .get_team(&input.workspace_id, team_id)
-            .await?
-            .ok_or_else(|| KeyError::TeamNotFound(team_id.to_owned()))?;
-        if !acting.actor.is_self_service() {
-            // A team key owned by a service account must be owned by one of that team's:
-            // the store checks it in the insert's transaction.
-            return Ok(None);
-        }
-        let held = self
-            .store
-            .count_member_keys(&input.workspace_id, team_id, &acting.actor.id, now)
-            .await?;
-        let key = SelfServiceKey {
-            max_budget_micros: input.max_budget_micros,
-            expires_at: input.expires_at,
-            effective_limits: self.effective_limits(&input.rate_limits),
-        };
-        match check_self_service(&team.policy, &key, held, now) {
-            Ok(()) => {
-                Ok((team.policy.max_keys_per_user > 0).then_some(team.policy.max_keys_per_user))
-            }
-            Err(refusal) => Err(self
-                .refuse_self_service(
-                    acting,
-                    &input.workspace_id,
-                    None,
-                    "key.issue",
-                    team_id,
-                    &refusal,
-                    now,
-                )
-                .await),
-        }
     }
 
     /// A member's change or rotation of its team key: self-service must be on and the key,

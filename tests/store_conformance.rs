@@ -16,7 +16,7 @@ use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
 use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::domain::refusal::{Reason, Refusal};
-use keywarden::domain::team::{ServiceAccount, Team, TeamPolicy};
+use keywarden::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use keywarden::store::{
     AuditContext, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
     StoreError, TeamPatch, UsageDelta,
@@ -1670,21 +1670,38 @@ fn member_key(owner_id: &str, at: Micros) -> KeyRecord {
     }
 }
 
-/// With a member cap, `insert_key` counts the owner's live keys in the key's team in its
-/// own transaction: revoked, deleted and expired keys, other owners' and other teams'
-/// do not count; a refused insert writes nothing; without a cap nothing is counted.
-async fn insert_key_holds_a_member_to_the_cap_it_is_given(backend: Backend) {
+/// What a self-service member asks for in these tests: nothing the policy limits but the
+/// number of keys.
+const MEMBER: SelfServiceKey<'static> = SelfServiceKey {
+    max_budget_micros: None,
+    expires_at: None,
+    effective_limits: &[],
+};
+
+/// Team `team_ml` with self-service on and at most `cap` keys per member.
+fn member_team(cap: u32) -> Team {
+    let mut team = team_reaching("team_ml", &[]);
+    team.policy.self_service_enabled = true;
+    team.policy.max_keys_per_user = cap;
+    team
+}
+
+/// For a self-service member, `insert_key` counts the owner's live keys in the key's team
+/// in its own transaction, under the team's policy as it stands: revoked, deleted and
+/// expired keys, other owners' and other teams' do not count; a refused insert writes its
+/// `denied` audit row and nothing else; for an admin's issue nothing is counted.
+async fn insert_key_holds_a_member_to_the_team_s_cap(backend: Backend) {
     let (db, store) = open(backend).await;
     db.create_workspaces(&[WS], "pro").await;
     store
-        .insert_team(&team_reaching("team_ml", &[]), &ctx("team.create"))
+        .insert_team(&member_team(2), &ctx("team.create"))
         .await
         .unwrap();
-    let issue = |key: KeyRecord, cap: Option<u32>| {
+    let issue = |key: KeyRecord, member: Option<SelfServiceKey<'static>>| {
         let store = store.clone();
         async move {
             store
-                .insert_key(&key, &new_secret(), cap, &ctx("key.issue"))
+                .insert_key(&key, &new_secret(), member.as_ref(), &ctx("key.issue"))
                 .await
         }
     };
@@ -1717,24 +1734,47 @@ async fn insert_key_holds_a_member_to_the_cap_it_is_given(backend: Backend) {
     .await
     .unwrap();
 
-    // At T0 + 3 s none of the member's keys above is live in the team: one more fits.
+    // At T0 + 3 s none of the member's keys above is live in the team: two more fit.
     let at = T0 + 3 * S;
-    issue(member_key("user_ann", at), Some(2)).await.unwrap();
-    issue(member_key("user_ann", at), Some(2)).await.unwrap();
+    issue(member_key("user_ann", at), Some(MEMBER))
+        .await
+        .unwrap();
+    issue(member_key("user_ann", at), Some(MEMBER))
+        .await
+        .unwrap();
     let (audit_rows, key_rows) = (
         all_audit_rows(&db).await,
         db.count("SELECT COUNT(*) FROM api_keys").await,
     );
     let third = member_key("user_ann", at);
     assert_refused(
-        issue(third.clone(), Some(2)).await,
+        issue(third.clone(), Some(MEMBER)).await,
         Reason::SelfServiceKeyLimitReached,
     );
     assert_eq!(store.get_key(&third.key_id).await.unwrap(), None);
-    assert_eq!(all_audit_rows(&db).await, audit_rows);
     assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, key_rows);
-    // A higher cap, or none (an admin's issue), lets it in.
-    issue(third, Some(3)).await.unwrap();
+    // The refusal is audited in the insert's own transaction: one `denied` row.
+    assert_eq!(all_audit_rows(&db).await, audit_rows + 1);
+    let denied = store.list_audit(WS, 1, None).await.unwrap();
+    assert_eq!(denied[0].outcome, AuditOutcome::Denied);
+    assert_eq!(denied[0].action, "key.issue");
+    assert_eq!(denied[0].key_id, None);
+    assert!(denied[0].detail.contains("maximum of 2 keys"), "{denied:?}");
+    // A higher cap, or an admin's issue, lets it in.
+    store
+        .update_team(
+            WS,
+            "team_ml",
+            &TeamPatch {
+                policy: Some(member_team(3).policy),
+                ..TeamPatch::default()
+            },
+            at,
+            &ctx("team.update"),
+        )
+        .await
+        .unwrap();
+    issue(third, Some(MEMBER)).await.unwrap();
     issue(member_key("user_ann", at), None).await.unwrap();
 }
 
@@ -1775,8 +1815,9 @@ async fn teams_with_accounts(store: &dyn Store) {
 }
 
 /// A team key owned by a service account is owned by one of that team's, checked in
-/// the insert's transaction: another team's account or an unknown one is refused and
-/// nothing is written. Keys outside a team, and users' keys, are not checked.
+/// the insert's transaction: another team's account or an unknown one is refused, and
+/// nothing is written but the refusal's `denied` audit row. Keys outside a team, and
+/// users' keys, are not checked.
 async fn a_team_key_of_a_service_account_needs_one_of_the_teams(backend: Backend) {
     let (db, store) = open(backend).await;
     db.create_workspaces(&[WS], "pro").await;
@@ -1802,7 +1843,14 @@ async fn a_team_key_of_a_service_account_needs_one_of_the_teams(backend: Backend
         issue(account_key("sa_gone", "team_ml")).await,
         Reason::ServiceAccountNotInTeam,
     );
-    assert_eq!(all_audit_rows(&db).await, audit_rows);
+    assert_eq!(all_audit_rows(&db).await, audit_rows + 2);
+    let denied = store.list_audit(WS, 2, None).await.unwrap();
+    assert!(
+        denied
+            .iter()
+            .all(|d| d.outcome == AuditOutcome::Denied && d.action == "key.issue"),
+        "{denied:?}"
+    );
     assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, key_rows);
     issue(KeyRecord {
         team_id: None,
@@ -1844,19 +1892,19 @@ async fn after_commit_of<T: Send + 'static>(
     running.await.unwrap()
 }
 
-/// Issues `key` (with `member_cap`) against the raw transaction `raw`, as
-/// [`after_commit_of`] runs a mutation.
+/// Issues `key` (for a self-service `member` or not) against the raw transaction `raw`,
+/// as [`after_commit_of`] runs a mutation.
 async fn issue_after_commit_of(
     db: &TestDb,
     store: &Arc<dyn Store>,
     raw: sqlx::PgConnection,
     key: &KeyRecord,
-    member_cap: Option<u32>,
+    member: Option<SelfServiceKey<'static>>,
 ) -> Result<(), StoreError> {
     let (store, key) = (store.clone(), key.clone());
     after_commit_of(db, raw, async move {
         store
-            .insert_key(&key, &new_secret(), member_cap, &ctx("key.issue"))
+            .insert_key(&key, &new_secret(), member.as_ref(), &ctx("key.issue"))
             .await
     })
     .await
@@ -1999,7 +2047,7 @@ async fn postgres_an_issue_racing_another_for_the_last_place_is_refused() {
     let (db, store) = open(Backend::Postgres).await;
     db.create_workspaces(&[WS], "pro").await;
     store
-        .insert_team(&team_reaching("team_ml", &[]), &ctx("team.create"))
+        .insert_team(&member_team(1), &ctx("team.create"))
         .await
         .unwrap();
     let earlier = KeyRecord {
@@ -2018,7 +2066,7 @@ async fn postgres_an_issue_racing_another_for_the_last_place_is_refused() {
         .await
         .unwrap();
     let later = member_key("user_ann", T0);
-    let racing = issue_after_commit_of(&db, &store, issuing, &later, Some(1)).await;
+    let racing = issue_after_commit_of(&db, &store, issuing, &later, Some(MEMBER)).await;
     assert_refused(racing, Reason::SelfServiceKeyLimitReached);
     assert_eq!(store.get_key(&later.key_id).await.unwrap(), None);
 }
@@ -2138,6 +2186,6 @@ both_backends!(
     no_index_names_a_column_the_usage_book_writes,
     team_updates_of_different_fields_both_take_effect,
     a_reach_naming_a_missing_group_is_refused_and_writes_nothing,
-    insert_key_holds_a_member_to_the_cap_it_is_given,
+    insert_key_holds_a_member_to_the_team_s_cap,
     a_team_key_of_a_service_account_needs_one_of_the_teams,
 );

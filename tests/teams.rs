@@ -332,8 +332,8 @@ async fn teams_are_created_listed_updated_and_validated(backend: Backend) {
     );
 }
 
-/// Service accounts: created in a team, own that team's keys (and no other team's), and
-/// cannot be deleted while they own live keys.
+/// Service accounts: created in a team, own that team's keys (and no other team's: a
+/// refusal audited as denied), and cannot be deleted while they own live keys.
 async fn service_accounts_own_their_teams_keys(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     create_team(&app, policy()).await;
@@ -371,6 +371,15 @@ async fn service_accounts_own_their_teams_keys(backend: Backend) {
         status.message().contains("not in team team_ml"),
         "{status:?}"
     );
+    // The refusal is audited as denied, like every policy refusal of an issue.
+    let denied: Vec<_> = app
+        .audit("ws_test")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "key.issue" && e.outcome == proto::AuditOutcome::Denied as i32)
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert!(denied[0].detail.contains("sa_unknown"), "{denied:?}");
 
     let listed = client
         .list_service_accounts(proto::ListServiceAccountsRequest {

@@ -29,7 +29,7 @@ use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
 use crate::domain::provider_key::{Provider, ProviderKeyRecord};
-use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
+use crate::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use crate::domain::workspace::{Plan, Workspace};
 
 /// A connection pool's figures.
@@ -249,15 +249,17 @@ pub struct Rotated {
 pub trait Store: Send + Sync + 'static {
     /// Stores a new key with its secret's hash, and its audit event. Refused
     /// ([`StoreError::Precondition`]) when its reach names a group the workspace lacks,
-    /// when it is a team key owned by a service account that is not one of the team's, or,
-    /// with `member_cap`, when the key's owner already holds that many live keys in the
-    /// key's team (counted under a lock on the team, so that concurrent issues cannot all
-    /// pass one count). All three are checked in the insert's transaction.
+    /// or, for a team key, by [`crate::domain::team::check_team_issue`]: a service
+    /// account owner not of the team, or a self-service `member`'s key outside the team's
+    /// policy with the keys the owner holds in the team. The team row is locked first and
+    /// the owner's keys counted under that lock, so concurrent issues cannot all pass one
+    /// count. Everything is checked in the insert's transaction, and a team's refusal is
+    /// audited (`denied`) in it.
     async fn insert_key(
         &self,
         key: &KeyRecord,
         secret: &KeyHash,
-        member_cap: Option<u32>,
+        member: Option<&SelfServiceKey<'_>>,
         audit: &AuditContext,
     ) -> Result<(), StoreError>;
 
@@ -472,16 +474,6 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
         audit: &AuditContext,
     ) -> Result<(Team, Vec<KeyHash>), StoreError>;
-
-    /// Keys of `owner_id` in the team that are neither revoked, deleted nor expired at
-    /// `now`.
-    async fn count_member_keys(
-        &self,
-        workspace_id: &str,
-        team_id: &str,
-        owner_id: &str,
-        now: Micros,
-    ) -> Result<u64, StoreError>;
 
     /// [`StoreError::AlreadyExists`] when the id is taken in the workspace.
     async fn insert_service_account(

@@ -709,56 +709,83 @@ macro_rules! impl_store {
                 &self,
                 key: &crate::domain::key::KeyRecord,
                 secret: &crate::domain::key_format::KeyHash,
-                member_cap: Option<u32>,
+                member: Option<&crate::domain::team::SelfServiceKey<'_>>,
                 audit: &crate::store::AuditContext,
             ) -> Result<(), crate::store::StoreError> {
                 let mut tx = self.begin_write().await?;
-                if let (Some(max), Some(team_id)) = (member_cap, &key.team_id) {
+                if let Some(team_id) = &key.team_id {
                     // The team row's lock (the first lock taken, as `update_team` takes it)
-                    // serializes a team's member issues: this count sees every key a
-                    // concurrent issue committed before it.
-                    sqlx::query(concat!(
-                        "SELECT team_id FROM teams WHERE workspace_id = $1 AND team_id = $2",
+                    // serializes a team's member issues: the count below sees every key a
+                    // concurrent issue committed before it, and the policy is the one in
+                    // force when the key is written.
+                    let team: Option<crate::store::sql::TeamRow> = sqlx::query_as(concat!(
+                        "SELECT workspace_id, team_id, name, policy, created_at, updated_at \
+                         FROM teams WHERE workspace_id = $1 AND team_id = $2",
                         $lock
                     ))
                     .bind(&key.workspace_id)
                     .bind(team_id)
                     .fetch_optional(&mut *tx)
                     .await?;
-                    let held: i64 = sqlx::query_scalar(crate::store::sql::MEMBER_KEYS)
-                        .bind(&key.workspace_id)
-                        .bind(team_id)
-                        .bind(&key.owner.id)
-                        .bind(key.created_at)
-                        .fetch_one(&mut *tx)
+                    let team: crate::domain::team::Team =
+                        team.ok_or(crate::store::StoreError::NotFound)?.try_into()?;
+                    let held: i64 = match member {
+                        Some(_) => {
+                            sqlx::query_scalar(crate::store::sql::MEMBER_KEYS)
+                                .bind(&key.workspace_id)
+                                .bind(team_id)
+                                .bind(&key.owner.id)
+                                .bind(key.created_at)
+                                .fetch_one(&mut *tx)
+                                .await?
+                        }
+                        None => 0,
+                    };
+                    // A key owned by a service account: the account's team. Its row stays
+                    // share-locked until commit, so it cannot be deleted in between
+                    // (`delete_service_account` deletes, then looks for keys the account
+                    // owns).
+                    let account_team: Option<String> =
+                        if key.owner.kind == crate::domain::key::OwnerKind::ServiceAccount {
+                            sqlx::query_scalar(concat!(
+                                "SELECT team_id FROM service_accounts \
+                                 WHERE workspace_id = $1 AND service_account_id = $2",
+                                $share
+                            ))
+                            .bind(&key.workspace_id)
+                            .bind(&key.owner.id)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                        } else {
+                            None
+                        };
+                    let issue = crate::domain::team::TeamIssue {
+                        team_id,
+                        policy: &team.policy,
+                        held: u64::try_from(held).unwrap_or(0),
+                        service_account_team: account_team.as_deref(),
+                    };
+                    if let Err(refusal) = crate::domain::team::check_team_issue(
+                        &issue,
+                        &key.owner,
+                        member,
+                        key.created_at,
+                    ) {
+                        let denied = crate::store::AuditContext {
+                            detail: refusal.message.clone(),
+                            ..audit.clone()
+                        };
+                        Self::write_audit(
+                            &mut tx,
+                            &key.workspace_id,
+                            None,
+                            crate::store::AuditOutcome::Denied,
+                            &denied,
+                            key.created_at,
+                        )
                         .await?;
-                    if u64::try_from(held).unwrap_or(0) >= u64::from(max) {
-                        return Err(crate::store::StoreError::Precondition(
-                            crate::domain::team::SelfServiceRefusal::TooManyKeys { max }
-                                .refusal(team_id),
-                        ));
-                    }
-                }
-                if let Some(team_id) = &key.team_id
-                    && key.owner.kind == crate::domain::key::OwnerKind::ServiceAccount
-                {
-                    // A team key owned by a service account is owned by one of that team's.
-                    // The account's row stays share-locked until commit, so it cannot be
-                    // deleted in between (`delete_service_account` deletes, then looks for
-                    // keys the account owns).
-                    let team: Option<String> = sqlx::query_scalar(concat!(
-                        "SELECT team_id FROM service_accounts \
-                         WHERE workspace_id = $1 AND service_account_id = $2",
-                        $share
-                    ))
-                    .bind(&key.workspace_id)
-                    .bind(&key.owner.id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    if team.as_deref() != Some(team_id.as_str()) {
-                        return Err(crate::store::StoreError::Precondition(
-                            crate::domain::team::service_account_not_in_team(&key.owner.id, team_id),
-                        ));
+                        tx.commit().await?;
+                        return Err(crate::store::StoreError::Precondition(refusal));
                     }
                 }
                 Self::lock_groups(&mut tx, &key.workspace_id, &key.resource_access.groups).await?;
@@ -1885,24 +1912,6 @@ macro_rules! impl_store {
                 Self::write_audit(&mut tx, &team.workspace_id, None, crate::store::AuditOutcome::Success, audit, team.updated_at).await?;
                 tx.commit().await?;
                 Ok((team, stale))
-            }
-
-            #[tracing::instrument(level = "debug", skip_all)]
-            async fn count_member_keys(
-                &self,
-                workspace_id: &str,
-                team_id: &str,
-                owner_id: &str,
-                now: i64,
-            ) -> Result<u64, crate::store::StoreError> {
-                let n: i64 = sqlx::query_scalar(crate::store::sql::MEMBER_KEYS)
-                .bind(workspace_id)
-                .bind(team_id)
-                .bind(owner_id)
-                .bind(now)
-                .fetch_one(&self.pool)
-                .await?;
-                Ok(u64::try_from(n).unwrap_or(0))
             }
 
             #[tracing::instrument(level = "debug", skip_all)]

@@ -196,6 +196,42 @@ pub fn check_self_service(
     check_self_service_change(policy, key, now)
 }
 
+/// What the store reads, under its locks and inside the insert's transaction, about a
+/// team key being issued: the team's policy as it stands, the live keys the owner holds
+/// in the team, and the team of the service account that owns the key.
+#[derive(Clone, Copy, Debug)]
+pub struct TeamIssue<'a> {
+    pub team_id: &'a str,
+    pub policy: &'a TeamPolicy,
+    /// The owner's live keys in the team (counted only for a self-service member).
+    pub held: u64,
+    /// For a key owned by a service account: that account's team (`None`: no such
+    /// account). `None` too for a key owned by a user.
+    pub service_account_team: Option<&'a str>,
+}
+
+/// Whether a team key may be issued: a key owned by a service account is owned by one
+/// of the team's, and a self-service member's key (`member`) keeps to the team's policy
+/// with the keys the member already holds there. One decision over one reading, so a
+/// member cannot pass a count made before a concurrent issue committed.
+pub fn check_team_issue(
+    issue: &TeamIssue<'_>,
+    owner: &crate::key::Owner,
+    member: Option<&SelfServiceKey<'_>>,
+    now: Micros,
+) -> Result<(), Refusal> {
+    if owner.kind == crate::key::OwnerKind::ServiceAccount
+        && issue.service_account_team != Some(issue.team_id)
+    {
+        return Err(service_account_not_in_team(&owner.id, issue.team_id));
+    }
+    match member {
+        Some(key) => check_self_service(issue.policy, key, issue.held, now)
+            .map_err(|refusal| refusal.refusal(issue.team_id)),
+        None => Ok(()),
+    }
+}
+
 /// Checks an existing self-service key as an update or a rotation would leave it: the
 /// same rules as for a new key but the count (the key is already counted). A key that a
 /// tightened policy no longer admits cannot be changed or rotated by its member until it
@@ -348,5 +384,71 @@ mod tests {
             check_self_service_change(&off, &within, 0),
             Err(SelfServiceRefusal::Disabled)
         );
+    }
+
+    #[test]
+    fn a_team_issue_checks_the_account_s_team_and_a_member_s_policy() {
+        use crate::key::{Owner, OwnerKind};
+        let policy = TeamPolicy {
+            self_service_enabled: true,
+            max_keys_per_user: 2,
+            ..TeamPolicy::default()
+        };
+        let issue = TeamIssue {
+            team_id: "team_ml",
+            policy: &policy,
+            held: 1,
+            service_account_team: Some("team_ml"),
+        };
+        let account = Owner {
+            kind: OwnerKind::ServiceAccount,
+            id: "sa_ml".to_owned(),
+        };
+        let user = Owner {
+            kind: OwnerKind::User,
+            id: "user_ann".to_owned(),
+        };
+        let key = SelfServiceKey {
+            max_budget_micros: None,
+            expires_at: None,
+            effective_limits: &[],
+        };
+        assert_eq!(check_team_issue(&issue, &account, None, 0), Ok(()));
+        // An account of another team, or none at all.
+        for other in [Some("team_ops"), None] {
+            let refusal = check_team_issue(
+                &TeamIssue {
+                    service_account_team: other,
+                    ..issue
+                },
+                &account,
+                None,
+                0,
+            )
+            .unwrap_err();
+            assert_eq!(refusal.reason, Reason::ServiceAccountNotInTeam);
+        }
+        // A member below the cap passes; at it, refused; an admin's issue counts nothing.
+        assert_eq!(check_team_issue(&issue, &user, Some(&key), 0), Ok(()));
+        let full = TeamIssue { held: 2, ..issue };
+        let refusal = check_team_issue(&full, &user, Some(&key), 0).unwrap_err();
+        assert_eq!(refusal.reason, Reason::SelfServiceKeyLimitReached);
+        assert_eq!(check_team_issue(&full, &user, None, 0), Ok(()));
+        // The member's policy is the one read with the count: off means refused.
+        let off = TeamPolicy {
+            self_service_enabled: false,
+            ..policy.clone()
+        };
+        let refusal = check_team_issue(
+            &TeamIssue {
+                policy: &off,
+                ..issue
+            },
+            &user,
+            Some(&key),
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(refusal.reason, Reason::SelfServiceDisabled);
     }
 }
