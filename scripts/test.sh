@@ -92,5 +92,6 @@ cargo fmt --all -- --check
 log "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "cargo test --workspace"
-cargo test --workspace --locked
+# Every suite runs even when one fails, so a red run shows everything that is red.
+log "cargo test --workspace --no-fail-fast"
+cargo test --workspace --locked --no-fail-fast

@@ -70,6 +70,10 @@ async fn verifications_caches_limits_and_rpcs_are_counted(backend: Backend) {
         })
         .await
         .unwrap();
+    // The tailer has applied the revoke (seq 1) before the revoked key is verified: its
+    // invalidation, arriving after that verification's fill, would otherwise drop the
+    // entry, and the cache would hold one key instead of two.
+    wait_published(app.server(), 1).await;
     // Valid twice (a miss, then a hit), then over the limit of 2 a minute.
     for want in [
         VerifyCode::Valid,

@@ -287,25 +287,6 @@ async fn verify_code(verifier: &VerifierClient, key: &str, scopes: &[&str]) -> V
     code(&resp)
 }
 
-/// Polls `check` until it holds, failing the test after [`DEADLINE`].
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn wait_published(server: &RunningServer, seq: i64) {
-    eventually(&format!("the replica to publish seq {seq}"), async || {
-        server.events().published() >= seq
-    })
-    .await;
-}
-
 async fn log_head(db: &TestDb) -> i64 {
     db.count("SELECT head FROM event_log WHERE id = 1").await
 }

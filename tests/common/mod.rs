@@ -7,6 +7,7 @@ pub mod pg_cluster;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use keywarden::api::auth::{CallerTokens, Role, TokenEntry};
 use keywarden::cache::CacheSizes;
@@ -598,4 +599,32 @@ pub fn key_record(
             created_at,
         )
     }
+}
+
+/// How long a test waits for what happens in the background (an event applied, a stream
+/// caught up) before it fails. Not a timing assertion: only a bound on a hang.
+pub const EVENTUALLY: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it holds, failing the test after [`EVENTUALLY`].
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `server`'s tailer has published (and so applied the invalidations of)
+/// every event up to `seq`.
+pub async fn wait_published(server: &RunningServer, seq: i64) {
+    eventually(&format!("the replica to publish seq {seq}"), async || {
+        server.events().published() >= seq
+    })
+    .await;
 }
