@@ -325,6 +325,12 @@ async fn hostile_input_is_refused_and_nothing_is_stored(backend: Backend) {
             put_req("ws_test", Provider::Anthropic, OPENAI_KEY),
             &["api_key"],
         ),
+        // OpenAI's prefix `sk-` is a prefix of Anthropic's: an Anthropic key pasted into
+        // the OpenAI slot is refused too.
+        (
+            put_req("ws_test", Provider::Openai, ANTHROPIC_KEY),
+            &["api_key"],
+        ),
         (
             put_req(
                 "ws_test",
@@ -355,6 +361,10 @@ async fn hostile_input_is_refused_and_nothing_is_stored(backend: Backend) {
         // The refusal never echoes the key.
         assert!(!status.message().contains("abcdefghijkl"), "{status:?}");
         assert!(!status.message().contains(&OPENAI_KEY[8..]), "{status:?}");
+        assert!(
+            !status.message().contains(&ANTHROPIC_KEY[8..]),
+            "{status:?}"
+        );
     }
     assert_eq!(stored_rows(&app).await, 0);
     let status = resolve(&app, "ws test", Provider::Unspecified)

@@ -34,6 +34,16 @@ impl Provider {
             Provider::OpenAi => "sk-",
         }
     }
+
+    /// The provider a key's prefix names: the longest prefix it starts with (OpenAI's
+    /// `sk-` is a prefix of Anthropic's `sk-ant-`, so a key of Anthropic's starts with
+    /// both).
+    pub fn of_key(key: &str) -> Option<Provider> {
+        [Provider::Anthropic, Provider::OpenAi]
+            .into_iter()
+            .filter(|p| key.starts_with(p.prefix()))
+            .max_by_key(|p| p.prefix().len())
+    }
 }
 
 /// The shortest and longest provider key accepted.
@@ -56,14 +66,21 @@ pub fn shape_error(provider: Provider, key: &str) -> Option<String> {
     {
         return Some("must hold only letters, digits, '-' and '_'".into());
     }
-    if !key.starts_with(provider.prefix()) {
-        return Some(format!(
+    match Provider::of_key(key) {
+        Some(named) if named == provider => None,
+        // Pasted into the wrong provider: say which one it is.
+        Some(other) => Some(format!(
+            "is an {} key (it starts with `{}`), not an {} key",
+            other.as_str(),
+            other.prefix(),
+            provider.as_str()
+        )),
+        None => Some(format!(
             "is not a {} key (they start with `{}`)",
             provider.as_str(),
             provider.prefix()
-        ));
+        )),
     }
-    None
 }
 
 /// The last four characters, all a response ever shows of a provider key.
@@ -138,5 +155,22 @@ mod tests {
             updated_at: 0,
         };
         assert!(!format!("{record:?}").contains("[4, 5, 6]"));
+    }
+
+    #[test]
+    fn a_key_pasted_into_the_other_provider_is_refused_naming_both() {
+        // OpenAI's prefix `sk-` is a prefix of Anthropic's: the longer one decides.
+        let anthropic = "sk-ant-api03-abcdefghijklmnop_QRS-tu";
+        assert_eq!(Provider::of_key(anthropic), Some(Provider::Anthropic));
+        let why = shape_error(Provider::OpenAi, anthropic).unwrap();
+        assert!(
+            why.contains("anthropic") && why.contains("openai") && !why.contains("QRS"),
+            "{why}"
+        );
+        let openai = "sk-proj-abcdefghijklmnopqrst";
+        assert_eq!(Provider::of_key(openai), Some(Provider::OpenAi));
+        let why = shape_error(Provider::Anthropic, openai).unwrap();
+        assert!(why.contains("anthropic") && why.contains("openai"), "{why}");
+        assert_eq!(Provider::of_key("pk-abcdefghijklmnopqrst"), None);
     }
 }
