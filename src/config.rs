@@ -96,7 +96,7 @@ impl Default for TracingConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` (default) or `json` (one object per line, for log shippers). The level
-    /// filter is `RUST_LOG` (default `info`).
+    /// filter is `RUST_LOG` (default `info`; see `telemetry`).
     pub format: LogFormat,
 }
 

@@ -107,12 +107,18 @@ async fn main() -> ExitCode {
     };
     // Logs and traces are configuration: read it before anything logs. A configuration
     // that does not load is reported by the command itself.
-    let (format, tracing) = match &command {
-        Command::Serve { config, .. } => Config::load(config.as_deref())
-            .map(|c| (c.log.format, c.tracing))
-            .unwrap_or_default(),
-        _ => Default::default(),
+    let config_file = match &command {
+        Command::Serve { config, .. }
+        | Command::Migrate { config }
+        | Command::Kek {
+            command: KekCommand::Rewrap { config },
+        } => Some(config.as_deref()),
+        _ => None,
     };
+    let (format, tracing) = config_file
+        .and_then(|file| Config::load(file).ok())
+        .map(|c| (c.log.format, c.tracing))
+        .unwrap_or_default();
     let Some(telemetry) = init_telemetry(format, &tracing) else {
         return ExitCode::FAILURE;
     };

@@ -11,6 +11,8 @@
 //! drive tonic's I/O), so [`init`] must be called from within the runtime, and
 //! [`Telemetry::shutdown`] flushes what is still queued before the process exits.
 
+use std::io::IsTerminal;
+
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -22,6 +24,25 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, TracingConfig};
+
+/// The log lines' filter: `RUST_LOG` (INFO when unset), without the notices Postgres
+/// sends sqlx at INFO (every start's `relation "_sqlx_migrations" already exists,
+/// skipping`) unless `RUST_LOG` names sqlx itself.
+fn log_directives(rust_log: Option<&str>) -> String {
+    let asked = rust_log.map(str::trim).filter(|s| !s.is_empty());
+    match asked {
+        Some(spec) if spec.contains("sqlx") => spec.to_owned(),
+        Some(spec) => format!("{spec},sqlx::postgres::notice=warn"),
+        None => "info,sqlx::postgres::notice=warn".to_owned(),
+    }
+}
+
+/// Whether text log lines carry ANSI colour: only on a terminal, and not when `NO_COLOR`
+/// is set to anything but the empty string (no-color.org). A file or a pipe gets plain
+/// text.
+fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
 
 /// The installed exporter, to flush at exit.
 pub struct Telemetry {
@@ -38,10 +59,15 @@ pub enum TelemetryError {
 
 /// Installs the process's subscriber: log lines, and the OTLP exporter when configured.
 pub fn init(format: LogFormat, tracing: &TracingConfig) -> Result<Telemetry, TelemetryError> {
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let directives = log_directives(std::env::var("RUST_LOG").ok().as_deref());
+    let log_filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+            ))
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -96,5 +122,33 @@ impl Telemetry {
             Ok(Err(e)) => eprintln!("exporting the last traces failed: {e}"),
             Err(e) => eprintln!("exporting the last traces failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_notices_are_quiet_unless_sqlx_is_asked_for() {
+        assert_eq!(log_directives(None), "info,sqlx::postgres::notice=warn");
+        assert_eq!(
+            log_directives(Some(" ")),
+            "info,sqlx::postgres::notice=warn"
+        );
+        assert_eq!(
+            log_directives(Some("debug")),
+            "debug,sqlx::postgres::notice=warn"
+        );
+        assert_eq!(log_directives(Some("info,sqlx=debug")), "info,sqlx=debug");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_under_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None));
     }
 }

@@ -505,6 +505,27 @@ async fn migrate_applies_the_migrations_and_exits() {
     assert_eq!(db.count(tables).await, 1);
     assert_eq!(db.count("SELECT count(*) FROM api_keys").await, 0);
     assert_eq!(db.count("SELECT count(*) FROM key_secrets").await, 0);
+
+    // Again, on the migrated database, with JSON logs configured and DEBUG on: migrate
+    // follows `log.format`, and Postgres's notice that the migrations table exists
+    // (`relation "_sqlx_migrations" already exists, skipping`) is not logged.
+    let toml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{toml}\n[log]\nformat = \"json\"\n")).unwrap();
+    let mut again = keywarden(&["migrate".as_ref(), "--config".as_ref(), config.as_os_str()]);
+    again.env("RUST_LOG", "debug");
+    let mut process = Process::spawn(again);
+    let status = process.wait().await;
+    assert_exited_cleanly(status, &process);
+    let stderr = process.stderr();
+    assert!(!stderr.contains("already exists, skipping"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "DEBUG logs nothing: {stderr}");
+    for line in lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not a JSON log line: {line}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,6 +542,8 @@ async fn sigterm_shuts_the_server_down_gracefully() {
     assert_eq!(status.code(), Some(0));
     let stderr = server.process.stderr();
     assert!(stderr.contains("shutting down"), "{stderr}");
+    // Log lines written to a pipe carry no colour codes.
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
     // The server is gone: a new connection is refused.
     assert!(
         tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
