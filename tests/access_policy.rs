@@ -389,7 +389,7 @@ async fn groups_must_exist_and_cannot_go_while_named(backend: Backend) {
         })
         .await
         .unwrap_err();
-    assert_eq!(dup.code(), Code::FailedPrecondition);
+    assert_eq!(dup.code(), Code::AlreadyExists);
     app.issue_with(|r| r.resource_access = via_groups(ResourceAccessMode::Include, &["frontier"]))
         .await;
     let delete = |name: &str| proto::DeleteAccessGroupRequest {

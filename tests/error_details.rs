@@ -286,7 +286,7 @@ async fn each_team_policy_rule_has_its_reason(backend: Backend) {
         .create_team(create_team_request("team_ml", strict_policy()))
         .await
         .unwrap_err();
-    let metadata = refusal(&status, Code::FailedPrecondition, "TEAM_ALREADY_EXISTS");
+    let metadata = refusal(&status, Code::AlreadyExists, "TEAM_ALREADY_EXISTS");
     assert_eq!(meta(&metadata, "team_id"), Some("team_ml"));
 }
 
@@ -311,7 +311,7 @@ async fn service_account_refusals_have_their_reasons(backend: Backend) {
     let status = client.create_service_account(account).await.unwrap_err();
     refusal(
         &status,
-        Code::FailedPrecondition,
+        Code::AlreadyExists,
         "SERVICE_ACCOUNT_ALREADY_EXISTS",
     );
 
@@ -491,11 +491,7 @@ async fn state_refusals_have_their_reasons(backend: Backend) {
         .await
         .unwrap();
     let status = groups(&app).create_access_group(create).await.unwrap_err();
-    refusal(
-        &status,
-        Code::FailedPrecondition,
-        "ACCESS_GROUP_ALREADY_EXISTS",
-    );
+    refusal(&status, Code::AlreadyExists, "ACCESS_GROUP_ALREADY_EXISTS");
     app.issue_with(|r| r.resource_access = via(&["frontier"]))
         .await;
     let status = groups(&app)

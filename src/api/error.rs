@@ -49,12 +49,7 @@ pub fn code(reason: Reason) -> Code {
         | ServiceAccountOwnsKeys
         | KeyRevoked
         | KeyExpired
-        | ExpiryInPast
-        // Taken names of teams, groups and service accounts have always been refused as
-        // FAILED_PRECONDITION; clients tell them apart by the reason.
-        | TeamAlreadyExists
-        | AccessGroupAlreadyExists
-        | ServiceAccountAlreadyExists => Code::FailedPrecondition,
+        | ExpiryInPast => Code::FailedPrecondition,
         KeyNotFound
         | WorkspaceNotFound
         | TeamNotFound
@@ -62,7 +57,12 @@ pub fn code(reason: Reason) -> Code {
         | ServiceAccountNotFound
         | ProviderKeyNotFound
         | ResourceNotFound => Code::NotFound,
-        WorkspaceAlreadyExists | ResourceAlreadyExists => Code::AlreadyExists,
+        // A taken name or id is ALREADY_EXISTS, whatever holds it (Google's AIP-133).
+        WorkspaceAlreadyExists
+        | TeamAlreadyExists
+        | AccessGroupAlreadyExists
+        | ServiceAccountAlreadyExists
+        | ResourceAlreadyExists => Code::AlreadyExists,
         InvalidRequest | MalformedRequest => Code::InvalidArgument,
         StreamSubscriberTooSlow => Code::Aborted,
         StorageUnavailable | RateLimitBackendUnavailable | ServerShuttingDown | EventLogStale => {
