@@ -472,17 +472,12 @@ impl Verifier {
                 .map(|t| t.policy.resource_access)
                 .unwrap_or_default();
         }
-        if key.resource_access.groups.is_empty() && key.team_access.groups.is_empty() {
+        if !key.resource_access.names_groups() && !key.team_access.names_groups() {
             return Ok(());
         }
         let groups = self.store.list_groups(&key.workspace_id).await?;
-        for access in [&mut key.resource_access, &mut key.team_access] {
-            access.group_targets = groups
-                .iter()
-                .filter(|g| access.groups.contains(&g.name))
-                .flat_map(|g| g.targets.iter().cloned())
-                .collect();
-        }
+        key.resource_access.resolve_groups(&groups);
+        key.team_access.resolve_groups(&groups);
         Ok(())
     }
 }

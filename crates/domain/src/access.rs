@@ -94,6 +94,22 @@ pub fn groups_missing(workspace_id: &str, missing: &[&str]) -> Refusal {
 }
 
 impl ResourceAccess {
+    /// Whether this reach names any access group (whose targets must be loaded with it).
+    pub fn names_groups(&self) -> bool {
+        !self.groups.is_empty()
+    }
+
+    /// Sets `group_targets` to the targets, as they are now, of every group of the
+    /// workspace (`groups`) that this reach names. A group it names that is not among
+    /// them adds nothing.
+    pub fn resolve_groups(&mut self, groups: &[AccessGroup]) {
+        self.group_targets = groups
+            .iter()
+            .filter(|g| self.groups.contains(&g.name))
+            .flat_map(|g| g.targets.iter().cloned())
+            .collect();
+    }
+
     fn listed(&self, resource: &str) -> bool {
         self.targets.contains(resource) || self.group_targets.contains(resource)
     }
@@ -227,6 +243,35 @@ mod tests {
         assert!(!exclude.allows(Some("gpt-4o")) && exclude.allows(Some("claude")));
         assert!(!include.allows(None) && !exclude.allows(None));
         assert!(is_target("openai/gpt-4o-mini") && !is_target("a b") && !is_target(""));
+    }
+
+    #[test]
+    fn a_reach_resolves_the_targets_of_the_groups_it_names_only() {
+        let group = |name: &str, targets: &[&str]| AccessGroup {
+            workspace_id: "ws".into(),
+            name: name.into(),
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            created_at: 0,
+            updated_at: 0,
+        };
+        let groups = [
+            group("frontier", &["o3", "opus"]),
+            group("cheap", &["mini"]),
+            group("other", &["secret-model"]),
+        ];
+        let mut reach = ResourceAccess {
+            mode: AccessMode::Include,
+            groups: ["frontier".to_owned(), "cheap".to_owned(), "gone".to_owned()].into(),
+            ..Default::default()
+        };
+        assert!(reach.names_groups() && !ResourceAccess::ALL.names_groups());
+        reach.resolve_groups(&groups);
+        let expected: BTreeSet<String> = ["o3", "opus", "mini"].map(String::from).into();
+        assert_eq!(reach.group_targets, expected);
+        assert!(reach.allows(Some("opus")) && !reach.allows(Some("secret-model")));
+        // Resolving again replaces what was resolved before.
+        reach.resolve_groups(&groups[1..]);
+        assert_eq!(reach.group_targets, ["mini".to_owned()].into());
     }
 
     #[test]
