@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use crate::domain::Micros;
 use crate::domain::limits::MAX_SPEND_MICROS;
-use crate::store::{Store, StoreError, USAGE_CHUNK, UsageDelta};
+use crate::store::{StoreError, USAGE_CHUNK, UsageDelta, UsageStore};
 
 const SHARDS: usize = 32;
 
@@ -201,7 +201,7 @@ impl UsageBook {
     /// update) is isolated, logged by key id and kept, while every other key is written.
     /// An isolated key is written on its own at later flushes until a write succeeds. An
     /// unreachable database ends the flush: the rest is kept for the next one.
-    pub async fn flush(&self, store: &dyn Store, now: Micros, all: bool) -> Flushed {
+    pub async fn flush(&self, store: &dyn UsageStore, now: Micros, all: bool) -> Flushed {
         let use_due = |a: &Account| {
             a.unwritten_use != NEVER
                 && (all || a.unwritten_use.saturating_sub(a.written_use) >= LAST_USE_RESOLUTION)
@@ -342,6 +342,7 @@ pub struct Flushed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     const S: Micros = crate::domain::MICROS_PER_SECOND;
 

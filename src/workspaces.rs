@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::domain::workspace::{Plan, PlanPolicy, Plans, Workspace};
 use crate::store::Acting;
-use crate::store::{Store, StoreError, WorkspacePatch};
+use crate::store::{StoreError, WorkspacePatch, WorkspaceStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
@@ -19,13 +19,14 @@ pub enum WorkspaceError {
 }
 
 pub struct Workspaces {
-    store: Arc<dyn Store>,
+    /// Only the workspace aggregate: the composition root upcasts its `Arc<dyn Store>`.
+    store: Arc<dyn WorkspaceStore>,
     clock: Clock,
     plans: Arc<Plans>,
 }
 
 impl Workspaces {
-    pub fn new(store: Arc<dyn Store>, clock: Clock, plans: Arc<Plans>) -> Self {
+    pub fn new(store: Arc<dyn WorkspaceStore>, clock: Clock, plans: Arc<Plans>) -> Self {
         Workspaces {
             store,
             clock,

@@ -1,11 +1,15 @@
-//! Storage: one [`Store`] trait, two implementations through sqlx.
+//! Storage: one trait per aggregate ([`KeyStore`], [`TeamStore`], [`AccessGroupStore`],
+//! [`ProviderKeyStore`], [`WorkspaceStore`], [`EventStore`], [`UsageStore`],
+//! [`AuditStore`], [`HealthStore`]), together [`Store`], and two implementations through
+//! sqlx.
 //!
 //! - [`postgres::PgStore`]: the production store; any number of replicas share one.
 //! - [`sqlite::SqliteStore`]: the embedded default (bundled SQLite), for a one-command
 //!   local run and single-node use.
 //!
-//! Both run the same SQL (see `sql.rs`), differ only in how a write transaction starts and
-//! locks, and pass one conformance suite (`tests/store_conformance.rs`).
+//! Both are one generic `SqlStore` running the same SQL (see `sql/`), differ only in how
+//! a write transaction starts and locks (`sql::Backend`), and pass one conformance suite
+//! (`tests/store_conformance.rs`).
 //!
 //! **Architecture Invariant:** every mutation and its audit event commit in one
 //! transaction; a mutation that fails leaves nothing behind, audit row included. Storage
@@ -216,7 +220,7 @@ pub struct WorkspacePatch {
     pub plan: Option<Plan>,
 }
 
-/// The most keys the usage book gives [`Store::record_usage`] at once, so that the rows
+/// The most keys the usage book gives [`UsageStore::record_usage`] at once, so that the rows
 /// one statement locks and the JSON it parses stay bounded however many keys are in use.
 pub const USAGE_CHUNK: usize = 1000;
 
@@ -245,8 +249,9 @@ pub struct Rotated {
     pub stale_hashes: Vec<KeyHash>,
 }
 
+/// Keys and their secrets: issue, read, list, the verification lookup, and the key mutations.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait KeyStore: Send + Sync + 'static {
     /// Stores a new key with its secret's hash, and its audit event. Refused
     /// ([`StoreError::Precondition`]) when its reach names a group the workspace lacks,
     /// or, for a team key, by [`crate::domain::team::check_team_issue`]: a service
@@ -311,17 +316,21 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
         audit: &AuditContext,
     ) -> Result<Changed, StoreError>;
+}
 
-    async fn record_denied(&self, denied: &DeniedAudit) -> Result<(), StoreError>;
+/// What the usage book persists of keys' spend and last use.
+#[async_trait]
+pub trait UsageStore: Send + Sync + 'static {
+    /// Adds each delta's spend and moves its `last_used_at`, in one statement that writes
+    /// the whole batch or nothing (an error means nothing was written); returns the
+    /// persisted spend of every key that exists (deleted ones too), after the batch.
+    /// Callers keep batches to [`USAGE_CHUNK`] keys.
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<Vec<(String, u64)>, StoreError>;
+}
 
-    /// Up to `limit` audit events of a workspace, newest first, with ids below `before_id`.
-    async fn list_audit(
-        &self,
-        workspace_id: &str,
-        limit: u32,
-        before_id: Option<i64>,
-    ) -> Result<Vec<AuditRecord>, StoreError>;
-
+/// The key event log replicas follow to drop cached verifications.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
     /// Up to `limit` events with seq above `after_seq`, in seq (= commit) order.
     async fn read_events(&self, after_seq: i64, limit: u32) -> Result<Vec<KeyEvent>, StoreError>;
 
@@ -333,13 +342,32 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a `Rotated` event for each replaced secret whose grace period ended by
     /// `now` and was not announced yet (at most `limit`); returns how many.
     async fn announce_grace_ends(&self, now: Micros, limit: u32) -> Result<usize, StoreError>;
+}
 
-    /// Adds each delta's spend and moves its `last_used_at`, in one statement that writes
-    /// the whole batch or nothing (an error means nothing was written); returns the
-    /// persisted spend of every key that exists (deleted ones too), after the batch.
-    /// Callers keep batches to [`USAGE_CHUNK`] keys.
-    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<Vec<(String, u64)>, StoreError>;
+/// The audit log's own entries (a mutation writes its audit row itself) and its listing.
+#[async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    async fn record_denied(&self, denied: &DeniedAudit) -> Result<(), StoreError>;
 
+    /// Records an audit event of its own (nothing else changes), e.g. a resolve.
+    async fn record_audit(
+        &self,
+        entry: &DeniedAudit,
+        outcome: AuditOutcome,
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` audit events of a workspace, newest first, with ids below `before_id`.
+    async fn list_audit(
+        &self,
+        workspace_id: &str,
+        limit: u32,
+        before_id: Option<i64>,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+/// Workspaces.
+#[async_trait]
+pub trait WorkspaceStore: Send + Sync + 'static {
     /// Stores a new workspace and its audit event; [`StoreError::AlreadyExists`] when the
     /// id is taken (nothing written).
     async fn insert_workspace(
@@ -357,14 +385,100 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
         audit: &AuditContext,
     ) -> Result<Workspace, StoreError>;
+}
 
-    /// Records an audit event of its own (nothing else changes), e.g. a resolve.
-    async fn record_audit(
+/// Teams and their service accounts.
+#[async_trait]
+pub trait TeamStore: Send + Sync + 'static {
+    /// [`StoreError::AlreadyExists`] when the team id is taken in the workspace.
+    async fn insert_team(&self, team: &Team, audit: &AuditContext) -> Result<(), StoreError>;
+
+    async fn get_team(&self, workspace_id: &str, team_id: &str)
+    -> Result<Option<Team>, StoreError>;
+
+    async fn list_teams(&self, workspace_id: &str) -> Result<Vec<Team>, StoreError>;
+
+    /// Applies `patch` to the team as it stands when its row is locked, so that two
+    /// updates of different fields both take effect (neither writes back a stale copy of
+    /// the other's field), and sets `updated_at` to `now`, with its audit event. When the
+    /// team's reach changed, appends an `updated` event for each of its keys (same
+    /// transaction). Returns the team as written and every secret hash a cache must drop;
+    /// [`StoreError::NotFound`] when there is no such team.
+    async fn update_team(
         &self,
-        entry: &DeniedAudit,
-        outcome: AuditOutcome,
+        workspace_id: &str,
+        team_id: &str,
+        patch: &TeamPatch,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(Team, Vec<KeyHash>), StoreError>;
+
+    /// [`StoreError::AlreadyExists`] when the id is taken in the workspace.
+    async fn insert_service_account(
+        &self,
+        account: &ServiceAccount,
+        audit: &AuditContext,
     ) -> Result<(), StoreError>;
 
+    async fn get_service_account(
+        &self,
+        workspace_id: &str,
+        service_account_id: &str,
+    ) -> Result<Option<ServiceAccount>, StoreError>;
+
+    async fn list_service_accounts(
+        &self,
+        workspace_id: &str,
+        team_id: &str,
+    ) -> Result<Vec<ServiceAccount>, StoreError>;
+
+    /// Refused ([`StoreError::Precondition`]) while the account owns live keys.
+    async fn delete_service_account(
+        &self,
+        workspace_id: &str,
+        service_account_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+}
+
+/// Access groups, the named target sets keys and teams' reach refer to.
+#[async_trait]
+pub trait AccessGroupStore: Send + Sync + 'static {
+    /// [`StoreError::AlreadyExists`] when the name is taken in the workspace.
+    async fn insert_group(
+        &self,
+        group: &AccessGroup,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+
+    async fn list_groups(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, StoreError>;
+
+    /// Sets a group's targets and appends an `updated` event for every key that names it
+    /// or whose team's reach names it (one transaction); returns the group and every
+    /// secret hash a cache must drop.
+    async fn update_group(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        targets: &std::collections::BTreeSet<String>,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(AccessGroup, Vec<KeyHash>), StoreError>;
+
+    /// Refused ([`StoreError::Precondition`]) while keys or a team's reach name the group.
+    async fn delete_group(
+        &self,
+        workspace_id: &str,
+        name: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+}
+
+/// Workspaces' provider keys, and the KEK bookkeeping (rewrap, check values).
+#[async_trait]
+pub trait ProviderKeyStore: Send + Sync + 'static {
     /// Stores the workspace's key for the record's provider, replacing any (the original
     /// `created_at` is kept), with its audit event. Returns the record as stored.
     async fn put_provider_key(
@@ -421,88 +535,11 @@ pub trait Store: Send + Sync + 'static {
         value: &[u8],
         now: Micros,
     ) -> Result<Vec<u8>, StoreError>;
+}
 
-    /// [`StoreError::AlreadyExists`] when the name is taken in the workspace.
-    async fn insert_group(
-        &self,
-        group: &AccessGroup,
-        audit: &AuditContext,
-    ) -> Result<(), StoreError>;
-
-    async fn list_groups(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, StoreError>;
-
-    /// Sets a group's targets and appends an `updated` event for every key that names it
-    /// or whose team's reach names it (one transaction); returns the group and every
-    /// secret hash a cache must drop.
-    async fn update_group(
-        &self,
-        workspace_id: &str,
-        name: &str,
-        targets: &std::collections::BTreeSet<String>,
-        now: Micros,
-        audit: &AuditContext,
-    ) -> Result<(AccessGroup, Vec<KeyHash>), StoreError>;
-
-    /// Refused ([`StoreError::Precondition`]) while keys or a team's reach name the group.
-    async fn delete_group(
-        &self,
-        workspace_id: &str,
-        name: &str,
-        now: Micros,
-        audit: &AuditContext,
-    ) -> Result<(), StoreError>;
-
-    /// [`StoreError::AlreadyExists`] when the team id is taken in the workspace.
-    async fn insert_team(&self, team: &Team, audit: &AuditContext) -> Result<(), StoreError>;
-
-    async fn get_team(&self, workspace_id: &str, team_id: &str)
-    -> Result<Option<Team>, StoreError>;
-
-    async fn list_teams(&self, workspace_id: &str) -> Result<Vec<Team>, StoreError>;
-
-    /// Applies `patch` to the team as it stands when its row is locked, so that two
-    /// updates of different fields both take effect (neither writes back a stale copy of
-    /// the other's field), and sets `updated_at` to `now`, with its audit event. When the
-    /// team's reach changed, appends an `updated` event for each of its keys (same
-    /// transaction). Returns the team as written and every secret hash a cache must drop;
-    /// [`StoreError::NotFound`] when there is no such team.
-    async fn update_team(
-        &self,
-        workspace_id: &str,
-        team_id: &str,
-        patch: &TeamPatch,
-        now: Micros,
-        audit: &AuditContext,
-    ) -> Result<(Team, Vec<KeyHash>), StoreError>;
-
-    /// [`StoreError::AlreadyExists`] when the id is taken in the workspace.
-    async fn insert_service_account(
-        &self,
-        account: &ServiceAccount,
-        audit: &AuditContext,
-    ) -> Result<(), StoreError>;
-
-    async fn get_service_account(
-        &self,
-        workspace_id: &str,
-        service_account_id: &str,
-    ) -> Result<Option<ServiceAccount>, StoreError>;
-
-    async fn list_service_accounts(
-        &self,
-        workspace_id: &str,
-        team_id: &str,
-    ) -> Result<Vec<ServiceAccount>, StoreError>;
-
-    /// Refused ([`StoreError::Precondition`]) while the account owns live keys.
-    async fn delete_service_account(
-        &self,
-        workspace_id: &str,
-        service_account_id: &str,
-        now: Micros,
-        audit: &AuditContext,
-    ) -> Result<(), StoreError>;
-
+/// The database's health, for readiness and metrics, and the Postgres pool for LISTEN.
+#[async_trait]
+pub trait HealthStore: Send + Sync + 'static {
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -513,6 +550,36 @@ pub trait Store: Send + Sync + 'static {
     fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
         None
     }
+}
+
+/// Everything a store does, as one trait object: `Arc<dyn Store>` is what the services
+/// hold, and every aggregate's methods are callable on it. Implemented for any type that
+/// implements every aggregate's trait; a module that uses one aggregate only may hold
+/// that trait instead (`Arc<dyn Store>` upcasts to it).
+pub trait Store:
+    KeyStore
+    + UsageStore
+    + EventStore
+    + AuditStore
+    + WorkspaceStore
+    + TeamStore
+    + AccessGroupStore
+    + ProviderKeyStore
+    + HealthStore
+{
+}
+
+impl<T> Store for T where
+    T: KeyStore
+        + UsageStore
+        + EventStore
+        + AuditStore
+        + WorkspaceStore
+        + TeamStore
+        + AccessGroupStore
+        + ProviderKeyStore
+        + HealthStore
+{
 }
 
 /// Opens the store a database URL names (`postgres://...` or `sqlite:...`) and runs its

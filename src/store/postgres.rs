@@ -1,19 +1,20 @@
-//! The production store. Row locks (`SELECT ... FOR UPDATE`) serialize mutations of one
-//! key; different keys change in parallel.
+//! The production store: [`SqlStore`] over Postgres. Row locks (`SELECT ... FOR UPDATE`)
+//! serialize mutations of one key; different keys change in parallel. What is
+//! Postgres's own is here: connecting, and its [`Backend`] members (lock suffixes, the
+//! NOTIFY that wakes listening replicas, the usage statement over `jsonb`).
 
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Pool, Postgres, SqlSafeStr, SqlStr};
 
 use super::StoreError;
-use super::sql::impl_store;
+use super::sql::{Backend, SqlStore, saturated_spend};
 
 /// How long a pooled connection may have been idle and still be handed out unpinged.
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 
-pub struct PgStore {
-    pool: PgPool,
-}
+pub type PgStore = SqlStore<Postgres>;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -44,37 +45,42 @@ impl PgStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(PgStore { pool })
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        self.pool.begin().await
+        Ok(PgStore::new(pool))
     }
 }
 
 /// The channel every replica LISTENs on; a notification means "read the log".
 pub const EVENTS_CHANNEL: &str = "keywarden_key_events";
 
-impl_store!(
-    PgStore,
-    sqlx::Postgres,
-    " FOR UPDATE",
-    " FOR SHARE",
-    "SELECT pg_notify('keywarden_key_events', '')",
-    concat!(
+impl Backend for Postgres {
+    const BEGIN_WRITE: Option<&'static str> = None;
+
+    /// The channel is [`EVENTS_CHANNEL`].
+    const NOTIFY: Option<&'static str> = Some("SELECT pg_notify('keywarden_key_events', '')");
+
+    const RECORD_USAGE: &'static str = concat!(
         "UPDATE api_keys AS k SET spent_micros = ",
-        crate::store::sql::saturated_spend!("k"),
+        saturated_spend!("k"),
         ", last_used_at = CASE WHEN d.has_use = 1 AND (k.last_used_at IS NULL OR k.last_used_at < d.used) \
          THEN d.used ELSE k.last_used_at END \
          FROM (SELECT e->>0 AS key_id, (e->>1)::bigint AS spend, (e->>2)::bigint AS used, \
          (e->>3)::int AS has_use FROM jsonb_array_elements($1::text::jsonb) AS e) AS d \
          WHERE k.key_id = d.key_id RETURNING k.key_id, k.spent_micros"
-    ),
-    fn postgres_pool(&self) -> Option<&PgPool> {
-        Some(&self.pool)
+    );
+
+    fn for_update(sql: &'static str) -> SqlStr {
+        AssertSqlSafe(format!("{sql} FOR UPDATE")).into_sql_str()
     }
-);
+
+    fn for_share(sql: &'static str) -> SqlStr {
+        AssertSqlSafe(format!("{sql} FOR SHARE")).into_sql_str()
+    }
+
+    fn rows_affected(result: &Self::QueryResult) -> u64 {
+        result.rows_affected()
+    }
+
+    fn postgres_pool(pool: &Pool<Self>) -> Option<&PgPool> {
+        Some(pool)
+    }
+}

@@ -1,4 +1,4 @@
-//! The embedded store (bundled SQLite): WAL mode for concurrent readers, and every write
+//! The embedded store, [`SqlStore`] over bundled SQLite: WAL mode for concurrent readers, and every write
 //! transaction begins `IMMEDIATE`, so writers queue on SQLite's lock (with a busy timeout)
 //! instead of failing when a read transaction tries to upgrade.
 //!
@@ -11,16 +11,13 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Pool, SqlStr, Sqlite};
 
 use super::StoreError;
-use super::sql::impl_store;
+use super::sql::{Backend, SqlStore, saturated_spend};
 
-pub struct SqliteStore {
-    pool: SqlitePool,
-}
+pub type SqliteStore = SqlStore<Sqlite>;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -46,15 +43,7 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(SqliteStore { pool })
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
+        Ok(SqliteStore::new(pool))
     }
 }
 
@@ -86,23 +75,40 @@ fn create_owner_only(path: &std::path::Path) -> Result<(), StoreError> {
     }
 }
 
-impl_store!(
-    SqliteStore,
-    sqlx::Sqlite,
-    "",
-    "",
-    "",
-    concat!(
+/// A write transaction holds SQLite's write lock from its first statement, so the lock
+/// suffixes are empty: nothing else writes until it commits.
+impl Backend for Sqlite {
+    const BEGIN_WRITE: Option<&'static str> = Some("BEGIN IMMEDIATE");
+
+    const NOTIFY: Option<&'static str> = None;
+
+    const RECORD_USAGE: &'static str = concat!(
         "UPDATE api_keys SET spent_micros = ",
-        crate::store::sql::saturated_spend!("api_keys"),
+        saturated_spend!("api_keys"),
         ", last_used_at = CASE WHEN d.has_use = 1 AND (api_keys.last_used_at IS NULL \
          OR api_keys.last_used_at < d.used) THEN d.used ELSE api_keys.last_used_at END \
          FROM (SELECT json_extract(value, '$[0]') AS key_id, json_extract(value, '$[1]') AS spend, \
          json_extract(value, '$[2]') AS used, json_extract(value, '$[3]') AS has_use \
          FROM json_each($1)) AS d \
          WHERE api_keys.key_id = d.key_id RETURNING api_keys.key_id, api_keys.spent_micros"
-    )
-);
+    );
+
+    fn for_update(sql: &'static str) -> SqlStr {
+        SqlStr::from_static(sql)
+    }
+
+    fn for_share(sql: &'static str) -> SqlStr {
+        SqlStr::from_static(sql)
+    }
+
+    fn rows_affected(result: &Self::QueryResult) -> u64 {
+        result.rows_affected()
+    }
+
+    fn postgres_pool(_: &Pool<Self>) -> Option<&sqlx::PgPool> {
+        None
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ use super::Micros;
 use super::access::{self, NetworkAllowlist, ResourceAccess};
 use super::key_format::Environment;
 use super::limits::RateLimit;
+use super::refusal::{Reason, Refusal};
 use super::scopes::EffectiveScopes;
 use super::validate::{MAX_COST, Violations};
 
@@ -260,6 +261,22 @@ impl KeyRecord {
             KeyStatus::Active
         }
     }
+
+    /// Whether the key may be given a new secret at `now`: only an active one. A revoked
+    /// key stays revoked (revocation wins over expiry, as in [`KeyRecord::status`]), and
+    /// an expired one would hand out a secret that cannot verify.
+    pub fn check_rotatable(&self, now: Micros) -> Result<(), Refusal> {
+        match self.status(now) {
+            KeyStatus::Active => Ok(()),
+            KeyStatus::Revoked => {
+                Err(Refusal::new(Reason::KeyRevoked, "key is revoked").with("key_id", &self.key_id))
+            }
+            KeyStatus::Expired => {
+                Err(Refusal::new(Reason::KeyExpired, "key has expired")
+                    .with("key_id", &self.key_id))
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,6 +415,31 @@ mod tests {
 
     fn record() -> KeyRecord {
         KeyRecord::sample("key_1")
+    }
+
+    #[test]
+    fn only_an_active_key_can_be_rotated_and_revocation_wins_over_expiry() {
+        let active = record();
+        assert_eq!(active.check_rotatable(10), Ok(()));
+        let expired = KeyRecord {
+            expires_at: Some(10),
+            ..record()
+        };
+        assert_eq!(expired.check_rotatable(9), Ok(()));
+        let refusal = expired.check_rotatable(10).unwrap_err();
+        assert_eq!(refusal.reason, Reason::KeyExpired);
+        assert_eq!(refusal.message, "key has expired");
+        assert_eq!(refusal.metadata, vec![("key_id", "key_1".to_owned())]);
+        let revoked = KeyRecord {
+            revoked_at: Some(5),
+            ..expired
+        };
+        for now in [6, 10, 20] {
+            let refusal = revoked.check_rotatable(now).unwrap_err();
+            assert_eq!(refusal.reason, Reason::KeyRevoked);
+            assert_eq!(refusal.message, "key is revoked");
+            assert_eq!(refusal.metadata, vec![("key_id", "key_1".to_owned())]);
+        }
     }
 
     #[test]

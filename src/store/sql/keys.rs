@@ -1,0 +1,497 @@
+//! Keys and their secrets: issue, read, list, the verification lookup, and the mutations
+//! (update, rotate, revoke, delete), each a [`Mutation`] that locks the key row, changes
+//! it, appends the key's event and audit row, and commits.
+//!
+//! [`FIND_SECRET`] stays a `&'static str` (no lock suffix, no allocation): it is
+//! VerifyKey's cache-miss path, and the benchmark's database floor runs the same text.
+
+use crate::domain::Micros;
+use crate::domain::event::EventKind;
+use crate::domain::key::{KeyRecord, OwnerKind};
+use crate::domain::key_format::KeyHash;
+use crate::domain::team::{SelfServiceKey, Team, TeamIssue, check_team_issue};
+use crate::store::sql::rows::{
+    FoundRow, KeyRow, SecretRow, TeamRow, budget_column, hashes, join_scopes, join_set,
+    join_targets, key_columns, metadata_json, status_code,
+};
+use crate::store::sql::teams::MEMBER_KEYS;
+use crate::store::sql::{Backend, Bind, Column, Mutation, SqlStore};
+use crate::store::{
+    AuditContext, AuditOutcome, Changed, FoundSecret, KeyCursor, KeyFilter, KeyPatch, KeyStore,
+    Rotated, StoreError,
+};
+
+/// A key by a secret's hash: one round trip, two primary-key lookups (the secret by hash,
+/// its key by id; the derived table keeps key_secrets' other columns out of the select
+/// list). The cache-miss benchmark's floor issues the same statement.
+pub(crate) const FIND_SECRET: &str = concat!(
+    "SELECT ",
+    key_columns!(),
+    ", secret_valid_until FROM api_keys JOIN \
+     (SELECT key_id, valid_until AS secret_valid_until FROM key_secrets \
+      WHERE secret_hash = $1) AS secret USING (key_id)"
+);
+
+impl<B: Backend> Mutation<B>
+where
+    for<'c> &'c mut B::Connection: sqlx::Executor<'c, Database = B>,
+    for<'r> &'r str: sqlx::ColumnIndex<B::Row>,
+    usize: sqlx::ColumnIndex<B::Row>,
+    i64: Column<B>,
+    String: Column<B>,
+    Vec<u8>: Column<B>,
+    Option<i64>: Column<B>,
+    Option<String>: Column<B>,
+    for<'a> &'a str: Bind<B>,
+    for<'a> &'a [u8]: Bind<B>,
+{
+    /// The key row, locked until commit; deleted keys are not found.
+    pub(super) async fn locked_key(&mut self, key_id: &str) -> Result<KeyRecord, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(B::for_update(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE key_id = $1 AND deleted_at IS NULL"
+        )))
+        .bind(key_id)
+        .fetch_optional(self.conn())
+        .await?;
+        row.ok_or(StoreError::NotFound)?.try_into()
+    }
+
+    /// The hashes of every secret of the key (current and replaced ones).
+    pub(super) async fn secret_hashes(&mut self, key_id: &str) -> Result<Vec<KeyHash>, StoreError> {
+        let rows: Vec<SecretRow> =
+            sqlx::query_as("SELECT secret_hash FROM key_secrets WHERE key_id = $1")
+                .bind(key_id)
+                .fetch_all(self.conn())
+                .await?;
+        hashes(rows)
+    }
+
+    /// The hash of the key's current secret (the one without an end).
+    pub(super) async fn current_hash(&mut self, key_id: &str) -> Result<KeyHash, StoreError> {
+        let row: SecretRow = sqlx::query_as(
+            "SELECT secret_hash FROM key_secrets WHERE key_id = $1 AND valid_until IS NULL",
+        )
+        .bind(key_id)
+        .fetch_one(self.conn())
+        .await?;
+        hashes(vec![row])?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("no current secret".into()))
+    }
+
+    /// Appends an `updated` event for each key (their reach changed without the rows
+    /// changing), so every replica reloads them; returns their secret hashes.
+    pub(super) async fn reload_keys(
+        &mut self,
+        rows: Vec<KeyRow>,
+        now: Micros,
+    ) -> Result<Vec<KeyHash>, StoreError> {
+        let mut stale = Vec::new();
+        for row in rows {
+            let key: KeyRecord = row.try_into()?;
+            let hashes = self.secret_hashes(&key.key_id).await?;
+            let current = self.current_hash(&key.key_id).await?;
+            self.append_event(EventKind::Updated, &key, &current, &hashes, now)
+                .await?;
+            stale.extend(hashes);
+        }
+        Ok(stale)
+    }
+}
+
+#[async_trait::async_trait]
+impl<B: Backend> KeyStore for SqlStore<B>
+where
+    for<'c> &'c mut B::Connection: sqlx::Executor<'c, Database = B>,
+    for<'r> &'r str: sqlx::ColumnIndex<B::Row>,
+    usize: sqlx::ColumnIndex<B::Row>,
+    i64: Column<B>,
+    String: Column<B>,
+    Vec<u8>: Column<B>,
+    Option<i64>: Column<B>,
+    Option<String>: Column<B>,
+    for<'a> &'a str: Bind<B>,
+    for<'a> &'a [u8]: Bind<B>,
+{
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        secret: &KeyHash,
+        member: Option<&SelfServiceKey<'_>>,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError> {
+        let mut m = self.begin().await?;
+        if let Some(team_id) = &key.team_id {
+            // The team row's lock (the first lock taken, as `update_team` takes it)
+            // serializes a team's member issues: the count below sees every key a
+            // concurrent issue committed before it, and the policy judged is the one in
+            // force when the key is written.
+            let team: Option<TeamRow> = sqlx::query_as(B::for_update(
+                "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
+                 WHERE workspace_id = $1 AND team_id = $2",
+            ))
+            .bind(&key.workspace_id)
+            .bind(team_id)
+            .fetch_optional(m.conn())
+            .await?;
+            let team: Team = team.ok_or(StoreError::NotFound)?.try_into()?;
+            let held: i64 = match member {
+                Some(_) => {
+                    sqlx::query_scalar(MEMBER_KEYS)
+                        .bind(&key.workspace_id)
+                        .bind(team_id)
+                        .bind(&key.owner.id)
+                        .bind(key.created_at)
+                        .fetch_one(m.conn())
+                        .await?
+                }
+                None => 0,
+            };
+            // A key owned by a service account: the account's team. The account's row
+            // stays share-locked until commit, so it cannot be deleted in between
+            // (`delete_service_account` deletes, then looks for keys the account owns).
+            let account_team: Option<String> = if key.owner.kind == OwnerKind::ServiceAccount {
+                sqlx::query_scalar(B::for_share(
+                    "SELECT team_id FROM service_accounts \
+                     WHERE workspace_id = $1 AND service_account_id = $2",
+                ))
+                .bind(&key.workspace_id)
+                .bind(&key.owner.id)
+                .fetch_optional(m.conn())
+                .await?
+            } else {
+                None
+            };
+            let issue = TeamIssue {
+                team_id,
+                policy: &team.policy,
+                held: u64::try_from(held).unwrap_or(0),
+                service_account_team: account_team.as_deref(),
+            };
+            if let Err(refusal) = check_team_issue(&issue, &key.owner, member, key.created_at) {
+                // Refused: nothing of the key is written, only its `denied` audit row,
+                // in this same transaction.
+                let denied = AuditContext {
+                    detail: refusal.message.clone(),
+                    ..audit.clone()
+                };
+                m.audit(
+                    &key.workspace_id,
+                    None,
+                    AuditOutcome::Denied,
+                    &denied,
+                    key.created_at,
+                )
+                .await?;
+                m.commit().await?;
+                return Err(StoreError::Precondition(refusal));
+            }
+        }
+        m.lock_groups(&key.workspace_id, &key.resource_access.groups)
+            .await?;
+        sqlx::query(concat!(
+            "INSERT INTO api_keys (",
+            key_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+        ))
+        .bind(&key.key_id)
+        .bind(&key.workspace_id)
+        .bind(&key.name)
+        .bind(key.environment.as_str())
+        .bind(&key.display)
+        .bind(join_scopes(&key.scopes))
+        .bind(key.owner.kind.as_str())
+        .bind(&key.owner.id)
+        .bind(&key.created_by)
+        .bind(metadata_json(&key.metadata))
+        .bind(key.created_at)
+        .bind(key.updated_at)
+        .bind(key.expires_at)
+        .bind(key.revoked_at)
+        .bind(&key.revoke_reason)
+        .bind(key.rotated_at)
+        .bind(key.deleted_at)
+        .bind(crate::domain::limits::join(&key.rate_limits))
+        .bind(budget_column(key.max_budget_micros))
+        .bind(budget_column(Some(key.spent_micros)).unwrap_or(0))
+        .bind(key.last_used_at)
+        .bind(key.resource_access.mode.as_str())
+        .bind(join_targets(&key.resource_access))
+        .bind(key.network.join())
+        .bind(join_set(&key.resource_access.groups))
+        .bind(&key.team_id)
+        .execute(m.conn())
+        .await?;
+        sqlx::query(
+            "INSERT INTO key_secrets (secret_hash, key_id, created_at, valid_until) \
+             VALUES ($1, $2, $3, NULL)",
+        )
+        .bind(&secret.as_bytes()[..])
+        .bind(&key.key_id)
+        .bind(key.created_at)
+        .execute(m.conn())
+        .await?;
+        m.audit(
+            &key.workspace_id,
+            Some(&key.key_id),
+            AuditOutcome::Success,
+            audit,
+            key.created_at,
+        )
+        .await?;
+        m.commit().await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE key_id = $1 AND deleted_at IS NULL"
+        ))
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        limit: u32,
+        after: Option<&KeyCursor>,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows: Vec<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL \
+             AND ($2 = '' OR (owner_kind = $2 AND owner_id = $3)) \
+             AND ($4 = 0 \
+                  OR ($4 = 1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $5)) \
+                  OR ($4 = 2 AND revoked_at IS NOT NULL) \
+                  OR ($4 = 3 AND revoked_at IS NULL AND expires_at <= $5)) \
+             AND ($6 = 0 OR created_at < $7 OR (created_at = $7 AND key_id < $8)) \
+             AND ($10 = 0 OR last_used_at IS NULL OR last_used_at < $11) \
+             ORDER BY created_at DESC, key_id DESC LIMIT $9"
+        ))
+        .bind(&filter.workspace_id)
+        .bind(filter.owner.as_ref().map_or("", |o| o.kind.as_str()))
+        .bind(filter.owner.as_ref().map_or("", |o| o.id.as_str()))
+        .bind(status_code(filter.status))
+        .bind(filter.now)
+        .bind(i64::from(after.is_some()))
+        .bind(after.map_or(0, |c| c.created_at))
+        .bind(after.map_or("", |c| c.key_id.as_str()))
+        .bind(i64::from(limit))
+        .bind(i64::from(filter.unused_since.is_some()))
+        .bind(filter.unused_since.unwrap_or(0))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn find_secret(&self, hash: &KeyHash) -> Result<Option<FoundSecret>, StoreError> {
+        let row: Option<FoundRow> = sqlx::query_as(FIND_SECRET)
+            .bind(&hash.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn update_key(
+        &self,
+        key_id: &str,
+        patch: &KeyPatch,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Changed, StoreError> {
+        let mut m = self.begin().await?;
+        // The groups before the key row, the order `update_group` takes them in (its
+        // group, then the keys naming it): the other order deadlocks against it. A
+        // key's workspace never changes, so reading it unlocked is safe. A reach that
+        // names no group has nothing to lock, and no reason for the read.
+        if let Some(access) = patch
+            .resource_access
+            .as_ref()
+            .filter(|a| !a.groups.is_empty())
+        {
+            let workspace_id: Option<String> =
+                sqlx::query_scalar("SELECT workspace_id FROM api_keys WHERE key_id = $1")
+                    .bind(key_id)
+                    .fetch_optional(m.conn())
+                    .await?;
+            if let Some(workspace_id) = workspace_id {
+                m.lock_groups(&workspace_id, &access.groups).await?;
+            }
+        }
+        let mut key = m.locked_key(key_id).await?;
+        if let Some(name) = &patch.name {
+            key.name = name.clone();
+        }
+        if let Some(scopes) = &patch.scopes {
+            key.scopes = scopes.clone();
+        }
+        if let Some(expires_at) = patch.expires_at {
+            key.expires_at = expires_at;
+        }
+        if let Some(metadata) = &patch.metadata {
+            key.metadata = metadata.clone();
+        }
+        if let Some(rate_limits) = &patch.rate_limits {
+            key.rate_limits = rate_limits.clone();
+        }
+        if let Some(budget) = patch.max_budget_micros {
+            key.max_budget_micros = budget;
+        }
+        if let Some(access) = &patch.resource_access {
+            key.resource_access = access.clone();
+        }
+        if let Some(network) = &patch.network {
+            key.network = network.clone();
+        }
+        key.updated_at = now;
+        sqlx::query(
+            "UPDATE api_keys SET name = $2, scopes = $3, expires_at = $4, metadata = $5, \
+             updated_at = $6, rate_limits = $7, max_budget_micros = $8, resource_mode = $9, \
+             resource_targets = $10, allowed_cidrs = $11, resource_groups = $12 \
+             WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .bind(&key.name)
+        .bind(join_scopes(&key.scopes))
+        .bind(key.expires_at)
+        .bind(metadata_json(&key.metadata))
+        .bind(now)
+        .bind(crate::domain::limits::join(&key.rate_limits))
+        .bind(budget_column(key.max_budget_micros))
+        .bind(key.resource_access.mode.as_str())
+        .bind(join_targets(&key.resource_access))
+        .bind(key.network.join())
+        .bind(join_set(&key.resource_access.groups))
+        .execute(m.conn())
+        .await?;
+        let current = m.current_hash(key_id).await?;
+        m.finish(key, audit, now, Some((EventKind::Updated, current)))
+            .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn rotate_key(
+        &self,
+        key_id: &str,
+        new_secret: &KeyHash,
+        new_display: &str,
+        grace: Micros,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Rotated, StoreError> {
+        let mut m = self.begin().await?;
+        let mut key = m.locked_key(key_id).await?;
+        // Decided on the locked row: a concurrent revoke either committed before (and is
+        // seen here) or waits for this rotation.
+        key.check_rotatable(now).map_err(StoreError::Precondition)?;
+        let old = m.current_hash(key_id).await?;
+        let until = crate::domain::key::rotated_secret_valid_until(now, grace, key.expires_at);
+        // Every older secret stops at `until` at the latest; one already ending
+        // sooner (an earlier rotation's grace) keeps its earlier end.
+        sqlx::query(
+            "UPDATE key_secrets SET valid_until = $2 WHERE key_id = $1 \
+             AND (valid_until IS NULL OR valid_until > $2)",
+        )
+        .bind(key_id)
+        .bind(until)
+        .execute(m.conn())
+        .await?;
+        sqlx::query(
+            "INSERT INTO key_secrets (secret_hash, key_id, created_at, valid_until) \
+             VALUES ($1, $2, $3, NULL)",
+        )
+        .bind(&new_secret.as_bytes()[..])
+        .bind(key_id)
+        .bind(now)
+        .execute(m.conn())
+        .await?;
+        key.rotated_at = Some(now);
+        key.updated_at = now;
+        key.display = new_display.to_owned();
+        sqlx::query(
+            "UPDATE api_keys SET rotated_at = $2, updated_at = $2, display = $3 \
+             WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .bind(now)
+        .bind(&key.display)
+        .execute(m.conn())
+        .await?;
+        let changed = m
+            .finish(key, audit, now, Some((EventKind::Rotated, old)))
+            .await?;
+        Ok(Rotated {
+            key: changed.key,
+            old_secret_valid_until: until,
+            stale_hashes: changed
+                .stale_hashes
+                .into_iter()
+                .filter(|h| h != new_secret)
+                .collect(),
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn revoke_key(
+        &self,
+        key_id: &str,
+        reason: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Changed, StoreError> {
+        let mut m = self.begin().await?;
+        let mut key = m.locked_key(key_id).await?;
+        let mut event = None;
+        if key.revoked_at.is_none() {
+            let current = m.current_hash(key_id).await?;
+            event = Some((EventKind::Revoked, current));
+            key.revoked_at = Some(now);
+            key.revoke_reason = Some(reason.to_owned());
+            key.updated_at = now;
+            sqlx::query(
+                "UPDATE api_keys SET revoked_at = $2, revoke_reason = $3, updated_at = $2 \
+                 WHERE key_id = $1",
+            )
+            .bind(key_id)
+            .bind(now)
+            .bind(reason)
+            .execute(m.conn())
+            .await?;
+        }
+        m.finish(key, audit, now, event).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn delete_key(
+        &self,
+        key_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Changed, StoreError> {
+        let mut m = self.begin().await?;
+        let mut key = m.locked_key(key_id).await?;
+        key.deleted_at = Some(now);
+        key.updated_at = now;
+        sqlx::query("UPDATE api_keys SET deleted_at = $2, updated_at = $2 WHERE key_id = $1")
+            .bind(key_id)
+            .bind(now)
+            .execute(m.conn())
+            .await?;
+        let current = m.current_hash(key_id).await?;
+        m.finish(key, audit, now, Some((EventKind::Deleted, current)))
+            .await
+    }
+}

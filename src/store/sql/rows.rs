@@ -1,0 +1,400 @@
+//! The row types the shared SQL decodes into, their conversions to domain records, and
+//! the column encodings (space-separated sets, JSON maps, signed budgets) both backends
+//! store alike.
+//!
+//! Rows are plain `#[derive(sqlx::FromRow)]` structs of `i64`, `String`, `Vec<u8>` and
+//! their `Option`s, the column types both databases decode the same way, so one struct
+//! serves both backends; everything richer (enums, sets, JSON) is parsed here, and a row
+//! that does not parse is [`StoreError::Corrupt`], never a panic.
+
+use std::collections::BTreeMap;
+
+use crate::domain::event::{EventKind, KeyEvent, split_hashes};
+use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
+use crate::domain::key_format::{Environment, KeyHash};
+use crate::domain::limits;
+
+use crate::store::{AuditOutcome, AuditRecord, FoundSecret, StoreError};
+
+macro_rules! key_columns {
+    () => {
+        "key_id, workspace_id, name, environment, display, scopes, owner_kind, owner_id, \
+         created_by, metadata, created_at, updated_at, expires_at, revoked_at, revoke_reason, \
+         rotated_at, deleted_at, rate_limits, max_budget_micros, spent_micros, last_used_at, \
+         resource_mode, resource_targets, allowed_cidrs, resource_groups, team_id"
+    };
+}
+pub(crate) use key_columns;
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct KeyRow {
+    key_id: String,
+    workspace_id: String,
+    name: String,
+    environment: String,
+    display: String,
+    scopes: String,
+    owner_kind: String,
+    owner_id: String,
+    created_by: String,
+    metadata: String,
+    created_at: i64,
+    updated_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+    revoke_reason: Option<String>,
+    rotated_at: Option<i64>,
+    deleted_at: Option<i64>,
+    rate_limits: String,
+    max_budget_micros: Option<i64>,
+    spent_micros: i64,
+    last_used_at: Option<i64>,
+    resource_mode: String,
+    resource_targets: String,
+    allowed_cidrs: String,
+    resource_groups: String,
+    team_id: Option<String>,
+}
+
+impl TryFrom<KeyRow> for KeyRecord {
+    type Error = StoreError;
+
+    fn try_from(r: KeyRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("key {}: {what}", r.key_id));
+        let environment =
+            Environment::parse(&r.environment).ok_or_else(|| corrupt("environment"))?;
+        let owner_kind = OwnerKind::parse(&r.owner_kind).ok_or_else(|| corrupt("owner_kind"))?;
+        let metadata: BTreeMap<String, String> =
+            serde_json::from_str(&r.metadata).map_err(|_| corrupt("metadata"))?;
+        let rate_limits = limits::split(&r.rate_limits).ok_or_else(|| corrupt("rate_limits"))?;
+        let max_budget_micros = r
+            .max_budget_micros
+            .map(u64::try_from)
+            .transpose()
+            .map_err(|_| corrupt("max_budget_micros"))?;
+        let spent_micros = u64::try_from(r.spent_micros).map_err(|_| corrupt("spent_micros"))?;
+        let resource_access = crate::domain::access::ResourceAccess {
+            mode: crate::domain::access::AccessMode::parse(&r.resource_mode)
+                .ok_or_else(|| corrupt("resource_mode"))?,
+            targets: r
+                .resource_targets
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            groups: r
+                .resource_groups
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            group_targets: Default::default(),
+        };
+        let network = crate::domain::access::NetworkAllowlist::split(&r.allowed_cidrs)
+            .ok_or_else(|| corrupt("allowed_cidrs"))?;
+        Ok(KeyRecord {
+            team_id: r.team_id,
+            team_access: Default::default(),
+            resource_access,
+            network,
+            rate_limits,
+            max_budget_micros,
+            spent_micros,
+            last_used_at: r.last_used_at,
+            scopes: split_scopes(&r.scopes),
+            owner: Owner {
+                kind: owner_kind,
+                id: r.owner_id,
+            },
+            environment,
+            metadata,
+            key_id: r.key_id,
+            workspace_id: r.workspace_id,
+            name: r.name,
+            display: r.display,
+            created_by: r.created_by,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            expires_at: r.expires_at,
+            revoked_at: r.revoked_at,
+            revoke_reason: r.revoke_reason,
+            rotated_at: r.rotated_at,
+            deleted_at: r.deleted_at,
+        })
+    }
+}
+
+pub(crate) fn join_scopes(scopes: &[String]) -> String {
+    scopes.join(" ")
+}
+
+fn split_scopes(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+pub(crate) fn metadata_json(m: &BTreeMap<String, String>) -> String {
+    // A map of strings always serializes.
+    serde_json::to_string(m).unwrap_or_else(|_| "{}".to_owned())
+}
+
+pub(crate) fn join_targets(access: &crate::domain::access::ResourceAccess) -> String {
+    join_set(&access.targets)
+}
+
+pub(crate) fn join_set(set: &std::collections::BTreeSet<String>) -> String {
+    set.iter().map(String::as_str).collect::<Vec<_>>().join(" ")
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TeamRow {
+    workspace_id: String,
+    team_id: String,
+    name: String,
+    policy: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<TeamRow> for crate::domain::team::Team {
+    type Error = StoreError;
+
+    fn try_from(r: TeamRow) -> Result<Self, StoreError> {
+        Ok(crate::domain::team::Team {
+            policy: serde_json::from_str(&r.policy)
+                .map_err(|_| StoreError::Corrupt(format!("team {}: policy", r.team_id)))?,
+            workspace_id: r.workspace_id,
+            team_id: r.team_id,
+            name: r.name,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ServiceAccountRow {
+    workspace_id: String,
+    service_account_id: String,
+    team_id: String,
+    name: String,
+    created_at: i64,
+}
+
+impl From<ServiceAccountRow> for crate::domain::team::ServiceAccount {
+    fn from(r: ServiceAccountRow) -> Self {
+        crate::domain::team::ServiceAccount {
+            workspace_id: r.workspace_id,
+            service_account_id: r.service_account_id,
+            team_id: r.team_id,
+            name: r.name,
+            created_at: r.created_at,
+        }
+    }
+}
+
+pub(crate) fn policy_json(policy: &crate::domain::team::TeamPolicy) -> String {
+    // Plain data always serializes.
+    serde_json::to_string(policy).unwrap_or_else(|_| "{}".to_owned())
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct GroupRow {
+    workspace_id: String,
+    name: String,
+    targets: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl From<GroupRow> for crate::domain::access::AccessGroup {
+    fn from(r: GroupRow) -> Self {
+        crate::domain::access::AccessGroup {
+            targets: r.targets.split_whitespace().map(str::to_owned).collect(),
+            workspace_id: r.workspace_id,
+            name: r.name,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// A budget or spend as the signed BIGINT both stores hold (validated to fit).
+pub(crate) fn budget_column(v: Option<u64>) -> Option<i64> {
+    v.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// The status filter as the integer the list query switches on.
+pub(crate) fn status_code(status: Option<KeyStatus>) -> i64 {
+    match status {
+        None => 0,
+        Some(KeyStatus::Active) => 1,
+        Some(KeyStatus::Revoked) => 2,
+        Some(KeyStatus::Expired) => 3,
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct FoundRow {
+    #[sqlx(flatten)]
+    key: KeyRow,
+    secret_valid_until: Option<i64>,
+}
+
+impl TryFrom<FoundRow> for FoundSecret {
+    type Error = StoreError;
+
+    fn try_from(r: FoundRow) -> Result<Self, StoreError> {
+        Ok(FoundSecret {
+            key: r.key.try_into()?,
+            valid_until: r.secret_valid_until,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct SecretRow {
+    pub secret_hash: Vec<u8>,
+}
+
+pub(crate) fn hashes(rows: Vec<SecretRow>) -> Result<Vec<KeyHash>, StoreError> {
+    rows.into_iter()
+        .map(|r| {
+            KeyHash::from_slice(&r.secret_hash)
+                .ok_or_else(|| StoreError::Corrupt("secret hash is not 32 bytes".to_owned()))
+        })
+        .collect()
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EventRow {
+    seq: i64,
+    kind: String,
+    key_id: String,
+    workspace_id: String,
+    key_hash: Vec<u8>,
+    stale_hashes: String,
+    occurred_at: i64,
+}
+
+impl TryFrom<EventRow> for KeyEvent {
+    type Error = StoreError;
+
+    fn try_from(r: EventRow) -> Result<Self, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("event {}: {what}", r.seq));
+        Ok(KeyEvent {
+            kind: EventKind::parse(&r.kind).ok_or_else(|| corrupt("kind"))?,
+            key_hash: KeyHash::from_slice(&r.key_hash).ok_or_else(|| corrupt("key_hash"))?,
+            stale_hashes: split_hashes(&r.stale_hashes).ok_or_else(|| corrupt("stale_hashes"))?,
+            seq: r.seq,
+            key_id: r.key_id,
+            workspace_id: r.workspace_id,
+            occurred_at: r.occurred_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct ProviderKeyRow {
+    record_id: String,
+    workspace_id: String,
+    provider: String,
+    last_four: String,
+    kek_version: i64,
+    wrapped_dek: Vec<u8>,
+    ciphertext: Vec<u8>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+macro_rules! provider_key_columns {
+    () => {
+        "record_id, workspace_id, provider, last_four, kek_version, wrapped_dek, ciphertext, \
+         created_at, updated_at"
+    };
+}
+pub(crate) use provider_key_columns;
+
+impl TryFrom<ProviderKeyRow> for crate::domain::provider_key::ProviderKeyRecord {
+    type Error = StoreError;
+
+    fn try_from(r: ProviderKeyRow) -> Result<Self, StoreError> {
+        let corrupt =
+            |what: &str| StoreError::Corrupt(format!("provider key {}: {what}", r.record_id));
+        Ok(crate::domain::provider_key::ProviderKeyRecord {
+            provider: crate::domain::provider_key::Provider::parse(&r.provider)
+                .ok_or_else(|| corrupt("provider"))?,
+            kek_version: u32::try_from(r.kek_version).map_err(|_| corrupt("kek_version"))?,
+            record_id: r.record_id,
+            workspace_id: r.workspace_id,
+            last_four: r.last_four,
+            wrapped_dek: r.wrapped_dek,
+            ciphertext: r.ciphertext,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct WorkspaceRow {
+    workspace_id: String,
+    name: String,
+    plan: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<WorkspaceRow> for crate::domain::workspace::Workspace {
+    type Error = StoreError;
+
+    fn try_from(r: WorkspaceRow) -> Result<Self, StoreError> {
+        Ok(crate::domain::workspace::Workspace {
+            plan: crate::domain::workspace::Plan::parse(&r.plan).ok_or_else(|| {
+                StoreError::Corrupt(format!("workspace {}: plan", r.workspace_id))
+            })?,
+            workspace_id: r.workspace_id,
+            name: r.name,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    id: i64,
+    workspace_id: String,
+    actor_id: String,
+    caller: String,
+    action: String,
+    key_id: Option<String>,
+    outcome: String,
+    detail: String,
+    occurred_at: i64,
+}
+
+impl TryFrom<AuditRow> for AuditRecord {
+    type Error = StoreError;
+
+    fn try_from(r: AuditRow) -> Result<Self, StoreError> {
+        let outcome = match r.outcome.as_str() {
+            "success" => AuditOutcome::Success,
+            "denied" => AuditOutcome::Denied,
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "audit event {}: outcome",
+                    r.id
+                )));
+            }
+        };
+        Ok(AuditRecord {
+            id: r.id,
+            workspace_id: r.workspace_id,
+            actor_id: r.actor_id,
+            caller: r.caller,
+            action: r.action,
+            key_id: r.key_id,
+            outcome,
+            detail: r.detail,
+            occurred_at: r.occurred_at,
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Usage: what the usage book persists of keys' spend and last use, a batch at a time.
+//! Usage is telemetry, not a principal's mutation: no audit row, no event, no
+//! [`Mutation`]. The batch travels as one JSON parameter that each backend unpacks its
+//! own way ([`Backend::RECORD_USAGE`]); the saturating arithmetic is one text for both.
+//!
+//! [`Mutation`]: super::Mutation
+
+use crate::store::sql::rows::budget_column;
+use crate::store::sql::{Backend, Bind, Column, SqlStore};
+use crate::store::{StoreError, UsageDelta, UsageStore};
+
+/// The new spend of key row `$row` (`k` on Postgres, `api_keys` on SQLite) in the usage
+/// statements, which bind [`MAX_SPEND_MICROS`] as `$2`: the old total plus the delta
+/// `d.spend`, saturated at the ceiling. No operation in it can overflow BIGINT (the sum is
+/// taken only when it stays under the ceiling, and the delta is at most the ceiling), so
+/// no replica's figures can make the statement fail. A total already above the ceiling
+/// (stored before there was one) is kept: spend never goes down. The cast matters on
+/// SQLite only, whose overflowing sums (before the ceiling) were stored as REAL: it turns
+/// such a total back into the largest integer, which the statement's RETURNING (and every
+/// read of the key) can decode; a decoding error there would come after the statement
+/// committed, and have the usage book write the whole batch again.
+///
+/// [`MAX_SPEND_MICROS`]: crate::domain::limits::MAX_SPEND_MICROS
+macro_rules! saturated_spend {
+    ($row:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $row,
+            ".spent_micros >= $2 THEN CAST(",
+            $row,
+            ".spent_micros AS BIGINT) WHEN d.spend > $2 - ",
+            $row,
+            ".spent_micros THEN $2 ELSE ",
+            $row,
+            ".spent_micros + d.spend END"
+        )
+    };
+}
+pub(crate) use saturated_spend;
+
+/// The ceiling the usage statements bind as `$2`.
+fn spend_ceiling() -> i64 {
+    budget_column(Some(crate::domain::limits::MAX_SPEND_MICROS)).unwrap_or(i64::MAX)
+}
+
+/// A usage batch as the JSON array the usage statements unpack:
+/// `[[key_id, spend, last_used_at, 0|1], ...]` (spend capped at the ceiling: more could
+/// not be stored anyway).
+fn usage_json(batch: &[UsageDelta]) -> String {
+    let rows: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|d| {
+            serde_json::json!([
+                d.key_id,
+                budget_column(Some(d.spend_micros)).map_or(0, |s| s.min(spend_ceiling())),
+                d.last_used_at.unwrap_or(0),
+                i64::from(d.last_used_at.is_some()),
+            ])
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+#[async_trait::async_trait]
+impl<B: Backend> UsageStore for SqlStore<B>
+where
+    for<'c> &'c mut B::Connection: sqlx::Executor<'c, Database = B>,
+    for<'r> &'r str: sqlx::ColumnIndex<B::Row>,
+    usize: sqlx::ColumnIndex<B::Row>,
+    i64: Column<B>,
+    String: Column<B>,
+    Vec<u8>: Column<B>,
+    Option<i64>: Column<B>,
+    Option<String>: Column<B>,
+    for<'a> &'a str: Bind<B>,
+    for<'a> &'a [u8]: Bind<B>,
+{
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<Vec<(String, u64)>, StoreError> {
+        // Usage is telemetry, not a principal's mutation: no audit row, no event.
+        // One statement, whatever the number of keys (the batch is a JSON array of
+        // [key_id, spend, last use, has a last use]), so it commits whole or not at
+        // all: the usage book settles what it wrote only when this returns.
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, i64)> = sqlx::query_as(B::RECORD_USAGE)
+            .bind(usage_json(batch))
+            .bind(spend_ceiling())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key_id, spent)| (key_id, u64::try_from(spent).unwrap_or(0)))
+            .collect())
+    }
+}
