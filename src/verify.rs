@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::cache::{CachedKey, Lookup, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::Micros;
-use crate::domain::key::{self, KeyRecord, VerifyCode};
+use crate::domain::key::{self, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::lease::{Amounts, Grant};
 use crate::domain::limits::{self, LimitDecision, RateLimit};
@@ -434,10 +434,7 @@ impl Verifier {
 
     async fn fill(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, StoreError> {
         let ticket = self.cache.begin_fill(hash);
-        let mut found = self.store.find_secret(hash).await?;
-        if let Some(found) = found.as_mut() {
-            self.resolve_reach(&mut found.key).await?;
-        }
+        let found = self.store.find_secret(hash).await?;
         let found = found.map(|mut found| {
             // The deployment's default is shared by every key that has none of its own.
             let limits = if found.key.rate_limits.is_empty() {
@@ -457,28 +454,6 @@ impl Verifier {
         });
         self.cache.complete_fill(ticket, found.clone());
         Ok(found)
-    }
-
-    /// Loads what a key's reach depends on besides the key: its team's reach, and the
-    /// targets of the access groups the key and its team name, as they are now. A change
-    /// of either appends an event for this key, which invalidates it, so a fill that read
-    /// them before the change loses to the generation check.
-    async fn resolve_reach(&self, key: &mut KeyRecord) -> Result<(), StoreError> {
-        if let Some(team_id) = &key.team_id {
-            key.team_access = self
-                .store
-                .get_team(&key.workspace_id, team_id)
-                .await?
-                .map(|t| t.policy.resource_access)
-                .unwrap_or_default();
-        }
-        if !key.resource_access.names_groups() && !key.team_access.names_groups() {
-            return Ok(());
-        }
-        let groups = self.store.list_groups(&key.workspace_id).await?;
-        key.resource_access.resolve_groups(&groups);
-        key.team_access.resolve_groups(&groups);
-        Ok(())
     }
 }
 

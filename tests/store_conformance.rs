@@ -1670,6 +1670,66 @@ fn member_key(owner_id: &str, at: Micros) -> KeyRecord {
     }
 }
 
+/// `find_secret` gives the key with its reach resolved as it stands: its team's reach,
+/// and the targets of the groups the key and its team name (and only those), read again
+/// on every call, so a group changed since shows its new targets.
+async fn find_secret_resolves_the_key_s_reach(backend: Backend) {
+    let (db, store) = open(backend).await;
+    db.create_workspaces(&[WS], "pro").await;
+    let with_targets = |name: &str, targets: &[&str]| AccessGroup {
+        targets: targets.iter().map(|t| (*t).to_owned()).collect(),
+        ..group(name)
+    };
+    for g in [
+        with_targets("g_key", &["opus"]),
+        with_targets("g_team", &["sonnet"]),
+        with_targets("g_other", &["secret"]),
+    ] {
+        store
+            .insert_group(&g, &ctx("access_group.create"))
+            .await
+            .unwrap();
+    }
+    store
+        .insert_team(&team_reaching("team_ml", &["g_team"]), &ctx("team.create"))
+        .await
+        .unwrap();
+    let key = KeyRecord {
+        team_id: Some("team_ml".to_owned()),
+        resource_access: reaching(&["g_key"]),
+        ..key_record(WS, T0)
+    };
+    let secret = insert(store.as_ref(), &key).await;
+    let found = store.find_secret(&secret).await.unwrap().unwrap().key;
+    assert_eq!(
+        found.resource_access.group_targets,
+        ["opus".to_owned()].into()
+    );
+    assert_eq!(found.team_access.groups, ["g_team".to_owned()].into());
+    assert_eq!(
+        found.team_access.group_targets,
+        ["sonnet".to_owned()].into()
+    );
+    store
+        .update_group(
+            WS,
+            "g_team",
+            &["haiku".to_owned()].into(),
+            T0 + S,
+            &ctx("access_group.update"),
+        )
+        .await
+        .unwrap();
+    let found = store.find_secret(&secret).await.unwrap().unwrap().key;
+    assert_eq!(found.team_access.group_targets, ["haiku".to_owned()].into());
+    // A key of no team naming no group has nothing to resolve.
+    let plain = key_record(WS, T0);
+    let secret = insert(store.as_ref(), &plain).await;
+    let found = store.find_secret(&secret).await.unwrap().unwrap().key;
+    assert_eq!(found.team_access, ResourceAccess::default());
+    assert!(found.resource_access.group_targets.is_empty());
+}
+
 /// What a self-service member asks for in these tests: nothing the policy limits but the
 /// number of keys.
 const MEMBER: SelfServiceKey<'static> = SelfServiceKey {
@@ -2187,5 +2247,6 @@ both_backends!(
     team_updates_of_different_fields_both_take_effect,
     a_reach_naming_a_missing_group_is_refused_and_writes_nothing,
     insert_key_holds_a_member_to_the_team_s_cap,
+    find_secret_resolves_the_key_s_reach,
     a_team_key_of_a_service_account_needs_one_of_the_teams,
 );

@@ -279,7 +279,11 @@ pub trait KeyStore: Send + Sync + 'static {
         after: Option<&KeyCursor>,
     ) -> Result<Vec<KeyRecord>, StoreError>;
 
-    /// The secret with this hash and its key (deleted keys included: the caller decides).
+    /// The secret with this hash and its key (deleted keys included: the caller decides),
+    /// with the key's reach resolved as it stands now: its team's reach
+    /// (`KeyRecord::team_access`) and the targets of the access groups the key and its
+    /// team name. A change of either appends an event for the key, so a cache fill that
+    /// read them before the change loses to the fill guard.
     async fn find_secret(&self, hash: &KeyHash) -> Result<Option<FoundSecret>, StoreError>;
 
     async fn update_key(

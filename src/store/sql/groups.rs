@@ -17,6 +17,10 @@ use crate::store::sql::rows::{GroupRow, KeyRow, TeamRow, join_set, key_columns};
 use crate::store::sql::{Backend, Bind, Column, Mutation, SqlStore};
 use crate::store::{AccessGroupStore, AuditContext, StoreError};
 
+/// Every access group of a workspace (`GroupRow`), by name.
+pub(super) const WORKSPACE_GROUPS: &str = "SELECT workspace_id, name, targets, created_at, \
+     updated_at FROM access_groups WHERE workspace_id = $1 ORDER BY name";
+
 impl<B: Backend> Mutation<B>
 where
     for<'c> &'c mut B::Connection: sqlx::Executor<'c, Database = B>,
@@ -126,13 +130,10 @@ where
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list_groups(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, StoreError> {
-        let rows: Vec<GroupRow> = sqlx::query_as(
-            "SELECT workspace_id, name, targets, created_at, updated_at FROM access_groups \
-             WHERE workspace_id = $1 ORDER BY name",
-        )
-        .bind(workspace_id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<GroupRow> = sqlx::query_as(WORKSPACE_GROUPS)
+            .bind(workspace_id)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 

@@ -6,15 +6,17 @@
 //! VerifyKey's cache-miss path, and the benchmark's database floor runs the same text.
 
 use crate::domain::Micros;
+use crate::domain::access::{AccessGroup, ResourceAccess};
 use crate::domain::event::EventKind;
 use crate::domain::key::{KeyRecord, OwnerKind};
 use crate::domain::key_format::KeyHash;
 use crate::domain::team::{SelfServiceKey, Team, TeamIssue, check_team_issue};
+use crate::store::sql::groups::WORKSPACE_GROUPS;
 use crate::store::sql::rows::{
-    FoundRow, KeyRow, SecretRow, TeamRow, budget_column, hashes, join_scopes, join_set,
+    FoundRow, GroupRow, KeyRow, SecretRow, TeamRow, budget_column, hashes, join_scopes, join_set,
     join_targets, key_columns, metadata_json, status_code,
 };
-use crate::store::sql::teams::MEMBER_KEYS;
+use crate::store::sql::teams::{MEMBER_KEYS, TEAM_BY_ID};
 use crate::store::sql::{Backend, Bind, Column, Mutation, SqlStore};
 use crate::store::{
     AuditContext, AuditOutcome, Changed, FoundSecret, KeyCursor, KeyFilter, KeyPatch, KeyStore,
@@ -129,14 +131,11 @@ where
             // serializes a team's member issues: the count below sees every key a
             // concurrent issue committed before it, and the policy judged is the one in
             // force when the key is written.
-            let team: Option<TeamRow> = sqlx::query_as(B::for_update(
-                "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
-                 WHERE workspace_id = $1 AND team_id = $2",
-            ))
-            .bind(&key.workspace_id)
-            .bind(team_id)
-            .fetch_optional(m.conn())
-            .await?;
+            let team: Option<TeamRow> = sqlx::query_as(B::for_update(TEAM_BY_ID))
+                .bind(&key.workspace_id)
+                .bind(team_id)
+                .fetch_optional(m.conn())
+                .await?;
             let team: Team = team.ok_or(StoreError::NotFound)?.try_into()?;
             let held: i64 = match member {
                 Some(_) => {
@@ -297,11 +296,39 @@ where
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn find_secret(&self, hash: &KeyHash) -> Result<Option<FoundSecret>, StoreError> {
+        // The key and what its reach depends on, over one connection: a key of no team
+        // naming no group (most keys) costs the one statement.
+        let mut conn = self.pool.acquire().await?;
         let row: Option<FoundRow> = sqlx::query_as(FIND_SECRET)
             .bind(&hash.as_bytes()[..])
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?;
-        row.map(TryInto::try_into).transpose()
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut found: FoundSecret = row.try_into()?;
+        let key = &mut found.key;
+        if let Some(team_id) = &key.team_id {
+            let team: Option<TeamRow> = sqlx::query_as(TEAM_BY_ID)
+                .bind(&key.workspace_id)
+                .bind(team_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            key.team_access = match team {
+                Some(row) => Team::try_from(row)?.policy.resource_access,
+                None => ResourceAccess::default(),
+            };
+        }
+        if key.resource_access.names_groups() || key.team_access.names_groups() {
+            let rows: Vec<GroupRow> = sqlx::query_as(WORKSPACE_GROUPS)
+                .bind(&key.workspace_id)
+                .fetch_all(&mut *conn)
+                .await?;
+            let groups: Vec<AccessGroup> = rows.into_iter().map(Into::into).collect();
+            key.resource_access.resolve_groups(&groups);
+            key.team_access.resolve_groups(&groups);
+        }
+        Ok(Some(found))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -16,6 +16,10 @@ use crate::store::{AuditContext, StoreError, TeamPatch, TeamStore};
 
 /// The live keys (neither revoked, deleted nor expired at `$4`) of owner `$3` in team `$2`
 /// of workspace `$1`: what a team's `max_keys_per_user` caps.
+/// One team by id, every column (`TeamRow`).
+pub(super) const TEAM_BY_ID: &str = "SELECT workspace_id, team_id, name, policy, created_at, \
+     updated_at FROM teams WHERE workspace_id = $1 AND team_id = $2";
+
 pub(super) const MEMBER_KEYS: &str = "SELECT count(*) FROM api_keys WHERE workspace_id = $1 \
      AND team_id = $2 AND owner_id = $3 AND deleted_at IS NULL AND revoked_at IS NULL \
      AND (expires_at IS NULL OR expires_at > $4)";
@@ -63,14 +67,11 @@ where
         workspace_id: &str,
         team_id: &str,
     ) -> Result<Option<Team>, StoreError> {
-        let row: Option<TeamRow> = sqlx::query_as(
-            "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
-             WHERE workspace_id = $1 AND team_id = $2",
-        )
-        .bind(workspace_id)
-        .bind(team_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<TeamRow> = sqlx::query_as(TEAM_BY_ID)
+            .bind(workspace_id)
+            .bind(team_id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(TryInto::try_into).transpose()
     }
 
@@ -96,14 +97,11 @@ where
         audit: &AuditContext,
     ) -> Result<(Team, Vec<KeyHash>), StoreError> {
         let mut m = self.begin().await?;
-        let before: Option<TeamRow> = sqlx::query_as(B::for_update(
-            "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
-             WHERE workspace_id = $1 AND team_id = $2",
-        ))
-        .bind(workspace_id)
-        .bind(team_id)
-        .fetch_optional(m.conn())
-        .await?;
+        let before: Option<TeamRow> = sqlx::query_as(B::for_update(TEAM_BY_ID))
+            .bind(workspace_id)
+            .bind(team_id)
+            .fetch_optional(m.conn())
+            .await?;
         let before: Team = before.ok_or(StoreError::NotFound)?.try_into()?;
         let mut team = before.clone();
         if let Some(name) = &patch.name {
