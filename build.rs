@@ -29,9 +29,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
+    envoy_descriptors()?;
     // `sqlx::migrate!` embeds the migration files at compile time but cannot tell cargo
     // about them on stable Rust: without this, a new migration is missed by an
     // incremental build.
     println!("cargo:rerun-if-changed=migrations");
+    Ok(())
+}
+
+/// The descriptors of Envoy's `envoy.service.auth.v3.Authorization` and everything it
+/// imports, for server reflection only (its messages come from `envoy-types`), so that
+/// grpcurl can call ext_authz's Check with no Envoy protos at hand. The files are
+/// vendored under `proto/vendor` (see its README).
+fn envoy_descriptors() -> Result<(), Box<dyn std::error::Error>> {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("envoy_ext_authz.bin");
+    let protoc = std::env::var_os("PROTOC").ok_or("PROTOC is not set")?;
+    let status = std::process::Command::new(protoc)
+        .arg("--include_imports")
+        .arg(format!("--descriptor_set_out={}", out.display()))
+        .arg("-Iproto/vendor")
+        .arg(format!(
+            "-I{}",
+            protoc_bin_vendored::include_path()?.display()
+        ))
+        .arg("envoy/service/auth/v3/external_auth.proto")
+        .status()?;
+    if !status.success() {
+        return Err(format!("protoc failed on Envoy's ext_authz protos: {status}").into());
+    }
+    println!("cargo:rerun-if-changed=proto/vendor");
     Ok(())
 }

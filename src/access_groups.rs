@@ -96,7 +96,11 @@ impl AccessGroups {
     }
 
     pub async fn list(&self, workspace_id: &str) -> Result<Vec<AccessGroup>, AccessGroupError> {
-        Ok(self.store.list_groups(workspace_id).await?)
+        let groups = self.store.list_groups(workspace_id).await?;
+        if groups.is_empty() && !self.store.workspace_exists(workspace_id).await? {
+            return Err(AccessGroupError::WorkspaceNotFound(workspace_id.to_owned()));
+        }
+        Ok(groups)
     }
 
     pub async fn update(

@@ -207,7 +207,8 @@ impl std::fmt::Debug for TlsSettings {
 impl TlsConfig {
     fn settings(&self) -> Result<Option<TlsSettings>, ConfigError> {
         let read = |field: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|e| ConfigError::Tls(format!("{field}: {e}")))
+            std::fs::read(path)
+                .map_err(|e| ConfigError::Tls(format!("{field} {}: {e}", path.display())))
         };
         match (&self.cert_file, &self.key_file) {
             (None, None) => {
@@ -867,6 +868,46 @@ mod tests {
         let err = Config::default().into_settings().unwrap_err();
         assert!(matches!(err, ConfigError::MissingDatabaseUrl));
         assert!(err.to_string().contains("KEYWARDEN_DATABASE_URL"));
+    }
+
+    /// A TLS file that cannot be read is named with its path: copying a documented
+    /// config whose files do not exist here says which file is missing.
+    #[test]
+    fn a_missing_tls_file_is_named_with_its_path() {
+        let config = Config {
+            database_url: Some("sqlite::memory:".into()),
+            tls: TlsConfig {
+                cert_file: Some("/nonexistent/keywarden/server.pem".into()),
+                key_file: Some("/nonexistent/keywarden/server.key".into()),
+                ..TlsConfig::default()
+            },
+            ..Config::default()
+        };
+        let err = config.into_settings().unwrap_err().to_string();
+        assert!(
+            err.contains("cert_file /nonexistent/keywarden/server.pem"),
+            "{err}"
+        );
+    }
+
+    /// The README's production configuration, copied as printed (its TLS section
+    /// commented out), loads.
+    #[test]
+    fn the_readme_production_config_loads_as_printed() {
+        use figment::Figment;
+        use figment::providers::{Format, Toml};
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("```toml\nlisten = \"0.0.0.0:50051\"")
+            .expect("the production TOML block")
+            + "```toml\n".len();
+        let len = readme[start..].find("```").expect("its end");
+        let config: Config = Figment::new()
+            .merge(Toml::string(&readme[start..start + len]))
+            .extract()
+            .unwrap();
+        let settings = config.into_settings().unwrap();
+        assert!(settings.tls.is_none());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::Micros;
-use crate::domain::access::{NetworkAllowlist, ResourceAccess};
+use crate::domain::access::{self, AccessMode, NetworkAllowlist, ResourceAccess};
 use crate::domain::actor::Actor;
 use crate::domain::ids;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
@@ -20,11 +20,12 @@ use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::limits::RateLimit;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::scopes::ScopeImplications;
-use crate::domain::team::{SelfServiceKey, SelfServiceRefusal, check_self_service_change};
+use crate::domain::team::{SelfServiceKey, SelfServiceRefusal, Team, check_self_service_change};
 use crate::domain::workspace::Plans;
 use crate::events::{EventHub, invalidate_committed};
 use crate::store::{
-    Acting, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store, StoreError,
+    Acting, AuditFilter, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
+    StoreError,
 };
 
 #[derive(Clone, Debug)]
@@ -34,7 +35,8 @@ pub struct IssueInput {
     pub environment: Environment,
     pub scopes: Vec<String>,
     pub expires_at: Option<Micros>,
-    pub owner: Owner,
+    /// `None`: the actor itself, which only a self-service member may leave implied.
+    pub owner: Option<Owner>,
     pub metadata: BTreeMap<String, String>,
     pub rate_limits: Vec<RateLimit>,
     pub max_budget_micros: Option<u64>,
@@ -171,15 +173,47 @@ impl KeyLifecycle {
         )
         .await?;
         let mut input = input;
-        // A self-service member's key is its own, whoever the request names.
+        // A self-service member's key is its own: naming no owner means the member, and
+        // naming someone else is refused (audited), never quietly changed.
         if acting.actor.is_self_service() {
-            input.owner = acting.actor.as_owner();
+            let own = acting.actor.as_owner();
+            if let Some(named) = input.owner.as_ref().filter(|named| **named != own) {
+                let refusal = Refusal::new(
+                    Reason::SelfServiceOwnerNotActor,
+                    format!(
+                        "a self-service member's key is its own: owner {} is not the actor {} (leave owner unset, or name yourself)",
+                        named,
+                        acting.actor.id
+                    ),
+                )
+                .with("owner", named)
+                .with("actor_id", &acting.actor.id);
+                return Err(self
+                    .deny(acting, &input.workspace_id, None, "key.issue", refusal, now)
+                    .await);
+            }
+            input.owner = Some(own);
         }
+        let Some(owner) = input.owner.clone() else {
+            return Err(KeyError::Refused(
+                Refusal::new(Reason::InvalidRequest, "owner is required").with("field", "owner"),
+            ));
+        };
         if let Some(team_id) = &input.team_id {
-            self.store
+            let team = self
+                .store
                 .get_team(&input.workspace_id, team_id)
                 .await?
                 .ok_or_else(|| KeyError::TeamNotFound(team_id.clone()))?;
+            self.check_reach_within_team(
+                acting,
+                None,
+                "key.issue",
+                &team,
+                &input.resource_access,
+                now,
+            )
+            .await?;
         }
         let key_id = ids::new_key_id(&mut getrandom::SysRng).map_err(|_| KeyError::Randomness)?;
         let plaintext = ApiKey::generate(
@@ -207,7 +241,7 @@ impl KeyLifecycle {
                 key_id,
                 input.workspace_id,
                 input.environment,
-                input.owner,
+                owner,
                 acting.actor.id.clone(),
                 now,
             )
@@ -273,6 +307,9 @@ impl KeyLifecycle {
             .store
             .list_keys(&filter, page_size + 1, after.as_ref())
             .await?;
+        if keys.is_empty() && !self.store.workspace_exists(&filter.workspace_id).await? {
+            return Err(KeyError::WorkspaceNotFound(filter.workspace_id));
+        }
         let next = if keys.len() > page_size as usize {
             keys.truncate(page_size as usize);
             keys.last().map(|k| KeyCursor {
@@ -313,6 +350,16 @@ impl KeyLifecycle {
                 Refusal::new(Reason::ExpiryInPast, "expires_at must be in the future")
                     .with("field", "expires_at"),
             ));
+        }
+        // A team key's new reach stays within its team's.
+        if let (Some(team_id), Some(reach)) = (&key.team_id, &patch.resource_access) {
+            let team = self
+                .store
+                .get_team(&key.workspace_id, team_id)
+                .await?
+                .ok_or_else(|| KeyError::TeamNotFound(team_id.clone()))?;
+            self.check_reach_within_team(acting, Some(key_id), "key.update", &team, reach, now)
+                .await?;
         }
         // A member's team key stays within the team's policy as the update leaves it.
         if acting.actor.is_self_service()
@@ -420,14 +467,17 @@ impl KeyLifecycle {
 
     pub async fn audit_log(
         &self,
-        workspace_id: &str,
+        filter: &AuditFilter,
         page_size: u32,
         before_id: Option<i64>,
     ) -> Result<(Vec<AuditRecord>, Option<i64>), KeyError> {
         let mut events = self
             .store
-            .list_audit(workspace_id, page_size + 1, before_id)
+            .list_audit(filter, page_size + 1, before_id)
             .await?;
+        if events.is_empty() && !self.store.workspace_exists(&filter.workspace_id).await? {
+            return Err(KeyError::WorkspaceNotFound(filter.workspace_id.clone()));
+        }
         let next = if events.len() > page_size as usize {
             events.truncate(page_size as usize);
             events.last().map(|e| e.id)
@@ -467,6 +517,35 @@ impl KeyLifecycle {
                 )
                 .await),
         }
+    }
+
+    /// Refuses (audited) a team key whose own reach names targets or access groups its
+    /// team cannot reach (`domain::access::beyond_team`), whoever the actor: it would be
+    /// cut at verify time, and the person asking would never learn why the key answers
+    /// RESOURCE_FORBIDDEN. Checked before the write, on the team as read then; verify
+    /// time cuts a reach to the team's in any case.
+    async fn check_reach_within_team(
+        &self,
+        acting: &Acting,
+        key_id: Option<&str>,
+        action: &'static str,
+        team: &Team,
+        reach: &ResourceAccess,
+        now: Micros,
+    ) -> Result<(), KeyError> {
+        let mut team_reach = team.policy.resource_access.clone();
+        if reach.mode == AccessMode::Include && team_reach.names_groups() {
+            let groups = self.store.list_groups(&team.workspace_id).await?;
+            team_reach.resolve_groups(&groups);
+        }
+        let beyond = access::beyond_team(&team_reach, reach);
+        if beyond.is_empty() {
+            return Ok(());
+        }
+        let refusal = access::reach_beyond_team(&team.team_id, &beyond);
+        Err(self
+            .deny(acting, &team.workspace_id, key_id, action, refusal, now)
+            .await)
     }
 
     /// Audits a self-service refusal and words its error: PERMISSION_DENIED when the

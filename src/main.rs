@@ -225,6 +225,16 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
     let db = data_dir.join("keywarden.db");
     owner_only_database(&db)?;
     config.database_url = Some(SecretString::from(format!("sqlite://{}", db.display())));
+    // The product's model of scopes, as the README and docs/cli.md present it, unless the
+    // configuration names its own: an `admin` actor may grant `write` and `read`.
+    let default_implications = config.scope_implications.is_empty();
+    if default_implications {
+        config.scope_implications = [
+            ("admin".to_owned(), vec!["write".to_owned()]),
+            ("write".to_owned(), vec!["read".to_owned()]),
+        ]
+        .into();
+    }
     let admin = generate_token()?;
     let verifier = generate_token()?;
     let edge = generate_token()?;
@@ -254,6 +264,11 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
         "    Data: {} (SQLite). Tokens are new on every start.",
         db.display()
     );
+    if default_implications {
+        println!(
+            "    Scopes: admin implies write, write implies read ([scope_implications] to change)."
+        );
+    }
     println!("admin token: {admin}");
     println!("verifier token: {verifier}");
     println!("edge token: {edge}");

@@ -48,7 +48,7 @@ use tracing::Instrument;
 use crate::domain::key::VerifyCode;
 
 /// Every VerifyKey code, in the order of [`code_index`].
-const CODES: [VerifyCode; 10] = [
+const CODES: [VerifyCode; 11] = [
     VerifyCode::Valid,
     VerifyCode::NotFound,
     VerifyCode::Malformed,
@@ -59,6 +59,7 @@ const CODES: [VerifyCode; 10] = [
     VerifyCode::BudgetExceeded,
     VerifyCode::ResourceForbidden,
     VerifyCode::IpForbidden,
+    VerifyCode::PlanForbidsKeys,
 ];
 
 fn code_index(code: VerifyCode) -> usize {
@@ -73,6 +74,7 @@ fn code_index(code: VerifyCode) -> usize {
         VerifyCode::BudgetExceeded => 7,
         VerifyCode::ResourceForbidden => 8,
         VerifyCode::IpForbidden => 9,
+        VerifyCode::PlanForbidsKeys => 10,
     }
 }
 
@@ -88,6 +90,7 @@ fn code_label(code: VerifyCode) -> &'static str {
         VerifyCode::BudgetExceeded => "budget_exceeded",
         VerifyCode::ResourceForbidden => "resource_forbidden",
         VerifyCode::IpForbidden => "ip_forbidden",
+        VerifyCode::PlanForbidsKeys => "plan_forbids_keys",
     }
 }
 
@@ -100,7 +103,7 @@ const LATENCY_BUCKETS: [f64; 16] = [
 /// A replica's metric handles (no-ops when metrics are off).
 pub struct Metrics {
     handle: Option<PrometheusHandle>,
-    verify_codes: [Counter; 10],
+    verify_codes: [Counter; 11],
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_negative_hits: Counter,

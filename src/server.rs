@@ -534,6 +534,8 @@ impl Services {
         ));
         let workspaces = Arc::new(Workspaces::new(
             store.clone(),
+            cache.clone(),
+            hub.clone(),
             clock.clone(),
             settings.plans.clone(),
         ));
@@ -552,6 +554,7 @@ impl Services {
                 brand: settings.brand.clone(),
                 implications: settings.implications.clone(),
                 default_limits: settings.default_limits.clone(),
+                plans: settings.plans.clone(),
             },
             metrics.clone(),
         );
@@ -619,6 +622,25 @@ fn limiters(settings: &Settings, clock: &Clock) -> Result<Limiters, StartError> 
     })
 }
 
+/// Envoy's `envoy.service.auth.v3.Authorization` and what it imports (see build.rs).
+const ENVOY_EXT_AUTHZ_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_ext_authz.bin"));
+
+/// Server reflection over what this replica serves: Keywarden's protos, health, the
+/// error details its refusals carry (`google.rpc.ErrorInfo`, `BadRequest`, ...: so
+/// grpcurl prints them instead of "not recognized"), and Envoy's ext_authz when enabled.
+fn reflection(settings: &Settings) -> tonic_reflection::server::Builder<'static> {
+    let builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
+    if settings.ext_authz.enabled {
+        builder.register_encoded_file_descriptor_set(ENVOY_EXT_AUTHZ_DESCRIPTORS)
+    } else {
+        builder
+    }
+}
+
 /// The gRPC router: health and reflection, then every service behind its caller check.
 /// Health reports on exactly the services added ([`Served`]).
 async fn router(
@@ -644,15 +666,9 @@ async fn router(
                 .await;
         }
     }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection_v1 = reflection(settings).build_v1()?;
     // grpcurl and Python's grpcio reflection client speak only v1alpha.
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1alpha = reflection(settings).build_v1alpha()?;
     follow_freshness(&health_reporter, &vouching, hub.freshness().vouching()).await;
     tokio::spawn(report_freshness(
         health_reporter.clone(),

@@ -104,15 +104,32 @@ impl Teams {
         }
     }
 
+    /// The team; NOT_FOUND naming the workspace when that is what does not exist.
     pub async fn get(&self, workspace_id: &str, team_id: &str) -> Result<Team, TeamError> {
-        self.store
-            .get_team(workspace_id, team_id)
-            .await?
-            .ok_or_else(|| TeamError::TeamNotFound(team_id.to_owned()))
+        match self.store.get_team(workspace_id, team_id).await? {
+            Some(team) => Ok(team),
+            None => Err(self
+                .missing_workspace(workspace_id)
+                .await?
+                .unwrap_or_else(|| TeamError::TeamNotFound(team_id.to_owned()))),
+        }
     }
 
     pub async fn list(&self, workspace_id: &str) -> Result<Vec<Team>, TeamError> {
-        Ok(self.store.list_teams(workspace_id).await?)
+        let teams = self.store.list_teams(workspace_id).await?;
+        if teams.is_empty()
+            && let Some(missing) = self.missing_workspace(workspace_id).await?
+        {
+            return Err(missing);
+        }
+        Ok(teams)
+    }
+
+    /// The error to answer when a read found nothing: the workspace's, if it does not
+    /// exist.
+    async fn missing_workspace(&self, workspace_id: &str) -> Result<Option<TeamError>, TeamError> {
+        Ok((!self.store.workspace_exists(workspace_id).await?)
+            .then(|| TeamError::WorkspaceNotFound(workspace_id.to_owned())))
     }
 
     /// Applies `name` and `policy` (each when given).
@@ -146,6 +163,32 @@ impl Teams {
 }
 
 impl Teams {
+    /// Deletes the team and its service accounts; refused while it has keys neither
+    /// revoked nor deleted.
+    pub async fn delete(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        team_id: &str,
+    ) -> Result<(), TeamError> {
+        let audit = acting.audit("team.delete", format!("team: {team_id}"));
+        match self
+            .store
+            .delete_team(workspace_id, team_id, self.clock.now(), &audit)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(workspace_id, team_id, "team deleted");
+                Ok(())
+            }
+            Err(StoreError::NotFound) => Err(self
+                .missing_workspace(workspace_id)
+                .await?
+                .unwrap_or_else(|| TeamError::TeamNotFound(team_id.to_owned()))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub async fn create_service_account(
         &self,
         acting: &Acting,
@@ -171,6 +214,8 @@ impl Teams {
             .await
         {
             Ok(()) => Ok(account),
+            // The team was deleted since it was read.
+            Err(StoreError::NotFound) => Err(TeamError::TeamNotFound(team_id.to_owned())),
             Err(StoreError::AlreadyExists) => Err(TeamError::Refused(
                 Refusal::new(
                     Reason::ServiceAccountAlreadyExists,

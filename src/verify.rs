@@ -14,11 +14,12 @@ use std::sync::Arc;
 use crate::cache::{CachedKey, Lookup, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::Micros;
-use crate::domain::key::{self, VerifyCode};
+use crate::domain::key::{self, VerifiableKey, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::lease::{Amounts, Grant};
 use crate::domain::limits::{self, LimitDecision, RateLimit};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
+use crate::domain::workspace::Plans;
 use crate::events::EventHub;
 use crate::metrics::Metrics;
 use crate::ratelimit::leased::{LeaseRecord, QuotaAuthority};
@@ -111,6 +112,8 @@ pub struct VerifyPolicy {
     pub implications: Arc<ScopeImplications>,
     /// Limits for keys that name none.
     pub default_limits: Arc<Vec<RateLimit>>,
+    /// What each plan allows: a key of a workspace whose plan forbids keys is refused.
+    pub plans: Arc<Plans>,
 }
 
 /// Where quota leases for edge nodes come from, and how long each may be used.
@@ -442,13 +445,14 @@ impl Verifier {
             } else {
                 Arc::new(std::mem::take(&mut found.key.rate_limits))
             };
+            let mut key: VerifiableKey = found.key.into();
+            key.plan_forbids_keys = found
+                .plan
+                .is_some_and(|plan| !self.policy.plans.policy(plan).api_keys);
             Arc::new(CachedKey {
-                effective_scopes: EffectiveScopes::new(
-                    &self.policy.implications,
-                    &found.key.scopes,
-                ),
+                effective_scopes: EffectiveScopes::new(&self.policy.implications, &key.scopes),
                 limits,
-                key: found.key.into(),
+                key,
                 secret_valid_until_or_max: found.valid_until.unwrap_or(Micros::MAX),
             })
         });

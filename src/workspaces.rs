@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
+use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::workspace::{Plan, PlanPolicy, Plans, Workspace};
+use crate::events::{EventHub, invalidate_committed};
 use crate::store::Acting;
 use crate::store::{StoreError, WorkspacePatch, WorkspaceStore};
 
@@ -21,14 +23,25 @@ pub enum WorkspaceError {
 pub struct Workspaces {
     /// Only the workspace aggregate: the composition root upcasts its `Arc<dyn Store>`.
     store: Arc<dyn WorkspaceStore>,
+    /// A change of plan reloads the workspace's keys (whether they verify depends on it).
+    cache: Arc<VerifyCache>,
+    events: Arc<EventHub>,
     clock: Clock,
     plans: Arc<Plans>,
 }
 
 impl Workspaces {
-    pub fn new(store: Arc<dyn WorkspaceStore>, clock: Clock, plans: Arc<Plans>) -> Self {
+    pub fn new(
+        store: Arc<dyn WorkspaceStore>,
+        cache: Arc<VerifyCache>,
+        events: Arc<EventHub>,
+        clock: Clock,
+        plans: Arc<Plans>,
+    ) -> Self {
         Workspaces {
             store,
+            cache,
+            events,
             clock,
             plans,
         }
@@ -74,6 +87,27 @@ impl Workspaces {
             .ok_or_else(|| WorkspaceError::NotFound(workspace_id.to_owned()))
     }
 
+    /// One page of workspaces by id and the id the next page starts after, if any.
+    pub async fn list(
+        &self,
+        page_size: u32,
+        after: Option<&str>,
+    ) -> Result<(Vec<Workspace>, Option<String>), WorkspaceError> {
+        // One row more than asked tells whether there is a next page.
+        let mut page = self
+            .store
+            .list_workspaces(page_size + 1, after)
+            .await
+            .map_err(WorkspaceError::Store)?;
+        let next = if page.len() > page_size as usize {
+            page.truncate(page_size as usize);
+            page.last().map(|w| w.workspace_id.clone())
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
     pub async fn update(
         &self,
         acting: &Acting,
@@ -94,7 +128,10 @@ impl Workspaces {
             .update_workspace(workspace_id, &patch, self.clock.now(), &audit)
             .await
         {
-            Ok(w) => Ok(w),
+            Ok((w, stale)) => {
+                invalidate_committed(&self.cache, &self.events, &stale);
+                Ok(w)
+            }
             Err(StoreError::NotFound) => Err(WorkspaceError::NotFound(workspace_id.to_owned())),
             Err(e) => Err(WorkspaceError::Store(e)),
         }

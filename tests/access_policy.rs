@@ -595,7 +595,108 @@ async fn malformed_ranges_targets_and_addresses_are_refused(backend: Backend) {
     }
 }
 
+/// A team key may narrow its team's reach, never widen it: IssueKey and UpdateKey refuse
+/// a key listing targets or groups its team cannot reach (FAILED_PRECONDITION naming
+/// them, audited, nothing written), and accept one within it (a target of one of the
+/// team's groups counts) or one that excludes.
+async fn a_team_key_s_reach_cannot_widen_its_team_s(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    set_group(&app.channel, "frontier", &["gpt-4o"], true).await;
+    set_group(&app.channel, "cheap", &["haiku"], true).await;
+    let mut reach = via_groups(ResourceAccessMode::Include, &["frontier"]);
+    if let Some(r) = reach.as_mut() {
+        r.targets = vec!["claude".into()];
+    }
+    teams(&app.channel)
+        .create_team(proto::CreateTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            name: "ML".into(),
+            policy: Some(team_policy(reach)),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap();
+    let keys_before = app.db.count("SELECT count(*) FROM api_keys").await;
+    let mut wide = proto::ResourceAccess {
+        mode: ResourceAccessMode::Include as i32,
+        targets: vec!["claude".into(), "o3".into()],
+        access_groups: vec!["frontier".into(), "cheap".into()],
+    };
+    let mut r = issue_request("ws_test");
+    r.team_id = "team_ml".into();
+    r.resource_access = Some(wide.clone());
+    let status = app.admin().issue_key(r).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("o3, group:cheap"), "{status:?}");
+    assert!(status.message().contains("team team_ml"), "{status:?}");
+    assert_eq!(
+        app.db.count("SELECT count(*) FROM api_keys").await,
+        keys_before
+    );
+    let denied = app
+        .audit("ws_test")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "key.issue" && e.outcome == proto::AuditOutcome::Denied as i32)
+        .count();
+    assert_eq!(denied, 1);
+
+    // Within: a listed target, a target of the team's group, the team's group; and a
+    // key that excludes.
+    wide.targets = vec!["claude".into(), "gpt-4o".into()];
+    wide.access_groups = vec!["frontier".into()];
+    let within = app
+        .issue_with(|r| {
+            r.team_id = "team_ml".into();
+            r.resource_access = Some(wide.clone());
+        })
+        .await;
+    app.issue_with(|r| {
+        r.team_id = "team_ml".into();
+        r.resource_access = access(ResourceAccessMode::Exclude, &["o3"]);
+    })
+    .await;
+    // Outside a team, a key lists what it likes.
+    app.issue_with(|r| r.resource_access = access(ResourceAccessMode::Include, &["o3"]))
+        .await;
+
+    // UpdateKey: the same rule, the key unchanged when refused.
+    let key_id = within.key_info.unwrap().key_id;
+    let update = |reach| proto::UpdateKeyRequest {
+        key_id: key_id.clone(),
+        actor: Some(actor()),
+        resource_access: reach,
+        update_mask: Some(FieldMask {
+            paths: vec!["resource_access".into()],
+        }),
+        ..Default::default()
+    };
+    let status = app
+        .admin()
+        .update_key(update(access(ResourceAccessMode::Include, &["o3"])))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains(": o3"), "{status:?}");
+    let verify = verify_on(&app.channel, &within.key, "gpt-4o").await;
+    assert_eq!(
+        verify,
+        VerifyCode::Valid,
+        "the refused update changed nothing"
+    );
+    app.admin()
+        .update_key(update(access(ResourceAccessMode::Include, &["claude"])))
+        .await
+        .unwrap();
+    assert_eq!(
+        verify_on(&app.channel, &within.key, "gpt-4o").await,
+        VerifyCode::ResourceForbidden
+    );
+}
+
 both_backends!(
+    a_team_key_s_reach_cannot_widen_its_team_s,
     groups_must_exist_and_cannot_go_while_named,
     resources_by_mode,
     network_allowlists_at_their_edges,

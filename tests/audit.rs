@@ -36,6 +36,7 @@ async fn audit_page(
             workspace_id: workspace_id.to_owned(),
             page_size,
             page_token,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -618,7 +619,142 @@ async fn no_audit_event_detail_contains_a_plaintext_key(backend: Backend) {
     }
 }
 
+/// ListAuditEvents narrows by key, actor, action and time through the API, and names the
+/// field of a filter it cannot take.
+async fn events_filter_by_key_actor_action_and_time(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let first = app.issue().await.key_info.unwrap().key_id;
+    app.clock.advance(Duration::from_secs(10));
+    let middle = now_ts(&app);
+    let second = app
+        .issue_with(|r| r.actor = Some(actor_named("user_bob")))
+        .await
+        .key_info
+        .unwrap()
+        .key_id;
+    revoke(&app, &first).await;
+    app.clock.advance(Duration::from_secs(10));
+    let end = now_ts(&app);
+    app.admin()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: second.clone(),
+            actor: Some(actor_named("user_bob")),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+
+    let list = |request: proto::ListAuditEventsRequest| {
+        let mut admin = app.admin();
+        async move {
+            admin
+                .list_audit_events(proto::ListAuditEventsRequest {
+                    workspace_id: "ws_test".into(),
+                    ..request
+                })
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .events
+                        .into_iter()
+                        .map(|e| (e.action, e.key_id, e.actor_id))
+                        .collect::<Vec<_>>()
+                })
+        }
+    };
+    let event = |action: &str, key: &str, actor: &str| {
+        (action.to_owned(), key.to_owned(), actor.to_owned())
+    };
+    let admin_id = actor().id;
+    assert_eq!(
+        list(proto::ListAuditEventsRequest {
+            key_id: first.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        [
+            event("key.revoke", &first, &admin_id),
+            event("key.issue", &first, &admin_id)
+        ]
+    );
+    assert_eq!(
+        list(proto::ListAuditEventsRequest {
+            actor_id: "user_bob".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        [
+            event("key.revoke", &second, "user_bob"),
+            event("key.issue", &second, "user_bob")
+        ]
+    );
+    assert_eq!(
+        list(proto::ListAuditEventsRequest {
+            action: "key.revoke".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        [
+            event("key.revoke", &second, "user_bob"),
+            event("key.revoke", &first, &admin_id)
+        ]
+    );
+    assert_eq!(
+        list(proto::ListAuditEventsRequest {
+            since: Some(middle),
+            until: Some(end),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+        [
+            event("key.revoke", &first, &admin_id),
+            event("key.issue", &second, "user_bob")
+        ]
+    );
+
+    for (request, field) in [
+        (
+            proto::ListAuditEventsRequest {
+                key_id: "nope".into(),
+                ..Default::default()
+            },
+            "key_id",
+        ),
+        (
+            proto::ListAuditEventsRequest {
+                actor_id: "user bob".into(),
+                ..Default::default()
+            },
+            "actor_id",
+        ),
+        (
+            proto::ListAuditEventsRequest {
+                action: "Key Revoke".into(),
+                ..Default::default()
+            },
+            "action",
+        ),
+        (
+            proto::ListAuditEventsRequest {
+                since: Some(end),
+                until: Some(middle),
+                ..Default::default()
+            },
+            "until",
+        ),
+    ] {
+        let status = list(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
+        assert_eq!(violated_fields(&status), [field]);
+    }
+}
+
 both_backends!(
+    events_filter_by_key_actor_action_and_time,
     every_mutation_writes_one_success_event_with_who_what_which_and_when,
     events_list_newest_first_and_pages_walk_each_event_exactly_once,
     audit_events_are_isolated_by_workspace,

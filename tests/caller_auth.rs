@@ -169,6 +169,7 @@ async fn refusals_of_every_key_rpc(
                     workspace_id: "ws_test".into(),
                     page_size: 0,
                     page_token: String::new(),
+                    ..Default::default()
                 })
                 .await,
         ),
@@ -388,6 +389,8 @@ async fn an_admin_actor_may_grant_the_scopes_admin_implies(backend: Backend) {
         let issued = app
             .issue_with(|r| {
                 r.actor = acting("user_granter", permissions);
+                // The actor's own key: a member (no `admin`) may issue only those.
+                r.owner = Some(user("user_granter"));
                 r.scopes = strings(scopes);
             })
             .await;

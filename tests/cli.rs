@@ -1008,3 +1008,272 @@ async fn workspaces_create_then_keys_in_it() {
         run.transcript()
     );
 }
+
+/// Every admin service has its commands: access groups, teams with their policy, service
+/// accounts, keys with token limits, a reach and networks, and workspace updates, each
+/// run as printed in docs/cli.md and checked through its JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teams_groups_service_accounts_and_key_policy_through_the_cli() {
+    let cli = Cli::start().await;
+    let ok = |run: Run| {
+        run.assert_ok();
+        run.json()
+    };
+    let group = ok(cli
+        .admin(&[
+            "access-groups",
+            "create",
+            "frontier",
+            "--workspace",
+            "ws_test",
+            "--target",
+            "gpt-4o",
+            "--target",
+            "o3",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(group["targets"], serde_json::json!(["gpt-4o", "o3"]));
+    let groups = ok(cli
+        .admin(&[
+            "access-groups",
+            "list",
+            "--workspace",
+            "ws_test",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(groups["access_groups"][0]["name"], "frontier");
+
+    let team = ok(cli
+        .admin(&[
+            "teams",
+            "create",
+            "team_ml",
+            "--workspace",
+            "ws_test",
+            "--name",
+            "ML",
+            "--self-service",
+            "--max-keys-per-user",
+            "2",
+            "--ceiling",
+            "rpm=60",
+            "--reach",
+            "include",
+            "--access-group",
+            "frontier",
+            "-o",
+            "json",
+        ])
+        .await);
+    let policy = &team["policy"];
+    assert_eq!(policy["self_service_enabled"], true);
+    assert_eq!(policy["max_keys_per_user"], 2);
+    assert_eq!(policy["rate_limit_ceilings"][0]["limit"], 60);
+    assert_eq!(policy["resource_access"]["mode"], "include");
+    assert_eq!(
+        policy["resource_access"]["access_groups"],
+        serde_json::json!(["frontier"])
+    );
+    // An update changes the rules given and keeps the others.
+    let team = ok(cli
+        .admin(&[
+            "teams",
+            "update",
+            "team_ml",
+            "--workspace",
+            "ws_test",
+            "--max-expiry-days",
+            "30",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(team["policy"]["max_expiry_days"], 30);
+    assert_eq!(team["policy"]["self_service_enabled"], true);
+    assert_eq!(team["policy"]["rate_limit_ceilings"][0]["limit"], 60);
+    let teams = ok(cli
+        .admin(&["teams", "list", "--workspace", "ws_test", "-o", "json"])
+        .await);
+    assert_eq!(teams["teams"][0]["team_id"], "team_ml");
+    let shown = cli
+        .admin(&["teams", "get", "team_ml", "--workspace", "ws_test"])
+        .await;
+    shown.assert_ok();
+    assert!(
+        shown.stdout.contains("include: group:frontier"),
+        "{}",
+        shown.transcript()
+    );
+
+    let account = ok(cli
+        .admin(&[
+            "service-accounts",
+            "create",
+            "sa_ci",
+            "--workspace",
+            "ws_test",
+            "--team",
+            "team_ml",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(account["team_id"], "team_ml");
+    let accounts = ok(cli
+        .admin(&[
+            "service-accounts",
+            "list",
+            "--workspace",
+            "ws_test",
+            "--team",
+            "team_ml",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(
+        accounts["service_accounts"][0]["service_account_id"],
+        "sa_ci"
+    );
+
+    // A team key with a token limit and a reach within the team's.
+    let issued = ok(cli
+        .admin(&[
+            "keys",
+            "issue",
+            "--workspace",
+            "ws_test",
+            "--name",
+            "ci",
+            "--team",
+            "team_ml",
+            "--owner",
+            "service_account:sa_ci",
+            "--limit",
+            "tpd=100000",
+            "--reach",
+            "include",
+            "--target",
+            "gpt-4o",
+            "-o",
+            "json",
+        ])
+        .await);
+    let info = &issued["key_info"];
+    assert_eq!(info["rate_limits"][0]["unit"], "tokens");
+    assert_eq!(info["rate_limits"][0]["window"], "day");
+    assert_eq!(
+        info["resource_access"]["targets"],
+        serde_json::json!(["gpt-4o"])
+    );
+    let key_id = info["key_id"].as_str().unwrap().to_owned();
+    let updated = ok(cli
+        .admin(&[
+            "keys",
+            "update",
+            &key_id,
+            "--limit",
+            "rpm=5",
+            "--allow-cidr",
+            "10.0.0.0/8",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(updated["rate_limits"][0]["limit"], 5);
+    assert_eq!(updated["rate_limits"].as_array().unwrap().len(), 1);
+    assert_eq!(updated["allowed_cidrs"], serde_json::json!(["10.0.0.0/8"]));
+    assert_eq!(
+        updated["resource_access"]["targets"],
+        serde_json::json!(["gpt-4o"]),
+        "untouched"
+    );
+    let updated = ok(cli
+        .admin(&[
+            "keys",
+            "update",
+            &key_id,
+            "--default-limits",
+            "--any-network",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert!(updated["rate_limits"].as_array().unwrap().is_empty());
+    assert!(updated["allowed_cidrs"].as_array().unwrap().is_empty());
+    // Widening the team's reach is refused, naming what is beyond it.
+    let run = cli
+        .admin(&[
+            "keys", "update", &key_id, "--reach", "include", "--target", "claude",
+        ])
+        .await;
+    assert_eq!(run.code, 2, "{}", run.transcript());
+    assert!(
+        run.stderr.starts_with("error: FAILED_PRECONDITION: ") && run.stderr.contains("claude"),
+        "{}",
+        run.transcript()
+    );
+
+    let ws = ok(cli
+        .admin(&[
+            "workspaces",
+            "update",
+            "ws_test",
+            "--name",
+            "Testing",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(ws["name"], "Testing");
+    let all = ok(cli
+        .admin(&["workspaces", "list", "--all", "-o", "json"])
+        .await);
+    assert!(
+        all["workspaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["workspace_id"] == "ws_test"),
+        "{all}"
+    );
+
+    // A team goes only once its keys do; its service accounts go with it.
+    let run = cli
+        .admin(&["teams", "delete", "team_ml", "--workspace", "ws_test"])
+        .await;
+    assert_eq!(run.code, 2, "{}", run.transcript());
+    assert!(
+        run.stderr.contains("FAILED_PRECONDITION"),
+        "{}",
+        run.transcript()
+    );
+    cli.admin(&["keys", "revoke", &key_id]).await.assert_ok();
+    cli.admin(&["teams", "delete", "team_ml", "--workspace", "ws_test"])
+        .await
+        .assert_ok();
+    let run = cli
+        .admin(&[
+            "service-accounts",
+            "list",
+            "--workspace",
+            "ws_test",
+            "--team",
+            "team_ml",
+        ])
+        .await;
+    assert!(run.stderr.contains("NOT_FOUND"), "{}", run.transcript());
+    cli.admin(&[
+        "access-groups",
+        "delete",
+        "frontier",
+        "--workspace",
+        "ws_test",
+    ])
+    .await
+    .assert_ok();
+}

@@ -123,9 +123,10 @@ fn strict_policy() -> proto::TeamPolicy {
     }
 }
 
-/// A member's key within [`strict_policy`].
+/// A member's key within [`strict_policy`] (no owner: a member's key is its own).
 fn member_request(app: &TestApp, team_id: &str, member_id: &str) -> proto::IssueKeyRequest {
     let mut r = issue_request("ws_test");
+    r.owner = None;
     r.team_id = team_id.into();
     r.actor = Some(proto::Actor {
         id: member_id.into(),
@@ -262,6 +263,48 @@ async fn each_team_policy_rule_has_its_reason(backend: Backend) {
     );
     assert_eq!(meta(&metadata, "field"), Some("rate_limits"));
     assert_eq!(meta(&metadata, "ceiling"), Some("60"));
+    // One rule broken: no PreconditionFailure, the ErrorInfo says it all.
+    let mut r = member_request(&app, "team_ml", "user_ann");
+    r.rate_limits = vec![rpm(61)];
+    assert!(
+        issue_err(&app, r)
+            .await
+            .get_details_precondition_failure()
+            .is_none()
+    );
+
+    // Three rules broken at once: one answer names all three, each with its reason and
+    // field, in a PreconditionFailure; the ErrorInfo carries the first. Nothing is
+    // written but the denied audit row.
+    let mut r = member_request(&app, "team_ml", "user_ann");
+    r.max_budget_micros = Some(10_001);
+    r.expires_at = None;
+    r.rate_limits = vec![rpm(61)];
+    let status = issue_err(&app, r).await;
+    refusal(
+        &status,
+        Code::FailedPrecondition,
+        "TEAM_BUDGET_CEILING_EXCEEDED",
+    );
+    let failure = status
+        .get_details_precondition_failure()
+        .unwrap_or_else(|| panic!("no PreconditionFailure in {status:?}"));
+    let named: Vec<(&str, &str)> = failure
+        .violations
+        .iter()
+        .map(|v| (v.r#type.as_str(), v.subject.as_str()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("TEAM_BUDGET_CEILING_EXCEEDED", "max_budget_micros"),
+            ("TEAM_EXPIRY_REQUIRED", "expires_at"),
+            ("TEAM_RATE_LIMIT_CEILING_EXCEEDED", "rate_limits"),
+        ]
+    );
+    for v in &failure.violations {
+        assert!(status.message().contains(&v.description), "{status:?}");
+    }
 
     // Within the policy: one key, then the member's maximum is reached.
     app.admin()
@@ -437,6 +480,126 @@ async fn unknown_ids_are_not_found_with_the_kind_of_thing(backend: Backend) {
         .unwrap_err();
     let metadata = refusal(&status, Code::AlreadyExists, "WORKSPACE_ALREADY_EXISTS");
     assert_eq!(meta(&metadata, "workspace_id"), Some("ws_test"));
+}
+
+/// A mistyped workspace id is NOT_FOUND naming it on every workspace-scoped read, not an
+/// empty list that looks like "no keys"; a workspace that exists and holds nothing lists
+/// empty.
+async fn an_unknown_workspace_is_not_found_on_every_workspace_scoped_read(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let missing = "ws_typo".to_owned();
+    let mut statuses = vec![
+        (
+            "ListKeys",
+            app.admin()
+                .list_keys(proto::ListKeysRequest {
+                    workspace_id: missing.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ListAuditEvents",
+            app.admin()
+                .list_audit_events(proto::ListAuditEventsRequest {
+                    workspace_id: missing.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ListTeams",
+            teams(&app)
+                .list_teams(proto::ListTeamsRequest {
+                    workspace_id: missing.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "GetTeam",
+            teams(&app)
+                .get_team(proto::GetTeamRequest {
+                    workspace_id: missing.clone(),
+                    team_id: "team_a".into(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ListServiceAccounts",
+            teams(&app)
+                .list_service_accounts(proto::ListServiceAccountsRequest {
+                    workspace_id: missing.clone(),
+                    team_id: "team_a".into(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ListAccessGroups",
+            groups(&app)
+                .list_access_groups(proto::ListAccessGroupsRequest {
+                    workspace_id: missing.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ListProviderKeys",
+            provider_keys(&app, ADMIN_TOKEN)
+                .list_provider_keys(proto::ListProviderKeysRequest {
+                    workspace_id: missing.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+    ];
+    for (rpc, result) in statuses.drain(..) {
+        let status = result.expect_err(rpc);
+        let metadata = refusal(&status, Code::NotFound, "WORKSPACE_NOT_FOUND");
+        assert_eq!(meta(&metadata, "workspace_id"), Some("ws_typo"), "{rpc}");
+    }
+
+    // An existing workspace with nothing in it lists empty; an unknown team in it is the
+    // team's NOT_FOUND.
+    app.db.create_workspaces(&["ws_empty"], "pro").await;
+    let keys = app
+        .admin()
+        .list_keys(proto::ListKeysRequest {
+            workspace_id: "ws_empty".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(keys.keys.is_empty());
+    let listed = teams(&app)
+        .list_teams(proto::ListTeamsRequest {
+            workspace_id: "ws_empty".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.teams.is_empty());
+    let listed = groups(&app)
+        .list_access_groups(proto::ListAccessGroupsRequest {
+            workspace_id: "ws_empty".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.access_groups.is_empty());
+    let status = teams(&app)
+        .get_team(proto::GetTeamRequest {
+            workspace_id: "ws_empty".into(),
+            team_id: "team_a".into(),
+        })
+        .await
+        .unwrap_err();
+    refusal(&status, Code::NotFound, "TEAM_NOT_FOUND");
 }
 
 async fn state_refusals_have_their_reasons(backend: Backend) {
@@ -673,6 +836,7 @@ both_backends!(
     service_account_refusals_have_their_reasons,
     plan_refusals_name_the_workspace_and_its_plan,
     unknown_ids_are_not_found_with_the_kind_of_thing,
+    an_unknown_workspace_is_not_found_on_every_workspace_scoped_read,
     state_refusals_have_their_reasons,
     bad_input_carries_field_violations_and_the_reason,
     an_unreachable_rate_limit_backend_suggests_a_retry,

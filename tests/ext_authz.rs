@@ -614,6 +614,126 @@ async fn a_disabled_ext_authz_is_not_served() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    let (listed, _) = reflect(&app, "keywarden.v1.VerifyService").await;
+    assert!(
+        !listed.iter().any(|s| s == AUTHORIZATION),
+        "reflection lists a service not served: {listed:?}"
+    );
+}
+
+const AUTHORIZATION: &str = "envoy.service.auth.v3.Authorization";
+
+/// Asks reflection (v1alpha, as grpcurl does) for the services it lists and for the files
+/// that define `symbol`, then, as grpcurl does, for every file those import, by name, to
+/// the last: the names of every file it answered, or the first error.
+async fn reflect(app: &TestApp, symbol: &str) -> (Vec<String>, Result<Vec<String>, tonic::Status>) {
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let listed = match ask_reflection(app, MessageRequest::ListServices(String::new()))
+        .await
+        .unwrap()
+    {
+        MessageResponse::ListServicesResponse(list) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("not a list of services: {other:?}"),
+    };
+    let mut names: Vec<String> = Vec::new();
+    let mut wanted = vec![MessageRequest::FileContainingSymbol(symbol.to_owned())];
+    while let Some(request) = wanted.pop() {
+        let files = match ask_reflection(app, request).await {
+            Err(status) => return (listed, Err(status)),
+            Ok(MessageResponse::FileDescriptorResponse(files)) => files.file_descriptor_proto,
+            Ok(MessageResponse::ErrorResponse(e)) => {
+                return (
+                    listed,
+                    Err(tonic::Status::new(
+                        tonic::Code::from(e.error_code),
+                        e.error_message,
+                    )),
+                );
+            }
+            Ok(other) => panic!("not a file answer: {other:?}"),
+        };
+        for bytes in files {
+            use prost::Message as _;
+            let file = prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap();
+            if names.iter().any(|n| n == file.name()) {
+                continue;
+            }
+            names.push(file.name().to_owned());
+            for import in &file.dependency {
+                if !names.contains(import) {
+                    wanted.push(MessageRequest::FileByFilename(import.clone()));
+                }
+            }
+        }
+    }
+    (listed, Ok(names))
+}
+
+async fn ask_reflection(
+    app: &TestApp,
+    message: tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest,
+) -> Result<tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse, tonic::Status>
+{
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let mut answers = ServerReflectionClient::new(app.channel.clone())
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    match answers.message().await {
+        Ok(Some(answer)) => Ok(answer.message_response.unwrap()),
+        Ok(None) => panic!("no reflection answer"),
+        Err(status) => Err(status),
+    }
+}
+
+/// grpcurl can describe and call Check with no Envoy protos at hand: reflection lists the
+/// service and answers its file and every file it imports, to the last; and it knows the error
+/// details Keywarden's refusals carry, so grpcurl prints an ErrorInfo instead of "not
+/// recognized" and a base64 blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_describes_check_and_the_error_details() {
+    let app = spawn(Backend::Sqlite).await;
+    let (listed, files) = reflect(&app, AUTHORIZATION).await;
+    assert!(listed.iter().any(|s| s == AUTHORIZATION), "{listed:?}");
+    let names = files.unwrap();
+    for file in [
+        "envoy/service/auth/v3/external_auth.proto",
+        "envoy/config/core/v3/base.proto",
+        "validate/validate.proto",
+        "google/rpc/status.proto",
+    ] {
+        assert!(
+            names.iter().any(|n| n == file),
+            "{file} not answered: {names:?}"
+        );
+    }
+    // tonic-types names the file `error_details.proto`; a client finds it by symbol.
+    for symbol in [
+        "google.rpc.ErrorInfo",
+        "google.rpc.BadRequest",
+        "google.rpc.RetryInfo",
+        "google.rpc.PreconditionFailure",
+    ] {
+        let (_, files) = reflect(&app, symbol).await;
+        let names = files.unwrap_or_else(|e| panic!("{symbol}: {e:?}"));
+        assert!(
+            names.iter().any(|n| n.ends_with("error_details.proto")),
+            "{symbol}: {names:?}"
+        );
+    }
+    let (_, unknown) = reflect(&app, "google.rpc.NoSuchThing").await;
+    assert!(unknown.is_err(), "reflection knows only what it was given");
 }
 
 /// The code block of `lang` in `docs/envoy.md`.

@@ -139,7 +139,7 @@ fn issue_req(workspace_id: &str, name: &str, env: proto::Environment) -> IssueKe
     let mut r = issue_request(workspace_id);
     r.name = name.into();
     r.environment = env as i32;
-    r.actor.as_mut().unwrap().permissions = vec!["read".into()];
+    r.actor.as_mut().unwrap().permissions = vec!["admin".into(), "read".into()];
     r
 }
 

@@ -12,11 +12,11 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// A valid IssueKey request whose actor may grant the `read` scope it asks for (the
-/// servers here run without scope implications).
+/// A valid IssueKey request whose admin actor holds the `read` scope it asks for (the
+/// configured servers here run without scope implications).
 fn issue_req(workspace_id: &str) -> IssueKeyRequest {
     let mut r = issue_request(workspace_id);
-    r.actor.as_mut().unwrap().permissions = vec!["read".into()];
+    r.actor.as_mut().unwrap().permissions = vec!["admin".into(), "read".into()];
     r
 }
 
@@ -82,6 +82,15 @@ async fn dev_mode_prints_working_tokens_and_keeps_keys_across_restarts() {
     assert_ne!(admin, verifier);
 
     let key = issue_and_verify(&first, &admin, &verifier).await;
+    // Dev mode has the product's scopes: an actor holding only `admin` grants `read`.
+    assert!(
+        out.contains("admin implies write, write implies read"),
+        "{out}"
+    );
+    let mut by_admin = issue_request("ws_proc");
+    by_admin.scopes = vec!["read".into(), "write".into()];
+    by_admin.actor.as_mut().unwrap().permissions = vec!["admin".into()];
+    first.admin(&admin).await.issue_key(by_admin).await.unwrap();
     // Each token has its own role only.
     let err = first
         .admin(&verifier)
@@ -812,7 +821,7 @@ async fn two_server_processes_on_one_postgres_stay_coherent() {
             key_id: key_id(&narrowed),
             actor: Some(proto::Actor {
                 id: "user_admin".into(),
-                permissions: vec!["list".into()],
+                permissions: vec!["admin".into(), "list".into()],
             }),
             scopes: vec!["list".into()],
             update_mask: Some(prost_types::FieldMask {

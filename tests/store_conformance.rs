@@ -18,8 +18,8 @@ use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::domain::refusal::{Reason, Refusal};
 use keywarden::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use keywarden::store::{
-    AuditContext, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
-    StoreError, TeamPatch, UsageDelta,
+    AuditContext, AuditFilter, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter,
+    KeyPatch, Store, StoreError, TeamPatch, UsageDelta,
 };
 
 const S: Micros = 1_000_000;
@@ -92,8 +92,18 @@ fn newest_first(keys: &[KeyRecord]) -> Vec<String> {
     ids(&keys)
 }
 
+fn audit_of(workspace_id: &str) -> AuditFilter {
+    AuditFilter {
+        workspace_id: workspace_id.to_owned(),
+        ..AuditFilter::default()
+    }
+}
+
 async fn audit(store: &dyn Store, workspace_id: &str) -> Vec<AuditRecord> {
-    store.list_audit(workspace_id, 1000, None).await.unwrap()
+    store
+        .list_audit(&audit_of(workspace_id), 1000, None)
+        .await
+        .unwrap()
 }
 
 async fn all_audit_rows(db: &TestDb) -> i64 {
@@ -992,7 +1002,7 @@ async fn list_audit_pages_by_before_id(backend: Backend) {
     let mut sizes = Vec::new();
     let mut before = None;
     loop {
-        let page = store.list_audit(WS, 3, before).await.unwrap();
+        let page = store.list_audit(&audit_of(WS), 3, before).await.unwrap();
         sizes.push(page.len());
         let Some(last) = page.last() else { break };
         before = Some(last.id);
@@ -1005,7 +1015,7 @@ async fn list_audit_pages_by_before_id(backend: Backend) {
     // A before_id between two events resumes right below it.
     let mid = all[2].id;
     let below: Vec<i64> = store
-        .list_audit(WS, 100, Some(mid))
+        .list_audit(&audit_of(WS), 100, Some(mid))
         .await
         .unwrap()
         .iter()
@@ -1013,6 +1023,99 @@ async fn list_audit_pages_by_before_id(backend: Backend) {
         .collect();
     let expected: Vec<i64> = all[3..].iter().map(|e| e.id).collect();
     assert_eq!(below, expected);
+}
+
+/// Each filter of the audit listing (key, actor, action, since, until), alone and
+/// together, selects exactly the workspace's events that match, newest first, and pages
+/// by before_id within the filter.
+async fn list_audit_filters_by_key_actor_action_and_time(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let keys: Vec<String> = (0..3)
+        .map(|_| new_key_id(&mut getrandom::SysRng).unwrap())
+        .collect();
+    let actions = ["key.update", "key.revoke", "key.rotate"];
+    for i in 0..24u32 {
+        for ws in [WS, "ws_other"] {
+            let denied = DeniedAudit {
+                workspace_id: ws.to_owned(),
+                key_id: (i % 4 != 3).then(|| keys[i as usize % 3].clone()),
+                context: AuditContext {
+                    actor_id: format!("user_{}", i % 2),
+                    caller: "test-admin".to_owned(),
+                    action: actions[(i as usize / 2) % 3],
+                    detail: format!("event {i}"),
+                },
+                occurred_at: T0 + Micros::from(i) * S,
+            };
+            store.record_denied(&denied).await.unwrap();
+        }
+    }
+    let all = audit(&*store, WS).await;
+    assert_eq!(all.len(), 24);
+    let filters = [
+        AuditFilter {
+            key_id: Some(keys[1].clone()),
+            ..audit_of(WS)
+        },
+        AuditFilter {
+            actor_id: Some("user_1".into()),
+            ..audit_of(WS)
+        },
+        AuditFilter {
+            action: Some("key.revoke".into()),
+            ..audit_of(WS)
+        },
+        AuditFilter {
+            since: Some(T0 + 20 * S),
+            ..audit_of(WS)
+        },
+        AuditFilter {
+            until: Some(T0 + 3 * S),
+            ..audit_of(WS)
+        },
+        AuditFilter {
+            key_id: Some(keys[0].clone()),
+            actor_id: Some("user_0".into()),
+            since: Some(T0 + 2 * S),
+            until: Some(T0 + 20 * S),
+            ..audit_of(WS)
+        },
+        AuditFilter {
+            action: Some("team.delete".into()),
+            ..audit_of(WS)
+        },
+    ];
+    for filter in filters {
+        let expected: Vec<&AuditRecord> = all
+            .iter()
+            .filter(|e| {
+                filter
+                    .key_id
+                    .as_ref()
+                    .is_none_or(|k| e.key_id.as_ref() == Some(k))
+            })
+            .filter(|e| filter.actor_id.as_ref().is_none_or(|a| &e.actor_id == a))
+            .filter(|e| filter.action.as_ref().is_none_or(|a| e.action == *a))
+            .filter(|e| filter.since.is_none_or(|t| e.occurred_at >= t))
+            .filter(|e| filter.until.is_none_or(|t| e.occurred_at < t))
+            .collect();
+        let listed = store.list_audit(&filter, 1000, None).await.unwrap();
+        assert_eq!(listed.iter().collect::<Vec<_>>(), expected, "{filter:?}");
+        // Paging by before_id stays within the filter.
+        let mut paged = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store.list_audit(&filter, 2, before).await.unwrap();
+            let Some(last) = page.last() else { break };
+            before = Some(last.id);
+            paged.extend(page);
+        }
+        assert_eq!(
+            paged.iter().collect::<Vec<_>>(),
+            expected,
+            "{filter:?} paged"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1815,7 +1918,7 @@ async fn insert_key_holds_a_member_to_the_team_s_cap(backend: Backend) {
     assert_eq!(db.count("SELECT COUNT(*) FROM api_keys").await, key_rows);
     // The refusal is audited in the insert's own transaction: one `denied` row.
     assert_eq!(all_audit_rows(&db).await, audit_rows + 1);
-    let denied = store.list_audit(WS, 1, None).await.unwrap();
+    let denied = store.list_audit(&audit_of(WS), 1, None).await.unwrap();
     assert_eq!(denied[0].outcome, AuditOutcome::Denied);
     assert_eq!(denied[0].action, "key.issue");
     assert_eq!(denied[0].key_id, None);
@@ -1904,7 +2007,7 @@ async fn a_team_key_of_a_service_account_needs_one_of_the_teams(backend: Backend
         Reason::ServiceAccountNotInTeam,
     );
     assert_eq!(all_audit_rows(&db).await, audit_rows + 2);
-    let denied = store.list_audit(WS, 2, None).await.unwrap();
+    let denied = store.list_audit(&audit_of(WS), 2, None).await.unwrap();
     assert!(
         denied
             .iter()
@@ -2218,6 +2321,7 @@ async fn postgres_replaces_pooled_connections_the_server_dropped_while_idle() {
 }
 
 both_backends!(
+    list_audit_filters_by_key_actor_action_and_time,
     insert_then_get_and_find_secret_round_trip_every_field,
     get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none,
     list_orders_newest_first_with_key_id_breaking_ties,

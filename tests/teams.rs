@@ -1,5 +1,6 @@
 //! Teams and their self-service policy through real servers: one test per rule, each
-//! asserting the status code and the reason; the owner of a self-service key is forced
+//! asserting the status code and the reason; a self-service key is owned by its member
+//! (an unset owner means the member, another owner is refused);
 //! to the actor; an admin actor is not bound by the policy; refusals write nothing but
 //! their audit row.
 
@@ -54,7 +55,7 @@ fn request(app: &TestApp, member_id: &str) -> proto::IssueKeyRequest {
     let mut r = issue_request("ws_test");
     r.team_id = "team_ml".into();
     r.actor = Some(member(member_id));
-    r.owner = Some(user("someone_else"));
+    r.owner = None;
     r.expires_at = Some(ts_in(&app.clock, 7 * DAY));
     r.max_budget_micros = Some(5_000);
     r.rate_limits = vec![proto::RateLimit {
@@ -88,8 +89,30 @@ async fn a_member_gets_a_key_it_owns_within_the_policy(backend: Backend) {
     assert_eq!(
         (owner.kind(), owner.id.as_str()),
         (proto::OwnerKind::User, "user_ann"),
-        "the owner is forced to the actor"
+        "an unset owner is the actor"
     );
+    // Naming oneself is the same; naming anyone else is refused, audited, and writes no
+    // key: the owner is never quietly changed.
+    let mut r = request(&app, "user_ann");
+    r.owner = Some(user("user_ann"));
+    app.admin().issue_key(r).await.unwrap();
+    let mut r = request(&app, "user_bob");
+    r.owner = Some(user("someone_else"));
+    let status = refused(&app, r).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("owner user:someone_else is not the actor user_bob"),
+        "{status:?}"
+    );
+    let denied = app
+        .audit("ws_test")
+        .await
+        .into_iter()
+        .filter(|e| e.outcome == proto::AuditOutcome::Denied as i32 && e.actor_id == "user_bob")
+        .count();
+    assert_eq!(denied, 1);
 }
 
 async fn self_service_off_is_permission_denied(backend: Backend) {
@@ -237,6 +260,7 @@ async fn an_admin_is_not_bound_by_the_policy_and_unknown_teams_are_not_found(bac
     .await;
     let mut r = request(&app, "user_root");
     r.actor = Some(actor());
+    r.owner = Some(user("someone_else"));
     r.expires_at = None;
     r.max_budget_micros = None;
     let info = app
@@ -804,7 +828,127 @@ async fn a_members_rotation_follows_the_current_policy(backend: Backend) {
     );
 }
 
+/// DeleteTeam is refused while the team has a key neither revoked nor deleted, and names
+/// the team; once its keys are revoked it goes, its service accounts with it, audited.
+/// A concurrent issue in the team either lands before the delete (which is then
+/// refused) or after it (and is refused itself): never a key of a team that is gone.
+async fn a_team_is_deleted_only_without_live_keys(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    create_team(&app, policy()).await;
+    let mut client = TeamServiceClient::with_interceptor(app.channel.clone(), bearer(ADMIN_TOKEN));
+    client
+        .create_service_account(proto::CreateServiceAccountRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            service_account_id: "sa_batch".into(),
+            name: "Nightly batch".into(),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap();
+    let mut r = issue_request("ws_test");
+    r.team_id = "team_ml".into();
+    let issued = app.admin().issue_key(r.clone()).await.unwrap().into_inner();
+    let delete = proto::DeleteTeamRequest {
+        workspace_id: "ws_test".into(),
+        team_id: "team_ml".into(),
+        actor: Some(actor()),
+    };
+    let status = client.delete_team(delete.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("team team_ml has 1 key"),
+        "{status:?}"
+    );
+    assert_eq!(app.db.count("SELECT count(*) FROM teams").await, 1);
+    assert_eq!(
+        app.db.count("SELECT count(*) FROM service_accounts").await,
+        1
+    );
+
+    app.admin()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: key_id(&issued),
+            actor: Some(actor()),
+            reason: "retired".into(),
+        })
+        .await
+        .unwrap();
+    client.delete_team(delete.clone()).await.unwrap();
+    assert_eq!(app.db.count("SELECT count(*) FROM teams").await, 0);
+    assert_eq!(
+        app.db.count("SELECT count(*) FROM service_accounts").await,
+        0
+    );
+    let status = client
+        .get_team(proto::GetTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client.delete_team(delete.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    // Issuing into the deleted team is refused.
+    let status = refused(&app, r).await;
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let deletes: Vec<_> = app
+        .audit("ws_test")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "team.delete")
+        .collect();
+    assert_eq!(
+        deletes.len(),
+        1,
+        "only the delete that happened: {deletes:?}"
+    );
+    assert_eq!(deletes[0].outcome, proto::AuditOutcome::Success as i32);
+
+    // Validation names the field.
+    let status = client
+        .delete_team(proto::DeleteTeamRequest {
+            team_id: String::new(),
+            ..delete
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&status), ["team_id"]);
+
+    // Racing issues and a delete: whatever the interleaving, no live key is left in a
+    // team that does not exist.
+    create_team(&app, policy()).await;
+    let issues = (0..8).map(|_| {
+        let admin = app.admin();
+        let mut r = issue_request("ws_test");
+        r.team_id = "team_ml".into();
+        async move { admin.clone().issue_key(r).await }
+    });
+    let mut client2 = client.clone();
+    let (_, _) = tokio::join!(
+        futures::future::join_all(issues),
+        client2.delete_team(proto::DeleteTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            actor: Some(actor()),
+        })
+    );
+    let orphans = app
+        .db
+        .count(
+            "SELECT count(*) FROM api_keys k WHERE k.team_id = 'team_ml' \
+             AND k.revoked_at IS NULL AND k.deleted_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM teams t WHERE t.workspace_id = k.workspace_id \
+             AND t.team_id = k.team_id)",
+        )
+        .await;
+    assert_eq!(orphans, 0);
+}
+
 both_backends!(
+    a_team_is_deleted_only_without_live_keys,
     service_accounts_own_their_teams_keys,
     a_member_gets_a_key_it_owns_within_the_policy,
     self_service_off_is_permission_denied,

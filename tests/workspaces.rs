@@ -286,7 +286,174 @@ async fn free_form_workspace_ids_migrate_to_spark_workspaces(backend: Backend) {
     );
 }
 
+/// ListWorkspaces pages through every workspace by id, a page token at a time, and
+/// refuses a page token it did not issue or a page size out of range, naming the field.
+async fn workspaces_are_listed_a_page_at_a_time(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut client = workspaces(&app);
+    for id in ["pg_c", "pg_a", "pg_e", "pg_b", "pg_d"] {
+        client
+            .create_workspace(create_req(id, Plan::Pro))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .list_workspaces(proto::ListWorkspacesRequest {
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.workspaces.len() <= 2);
+        pages += 1;
+        for w in &page.workspaces {
+            if ["pg_a", "pg_b", "pg_c", "pg_d", "pg_e"].contains(&w.workspace_id.as_str()) {
+                assert_eq!(w.plan(), Plan::Pro, "{w:?}");
+                assert_eq!(w.name, format!("{} inc.", w.workspace_id));
+            }
+            seen.push(w.workspace_id.clone());
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seen, sorted, "in order of id, none twice");
+    for id in ["pg_a", "pg_b", "pg_c", "pg_d", "pg_e"] {
+        assert!(seen.iter().any(|s| s == id), "{id} missing from {seen:?}");
+    }
+    let total = usize::try_from(app.db.count("SELECT count(*) FROM workspaces").await).unwrap();
+    assert_eq!(seen.len(), total);
+    assert_eq!(pages, total.div_ceil(2), "no empty last page");
+
+    for (request, field) in [
+        (
+            proto::ListWorkspacesRequest {
+                page_size: 2,
+                page_token: "bm90IG91cnM".into(),
+            },
+            "page_token",
+        ),
+        (
+            proto::ListWorkspacesRequest {
+                page_size: 1001,
+                page_token: String::new(),
+            },
+            "page_size",
+        ),
+    ] {
+        let status = client.list_workspaces(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&status), [field]);
+    }
+    // Only admins list workspaces.
+    let status =
+        WorkspaceServiceClient::with_interceptor(app.channel.clone(), bearer(VERIFIER_TOKEN))
+            .list_workspaces(proto::ListWorkspacesRequest::default())
+            .await
+            .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+}
+
+/// A key of a workspace moved to a plan without API keys stops verifying at once, with a
+/// code of its own (it is not revoked), and works again when the plan allows keys. Each
+/// change of plan appends an event per key, so other replicas and edge caches reload it.
+async fn keys_answer_plan_forbids_keys_while_the_plan_forbids_them(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        let mut plans = (*s.plans).clone();
+        plans.spark = PlanPolicy {
+            api_keys: false,
+            byok: false,
+        };
+        s.plans = std::sync::Arc::new(plans);
+    })
+    .await;
+    let mut client = workspaces(&app);
+    client
+        .create_workspace(create_req("ws_paid", Plan::Pro))
+        .await
+        .unwrap();
+    let issued = app
+        .admin()
+        .issue_key(issue_request("ws_paid"))
+        .await
+        .unwrap()
+        .into_inner();
+    let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
+    // Cached as valid first.
+    assert_eq!(
+        code(&app.verify(&issued.key, &[]).await),
+        proto::VerifyCode::Valid
+    );
+    let events_sql = format!("SELECT count(*) FROM key_events WHERE key_id = '{key_id}'");
+    let events_of_key = || app.db.count(&events_sql);
+    let before = events_of_key().await;
+
+    client
+        .update_workspace(set_plan("ws_paid", Plan::Spark))
+        .await
+        .unwrap();
+    let answer = app.verify(&issued.key, &[]).await;
+    assert!(!answer.valid);
+    assert_eq!(code(&answer), proto::VerifyCode::PlanForbidsKeys);
+    assert_eq!(
+        events_of_key().await,
+        before + 1,
+        "the change is on the log for other replicas"
+    );
+    let info = app
+        .admin()
+        .get_key(proto::GetKeyRequest {
+            key_id: key_id.clone(),
+            actor: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_info
+        .unwrap();
+    assert_eq!(
+        info.status(),
+        proto::KeyStatus::Active,
+        "the key itself is untouched"
+    );
+
+    client
+        .update_workspace(set_plan("ws_paid", Plan::Team))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(&app.verify(&issued.key, &[]).await),
+        proto::VerifyCode::Valid
+    );
+    assert_eq!(events_of_key().await, before + 2);
+    // A rename is not a plan change: nothing to reload.
+    client
+        .update_workspace(proto::UpdateWorkspaceRequest {
+            workspace_id: "ws_paid".into(),
+            actor: Some(actor()),
+            name: "Paid inc.".into(),
+            update_mask: Some(FieldMask {
+                paths: vec!["name".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(events_of_key().await, before + 2);
+}
+
 both_backends!(
+    keys_answer_plan_forbids_keys_while_the_plan_forbids_them,
+    workspaces_are_listed_a_page_at_a_time,
     create_get_and_update_round_trip_and_are_audited,
     keys_need_a_workspace_that_exists,
     a_plan_without_api_keys_refuses_issue_until_upgraded,

@@ -1428,7 +1428,8 @@ impl EdgeCache {
                 | C::Expired
                 | C::InsufficientScope
                 | C::ResourceForbidden
-                | C::IpForbidden,
+                | C::IpForbidden
+                | C::PlanForbidsKeys,
             ) if !response.key_id.is_empty()
                 && self
                     .workspace

@@ -11,7 +11,7 @@ use crate::domain::actor::Actor;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::Environment;
 use crate::domain::limits::{LimitDecision, LimitUnit, LimitWindow, RateLimit};
-use crate::domain::validate::Violations;
+use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, Violations};
 use crate::domain::{MICROS_PER_SECOND, Micros};
 use crate::proto;
 use crate::store::{AuditOutcome, AuditRecord};
@@ -441,6 +441,25 @@ pub fn audit_event(e: &AuditRecord) -> proto::AuditEvent {
         detail: e.detail.clone(),
         occurred_at: Some(timestamp(e.occurred_at)),
     }
+}
+
+/// A request's `page_token`: `None` when empty, else what `decode` makes of it, or a
+/// violation naming the field.
+pub fn page_token_field<T>(
+    token: &str,
+    v: &mut Violations,
+    decode: impl Fn(&str) -> Option<T>,
+) -> Option<T> {
+    if token.is_empty() {
+        return None;
+    }
+    let decoded = (token.len() <= MAX_PAGE_TOKEN_LEN)
+        .then(|| decode(token))
+        .flatten();
+    if decoded.is_none() {
+        v.add("page_token", "is not a page token this service issued");
+    }
+    decoded
 }
 
 #[cfg(test)]

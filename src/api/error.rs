@@ -34,7 +34,8 @@ pub fn code(reason: Reason) -> Code {
         CallerRoleMissing
         | ScopeCeilingExceeded
         | SelfServiceDisabled
-        | SelfServiceKeyLimitReached => Code::PermissionDenied,
+        | SelfServiceKeyLimitReached
+        | SelfServiceOwnerNotActor => Code::PermissionDenied,
         PlanForbidsApiKeys
         | PlanForbidsByok
         | KekNotConfigured
@@ -44,7 +45,9 @@ pub fn code(reason: Reason) -> Code {
         | TeamExpiryTooFar
         | TeamRateLimitCeilingExceeded
         | AccessGroupsMissing
+        | ReachBeyondTeam
         | AccessGroupInUse
+        | TeamInUse
         | ServiceAccountNotInTeam
         | ServiceAccountOwnsKeys
         | KeyRevoked
@@ -95,6 +98,15 @@ pub fn refused(refusal: Refusal) -> Status {
 /// [`refused`], adding ErrorInfo and RetryInfo to `details` (which may hold a BadRequest).
 fn with_details(refusal: Refusal, mut details: ErrorDetails) -> Status {
     let reason = refusal.reason;
+    // Several rules broken at once: each as a PreconditionFailure violation (type: its
+    // reason, subject: the field), so a client sees every one in one answer.
+    for v in &refusal.violations {
+        details.add_precondition_failure_violation(
+            v.reason.as_str(),
+            v.field,
+            v.description.clone(),
+        );
+    }
     let metadata: HashMap<String, String> = refusal
         .metadata
         .into_iter()

@@ -8,11 +8,11 @@ use super::convert;
 use super::error::check;
 use super::mutation::Mutation;
 use crate::domain::key::MAX_ROTATION_GRACE;
-use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, MAX_REASON_LEN, Violations};
+use crate::domain::validate::{MAX_REASON_LEN, Violations};
 use crate::keys::{IssueInput, KeyLifecycle, KeyQuery};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
-use crate::store::{KeyPatch, page_token};
+use crate::store::{AuditFilter, KeyPatch, page_token};
 
 /// What an update mask may name.
 const MASK_PATHS: &[&str] = &[
@@ -36,23 +36,6 @@ impl KeyApi {
     }
 }
 
-fn page_token_field<T>(
-    token: &str,
-    v: &mut Violations,
-    decode: impl Fn(&str) -> Option<T>,
-) -> Option<T> {
-    if token.is_empty() {
-        return None;
-    }
-    let decoded = (token.len() <= MAX_PAGE_TOKEN_LEN)
-        .then(|| decode(token))
-        .flatten();
-    if decoded.is_none() {
-        v.add("page_token", "is not a page token this service issued");
-    }
-    decoded
-}
-
 #[tonic::async_trait]
 impl KeyService for KeyApi {
     async fn issue_key(
@@ -73,7 +56,18 @@ impl KeyService for KeyApi {
         if let Some(at) = expires_at {
             v.expiry("expires_at", at, now);
         }
-        let owner = convert::owner(r.owner.as_ref(), "owner", v);
+        // A self-service member may leave the owner unset: its key is its own. Anyone
+        // else names one.
+        let self_service = r.actor.as_ref().is_some_and(|a| {
+            !a.permissions
+                .iter()
+                .any(|p| p == crate::domain::actor::ADMIN_PERMISSION)
+        });
+        let owner = if r.owner.is_none() && self_service {
+            Some(None)
+        } else {
+            convert::owner(r.owner.as_ref(), "owner", v).map(Some)
+        };
         let actor = convert::actor(r.actor.as_ref(), v);
         let metadata = convert::metadata(&r.metadata, "metadata", v);
         let rate_limits = convert::rate_limits(&r.rate_limits, "rate_limits", v);
@@ -141,7 +135,7 @@ impl KeyService for KeyApi {
             .and_then(|o| convert::owner(Some(o), "owner", &mut v));
         let status = convert::status_filter(r.status, "status", &mut v);
         let page_size = v.page_size("page_size", r.page_size);
-        let after = page_token_field(&r.page_token, &mut v, page_token::decode_key_cursor);
+        let after = convert::page_token_field(&r.page_token, &mut v, page_token::decode_key_cursor);
         let unused_since = r
             .unused_since
             .as_ref()
@@ -292,12 +286,41 @@ impl KeyService for KeyApi {
         let mut v = Violations::default();
         v.workspace_id("workspace_id", &r.workspace_id);
         let page_size = v.page_size("page_size", r.page_size);
-        let before = page_token_field(&r.page_token, &mut v, page_token::decode_audit_cursor);
+        let before =
+            convert::page_token_field(&r.page_token, &mut v, page_token::decode_audit_cursor);
+        let set = |s: &String| (!s.is_empty()).then(|| s.clone());
+        if !r.key_id.is_empty() {
+            v.key_id("key_id", &r.key_id);
+        }
+        if !r.actor_id.is_empty() {
+            v.principal_id("actor_id", &r.actor_id);
+        }
+        if !r.action.is_empty() {
+            v.audit_action("action", &r.action);
+        }
+        let since = r
+            .since
+            .as_ref()
+            .and_then(|t| convert::micros_of(t, "since", &mut v));
+        let until = r
+            .until
+            .as_ref()
+            .and_then(|t| convert::micros_of(t, "until", &mut v));
+        if let (Some(since), Some(until)) = (since, until)
+            && until <= since
+        {
+            v.add("until", "must be after since");
+        }
         check(v)?;
-        let (events, next) = self
-            .lifecycle
-            .audit_log(&r.workspace_id, page_size, before)
-            .await?;
+        let filter = AuditFilter {
+            key_id: set(&r.key_id),
+            actor_id: set(&r.actor_id),
+            action: set(&r.action),
+            since,
+            until,
+            workspace_id: r.workspace_id,
+        };
+        let (events, next) = self.lifecycle.audit_log(&filter, page_size, before).await?;
         Ok(Response::new(proto::ListAuditEventsResponse {
             events: events.iter().map(convert::audit_event).collect(),
             next_page_token: next

@@ -139,6 +139,22 @@ impl TeamService for TeamApi {
         }))
     }
 
+    async fn delete_team(
+        &self,
+        request: Request<proto::DeleteTeamRequest>,
+    ) -> Result<Response<proto::DeleteTeamResponse>, Status> {
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
+        v.workspace_id("workspace_id", &r.workspace_id);
+        v.workspace_id("team_id", &r.team_id);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
+        self.teams
+            .delete(&acting, &r.workspace_id, &r.team_id)
+            .await?;
+        Ok(Response::new(proto::DeleteTeamResponse {}))
+    }
+
     async fn delete_service_account(
         &self,
         request: Request<proto::DeleteServiceAccountRequest>,

@@ -58,6 +58,7 @@ fn code_pb(code: VerifyCode) -> proto::VerifyCode {
         VerifyCode::BudgetExceeded => proto::VerifyCode::BudgetExceeded,
         VerifyCode::ResourceForbidden => proto::VerifyCode::ResourceForbidden,
         VerifyCode::IpForbidden => proto::VerifyCode::IpForbidden,
+        VerifyCode::PlanForbidsKeys => proto::VerifyCode::PlanForbidsKeys,
     }
 }
 

@@ -11,7 +11,7 @@ use crate::domain::validate::Violations;
 use crate::domain::workspace::{Plan, Workspace};
 use crate::proto;
 use crate::proto::workspace_service_server::WorkspaceService;
-use crate::store::WorkspacePatch;
+use crate::store::{WorkspacePatch, page_token};
 use crate::workspaces::Workspaces;
 
 /// What an update mask may name.
@@ -98,6 +98,25 @@ impl WorkspaceService for WorkspaceApi {
         let workspace = self.workspaces.get(&r.workspace_id).await?;
         Ok(Response::new(proto::GetWorkspaceResponse {
             workspace: Some(self.workspace_pb(&workspace)),
+        }))
+    }
+
+    async fn list_workspaces(
+        &self,
+        request: Request<proto::ListWorkspacesRequest>,
+    ) -> Result<Response<proto::ListWorkspacesResponse>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        let page_size = v.page_size("page_size", r.page_size);
+        let after =
+            convert::page_token_field(&r.page_token, &mut v, page_token::decode_workspace_cursor);
+        check(v)?;
+        let (page, next) = self.workspaces.list(page_size, after.as_deref()).await?;
+        Ok(Response::new(proto::ListWorkspacesResponse {
+            workspaces: page.iter().map(|w| self.workspace_pb(w)).collect(),
+            next_page_token: next
+                .map(|after| page_token::encode_workspace_cursor(&after))
+                .unwrap_or_default(),
         }))
     }
 

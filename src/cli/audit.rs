@@ -37,6 +37,21 @@ struct ListArgs {
     /// Follow every page and print them as one list.
     #[arg(long)]
     all: bool,
+    /// Only events about this key.
+    #[arg(long = "key", value_name = "KEY_ID")]
+    key_id: Option<String>,
+    /// Only events of this actor.
+    #[arg(long = "actor", value_name = "ACTOR_ID")]
+    actor_id: Option<String>,
+    /// Only events of this action (key.issue, key.revoke, team.delete, ...).
+    #[arg(long)]
+    action: Option<String>,
+    /// Only events at or after this time, RFC 3339.
+    #[arg(long, value_parser = super::parse::timestamp)]
+    since: Option<prost_types::Timestamp>,
+    /// Only events before this time, RFC 3339.
+    #[arg(long, value_parser = super::parse::timestamp)]
+    until: Option<prost_types::Timestamp>,
 }
 
 pub async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
@@ -48,6 +63,11 @@ pub async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
                 workspace_id: a.workspace.clone(),
                 page_size: a.page_size.unwrap_or(0),
                 page_token,
+                key_id: a.key_id.clone().unwrap_or_default(),
+                actor_id: a.actor_id.clone().unwrap_or_default(),
+                action: a.action.clone().unwrap_or_default(),
+                since: a.since,
+                until: a.until,
             };
             let mut client = session.keys();
             async move {

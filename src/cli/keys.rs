@@ -8,6 +8,7 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use serde_json::json;
 
 use super::output::{self, Format};
+use super::policy_args::{LimitArgs, ReachArgs};
 use super::{ActorArgs, CliError, Connection, Session, in_future, parse, warn_shown_once};
 use crate::proto;
 
@@ -30,7 +31,8 @@ enum KeysCommand {
     },
     /// List a workspace's keys, newest first.
     List(ListArgs),
-    /// Change a key's name, scopes, expiry, budget or metadata (only what is given).
+    /// Change a key's name, scopes, expiry, budget, metadata, limits, reach or networks
+    /// (only what is given).
     Update(UpdateArgs),
     /// Give a key a new secret (printed this once); the old one stops now or after --grace.
     Rotate(RotateArgs),
@@ -74,15 +76,20 @@ struct IssueArgs {
     /// Expire at this time (RFC 3339, e.g. 2030-01-31T00:00:00Z).
     #[arg(long, value_parser = parse::timestamp)]
     expires_at: Option<prost_types::Timestamp>,
-    /// Who the key belongs to: user:ID or service_account:ID.
+    /// Who the key belongs to: user:ID or service_account:ID. An admin actor must name
+    /// one; a self-service actor may leave it out (its key is its own).
     #[arg(long, value_parser = parse::owner)]
-    owner: proto::Owner,
+    owner: Option<proto::Owner>,
     /// The team the key belongs to.
     #[arg(long = "team", value_name = "TEAM_ID")]
     team_id: Option<String>,
     /// The key's own limit in requests per minute (otherwise the deployment's default).
     #[arg(long, value_name = "REQUESTS")]
     rpm: Option<u64>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    reach: ReachArgs,
     /// A spend ceiling, in currency units (e.g. 25 or 12.50).
     #[arg(long, value_parser = parse::money_micros, value_name = "AMOUNT")]
     budget: Option<u64>,
@@ -126,7 +133,7 @@ struct ListArgs {
     ArgGroup::new("change")
         .required(true)
         .multiple(true)
-        .args(["name", "scopes", "expires_at", "expires_in", "no_expiry", "budget", "no_budget", "metadata"])
+        .args(["name", "scopes", "expires_at", "expires_in", "no_expiry", "budget", "no_budget", "metadata", "limits", "default_limits", "reach", "targets", "access_groups", "allowed_cidrs", "any_network"])
 ))]
 struct UpdateArgs {
     /// The key's id (`key_...`).
@@ -155,6 +162,25 @@ struct UpdateArgs {
     /// The key's new metadata KEY=VALUE (repeatable; replaces it all).
     #[arg(long = "meta", value_parser = parse::key_value, value_name = "KEY=VALUE")]
     metadata: Vec<(String, String)>,
+    /// The key's new rate limits (replace them all).
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Drop the key's own limits: the deployment's default applies.
+    #[arg(long, conflicts_with = "limits")]
+    default_limits: bool,
+    /// The key's new reach (replaces it).
+    #[command(flatten)]
+    reach: ReachArgs,
+    /// The key's new network allowlist (repeatable; replaces it).
+    #[arg(
+        long = "allow-cidr",
+        value_name = "CIDR",
+        conflicts_with = "any_network"
+    )]
+    allowed_cidrs: Vec<String>,
+    /// Drop the network allowlist: calls from anywhere.
+    #[arg(long)]
+    any_network: bool,
     #[command(flatten)]
     actor: ActorArgs,
 }
@@ -271,12 +297,17 @@ async fn issue(session: &Session, a: IssueArgs) -> Result<(), CliError> {
             environment: environment(a.environment) as i32,
             scopes: a.scopes,
             expires_at,
-            owner: Some(a.owner),
+            owner: a.owner,
             actor: Some(a.actor.proto()),
             metadata: a.metadata.into_iter().collect::<HashMap<_, _>>(),
-            rate_limits: a.rpm.map(requests_per_minute).into_iter().collect(),
+            rate_limits: a
+                .rpm
+                .map(requests_per_minute)
+                .into_iter()
+                .chain(a.limits.limits)
+                .collect(),
             max_budget_micros: a.budget,
-            resource_access: None,
+            resource_access: a.reach.resource_access(),
             allowed_cidrs: a.allowed_cidrs,
             team_id: a.team_id.unwrap_or_default(),
         })
@@ -330,6 +361,15 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<(), CliError> {
     if !a.metadata.is_empty() {
         paths.push("metadata");
     }
+    if !a.limits.limits.is_empty() || a.default_limits {
+        paths.push("rate_limits");
+    }
+    if a.reach.given() {
+        paths.push("resource_access");
+    }
+    if !a.allowed_cidrs.is_empty() || a.any_network {
+        paths.push("allowed_cidrs");
+    }
     let info = session
         .keys()
         .update_key(proto::UpdateKeyRequest {
@@ -342,10 +382,10 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<(), CliError> {
             update_mask: Some(prost_types::FieldMask {
                 paths: paths.into_iter().map(str::to_owned).collect(),
             }),
-            rate_limits: Vec::new(),
+            rate_limits: a.limits.limits,
             max_budget_micros: a.budget,
-            resource_access: None,
-            allowed_cidrs: Vec::new(),
+            resource_access: a.reach.resource_access(),
+            allowed_cidrs: a.allowed_cidrs,
         })
         .await?
         .into_inner()

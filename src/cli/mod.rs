@@ -11,11 +11,14 @@
 //! verify) are held in wrappers that never print them; a new key's plaintext is the one
 //! secret it prints, once, on stdout.
 
+mod access_groups;
 mod audit;
 mod keys;
 mod output;
 mod parse;
+mod policy_args;
 mod provider_keys;
+mod teams;
 mod verify;
 mod workspaces;
 
@@ -30,10 +33,12 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
+pub use access_groups::AccessGroupsArgs;
 pub use audit::AuditArgs;
 pub use keys::KeysArgs;
 pub use output::Format;
 pub use provider_keys::ProviderKeysArgs;
+pub use teams::{ServiceAccountsArgs, TeamsArgs};
 pub use verify::VerifyArgs;
 pub use workspaces::WorkspacesArgs;
 
@@ -67,8 +72,14 @@ pub enum AdminCommand {
     ProviderKeys(ProviderKeysArgs),
     /// A workspace's audit log.
     Audit(AuditArgs),
-    /// Workspaces (tenants): create one, show one.
+    /// Workspaces (tenants): create, show, list, rename, change plan.
     Workspaces(WorkspacesArgs),
+    /// Teams and their self-service policy.
+    Teams(TeamsArgs),
+    /// A team's service accounts: owners of its keys that are not people.
+    ServiceAccounts(ServiceAccountsArgs),
+    /// Access groups: named sets of targets a reach can name.
+    AccessGroups(AccessGroupsArgs),
 }
 
 /// Where the server is, who is calling, and how to print: accepted before or after the
@@ -187,6 +198,9 @@ pub async fn run(command: AdminCommand) -> ExitCode {
         AdminCommand::ProviderKeys(args) => provider_keys::run(args).await,
         AdminCommand::Audit(args) => audit::run(args).await,
         AdminCommand::Workspaces(args) => workspaces::run(args).await,
+        AdminCommand::Teams(args) => teams::run(args).await,
+        AdminCommand::ServiceAccounts(args) => teams::run_service_accounts(args).await,
+        AdminCommand::AccessGroups(args) => access_groups::run(args).await,
     };
     match result {
         Ok(code) => code,
@@ -259,6 +273,22 @@ impl Session {
         &self,
     ) -> proto::provider_key_service_client::ProviderKeyServiceClient<Authed> {
         proto::provider_key_service_client::ProviderKeyServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
+    }
+
+    pub fn teams(&self) -> proto::team_service_client::TeamServiceClient<Authed> {
+        proto::team_service_client::TeamServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
+    }
+
+    pub fn access_groups(
+        &self,
+    ) -> proto::access_group_service_client::AccessGroupServiceClient<Authed> {
+        proto::access_group_service_client::AccessGroupServiceClient::with_interceptor(
             self.channel.clone(),
             self.bearer.clone(),
         )

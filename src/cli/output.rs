@@ -198,6 +198,7 @@ pub fn verify_code(raw: i32) -> String {
         Ok(C::BudgetExceeded) => "budget_exceeded".into(),
         Ok(C::ResourceForbidden) => "resource_forbidden".into(),
         Ok(C::IpForbidden) => "ip_forbidden".into(),
+        Ok(C::PlanForbidsKeys) => "plan_forbids_keys".into(),
         Ok(C::Unspecified) => "unspecified".into(),
         Err(_) => unknown(raw),
     }
@@ -289,7 +290,6 @@ pub fn key_info_json(k: &proto::KeyInfo) -> Value {
         .into_iter()
         .map(|(key, value)| (key.clone(), Value::String(value.clone())))
         .collect();
-    let access = k.resource_access.clone().unwrap_or_default();
     json!({
         "key_id": k.key_id,
         "workspace_id": k.workspace_id,
@@ -312,28 +312,14 @@ pub fn key_info_json(k: &proto::KeyInfo) -> Value {
         "rate_limits": k.rate_limits.iter().map(rate_limit_json).collect::<Vec<_>>(),
         "max_budget_micros": k.max_budget_micros,
         "spent_micros": k.spent_micros,
-        "resource_access": {
-            "mode": resource_access_mode(access.mode),
-            "targets": access.targets,
-            "access_groups": access.access_groups,
-        },
+        "resource_access": reach_json(k.resource_access.as_ref()),
         "allowed_cidrs": k.allowed_cidrs,
     })
 }
 
 /// Every field of one key, one per line.
 pub fn key_info_fields(k: &proto::KeyInfo) -> Vec<(&'static str, String)> {
-    let access = k.resource_access.clone().unwrap_or_default();
-    let mut access_cell = resource_access_mode(access.mode);
-    let listed: Vec<String> = access
-        .targets
-        .iter()
-        .cloned()
-        .chain(access.access_groups.iter().map(|g| format!("group:{g}")))
-        .collect();
-    if !listed.is_empty() {
-        access_cell = format!("{access_cell}: {}", listed.join(", "));
-    }
+    let access_cell = reach_cell(k.resource_access.as_ref());
     let metadata = sorted_metadata(&k.metadata)
         .into_iter()
         .map(|(key, value)| format!("{key}={value}"))
@@ -369,6 +355,140 @@ pub fn key_info_fields(k: &proto::KeyInfo) -> Vec<(&'static str, String)> {
         ("allowed_cidrs", k.allowed_cidrs.join(", ")),
         ("metadata", metadata),
     ]
+}
+
+/// `include: gpt-4o, group:frontier`, or `all`.
+fn reach_cell(access: Option<&proto::ResourceAccess>) -> String {
+    let access = access.cloned().unwrap_or_default();
+    let mode = resource_access_mode(access.mode);
+    let listed: Vec<String> = access
+        .targets
+        .iter()
+        .cloned()
+        .chain(access.access_groups.iter().map(|g| format!("group:{g}")))
+        .collect();
+    if listed.is_empty() {
+        mode
+    } else {
+        format!("{mode}: {}", listed.join(", "))
+    }
+}
+
+fn reach_json(access: Option<&proto::ResourceAccess>) -> Value {
+    let access = access.cloned().unwrap_or_default();
+    json!({
+        "mode": resource_access_mode(access.mode),
+        "targets": access.targets,
+        "access_groups": access.access_groups,
+    })
+}
+
+pub fn team_json(t: &proto::Team) -> Value {
+    let p = t.policy.clone().unwrap_or_default();
+    json!({
+        "workspace_id": t.workspace_id,
+        "team_id": t.team_id,
+        "name": t.name,
+        "policy": {
+            "self_service_enabled": p.self_service_enabled,
+            "max_keys_per_user": p.max_keys_per_user,
+            "max_budget_micros": p.max_budget_micros,
+            "require_expiry": p.require_expiry,
+            "max_expiry_days": p.max_expiry_days,
+            "rate_limit_ceilings": p.rate_limit_ceilings.iter().map(rate_limit_json).collect::<Vec<_>>(),
+            "resource_access": reach_json(p.resource_access.as_ref()),
+        },
+        "created_at": time(t.created_at.as_ref()),
+        "updated_at": time(t.updated_at.as_ref()),
+    })
+}
+
+pub fn team_fields(t: &proto::Team) -> Vec<(&'static str, String)> {
+    let p = t.policy.clone().unwrap_or_default();
+    let ceilings = if p.rate_limit_ceilings.is_empty() {
+        "none".to_owned()
+    } else {
+        rate_limits_cell(&p.rate_limit_ceilings)
+    };
+    vec![
+        ("workspace_id", t.workspace_id.clone()),
+        ("team_id", t.team_id.clone()),
+        ("name", t.name.clone()),
+        ("self_service", p.self_service_enabled.to_string()),
+        ("max_keys_per_user", p.max_keys_per_user.to_string()),
+        (
+            "max_budget",
+            p.max_budget_micros
+                .map(money)
+                .unwrap_or_else(|| "none".into()),
+        ),
+        ("require_expiry", p.require_expiry.to_string()),
+        ("max_expiry_days", p.max_expiry_days.to_string()),
+        ("rate_limit_ceilings", ceilings),
+        ("resource_access", reach_cell(p.resource_access.as_ref())),
+        ("created_at", time_cell(t.created_at.as_ref())),
+        ("updated_at", time_cell(t.updated_at.as_ref())),
+    ]
+}
+
+pub fn team_table(teams: &[proto::Team]) -> Table {
+    let mut table = Table::new(&["TEAM", "NAME", "SELF-SERVICE", "REACH", "CREATED"]);
+    for t in teams {
+        let p = t.policy.clone().unwrap_or_default();
+        table.row(vec![
+            t.team_id.clone(),
+            t.name.clone(),
+            p.self_service_enabled.to_string(),
+            reach_cell(p.resource_access.as_ref()),
+            time_cell(t.created_at.as_ref()),
+        ]);
+    }
+    table
+}
+
+pub fn service_account_json(a: &proto::ServiceAccount) -> Value {
+    json!({
+        "workspace_id": a.workspace_id,
+        "team_id": a.team_id,
+        "service_account_id": a.service_account_id,
+        "name": a.name,
+        "created_at": time(a.created_at.as_ref()),
+    })
+}
+
+pub fn service_account_table(accounts: &[proto::ServiceAccount]) -> Table {
+    let mut table = Table::new(&["SERVICE ACCOUNT", "NAME", "TEAM", "CREATED"]);
+    for a in accounts {
+        table.row(vec![
+            a.service_account_id.clone(),
+            a.name.clone(),
+            a.team_id.clone(),
+            time_cell(a.created_at.as_ref()),
+        ]);
+    }
+    table
+}
+
+pub fn access_group_json(g: &proto::AccessGroup) -> Value {
+    json!({
+        "workspace_id": g.workspace_id,
+        "name": g.name,
+        "targets": g.targets,
+        "created_at": time(g.created_at.as_ref()),
+        "updated_at": time(g.updated_at.as_ref()),
+    })
+}
+
+pub fn access_group_table(groups: &[proto::AccessGroup]) -> Table {
+    let mut table = Table::new(&["ACCESS GROUP", "TARGETS", "UPDATED"]);
+    for g in groups {
+        table.row(vec![
+            g.name.clone(),
+            g.targets.join(", "),
+            time_cell(g.updated_at.as_ref()),
+        ]);
+    }
+    table
 }
 
 /// The columns of `keys list`.
@@ -474,6 +594,21 @@ pub fn workspace_json(w: &proto::Workspace) -> Value {
         "created_at": time(w.created_at.as_ref()),
         "updated_at": time(w.updated_at.as_ref()),
     })
+}
+
+pub fn workspace_table(workspaces: &[proto::Workspace]) -> Table {
+    let mut table = Table::new(&["WORKSPACE", "NAME", "PLAN", "API KEYS", "BYOK", "CREATED"]);
+    for w in workspaces {
+        table.row(vec![
+            w.workspace_id.clone(),
+            w.name.clone(),
+            plan(w.plan),
+            w.api_keys_allowed.to_string(),
+            w.byok_allowed.to_string(),
+            time_cell(w.created_at.as_ref()),
+        ]);
+    }
+    table
 }
 
 pub fn workspace_fields(w: &proto::Workspace) -> Vec<(&'static str, String)> {

@@ -125,6 +125,35 @@ pub fn secret(s: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(s.to_owned()))
 }
 
+/// A rate limit `KIND=N`: `rpm`, `rph`, `rpd` (requests per minute, hour, day), `tpm`,
+/// `tpd` (tokens per minute, day), e.g. `rpm=600` or `tpd=2000000`.
+pub fn limit(s: &str) -> Result<proto::RateLimit, String> {
+    use proto::{RateLimitUnit as U, RateLimitWindow as W};
+    let bad = || {
+        format!(
+            "invalid limit `{s}`: expected KIND=N with KIND one of rpm, rph, rpd, tpm, tpd (e.g. rpm=600)"
+        )
+    };
+    let (kind, n) = s.split_once('=').ok_or_else(bad)?;
+    let (unit, window) = match kind {
+        "rpm" => (U::Requests, W::Minute),
+        "rph" => (U::Requests, W::Hour),
+        "rpd" => (U::Requests, W::Day),
+        "tpm" => (U::Tokens, W::Minute),
+        "tpd" => (U::Tokens, W::Day),
+        _ => return Err(bad()),
+    };
+    let limit: u64 = n.parse().map_err(|_| bad())?;
+    if limit == 0 {
+        return Err(format!("invalid limit `{s}`: must be at least 1"));
+    }
+    Ok(proto::RateLimit {
+        unit: unit as i32,
+        window: window as i32,
+        limit,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +194,26 @@ mod tests {
         assert_eq!(owner("user:a:b").unwrap().id, "a:b");
         for bad in ["user_42", "user:", "team:x", ":x", ""] {
             assert!(owner(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limits_name_their_unit_and_window() {
+        let l = limit("tpd=2000000").unwrap();
+        assert_eq!(
+            (l.unit, l.window, l.limit),
+            (
+                proto::RateLimitUnit::Tokens as i32,
+                proto::RateLimitWindow::Day as i32,
+                2_000_000
+            )
+        );
+        assert_eq!(
+            limit("rph=5").unwrap().window,
+            proto::RateLimitWindow::Hour as i32
+        );
+        for bad in ["rpm", "rpm=", "rpm=x", "rpm=0", "tph=5", "=5", "rpm=-1"] {
+            assert!(limit(bad).is_err(), "{bad}");
         }
     }
 

@@ -1,4 +1,4 @@
-//! `keywarden workspaces create|get`: WorkspaceService. Keys and provider keys live in a
+//! `keywarden workspaces create|get|list|update`: WorkspaceService. Keys and provider keys live in a
 //! workspace, so a walkthrough on a fresh server starts here.
 
 use std::process::ExitCode;
@@ -26,6 +26,39 @@ enum WorkspacesCommand {
         /// The workspace's id.
         workspace_id: String,
     },
+    /// List every workspace by id, a page at a time.
+    List(ListArgs),
+    /// Rename a workspace or move it to another plan (a plan without API keys makes its
+    /// keys answer plan_forbids_keys until a plan allows them again).
+    Update(UpdateArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["name", "plan"])))]
+struct UpdateArgs {
+    /// The workspace's id.
+    workspace_id: String,
+    /// A new display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// A new plan.
+    #[arg(long, value_enum)]
+    plan: Option<PlanArg>,
+    #[command(flatten)]
+    actor: ActorArgs,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// Workspaces per page (1 to 1000; the server's default is 50).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    page_size: Option<i32>,
+    /// Continue from a previous page (its `next_page_token`).
+    #[arg(long, conflicts_with = "all")]
+    page_token: Option<String>,
+    /// Follow every page and print them as one list.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,6 +95,28 @@ fn plan(p: PlanArg) -> proto::Plan {
 pub async fn run(args: WorkspacesArgs) -> Result<ExitCode, CliError> {
     let session = Session::open(&args.conn).await?;
     let workspace = match args.command {
+        WorkspacesCommand::List(a) => return list(&session, a).await,
+        WorkspacesCommand::Update(a) => {
+            let mut paths = Vec::new();
+            if a.name.is_some() {
+                paths.push("name".to_owned());
+            }
+            if a.plan.is_some() {
+                paths.push("plan".to_owned());
+            }
+            session
+                .workspaces()
+                .update_workspace(proto::UpdateWorkspaceRequest {
+                    workspace_id: a.workspace_id,
+                    actor: Some(a.actor.proto()),
+                    name: a.name.unwrap_or_default(),
+                    plan: a.plan.map_or(proto::Plan::Unspecified, plan) as i32,
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                })
+                .await?
+                .into_inner()
+                .workspace
+        }
         WorkspacesCommand::Create(a) => {
             session
                 .workspaces()
@@ -88,6 +143,35 @@ pub async fn run(args: WorkspacesArgs) -> Result<ExitCode, CliError> {
     match session.format {
         Format::Json => output::emit_json(&output::workspace_json(&workspace))?,
         Format::Table => output::emit(&output::fields(&output::workspace_fields(&workspace)))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(session: &Session, a: ListArgs) -> Result<ExitCode, CliError> {
+    let (workspaces, next_page_token) =
+        super::pages(a.page_token.unwrap_or_default(), a.all, |page_token| {
+            let request = proto::ListWorkspacesRequest {
+                page_size: a.page_size.unwrap_or(0),
+                page_token,
+            };
+            let mut client = session.workspaces();
+            async move {
+                let page = client.list_workspaces(request).await?.into_inner();
+                Ok((page.workspaces, page.next_page_token))
+            }
+        })
+        .await?;
+    match session.format {
+        Format::Json => output::emit_json(&serde_json::json!({
+            "workspaces": workspaces.iter().map(output::workspace_json).collect::<Vec<_>>(),
+            "next_page_token": next_page_token,
+        }))?,
+        Format::Table => {
+            output::emit(&output::workspace_table(&workspaces).render())?;
+            if !next_page_token.is_empty() {
+                eprintln!("more workspaces: --page-token {next_page_token} (or --all)");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

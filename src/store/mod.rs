@@ -36,6 +36,19 @@ use crate::domain::provider_key::{Provider, ProviderKeyRecord};
 use crate::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use crate::domain::workspace::{Plan, Workspace};
 
+/// Which audit events a listing selects: a workspace's, narrowed by each filter set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub workspace_id: String,
+    pub key_id: Option<String>,
+    pub actor_id: Option<String>,
+    pub action: Option<String>,
+    /// At or after.
+    pub since: Option<Micros>,
+    /// Before.
+    pub until: Option<Micros>,
+}
+
 /// A connection pool's figures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolStats {
@@ -188,6 +201,9 @@ pub struct FoundSecret {
     pub key: KeyRecord,
     /// `None` for the current secret; the end of the grace period for a replaced one.
     pub valid_until: Option<Micros>,
+    /// The plan of the key's workspace now (`None`: no workspace row, which migration
+    /// 0004 made impossible for keys it found).
+    pub plan: Option<Plan>,
 }
 
 /// The fields a team update changes; `None` leaves a field as it is.
@@ -360,10 +376,11 @@ pub trait AuditStore: Send + Sync + 'static {
         outcome: AuditOutcome,
     ) -> Result<(), StoreError>;
 
-    /// Up to `limit` audit events of a workspace, newest first, with ids below `before_id`.
+    /// Up to `limit` audit events that `filter` selects, newest first, with ids below
+    /// `before_id`.
     async fn list_audit(
         &self,
-        workspace_id: &str,
+        filter: &AuditFilter,
         limit: u32,
         before_id: Option<i64>,
     ) -> Result<Vec<AuditRecord>, StoreError>;
@@ -382,13 +399,29 @@ pub trait WorkspaceStore: Send + Sync + 'static {
 
     async fn get_workspace(&self, workspace_id: &str) -> Result<Option<Workspace>, StoreError>;
 
+    /// Up to `limit` workspaces by id, those after `after` when given.
+    async fn list_workspaces(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<Workspace>, StoreError>;
+
+    /// Whether the workspace exists: asked by a workspace-scoped read that found nothing,
+    /// so that a mistyped workspace id answers NOT_FOUND instead of an empty list.
+    async fn workspace_exists(&self, workspace_id: &str) -> Result<bool, StoreError> {
+        Ok(self.get_workspace(workspace_id).await?.is_some())
+    }
+
+    /// Applies the patch to the row as locked. A change of plan changes whether the
+    /// workspace's keys verify: an event is appended for each of them (deleted ones
+    /// aside), and their secret hashes returned for this replica's cache.
     async fn update_workspace(
         &self,
         workspace_id: &str,
         patch: &WorkspacePatch,
         now: Micros,
         audit: &AuditContext,
-    ) -> Result<Workspace, StoreError>;
+    ) -> Result<(Workspace, Vec<KeyHash>), StoreError>;
 }
 
 /// Teams and their service accounts.
@@ -435,6 +468,17 @@ pub trait TeamStore: Send + Sync + 'static {
         workspace_id: &str,
         team_id: &str,
     ) -> Result<Vec<ServiceAccount>, StoreError>;
+
+    /// Deletes the team and its service accounts; [`StoreError::NotFound`] when there is
+    /// no such team, refused ([`StoreError::Precondition`], `TEAM_IN_USE`) while it has
+    /// keys neither revoked nor deleted (an expired key can be renewed).
+    async fn delete_team(
+        &self,
+        workspace_id: &str,
+        team_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
 
     /// Refused ([`StoreError::Precondition`]) while the account owns live keys.
     async fn delete_service_account(
@@ -662,6 +706,16 @@ pub mod page_token {
             .filter(|id: &i64| *id > 0)
     }
 
+    pub fn encode_workspace_cursor(after: &str) -> String {
+        ENGINE.encode(format!("w1:{after}"))
+    }
+
+    pub fn decode_workspace_cursor(token: &str) -> Option<String> {
+        let raw = String::from_utf8(ENGINE.decode(token).ok()?).ok()?;
+        let after = raw.strip_prefix("w1:")?;
+        (!after.is_empty() && after.len() <= 128).then(|| after.to_owned())
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -678,6 +732,18 @@ pub mod page_token {
                 assert_eq!(decode_key_cursor(bad), None, "{bad}");
             }
             assert_eq!(decode_audit_cursor(&encode_audit_cursor(-1)), None);
+            assert_eq!(
+                decode_workspace_cursor(&encode_workspace_cursor("ws_a")).as_deref(),
+                Some("ws_a")
+            );
+            for bad in [
+                "",
+                "!!",
+                &encode_workspace_cursor(""),
+                &encode_audit_cursor(7),
+            ] {
+                assert_eq!(decode_workspace_cursor(bad), None, "{bad}");
+            }
         }
     }
 }

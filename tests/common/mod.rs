@@ -496,6 +496,7 @@ impl TestApp {
                 workspace_id: workspace_id.to_owned(),
                 page_size: 1000,
                 page_token: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()

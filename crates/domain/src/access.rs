@@ -125,6 +125,45 @@ impl ResourceAccess {
     }
 }
 
+/// What a team key's own reach names that its team's reach (`team`, its groups resolved)
+/// does not let it reach: targets, and access groups as `group:NAME`. A key may narrow
+/// its team's reach, never widen it, so only a key limited to a list (`Include`) can
+/// name too much; reaching everything (`All`, which inherits the team's reach) or
+/// excluding names never does. Under a team limited to a list, a key's target must be on
+/// it (directly or through one of the team's groups) and a key's group must be one the
+/// team names; under a team that excludes, neither may be one the team excludes.
+pub fn beyond_team(team: &ResourceAccess, key: &ResourceAccess) -> Vec<String> {
+    if team.mode == AccessMode::All || key.mode != AccessMode::Include {
+        return Vec::new();
+    }
+    let include = team.mode == AccessMode::Include;
+    let targets = key
+        .targets
+        .iter()
+        .filter(|t| team.listed(t) != include)
+        .cloned();
+    let groups = key
+        .groups
+        .iter()
+        .filter(|g| team.groups.contains(*g) != include)
+        .map(|g| format!("group:{g}"));
+    targets.chain(groups).collect()
+}
+
+/// The refusal of a team key whose reach names `beyond` (see [`beyond_team`]).
+pub fn reach_beyond_team(team_id: &str, beyond: &[String]) -> Refusal {
+    Refusal::new(
+        Reason::ReachBeyondTeam,
+        format!(
+            "the key's resource_access names what team {team_id} cannot reach: {} (a team key may narrow its team's reach, never widen it)",
+            beyond.join(", ")
+        ),
+    )
+    .with("team_id", team_id)
+    .with("field", "resource_access")
+    .with("beyond", beyond.join(","))
+}
+
 /// An access group name: 1 to 64 of `a-z 0-9 _ -`, starting with a letter.
 pub fn is_group_name(s: &str) -> bool {
     s.len() <= 64
@@ -204,6 +243,42 @@ impl NetworkAllowlist {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reach(mode: AccessMode, targets: &[&str], groups: &[&str]) -> ResourceAccess {
+        ResourceAccess {
+            mode,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            group_targets: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn a_team_key_may_narrow_its_team_s_reach_never_widen_it() {
+        use AccessMode::{All, Exclude, Include};
+        let mut team = reach(Include, &["gpt-4o", "claude"], &["fast"]);
+        team.group_targets = ["haiku".to_owned()].into();
+        // Within: listed targets, a target of a listed group, a listed group.
+        assert!(beyond_team(&team, &reach(Include, &["claude", "haiku"], &["fast"])).is_empty());
+        // Beyond: a target not listed, a group the team does not name.
+        assert_eq!(
+            beyond_team(&team, &reach(Include, &["claude", "o3"], &["fast", "slow"])),
+            ["o3", "group:slow"]
+        );
+        // Reaching all (the team's reach, inherited) or excluding never widens.
+        assert!(beyond_team(&team, &reach(All, &[], &[])).is_empty());
+        assert!(beyond_team(&team, &reach(Exclude, &["o3"], &["slow"])).is_empty());
+        // A team that reaches all admits any list.
+        assert!(beyond_team(&reach(All, &[], &[]), &reach(Include, &["o3"], &["slow"])).is_empty());
+        // A team that excludes: the key may name anything but what it excludes.
+        let mut team = reach(Exclude, &["o3"], &["slow"]);
+        team.group_targets = ["o1".to_owned()].into();
+        assert!(beyond_team(&team, &reach(Include, &["claude"], &["fast"])).is_empty());
+        assert_eq!(
+            beyond_team(&team, &reach(Include, &["o3", "o1", "claude"], &["slow"])),
+            ["o1", "o3", "group:slow"]
+        );
+    }
 
     fn list(cidrs: &[&str]) -> NetworkAllowlist {
         NetworkAllowlist {

@@ -42,6 +42,13 @@ pub struct Owner {
     pub id: String,
 }
 
+impl std::fmt::Display for Owner {
+    /// `user:ID` or `service_account:ID`, as the CLI takes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.kind.as_str(), self.id)
+    }
+}
+
 /// A key as stored: never its secret, never its hash.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRecord {
@@ -94,6 +101,9 @@ pub struct VerifiableKey {
     /// needs only whether).
     pub revoked: bool,
     pub deleted: bool,
+    /// Whether the workspace's plan forbids API keys, as the workspace stood when the key
+    /// was read (a plan change reloads the workspace's keys).
+    pub plan_forbids_keys: bool,
     /// `u64::MAX` when the key has no budget (budgets are far below it); read it with
     /// [`VerifiableKey::max_budget_micros`].
     max_budget_micros: u64,
@@ -171,6 +181,7 @@ impl From<KeyRecord> for VerifiableKey {
             expires_at: r.expires_at.unwrap_or(Micros::MAX),
             revoked: r.revoked_at.is_some(),
             deleted: r.deleted_at.is_some(),
+            plan_forbids_keys: false,
             max_budget_micros: r.max_budget_micros.unwrap_or(u64::MAX),
             spent_micros: r.spent_micros,
             extras: (extras != NO_EXTRAS).then(|| Box::new(extras)),
@@ -291,6 +302,9 @@ pub enum VerifyCode {
     BudgetExceeded,
     ResourceForbidden,
     IpForbidden,
+    /// The workspace's plan does not allow API keys (now): a state of the workspace, not
+    /// of the key, which works again when the plan allows keys.
+    PlanForbidsKeys,
 }
 
 /// What a request asks of a key besides its secret.
@@ -380,7 +394,8 @@ pub fn decide(
 }
 
 /// The key's own state, whatever the request: deleted → NOT_FOUND, revoked or a
-/// rotated-away secret past its grace → REVOKED, expired → EXPIRED, else VALID. The first
+/// rotated-away secret past its grace → REVOKED, expired → EXPIRED, a workspace whose plan
+/// forbids keys → PLAN_FORBIDS_KEYS, else VALID. The first
 /// checks of [`decide`]; a quota lease is judged by these alone (the holder's cached
 /// answers judge the rest).
 pub fn status(key: &VerifiableKey, secret_valid_until: Option<Micros>, now: Micros) -> VerifyCode {
@@ -390,6 +405,8 @@ pub fn status(key: &VerifiableKey, secret_valid_until: Option<Micros>, now: Micr
         VerifyCode::Revoked
     } else if key.expires_at().is_some_and(|e| now >= e) {
         VerifyCode::Expired
+    } else if key.plan_forbids_keys {
+        VerifyCode::PlanForbidsKeys
     } else {
         VerifyCode::Valid
     }
@@ -500,6 +517,28 @@ mod tests {
             check(&r, None, &req(&["write".into()]), 10),
             VerifyCode::InsufficientScope
         );
+    }
+
+    /// A plan that forbids keys refuses a key otherwise valid, after the key's own state
+    /// (a revoked or expired key says so), before the request's checks.
+    #[test]
+    fn a_plan_forbidding_keys_refuses_after_the_key_s_own_state() {
+        let r = record();
+        let mut key = VerifiableKey::from(r.clone());
+        key.plan_forbids_keys = true;
+        let fx = scopes(&r);
+        let write = ["write".to_owned()];
+        let wrong_scope = req(&write);
+        assert_eq!(
+            decide(&key, None, &fx, &wrong_scope, 10),
+            VerifyCode::PlanForbidsKeys
+        );
+        assert_eq!(status(&key, None, 10), VerifyCode::PlanForbidsKeys);
+        key.revoked = true;
+        assert_eq!(status(&key, None, 10), VerifyCode::Revoked);
+        key.revoked = false;
+        key.plan_forbids_keys = false;
+        assert_eq!(status(&key, None, 10), VerifyCode::Valid);
     }
 
     #[test]

@@ -52,6 +52,8 @@ reasons! {
     SelfServiceDisabled => "SELF_SERVICE_DISABLED",
     /// A member already holds the team's maximum of keys.
     SelfServiceKeyLimitReached => "SELF_SERVICE_KEY_LIMIT_REACHED",
+    /// A self-service member named another owner for its key: a member's key is its own.
+    SelfServiceOwnerNotActor => "SELF_SERVICE_OWNER_NOT_ACTOR",
 
     // FAILED_PRECONDITION
     /// The workspace's plan holds no API keys.
@@ -72,12 +74,17 @@ reasons! {
     TeamRateLimitCeilingExceeded => "TEAM_RATE_LIMIT_CEILING_EXCEEDED",
     /// A key or a team's reach names access groups that do not exist in the workspace.
     AccessGroupsMissing => "ACCESS_GROUPS_MISSING",
+    /// A team key's own reach names targets or access groups its team cannot reach: a
+    /// key may narrow its team's reach, never widen it.
+    ReachBeyondTeam => "REACH_BEYOND_TEAM",
     /// An access group still named by keys or by a team's reach cannot be deleted.
     AccessGroupInUse => "ACCESS_GROUP_IN_USE",
     /// A team key's owning service account is not in that team.
     ServiceAccountNotInTeam => "SERVICE_ACCOUNT_NOT_IN_TEAM",
     /// A service account that still owns keys not revoked cannot be deleted.
     ServiceAccountOwnsKeys => "SERVICE_ACCOUNT_OWNS_KEYS",
+    /// A team that still has keys neither revoked nor deleted cannot be deleted.
+    TeamInUse => "TEAM_IN_USE",
     /// Rotation of a revoked key.
     KeyRevoked => "KEY_REVOKED",
     /// Rotation of an expired key.
@@ -147,6 +154,17 @@ pub struct Refusal {
     pub reason: Reason,
     pub message: String,
     pub metadata: Vec<(&'static str, String)>,
+    /// Where one request breaks several rules at once: each of them (the API sends them
+    /// as a google.rpc.PreconditionFailure), `reason` being the first's.
+    pub violations: Vec<Violation>,
+}
+
+/// One broken rule of several: its reason, the request field at fault, and a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub reason: Reason,
+    pub field: &'static str,
+    pub description: String,
 }
 
 impl Refusal {
@@ -155,7 +173,14 @@ impl Refusal {
             reason,
             message: message.into(),
             metadata: Vec::new(),
+            violations: Vec::new(),
         }
+    }
+
+    /// Adds the rules broken besides (or including) this one.
+    pub fn with_violations(mut self, violations: Vec<Violation>) -> Refusal {
+        self.violations = violations;
+        self
     }
 
     /// Adds one metadata entry (keys are lower_snake, like proto field names).

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::access::ResourceAccess;
 use super::limits::{LimitUnit, LimitWindow, RateLimit};
-use super::refusal::{Reason, Refusal};
+use super::refusal::{Reason, Refusal, Violation};
 use super::{MICROS_PER_SECOND, Micros};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +104,9 @@ pub enum SelfServiceRefusal {
     RateLimitAboveCeiling {
         ceiling: RateLimit,
     },
+    /// Several of the FAILED_PRECONDITION rules above at once (two or more), so that the
+    /// member learns of every one in one answer.
+    Breaches(Vec<SelfServiceRefusal>),
 }
 
 impl SelfServiceRefusal {
@@ -114,6 +117,25 @@ impl SelfServiceRefusal {
     pub fn refusal(&self, team_id: &str) -> Refusal {
         let message = self.reason(team_id);
         let refusal = match self {
+            SelfServiceRefusal::Breaches(all) => {
+                let violations = all
+                    .iter()
+                    .map(|b| {
+                        let one = b.refusal(team_id);
+                        let field = b.field().unwrap_or("");
+                        Violation {
+                            reason: one.reason,
+                            field,
+                            description: one.message,
+                        }
+                    })
+                    .collect();
+                let first = all.first().map_or_else(
+                    || Refusal::new(Reason::SelfServiceDisabled, ""),
+                    |b| b.refusal(team_id),
+                );
+                return Refusal { message, ..first }.with_violations(violations);
+            }
             SelfServiceRefusal::Disabled => Refusal::new(Reason::SelfServiceDisabled, message),
             SelfServiceRefusal::TooManyKeys { max } => {
                 Refusal::new(Reason::SelfServiceKeyLimitReached, message)
@@ -142,8 +164,25 @@ impl SelfServiceRefusal {
         refusal.with("team_id", team_id)
     }
 
+    /// The request field a rule is about.
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            SelfServiceRefusal::BudgetAboveCeiling { .. } => Some("max_budget_micros"),
+            SelfServiceRefusal::ExpiryRequired | SelfServiceRefusal::ExpiryTooFar { .. } => {
+                Some("expires_at")
+            }
+            SelfServiceRefusal::RateLimitAboveCeiling { .. } => Some("rate_limits"),
+            _ => None,
+        }
+    }
+
     pub fn reason(&self, team_id: &str) -> String {
         match self {
+            SelfServiceRefusal::Breaches(all) => all
+                .iter()
+                .map(|b| b.reason(team_id))
+                .collect::<Vec<_>>()
+                .join("; "),
             SelfServiceRefusal::Disabled => {
                 format!("self-service is off in team {team_id}")
             }
@@ -244,18 +283,20 @@ pub fn check_self_service_change(
     if !policy.self_service_enabled {
         return Err(SelfServiceRefusal::Disabled);
     }
+    // Every rule the key breaks, not only the first: one answer tells the member all
+    // there is to change.
+    let mut breaches = Vec::new();
     if let Some(ceiling) = policy.max_budget_micros
         && key.max_budget_micros.is_none_or(|b| b > ceiling)
     {
-        return Err(SelfServiceRefusal::BudgetAboveCeiling { ceiling });
+        breaches.push(SelfServiceRefusal::BudgetAboveCeiling { ceiling });
     }
     if policy.require_expiry && key.expires_at.is_none() {
-        return Err(SelfServiceRefusal::ExpiryRequired);
-    }
-    if policy.max_expiry_days > 0 {
+        breaches.push(SelfServiceRefusal::ExpiryRequired);
+    } else if policy.max_expiry_days > 0 {
         let latest = now + i64::from(policy.max_expiry_days) * 86_400 * MICROS_PER_SECOND;
         if key.expires_at.is_none_or(|e| e > latest) {
-            return Err(SelfServiceRefusal::ExpiryTooFar {
+            breaches.push(SelfServiceRefusal::ExpiryTooFar {
                 max_days: policy.max_expiry_days,
             });
         }
@@ -265,10 +306,14 @@ pub fn check_self_service_change(
             l.unit == ceiling.unit && l.window == ceiling.window && l.limit <= ceiling.limit
         });
         if !within {
-            return Err(SelfServiceRefusal::RateLimitAboveCeiling { ceiling });
+            breaches.push(SelfServiceRefusal::RateLimitAboveCeiling { ceiling });
         }
     }
-    Ok(())
+    match breaches.len() {
+        0 => Ok(()),
+        1 => Err(breaches.remove(0)),
+        _ => Err(SelfServiceRefusal::Breaches(breaches)),
+    }
 }
 
 #[cfg(test)]
@@ -346,6 +391,68 @@ mod tests {
         assert_eq!(
             check_self_service(&policy, &ok, 0, 0),
             Err(SelfServiceRefusal::Disabled)
+        );
+    }
+
+    /// A key that breaks several rules is refused naming every one, in the policy's
+    /// order, each with its own reason and field; the first is the refusal's reason.
+    #[test]
+    fn every_broken_rule_is_named_at_once() {
+        let mut policy = TeamPolicy {
+            self_service_enabled: true,
+            max_budget_micros: Some(1000),
+            require_expiry: true,
+            max_expiry_days: 30,
+            ..TeamPolicy::default()
+        };
+        policy.set_ceilings(&[rpm(60)]);
+        let key = SelfServiceKey {
+            max_budget_micros: None,
+            expires_at: None,
+            effective_limits: &[rpm(100)],
+        };
+        let refused = check_self_service_change(&policy, &key, 0).unwrap_err();
+        assert_eq!(
+            refused,
+            SelfServiceRefusal::Breaches(vec![
+                SelfServiceRefusal::BudgetAboveCeiling { ceiling: 1000 },
+                SelfServiceRefusal::ExpiryRequired,
+                SelfServiceRefusal::RateLimitAboveCeiling { ceiling: rpm(60) },
+            ])
+        );
+        let refusal = refused.refusal("team_ml");
+        assert_eq!(refusal.reason, Reason::TeamBudgetCeilingExceeded);
+        let named: Vec<(Reason, &str)> = refusal
+            .violations
+            .iter()
+            .map(|v| (v.reason, v.field))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (Reason::TeamBudgetCeilingExceeded, "max_budget_micros"),
+                (Reason::TeamExpiryRequired, "expires_at"),
+                (Reason::TeamRateLimitCeilingExceeded, "rate_limits"),
+            ]
+        );
+        for v in &refusal.violations {
+            assert!(refusal.message.contains(&v.description), "{refusal:?}");
+        }
+        // One rule broken: that rule alone, as before.
+        let one = SelfServiceKey {
+            max_budget_micros: Some(10),
+            expires_at: Some(DAY),
+            effective_limits: &[rpm(100)],
+        };
+        assert_eq!(
+            check_self_service_change(&policy, &one, 0),
+            Err(SelfServiceRefusal::RateLimitAboveCeiling { ceiling: rpm(60) })
+        );
+        assert!(
+            SelfServiceRefusal::ExpiryRequired
+                .refusal("t")
+                .violations
+                .is_empty()
         );
     }
 

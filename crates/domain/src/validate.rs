@@ -77,6 +77,23 @@ impl Violations {
         }
     }
 
+    /// An audit action as the log writes them (`key.revoke`, `access_group.create`): 1 to
+    /// 64 characters of a-z, '.' and '_'.
+    pub fn audit_action(&mut self, field: &str, s: &str) {
+        if s.is_empty() {
+            self.add(field, "is required");
+        } else if s.len() > 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'.' || b == b'_')
+        {
+            self.add(
+                field,
+                "must be an action of the audit log (1 to 64 characters of a-z, '.' and '_', e.g. key.revoke)",
+            );
+        }
+    }
+
     pub fn key_id(&mut self, field: &str, s: &str) {
         if s.is_empty() {
             self.add(field, "is required");

@@ -31,6 +31,8 @@ pub enum Denial {
     InsufficientScope,
     ResourceForbidden,
     IpForbidden,
+    /// The key's workspace is on a plan without API keys.
+    PlanForbidsKeys,
     RateLimited,
     BudgetExceeded,
     /// The path is not in normal form (only judged when routes are configured).
@@ -51,6 +53,7 @@ impl Denial {
             VerifyCode::InsufficientScope => Denial::InsufficientScope,
             VerifyCode::ResourceForbidden => Denial::ResourceForbidden,
             VerifyCode::IpForbidden => Denial::IpForbidden,
+            VerifyCode::PlanForbidsKeys => Denial::PlanForbidsKeys,
             VerifyCode::RateLimited => Denial::RateLimited,
             VerifyCode::BudgetExceeded => Denial::BudgetExceeded,
         }
@@ -67,6 +70,7 @@ impl Denial {
             Denial::InsufficientScope => "insufficient_scope",
             Denial::ResourceForbidden => "resource_forbidden",
             Denial::IpForbidden => "ip_forbidden",
+            Denial::PlanForbidsKeys => "plan_forbids_keys",
             Denial::RateLimited => "rate_limited",
             Denial::BudgetExceeded => "budget_exceeded",
             Denial::InvalidPath => "invalid_path",
@@ -84,9 +88,10 @@ impl Denial {
             | Denial::UnknownKey
             | Denial::RevokedKey
             | Denial::ExpiredKey => HttpStatusCode::Unauthorized,
-            Denial::InsufficientScope | Denial::ResourceForbidden | Denial::IpForbidden => {
-                HttpStatusCode::Forbidden
-            }
+            Denial::InsufficientScope
+            | Denial::ResourceForbidden
+            | Denial::IpForbidden
+            | Denial::PlanForbidsKeys => HttpStatusCode::Forbidden,
             Denial::RateLimited | Denial::BudgetExceeded => HttpStatusCode::TooManyRequests,
             Denial::InvalidPath | Denial::InvalidResource => HttpStatusCode::BadRequest,
         }
@@ -226,6 +231,7 @@ mod tests {
             (Denial::MissingKey, 401),
             (Denial::RevokedKey, 401),
             (Denial::IpForbidden, 403),
+            (Denial::PlanForbidsKeys, 403),
             (Denial::BudgetExceeded, 429),
             (Denial::InvalidPath, 400),
         ] {

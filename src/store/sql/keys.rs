@@ -23,13 +23,16 @@ use crate::store::{
     Rotated, StoreError,
 };
 
-/// A key by a secret's hash: one round trip, two primary-key lookups (the secret by hash,
-/// its key by id; the derived table keeps key_secrets' other columns out of the select
-/// list). The cache-miss benchmark's floor issues the same statement.
+/// A key by a secret's hash: one round trip, three primary-key lookups (the secret by
+/// hash, its key by id, its workspace's plan; the derived table keeps key_secrets' other
+/// columns out of the select list). The cache-miss benchmark's floor issues the same
+/// statement.
 pub(crate) const FIND_SECRET: &str = concat!(
     "SELECT ",
     key_columns!(),
-    ", secret_valid_until FROM api_keys JOIN \
+    ", secret_valid_until, \
+     (SELECT plan FROM workspaces w WHERE w.workspace_id = api_keys.workspace_id) \
+     AS workspace_plan FROM api_keys JOIN \
      (SELECT key_id, valid_until AS secret_valid_until FROM key_secrets \
       WHERE secret_hash = $1) AS secret USING (key_id)"
 );

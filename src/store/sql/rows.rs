@@ -236,15 +236,23 @@ pub(crate) struct FoundRow {
     #[sqlx(flatten)]
     key: KeyRow,
     secret_valid_until: Option<i64>,
+    workspace_plan: Option<String>,
 }
 
 impl TryFrom<FoundRow> for FoundSecret {
     type Error = StoreError;
 
     fn try_from(r: FoundRow) -> Result<Self, StoreError> {
+        let plan = match r.workspace_plan {
+            Some(plan) => Some(crate::domain::workspace::Plan::parse(&plan).ok_or_else(|| {
+                StoreError::Corrupt(format!("workspace {}: plan", r.key.workspace_id))
+            })?),
+            None => None,
+        };
         Ok(FoundSecret {
             key: r.key.try_into()?,
             valid_until: r.secret_valid_until,
+            plan,
         })
     }
 }

@@ -14,12 +14,12 @@ use crate::store::sql::rows::{KeyRow, ServiceAccountRow, TeamRow, key_columns, p
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
 use crate::store::{AuditContext, StoreError, TeamPatch, TeamStore};
 
-/// The live keys (neither revoked, deleted nor expired at `$4`) of owner `$3` in team `$2`
-/// of workspace `$1`: what a team's `max_keys_per_user` caps.
 /// One team by id, every column (`TeamRow`).
 pub(super) const TEAM_BY_ID: &str = "SELECT workspace_id, team_id, name, policy, created_at, \
      updated_at FROM teams WHERE workspace_id = $1 AND team_id = $2";
 
+/// The live keys (neither revoked, deleted nor expired at `$4`) of owner `$3` in team `$2`
+/// of workspace `$1`: what a team's `max_keys_per_user` caps.
 pub(super) const MEMBER_KEYS: &str = "SELECT count(*) FROM api_keys WHERE workspace_id = $1 \
      AND team_id = $2 AND owner_id = $3 AND deleted_at IS NULL AND revoked_at IS NULL \
      AND (expires_at IS NULL OR expires_at > $4)";
@@ -153,6 +153,18 @@ where
         audit: &AuditContext,
     ) -> Result<(), StoreError> {
         let mut m = self.begin().await?;
+        // The team is share-locked while the account is added, so a concurrent DeleteTeam
+        // either waits for it (and deletes it with the team) or has deleted the team.
+        let team: Option<String> = sqlx::query_scalar(B::for_share(
+            "SELECT team_id FROM teams WHERE workspace_id = $1 AND team_id = $2",
+        ))
+        .bind(&account.workspace_id)
+        .bind(&account.team_id)
+        .fetch_optional(m.conn())
+        .await?;
+        if team.is_none() {
+            return Err(StoreError::NotFound);
+        }
         let inserted = sqlx::query(
             "INSERT INTO service_accounts (workspace_id, service_account_id, team_id, name, \
              created_at) VALUES ($1, $2, $3, $4, $5) \
@@ -170,6 +182,55 @@ where
         }
         m.commit_with_audit(&account.workspace_id, audit, account.created_at)
             .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn delete_team(
+        &self,
+        workspace_id: &str,
+        team_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError> {
+        let mut m = self.begin().await?;
+        // Delete first, then look for keys: the delete waits for a transaction that has
+        // locked the team row to issue a key in it (`insert_key`) or add an account, and
+        // the look that follows, a statement of its own, sees what that one committed.
+        // Keys found roll the delete back.
+        let deleted = sqlx::query("DELETE FROM teams WHERE workspace_id = $1 AND team_id = $2")
+            .bind(workspace_id)
+            .bind(team_id)
+            .execute(m.conn())
+            .await?;
+        if B::rows_affected(&deleted) == 0 {
+            return Err(StoreError::NotFound);
+        }
+        let keys: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM api_keys WHERE workspace_id = $1 AND team_id = $2 \
+             AND deleted_at IS NULL AND revoked_at IS NULL",
+        )
+        .bind(workspace_id)
+        .bind(team_id)
+        .fetch_one(m.conn())
+        .await?;
+        if keys > 0 {
+            return Err(StoreError::Precondition(
+                Refusal::new(
+                    Reason::TeamInUse,
+                    format!(
+                        "team {team_id} has {keys} key(s) neither revoked nor deleted: revoke or delete them first"
+                    ),
+                )
+                .with("workspace_id", workspace_id)
+                .with("team_id", team_id),
+            ));
+        }
+        sqlx::query("DELETE FROM service_accounts WHERE workspace_id = $1 AND team_id = $2")
+            .bind(workspace_id)
+            .bind(team_id)
+            .execute(m.conn())
+            .await?;
+        m.commit_with_audit(workspace_id, audit, now).await
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

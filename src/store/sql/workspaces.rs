@@ -3,8 +3,9 @@
 //! patch to the row as locked.
 
 use crate::domain::Micros;
+use crate::domain::key_format::KeyHash;
 use crate::domain::workspace::Workspace;
-use crate::store::sql::rows::WorkspaceRow;
+use crate::store::sql::rows::{KeyRow, WorkspaceRow, key_columns};
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
 use crate::store::{AuditContext, StoreError, WorkspacePatch, WorkspaceStore};
 
@@ -59,13 +60,31 @@ where
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
+    async fn list_workspaces(
+        &self,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<Workspace>, StoreError> {
+        // Ids are never empty, so "after the empty string" is from the first.
+        let rows: Vec<WorkspaceRow> = sqlx::query_as(
+            "SELECT workspace_id, name, plan, created_at, updated_at FROM workspaces \
+             WHERE workspace_id > $1 ORDER BY workspace_id LIMIT $2",
+        )
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn update_workspace(
         &self,
         workspace_id: &str,
         patch: &WorkspacePatch,
         now: Micros,
         audit: &AuditContext,
-    ) -> Result<Workspace, StoreError> {
+    ) -> Result<(Workspace, Vec<KeyHash>), StoreError> {
         let mut m = self.begin().await?;
         let row: Option<WorkspaceRow> = sqlx::query_as(B::for_update(
             "SELECT workspace_id, name, plan, created_at, updated_at FROM workspaces \
@@ -75,6 +94,7 @@ where
         .fetch_optional(m.conn())
         .await?;
         let mut workspace: Workspace = row.ok_or(StoreError::NotFound)?.try_into()?;
+        let plan_before = workspace.plan;
         if let Some(name) = &patch.name {
             workspace.name = name.clone();
         }
@@ -92,7 +112,23 @@ where
         .bind(now)
         .execute(m.conn())
         .await?;
+        // What a plan allows is the deployment's configuration, not the store's: any
+        // change of plan reloads the workspace's keys, which a cache then reads with the
+        // new plan. Rare (a plan change), and one event per key.
+        let stale = if workspace.plan == plan_before {
+            Vec::new()
+        } else {
+            let rows: Vec<KeyRow> = sqlx::query_as(B::for_update(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL ORDER BY key_id"
+            )))
+            .bind(workspace_id)
+            .fetch_all(m.conn())
+            .await?;
+            m.reload_keys(rows, now).await?
+        };
         m.commit_with_audit(workspace_id, audit, now).await?;
-        Ok(workspace)
+        Ok((workspace, stale))
     }
 }

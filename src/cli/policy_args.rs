@@ -1,0 +1,65 @@
+//! Flags that several commands share: rate limits (`--limit rpm=600`) and a reach over
+//! resources (`--reach include --target gpt-4o --access-group frontier`), for keys and
+//! for teams.
+
+use clap::{Args, ValueEnum};
+
+use super::parse;
+use crate::proto;
+
+/// Rate limits, each `KIND=N` (rpm, rph, rpd, tpm, tpd).
+#[derive(Args, Clone, Default)]
+pub struct LimitArgs {
+    /// A rate limit KIND=N (repeatable): rpm, rph, rpd (requests per minute, hour, day),
+    /// tpm, tpd (tokens per minute, day). E.g. --limit rpm=600 --limit tpd=2000000.
+    #[arg(long = "limit", value_parser = parse::limit, value_name = "KIND=N")]
+    pub limits: Vec<proto::RateLimit>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ReachMode {
+    /// Every resource.
+    All,
+    /// Only the targets and access groups listed.
+    Include,
+    /// Every resource but those listed.
+    Exclude,
+}
+
+/// Which resources (models) are reachable.
+#[derive(Args, Clone, Default)]
+pub struct ReachArgs {
+    /// How the listed targets and groups count (default with a list: include).
+    #[arg(long, value_enum)]
+    pub reach: Option<ReachMode>,
+    /// A target (model) listed in the reach (repeatable).
+    #[arg(long = "target", value_name = "TARGET")]
+    pub targets: Vec<String>,
+    /// An access group of the workspace listed in the reach (repeatable).
+    #[arg(long = "access-group", value_name = "NAME")]
+    pub access_groups: Vec<String>,
+}
+
+impl ReachArgs {
+    /// Whether any of the flags was given.
+    pub fn given(&self) -> bool {
+        self.reach.is_some() || !self.targets.is_empty() || !self.access_groups.is_empty()
+    }
+
+    /// The reach the flags describe; `None` when none was given.
+    pub fn resource_access(&self) -> Option<proto::ResourceAccess> {
+        if !self.given() {
+            return None;
+        }
+        let mode = match self.reach.unwrap_or(ReachMode::Include) {
+            ReachMode::All => proto::ResourceAccessMode::All,
+            ReachMode::Include => proto::ResourceAccessMode::Include,
+            ReachMode::Exclude => proto::ResourceAccessMode::Exclude,
+        };
+        Some(proto::ResourceAccess {
+            mode: mode as i32,
+            targets: self.targets.clone(),
+            access_groups: self.access_groups.clone(),
+        })
+    }
+}
