@@ -81,10 +81,20 @@ ensure_redis() {
   exit 1
 }
 
+# jq: docs/cli.md's examples use it, and tests/docs.rs runs them as printed.
+ensure_jq() {
+  if ! command -v jq >/dev/null 2>&1; then
+    log "installing jq (Debian package)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
+  fi
+}
+
 ensure_postgres
 log "PostgreSQL answers on 127.0.0.1:5432"
 ensure_redis
 log "Redis answers on 127.0.0.1:6379"
+ensure_jq
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

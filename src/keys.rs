@@ -343,14 +343,6 @@ impl KeyLifecycle {
             )
             .await?;
         }
-        if let Some(Some(expires_at)) = patch.expires_at
-            && expires_at <= now
-        {
-            return Err(KeyError::Refused(
-                Refusal::new(Reason::ExpiryInPast, "expires_at must be in the future")
-                    .with("field", "expires_at"),
-            ));
-        }
         // A team key's new reach stays within its team's.
         if let (Some(team_id), Some(reach)) = (&key.team_id, &patch.resource_access) {
             let team = self

@@ -667,6 +667,127 @@ async fn state_refusals_have_their_reasons(backend: Backend) {
         .unwrap_err();
     let metadata = refusal(&status, Code::FailedPrecondition, "ACCESS_GROUP_IN_USE");
     assert_eq!(meta(&metadata, "access_group"), Some("frontier"));
+
+    // An expired key cannot be rotated.
+    let expiring = app
+        .issue_with(|r| r.expires_at = Some(ts_in(&app.clock, 60)))
+        .await
+        .key_info
+        .unwrap()
+        .key_id;
+    app.clock.advance(Duration::from_secs(61));
+    let status = app
+        .admin()
+        .rotate_key(proto::RotateKeyRequest {
+            key_id: expiring.clone(),
+            actor: Some(actor()),
+            grace_period: None,
+        })
+        .await
+        .unwrap_err();
+    let metadata = refusal(&status, Code::FailedPrecondition, "KEY_EXPIRED");
+    assert_eq!(meta(&metadata, "key_id"), Some(expiring.as_str()));
+
+    // A team with a live key cannot go; a team key cannot reach beyond its team; a
+    // member cannot name another owner.
+    teams(&app)
+        .create_team(create_team_request(
+            "team_ml",
+            proto::TeamPolicy {
+                resource_access: Some(proto::ResourceAccess {
+                    mode: ResourceAccessMode::Include as i32,
+                    targets: vec!["gpt-4o".into()],
+                    access_groups: Vec::new(),
+                }),
+                ..strict_policy()
+            },
+        ))
+        .await
+        .unwrap();
+    let mut r = issue_request("ws_test");
+    r.team_id = "team_ml".into();
+    r.resource_access = Some(proto::ResourceAccess {
+        mode: ResourceAccessMode::Include as i32,
+        targets: vec!["o3".into()],
+        access_groups: Vec::new(),
+    });
+    let metadata = refusal(
+        &issue_err(&app, r).await,
+        Code::FailedPrecondition,
+        "REACH_BEYOND_TEAM",
+    );
+    assert_eq!(meta(&metadata, "beyond"), Some("o3"));
+    assert_eq!(meta(&metadata, "team_id"), Some("team_ml"));
+    app.issue_with(|r| r.team_id = "team_ml".into()).await;
+    let status = teams(&app)
+        .delete_team(proto::DeleteTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: "team_ml".into(),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap_err();
+    let metadata = refusal(&status, Code::FailedPrecondition, "TEAM_IN_USE");
+    assert_eq!(meta(&metadata, "team_id"), Some("team_ml"));
+    let mut r = member_request(&app, "team_ml", "user_ann");
+    r.owner = Some(user("user_bob"));
+    let metadata = refusal(
+        &issue_err(&app, r).await,
+        Code::PermissionDenied,
+        "SELF_SERVICE_OWNER_NOT_ACTOR",
+    );
+    assert_eq!(meta(&metadata, "owner"), Some("user:user_bob"));
+    assert_eq!(meta(&metadata, "actor_id"), Some("user_ann"));
+}
+
+/// A replica with no key-encryption key cannot store provider keys, and says why.
+async fn provider_keys_without_a_kek_are_refused_with_its_reason(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| s.keks = Vec::new()).await;
+    let status = provider_keys(&app, ADMIN_TOKEN)
+        .put_provider_key(proto::PutProviderKeyRequest {
+            workspace_id: "ws_test".into(),
+            provider: proto::Provider::Anthropic as i32,
+            api_key: format!("sk-ant-{}", "a".repeat(40)),
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap_err();
+    refusal(&status, Code::FailedPrecondition, "KEK_NOT_CONFIGURED");
+}
+
+/// Every reason docs/errors.md promises is provoked through the API by some test, which
+/// asserts it by name: a reason nothing can provoke is not documented. The two storage
+/// fallbacks are the exception: they answer a store result a service did not expect,
+/// which no request reaches today, and stay so that such a bug is not an INTERNAL.
+#[test]
+fn every_documented_reason_is_asserted_by_a_test() {
+    const FALLBACKS: [&str; 2] = ["RESOURCE_NOT_FOUND", "RESOURCE_ALREADY_EXISTS"];
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
+    let mut sources = String::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            sources.push_str(&std::fs::read_to_string(&path).unwrap());
+        }
+    }
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/errors.md")).unwrap();
+    let documented: Vec<&str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|r| r.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    assert!(documented.len() > 30, "{documented:?}");
+    let untested: Vec<&&str> = documented
+        .iter()
+        .filter(|r| !FALLBACKS.contains(r))
+        .filter(|r| !sources.contains(&format!("\"{r}\"")))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "documented but provoked by no test: {untested:?}"
+    );
 }
 
 async fn bad_input_carries_field_violations_and_the_reason(backend: Backend) {
@@ -838,6 +959,7 @@ both_backends!(
     unknown_ids_are_not_found_with_the_kind_of_thing,
     an_unknown_workspace_is_not_found_on_every_workspace_scoped_read,
     state_refusals_have_their_reasons,
+    provider_keys_without_a_kek_are_refused_with_its_reason,
     bad_input_carries_field_violations_and_the_reason,
     an_unreachable_rate_limit_backend_suggests_a_retry,
     unavailable_storage_suggests_a_retry,

@@ -429,6 +429,11 @@ async fn tampered_or_moved_secrets_never_open(backend: Backend) {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::Internal, "{column}: {status:?}");
+        use tonic_types::StatusExt;
+        assert_eq!(
+            status.get_details_error_info().map(|i| i.reason),
+            Some("INTERNAL_ERROR".to_owned())
+        );
         assert!(!status.message().contains(&ANTHROPIC_KEY[8..]));
         app.db
             .set_bytes(

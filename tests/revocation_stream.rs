@@ -755,6 +755,11 @@ async fn a_slow_subscriber_is_cut_off_and_catches_up_from_the_log(backend: Backe
 
     let (got, status) = events_until_error(&mut slow).await;
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    use tonic_types::StatusExt;
+    assert_eq!(
+        status.get_details_error_info().map(|i| i.reason),
+        Some("STREAM_SUBSCRIBER_TOO_SLOW".to_owned())
+    );
     assert!(got.len() < N, "the slow subscriber was cut off");
     assert_follows(&got, head);
     let cursor = resume_seq(&status);

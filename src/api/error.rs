@@ -51,8 +51,7 @@ pub fn code(reason: Reason) -> Code {
         | ServiceAccountNotInTeam
         | ServiceAccountOwnsKeys
         | KeyRevoked
-        | KeyExpired
-        | ExpiryInPast => Code::FailedPrecondition,
+        | KeyExpired => Code::FailedPrecondition,
         KeyNotFound
         | WorkspaceNotFound
         | TeamNotFound

@@ -89,8 +89,6 @@ reasons! {
     KeyRevoked => "KEY_REVOKED",
     /// Rotation of an expired key.
     KeyExpired => "KEY_EXPIRED",
-    /// A new `expires_at` that is not in the future.
-    ExpiryInPast => "EXPIRY_IN_PAST",
     /// A team id taken in the workspace.
     TeamAlreadyExists => "TEAM_ALREADY_EXISTS",
     /// An access group name taken in the workspace.
