@@ -24,8 +24,8 @@ use crate::domain::team::{SelfServiceKey, SelfServiceRefusal, Team, check_self_s
 use crate::domain::workspace::Plans;
 use crate::events::{EventHub, invalidate_committed};
 use crate::store::{
-    Acting, AuditFilter, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch, Store,
-    StoreError,
+    Acting, AuditFilter, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch,
+    KeySelection, Store, StoreError,
 };
 
 #[derive(Clone, Debug)]
@@ -52,7 +52,15 @@ pub struct KeyQuery {
     pub owner: Option<Owner>,
     pub status: Option<KeyStatus>,
     pub unused_since: Option<Micros>,
+    pub name_prefix: Option<String>,
+    pub metadata: Option<(String, String)>,
+    pub team_id: Option<String>,
 }
+
+/// Keys revoked per transaction by [`KeyLifecycle::revoke_many`]: each chunk commits with
+/// its events and audit rows, so a workspace of any size is revoked without one huge
+/// transaction, and a call interrupted half way revokes the rest when repeated.
+pub const REVOKE_CHUNK: u32 = 500;
 
 /// A new key and its plaintext, to be shown once.
 #[derive(Debug)]
@@ -300,6 +308,9 @@ impl KeyLifecycle {
             owner: query.owner,
             status: query.status,
             unused_since: query.unused_since,
+            name_prefix: query.name_prefix,
+            metadata: query.metadata,
+            team_id: query.team_id,
             now: self.clock.now(),
         };
         // One row more than asked tells whether there is a next page.
@@ -443,6 +454,63 @@ impl KeyLifecycle {
             .await?;
         tracing::info!(key_id, "key revoked");
         Ok(self.invalidated(changed))
+    }
+
+    /// Revokes every key of `selection` that is neither revoked nor deleted, chunk by
+    /// chunk, each key audited and streamed as by [`KeyLifecycle::revoke`]; returns how
+    /// many. A self-service member revokes only its own keys: its selection is narrowed to
+    /// them, and naming another owner is refused.
+    pub async fn revoke_many(
+        &self,
+        acting: &Acting,
+        selection: KeySelection,
+        reason: &str,
+    ) -> Result<u64, KeyError> {
+        let mut selection = selection;
+        if !self.store.workspace_exists(&selection.workspace_id).await? {
+            return Err(KeyError::WorkspaceNotFound(selection.workspace_id));
+        }
+        if acting.actor.is_self_service() {
+            let own = acting.actor.as_owner();
+            if let Some(named) = selection.owner.as_ref().filter(|o| **o != own) {
+                let refusal = Refusal::new(
+                    Reason::SelfServiceOwnerNotActor,
+                    format!(
+                        "a self-service member revokes only its own keys: owner {named} is not the actor {}",
+                        acting.actor.id
+                    ),
+                )
+                .with("owner", named)
+                .with("actor_id", &acting.actor.id);
+                let now = self.clock.now();
+                return Err(self
+                    .deny(
+                        acting,
+                        &selection.workspace_id,
+                        None,
+                        "key.revoke",
+                        refusal,
+                        now,
+                    )
+                    .await);
+            }
+            selection.owner = Some(own);
+        }
+        let audit = acting.audit("key.revoke", format!("bulk; reason: {reason}"));
+        let mut total = 0;
+        loop {
+            let (revoked, stale) = self
+                .store
+                .revoke_keys(&selection, reason, REVOKE_CHUNK, self.clock.now(), &audit)
+                .await?;
+            self.invalidate_all(&stale);
+            total += revoked;
+            if revoked < u64::from(REVOKE_CHUNK) {
+                break;
+            }
+        }
+        tracing::info!(workspace_id = %selection.workspace_id, revoked = total, "keys revoked in bulk");
+        Ok(total)
     }
 
     pub async fn delete(&self, acting: &Acting, key_id: &str) -> Result<(), KeyError> {

@@ -1414,7 +1414,198 @@ async fn requests_are_validated_and_callers_checked(backend: Backend) {
     first_heartbeat(&mut stream).await;
 }
 
+/// RevokeKeys for an owner revokes exactly that owner's live keys, each audited and on
+/// the stream as a single revoke is, answers the count, and revokes none when repeated;
+/// a filter is required and only one; a member revokes only its own keys; team and
+/// ListKeys' filters select what they say.
+async fn revoke_keys_revokes_exactly_the_selection_each_on_the_stream(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let mut stream = watch(app.edge(), 0, "").await;
+    let head = first_heartbeat(&mut stream).await;
+    let ann: Vec<proto::IssueKeyResponse> = {
+        let mut keys = Vec::new();
+        for i in 0..3 {
+            keys.push(
+                app.issue_with(|r| {
+                    r.owner = Some(user("user_ann"));
+                    r.name = format!("ann-{i}");
+                })
+                .await,
+            );
+        }
+        keys
+    };
+    let bob = app.issue_with(|r| r.owner = Some(user("user_bob"))).await;
+    let id = |k: &proto::IssueKeyResponse| k.key_info.as_ref().unwrap().key_id.clone();
+    app.admin()
+        .revoke_key(proto::RevokeKeyRequest {
+            key_id: id(&ann[2]),
+            actor: Some(actor()),
+            reason: "earlier".into(),
+        })
+        .await
+        .unwrap();
+    let earlier = next_event(&mut stream).await;
+    assert!(earlier.seq > head);
+
+    let request = proto::RevokeKeysRequest {
+        workspace_id: "ws_test".into(),
+        owner: Some(user("user_ann")),
+        reason: "offboarded".into(),
+        actor: Some(actor()),
+        ..Default::default()
+    };
+    let answer = app
+        .admin()
+        .revoke_keys(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.revoked, 2);
+    let events = next_events(&mut stream, 2).await;
+    let streamed: BTreeSet<String> = events
+        .iter()
+        .inspect(|e| assert_eq!(e.kind, KeyEventKind::Revoked as i32))
+        .map(|e| e.key_id.clone())
+        .collect();
+    assert_eq!(streamed, BTreeSet::from([id(&ann[0]), id(&ann[1])]));
+    for key in &ann {
+        assert_eq!(code(&app.verify(&key.key, &[]).await), VerifyCode::Revoked);
+    }
+    assert_eq!(code(&app.verify(&bob.key, &[]).await), VerifyCode::Valid);
+    let audited = app
+        .audit("ws_test")
+        .await
+        .into_iter()
+        .filter(|e| e.action == "key.revoke" && e.detail.contains("offboarded"))
+        .count();
+    assert_eq!(audited, 2);
+    // Idempotent.
+    let again = app.admin().revoke_keys(request).await.unwrap().into_inner();
+    assert_eq!(again.revoked, 0);
+
+    // One filter, exactly.
+    for (r, field) in [
+        (
+            proto::RevokeKeysRequest {
+                workspace_id: "ws_test".into(),
+                actor: Some(actor()),
+                ..Default::default()
+            },
+            "all",
+        ),
+        (
+            proto::RevokeKeysRequest {
+                workspace_id: "ws_test".into(),
+                owner: Some(user("user_bob")),
+                all: true,
+                actor: Some(actor()),
+                ..Default::default()
+            },
+            "all",
+        ),
+    ] {
+        let status = app.admin().revoke_keys(r).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(violated_fields(&status), [field]);
+    }
+    let status = app
+        .admin()
+        .revoke_keys(proto::RevokeKeysRequest {
+            workspace_id: "ws_nope".into(),
+            all: true,
+            actor: Some(actor()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // A member revokes only its own: naming bob is refused, "all" is narrowed to itself.
+    let member = proto::Actor {
+        id: "user_bob".into(),
+        permissions: vec!["read".into()],
+    };
+    let mine = app.issue_with(|r| r.owner = Some(user("user_carl"))).await;
+    let status = app
+        .admin()
+        .revoke_keys(proto::RevokeKeysRequest {
+            workspace_id: "ws_test".into(),
+            owner: Some(user("user_carl")),
+            actor: Some(member.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let answer = app
+        .admin()
+        .revoke_keys(proto::RevokeKeysRequest {
+            workspace_id: "ws_test".into(),
+            all: true,
+            actor: Some(member),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.revoked, 1, "bob's own key only");
+    assert_eq!(code(&app.verify(&mine.key, &[]).await), VerifyCode::Valid);
+
+    // ListKeys' new filters, through the API.
+    let listed = |r: proto::ListKeysRequest| {
+        let mut admin = app.admin();
+        async move {
+            let keys = admin
+                .list_keys(proto::ListKeysRequest {
+                    workspace_id: "ws_test".into(),
+                    ..r
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .keys;
+            keys.into_iter().map(|k| k.name).collect::<BTreeSet<_>>()
+        }
+    };
+    assert_eq!(
+        listed(proto::ListKeysRequest {
+            name_prefix: "ann-".into(),
+            ..Default::default()
+        })
+        .await,
+        BTreeSet::from(["ann-0".to_owned(), "ann-1".to_owned(), "ann-2".to_owned()])
+    );
+    let tagged = app
+        .issue_with(|r| {
+            r.name = "tagged".into();
+            r.metadata = [("env".to_owned(), "prod".to_owned())].into();
+        })
+        .await;
+    assert!(tagged.key_info.is_some());
+    assert_eq!(
+        listed(proto::ListKeysRequest {
+            metadata_key: "env".into(),
+            metadata_value: "prod".into(),
+            ..Default::default()
+        })
+        .await,
+        BTreeSet::from(["tagged".to_owned()])
+    );
+    let status = app
+        .admin()
+        .list_keys(proto::ListKeysRequest {
+            workspace_id: "ws_test".into(),
+            metadata_value: "prod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["metadata_key"]);
+}
+
 both_backends!(
+    revoke_keys_revokes_exactly_the_selection_each_on_the_stream,
     each_mutation_emits_one_event_and_issue_none,
     a_resumed_subscriber_gets_exactly_what_it_missed,
     a_subscriber_resumes_across_a_server_restart,

@@ -19,7 +19,7 @@ use keywarden::domain::refusal::{Reason, Refusal};
 use keywarden::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use keywarden::store::{
     AuditContext, AuditFilter, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter,
-    KeyPatch, Store, StoreError, TeamPatch, UsageDelta,
+    KeyPatch, KeySelection, Store, StoreError, TeamPatch, UsageDelta,
 };
 
 const S: Micros = 1_000_000;
@@ -70,6 +70,9 @@ fn filter(workspace_id: &str, now: Micros) -> KeyFilter {
     KeyFilter {
         workspace_id: workspace_id.to_owned(),
         owner: None,
+        name_prefix: None,
+        metadata: None,
+        team_id: None,
         status: None,
         now,
         unused_since: None,
@@ -1116,6 +1119,157 @@ async fn list_audit_filters_by_key_actor_action_and_time(backend: Backend) {
             "{filter:?} paged"
         );
     }
+}
+
+/// ListKeys narrows by name prefix (case-sensitive, wildcards literal), by one metadata
+/// entry (exactly that key with that value) and by team.
+async fn list_keys_filters_by_name_prefix_metadata_and_team(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let mk = |name: &str, meta: &[(&str, &str)], team: Option<&str>, at: Micros| KeyRecord {
+        name: name.to_owned(),
+        metadata: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        team_id: team.map(str::to_owned),
+        ..key_record(WS, at)
+    };
+    let keys = [
+        mk("ci-runner", &[("env", "prod")], None, T0),
+        mk("ci_other", &[("env", "Prod")], None, T0 + 1),
+        mk("CI-upper", &[("env", "prod"), ("team", "ml")], None, T0 + 2),
+        mk("batch", &[("note", "\"env\":\"prod\"")], None, T0 + 3),
+        mk("cix", &[("environment", "prod")], None, T0 + 4),
+    ];
+    for key in &keys {
+        insert(&*store, key).await;
+    }
+    let list = |f: KeyFilter| {
+        let store = store.clone();
+        async move { sorted(ids(&store.list_keys(&f, 100, None).await.unwrap())) }
+    };
+    let set = |picked: &[usize]| sorted(picked.iter().map(|i| keys[*i].key_id.clone()).collect());
+    let prefix = |p: &str| KeyFilter {
+        name_prefix: Some(p.to_owned()),
+        ..filter(WS, T0)
+    };
+    assert_eq!(list(prefix("ci-")).await, set(&[0]));
+    assert_eq!(list(prefix("ci")).await, set(&[0, 1, 4]), "case-sensitive");
+    assert_eq!(list(prefix("ci_")).await, set(&[1]), "'_' is no wildcard");
+    assert_eq!(list(prefix("%")).await, set(&[]));
+    let meta = |k: &str, v: &str| KeyFilter {
+        metadata: Some((k.to_owned(), v.to_owned())),
+        ..filter(WS, T0)
+    };
+    assert_eq!(
+        list(meta("env", "prod")).await,
+        set(&[0, 2]),
+        "exact key and value"
+    );
+    assert_eq!(list(meta("env", "Prod")).await, set(&[1]));
+    assert_eq!(list(meta("team", "ml")).await, set(&[2]));
+    assert_eq!(list(meta("env", "pro")).await, set(&[]));
+}
+
+/// A bulk revocation takes the selected keys neither revoked nor deleted, a chunk per
+/// call by key id, each with its Revoked event and audit row; a repeat takes none.
+async fn revoke_keys_takes_the_selection_a_chunk_at_a_time(backend: Backend) {
+    let (db, store) = open(backend).await;
+    let owned = |id: &str, at: Micros| KeyRecord {
+        owner: Owner {
+            kind: OwnerKind::User,
+            id: id.to_owned(),
+        },
+        ..key_record(WS, at)
+    };
+    let mut ann: Vec<KeyRecord> = (0..5).map(|i| owned("user_ann", T0 + i)).collect();
+    let bob = owned("user_bob", T0 + 10);
+    let other_ws = KeyRecord {
+        owner: ann[0].owner.clone(),
+        ..key_record("ws_other", T0 + 11)
+    };
+    for key in ann.iter().chain([&bob, &other_ws]) {
+        insert(&*store, key).await;
+    }
+    // One of ann's is revoked already.
+    store
+        .revoke_key(&ann[4].key_id, "before", T0 + S, &ctx("key.revoke"))
+        .await
+        .unwrap();
+    ann.pop();
+    let events_before = db.count("SELECT count(*) FROM key_events").await;
+    let audit_before = all_audit_rows(&db).await;
+    let selection = KeySelection {
+        workspace_id: WS.to_owned(),
+        owner: Some(ann[0].owner.clone()),
+        ..KeySelection::default()
+    };
+    let mut counts = Vec::new();
+    let mut stale = 0;
+    loop {
+        let (n, hashes) = store
+            .revoke_keys(&selection, "offboarded", 3, T0 + 2 * S, &ctx("key.revoke"))
+            .await
+            .unwrap();
+        counts.push(n);
+        stale += hashes.len();
+        if n < 3 {
+            break;
+        }
+    }
+    assert_eq!(counts, [3, 1]);
+    assert_eq!(stale, 4);
+    for key in &ann {
+        let got = store.get_key(&key.key_id).await.unwrap().unwrap();
+        assert_eq!(got.revoked_at, Some(T0 + 2 * S));
+        assert_eq!(got.revoke_reason.as_deref(), Some("offboarded"));
+    }
+    for untouched in [&bob, &other_ws] {
+        assert_eq!(
+            store
+                .get_key(&untouched.key_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .revoked_at,
+            None
+        );
+    }
+    assert_eq!(
+        db.count("SELECT count(*) FROM key_events").await,
+        events_before + 4
+    );
+    assert_eq!(all_audit_rows(&db).await, audit_before + 4);
+    // Idempotent.
+    let (n, hashes) = store
+        .revoke_keys(&selection, "again", 3, T0 + 3 * S, &ctx("key.revoke"))
+        .await
+        .unwrap();
+    assert_eq!((n, hashes.len()), (0, 0));
+    // All of the workspace: only bob's is left.
+    let (n, _) = store
+        .revoke_keys(
+            &KeySelection {
+                workspace_id: WS.to_owned(),
+                ..KeySelection::default()
+            },
+            "tenant suspended",
+            100,
+            T0 + 3 * S,
+            &ctx("key.revoke"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        store
+            .get_key(&other_ws.key_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_none()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2321,6 +2475,8 @@ async fn postgres_replaces_pooled_connections_the_server_dropped_while_idle() {
 }
 
 both_backends!(
+    list_keys_filters_by_name_prefix_metadata_and_team,
+    revoke_keys_takes_the_selection_a_chunk_at_a_time,
     list_audit_filters_by_key_actor_action_and_time,
     insert_then_get_and_find_secret_round_trip_every_field,
     get_of_an_unknown_key_and_find_of_an_unknown_hash_are_none,

@@ -1,5 +1,6 @@
 //! `keywarden.v1.KeyService`: validate, convert, call [`KeyLifecycle`], convert back.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -12,7 +13,7 @@ use crate::domain::validate::{MAX_REASON_LEN, Violations};
 use crate::keys::{IssueInput, KeyLifecycle, KeyQuery};
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
-use crate::store::{AuditFilter, KeyPatch, page_token};
+use crate::store::{AuditFilter, KeyPatch, KeySelection, page_token};
 
 /// What an update mask may name.
 const MASK_PATHS: &[&str] = &[
@@ -141,6 +142,26 @@ impl KeyService for KeyApi {
             .as_ref()
             .and_then(|ts| convert::micros_of(ts, "unused_since", &mut v));
         let actor = convert::optional_actor(r.actor.as_ref(), &mut v);
+        let name_prefix = (!r.name_prefix.is_empty()).then(|| r.name_prefix.clone());
+        if let Some(prefix) = &name_prefix {
+            v.name("name_prefix", prefix);
+        }
+        let metadata = match (r.metadata_key.is_empty(), r.metadata_value.is_empty()) {
+            (true, true) => None,
+            (true, false) => {
+                v.add("metadata_key", "is required with metadata_value");
+                None
+            }
+            _ => {
+                let entry = BTreeMap::from([(r.metadata_key.clone(), r.metadata_value.clone())]);
+                v.metadata("metadata_key", &entry);
+                entry.into_iter().next()
+            }
+        };
+        let team_id = (!r.team_id.is_empty()).then(|| r.team_id.clone());
+        if let Some(team_id) = &team_id {
+            v.workspace_id("team_id", team_id);
+        }
         check(v)?;
         let (keys, next) = self
             .lifecycle
@@ -151,6 +172,9 @@ impl KeyService for KeyApi {
                     owner,
                     status,
                     unused_since,
+                    name_prefix,
+                    metadata,
+                    team_id,
                 },
                 page_size,
                 after,
@@ -263,6 +287,67 @@ impl KeyService for KeyApi {
         Ok(Response::new(proto::RevokeKeyResponse {
             key_info: Some(convert::key_info(&key, self.lifecycle.now())),
         }))
+    }
+
+    async fn revoke_keys(
+        &self,
+        request: Request<proto::RevokeKeysRequest>,
+    ) -> Result<Response<proto::RevokeKeysResponse>, Status> {
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
+        v.workspace_id("workspace_id", &r.workspace_id);
+        let owner = r
+            .owner
+            .as_ref()
+            .and_then(|o| convert::owner(Some(o), "owner", v));
+        let team_id = (!r.team_id.is_empty()).then(|| r.team_id.clone());
+        if let Some(team_id) = &team_id {
+            v.workspace_id("team_id", team_id);
+        }
+        let created_by = (!r.created_by.is_empty()).then(|| r.created_by.clone());
+        if let Some(created_by) = &created_by {
+            v.principal_id("created_by", created_by);
+        }
+        // Exactly one filter: revoking "all" must be asked for, never the result of a
+        // filter left out.
+        let set = [
+            ("owner", r.owner.is_some()),
+            ("team_id", team_id.is_some()),
+            ("created_by", created_by.is_some()),
+            ("all", r.all),
+        ];
+        match set.iter().filter(|(_, on)| *on).count() {
+            0 => v.add(
+                "all",
+                "set one filter: owner, team_id, created_by, or all = true",
+            ),
+            1 => {}
+            _ => {
+                if let Some((field, _)) = set.iter().filter(|(_, on)| *on).nth(1) {
+                    v.add(
+                        *field,
+                        "set only one filter: owner, team_id, created_by or all",
+                    );
+                }
+            }
+        }
+        let actor = convert::actor(r.actor.as_ref(), v);
+        v.text("reason", &r.reason, MAX_REASON_LEN);
+        let acting = m.acting(actor)?;
+        let revoked = self
+            .lifecycle
+            .revoke_many(
+                &acting,
+                KeySelection {
+                    workspace_id: r.workspace_id,
+                    owner,
+                    team_id,
+                    created_by,
+                },
+                &r.reason,
+            )
+            .await?;
+        Ok(Response::new(proto::RevokeKeysResponse { revoked }))
     }
 
     async fn delete_key(

@@ -1,4 +1,4 @@
-//! `keywarden keys issue|get|list|update|rotate|revoke|delete`: KeyService.
+//! `keywarden keys issue|get|list|update|rotate|revoke|revoke-all|delete`: KeyService.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -38,6 +38,9 @@ enum KeysCommand {
     Rotate(RotateArgs),
     /// Revoke a key at once (idempotent).
     Revoke(RevokeArgs),
+    /// Revoke every key of a workspace that matches one filter: an owner, a team, who
+    /// issued it, or all (offboarding, a compromised CI system, a suspended tenant).
+    RevokeAll(RevokeAllArgs),
     /// Remove a key from listings for good (it then verifies as not_found; the audit
     /// trail stays).
     Delete(DeleteArgs),
@@ -117,6 +120,15 @@ struct ListArgs {
     /// Only keys not used since this time (never-used keys included), RFC 3339.
     #[arg(long, value_parser = parse::timestamp)]
     unused_since: Option<prost_types::Timestamp>,
+    /// Only keys whose name starts with this.
+    #[arg(long)]
+    name_prefix: Option<String>,
+    /// Only keys with this metadata entry KEY=VALUE.
+    #[arg(long = "meta", value_parser = parse::key_value, value_name = "KEY=VALUE")]
+    metadata: Option<(String, String)>,
+    /// Only keys of this team.
+    #[arg(long = "team", value_name = "TEAM_ID")]
+    team_id: Option<String>,
     /// Keys per page (1 to 1000; the server's default is 50).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1000))]
     page_size: Option<i32>,
@@ -208,6 +220,31 @@ struct RevokeArgs {
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("filter").required(true).args(["owner", "team_id", "created_by", "all"])))]
+struct RevokeAllArgs {
+    /// The workspace.
+    #[arg(long)]
+    workspace: String,
+    /// Every key of this owner: user:ID or service_account:ID.
+    #[arg(long, value_parser = parse::owner)]
+    owner: Option<proto::Owner>,
+    /// Every key of this team.
+    #[arg(long = "team", value_name = "TEAM_ID")]
+    team_id: Option<String>,
+    /// Every key this actor issued.
+    #[arg(long, value_name = "ACTOR_ID")]
+    created_by: Option<String>,
+    /// Every key of the workspace.
+    #[arg(long)]
+    all: bool,
+    /// Why, for the audit log and each key's record.
+    #[arg(long, default_value = "")]
+    reason: String,
+    #[command(flatten)]
+    actor: ActorArgs,
+}
+
+#[derive(Args)]
 struct DeleteArgs {
     /// The key's id (`key_...`).
     key_id: String,
@@ -246,6 +283,26 @@ pub async fn run(args: KeysArgs) -> Result<ExitCode, CliError> {
                 .into_inner()
                 .key_info;
             show_key(&session, info)?;
+        }
+        KeysCommand::RevokeAll(a) => {
+            let revoked = session
+                .keys()
+                .revoke_keys(proto::RevokeKeysRequest {
+                    workspace_id: a.workspace,
+                    owner: a.owner,
+                    team_id: a.team_id.unwrap_or_default(),
+                    created_by: a.created_by.unwrap_or_default(),
+                    all: a.all,
+                    reason: a.reason,
+                    actor: Some(a.actor.proto()),
+                })
+                .await?
+                .into_inner()
+                .revoked;
+            match session.format {
+                Format::Json => output::emit_json(&json!({ "revoked": revoked }))?,
+                Format::Table => output::emit(&format!("revoked {revoked} keys\n"))?,
+            }
         }
         KeysCommand::Delete(a) => {
             session
@@ -407,6 +464,10 @@ async fn list(session: &Session, a: ListArgs) -> Result<(), CliError> {
                 page_token,
                 unused_since: a.unused_since,
                 actor: None,
+                name_prefix: a.name_prefix.clone().unwrap_or_default(),
+                metadata_key: a.metadata.as_ref().map(|m| m.0.clone()).unwrap_or_default(),
+                metadata_value: a.metadata.as_ref().map(|m| m.1.clone()).unwrap_or_default(),
+                team_id: a.team_id.clone().unwrap_or_default(),
             };
             let mut client = session.keys();
             async move {

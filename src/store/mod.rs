@@ -36,6 +36,16 @@ use crate::domain::provider_key::{Provider, ProviderKeyRecord};
 use crate::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use crate::domain::workspace::{Plan, Workspace};
 
+/// Which keys a bulk revocation takes: the workspace's keys neither revoked nor deleted
+/// that match every criterion set (none set: all of them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySelection {
+    pub workspace_id: String,
+    pub owner: Option<Owner>,
+    pub team_id: Option<String>,
+    pub created_by: Option<String>,
+}
+
 /// Which audit events a listing selects: a workspace's, narrowed by each filter set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuditFilter {
@@ -181,6 +191,10 @@ pub struct DeniedAudit {
 pub struct KeyFilter {
     pub workspace_id: String,
     pub owner: Option<Owner>,
+    pub name_prefix: Option<String>,
+    /// A metadata entry the key must hold.
+    pub metadata: Option<(String, String)>,
+    pub team_id: Option<String>,
     pub status: Option<KeyStatus>,
     /// The time against which "expired" is judged.
     pub now: Micros,
@@ -329,6 +343,19 @@ pub trait KeyStore: Send + Sync + 'static {
         now: Micros,
         audit: &AuditContext,
     ) -> Result<Changed, StoreError>;
+
+    /// Revokes up to `chunk` keys of `selection` (by key id), each with its event and
+    /// audit row as [`KeyStore::revoke_key`] writes them, in one transaction; returns how
+    /// many and their secret hashes. A caller revokes them all by calling again until a
+    /// call revokes fewer than `chunk`.
+    async fn revoke_keys(
+        &self,
+        selection: &KeySelection,
+        reason: &str,
+        chunk: u32,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(u64, Vec<KeyHash>), StoreError>;
 
     async fn delete_key(
         &self,

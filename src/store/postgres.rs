@@ -58,6 +58,8 @@ impl Backend for Postgres {
     /// The channel is [`EVENTS_CHANNEL`].
     const NOTIFY: Option<&'static str> = Some("SELECT pg_notify('keywarden_key_events', '')");
 
+    const POSITION_FN: &'static str = "strpos";
+
     const RECORD_USAGE: &'static str = concat!(
         "UPDATE api_keys AS k SET spent_micros = ",
         saturated_spend!("k"),

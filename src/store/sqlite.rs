@@ -82,6 +82,8 @@ impl Backend for Sqlite {
 
     const NOTIFY: Option<&'static str> = None;
 
+    const POSITION_FN: &'static str = "instr";
+
     const RECORD_USAGE: &'static str = concat!(
         "UPDATE api_keys SET spent_micros = ",
         saturated_spend!("api_keys"),

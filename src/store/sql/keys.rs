@@ -5,6 +5,8 @@
 //! [`FIND_SECRET`] stays a `&'static str` (no lock suffix, no allocation): it is
 //! VerifyKey's cache-miss path, and the benchmark's database floor runs the same text.
 
+use sqlx::{AssertSqlSafe, SqlSafeStr};
+
 use crate::domain::Micros;
 use crate::domain::access::{AccessGroup, ResourceAccess};
 use crate::domain::event::EventKind;
@@ -19,8 +21,8 @@ use crate::store::sql::rows::{
 use crate::store::sql::teams::{MEMBER_KEYS, TEAM_BY_ID};
 use crate::store::sql::{Backend, Bind, Column, Mutation, SqlStore};
 use crate::store::{
-    AuditContext, AuditOutcome, Changed, FoundSecret, KeyCursor, KeyFilter, KeyPatch, KeyStore,
-    Rotated, StoreError,
+    AuditContext, AuditOutcome, Changed, FoundSecret, KeyCursor, KeyFilter, KeyPatch, KeySelection,
+    KeyStore, Rotated, StoreError,
 };
 
 /// A key by a secret's hash: one round trip, three primary-key lookups (the secret by
@@ -36,6 +38,18 @@ pub(crate) const FIND_SECRET: &str = concat!(
      (SELECT key_id, valid_until AS secret_valid_until FROM key_secrets \
       WHERE secret_hash = $1) AS secret USING (key_id)"
 );
+
+/// The text the stored metadata JSON of a key holding the entry `key: value` contains,
+/// and no other key's does: the entry as `metadata_json` (serde_json, compact) writes it.
+/// A quote inside a string is escaped there, so the entry's own quotes cannot be found
+/// inside another value.
+fn metadata_entry(key: &str, value: &str) -> String {
+    format!(
+        "{}:{}",
+        serde_json::Value::from(key),
+        serde_json::Value::from(value)
+    )
+}
 
 impl<B: Backend> Mutation<B>
 where
@@ -268,32 +282,49 @@ where
         limit: u32,
         after: Option<&KeyCursor>,
     ) -> Result<Vec<KeyRecord>, StoreError> {
-        let rows: Vec<KeyRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL \
-             AND ($2 = '' OR (owner_kind = $2 AND owner_id = $3)) \
-             AND ($4 = 0 \
-                  OR ($4 = 1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $5)) \
-                  OR ($4 = 2 AND revoked_at IS NOT NULL) \
-                  OR ($4 = 3 AND revoked_at IS NULL AND expires_at <= $5)) \
-             AND ($6 = 0 OR created_at < $7 OR (created_at = $7 AND key_id < $8)) \
-             AND ($10 = 0 OR last_used_at IS NULL OR last_used_at < $11) \
-             ORDER BY created_at DESC, key_id DESC LIMIT $9"
-        ))
-        .bind(&filter.workspace_id)
-        .bind(filter.owner.as_ref().map_or("", |o| o.kind.as_str()))
-        .bind(filter.owner.as_ref().map_or("", |o| o.id.as_str()))
-        .bind(status_code(filter.status))
-        .bind(filter.now)
-        .bind(i64::from(after.is_some()))
-        .bind(after.map_or(0, |c| c.created_at))
-        .bind(after.map_or("", |c| c.key_id.as_str()))
-        .bind(i64::from(limit))
-        .bind(i64::from(filter.unused_since.is_some()))
-        .bind(filter.unused_since.unwrap_or(0))
-        .fetch_all(&self.pool)
-        .await?;
+        // The metadata entry is found in the stored JSON as `metadata_json` writes it
+        // (a case-sensitive position, never LIKE, which SQLite folds for ASCII case).
+        let sql = format!(
+            concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL \
+                 AND ($2 = '' OR (owner_kind = $2 AND owner_id = $3)) \
+                 AND ($4 = 0 \
+                      OR ($4 = 1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $5)) \
+                      OR ($4 = 2 AND revoked_at IS NOT NULL) \
+                      OR ($4 = 3 AND revoked_at IS NULL AND expires_at <= $5)) \
+                 AND ($6 = 0 OR created_at < $7 OR (created_at = $7 AND key_id < $8)) \
+                 AND ($10 = 0 OR last_used_at IS NULL OR last_used_at < $11) \
+                 AND ($12 = '' OR substr(name, 1, length($12)) = $12) \
+                 AND ($13 = '' OR team_id = $13) \
+                 AND ($14 = '' OR {position}(metadata, $14) > 0) \
+                 ORDER BY created_at DESC, key_id DESC LIMIT $9"
+            ),
+            position = B::POSITION_FN
+        );
+        let rows: Vec<KeyRow> = sqlx::query_as(AssertSqlSafe(sql).into_sql_str())
+            .bind(&filter.workspace_id)
+            .bind(filter.owner.as_ref().map_or("", |o| o.kind.as_str()))
+            .bind(filter.owner.as_ref().map_or("", |o| o.id.as_str()))
+            .bind(status_code(filter.status))
+            .bind(filter.now)
+            .bind(i64::from(after.is_some()))
+            .bind(after.map_or(0, |c| c.created_at))
+            .bind(after.map_or("", |c| c.key_id.as_str()))
+            .bind(i64::from(limit))
+            .bind(i64::from(filter.unused_since.is_some()))
+            .bind(filter.unused_since.unwrap_or(0))
+            .bind(filter.name_prefix.as_deref().unwrap_or(""))
+            .bind(filter.team_id.as_deref().unwrap_or(""))
+            .bind(
+                filter
+                    .metadata
+                    .as_ref()
+                    .map_or_else(String::new, |(k, v)| metadata_entry(k, v)),
+            )
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(TryInto::try_into).collect()
     }
 
@@ -502,6 +533,68 @@ where
             .await?;
         }
         m.finish(key, audit, now, event).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn revoke_keys(
+        &self,
+        selection: &KeySelection,
+        reason: &str,
+        chunk: u32,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(u64, Vec<KeyHash>), StoreError> {
+        let mut m = self.begin().await?;
+        let rows: Vec<KeyRow> = sqlx::query_as(B::for_update(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE workspace_id = $1 AND revoked_at IS NULL \
+             AND deleted_at IS NULL \
+             AND ($2 = '' OR (owner_kind = $2 AND owner_id = $3)) \
+             AND ($4 = '' OR team_id = $4) \
+             AND ($5 = '' OR created_by = $5) \
+             ORDER BY key_id LIMIT $6"
+        )))
+        .bind(&selection.workspace_id)
+        .bind(selection.owner.as_ref().map_or("", |o| o.kind.as_str()))
+        .bind(selection.owner.as_ref().map_or("", |o| o.id.as_str()))
+        .bind(selection.team_id.as_deref().unwrap_or(""))
+        .bind(selection.created_by.as_deref().unwrap_or(""))
+        .bind(i64::from(chunk))
+        .fetch_all(m.conn())
+        .await?;
+        let mut stale = Vec::new();
+        let revoked = rows.len() as u64;
+        for row in rows {
+            let mut key: KeyRecord = row.try_into()?;
+            sqlx::query(
+                "UPDATE api_keys SET revoked_at = $2, revoke_reason = $3, updated_at = $2 \
+                 WHERE key_id = $1",
+            )
+            .bind(&key.key_id)
+            .bind(now)
+            .bind(reason)
+            .execute(m.conn())
+            .await?;
+            key.revoked_at = Some(now);
+            key.revoke_reason = Some(reason.to_owned());
+            key.updated_at = now;
+            let current = m.current_hash(&key.key_id).await?;
+            let hashes = m.secret_hashes(&key.key_id).await?;
+            m.append_event(EventKind::Revoked, &key, &current, &hashes, now)
+                .await?;
+            m.audit(
+                &key.workspace_id,
+                Some(&key.key_id),
+                AuditOutcome::Success,
+                audit,
+                now,
+            )
+            .await?;
+            stale.extend(hashes);
+        }
+        m.commit().await?;
+        Ok((revoked, stale))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -54,6 +54,10 @@ pub trait Backend: Database<Arguments: sqlx::IntoArguments<Self>> {
     /// process.
     const NOTIFY: Option<&'static str>;
 
+    /// The SQL function giving the 1-based position of `$2` in `$1`, 0 when absent
+    /// (case-sensitive): `strpos` on Postgres, `instr` on SQLite.
+    const POSITION_FN: &'static str;
+
     /// Writes a usage batch: the JSON of `usage::usage_json` as `$1`, the spend ceiling
     /// as `$2`, the new spend computed by [`saturated_spend!`], returning
     /// `(key_id, spent_micros)` per key found.
