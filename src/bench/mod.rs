@@ -438,7 +438,6 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     };
     let server = launch.start("cached", true, &Limits::Off).await?;
     let pools = hit_scenarios(args, mix, &server, &tokens, &mut run).await?;
-    server.stop().await;
 
     if wants(args, Scenario::VerifyNaive) {
         let naive = launch.start("naive", false, &Limits::Off).await?;
@@ -472,20 +471,47 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
                 println!("verify-ratelimited ({name}): Redis does not answer at {url}; skipped");
                 continue;
             }
-            let server = launch
+            let limited = launch
                 .start(&format!("limited-{name}"), true, &limits)
                 .await?;
-            let clients = connect(&server, &tokens, args.connections).await?;
+            let clients = connect(&limited, &tokens, args.connections).await?;
             warm(&clients, &pools).await;
-            let r = verify_valid(&spec(args, &server), &clients, &pools).await;
+            // In turns with verify-hit on the unlimited server, so that the ratio is
+            // taken over the same seconds (see `load::interleaved`).
+            let hit_clients = connect(&server, &tokens, args.connections).await?;
+            let (hit, r) = load::interleaved(
+                &spec(args, &limited),
+                INTERLEAVED_SLICES,
+                |s| {
+                    let s = LoadSpec {
+                        server_pid: server.pid(),
+                        ..s
+                    };
+                    let (clients, pools) = (&hit_clients, &pools);
+                    async move { verify_valid(&s, clients, pools).await }
+                },
+                |s| {
+                    let (clients, pools) = (&clients, &pools);
+                    async move { verify_valid(&s, clients, pools).await }
+                },
+            )
+            .await;
+            print_line(&format!("verify-hit (beside ratelimited {name})"), &hit);
             print_line(&format!("verify-ratelimited ({name})"), &r);
             match name {
-                "memory" => run.verify_ratelimited_memory = Some(r),
-                _ => run.verify_ratelimited_redis = Some(r),
+                "memory" => {
+                    run.verify_ratelimited_memory = Some(r);
+                    run.verify_hit_beside_memory = Some(hit);
+                }
+                _ => {
+                    run.verify_ratelimited_redis = Some(r);
+                    run.verify_hit_beside_redis = Some(hit);
+                }
             }
-            server.stop().await;
+            limited.stop().await;
         }
     }
+    server.stop().await;
 
     if wants(args, Scenario::EdgeVerify) {
         // A limit no run reaches: every VALID answer carries a decision, so the edge
