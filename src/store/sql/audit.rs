@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, SqlSafeStr};
 /// than an `OR` a prepared statement's generic plan cannot. Parameters in order:
 /// workspace, before id, then key, actor, action, since, until (those set), then limit.
 /// Nothing of the request is written into the text: every value is bound.
-pub(crate) fn list_audit_sql(filter: &AuditFilter) -> String {
+pub fn list_audit_sql(filter: &AuditFilter) -> String {
     let mut sql = String::from(
         "SELECT id, workspace_id, actor_id, caller, action, key_id, outcome, detail, \
          occurred_at FROM audit_events WHERE workspace_id = $1 AND id < $2",

@@ -29,6 +29,7 @@ mod teams;
 mod usage;
 mod workspaces;
 
+pub use audit::list_audit_sql;
 pub(crate) use keys::FIND_SECRET;
 pub(crate) use usage::saturated_spend;
 
