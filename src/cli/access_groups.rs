@@ -5,7 +5,6 @@
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use serde_json::json;
 
 use super::output::{self, Format};
 use super::{ActorArgs, CliError, Connection, Session};
@@ -93,12 +92,14 @@ pub async fn run(args: AccessGroupsArgs) -> Result<ExitCode, CliError> {
                 .await?
                 .into_inner()
                 .access_groups;
-            match session.format {
-                Format::Json => output::emit_json(&json!({
-                    "access_groups": groups.iter().map(output::access_group_json).collect::<Vec<_>>(),
-                }))?,
-                Format::Table => output::emit(&output::access_group_table(&groups).render())?,
-            }
+            output::emit_list(
+                session.format,
+                "access_groups",
+                &groups,
+                output::access_group_json,
+                output::access_group_table,
+                None,
+            )?;
             return Ok(ExitCode::SUCCESS);
         }
         AccessGroupsCommand::Delete {
@@ -113,10 +114,7 @@ pub async fn run(args: AccessGroupsArgs) -> Result<ExitCode, CliError> {
                     actor: Some(actor.proto()),
                 })
                 .await?;
-            match session.format {
-                Format::Json => output::emit_json(&json!({ "deleted": name }))?,
-                Format::Table => output::emit(&format!("deleted {name}\n"))?,
-            }
+            output::emit_deleted(session.format, &name)?;
             return Ok(ExitCode::SUCCESS);
         }
     };

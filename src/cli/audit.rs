@@ -3,9 +3,8 @@
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use serde_json::json;
 
-use super::output::{self, Format};
+use super::output;
 use super::{CliError, Connection, Session};
 use crate::proto;
 
@@ -76,17 +75,13 @@ pub async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
             }
         })
         .await?;
-    match session.format {
-        Format::Json => output::emit_json(&json!({
-            "events": events.iter().map(output::audit_event_json).collect::<Vec<_>>(),
-            "next_page_token": next_page_token,
-        }))?,
-        Format::Table => {
-            output::emit(&output::audit_table(&events).render())?;
-            if !next_page_token.is_empty() {
-                eprintln!("more events: --page-token {next_page_token} (or --all)");
-            }
-        }
-    }
+    output::emit_list(
+        session.format,
+        "events",
+        &events,
+        output::audit_event_json,
+        output::audit_table,
+        Some(&next_page_token),
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -312,10 +312,7 @@ pub async fn run(args: KeysArgs) -> Result<ExitCode, CliError> {
                     actor: Some(a.actor.proto()),
                 })
                 .await?;
-            match session.format {
-                Format::Json => output::emit_json(&json!({ "deleted": a.key_id }))?,
-                Format::Table => output::emit(&format!("deleted {}\n", a.key_id))?,
-            }
+            output::emit_deleted(session.format, &a.key_id)?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -476,19 +473,14 @@ async fn list(session: &Session, a: ListArgs) -> Result<(), CliError> {
             }
         })
         .await?;
-    match session.format {
-        Format::Json => output::emit_json(&json!({
-            "keys": keys.iter().map(output::key_info_json).collect::<Vec<_>>(),
-            "next_page_token": next_page_token,
-        })),
-        Format::Table => {
-            output::emit(&output::key_table(&keys).render())?;
-            if !next_page_token.is_empty() {
-                eprintln!("more keys: --page-token {next_page_token} (or --all)");
-            }
-            Ok(())
-        }
-    }
+    output::emit_list(
+        session.format,
+        "keys",
+        &keys,
+        output::key_info_json,
+        output::key_table,
+        Some(&next_page_token),
+    )
 }
 
 fn show_key(session: &Session, info: Option<proto::KeyInfo>) -> Result<(), CliError> {

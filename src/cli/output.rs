@@ -38,6 +38,47 @@ pub fn emit_json(value: &Value) -> Result<(), CliError> {
     emit(&format!("{text}\n"))
 }
 
+/// A list: `{"<name>": [...]}` for scripts, or a table. A paged list (`page`: the token
+/// of the next page, empty on the last) adds `next_page_token` to the JSON, and to the
+/// table a line on stderr saying how to ask for more.
+pub fn emit_list<T>(
+    format: Format,
+    name: &str,
+    items: &[T],
+    json: fn(&T) -> Value,
+    table: fn(&[T]) -> Table,
+    page: Option<&str>,
+) -> Result<(), CliError> {
+    match format {
+        Format::Json => {
+            let mut doc = serde_json::Map::new();
+            doc.insert(name.to_owned(), items.iter().map(json).collect());
+            if let Some(next) = page {
+                doc.insert("next_page_token".to_owned(), next.into());
+            }
+            emit_json(&Value::Object(doc))
+        }
+        Format::Table => {
+            emit(&table(items).render())?;
+            if let Some(next) = page.filter(|n| !n.is_empty()) {
+                eprintln!(
+                    "more {}: --page-token {next} (or --all)",
+                    name.replace('_', " ")
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What a delete removed: `{"deleted": <what>}`, or `deleted <what>`.
+pub fn emit_deleted(format: Format, what: &str) -> Result<(), CliError> {
+    match format {
+        Format::Json => emit_json(&json!({ "deleted": what })),
+        Format::Table => emit(&format!("deleted {what}\n")),
+    }
+}
+
 /// A table: a header row and rows of cells, columns padded to their widest cell.
 pub struct Table {
     headers: Vec<&'static str>,

@@ -128,12 +128,14 @@ pub async fn run(args: ProviderKeysArgs) -> Result<ExitCode, CliError> {
                 .await?
                 .into_inner()
                 .provider_keys;
-            match session.format {
-                Format::Json => output::emit_json(&json!({
-                    "provider_keys": keys.iter().map(output::provider_key_json).collect::<Vec<_>>(),
-                }))?,
-                Format::Table => output::emit(&output::provider_key_table(&keys).render())?,
-            }
+            output::emit_list(
+                session.format,
+                "provider_keys",
+                &keys,
+                output::provider_key_json,
+                output::provider_key_table,
+                None,
+            )?;
         }
         ProviderKeysCommand::Delete { target, actor } => {
             let session = Session::open(&args.conn).await?;

@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use serde_json::json;
 
 use super::output::{self, Format};
 use super::policy_args::ReachArgs;
@@ -199,12 +198,14 @@ pub async fn run(args: TeamsArgs) -> Result<ExitCode, CliError> {
                 .await?
                 .into_inner()
                 .teams;
-            match session.format {
-                Format::Json => output::emit_json(&json!({
-                    "teams": teams.iter().map(output::team_json).collect::<Vec<_>>(),
-                }))?,
-                Format::Table => output::emit(&output::team_table(&teams).render())?,
-            }
+            output::emit_list(
+                session.format,
+                "teams",
+                &teams,
+                output::team_json,
+                output::team_table,
+                None,
+            )?;
             return Ok(ExitCode::SUCCESS);
         }
         TeamsCommand::Update(a) => update(&session, a).await?,
@@ -216,10 +217,7 @@ pub async fn run(args: TeamsArgs) -> Result<ExitCode, CliError> {
                     actor: Some(actor.proto()),
                 })
                 .await?;
-            match session.format {
-                Format::Json => output::emit_json(&json!({ "deleted": team.team_id }))?,
-                Format::Table => output::emit(&format!("deleted {}\n", team.team_id))?,
-            }
+            output::emit_deleted(session.format, &team.team_id)?;
             return Ok(ExitCode::SUCCESS);
         }
     };
@@ -365,12 +363,14 @@ pub async fn run_service_accounts(args: ServiceAccountsArgs) -> Result<ExitCode,
                 .await?
                 .into_inner()
                 .service_accounts;
-            match session.format {
-                Format::Json => output::emit_json(&json!({
-                    "service_accounts": accounts.iter().map(output::service_account_json).collect::<Vec<_>>(),
-                }))?,
-                Format::Table => output::emit(&output::service_account_table(&accounts).render())?,
-            }
+            output::emit_list(
+                session.format,
+                "service_accounts",
+                &accounts,
+                output::service_account_json,
+                output::service_account_table,
+                None,
+            )?;
         }
         ServiceAccountsCommand::Delete {
             service_account_id,
@@ -384,10 +384,7 @@ pub async fn run_service_accounts(args: ServiceAccountsArgs) -> Result<ExitCode,
                     actor: Some(actor.proto()),
                 })
                 .await?;
-            match session.format {
-                Format::Json => output::emit_json(&json!({ "deleted": service_account_id }))?,
-                Format::Table => output::emit(&format!("deleted {service_account_id}\n"))?,
-            }
+            output::emit_deleted(session.format, &service_account_id)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -161,17 +161,13 @@ async fn list(session: &Session, a: ListArgs) -> Result<ExitCode, CliError> {
             }
         })
         .await?;
-    match session.format {
-        Format::Json => output::emit_json(&serde_json::json!({
-            "workspaces": workspaces.iter().map(output::workspace_json).collect::<Vec<_>>(),
-            "next_page_token": next_page_token,
-        }))?,
-        Format::Table => {
-            output::emit(&output::workspace_table(&workspaces).render())?;
-            if !next_page_token.is_empty() {
-                eprintln!("more workspaces: --page-token {next_page_token} (or --all)");
-            }
-        }
-    }
+    output::emit_list(
+        session.format,
+        "workspaces",
+        &workspaces,
+        output::workspace_json,
+        output::workspace_table,
+        Some(&next_page_token),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
