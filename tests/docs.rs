@@ -11,7 +11,7 @@
 //!   "<role> token:" line` gets that line of the server's output, as a reader pastes it;
 //! - every command (a line, with its `\` continuations) must exit 0, unless its comment
 //!   says `exit N`: then it must exit N;
-//! - a comment `prints: TEXT` means its output must contain TEXT.
+//! - a comment `prints: TEXT` (after any `exit N`) means its output must contain TEXT.
 
 mod common;
 mod process_harness;
@@ -82,7 +82,9 @@ fn steps(block: &str) -> Vec<Step> {
         }
         let full = std::mem::take(&mut pending);
         let (command, comment) = split_comment(&full);
+        // `exit N` is read before any `prints:` (whose text may say "exit" itself).
         let exit = comment
+            .and_then(|c| c.split("prints: ").next())
             .and_then(|c| c.split("exit ").nth(1))
             .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok())
@@ -221,6 +223,11 @@ fn the_runner_reads_commands_their_continuations_and_promises() {
     assert_eq!(json[0].command, "X=$(curl -d '{\n  \"a\": 1\n}' host)");
     assert_eq!(json[0].prints.as_deref(), Some("b"));
     assert_eq!(json[1].exit, 3);
+    let said = steps("x || echo \"gone: exit $?\"   # prints: gone: exit 1\n");
+    assert_eq!(
+        (said[0].exit, said[0].prints.as_deref()),
+        (0, Some("gone: exit 1"))
+    );
     assert!(in_shell("export A=1") && in_shell("KEY=$(x)") && !in_shell("echo A=1"));
     assert_eq!(
         sh_blocks(
