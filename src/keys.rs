@@ -25,7 +25,7 @@ use crate::domain::workspace::Plans;
 use crate::events::{EventHub, invalidate_committed};
 use crate::store::{
     Acting, AuditFilter, AuditRecord, Changed, DeniedAudit, KeyCursor, KeyFilter, KeyPatch,
-    KeySelection, Store, StoreError,
+    KeySelection, Store, StoreError, split_page,
 };
 
 #[derive(Clone, Debug)]
@@ -186,16 +186,10 @@ impl KeyLifecycle {
         if acting.actor.is_self_service() {
             let own = acting.actor.as_owner();
             if let Some(named) = input.owner.as_ref().filter(|named| **named != own) {
-                let refusal = Refusal::new(
-                    Reason::SelfServiceOwnerNotActor,
-                    format!(
-                        "a self-service member's key is its own: owner {} is not the actor {} (leave owner unset, or name yourself)",
-                        named,
-                        acting.actor.id
-                    ),
-                )
-                .with("owner", named)
-                .with("actor_id", &acting.actor.id);
+                let refusal = acting.actor.owner_not_actor(
+                    named,
+                    "a self-service member's key is its own (leave owner unset, or name yourself)",
+                );
                 return Err(self
                     .deny(acting, &input.workspace_id, None, "key.issue", refusal, now)
                     .await);
@@ -314,23 +308,17 @@ impl KeyLifecycle {
             now: self.clock.now(),
         };
         // One row more than asked tells whether there is a next page.
-        let mut keys = self
+        let keys = self
             .store
             .list_keys(&filter, page_size + 1, after.as_ref())
             .await?;
         if keys.is_empty() && !self.store.workspace_exists(&filter.workspace_id).await? {
             return Err(KeyError::WorkspaceNotFound(filter.workspace_id));
         }
-        let next = if keys.len() > page_size as usize {
-            keys.truncate(page_size as usize);
-            keys.last().map(|k| KeyCursor {
-                created_at: k.created_at,
-                key_id: k.key_id.clone(),
-            })
-        } else {
-            None
-        };
-        Ok((keys, next))
+        Ok(split_page(keys, page_size, |k| KeyCursor {
+            created_at: k.created_at,
+            key_id: k.key_id.clone(),
+        }))
     }
 
     pub async fn update(
@@ -473,15 +461,9 @@ impl KeyLifecycle {
         if acting.actor.is_self_service() {
             let own = acting.actor.as_owner();
             if let Some(named) = selection.owner.as_ref().filter(|o| **o != own) {
-                let refusal = Refusal::new(
-                    Reason::SelfServiceOwnerNotActor,
-                    format!(
-                        "a self-service member revokes only its own keys: owner {named} is not the actor {}",
-                        acting.actor.id
-                    ),
-                )
-                .with("owner", named)
-                .with("actor_id", &acting.actor.id);
+                let refusal = acting
+                    .actor
+                    .owner_not_actor(named, "a self-service member revokes only its own keys");
                 let now = self.clock.now();
                 return Err(self
                     .deny(
@@ -531,20 +513,14 @@ impl KeyLifecycle {
         page_size: u32,
         before_id: Option<i64>,
     ) -> Result<(Vec<AuditRecord>, Option<i64>), KeyError> {
-        let mut events = self
+        let events = self
             .store
             .list_audit(filter, page_size + 1, before_id)
             .await?;
         if events.is_empty() && !self.store.workspace_exists(&filter.workspace_id).await? {
             return Err(KeyError::WorkspaceNotFound(filter.workspace_id.clone()));
         }
-        let next = if events.len() > page_size as usize {
-            events.truncate(page_size as usize);
-            events.last().map(|e| e.id)
-        } else {
-            None
-        };
-        Ok((events, next))
+        Ok(split_page(events, page_size, |e| e.id))
     }
 
     /// A member's change or rotation of its team key: self-service must be on and the key,

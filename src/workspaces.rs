@@ -8,7 +8,7 @@ use crate::clock::Clock;
 use crate::domain::workspace::{Plan, PlanPolicy, Plans, Workspace};
 use crate::events::{EventHub, invalidate_committed};
 use crate::store::Acting;
-use crate::store::{StoreError, WorkspacePatch, WorkspaceStore};
+use crate::store::{StoreError, WorkspacePatch, WorkspaceStore, split_page};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
@@ -94,18 +94,12 @@ impl Workspaces {
         after: Option<&str>,
     ) -> Result<(Vec<Workspace>, Option<String>), WorkspaceError> {
         // One row more than asked tells whether there is a next page.
-        let mut page = self
+        let rows = self
             .store
             .list_workspaces(page_size + 1, after)
             .await
             .map_err(WorkspaceError::Store)?;
-        let next = if page.len() > page_size as usize {
-            page.truncate(page_size as usize);
-            page.last().map(|w| w.workspace_id.clone())
-        } else {
-            None
-        };
-        Ok((page, next))
+        Ok(split_page(rows, page_size, |w| w.workspace_id.clone()))
     }
 
     pub async fn update(

@@ -59,11 +59,10 @@ impl KeyService for KeyApi {
         }
         // A self-service member may leave the owner unset: its key is its own. Anyone
         // else names one.
-        let self_service = r.actor.as_ref().is_some_and(|a| {
-            !a.permissions
-                .iter()
-                .any(|p| p == crate::domain::actor::ADMIN_PERMISSION)
-        });
+        let self_service = r
+            .actor
+            .as_ref()
+            .is_some_and(|a| crate::domain::actor::is_self_service(&a.permissions));
         let owner = if r.owner.is_none() && self_service {
             Some(None)
         } else {

@@ -701,6 +701,22 @@ impl OpenError {
     }
 }
 
+/// One page of a listing asked for one row more than `page_size` (that row tells there is
+/// a next page): the page, and the cursor of its last row when there is a next one.
+pub fn split_page<T, C>(
+    mut rows: Vec<T>,
+    page_size: u32,
+    cursor: impl FnOnce(&T) -> C,
+) -> (Vec<T>, Option<C>) {
+    if rows.len() > page_size as usize {
+        rows.truncate(page_size as usize);
+        let next = rows.last().map(cursor);
+        (rows, next)
+    } else {
+        (rows, None)
+    }
+}
+
 /// Opaque page tokens: URL-safe base64 of a versioned cursor, so clients cannot depend on
 /// their content and a tampered token is refused, not misread.
 pub mod page_token {

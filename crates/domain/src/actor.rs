@@ -1,9 +1,16 @@
 //! Who acts through an admin backend, and the questions every service asks of them.
 
 use super::key::{KeyRecord, Owner, OwnerKind};
+use super::refusal::{Reason, Refusal};
 
 /// The permission that makes an actor an administrator rather than a self-service member.
 pub const ADMIN_PERMISSION: &str = "admin";
+
+/// Whether an actor holding `permissions` is a self-service member (see
+/// [`Actor::is_self_service`]); for a request's actor not yet checked.
+pub fn is_self_service(permissions: &[String]) -> bool {
+    !permissions.iter().any(|p| p == ADMIN_PERMISSION)
+}
 
 /// The principal acting through an admin backend.
 #[derive(Clone, Debug)]
@@ -16,7 +23,18 @@ impl Actor {
     /// A self-service member: an actor without the admin permission, who sees and manages
     /// only the keys it owns.
     pub fn is_self_service(&self) -> bool {
-        !self.permissions.iter().any(|p| p == ADMIN_PERMISSION)
+        is_self_service(&self.permissions)
+    }
+
+    /// The refusal of a self-service member that named `named`, not itself, as the owner
+    /// of keys `rule` concerns ("a self-service member's key is its own", ...).
+    pub fn owner_not_actor(&self, named: &Owner, rule: &str) -> Refusal {
+        Refusal::new(
+            Reason::SelfServiceOwnerNotActor,
+            format!("{rule}: owner {named} is not the actor {}", self.id),
+        )
+        .with("owner", named)
+        .with("actor_id", &self.id)
     }
 
     /// Whether the actor owns `key` (as its user owner).

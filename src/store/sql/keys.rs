@@ -100,6 +100,30 @@ where
             .ok_or_else(|| StoreError::Corrupt("no current secret".into()))
     }
 
+    /// Revokes a key locked in this transaction (not revoked yet) at `now`; returns the
+    /// `revoked` event to record for it.
+    pub(super) async fn revoke_locked(
+        &mut self,
+        key: &mut KeyRecord,
+        reason: &str,
+        now: Micros,
+    ) -> Result<(EventKind, KeyHash), StoreError> {
+        let current = self.current_hash(&key.key_id).await?;
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = $2, revoke_reason = $3, updated_at = $2 \
+             WHERE key_id = $1",
+        )
+        .bind(&key.key_id)
+        .bind(now)
+        .bind(reason)
+        .execute(self.conn())
+        .await?;
+        key.revoked_at = Some(now);
+        key.revoke_reason = Some(reason.to_owned());
+        key.updated_at = now;
+        Ok((EventKind::Revoked, current))
+    }
+
     /// Appends an `updated` event for each key (their reach changed without the rows
     /// changing), so every replica reloads them; returns their secret hashes.
     pub(super) async fn reload_keys(
@@ -517,20 +541,7 @@ where
         let mut key = m.locked_key(key_id).await?;
         let mut event = None;
         if key.revoked_at.is_none() {
-            let current = m.current_hash(key_id).await?;
-            event = Some((EventKind::Revoked, current));
-            key.revoked_at = Some(now);
-            key.revoke_reason = Some(reason.to_owned());
-            key.updated_at = now;
-            sqlx::query(
-                "UPDATE api_keys SET revoked_at = $2, revoke_reason = $3, updated_at = $2 \
-                 WHERE key_id = $1",
-            )
-            .bind(key_id)
-            .bind(now)
-            .bind(reason)
-            .execute(m.conn())
-            .await?;
+            event = Some(m.revoke_locked(&mut key, reason, now).await?);
         }
         m.finish(key, audit, now, event).await
     }
@@ -567,31 +578,8 @@ where
         let revoked = rows.len() as u64;
         for row in rows {
             let mut key: KeyRecord = row.try_into()?;
-            sqlx::query(
-                "UPDATE api_keys SET revoked_at = $2, revoke_reason = $3, updated_at = $2 \
-                 WHERE key_id = $1",
-            )
-            .bind(&key.key_id)
-            .bind(now)
-            .bind(reason)
-            .execute(m.conn())
-            .await?;
-            key.revoked_at = Some(now);
-            key.revoke_reason = Some(reason.to_owned());
-            key.updated_at = now;
-            let current = m.current_hash(&key.key_id).await?;
-            let hashes = m.secret_hashes(&key.key_id).await?;
-            m.append_event(EventKind::Revoked, &key, &current, &hashes, now)
-                .await?;
-            m.audit(
-                &key.workspace_id,
-                Some(&key.key_id),
-                AuditOutcome::Success,
-                audit,
-                now,
-            )
-            .await?;
-            stale.extend(hashes);
+            let event = m.revoke_locked(&mut key, reason, now).await?;
+            stale.extend(m.record(&key, audit, now, Some(event)).await?);
         }
         m.commit().await?;
         Ok((revoked, stale))

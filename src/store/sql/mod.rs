@@ -233,9 +233,23 @@ where
         now: Micros,
         event: Option<(EventKind, KeyHash)>,
     ) -> Result<Changed, StoreError> {
+        let stale_hashes = self.record(&key, ctx, now, event).await?;
+        self.commit().await?;
+        Ok(Changed { key, stale_hashes })
+    }
+
+    /// [`Mutation::finish`] without the commit, for a mutation of several keys: the
+    /// key's event (if any) and audit row; returns its secret hashes.
+    async fn record(
+        &mut self,
+        key: &KeyRecord,
+        ctx: &AuditContext,
+        now: Micros,
+        event: Option<(EventKind, KeyHash)>,
+    ) -> Result<Vec<KeyHash>, StoreError> {
         let stale_hashes = self.secret_hashes(&key.key_id).await?;
         if let Some((kind, hash)) = event {
-            self.append_event(kind, &key, &hash, &stale_hashes, now)
+            self.append_event(kind, key, &hash, &stale_hashes, now)
                 .await?;
         }
         self.audit(
@@ -246,8 +260,7 @@ where
             now,
         )
         .await?;
-        self.commit().await?;
-        Ok(Changed { key, stale_hashes })
+        Ok(stale_hashes)
     }
 }
 
