@@ -77,6 +77,7 @@ impl Teams {
             team_id,
             name,
             policy,
+            rate_limits: Vec::new(),
             created_at: now,
             updated_at: now,
         };
@@ -132,15 +133,19 @@ impl Teams {
             .then(|| TeamError::WorkspaceNotFound(workspace_id.to_owned())))
     }
 
-    /// Applies `name` and `policy` (each when given).
+    /// Applies the patch's fields (each when given). A change of the team's pool takes
+    /// effect on the next call of each team key on every replica.
     pub async fn update(
         &self,
         acting: &Acting,
         workspace_id: &str,
         team_id: &str,
-        name: Option<String>,
-        policy: Option<TeamPolicy>,
+        patch: TeamPatch,
     ) -> Result<Team, TeamError> {
+        let mut detail = format!("team: {team_id}");
+        if let Some(limits) = &patch.rate_limits {
+            detail.push_str(&format!(", pool: {}", crate::workspaces::pool_text(limits)));
+        }
         // The store applies the patch to the team as it stands under its row lock: a read
         // here and a write of the whole team would undo a concurrent update's field.
         let written = self
@@ -148,9 +153,9 @@ impl Teams {
             .update_team(
                 workspace_id,
                 team_id,
-                &TeamPatch { name, policy },
+                &patch,
                 self.clock.now(),
-                &acting.audit("team.update", format!("team: {team_id}")),
+                &acting.audit("team.update", detail),
             )
             .await;
         let (team, stale) = match written {

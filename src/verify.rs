@@ -17,13 +17,13 @@ use crate::domain::Micros;
 use crate::domain::key::{self, VerifiableKey, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::lease::{Amounts, Grant};
-use crate::domain::limits::{self, LimitDecision, RateLimit};
+use crate::domain::limits::{self, LimitDecision, LimitScope, RateLimit};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
 use crate::domain::workspace::Plans;
 use crate::events::EventHub;
 use crate::metrics::Metrics;
 use crate::ratelimit::leased::{LeaseRecord, QuotaAuthority};
-use crate::ratelimit::{Budget, BudgetCheck, LimiterError, RateLimiter, Reported};
+use crate::ratelimit::{Budget, BudgetCheck, Counter, LimiterError, RateLimiter, Reported};
 use crate::store::{Store, StoreError};
 use crate::usage::UsageBook;
 
@@ -251,6 +251,12 @@ impl Verifier {
                 answers.push(answer(VerifyCode::BudgetExceeded, None, false, now));
                 continue;
             }
+            // A pool is shared with keys the edge does not see: its calls are judged here,
+            // one by one, as for an authority that cannot be reached.
+            if !entry.key.pools().is_empty() {
+                answers.push(answer(VerifyCode::Valid, None, true, now));
+                continue;
+            }
             match leasing
                 .authority
                 .grant(
@@ -366,13 +372,29 @@ impl Verifier {
         // A key without limits (none of its own and no deployment default) needs no
         // decision, and its answer says so by carrying none. A key with limits whose
         // counters could not be reached (failing open) carries none either, marked unknown.
-        let (decision, limit_unknown) = if entry.limits.is_empty() {
+        // A key in pools counts against each of them too, after its own limits.
+        let pools = entry.key.pools();
+        let (decision, limit_unknown) = if entry.limits.is_empty() && pools.is_empty() {
             (None, false)
         } else {
-            let decision = self
-                .limiter
-                .check(key_id, &entry.limits, cost.max(1), now)
-                .await?;
+            let own = Counter {
+                id: key_id,
+                scope: LimitScope::Key,
+                limits: &entry.limits,
+            };
+            let decision = if pools.is_empty() {
+                self.limiter.check(&[own], cost.max(1), now).await?
+            } else {
+                let counters: Vec<Counter<'_>> = std::iter::once(own)
+                    .filter(|c| !c.limits.is_empty())
+                    .chain(pools.iter().map(|p| Counter {
+                        id: &p.counter,
+                        scope: p.scope,
+                        limits: &p.limits,
+                    }))
+                    .collect();
+                self.limiter.check(&counters, cost.max(1), now).await?
+            };
             let unknown = decision.is_none();
             (decision, unknown)
         };
@@ -446,6 +468,7 @@ impl Verifier {
                 Arc::new(std::mem::take(&mut found.key.rate_limits))
             };
             let mut key: VerifiableKey = found.key.into();
+            key.set_pools(found.pools);
             key.plan_forbids_keys = found
                 .plan
                 .is_some_and(|plan| !self.policy.plans.policy(plan).api_keys);

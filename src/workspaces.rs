@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
+use crate::domain::key::Owner;
+use crate::domain::limits::RateLimit;
 use crate::domain::workspace::{Plan, PlanPolicy, Plans, Workspace};
 use crate::events::{EventHub, invalidate_committed};
 use crate::store::Acting;
@@ -63,6 +65,7 @@ impl Workspaces {
             workspace_id,
             name,
             plan,
+            rate_limits: Vec::new(),
             created_at: now,
             updated_at: now,
         };
@@ -111,6 +114,10 @@ impl Workspaces {
         let detail = [
             patch.name.as_ref().map(|_| "name".to_owned()),
             patch.plan.map(|p| format!("plan: {}", p.as_str())),
+            patch
+                .rate_limits
+                .as_ref()
+                .map(|l| format!("pool: {}", pool_text(l))),
         ]
         .into_iter()
         .flatten()
@@ -129,5 +136,64 @@ impl Workspaces {
             Err(StoreError::NotFound) => Err(WorkspaceError::NotFound(workspace_id.to_owned())),
             Err(e) => Err(WorkspaceError::Store(e)),
         }
+    }
+
+    /// The pool `owner`'s keys in the workspace share (empty: none).
+    pub async fn owner_limits(
+        &self,
+        workspace_id: &str,
+        owner: &Owner,
+    ) -> Result<Vec<RateLimit>, WorkspaceError> {
+        let limits = self
+            .store
+            .owner_limits(workspace_id, owner)
+            .await
+            .map_err(WorkspaceError::Store)?;
+        if limits.is_empty()
+            && !self
+                .store
+                .workspace_exists(workspace_id)
+                .await
+                .map_err(WorkspaceError::Store)?
+        {
+            return Err(WorkspaceError::NotFound(workspace_id.to_owned()));
+        }
+        Ok(limits)
+    }
+
+    /// Sets the pool `owner`'s keys in the workspace share (empty: none), taking effect
+    /// on the next call of each of them on every replica.
+    pub async fn set_owner_limits(
+        &self,
+        acting: &Acting,
+        workspace_id: &str,
+        owner: &Owner,
+        limits: Vec<RateLimit>,
+    ) -> Result<Vec<RateLimit>, WorkspaceError> {
+        let audit = acting.audit(
+            "owner.limits",
+            format!("owner: {owner}, pool: {}", pool_text(&limits)),
+        );
+        match self
+            .store
+            .set_owner_limits(workspace_id, owner, &limits, self.clock.now(), &audit)
+            .await
+        {
+            Ok(stale) => {
+                invalidate_committed(&self.cache, &self.events, &stale);
+                Ok(limits)
+            }
+            Err(StoreError::NotFound) => Err(WorkspaceError::NotFound(workspace_id.to_owned())),
+            Err(e) => Err(WorkspaceError::Store(e)),
+        }
+    }
+}
+
+/// A pool's limits as the audit log shows them (`none` for no pool).
+pub fn pool_text(limits: &[RateLimit]) -> String {
+    if limits.is_empty() {
+        "none".to_owned()
+    } else {
+        crate::domain::limits::join(limits)
     }
 }

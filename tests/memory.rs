@@ -13,10 +13,10 @@ use common::key_record;
 use keywarden::cache::{CacheSizes, CachedKey, VerifyCache};
 use keywarden::domain::key::KeyRecord;
 use keywarden::domain::key_format::KeyHash;
-use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
+use keywarden::domain::limits::{LimitScope, LimitUnit, LimitWindow, RateLimit};
 use keywarden::domain::scopes::{EffectiveScopes, ScopeImplications};
-use keywarden::ratelimit::RateLimiter;
 use keywarden::ratelimit::memory::MemoryLimiter;
+use keywarden::ratelimit::{Counter, RateLimiter};
 use keywarden::usage::UsageBook;
 
 struct Counting;
@@ -115,7 +115,15 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
     runtime.block_on(async {
         for r in &records {
             let d = limiter
-                .check(&r.key_id, &default_limit, 1, 1_800_000_000_000_000)
+                .check(
+                    &[Counter {
+                        id: &r.key_id,
+                        scope: LimitScope::Key,
+                        limits: &default_limit,
+                    }],
+                    1,
+                    1_800_000_000_000_000,
+                )
                 .await;
             assert!(d.unwrap().unwrap().allowed);
         }

@@ -14,12 +14,12 @@ use keywarden::domain::access::{AccessGroup, AccessMode, ResourceAccess};
 use keywarden::domain::ids::new_key_id;
 use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
-use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
+use keywarden::domain::limits::{LimitScope, LimitUnit, LimitWindow, RateLimit};
 use keywarden::domain::refusal::{Reason, Refusal};
 use keywarden::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use keywarden::store::{
     AuditContext, AuditFilter, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter,
-    KeyPatch, KeySelection, Store, StoreError, TeamPatch, UsageDelta,
+    KeyPatch, KeySelection, Store, StoreError, TeamPatch, UsageDelta, WorkspacePatch,
 };
 
 const S: Micros = 1_000_000;
@@ -1804,6 +1804,7 @@ async fn team_updates_of_different_fields_both_take_effect(backend: Backend) {
         team_id: "team_ml".to_owned(),
         name: "ML".to_owned(),
         policy: TeamPolicy::default(),
+        rate_limits: Vec::new(),
         created_at: T0,
         updated_at: T0,
     };
@@ -1816,6 +1817,7 @@ async fn team_updates_of_different_fields_both_take_effect(backend: Backend) {
     let patch = |name: Option<&str>, policy: Option<&TeamPolicy>| TeamPatch {
         name: name.map(str::to_owned),
         policy: policy.cloned(),
+        rate_limits: None,
     };
     let (first, _) = store
         .update_team(
@@ -1897,6 +1899,7 @@ fn team_reaching(team_id: &str, groups: &[&str]) -> Team {
             resource_access: reaching(groups),
             ..TeamPolicy::default()
         },
+        rate_limits: Vec::new(),
         created_at: T0,
         updated_at: T0,
     }
@@ -1976,6 +1979,7 @@ async fn a_reach_naming_a_missing_group_is_refused_and_writes_nothing(backend: B
     let team_patch = TeamPatch {
         name: Some("renamed".to_owned()),
         policy: Some(team_reaching("team_ml", &["g_gone"]).policy),
+        rate_limits: None,
     };
     assert_groups_missing(
         store
@@ -2077,6 +2081,129 @@ async fn find_secret_resolves_the_key_s_reach(backend: Backend) {
     let found = store.find_secret(&secret).await.unwrap().unwrap().key;
     assert_eq!(found.team_access, ResourceAccess::default());
     assert!(found.resource_access.group_targets.is_empty());
+}
+
+/// A key's pools come back with it, owner, team then workspace, each under its own
+/// counter name; setting a pool reloads exactly the keys it covers; an owner's pool needs
+/// its workspace.
+async fn find_secret_loads_the_key_s_pools_and_a_pool_change_reloads_its_keys(backend: Backend) {
+    let (db, store) = open(backend).await;
+    db.create_workspaces(&[WS, "ws_other"], "pro").await;
+    let rpm = |limit| {
+        vec![RateLimit {
+            unit: LimitUnit::Requests,
+            window: LimitWindow::Minute,
+            limit,
+        }]
+    };
+    store
+        .insert_team(&team_reaching("team_ml", &[]), &ctx("team.create"))
+        .await
+        .unwrap();
+    let team_key = KeyRecord {
+        team_id: Some("team_ml".to_owned()),
+        ..key_record(WS, T0)
+    };
+    let team_secret = insert(store.as_ref(), &team_key).await;
+    let plain = key_record(WS, T0);
+    let plain_secret = insert(store.as_ref(), &plain).await;
+    // No pool anywhere: nothing to count against but the key's own limits.
+    let found = store.find_secret(&team_secret).await.unwrap().unwrap();
+    assert!(found.pools.is_empty());
+
+    let (team, stale) = store
+        .update_team(
+            WS,
+            "team_ml",
+            &TeamPatch {
+                rate_limits: Some(rpm(10)),
+                ..TeamPatch::default()
+            },
+            T0 + S,
+            &ctx("team.update"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(team.rate_limits, rpm(10));
+    assert_eq!(stale, [team_secret], "the team's key, not the other");
+    let (workspace, stale) = store
+        .update_workspace(
+            WS,
+            &WorkspacePatch {
+                rate_limits: Some(rpm(100)),
+                ..WorkspacePatch::default()
+            },
+            T0 + S,
+            &ctx("workspace.update"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(workspace.rate_limits, rpm(100));
+    assert_eq!(stale.len(), 2, "every key of the workspace");
+    let stale = store
+        .set_owner_limits(WS, &team_key.owner, &rpm(5), T0 + S, &ctx("owner.limits"))
+        .await
+        .unwrap();
+    assert_eq!(stale.len(), 2, "both keys have the same owner");
+    assert_eq!(
+        store.owner_limits(WS, &team_key.owner).await.unwrap(),
+        rpm(5)
+    );
+
+    let found = store.find_secret(&team_secret).await.unwrap().unwrap();
+    let pools: Vec<_> = found
+        .pools
+        .iter()
+        .map(|p| (p.scope, p.limits.clone()))
+        .collect();
+    assert_eq!(
+        pools,
+        [
+            (LimitScope::Owner, rpm(5)),
+            (LimitScope::Team, rpm(10)),
+            (LimitScope::Workspace, rpm(100)),
+        ]
+    );
+    let names: std::collections::HashSet<_> = found.pools.iter().map(|p| &p.counter).collect();
+    assert_eq!(names.len(), 3);
+    let found = store.find_secret(&plain_secret).await.unwrap().unwrap();
+    assert_eq!(
+        found.pools.len(),
+        2,
+        "no team: the owner's and the workspace's"
+    );
+
+    // Unchanged limits reload nothing; an empty list removes the pool.
+    let stale = store
+        .set_owner_limits(WS, &team_key.owner, &rpm(5), T0 + S, &ctx("owner.limits"))
+        .await
+        .unwrap();
+    assert!(stale.is_empty());
+    store
+        .set_owner_limits(WS, &team_key.owner, &[], T0 + S, &ctx("owner.limits"))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .owner_limits(WS, &team_key.owner)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let found = store.find_secret(&plain_secret).await.unwrap().unwrap();
+    assert_eq!(found.pools.len(), 1);
+    assert!(matches!(
+        store
+            .set_owner_limits(
+                "ws_missing",
+                &team_key.owner,
+                &rpm(5),
+                T0,
+                &ctx("owner.limits")
+            )
+            .await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 /// What a self-service member asks for in these tests: nothing the policy limits but the
@@ -2601,5 +2728,6 @@ both_backends!(
     a_reach_naming_a_missing_group_is_refused_and_writes_nothing,
     insert_key_holds_a_member_to_the_team_s_cap,
     find_secret_resolves_the_key_s_reach,
+    find_secret_loads_the_key_s_pools_and_a_pool_change_reloads_its_keys,
     a_team_key_of_a_service_account_needs_one_of_the_teams,
 );

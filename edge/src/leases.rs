@@ -326,12 +326,15 @@ impl Default for LeaseBook {
 
 /// The cap of one ask for a key answered with `decision`: half its tightest request
 /// limit (at least 1), or `None` when the answer cannot be leased (a token window: those
-/// are counted when usage is reported, which a lease cannot foresee).
+/// are counted when usage is reported, which a lease cannot foresee; or a pool's window:
+/// a pool is shared with keys this edge does not see, and judged on the server).
 pub(super) fn lease_cap(decision: &proto::RateLimitDecision) -> Option<u64> {
     let mut cap = MAX_LEASE;
     for w in &decision.windows {
         let limit = w.limit.as_ref()?;
-        if limit.unit != proto::RateLimitUnit::Requests as i32 {
+        let own = w.scope == proto::LimitScope::Unspecified as i32
+            || w.scope == proto::LimitScope::Key as i32;
+        if limit.unit != proto::RateLimitUnit::Requests as i32 || !own {
             return None;
         }
         cap = cap.min((limit.limit / 2).max(1));

@@ -10,7 +10,7 @@ use crate::domain::access::{self, AccessMode, NetworkAllowlist, ResourceAccess};
 use crate::domain::actor::Actor;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::Environment;
-use crate::domain::limits::{LimitDecision, LimitUnit, LimitWindow, RateLimit};
+use crate::domain::limits::{LimitDecision, LimitScope, LimitUnit, LimitWindow, RateLimit};
 use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, Violations};
 use crate::domain::{MICROS_PER_SECOND, Micros};
 use crate::proto;
@@ -248,8 +248,19 @@ pub fn limit_decision_pb(d: &LimitDecision, now: Micros) -> proto::RateLimitDeci
                 remaining: w.remaining,
                 reset_at: unix_seconds_ceil(w.reset_at),
                 allowed: w.allowed,
+                scope: limit_scope_pb(w.scope) as i32,
             })
             .collect(),
+        scope: tightest.map_or(proto::LimitScope::Unspecified, |w| limit_scope_pb(w.scope)) as i32,
+    }
+}
+
+pub fn limit_scope_pb(scope: LimitScope) -> proto::LimitScope {
+    match scope {
+        LimitScope::Key => proto::LimitScope::Key,
+        LimitScope::Owner => proto::LimitScope::Owner,
+        LimitScope::Team => proto::LimitScope::Team,
+        LimitScope::Workspace => proto::LimitScope::Workspace,
     }
 }
 

@@ -11,10 +11,11 @@ use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::domain::validate::Violations;
 use crate::proto;
 use crate::proto::team_service_server::TeamService;
+use crate::store::TeamPatch;
 use crate::teams::Teams;
 
 /// What an update mask may name.
-const MASK_PATHS: &[&str] = &["name", "policy"];
+const MASK_PATHS: &[&str] = &["name", "policy", "rate_limits"];
 
 pub struct TeamApi {
     teams: Arc<Teams>,
@@ -54,6 +55,7 @@ fn policy(given: Option<&proto::TeamPolicy>, v: &mut Violations) -> TeamPolicy {
 
 fn team_pb(t: &Team) -> proto::Team {
     proto::Team {
+        rate_limits: t.rate_limits.iter().map(convert::rate_limit_pb).collect(),
         workspace_id: t.workspace_id.clone(),
         team_id: t.team_id.clone(),
         name: t.name.clone(),
@@ -227,22 +229,26 @@ impl TeamService for TeamApi {
         v.workspace_id("workspace_id", &r.workspace_id);
         v.workspace_id("team_id", &r.team_id);
         let actor = convert::actor(r.actor.as_ref(), v);
-        let (mut name, mut new_policy) = (None, None);
+        let mut patch = TeamPatch::default();
         let paths = convert::mask_paths(r.update_mask.as_ref(), MASK_PATHS, v);
         for path in paths {
             match path.as_str() {
                 "name" => {
                     v.name("name", &r.name);
-                    name = Some(r.name.clone());
+                    patch.name = Some(r.name.clone());
                 }
-                "policy" => new_policy = Some(policy(r.policy.as_ref(), v)),
+                "policy" => patch.policy = Some(policy(r.policy.as_ref(), v)),
+                "rate_limits" => {
+                    patch.rate_limits =
+                        Some(convert::rate_limits(&r.rate_limits, "rate_limits", v));
+                }
                 other => convert::unknown_mask_path(other, MASK_PATHS, v),
             }
         }
         let acting = m.acting(actor)?;
         let team = self
             .teams
-            .update(&acting, &r.workspace_id, &r.team_id, name, new_policy)
+            .update(&acting, &r.workspace_id, &r.team_id, patch)
             .await?;
         Ok(response(&team))
     }

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::error::check;
+use super::error::{check, checked};
 use super::mutation::Mutation;
+use crate::domain::key::Owner;
+use crate::domain::limits::RateLimit;
 use crate::domain::validate::Violations;
 use crate::domain::workspace::{Plan, Workspace};
 use crate::proto;
@@ -15,7 +17,7 @@ use crate::store::{WorkspacePatch, page_token};
 use crate::workspaces::Workspaces;
 
 /// What an update mask may name.
-const MASK_PATHS: &[&str] = &["name", "plan"];
+const MASK_PATHS: &[&str] = &["name", "plan", "rate_limits"];
 
 pub struct WorkspaceApi {
     workspaces: Arc<Workspaces>,
@@ -36,6 +38,7 @@ impl WorkspaceApi {
             updated_at: Some(convert::timestamp(w.updated_at)),
             api_keys_allowed: policy.api_keys,
             byok_allowed: policy.byok,
+            rate_limits: w.rate_limits.iter().map(convert::rate_limit_pb).collect(),
         }
     }
 }
@@ -137,6 +140,10 @@ impl WorkspaceService for WorkspaceApi {
                     patch.name = Some(r.name.clone());
                 }
                 "plan" => patch.plan = plan(r.plan, "plan", v),
+                "rate_limits" => {
+                    patch.rate_limits =
+                        Some(convert::rate_limits(&r.rate_limits, "rate_limits", v));
+                }
                 other => convert::unknown_mask_path(other, MASK_PATHS, v),
             }
         }
@@ -148,5 +155,59 @@ impl WorkspaceService for WorkspaceApi {
         Ok(Response::new(proto::UpdateWorkspaceResponse {
             workspace: Some(self.workspace_pb(&workspace)),
         }))
+    }
+
+    async fn get_owner_limits(
+        &self,
+        request: Request<proto::GetOwnerLimitsRequest>,
+    ) -> Result<Response<proto::OwnerLimits>, Status> {
+        let r = request.into_inner();
+        let mut v = Violations::default();
+        v.workspace_id("workspace_id", &r.workspace_id);
+        let owner = convert::owner(r.owner.as_ref(), "owner", &mut v);
+        let owner = checked(v, owner)?;
+        let limits = self
+            .workspaces
+            .owner_limits(&r.workspace_id, &owner)
+            .await?;
+        Ok(Response::new(owner_limits_pb(
+            r.workspace_id,
+            &owner,
+            &limits,
+        )))
+    }
+
+    async fn set_owner_limits(
+        &self,
+        request: Request<proto::SetOwnerLimitsRequest>,
+    ) -> Result<Response<proto::OwnerLimits>, Status> {
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
+        v.workspace_id("workspace_id", &r.workspace_id);
+        let owner = convert::owner(r.owner.as_ref(), "owner", v);
+        let limits = convert::rate_limits(&r.rate_limits, "rate_limits", v);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let (acting, owner) = m.acting_with(actor, owner)?;
+        let limits = self
+            .workspaces
+            .set_owner_limits(&acting, &r.workspace_id, &owner, limits)
+            .await?;
+        Ok(Response::new(owner_limits_pb(
+            r.workspace_id,
+            &owner,
+            &limits,
+        )))
+    }
+}
+
+fn owner_limits_pb(
+    workspace_id: String,
+    owner: &Owner,
+    limits: &[RateLimit],
+) -> proto::OwnerLimits {
+    proto::OwnerLimits {
+        workspace_id,
+        owner: Some(convert::owner_pb(owner)),
+        rate_limits: limits.iter().map(convert::rate_limit_pb).collect(),
     }
 }

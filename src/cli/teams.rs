@@ -260,6 +260,7 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<Option<proto::Team>,
             actor: Some(a.actor.proto()),
             name: a.name.unwrap_or_default(),
             policy,
+            rate_limits: Vec::new(),
             update_mask: Some(prost_types::FieldMask { paths }),
         })
         .await?

@@ -111,6 +111,7 @@ pub async fn run(args: WorkspacesArgs) -> Result<ExitCode, CliError> {
                     actor: Some(a.actor.proto()),
                     name: a.name.unwrap_or_default(),
                     plan: a.plan.map_or(proto::Plan::Unspecified, plan) as i32,
+                    rate_limits: Vec::new(),
                     update_mask: Some(prost_types::FieldMask { paths }),
                 })
                 .await?

@@ -50,10 +50,11 @@ use quick_cache::UnitWeighter;
 use quick_cache::sync::Cache;
 use tokio::time::Instant;
 
-use super::{BackendStats, Budget, BudgetCheck, LimiterError, RateLimiter, Reported};
+use super::{BackendStats, Budget, BudgetCheck, Counter, LimiterError, RateLimiter, Reported};
 use crate::domain::Micros;
 use crate::domain::lease::{Amounts, Grant, MAX_LEASE};
 use crate::domain::limits::{LimitDecision, LimitUnit, RateLimit};
+use crate::domain::pools;
 
 /// A lease as the authority recorded it: what a settle must name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -421,7 +422,7 @@ impl LeasedLimiter {
         want: Amounts,
         cost: u64,
         now: Micros,
-    ) -> Result<Option<LimitDecision>, LimiterError> {
+    ) -> Result<Option<(LimitDecision, u64)>, LimiterError> {
         let asked_at = Instant::now();
         let life = crate::domain::micros_in(self.settings.life);
         let answer = self
@@ -445,8 +446,9 @@ impl LeasedLimiter {
     }
 
     /// Puts a grant in place under the slot's lock; returns the answer for a call of
-    /// `cost` waiting for it, and what must be settled (a lease it replaced, or the grant
-    /// itself when the key's limits changed meanwhile).
+    /// `cost` waiting for it with the id of the lease it was counted in (0: none), and
+    /// what must be settled (a lease it replaced, or the grant itself when the key's
+    /// limits changed meanwhile).
     fn install(
         &self,
         key_id: &str,
@@ -455,7 +457,7 @@ impl LeasedLimiter {
         cost: u64,
         asked_at: Instant,
         now: Micros,
-    ) -> (LimitDecision, Option<ToSettle>) {
+    ) -> ((LimitDecision, u64), Option<ToSettle>) {
         let slot = self.slot(key_id);
         let mut s = lock(&slot);
         s.asking = false;
@@ -471,7 +473,7 @@ impl LeasedLimiter {
             let settle = grant
                 .granted()
                 .then(|| (limits.to_vec(), record, Amounts::default()));
-            return (grant.decision, settle);
+            return ((grant.decision, 0), settle);
         }
         if !grant.granted() {
             let until = grant
@@ -481,7 +483,7 @@ impl LeasedLimiter {
                 .unwrap_or(self.settings.life)
                 .min(self.settings.life);
             s.refused = Some((asked_at + until, grant.decision.clone()));
-            return (grant.decision, None);
+            return ((grant.decision, 0), None);
         }
         s.refused = None;
         s.demand = 0;
@@ -494,7 +496,7 @@ impl LeasedLimiter {
             ends: asked_at + self.settings.life,
             decision: grant.decision,
         };
-        let answer = answer_from(&lease);
+        let answer = (answer_from(&lease), lease.record.id);
         let old = s
             .lease
             .replace(lease)
@@ -661,15 +663,16 @@ async fn sweep(limiter: Weak<LeasedLimiter>, clock: crate::clock::Clock) {
 /// itself to refill in the background).
 pub struct Leases(pub Arc<LeasedLimiter>);
 
-#[async_trait]
-impl RateLimiter for Leases {
-    async fn check(
+impl Leases {
+    /// Decides a call against one key's (or pool's) lease; with the decision, the id of
+    /// the lease the call was counted in (0: none), for [`Leases::untake`].
+    async fn take(
         &self,
         key_id: &str,
         limits: &[RateLimit],
         cost: u64,
         now: Micros,
-    ) -> Result<Option<LimitDecision>, LimiterError> {
+    ) -> Result<Option<(LimitDecision, u64)>, LimiterError> {
         let this = &self.0;
         let at = Instant::now();
         let slot = this.slot(key_id);
@@ -688,7 +691,7 @@ impl RateLimiter for Leases {
                 && lease.has_room(cost, tokens)
             {
                 lease.used += cost;
-                let answer = answer_from(lease);
+                let answer = (answer_from(lease), lease.record.id);
                 let left = lease.record.granted - lease.used;
                 let (asked_at, ends) = (lease.asked_at, lease.ends);
                 let tokens_low =
@@ -712,7 +715,7 @@ impl RateLimiter for Leases {
             if let Some((until, decision)) = &s.refused
                 && at < *until
             {
-                return Ok(Some(decision.clone()));
+                return Ok(Some((decision.clone(), 0)));
             }
             let since = s.lease.as_ref().map(|l| l.asked_at);
             s.asking = true;
@@ -730,6 +733,60 @@ impl RateLimiter for Leases {
                 .await;
         }
         this.ask(key_id, limits, want, cost, now).await
+    }
+
+    /// Gives a call's cost back to the lease it was counted in, if that lease is still
+    /// the one held: a lease that was replaced meanwhile has been settled with the call
+    /// counted, which is never an over-admission, and crediting its successor could be.
+    fn untake(&self, key_id: &str, lease_id: u64, cost: u64) {
+        if lease_id == 0 {
+            return;
+        }
+        if let Some(slot) = self.0.slots.get(key_id) {
+            let mut s = lock(&slot);
+            if let Some(lease) = s.lease.as_mut()
+                && lease.record.id == lease_id
+            {
+                lease.used = lease.used.saturating_sub(cost);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl RateLimiter for Leases {
+    /// Each counter from its own lease, in order; a refusal gives the cost back to the
+    /// leases of the counters before it (see [`Leases::untake`]).
+    async fn check(
+        &self,
+        counters: &[Counter<'_>],
+        cost: u64,
+        now: Micros,
+    ) -> Result<Option<LimitDecision>, LimiterError> {
+        if let [one] = counters {
+            return Ok(self
+                .take(one.id, one.limits, cost, now)
+                .await?
+                .map(|(d, _)| d.scoped(one.scope)));
+        }
+        let mut parts: Vec<(LimitDecision, u64)> = Vec::with_capacity(counters.len());
+        for (i, c) in counters.iter().enumerate() {
+            let Some((d, lease_id)) = self.take(c.id, c.limits, cost, now).await? else {
+                return Ok(None);
+            };
+            let refused = !d.allowed;
+            parts.push((d.scoped(c.scope), lease_id));
+            if refused {
+                for (earlier, (d, lease_id)) in counters.iter().zip(parts.iter_mut()).take(i) {
+                    self.untake(earlier.id, *lease_id, cost);
+                    *d = std::mem::take(d).uncounted(cost);
+                }
+                break;
+            }
+        }
+        Ok(Some(pools::combine(
+            parts.into_iter().map(|(d, _)| d).collect(),
+        )))
     }
 
     fn backend_stats(&self) -> BackendStats {

@@ -16,10 +16,11 @@ use quick_cache::UnitWeighter;
 use quick_cache::sync::Cache;
 
 use super::leased::{LeaseRecord, QuotaAuthority, new_grant_id};
-use super::{LimiterError, RateLimiter, Reported};
+use super::{Counter, LimiterError, RateLimiter, Reported};
 use crate::domain::Micros;
 use crate::domain::lease::{self, Amounts, Grant};
 use crate::domain::limits::{self, LimitDecision, LimitUnit, LimitWindow, RateLimit, WindowUsage};
+use crate::domain::pools;
 
 /// A (unit, window) pair as a small index.
 fn slot(unit: LimitUnit, window: LimitWindow) -> u8 {
@@ -112,19 +113,69 @@ impl MemoryLimiter {
     }
 }
 
+impl MemoryLimiter {
+    /// A call judged by several counters at once: all of them locked, in the order given
+    /// (a key's before its pools, pools in scope order, so two calls never wait on each
+    /// other in a circle), so a refusal by one gives back exactly what the ones before it
+    /// took: a refused call consumes nothing anywhere.
+    fn check_all(&self, counters: &[Counter<'_>], cost: u64, now: Micros) -> LimitDecision {
+        let held: Vec<Counters> = counters.iter().map(|c| self.counters(c.id)).collect();
+        let mut locked: Vec<_> = held
+            .iter()
+            .map(|c| c.lock().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        let mut usages: Vec<Vec<WindowUsage>> = counters
+            .iter()
+            .zip(locked.iter_mut())
+            .map(|(c, k)| {
+                c.limits
+                    .iter()
+                    .map(|l| k.take(slot(l.unit, l.window)))
+                    .collect()
+            })
+            .collect();
+        let mut parts: Vec<LimitDecision> = Vec::with_capacity(counters.len());
+        for (c, usage) in counters.iter().zip(usages.iter_mut()) {
+            let d = limits::decide(c.limits, usage, now, cost).scoped(c.scope);
+            let refused = !d.allowed;
+            parts.push(d);
+            if refused {
+                let before = parts.len() - 1;
+                for (i, part) in parts.iter_mut().enumerate().take(before) {
+                    for (l, u) in counters[i].limits.iter().zip(usages[i].iter_mut()) {
+                        if l.unit == LimitUnit::Requests {
+                            u.remove_at(l.window, now, cost);
+                        }
+                    }
+                    *part = std::mem::take(part).uncounted(cost);
+                }
+                break;
+            }
+        }
+        for ((c, k), usage) in counters.iter().zip(locked.iter_mut()).zip(usages) {
+            for (l, u) in c.limits.iter().zip(usage) {
+                k.put(slot(l.unit, l.window), u);
+            }
+        }
+        pools::combine(parts)
+    }
+}
+
 #[async_trait]
 impl RateLimiter for MemoryLimiter {
     async fn check(
         &self,
-        key_id: &str,
-        limits: &[RateLimit],
+        counters: &[Counter<'_>],
         cost: u64,
         now: Micros,
     ) -> Result<Option<LimitDecision>, LimiterError> {
-        let decision = self.with_usage(key_id, limits, |usage, _| {
-            limits::decide(limits, usage, now, cost)
-        });
-        Ok(Some(decision))
+        if let [one] = counters {
+            let decision = self.with_usage(one.id, one.limits, |usage, _| {
+                limits::decide(one.limits, usage, now, cost).scoped(one.scope)
+            });
+            return Ok(Some(decision));
+        }
+        Ok(Some(self.check_all(counters, cost, now)))
     }
 
     async fn record_usage(
@@ -223,6 +274,7 @@ impl QuotaAuthority for MemoryLimiter {
 mod tests {
     use super::*;
     use crate::domain::MICROS_PER_SECOND as S;
+    use crate::domain::limits::LimitScope;
 
     fn rpm(limit: u64) -> RateLimit {
         RateLimit {
@@ -230,6 +282,50 @@ mod tests {
             window: LimitWindow::Minute,
             limit,
         }
+    }
+
+    fn key<'a>(id: &'a str, limits: &'a [RateLimit]) -> Counter<'a> {
+        Counter {
+            id,
+            scope: LimitScope::Key,
+            limits,
+        }
+    }
+
+    /// A call the team's pool refuses is not counted in the key: after the pool frees up,
+    /// the key still has all of its own limit.
+    #[tokio::test]
+    async fn a_call_a_pool_refuses_is_taken_back_out_of_the_key() {
+        let m = MemoryLimiter::new(100);
+        let (own, pool) = ([rpm(3)], [rpm(2)]);
+        let now = 1_800_000_000 * S;
+        let team = Counter {
+            id: "team ws t",
+            scope: LimitScope::Team,
+            limits: &pool,
+        };
+        let judge = |at| {
+            let m = &m;
+            async move {
+                m.check(&[key("k", &own), team], 1, at)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        assert!(judge(now).await.allowed);
+        assert!(judge(now).await.allowed);
+        let refused = judge(now).await;
+        assert!(!refused.allowed);
+        assert_eq!(refused.tightest().unwrap().scope, LimitScope::Team);
+        assert_eq!(
+            refused.windows[0].used, 2,
+            "the key's window without the refused call"
+        );
+        // The key's own window holds the two admitted calls only: one more fits.
+        let alone = m.check(&[key("k", &own)], 1, now).await.unwrap().unwrap();
+        assert!(alone.allowed);
+        assert_eq!(alone.windows[0].remaining, 0);
     }
 
     /// The replica's own calls and the leases it grants share the same counters: what a
@@ -245,7 +341,11 @@ mod tests {
             .unwrap();
         assert_eq!(g.amount, 8);
         for allowed in [true, true, false] {
-            let d = m.check("k", &limits, 1, now).await.unwrap().unwrap();
+            let d = m
+                .check(&[key("k", &limits)], 1, now)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(d.allowed, allowed);
         }
         let record = LeaseRecord {

@@ -25,8 +25,18 @@ pub mod redis;
 use async_trait::async_trait;
 
 use crate::domain::Micros;
-use crate::domain::limits::{LimitDecision, RateLimit};
+use crate::domain::limits::{LimitDecision, LimitScope, RateLimit};
 use breaker::CircuitStats;
+
+/// One counter a call is judged by: its key's own limits, or a pool's (see
+/// [`crate::domain::pools`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Counter<'a> {
+    /// The key id, or the pool's counter name.
+    pub id: &'a str,
+    pub scope: LimitScope,
+    pub limits: &'a [RateLimit],
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LimiterError {
@@ -85,14 +95,17 @@ pub struct BackendStats {
 
 #[async_trait]
 pub trait RateLimiter: Send + Sync + 'static {
-    /// Decides a call of `cost` requests for `key_id` against `limits`, consuming the cost
-    /// from every request window when it passes. A refused call consumes nothing.
-    /// `Ok(None)`: the counters could not be reached and the limiter fails open, so the
-    /// call passes without a decision (and counts nowhere).
+    /// Decides a call of `cost` requests against `counters` in order (the key's own, then
+    /// its pools), consuming the cost from every request window of each when it passes
+    /// them all; the first counter that refuses ends the judgement, and the answer's
+    /// windows are those judged, each marked with its counter's scope. A refused call
+    /// consumes nothing, or (where a backend cannot take back what an earlier counter
+    /// took: see each) the cost in the counters before the one that refused: never more
+    /// than a limit, at worst a refusal early. `Ok(None)`: some counter could not be
+    /// reached and the limiter fails open, so the call passes without a decision.
     async fn check(
         &self,
-        key_id: &str,
-        limits: &[RateLimit],
+        counters: &[Counter<'_>],
         cost: u64,
         now: Micros,
     ) -> Result<Option<LimitDecision>, LimiterError>;

@@ -29,12 +29,15 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::{CircuitBreaker, CircuitSettings, Probe};
 use super::leased::{LeaseRecord, QuotaAuthority, SpendGrant, new_grant_id};
-use super::{BackendStats, Budget, BudgetCheck, FailureMode, LimiterError, RateLimiter, Reported};
+use super::{
+    BackendStats, Budget, BudgetCheck, Counter, FailureMode, LimiterError, RateLimiter, Reported,
+};
 use crate::domain::lease::{self, Amounts, Grant, MAX_LEASE};
 use crate::domain::limits::{
     self, BUCKETS, LimitDecision, LimitUnit, LimitWindow, MAX_BUCKET_COUNT, MAX_BUDGET_MICROS,
     MAX_SPEND_MICROS, RateLimit, WindowUsage,
 };
+use crate::domain::pools;
 use crate::domain::{MICROS_PER_SECOND, Micros};
 
 const RECORD: &str = r#"
@@ -661,29 +664,67 @@ impl RateLimiter for RedisLimiter {
         }
     }
 
+    /// One script per counter. With pools, each call is a registered grant, so a pool's
+    /// refusal can give back what the counters before it took (a settle of nothing used);
+    /// a give-back that fails leaves the call counted there until it leaves the window.
     async fn check(
         &self,
-        key_id: &str,
-        limits: &[RateLimit],
+        counters: &[Counter<'_>],
         cost: u64,
         now: Micros,
     ) -> Result<Option<LimitDecision>, LimiterError> {
         // A call is a grant of its own cost, counted now and used at once.
-        Ok(self
-            .grant_at(
-                key_id,
-                limits,
-                Ask {
-                    want: cost,
-                    tokens: 0,
-                    min: cost,
-                    counted_at: now,
-                    id: None,
-                },
-                now,
-            )
-            .await?
-            .map(|grant| grant.decision))
+        let ask = |id| Ask {
+            want: cost,
+            tokens: 0,
+            min: cost,
+            counted_at: now,
+            id,
+        };
+        if let [one] = counters {
+            return Ok(self
+                .grant_at(one.id, one.limits, ask(None), now)
+                .await?
+                .map(|grant| grant.decision.scoped(one.scope)));
+        }
+        let mut parts: Vec<(LimitDecision, LeaseRecord)> = Vec::with_capacity(counters.len());
+        for (i, c) in counters.iter().enumerate() {
+            let Some(grant) = self
+                .grant_at(c.id, c.limits, ask(Some(new_grant_id())), now)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let record = LeaseRecord {
+                granted: grant.amount,
+                tokens: 0,
+                counted_at: grant.counted_at,
+                id: grant.id,
+            };
+            let refused = !grant.granted();
+            parts.push((grant.decision.scoped(c.scope), record));
+            if refused {
+                for (earlier, (d, record)) in counters.iter().zip(parts.iter_mut()).take(i) {
+                    let given_back = QuotaAuthority::settle(
+                        self,
+                        earlier.id,
+                        earlier.limits,
+                        *record,
+                        Amounts::default(),
+                        now,
+                    )
+                    .await;
+                    if let Err(e) = given_back {
+                        tracing::debug!(error = %e, "giving back a call a pool refused failed");
+                    }
+                    *d = std::mem::take(d).uncounted(cost);
+                }
+                break;
+            }
+        }
+        Ok(Some(pools::combine(
+            parts.into_iter().map(|(d, _)| d).collect(),
+        )))
     }
 
     async fn check_budget(

@@ -35,6 +35,7 @@ use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
+use crate::domain::pools::Pool;
 use crate::domain::provider_key::{Provider, ProviderKeyRecord};
 use crate::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use crate::domain::workspace::{Plan, Workspace};
@@ -221,6 +222,9 @@ pub struct FoundSecret {
     /// The plan of the key's workspace now (`None`: no workspace row, which migration
     /// 0004 made impossible for keys it found).
     pub plan: Option<Plan>,
+    /// The pools the key counts against besides its own limits, in the order they are
+    /// judged (only those that limit something).
+    pub pools: Vec<Pool>,
 }
 
 /// The fields a team update changes; `None` leaves a field as it is.
@@ -228,6 +232,8 @@ pub struct FoundSecret {
 pub struct TeamPatch {
     pub name: Option<String>,
     pub policy: Option<TeamPolicy>,
+    /// The team's pool.
+    pub rate_limits: Option<Vec<RateLimit>>,
 }
 
 /// The fields an update changes; `None` leaves a field as it is.
@@ -251,6 +257,8 @@ pub struct KeyPatch {
 pub struct WorkspacePatch {
     pub name: Option<String>,
     pub plan: Option<Plan>,
+    /// The workspace's pool.
+    pub rate_limits: Option<Vec<RateLimit>>,
 }
 
 /// The most keys the usage book gives [`UsageStore::record_usage`] at once, so that the rows
@@ -443,8 +451,9 @@ pub trait WorkspaceStore: Send + Sync + 'static {
     }
 
     /// Applies the patch to the row as locked. A change of plan changes whether the
-    /// workspace's keys verify: an event is appended for each of them (deleted ones
-    /// aside), and their secret hashes returned for this replica's cache.
+    /// workspace's keys verify, and of its pool what they count against: an event is
+    /// appended for each of them (deleted ones aside), and their secret hashes returned
+    /// for this replica's cache.
     async fn update_workspace(
         &self,
         workspace_id: &str,
@@ -452,6 +461,25 @@ pub trait WorkspaceStore: Send + Sync + 'static {
         now: Micros,
         audit: &AuditContext,
     ) -> Result<(Workspace, Vec<KeyHash>), StoreError>;
+
+    /// The limits of the pool `owner`'s keys in the workspace share (empty: none).
+    async fn owner_limits(
+        &self,
+        workspace_id: &str,
+        owner: &Owner,
+    ) -> Result<Vec<RateLimit>, StoreError>;
+
+    /// Sets the owner's pool (empty removes it) under the workspace row's share lock,
+    /// [`StoreError::NotFound`] without the workspace. A change reloads the owner's keys
+    /// (an event each) and returns their secret hashes.
+    async fn set_owner_limits(
+        &self,
+        workspace_id: &str,
+        owner: &Owner,
+        limits: &[RateLimit],
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Vec<KeyHash>, StoreError>;
 }
 
 /// Teams and their service accounts.

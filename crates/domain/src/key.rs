@@ -6,6 +6,7 @@ use super::Micros;
 use super::access::{self, NetworkAllowlist, ResourceAccess};
 use super::key_format::Environment;
 use super::limits::RateLimit;
+use super::pools::Pool;
 use super::refusal::{Reason, Refusal};
 use super::scopes::EffectiveScopes;
 use super::validate::{MAX_COST, Violations};
@@ -123,6 +124,9 @@ struct KeyExtras {
     network: NetworkAllowlist,
     /// The team's reach as loaded with the record (see [`KeyRecord::team_access`]).
     team_access: ResourceAccess,
+    /// The pools the key's calls count against besides its own limits, in the order they
+    /// are judged (see [`crate::pools`]).
+    pools: Vec<Pool>,
 }
 
 /// A key without extras reads these.
@@ -131,6 +135,7 @@ static NO_EXTRAS: KeyExtras = KeyExtras {
     resource_access: ResourceAccess::ALL,
     network: NetworkAllowlist { nets: Vec::new() },
     team_access: ResourceAccess::ALL,
+    pools: Vec::new(),
 };
 
 impl VerifiableKey {
@@ -162,6 +167,24 @@ impl VerifiableKey {
     pub fn team_access(&self) -> &ResourceAccess {
         &self.extras().team_access
     }
+
+    /// The pools the key's calls count against besides its own limits, owner, team then
+    /// workspace (empty for most keys).
+    pub fn pools(&self) -> &[Pool] {
+        &self.extras().pools
+    }
+
+    /// Sets the pools, as [`crate::pools::in_order`] returns them.
+    pub fn set_pools(&mut self, pools: Vec<Pool>) {
+        if pools.is_empty() && self.extras.is_none() {
+            return;
+        }
+        let extras = self.extras.get_or_insert_with(Box::default);
+        extras.pools = pools;
+        if **extras == NO_EXTRAS {
+            self.extras = None;
+        }
+    }
 }
 
 impl From<KeyRecord> for VerifiableKey {
@@ -171,6 +194,7 @@ impl From<KeyRecord> for VerifiableKey {
             resource_access: r.resource_access,
             network: r.network,
             team_access: r.team_access,
+            pools: Vec::new(),
         };
         VerifiableKey {
             key_id: r.key_id,

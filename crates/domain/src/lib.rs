@@ -15,6 +15,7 @@ pub mod key;
 pub mod key_format;
 pub mod lease;
 pub mod limits;
+pub mod pools;
 pub mod provider_key;
 pub mod refusal;
 pub mod scopes;

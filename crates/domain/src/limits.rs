@@ -307,10 +307,34 @@ pub fn window_allows(limit: &RateLimit, used: u64, cost: u64) -> bool {
     }
 }
 
+/// Whose counter a window counts in: the key's own, or a pool every key of an owner, a
+/// team or a workspace shares (see [`crate::pools`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LimitScope {
+    #[default]
+    Key,
+    Owner,
+    Team,
+    Workspace,
+}
+
+impl LimitScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitScope::Key => "key",
+            LimitScope::Owner => "owner",
+            LimitScope::Team => "team",
+            LimitScope::Workspace => "workspace",
+        }
+    }
+}
+
 /// The state of one window after a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowState {
     pub limit: RateLimit,
+    /// Whose counter it is.
+    pub scope: LimitScope,
     pub used: u64,
     pub remaining: u64,
     /// When all of the counted usage has left the window (the quota is whole again).
@@ -322,7 +346,7 @@ pub struct WindowState {
 }
 
 /// The rate-limit part of a verification.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LimitDecision {
     pub allowed: bool,
     /// One per configured limit, in the key's order.
@@ -378,6 +402,7 @@ pub fn describe(
                 .flatten();
             WindowState {
                 limit: *limit,
+                scope: LimitScope::Key,
                 used,
                 remaining: limit.limit.saturating_sub(used),
                 reset_at: u.reset_at(limit.window, now),
@@ -386,8 +411,19 @@ pub fn describe(
             }
         })
         .collect();
-    let tightest = if allowed {
-        // Least headroom as a share of the limit; the shorter window on a tie.
+    let tightest = tightest(&windows, allowed);
+    LimitDecision {
+        allowed,
+        windows,
+        tightest,
+    }
+}
+
+/// The window a gateway reports: the refusing window that frees up last, or (when
+/// allowed) the one with the least headroom as a share of its limit, the shorter window
+/// on a tie.
+pub fn tightest(windows: &[WindowState], allowed: bool) -> Option<usize> {
+    if allowed {
         (0..windows.len()).min_by(|&a, &b| {
             let (wa, wb) = (&windows[a], &windows[b]);
             let share_a = u128::from(wa.remaining) * u128::from(wb.limit.limit);
@@ -400,11 +436,6 @@ pub fn describe(
         (0..windows.len())
             .filter(|&i| !windows[i].allowed)
             .max_by_key(|&i| windows[i].retry_at.unwrap_or(Micros::MAX))
-    };
-    LimitDecision {
-        allowed,
-        windows,
-        tightest,
     }
 }
 

@@ -60,6 +60,8 @@ pub struct Team {
     pub team_id: String,
     pub name: String,
     pub policy: TeamPolicy,
+    /// The pool every key of the team counts against (empty: none).
+    pub rate_limits: Vec<RateLimit>,
     pub created_at: Micros,
     pub updated_at: Micros,
 }

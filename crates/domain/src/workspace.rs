@@ -1,6 +1,7 @@
 //! Workspaces (tenants) and what their plan allows.
 
 use super::Micros;
+use super::limits::RateLimit;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Plan {
@@ -38,6 +39,8 @@ pub struct Workspace {
     pub workspace_id: String,
     pub name: String,
     pub plan: Plan,
+    /// The pool every key of the workspace counts against (empty: none).
+    pub rate_limits: Vec<RateLimit>,
     pub created_at: Micros,
     pub updated_at: Micros,
 }

@@ -284,6 +284,7 @@ mod tests {
                     window: LimitWindow::Minute,
                     limit: 2,
                 },
+                scope: Default::default(),
                 used: 2,
                 remaining: 0,
                 reset_at: 61 * MICROS_PER_SECOND + 1,

@@ -8,10 +8,11 @@
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 
 use crate::domain::Micros;
-use crate::domain::access::{AccessGroup, ResourceAccess};
+use crate::domain::access::AccessGroup;
 use crate::domain::event::EventKind;
 use crate::domain::key::{KeyRecord, OwnerKind};
 use crate::domain::key_format::KeyHash;
+use crate::domain::pools::{self, Pool};
 use crate::domain::team::{SelfServiceKey, Team, TeamIssue, check_team_issue};
 use crate::store::sql::groups::WORKSPACE_GROUPS;
 use crate::store::sql::rows::{
@@ -25,16 +26,21 @@ use crate::store::{
     KeyStore, Rotated, StoreError,
 };
 
-/// A key by a secret's hash: one round trip, three primary-key lookups (the secret by
-/// hash, its key by id, its workspace's plan; the derived table keeps key_secrets' other
-/// columns out of the select list). The cache-miss benchmark's floor issues the same
+/// A key by a secret's hash: one round trip, four primary-key lookups (the secret by
+/// hash, its key by id, its workspace's plan and pool, its owner's pool; the derived
+/// table keeps key_secrets' other columns out of the select list). The cache-miss benchmark's floor issues the same
 /// statement.
 pub(crate) const FIND_SECRET: &str = concat!(
     "SELECT ",
     key_columns!(),
     ", secret_valid_until, \
      (SELECT plan FROM workspaces w WHERE w.workspace_id = api_keys.workspace_id) \
-     AS workspace_plan FROM api_keys JOIN \
+     AS workspace_plan, \
+     (SELECT w.rate_limits FROM workspaces w WHERE w.workspace_id = api_keys.workspace_id) \
+     AS workspace_limits, \
+     (SELECT o.rate_limits FROM owner_limits o WHERE o.workspace_id = api_keys.workspace_id \
+      AND o.owner_kind = api_keys.owner_kind AND o.owner_id = api_keys.owner_id) \
+     AS owner_limits FROM api_keys JOIN \
      (SELECT key_id, valid_until AS secret_valid_until FROM key_secrets \
       WHERE secret_hash = $1) AS secret USING (key_id)"
 );
@@ -366,16 +372,22 @@ where
         };
         let mut found: FoundSecret = row.try_into()?;
         let key = &mut found.key;
+        let mut team_pool = None;
         if let Some(team_id) = &key.team_id {
             let team: Option<TeamRow> = sqlx::query_as(TEAM_BY_ID)
                 .bind(&key.workspace_id)
                 .bind(team_id)
                 .fetch_optional(&mut *conn)
                 .await?;
-            key.team_access = match team {
-                Some(row) => Team::try_from(row)?.policy.resource_access,
-                None => ResourceAccess::default(),
-            };
+            if let Some(row) = team {
+                let team = Team::try_from(row)?;
+                key.team_access = team.policy.resource_access;
+                team_pool = Some(Pool::team(
+                    &team.workspace_id,
+                    &team.team_id,
+                    team.rate_limits,
+                ));
+            }
         }
         if key.resource_access.names_groups() || key.team_access.names_groups() {
             let rows: Vec<GroupRow> = sqlx::query_as(WORKSPACE_GROUPS)
@@ -386,6 +398,11 @@ where
             key.resource_access.resolve_groups(&groups);
             key.team_access.resolve_groups(&groups);
         }
+        found.pools = pools::in_order(
+            std::mem::take(&mut found.pools)
+                .into_iter()
+                .chain(team_pool),
+        );
         Ok(Some(found))
     }
 

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use crate::domain::event::{EventKind, KeyEvent, split_hashes};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::{Environment, KeyHash};
-use crate::domain::limits;
+use crate::domain::limits::{self, RateLimit};
+use crate::domain::pools::Pool;
 
 use crate::store::{AuditOutcome, AuditRecord, FoundSecret, StoreError};
 
@@ -149,6 +150,7 @@ pub(crate) struct TeamRow {
     team_id: String,
     name: String,
     policy: String,
+    rate_limits: String,
     created_at: i64,
     updated_at: i64,
 }
@@ -160,6 +162,7 @@ impl TryFrom<TeamRow> for crate::domain::team::Team {
         Ok(crate::domain::team::Team {
             policy: serde_json::from_str(&r.policy)
                 .map_err(|_| StoreError::Corrupt(format!("team {}: policy", r.team_id)))?,
+            rate_limits: pool_limits(&r.rate_limits, "team", &r.team_id)?,
             workspace_id: r.workspace_id,
             team_id: r.team_id,
             name: r.name,
@@ -237,6 +240,8 @@ pub(crate) struct FoundRow {
     key: KeyRow,
     secret_valid_until: Option<i64>,
     workspace_plan: Option<String>,
+    workspace_limits: Option<String>,
+    owner_limits: Option<String>,
 }
 
 impl TryFrom<FoundRow> for FoundSecret {
@@ -249,10 +254,27 @@ impl TryFrom<FoundRow> for FoundSecret {
             })?),
             None => None,
         };
+        let key: KeyRecord = r.key.try_into()?;
+        let limits_of = |text: Option<String>, what| {
+            pool_limits(text.as_deref().unwrap_or(""), what, &key.workspace_id)
+        };
+        // The team's pool is read with the team, after this row.
+        let pools = vec![
+            Pool::workspace(
+                &key.workspace_id,
+                limits_of(r.workspace_limits, "workspace")?,
+            ),
+            Pool::owner(
+                &key.workspace_id,
+                &key.owner,
+                limits_of(r.owner_limits, "owner limits in workspace")?,
+            ),
+        ];
         Ok(FoundSecret {
-            key: r.key.try_into()?,
+            key,
             valid_until: r.secret_valid_until,
             plan,
+            pools,
         })
     }
 }
@@ -346,6 +368,7 @@ pub(crate) struct WorkspaceRow {
     workspace_id: String,
     name: String,
     plan: String,
+    rate_limits: String,
     created_at: i64,
     updated_at: i64,
 }
@@ -358,6 +381,7 @@ impl TryFrom<WorkspaceRow> for crate::domain::workspace::Workspace {
             plan: crate::domain::workspace::Plan::parse(&r.plan).ok_or_else(|| {
                 StoreError::Corrupt(format!("workspace {}: plan", r.workspace_id))
             })?,
+            rate_limits: pool_limits(&r.rate_limits, "workspace", &r.workspace_id)?,
             workspace_id: r.workspace_id,
             name: r.name,
             created_at: r.created_at,
@@ -405,4 +429,10 @@ impl TryFrom<AuditRow> for AuditRecord {
             occurred_at: r.occurred_at,
         })
     }
+}
+
+/// A pool's stored limits (`what` and `id` name the row in the error).
+pub(crate) fn pool_limits(text: &str, what: &str, id: &str) -> Result<Vec<RateLimit>, StoreError> {
+    crate::domain::limits::split(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("{what} {id}: rate_limits")))
 }

@@ -8,6 +8,7 @@
 
 use crate::domain::Micros;
 use crate::domain::key_format::KeyHash;
+use crate::domain::limits;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::team::{ServiceAccount, Team};
 use crate::store::sql::rows::{KeyRow, ServiceAccountRow, TeamRow, key_columns, policy_json};
@@ -15,8 +16,8 @@ use crate::store::sql::{Backend, Bind, Column, SqlStore};
 use crate::store::{AuditContext, StoreError, TeamPatch, TeamStore};
 
 /// One team by id, every column (`TeamRow`).
-pub(super) const TEAM_BY_ID: &str = "SELECT workspace_id, team_id, name, policy, created_at, \
-     updated_at FROM teams WHERE workspace_id = $1 AND team_id = $2";
+pub(super) const TEAM_BY_ID: &str = "SELECT workspace_id, team_id, name, policy, rate_limits, \
+     created_at, updated_at FROM teams WHERE workspace_id = $1 AND team_id = $2";
 
 /// The live keys (neither revoked, deleted nor expired at `$4`) of owner `$3` in team `$2`
 /// of workspace `$1`: what a team's `max_keys_per_user` caps.
@@ -44,14 +45,16 @@ where
         m.lock_groups(&team.workspace_id, &team.policy.resource_access.groups)
             .await?;
         let inserted = sqlx::query(
-            "INSERT INTO teams (workspace_id, team_id, name, policy, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (workspace_id, team_id) DO NOTHING",
+            "INSERT INTO teams (workspace_id, team_id, name, policy, rate_limits, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $6, $5, $5) \
+             ON CONFLICT (workspace_id, team_id) DO NOTHING",
         )
         .bind(&team.workspace_id)
         .bind(&team.team_id)
         .bind(&team.name)
         .bind(policy_json(&team.policy))
         .bind(team.created_at)
+        .bind(limits::join(&team.rate_limits))
         .execute(m.conn())
         .await?;
         if B::rows_affected(&inserted) == 0 {
@@ -78,8 +81,8 @@ where
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list_teams(&self, workspace_id: &str) -> Result<Vec<Team>, StoreError> {
         let rows: Vec<TeamRow> = sqlx::query_as(
-            "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
-             WHERE workspace_id = $1 ORDER BY team_id",
+            "SELECT workspace_id, team_id, name, policy, rate_limits, created_at, updated_at \
+             FROM teams WHERE workspace_id = $1 ORDER BY team_id",
         )
         .bind(workspace_id)
         .fetch_all(&self.pool)
@@ -112,9 +115,12 @@ where
                 .await?;
             team.policy = policy.clone();
         }
+        if let Some(rate_limits) = &patch.rate_limits {
+            team.rate_limits.clone_from(rate_limits);
+        }
         team.updated_at = now;
         sqlx::query(
-            "UPDATE teams SET name = $3, policy = $4, updated_at = $5 \
+            "UPDATE teams SET name = $3, policy = $4, updated_at = $5, rate_limits = $6 \
              WHERE workspace_id = $1 AND team_id = $2",
         )
         .bind(&team.workspace_id)
@@ -122,11 +128,14 @@ where
         .bind(&team.name)
         .bind(policy_json(&team.policy))
         .bind(team.updated_at)
+        .bind(limits::join(&team.rate_limits))
         .execute(m.conn())
         .await?;
-        // A change of the team's reach changes what its keys reach: every replica
-        // reloads them.
-        let stale = if before.policy.resource_access == team.policy.resource_access {
+        // A change of the team's reach changes what its keys reach, and of its pool what
+        // they count against: every replica reloads them.
+        let stale = if before.policy.resource_access == team.policy.resource_access
+            && before.rate_limits == team.rate_limits
+        {
             Vec::new()
         } else {
             let rows: Vec<KeyRow> = sqlx::query_as(B::for_update(concat!(

@@ -3,11 +3,18 @@
 //! patch to the row as locked.
 
 use crate::domain::Micros;
+use crate::domain::key::Owner;
 use crate::domain::key_format::KeyHash;
+use crate::domain::limits;
+use crate::domain::limits::RateLimit;
 use crate::domain::workspace::Workspace;
-use crate::store::sql::rows::{KeyRow, WorkspaceRow, key_columns};
+use crate::store::sql::rows::{KeyRow, WorkspaceRow, key_columns, pool_limits};
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
 use crate::store::{AuditContext, StoreError, WorkspacePatch, WorkspaceStore};
+
+/// An owner's pool: its limits as text, or no row.
+const OWNER_LIMITS: &str = "SELECT rate_limits FROM owner_limits WHERE workspace_id = $1 \
+     AND owner_kind = $2 AND owner_id = $3";
 
 #[async_trait::async_trait]
 impl<B: Backend> WorkspaceStore for SqlStore<B>
@@ -31,13 +38,14 @@ where
     ) -> Result<(), StoreError> {
         let mut m = self.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO workspaces (workspace_id, name, plan, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $4) ON CONFLICT (workspace_id) DO NOTHING",
+            "INSERT INTO workspaces (workspace_id, name, plan, rate_limits, created_at, \
+             updated_at) VALUES ($1, $2, $3, $5, $4, $4) ON CONFLICT (workspace_id) DO NOTHING",
         )
         .bind(&workspace.workspace_id)
         .bind(&workspace.name)
         .bind(workspace.plan.as_str())
         .bind(workspace.created_at)
+        .bind(limits::join(&workspace.rate_limits))
         .execute(m.conn())
         .await?;
         if B::rows_affected(&inserted) == 0 {
@@ -50,7 +58,7 @@ where
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get_workspace(&self, workspace_id: &str) -> Result<Option<Workspace>, StoreError> {
         let row: Option<WorkspaceRow> = sqlx::query_as(
-            "SELECT workspace_id, name, plan, created_at, updated_at FROM workspaces \
+            "SELECT workspace_id, name, plan, rate_limits, created_at, updated_at FROM workspaces \
              WHERE workspace_id = $1",
         )
         .bind(workspace_id)
@@ -67,7 +75,7 @@ where
     ) -> Result<Vec<Workspace>, StoreError> {
         // Ids are never empty, so "after the empty string" is from the first.
         let rows: Vec<WorkspaceRow> = sqlx::query_as(
-            "SELECT workspace_id, name, plan, created_at, updated_at FROM workspaces \
+            "SELECT workspace_id, name, plan, rate_limits, created_at, updated_at FROM workspaces \
              WHERE workspace_id > $1 ORDER BY workspace_id LIMIT $2",
         )
         .bind(after.unwrap_or(""))
@@ -87,35 +95,40 @@ where
     ) -> Result<(Workspace, Vec<KeyHash>), StoreError> {
         let mut m = self.begin().await?;
         let row: Option<WorkspaceRow> = sqlx::query_as(B::for_update(
-            "SELECT workspace_id, name, plan, created_at, updated_at FROM workspaces \
+            "SELECT workspace_id, name, plan, rate_limits, created_at, updated_at FROM workspaces \
              WHERE workspace_id = $1",
         ))
         .bind(workspace_id)
         .fetch_optional(m.conn())
         .await?;
         let mut workspace: Workspace = row.ok_or(StoreError::NotFound)?.try_into()?;
-        let plan_before = workspace.plan;
+        let before = workspace.clone();
         if let Some(name) = &patch.name {
             workspace.name = name.clone();
         }
         if let Some(plan) = patch.plan {
             workspace.plan = plan;
         }
+        if let Some(rate_limits) = &patch.rate_limits {
+            workspace.rate_limits.clone_from(rate_limits);
+        }
         workspace.updated_at = now;
         sqlx::query(
-            "UPDATE workspaces SET name = $2, plan = $3, updated_at = $4 \
+            "UPDATE workspaces SET name = $2, plan = $3, updated_at = $4, rate_limits = $5 \
              WHERE workspace_id = $1",
         )
         .bind(workspace_id)
         .bind(&workspace.name)
         .bind(workspace.plan.as_str())
         .bind(now)
+        .bind(limits::join(&workspace.rate_limits))
         .execute(m.conn())
         .await?;
         // What a plan allows is the deployment's configuration, not the store's: any
         // change of plan reloads the workspace's keys, which a cache then reads with the
-        // new plan. Rare (a plan change), and one event per key.
-        let stale = if workspace.plan == plan_before {
+        // new plan; so does a change of the workspace's pool. Rare, and one event per key.
+        let stale = if workspace.plan == before.plan && workspace.rate_limits == before.rate_limits
+        {
             Vec::new()
         } else {
             let rows: Vec<KeyRow> = sqlx::query_as(B::for_update(concat!(
@@ -130,5 +143,99 @@ where
         };
         m.commit_with_audit(workspace_id, audit, now).await?;
         Ok((workspace, stale))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn owner_limits(
+        &self,
+        workspace_id: &str,
+        owner: &Owner,
+    ) -> Result<Vec<RateLimit>, StoreError> {
+        let text: Option<String> = sqlx::query_scalar(OWNER_LIMITS)
+            .bind(workspace_id)
+            .bind(owner.kind.as_str())
+            .bind(&owner.id)
+            .fetch_optional(&self.pool)
+            .await?;
+        pool_limits(
+            text.as_deref().unwrap_or(""),
+            "owner limits in",
+            workspace_id,
+        )
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn set_owner_limits(
+        &self,
+        workspace_id: &str,
+        owner: &Owner,
+        rate_limits: &[RateLimit],
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Vec<KeyHash>, StoreError> {
+        let mut m = self.begin().await?;
+        let exists: Option<String> = sqlx::query_scalar(B::for_share(
+            "SELECT workspace_id FROM workspaces WHERE workspace_id = $1",
+        ))
+        .bind(workspace_id)
+        .fetch_optional(m.conn())
+        .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        let before: Option<String> = sqlx::query_scalar(B::for_update(OWNER_LIMITS))
+            .bind(workspace_id)
+            .bind(owner.kind.as_str())
+            .bind(&owner.id)
+            .fetch_optional(m.conn())
+            .await?;
+        let before = pool_limits(
+            before.as_deref().unwrap_or(""),
+            "owner limits in",
+            workspace_id,
+        )?;
+        if rate_limits.is_empty() {
+            sqlx::query(
+                "DELETE FROM owner_limits WHERE workspace_id = $1 AND owner_kind = $2 \
+                 AND owner_id = $3",
+            )
+            .bind(workspace_id)
+            .bind(owner.kind.as_str())
+            .bind(&owner.id)
+            .execute(m.conn())
+            .await?;
+        } else {
+            sqlx::query(
+                "INSERT INTO owner_limits (workspace_id, owner_kind, owner_id, rate_limits, \
+                 updated_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (workspace_id, owner_kind, owner_id) \
+                 DO UPDATE SET rate_limits = excluded.rate_limits, updated_at = excluded.updated_at",
+            )
+            .bind(workspace_id)
+            .bind(owner.kind.as_str())
+            .bind(&owner.id)
+            .bind(limits::join(rate_limits))
+            .bind(now)
+            .execute(m.conn())
+            .await?;
+        }
+        let stale = if before.as_slice() == rate_limits {
+            Vec::new()
+        } else {
+            let rows: Vec<KeyRow> = sqlx::query_as(B::for_update(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE workspace_id = $1 AND owner_kind = $2 AND owner_id = $3 \
+                 AND deleted_at IS NULL ORDER BY key_id"
+            )))
+            .bind(workspace_id)
+            .bind(owner.kind.as_str())
+            .bind(&owner.id)
+            .fetch_all(m.conn())
+            .await?;
+            m.reload_keys(rows, now).await?
+        };
+        m.commit_with_audit(workspace_id, audit, now).await?;
+        Ok(stale)
     }
 }
