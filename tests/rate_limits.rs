@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use keywarden::config::{LimiterSettings, Settings};
+use keywarden::config::LimiterSettings;
 use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::proto::{self, VerifyCode};
 use keywarden::ratelimit::FailureMode;
@@ -22,38 +22,6 @@ use prost_types::FieldMask;
 use secrecy::SecretString;
 use tokio::time::Instant;
 use tonic::Code;
-use tonic::transport::Channel;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Counters {
-    Memory,
-    Redis,
-}
-
-fn redis_url() -> String {
-    std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A Redis key prefix of this test's own.
-fn redis_prefix() -> String {
-    let mut b = [0u8; 6];
-    getrandom::fill(&mut b).unwrap();
-    format!("kwtest_{}", hex::encode(b))
-}
-
-fn use_counters(s: &mut Settings, counters: Counters, prefix: &str) {
-    s.limiter = match counters {
-        Counters::Memory => LimiterSettings::default(),
-        Counters::Redis => LimiterSettings::Redis {
-            url: SecretString::from(redis_url()),
-            prefix: prefix.to_owned(),
-            failure: FailureMode::Closed,
-            circuit: Default::default(),
-            lease: None,
-            clock_skew: Duration::ZERO,
-        },
-    };
-}
 
 async fn spawn(backend: Backend, counters: Counters) -> TestApp {
     let prefix = redis_prefix();
@@ -678,33 +646,6 @@ async fn raising_a_limit_admits_the_next_call_at_once(backend: Backend, counters
             .limit,
         1_000_000
     );
-}
-
-struct Replica {
-    _server: keywarden::server::RunningServer,
-    channel: Channel,
-}
-
-impl Replica {
-    async fn start(app: &TestApp, adjust: impl FnOnce(&mut Settings)) -> Replica {
-        let mut settings = test_settings(&app.db);
-        adjust(&mut settings);
-        let server = keywarden::server::start(&settings, app.clock.clone())
-            .await
-            .unwrap();
-        let channel = channel_to(&server).await;
-        Replica {
-            _server: server,
-            channel,
-        }
-    }
-
-    fn verifier(&self) -> VerifierClient {
-        proto::verify_service_client::VerifyServiceClient::with_interceptor(
-            self.channel.clone(),
-            bearer(VERIFIER_TOKEN),
-        )
-    }
 }
 
 /// A limit changed through replica A is applied by replica B on its next call (B learns

@@ -726,7 +726,9 @@ mod tests {
                 remaining,
                 reset_at: 1_800_000_060,
                 allowed: true,
+                scope: proto::LimitScope::Key as i32,
             }],
+            scope: proto::LimitScope::Key as i32,
         }
     }
 
@@ -1011,5 +1013,15 @@ mod tests {
         });
         assert_eq!(lease_cap(&d), None);
         assert_eq!(lease_cap(&proto::RateLimitDecision::default()), None);
+    }
+
+    #[test]
+    fn pool_windows_are_not_leased() {
+        let mut d = decision(100, 50);
+        assert_eq!(lease_cap(&d), Some(50));
+        let mut team = d.windows[0];
+        team.scope = proto::LimitScope::Team as i32;
+        d.windows.push(team);
+        assert_eq!(lease_cap(&d), None, "a team's pool is judged on the server");
     }
 }

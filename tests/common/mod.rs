@@ -12,7 +12,7 @@ use std::time::Duration;
 use keywarden::api::auth::{CallerTokens, Role, TokenEntry};
 use keywarden::cache::CacheSizes;
 use keywarden::clock::Clock;
-use keywarden::config::Settings;
+use keywarden::config::{LimiterSettings, Settings};
 use keywarden::domain::key_format::{Brand, KeyHash};
 use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
 use keywarden::domain::scopes::ScopeImplications;
@@ -20,6 +20,7 @@ use keywarden::proto::key_service_client::KeyServiceClient;
 use keywarden::proto::revocation_service_client::RevocationServiceClient;
 use keywarden::proto::verify_service_client::VerifyServiceClient;
 use keywarden::proto::{self, Actor, IssueKeyRequest, Owner, OwnerKind};
+use keywarden::ratelimit::FailureMode;
 use keywarden::server::RunningServer;
 use secrecy::SecretString;
 use sqlx::Connection;
@@ -628,4 +629,64 @@ pub async fn wait_published(server: &RunningServer, seq: i64) {
         server.events().published() >= seq
     })
     .await;
+}
+
+/// Where the rate-limit counters are: each replica's memory, or Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counters {
+    Memory,
+    Redis,
+}
+
+pub fn redis_url() -> String {
+    std::env::var("KEYWARDEN_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A Redis key prefix of this test's own.
+pub fn redis_prefix() -> String {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    format!("kwtest_{}", hex::encode(b))
+}
+
+pub fn use_counters(s: &mut Settings, counters: Counters, prefix: &str) {
+    s.limiter = match counters {
+        Counters::Memory => LimiterSettings::default(),
+        Counters::Redis => LimiterSettings::Redis {
+            url: SecretString::from(redis_url()),
+            prefix: prefix.to_owned(),
+            failure: FailureMode::Closed,
+            circuit: Default::default(),
+            lease: None,
+            clock_skew: Duration::ZERO,
+        },
+    };
+}
+
+/// Another replica on the test's database and clock.
+pub struct Replica {
+    _server: keywarden::server::RunningServer,
+    pub channel: Channel,
+}
+
+impl Replica {
+    pub async fn start(app: &TestApp, adjust: impl FnOnce(&mut Settings)) -> Replica {
+        let mut settings = test_settings(&app.db);
+        adjust(&mut settings);
+        let server = keywarden::server::start(&settings, app.clock.clone())
+            .await
+            .unwrap();
+        let channel = channel_to(&server).await;
+        Replica {
+            _server: server,
+            channel,
+        }
+    }
+
+    pub fn verifier(&self) -> VerifierClient {
+        proto::verify_service_client::VerifyServiceClient::with_interceptor(
+            self.channel.clone(),
+            bearer(VERIFIER_TOKEN),
+        )
+    }
 }
