@@ -1,5 +1,5 @@
-//! Workspaces: create, get, update (name, plan), each audited in the mutation's own
-//! transaction, and what each plan allows in this deployment.
+//! Workspaces: create, get, update (name, plan, pool), owners' pools, each audited in the
+//! mutation's own transaction, and what each plan allows in this deployment.
 
 use std::sync::Arc;
 

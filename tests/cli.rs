@@ -1009,6 +1009,121 @@ async fn workspaces_create_then_keys_in_it() {
     );
 }
 
+/// Pools through the CLI: a workspace's, a team's and an owner's, set, shown and removed,
+/// and the owner's binding a key's second call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_are_set_shown_and_removed_through_the_cli() {
+    let cli = Cli::start().await;
+    let ok = |run: Run| {
+        run.assert_ok();
+        run.json()
+    };
+    let rpm = |n: u64| serde_json::json!([{"unit": "requests", "window": "minute", "limit": n}]);
+    let workspace = ok(cli
+        .admin(&[
+            "workspaces",
+            "update",
+            "ws_test",
+            "--pool",
+            "rpm=500",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(workspace["pool"], rpm(500));
+    ok(cli
+        .admin(&[
+            "teams",
+            "create",
+            "team_ml",
+            "--workspace",
+            "ws_test",
+            "-o",
+            "json",
+        ])
+        .await);
+    let team = ok(cli
+        .admin(&[
+            "teams",
+            "update",
+            "team_ml",
+            "--workspace",
+            "ws_test",
+            "--pool",
+            "rpm=50",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(team["pool"], rpm(50));
+    let set = ok(cli
+        .admin(&[
+            "workspaces",
+            "owner-limits",
+            "ws_test",
+            "--owner",
+            "user:user_1",
+            "--pool",
+            "rpm=1",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(set["pool"], rpm(1));
+    assert_eq!(set["owner"], "user:user_1");
+    let (key, _) = cli.issue("pooled").await;
+    cli.verify(&key, &[]).await.assert_ok();
+    let refused = cli.verify(&key, &[]).await;
+    assert_eq!(refused.code, 1, "{}", refused.transcript());
+    assert!(
+        refused.stdout.contains("rate_limited"),
+        "{}",
+        refused.transcript()
+    );
+    // Shown as a table without --pool; removed with --no-pool.
+    let shown = cli
+        .admin(&[
+            "workspaces",
+            "owner-limits",
+            "ws_test",
+            "--owner",
+            "user:user_1",
+        ])
+        .await;
+    shown.assert_ok();
+    assert!(
+        shown.stdout.contains("pool          1 requests/minute"),
+        "{}",
+        shown.transcript()
+    );
+    let removed = ok(cli
+        .admin(&[
+            "workspaces",
+            "owner-limits",
+            "ws_test",
+            "--owner",
+            "user:user_1",
+            "--no-pool",
+            "-o",
+            "json",
+        ])
+        .await);
+    assert_eq!(removed["pool"], serde_json::json!([]));
+    let run = cli
+        .admin(&[
+            "workspaces",
+            "owner-limits",
+            "ws_test",
+            "--owner",
+            "user:user_1",
+            "--pool",
+            "rpm=1",
+            "--no-pool",
+        ])
+        .await;
+    assert_eq!(run.code, 2, "{}", run.transcript());
+}
+
 /// Every admin service has its commands: access groups, teams with their policy, service
 /// accounts, keys with token limits, a reach and networks, and workspace updates, each
 /// run as printed in docs/cli.md and checked through its JSON.

@@ -439,6 +439,7 @@ pub fn team_json(t: &proto::Team) -> Value {
             "rate_limit_ceilings": p.rate_limit_ceilings.iter().map(rate_limit_json).collect::<Vec<_>>(),
             "resource_access": reach_json(p.resource_access.as_ref()),
         },
+        "pool": t.rate_limits.iter().map(rate_limit_json).collect::<Vec<_>>(),
         "created_at": time(t.created_at.as_ref()),
         "updated_at": time(t.updated_at.as_ref()),
     })
@@ -467,6 +468,7 @@ pub fn team_fields(t: &proto::Team) -> Vec<(&'static str, String)> {
         ("max_expiry_days", p.max_expiry_days.to_string()),
         ("rate_limit_ceilings", ceilings),
         ("resource_access", reach_cell(p.resource_access.as_ref())),
+        ("pool", pool_cell(&t.rate_limits)),
         ("created_at", time_cell(t.created_at.as_ref())),
         ("updated_at", time_cell(t.updated_at.as_ref())),
     ]
@@ -625,6 +627,31 @@ fn masked(last_four: &str) -> String {
     format!("****{last_four}")
 }
 
+/// A pool's limits, or `none`.
+fn pool_cell(limits: &[proto::RateLimit]) -> String {
+    if limits.is_empty() {
+        "none".to_owned()
+    } else {
+        rate_limits_cell(limits)
+    }
+}
+
+pub fn owner_limits_json(o: &proto::OwnerLimits) -> Value {
+    json!({
+        "workspace_id": o.workspace_id,
+        "owner": owner(o.owner.as_ref()),
+        "pool": o.rate_limits.iter().map(rate_limit_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn owner_limits_fields(o: &proto::OwnerLimits) -> Vec<(&'static str, String)> {
+    vec![
+        ("workspace_id", o.workspace_id.clone()),
+        ("owner", owner(o.owner.as_ref()).unwrap_or_default()),
+        ("pool", pool_cell(&o.rate_limits)),
+    ]
+}
+
 pub fn workspace_json(w: &proto::Workspace) -> Value {
     json!({
         "workspace_id": w.workspace_id,
@@ -632,6 +659,7 @@ pub fn workspace_json(w: &proto::Workspace) -> Value {
         "plan": plan(w.plan),
         "api_keys_allowed": w.api_keys_allowed,
         "byok_allowed": w.byok_allowed,
+        "pool": w.rate_limits.iter().map(rate_limit_json).collect::<Vec<_>>(),
         "created_at": time(w.created_at.as_ref()),
         "updated_at": time(w.updated_at.as_ref()),
     })
@@ -659,6 +687,7 @@ pub fn workspace_fields(w: &proto::Workspace) -> Vec<(&'static str, String)> {
         ("plan", plan(w.plan)),
         ("api_keys_allowed", w.api_keys_allowed.to_string()),
         ("byok_allowed", w.byok_allowed.to_string()),
+        ("pool", pool_cell(&w.rate_limits)),
         ("created_at", time_cell(w.created_at.as_ref())),
         ("updated_at", time_cell(w.updated_at.as_ref())),
     ]

@@ -16,6 +16,29 @@ pub struct LimitArgs {
     pub limits: Vec<proto::RateLimit>,
 }
 
+/// A pool: limits every key of a workspace, a team or an owner shares.
+#[derive(Args, Clone, Default)]
+pub struct PoolArgs {
+    /// A limit of the pool every key here shares, KIND=N (repeatable; replaces the whole
+    /// pool): rpm, rph, rpd, tpm, tpd. E.g. --pool rpm=1000.
+    #[arg(long = "pool", value_parser = parse::limit, value_name = "KIND=N", conflicts_with = "no_pool")]
+    pub pool: Vec<proto::RateLimit>,
+    /// Remove the pool.
+    #[arg(long)]
+    pub no_pool: bool,
+}
+
+impl PoolArgs {
+    /// The pool to set, if the flags name one (`--no-pool`: an empty one).
+    pub fn limits(&self) -> Option<Vec<proto::RateLimit>> {
+        if self.no_pool {
+            Some(Vec::new())
+        } else {
+            (!self.pool.is_empty()).then(|| self.pool.clone())
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ReachMode {
     /// Every resource.

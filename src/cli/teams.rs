@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use super::output::{self, Format};
-use super::policy_args::ReachArgs;
+use super::policy_args::{PoolArgs, ReachArgs};
 use super::{ActorArgs, CliError, Connection, Session, parse};
 use crate::proto;
 
@@ -30,7 +30,8 @@ enum TeamsCommand {
         #[arg(long)]
         workspace: String,
     },
-    /// Change a team's name or policy: only the rules given change, the rest stay.
+    /// Change a team's name, policy or pool: only the rules given change, the rest stay
+    /// (a pool is replaced whole).
     Update(UpdateArgs),
     /// Delete a team and its service accounts (refused while it has keys neither revoked
     /// nor deleted).
@@ -160,6 +161,8 @@ struct UpdateArgs {
     #[command(flatten)]
     policy: PolicyArgs,
     #[command(flatten)]
+    pool: PoolArgs,
+    #[command(flatten)]
     actor: ActorArgs,
 }
 
@@ -228,9 +231,10 @@ pub async fn run(args: TeamsArgs) -> Result<ExitCode, CliError> {
 /// its policy, and the whole policy is written back (a concurrent change of another rule
 /// between the two is lost; the audit log shows both).
 async fn update(session: &Session, a: UpdateArgs) -> Result<Option<proto::Team>, CliError> {
-    if a.name.is_none() && !a.policy.given() {
+    let pool = a.pool.limits();
+    if a.name.is_none() && !a.policy.given() && pool.is_none() {
         return Err(CliError::Usage(
-            "nothing to change: give --name or a policy flag".into(),
+            "nothing to change: give --name, a policy flag, --pool or --no-pool".into(),
         ));
     }
     let mut client = session.teams();
@@ -253,6 +257,9 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<Option<proto::Team>,
     if a.name.is_some() {
         paths.push("name".to_owned());
     }
+    if pool.is_some() {
+        paths.push("rate_limits".to_owned());
+    }
     Ok(client
         .update_team(proto::UpdateTeamRequest {
             workspace_id: a.team.workspace,
@@ -260,7 +267,7 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<Option<proto::Team>,
             actor: Some(a.actor.proto()),
             name: a.name.unwrap_or_default(),
             policy,
-            rate_limits: Vec::new(),
+            rate_limits: pool.unwrap_or_default(),
             update_mask: Some(prost_types::FieldMask { paths }),
         })
         .await?

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::output::{self, Format};
-use super::{ActorArgs, CliError, Connection, Session};
+use super::policy_args::PoolArgs;
+use super::{ActorArgs, CliError, Connection, Session, parse};
 use crate::proto;
 
 #[derive(Args)]
@@ -31,10 +32,13 @@ enum WorkspacesCommand {
     /// Rename a workspace or move it to another plan (a plan without API keys makes its
     /// keys answer plan_forbids_keys until a plan allows them again).
     Update(UpdateArgs),
+    /// Show or set the pool every key of one owner in the workspace shares
+    /// (--pool rpm=N ..., or --no-pool).
+    OwnerLimits(OwnerLimitsArgs),
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["name", "plan"])))]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["name", "plan", "pool", "no_pool"])))]
 struct UpdateArgs {
     /// The workspace's id.
     workspace_id: String,
@@ -44,6 +48,22 @@ struct UpdateArgs {
     /// A new plan.
     #[arg(long, value_enum)]
     plan: Option<PlanArg>,
+    #[command(flatten)]
+    pool: PoolArgs,
+    #[command(flatten)]
+    actor: ActorArgs,
+}
+
+#[derive(Args)]
+struct OwnerLimitsArgs {
+    /// The workspace's id.
+    workspace_id: String,
+    /// The owner: user:ID or service_account:ID.
+    #[arg(long, value_parser = parse::owner)]
+    owner: proto::Owner,
+    /// Without --pool or --no-pool, the owner's pool is shown.
+    #[command(flatten)]
+    pool: PoolArgs,
     #[command(flatten)]
     actor: ActorArgs,
 }
@@ -96,6 +116,7 @@ pub async fn run(args: WorkspacesArgs) -> Result<ExitCode, CliError> {
     let session = Session::open(&args.conn).await?;
     let workspace = match args.command {
         WorkspacesCommand::List(a) => return list(&session, a).await,
+        WorkspacesCommand::OwnerLimits(a) => return owner_limits(&session, a).await,
         WorkspacesCommand::Update(a) => {
             let mut paths = Vec::new();
             if a.name.is_some() {
@@ -104,6 +125,10 @@ pub async fn run(args: WorkspacesArgs) -> Result<ExitCode, CliError> {
             if a.plan.is_some() {
                 paths.push("plan".to_owned());
             }
+            let pool = a.pool.limits();
+            if pool.is_some() {
+                paths.push("rate_limits".to_owned());
+            }
             session
                 .workspaces()
                 .update_workspace(proto::UpdateWorkspaceRequest {
@@ -111,7 +136,7 @@ pub async fn run(args: WorkspacesArgs) -> Result<ExitCode, CliError> {
                     actor: Some(a.actor.proto()),
                     name: a.name.unwrap_or_default(),
                     plan: a.plan.map_or(proto::Plan::Unspecified, plan) as i32,
-                    rate_limits: Vec::new(),
+                    rate_limits: pool.unwrap_or_default(),
                     update_mask: Some(prost_types::FieldMask { paths }),
                 })
                 .await?
@@ -170,5 +195,32 @@ async fn list(session: &Session, a: ListArgs) -> Result<ExitCode, CliError> {
         output::workspace_table,
         Some(&next_page_token),
     )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn owner_limits(session: &Session, a: OwnerLimitsArgs) -> Result<ExitCode, CliError> {
+    let mut client = session.workspaces();
+    let limits = match a.pool.limits() {
+        Some(rate_limits) => client
+            .set_owner_limits(proto::SetOwnerLimitsRequest {
+                workspace_id: a.workspace_id,
+                owner: Some(a.owner),
+                rate_limits,
+                actor: Some(a.actor.proto()),
+            })
+            .await?
+            .into_inner(),
+        None => client
+            .get_owner_limits(proto::GetOwnerLimitsRequest {
+                workspace_id: a.workspace_id,
+                owner: Some(a.owner),
+            })
+            .await?
+            .into_inner(),
+    };
+    match session.format {
+        Format::Json => output::emit_json(&output::owner_limits_json(&limits))?,
+        Format::Table => output::emit(&output::fields(&output::owner_limits_fields(&limits)))?,
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,7 +13,7 @@ use crate::domain::access::AccessGroup;
 use crate::domain::key_format::KeyHash;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::team::Team;
-use crate::store::sql::rows::{GroupRow, KeyRow, TeamRow, join_set, key_columns};
+use crate::store::sql::rows::{GroupRow, KeyRow, TeamRow, join_set, key_columns, team_columns};
 use crate::store::sql::{Backend, Bind, Column, Mutation, SqlStore};
 use crate::store::{AccessGroupStore, AuditContext, StoreError};
 
@@ -72,10 +72,11 @@ where
         workspace_id: &str,
         name: &str,
     ) -> Result<Vec<String>, StoreError> {
-        let rows: Vec<TeamRow> = sqlx::query_as(
-            "SELECT workspace_id, team_id, name, policy, created_at, updated_at FROM teams \
-             WHERE workspace_id = $1 ORDER BY team_id",
-        )
+        let rows: Vec<TeamRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            team_columns!(),
+            " FROM teams WHERE workspace_id = $1 ORDER BY team_id"
+        ))
         .bind(workspace_id)
         .fetch_all(self.conn())
         .await?;

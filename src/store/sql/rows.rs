@@ -27,6 +27,14 @@ macro_rules! key_columns {
 }
 pub(crate) use key_columns;
 
+/// Every column of `teams`, as [`TeamRow`] reads them.
+macro_rules! team_columns {
+    () => {
+        "workspace_id, team_id, name, policy, rate_limits, created_at, updated_at"
+    };
+}
+pub(crate) use team_columns;
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct KeyRow {
     key_id: String,

@@ -11,13 +11,18 @@ use crate::domain::key_format::KeyHash;
 use crate::domain::limits;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::team::{ServiceAccount, Team};
-use crate::store::sql::rows::{KeyRow, ServiceAccountRow, TeamRow, key_columns, policy_json};
+use crate::store::sql::rows::{
+    KeyRow, ServiceAccountRow, TeamRow, key_columns, policy_json, team_columns,
+};
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
 use crate::store::{AuditContext, StoreError, TeamPatch, TeamStore};
 
 /// One team by id, every column (`TeamRow`).
-pub(super) const TEAM_BY_ID: &str = "SELECT workspace_id, team_id, name, policy, rate_limits, \
-     created_at, updated_at FROM teams WHERE workspace_id = $1 AND team_id = $2";
+pub(super) const TEAM_BY_ID: &str = concat!(
+    "SELECT ",
+    team_columns!(),
+    " FROM teams WHERE workspace_id = $1 AND team_id = $2"
+);
 
 /// The live keys (neither revoked, deleted nor expired at `$4`) of owner `$3` in team `$2`
 /// of workspace `$1`: what a team's `max_keys_per_user` caps.
@@ -80,10 +85,11 @@ where
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn list_teams(&self, workspace_id: &str) -> Result<Vec<Team>, StoreError> {
-        let rows: Vec<TeamRow> = sqlx::query_as(
-            "SELECT workspace_id, team_id, name, policy, rate_limits, created_at, updated_at \
-             FROM teams WHERE workspace_id = $1 ORDER BY team_id",
-        )
+        let rows: Vec<TeamRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            team_columns!(),
+            " FROM teams WHERE workspace_id = $1 ORDER BY team_id"
+        ))
         .bind(workspace_id)
         .fetch_all(&self.pool)
         .await?;
