@@ -14,6 +14,7 @@ use crate::clock::Clock;
 use crate::domain::Micros;
 use crate::domain::access::{self, AccessMode, NetworkAllowlist, ResourceAccess};
 use crate::domain::actor::Actor;
+use crate::domain::budget::BudgetPeriod;
 use crate::domain::ids;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
@@ -40,6 +41,7 @@ pub struct IssueInput {
     pub metadata: BTreeMap<String, String>,
     pub rate_limits: Vec<RateLimit>,
     pub max_budget_micros: Option<u64>,
+    pub budget_period: BudgetPeriod,
     pub resource_access: ResourceAccess,
     pub network: NetworkAllowlist,
     pub team_id: Option<String>,
@@ -236,6 +238,7 @@ impl KeyLifecycle {
             expires_at: input.expires_at,
             rate_limits: input.rate_limits,
             max_budget_micros: input.max_budget_micros,
+            budget_period: input.budget_period,
             resource_access: input.resource_access,
             network: input.network,
             team_id: input.team_id,
@@ -375,6 +378,9 @@ impl KeyLifecycle {
                 .max_budget_micros
                 .as_ref()
                 .map(|_| "max_budget_micros"),
+            patch.budget_period.as_ref().map(|_| "budget_period"),
+            patch.resource_access.as_ref().map(|_| "resource_access"),
+            patch.network.as_ref().map(|_| "allowed_cidrs"),
         ]
         .into_iter()
         .flatten()
@@ -441,6 +447,37 @@ impl KeyLifecycle {
             .revoke_key(key_id, reason, self.clock.now(), &audit)
             .await?;
         tracing::info!(key_id, "key revoked");
+        Ok(self.invalidated(changed))
+    }
+
+    /// Starts the key's budget again from now (an admin's act: a self-service member may
+    /// not reset its own budget, and the refusal is audited).
+    pub async fn reset_budget(&self, acting: &Acting, key_id: &str) -> Result<KeyRecord, KeyError> {
+        let key = self.get(Some(&acting.actor), key_id).await?;
+        let now = self.clock.now();
+        if acting.actor.is_self_service() {
+            let refusal = Refusal::new(
+                Reason::BudgetResetNeedsAdmin,
+                "only an admin may reset a key's budget",
+            )
+            .with("actor_id", &acting.actor.id);
+            return Err(self
+                .deny(
+                    acting,
+                    &key.workspace_id,
+                    Some(key_id),
+                    "key.reset_budget",
+                    refusal,
+                    now,
+                )
+                .await);
+        }
+        let audit = acting.audit(
+            "key.reset_budget",
+            format!("spent before: {}", key.spent_at(now)),
+        );
+        let changed = self.store.reset_budget(key_id, now, &audit).await?;
+        tracing::info!(key_id, "budget reset");
         Ok(self.invalidated(changed))
     }
 

@@ -10,6 +10,12 @@
 //!
 //! saturated at [`MAX_SPEND_MICROS`], as the stored total is.
 //!
+//! Both figures belong to one **spend epoch** (see [`crate::domain::budget`]): the period
+//! of the key's budget, or since its last reset. A call that finds a newer epoch than the
+//! account's starts the account again from zero, dropping what the old epoch had not
+//! written (spend of an epoch that has ended decides nothing any more), and every write
+//! names its epoch, so the store ignores a late write of an ended epoch.
+//!
 //! Persisted figures include every replica's writes up to when they were read and spend
 //! only grows, so the largest is the freshest; unwritten spend is this replica's alone. A
 //! write removes exactly what it wrote from "unwritten", after its commit, so spend is
@@ -30,6 +36,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::domain::Micros;
+use crate::domain::budget::SpendEpoch;
 use crate::domain::limits::MAX_SPEND_MICROS;
 use crate::store::{StoreError, USAGE_CHUNK, UsageDelta, UsageStore};
 
@@ -51,6 +58,9 @@ pub const LAST_USE_RESOLUTION: Micros = 60 * crate::domain::MICROS_PER_SECOND;
 /// below needs no case for: uses only ever merge by `max`.
 #[derive(Clone, Copy, Debug)]
 struct Account {
+    /// The start and end of the spend epoch both spend figures belong to.
+    epoch: Micros,
+    epoch_ends: Micros,
     unwritten_spend: u64,
     /// The largest persisted spend seen (records read, writes returned).
     persisted: u64,
@@ -67,6 +77,8 @@ const NEVER: Micros = Micros::MIN;
 impl Default for Account {
     fn default() -> Self {
         Account {
+            epoch: 0,
+            epoch_ends: Micros::MAX,
             unwritten_spend: 0,
             persisted: 0,
             unwritten_use: NEVER,
@@ -133,10 +145,11 @@ impl UsageBook {
     }
 
     /// Notes that VerifyKey accepted the key at `now`; `persisted` is the spend its record
-    /// holds.
-    pub fn mark_used(&self, key_id: &str, persisted: u64, now: Micros) {
+    /// holds in `epoch`, the key's spend epoch now.
+    pub fn mark_used(&self, key_id: &str, persisted: u64, epoch: SpendEpoch, now: Micros) {
         let mut shard = self.shard(key_id);
         if let Some(a) = shard.get_mut(key_id) {
+            a.enter(epoch);
             a.unwritten_use = a.unwritten_use.max(now);
             a.persisted = a.persisted.max(persisted);
             a.touched_at = now;
@@ -144,6 +157,8 @@ impl UsageBook {
             shard.insert(
                 key_id.to_owned(),
                 Account {
+                    epoch: epoch.start,
+                    epoch_ends: epoch.ends,
                     unwritten_use: now,
                     persisted,
                     touched_at: now,
@@ -153,41 +168,64 @@ impl UsageBook {
         }
     }
 
-    /// Adds reported spend (`persisted`: the record's figure, when the caller read it);
-    /// returns the key's spend as this replica now sees it.
-    pub fn add_spend(&self, key_id: &str, spend: u64, persisted: Option<u64>, now: Micros) -> u64 {
+    /// Adds reported spend; `read`: the record's spend in its epoch now, when the caller
+    /// read it (see [`UsageBook::knows`]). Returns the key's spend as this replica now
+    /// sees it.
+    pub fn add_spend(
+        &self,
+        key_id: &str,
+        spend: u64,
+        read: Option<(u64, SpendEpoch)>,
+        now: Micros,
+    ) -> u64 {
         let mut shard = self.shard(key_id);
         let a = shard.entry(key_id.to_owned()).or_default();
+        if let Some((persisted, epoch)) = read {
+            a.enter(epoch);
+            a.persisted = a.persisted.max(persisted);
+        }
         a.unwritten_spend = a
             .unwritten_spend
             .saturating_add(spend)
             .min(MAX_SPEND_MICROS);
-        a.persisted = a.persisted.max(persisted.unwrap_or(0));
         a.touched_at = now;
         total(a.persisted, a.unwritten_spend)
     }
 
-    /// Whether this replica knows the key (it verified or reported it recently).
-    pub fn knows(&self, key_id: &str) -> bool {
-        self.shard(key_id).contains_key(key_id)
+    /// Whether this replica knows the key (it verified or reported it recently) and its
+    /// spend epoch at `now`: otherwise a report must read the key's record first.
+    pub fn knows(&self, key_id: &str, now: Micros) -> bool {
+        self.shard(key_id)
+            .get(key_id)
+            .is_some_and(|a| now < a.epoch_ends)
     }
 
-    /// The key's spend as this replica sees it, given the persisted spend of its record:
-    /// one lookup for both figures a budget decision needs.
-    pub fn spend(&self, key_id: &str, persisted: u64) -> Spend {
-        self.shard(key_id).get(key_id).map_or(
+    /// The largest persisted spend seen for the key in its account's epoch, and that
+    /// epoch's start (zeros for a key it does not know).
+    pub fn persisted(&self, key_id: &str) -> (u64, Micros) {
+        self.shard(key_id)
+            .get(key_id)
+            .map_or((0, 0), |a| (a.persisted, a.epoch))
+    }
+
+    /// The key's spend in `epoch` as this replica sees it, given the persisted spend of
+    /// its record in that epoch: one lookup for both figures a budget decision needs.
+    pub fn spend(&self, key_id: &str, persisted: u64, epoch: &SpendEpoch) -> Spend {
+        let fresh = Spend {
+            total: persisted,
+            persisted,
+        };
+        self.shard(key_id).get(key_id).map_or(fresh, |a| {
+            if a.epoch < epoch.start {
+                // The account is of an ended epoch: none of it counts now.
+                return fresh;
+            }
+            let persisted = a.persisted.max(persisted);
             Spend {
-                total: persisted,
+                total: total(persisted, a.unwritten_spend),
                 persisted,
-            },
-            |a| {
-                let persisted = a.persisted.max(persisted);
-                Spend {
-                    total: total(persisted, a.unwritten_spend),
-                    persisted,
-                }
-            },
-        )
+            }
+        })
     }
 
     /// Writes unwritten spend and the last uses that moved by [`LAST_USE_RESOLUTION`]
@@ -223,6 +261,7 @@ impl UsageBook {
             {
                 let delta = UsageDelta {
                     key_id: key_id.clone(),
+                    epoch: a.epoch,
                     spend_micros: a.unwritten_spend,
                     last_used_at: use_due(a).then_some(a.unwritten_use),
                 };
@@ -269,7 +308,7 @@ impl UsageBook {
 
     /// Takes what a committed write wrote out of the unwritten figures (what was added
     /// since the batch was taken stays), and notes the totals it returned.
-    fn settle(&self, written: &[UsageDelta], totals: Vec<(String, u64)>) {
+    fn settle(&self, written: &[UsageDelta], totals: Vec<(String, u64, Micros)>) {
         {
             let mut failing = self.failing_keys();
             if !failing.is_empty() {
@@ -278,13 +317,20 @@ impl UsageBook {
                 }
             }
         }
-        let totals: HashMap<String, u64> = totals.into_iter().collect();
+        let totals: HashMap<String, (u64, Micros)> = totals
+            .into_iter()
+            .map(|(key_id, total, epoch)| (key_id, (total, epoch)))
+            .collect();
         for written in written {
             let mut shard = self.shard(&written.key_id);
             let Some(a) = shard.get_mut(&written.key_id) else {
                 continue;
             };
-            a.unwritten_spend = a.unwritten_spend.saturating_sub(written.spend_micros);
+            // An account that moved to a newer epoch since the batch was taken dropped
+            // what it wrote already.
+            if a.epoch == written.epoch {
+                a.unwritten_spend = a.unwritten_spend.saturating_sub(written.spend_micros);
+            }
             if let Some(used) = written.last_used_at {
                 a.written_use = a.written_use.max(used);
                 if a.unwritten_use == used {
@@ -292,7 +338,11 @@ impl UsageBook {
                 }
             }
             match totals.get(&written.key_id) {
-                Some(total) => a.persisted = a.persisted.max(*total),
+                Some((total, epoch)) => {
+                    if *epoch == a.epoch {
+                        a.persisted = a.persisted.max(*total);
+                    }
+                }
                 // The key is gone: nothing to keep for it.
                 None => {
                     shard.remove(&written.key_id);
@@ -316,6 +366,21 @@ impl UsageBook {
 
     fn failing_keys(&self) -> MutexGuard<'_, KeyIds> {
         self.failing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Account {
+    /// Moves the account to `epoch` if it is newer: both spend figures start again from
+    /// zero (an ended epoch's unwritten spend decides nothing any more).
+    fn enter(&mut self, epoch: SpendEpoch) {
+        if epoch.start > self.epoch {
+            self.epoch = epoch.start;
+            self.unwritten_spend = 0;
+            self.persisted = 0;
+        }
+        if epoch.start == self.epoch {
+            self.epoch_ends = epoch.ends;
+        }
     }
 }
 
@@ -374,10 +439,10 @@ mod tests {
         let last_used = async || store.get_key(&key_id).await.unwrap().unwrap().last_used_at;
 
         let t0 = 1_000_000 * S;
-        book.mark_used(&key_id, 0, t0);
+        book.mark_used(&key_id, 0, SpendEpoch::LIFETIME, t0);
         assert_eq!(book.flush(store.as_ref(), t0, false).await.written, 1);
         assert_eq!(last_used().await, Some(t0));
-        book.mark_used(&key_id, 0, t0 + 10 * S);
+        book.mark_used(&key_id, 0, SpendEpoch::LIFETIME, t0 + 10 * S);
         assert_eq!(
             book.flush(store.as_ref(), t0 + 10 * S, false).await.written,
             0
@@ -388,19 +453,19 @@ mod tests {
             1
         );
         assert_eq!(last_used().await, Some(t0), "the use is not due yet");
-        book.mark_used(&key_id, 0, t0 + 61 * S);
+        book.mark_used(&key_id, 0, SpendEpoch::LIFETIME, t0 + 61 * S);
         assert_eq!(
             book.flush(store.as_ref(), t0 + 61 * S, false).await.written,
             1
         );
         assert_eq!(last_used().await, Some(t0 + 61 * S));
-        book.mark_used(&key_id, 0, t0 + 70 * S);
+        book.mark_used(&key_id, 0, SpendEpoch::LIFETIME, t0 + 70 * S);
         assert_eq!(
             book.flush(store.as_ref(), t0 + 70 * S, true).await.written,
             1
         );
         assert_eq!(last_used().await, Some(t0 + 70 * S));
-        assert_eq!(book.spend(&key_id, 0).total, 5);
+        assert_eq!(book.spend(&key_id, 0, &SpendEpoch::LIFETIME).total, 5);
         assert_eq!(
             book.flush(store.as_ref(), t0 + 71 * S, true).await.written,
             0
@@ -482,7 +547,7 @@ mod tests {
         )
         .await;
         for id in &ids {
-            book.add_spend(id, 10, Some(0), 1);
+            book.add_spend(id, 10, Some((0, SpendEpoch::LIFETIME)), 1);
         }
 
         let flushed = book.flush(store.as_ref(), 2, true).await;
@@ -494,9 +559,9 @@ mod tests {
             [0]
         );
         // Written once: nothing of theirs is left to write again.
-        assert_eq!(book.spend(&others[0], 10).total, 10);
+        assert_eq!(book.spend(&others[0], 10, &SpendEpoch::LIFETIME).total, 10);
         assert_eq!(
-            book.spend(&refused, 0).total,
+            book.spend(&refused, 0, &SpendEpoch::LIFETIME).total,
             10,
             "the refused key's spend is kept"
         );
@@ -518,7 +583,7 @@ mod tests {
         assert_eq!((flushed.written, flushed.kept), (1, 0));
         assert!(flushed.error.is_none());
         assert_eq!(persisted(store.as_ref(), &ids).await, [11; 7]);
-        assert_eq!(book.spend(&refused, 11).total, 11);
+        assert_eq!(book.spend(&refused, 11, &SpendEpoch::LIFETIME).total, 11);
         assert_eq!(book.flush(store.as_ref(), 8, true).await.written, 0);
     }
 
@@ -531,7 +596,7 @@ mod tests {
         let mut book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
         (book.chunk, book.max_failures) = (2, 4);
         for id in &ids {
-            book.add_spend(id, 3, Some(0), 1);
+            book.add_spend(id, 3, Some((0, SpendEpoch::LIFETIME)), 1);
         }
         execute(&url, "ALTER TABLE api_keys RENAME TO api_keys_hidden").await;
         let flushed = book.flush(store.as_ref(), 2, true).await;
@@ -554,27 +619,88 @@ mod tests {
     fn spend_saturates_at_the_ceiling() {
         let book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
         let near = MAX_SPEND_MICROS - 10;
-        assert_eq!(book.add_spend("key_a", 5, Some(near), 0), near + 5);
+        assert_eq!(
+            book.add_spend("key_a", 5, Some((near, SpendEpoch::LIFETIME)), 0),
+            near + 5
+        );
         assert_eq!(book.add_spend("key_a", 1_000, None, 0), MAX_SPEND_MICROS);
         assert_eq!(book.add_spend("key_a", u64::MAX, None, 0), MAX_SPEND_MICROS);
-        assert_eq!(book.spend("key_a", 0).total, MAX_SPEND_MICROS);
+        assert_eq!(
+            book.spend("key_a", 0, &SpendEpoch::LIFETIME).total,
+            MAX_SPEND_MICROS
+        );
         // A total stored above the ceiling (before there was one) is not lowered.
-        assert_eq!(book.spend("key_a", u64::MAX).total, u64::MAX);
+        assert_eq!(
+            book.spend("key_a", u64::MAX, &SpendEpoch::LIFETIME).total,
+            u64::MAX
+        );
     }
 
     #[test]
     fn spend_adds_to_the_fresher_persisted_figure() {
         let book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
-        assert_eq!(book.spend("key_a", 40).total, 40);
-        assert_eq!(book.add_spend("key_a", 10, Some(40), 0), 50);
-        assert_eq!(book.spend("key_a", 40).total, 50);
+        assert_eq!(book.spend("key_a", 40, &SpendEpoch::LIFETIME).total, 40);
+        assert_eq!(
+            book.add_spend("key_a", 10, Some((40, SpendEpoch::LIFETIME)), 0),
+            50
+        );
+        assert_eq!(book.spend("key_a", 40, &SpendEpoch::LIFETIME).total, 50);
         // A stale record does not lower it; a fresher one (another replica wrote 100
         // more) raises it.
-        assert_eq!(book.spend("key_a", 0).total, 50);
-        assert_eq!(book.spend("key_a", 140).total, 150);
-        assert!(!book.knows("key_b"));
-        book.mark_used("key_b", 7, 5);
-        assert!(book.knows("key_b"));
+        assert_eq!(book.spend("key_a", 0, &SpendEpoch::LIFETIME).total, 50);
+        assert_eq!(book.spend("key_a", 140, &SpendEpoch::LIFETIME).total, 150);
+        assert!(!book.knows("key_b", 5));
+        book.mark_used("key_b", 7, SpendEpoch::LIFETIME, 5);
+        assert!(book.knows("key_b", 5));
         assert_eq!(book.add_spend("key_b", 1, None, 6), 8);
+    }
+
+    /// A new spend epoch (a period's turn, a reset) starts the account from zero; a
+    /// report after the epoch ended needs the record again; a write taken before the
+    /// turn does not take the new epoch's spend away when it settles.
+    #[tokio::test]
+    async fn a_new_epoch_starts_from_zero_and_an_old_write_settles_nothing_in_it() {
+        let (_dir, _url, store, ids) = store_with_keys(1).await;
+        let book = UsageBook::new(Duration::from_secs(300), Duration::from_secs(1));
+        let january = SpendEpoch {
+            start: 1_000,
+            ends: 2_000,
+        };
+        let february = SpendEpoch {
+            start: 2_000,
+            ends: 3_000,
+        };
+        let key = &ids[0];
+        book.mark_used(key, 0, january, 1_500);
+        assert_eq!(book.add_spend(key, 70, None, 1_600), 70);
+        assert!(book.knows(key, 1_999));
+        assert!(
+            !book.knows(key, 2_000),
+            "January has ended: read the record"
+        );
+        assert_eq!(
+            book.spend(key, 0, &february).total,
+            0,
+            "January counts nothing"
+        );
+        // February begins; January's unwritten spend decides nothing any more.
+        assert_eq!(book.add_spend(key, 5, Some((0, february)), 2_100), 5);
+        assert_eq!(book.spend(key, 0, &february).total, 5);
+        book.flush(store.as_ref(), 2_200, true).await;
+        assert_eq!(persisted(store.as_ref(), &ids).await, [5]);
+        assert_eq!(
+            book.spend(key, 0, &february).total,
+            5,
+            "written once, counted once"
+        );
+        // A late write of January's spend changes nothing in February's.
+        let late = UsageDelta {
+            key_id: key.clone(),
+            epoch: january.start,
+            spend_micros: 999,
+            last_used_at: None,
+        };
+        let totals = store.record_usage(&[late]).await.unwrap();
+        assert_eq!(totals, [(key.clone(), 5, february.start)]);
     }
 }

@@ -295,27 +295,32 @@ impl Verifier {
         tokens: u64,
         spend_micros: u64,
     ) -> Result<Option<u64>, VerifyError> {
-        let persisted = if self.usage.knows(key_id) {
+        let now = self.clock.now();
+        // The book knows the key's spend epoch until it ends; otherwise the record says
+        // which epoch it is in now and what it has spent in it.
+        let read = if self.usage.knows(key_id, now) {
             None
         } else {
             match self.store.get_key(key_id).await? {
-                Some(key) => Some(key.spent_micros),
+                Some(key) => {
+                    let epoch = key.spend_epoch_at(now);
+                    Some((epoch.count(key.spent_micros, key.spend_epoch), epoch))
+                }
                 None => return Ok(None),
             }
         };
-        let now = self.clock.now();
+        let (persisted_micros, epoch) = read.map_or_else(
+            || self.usage.persisted(key_id),
+            |(persisted, epoch)| (persisted, epoch.start),
+        );
         let reported = Reported {
             tokens,
             spend_micros,
-            persisted_micros: persisted.unwrap_or_else(|| self.usage.spend(key_id, 0).persisted),
+            persisted_micros,
+            epoch,
         };
         self.limiter.record_usage(key_id, reported, now).await?;
-        Ok(Some(self.usage.add_spend(
-            key_id,
-            spend_micros,
-            persisted,
-            now,
-        )))
+        Ok(Some(self.usage.add_spend(key_id, spend_micros, read, now)))
     }
 
     /// Verifies `presented` for a call that needs what `request` names and counts `cost`
@@ -404,7 +409,9 @@ impl Verifier {
             } else if limit_unknown {
                 self.metrics.limit_unknown.increment(1);
             }
-            self.usage.mark_used(key_id, entry.key.spent_micros, now);
+            let epoch = entry.key.spend_epoch(now);
+            self.usage
+                .mark_used(key_id, entry.key.spent_in(&epoch), epoch, now);
             Outcome::Valid(entry)
         } else {
             self.metrics.limit_refused.increment(1);
@@ -424,7 +431,8 @@ impl Verifier {
     /// allowances (the limiter's judgement; the memory backend shares none).
     async fn budget(&self, entry: &CachedKey, now: Micros) -> Result<(u64, bool), LimiterError> {
         let key_id = entry.key.key_id.as_str();
-        let spend = self.usage.spend(key_id, entry.key.spent_micros);
+        let epoch = entry.key.spend_epoch(now);
+        let spend = self.usage.spend(key_id, entry.key.spent_in(&epoch), &epoch);
         let Some(max_micros) = entry.key.max_budget_micros() else {
             return Ok((spend.total, false));
         };
@@ -434,6 +442,7 @@ impl Verifier {
         let budget = Budget {
             max_micros,
             persisted_micros: spend.persisted,
+            epoch: epoch.start,
         };
         let check = self.limiter.check_budget(key_id, budget, now).await?;
         Ok((spend.total, check == BudgetCheck::Exceeded))

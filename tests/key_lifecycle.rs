@@ -202,6 +202,8 @@ async fn update_changes_only_the_masked_fields(backend: Backend) {
             max_budget_micros: Some(5),
             resource_access: None,
             allowed_cidrs: vec!["10.0.0.0/8".into()],
+            budget_period: proto::BudgetPeriod::Monthly as i32,
+            budget_period_days: 0,
         })
         .await
         .unwrap()

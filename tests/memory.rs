@@ -98,7 +98,12 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
     let usage = UsageBook::new(Duration::from_secs(600), Duration::from_secs(1));
     let before = LIVE.load(Ordering::Relaxed);
     for r in &records {
-        usage.mark_used(&r.key_id, 0, 1);
+        usage.mark_used(
+            &r.key_id,
+            0,
+            keywarden::domain::budget::SpendEpoch::LIFETIME,
+            1,
+        );
     }
     let account = (LIVE.load(Ordering::Relaxed) - before) / KEYS as isize;
     // Its rate-limit counters: the default limit (100 a minute), one call decided.

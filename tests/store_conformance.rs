@@ -11,6 +11,7 @@ use sqlx::Connection;
 use common::*;
 use keywarden::domain::Micros;
 use keywarden::domain::access::{AccessGroup, AccessMode, ResourceAccess};
+use keywarden::domain::budget::BudgetPeriod;
 use keywarden::domain::ids::new_key_id;
 use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
@@ -162,7 +163,10 @@ async fn insert_then_get_and_find_secret_round_trip_every_field(backend: Backend
         deleted_at: None,
         rate_limits: vec![],
         max_budget_micros: None,
+        budget_period: BudgetPeriod::Days(30),
+        budget_reset_at: T0 + 4,
         spent_micros: 0,
+        spend_epoch: T0 + 4,
         last_used_at: None,
         resource_access: Default::default(),
         network: Default::default(),
@@ -1595,11 +1599,13 @@ async fn usage_adds_spend_and_moves_last_use_forward_only(backend: Backend) {
     insert(store.as_ref(), &key).await;
     let delta = |spend: u64, used: Option<Micros>| UsageDelta {
         key_id: key.key_id.clone(),
+        epoch: 0,
         spend_micros: spend,
         last_used_at: used,
     };
     let unknown = UsageDelta {
         key_id: new_key_id(&mut getrandom::SysRng).unwrap(),
+        epoch: 0,
         spend_micros: 7,
         last_used_at: Some(T0),
     };
@@ -1609,7 +1615,7 @@ async fn usage_adds_spend_and_moves_last_use_forward_only(backend: Backend) {
         .unwrap();
     assert_eq!(
         totals,
-        [(key.key_id.clone(), 5)],
+        [(key.key_id.clone(), 5, 0)],
         "unknown keys are skipped"
     );
     // An older use never moves last_used_at back; spend adds up.
@@ -1617,15 +1623,81 @@ async fn usage_adds_spend_and_moves_last_use_forward_only(backend: Backend) {
         .record_usage(&[delta(3, Some(T0 + 50))])
         .await
         .unwrap();
-    assert_eq!(totals, [(key.key_id.clone(), 8)]);
+    assert_eq!(totals, [(key.key_id.clone(), 8, 0)]);
     let totals = store.record_usage(&[delta(0, None)]).await.unwrap();
-    assert_eq!(totals, [(key.key_id.clone(), 8)]);
+    assert_eq!(totals, [(key.key_id.clone(), 8, 0)]);
     let stored = store.get_key(&key.key_id).await.unwrap().unwrap();
     assert_eq!(
         (stored.spent_micros, stored.last_used_at),
         (8, Some(T0 + 100))
     );
     assert_eq!(store.record_usage(&[]).await.unwrap(), []);
+}
+
+/// Spend belongs to an epoch: a write of a newer epoch replaces the stored spend, one of
+/// an older epoch changes nothing, and a budget reset starts a new epoch at zero.
+async fn usage_of_a_newer_epoch_replaces_an_older_one_and_a_reset_starts_one(backend: Backend) {
+    let (_db, store) = open(backend).await;
+    let key = KeyRecord {
+        max_budget_micros: Some(1_000),
+        budget_period: BudgetPeriod::Month,
+        ..key_record(WS, T0)
+    };
+    insert(store.as_ref(), &key).await;
+    let spend = |epoch: Micros, spend: u64| UsageDelta {
+        key_id: key.key_id.clone(),
+        epoch,
+        spend_micros: spend,
+        last_used_at: None,
+    };
+    let (january, february) = (T0, T0 + 31 * 86_400 * S);
+    let id = key.key_id.clone();
+    assert_eq!(
+        store.record_usage(&[spend(january, 40)]).await.unwrap(),
+        [(id.clone(), 40, january)]
+    );
+    assert_eq!(
+        store.record_usage(&[spend(february, 7)]).await.unwrap(),
+        [(id.clone(), 7, february)],
+        "a new epoch starts from its own spend"
+    );
+    assert_eq!(
+        store.record_usage(&[spend(january, 100)]).await.unwrap(),
+        [(id.clone(), 7, february)],
+        "a late write of an ended epoch changes nothing"
+    );
+    let reset_at = february + 5 * S;
+    let changed = store
+        .reset_budget(&id, reset_at, &ctx("key.reset_budget"))
+        .await
+        .unwrap();
+    assert_eq!(changed.key.spent_micros, 0);
+    assert_eq!(changed.key.budget_reset_at, reset_at);
+    assert_eq!(changed.key.spend_epoch, reset_at);
+    assert!(
+        !changed.stale_hashes.is_empty(),
+        "every replica reloads the key"
+    );
+    assert_eq!(
+        store.record_usage(&[spend(february, 9)]).await.unwrap(),
+        [(id.clone(), 0, reset_at)],
+        "spend from before the reset does not count after it"
+    );
+    let stored = store.get_key(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            stored.spent_micros,
+            stored.spend_epoch,
+            stored.budget_period
+        ),
+        (0, reset_at, BudgetPeriod::Month)
+    );
+    assert!(matches!(
+        store
+            .reset_budget("key_missing", reset_at, &ctx("key.reset_budget"))
+            .await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 /// A key's stored spend saturates at `MAX_SPEND_MICROS`, whatever the deltas, and the
@@ -1639,15 +1711,16 @@ async fn usage_saturates_spend_at_the_ceiling_without_overflowing(backend: Backe
     insert(store.as_ref(), &above).await;
     let spend = |k: &KeyRecord, spend: u64| UsageDelta {
         key_id: k.key_id.clone(),
+        epoch: 0,
         spend_micros: spend,
         last_used_at: None,
     };
     let totals = store.record_usage(&[spend(&key, MAX - 10)]).await.unwrap();
-    assert_eq!(totals, [(key.key_id.clone(), MAX - 10)]);
+    assert_eq!(totals, [(key.key_id.clone(), MAX - 10, 0)]);
     let totals = store.record_usage(&[spend(&key, 100)]).await.unwrap();
-    assert_eq!(totals, [(key.key_id.clone(), MAX)]);
+    assert_eq!(totals, [(key.key_id.clone(), MAX, 0)]);
     let totals = store.record_usage(&[spend(&key, u64::MAX)]).await.unwrap();
-    assert_eq!(totals, [(key.key_id.clone(), MAX)]);
+    assert_eq!(totals, [(key.key_id.clone(), MAX, 0)]);
 
     let stored_above = i64::MAX - 807;
     db.execute(&format!(
@@ -1661,8 +1734,8 @@ async fn usage_saturates_spend_at_the_ceiling_without_overflowing(backend: Backe
         .unwrap();
     totals.sort();
     let mut expected = vec![
-        (above.key_id.clone(), stored_above as u64),
-        (key.key_id.clone(), MAX),
+        (above.key_id.clone(), stored_above as u64, 0),
+        (key.key_id.clone(), MAX, 0),
     ];
     expected.sort();
     assert_eq!(totals, expected);
@@ -1694,6 +1767,7 @@ async fn sqlite_a_spend_stored_as_real_by_an_old_overflow_is_written_back_as_an_
     assert_eq!(db.count(&typeof_real).await, 1);
     let delta = |k: &KeyRecord, spend: u64| UsageDelta {
         key_id: k.key_id.clone(),
+        epoch: 0,
         spend_micros: spend,
         last_used_at: None,
     };
@@ -1703,8 +1777,8 @@ async fn sqlite_a_spend_stored_as_real_by_an_old_overflow_is_written_back_as_an_
         .unwrap();
     totals.sort();
     let mut expected = vec![
-        (real.key_id.clone(), i64::MAX as u64),
-        (other.key_id.clone(), 7),
+        (real.key_id.clone(), i64::MAX as u64, 0),
+        (other.key_id.clone(), 7, 0),
     ];
     expected.sort();
     assert_eq!(totals, expected);
@@ -1725,6 +1799,7 @@ async fn list_filters_by_unused_since(backend: Backend) {
     }
     let used = |k: &KeyRecord, at: Micros| UsageDelta {
         key_id: k.key_id.clone(),
+        epoch: 0,
         spend_micros: 0,
         last_used_at: Some(at),
     };
@@ -2722,6 +2797,7 @@ both_backends!(
     limits_and_budgets_round_trip_and_update_patches_them,
     usage_adds_spend_and_moves_last_use_forward_only,
     usage_saturates_spend_at_the_ceiling_without_overflowing,
+    usage_of_a_newer_epoch_replaces_an_older_one_and_a_reset_starts_one,
     list_filters_by_unused_since,
     no_index_names_a_column_the_usage_book_writes,
     team_updates_of_different_fields_both_take_effect,

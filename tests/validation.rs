@@ -494,6 +494,8 @@ async fn several_violations_in_one_request_are_all_reported(backend: Backend) {
                 }),
                 allowed_cidrs: vec!["10.0.0.0/33".into()],
                 team_id: "team x".into(),
+                budget_period: 0,
+                budget_period_days: 0,
             })
             .await,
     );
@@ -580,6 +582,8 @@ async fn a_flood_of_violations_is_reported_in_an_answer_the_client_can_read(back
                 resource_access: None,
                 allowed_cidrs: Vec::new(),
                 team_id: String::new(),
+                budget_period: 0,
+                budget_period_days: 0,
             })
             .await,
     );
@@ -934,6 +938,8 @@ async fn update_refuses_bad_masks_and_fields_and_changes_nothing(backend: Backen
         max_budget_micros: None,
         resource_access: None,
         allowed_cidrs: Vec::new(),
+        budget_period: 0,
+        budget_period_days: 0,
     };
     let cases: Vec<(&str, proto::UpdateKeyRequest, &[&str])> = vec![
         (
@@ -1073,6 +1079,8 @@ async fn update_refuses_bad_masks_and_fields_and_changes_nothing(backend: Backen
                 max_budget_micros: Some(u64::MAX),
                 resource_access: None,
                 allowed_cidrs: Vec::new(),
+                budget_period: 0,
+                budget_period_days: 0,
             },
             &[
                 "key_id",

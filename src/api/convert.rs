@@ -8,6 +8,7 @@ use prost_types::{Duration as PbDuration, Timestamp};
 
 use crate::domain::access::{self, AccessMode, NetworkAllowlist, ResourceAccess};
 use crate::domain::actor::Actor;
+use crate::domain::budget::{BudgetPeriod, MAX_PERIOD_DAYS};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::Environment;
 use crate::domain::limits::{LimitDecision, LimitScope, LimitUnit, LimitWindow, RateLimit};
@@ -402,6 +403,7 @@ pub fn allowed_cidrs(given: &[String], field: &str, v: &mut Violations) -> Netwo
 }
 
 pub fn key_info(key: &KeyRecord, now: Micros) -> proto::KeyInfo {
+    let epoch = key.spend_epoch_at(now);
     proto::KeyInfo {
         key_id: key.key_id.clone(),
         workspace_id: key.workspace_id.clone(),
@@ -429,11 +431,59 @@ pub fn key_info(key: &KeyRecord, now: Micros) -> proto::KeyInfo {
         revoke_reason: key.revoke_reason.clone().unwrap_or_default(),
         rate_limits: key.rate_limits.iter().map(rate_limit_pb).collect(),
         max_budget_micros: key.max_budget_micros,
-        spent_micros: key.spent_micros,
+        spent_micros: key.spent_at(now),
         last_used_at: key.last_used_at.map(timestamp),
         resource_access: Some(resource_access_pb(&key.resource_access)),
         allowed_cidrs: key.network.nets.iter().map(ToString::to_string).collect(),
         team_id: key.team_id.clone().unwrap_or_default(),
+        budget_period: budget_period_pb(key.budget_period).0 as i32,
+        budget_period_days: budget_period_pb(key.budget_period).1,
+        budget_period_start: (epoch.start != 0).then(|| timestamp(epoch.start)),
+        budget_resets_at: (epoch.ends != Micros::MAX).then(|| timestamp(epoch.ends)),
+    }
+}
+
+/// A budget period from its two request fields (`field` and `{field}_days`).
+pub fn budget_period(raw: i32, days: u32, field: &str, v: &mut Violations) -> BudgetPeriod {
+    let days_field = format!("{field}_days");
+    let period = match proto::BudgetPeriod::try_from(raw) {
+        Ok(proto::BudgetPeriod::Unspecified) => BudgetPeriod::Lifetime,
+        Ok(proto::BudgetPeriod::Daily) => BudgetPeriod::Day,
+        Ok(proto::BudgetPeriod::Weekly) => BudgetPeriod::Week,
+        Ok(proto::BudgetPeriod::Monthly) => BudgetPeriod::Month,
+        Ok(proto::BudgetPeriod::RollingDays) => {
+            match u16::try_from(days)
+                .ok()
+                .filter(|d| (1..=MAX_PERIOD_DAYS).contains(d))
+            {
+                Some(d) => return BudgetPeriod::Days(d),
+                None => {
+                    v.add(
+                        days_field,
+                        "must be 1 to 366 with BUDGET_PERIOD_ROLLING_DAYS",
+                    );
+                    return BudgetPeriod::Lifetime;
+                }
+            }
+        }
+        Err(_) => {
+            v.add(field, "is not a known budget period");
+            return BudgetPeriod::Lifetime;
+        }
+    };
+    if days != 0 {
+        v.add(days_field, "is only for BUDGET_PERIOD_ROLLING_DAYS");
+    }
+    period
+}
+
+pub fn budget_period_pb(period: BudgetPeriod) -> (proto::BudgetPeriod, u32) {
+    match period {
+        BudgetPeriod::Lifetime => (proto::BudgetPeriod::Unspecified, 0),
+        BudgetPeriod::Day => (proto::BudgetPeriod::Daily, 0),
+        BudgetPeriod::Week => (proto::BudgetPeriod::Weekly, 0),
+        BudgetPeriod::Month => (proto::BudgetPeriod::Monthly, 0),
+        BudgetPeriod::Days(n) => (proto::BudgetPeriod::RollingDays, u32::from(n)),
     }
 }
 

@@ -35,7 +35,8 @@ pub fn code(reason: Reason) -> Code {
         | ScopeCeilingExceeded
         | SelfServiceDisabled
         | SelfServiceKeyLimitReached
-        | SelfServiceOwnerNotActor => Code::PermissionDenied,
+        | SelfServiceOwnerNotActor
+        | BudgetResetNeedsAdmin => Code::PermissionDenied,
         PlanForbidsApiKeys
         | PlanForbidsByok
         | KekNotConfigured

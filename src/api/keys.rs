@@ -23,6 +23,7 @@ const MASK_PATHS: &[&str] = &[
     "metadata",
     "rate_limits",
     "max_budget_micros",
+    "budget_period",
     "resource_access",
     "allowed_cidrs",
 ];
@@ -77,6 +78,8 @@ impl KeyService for KeyApi {
         let resource_access =
             convert::resource_access(r.resource_access.as_ref(), "resource_access", v);
         let network = convert::allowed_cidrs(&r.allowed_cidrs, "allowed_cidrs", v);
+        let budget_period =
+            convert::budget_period(r.budget_period, r.budget_period_days, "budget_period", v);
         if !r.team_id.is_empty() {
             v.workspace_id("team_id", &r.team_id);
         }
@@ -95,6 +98,7 @@ impl KeyService for KeyApi {
                     metadata,
                     rate_limits,
                     max_budget_micros: r.max_budget_micros,
+                    budget_period,
                     resource_access,
                     network,
                     team_id: (!r.team_id.is_empty()).then(|| r.team_id.clone()),
@@ -226,6 +230,14 @@ impl KeyService for KeyApi {
                     }
                     patch.max_budget_micros = Some(r.max_budget_micros);
                 }
+                "budget_period" => {
+                    patch.budget_period = Some(convert::budget_period(
+                        r.budget_period,
+                        r.budget_period_days,
+                        "budget_period",
+                        v,
+                    ))
+                }
                 "resource_access" => {
                     patch.resource_access = Some(convert::resource_access(
                         r.resource_access.as_ref(),
@@ -284,6 +296,21 @@ impl KeyService for KeyApi {
         let acting = m.acting(actor)?;
         let key = self.lifecycle.revoke(&acting, &r.key_id, &r.reason).await?;
         Ok(Response::new(proto::RevokeKeyResponse {
+            key_info: Some(convert::key_info(&key, self.lifecycle.now())),
+        }))
+    }
+
+    async fn reset_budget(
+        &self,
+        request: Request<proto::ResetBudgetRequest>,
+    ) -> Result<Response<proto::ResetBudgetResponse>, Status> {
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
+        v.key_id("key_id", &r.key_id);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
+        let key = self.lifecycle.reset_budget(&acting, &r.key_id).await?;
+        Ok(Response::new(proto::ResetBudgetResponse {
             key_info: Some(convert::key_info(&key, self.lifecycle.now())),
         }))
     }

@@ -43,7 +43,9 @@ enum KeysCommand {
     RevokeAll(RevokeAllArgs),
     /// Remove a key from listings for good (it then verifies as not_found; the audit
     /// trail stays).
-    Delete(DeleteArgs),
+    Delete(KeyActorArgs),
+    /// Start a key's budget again from now (an admin's act; audited).
+    ResetBudget(KeyActorArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,6 +98,10 @@ struct IssueArgs {
     /// A spend ceiling, in currency units (e.g. 25 or 12.50).
     #[arg(long, value_parser = parse::money_micros, value_name = "AMOUNT")]
     budget: Option<u64>,
+    /// How often the budget starts again: lifetime (default), daily, weekly, monthly
+    /// (UTC calendar) or Nd (every N days).
+    #[arg(long, value_parser = parse::budget_period, value_name = "PERIOD")]
+    budget_period: Option<(proto::BudgetPeriod, u32)>,
     /// Metadata KEY=VALUE (repeatable).
     #[arg(long = "meta", value_parser = parse::key_value, value_name = "KEY=VALUE")]
     metadata: Vec<(String, String)>,
@@ -145,7 +151,7 @@ struct ListArgs {
     ArgGroup::new("change")
         .required(true)
         .multiple(true)
-        .args(["name", "scopes", "expires_at", "expires_in", "no_expiry", "budget", "no_budget", "metadata", "limits", "default_limits", "reach", "targets", "access_groups", "allowed_cidrs", "any_network"])
+        .args(["name", "scopes", "expires_at", "expires_in", "no_expiry", "budget", "no_budget", "budget_period", "metadata", "limits", "default_limits", "reach", "targets", "access_groups", "allowed_cidrs", "any_network"])
 ))]
 struct UpdateArgs {
     /// The key's id (`key_...`).
@@ -171,6 +177,9 @@ struct UpdateArgs {
     /// Remove the spend ceiling.
     #[arg(long)]
     no_budget: bool,
+    /// A new budget period: lifetime, daily, weekly, monthly or Nd.
+    #[arg(long, value_parser = parse::budget_period, value_name = "PERIOD")]
+    budget_period: Option<(proto::BudgetPeriod, u32)>,
     /// The key's new metadata KEY=VALUE (repeatable; replaces it all).
     #[arg(long = "meta", value_parser = parse::key_value, value_name = "KEY=VALUE")]
     metadata: Vec<(String, String)>,
@@ -245,7 +254,8 @@ struct RevokeAllArgs {
 }
 
 #[derive(Args)]
-struct DeleteArgs {
+/// A key and the actor acting on it (delete, reset-budget).
+struct KeyActorArgs {
     /// The key's id (`key_...`).
     key_id: String,
     #[command(flatten)]
@@ -304,6 +314,18 @@ pub async fn run(args: KeysArgs) -> Result<ExitCode, CliError> {
                 Format::Table => output::emit(&format!("revoked {revoked} keys\n"))?,
             }
         }
+        KeysCommand::ResetBudget(a) => {
+            let info = session
+                .keys()
+                .reset_budget(proto::ResetBudgetRequest {
+                    key_id: a.key_id,
+                    actor: Some(a.actor.proto()),
+                })
+                .await?
+                .into_inner()
+                .key_info;
+            show_key(&session, info)?;
+        }
         KeysCommand::Delete(a) => {
             session
                 .keys()
@@ -361,6 +383,8 @@ async fn issue(session: &Session, a: IssueArgs) -> Result<(), CliError> {
                 .chain(a.limits.limits)
                 .collect(),
             max_budget_micros: a.budget,
+            budget_period: a.budget_period.map_or(0, |(p, _)| p as i32),
+            budget_period_days: a.budget_period.map_or(0, |(_, d)| d),
             resource_access: a.reach.resource_access(),
             allowed_cidrs: a.allowed_cidrs,
             team_id: a.team_id.unwrap_or_default(),
@@ -409,6 +433,9 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<(), CliError> {
     if expires_at.is_some() || a.no_expiry {
         paths.push("expires_at");
     }
+    if a.budget_period.is_some() {
+        paths.push("budget_period");
+    }
     if a.budget.is_some() || a.no_budget {
         paths.push("max_budget_micros");
     }
@@ -440,6 +467,8 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<(), CliError> {
             max_budget_micros: a.budget,
             resource_access: a.reach.resource_access(),
             allowed_cidrs: a.allowed_cidrs,
+            budget_period: a.budget_period.map_or(0, |(p, _)| p as i32),
+            budget_period_days: a.budget_period.map_or(0, |(_, d)| d),
         })
         .await?
         .into_inner()

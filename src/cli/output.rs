@@ -352,10 +352,25 @@ pub fn key_info_json(k: &proto::KeyInfo) -> Value {
         "metadata": metadata,
         "rate_limits": k.rate_limits.iter().map(rate_limit_json).collect::<Vec<_>>(),
         "max_budget_micros": k.max_budget_micros,
+        "budget_period": budget_period(k),
         "spent_micros": k.spent_micros,
+        "budget_period_start": time(k.budget_period_start.as_ref()),
+        "budget_resets_at": time(k.budget_resets_at.as_ref()),
         "resource_access": reach_json(k.resource_access.as_ref()),
         "allowed_cidrs": k.allowed_cidrs,
     })
+}
+
+/// A key's budget period as `--budget-period` takes it.
+fn budget_period(k: &proto::KeyInfo) -> String {
+    match proto::BudgetPeriod::try_from(k.budget_period) {
+        Ok(proto::BudgetPeriod::Unspecified) => "lifetime".into(),
+        Ok(proto::BudgetPeriod::Daily) => "daily".into(),
+        Ok(proto::BudgetPeriod::Weekly) => "weekly".into(),
+        Ok(proto::BudgetPeriod::Monthly) => "monthly".into(),
+        Ok(proto::BudgetPeriod::RollingDays) => format!("{}d", k.budget_period_days),
+        Err(_) => unknown(k.budget_period),
+    }
 }
 
 /// Every field of one key, one per line.
@@ -391,7 +406,9 @@ pub fn key_info_fields(k: &proto::KeyInfo) -> Vec<(&'static str, String)> {
                 .map(money)
                 .unwrap_or_else(|| "none".into()),
         ),
+        ("budget_period", budget_period(k)),
         ("spent", money(k.spent_micros)),
+        ("budget_resets_at", time_cell(k.budget_resets_at.as_ref())),
         ("resource_access", access_cell),
         ("allowed_cidrs", k.allowed_cidrs.join(", ")),
         ("metadata", metadata),

@@ -125,6 +125,30 @@ pub fn secret(s: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(s.to_owned()))
 }
 
+/// A budget period: `lifetime`, `daily`, `weekly`, `monthly` (UTC calendar) or `Nd`
+/// (every N days, 1 to 366), as the API's `budget_period` and `budget_period_days`.
+pub fn budget_period(s: &str) -> Result<(proto::BudgetPeriod, u32), String> {
+    use proto::BudgetPeriod as P;
+    Ok(match s {
+        "lifetime" => (P::Unspecified, 0),
+        "daily" => (P::Daily, 0),
+        "weekly" => (P::Weekly, 0),
+        "monthly" => (P::Monthly, 0),
+        _ => {
+            let days = s
+                .strip_suffix('d')
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| (1..=366).contains(n))
+                .ok_or_else(|| {
+                    format!(
+                        "invalid budget period `{s}`: expected lifetime, daily, weekly, monthly or Nd (1 to 366 days, e.g. 30d)"
+                    )
+                })?;
+            (P::RollingDays, days)
+        }
+    })
+}
+
 /// A rate limit `KIND=N`: `rpm`, `rph`, `rpd` (requests per minute, hour, day), `tpm`,
 /// `tpd` (tokens per minute, day), e.g. `rpm=600` or `tpd=2000000`.
 pub fn limit(s: &str) -> Result<proto::RateLimit, String> {

@@ -84,6 +84,8 @@ pub fn new_grant_id() -> u64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpendGrant {
     pub amount: u64,
+    /// The spend epoch it was granted in: its settlement counts there.
+    pub epoch: Micros,
     /// As [`Grant::id`]: the settlement names it, and applies once.
     pub id: u64,
 }
@@ -196,8 +198,8 @@ struct Slot {
     demand: u64,
     /// Tokens reported since the current lease was asked for.
     tokens_reported: u64,
-    /// The budget the spend allowance was granted against.
-    budget: Option<u64>,
+    /// The budget (its ceiling and spend epoch) the spend allowance was granted against.
+    budget: Option<(u64, Micros)>,
     spend: Option<Allowance>,
     /// A refused allowance: BUDGET_EXCEEDED until then.
     spend_refused: Option<Instant>,
@@ -546,8 +548,9 @@ impl LeasedLimiter {
         let to_settle = {
             let mut s = lock(&slot);
             s.spend_asking = false;
-            if s.budget != Some(budget.max_micros) {
-                // The budget changed while this grant was on its way: given back unused.
+            if s.budget != Some((budget.max_micros, budget.epoch)) {
+                // The budget (or its epoch) changed while this grant was on its way: given
+                // back unused.
                 (grant.amount > 0).then_some(held)
             } else if grant.amount == 0 {
                 s.spend_refused = Some(asked_at + self.settings.life);
@@ -840,10 +843,10 @@ impl RateLimiter for Leases {
         let (want, stale) = {
             let mut s = lock(&slot);
             let mut stale = None;
-            if s.budget != Some(budget.max_micros) {
+            if s.budget != Some((budget.max_micros, budget.epoch)) {
                 stale = s.spend.take();
                 s.spend_refused = None;
-                s.budget = Some(budget.max_micros);
+                s.budget = Some((budget.max_micros, budget.epoch));
             }
             if let Some(held) = s.spend.as_ref()
                 && at < held.ends

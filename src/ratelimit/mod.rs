@@ -64,6 +64,9 @@ pub struct Budget {
     /// The largest stored total this replica has seen for the key (what seeds shared
     /// counters that do not know the key yet).
     pub persisted_micros: u64,
+    /// The start of the spend epoch the budget is judged over (see
+    /// [`crate::domain::budget`]): shared spend is counted per epoch.
+    pub epoch: Micros,
 }
 
 /// Usage reported after a call (ReportUsage), as the counters take it.
@@ -73,6 +76,8 @@ pub struct Reported {
     pub spend_micros: u64,
     /// The largest stored spend this replica has seen for the key.
     pub persisted_micros: u64,
+    /// The spend epoch the spend counts in.
+    pub epoch: Micros,
 }
 
 /// A shared judgement of a key's budget, beside the replica's own usage book.

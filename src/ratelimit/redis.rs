@@ -371,9 +371,16 @@ fn window_key(prefix: &str, key_id: &str, unit: LimitUnit, window: LimitWindow) 
     )
 }
 
-/// A key's spend and its outstanding allowances, under the key's hash tag.
-fn spend_key(prefix: &str, key_id: &str) -> String {
-    format!("{prefix}:rl:{{{key_id}}}:spend")
+/// A key's spend in one spend epoch and its outstanding allowances, under the key's hash
+/// tag. A new epoch (a budget period's turn, a reset) is a new hash, starting from zero;
+/// an ended one's expires when idle. Epoch 0 (a lifetime budget never reset) keeps the
+/// name it had before there were epochs.
+fn spend_key(prefix: &str, key_id: &str, epoch: Micros) -> String {
+    if epoch == 0 {
+        format!("{prefix}:rl:{{{key_id}}}:spend")
+    } else {
+        format!("{prefix}:rl:{{{key_id}}}:spend:{epoch}")
+    }
 }
 
 /// Which SPEND operation, and its amount.
@@ -603,7 +610,7 @@ impl RedisLimiter {
         };
         let mut invocation = self.spend.prepare_invoke();
         invocation
-            .key(spend_key(&self.prefix, key_id))
+            .key(spend_key(&self.prefix, key_id, budget.epoch))
             .arg(name)
             .arg(budget.max_micros.min(MAX_BUDGET_MICROS))
             .arg(budget.persisted_micros.min(MAX_SPEND_MICROS))
@@ -640,6 +647,7 @@ impl RedisLimiter {
         let budget = Budget {
             max_micros: 0,
             persisted_micros: usage.persisted_micros,
+            epoch: usage.epoch,
         };
         let op = SpendOp::Record {
             spend: usage.spend_micros,
@@ -871,7 +879,11 @@ impl QuotaAuthority for RedisLimiter {
         Ok(self
             .spend_op(key_id, op, budget, now)
             .await?
-            .map(|(amount, _)| SpendGrant { amount, id }))
+            .map(|(amount, _)| SpendGrant {
+                amount,
+                epoch: budget.epoch,
+                id,
+            }))
     }
 
     async fn settle_spend(
@@ -890,6 +902,7 @@ impl QuotaAuthority for RedisLimiter {
         let budget = Budget {
             max_micros: 0,
             persisted_micros: 0,
+            epoch: grant.epoch,
         };
         // A settlement is retried, never let through: a failure is an error whatever
         // the failure mode.

@@ -31,6 +31,7 @@ use base64::Engine;
 
 use crate::domain::Micros;
 use crate::domain::access::{AccessGroup, NetworkAllowlist, ResourceAccess};
+use crate::domain::budget::BudgetPeriod;
 use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
@@ -248,6 +249,7 @@ pub struct KeyPatch {
     pub rate_limits: Option<Vec<RateLimit>>,
     /// `Some(None)` removes the budget.
     pub max_budget_micros: Option<Option<u64>>,
+    pub budget_period: Option<BudgetPeriod>,
     pub resource_access: Option<ResourceAccess>,
     pub network: Option<NetworkAllowlist>,
 }
@@ -269,6 +271,9 @@ pub const USAGE_CHUNK: usize = 1000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageDelta {
     pub key_id: String,
+    /// The start of the spend epoch `spend_micros` belongs to: added to the stored spend
+    /// of that epoch, replacing an older epoch's, ignored if the row is in a newer one.
+    pub epoch: Micros,
     /// Added to the key's persisted spend.
     pub spend_micros: u64,
     /// Moves the key's `last_used_at` forward (never back).
@@ -335,6 +340,15 @@ pub trait KeyStore: Send + Sync + 'static {
         audit: &AuditContext,
     ) -> Result<Changed, StoreError>;
 
+    /// Starts the key's budget again at `now`: a new spend epoch, with an event (every
+    /// replica reloads the key and stops counting earlier spend) and the audit row.
+    async fn reset_budget(
+        &self,
+        key_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Changed, StoreError>;
+
     /// Gives the key `new_secret`; older secrets stop at `now + grace`, capped by expiry.
     async fn rotate_key(
         &self,
@@ -381,9 +395,12 @@ pub trait KeyStore: Send + Sync + 'static {
 pub trait UsageStore: Send + Sync + 'static {
     /// Adds each delta's spend and moves its `last_used_at`, in one statement that writes
     /// the whole batch or nothing (an error means nothing was written); returns the
-    /// persisted spend of every key that exists (deleted ones too), after the batch.
-    /// Callers keep batches to [`USAGE_CHUNK`] keys.
-    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<Vec<(String, u64)>, StoreError>;
+    /// persisted spend of every key that exists (deleted ones too), after the batch, with
+    /// the epoch it belongs to. Callers keep batches to [`USAGE_CHUNK`] keys.
+    async fn record_usage(
+        &self,
+        batch: &[UsageDelta],
+    ) -> Result<Vec<(String, u64, Micros)>, StoreError>;
 }
 
 /// The key event log replicas follow to drop cached verifications.

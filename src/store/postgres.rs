@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Pool, Postgres, SqlSafeStr, SqlStr};
 
 use super::StoreError;
-use super::sql::{Backend, SqlStore, saturated_spend};
+use super::sql::{Backend, SqlStore, epoch_spend};
 
 /// How long a pooled connection may have been idle and still be handed out unpinged.
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
@@ -61,13 +61,14 @@ impl Backend for Postgres {
     const POSITION_FN: &'static str = "strpos";
 
     const RECORD_USAGE: &'static str = concat!(
-        "UPDATE api_keys AS k SET spent_micros = ",
-        saturated_spend!("k"),
+        "UPDATE api_keys AS k SET ",
+        epoch_spend!("k"),
         ", last_used_at = CASE WHEN d.has_use = 1 AND (k.last_used_at IS NULL OR k.last_used_at < d.used) \
          THEN d.used ELSE k.last_used_at END \
          FROM (SELECT e->>0 AS key_id, (e->>1)::bigint AS spend, (e->>2)::bigint AS used, \
-         (e->>3)::int AS has_use FROM jsonb_array_elements($1::text::jsonb) AS e) AS d \
-         WHERE k.key_id = d.key_id RETURNING k.key_id, k.spent_micros"
+         (e->>3)::int AS has_use, (e->>4)::bigint AS epoch \
+         FROM jsonb_array_elements($1::text::jsonb) AS e) AS d \
+         WHERE k.key_id = d.key_id RETURNING k.key_id, k.spent_micros, k.spend_epoch"
     );
 
     fn for_update(sql: &'static str) -> SqlStr {

@@ -15,7 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Pool, SqlStr, Sqlite};
 
 use super::StoreError;
-use super::sql::{Backend, SqlStore, saturated_spend};
+use super::sql::{Backend, SqlStore, epoch_spend};
 
 pub type SqliteStore = SqlStore<Sqlite>;
 
@@ -85,14 +85,15 @@ impl Backend for Sqlite {
     const POSITION_FN: &'static str = "instr";
 
     const RECORD_USAGE: &'static str = concat!(
-        "UPDATE api_keys SET spent_micros = ",
-        saturated_spend!("api_keys"),
+        "UPDATE api_keys SET ",
+        epoch_spend!("api_keys"),
         ", last_used_at = CASE WHEN d.has_use = 1 AND (api_keys.last_used_at IS NULL \
          OR api_keys.last_used_at < d.used) THEN d.used ELSE api_keys.last_used_at END \
          FROM (SELECT json_extract(value, '$[0]') AS key_id, json_extract(value, '$[1]') AS spend, \
-         json_extract(value, '$[2]') AS used, json_extract(value, '$[3]') AS has_use \
-         FROM json_each($1)) AS d \
-         WHERE api_keys.key_id = d.key_id RETURNING api_keys.key_id, api_keys.spent_micros"
+         json_extract(value, '$[2]') AS used, json_extract(value, '$[3]') AS has_use, \
+         json_extract(value, '$[4]') AS epoch FROM json_each($1)) AS d \
+         WHERE api_keys.key_id = d.key_id \
+         RETURNING api_keys.key_id, api_keys.spent_micros, api_keys.spend_epoch"
     );
 
     fn for_update(sql: &'static str) -> SqlStr {

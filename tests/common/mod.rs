@@ -554,6 +554,8 @@ pub fn issue_request(workspace_id: &str) -> IssueKeyRequest {
         resource_access: None,
         allowed_cidrs: Vec::new(),
         team_id: String::new(),
+        budget_period: 0,
+        budget_period_days: 0,
     }
 }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use super::Micros;
 use super::access::{self, NetworkAllowlist, ResourceAccess};
+use super::budget::{self, BudgetPeriod, SpendEpoch};
 use super::key_format::Environment;
 use super::limits::RateLimit;
 use super::pools::Pool;
@@ -72,8 +73,14 @@ pub struct KeyRecord {
     /// The key's own limits; empty: the deployment's default.
     pub rate_limits: Vec<RateLimit>,
     pub max_budget_micros: Option<u64>,
-    /// Persisted spend when the record was read.
+    /// How often the budget starts again (see [`crate::budget`]).
+    pub budget_period: BudgetPeriod,
+    /// The last manual reset of the budget (0: never).
+    pub budget_reset_at: Micros,
+    /// Persisted spend when the record was read, in the epoch `spend_epoch`.
     pub spent_micros: u64,
+    /// The start of the spend epoch `spent_micros` belongs to.
+    pub spend_epoch: Micros,
     pub last_used_at: Option<Micros>,
     pub resource_access: ResourceAccess,
     pub network: NetworkAllowlist,
@@ -127,6 +134,20 @@ struct KeyExtras {
     /// The pools the key's calls count against besides its own limits, in the order they
     /// are judged (see [`crate::pools`]).
     pools: Vec<Pool>,
+    /// What the spend epoch depends on beyond a lifetime budget never reset.
+    budget: BudgetTerms,
+}
+
+/// A budget's period and what its epochs count from (all zero for a lifetime budget
+/// never reset, whose one epoch is [`SpendEpoch::LIFETIME`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BudgetTerms {
+    period: BudgetPeriod,
+    /// Only for a rolling period: its anchor before any reset.
+    created_at: Micros,
+    reset_at: Micros,
+    /// The epoch of the record's `spent_micros`.
+    spend_epoch: Micros,
 }
 
 /// A key without extras reads these.
@@ -136,6 +157,12 @@ static NO_EXTRAS: KeyExtras = KeyExtras {
     network: NetworkAllowlist { nets: Vec::new() },
     team_access: ResourceAccess::ALL,
     pools: Vec::new(),
+    budget: BudgetTerms {
+        period: BudgetPeriod::Lifetime,
+        created_at: 0,
+        reset_at: 0,
+        spend_epoch: 0,
+    },
 };
 
 impl VerifiableKey {
@@ -168,6 +195,17 @@ impl VerifiableKey {
         &self.extras().team_access
     }
 
+    /// The spend epoch at `now`.
+    pub fn spend_epoch(&self, now: Micros) -> SpendEpoch {
+        let b = &self.extras().budget;
+        budget::epoch(b.period, b.created_at, b.reset_at, now)
+    }
+
+    /// The record's spend as it counts in `epoch`.
+    pub fn spent_in(&self, epoch: &SpendEpoch) -> u64 {
+        epoch.count(self.spent_micros, self.extras().budget.spend_epoch)
+    }
+
     /// The pools the key's calls count against besides its own limits, owner, team then
     /// workspace (empty for most keys).
     pub fn pools(&self) -> &[Pool] {
@@ -195,6 +233,15 @@ impl From<KeyRecord> for VerifiableKey {
             network: r.network,
             team_access: r.team_access,
             pools: Vec::new(),
+            budget: BudgetTerms {
+                period: r.budget_period,
+                created_at: match r.budget_period {
+                    BudgetPeriod::Days(_) => r.created_at,
+                    _ => 0,
+                },
+                reset_at: r.budget_reset_at,
+                spend_epoch: r.spend_epoch,
+            },
         };
         VerifiableKey {
             key_id: r.key_id,
@@ -221,6 +268,22 @@ pub enum KeyStatus {
 }
 
 impl KeyRecord {
+    /// The spend epoch at `now` (see [`crate::budget`]).
+    pub fn spend_epoch_at(&self, now: Micros) -> SpendEpoch {
+        budget::epoch(
+            self.budget_period,
+            self.created_at,
+            self.budget_reset_at,
+            now,
+        )
+    }
+
+    /// The stored spend as it counts at `now`: 0 once its epoch has ended.
+    pub fn spent_at(&self, now: Micros) -> u64 {
+        self.spend_epoch_at(now)
+            .count(self.spent_micros, self.spend_epoch)
+    }
+
     /// A key as issued at `now`: active, never used, nothing spent, no limits, budget,
     /// expiry, scopes or metadata of its own, reaching everything from anywhere. The
     /// issuer sets what it decides with struct update syntax
@@ -253,7 +316,10 @@ impl KeyRecord {
             deleted_at: None,
             rate_limits: Vec::new(),
             max_budget_micros: None,
+            budget_period: BudgetPeriod::Lifetime,
+            budget_reset_at: 0,
             spent_micros: 0,
+            spend_epoch: 0,
             last_used_at: None,
             resource_access: ResourceAccess::default(),
             network: NetworkAllowlist::default(),

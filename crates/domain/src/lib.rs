@@ -9,6 +9,7 @@
 pub mod access;
 pub mod actor;
 pub mod base62;
+pub mod budget;
 pub mod event;
 pub mod ids;
 pub mod key;

@@ -54,6 +54,8 @@ reasons! {
     SelfServiceKeyLimitReached => "SELF_SERVICE_KEY_LIMIT_REACHED",
     /// A self-service member named another owner for its key: a member's key is its own.
     SelfServiceOwnerNotActor => "SELF_SERVICE_OWNER_NOT_ACTOR",
+    /// A self-service member asked to reset a budget: only an admin may.
+    BudgetResetNeedsAdmin => "BUDGET_RESET_NEEDS_ADMIN",
 
     // FAILED_PRECONDITION
     /// The workspace's plan holds no API keys.

@@ -242,7 +242,7 @@ where
             "INSERT INTO api_keys (",
             key_columns!(),
             ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
-             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+             $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29)"
         ))
         .bind(&key.key_id)
         .bind(&key.workspace_id)
@@ -270,6 +270,9 @@ where
         .bind(key.network.join())
         .bind(join_set(&key.resource_access.groups))
         .bind(&key.team_id)
+        .bind(key.budget_period.as_text())
+        .bind(key.budget_reset_at)
+        .bind(key.spend_epoch)
         .execute(m.conn())
         .await?;
         sqlx::query(
@@ -452,6 +455,9 @@ where
         if let Some(budget) = patch.max_budget_micros {
             key.max_budget_micros = budget;
         }
+        if let Some(period) = patch.budget_period {
+            key.budget_period = period;
+        }
         if let Some(access) = &patch.resource_access {
             key.resource_access = access.clone();
         }
@@ -462,8 +468,8 @@ where
         sqlx::query(
             "UPDATE api_keys SET name = $2, scopes = $3, expires_at = $4, metadata = $5, \
              updated_at = $6, rate_limits = $7, max_budget_micros = $8, resource_mode = $9, \
-             resource_targets = $10, allowed_cidrs = $11, resource_groups = $12 \
-             WHERE key_id = $1",
+             resource_targets = $10, allowed_cidrs = $11, resource_groups = $12, \
+             budget_period = $13 WHERE key_id = $1",
         )
         .bind(key_id)
         .bind(&key.name)
@@ -477,6 +483,36 @@ where
         .bind(join_targets(&key.resource_access))
         .bind(key.network.join())
         .bind(join_set(&key.resource_access.groups))
+        .bind(key.budget_period.as_text())
+        .execute(m.conn())
+        .await?;
+        let current = m.current_hash(key_id).await?;
+        m.finish(key, audit, now, Some((EventKind::Updated, current)))
+            .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn reset_budget(
+        &self,
+        key_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<Changed, StoreError> {
+        let mut m = self.begin().await?;
+        let mut key = m.locked_key(key_id).await?;
+        // A new epoch from now: spend of earlier epochs, stored or still in a replica's
+        // usage book, no longer counts (see `domain::budget`).
+        key.budget_reset_at = now;
+        key.spend_epoch = key.spend_epoch_at(now).start;
+        key.spent_micros = 0;
+        key.updated_at = now;
+        sqlx::query(
+            "UPDATE api_keys SET budget_reset_at = $2, spend_epoch = $3, spent_micros = 0, \
+             updated_at = $2 WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .bind(now)
+        .bind(key.spend_epoch)
         .execute(m.conn())
         .await?;
         let current = m.current_hash(key_id).await?;

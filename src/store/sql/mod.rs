@@ -31,7 +31,7 @@ mod workspaces;
 
 pub use audit::list_audit_sql;
 pub(crate) use keys::FIND_SECRET;
-pub(crate) use usage::saturated_spend;
+pub(crate) use usage::{epoch_spend, saturated_spend};
 
 use sqlx::decode::Decode;
 use sqlx::encode::Encode;
@@ -60,8 +60,8 @@ pub trait Backend: Database<Arguments: sqlx::IntoArguments<Self>> {
     const POSITION_FN: &'static str;
 
     /// Writes a usage batch: the JSON of `usage::usage_json` as `$1`, the spend ceiling
-    /// as `$2`, the new spend computed by [`saturated_spend!`], returning
-    /// `(key_id, spent_micros)` per key found.
+    /// as `$2`, the new spend and epoch set by [`epoch_spend!`], returning
+    /// `(key_id, spent_micros, spend_epoch)` per key found.
     const RECORD_USAGE: &'static str;
 
     /// `sql` locking the rows it reads until commit (Postgres `FOR UPDATE`; SQLite's

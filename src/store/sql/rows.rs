@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::domain::budget::BudgetPeriod;
 use crate::domain::event::{EventKind, KeyEvent, split_hashes};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::{Environment, KeyHash};
@@ -22,7 +23,8 @@ macro_rules! key_columns {
         "key_id, workspace_id, name, environment, display, scopes, owner_kind, owner_id, \
          created_by, metadata, created_at, updated_at, expires_at, revoked_at, revoke_reason, \
          rotated_at, deleted_at, rate_limits, max_budget_micros, spent_micros, last_used_at, \
-         resource_mode, resource_targets, allowed_cidrs, resource_groups, team_id"
+         resource_mode, resource_targets, allowed_cidrs, resource_groups, team_id, \
+         budget_period, budget_reset_at, spend_epoch"
     };
 }
 pub(crate) use key_columns;
@@ -63,6 +65,9 @@ pub(crate) struct KeyRow {
     allowed_cidrs: String,
     resource_groups: String,
     team_id: Option<String>,
+    budget_period: String,
+    budget_reset_at: i64,
+    spend_epoch: i64,
 }
 
 impl TryFrom<KeyRow> for KeyRecord {
@@ -99,7 +104,12 @@ impl TryFrom<KeyRow> for KeyRecord {
         };
         let network = crate::domain::access::NetworkAllowlist::split(&r.allowed_cidrs)
             .ok_or_else(|| corrupt("allowed_cidrs"))?;
+        let budget_period =
+            BudgetPeriod::parse(&r.budget_period).ok_or_else(|| corrupt("budget_period"))?;
         Ok(KeyRecord {
+            budget_period,
+            budget_reset_at: r.budget_reset_at,
+            spend_epoch: r.spend_epoch,
             team_id: r.team_id,
             team_access: Default::default(),
             resource_access,

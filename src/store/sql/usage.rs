@@ -5,6 +5,7 @@
 //!
 //! [`Mutation`]: super::Mutation
 
+use crate::domain::Micros;
 use crate::store::sql::rows::budget_column;
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
 use crate::store::{StoreError, UsageDelta, UsageStore};
@@ -38,13 +39,38 @@ macro_rules! saturated_spend {
 }
 pub(crate) use saturated_spend;
 
+/// The usage statements' `SET` of spend and its epoch for row `$row`, given the delta's
+/// spend `d.spend` of epoch `d.epoch`: added ([`saturated_spend!`]) within the row's
+/// epoch, replacing the row's spend when the delta's epoch is newer, ignored when older
+/// (a late write of an ended epoch). See `domain::budget`.
+macro_rules! epoch_spend {
+    ($row:literal) => {
+        concat!(
+            "spent_micros = CASE WHEN d.epoch > ",
+            $row,
+            ".spend_epoch THEN d.spend WHEN d.epoch < ",
+            $row,
+            ".spend_epoch THEN ",
+            $row,
+            ".spent_micros ELSE ",
+            $crate::store::sql::saturated_spend!($row),
+            " END, spend_epoch = CASE WHEN d.epoch > ",
+            $row,
+            ".spend_epoch THEN d.epoch ELSE ",
+            $row,
+            ".spend_epoch END"
+        )
+    };
+}
+pub(crate) use epoch_spend;
+
 /// The ceiling the usage statements bind as `$2`.
 fn spend_ceiling() -> i64 {
     budget_column(Some(crate::domain::limits::MAX_SPEND_MICROS)).unwrap_or(i64::MAX)
 }
 
 /// A usage batch as the JSON array the usage statements unpack:
-/// `[[key_id, spend, last_used_at, 0|1], ...]` (spend capped at the ceiling: more could
+/// `[[key_id, spend, last_used_at, 0|1, epoch], ...]` (spend capped at the ceiling: more could
 /// not be stored anyway).
 fn usage_json(batch: &[UsageDelta]) -> String {
     let rows: Vec<serde_json::Value> = batch
@@ -55,6 +81,7 @@ fn usage_json(batch: &[UsageDelta]) -> String {
                 budget_column(Some(d.spend_micros)).map_or(0, |s| s.min(spend_ceiling())),
                 d.last_used_at.unwrap_or(0),
                 i64::from(d.last_used_at.is_some()),
+                d.epoch,
             ])
         })
         .collect();
@@ -76,7 +103,10 @@ where
     for<'a> &'a [u8]: Bind<B>,
 {
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn record_usage(&self, batch: &[UsageDelta]) -> Result<Vec<(String, u64)>, StoreError> {
+    async fn record_usage(
+        &self,
+        batch: &[UsageDelta],
+    ) -> Result<Vec<(String, u64, Micros)>, StoreError> {
         // Usage is telemetry, not a principal's mutation: no audit row, no event.
         // One statement, whatever the number of keys (the batch is a JSON array of
         // [key_id, spend, last use, has a last use]), so it commits whole or not at
@@ -84,14 +114,14 @@ where
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<(String, i64)> = sqlx::query_as(B::RECORD_USAGE)
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(B::RECORD_USAGE)
             .bind(usage_json(batch))
             .bind(spend_ceiling())
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
             .into_iter()
-            .map(|(key_id, spent)| (key_id, u64::try_from(spent).unwrap_or(0)))
+            .map(|(key_id, spent, epoch)| (key_id, u64::try_from(spent).unwrap_or(0), epoch))
             .collect())
     }
 }
