@@ -563,6 +563,15 @@ pub fn code(resp: &proto::VerifyKeyResponse) -> proto::VerifyCode {
     proto::VerifyCode::try_from(resp.code).unwrap()
 }
 
+/// The google.rpc.ErrorInfo reason of a status.
+pub fn reason(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|info| info.reason)
+        .unwrap_or_default()
+}
+
 /// The google.rpc.BadRequest field names of an INVALID_ARGUMENT status.
 pub fn violated_fields(status: &Status) -> Vec<String> {
     use tonic_types::StatusExt;
