@@ -16,6 +16,8 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::usage_history::HistorySettings;
+
 use crate::api::auth::{CallerTokens, Role, TokenEntry};
 use crate::api::ext_authz::settings::{ExtAuthzInput, ExtAuthzSettings};
 use crate::cache::CacheSizes;
@@ -498,12 +500,22 @@ impl Default for RateLimitsConfig {
 pub struct UsageConfig {
     /// How often spend and last use are written to the database.
     pub flush_interval_ms: u64,
+    /// How often the usage history's tally is written.
+    pub history_interval_ms: u64,
+    /// How long the usage history keeps hour rows (at least 31: a query reads up to 31
+    /// days of hours).
+    pub history_hour_retention_days: u64,
+    /// How long it keeps day rows.
+    pub history_day_retention_days: u64,
 }
 
 impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
             flush_interval_ms: 1000,
+            history_interval_ms: 60_000,
+            history_hour_retention_days: 35,
+            history_day_retention_days: 400,
         }
     }
 }
@@ -708,6 +720,15 @@ impl Config {
             default_limits: Arc::new(default_limits),
             limiter,
             usage_flush_interval: Duration::from_millis(self.usage.flush_interval_ms.max(10)),
+            usage_history: HistorySettings {
+                interval: Duration::from_millis(self.usage.history_interval_ms.max(10)),
+                hour_retention: Duration::from_secs(
+                    86_400 * self.usage.history_hour_retention_days.max(31),
+                ),
+                day_retention: Duration::from_secs(
+                    86_400 * self.usage.history_day_retention_days.max(1),
+                ),
+            },
             edge_lease: (self.rate_limits.edge_lease_ms > 0)
                 .then(|| Duration::from_millis(self.rate_limits.edge_lease_ms.max(10))),
             listen: self.listen,
@@ -796,6 +817,8 @@ pub struct Settings {
     /// How long edge nodes may use a quota lease; `None`: LeaseQuota is refused.
     pub edge_lease: Option<Duration>,
     pub usage_flush_interval: Duration,
+    /// How the usage history is written and kept.
+    pub usage_history: HistorySettings,
     /// What each workspace plan allows.
     pub plans: Arc<Plans>,
     /// Key-encryption keys by version (none: provider keys are unavailable).

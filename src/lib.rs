@@ -54,6 +54,8 @@ pub mod store;
 pub mod teams;
 pub mod telemetry;
 pub mod usage;
+pub mod usage_history;
+pub mod usage_reports;
 pub mod verify;
 pub mod workspaces;
 

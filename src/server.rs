@@ -26,6 +26,7 @@ use crate::api::keys::KeyApi;
 use crate::api::provider_keys::ProviderKeyApi;
 use crate::api::revocations::RevocationApi;
 use crate::api::teams::TeamApi;
+use crate::api::usage::UsageApi;
 use crate::api::verify::VerifyApi;
 use crate::api::workspaces::WorkspaceApi;
 use crate::cache::VerifyCache;
@@ -40,6 +41,7 @@ use crate::proto::key_service_server::KeyServiceServer;
 use crate::proto::provider_key_service_server::ProviderKeyServiceServer;
 use crate::proto::revocation_service_server::RevocationServiceServer;
 use crate::proto::team_service_server::TeamServiceServer;
+use crate::proto::usage_service_server::UsageServiceServer;
 use crate::proto::verify_service_server::VerifyServiceServer;
 use crate::proto::workspace_service_server::WorkspaceServiceServer;
 use crate::provider_keys::{ProviderKeys, check_keks};
@@ -50,6 +52,8 @@ use crate::ratelimit::redis::RedisLimiter;
 use crate::store::{self, Store};
 use crate::teams::Teams;
 use crate::usage::UsageBook;
+use crate::usage_history::HistorySettings;
+use crate::usage_reports::UsageReports;
 use crate::verify::{EdgeLeasing, Verifier, VerifyPolicy};
 use crate::workspaces::Workspaces;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
@@ -154,29 +158,68 @@ fn refresh_gauges(
     })
 }
 
-/// Writes the usage book every interval until shutdown.
+/// Writes the usage book every interval, and its usage history every history interval
+/// (pruning the history at most hourly), until shutdown.
 #[derive(Clone)]
 struct UsageFlusher {
     usage: Arc<UsageBook>,
     store: Arc<dyn Store>,
     clock: Clock,
     metrics: Arc<Metrics>,
+    history: HistorySettings,
 }
 
 impl UsageFlusher {
     async fn run(self, every: std::time::Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut history = tokio::time::interval(self.history.interval);
+        history.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pruned_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => self.flush(false).await,
+                _ = history.tick() => {
+                    self.flush_history().await;
+                    if pruned_at.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(3_600)) {
+                        self.prune_history().await;
+                        pruned_at = Some(tokio::time::Instant::now());
+                    }
+                }
                 _ = stop.changed() => return,
             }
         }
     }
 
-    /// `all`: every last use too, however recent the one written (shutdown, tests).
+    async fn flush_history(&self) {
+        if let Err(e) = self.usage.history().flush(self.store.as_ref()).await {
+            tracing::warn!(error = %e, "writing the usage history failed; kept for the next write");
+        }
+    }
+
+    async fn prune_history(&self) {
+        let now = self.clock.now();
+        let before = |keep| now.saturating_sub(crate::domain::micros_in(keep));
+        let pruned = self
+            .store
+            .prune_rollups(
+                before(self.history.hour_retention),
+                before(self.history.day_retention),
+            )
+            .await;
+        match pruned {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, "pruned the usage history"),
+            Err(e) => tracing::warn!(error = %e, "pruning the usage history failed"),
+        }
+    }
+
+    /// `all`: every last use too, however recent the one written, and the usage history
+    /// (shutdown, tests).
     async fn flush(&self, all: bool) {
+        if all {
+            self.flush_history().await;
+        }
         let flushed = self
             .usage
             .flush(self.store.as_ref(), self.clock.now(), all)
@@ -321,6 +364,7 @@ pub fn reported_services(settings: &Settings) -> Vec<&'static str> {
         <AccessGroupServiceServer<AccessGroupApi> as NamedService>::NAME,
         <WorkspaceServiceServer<WorkspaceApi> as NamedService>::NAME,
         <ProviderKeyServiceServer<ProviderKeyApi> as NamedService>::NAME,
+        <UsageServiceServer<UsageApi> as NamedService>::NAME,
     ];
     names.extend(vouching_services(settings));
     names
@@ -483,6 +527,8 @@ struct Services {
     access_groups: Arc<AccessGroups>,
     provider_keys: Arc<ProviderKeys>,
     workspaces: Arc<Workspaces>,
+    usage_reports: Arc<UsageReports>,
+    clock: Clock,
     verifier: Arc<Verifier>,
     /// The limiter the verifier decides with (its failures are a gauge).
     limiter: Arc<dyn RateLimiter>,
@@ -567,6 +613,7 @@ impl Services {
             store: store.clone(),
             clock: clock.clone(),
             metrics: metrics.clone(),
+            history: settings.usage_history,
         };
         Ok(Services {
             lifecycle,
@@ -574,6 +621,8 @@ impl Services {
             access_groups,
             provider_keys,
             workspaces,
+            usage_reports: Arc::new(UsageReports::new(store.clone())),
+            clock: clock.clone(),
             verifier,
             limiter,
             flusher,
@@ -714,6 +763,11 @@ async fn router(
         ))
         .add(InterceptedService::new(
             WorkspaceServiceServer::new(WorkspaceApi::new(services.workspaces))
+                .max_decoding_message_size(max),
+            role(Role::Admin),
+        ))
+        .add(InterceptedService::new(
+            UsageServiceServer::new(UsageApi::new(services.usage_reports, services.clock))
                 .max_decoding_message_size(max),
             role(Role::Admin),
         ))

@@ -39,6 +39,7 @@ use crate::domain::Micros;
 use crate::domain::budget::SpendEpoch;
 use crate::domain::limits::MAX_SPEND_MICROS;
 use crate::store::{StoreError, USAGE_CHUNK, UsageDelta, UsageStore};
+use crate::usage_history::UsageHistory;
 
 const SHARDS: usize = 32;
 
@@ -117,6 +118,8 @@ pub struct UsageBook {
     /// apart from the other keys until a write succeeds. Normally none, so kept here
     /// rather than as a flag that would grow every account.
     failing: Mutex<KeyIds>,
+    /// The usage history's tally, written on its own cadence by the same flusher.
+    history: UsageHistory,
 }
 
 impl UsageBook {
@@ -131,7 +134,14 @@ impl UsageBook {
             chunk: USAGE_CHUNK,
             max_failures: MAX_FAILED_WRITES,
             failing: Mutex::default(),
+            history: UsageHistory::default(),
         }
+    }
+
+    /// The usage history's tally (admitted, refused by reason, tokens, spend per key and
+    /// hour).
+    pub fn history(&self) -> &UsageHistory {
+        &self.history
     }
 
     fn shard(&self, key_id: &str) -> MutexGuard<'_, Accounts> {

@@ -320,6 +320,9 @@ impl Verifier {
             epoch,
         };
         self.limiter.record_usage(key_id, reported, now).await?;
+        self.usage
+            .history()
+            .report(key_id, tokens, spend_micros, now);
         Ok(Some(self.usage.add_spend(key_id, spend_micros, read, now)))
     }
 
@@ -332,7 +335,13 @@ impl Verifier {
         cost: u64,
     ) -> Result<Verdict, VerifyError> {
         let verdict = self.decide(presented, request, cost).await?;
-        self.metrics.verified(verdict.code());
+        let code = verdict.code();
+        self.metrics.verified(code);
+        if let Some(key) = verdict.key() {
+            self.usage
+                .history()
+                .count(&key.key.key_id, code, verdict.decided_at);
+        }
         Ok(verdict)
     }
 

@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "provider_keys",
         "access_groups",
         "teams",
+        "usage",
     ]
     .iter()
     .map(|name| root.join(format!("keywarden/v1/{name}.proto")))

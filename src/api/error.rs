@@ -21,6 +21,7 @@ use crate::domain::validate::Violations;
 use crate::keys::KeyError;
 use crate::store::StoreError;
 use crate::teams::TeamError;
+use crate::usage_reports::UsageError;
 use crate::workspaces::WorkspaceError;
 
 /// The ErrorInfo `domain` of every reason.
@@ -314,6 +315,18 @@ impl From<WorkspaceError> for Status {
                 Refusal::new(Reason::WorkspaceAlreadyExists, message).with("workspace_id", id),
             ),
             WorkspaceError::Store(e) => store_status(&e),
+        }
+    }
+}
+
+impl From<UsageError> for Status {
+    fn from(e: UsageError) -> Self {
+        let message = e.to_string();
+        match e {
+            UsageError::WorkspaceNotFound(id) => {
+                refused(Refusal::new(Reason::WorkspaceNotFound, message).with("workspace_id", id))
+            }
+            UsageError::Store(e) => store_status(&e),
         }
     }
 }

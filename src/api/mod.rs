@@ -14,5 +14,6 @@ pub mod mutation;
 pub mod provider_keys;
 pub mod revocations;
 pub mod teams;
+pub mod usage;
 pub mod verify;
 pub mod workspaces;

@@ -38,6 +38,7 @@ use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
 use crate::domain::pools::Pool;
 use crate::domain::provider_key::{Provider, ProviderKeyRecord};
+use crate::domain::rollup::{Granularity, GroupBy, Tally};
 use crate::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use crate::domain::workspace::{Plan, Workspace};
 
@@ -280,6 +281,40 @@ pub struct UsageDelta {
     pub last_used_at: Option<Micros>,
 }
 
+/// One key's usage in one bucket of time, as a batch of the usage history carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rollup {
+    pub key_id: String,
+    pub granularity: Granularity,
+    pub bucket_start: Micros,
+    pub tally: Tally,
+}
+
+/// What a usage-history query reads: a workspace's rows of one granularity in
+/// `[since, until)` (the domain bounds the span), optionally one owner's alone.
+#[derive(Clone, Debug)]
+pub struct UsageQuery {
+    pub workspace_id: String,
+    pub group_by: GroupBy,
+    pub granularity: Granularity,
+    pub since: Micros,
+    pub until: Micros,
+    pub owner: Option<Owner>,
+    /// The last (bucket, group) of the previous page.
+    pub after: Option<(Micros, String)>,
+    pub limit: u32,
+}
+
+/// One row of a usage-history answer: a group's usage in one bucket. The group is the
+/// key id, `kind:id` of the owner, the team id (empty: keys of no team) or the
+/// workspace id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRow {
+    pub group: String,
+    pub bucket_start: Micros,
+    pub tally: Tally,
+}
+
 /// The outcome of a mutation: the key as it now is, and every secret hash whose cached
 /// verification must be dropped.
 #[derive(Clone, Debug)]
@@ -401,6 +436,23 @@ pub trait UsageStore: Send + Sync + 'static {
         &self,
         batch: &[UsageDelta],
     ) -> Result<Vec<(String, u64, Micros)>, StoreError>;
+
+    /// Adds each tally to its key's row of its granularity and bucket (created at zero),
+    /// in one statement that writes the whole batch or nothing. Rows of keys that do not
+    /// exist are skipped. A batch names each (key, granularity, bucket) once.
+    async fn record_rollups(&self, batch: &[Rollup]) -> Result<(), StoreError>;
+
+    /// One page of a workspace's usage history, grouped as asked, ordered by bucket then
+    /// group, after the cursor.
+    async fn query_usage(&self, query: &UsageQuery) -> Result<Vec<UsageRow>, StoreError>;
+
+    /// Deletes hour rows older than `hours_before` and day rows older than `days_before`;
+    /// returns how many.
+    async fn prune_rollups(
+        &self,
+        hours_before: Micros,
+        days_before: Micros,
+    ) -> Result<u64, StoreError>;
 }
 
 /// The key event log replicas follow to drop cached verifications.
@@ -805,6 +857,17 @@ pub mod page_token {
         let raw = String::from_utf8(ENGINE.decode(token).ok()?).ok()?;
         let after = raw.strip_prefix("w1:")?;
         (!after.is_empty() && after.len() <= 128).then(|| after.to_owned())
+    }
+
+    /// A usage-history page's last (bucket, group).
+    pub fn encode_usage_cursor(bucket: Micros, group: &str) -> String {
+        ENGINE.encode(format!("u1:{bucket}:{group}"))
+    }
+
+    pub fn decode_usage_cursor(token: &str) -> Option<(Micros, String)> {
+        let raw = String::from_utf8(ENGINE.decode(token).ok()?).ok()?;
+        let (bucket, group) = raw.strip_prefix("u1:")?.split_once(':')?;
+        (group.len() <= 300).then(|| Some((bucket.parse().ok()?, group.to_owned())))?
     }
 
     #[cfg(test)]

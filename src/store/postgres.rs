@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Pool, Postgres, SqlSafeStr, SqlStr};
 
 use super::StoreError;
-use super::sql::{Backend, SqlStore, epoch_spend};
+use super::sql::{Backend, JsonColumn, SqlStore, epoch_spend};
 
 /// How long a pooled connection may have been idle and still be handed out unpinged.
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
@@ -70,6 +70,21 @@ impl Backend for Postgres {
          FROM jsonb_array_elements($1::text::jsonb) AS e) AS d \
          WHERE k.key_id = d.key_id RETURNING k.key_id, k.spent_micros, k.spend_epoch"
     );
+
+    fn json_rows(columns: &[(&str, JsonColumn)]) -> String {
+        let list: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, ty))| match ty {
+                JsonColumn::Text => format!("e->>{i} AS {name}"),
+                JsonColumn::BigInt => format!("(e->>{i})::bigint AS {name}"),
+            })
+            .collect();
+        format!(
+            "SELECT {} FROM jsonb_array_elements($1::text::jsonb) AS e",
+            list.join(", ")
+        )
+    }
 
     fn for_update(sql: &'static str) -> SqlStr {
         AssertSqlSafe(format!("{sql} FOR UPDATE")).into_sql_str()

@@ -15,7 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Pool, SqlStr, Sqlite};
 
 use super::StoreError;
-use super::sql::{Backend, SqlStore, epoch_spend};
+use super::sql::{Backend, JsonColumn, SqlStore, epoch_spend};
 
 pub type SqliteStore = SqlStore<Sqlite>;
 
@@ -95,6 +95,15 @@ impl Backend for Sqlite {
          WHERE api_keys.key_id = d.key_id \
          RETURNING api_keys.key_id, api_keys.spent_micros, api_keys.spend_epoch"
     );
+
+    fn json_rows(columns: &[(&str, JsonColumn)]) -> String {
+        let list: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| format!("json_extract(value, '$[{i}]') AS {name}"))
+            .collect();
+        format!("SELECT {} FROM json_each($1)", list.join(", "))
+    }
 
     fn for_update(sql: &'static str) -> SqlStr {
         SqlStr::from_static(sql)

@@ -373,6 +373,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
         // Tests write usage when they mean to (`RunningServer::flush_usage`), so "not
         // written yet" is never a race with the periodic flush.
         usage_flush_interval: std::time::Duration::from_secs(3600),
+        usage_history: Default::default(),
     }
 }
 

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod pools;
 pub mod provider_key;
 pub mod refusal;
+pub mod rollup;
 pub mod scopes;
 pub mod team;
 pub mod validate;

@@ -24,6 +24,7 @@ mod events;
 mod groups;
 mod keys;
 mod provider_keys;
+mod rollups;
 mod rows;
 mod teams;
 mod usage;
@@ -42,6 +43,13 @@ use crate::domain::event::EventKind;
 use crate::domain::key::KeyRecord;
 use crate::domain::key_format::KeyHash;
 use crate::store::{AuditContext, AuditOutcome, Changed, HealthStore, PoolStats, StoreError};
+
+/// The type of a column [`Backend::json_rows`] unpacks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum JsonColumn {
+    Text,
+    BigInt,
+}
 
 /// What differs between the two databases; everything else is one text of SQL.
 pub trait Backend: Database<Arguments: sqlx::IntoArguments<Self>> {
@@ -63,6 +71,10 @@ pub trait Backend: Database<Arguments: sqlx::IntoArguments<Self>> {
     /// as `$2`, the new spend and epoch set by [`epoch_spend!`], returning
     /// `(key_id, spent_micros, spend_epoch)` per key found.
     const RECORD_USAGE: &'static str;
+
+    /// A subquery unpacking the JSON array of arrays bound as `$1` into one row per
+    /// element, its columns named by `columns` in order, each text or a BIGINT.
+    fn json_rows(columns: &[(&str, JsonColumn)]) -> String;
 
     /// `sql` locking the rows it reads until commit (Postgres `FOR UPDATE`; SQLite's
     /// write transactions are exclusive already, so the statement as it is). Mutations

@@ -5,10 +5,13 @@
 //!
 //! [`Mutation`]: super::Mutation
 
+use sqlx::{AssertSqlSafe, SqlSafeStr};
+
 use crate::domain::Micros;
+use crate::store::sql::rollups;
 use crate::store::sql::rows::budget_column;
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
-use crate::store::{StoreError, UsageDelta, UsageStore};
+use crate::store::{Rollup, StoreError, UsageDelta, UsageQuery, UsageRow, UsageStore};
 
 /// The new spend of key row `$row` (`k` on Postgres, `api_keys` on SQLite) in the usage
 /// statements, which bind [`MAX_SPEND_MICROS`] as `$2`: the old total plus the delta
@@ -123,5 +126,49 @@ where
             .into_iter()
             .map(|(key_id, spent, epoch)| (key_id, u64::try_from(spent).unwrap_or(0), epoch))
             .collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn record_rollups(&self, batch: &[Rollup]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(AssertSqlSafe(rollups::record_sql::<B>()).into_sql_str())
+            .bind(rollups::batch_json(batch))
+            .bind(rollups::ceiling())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn query_usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
+        let mut query = sqlx::query_as::<B, rollups::UsageSqlRow>(rollups::query_sql(q))
+            .bind(q.workspace_id.as_str())
+            .bind(q.granularity.as_str())
+            .bind(q.since)
+            .bind(q.until);
+        if let Some(owner) = &q.owner {
+            query = query.bind(owner.kind.as_str()).bind(owner.id.as_str());
+        }
+        if let Some((bucket, group)) = &q.after {
+            query = query.bind(*bucket).bind(group.as_str());
+        }
+        let rows = query.bind(i64::from(q.limit)).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn prune_rollups(
+        &self,
+        hours_before: Micros,
+        days_before: Micros,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(rollups::PRUNE)
+            .bind(hours_before)
+            .bind(days_before)
+            .execute(&self.pool)
+            .await?;
+        Ok(B::rows_affected(&done))
     }
 }
