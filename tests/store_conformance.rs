@@ -1700,6 +1700,119 @@ async fn usage_of_a_newer_epoch_replaces_an_older_one_and_a_reset_starts_one(bac
     ));
 }
 
+/// Rollups add up per key, granularity and bucket; a query reads one granularity of one
+/// workspace, optionally one owner's; pruning removes hours and days by their own age;
+/// tokens and spend saturate rather than overflow.
+async fn rollups_add_up_are_queried_and_pruned_by_age(backend: Backend) {
+    use keywarden::domain::limits::MAX_SPEND_MICROS as MAX;
+    use keywarden::domain::rollup::{Granularity, GroupBy, Tally};
+    use keywarden::store::{Rollup, UsageQuery};
+    let (db, store) = open(backend).await;
+    db.create_workspaces(&["ws_other"], "pro").await;
+    let (mine, other_owner) = (
+        key_record(WS, T0),
+        KeyRecord {
+            owner: owner(OwnerKind::User, "user_9"),
+            ..key_record(WS, T0 + 1)
+        },
+    );
+    let elsewhere = key_record("ws_other", T0 + 2);
+    for k in [&mine, &other_owner, &elsewhere] {
+        insert(store.as_ref(), k).await;
+    }
+    let hour = Granularity::Hour.bucket(T0);
+    let row = |k: &KeyRecord, g: Granularity, at: Micros, admitted: u64, spend: u64| Rollup {
+        key_id: k.key_id.clone(),
+        granularity: g,
+        bucket_start: g.bucket(at),
+        tally: Tally {
+            admitted,
+            spend_micros: spend,
+            ..Tally::default()
+        },
+    };
+    let unknown = KeyRecord::sample(&new_key_id(&mut getrandom::SysRng).unwrap());
+    store
+        .record_rollups(&[
+            row(&mine, Granularity::Hour, hour, 2, 10),
+            row(&mine, Granularity::Day, hour, 2, 10),
+            row(&other_owner, Granularity::Hour, hour, 1, 0),
+            row(&elsewhere, Granularity::Hour, hour, 7, 0),
+            row(&unknown, Granularity::Hour, hour, 5, 0),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_rollups(&[row(&mine, Granularity::Hour, hour, 3, MAX)])
+        .await
+        .unwrap();
+    store
+        .record_rollups(&[row(&mine, Granularity::Hour, hour, 0, MAX)])
+        .await
+        .unwrap();
+    let q = |group_by, owner: Option<Owner>| UsageQuery {
+        workspace_id: WS.to_owned(),
+        group_by,
+        granularity: Granularity::Hour,
+        since: hour,
+        until: hour + 3_600 * S,
+        owner,
+        after: None,
+        limit: 10,
+    };
+    let rows = store
+        .query_usage(&q(GroupBy::Workspace, None))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].group, WS);
+    assert_eq!(
+        rows[0].tally.admitted, 6,
+        "2 + 3 of mine, 1 of the other owner"
+    );
+    assert_eq!(rows[0].tally.spend_micros, MAX, "saturated, not overflowed");
+    let rows = store
+        .query_usage(&q(GroupBy::Owner, Some(mine.owner.clone())))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].group, format!("user:{}", mine.owner.id));
+    assert_eq!(rows[0].tally.admitted, 5);
+    let rows = store.query_usage(&q(GroupBy::Key, None)).await.unwrap();
+    assert_eq!(
+        rows.len(),
+        2,
+        "the unknown key was skipped, ws_other not read"
+    );
+    let after = Some((rows[0].bucket_start, rows[0].group.clone()));
+    let rest = store
+        .query_usage(&UsageQuery {
+            after,
+            ..q(GroupBy::Key, None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rest, rows[1..]);
+
+    // Hours go before days: an hour older than its cutoff, a day not older than its own.
+    let pruned = store
+        .prune_rollups(hour + 1, Granularity::Day.bucket(hour))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 3, "the three hour rows in either workspace");
+    let days = store
+        .query_usage(&UsageQuery {
+            granularity: Granularity::Day,
+            since: Granularity::Day.bucket(hour),
+            until: Granularity::Day.bucket(hour) + 86_400 * S,
+            ..q(GroupBy::Workspace, None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(days.len(), 1);
+    assert_eq!(days[0].tally.admitted, 2);
+}
+
 /// A key's stored spend saturates at `MAX_SPEND_MICROS`, whatever the deltas, and the
 /// statement never overflows BIGINT (which would fail it for every key in the batch); a
 /// total already above the ceiling (stored before there was one) neither grows nor falls.
@@ -2798,6 +2911,7 @@ both_backends!(
     usage_adds_spend_and_moves_last_use_forward_only,
     usage_saturates_spend_at_the_ceiling_without_overflowing,
     usage_of_a_newer_epoch_replaces_an_older_one_and_a_reset_starts_one,
+    rollups_add_up_are_queried_and_pruned_by_age,
     list_filters_by_unused_since,
     no_index_names_a_column_the_usage_book_writes,
     team_updates_of_different_fields_both_take_effect,
