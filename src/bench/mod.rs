@@ -4,7 +4,8 @@
 //! database (or SQLite file), drives it with real tonic clients, and measures:
 //! `issue`, `noop` (Ping: the transport's limit), `verify-hit`, `verify-hit` at half of its
 //! peak rate, `verify-naive` (a second server on the same data with the cache off), and
-//! `verify-miss` (every call a distinct key out of `--miss-keys` seeded keys), plus the
+//! `verify-miss` (every call a distinct key out of `--miss-keys` seeded keys), the limited
+//! servers (`verify-ratelimited`, `verify-pooled`) in turns with their baselines, plus the
 //! server's memory per cached key and, when `h2load` is installed, an independent
 //! client's noop / verify-hit throughput. The revocation stream's scenarios
 //! (`revocation-latency`, `streams`) are in `stream.rs`; `edge-verify` (the edge
@@ -40,10 +41,12 @@ use crate::bearer::Bearer;
 use crate::domain::key_format::{ApiKey, Brand, Environment};
 use crate::proto;
 use crate::proto::key_service_client::KeyServiceClient;
+use crate::proto::team_service_client::TeamServiceClient;
 use crate::proto::verify_service_client::VerifyServiceClient;
+use crate::proto::workspace_service_client::WorkspaceServiceClient;
 use connection::Http2;
 use report::{BareFloor, MissFloor};
-use server::{Launcher, Limits, ServerProcess, Tokens};
+use server::{Launcher, Limits, ServerProcess, Tokens, UNREACHABLE_PER_MINUTE};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,6 +61,7 @@ pub enum Scenario {
     RevocationLatency,
     Streams,
     VerifyRatelimited,
+    VerifyPooled,
     EdgeVerify,
     Exactness,
 }
@@ -229,24 +233,43 @@ async fn connect(
     Ok(clients)
 }
 
-/// The workspace every benchmark key lives in, created as an admin backend would.
-async fn create_workspace(server: &ServerProcess, tokens: &Tokens) -> Result<(), BoxError> {
-    let admin = Bearer::indexed(&tokens.admin)?;
+/// A channel to `server` whose calls carry the admin token, for the services the
+/// benchmark calls only to set up (workspaces, teams).
+async fn admin_channel(
+    server: &ServerProcess,
+    tokens: &Tokens,
+) -> Result<InterceptedService<Channel, Bearer>, BoxError> {
     let channel = Channel::from_shared(format!("http://{}", server.addr))?
         .connect()
         .await?;
-    let created =
-        proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(channel, admin)
-            .create_workspace(proto::CreateWorkspaceRequest {
-                workspace_id: "ws_bench".into(),
-                name: "bench".into(),
-                plan: proto::Plan::Pro as i32,
-                actor: Some(proto::Actor {
-                    id: "bench".into(),
-                    permissions: Vec::new(),
-                }),
-            })
-            .await;
+    Ok(InterceptedService::new(
+        channel,
+        Bearer::indexed(&tokens.admin)?,
+    ))
+}
+
+fn bench_actor() -> Option<proto::Actor> {
+    Some(proto::Actor {
+        id: "bench".into(),
+        permissions: Vec::new(),
+    })
+}
+
+/// A workspace benchmark keys live in (`ws_bench` for all but verify-pooled's), created
+/// as an admin backend would.
+async fn create_workspace(
+    server: &ServerProcess,
+    tokens: &Tokens,
+    workspace_id: &str,
+) -> Result<(), BoxError> {
+    let created = WorkspaceServiceClient::new(admin_channel(server, tokens).await?)
+        .create_workspace(proto::CreateWorkspaceRequest {
+            workspace_id: workspace_id.into(),
+            name: "bench".into(),
+            plan: proto::Plan::Pro as i32,
+            actor: bench_actor(),
+        })
+        .await;
     match created {
         // A server driven with --target may hold it from an earlier run.
         Err(status) if status.code() != tonic::Code::AlreadyExists => Err(status.into()),
@@ -412,6 +435,7 @@ async fn target_run(args: &BenchArgs, mix: Mix, target: &str) -> Result<RunRepor
     for scenario in [
         "verify-naive",
         "verify-ratelimited",
+        "verify-pooled",
         "revocation-latency",
         "streams",
         "verify-miss",
@@ -512,6 +536,10 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         }
     }
     server.stop().await;
+
+    if wants(args, Scenario::VerifyPooled) {
+        pooled_scenario(args, &launch, &tokens, &pools, &mut run).await?;
+    }
 
     if wants(args, Scenario::EdgeVerify) {
         // A limit no run reaches: every VALID answer carries a decision, so the edge
@@ -714,15 +742,10 @@ async fn hit_scenarios(
     run: &mut RunReport,
 ) -> Result<Arc<KeyPools>, BoxError> {
     let clients = Arc::new(connect(server, tokens, args.connections).await?);
-    create_workspace(server, tokens).await?;
+    create_workspace(server, tokens, "ws_bench").await?;
 
     // Keys for the hit workloads, issued through the API (this is also the issue scenario).
-    let issue_spec = LoadSpec {
-        max_requests: Some(args.keys as u64),
-        duration: Duration::from_secs(600),
-        concurrency: args.concurrency.clamp(1, 16),
-        ..spec(args, server)
-    };
+    let issue_spec = issue_spec(args, server, args.keys);
     // A server just started opens its database connections, and prepares its statements
     // on each, as the first calls come: a few rounds of calls first, unmeasured, so that
     // the issue figure is the steady state's, not the server's start.
@@ -730,8 +753,8 @@ async fn hit_scenarios(
         max_requests: Some(issue_spec.concurrency as u64 * ISSUE_WARM_UP_ROUNDS),
         ..issue_spec.clone()
     };
-    issue_keys(&warm_up, &clients).await;
-    let (result, issued) = issue_keys(&issue_spec, &clients).await;
+    issue_keys(&warm_up, &clients, issue_request).await;
+    let (result, issued) = issue_keys(&issue_spec, &clients, issue_request).await;
     if wants(args, Scenario::Issue) {
         print_line("issue", &result);
         run.issue = Some(result);
@@ -945,13 +968,25 @@ impl KeyPools {
     }
 }
 
+/// The load that issues `count` keys: at most 16 callers, until all are issued.
+fn issue_spec(args: &BenchArgs, server: &ServerProcess, count: usize) -> LoadSpec {
+    LoadSpec {
+        max_requests: Some(count as u64),
+        duration: Duration::from_secs(600),
+        concurrency: args.concurrency.clamp(1, 16),
+        ..spec(args, server)
+    }
+}
+
 /// Calls per caller of the issue scenario made before it is measured.
 const ISSUE_WARM_UP_ROUNDS: u64 = 4;
 
-/// IssueKey under `spec`: the run's figures, and each key issued with its id.
+/// IssueKey of `request(n)` under `spec`: the run's figures, and each key issued with its
+/// id.
 async fn issue_keys(
     spec: &LoadSpec,
     clients: &Arc<Clients>,
+    request: fn(u64) -> proto::IssueKeyRequest,
 ) -> (LoadResult, Vec<(String, String)>) {
     let issued = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
     let result = {
@@ -961,7 +996,7 @@ async fn issue_keys(
             let issued = issued.clone();
             async move {
                 let r = admin
-                    .issue_key(issue_request(n))
+                    .issue_key(request(n))
                     .await
                     .map_err(|e| e.to_string())?
                     .into_inner();
@@ -1096,6 +1131,172 @@ async fn exactness_scenario(
     );
     run.exactness = Some(r);
     Ok(())
+}
+
+/// verify-pooled's keys: each in this workspace and this team, both with a pool.
+const POOLED_WORKSPACE: &str = "ws_pooled";
+const POOLED_TEAM: &str = "team_pooled";
+
+/// The hit keys' request in the pooled workspace and team, by an actor who is also an
+/// admin: the team's self-service is off, as a team's is by default.
+fn pooled_issue_request(n: u64) -> proto::IssueKeyRequest {
+    let mut request = issue_request(n);
+    request.workspace_id = POOLED_WORKSPACE.into();
+    request.team_id = POOLED_TEAM.into();
+    if let Some(actor) = request.actor.as_mut() {
+        actor
+            .permissions
+            .push(crate::domain::actor::ADMIN_PERMISSION.into());
+    }
+    request
+}
+
+/// `verify-pooled`: VerifyKey on cached keys that count against their own limit, their
+/// team's pool and their workspace's pool, in turns with the hit keys, which count
+/// against their own limit only, on one server counting in memory (the load of
+/// verify-ratelimited's). Every limit is one no run reaches, so what the ratio shows is
+/// what judging two more counters costs a call.
+async fn pooled_scenario(
+    args: &BenchArgs,
+    launch: &Launcher<'_>,
+    tokens: &Tokens,
+    own: &Arc<KeyPools>,
+    run: &mut RunReport,
+) -> Result<(), BoxError> {
+    let server = launch.start("pooled", true, &Limits::Memory).await?;
+    create_pools(&server, tokens).await?;
+    let clients = Arc::new(connect(&server, tokens, args.connections).await?);
+    let (_, issued) = issue_keys(
+        &issue_spec(args, &server, own.hit.len()),
+        &clients,
+        pooled_issue_request,
+    )
+    .await;
+    if issued.len() < own.hit.len() {
+        // One more, for the reason.
+        let why = clients.admins[0]
+            .clone()
+            .issue_key(pooled_issue_request(0))
+            .await
+            .err()
+            .map_or_else(String::new, |e| format!(": {e}"));
+        return Err(format!(
+            "verify-pooled: {} of {} pooled keys issued{why}",
+            issued.len(),
+            own.hit.len()
+        )
+        .into());
+    }
+    let pooled = Arc::new(KeyPools::build(&issued, Mix::parse("hit=1")?, &clients).await?);
+    warm(&clients, own).await;
+    warm(&clients, &pooled).await;
+    // What each side counts against, read off one answer of each before measuring.
+    for (keys, expected) in [
+        (own, &[proto::LimitScope::Key][..]),
+        (
+            &pooled,
+            &[
+                proto::LimitScope::Key,
+                proto::LimitScope::Team,
+                proto::LimitScope::Workspace,
+            ][..],
+        ),
+    ] {
+        let scopes = limit_scopes(&clients, &keys.hit[0]).await?;
+        if scopes != expected {
+            return Err(format!(
+                "verify-pooled: a key counted against {scopes:?}, expected {expected:?}"
+            )
+            .into());
+        }
+    }
+    let (own_only, r) = load::interleaved(
+        &spec(args, &server),
+        INTERLEAVED_SLICES,
+        |s| {
+            let (clients, own) = (&clients, own);
+            async move { verify_valid(&s, clients, own).await }
+        },
+        |s| {
+            let (clients, pooled) = (&clients, &pooled);
+            async move { verify_valid(&s, clients, pooled).await }
+        },
+    )
+    .await;
+    server.stop().await;
+    print_line("verify-hit, own limit only", &own_only);
+    print_line("verify-pooled", &r);
+    println!(
+        "verify-pooled / own limit only: {:.3}",
+        r.throughput / own_only.throughput.max(f64::EPSILON)
+    );
+    run.verify_pooled = Some(r);
+    run.verify_own_limit_beside_pooled = Some(own_only);
+    Ok(())
+}
+
+/// A workspace pool and a team pool that no run reaches, for verify-pooled's keys.
+async fn create_pools(server: &ServerProcess, tokens: &Tokens) -> Result<(), BoxError> {
+    create_workspace(server, tokens, POOLED_WORKSPACE).await?;
+    let channel = admin_channel(server, tokens).await?;
+    let pool = vec![proto::RateLimit {
+        unit: proto::RateLimitUnit::Requests as i32,
+        window: proto::RateLimitWindow::Minute as i32,
+        limit: UNREACHABLE_PER_MINUTE,
+    }];
+    let mask = || {
+        Some(prost_types::FieldMask {
+            paths: vec!["rate_limits".into()],
+        })
+    };
+    WorkspaceServiceClient::new(channel.clone())
+        .update_workspace(proto::UpdateWorkspaceRequest {
+            workspace_id: POOLED_WORKSPACE.into(),
+            actor: bench_actor(),
+            rate_limits: pool.clone(),
+            update_mask: mask(),
+            ..Default::default()
+        })
+        .await?;
+    let mut teams = TeamServiceClient::new(channel);
+    teams
+        .create_team(proto::CreateTeamRequest {
+            workspace_id: POOLED_WORKSPACE.into(),
+            team_id: POOLED_TEAM.into(),
+            name: "bench".into(),
+            policy: None,
+            actor: bench_actor(),
+        })
+        .await?;
+    teams
+        .update_team(proto::UpdateTeamRequest {
+            workspace_id: POOLED_WORKSPACE.into(),
+            team_id: POOLED_TEAM.into(),
+            actor: bench_actor(),
+            rate_limits: pool,
+            update_mask: mask(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+/// The scopes of the windows one VerifyKey of `key` counted against.
+async fn limit_scopes(clients: &Clients, key: &str) -> Result<Vec<proto::LimitScope>, BoxError> {
+    let r = clients.verifiers[0]
+        .clone()
+        .verify_key(proto::VerifyKeyRequest {
+            key: key.to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if !r.valid {
+        return Err(format!("verify-pooled: unexpected answer {:?}", r.code).into());
+    }
+    Ok(r.rate_limit
+        .map(|d| d.windows.iter().map(|w| w.scope()).collect())
+        .unwrap_or_default())
 }
 
 async fn redis_answers(url: &str) -> bool {

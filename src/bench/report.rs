@@ -28,6 +28,12 @@ pub struct RunReport {
     /// verify-hit on the unlimited server, in turns with each of the two above.
     pub verify_hit_beside_memory: Option<LoadResult>,
     pub verify_hit_beside_redis: Option<LoadResult>,
+    /// verify-hit on keys that also count against a team pool and a workspace pool, each
+    /// with a limit no run reaches, counted in memory.
+    pub verify_pooled: Option<LoadResult>,
+    /// verify-hit on keys with their own limit only, on the same server, in turns with
+    /// verify-pooled.
+    pub verify_own_limit_beside_pooled: Option<LoadResult>,
     pub h2load: Option<H2loadReport>,
     /// Server RSS growth per key filled into the cache by the miss run.
     pub bytes_per_cached_key: Option<f64>,
@@ -272,6 +278,17 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
+            "| verify-pooled (key, team and workspace pools, in memory) / keys with their own limit only (same server, taken in turns) | >= 0.90 | {} |",
+            fmt(
+                self.med(|r| Some(
+                    r.verify_pooled.as_ref()?.throughput
+                        / r.verify_own_limit_beside_pooled.as_ref()?.throughput
+                )),
+                3
+            )
+        );
+        let _ = writeln!(
+            s,
             "| edge-verify calls without a round trip, after warm-up (edge `Verifier` in process, rate-limited keys) | >= 0.99 | {} |",
             fmt(
                 self.med(|r| r.edge_verify.as_ref().map(|e| e.without_round_trip)),
@@ -363,7 +380,7 @@ impl BenchReport {
             s,
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
-        let rows: [(&str, Pick); 10] = [
+        let rows: [(&str, Pick); 11] = [
             ("noop (Ping)", |r| r.noop.as_ref()),
             ("noop at half load", |r| r.noop_half_load.as_ref()),
             ("verify-hit", |r| r.verify_hit.as_ref()),
@@ -381,6 +398,10 @@ impl BenchReport {
             ("verify-ratelimited (Redis)", |r| {
                 r.verify_ratelimited_redis.as_ref()
             }),
+            (
+                "verify-pooled (key, team and workspace pools, in memory)",
+                |r| r.verify_pooled.as_ref(),
+            ),
             ("issue (IssueKey)", |r| r.issue.as_ref()),
         ];
         for (name, get) in rows {

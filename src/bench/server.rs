@@ -29,15 +29,20 @@ pub enum Limits {
     Redis { url: String, prefix: String },
 }
 
+/// Requests a minute no run reaches: the limit of the limited servers' deployment default,
+/// and of verify-pooled's pools.
+pub const UNREACHABLE_PER_MINUTE: u64 = 1_000_000_000_000;
+
 impl Limits {
     fn config(&self) -> String {
-        const UNREACHABLE: &str =
-            "default = [{ unit = \"requests\", window = \"minute\", limit = 1000000000000 }]\n";
+        let unreachable = format!(
+            "default = [{{ unit = \"requests\", window = \"minute\", limit = {UNREACHABLE_PER_MINUTE} }}]\n"
+        );
         match self {
             Limits::Off => "[rate_limits]\ndefault = []\n".to_owned(),
-            Limits::Memory => format!("[rate_limits]\n{UNREACHABLE}"),
+            Limits::Memory => format!("[rate_limits]\n{unreachable}"),
             Limits::Redis { url, prefix } => format!(
-                "[rate_limits]\n{UNREACHABLE}backend = \"redis\"\nredis_url = \"{url}\"\n\
+                "[rate_limits]\n{unreachable}backend = \"redis\"\nredis_url = \"{url}\"\n\
                  redis_prefix = \"{prefix}\"\nredis_failure = \"closed\"\n"
             ),
         }
