@@ -235,6 +235,13 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
         ]
         .into();
     }
+    // The usage history shows a call a second later rather than a minute, unless the
+    // configuration says otherwise: what a developer trying QueryUsage expects.
+    let fast_history = config.usage.history_interval_ms
+        == keywarden::config::UsageConfig::default().history_interval_ms;
+    if fast_history {
+        config.usage.history_interval_ms = 1_000;
+    }
     let admin = generate_token()?;
     let verifier = generate_token()?;
     let edge = generate_token()?;
@@ -268,6 +275,9 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
         println!(
             "    Scopes: admin implies write, write implies read ([scope_implications] to change)."
         );
+    }
+    if fast_history {
+        println!("    Usage history is written every second (every minute by default).");
     }
     println!("admin token: {admin}");
     println!("verifier token: {verifier}");

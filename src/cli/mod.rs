@@ -20,6 +20,7 @@ mod policy_args;
 mod provider_keys;
 mod teams;
 mod verify;
+mod usage;
 mod workspaces;
 
 use std::io::Read;
@@ -40,6 +41,7 @@ pub use output::Format;
 pub use provider_keys::ProviderKeysArgs;
 pub use teams::{ServiceAccountsArgs, TeamsArgs};
 pub use verify::VerifyArgs;
+pub use usage::UsageArgs;
 pub use workspaces::WorkspacesArgs;
 
 use crate::bearer::Bearer;
@@ -80,6 +82,9 @@ pub enum AdminCommand {
     ServiceAccounts(ServiceAccountsArgs),
     /// Access groups: named sets of targets a reach can name.
     AccessGroups(AccessGroupsArgs),
+    /// A workspace's usage history: admitted, refused, tokens and spend, per hour or day,
+    /// by key, owner, team or workspace.
+    Usage(UsageArgs),
 }
 
 /// Where the server is, who is calling, and how to print: accepted before or after the
@@ -198,6 +203,7 @@ pub async fn run(command: AdminCommand) -> ExitCode {
         AdminCommand::ProviderKeys(args) => provider_keys::run(args).await,
         AdminCommand::Audit(args) => audit::run(args).await,
         AdminCommand::Workspaces(args) => workspaces::run(args).await,
+        AdminCommand::Usage(args) => usage::run(args).await,
         AdminCommand::Teams(args) => teams::run(args).await,
         AdminCommand::ServiceAccounts(args) => teams::run_service_accounts(args).await,
         AdminCommand::AccessGroups(args) => access_groups::run(args).await,
@@ -253,6 +259,13 @@ impl Session {
             bearer,
             format: conn.output,
         })
+    }
+
+    pub fn usage(&self) -> proto::usage_service_client::UsageServiceClient<Authed> {
+        proto::usage_service_client::UsageServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
     }
 
     pub fn keys(&self) -> proto::key_service_client::KeyServiceClient<Authed> {

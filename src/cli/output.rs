@@ -669,6 +669,47 @@ pub fn owner_limits_fields(o: &proto::OwnerLimits) -> Vec<(&'static str, String)
     ]
 }
 
+pub fn usage_json(r: &proto::UsageRecord) -> Value {
+    let by = r.refused_by_reason.unwrap_or_default();
+    json!({
+        "group": r.group,
+        "bucket_start": time(r.bucket_start.as_ref()),
+        "admitted": r.admitted,
+        "refused": r.refused,
+        "refused_by_reason": {
+            "rate_limited": by.rate_limited,
+            "budget_exceeded": by.budget_exceeded,
+            "insufficient_scope": by.insufficient_scope,
+            "resource_forbidden": by.resource_forbidden,
+            "ip_forbidden": by.ip_forbidden,
+            "revoked": by.revoked,
+            "expired": by.expired,
+            "plan_forbids_keys": by.plan_forbids_keys,
+        },
+        "tokens": r.tokens,
+        "spend_micros": r.spend_micros,
+    })
+}
+
+pub fn usage_table(records: &[proto::UsageRecord]) -> Table {
+    let mut table = Table::new(&["FROM", "GROUP", "ADMITTED", "REFUSED", "TOKENS", "SPEND"]);
+    for r in records {
+        table.row(vec![
+            time_cell(r.bucket_start.as_ref()),
+            if r.group.is_empty() {
+                "(no team)".to_owned()
+            } else {
+                r.group.clone()
+            },
+            r.admitted.to_string(),
+            r.refused.to_string(),
+            r.tokens.to_string(),
+            money(r.spend_micros),
+        ]);
+    }
+    table
+}
+
 pub fn workspace_json(w: &proto::Workspace) -> Value {
     json!({
         "workspace_id": w.workspace_id,
