@@ -19,8 +19,8 @@ mod parse;
 mod policy_args;
 mod provider_keys;
 mod teams;
-mod verify;
 mod usage;
+mod verify;
 mod workspaces;
 
 use std::io::Read;
@@ -40,8 +40,8 @@ pub use keys::KeysArgs;
 pub use output::Format;
 pub use provider_keys::ProviderKeysArgs;
 pub use teams::{ServiceAccountsArgs, TeamsArgs};
-pub use verify::VerifyArgs;
 pub use usage::UsageArgs;
+pub use verify::VerifyArgs;
 pub use workspaces::WorkspacesArgs;
 
 use crate::bearer::Bearer;
