@@ -17,7 +17,8 @@ use crate::domain::Micros;
 use crate::domain::key::{self, VerifiableKey, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::lease::{Amounts, Grant};
-use crate::domain::limits::{self, LimitDecision, LimitScope, RateLimit};
+use crate::domain::limits::{self, LimitDecision, LimitScope, LimitUnit, RateLimit};
+use crate::domain::pools::Pool;
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
 use crate::domain::workspace::Plans;
 use crate::events::EventHub;
@@ -26,6 +27,9 @@ use crate::ratelimit::leased::{LeaseRecord, QuotaAuthority};
 use crate::ratelimit::{Budget, BudgetCheck, Counter, LimiterError, RateLimiter, Reported};
 use crate::store::{Store, StoreError};
 use crate::usage::UsageBook;
+
+/// Keys whose pools with token windows a replica remembers, at most.
+const TOKEN_POOL_KEYS: u64 = 100_000;
 
 /// The answer to one verification: whether the key passed (and then which key, always),
 /// and for a key that passed every other check, the rate-limit decision and its spend.
@@ -150,8 +154,18 @@ pub struct LeaseAnswer {
     pub life: std::time::Duration,
 }
 
+/// The pools with token windows of each key this replica verified that has any: where
+/// ReportUsage counts a key's tokens besides the key's own windows.
+type TokenPools = quick_cache::sync::Cache<
+    String,
+    Arc<Vec<Pool>>,
+    quick_cache::UnitWeighter,
+    crate::cache::Hasher,
+>;
+
 pub struct Verifier {
     store: Arc<dyn Store>,
+    token_pools: TokenPools,
     cache: Arc<VerifyCache>,
     limiter: Arc<dyn RateLimiter>,
     leasing: Option<EdgeLeasing>,
@@ -176,6 +190,7 @@ impl Verifier {
     ) -> Self {
         Verifier {
             store: events.store().clone(),
+            token_pools: crate::cache::bounded(TOKEN_POOL_KEYS, quick_cache::UnitWeighter),
             cache,
             limiter,
             leasing: None,
@@ -320,6 +335,24 @@ impl Verifier {
             epoch,
         };
         self.limiter.record_usage(key_id, reported, now).await?;
+        // A pool's token windows count every token of its keys. Known for the keys this
+        // replica verified (their pools are read with them); a report to a replica that
+        // never verified the key counts in the key's own windows only, as a budget's
+        // spend does (see the README's "Budgets across replicas").
+        if tokens > 0
+            && let Some(pools) = self.token_pools.get(key_id)
+        {
+            for pool in pools.iter() {
+                let tokens_only = Reported {
+                    spend_micros: 0,
+                    persisted_micros: 0,
+                    ..reported
+                };
+                self.limiter
+                    .record_usage(&pool.counter, tokens_only, now)
+                    .await?;
+            }
+        }
         self.usage
             .history()
             .report(key_id, tokens, spend_micros, now);
@@ -485,6 +518,18 @@ impl Verifier {
             } else {
                 Arc::new(std::mem::take(&mut found.key.rate_limits))
             };
+            let token_pools: Vec<Pool> = found
+                .pools
+                .iter()
+                .filter(|p| p.limits.iter().any(|l| l.unit == LimitUnit::Tokens))
+                .cloned()
+                .collect();
+            if token_pools.is_empty() {
+                self.token_pools.remove(&found.key.key_id);
+            } else {
+                self.token_pools
+                    .insert(found.key.key_id.clone(), Arc::new(token_pools));
+            }
             let mut key: VerifiableKey = found.key.into();
             key.set_pools(found.pools);
             key.plan_forbids_keys = found

@@ -153,6 +153,40 @@ async fn two_keys_of_a_team_share_its_pool(backend: Backend, counters: Counters)
     assert_eq!(r.rate_limit.unwrap().remaining, 9);
 }
 
+/// A team's token window counts the tokens reported for every key of the team: once
+/// their sum spends it, the next call of any team key is refused naming the team.
+async fn a_team_token_window_counts_every_keys_tokens(backend: Backend, counters: Counters) {
+    let app = spawn(backend, counters).await;
+    create_team(&app, "team_ml").await;
+    let tpm = proto::RateLimit {
+        unit: proto::RateLimitUnit::Tokens as i32,
+        window: proto::RateLimitWindow::Minute as i32,
+        limit: 100,
+    };
+    set_team_pool(&app.channel, "team_ml", vec![rpm(1_000), tpm]).await;
+    let issue = || app.issue_with(|r| r.team_id = "team_ml".into());
+    let (a, b) = (issue().await, issue().await);
+    let verifier = app.verifier();
+    for (key, tokens) in [(&a, 60), (&b, 50)] {
+        assert!(verify(&verifier, &key.key).await.valid);
+        verifier
+            .clone()
+            .report_usage(proto::ReportUsageRequest {
+                key_id: key.key_info.as_ref().unwrap().key_id.clone(),
+                tokens,
+                spend_micros: 0,
+            })
+            .await
+            .unwrap();
+    }
+    for key in [&a, &b] {
+        let refused = verify(&verifier, &key.key).await;
+        assert_eq!(code(&refused), VerifyCode::RateLimited, "{refused:?}");
+        let d = refused.rate_limit.unwrap();
+        assert_eq!((d.scope(), d.limit), (LimitScope::Team, 100));
+    }
+}
+
 /// An owner's pool binds before the workspace's, and each refusal names its own: the
 /// owner's two keys stop at 3, another owner's key at what the workspace has left.
 async fn owner_and_workspace_pools_bind_in_order_and_name_themselves(
@@ -365,6 +399,7 @@ macro_rules! each_store_and_counter {
 
 each_store_and_counter!(
     two_keys_of_a_team_share_its_pool,
+    a_team_token_window_counts_every_keys_tokens,
     owner_and_workspace_pools_bind_in_order_and_name_themselves,
 );
 
