@@ -12,6 +12,7 @@ use common::*;
 use keywarden::domain::Micros;
 use keywarden::domain::access::{AccessGroup, AccessMode, ResourceAccess};
 use keywarden::domain::budget::BudgetPeriod;
+use keywarden::domain::event::EventKind;
 use keywarden::domain::ids::new_key_id;
 use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
@@ -1700,6 +1701,73 @@ async fn usage_of_a_newer_epoch_replaces_an_older_one_and_a_reset_starts_one(bac
     ));
 }
 
+/// A periodic budget whose period turned is started again by the sweep, once: its stored
+/// spend at zero in the new epoch, an UPDATED event for the key and an audit row by
+/// `keywarden`; a lifetime budget never is.
+async fn the_budget_sweep_starts_turned_periods_once_with_an_event_and_an_audit_row(
+    backend: Backend,
+) {
+    use keywarden::domain::budget;
+    let (_db, store) = open(backend).await;
+    let monthly = KeyRecord {
+        max_budget_micros: Some(1_000),
+        budget_period: BudgetPeriod::Month,
+        ..key_record(WS, T0)
+    };
+    let lifetime = KeyRecord {
+        max_budget_micros: Some(1_000),
+        ..key_record(WS, T0)
+    };
+    insert(store.as_ref(), &monthly).await;
+    insert(store.as_ref(), &lifetime).await;
+    let this_month = budget::epoch(BudgetPeriod::Month, 0, 0, T0);
+    let spend = |k: &KeyRecord, epoch| UsageDelta {
+        key_id: k.key_id.clone(),
+        epoch,
+        spend_micros: 400,
+        last_used_at: None,
+    };
+    store
+        .record_usage(&[spend(&monthly, this_month.start), spend(&lifetime, 0)])
+        .await
+        .unwrap();
+    let seq = store.event_bounds().await.unwrap().head;
+    assert_eq!(
+        store
+            .reset_due_budgets(this_month.ends - 1, 100)
+            .await
+            .unwrap(),
+        0,
+        "not before the month's end"
+    );
+    let after = this_month.ends + 5 * S;
+    assert_eq!(store.reset_due_budgets(after, 100).await.unwrap(), 1);
+    assert_eq!(
+        store.reset_due_budgets(after, 100).await.unwrap(),
+        0,
+        "once"
+    );
+    let key = store.get_key(&monthly.key_id).await.unwrap().unwrap();
+    assert_eq!((key.spent_micros, key.spend_epoch), (0, this_month.ends));
+    let events = store.read_events(seq, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].key_id, monthly.key_id);
+    assert_eq!(events[0].kind, EventKind::Updated);
+    let rows = audit(store.as_ref(), WS).await;
+    let reset: Vec<_> = rows
+        .iter()
+        .filter(|r| r.action == "key.budget_period_reset")
+        .collect();
+    assert_eq!(reset.len(), 1);
+    assert_eq!(reset[0].actor_id, "keywarden");
+    let untouched = store.get_key(&lifetime.key_id).await.unwrap().unwrap();
+    assert_eq!(untouched.spent_micros, 400);
+    // The next turn is a month later.
+    let next = budget::epoch(BudgetPeriod::Month, 0, 0, after).ends;
+    assert_eq!(store.reset_due_budgets(next - 1, 100).await.unwrap(), 0);
+    assert_eq!(store.reset_due_budgets(next, 100).await.unwrap(), 1);
+}
+
 /// Rollups add up per key, granularity and bucket; a query reads one granularity of one
 /// workspace, optionally one owner's; pruning removes hours and days by their own age;
 /// tokens and spend saturate rather than overflow.
@@ -2912,6 +2980,7 @@ both_backends!(
     usage_saturates_spend_at_the_ceiling_without_overflowing,
     usage_of_a_newer_epoch_replaces_an_older_one_and_a_reset_starts_one,
     rollups_add_up_are_queried_and_pruned_by_age,
+    the_budget_sweep_starts_turned_periods_once_with_an_event_and_an_audit_row,
     list_filters_by_unused_since,
     no_index_names_a_column_the_usage_book_writes,
     team_updates_of_different_fields_both_take_effect,

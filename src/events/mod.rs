@@ -10,7 +10,8 @@
 //! Because seq order is commit order without gaps (see the migration), reading
 //! `seq > last` never skips an event.
 //!
-//! Two more periodic jobs run here: announcing the end of rotation grace periods, and
+//! More periodic jobs run here: announcing the end of rotation grace periods (and, on
+//! the same tick, starting the budgets whose period turned: `reset_due_budgets`), and
 //! pruning events older than the retention window.
 //!
 //! The tailer also keeps [`Freshness`]: the replica vouches for its cache only while its
@@ -273,6 +274,14 @@ impl EventHub {
                     self.wake();
                 }
                 Err(e) => tracing::warn!(error = %e, "announcing ended grace periods failed"),
+            }
+            match self.store.reset_due_budgets(self.clock.now(), 100).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(keys = n, "budget periods turned");
+                    self.wake();
+                }
+                Err(e) => tracing::warn!(error = %e, "starting turned budget periods failed"),
             }
         }
     }

@@ -375,6 +375,12 @@ pub trait KeyStore: Send + Sync + 'static {
         audit: &AuditContext,
     ) -> Result<Changed, StoreError>;
 
+    /// Starts again, with an UPDATED event and an audit row each (actor `keywarden`), the
+    /// budgets of up to `limit` keys whose period turned by `now`; returns how many.
+    /// Spend is judged per epoch whether or not this ran (see `domain::budget`): this
+    /// puts each period's turn on the event log and the stored spend at zero.
+    async fn reset_due_budgets(&self, now: Micros, limit: u32) -> Result<usize, StoreError>;
+
     /// Starts the key's budget again at `now`: a new spend epoch, with an event (every
     /// replica reloads the key and stops counting earlier spend) and the audit row.
     async fn reset_budget(

@@ -278,6 +278,13 @@ impl KeyRecord {
         )
     }
 
+    /// When the budget next starts again by itself, seen at `now` (`None`: a lifetime
+    /// budget).
+    pub fn next_budget_reset(&self, now: Micros) -> Option<Micros> {
+        let ends = self.spend_epoch_at(now).ends;
+        (ends != Micros::MAX).then_some(ends)
+    }
+
     /// The stored spend as it counts at `now`: 0 once its epoch has ended.
     pub fn spent_at(&self, now: Micros) -> u64 {
         self.spend_epoch_at(now)

@@ -275,6 +275,13 @@ where
         .bind(key.spend_epoch)
         .execute(m.conn())
         .await?;
+        if let Some(at) = key.next_budget_reset(key.created_at) {
+            sqlx::query("UPDATE api_keys SET budget_resets_at = $2 WHERE key_id = $1")
+                .bind(&key.key_id)
+                .bind(at)
+                .execute(m.conn())
+                .await?;
+        }
         sqlx::query(
             "INSERT INTO key_secrets (secret_hash, key_id, created_at, valid_until) \
              VALUES ($1, $2, $3, NULL)",
@@ -469,7 +476,7 @@ where
             "UPDATE api_keys SET name = $2, scopes = $3, expires_at = $4, metadata = $5, \
              updated_at = $6, rate_limits = $7, max_budget_micros = $8, resource_mode = $9, \
              resource_targets = $10, allowed_cidrs = $11, resource_groups = $12, \
-             budget_period = $13 WHERE key_id = $1",
+             budget_period = $13, budget_resets_at = $14 WHERE key_id = $1",
         )
         .bind(key_id)
         .bind(&key.name)
@@ -484,11 +491,70 @@ where
         .bind(key.network.join())
         .bind(join_set(&key.resource_access.groups))
         .bind(key.budget_period.as_text())
+        .bind(key.next_budget_reset(now))
         .execute(m.conn())
         .await?;
         let current = m.current_hash(key_id).await?;
         m.finish(key, audit, now, Some((EventKind::Updated, current)))
             .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn reset_due_budgets(&self, now: Micros, limit: u32) -> Result<usize, StoreError> {
+        let mut m = self.begin().await?;
+        let due: Vec<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE budget_resets_at IS NOT NULL AND budget_resets_at <= $1 \
+             AND deleted_at IS NULL ORDER BY budget_resets_at LIMIT $2"
+        ))
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(m.conn())
+        .await?;
+        let mut reset = 0;
+        for row in due {
+            let mut key: KeyRecord = row.try_into()?;
+            let epoch = key.spend_epoch_at(now);
+            // Claimed on the row as read: a replica sweeping at the same time, or a
+            // manual reset, that moved it first leaves nothing to do here.
+            let claimed = sqlx::query(
+                "UPDATE api_keys SET spend_epoch = $2, spent_micros = 0, budget_resets_at = $3 \
+                 WHERE key_id = $1 AND budget_resets_at IS NOT NULL AND budget_resets_at <= $4",
+            )
+            .bind(&key.key_id)
+            .bind(epoch.start)
+            .bind(key.next_budget_reset(now))
+            .bind(now)
+            .execute(m.conn())
+            .await?;
+            if B::rows_affected(&claimed) != 1 {
+                continue;
+            }
+            key.spend_epoch = epoch.start;
+            key.spent_micros = 0;
+            let hashes = m.secret_hashes(&key.key_id).await?;
+            let current = m.current_hash(&key.key_id).await?;
+            m.append_event(EventKind::Updated, &key, &current, &hashes, now)
+                .await?;
+            let audit = AuditContext {
+                actor_id: "keywarden".to_owned(),
+                caller: "budget-period".to_owned(),
+                action: "key.budget_period_reset",
+                detail: format!("period: {}", key.budget_period.as_text()),
+            };
+            m.audit(
+                &key.workspace_id,
+                Some(&key.key_id),
+                AuditOutcome::Success,
+                &audit,
+                now,
+            )
+            .await?;
+            reset += 1;
+        }
+        m.commit().await?;
+        Ok(reset)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -508,11 +574,12 @@ where
         key.updated_at = now;
         sqlx::query(
             "UPDATE api_keys SET budget_reset_at = $2, spend_epoch = $3, spent_micros = 0, \
-             updated_at = $2 WHERE key_id = $1",
+             updated_at = $2, budget_resets_at = $4 WHERE key_id = $1",
         )
         .bind(key_id)
         .bind(now)
         .bind(key.spend_epoch)
+        .bind(key.next_budget_reset(now))
         .execute(m.conn())
         .await?;
         let current = m.current_hash(key_id).await?;
