@@ -87,6 +87,13 @@ impl UsageHistory {
         self.with_tally(key_id, now, |t| t.count(code));
     }
 
+    /// Counts `n` calls admitted elsewhere (by an edge node, from a quota lease).
+    pub fn admitted(&self, key_id: &str, n: u64, now: Micros) {
+        if n > 0 {
+            self.with_tally(key_id, now, |t| t.admitted = t.admitted.saturating_add(n));
+        }
+    }
+
     /// Counts usage reported after a call.
     pub fn report(&self, key_id: &str, tokens: u64, spend_micros: u64, now: Micros) {
         self.with_tally(key_id, now, |t| {

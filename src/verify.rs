@@ -249,13 +249,19 @@ impl Verifier {
                 }
             };
             let now = self.clock.now();
-            if let Some((limits, record, used)) = &ask.settle
-                && let Err(e) = leasing
+            if let Some((limits, record, used)) = &ask.settle {
+                // The calls the edge admitted from the lease, which never reached this
+                // replica one by one, go into the usage history as they are settled.
+                self.usage
+                    .history()
+                    .admitted(&ask.key_id, (*used).min(record.granted), now);
+                if let Err(e) = leasing
                     .authority
                     .settle(&ask.key_id, limits, *record, Amounts::requests(*used), now)
                     .await
-            {
-                tracing::debug!(error = %e, "settling an edge lease failed");
+                {
+                    tracing::debug!(error = %e, "settling an edge lease failed");
+                }
             }
             let code = key::status(&entry.key, entry.secret_valid_until(), now);
             if code != VerifyCode::Valid || ask.want == 0 {

@@ -632,6 +632,28 @@ async fn a_grant_and_its_settlement_count_where_verify_key_counts() {
     assert_eq!(refused.code, VerifyCode::RateLimited as i32);
     let figures = refused.rate_limit.as_ref().unwrap();
     assert!(!figures.allowed && figures.retry_after.is_some());
+    // The usage history counts the calls the holder admitted from its lease (2) with
+    // the 8 VerifyKey admitted and the 12 it refused.
+    app.server().flush_usage().await;
+    let records = proto::usage_service_client::UsageServiceClient::with_interceptor(
+        app.channel.clone(),
+        bearer(ADMIN_TOKEN),
+    )
+    .query_usage(proto::QueryUsageRequest {
+        workspace_id: "ws_test".into(),
+        group_by: proto::UsageGroupBy::Key as i32,
+        granularity: proto::UsageGranularity::Day as i32,
+        since: Some(ts_in(&app.clock, -3_600)),
+        actor: Some(actor()),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .records;
+    let admitted: u64 = records.iter().map(|r| r.admitted).sum();
+    let refused: u64 = records.iter().map(|r| r.refused).sum();
+    assert_eq!((admitted, refused), (10, 12));
 }
 
 /// Only the key's own state is judged, and a hash must belong to the key id named.
