@@ -124,6 +124,8 @@ fn the_bench_reports_sane_figures_on_sqlite() {
         "verify_naive",
         "verify_ratelimited_memory",
         "verify_ratelimited_redis",
+        "verify_pooled",
+        "verify_own_limit_beside_pooled",
     ] {
         let max = if scenario == "issue" { 40 } else { 300 };
         assert_sane(run, scenario, max);
