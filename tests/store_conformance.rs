@@ -1281,6 +1281,116 @@ async fn revoke_keys_takes_the_selection_a_chunk_at_a_time(backend: Backend) {
 /// statement for a key, an actor or an action names that filter's own index, one for a
 /// time range an index of the workspace, and none reads the table whole (Postgres is told to avoid a sequential
 /// scan where it can, as a table of a few rows would otherwise invite one).
+/// Every usage-history query (each grouping, with and without an owner and a cursor)
+/// reads `usage_rollups` through an index of the workspace (or the owner's), never a scan
+/// of the whole table.
+async fn usage_queries_are_served_by_indexes(backend: Backend) {
+    use keywarden::domain::rollup::{Granularity, GroupBy};
+    use keywarden::store::UsageQuery;
+    let (db, _store) = open(backend).await;
+    if backend == Backend::Postgres {
+        // Statistics of a table shared by many workspaces, as in production: on an empty
+        // table the planner's costs tie and it may pick any index.
+        db.execute(&format!(
+            "INSERT INTO usage_rollups (key_id, granularity, bucket_start, workspace_id, \
+             owner_kind, owner_id, team_id) SELECT 'key_' || g, 'hour', {T0}, 'ws_' || g, \
+             'user', 'u' || g, '' FROM generate_series(1, 5000) AS g"
+        ))
+        .await;
+        db.execute("ANALYZE usage_rollups").await;
+    }
+    for group_by in [
+        GroupBy::Key,
+        GroupBy::Owner,
+        GroupBy::Team,
+        GroupBy::Workspace,
+    ] {
+        for (owner, after) in [
+            (None, None),
+            (
+                Some(owner(OwnerKind::User, "user_x")),
+                Some((T0, "g".to_owned())),
+            ),
+        ] {
+            let q = UsageQuery {
+                workspace_id: WS.to_owned(),
+                group_by,
+                granularity: Granularity::Hour,
+                since: T0,
+                until: T0 + 86_400 * S,
+                owner: owner.clone(),
+                after: after.clone(),
+                limit: 10,
+            };
+            let sql = keywarden::store::usage_query_sql(&q);
+            let mut values = vec![
+                format!("'{WS}'"),
+                "'hour'".to_owned(),
+                T0.to_string(),
+                (T0 + 86_400 * S).to_string(),
+            ];
+            if let Some(o) = &owner {
+                values.push(format!("'{}'", o.kind.as_str()));
+                values.push(format!("'{}'", o.id));
+            }
+            if let Some((bucket, group)) = &after {
+                values.push(bucket.to_string());
+                values.push(format!("'{group}'"));
+            }
+            values.push("11".to_owned());
+            let mut literal = sql.clone();
+            for (i, value) in values.iter().enumerate().rev() {
+                literal = literal.replace(&format!("${}", i + 1), value);
+            }
+            let plan = explain(backend, &db, &literal).await;
+            let wanted = if owner.is_some() {
+                "usage_rollups_by_owner"
+            } else {
+                "usage_rollups_by_workspace"
+            };
+            assert!(
+                plan.contains(wanted),
+                "{group_by:?}: {wanted} not in the plan:\n{plan}"
+            );
+            assert!(!plan.contains("Seq Scan"), "{group_by:?}:\n{plan}");
+            assert!(
+                !plan.contains("SCAN usage_rollups\n") && !plan.ends_with("SCAN usage_rollups"),
+                "{group_by:?}:\n{plan}"
+            );
+        }
+    }
+}
+
+/// The plan of a statement with its values in place: SQLite's EXPLAIN QUERY PLAN, or
+/// Postgres's EXPLAIN with sequential scans priced out (a small table would otherwise be
+/// scanned whatever its indexes).
+async fn explain(backend: Backend, db: &TestDb, literal: &str) -> String {
+    match backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            let rows: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {literal}")))
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap();
+            rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("\n")
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query("SET enable_seqscan = off")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            let rows: Vec<(String,)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {literal}")))
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap();
+            rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n")
+        }
+    }
+}
+
 async fn audit_filters_are_served_by_indexes(backend: Backend) {
     let (db, _store) = open(backend).await;
     let filters = [
@@ -2950,6 +3060,7 @@ async fn postgres_replaces_pooled_connections_the_server_dropped_while_idle() {
 }
 
 both_backends!(
+    usage_queries_are_served_by_indexes,
     audit_filters_are_served_by_indexes,
     list_keys_filters_by_name_prefix_metadata_and_team,
     revoke_keys_takes_the_selection_a_chunk_at_a_time,

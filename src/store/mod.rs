@@ -19,7 +19,7 @@ mod sql;
 pub(crate) use sql::FIND_SECRET;
 /// The statement ListAuditEvents runs for a filter (public so that a test can ask each
 /// database for its plan).
-pub use sql::list_audit_sql;
+pub use sql::{list_audit_sql, usage_query_sql};
 
 pub mod postgres;
 pub mod sqlite;

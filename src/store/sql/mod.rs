@@ -32,6 +32,7 @@ mod workspaces;
 
 pub use audit::list_audit_sql;
 pub(crate) use keys::FIND_SECRET;
+pub use rollups::usage_query_sql;
 pub(crate) use usage::{epoch_spend, saturated_spend};
 
 use sqlx::decode::Decode;

@@ -8,8 +8,6 @@
 //! `usage_rollups_by_workspace` or, for one owner, `usage_rollups_by_owner`. Query texts
 //! are assembled from fixed pieces: every value is bound.
 
-use sqlx::{AssertSqlSafe, SqlSafeStr};
-
 use crate::domain::limits::MAX_SPEND_MICROS;
 use crate::domain::rollup::{GroupBy, REFUSALS, Tally};
 use crate::store::sql::rows::budget_column;
@@ -110,7 +108,7 @@ fn group_expr(group_by: GroupBy) -> &'static str {
 /// The query of one page. Parameters in order: workspace, granularity, since, until,
 /// then the owner's kind and id (when set), then the cursor's bucket and group (when
 /// set), then the limit.
-pub(super) fn query_sql(q: &UsageQuery) -> sqlx::SqlStr {
+pub fn usage_query_sql(q: &UsageQuery) -> String {
     let group = group_expr(q.group_by);
     let sums: Vec<String> = counted_columns()
         .iter()
@@ -139,7 +137,7 @@ pub(super) fn query_sql(q: &UsageQuery) -> sqlx::SqlStr {
         " GROUP BY bucket_start, grp ORDER BY bucket_start, grp LIMIT ${}",
         n + 1
     ));
-    AssertSqlSafe(sql).into_sql_str()
+    sql
 }
 
 /// A row of the query as sqlx reads it.

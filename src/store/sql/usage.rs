@@ -143,7 +143,8 @@ where
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn query_usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, StoreError> {
-        let mut query = sqlx::query_as::<B, rollups::UsageSqlRow>(rollups::query_sql(q))
+        let sql = AssertSqlSafe(rollups::usage_query_sql(q)).into_sql_str();
+        let mut query = sqlx::query_as::<B, rollups::UsageSqlRow>(sql)
             .bind(q.workspace_id.as_str())
             .bind(q.granularity.as_str())
             .bind(q.since)
