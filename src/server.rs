@@ -192,7 +192,7 @@ impl UsageFlusher {
     }
 
     async fn flush_history(&self) {
-        if let Err(e) = self.usage.history().flush(self.store.as_ref()).await {
+        if let Err(e) = self.usage.flush_history(self.store.as_ref()).await {
             tracing::warn!(error = %e, "writing the usage history failed; kept for the next write");
         }
     }

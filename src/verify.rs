@@ -376,7 +376,10 @@ impl Verifier {
         let verdict = self.decide(presented, request, cost).await?;
         let code = verdict.code();
         self.metrics.verified(code);
-        if let Some(key) = verdict.key() {
+        // An admitted call is counted by the usage book as it notes the use.
+        if code != VerifyCode::Valid
+            && let Some(key) = verdict.key()
+        {
             self.usage
                 .history()
                 .count(&key.key.key_id, code, verdict.decided_at);
