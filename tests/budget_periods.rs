@@ -290,28 +290,6 @@ async fn budget_periods_are_validated_and_updated(backend: Backend) {
     assert!(updated.budget_resets_at.is_some());
 }
 
-macro_rules! each_store_and_counter {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::*;
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite_memory() {
-                    super::$name(Backend::Sqlite, Counters::Memory).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres_memory() {
-                    super::$name(Backend::Postgres, Counters::Memory).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres_redis() {
-                    super::$name(Backend::Postgres, Counters::Redis).await
-                }
-            }
-        )*
-    };
-}
-
 each_store_and_counter!(a_monthly_budget_resets_at_the_months_turn);
 
 both_backends!(

@@ -375,28 +375,6 @@ async fn pools_are_validated_and_a_refused_change_writes_nothing(backend: Backen
     );
 }
 
-macro_rules! each_store_and_counter {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::*;
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite_memory() {
-                    super::$name(Backend::Sqlite, Counters::Memory).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres_memory() {
-                    super::$name(Backend::Postgres, Counters::Memory).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres_redis() {
-                    super::$name(Backend::Postgres, Counters::Redis).await
-                }
-            }
-        )*
-    };
-}
-
 each_store_and_counter!(
     two_keys_of_a_team_share_its_pool,
     a_team_token_window_counts_every_keys_tokens,

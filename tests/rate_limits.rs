@@ -1033,31 +1033,6 @@ async fn usage_and_cost_are_validated(backend: Backend) {
 
 // ---------------------------------------------------------------------------------------
 
-macro_rules! each_store_and_counter {
-    ($($name:ident),* $(,)?) => {
-        mod counters {
-            use super::*;
-            $(
-                mod $name {
-                    use super::*;
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn sqlite_memory() {
-                        super::super::$name(Backend::Sqlite, Counters::Memory).await
-                    }
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn postgres_memory() {
-                        super::super::$name(Backend::Postgres, Counters::Memory).await
-                    }
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn postgres_redis() {
-                        super::super::$name(Backend::Postgres, Counters::Redis).await
-                    }
-                }
-            )*
-        }
-    };
-}
-
 each_store_and_counter!(
     ten_a_minute_admits_ten_then_refuses_with_retry_after,
     cost_counts_several_requests_at_once,

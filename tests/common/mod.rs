@@ -67,6 +67,33 @@ macro_rules! both_backends {
     };
 }
 
+/// Runs each named `async fn name(backend: Backend, counters: Counters)` as three tests:
+/// SQLite with counters in memory, Postgres with counters in memory, Postgres with Redis.
+#[macro_export]
+macro_rules! each_store_and_counter {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite_memory() {
+                    use super::common::{Backend, Counters};
+                    super::$name(Backend::Sqlite, Counters::Memory).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_memory() {
+                    use super::common::{Backend, Counters};
+                    super::$name(Backend::Postgres, Counters::Memory).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_redis() {
+                    use super::common::{Backend, Counters};
+                    super::$name(Backend::Postgres, Counters::Redis).await
+                }
+            }
+        )*
+    };
+}
+
 pub fn postgres_admin_url() -> String {
     std::env::var("KEYWARDEN_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
