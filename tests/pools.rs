@@ -306,6 +306,101 @@ async fn a_pool_set_on_one_replica_binds_on_another_and_both_share_it() {
     );
 }
 
+/// With Redis deciding per call, a pooled call registers a grant per counter (so a
+/// pool's refusal can give the key's back); every registration is closed, so no
+/// registry grows by a field per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_calls_decided_per_call_in_redis_leave_no_registration_behind() {
+    let prefix = redis_prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| {
+        use_counters(s, Counters::Redis, &prefix)
+    })
+    .await;
+    create_team(&app, "team_ml").await;
+    set_team_pool(&app.channel, "team_ml", vec![rpm(3)]).await;
+    let key = app
+        .issue_with(|r| {
+            r.team_id = "team_ml".into();
+            r.rate_limits = vec![rpm(100)];
+        })
+        .await;
+    let verifier = app.verifier();
+    let codes: Vec<VerifyCode> = {
+        let mut codes = Vec::new();
+        for _ in 0..5 {
+            codes.push(code(&verify(&verifier, &key.key).await));
+        }
+        codes
+    };
+    assert_eq!(
+        codes,
+        [
+            VerifyCode::Valid,
+            VerifyCode::Valid,
+            VerifyCode::Valid,
+            VerifyCode::RateLimited,
+            VerifyCode::RateLimited
+        ]
+    );
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let registries: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:rl:*:grants2"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for registry in registries {
+        let fields: i64 = redis::cmd("HLEN")
+            .arg(&registry)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(fields, 0, "{registry} keeps {fields} registrations");
+    }
+}
+
+/// Replicas deciding from quota leases in Redis (the default with `backend = "redis"`)
+/// share a team's pool like the per-call path: never more than it between two keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_pool_holds_with_leases_in_redis() {
+    let prefix = redis_prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| {
+        use_counters(s, Counters::Redis, &prefix);
+        if let keywarden::config::LimiterSettings::Redis { lease, .. } = &mut s.limiter {
+            *lease = Some(keywarden::ratelimit::leased::LeaseSettings::default());
+        }
+    })
+    .await;
+    create_team(&app, "team_ml").await;
+    set_team_pool(&app.channel, "team_ml", vec![rpm(10)]).await;
+    let issue = || {
+        app.issue_with(|r| {
+            r.team_id = "team_ml".into();
+            r.rate_limits = vec![rpm(100)];
+        })
+    };
+    let keys = [issue().await.key, issue().await.key];
+    let verifier = app.verifier();
+    let mut admitted = 0;
+    for i in 0..30 {
+        let r = verify(&verifier, &keys[i % 2]).await;
+        match code(&r) {
+            VerifyCode::Valid => admitted += 1,
+            VerifyCode::RateLimited => {
+                assert_eq!(r.rate_limit.unwrap().scope(), LimitScope::Team)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (1..=10).contains(&admitted),
+        "{admitted} admitted against a team pool of 10"
+    );
+}
+
 /// Bad pools are refused naming the field, and change nothing.
 async fn pools_are_validated_and_a_refused_change_writes_nothing(backend: Backend) {
     let app = TestApp::spawn(backend).await;

@@ -634,6 +634,19 @@ impl RedisLimiter {
         }
     }
 
+    /// Closes the registered grant of one call judged by several counters: `used` 0
+    /// gives it back (a later counter refused the call), `granted` keeps it counted. A
+    /// failure leaves it counted and registered until the registry expires: never an
+    /// over-admission.
+    async fn close_call(&self, c: &Counter<'_>, record: LeaseRecord, used: u64, now: Micros) {
+        let closed =
+            QuotaAuthority::settle(self, c.id, c.limits, record, Amounts::requests(used), now)
+                .await;
+        if let Err(e) = closed {
+            tracing::debug!(error = %e, "closing a pooled call's grant failed");
+        }
+    }
+
     /// Counts reported spend where the key's spend is kept (keys with a budget).
     async fn record_spend(
         &self,
@@ -713,21 +726,17 @@ impl RateLimiter for RedisLimiter {
             parts.push((grant.decision.scoped(c.scope), record));
             if refused {
                 for (earlier, (d, record)) in counters.iter().zip(parts.iter_mut()).take(i) {
-                    let given_back = QuotaAuthority::settle(
-                        self,
-                        earlier.id,
-                        earlier.limits,
-                        *record,
-                        Amounts::default(),
-                        now,
-                    )
-                    .await;
-                    if let Err(e) = given_back {
-                        tracing::debug!(error = %e, "giving back a call a pool refused failed");
-                    }
+                    self.close_call(earlier, *record, 0, now).await;
                     *d = std::mem::take(d).uncounted(cost);
                 }
                 break;
+            }
+        }
+        // Admitted by every counter: each registration is closed with the call used, so
+        // the registries do not grow by a field per call.
+        if parts.iter().all(|(d, _)| d.allowed) {
+            for (c, (_, record)) in counters.iter().zip(&parts) {
+                self.close_call(c, *record, record.granted, now).await;
             }
         }
         Ok(Some(pools::combine(
