@@ -152,11 +152,7 @@ impl UsageBook {
     }
 
     fn shard(&self, key_id: &str) -> MutexGuard<'_, Accounts> {
-        // FNV-1a: cheap, and key ids are random already.
-        let h = key_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        self.shards[(h % SHARDS as u64) as usize]
+        self.shards[shard_of(key_id, SHARDS)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
@@ -419,6 +415,15 @@ impl UsageBook {
     fn failing_keys(&self) -> MutexGuard<'_, KeyIds> {
         self.failing.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Which of `shards` shards a key's figures live in (the book's and the history's):
+/// FNV-1a, cheap, and key ids are random already.
+pub(crate) fn shard_of(key_id: &str, shards: usize) -> usize {
+    let h = key_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % shards as u64) as usize
 }
 
 const HOUR: Micros = 3_600 * crate::domain::MICROS_PER_SECOND;

@@ -57,10 +57,7 @@ pub struct UsageHistory {
 
 impl UsageHistory {
     fn shard(&self, key_id: &str) -> MutexGuard<'_, Tallies> {
-        let h = key_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        self.shards[(h % SHARDS as u64) as usize]
+        self.shards[crate::usage::shard_of(key_id, SHARDS)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::cache::{CachedKey, Lookup, VerifyCache};
 use crate::clock::Clock;
 use crate::domain::Micros;
+use crate::domain::budget::SpendEpoch;
 use crate::domain::key::{self, VerifiableKey, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::lease::{Amounts, Grant};
@@ -268,7 +269,11 @@ impl Verifier {
                 answers.push(answer(code, None, false, now));
                 continue;
             }
-            if self.budget(&entry, now).await?.1 {
+            if self
+                .budget(&entry, &entry.key.spend_epoch(now), now)
+                .await?
+                .1
+            {
                 answers.push(answer(VerifyCode::BudgetExceeded, None, false, now));
                 continue;
             }
@@ -420,7 +425,8 @@ impl Verifier {
             return Ok(Verdict::refused(why, Some(entry), 0, now));
         }
         let key_id = entry.key.key_id.as_str();
-        let (spent_micros, over_budget) = self.budget(&entry, now).await?;
+        let epoch = entry.key.spend_epoch(now);
+        let (spent_micros, over_budget) = self.budget(&entry, &epoch, now).await?;
         if over_budget {
             let why = Refused(VerifyCode::BudgetExceeded);
             return Ok(Verdict::refused(why, Some(entry), spent_micros, now));
@@ -460,7 +466,6 @@ impl Verifier {
             } else if limit_unknown {
                 self.metrics.limit_unknown.increment(1);
             }
-            let epoch = entry.key.spend_epoch(now);
             self.usage
                 .mark_used(key_id, entry.key.spent_in(&epoch), epoch, now);
             Outcome::Valid(entry)
@@ -480,10 +485,14 @@ impl Verifier {
     /// The key's spend as this replica sees it, and whether its budget is reached: by
     /// that spend, or past it by the spend every replica shares and their outstanding
     /// allowances (the limiter's judgement; the memory backend shares none).
-    async fn budget(&self, entry: &CachedKey, now: Micros) -> Result<(u64, bool), LimiterError> {
+    async fn budget(
+        &self,
+        entry: &CachedKey,
+        epoch: &SpendEpoch,
+        now: Micros,
+    ) -> Result<(u64, bool), LimiterError> {
         let key_id = entry.key.key_id.as_str();
-        let epoch = entry.key.spend_epoch(now);
-        let spend = self.usage.spend(key_id, entry.key.spent_in(&epoch), &epoch);
+        let spend = self.usage.spend(key_id, entry.key.spent_in(epoch), epoch);
         let Some(max_micros) = entry.key.max_budget_micros() else {
             return Ok((spend.total, false));
         };

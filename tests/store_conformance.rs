@@ -1431,30 +1431,7 @@ async fn audit_filters_are_served_by_indexes(backend: Backend) {
         for (i, value) in values.iter().enumerate().rev() {
             literal = literal.replace(&format!("${}", i + 1), value);
         }
-        let plan = match backend {
-            Backend::Sqlite => {
-                let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-                let rows: Vec<(i64, i64, i64, String)> =
-                    sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {literal}")))
-                        .fetch_all(&mut c)
-                        .await
-                        .unwrap();
-                rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("\n")
-            }
-            Backend::Postgres => {
-                let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
-                sqlx::query("SET enable_seqscan = off")
-                    .execute(&mut c)
-                    .await
-                    .unwrap();
-                let rows: Vec<(String,)> =
-                    sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {literal}")))
-                        .fetch_all(&mut c)
-                        .await
-                        .unwrap();
-                rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n")
-            }
-        };
+        let plan = explain(backend, &db, &literal).await;
         let wanted = if filter.key_id.is_some() {
             "audit_events_by_key"
         } else if filter.actor_id.is_some() {

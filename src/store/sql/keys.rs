@@ -140,14 +140,81 @@ where
         let mut stale = Vec::new();
         for row in rows {
             let key: KeyRecord = row.try_into()?;
-            let hashes = self.secret_hashes(&key.key_id).await?;
-            let current = self.current_hash(&key.key_id).await?;
-            self.append_event(EventKind::Updated, &key, &current, &hashes, now)
-                .await?;
-            stale.extend(hashes);
+            stale.extend(self.reload_key(&key, now).await?);
         }
         Ok(stale)
     }
+
+    /// Appends an `updated` event for one key, so every replica reloads it; returns its
+    /// secret hashes.
+    pub(super) async fn reload_key(
+        &mut self,
+        key: &KeyRecord,
+        now: Micros,
+    ) -> Result<Vec<KeyHash>, StoreError> {
+        let hashes = self.secret_hashes(&key.key_id).await?;
+        let current = self.current_hash(&key.key_id).await?;
+        self.append_event(EventKind::Updated, key, &current, &hashes, now)
+            .await?;
+        Ok(hashes)
+    }
+
+    /// Locks and reloads ([`Mutation::reload_keys`]) every key of `covered` not deleted:
+    /// what a change of a plan, a reach or a pool does to the keys it covers.
+    pub(super) async fn reload_covered(
+        &mut self,
+        covered: Covered<'_>,
+        now: Micros,
+    ) -> Result<Vec<KeyHash>, StoreError> {
+        const BY_WORKSPACE: &str = concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL ORDER BY key_id"
+        );
+        const BY_TEAM: &str = concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE workspace_id = $1 AND team_id = $2 \
+             AND deleted_at IS NULL ORDER BY key_id"
+        );
+        const BY_OWNER: &str = concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE workspace_id = $1 AND owner_kind = $2 AND owner_id = $3 \
+             AND deleted_at IS NULL ORDER BY key_id"
+        );
+        let rows: Vec<KeyRow> = match covered {
+            Covered::Workspace(workspace_id) => {
+                sqlx::query_as(B::for_update(BY_WORKSPACE))
+                    .bind(workspace_id)
+                    .fetch_all(self.conn())
+                    .await?
+            }
+            Covered::Team(workspace_id, team_id) => {
+                sqlx::query_as(B::for_update(BY_TEAM))
+                    .bind(workspace_id)
+                    .bind(team_id)
+                    .fetch_all(self.conn())
+                    .await?
+            }
+            Covered::Owner(workspace_id, owner) => {
+                sqlx::query_as(B::for_update(BY_OWNER))
+                    .bind(workspace_id)
+                    .bind(owner.kind.as_str())
+                    .bind(owner.id.as_str())
+                    .fetch_all(self.conn())
+                    .await?
+            }
+        };
+        self.reload_keys(rows, now).await
+    }
+}
+
+/// The keys a change covers (see [`Mutation::reload_covered`]).
+pub(super) enum Covered<'a> {
+    Workspace(&'a str),
+    Team(&'a str, &'a str),
+    Owner(&'a str, &'a crate::domain::key::Owner),
 }
 
 #[async_trait::async_trait]
@@ -533,10 +600,7 @@ where
             }
             key.spend_epoch = epoch.start;
             key.spent_micros = 0;
-            let hashes = m.secret_hashes(&key.key_id).await?;
-            let current = m.current_hash(&key.key_id).await?;
-            m.append_event(EventKind::Updated, &key, &current, &hashes, now)
-                .await?;
+            m.reload_key(&key, now).await?;
             let audit = AuditContext {
                 actor_id: "keywarden".to_owned(),
                 caller: "budget-period".to_owned(),

@@ -11,9 +11,8 @@ use crate::domain::key_format::KeyHash;
 use crate::domain::limits;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::team::{ServiceAccount, Team};
-use crate::store::sql::rows::{
-    KeyRow, ServiceAccountRow, TeamRow, key_columns, policy_json, team_columns,
-};
+use crate::store::sql::keys::Covered;
+use crate::store::sql::rows::{ServiceAccountRow, TeamRow, policy_json, team_columns};
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
 use crate::store::{AuditContext, StoreError, TeamPatch, TeamStore};
 
@@ -144,17 +143,11 @@ where
         {
             Vec::new()
         } else {
-            let rows: Vec<KeyRow> = sqlx::query_as(B::for_update(concat!(
-                "SELECT ",
-                key_columns!(),
-                " FROM api_keys WHERE workspace_id = $1 AND team_id = $2 \
-                 AND deleted_at IS NULL ORDER BY key_id"
-            )))
-            .bind(&team.workspace_id)
-            .bind(&team.team_id)
-            .fetch_all(m.conn())
-            .await?;
-            m.reload_keys(rows, team.updated_at).await?
+            m.reload_covered(
+                Covered::Team(&team.workspace_id, &team.team_id),
+                team.updated_at,
+            )
+            .await?
         };
         m.commit_with_audit(&team.workspace_id, audit, team.updated_at)
             .await?;

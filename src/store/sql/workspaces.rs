@@ -8,9 +8,14 @@ use crate::domain::key_format::KeyHash;
 use crate::domain::limits;
 use crate::domain::limits::RateLimit;
 use crate::domain::workspace::Workspace;
-use crate::store::sql::rows::{KeyRow, WorkspaceRow, key_columns, pool_limits};
+use crate::store::sql::keys::Covered;
+use crate::store::sql::rows::{WorkspaceRow, pool_limits};
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
 use crate::store::{AuditContext, StoreError, WorkspacePatch, WorkspaceStore};
+
+/// One workspace by id, every column (`WorkspaceRow`).
+const WORKSPACE_BY_ID: &str = "SELECT workspace_id, name, plan, rate_limits, created_at, \
+     updated_at FROM workspaces WHERE workspace_id = $1";
 
 /// An owner's pool: its limits as text, or no row.
 const OWNER_LIMITS: &str = "SELECT rate_limits FROM owner_limits WHERE workspace_id = $1 \
@@ -57,13 +62,10 @@ where
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn get_workspace(&self, workspace_id: &str) -> Result<Option<Workspace>, StoreError> {
-        let row: Option<WorkspaceRow> = sqlx::query_as(
-            "SELECT workspace_id, name, plan, rate_limits, created_at, updated_at FROM workspaces \
-             WHERE workspace_id = $1",
-        )
-        .bind(workspace_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<WorkspaceRow> = sqlx::query_as(WORKSPACE_BY_ID)
+            .bind(workspace_id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(TryInto::try_into).transpose()
     }
 
@@ -94,13 +96,10 @@ where
         audit: &AuditContext,
     ) -> Result<(Workspace, Vec<KeyHash>), StoreError> {
         let mut m = self.begin().await?;
-        let row: Option<WorkspaceRow> = sqlx::query_as(B::for_update(
-            "SELECT workspace_id, name, plan, rate_limits, created_at, updated_at FROM workspaces \
-             WHERE workspace_id = $1",
-        ))
-        .bind(workspace_id)
-        .fetch_optional(m.conn())
-        .await?;
+        let row: Option<WorkspaceRow> = sqlx::query_as(B::for_update(WORKSPACE_BY_ID))
+            .bind(workspace_id)
+            .fetch_optional(m.conn())
+            .await?;
         let mut workspace: Workspace = row.ok_or(StoreError::NotFound)?.try_into()?;
         let before = workspace.clone();
         if let Some(name) = &patch.name {
@@ -131,15 +130,8 @@ where
         {
             Vec::new()
         } else {
-            let rows: Vec<KeyRow> = sqlx::query_as(B::for_update(concat!(
-                "SELECT ",
-                key_columns!(),
-                " FROM api_keys WHERE workspace_id = $1 AND deleted_at IS NULL ORDER BY key_id"
-            )))
-            .bind(workspace_id)
-            .fetch_all(m.conn())
-            .await?;
-            m.reload_keys(rows, now).await?
+            m.reload_covered(Covered::Workspace(workspace_id), now)
+                .await?
         };
         m.commit_with_audit(workspace_id, audit, now).await?;
         Ok((workspace, stale))
@@ -222,18 +214,8 @@ where
         let stale = if before.as_slice() == rate_limits {
             Vec::new()
         } else {
-            let rows: Vec<KeyRow> = sqlx::query_as(B::for_update(concat!(
-                "SELECT ",
-                key_columns!(),
-                " FROM api_keys WHERE workspace_id = $1 AND owner_kind = $2 AND owner_id = $3 \
-                 AND deleted_at IS NULL ORDER BY key_id"
-            )))
-            .bind(workspace_id)
-            .bind(owner.kind.as_str())
-            .bind(&owner.id)
-            .fetch_all(m.conn())
-            .await?;
-            m.reload_keys(rows, now).await?
+            m.reload_covered(Covered::Owner(workspace_id, owner), now)
+                .await?
         };
         m.commit_with_audit(workspace_id, audit, now).await?;
         Ok(stale)
