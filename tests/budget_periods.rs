@@ -20,46 +20,6 @@ async fn spawn(backend: Backend, counters: Counters) -> TestApp {
     TestApp::spawn_with(backend, |s| use_counters(s, counters, &prefix)).await
 }
 
-async fn verify(verifier: &VerifierClient, key: &str) -> proto::VerifyKeyResponse {
-    verifier
-        .clone()
-        .verify_key(proto::VerifyKeyRequest {
-            key: key.to_owned(),
-            cost: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn report(verifier: &VerifierClient, key_id: &str, spend_micros: u64) -> u64 {
-    verifier
-        .clone()
-        .report_usage(proto::ReportUsageRequest {
-            key_id: key_id.to_owned(),
-            tokens: 0,
-            spend_micros,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .spent_micros
-}
-
-async fn key_info(app: &TestApp, key_id: &str) -> proto::KeyInfo {
-    app.admin()
-        .get_key(proto::GetKeyRequest {
-            key_id: key_id.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key_info
-        .unwrap()
-}
-
 fn reset(key_id: &str, actor: proto::Actor) -> proto::ResetBudgetRequest {
     proto::ResetBudgetRequest {
         key_id: key_id.to_owned(),
@@ -90,26 +50,29 @@ async fn a_monthly_budget_resets_at_the_months_turn(backend: Backend, counters: 
     );
     let key_id = info.key_id;
     let verifier = app.verifier();
-    assert!(verify(&verifier, &issued.key).await.valid);
-    assert_eq!(report(&verifier, &key_id, 1_000).await, 1_000);
-    let refused = verify(&verifier, &issued.key).await;
+    assert!(verify_with(&verifier, &issued.key, 1).await.valid);
+    assert_eq!(
+        report_with(&verifier, &key_id, 0, 1_000).await.unwrap(),
+        1_000
+    );
+    let refused = verify_with(&verifier, &issued.key, 1).await;
     assert_eq!(code(&refused), VerifyCode::BudgetExceeded);
     // Written to storage with this month's epoch.
     app.server().flush_usage().await;
-    assert_eq!(key_info(&app, &key_id).await.spent_micros, 1_000);
+    assert_eq!(app.key_info(&key_id).await.spent_micros, 1_000);
 
     // Still this month a second before its end; next month an hour after its start.
     let to_end = Duration::from_micros((this_month.ends - app.clock.now()) as u64);
     app.clock.advance(to_end - Duration::from_secs(1));
     assert_eq!(
-        code(&verify(&verifier, &issued.key).await),
+        code(&verify_with(&verifier, &issued.key, 1).await),
         VerifyCode::BudgetExceeded
     );
     app.clock.advance(Duration::from_secs(3_601));
-    let r = verify(&verifier, &issued.key).await;
+    let r = verify_with(&verifier, &issued.key, 1).await;
     assert!(r.valid, "a new month admits again: {r:?}");
     assert_eq!(r.spent_micros, 0);
-    let info = key_info(&app, &key_id).await;
+    let info = app.key_info(&key_id).await;
     assert_eq!(
         info.spent_micros, 0,
         "last month's stored spend counts nothing"
@@ -118,15 +81,18 @@ async fn a_monthly_budget_resets_at_the_months_turn(backend: Backend, counters: 
         info.budget_period_start.map(|t| t.seconds * 1_000_000),
         Some(this_month.ends)
     );
-    assert_eq!(report(&verifier, &key_id, 600).await, 600);
-    assert!(verify(&verifier, &issued.key).await.valid);
-    assert_eq!(report(&verifier, &key_id, 400).await, 1_000);
+    assert_eq!(report_with(&verifier, &key_id, 0, 600).await.unwrap(), 600);
+    assert!(verify_with(&verifier, &issued.key, 1).await.valid);
     assert_eq!(
-        code(&verify(&verifier, &issued.key).await),
+        report_with(&verifier, &key_id, 0, 400).await.unwrap(),
+        1_000
+    );
+    assert_eq!(
+        code(&verify_with(&verifier, &issued.key, 1).await),
         VerifyCode::BudgetExceeded
     );
     app.server().flush_usage().await;
-    assert_eq!(key_info(&app, &key_id).await.spent_micros, 1_000);
+    assert_eq!(app.key_info(&key_id).await.spent_micros, 1_000);
 }
 
 /// An admin resets a spent budget: audited, and admitted again at once, also on another
@@ -142,10 +108,10 @@ async fn an_admin_reset_admits_again_on_every_replica() {
     let issued = app.issue_with(|r| r.max_budget_micros = Some(500)).await;
     let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
     let on_b = b.verifier();
-    assert!(verify(&on_b, &issued.key).await.valid);
-    report(&on_b, &key_id, 500).await;
+    assert!(verify_with(&on_b, &issued.key, 1).await.valid);
+    report_with(&on_b, &key_id, 0, 500).await.unwrap();
     assert_eq!(
-        code(&verify(&on_b, &issued.key).await),
+        code(&verify_with(&on_b, &issued.key, 1).await),
         VerifyCode::BudgetExceeded
     );
     app.clock.advance(Duration::from_secs(5));
@@ -165,7 +131,7 @@ async fn an_admin_reset_admits_again_on_every_replica() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = verify(&on_b, &issued.key).await;
+        let r = verify_with(&on_b, &issued.key, 1).await;
         if r.valid {
             assert_eq!(r.spent_micros, 0);
             break;
@@ -195,7 +161,7 @@ async fn a_member_may_not_reset_a_budget(backend: Backend) {
         })
         .await;
     let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
-    report(&app.verifier(), &key_id, 500).await;
+    report_with(&app.verifier(), &key_id, 0, 500).await.unwrap();
     let member = proto::Actor {
         id: "member_1".into(),
         permissions: vec!["read".into()],
@@ -208,7 +174,7 @@ async fn a_member_may_not_reset_a_budget(backend: Backend) {
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status), "BUDGET_RESET_NEEDS_ADMIN");
     assert_eq!(
-        code(&verify(&app.verifier(), &issued.key).await),
+        code(&verify_with(&app.verifier(), &issued.key, 1).await),
         VerifyCode::BudgetExceeded
     );
     assert_eq!(

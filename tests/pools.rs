@@ -90,19 +90,6 @@ fn owner_pool(owner: &str, limits: Vec<proto::RateLimit>) -> proto::SetOwnerLimi
     }
 }
 
-async fn verify(verifier: &VerifierClient, key: &str) -> proto::VerifyKeyResponse {
-    verifier
-        .clone()
-        .verify_key(proto::VerifyKeyRequest {
-            key: key.to_owned(),
-            cost: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn scopes(r: &proto::VerifyKeyResponse) -> Vec<LimitScope> {
     r.rate_limit
         .as_ref()
@@ -126,14 +113,14 @@ async fn two_keys_of_a_team_share_its_pool(backend: Backend, counters: Counters)
     let keys = [issue(0).await.key, issue(1).await.key];
     let verifier = app.verifier();
     for i in 0..10 {
-        let r = verify(&verifier, &keys[i % 2]).await;
+        let r = verify_with(&verifier, &keys[i % 2], 1).await;
         assert!(r.valid, "call {i}: {r:?}");
         assert_eq!(scopes(&r), [LimitScope::Key, LimitScope::Team]);
         let d = r.rate_limit.unwrap();
         assert_eq!(d.scope(), LimitScope::Team, "the team's pool binds first");
         assert_eq!((d.limit, d.remaining), (10, 9 - i as u64));
     }
-    let refused = verify(&verifier, &keys[0]).await;
+    let refused = verify_with(&verifier, &keys[0], 1).await;
     assert_eq!(code(&refused), VerifyCode::RateLimited);
     let d = refused.rate_limit.unwrap();
     assert_eq!(d.scope(), LimitScope::Team);
@@ -143,12 +130,12 @@ async fn two_keys_of_a_team_share_its_pool(backend: Backend, counters: Counters)
     assert_eq!(own.scope(), LimitScope::Key);
     assert_eq!(own.used, 5, "the refused call is not counted in the key");
     assert_eq!(
-        code(&verify(&verifier, &keys[1]).await),
+        code(&verify_with(&verifier, &keys[1], 1).await),
         VerifyCode::RateLimited
     );
 
     app.clock.advance(Duration::from_secs(62));
-    let r = verify(&verifier, &keys[1]).await;
+    let r = verify_with(&verifier, &keys[1], 1).await;
     assert!(r.valid, "{r:?}");
     assert_eq!(r.rate_limit.unwrap().remaining, 9);
 }
@@ -168,7 +155,7 @@ async fn a_team_token_window_counts_every_keys_tokens(backend: Backend, counters
     let (a, b) = (issue().await, issue().await);
     let verifier = app.verifier();
     for (key, tokens) in [(&a, 60), (&b, 50)] {
-        assert!(verify(&verifier, &key.key).await.valid);
+        assert!(verify_with(&verifier, &key.key, 1).await.valid);
         verifier
             .clone()
             .report_usage(proto::ReportUsageRequest {
@@ -180,7 +167,7 @@ async fn a_team_token_window_counts_every_keys_tokens(backend: Backend, counters
             .unwrap();
     }
     for key in [&a, &b] {
-        let refused = verify(&verifier, &key.key).await;
+        let refused = verify_with(&verifier, &key.key, 1).await;
         assert_eq!(code(&refused), VerifyCode::RateLimited, "{refused:?}");
         let d = refused.rate_limit.unwrap();
         assert_eq!((d.scope(), d.limit), (LimitScope::Team, 100));
@@ -230,7 +217,7 @@ async fn owner_and_workspace_pools_bind_in_order_and_name_themselves(
     let theirs = app.issue_with(|r| r.owner = Some(user("user_2"))).await.key;
     let verifier = app.verifier();
     for i in 0..3 {
-        let r = verify(&verifier, &mine[i % 2]).await;
+        let r = verify_with(&verifier, &mine[i % 2], 1).await;
         assert!(r.valid, "{r:?}");
         assert_eq!(
             scopes(&r)[1..],
@@ -238,13 +225,13 @@ async fn owner_and_workspace_pools_bind_in_order_and_name_themselves(
             "the key's own default first, then owner, then workspace"
         );
     }
-    let refused = verify(&verifier, &mine[1]).await;
+    let refused = verify_with(&verifier, &mine[1], 1).await;
     assert_eq!(code(&refused), VerifyCode::RateLimited);
     assert_eq!(refused.rate_limit.unwrap().scope(), LimitScope::Owner);
     for _ in 0..2 {
-        assert!(verify(&verifier, &theirs).await.valid);
+        assert!(verify_with(&verifier, &theirs, 1).await.valid);
     }
-    let refused = verify(&verifier, &theirs).await;
+    let refused = verify_with(&verifier, &theirs, 1).await;
     assert_eq!(code(&refused), VerifyCode::RateLimited);
     let d = refused.rate_limit.unwrap();
     assert_eq!((d.scope(), d.limit), (LimitScope::Workspace, 5));
@@ -255,7 +242,7 @@ async fn owner_and_workspace_pools_bind_in_order_and_name_themselves(
         .set_owner_limits(owner_pool("user_1", Vec::new()))
         .await
         .unwrap();
-    let r = verify(&verifier, &mine[0]).await;
+    let r = verify_with(&verifier, &mine[0], 1).await;
     assert_eq!(code(&r), VerifyCode::RateLimited);
     assert_eq!(
         scopes(&r)[1..],
@@ -277,12 +264,15 @@ async fn a_pool_set_on_one_replica_binds_on_another_and_both_share_it() {
     create_team(&app, "team_ml").await;
     let key = app.issue_with(|r| r.team_id = "team_ml".into()).await.key;
     let (on_a, on_b) = (app.verifier(), b.verifier());
-    assert_eq!(scopes(&verify(&on_b, &key).await), [LimitScope::Key]);
+    assert_eq!(
+        scopes(&verify_with(&on_b, &key, 1).await),
+        [LimitScope::Key]
+    );
     set_team_pool(&app.channel, "team_ml", vec![rpm(4)]).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut admitted = 0;
     loop {
-        let r = verify(&on_b, &key).await;
+        let r = verify_with(&on_b, &key, 1).await;
         if scopes(&r).contains(&LimitScope::Team) {
             admitted += usize::from(r.valid);
             break;
@@ -291,7 +281,7 @@ async fn a_pool_set_on_one_replica_binds_on_another_and_both_share_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for i in 0..12 {
-        let r = verify(if i % 2 == 0 { &on_a } else { &on_b }, &key).await;
+        let r = verify_with(if i % 2 == 0 { &on_a } else { &on_b }, &key, 1).await;
         match code(&r) {
             VerifyCode::Valid => admitted += 1,
             VerifyCode::RateLimited => {
@@ -328,7 +318,7 @@ async fn pooled_calls_decided_per_call_in_redis_leave_no_registration_behind() {
     let codes: Vec<VerifyCode> = {
         let mut codes = Vec::new();
         for _ in 0..5 {
-            codes.push(code(&verify(&verifier, &key.key).await));
+            codes.push(code(&verify_with(&verifier, &key.key, 1).await));
         }
         codes
     };
@@ -386,7 +376,7 @@ async fn a_team_pool_holds_with_leases_in_redis() {
     let verifier = app.verifier();
     let mut admitted = 0;
     for i in 0..30 {
-        let r = verify(&verifier, &keys[i % 2]).await;
+        let r = verify_with(&verifier, &keys[i % 2], 1).await;
         match code(&r) {
             VerifyCode::Valid => admitted += 1,
             VerifyCode::RateLimited => {

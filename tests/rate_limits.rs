@@ -44,49 +44,6 @@ fn rpm(n: u64) -> proto::RateLimit {
     )
 }
 
-async fn verify_with(verifier: &VerifierClient, key: &str, cost: u64) -> proto::VerifyKeyResponse {
-    verifier
-        .clone()
-        .verify_key(proto::VerifyKeyRequest {
-            key: key.to_owned(),
-            required_scopes: Vec::new(),
-            cost,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn report(
-    app: &TestApp,
-    key_id: &str,
-    tokens: u64,
-    spend_micros: u64,
-) -> Result<u64, tonic::Status> {
-    app.verifier()
-        .report_usage(proto::ReportUsageRequest {
-            key_id: key_id.to_owned(),
-            tokens,
-            spend_micros,
-        })
-        .await
-        .map(|r| r.into_inner().spent_micros)
-}
-
-async fn get_key(app: &TestApp, key_id: &str) -> proto::KeyInfo {
-    app.admin()
-        .get_key(proto::GetKeyRequest {
-            key_id: key_id.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .key_info
-        .unwrap()
-}
-
 async fn set_limits(admin: &AdminClient, key_id: &str, limits: Vec<proto::RateLimit>) {
     admin
         .clone()
@@ -218,7 +175,7 @@ async fn the_deployment_default_applies_to_keys_that_name_none(backend: Backend)
     let plain = app.issue().await;
     let own = app.issue_with(|r| r.rate_limits = vec![rpm(5)]).await;
     assert!(
-        get_key(&app, &key_id(&plain)).await.rate_limits.is_empty(),
+        app.key_info(&key_id(&plain)).await.rate_limits.is_empty(),
         "the key names none"
     );
     let verifier = app.verifier();
@@ -253,11 +210,15 @@ async fn spent_tokens_refuse_the_next_call(backend: Backend, counters: Counters)
         .await;
     let verifier = app.verifier();
     assert!(verify_with(&verifier, &issued.key, 1).await.valid);
-    report(&app, &key_id(&issued), 600, 0).await.unwrap();
+    report_with(&app.verifier(), &key_id(&issued), 600, 0)
+        .await
+        .unwrap();
     let r = verify_with(&verifier, &issued.key, 1).await;
     assert!(r.valid);
     assert_eq!(r.rate_limit.unwrap().windows[1].used, 600);
-    report(&app, &key_id(&issued), 400, 0).await.unwrap();
+    report_with(&app.verifier(), &key_id(&issued), 400, 0)
+        .await
+        .unwrap();
     let refused = verify_with(&verifier, &issued.key, 1).await;
     assert_eq!(code(&refused), VerifyCode::RateLimited);
     let d = refused.rate_limit.unwrap();
@@ -279,11 +240,17 @@ async fn a_spent_budget_refuses_the_next_call(backend: Backend) {
     let verifier = app.verifier();
     let r = verify_with(&verifier, &issued.key, 1).await;
     assert_eq!((r.max_budget_micros, r.spent_micros), (Some(5_000), 0));
-    assert_eq!(report(&app, &id, 0, 3_000).await.unwrap(), 3_000);
+    assert_eq!(
+        report_with(&app.verifier(), &id, 0, 3_000).await.unwrap(),
+        3_000
+    );
     let r = verify_with(&verifier, &issued.key, 1).await;
     assert!(r.valid);
     assert_eq!(r.spent_micros, 3_000);
-    assert_eq!(report(&app, &id, 0, 2_000).await.unwrap(), 5_000);
+    assert_eq!(
+        report_with(&app.verifier(), &id, 0, 2_000).await.unwrap(),
+        5_000
+    );
     let refused = verify_with(&verifier, &issued.key, 1).await;
     assert!(!refused.valid);
     assert_eq!(code(&refused), VerifyCode::BudgetExceeded);
@@ -304,7 +271,7 @@ async fn a_spent_budget_refuses_the_next_call(backend: Backend) {
     assert!(verify_with(&verifier, &issued.key, 1).await.valid);
     // Once written, the spend shows in KeyInfo.
     app.server().flush_usage().await;
-    let info = get_key(&app, &id).await;
+    let info = app.key_info(&id).await;
     assert_eq!(
         (info.spent_micros, info.max_budget_micros),
         (5_000, Some(6_000))
@@ -316,8 +283,8 @@ async fn reported_spend_survives_a_restart(backend: Backend) {
     let issued = app.issue_with(|r| r.max_budget_micros = Some(1_000)).await;
     let id = key_id(&issued);
     assert!(verify_with(&app.verifier(), &issued.key, 1).await.valid);
-    report(&app, &id, 10, 400).await.unwrap();
-    report(&app, &id, 10, 600).await.unwrap();
+    report_with(&app.verifier(), &id, 10, 400).await.unwrap();
+    report_with(&app.verifier(), &id, 10, 600).await.unwrap();
     // A graceful shutdown writes what was not written yet.
     app.server.take().unwrap().shutdown().await.unwrap();
     let server = keywarden::server::start(&test_settings(&app.db), app.clock.clone())
@@ -326,7 +293,7 @@ async fn reported_spend_survives_a_restart(backend: Backend) {
     let channel = channel_to(&server).await;
     app.server = Some(server);
     app.channel = channel;
-    let info = get_key(&app, &id).await;
+    let info = app.key_info(&id).await;
     assert_eq!(info.spent_micros, 1_000);
     assert!(info.last_used_at.is_some());
     let r = verify_with(&app.verifier(), &issued.key, 1).await;
@@ -359,20 +326,26 @@ async fn spend_past_the_ceiling_saturates_and_never_fails_a_flush(backend: Backe
             .await;
     }
     assert_eq!(
-        report(&app, &near, 0, MAX_USAGE).await.unwrap(),
+        report_with(&app.verifier(), &near, 0, MAX_USAGE)
+            .await
+            .unwrap(),
         MAX_SPEND_MICROS
     );
     assert_eq!(
-        report(&app, &above, 0, MAX_USAGE).await.unwrap(),
+        report_with(&app.verifier(), &above, 0, MAX_USAGE)
+            .await
+            .unwrap(),
         stored_above as u64
     );
-    assert_eq!(report(&app, &other, 0, 1).await.unwrap(), 1);
+    assert_eq!(report_with(&app.verifier(), &other, 0, 1).await.unwrap(), 1);
     app.server().flush_usage().await;
     assert_eq!(
-        report(&app, &near, 0, MAX_USAGE).await.unwrap(),
+        report_with(&app.verifier(), &near, 0, MAX_USAGE)
+            .await
+            .unwrap(),
         MAX_SPEND_MICROS
     );
-    assert_eq!(report(&app, &other, 0, 1).await.unwrap(), 2);
+    assert_eq!(report_with(&app.verifier(), &other, 0, 1).await.unwrap(), 2);
     app.server().flush_usage().await;
     app.server().flush_usage().await;
     for (id, spent) in [
@@ -380,7 +353,7 @@ async fn spend_past_the_ceiling_saturates_and_never_fails_a_flush(backend: Backe
         (&above, stored_above as u64),
         (&other, 2),
     ] {
-        assert_eq!(get_key(&app, id).await.spent_micros, spent);
+        assert_eq!(app.key_info(id).await.spent_micros, spent);
     }
 }
 
@@ -396,11 +369,11 @@ async fn last_used_at_moves_once_written_and_unused_since_lists_the_rest(backend
     let t1 = app.clock.now();
     assert!(verify_with(&verifier, &keys[0].key, 1).await.valid);
     // Not written per call: nothing in storage until the batch is written.
-    assert!(get_key(&app, &ids[0]).await.last_used_at.is_none());
+    assert!(app.key_info(&ids[0]).await.last_used_at.is_none());
     app.server().flush_usage().await;
-    let used = get_key(&app, &ids[0]).await.last_used_at.unwrap();
+    let used = app.key_info(&ids[0]).await.last_used_at.unwrap();
     assert_eq!(used.seconds * 1_000_000 + i64::from(used.nanos / 1000), t1);
-    assert!(get_key(&app, &ids[1]).await.last_used_at.is_none());
+    assert!(app.key_info(&ids[1]).await.last_used_at.is_none());
 
     app.clock.advance(Duration::from_secs(10));
     let t2 = app.clock.now();
@@ -455,7 +428,7 @@ async fn redis_token_buckets_saturate_at_their_ceiling_instead_of_overflowing() 
         })
         .await;
     let id = key_id(&issued);
-    report(&app, &id, 1, 0).await.unwrap();
+    report_with(&app.verifier(), &id, 1, 0).await.unwrap();
     let redis = redis::Client::open(redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -492,7 +465,9 @@ async fn redis_token_buckets_saturate_at_their_ceiling_instead_of_overflowing() 
             .unwrap();
     }
 
-    report(&app, &id, MAX_USAGE, 0).await.unwrap();
+    report_with(&app.verifier(), &id, MAX_USAGE, 0)
+        .await
+        .unwrap();
     let value = async |window: &str| buckets(window).await.into_values().next().unwrap();
     assert_eq!(
         value("minute").await,
@@ -555,15 +530,18 @@ async fn postgres_one_key_the_database_refuses_leaves_every_other_keys_spend_wri
         )
         .await;
     let refused = refused.as_str();
-    let spent: Vec<u64> = futures::stream::iter(&ids)
-        .map(|id| {
-            let app = &app;
-            async move { report(app, id, 0, if id == refused { 5 } else { 1 }).await }
-        })
-        .buffer_unordered(8)
-        .map(Result::unwrap)
-        .collect()
-        .await;
+    let spent: Vec<u64> =
+        futures::stream::iter(&ids)
+            .map(|id| {
+                let app = &app;
+                async move {
+                    report_with(&app.verifier(), id, 0, if id == refused { 5 } else { 1 }).await
+                }
+            })
+            .buffer_unordered(8)
+            .map(Result::unwrap)
+            .collect()
+            .await;
     assert_eq!(spent.iter().sum::<u64>(), KEYS as u64 + 5);
     // How many of the other keys have a persisted spend `op` (`= 1`, `> 1`), and the
     // refused key's.
@@ -598,7 +576,10 @@ async fn postgres_one_key_the_database_refuses_leaves_every_other_keys_spend_wri
         "every other key's spend is written"
     );
     // The refused key's spend is kept by the replica: its budget still counts it.
-    assert_eq!(report(&app, refused, 0, 0).await.unwrap(), 5);
+    assert_eq!(
+        report_with(&app.verifier(), refused, 0, 0).await.unwrap(),
+        5
+    );
 
     app.db
         .execute("DROP TRIGGER refuse_usage ON api_keys")
@@ -762,7 +743,7 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
                 assert_eq!(r.unwrap_err().code(), Code::Unavailable);
             }
         }
-        let tokens = report(&app, &key_id(&issued), 5, 0).await;
+        let tokens = report_with(&app.verifier(), &key_id(&issued), 5, 0).await;
         assert_eq!(tokens.is_ok(), expect_valid, "{tokens:?}");
     }
 }
@@ -993,7 +974,9 @@ async fn usage_and_cost_are_validated(backend: Backend) {
     }
     // Unknown (or deleted) keys are NOT_FOUND, and nothing is recorded for them.
     let unknown = keywarden::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap();
-    let status = report(&app, &unknown, 1, 1).await.unwrap_err();
+    let status = report_with(&app.verifier(), &unknown, 1, 1)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = app
         .verifier()
@@ -1020,7 +1003,7 @@ async fn usage_and_cost_are_validated(backend: Backend) {
     .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     app.server().flush_usage().await;
-    assert_eq!(get_key(&app, &id).await.spent_micros, 0);
+    assert_eq!(app.key_info(&id).await.spent_micros, 0);
     assert_eq!(
         app.db
             .count(&format!(

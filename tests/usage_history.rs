@@ -64,31 +64,6 @@ fn by_group(records: &[proto::UsageRecord]) -> Vec<(String, u64, u64, u64, u64)>
     sums
 }
 
-async fn verify(app: &TestApp, key: &str) -> VerifyCode {
-    let r = app
-        .verifier()
-        .verify_key(proto::VerifyKeyRequest {
-            key: key.to_owned(),
-            cost: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    code(&r)
-}
-
-async fn report(app: &TestApp, key_id: &str, tokens: u64, spend_micros: u64) {
-    app.verifier()
-        .report_usage(proto::ReportUsageRequest {
-            key_id: key_id.to_owned(),
-            tokens,
-            spend_micros,
-        })
-        .await
-        .unwrap();
-}
-
 struct Keys {
     /// user_1, team_ml: 3 admitted, 100 tokens, 50 spend.
     a: proto::IssueKeyResponse,
@@ -132,17 +107,32 @@ async fn traffic(app: &TestApp) -> Keys {
         .await;
     for (key, n) in [(&a, 3), (&b, 2), (&c, 1)] {
         for _ in 0..n {
-            assert_eq!(verify(app, &key.key).await, VerifyCode::Valid);
+            assert_eq!(
+                code(&verify_with(&app.verifier(), &key.key, 1).await),
+                VerifyCode::Valid
+            );
         }
     }
-    assert_eq!(verify(app, &c.key).await, VerifyCode::RateLimited);
+    assert_eq!(
+        code(&verify_with(&app.verifier(), &c.key, 1).await),
+        VerifyCode::RateLimited
+    );
     // Invented keys name no key: never counted.
     assert_eq!(
-        verify(app, "kw_live_0000000000000000000000000000000000000000").await,
+        code(
+            &verify_with(
+                &app.verifier(),
+                "kw_live_0000000000000000000000000000000000000000",
+                1
+            )
+            .await
+        ),
         VerifyCode::Malformed
     );
-    report(app, &id(&a), 100, 50).await;
-    report(app, &id(&b), 10, 5).await;
+    report_with(&app.verifier(), &id(&a), 100, 50)
+        .await
+        .unwrap();
+    report_with(&app.verifier(), &id(&b), 10, 5).await.unwrap();
     app.server().flush_usage().await;
     Keys { a, b, c }
 }
@@ -185,7 +175,10 @@ async fn sums_match_the_calls_made_grouped_each_way(backend: Backend) {
     );
 
     // A second write adds to the same rows.
-    assert_eq!(verify(&app, &keys.b.key).await, VerifyCode::Valid);
+    assert_eq!(
+        code(&verify_with(&app.verifier(), &keys.b.key, 1).await),
+        VerifyCode::Valid
+    );
     app.server().flush_usage().await;
     assert_eq!(
         by_group(&records(&app, query(&app, By::Workspace, G::Day)).await),

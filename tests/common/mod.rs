@@ -519,6 +519,20 @@ impl TestApp {
             .into_inner()
     }
 
+    /// The key as GetKey answers it.
+    pub async fn key_info(&self, key_id: &str) -> proto::KeyInfo {
+        self.admin()
+            .get_key(proto::GetKeyRequest {
+                key_id: key_id.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .key_info
+            .unwrap()
+    }
+
     pub async fn audit(&self, workspace_id: &str) -> Vec<proto::AuditEvent> {
         self.admin()
             .list_audit_events(proto::ListAuditEventsRequest {
@@ -585,6 +599,42 @@ pub fn issue_request(workspace_id: &str) -> IssueKeyRequest {
         budget_period: 0,
         budget_period_days: 0,
     }
+}
+
+/// VerifyKey through `verifier` (any replica's), counting `cost` requests.
+pub async fn verify_with(
+    verifier: &VerifierClient,
+    key: &str,
+    cost: u64,
+) -> proto::VerifyKeyResponse {
+    verifier
+        .clone()
+        .verify_key(proto::VerifyKeyRequest {
+            key: key.to_owned(),
+            cost,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// ReportUsage through `verifier`: the key's spend as that replica then sees it.
+pub async fn report_with(
+    verifier: &VerifierClient,
+    key_id: &str,
+    tokens: u64,
+    spend_micros: u64,
+) -> Result<u64, Status> {
+    verifier
+        .clone()
+        .report_usage(proto::ReportUsageRequest {
+            key_id: key_id.to_owned(),
+            tokens,
+            spend_micros,
+        })
+        .await
+        .map(|r| r.into_inner().spent_micros)
 }
 
 pub fn code(resp: &proto::VerifyKeyResponse) -> proto::VerifyCode {
