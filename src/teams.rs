@@ -46,6 +46,11 @@ pub struct Teams {
 }
 
 impl Teams {
+    /// The time now, by the service's clock (what answers compute periods from).
+    pub fn now(&self) -> crate::domain::Micros {
+        self.clock.now()
+    }
+
     pub fn new(
         store: Arc<dyn Store>,
         cache: Arc<VerifyCache>,
@@ -78,6 +83,8 @@ impl Teams {
             name,
             policy,
             rate_limits: Vec::new(),
+            budget: None,
+            spend: Default::default(),
             created_at: now,
             updated_at: now,
         };
@@ -145,6 +152,12 @@ impl Teams {
         let mut detail = format!("team: {team_id}");
         if let Some(limits) = &patch.rate_limits {
             detail.push_str(&format!(", pool: {}", crate::workspaces::pool_text(limits)));
+        }
+        if let Some(budget) = &patch.budget {
+            detail.push_str(&format!(
+                ", budget: {}",
+                crate::workspaces::budget_text(budget.as_ref())
+            ));
         }
         // The store applies the patch to the team as it stands under its row lock: a read
         // here and a write of the whole team would undo a concurrent update's field.

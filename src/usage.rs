@@ -24,6 +24,10 @@
 //! replicas, another replica's spend is seen once it has written it (every
 //! `usage.flush_interval`) and this replica has read it (a write returns the key's total).
 //!
+//! A pool with a budget has an account too, under its counter name
+//! ([`crate::domain::pools`]): the spend every key of the pool reports here, written to
+//! the pool's row ([`UsageStore::record_pool_usage`]) like a key's.
+//!
 //! Writes happen every flush interval and at shutdown, in statements of at most
 //! [`USAGE_CHUNK`] keys, each settled on its own as it commits: a flush writes each key's
 //! figures once, whichever of its statements fail. A statement that fails keeps its
@@ -38,6 +42,7 @@ use std::time::Duration;
 use crate::domain::Micros;
 use crate::domain::budget::SpendEpoch;
 use crate::domain::limits::MAX_SPEND_MICROS;
+use crate::domain::pools::is_pool_counter;
 use crate::store::{StoreError, USAGE_CHUNK, UsageDelta, UsageStore};
 use crate::usage_history::UsageHistory;
 
@@ -294,7 +299,7 @@ impl UsageBook {
         // Keys whose write failed at an earlier flush are written apart from the others,
         // so a key the database keeps refusing fails no other key's write first.
         let failing_keys = self.failing_keys().clone();
-        let (mut batch, mut failing) = (Vec::new(), Vec::new());
+        let (mut batch, mut failing, mut pools) = (Vec::new(), Vec::new(), Vec::new());
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             shard.retain(|_, a| {
@@ -314,15 +319,30 @@ impl UsageBook {
                     last_used_at: use_due(a).then_some(a.unwritten_use),
                 };
                 let apart = !failing_keys.is_empty() && failing_keys.contains(key_id);
-                if apart { &mut failing } else { &mut batch }.push(delta);
+                if is_pool_counter(key_id) {
+                    pools.push(delta);
+                } else if apart {
+                    failing.push(delta);
+                } else {
+                    batch.push(delta);
+                }
             }
         }
         let chunk = self.chunk.max(1);
-        let mut pending: VecDeque<&[UsageDelta]> =
-            batch.chunks(chunk).chain(failing.chunks(chunk)).collect();
+        // Pools' spend goes to their own rows, in pieces of their own.
+        let mut pending: VecDeque<&[UsageDelta]> = batch
+            .chunks(chunk)
+            .chain(failing.chunks(chunk))
+            .chain(pools.chunks(chunk))
+            .collect();
         let mut flushed = Flushed::default();
         while let Some(piece) = pending.pop_front() {
-            let e = match store.record_usage(piece).await {
+            let written = if piece.first().is_some_and(|d| is_pool_counter(&d.key_id)) {
+                store.record_pool_usage(piece).await
+            } else {
+                store.record_usage(piece).await
+            };
+            let e = match written {
                 Ok(totals) => {
                     self.settle(piece, totals);
                     flushed.written += piece.len();

@@ -18,7 +18,7 @@ use crate::domain::budget::SpendEpoch;
 use crate::domain::key::{self, VerifiableKey, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::lease::{Amounts, Grant};
-use crate::domain::limits::{self, LimitDecision, LimitScope, LimitUnit, RateLimit};
+use crate::domain::limits::{self, LimitDecision, LimitScope, RateLimit};
 use crate::domain::pools::Pool;
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
 use crate::domain::workspace::Plans;
@@ -29,8 +29,8 @@ use crate::ratelimit::{Budget, BudgetCheck, Counter, LimiterError, RateLimiter, 
 use crate::store::{Store, StoreError};
 use crate::usage::UsageBook;
 
-/// Keys whose pools with token windows a replica remembers, at most.
-const TOKEN_POOL_KEYS: u64 = 100_000;
+/// Keys whose pools with token windows or budgets a replica remembers, at most.
+const USAGE_POOL_KEYS: u64 = 100_000;
 
 /// The answer to one verification: whether the key passed (and then which key, always),
 /// and for a key that passed every other check, the rate-limit decision and its spend.
@@ -41,6 +41,8 @@ pub struct Verdict {
     /// could not be reached and the limiter fails open (`limit` is then `None`).
     pub limit_unknown: bool,
     pub spent_micros: u64,
+    /// With BUDGET_EXCEEDED: whose budget was reached, the key's own or a pool's.
+    pub budget_scope: Option<LimitScope>,
     /// The time the decision was made at (what `retry_after` counts from).
     pub decided_at: crate::domain::Micros,
 }
@@ -94,6 +96,7 @@ impl Verdict {
             limit: None,
             limit_unknown: false,
             spent_micros,
+            budget_scope: None,
             decided_at,
         }
     }
@@ -155,9 +158,9 @@ pub struct LeaseAnswer {
     pub life: std::time::Duration,
 }
 
-/// The pools with token windows of each key this replica verified that has any: where
-/// ReportUsage counts a key's tokens besides the key's own windows.
-type TokenPools = quick_cache::sync::Cache<
+/// The pools with token windows or a budget of each key this replica verified that has
+/// any: where ReportUsage counts a key's tokens and spend besides the key's own.
+type UsagePools = quick_cache::sync::Cache<
     String,
     Arc<Vec<Pool>>,
     quick_cache::UnitWeighter,
@@ -166,7 +169,7 @@ type TokenPools = quick_cache::sync::Cache<
 
 pub struct Verifier {
     store: Arc<dyn Store>,
-    token_pools: TokenPools,
+    usage_pools: UsagePools,
     cache: Arc<VerifyCache>,
     limiter: Arc<dyn RateLimiter>,
     leasing: Option<EdgeLeasing>,
@@ -191,7 +194,7 @@ impl Verifier {
     ) -> Self {
         Verifier {
             store: events.store().clone(),
-            token_pools: crate::cache::bounded(TOKEN_POOL_KEYS, quick_cache::UnitWeighter),
+            usage_pools: crate::cache::bounded(USAGE_POOL_KEYS, quick_cache::UnitWeighter),
             cache,
             limiter,
             leasing: None,
@@ -273,6 +276,7 @@ impl Verifier {
                 .budget(&entry, &entry.key.spend_epoch(now), now)
                 .await?
                 .1
+                .is_some()
             {
                 answers.push(answer(VerifyCode::BudgetExceeded, None, false, now));
                 continue;
@@ -346,28 +350,56 @@ impl Verifier {
             epoch,
         };
         self.limiter.record_usage(key_id, reported, now).await?;
-        // A pool's token windows count every token of its keys. Known for the keys this
-        // replica verified (their pools are read with them); a report to a replica that
-        // never verified the key counts in the key's own windows only, as a budget's
-        // spend does (see the README's "Budgets across replicas").
-        if tokens > 0
-            && let Some(pools) = self.token_pools.get(key_id)
+        // A pool's token windows count every token of its keys, and its budget their
+        // spend. Known for the keys this replica verified (their pools are read with
+        // them); a report to a replica that never verified the key counts in the key's
+        // own windows and budget only (see the README's "Budgets across replicas").
+        if (tokens > 0 || spend_micros > 0)
+            && let Some(pools) = self.usage_pools.get(key_id)
         {
             for pool in pools.iter() {
-                let tokens_only = Reported {
-                    spend_micros: 0,
-                    persisted_micros: 0,
-                    ..reported
-                };
-                self.limiter
-                    .record_usage(&pool.counter, tokens_only, now)
-                    .await?;
+                self.report_to_pool(pool, tokens, spend_micros, now).await?;
             }
         }
         self.usage
             .history()
             .report(key_id, tokens, spend_micros, now);
         Ok(Some(self.usage.add_spend(key_id, spend_micros, read, now)))
+    }
+
+    /// Counts a report's tokens in a pool's token windows and its spend in the pool's
+    /// budget (each where the pool has them).
+    async fn report_to_pool(
+        &self,
+        pool: &Pool,
+        tokens: u64,
+        spend_micros: u64,
+        now: Micros,
+    ) -> Result<(), LimiterError> {
+        let tokens = if pool.has_token_windows() { tokens } else { 0 };
+        let (spend_micros, epoch, persisted) = match pool.budget {
+            Some(budget) if spend_micros > 0 => {
+                let epoch = budget.epoch(now);
+                let stored = pool.spend.in_epoch(&epoch);
+                let seen = self.usage.spend(&pool.counter, stored, &epoch);
+                self.usage
+                    .add_spend(&pool.counter, spend_micros, Some((stored, epoch)), now);
+                (spend_micros, epoch.start, seen.persisted)
+            }
+            _ => (0, 0, 0),
+        };
+        if tokens == 0 && spend_micros == 0 {
+            return Ok(());
+        }
+        let reported = Reported {
+            tokens,
+            spend_micros,
+            persisted_micros: persisted,
+            epoch,
+        };
+        self.limiter
+            .record_usage(&pool.counter, reported, now)
+            .await
     }
 
     /// Verifies `presented` for a call that needs what `request` names and counts `cost`
@@ -427,9 +459,11 @@ impl Verifier {
         let key_id = entry.key.key_id.as_str();
         let epoch = entry.key.spend_epoch(now);
         let (spent_micros, over_budget) = self.budget(&entry, &epoch, now).await?;
-        if over_budget {
+        if let Some(scope) = over_budget {
             let why = Refused(VerifyCode::BudgetExceeded);
-            return Ok(Verdict::refused(why, Some(entry), spent_micros, now));
+            let mut verdict = Verdict::refused(why, Some(entry), spent_micros, now);
+            verdict.budget_scope = Some(scope);
+            return Ok(verdict);
         }
         // A key without limits (none of its own and no deployment default) needs no
         // decision, and its answer says so by carrying none. A key with limits whose
@@ -478,34 +512,64 @@ impl Verifier {
             limit: decision,
             limit_unknown,
             spent_micros,
+            budget_scope: None,
             decided_at: now,
         })
     }
 
-    /// The key's spend as this replica sees it, and whether its budget is reached: by
-    /// that spend, or past it by the spend every replica shares and their outstanding
-    /// allowances (the limiter's judgement; the memory backend shares none).
+    /// The key's spend as this replica sees it, and whose budget is reached, if any: the
+    /// key's own, then its pools' in the order they are judged (see [`Self::reached`]).
     async fn budget(
         &self,
         entry: &CachedKey,
         epoch: &SpendEpoch,
         now: Micros,
-    ) -> Result<(u64, bool), LimiterError> {
+    ) -> Result<(u64, Option<LimitScope>), LimiterError> {
         let key_id = entry.key.key_id.as_str();
         let spend = self.usage.spend(key_id, entry.key.spent_in(epoch), epoch);
-        let Some(max_micros) = entry.key.max_budget_micros() else {
-            return Ok((spend.total, false));
-        };
+        if let Some(max_micros) = entry.key.max_budget_micros()
+            && self.reached(key_id, max_micros, spend, epoch, now).await?
+        {
+            return Ok((spend.total, Some(LimitScope::Key)));
+        }
+        for pool in entry.key.pools() {
+            let Some(budget) = &pool.budget else {
+                continue;
+            };
+            let epoch = budget.epoch(now);
+            let pool_spend = self
+                .usage
+                .spend(&pool.counter, pool.spend.in_epoch(&epoch), &epoch);
+            if self
+                .reached(&pool.counter, budget.max_micros, pool_spend, &epoch, now)
+                .await?
+            {
+                return Ok((spend.total, Some(pool.scope)));
+            }
+        }
+        Ok((spend.total, None))
+    }
+
+    /// Whether a budget of `max_micros` is reached: by the spend this replica sees, or
+    /// past it by the spend every replica shares and their outstanding allowances (the
+    /// limiter's judgement; the memory backend shares none).
+    async fn reached(
+        &self,
+        counter: &str,
+        max_micros: u64,
+        spend: crate::usage::Spend,
+        epoch: &SpendEpoch,
+        now: Micros,
+    ) -> Result<bool, LimiterError> {
         if limits::budget_exceeded(Some(max_micros), spend.total) {
-            return Ok((spend.total, true));
+            return Ok(true);
         }
         let budget = Budget {
             max_micros,
             persisted_micros: spend.persisted,
             epoch: epoch.start,
         };
-        let check = self.limiter.check_budget(key_id, budget, now).await?;
-        Ok((spend.total, check == BudgetCheck::Exceeded))
+        Ok(self.limiter.check_budget(counter, budget, now).await? == BudgetCheck::Exceeded)
     }
 
     /// The key a secret hash belongs to, from the cache or filled into it.
@@ -536,17 +600,17 @@ impl Verifier {
             } else {
                 Arc::new(std::mem::take(&mut found.key.rate_limits))
             };
-            let token_pools: Vec<Pool> = found
+            let usage_pools: Vec<Pool> = found
                 .pools
                 .iter()
-                .filter(|p| p.limits.iter().any(|l| l.unit == LimitUnit::Tokens))
+                .filter(|p| p.counts_usage())
                 .cloned()
                 .collect();
-            if token_pools.is_empty() {
-                self.token_pools.remove(&found.key.key_id);
+            if usage_pools.is_empty() {
+                self.usage_pools.remove(&found.key.key_id);
             } else {
-                self.token_pools
-                    .insert(found.key.key_id.clone(), Arc::new(token_pools));
+                self.usage_pools
+                    .insert(found.key.key_id.clone(), Arc::new(usage_pools));
             }
             let mut key: VerifiableKey = found.key.into();
             key.set_pools(found.pools);

@@ -7,10 +7,11 @@ use crate::cache::VerifyCache;
 use crate::clock::Clock;
 use crate::domain::key::Owner;
 use crate::domain::limits::RateLimit;
+use crate::domain::pools::PoolBudget;
 use crate::domain::workspace::{Plan, PlanPolicy, Plans, Workspace};
 use crate::events::{EventHub, invalidate_committed};
 use crate::store::Acting;
-use crate::store::{StoreError, WorkspacePatch, WorkspaceStore, split_page};
+use crate::store::{OwnerPool, StoreError, WorkspacePatch, WorkspaceStore, split_page};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkspaceError {
@@ -33,6 +34,11 @@ pub struct Workspaces {
 }
 
 impl Workspaces {
+    /// The time now, by the service's clock (what answers compute periods from).
+    pub fn now(&self) -> crate::domain::Micros {
+        self.clock.now()
+    }
+
     pub fn new(
         store: Arc<dyn WorkspaceStore>,
         cache: Arc<VerifyCache>,
@@ -66,6 +72,8 @@ impl Workspaces {
             name,
             plan,
             rate_limits: Vec::new(),
+            budget: None,
+            spend: Default::default(),
             created_at: now,
             updated_at: now,
         };
@@ -118,6 +126,10 @@ impl Workspaces {
                 .rate_limits
                 .as_ref()
                 .map(|l| format!("pool: {}", pool_text(l))),
+            patch
+                .budget
+                .as_ref()
+                .map(|b| format!("budget: {}", budget_text(b.as_ref()))),
         ]
         .into_iter()
         .flatten()
@@ -138,18 +150,18 @@ impl Workspaces {
         }
     }
 
-    /// The pool `owner`'s keys in the workspace share (empty: none).
+    /// The pool `owner`'s keys in the workspace share (all empty: none).
     pub async fn owner_limits(
         &self,
         workspace_id: &str,
         owner: &Owner,
-    ) -> Result<Vec<RateLimit>, WorkspaceError> {
+    ) -> Result<OwnerPool, WorkspaceError> {
         let limits = self
             .store
             .owner_limits(workspace_id, owner)
             .await
             .map_err(WorkspaceError::Store)?;
-        if limits.is_empty()
+        if limits == OwnerPool::default()
             && !self
                 .store
                 .workspace_exists(workspace_id)
@@ -169,19 +181,31 @@ impl Workspaces {
         workspace_id: &str,
         owner: &Owner,
         limits: Vec<RateLimit>,
-    ) -> Result<Vec<RateLimit>, WorkspaceError> {
+        budget: Option<PoolBudget>,
+    ) -> Result<OwnerPool, WorkspaceError> {
         let audit = acting.audit(
             "owner.limits",
-            format!("owner: {owner}, pool: {}", pool_text(&limits)),
+            format!(
+                "owner: {owner}, pool: {}, budget: {}",
+                pool_text(&limits),
+                budget_text(budget.as_ref())
+            ),
         );
         match self
             .store
-            .set_owner_limits(workspace_id, owner, &limits, self.clock.now(), &audit)
+            .set_owner_limits(
+                workspace_id,
+                owner,
+                &limits,
+                budget,
+                self.clock.now(),
+                &audit,
+            )
             .await
         {
-            Ok(stale) => {
+            Ok((pool, stale)) => {
                 invalidate_committed(&self.cache, &self.events, &stale);
-                Ok(limits)
+                Ok(pool)
             }
             Err(StoreError::NotFound) => Err(WorkspaceError::NotFound(workspace_id.to_owned())),
             Err(e) => Err(WorkspaceError::Store(e)),
@@ -195,5 +219,20 @@ pub fn pool_text(limits: &[RateLimit]) -> String {
         "none".to_owned()
     } else {
         crate::domain::limits::join(limits)
+    }
+}
+
+/// A pool's budget as the audit log shows it (`none` for none).
+pub fn budget_text(budget: Option<&PoolBudget>) -> String {
+    match budget {
+        None => "none".to_owned(),
+        Some(b) => format!(
+            "{} micros {}",
+            b.max_micros,
+            match b.period {
+                crate::domain::budget::BudgetPeriod::Lifetime => "in all".to_owned(),
+                p => format!("per {}", p.as_text()),
+            }
+        ),
     }
 }

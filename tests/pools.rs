@@ -87,6 +87,7 @@ fn owner_pool(owner: &str, limits: Vec<proto::RateLimit>) -> proto::SetOwnerLimi
         owner: Some(user(owner)),
         rate_limits: limits,
         actor: Some(actor()),
+        budget: None,
     }
 }
 

@@ -396,15 +396,18 @@ async fn use_at_each_until_refused(
 /// spend in storage (their usage is written once an hour) together admit calls worth at
 /// most the budget plus the calls in flight when it ran out (one per caller here), and
 /// at least the budget: allowances parked at one replica go back when they end. Without
-/// leases (a Redis call per decision) the spend is shared the same way.
+/// leases (a Redis call per decision) the spend is shared the same way. So is a
+/// workspace's budget (a pool's), by the same allowances under the pool's name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_is_shared_by_replicas_and_overrun_only_by_the_calls_in_flight() {
     for leasing in [true, false] {
-        a_budget_is_shared_by_replicas(leasing).await;
+        for pool in [false, true] {
+            a_budget_is_shared_by_replicas(leasing, pool).await;
+        }
     }
 }
 
-async fn a_budget_is_shared_by_replicas(leasing: bool) {
+async fn a_budget_is_shared_by_replicas(leasing: bool, pool: bool) {
     const BUDGET: u64 = 1_000;
     const SPEND: u64 = 10;
     let prefix = prefix();
@@ -421,10 +424,30 @@ async fn a_budget_is_shared_by_replicas(leasing: bool) {
         .await
         .unwrap();
     let b_channel = channel_to(&b).await;
+    if pool {
+        keywarden::proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(
+            app.channel.clone(),
+            bearer(ADMIN_TOKEN),
+        )
+        .update_workspace(proto::UpdateWorkspaceRequest {
+            workspace_id: "ws_test".into(),
+            actor: Some(actor()),
+            budget: Some(proto::PoolBudget {
+                max_budget_micros: BUDGET,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["budget".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
     let issued = app
         .issue_with(|r| {
             r.rate_limits = vec![rpm(1_000_000)];
-            r.max_budget_micros = Some(BUDGET);
+            r.max_budget_micros = (!pool).then_some(BUDGET);
         })
         .await;
     let usage = proto::ReportUsageRequest {
@@ -442,12 +465,12 @@ async fn a_budget_is_shared_by_replicas(leasing: bool) {
     let callers = 2;
     assert!(
         admitted * SPEND <= BUDGET + callers * SPEND,
-        "{admitted} calls of {SPEND} admitted against a budget of {BUDGET} (leasing: {leasing})"
+        "{admitted} calls of {SPEND} admitted against a budget of {BUDGET} (leasing: {leasing}, pool: {pool})"
     );
     assert!(
         admitted * SPEND >= BUDGET,
         "only {admitted} calls of {SPEND} admitted before the budget of {BUDGET} was refused \
-         (leasing: {leasing})"
+         (leasing: {leasing}, pool: {pool})"
     );
     b.shutdown().await.unwrap();
 }

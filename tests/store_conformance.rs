@@ -17,11 +17,12 @@ use keywarden::domain::ids::new_key_id;
 use keywarden::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use keywarden::domain::key_format::{Environment, KeyHash};
 use keywarden::domain::limits::{LimitScope, LimitUnit, LimitWindow, RateLimit};
+use keywarden::domain::pools::{PoolBudget, StoredSpend};
 use keywarden::domain::refusal::{Reason, Refusal};
 use keywarden::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
 use keywarden::store::{
     AuditContext, AuditFilter, AuditOutcome, AuditRecord, DeniedAudit, KeyCursor, KeyFilter,
-    KeyPatch, KeySelection, Store, StoreError, TeamPatch, UsageDelta, WorkspacePatch,
+    KeyPatch, KeySelection, OwnerPool, Store, StoreError, TeamPatch, UsageDelta, WorkspacePatch,
 };
 
 const S: Micros = 1_000_000;
@@ -2148,6 +2149,8 @@ async fn team_updates_of_different_fields_both_take_effect(backend: Backend) {
         name: "ML".to_owned(),
         policy: TeamPolicy::default(),
         rate_limits: Vec::new(),
+        budget: None,
+        spend: Default::default(),
         created_at: T0,
         updated_at: T0,
     };
@@ -2161,6 +2164,7 @@ async fn team_updates_of_different_fields_both_take_effect(backend: Backend) {
         name: name.map(str::to_owned),
         policy: policy.cloned(),
         rate_limits: None,
+        budget: None,
     };
     let (first, _) = store
         .update_team(
@@ -2243,6 +2247,8 @@ fn team_reaching(team_id: &str, groups: &[&str]) -> Team {
             ..TeamPolicy::default()
         },
         rate_limits: Vec::new(),
+        budget: None,
+        spend: Default::default(),
         created_at: T0,
         updated_at: T0,
     }
@@ -2323,6 +2329,7 @@ async fn a_reach_naming_a_missing_group_is_refused_and_writes_nothing(backend: B
         name: Some("renamed".to_owned()),
         policy: Some(team_reaching("team_ml", &["g_gone"]).policy),
         rate_limits: None,
+        budget: None,
     };
     assert_groups_missing(
         store
@@ -2483,13 +2490,24 @@ async fn find_secret_loads_the_key_s_pools_and_a_pool_change_reloads_its_keys(ba
         .unwrap();
     assert_eq!(workspace.rate_limits, rpm(100));
     assert_eq!(stale.len(), 2, "every key of the workspace");
-    let stale = store
-        .set_owner_limits(WS, &team_key.owner, &rpm(5), T0 + S, &ctx("owner.limits"))
+    let (_, stale) = store
+        .set_owner_limits(
+            WS,
+            &team_key.owner,
+            &rpm(5),
+            None,
+            T0 + S,
+            &ctx("owner.limits"),
+        )
         .await
         .unwrap();
     assert_eq!(stale.len(), 2, "both keys have the same owner");
     assert_eq!(
-        store.owner_limits(WS, &team_key.owner).await.unwrap(),
+        store
+            .owner_limits(WS, &team_key.owner)
+            .await
+            .unwrap()
+            .rate_limits,
         rpm(5)
     );
 
@@ -2517,21 +2535,25 @@ async fn find_secret_loads_the_key_s_pools_and_a_pool_change_reloads_its_keys(ba
     );
 
     // Unchanged limits reload nothing; an empty list removes the pool.
-    let stale = store
-        .set_owner_limits(WS, &team_key.owner, &rpm(5), T0 + S, &ctx("owner.limits"))
+    let (_, stale) = store
+        .set_owner_limits(
+            WS,
+            &team_key.owner,
+            &rpm(5),
+            None,
+            T0 + S,
+            &ctx("owner.limits"),
+        )
         .await
         .unwrap();
     assert!(stale.is_empty());
     store
-        .set_owner_limits(WS, &team_key.owner, &[], T0 + S, &ctx("owner.limits"))
+        .set_owner_limits(WS, &team_key.owner, &[], None, T0 + S, &ctx("owner.limits"))
         .await
         .unwrap();
-    assert!(
-        store
-            .owner_limits(WS, &team_key.owner)
-            .await
-            .unwrap()
-            .is_empty()
+    assert_eq!(
+        store.owner_limits(WS, &team_key.owner).await.unwrap(),
+        OwnerPool::default()
     );
     let found = store.find_secret(&plain_secret).await.unwrap().unwrap();
     assert_eq!(found.pools.len(), 1);
@@ -2541,12 +2563,213 @@ async fn find_secret_loads_the_key_s_pools_and_a_pool_change_reloads_its_keys(ba
                 "ws_missing",
                 &team_key.owner,
                 &rpm(5),
+                None,
                 T0,
                 &ctx("owner.limits")
             )
             .await,
         Err(StoreError::NotFound)
     ));
+}
+
+/// Pool budgets: set on a workspace, a team and an owner (a rolling period anchored when
+/// set, kept while the period stays), read with the key by find_secret with the spend
+/// stored for each; pool spend is written to the pool's row per epoch as a key's is
+/// (a newer epoch replaces, an older one changes nothing), and a pool with no row has
+/// no total.
+async fn pool_spend_is_written_to_the_pools_row_per_epoch(backend: Backend) {
+    let (db, store) = open(backend).await;
+    db.create_workspaces(&[WS], "pro").await;
+    store
+        .insert_team(&team_reaching("team_ml", &[]), &ctx("team.create"))
+        .await
+        .unwrap();
+    let key = KeyRecord {
+        team_id: Some("team_ml".to_owned()),
+        ..key_record(WS, T0)
+    };
+    let secret = insert(store.as_ref(), &key).await;
+    let budget = |max, period| PoolBudget {
+        max_micros: max,
+        period,
+        anchor: 0,
+    };
+    let (workspace, stale) = store
+        .update_workspace(
+            WS,
+            &WorkspacePatch {
+                budget: Some(Some(budget(1_000, BudgetPeriod::Month))),
+                ..WorkspacePatch::default()
+            },
+            T0 + S,
+            &ctx("workspace.update"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(workspace.budget, Some(budget(1_000, BudgetPeriod::Month)));
+    assert_eq!(stale, [secret], "its keys reload");
+    let (team, _) = store
+        .update_team(
+            WS,
+            "team_ml",
+            &TeamPatch {
+                budget: Some(Some(budget(50, BudgetPeriod::Days(30)))),
+                ..TeamPatch::default()
+            },
+            T0 + S,
+            &ctx("team.update"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(team.budget.unwrap().anchor, T0 + S, "anchored when set");
+    let (team, stale) = store
+        .update_team(
+            WS,
+            "team_ml",
+            &TeamPatch {
+                budget: Some(Some(budget(50, BudgetPeriod::Days(30)))),
+                ..TeamPatch::default()
+            },
+            T0 + 9 * S,
+            &ctx("team.update"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        team.budget.unwrap().anchor,
+        T0 + S,
+        "the same period keeps it"
+    );
+    assert!(stale.is_empty(), "nothing changed: nothing reloads");
+    let (owner, _) = store
+        .set_owner_limits(
+            WS,
+            &key.owner,
+            &[],
+            Some(budget(7, BudgetPeriod::Lifetime)),
+            T0 + S,
+            &ctx("owner.limits"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owner.budget, Some(budget(7, BudgetPeriod::Lifetime)));
+    assert!(owner.rate_limits.is_empty(), "a budget alone is a pool");
+
+    let found = store.find_secret(&secret).await.unwrap().unwrap();
+    let counter = |scope| {
+        found
+            .pools
+            .iter()
+            .find(|p| p.scope == scope)
+            .unwrap()
+            .counter
+            .clone()
+    };
+    let (ws, team_ml, mine) = (
+        counter(LimitScope::Workspace),
+        counter(LimitScope::Team),
+        counter(LimitScope::Owner),
+    );
+    let spend = |name: &str, epoch: Micros, micros: u64| UsageDelta {
+        key_id: name.to_owned(),
+        epoch,
+        spend_micros: micros,
+        last_used_at: None,
+    };
+    let (january, february) = (T0, T0 + 31 * 86_400 * S);
+    let mut totals = store
+        .record_pool_usage(&[
+            spend(&ws, january, 40),
+            spend(&team_ml, T0 + S, 5),
+            spend(&mine, 0, 3),
+            spend("owner ws_conf user:nobody", 0, 9),
+        ])
+        .await
+        .unwrap();
+    totals.sort();
+    let mut expected = vec![
+        (ws.clone(), 40, january),
+        (team_ml.clone(), 5, T0 + S),
+        (mine.clone(), 3, 0),
+    ];
+    expected.sort();
+    assert_eq!(totals, expected, "an owner with no pool row has no total");
+    assert_eq!(
+        store
+            .record_pool_usage(&[spend(&ws, january, 2)])
+            .await
+            .unwrap(),
+        [(ws.clone(), 42, january)]
+    );
+    assert_eq!(
+        store
+            .record_pool_usage(&[spend(&ws, february, 7)])
+            .await
+            .unwrap(),
+        [(ws.clone(), 7, february)],
+        "a new epoch starts from its own spend"
+    );
+    assert_eq!(
+        store
+            .record_pool_usage(&[spend(&ws, january, 100)])
+            .await
+            .unwrap(),
+        [(ws.clone(), 7, february)],
+        "a late write of an ended epoch changes nothing"
+    );
+
+    let found = store.find_secret(&secret).await.unwrap().unwrap();
+    let stored: Vec<_> = found
+        .pools
+        .iter()
+        .map(|p| (p.scope, p.budget.map(|b| b.max_micros), p.spend))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (
+                LimitScope::Owner,
+                Some(7),
+                StoredSpend {
+                    micros: 3,
+                    epoch: 0
+                }
+            ),
+            (
+                LimitScope::Team,
+                Some(50),
+                StoredSpend {
+                    micros: 5,
+                    epoch: T0 + S
+                }
+            ),
+            (
+                LimitScope::Workspace,
+                Some(1_000),
+                StoredSpend {
+                    micros: 7,
+                    epoch: february
+                }
+            ),
+        ]
+    );
+    let workspace = store.get_workspace(WS).await.unwrap().unwrap();
+    assert_eq!(
+        workspace.spend,
+        StoredSpend {
+            micros: 7,
+            epoch: february
+        }
+    );
+    assert_eq!(
+        store
+            .owner_limits(WS, &key.owner)
+            .await
+            .unwrap()
+            .spend
+            .micros,
+        3
+    );
 }
 
 /// What a self-service member asks for in these tests: nothing the policy limits but the
@@ -3037,6 +3260,7 @@ async fn postgres_replaces_pooled_connections_the_server_dropped_while_idle() {
 }
 
 both_backends!(
+    pool_spend_is_written_to_the_pools_row_per_epoch,
     usage_queries_are_served_by_indexes,
     audit_filters_are_served_by_indexes,
     list_keys_filters_by_name_prefix_metadata_and_team,

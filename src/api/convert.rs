@@ -12,6 +12,7 @@ use crate::domain::budget::{BudgetPeriod, MAX_PERIOD_DAYS};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::Environment;
 use crate::domain::limits::{LimitDecision, LimitScope, LimitUnit, LimitWindow, RateLimit};
+use crate::domain::pools::{PoolBudget, StoredSpend};
 use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, Violations};
 use crate::domain::{MICROS_PER_SECOND, Micros};
 use crate::proto;
@@ -485,6 +486,47 @@ pub fn budget_period_pb(period: BudgetPeriod) -> (proto::BudgetPeriod, u32) {
         BudgetPeriod::Month => (proto::BudgetPeriod::Monthly, 0),
         BudgetPeriod::Days(n) => (proto::BudgetPeriod::RollingDays, u32::from(n)),
     }
+}
+
+/// A pool's budget from a request (`None`: no budget); its output-only fields are
+/// ignored, and its anchor is the store's to set.
+pub fn pool_budget(
+    pb: Option<&proto::PoolBudget>,
+    field: &str,
+    v: &mut Violations,
+) -> Option<PoolBudget> {
+    let pb = pb?;
+    v.budget(&format!("{field}.max_budget_micros"), pb.max_budget_micros);
+    let period = budget_period(
+        pb.budget_period,
+        pb.budget_period_days,
+        &format!("{field}.budget_period"),
+        v,
+    );
+    Some(PoolBudget {
+        max_micros: pb.max_budget_micros,
+        period,
+        anchor: 0,
+    })
+}
+
+/// A pool's budget as answered, with the spend stored in its current period at `now`.
+pub fn pool_budget_pb(
+    budget: Option<&PoolBudget>,
+    spend: StoredSpend,
+    now: Micros,
+) -> Option<proto::PoolBudget> {
+    let budget = budget?;
+    let epoch = budget.epoch(now);
+    let (period, days) = budget_period_pb(budget.period);
+    Some(proto::PoolBudget {
+        max_budget_micros: budget.max_micros,
+        budget_period: period as i32,
+        budget_period_days: days,
+        spent_micros: spend.in_epoch(&epoch),
+        budget_period_start: (epoch.start != 0).then(|| timestamp(epoch.start)),
+        budget_resets_at: (epoch.ends != Micros::MAX).then(|| timestamp(epoch.ends)),
+    })
 }
 
 pub fn audit_event(e: &AuditRecord) -> proto::AuditEvent {

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::error::check;
 use super::mutation::Mutation;
+use crate::domain::Micros;
 use crate::domain::team::{ServiceAccount, Team, TeamPolicy};
 use crate::domain::validate::Violations;
 use crate::proto;
@@ -15,7 +16,7 @@ use crate::store::TeamPatch;
 use crate::teams::Teams;
 
 /// What an update mask may name.
-const MASK_PATHS: &[&str] = &["name", "policy", "rate_limits"];
+const MASK_PATHS: &[&str] = &["name", "policy", "rate_limits", "budget"];
 
 pub struct TeamApi {
     teams: Arc<Teams>,
@@ -53,9 +54,10 @@ fn policy(given: Option<&proto::TeamPolicy>, v: &mut Violations) -> TeamPolicy {
     policy
 }
 
-fn team_pb(t: &Team) -> proto::Team {
+fn team_pb(t: &Team, now: Micros) -> proto::Team {
     proto::Team {
         rate_limits: t.rate_limits.iter().map(convert::rate_limit_pb).collect(),
+        budget: convert::pool_budget_pb(t.budget.as_ref(), t.spend, now),
         workspace_id: t.workspace_id.clone(),
         team_id: t.team_id.clone(),
         name: t.name.clone(),
@@ -78,9 +80,9 @@ fn team_pb(t: &Team) -> proto::Team {
     }
 }
 
-fn response(t: &Team) -> Response<proto::TeamResponse> {
+fn response(t: &Team, now: Micros) -> Response<proto::TeamResponse> {
     Response::new(proto::TeamResponse {
-        team: Some(team_pb(t)),
+        team: Some(team_pb(t, now)),
     })
 }
 
@@ -189,7 +191,7 @@ impl TeamService for TeamApi {
             .teams
             .create(&acting, r.workspace_id, r.team_id, r.name, policy)
             .await?;
-        Ok(response(&team))
+        Ok(response(&team, self.teams.now()))
     }
 
     async fn get_team(
@@ -203,6 +205,7 @@ impl TeamService for TeamApi {
         check(v)?;
         Ok(response(
             &self.teams.get(&r.workspace_id, &r.team_id).await?,
+            self.teams.now(),
         ))
     }
 
@@ -216,7 +219,7 @@ impl TeamService for TeamApi {
         check(v)?;
         let teams = self.teams.list(&r.workspace_id).await?;
         Ok(Response::new(proto::ListTeamsResponse {
-            teams: teams.iter().map(team_pb).collect(),
+            teams: teams.iter().map(|t| team_pb(t, self.teams.now())).collect(),
         }))
     }
 
@@ -242,6 +245,9 @@ impl TeamService for TeamApi {
                     patch.rate_limits =
                         Some(convert::rate_limits(&r.rate_limits, "rate_limits", v));
                 }
+                "budget" => {
+                    patch.budget = Some(convert::pool_budget(r.budget.as_ref(), "budget", v))
+                }
                 other => convert::unknown_mask_path(other, MASK_PATHS, v),
             }
         }
@@ -250,6 +256,6 @@ impl TeamService for TeamApi {
             .teams
             .update(&acting, &r.workspace_id, &r.team_id, patch)
             .await?;
-        Ok(response(&team))
+        Ok(response(&team, self.teams.now()))
     }
 }

@@ -86,6 +86,10 @@ impl VerifyService for VerifyApi {
                 .map(|d| convert::limit_decision_pb(d, verdict.decided_at)),
             rate_limit_unknown: verdict.limit_unknown,
             spent_micros: verdict.spent_micros,
+            budget_scope: verdict
+                .budget_scope
+                .map_or(proto::LimitScope::Unspecified, convert::limit_scope_pb)
+                as i32,
             ..Default::default()
         };
         if let Some(entry) = verdict.key() {

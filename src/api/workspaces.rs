@@ -7,17 +7,18 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::error::{check, checked};
 use super::mutation::Mutation;
+use crate::domain::Micros;
 use crate::domain::key::Owner;
-use crate::domain::limits::RateLimit;
 use crate::domain::validate::Violations;
 use crate::domain::workspace::{Plan, Workspace};
 use crate::proto;
 use crate::proto::workspace_service_server::WorkspaceService;
+use crate::store::OwnerPool;
 use crate::store::{WorkspacePatch, page_token};
 use crate::workspaces::Workspaces;
 
 /// What an update mask may name.
-const MASK_PATHS: &[&str] = &["name", "plan", "rate_limits"];
+const MASK_PATHS: &[&str] = &["name", "plan", "rate_limits", "budget"];
 
 pub struct WorkspaceApi {
     workspaces: Arc<Workspaces>,
@@ -39,6 +40,7 @@ impl WorkspaceApi {
             api_keys_allowed: policy.api_keys,
             byok_allowed: policy.byok,
             rate_limits: w.rate_limits.iter().map(convert::rate_limit_pb).collect(),
+            budget: convert::pool_budget_pb(w.budget.as_ref(), w.spend, self.workspaces.now()),
         }
     }
 }
@@ -144,6 +146,9 @@ impl WorkspaceService for WorkspaceApi {
                     patch.rate_limits =
                         Some(convert::rate_limits(&r.rate_limits, "rate_limits", v));
                 }
+                "budget" => {
+                    patch.budget = Some(convert::pool_budget(r.budget.as_ref(), "budget", v))
+                }
                 other => convert::unknown_mask_path(other, MASK_PATHS, v),
             }
         }
@@ -174,6 +179,7 @@ impl WorkspaceService for WorkspaceApi {
             r.workspace_id,
             &owner,
             &limits,
+            self.workspaces.now(),
         )))
     }
 
@@ -186,16 +192,18 @@ impl WorkspaceService for WorkspaceApi {
         v.workspace_id("workspace_id", &r.workspace_id);
         let owner = convert::owner(r.owner.as_ref(), "owner", v);
         let limits = convert::rate_limits(&r.rate_limits, "rate_limits", v);
+        let budget = convert::pool_budget(r.budget.as_ref(), "budget", v);
         let actor = convert::actor(r.actor.as_ref(), v);
         let (acting, owner) = m.acting_with(actor, owner)?;
         let limits = self
             .workspaces
-            .set_owner_limits(&acting, &r.workspace_id, &owner, limits)
+            .set_owner_limits(&acting, &r.workspace_id, &owner, limits, budget)
             .await?;
         Ok(Response::new(owner_limits_pb(
             r.workspace_id,
             &owner,
             &limits,
+            self.workspaces.now(),
         )))
     }
 }
@@ -203,11 +211,17 @@ impl WorkspaceService for WorkspaceApi {
 fn owner_limits_pb(
     workspace_id: String,
     owner: &Owner,
-    limits: &[RateLimit],
+    pool: &OwnerPool,
+    now: Micros,
 ) -> proto::OwnerLimits {
     proto::OwnerLimits {
         workspace_id,
         owner: Some(convert::owner_pb(owner)),
-        rate_limits: limits.iter().map(convert::rate_limit_pb).collect(),
+        rate_limits: pool
+            .rate_limits
+            .iter()
+            .map(convert::rate_limit_pb)
+            .collect(),
+        budget: convert::pool_budget_pb(pool.budget.as_ref(), pool.spend, now),
     }
 }

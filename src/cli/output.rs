@@ -363,13 +363,45 @@ pub fn key_info_json(k: &proto::KeyInfo) -> Value {
 
 /// A key's budget period as `--budget-period` takes it.
 fn budget_period(k: &proto::KeyInfo) -> String {
-    match proto::BudgetPeriod::try_from(k.budget_period) {
+    period_text(k.budget_period, k.budget_period_days)
+}
+
+/// A budget period as `--budget-period` takes it.
+fn period_text(period: i32, days: u32) -> String {
+    match proto::BudgetPeriod::try_from(period) {
         Ok(proto::BudgetPeriod::Unspecified) => "lifetime".into(),
         Ok(proto::BudgetPeriod::Daily) => "daily".into(),
         Ok(proto::BudgetPeriod::Weekly) => "weekly".into(),
         Ok(proto::BudgetPeriod::Monthly) => "monthly".into(),
-        Ok(proto::BudgetPeriod::RollingDays) => format!("{}d", k.budget_period_days),
-        Err(_) => unknown(k.budget_period),
+        Ok(proto::BudgetPeriod::RollingDays) => format!("{days}d"),
+        Err(_) => unknown(period),
+    }
+}
+
+/// A pool's budget in JSON (`null` for none).
+fn pool_budget_json(b: Option<&proto::PoolBudget>) -> Value {
+    match b {
+        None => Value::Null,
+        Some(b) => json!({
+            "max_budget_micros": b.max_budget_micros,
+            "budget_period": period_text(b.budget_period, b.budget_period_days),
+            "spent_micros": b.spent_micros,
+            "budget_period_start": time(b.budget_period_start.as_ref()),
+            "budget_resets_at": time(b.budget_resets_at.as_ref()),
+        }),
+    }
+}
+
+/// A pool's budget in a table: `500.00 monthly, spent 12.50`, or `none`.
+fn pool_budget_cell(b: Option<&proto::PoolBudget>) -> String {
+    match b {
+        None => "none".to_owned(),
+        Some(b) => format!(
+            "{} {}, spent {}",
+            money(b.max_budget_micros),
+            period_text(b.budget_period, b.budget_period_days),
+            money(b.spent_micros)
+        ),
     }
 }
 
@@ -457,6 +489,7 @@ pub fn team_json(t: &proto::Team) -> Value {
             "resource_access": reach_json(p.resource_access.as_ref()),
         },
         "pool": t.rate_limits.iter().map(rate_limit_json).collect::<Vec<_>>(),
+        "pool_budget": pool_budget_json(t.budget.as_ref()),
         "created_at": time(t.created_at.as_ref()),
         "updated_at": time(t.updated_at.as_ref()),
     })
@@ -486,6 +519,7 @@ pub fn team_fields(t: &proto::Team) -> Vec<(&'static str, String)> {
         ("rate_limit_ceilings", ceilings),
         ("resource_access", reach_cell(p.resource_access.as_ref())),
         ("pool", pool_cell(&t.rate_limits)),
+        ("pool_budget", pool_budget_cell(t.budget.as_ref())),
         ("created_at", time_cell(t.created_at.as_ref())),
         ("updated_at", time_cell(t.updated_at.as_ref())),
     ]
@@ -658,6 +692,7 @@ pub fn owner_limits_json(o: &proto::OwnerLimits) -> Value {
         "workspace_id": o.workspace_id,
         "owner": owner(o.owner.as_ref()),
         "pool": o.rate_limits.iter().map(rate_limit_json).collect::<Vec<_>>(),
+        "pool_budget": pool_budget_json(o.budget.as_ref()),
     })
 }
 
@@ -666,6 +701,7 @@ pub fn owner_limits_fields(o: &proto::OwnerLimits) -> Vec<(&'static str, String)
         ("workspace_id", o.workspace_id.clone()),
         ("owner", owner(o.owner.as_ref()).unwrap_or_default()),
         ("pool", pool_cell(&o.rate_limits)),
+        ("pool_budget", pool_budget_cell(o.budget.as_ref())),
     ]
 }
 
@@ -718,6 +754,7 @@ pub fn workspace_json(w: &proto::Workspace) -> Value {
         "api_keys_allowed": w.api_keys_allowed,
         "byok_allowed": w.byok_allowed,
         "pool": w.rate_limits.iter().map(rate_limit_json).collect::<Vec<_>>(),
+        "pool_budget": pool_budget_json(w.budget.as_ref()),
         "created_at": time(w.created_at.as_ref()),
         "updated_at": time(w.updated_at.as_ref()),
     })
@@ -746,6 +783,7 @@ pub fn workspace_fields(w: &proto::Workspace) -> Vec<(&'static str, String)> {
         ("api_keys_allowed", w.api_keys_allowed.to_string()),
         ("byok_allowed", w.byok_allowed.to_string()),
         ("pool", pool_cell(&w.rate_limits)),
+        ("pool_budget", pool_budget_cell(w.budget.as_ref())),
         ("created_at", time_cell(w.created_at.as_ref())),
         ("updated_at", time_cell(w.updated_at.as_ref())),
     ]

@@ -23,12 +23,40 @@ pub struct PoolArgs {
     /// pool): rpm, rph, rpd, tpm, tpd. E.g. --pool rpm=1000.
     #[arg(long = "pool", value_parser = parse::limit, value_name = "KIND=N", conflicts_with = "no_pool")]
     pub pool: Vec<proto::RateLimit>,
-    /// Remove the pool.
+    /// Remove the pool's limits.
     #[arg(long)]
     pub no_pool: bool,
+    /// The pool's spend ceiling, in currency units (e.g. 500 or 12.50): what every key
+    /// here may spend together in each period.
+    #[arg(long, value_parser = parse::money_micros, value_name = "AMOUNT", conflicts_with = "no_pool_budget")]
+    pub pool_budget: Option<u64>,
+    /// How often the pool's budget starts again: lifetime (default), daily, weekly,
+    /// monthly (UTC calendar) or Nd (every N days).
+    #[arg(long, value_parser = parse::budget_period, value_name = "PERIOD", requires = "pool_budget")]
+    pub pool_budget_period: Option<(proto::BudgetPeriod, u32)>,
+    /// Remove the pool's budget.
+    #[arg(long)]
+    pub no_pool_budget: bool,
 }
 
 impl PoolArgs {
+    /// The budget to set, if the flags name one (`Some(None)`: remove it).
+    pub fn budget(&self) -> Option<Option<proto::PoolBudget>> {
+        if self.no_pool_budget {
+            return Some(None);
+        }
+        let max = self.pool_budget?;
+        let (period, days) = self
+            .pool_budget_period
+            .unwrap_or((proto::BudgetPeriod::Unspecified, 0));
+        Some(Some(proto::PoolBudget {
+            max_budget_micros: max,
+            budget_period: period as i32,
+            budget_period_days: days,
+            ..Default::default()
+        }))
+    }
+
     /// The pool to set, if the flags name one (`--no-pool`: an empty one).
     pub fn limits(&self) -> Option<Vec<proto::RateLimit>> {
         if self.no_pool {

@@ -232,9 +232,10 @@ pub async fn run(args: TeamsArgs) -> Result<ExitCode, CliError> {
 /// between the two is lost; the audit log shows both).
 async fn update(session: &Session, a: UpdateArgs) -> Result<Option<proto::Team>, CliError> {
     let pool = a.pool.limits();
-    if a.name.is_none() && !a.policy.given() && pool.is_none() {
+    let budget = a.pool.budget();
+    if a.name.is_none() && !a.policy.given() && pool.is_none() && budget.is_none() {
         return Err(CliError::Usage(
-            "nothing to change: give --name, a policy flag, --pool or --no-pool".into(),
+            "nothing to change: give --name, a policy flag, --pool, --no-pool, --pool-budget or --no-pool-budget".into(),
         ));
     }
     let mut client = session.teams();
@@ -260,6 +261,9 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<Option<proto::Team>,
     if pool.is_some() {
         paths.push("rate_limits".to_owned());
     }
+    if budget.is_some() {
+        paths.push("budget".to_owned());
+    }
     Ok(client
         .update_team(proto::UpdateTeamRequest {
             workspace_id: a.team.workspace,
@@ -268,6 +272,7 @@ async fn update(session: &Session, a: UpdateArgs) -> Result<Option<proto::Team>,
             name: a.name.unwrap_or_default(),
             policy,
             rate_limits: pool.unwrap_or_default(),
+            budget: budget.flatten(),
             update_mask: Some(prost_types::FieldMask { paths }),
         })
         .await?

@@ -38,7 +38,7 @@ enum WorkspacesCommand {
 }
 
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["name", "plan", "pool", "no_pool"])))]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["name", "plan", "pool", "no_pool", "pool_budget", "no_pool_budget"])))]
 struct UpdateArgs {
     /// The workspace's id.
     workspace_id: String,
@@ -129,6 +129,10 @@ pub async fn run(args: WorkspacesArgs) -> Result<ExitCode, CliError> {
             if pool.is_some() {
                 paths.push("rate_limits".to_owned());
             }
+            let budget = a.pool.budget();
+            if budget.is_some() {
+                paths.push("budget".to_owned());
+            }
             session
                 .workspaces()
                 .update_workspace(proto::UpdateWorkspaceRequest {
@@ -137,6 +141,7 @@ pub async fn run(args: WorkspacesArgs) -> Result<ExitCode, CliError> {
                     name: a.name.unwrap_or_default(),
                     plan: a.plan.map_or(proto::Plan::Unspecified, plan) as i32,
                     rate_limits: pool.unwrap_or_default(),
+                    budget: budget.flatten(),
                     update_mask: Some(prost_types::FieldMask { paths }),
                 })
                 .await?
@@ -200,23 +205,28 @@ async fn list(session: &Session, a: ListArgs) -> Result<ExitCode, CliError> {
 
 async fn owner_limits(session: &Session, a: OwnerLimitsArgs) -> Result<ExitCode, CliError> {
     let mut client = session.workspaces();
-    let limits = match a.pool.limits() {
-        Some(rate_limits) => client
+    let current = client
+        .get_owner_limits(proto::GetOwnerLimitsRequest {
+            workspace_id: a.workspace_id.clone(),
+            owner: Some(a.owner.clone()),
+        })
+        .await?
+        .into_inner();
+    // The pool is set whole: what the flags do not name stays as it is.
+    let (rate_limits, budget) = (a.pool.limits(), a.pool.budget());
+    let limits = if rate_limits.is_none() && budget.is_none() {
+        current
+    } else {
+        client
             .set_owner_limits(proto::SetOwnerLimitsRequest {
                 workspace_id: a.workspace_id,
                 owner: Some(a.owner),
-                rate_limits,
+                rate_limits: rate_limits.unwrap_or(current.rate_limits),
+                budget: budget.unwrap_or(current.budget),
                 actor: Some(a.actor.proto()),
             })
             .await?
-            .into_inner(),
-        None => client
-            .get_owner_limits(proto::GetOwnerLimitsRequest {
-                workspace_id: a.workspace_id,
-                owner: Some(a.owner),
-            })
-            .await?
-            .into_inner(),
+            .into_inner()
     };
     match session.format {
         Format::Json => output::emit_json(&output::owner_limits_json(&limits))?,

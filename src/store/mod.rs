@@ -36,7 +36,7 @@ use crate::domain::event::{EventBounds, KeyEvent};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
-use crate::domain::pools::Pool;
+use crate::domain::pools::{Pool, PoolBudget, StoredSpend};
 use crate::domain::provider_key::{Provider, ProviderKeyRecord};
 use crate::domain::rollup::{Granularity, GroupBy, Tally};
 use crate::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
@@ -236,6 +236,8 @@ pub struct TeamPatch {
     pub policy: Option<TeamPolicy>,
     /// The team's pool.
     pub rate_limits: Option<Vec<RateLimit>>,
+    /// The team pool's budget (`Some(None)` removes it); its anchor is set by the store.
+    pub budget: Option<Option<PoolBudget>>,
 }
 
 /// The fields an update changes; `None` leaves a field as it is.
@@ -262,6 +264,17 @@ pub struct WorkspacePatch {
     pub plan: Option<Plan>,
     /// The workspace's pool.
     pub rate_limits: Option<Vec<RateLimit>>,
+    /// The workspace pool's budget (`Some(None)` removes it); its anchor is set by the
+    /// store.
+    pub budget: Option<Option<PoolBudget>>,
+}
+
+/// An owner's pool as stored: none is all empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerPool {
+    pub rate_limits: Vec<RateLimit>,
+    pub budget: Option<PoolBudget>,
+    pub spend: StoredSpend,
 }
 
 /// The most keys the usage book gives [`UsageStore::record_usage`] at once, so that the rows
@@ -443,6 +456,15 @@ pub trait UsageStore: Send + Sync + 'static {
         batch: &[UsageDelta],
     ) -> Result<Vec<(String, u64, Micros)>, StoreError>;
 
+    /// [`UsageStore::record_usage`] for pools: each delta's `key_id` is a pool's counter
+    /// name ([`crate::domain::pools::PoolOf::of_counter`]), its spend added to the pool's
+    /// row (the workspace, the team, the owner's limits) in one transaction that writes
+    /// the whole batch or nothing. Returns the spend of every pool row that exists.
+    async fn record_pool_usage(
+        &self,
+        batch: &[UsageDelta],
+    ) -> Result<Vec<(String, u64, Micros)>, StoreError>;
+
     /// Adds each tally to its key's row of its granularity and bucket (created at zero),
     /// in one statement that writes the whole batch or nothing. Rows of keys that do not
     /// exist are skipped. A batch names each (key, granularity, bucket) once.
@@ -537,24 +559,26 @@ pub trait WorkspaceStore: Send + Sync + 'static {
         audit: &AuditContext,
     ) -> Result<(Workspace, Vec<KeyHash>), StoreError>;
 
-    /// The limits of the pool `owner`'s keys in the workspace share (empty: none).
+    /// The pool `owner`'s keys in the workspace share (all empty: none).
     async fn owner_limits(
         &self,
         workspace_id: &str,
         owner: &Owner,
-    ) -> Result<Vec<RateLimit>, StoreError>;
+    ) -> Result<OwnerPool, StoreError>;
 
-    /// Sets the owner's pool (empty removes it) under the workspace row's share lock,
-    /// [`StoreError::NotFound`] without the workspace. A change reloads the owner's keys
-    /// (an event each) and returns their secret hashes.
+    /// Sets the owner's pool (no limits and no budget removes it) under the workspace
+    /// row's share lock, [`StoreError::NotFound`] without the workspace. A change reloads
+    /// the owner's keys (an event each); returns the pool as stored and their secret
+    /// hashes.
     async fn set_owner_limits(
         &self,
         workspace_id: &str,
         owner: &Owner,
         limits: &[RateLimit],
+        budget: Option<PoolBudget>,
         now: Micros,
         audit: &AuditContext,
-    ) -> Result<Vec<KeyHash>, StoreError>;
+    ) -> Result<(OwnerPool, Vec<KeyHash>), StoreError>;
 }
 
 /// Teams and their service accounts.

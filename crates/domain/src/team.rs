@@ -62,6 +62,10 @@ pub struct Team {
     pub policy: TeamPolicy,
     /// The pool every key of the team counts against (empty: none).
     pub rate_limits: Vec<RateLimit>,
+    /// The pool's spend ceiling, if any.
+    pub budget: Option<crate::pools::PoolBudget>,
+    /// The pool's spend as stored, with its epoch.
+    pub spend: crate::pools::StoredSpend,
     pub created_at: Micros,
     pub updated_at: Micros,
 }

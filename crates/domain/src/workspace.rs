@@ -41,6 +41,10 @@ pub struct Workspace {
     pub plan: Plan,
     /// The pool every key of the workspace counts against (empty: none).
     pub rate_limits: Vec<RateLimit>,
+    /// The pool's spend ceiling, if any.
+    pub budget: Option<crate::pools::PoolBudget>,
+    /// The pool's spend as stored, with its epoch.
+    pub spend: crate::pools::StoredSpend,
     pub created_at: Micros,
     pub updated_at: Micros,
 }

@@ -14,7 +14,7 @@ use crate::domain::event::{EventKind, KeyEvent, split_hashes};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::{Environment, KeyHash};
 use crate::domain::limits::{self, RateLimit};
-use crate::domain::pools::Pool;
+use crate::domain::pools::{Pool, PoolBudget, StoredSpend};
 
 use crate::store::{AuditOutcome, AuditRecord, FoundSecret, StoreError};
 
@@ -32,7 +32,8 @@ pub(crate) use key_columns;
 /// Every column of `teams`, as [`TeamRow`] reads them.
 macro_rules! team_columns {
     () => {
-        "workspace_id, team_id, name, policy, rate_limits, created_at, updated_at"
+        "workspace_id, team_id, name, policy, rate_limits, created_at, updated_at, budget, \
+         spent_micros, spend_epoch"
     };
 }
 pub(crate) use team_columns;
@@ -171,6 +172,9 @@ pub(crate) struct TeamRow {
     rate_limits: String,
     created_at: i64,
     updated_at: i64,
+    budget: String,
+    spent_micros: i64,
+    spend_epoch: i64,
 }
 
 impl TryFrom<TeamRow> for crate::domain::team::Team {
@@ -181,6 +185,8 @@ impl TryFrom<TeamRow> for crate::domain::team::Team {
             policy: serde_json::from_str(&r.policy)
                 .map_err(|_| StoreError::Corrupt(format!("team {}: policy", r.team_id)))?,
             rate_limits: pool_limits(&r.rate_limits, "team", &r.team_id)?,
+            budget: pool_budget(&r.budget, "team", &r.team_id)?,
+            spend: stored_spend(r.spent_micros, r.spend_epoch),
             workspace_id: r.workspace_id,
             team_id: r.team_id,
             name: r.name,
@@ -259,7 +265,13 @@ pub(crate) struct FoundRow {
     secret_valid_until: Option<i64>,
     workspace_plan: Option<String>,
     workspace_limits: Option<String>,
+    workspace_budget: Option<String>,
+    workspace_spent: Option<i64>,
+    workspace_epoch: Option<i64>,
     owner_limits: Option<String>,
+    owner_budget: Option<String>,
+    owner_spent: Option<i64>,
+    owner_epoch: Option<i64>,
 }
 
 impl TryFrom<FoundRow> for FoundSecret {
@@ -276,16 +288,30 @@ impl TryFrom<FoundRow> for FoundSecret {
         let limits_of = |text: Option<String>, what| {
             pool_limits(text.as_deref().unwrap_or(""), what, &key.workspace_id)
         };
+        let budget_of = |text: Option<String>, what| {
+            pool_budget(text.as_deref().unwrap_or(""), what, &key.workspace_id)
+        };
+        let spend_of = |micros: Option<i64>, epoch: Option<i64>| {
+            stored_spend(micros.unwrap_or(0), epoch.unwrap_or(0))
+        };
         // The team's pool is read with the team, after this row.
         let pools = vec![
             Pool::workspace(
                 &key.workspace_id,
                 limits_of(r.workspace_limits, "workspace")?,
+            )
+            .with_budget(
+                budget_of(r.workspace_budget, "workspace")?,
+                spend_of(r.workspace_spent, r.workspace_epoch),
             ),
             Pool::owner(
                 &key.workspace_id,
                 &key.owner,
                 limits_of(r.owner_limits, "owner limits in workspace")?,
+            )
+            .with_budget(
+                budget_of(r.owner_budget, "owner limits in workspace")?,
+                spend_of(r.owner_spent, r.owner_epoch),
             ),
         ];
         Ok(FoundSecret {
@@ -389,6 +415,9 @@ pub(crate) struct WorkspaceRow {
     rate_limits: String,
     created_at: i64,
     updated_at: i64,
+    budget: String,
+    spent_micros: i64,
+    spend_epoch: i64,
 }
 
 impl TryFrom<WorkspaceRow> for crate::domain::workspace::Workspace {
@@ -400,6 +429,8 @@ impl TryFrom<WorkspaceRow> for crate::domain::workspace::Workspace {
                 StoreError::Corrupt(format!("workspace {}: plan", r.workspace_id))
             })?,
             rate_limits: pool_limits(&r.rate_limits, "workspace", &r.workspace_id)?,
+            budget: pool_budget(&r.budget, "workspace", &r.workspace_id)?,
+            spend: stored_spend(r.spent_micros, r.spend_epoch),
             workspace_id: r.workspace_id,
             name: r.name,
             created_at: r.created_at,
@@ -453,4 +484,22 @@ impl TryFrom<AuditRow> for AuditRecord {
 pub(crate) fn pool_limits(text: &str, what: &str, id: &str) -> Result<Vec<RateLimit>, StoreError> {
     crate::domain::limits::split(text)
         .ok_or_else(|| StoreError::Corrupt(format!("{what} {id}: rate_limits")))
+}
+
+/// A pool's stored budget (`what` and `id` name the row in the error).
+pub(crate) fn pool_budget(
+    text: &str,
+    what: &str,
+    id: &str,
+) -> Result<Option<PoolBudget>, StoreError> {
+    PoolBudget::from_text(text).map_err(|()| StoreError::Corrupt(format!("{what} {id}: budget")))
+}
+
+/// A pool's stored spend: a total the usage statement keeps within `MAX_SPEND_MICROS`, so
+/// never negative.
+pub(crate) fn stored_spend(micros: i64, epoch: i64) -> StoredSpend {
+    StoredSpend {
+        micros: u64::try_from(micros).unwrap_or(0),
+        epoch,
+    }
 }

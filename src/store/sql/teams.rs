@@ -9,6 +9,7 @@
 use crate::domain::Micros;
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits;
+use crate::domain::pools::PoolBudget;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::team::{ServiceAccount, Team};
 use crate::store::sql::keys::Covered;
@@ -123,10 +124,13 @@ where
         if let Some(rate_limits) = &patch.rate_limits {
             team.rate_limits.clone_from(rate_limits);
         }
+        if let Some(budget) = patch.budget {
+            team.budget = PoolBudget::anchored(budget, before.budget.as_ref(), now);
+        }
         team.updated_at = now;
         sqlx::query(
-            "UPDATE teams SET name = $3, policy = $4, updated_at = $5, rate_limits = $6 \
-             WHERE workspace_id = $1 AND team_id = $2",
+            "UPDATE teams SET name = $3, policy = $4, updated_at = $5, rate_limits = $6, \
+             budget = $7 WHERE workspace_id = $1 AND team_id = $2",
         )
         .bind(&team.workspace_id)
         .bind(&team.team_id)
@@ -134,12 +138,14 @@ where
         .bind(policy_json(&team.policy))
         .bind(team.updated_at)
         .bind(limits::join(&team.rate_limits))
+        .bind(PoolBudget::to_text(team.budget.as_ref()))
         .execute(m.conn())
         .await?;
         // A change of the team's reach changes what its keys reach, and of its pool what
         // they count against: every replica reloads them.
         let stale = if before.policy.resource_access == team.policy.resource_access
             && before.rate_limits == team.rate_limits
+            && before.budget == team.budget
         {
             Vec::new()
         } else {

@@ -8,6 +8,7 @@
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 
 use crate::domain::Micros;
+use crate::domain::pools::PoolOf;
 use crate::store::sql::rollups;
 use crate::store::sql::rows::budget_column;
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
@@ -66,6 +67,37 @@ macro_rules! epoch_spend {
     };
 }
 pub(crate) use epoch_spend;
+
+/// A pool's spend statement: the delta (`$3` spend, `$4` epoch) added to the row of
+/// `$table` the rest of `$filter` names (`$1` its workspace, then `$5`, `$6`), `$2` the
+/// ceiling as for keys.
+macro_rules! pool_spend {
+    ($table:literal, $filter:literal) => {
+        concat!(
+            "UPDATE ",
+            $table,
+            " SET ",
+            epoch_spend!($table),
+            " FROM (SELECT CAST($3 AS BIGINT) AS spend, CAST($4 AS BIGINT) AS epoch) AS d \
+             WHERE ",
+            $table,
+            ".workspace_id = $1",
+            $filter,
+            " RETURNING ",
+            $table,
+            ".spent_micros, ",
+            $table,
+            ".spend_epoch"
+        )
+    };
+}
+
+const WORKSPACE_SPEND: &str = pool_spend!("workspaces", "");
+const TEAM_SPEND: &str = pool_spend!("teams", " AND teams.team_id = $5");
+const OWNER_SPEND: &str = pool_spend!(
+    "owner_limits",
+    " AND owner_limits.owner_kind = $5 AND owner_limits.owner_id = $6"
+);
 
 /// The ceiling the usage statements bind as `$2`.
 fn spend_ceiling() -> i64 {
@@ -126,6 +158,46 @@ where
             .into_iter()
             .map(|(key_id, spent, epoch)| (key_id, u64::try_from(spent).unwrap_or(0), epoch))
             .collect())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn record_pool_usage(
+        &self,
+        batch: &[UsageDelta],
+    ) -> Result<Vec<(String, u64, Micros)>, StoreError> {
+        // A statement per pool (a batch holds few: pools are per workspace, team and
+        // owner), one transaction for the batch.
+        let mut tx = self.pool.begin().await?;
+        let mut totals = Vec::with_capacity(batch.len());
+        for d in batch {
+            // A name that is no pool's names no row: nothing to write, no total.
+            let Some(of) = PoolOf::of_counter(&d.key_id) else {
+                continue;
+            };
+            let spend = budget_column(Some(d.spend_micros)).map_or(0, |s| s.min(spend_ceiling()));
+            let (sql, workspace_id) = match &of {
+                PoolOf::Workspace(ws) => (WORKSPACE_SPEND, ws),
+                PoolOf::Team { workspace_id, .. } => (TEAM_SPEND, workspace_id),
+                PoolOf::Owner { workspace_id, .. } => (OWNER_SPEND, workspace_id),
+            };
+            let mut query = sqlx::query_as::<B, (i64, i64)>(sql)
+                .bind(workspace_id.as_str())
+                .bind(spend_ceiling())
+                .bind(spend)
+                .bind(d.epoch);
+            match &of {
+                PoolOf::Workspace(_) => {}
+                PoolOf::Team { team_id, .. } => query = query.bind(team_id.as_str()),
+                PoolOf::Owner { owner, .. } => {
+                    query = query.bind(owner.kind.as_str()).bind(owner.id.as_str());
+                }
+            }
+            if let Some((spent, epoch)) = query.fetch_optional(&mut *tx).await? {
+                totals.push((d.key_id.clone(), u64::try_from(spent).unwrap_or(0), epoch));
+            }
+        }
+        tx.commit().await?;
+        Ok(totals)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -7,19 +7,45 @@ use crate::domain::key::Owner;
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits;
 use crate::domain::limits::RateLimit;
+use crate::domain::pools::PoolBudget;
 use crate::domain::workspace::Workspace;
 use crate::store::sql::keys::Covered;
-use crate::store::sql::rows::{WorkspaceRow, pool_limits};
+use crate::store::sql::rows::{WorkspaceRow, pool_budget, pool_limits, stored_spend};
 use crate::store::sql::{Backend, Bind, Column, SqlStore};
-use crate::store::{AuditContext, StoreError, WorkspacePatch, WorkspaceStore};
+use crate::store::{AuditContext, OwnerPool, StoreError, WorkspacePatch, WorkspaceStore};
 
 /// One workspace by id, every column (`WorkspaceRow`).
-const WORKSPACE_BY_ID: &str = "SELECT workspace_id, name, plan, rate_limits, created_at, \
-     updated_at FROM workspaces WHERE workspace_id = $1";
+const WORKSPACE_BY_ID: &str = concat!(
+    "SELECT ",
+    workspace_columns!(),
+    " FROM workspaces WHERE workspace_id = $1"
+);
 
-/// An owner's pool: its limits as text, or no row.
-const OWNER_LIMITS: &str = "SELECT rate_limits FROM owner_limits WHERE workspace_id = $1 \
-     AND owner_kind = $2 AND owner_id = $3";
+/// Every column of `workspaces`, as [`WorkspaceRow`] reads them.
+macro_rules! workspace_columns {
+    () => {
+        "workspace_id, name, plan, rate_limits, created_at, updated_at, budget, spent_micros, \
+         spend_epoch"
+    };
+}
+use workspace_columns;
+
+/// An owner's pool: its limits and budget as text and its spend, or no row.
+const OWNER_LIMITS: &str = "SELECT rate_limits, budget, spent_micros, spend_epoch \
+     FROM owner_limits WHERE workspace_id = $1 AND owner_kind = $2 AND owner_id = $3";
+
+type OwnerRow = (String, String, i64, i64);
+
+fn owner_pool(row: Option<OwnerRow>, workspace_id: &str) -> Result<OwnerPool, StoreError> {
+    let Some((limits, budget, spent, epoch)) = row else {
+        return Ok(OwnerPool::default());
+    };
+    Ok(OwnerPool {
+        rate_limits: pool_limits(&limits, "owner limits in", workspace_id)?,
+        budget: pool_budget(&budget, "owner limits in", workspace_id)?,
+        spend: stored_spend(spent, epoch),
+    })
+}
 
 #[async_trait::async_trait]
 impl<B: Backend> WorkspaceStore for SqlStore<B>
@@ -76,10 +102,11 @@ where
         after: Option<&str>,
     ) -> Result<Vec<Workspace>, StoreError> {
         // Ids are never empty, so "after the empty string" is from the first.
-        let rows: Vec<WorkspaceRow> = sqlx::query_as(
-            "SELECT workspace_id, name, plan, rate_limits, created_at, updated_at FROM workspaces \
-             WHERE workspace_id > $1 ORDER BY workspace_id LIMIT $2",
-        )
+        let rows: Vec<WorkspaceRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            workspace_columns!(),
+            " FROM workspaces WHERE workspace_id > $1 ORDER BY workspace_id LIMIT $2"
+        ))
         .bind(after.unwrap_or(""))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
@@ -111,22 +138,28 @@ where
         if let Some(rate_limits) = &patch.rate_limits {
             workspace.rate_limits.clone_from(rate_limits);
         }
+        if let Some(budget) = patch.budget {
+            workspace.budget = PoolBudget::anchored(budget, before.budget.as_ref(), now);
+        }
         workspace.updated_at = now;
         sqlx::query(
-            "UPDATE workspaces SET name = $2, plan = $3, updated_at = $4, rate_limits = $5 \
-             WHERE workspace_id = $1",
+            "UPDATE workspaces SET name = $2, plan = $3, updated_at = $4, rate_limits = $5, \
+             budget = $6 WHERE workspace_id = $1",
         )
         .bind(workspace_id)
         .bind(&workspace.name)
         .bind(workspace.plan.as_str())
         .bind(now)
         .bind(limits::join(&workspace.rate_limits))
+        .bind(PoolBudget::to_text(workspace.budget.as_ref()))
         .execute(m.conn())
         .await?;
         // What a plan allows is the deployment's configuration, not the store's: any
         // change of plan reloads the workspace's keys, which a cache then reads with the
         // new plan; so does a change of the workspace's pool. Rare, and one event per key.
-        let stale = if workspace.plan == before.plan && workspace.rate_limits == before.rate_limits
+        let stale = if workspace.plan == before.plan
+            && workspace.rate_limits == before.rate_limits
+            && workspace.budget == before.budget
         {
             Vec::new()
         } else {
@@ -142,18 +175,14 @@ where
         &self,
         workspace_id: &str,
         owner: &Owner,
-    ) -> Result<Vec<RateLimit>, StoreError> {
-        let text: Option<String> = sqlx::query_scalar(OWNER_LIMITS)
+    ) -> Result<OwnerPool, StoreError> {
+        let row: Option<OwnerRow> = sqlx::query_as(OWNER_LIMITS)
             .bind(workspace_id)
             .bind(owner.kind.as_str())
             .bind(&owner.id)
             .fetch_optional(&self.pool)
             .await?;
-        pool_limits(
-            text.as_deref().unwrap_or(""),
-            "owner limits in",
-            workspace_id,
-        )
+        owner_pool(row, workspace_id)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -162,9 +191,10 @@ where
         workspace_id: &str,
         owner: &Owner,
         rate_limits: &[RateLimit],
+        budget: Option<PoolBudget>,
         now: Micros,
         audit: &AuditContext,
-    ) -> Result<Vec<KeyHash>, StoreError> {
+    ) -> Result<(OwnerPool, Vec<KeyHash>), StoreError> {
         let mut m = self.begin().await?;
         let exists: Option<String> = sqlx::query_scalar(B::for_share(
             "SELECT workspace_id FROM workspaces WHERE workspace_id = $1",
@@ -175,18 +205,20 @@ where
         if exists.is_none() {
             return Err(StoreError::NotFound);
         }
-        let before: Option<String> = sqlx::query_scalar(B::for_update(OWNER_LIMITS))
+        let before: Option<OwnerRow> = sqlx::query_as(B::for_update(OWNER_LIMITS))
             .bind(workspace_id)
             .bind(owner.kind.as_str())
             .bind(&owner.id)
             .fetch_optional(m.conn())
             .await?;
-        let before = pool_limits(
-            before.as_deref().unwrap_or(""),
-            "owner limits in",
-            workspace_id,
-        )?;
-        if rate_limits.is_empty() {
+        let before = owner_pool(before, workspace_id)?;
+        let after = OwnerPool {
+            rate_limits: rate_limits.to_vec(),
+            budget: PoolBudget::anchored(budget, before.budget.as_ref(), now),
+            // The spend stays with the row while it lives; a removed pool's goes with it.
+            spend: before.spend,
+        };
+        if after.rate_limits.is_empty() && after.budget.is_none() {
             sqlx::query(
                 "DELETE FROM owner_limits WHERE workspace_id = $1 AND owner_kind = $2 \
                  AND owner_id = $3",
@@ -199,25 +231,27 @@ where
         } else {
             sqlx::query(
                 "INSERT INTO owner_limits (workspace_id, owner_kind, owner_id, rate_limits, \
-                 updated_at) VALUES ($1, $2, $3, $4, $5) \
+                 budget, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (workspace_id, owner_kind, owner_id) \
-                 DO UPDATE SET rate_limits = excluded.rate_limits, updated_at = excluded.updated_at",
+                 DO UPDATE SET rate_limits = excluded.rate_limits, budget = excluded.budget, \
+                 updated_at = excluded.updated_at",
             )
             .bind(workspace_id)
             .bind(owner.kind.as_str())
             .bind(&owner.id)
             .bind(limits::join(rate_limits))
+            .bind(PoolBudget::to_text(after.budget.as_ref()))
             .bind(now)
             .execute(m.conn())
             .await?;
         }
-        let stale = if before.as_slice() == rate_limits {
+        let stale = if before.rate_limits == after.rate_limits && before.budget == after.budget {
             Vec::new()
         } else {
             m.reload_covered(Covered::Owner(workspace_id, owner), now)
                 .await?
         };
         m.commit_with_audit(workspace_id, audit, now).await?;
-        Ok(stale)
+        Ok((after, stale))
     }
 }
