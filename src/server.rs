@@ -21,6 +21,7 @@ use crate::access_groups::AccessGroups;
 use crate::api::access_groups::AccessGroupApi;
 use crate::api::auth::Authenticate;
 use crate::api::auth::{RequireRole, Role};
+use crate::api::connect::{ConnectLayer, Rpcs};
 use crate::api::ext_authz::ExtAuthzApi;
 use crate::api::keys::KeyApi;
 use crate::api::provider_keys::ProviderKeyApi;
@@ -74,6 +75,9 @@ pub enum StartError {
     Kek(String),
     #[error("tls: {0}")]
     Tls(tonic::transport::Error),
+    /// The compiled descriptor set does not decode: a build defect.
+    #[error("the compiled descriptors: {0}")]
+    Descriptors(String),
     /// A service added to the router without a health status, or the reverse: a
     /// programming error, refused at start rather than answered NOT_FOUND to a probe.
     #[error("health reports {reported:?} but the router serves {serving:?}")]
@@ -699,7 +703,10 @@ async fn router(
     metrics: &Arc<Metrics>,
 ) -> Result<
     tonic::transport::server::Router<
-        tower::layer::util::Stack<RpcLayer, tower::layer::util::Identity>,
+        tower::layer::util::Stack<
+            RpcLayer,
+            tower::layer::util::Stack<ConnectLayer, tower::layer::util::Identity>,
+        >,
     >,
     StartError,
 > {
@@ -737,7 +744,13 @@ async fn router(
             role(Role::Verifier),
         )
     });
+    // Connect calls (JSON or binary over HTTP/1.1 or 2) become the gRPC calls they stand
+    // for before anything else sees them, so the same metrics, spans and services serve
+    // both.
+    let rpcs = Arc::new(Rpcs::compiled().map_err(|e| StartError::Descriptors(e.to_string()))?);
     let router = transport(settings)?
+        .accept_http1(true)
+        .layer(ConnectLayer::new(rpcs, max))
         .layer(RpcLayer::new(metrics.clone()))
         .add_service(health)
         .add_service(reflection_v1)

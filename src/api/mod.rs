@@ -6,6 +6,7 @@
 pub mod access_groups;
 pub mod auth;
 pub mod codec;
+pub mod connect;
 pub mod convert;
 pub mod error;
 pub mod ext_authz;
