@@ -363,7 +363,7 @@ async fn errors_come_in_connects_shape_with_its_statuses(backend: Backend) {
 /// issues a key or writes an audit event.
 async fn hostile_json_is_refused_and_changes_nothing(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let mut with = |f: &dyn Fn(&mut Value)| {
+    let with = |f: &dyn Fn(&mut Value)| {
         let mut body = issue_request();
         f(&mut body);
         body.to_string().into_bytes()
