@@ -105,6 +105,13 @@ ensure_doc_tools() {
     hash -r
   fi
   command -v grpcurl >/dev/null 2>&1 || { echo "grpcurl is not on PATH after installing it" >&2; exit 1; }
+  # node and npm: tests/connect_ts.rs runs Connect's TypeScript client (its packages come
+  # from npm, pinned by tests/connect-ts/package-lock.json).
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    log "installing node and npm (Debian packages)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
 }
 
 ensure_postgres
