@@ -68,6 +68,81 @@ pub struct Config {
     pub transport: TransportConfig,
     /// Envoy's external authorization API (`[ext_authz]`).
     pub ext_authz: ExtAuthzConfig,
+    /// HTTP/JSON by the Connect protocol on the gRPC port (`[connect]`).
+    pub connect: ConnectConfig,
+}
+
+/// `[connect]`: the Connect protocol (JSON and binary unary calls over HTTP/1.1 and 2) on
+/// the gRPC port, and CORS for browser consoles (off unless origins are listed).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectConfig {
+    pub enabled: bool,
+    /// Origins a browser may call from (`https://console.example.com`), or `["*"]` for
+    /// any; empty: no CORS headers are sent, and browsers refuse cross-origin calls.
+    pub cors_allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    pub cors_max_age_seconds: u64,
+}
+
+impl Default for ConnectConfig {
+    fn default() -> Self {
+        ConnectConfig {
+            enabled: true,
+            cors_allowed_origins: Vec::new(),
+            cors_max_age_seconds: 600,
+        }
+    }
+}
+
+impl ConnectConfig {
+    fn settings(&self) -> Result<ConnectSettings, ConfigError> {
+        let cors = if self.cors_allowed_origins.is_empty() {
+            None
+        } else if self.cors_allowed_origins.iter().any(|o| o == "*") {
+            if self.cors_allowed_origins.len() > 1 {
+                return Err(ConfigError::Connect(
+                    "cors_allowed_origins: \"*\" stands alone".into(),
+                ));
+            }
+            Some(CorsOrigins::Any)
+        } else {
+            let mut origins = Vec::with_capacity(self.cors_allowed_origins.len());
+            for origin in &self.cors_allowed_origins {
+                let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+                    && !origin.ends_with('/')
+                    && http::HeaderValue::from_str(origin).is_ok();
+                if !valid {
+                    return Err(ConfigError::Connect(format!(
+                        "cors_allowed_origins: {origin:?} is not an origin (scheme://host[:port], no path)"
+                    )));
+                }
+                origins.push(origin.clone());
+            }
+            Some(CorsOrigins::List(origins))
+        };
+        Ok(ConnectSettings {
+            enabled: self.enabled,
+            cors,
+            cors_max_age: Duration::from_secs(self.cors_max_age_seconds),
+        })
+    }
+}
+
+/// The Connect protocol as configured.
+#[derive(Debug, Clone)]
+pub struct ConnectSettings {
+    pub enabled: bool,
+    /// `None`: CORS off.
+    pub cors: Option<CorsOrigins>,
+    pub cors_max_age: Duration,
+}
+
+/// Which origins CORS allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    Any,
+    List(Vec<String>),
 }
 
 /// Trace export (`[tracing]`).
@@ -610,6 +685,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             transport: TransportConfig::default(),
             ext_authz: ExtAuthzConfig::default(),
+            connect: ConnectConfig::default(),
         }
     }
 }
@@ -638,6 +714,8 @@ pub enum ConfigError {
     Kek(u32, String),
     #[error("configuration: ext_authz.{0}")]
     ExtAuthz(String),
+    #[error("configuration: connect.{0}")]
+    Connect(String),
     #[error("configuration: tls.{0}")]
     Tls(String),
 }
@@ -710,7 +788,9 @@ impl Config {
             keks.push((kek.version, kek.material()?));
         }
         let ext_authz = Arc::new(self.ext_authz.settings()?);
+        let connect = self.connect.settings()?;
         Ok(Settings {
+            connect,
             tls: self.tls.settings()?,
             transport: self.transport.settings(),
             ext_authz,
@@ -765,7 +845,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 19] = [
+const SETTINGS: [&str; 20] = [
     "tracing",
     "tls",
     "transport",
@@ -785,6 +865,7 @@ const SETTINGS: [&str; 19] = [
     "plans",
     "keks",
     "ext_authz",
+    "connect",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -830,6 +911,8 @@ pub struct Settings {
     pub transport: TransportSettings,
     /// Envoy's external authorization API.
     pub ext_authz: Arc<ExtAuthzSettings>,
+    /// HTTP/JSON by the Connect protocol, and CORS.
+    pub connect: ConnectSettings,
 }
 
 /// Where rate-limit counters live.
@@ -1116,6 +1199,40 @@ mod tests {
             "{err}"
         );
         assert!(is_setting("EXT_AUTHZ__RESOURCE_HEADER"));
+    }
+
+    #[test]
+    fn connect_is_on_cors_off_by_default_and_origins_are_checked() {
+        let load = |toml: &str| {
+            let config: Config = Figment::new()
+                .merge(Toml::string(&format!(
+                    "database_url = \"sqlite::memory:\"\n[connect]\n{toml}"
+                )))
+                .extract()
+                .unwrap();
+            config.into_settings()
+        };
+        let s = load("").unwrap();
+        assert!(s.connect.enabled);
+        assert_eq!(s.connect.cors, None);
+        let s = load("cors_allowed_origins = [\"https://console.example\"]").unwrap();
+        assert_eq!(
+            s.connect.cors,
+            Some(CorsOrigins::List(vec!["https://console.example".into()]))
+        );
+        assert_eq!(
+            load("cors_allowed_origins = [\"*\"]").unwrap().connect.cors,
+            Some(CorsOrigins::Any)
+        );
+        for bad in [
+            "[\"console.example\"]",
+            "[\"https://console.example/\"]",
+            "[\"*\", \"https://a.example\"]",
+        ] {
+            let err = load(&format!("cors_allowed_origins = {bad}")).unwrap_err();
+            assert!(matches!(err, ConfigError::Connect(_)), "{bad}: {err}");
+        }
+        assert!(is_setting("CONNECT__ENABLED"));
     }
 
     #[test]

@@ -694,6 +694,40 @@ fn reflection(settings: &Settings) -> tonic_reflection::server::Builder<'static>
     }
 }
 
+/// CORS for browser consoles calling by the Connect protocol, when origins are
+/// configured: the methods and headers Connect's clients send (and `authorization`), the
+/// gRPC status headers they may read.
+fn cors(settings: &crate::config::ConnectSettings) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins = settings.cors.as_ref()?;
+    let allow = match origins {
+        crate::config::CorsOrigins::Any => AllowOrigin::any(),
+        crate::config::CorsOrigins::List(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|o| http::HeaderValue::from_str(o).ok()),
+        ),
+    };
+    let header = http::HeaderName::from_static;
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([http::Method::POST, http::Method::GET])
+            .allow_headers([
+                http::header::CONTENT_TYPE,
+                http::header::AUTHORIZATION,
+                header("connect-protocol-version"),
+                header("connect-timeout-ms"),
+                header("x-user-agent"),
+            ])
+            .expose_headers([
+                header("grpc-status"),
+                header("grpc-message"),
+                header("grpc-status-details-bin"),
+            ])
+            .max_age(settings.cors_max_age),
+    )
+}
+
 /// The gRPC router: health and reflection, then every service behind its caller check.
 /// Health reports on exactly the services added ([`Served`]).
 async fn router(
@@ -705,7 +739,13 @@ async fn router(
     tonic::transport::server::Router<
         tower::layer::util::Stack<
             RpcLayer,
-            tower::layer::util::Stack<ConnectLayer, tower::layer::util::Identity>,
+            tower::layer::util::Stack<
+                ConnectLayer,
+                tower::layer::util::Stack<
+                    tower::util::Either<tower_http::cors::CorsLayer, tower::layer::util::Identity>,
+                    tower::layer::util::Identity,
+                >,
+            >,
         >,
     >,
     StartError,
@@ -750,7 +790,8 @@ async fn router(
     let rpcs = Arc::new(Rpcs::compiled().map_err(|e| StartError::Descriptors(e.to_string()))?);
     let router = transport(settings)?
         .accept_http1(true)
-        .layer(ConnectLayer::new(rpcs, max))
+        .layer(tower::util::option_layer(cors(&settings.connect)))
+        .layer(ConnectLayer::new(rpcs, max, settings.connect.enabled))
         .layer(RpcLayer::new(metrics.clone()))
         .add_service(health)
         .add_service(reflection_v1)

@@ -444,3 +444,129 @@ both_backends!(
     errors_come_in_connects_shape_with_its_statuses,
     hostile_json_is_refused_and_changes_nothing,
 );
+
+/// CORS is off by default (no `access-control-*` headers, so browsers refuse); with
+/// origins configured, a preflight from one of them is answered with what Connect's
+/// browser clients need, and one from elsewhere is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_off_by_default_and_allows_only_configured_origins() {
+    let preflight = |app: &TestApp, origin: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "-i", "-X", "OPTIONS", "-H"])
+            .arg(format!("origin: {origin}"))
+            .args([
+                "-H",
+                "access-control-request-method: POST",
+                "-H",
+                "access-control-request-headers: content-type,authorization,connect-protocol-version",
+            ])
+            .arg(format!(
+                "http://{}/keywarden.v1.KeyService/IssueKey",
+                app.server().addr()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_lowercase()
+    };
+    let off = TestApp::spawn(Backend::Sqlite).await;
+    assert!(!preflight(&off, "https://console.example").contains("access-control-allow-origin"));
+    let answer = curl(
+        &off,
+        "keywarden.v1.VerifyService/VerifyKey",
+        Some(VERIFIER_TOKEN),
+        "application/json",
+        b"{}",
+        &["-H", "origin: https://console.example"],
+    );
+    assert!(!answer.headers.contains("access-control-allow-origin"));
+
+    let on = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.connect.cors = Some(keywarden::config::CorsOrigins::List(vec![
+            "https://console.example".into(),
+        ]));
+    })
+    .await;
+    let allowed = preflight(&on, "https://console.example");
+    assert!(
+        allowed.contains("access-control-allow-origin: https://console.example"),
+        "{allowed}"
+    );
+    assert!(allowed.contains("authorization"), "{allowed}");
+    assert!(allowed.contains("connect-protocol-version"), "{allowed}");
+    assert!(!preflight(&on, "https://evil.example").contains("access-control-allow-origin"));
+    let answer = curl(
+        &on,
+        "keywarden.v1.VerifyService/VerifyKey",
+        Some(VERIFIER_TOKEN),
+        "application/json",
+        b"{}",
+        &["-H", "origin: https://console.example"],
+    );
+    assert!(
+        answer
+            .headers
+            .contains("access-control-allow-origin: https://console.example"),
+        "{}",
+        answer.headers
+    );
+}
+
+/// `GET /openapi.json`: the JSON surface, a path for every unary RPC the server routes,
+/// and the operation it describes answers as described.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_unary_call() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let out = Command::new("curl")
+        .args(["-sS", "-f"])
+        .arg(format!("http://{}/openapi.json", app.server().addr()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    let paths = doc["paths"].as_object().unwrap();
+    let rpcs = keywarden::api::connect::Rpcs::compiled().unwrap();
+    let mut unary: Vec<&str> = rpcs.unary_paths().collect();
+    unary.sort_unstable();
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort_unstable();
+    assert_eq!(documented, unary);
+    let verify = &paths["/keywarden.v1.VerifyService/VerifyKey"]["post"];
+    assert_eq!(
+        verify["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/keywarden.v1.VerifyKeyRequest"
+    );
+    let schema = &doc["components"]["schemas"]["keywarden.v1.VerifyKeyResponse"]["properties"];
+    let answer = post(
+        &app,
+        "keywarden.v1.VerifyService/VerifyKey",
+        VERIFIER_TOKEN,
+        json!({ "key": app.issue().await.key }),
+    )
+    .json();
+    for field in answer.as_object().unwrap().keys() {
+        assert!(
+            schema.get(field).is_some(),
+            "{field} is answered but not documented"
+        );
+    }
+}
+
+/// `[connect] enabled = false`: a JSON call is not translated (the gRPC server answers
+/// it as the malformed gRPC call it is), and there is no document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_can_be_turned_off() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| s.connect.enabled = false).await;
+    let answer = post(
+        &app,
+        "keywarden.v1.VerifyService/VerifyKey",
+        VERIFIER_TOKEN,
+        json!({ "key": "kw_live_x" }),
+    );
+    assert!(
+        !answer.headers.contains("content-type: application/json"),
+        "{}",
+        answer.headers
+    );
+    assert!(serde_json::from_slice::<Value>(&answer.body).is_err());
+}

@@ -114,6 +114,14 @@ impl Rpcs {
     pub fn pool(&self) -> &DescriptorPool {
         &self.pool
     }
+
+    /// The path of every unary RPC.
+    pub fn unary_paths(&self) -> impl Iterator<Item = &str> {
+        self.by_path
+            .iter()
+            .filter(|(_, rpc)| rpc.unary)
+            .map(|(path, _)| path.as_str())
+    }
 }
 
 /// Wraps the gRPC router: Connect calls are translated, everything else passes through.
@@ -122,11 +130,21 @@ pub struct ConnectLayer {
     rpcs: Arc<Rpcs>,
     /// The largest request message taken (the gRPC services' own limit).
     max_bytes: usize,
+    /// The OpenAPI document served at `GET /openapi.json`; `None`: Connect is off, and
+    /// every call passes through to gRPC as it came.
+    openapi: Option<Bytes>,
 }
 
 impl ConnectLayer {
-    pub fn new(rpcs: Arc<Rpcs>, max_bytes: usize) -> Self {
-        ConnectLayer { rpcs, max_bytes }
+    /// Connect on (`enabled`), or every call passed through.
+    pub fn new(rpcs: Arc<Rpcs>, max_bytes: usize, enabled: bool) -> Self {
+        let openapi =
+            enabled.then(|| Bytes::from(super::openapi::document(rpcs.pool()).to_string()));
+        ConnectLayer {
+            rpcs,
+            max_bytes,
+            openapi,
+        }
     }
 }
 
@@ -164,8 +182,19 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let Some(openapi) = &self.layer.openapi else {
+            return Either::Left(self.inner.call(request));
+        };
         let encoding = match Encoding::of(request.headers()) {
             Some(encoding) if request.method() == Method::POST => encoding,
+            None if request.method() == Method::GET && request.uri().path() == "/openapi.json" => {
+                let mut response = Response::new(Body::new(Full::new(openapi.clone())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                return Either::Right(Box::pin(async move { Ok(response) }));
+            }
             _ => return Either::Left(self.inner.call(request)),
         };
         // The ready service answers this call; a clone takes its place for the next.

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ext_authz;
 pub mod keys;
 pub mod mutation;
+pub mod openapi;
 pub mod provider_keys;
 pub mod revocations;
 pub mod teams;

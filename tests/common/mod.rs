@@ -397,6 +397,11 @@ pub fn test_settings(db: &TestDb) -> Settings {
             keywarden::config::KekMaterial::Raw(zeroize::Zeroizing::new([1u8; 32])),
         )],
         ext_authz: Default::default(),
+        connect: keywarden::config::ConnectSettings {
+            enabled: true,
+            cors: None,
+            cors_max_age: std::time::Duration::from_secs(600),
+        },
         // Tests write usage when they mean to (`RunningServer::flush_usage`), so "not
         // written yet" is never a race with the periodic flush.
         usage_flush_interval: std::time::Duration::from_secs(3600),
