@@ -11,7 +11,9 @@
 //!   "<role> token:" line` gets that line of the server's output, as a reader pastes it;
 //! - every command (a line, with its `\` continuations) must exit 0, unless its comment
 //!   says `exit N`: then it must exit N;
-//! - a comment `prints: TEXT` (after any `exit N`) means its output must contain TEXT.
+//! - a comment `prints: TEXT` (after any `exit N`) means its output must contain TEXT;
+//! - `cd tests/` enters that folder of this repository (the session runs elsewhere, so
+//!   that nothing it writes lands in the tree but what the command itself writes there).
 
 mod common;
 mod process_harness;
@@ -151,7 +153,11 @@ fn split_comment(line: &str) -> (&str, Option<&str>) {
 fn substitute(step: &Step, server: &Server) -> String {
     let mut command = step
         .command
-        .replace("127.0.0.1:50051", &server.addr.to_string());
+        .replace("127.0.0.1:50051", &server.addr.to_string())
+        .replace(
+            "cd tests/",
+            &format!("cd {}/tests/", env!("CARGO_MANIFEST_DIR")),
+        );
     if let Some(role) = step
         .comment
         .split("the \"")
@@ -314,4 +320,22 @@ async fn every_command_of_the_readme_runs_as_printed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_of_the_envoy_guide_runs_as_printed() {
     runs_as_printed("docs/envoy.md", 6).await;
+}
+
+/// The TypeScript the README shows is the client tests/connect_ts.rs runs: each `ts`
+/// block is a verbatim excerpt of tests/connect-ts/client.ts.
+#[test]
+fn the_readme_s_typescript_is_the_client_the_tests_run() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let client = std::fs::read_to_string(format!("{root}/tests/connect-ts/client.ts")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```ts\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .collect();
+    assert!(!blocks.is_empty(), "the README shows no TypeScript");
+    for block in blocks {
+        assert!(client.contains(block), "not in client.ts:\n{block}");
+    }
 }

@@ -4,8 +4,8 @@
 // makes one call Keywarden refuses, then prints what it saw as one JSON object for
 // tests/connect_ts.rs to check.
 //
-// Environment: KEYWARDEN_URL (http://host:port), ADMIN_TOKEN, VERIFIER_TOKEN, and
-// HTTP_VERSION ("1.1" or "2").
+// Environment: KEYWARDEN_URL (http://host:port), ADMIN_TOKEN, VERIFIER_TOKEN,
+// HTTP_VERSION ("1.1" or "2") and WORKSPACE_ID (an existing workspace; ws_test unset).
 
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
@@ -34,9 +34,10 @@ const transport = (token: string) =>
 const keys = createClient(KeyService, transport(env("ADMIN_TOKEN")));
 const verifier = createClient(VerifyService, transport(env("VERIFIER_TOKEN")));
 const actor = { id: "user_1", permissions: ["admin", "read"] };
+const workspaceId = process.env.WORKSPACE_ID ?? "ws_test";
 
 const issued = await keys.issueKey({
-  workspaceId: "ws_test",
+  workspaceId,
   name: "from typescript",
   environment: Environment.LIVE,
   scopes: ["read"],
@@ -47,7 +48,7 @@ const keyId = issued.keyInfo?.keyId ?? "";
 const first = await verifier.verifyKey({ key: issued.key });
 await keys.revokeKey({ keyId, reason: "rotated out", actor });
 const second = await verifier.verifyKey({ key: issued.key });
-const audit = await keys.listAuditEvents({ workspaceId: "ws_test", keyId });
+const audit = await keys.listAuditEvents({ workspaceId, keyId });
 
 let refusal: { code: string; reason: string; detailTypes: string[] } | null = null;
 try {
