@@ -21,7 +21,7 @@ pub fn grpc_frame(message: &impl Message) -> Vec<u8> {
     frame
 }
 
-/// The h2load command line the report documents (and this module runs).
+/// The h2load command line the report documents (and this module runs): gRPC.
 pub fn command(
     addr: &str,
     token: &str,
@@ -29,19 +29,38 @@ pub fn command(
     method: &str,
     args: &BenchArgs,
 ) -> Vec<String> {
+    command_as(
+        addr,
+        token,
+        data,
+        method,
+        args,
+        &["content-type: application/grpc", "te: trailers"],
+    )
+}
+
+/// The same with other protocol headers (`content-type: application/json`: Connect).
+fn command_as(
+    addr: &str,
+    token: &str,
+    data: &Path,
+    method: &str,
+    args: &BenchArgs,
+    headers: &[&str],
+) -> Vec<String> {
     let connections = args.connections.max(1);
     let streams = (args.concurrency / connections).max(1);
-    vec![
+    let mut cmd = vec![
         "h2load".into(),
         format!("--duration={}", args.duration.max(1.0).round()),
         format!("--clients={connections}"),
         format!("--max-concurrent-streams={streams}"),
         format!("--data={}", data.display()),
-        "--header=content-type: application/grpc".into(),
-        "--header=te: trailers".into(),
-        format!("--header=authorization: Bearer {token}"),
-        format!("http://{addr}/{method}"),
-    ]
+    ];
+    cmd.extend(headers.iter().map(|h| format!("--header={h}")));
+    cmd.push(format!("--header=authorization: Bearer {token}"));
+    cmd.push(format!("http://{addr}/{method}"));
+    cmd
 }
 
 async fn installed() -> bool {
@@ -160,6 +179,19 @@ pub async fn measure(
     let noop_rps = run(&noop, grpc_frame(&proto::PingRequest {}).len() as u64).await?;
     let (verify, min_answer) = verify_command(dir.path(), server, tokens, hit_key, args)?;
     let verify_hit_rps = run(&verify, min_answer).await?;
+    // verify-json: the same VerifyKey by the Connect protocol, in JSON, right after it.
+    let json = dir.path().join("verify.json");
+    std::fs::write(&json, serde_json::json!({ "key": hit_key }).to_string())?;
+    let verify_json = command_as(
+        &addr,
+        &tokens.verifier,
+        &json,
+        "keywarden.v1.VerifyService/VerifyKey",
+        args,
+        &["content-type: application/json"],
+    );
+    // A valid key's JSON answer holds at least `{"valid":true,"code":"VERIFY_CODE_VALID"`.
+    let verify_json_rps = run(&verify_json, 40).await?;
     // As a reader would type it: the token and this run's port and files elided.
     let redacted = |cmd: Vec<String>| {
         cmd.into_iter()
@@ -186,7 +218,8 @@ pub async fn measure(
         noop_rps,
         verify_hit_rps,
         verify_naive_rps: None,
-        commands: vec![redacted(noop), redacted(verify)],
+        verify_json_rps: Some(verify_json_rps),
+        commands: vec![redacted(noop), redacted(verify), redacted(verify_json)],
     }))
 }
 

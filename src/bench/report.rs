@@ -75,6 +75,9 @@ pub struct H2loadReport {
     pub verify_hit_rps: f64,
     /// VerifyKey on the cache-off server, same key (the naive design's figure).
     pub verify_naive_rps: Option<f64>,
+    /// verify-json: the same VerifyKey by the Connect protocol in JSON, right after
+    /// verify-hit.
+    pub verify_json_rps: Option<f64>,
     /// The exact command lines (caller token elided).
     pub commands: Vec<String>,
 }
@@ -234,6 +237,17 @@ impl BenchReport {
             "| h2load verify-hit / noop (independent client) | | {} |",
             fmt(
                 self.med(|r| r.h2load.as_ref().map(|h| h.verify_hit_rps / h.noop_rps)),
+                3
+            )
+        );
+        let _ = writeln!(
+            s,
+            "| h2load verify-json (Connect, JSON) / verify-hit (gRPC), same server, one after the other | | {} |",
+            fmt(
+                self.med(|r| r
+                    .h2load
+                    .as_ref()
+                    .and_then(|h| Some(h.verify_json_rps? / h.verify_hit_rps))),
                 3
             )
         );
@@ -522,7 +536,7 @@ impl BenchReport {
             let _ = writeln!(s, "\n## Independent check (h2load)\n");
             let _ = writeln!(
                 s,
-                "h2load (Debian's `nghttp2-client`) sends pre-encoded gRPC frames (`ping.bin`: an empty `PingRequest`; `verify.bin`: a `VerifyKeyRequest` with a cached key, each behind gRPC's 5-byte length prefix). A run counts only if every answer carried a gRPC message (an error is HTTP 200 with no DATA). The commands:\n"
+                "h2load (Debian's `nghttp2-client`) sends pre-encoded gRPC frames (`ping.bin`: an empty `PingRequest`; `verify.bin`: a `VerifyKeyRequest` with a cached key, each behind gRPC's 5-byte length prefix), and for verify-json the same request by the Connect protocol (`verify.json`: `{{\"key\": ...}}` as `application/json`). A run counts only if every answer carried a message (a gRPC error is HTTP 200 with no DATA). The commands:\n"
             );
             let _ = writeln!(s, "```sh");
             for c in &h.commands {
