@@ -791,7 +791,12 @@ async fn router(
     let router = transport(settings)?
         .accept_http1(true)
         .layer(tower::util::option_layer(cors(&settings.connect)))
-        .layer(ConnectLayer::new(rpcs, max, settings.connect.enabled))
+        .layer(ConnectLayer::new(
+            rpcs,
+            max,
+            settings.connect.enabled,
+            settings.transport.request_timeout,
+        ))
         .layer(RpcLayer::new(metrics.clone()))
         .add_service(health)
         .add_service(reflection_v1)

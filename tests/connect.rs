@@ -570,3 +570,54 @@ async fn connect_can_be_turned_off() {
     );
     assert!(serde_json::from_slice::<Value>(&answer.body).is_err());
 }
+
+/// `connect-timeout-ms` bounds the call: a call that cannot finish in it is answered
+/// `deadline_exceeded` (504) and writes nothing; a malformed header is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeouts_bound_the_call() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let body = issue_request().to_string();
+    let late = curl(
+        &app,
+        "keywarden.v1.KeyService/IssueKey",
+        Some(ADMIN_TOKEN),
+        "application/json",
+        body.as_bytes(),
+        &["-H", "connect-timeout-ms: 0"],
+    );
+    assert_eq!(
+        (late.status, late.error_code().as_str()),
+        (504, "deadline_exceeded")
+    );
+    let bad = curl(
+        &app,
+        "keywarden.v1.KeyService/IssueKey",
+        Some(ADMIN_TOKEN),
+        "application/json",
+        body.as_bytes(),
+        &["-H", "connect-timeout-ms: soon"],
+    );
+    assert_eq!(
+        (bad.status, bad.error_code().as_str()),
+        (400, "invalid_argument")
+    );
+    let keys = app
+        .admin()
+        .list_keys(proto::ListKeysRequest {
+            workspace_id: "ws_test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(keys.keys.is_empty(), "the call cut short wrote nothing");
+    let in_time = curl(
+        &app,
+        "keywarden.v1.KeyService/IssueKey",
+        Some(ADMIN_TOKEN),
+        "application/json",
+        body.as_bytes(),
+        &["-H", "connect-timeout-ms: 10000"],
+    );
+    assert_eq!(in_time.status, 200);
+}

@@ -133,17 +133,26 @@ pub struct ConnectLayer {
     /// The OpenAPI document served at `GET /openapi.json`; `None`: Connect is off, and
     /// every call passes through to gRPC as it came.
     openapi: Option<Bytes>,
+    /// The server's request timeout: applied here too, so that a Connect caller gets
+    /// Connect's `deadline_exceeded` rather than the transport's gRPC answer.
+    request_timeout: Option<Duration>,
 }
 
 impl ConnectLayer {
     /// Connect on (`enabled`), or every call passed through.
-    pub fn new(rpcs: Arc<Rpcs>, max_bytes: usize, enabled: bool) -> Self {
+    pub fn new(
+        rpcs: Arc<Rpcs>,
+        max_bytes: usize,
+        enabled: bool,
+        request_timeout: Option<Duration>,
+    ) -> Self {
         let openapi =
             enabled.then(|| Bytes::from(super::openapi::document(rpcs.pool()).to_string()));
         ConnectLayer {
             rpcs,
             max_bytes,
             openapi,
+            request_timeout,
         }
     }
 }
@@ -261,7 +270,10 @@ impl ConnectLayer {
                 "content-encoding is not supported; send the body as it is",
             ));
         }
-        let timeout = timeout_of(request.headers())?;
+        let timeout = match (timeout_of(request.headers())?, self.request_timeout) {
+            (Some(asked), Some(server)) => Some(asked.min(server)),
+            (asked, server) => asked.or(server),
+        };
         let (parts, body) = request.into_parts();
         let body = match Limited::new(body, self.max_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -300,7 +312,7 @@ impl ConnectLayer {
                 Err(_) => {
                     return Err(refuse(
                         tonic::Code::DeadlineExceeded,
-                        "the call took longer than connect-timeout-ms",
+                        "the call did not finish in time (connect-timeout-ms, or the server's request timeout)",
                     ));
                 }
             },
