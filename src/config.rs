@@ -70,6 +70,107 @@ pub struct Config {
     pub ext_authz: ExtAuthzConfig,
     /// HTTP/JSON by the Connect protocol on the gRPC port (`[connect]`).
     pub connect: ConnectConfig,
+    /// The HTTP listener of its own: the secret-scanning endpoint (`[http]`).
+    pub http: HttpConfig,
+}
+
+/// `[http]`: a listener of its own (off unless `listen` is set; TLS with the `[tls]` files
+/// when those are set) for the secret-scanning endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: Option<SocketAddr>,
+    /// The secret scanners whose signed reports are taken (`[[http.scanners]]`).
+    pub scanners: Vec<ScannerConfig>,
+}
+
+/// One secret scanner: its public key (PEM, P-256) under the identifier its reports name,
+/// and how many reports a minute it may send.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScannerConfig {
+    /// Who it is in the audit log (`scanner:<name>`).
+    pub name: String,
+    /// The key identifier its reports carry (`Github-Public-Key-Identifier`).
+    pub key_id: String,
+    pub public_key_pem: String,
+    #[serde(default = "default_reports_per_minute")]
+    pub reports_per_minute: u64,
+}
+
+fn default_reports_per_minute() -> u64 {
+    60
+}
+
+impl HttpConfig {
+    fn settings(&self) -> Result<HttpSettings, ConfigError> {
+        use p256::pkcs8::DecodePublicKey;
+        let mut scanners = Vec::with_capacity(self.scanners.len());
+        for (i, s) in self.scanners.iter().enumerate() {
+            let field = |f: &str| format!("scanners[{i}].{f}");
+            if s.name.is_empty()
+                || s.name.len() > 64
+                || !s
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(ConfigError::Http(format!(
+                    "{}: 1 to 64 letters, digits, - or _",
+                    field("name")
+                )));
+            }
+            if s.key_id.is_empty()
+                || scanners
+                    .iter()
+                    .any(|o: &ScannerSettings| o.key_id == s.key_id)
+            {
+                return Err(ConfigError::Http(format!(
+                    "{}: required, and unique",
+                    field("key_id")
+                )));
+            }
+            let key = p256::ecdsa::VerifyingKey::from_public_key_pem(s.public_key_pem.trim())
+                .map_err(|e| {
+                    ConfigError::Http(format!(
+                        "{}: not a P-256 public key in PEM: {e}",
+                        field("public_key_pem")
+                    ))
+                })?;
+            if s.reports_per_minute == 0 {
+                return Err(ConfigError::Http(format!(
+                    "{}: at least 1",
+                    field("reports_per_minute")
+                )));
+            }
+            scanners.push(ScannerSettings {
+                name: s.name.clone(),
+                key_id: s.key_id.clone(),
+                key,
+                reports_per_minute: s.reports_per_minute,
+            });
+        }
+        Ok(HttpSettings {
+            listen: self.listen,
+            scanners,
+        })
+    }
+}
+
+/// The HTTP listener as configured.
+#[derive(Debug, Clone, Default)]
+pub struct HttpSettings {
+    /// `None`: no listener.
+    pub listen: Option<SocketAddr>,
+    pub scanners: Vec<ScannerSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScannerSettings {
+    pub name: String,
+    pub key_id: String,
+    pub key: p256::ecdsa::VerifyingKey,
+    pub reports_per_minute: u64,
 }
 
 /// `[connect]`: the Connect protocol (JSON and binary unary calls over HTTP/1.1 and 2) on
@@ -686,6 +787,7 @@ impl Default for Config {
             transport: TransportConfig::default(),
             ext_authz: ExtAuthzConfig::default(),
             connect: ConnectConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -716,6 +818,8 @@ pub enum ConfigError {
     ExtAuthz(String),
     #[error("configuration: connect.{0}")]
     Connect(String),
+    #[error("configuration: http.{0}")]
+    Http(String),
     #[error("configuration: tls.{0}")]
     Tls(String),
 }
@@ -789,8 +893,10 @@ impl Config {
         }
         let ext_authz = Arc::new(self.ext_authz.settings()?);
         let connect = self.connect.settings()?;
+        let http = self.http.settings()?;
         Ok(Settings {
             connect,
+            http,
             tls: self.tls.settings()?,
             transport: self.transport.settings(),
             ext_authz,
@@ -845,7 +951,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 20] = [
+const SETTINGS: [&str; 21] = [
     "tracing",
     "tls",
     "transport",
@@ -866,6 +972,7 @@ const SETTINGS: [&str; 20] = [
     "keks",
     "ext_authz",
     "connect",
+    "http",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -913,6 +1020,8 @@ pub struct Settings {
     pub ext_authz: Arc<ExtAuthzSettings>,
     /// HTTP/JSON by the Connect protocol, and CORS.
     pub connect: ConnectSettings,
+    /// The HTTP listener (secret scanning).
+    pub http: HttpSettings,
 }
 
 /// Where rate-limit counters live.

@@ -18,6 +18,7 @@ use crate::domain::budget::BudgetPeriod;
 use crate::domain::ids;
 use crate::domain::key::{KeyRecord, KeyStatus, Owner};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
+use crate::domain::leak::LeakFinding;
 use crate::domain::limits::RateLimit;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::scopes::ScopeImplications;
@@ -106,6 +107,9 @@ impl From<StoreError> for KeyError {
         }
     }
 }
+
+/// The revocation reason of a key reported leaked.
+pub const LEAKED: &str = "leaked";
 
 pub struct KeyLifecycle {
     store: Arc<dyn Store>,
@@ -448,6 +452,41 @@ impl KeyLifecycle {
             .await?;
         tracing::info!(key_id, "key revoked");
         Ok(self.invalidated(changed))
+    }
+
+    /// A key found in a public place: `presented` is the text found, `found_at` where.
+    /// Its checksum is checked first (an invented token reads no storage); a live key is
+    /// revoked at once with reason `leaked`, audited as `key.leaked` by `acting` (the
+    /// scanner, or the person who reported it) and streamed as any revocation. Repeating
+    /// a report finds the key dead and changes nothing.
+    pub async fn report_leak(
+        &self,
+        acting: &Acting,
+        presented: &str,
+        found_at: &str,
+    ) -> Result<LeakFinding, KeyError> {
+        if key_format::parse(&self.policy.brand, presented).is_err() {
+            return Ok(LeakFinding::NotAKey);
+        }
+        let Some(found) = self.store.find_secret(&KeyHash::of(presented)).await? else {
+            return Ok(LeakFinding::Unknown);
+        };
+        let now = self.clock.now();
+        let key_id = found.key.key_id.clone();
+        let usable = found.key.deleted_at.is_none()
+            && found.key.status(now) == KeyStatus::Active
+            && found.valid_until.is_none_or(|until| now < until);
+        if !usable {
+            return Ok(LeakFinding::AlreadyDead { key_id });
+        }
+        let audit = acting.audit(
+            "key.leaked",
+            format!("reason: leaked, found at: {found_at}"),
+        );
+        let changed = self.store.revoke_key(&key_id, LEAKED, now, &audit).await?;
+        tracing::warn!(key_id, "leaked key revoked");
+        self.invalidated(changed);
+        Ok(LeakFinding::Revoked { key_id })
     }
 
     /// Starts the key's budget again from now (an admin's act: a self-service member may

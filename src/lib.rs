@@ -19,6 +19,7 @@
 //!   to gRPC statuses.
 //! - [`events`]: the per-replica event-log tailer and the WatchRevocations fan-out.
 //! - [`metrics`]: the Prometheus figures each replica keeps, and `/metrics`.
+//! - [`http`]: the `[http]` listener: the secret-scanning endpoint.
 //! - [`telemetry`]: log lines and OTLP trace export for the process.
 //! - [`edge`]: the client library for edge nodes: [`edge::Verifier`], VerifyKey with a
 //!   local cache kept coherent by the revocation stream. The `keywarden-edge` crate
@@ -44,6 +45,7 @@ pub mod crypto;
 pub use keywarden_domain as domain;
 pub use keywarden_edge as edge;
 pub mod events;
+pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod provider_keys;

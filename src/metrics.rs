@@ -30,6 +30,8 @@
 //! | `keywarden_event_log_head` | gauge | (the last seq applied) |
 //! | `keywarden_db_pool_connections` | gauge | `state` (idle, in_use, max) |
 //! | `keywarden_usage_write_failures_total` | counter | (keys a usage flush kept unwritten) |
+//! | `keywarden_secret_scanning_tokens_total` | counter | `label` (true_positive, false_positive) |
+//! | `keywarden_secret_scanning_refused_total` | counter | `reason` (unknown_key_id, bad_signature, too_large, malformed, rate_limited) |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -125,6 +127,11 @@ pub struct Metrics {
     pub pool_max: Gauge,
     /// Keys whose usage a flush could not write (kept for the next one), per flush.
     pub usage_keys_kept: Counter,
+    /// Tokens secret scanners reported, by label.
+    pub leaks_true_positive: Counter,
+    pub leaks_false_positive: Counter,
+    /// Scanners' reports refused whole, by why (see [`ScanRefusal`]).
+    scan_refused: [Counter; 5],
     rpc: HashMap<String, Histogram>,
     rpc_other: Histogram,
     /// VerifyKey's histogram, found without hashing its path (the call that dominates).
@@ -169,6 +176,9 @@ impl Metrics {
             pool_in_use: Gauge::noop(),
             pool_max: Gauge::noop(),
             usage_keys_kept: Counter::noop(),
+            leaks_true_positive: Counter::noop(),
+            leaks_false_positive: Counter::noop(),
+            scan_refused: std::array::from_fn(|_| Counter::noop()),
             rpc: HashMap::new(),
             rpc_other: Histogram::noop(),
             rpc_verify_key: Histogram::noop(),
@@ -265,6 +275,20 @@ impl Metrics {
             pool_in_use: pool("in_use"),
             pool_max: pool("max"),
             usage_keys_kept: counter("keywarden_usage_write_failures_total", vec![]),
+            leaks_true_positive: counter(
+                "keywarden_secret_scanning_tokens_total",
+                vec![Label::new("label", "true_positive")],
+            ),
+            leaks_false_positive: counter(
+                "keywarden_secret_scanning_tokens_total",
+                vec![Label::new("label", "false_positive")],
+            ),
+            scan_refused: ScanRefusal::ALL.map(|r| {
+                counter(
+                    "keywarden_secret_scanning_refused_total",
+                    vec![Label::new("reason", r.label())],
+                )
+            }),
             rpc,
             rpc_other: histogram(
                 "keywarden_rpc_duration_seconds",
@@ -407,12 +431,60 @@ fn describe(recorder: &PrometheusRecorder) {
         1,
     );
     d(
+        "keywarden_secret_scanning_tokens_total",
+        None,
+        "Tokens secret scanners reported, by the label answered.",
+        0,
+    );
+    d(
+        "keywarden_secret_scanning_refused_total",
+        None,
+        "Secret-scanning reports refused whole (nothing read or changed), by why.",
+        0,
+    );
+    d(
         "keywarden_usage_write_failures_total",
         None,
         "Keys whose spend or last use a usage flush could not write (kept for the next \
          flush), counted at every flush that kept them.",
         0,
     );
+}
+
+/// Why a secret scanner's report was refused whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanRefusal {
+    UnknownKeyId,
+    BadSignature,
+    TooLarge,
+    Malformed,
+    RateLimited,
+}
+
+impl ScanRefusal {
+    const ALL: [ScanRefusal; 5] = [
+        ScanRefusal::UnknownKeyId,
+        ScanRefusal::BadSignature,
+        ScanRefusal::TooLarge,
+        ScanRefusal::Malformed,
+        ScanRefusal::RateLimited,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ScanRefusal::UnknownKeyId => "unknown_key_id",
+            ScanRefusal::BadSignature => "bad_signature",
+            ScanRefusal::TooLarge => "too_large",
+            ScanRefusal::Malformed => "malformed",
+            ScanRefusal::RateLimited => "rate_limited",
+        }
+    }
+}
+
+impl Metrics {
+    pub fn scan_refused(&self, why: ScanRefusal) {
+        self.scan_refused[why as usize].increment(1);
+    }
 }
 
 /// A tower layer that times every RPC into its method's histogram and runs it inside a

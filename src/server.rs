@@ -281,6 +281,7 @@ async fn report_freshness(
 pub struct RunningServer {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     cache: Arc<VerifyCache>,
     hub: Arc<EventHub>,
     flusher: UsageFlusher,
@@ -296,6 +297,11 @@ impl RunningServer {
     /// Where `GET /metrics` is served, when metrics are on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where the `[http]` listener (secret scanning) is, when configured.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn cache(&self) -> &VerifyCache {
@@ -487,6 +493,18 @@ pub async fn serve_on(
     );
     let flusher = services.flusher.clone();
     let limiter = services.limiter.clone();
+    let http_addr = match settings.http.listen {
+        Some(at) => {
+            let scanning = Arc::new(crate::http::secret_scanning::SecretScanning::new(
+                &settings.http.scanners,
+                services.lifecycle.clone(),
+                metrics.clone(),
+                clock.clone(),
+            ));
+            Some(crate::http::serve(at, scanning.router(), settings, &hub).await?)
+        }
+        None => None,
+    };
     let router = router(settings, services, &hub, &metrics).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -516,6 +534,7 @@ pub async fn serve_on(
     Ok(RunningServer {
         addr,
         metrics_addr,
+        http_addr,
         cache,
         hub,
         flusher,

@@ -11,6 +11,7 @@ use crate::domain::actor::Actor;
 use crate::domain::budget::{BudgetPeriod, MAX_PERIOD_DAYS};
 use crate::domain::key::{KeyRecord, KeyStatus, Owner, OwnerKind};
 use crate::domain::key_format::Environment;
+use crate::domain::leak::LeakLabel;
 use crate::domain::limits::{LimitDecision, LimitScope, LimitUnit, LimitWindow, RateLimit};
 use crate::domain::pools::{PoolBudget, StoredSpend};
 use crate::domain::validate::{MAX_PAGE_TOKEN_LEN, Violations};
@@ -527,6 +528,13 @@ pub fn pool_budget_pb(
         budget_period_start: (epoch.start != 0).then(|| timestamp(epoch.start)),
         budget_resets_at: (epoch.ends != Micros::MAX).then(|| timestamp(epoch.ends)),
     })
+}
+
+pub fn leak_label_pb(label: LeakLabel) -> proto::LeakLabel {
+    match label {
+        LeakLabel::TruePositive => proto::LeakLabel::TruePositive,
+        LeakLabel::FalsePositive => proto::LeakLabel::FalsePositive,
+    }
 }
 
 pub fn audit_event(e: &AuditRecord) -> proto::AuditEvent {

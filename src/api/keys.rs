@@ -9,6 +9,7 @@ use super::convert;
 use super::error::check;
 use super::mutation::Mutation;
 use crate::domain::key::MAX_ROTATION_GRACE;
+use crate::domain::leak::LeakFinding;
 use crate::domain::validate::{MAX_REASON_LEN, Violations};
 use crate::keys::{IssueInput, KeyLifecycle, KeyQuery};
 use crate::proto;
@@ -37,6 +38,11 @@ impl KeyApi {
         KeyApi { lifecycle }
     }
 }
+
+/// The longest text `ReportLeakedKey` takes as a key: longer than any key, shorter than
+/// anything worth hashing.
+const MAX_REPORTED_KEY_LEN: usize = 256;
+const MAX_SOURCE_URL_LEN: usize = 2048;
 
 #[tonic::async_trait]
 impl KeyService for KeyApi {
@@ -297,6 +303,31 @@ impl KeyService for KeyApi {
         let key = self.lifecycle.revoke(&acting, &r.key_id, &r.reason).await?;
         Ok(Response::new(proto::RevokeKeyResponse {
             key_info: Some(convert::key_info(&key, self.lifecycle.now())),
+        }))
+    }
+
+    async fn report_leaked_key(
+        &self,
+        request: Request<proto::ReportLeakedKeyRequest>,
+    ) -> Result<Response<proto::ReportLeakedKeyResponse>, Status> {
+        let (mut m, r) = Mutation::of(request)?;
+        let v = &mut m.v;
+        if r.key.is_empty() {
+            v.add("key", "is required");
+        } else {
+            v.text("key", &r.key, MAX_REPORTED_KEY_LEN);
+        }
+        v.text("source_url", &r.source_url, MAX_SOURCE_URL_LEN);
+        let actor = convert::actor(r.actor.as_ref(), v);
+        let acting = m.acting(actor)?;
+        let found = self
+            .lifecycle
+            .report_leak(&acting, &r.key, &r.source_url)
+            .await?;
+        Ok(Response::new(proto::ReportLeakedKeyResponse {
+            label: convert::leak_label_pb(found.label()) as i32,
+            key_id: found.key_id().unwrap_or_default().to_owned(),
+            revoked: matches!(found, LeakFinding::Revoked { .. }),
         }))
     }
 

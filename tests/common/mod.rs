@@ -402,6 +402,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
             cors: None,
             cors_max_age: std::time::Duration::from_secs(600),
         },
+        http: Default::default(),
         // Tests write usage when they mean to (`RunningServer::flush_usage`), so "not
         // written yet" is never a race with the periodic flush.
         usage_flush_interval: std::time::Duration::from_secs(3600),

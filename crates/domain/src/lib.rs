@@ -14,6 +14,7 @@ pub mod event;
 pub mod ids;
 pub mod key;
 pub mod key_format;
+pub mod leak;
 pub mod lease;
 pub mod limits;
 pub mod pools;
