@@ -408,3 +408,68 @@ both_backends!(
     bad_reports_are_refused_and_change_nothing,
     a_person_reports_a_leaked_key_by_rpc,
 );
+
+/// With `[tls]` configured, the `[http]` listener speaks TLS with the same certificate:
+/// curl trusting that certificate gets the endpoint's answers over HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_listener_serves_tls_with_the_tls_files() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut settings = test_settings(&db);
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    settings.tls = Some(keywarden::config::TlsSettings {
+        cert_pem: cert.cert.pem().into_bytes(),
+        key_pem: zeroize::Zeroizing::new(cert.signing_key.serialize_pem().into_bytes()),
+        client_ca_pem: None,
+    });
+    settings.http = HttpSettings {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        scanners: vec![ScannerSettings {
+            name: "github".into(),
+            key_id: SCANNER_KEY_ID.into(),
+            key: *scanner_key().verifying_key(),
+            reports_per_minute: 60,
+        }],
+    };
+    let server = keywarden::server::start(&settings, keywarden::clock::Clock::System)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let port = server.http_addr().unwrap().port();
+    let body = b"[]";
+    let curl = |headers: Vec<String>| {
+        let mut cmd = tokio::process::Command::new("curl");
+        cmd.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&ca)
+            .arg("--resolve")
+            .arg(format!("localhost:{port}:127.0.0.1"))
+            .args(["-X", "POST", "--data-binary", "[]"]);
+        for h in headers {
+            cmd.arg("-H").arg(h);
+        }
+        cmd.arg(format!(
+            "https://localhost:{port}/v1/secret-scanning/reports"
+        ));
+        cmd
+    };
+    let unsigned = curl(vec![]).output().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&unsigned.stdout), "401");
+    let signed = curl(vec![
+        format!("github-public-key-identifier: {SCANNER_KEY_ID}"),
+        format!(
+            "github-public-key-signature: {}",
+            sign(&scanner_key(), body)
+        ),
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&signed.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    server.shutdown().await.unwrap();
+}
