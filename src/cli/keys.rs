@@ -1,4 +1,5 @@
-//! `keywarden keys issue|get|list|update|rotate|revoke|revoke-all|delete`: KeyService.
+//! `keywarden keys issue|get|list|update|rotate|revoke|revoke-all|delete|reset-budget|
+//! report-leaked`: KeyService.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -46,6 +47,21 @@ enum KeysCommand {
     Delete(KeyActorArgs),
     /// Start a key's budget again from now (an admin's act; audited).
     ResetBudget(KeyActorArgs),
+    /// Report a key found where it should not be: a live key is revoked at once
+    /// (reason leaked, audited, streamed). Pass the key as `-` to read it from stdin.
+    ReportLeaked(ReportLeakedArgs),
+}
+
+#[derive(Args)]
+struct ReportLeakedArgs {
+    /// The key as found, or `-` to read it from stdin (keeps it out of the shell history).
+    #[arg(value_parser = parse::secret, value_name = "KEY")]
+    key: secrecy::SecretString,
+    /// Where it was found, for the audit log.
+    #[arg(long, default_value = "")]
+    source_url: String,
+    #[command(flatten)]
+    actor: ActorArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -281,6 +297,40 @@ pub async fn run(args: KeysArgs) -> Result<ExitCode, CliError> {
         KeysCommand::List(a) => list(&session, a).await?,
         KeysCommand::Update(a) => update(&session, a).await?,
         KeysCommand::Rotate(a) => rotate(&session, a).await?,
+        KeysCommand::ReportLeaked(a) => {
+            use secrecy::ExposeSecret as _;
+            let key = if a.key.expose_secret() == "-" {
+                secrecy::SecretString::from(super::read_stdin_secret("key")?.as_str())
+            } else {
+                a.key
+            };
+            let answer = session
+                .keys()
+                .report_leaked_key(proto::ReportLeakedKeyRequest {
+                    key: key.expose_secret().to_owned(),
+                    source_url: a.source_url,
+                    actor: Some(a.actor.proto()),
+                })
+                .await?
+                .into_inner();
+            let label = match answer.label() {
+                proto::LeakLabel::TruePositive => "true_positive",
+                proto::LeakLabel::FalsePositive => "false_positive",
+                proto::LeakLabel::Unspecified => "unspecified",
+            };
+            match session.format {
+                Format::Json => output::emit_json(&json!({
+                    "label": label,
+                    "key_id": answer.key_id,
+                    "revoked": answer.revoked,
+                }))?,
+                Format::Table => output::emit(&output::fields(&[
+                    ("label", label.to_owned()),
+                    ("key_id", answer.key_id.clone()),
+                    ("revoked", answer.revoked.to_string()),
+                ]))?,
+            }
+        }
         KeysCommand::Revoke(a) => {
             let info = session
                 .keys()
