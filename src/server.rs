@@ -501,7 +501,22 @@ pub async fn serve_on(
                 metrics.clone(),
                 clock.clone(),
             ));
-            Some(crate::http::serve(at, scanning.router(), settings, &hub).await?)
+            // The JSON surface's OpenAPI document is served here too (beside the calls it
+            // describes on the gRPC port), for tools that read it from the HTTP side.
+            let openapi = crate::api::openapi::document(
+                Rpcs::compiled()
+                    .map_err(|e| StartError::Descriptors(e.to_string()))?
+                    .pool(),
+            )
+            .to_string();
+            let app = scanning.router().route(
+                "/openapi.json",
+                axum::routing::get(move || {
+                    let body = openapi.clone();
+                    async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+                }),
+            );
+            Some(crate::http::serve(at, app, settings, &hub).await?)
         }
         None => None,
     };

@@ -453,6 +453,20 @@ async fn the_http_listener_serves_tls_with_the_tls_files() {
         ));
         cmd
     };
+    let openapi = tokio::process::Command::new("curl")
+        .args(["-sS", "-f", "--cacert"])
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .arg(format!("https://localhost:{port}/openapi.json"))
+        .output()
+        .await
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&openapi.stdout).unwrap();
+    assert_eq!(
+        doc["openapi"], "3.0.3",
+        "the document on the HTTP listener too"
+    );
     let unsigned = curl(vec![]).output().await.unwrap();
     assert_eq!(String::from_utf8_lossy(&unsigned.stdout), "401");
     let signed = curl(vec![
