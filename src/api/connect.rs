@@ -419,12 +419,51 @@ fn decode_request(
                 Ok(message) => Ok(message.encode_to_vec()),
                 Err(e) => Err(refuse(
                     tonic::Code::InvalidArgument,
-                    format!("the body is not a valid {} in JSON: {e}", input.full_name()),
+                    format!(
+                        "the body is not a valid {} in JSON: {}",
+                        input.full_name(),
+                        without_strings(&e.to_string())
+                    ),
                 )),
             }
         }
     }
 }
+
+/// A decoding error's text with every long quoted value it quotes elided: serde and
+/// prost-reflect name the offending value or field (`invalid type: string "kw_live_..."`,
+/// `unrecognized field name '...'`), and a key sent in the wrong place must not come back
+/// in an error. Quoted text of up to [`QUOTED_KEPT`] characters (a field name, an enum
+/// value) stays: every key is longer.
+fn without_strings(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(['"', '\'']) {
+        let quote = rest[start..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=start]);
+        let after = &rest[start + 1..];
+        match after.find(quote) {
+            Some(end) => {
+                let quoted = &after[..end];
+                if quoted.chars().count() > QUOTED_KEPT {
+                    out.push('…');
+                } else {
+                    out.push_str(quoted);
+                }
+                out.push(quote);
+                rest = &after[end + 1..];
+            }
+            None => {
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The longest quoted text a decoding error may show (shorter than any key).
+const QUOTED_KEPT: usize = 24;
 
 /// `connect-timeout-ms`, if given: at most 10 digits, as Connect specifies.
 fn timeout_of(headers: &HeaderMap) -> Result<Option<Duration>, Refused> {
@@ -630,6 +669,28 @@ mod tests {
             assert_eq!(code_name(code), name, "{code:?}");
             assert_eq!(http_status(code).as_u16(), status, "{code:?}");
         }
+    }
+
+    #[test]
+    fn decoding_errors_never_quote_the_values_sent() {
+        let rpcs = Rpcs::compiled().unwrap();
+        let input = &rpcs.by_path["/keywarden.v1.VerifyService/VerifyKey"].input;
+        let secret = "kw_live_0123456789abcdefghijklmnopqrstu";
+        for body in [
+            format!(r#"{{"cost": "{secret}"}}"#),
+            format!(r#"{{"key": 5, "requiredScopes": "{secret}"}}"#),
+            format!(r#"{{"{secret}": 1}}"#),
+        ] {
+            let refused = decode_request(input, body.as_bytes(), Encoding::Json).unwrap_err();
+            assert_eq!(refused.code, tonic::Code::InvalidArgument);
+            assert!(!refused.message.contains(secret), "{}", refused.message);
+            assert!(!refused.message.contains("kw_live"), "{}", refused.message);
+        }
+        assert_eq!(without_strings("field 'bogus' at 1"), "field 'bogus' at 1");
+        assert_eq!(
+            without_strings(&format!(r#"a "{secret}" c '{secret}'"#)),
+            "a \"…\" c '…'"
+        );
     }
 
     #[test]
