@@ -493,6 +493,8 @@ pub async fn serve_on(
     );
     let flusher = services.flusher.clone();
     let limiter = services.limiter.clone();
+    // The descriptors Connect calls are read with, decoded once for both listeners.
+    let rpcs = Arc::new(Rpcs::compiled().map_err(|e| StartError::Descriptors(e.to_string()))?);
     let http_addr = match settings.http.listen {
         Some(at) => {
             let scanning = Arc::new(crate::http::secret_scanning::SecretScanning::new(
@@ -503,12 +505,7 @@ pub async fn serve_on(
             ));
             // The JSON surface's OpenAPI document is served here too (beside the calls it
             // describes on the gRPC port), for tools that read it from the HTTP side.
-            let openapi = crate::api::openapi::document(
-                Rpcs::compiled()
-                    .map_err(|e| StartError::Descriptors(e.to_string()))?
-                    .pool(),
-            )
-            .to_string();
+            let openapi = rpcs.openapi_json();
             let app = scanning.router().route(
                 "/openapi.json",
                 axum::routing::get(move || {
@@ -520,7 +517,7 @@ pub async fn serve_on(
         }
         None => None,
     };
-    let router = router(settings, services, &hub, &metrics).await?;
+    let router = router(settings, services, rpcs, &hub, &metrics).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let stopping = hub.clone();
@@ -767,6 +764,7 @@ fn cors(settings: &crate::config::ConnectSettings) -> Option<tower_http::cors::C
 async fn router(
     settings: &Settings,
     services: Services,
+    rpcs: Arc<Rpcs>,
     hub: &Arc<EventHub>,
     metrics: &Arc<Metrics>,
 ) -> Result<
@@ -821,7 +819,6 @@ async fn router(
     // Connect calls (JSON or binary over HTTP/1.1 or 2) become the gRPC calls they stand
     // for before anything else sees them, so the same metrics, spans and services serve
     // both.
-    let rpcs = Arc::new(Rpcs::compiled().map_err(|e| StartError::Descriptors(e.to_string()))?);
     let router = transport(settings)?
         .accept_http1(true)
         .layer(tower::util::option_layer(cors(&settings.connect)))

@@ -81,6 +81,8 @@ struct Rpc {
 pub struct Rpcs {
     by_path: HashMap<String, Rpc>,
     pool: DescriptorPool,
+    /// The OpenAPI document of these RPCs, made on first use (one for every listener).
+    openapi: std::sync::OnceLock<Bytes>,
 }
 
 impl Rpcs {
@@ -107,12 +109,23 @@ impl Rpcs {
                     .collect::<Vec<_>>()
             })
             .collect();
-        Ok(Rpcs { by_path, pool })
+        Ok(Rpcs {
+            by_path,
+            pool,
+            openapi: std::sync::OnceLock::new(),
+        })
     }
 
     /// The descriptors every message and service is read with.
     pub fn pool(&self) -> &DescriptorPool {
         &self.pool
+    }
+
+    /// The OpenAPI document of the JSON surface ([`super::openapi::document`]), as served.
+    pub fn openapi_json(&self) -> Bytes {
+        self.openapi
+            .get_or_init(|| Bytes::from(super::openapi::document(&self.pool).to_string()))
+            .clone()
     }
 
     /// The path of every unary RPC.
@@ -146,8 +159,7 @@ impl ConnectLayer {
         enabled: bool,
         request_timeout: Option<Duration>,
     ) -> Self {
-        let openapi =
-            enabled.then(|| Bytes::from(super::openapi::document(rpcs.pool()).to_string()));
+        let openapi = enabled.then(|| rpcs.openapi_json());
         ConnectLayer {
             rpcs,
             max_bytes,
