@@ -16,7 +16,7 @@ use crate::domain::access::{self, AccessMode, NetworkAllowlist, ResourceAccess};
 use crate::domain::actor::Actor;
 use crate::domain::budget::BudgetPeriod;
 use crate::domain::ids;
-use crate::domain::key::{KeyRecord, KeyStatus, Owner};
+use crate::domain::key::{KeyRecord, KeyStatus, Owner, VerifiableKey, VerifyCode};
 use crate::domain::key_format::{self, ApiKey, Brand, Environment, KeyHash};
 use crate::domain::leak::LeakFinding;
 use crate::domain::limits::RateLimit;
@@ -473,10 +473,10 @@ impl KeyLifecycle {
         };
         let now = self.clock.now();
         let key_id = found.key.key_id.clone();
-        let usable = found.key.deleted_at.is_none()
-            && found.key.status(now) == KeyStatus::Active
-            && found.valid_until.is_none_or(|until| now < until);
-        if !usable {
+        // Usable is what VerifyKey's own state checks say: not deleted, revoked, expired,
+        // nor a replaced secret past its grace.
+        let key = VerifiableKey::from(found.key);
+        if crate::domain::key::status(&key, found.valid_until, now) != VerifyCode::Valid {
             return Ok(LeakFinding::AlreadyDead { key_id });
         }
         let audit = acting.audit(
