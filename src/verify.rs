@@ -18,8 +18,8 @@ use crate::domain::budget::SpendEpoch;
 use crate::domain::key::{self, VerifiableKey, VerifyCode};
 use crate::domain::key_format::{self, Brand, KeyHash};
 use crate::domain::lease::{Amounts, Grant};
-use crate::domain::limits::{self, LimitDecision, LimitScope, RateLimit};
-use crate::domain::pools::Pool;
+use crate::domain::limits::{self, LimitDecision, LimitScope, RateLimit, has_token_window};
+use crate::domain::pools::{self, Pool};
 use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
 use crate::domain::workspace::Plans;
 use crate::events::EventHub;
@@ -140,9 +140,27 @@ pub struct LeaseAsk {
     /// 0: settle only.
     pub want: u64,
     pub min: u64,
-    /// The holder's previous lease: the limits it was counted against, the record, and
-    /// how many of it were admitted.
-    pub settle: Option<(Vec<RateLimit>, LeaseRecord, u64)>,
+    /// The holder's previous lease, to give back what it did not use.
+    pub settle: Option<LeaseSettle>,
+}
+
+/// A lease being given back (see `LeaseSettlement` in `verify.proto`).
+pub struct LeaseSettle {
+    /// The key's own limits it was counted against (none when the key had none).
+    pub limits: Vec<RateLimit>,
+    pub record: LeaseRecord,
+    /// How many of it were admitted: each counter of it admitted as many.
+    pub used: u64,
+    /// Each pool's part of it.
+    pub pools: Vec<PoolPart>,
+}
+
+/// A pool's part of a lease of a key in pools: the grant its counter made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolPart {
+    pub counter: String,
+    pub limits: Vec<RateLimit>,
+    pub record: LeaseRecord,
 }
 
 /// The answer to one [`LeaseAsk`].
@@ -156,6 +174,9 @@ pub struct LeaseAnswer {
     pub unknown: bool,
     pub decided_at: Micros,
     pub life: std::time::Duration,
+    /// For a key in pools, each pool's part of `grant` (whose amount is the least any
+    /// counter granted, and whose decision holds every counter's windows).
+    pub pools: Vec<PoolPart>,
 }
 
 /// The pools with token windows or a budget of each key this replica verified that has
@@ -243,6 +264,7 @@ impl Verifier {
                 unknown,
                 decided_at,
                 life: leasing.life,
+                pools: Vec::new(),
             };
             let entry = match self.entry(&ask.hash).await? {
                 Some(entry) if entry.key.key_id == ask.key_id => entry,
@@ -253,18 +275,29 @@ impl Verifier {
                 }
             };
             let now = self.clock.now();
-            if let Some((limits, record, used)) = &ask.settle {
+            if let Some(settle) = &ask.settle {
                 // The calls the edge admitted from the lease, which never reached this
                 // replica one by one, go into the usage history as they are settled.
-                self.usage
-                    .history()
-                    .admitted(&ask.key_id, (*used).min(record.granted), now);
-                if let Err(e) = leasing
-                    .authority
-                    .settle(&ask.key_id, limits, *record, Amounts::requests(*used), now)
-                    .await
-                {
-                    tracing::debug!(error = %e, "settling an edge lease failed");
+                self.usage.history().admitted(
+                    &ask.key_id,
+                    settle.used.min(settle.record.granted),
+                    now,
+                );
+                let own = (ask.key_id.as_str(), settle.limits.as_slice(), settle.record);
+                let pools = settle
+                    .pools
+                    .iter()
+                    .map(|p| (p.counter.as_str(), p.limits.as_slice(), p.record));
+                let parts = std::iter::once(own).chain(pools);
+                for (counter, limits, record) in parts.filter(|(_, l, _)| !l.is_empty()) {
+                    let used = Amounts::requests(settle.used.min(record.granted));
+                    if let Err(e) = leasing
+                        .authority
+                        .settle(counter, limits, record, used, now)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "settling an edge lease failed");
+                    }
                 }
             }
             let code = key::status(&entry.key, entry.secret_valid_until(), now);
@@ -281,10 +314,8 @@ impl Verifier {
                 answers.push(answer(VerifyCode::BudgetExceeded, None, false, now));
                 continue;
             }
-            // A pool is shared with keys the edge does not see: its calls are judged here,
-            // one by one, as for an authority that cannot be reached.
             if !entry.key.pools().is_empty() {
-                answers.push(answer(VerifyCode::Valid, None, true, now));
+                answers.push(self.lease_pooled(leasing, &entry, ask, life, now).await);
                 continue;
             }
             match leasing
@@ -313,6 +344,123 @@ impl Verifier {
             }
         }
         Ok(Some(answers))
+    }
+
+    /// A grant for a key in pools: from its own counter (when it has limits of its own),
+    /// then from each pool's, each asked for no more than the counters before it granted,
+    /// so that the lease's amount is what every counter granted. A counter that refuses
+    /// (or cannot be reached) ends the ask: what the others granted goes back at once.
+    /// A pool with a token window or a budget is not leased to an edge (tokens and spend
+    /// are counted when usage is reported, which a lease of requests cannot foresee): the
+    /// key's calls are then judged here, as a key's own budget is.
+    async fn lease_pooled(
+        &self,
+        leasing: &EdgeLeasing,
+        entry: &CachedKey,
+        ask: &LeaseAsk,
+        life: Micros,
+        now: Micros,
+    ) -> LeaseAnswer {
+        let answer = |code, grant, unknown, pools| LeaseAnswer {
+            code,
+            grant,
+            unknown,
+            decided_at: now,
+            life: leasing.life,
+            pools,
+        };
+        let pools = entry.key.pools();
+        let per_call = |p: &Pool| p.has_token_windows() || p.budget.is_some();
+        if has_token_window(&entry.limits) || pools.iter().any(per_call) {
+            return answer(VerifyCode::Valid, None, true, Vec::new());
+        }
+        let authority = &leasing.authority;
+        let mut amount = ask.want;
+        let mut own: Option<Grant> = None;
+        let mut parts: Vec<PoolPart> = Vec::with_capacity(pools.len());
+        let mut decisions = Vec::with_capacity(pools.len() + 1);
+        let own_limits: &[RateLimit] = &entry.limits;
+        let counters = std::iter::once((ask.key_id.as_str(), LimitScope::Key, own_limits))
+            .chain(
+                pools
+                    .iter()
+                    .map(|p| (p.counter.as_str(), p.scope, p.limits.as_slice())),
+            )
+            .filter(|(_, _, limits)| !limits.is_empty());
+        let mut refusal = None;
+        for (counter, scope, limits) in counters {
+            let want = Amounts::requests(amount);
+            match authority
+                .grant(counter, limits, want, ask.min, life, now)
+                .await
+            {
+                Ok(Some(grant)) if grant.granted() => {
+                    amount = amount.min(grant.amount);
+                    decisions.push(grant.decision.clone().scoped(scope));
+                    if scope == LimitScope::Key {
+                        own = Some(grant);
+                    } else {
+                        parts.push(PoolPart {
+                            counter: counter.to_owned(),
+                            limits: limits.to_vec(),
+                            record: LeaseRecord {
+                                granted: grant.amount,
+                                tokens: 0,
+                                counted_at: grant.counted_at,
+                                id: grant.id,
+                            },
+                        });
+                    }
+                }
+                Ok(Some(refused)) => {
+                    refusal = Some(Some(Grant {
+                        decision: refused.decision.scoped(scope),
+                        ..refused
+                    }));
+                    break;
+                }
+                Ok(None) | Err(_) => {
+                    refusal = Some(None);
+                    break;
+                }
+            }
+        }
+        if let Some(refusal) = refusal {
+            // Nothing of it was used: every part granted so far goes back.
+            let own_part = own.as_ref().map(|g| {
+                let record = LeaseRecord {
+                    granted: g.amount,
+                    tokens: 0,
+                    counted_at: g.counted_at,
+                    id: g.id,
+                };
+                (ask.key_id.as_str(), own_limits, record)
+            });
+            let pool_parts = parts
+                .iter()
+                .map(|p| (p.counter.as_str(), p.limits.as_slice(), p.record));
+            for (counter, limits, record) in own_part.into_iter().chain(pool_parts) {
+                if let Err(e) = authority
+                    .settle(counter, limits, record, Amounts::default(), now)
+                    .await
+                {
+                    tracing::debug!(error = %e, "giving back a pool's part of a lease failed");
+                }
+            }
+            return match refusal {
+                Some(grant) => answer(VerifyCode::RateLimited, Some(grant), false, Vec::new()),
+                None => answer(VerifyCode::Valid, None, true, Vec::new()),
+            };
+        }
+        let (counted_at, id) = own.as_ref().map_or((now, 0), |g| (g.counted_at, g.id));
+        let grant = Grant {
+            amount,
+            tokens: 0,
+            counted_at,
+            decision: pools::combine(decisions),
+            id,
+        };
+        answer(VerifyCode::Valid, Some(grant), false, parts)
     }
 
     /// Records usage reported after an upstream call: tokens in the token windows, spend

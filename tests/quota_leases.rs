@@ -258,6 +258,151 @@ async fn two_replicas_and_two_edges_leasing_admit_at_most_the_limit_and_nearly_a
     b.shutdown().await.unwrap();
 }
 
+fn teams(channel: &Channel) -> TeamClient {
+    proto::team_service_client::TeamServiceClient::with_interceptor(
+        channel.clone(),
+        bearer(ADMIN_TOKEN),
+    )
+}
+
+type TeamClient = proto::team_service_client::TeamServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
+>;
+
+/// A team `team_id` in the test's workspace, whose keys share `limits`.
+async fn team_with_pool(app: &TestApp, team_id: &str, limits: Vec<proto::RateLimit>) {
+    teams(&app.channel)
+        .create_team(proto::CreateTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: team_id.into(),
+            name: team_id.into(),
+            policy: None,
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap();
+    set_team_pool(app, team_id, limits).await;
+}
+
+async fn set_team_pool(app: &TestApp, team_id: &str, limits: Vec<proto::RateLimit>) {
+    teams(&app.channel)
+        .update_team(proto::UpdateTeamRequest {
+            workspace_id: "ws_test".into(),
+            team_id: team_id.into(),
+            actor: Some(actor()),
+            rate_limits: limits,
+            update_mask: Some(FieldMask {
+                paths: vec!["rate_limits".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// A team's pool is leased to edges too, jointly with each key's own limit: two edges
+/// verifying one key of the team and two replicas verifying another, all far above the
+/// team's limit, together admit at most that limit in a window and at least 90% of it,
+/// and the edges answer from their leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_pool_leased_to_two_replicas_and_two_edges_holds_across_all_of_them() {
+    const L: u64 = 60;
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| leasing_from_redis(s, &prefix)).await;
+    let (b, b_channel) = second_replica(&app, &prefix).await;
+    team_with_pool(&app, "team_ml", vec![rpm(L)]).await;
+    let in_team = |r: &mut proto::IssueKeyRequest| {
+        r.team_id = "team_ml".into();
+        r.rate_limits = vec![rpm(1_000_000)];
+    };
+    let at_edges = app.issue_with(in_team).await;
+    let at_replicas = app.issue_with(in_team).await;
+    let replicas = [app.channel.clone(), b_channel.clone()];
+    let edges = [edge_on(&app.channel).await, edge_on(&b_channel).await];
+
+    let mut warm = 0;
+    for edge in &edges {
+        for _ in 0..3 {
+            let answer = edge.verify(&at_edges.key, &[]).await.unwrap();
+            assert_eq!(code(&answer), VerifyCode::Valid);
+            warm += 1;
+        }
+        assert!(
+            edge.stats().leased >= 1,
+            "the edge never served the pooled key from a lease: {:?}",
+            edge.stats()
+        );
+    }
+    let (with_edges, direct) = tokio::join!(
+        hammer_with_edges(&[], &edges, &at_edges.key, LIFE * 6),
+        hammer(&replicas, &at_replicas.key, LIFE * 6)
+    );
+    let first = warm + with_edges + direct;
+    let leased: u64 = edges.iter().map(|e| e.stats().leased).sum();
+    eprintln!("team pool: {first} admitted in one window, {leased} from edge leases");
+    assert!(first <= L, "{first} admitted in one window, team limit {L}");
+    assert!(
+        first * 10 >= L * 9,
+        "only {first} admitted under saturation, team limit {L}"
+    );
+    // The edge's answers name the team's window beside the key's own.
+    let answer = edges[0].verify(&at_edges.key, &[]).await.unwrap();
+    let scopes: Vec<_> = answer
+        .rate_limit
+        .as_ref()
+        .map(|d| d.windows.iter().map(|w| w.scope()).collect())
+        .unwrap_or_default();
+    assert!(scopes.contains(&proto::LimitScope::Team), "{scopes:?}");
+    for edge in &edges {
+        edge.shutdown().await;
+    }
+    b.shutdown().await.unwrap();
+}
+
+/// A team's lowered limit ends the edge's lease of the pool at once: the team's update
+/// reloads each key of it (an event per key), the edge drops the key's answer and lease,
+/// and the next call is judged under the new limit, though the old lease had room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_team_limit_ends_the_edges_lease_of_the_pool() {
+    let prefix = prefix();
+    let app = TestApp::spawn_with(Backend::Postgres, |s| leasing_from_redis(s, &prefix)).await;
+    team_with_pool(&app, "team_ml", vec![rpm(1_000)]).await;
+    let issued = app
+        .issue_with(|r| {
+            r.team_id = "team_ml".into();
+            r.rate_limits = vec![rpm(1_000_000)];
+        })
+        .await;
+    let edge = edge_on(&app.channel).await;
+    for _ in 0..5 {
+        let answer = edge.verify(&issued.key, &[]).await.unwrap();
+        assert_eq!(code(&answer), VerifyCode::Valid);
+    }
+    assert!(edge.stats().leased >= 1, "{:?}", edge.stats());
+    let events = edge.stats().events;
+    // 5 admitted; the team may now make 2 a minute.
+    set_team_pool(&app, "team_ml", vec![rpm(2)]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while edge.stats().events <= events {
+        assert!(Instant::now() < deadline, "the edge never got the update");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let answer = edge.verify(&issued.key, &[]).await.unwrap();
+    assert_eq!(code(&answer), VerifyCode::RateLimited);
+    let window = answer
+        .rate_limit
+        .as_ref()
+        .and_then(|d| {
+            d.windows
+                .iter()
+                .find(|w| w.scope() == proto::LimitScope::Team)
+        })
+        .copied()
+        .unwrap();
+    assert_eq!(window.limit.unwrap().limit, 2, "judged under the new limit");
+    edge.shutdown().await;
+}
+
 /// A revoke in the middle of the demand ends every holder's lease, though each still had
 /// room: the replica that revoked refuses its next call; the other replica refuses once
 /// its log reader has the event, and never admits after that; each edge refuses its next
@@ -634,6 +779,7 @@ async fn a_grant_and_its_settlement_count_where_verify_key_counts() {
         used: 2,
         limits: vec![rpm(10)],
         lease_id: g.lease_id,
+        pools: Vec::new(),
     };
     let grants = lease(
         &app,
@@ -677,6 +823,127 @@ async fn a_grant_and_its_settlement_count_where_verify_key_counts() {
     let admitted: u64 = records.iter().map(|r| r.admitted).sum();
     let refused: u64 = records.iter().map(|r| r.refused).sum();
     assert_eq!((admitted, refused), (10, 12));
+}
+
+/// A key in a team's pool is leased from its own counter and the team's together: the
+/// grant is what both have room for, names the team's part for the settlement, and the
+/// settlement gives back to both what the lease did not use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_grant_is_what_every_counter_has_room_for_and_its_settlement_frees_each() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    team_with_pool(&app, "team_ml", vec![rpm(10)]).await;
+    let in_team = |r: &mut proto::IssueKeyRequest| {
+        r.team_id = "team_ml".into();
+        r.rate_limits = vec![rpm(100)];
+    };
+    let leased = app.issue_with(in_team).await;
+    let other = app.issue_with(in_team).await;
+    let g = lease(&app, vec![ask(&leased, 50)]).await.remove(0);
+    assert_eq!(g.code, VerifyCode::Valid as i32);
+    assert_eq!(g.amount, 10, "the team has room for 10");
+    assert_eq!(g.pools.len(), 1);
+    let team = &g.pools[0];
+    assert_eq!(team.counter, "team ws_test team_ml");
+    assert_eq!((team.granted, team.limits.clone()), (10, vec![rpm(10)]));
+    let figures = g.rate_limit.as_ref().unwrap();
+    assert_eq!(
+        (figures.limit, figures.remaining),
+        (10, 0),
+        "the team binds"
+    );
+    let scopes: Vec<_> = figures.windows.iter().map(|w| w.scope()).collect();
+    assert_eq!(
+        scopes,
+        vec![proto::LimitScope::Key, proto::LimitScope::Team]
+    );
+    // The lease holds the whole team's room: the team's other key is refused.
+    assert_eq!(
+        code_of(&app.channel, &other.key).await,
+        VerifyCode::RateLimited
+    );
+    // 3 used: 7 go back to the team (and 47 to the key's own counter).
+    let settle = proto::LeaseSettlement {
+        granted: g.amount,
+        counted_at_micros: g.counted_at_micros,
+        used: 3,
+        limits: vec![rpm(100)],
+        lease_id: g.lease_id,
+        pools: g.pools.clone(),
+    };
+    let settled = lease(
+        &app,
+        vec![proto::LeaseAsk {
+            want: 0,
+            settle: Some(settle.clone()),
+            ..ask(&leased, 0)
+        }],
+    )
+    .await;
+    assert_eq!(settled[0].code, VerifyCode::Valid as i32);
+    let mut admitted = 0;
+    for _ in 0..10 {
+        if code_of(&app.channel, &other.key).await == VerifyCode::Valid {
+            admitted += 1;
+        }
+    }
+    assert_eq!(
+        admitted, 7,
+        "the 7 the lease did not use, shared by the team"
+    );
+    // A settlement repeated (an answer lost) gives back nothing more.
+    lease(
+        &app,
+        vec![proto::LeaseAsk {
+            want: 0,
+            settle: Some(settle),
+            ..ask(&leased, 0)
+        }],
+    )
+    .await;
+    assert_eq!(
+        code_of(&app.channel, &other.key).await,
+        VerifyCode::RateLimited
+    );
+    // The team full, nothing is granted and the key's own counter keeps nothing of it:
+    // a refusal naming the team.
+    let refused = lease(&app, vec![ask(&leased, 5)]).await.remove(0);
+    assert_eq!(
+        (refused.amount, refused.code),
+        (0, VerifyCode::RateLimited as i32)
+    );
+    assert!(refused.pools.is_empty());
+    let figures = refused.rate_limit.as_ref().unwrap();
+    assert!(!figures.allowed);
+    assert_eq!(figures.windows[0].scope(), proto::LimitScope::Team);
+}
+
+/// A pool with a budget is judged on the server call by call (spend is reported after
+/// the call, which a lease of requests cannot foresee): no lease for its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_a_pool_with_a_budget_gets_no_lease() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    proto::workspace_service_client::WorkspaceServiceClient::with_interceptor(
+        app.channel.clone(),
+        bearer(ADMIN_TOKEN),
+    )
+    .update_workspace(proto::UpdateWorkspaceRequest {
+        workspace_id: "ws_test".into(),
+        actor: Some(actor()),
+        budget: Some(proto::PoolBudget {
+            max_budget_micros: 1_000,
+            ..Default::default()
+        }),
+        update_mask: Some(FieldMask {
+            paths: vec!["budget".into()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let issued = app.issue_with(|r| r.rate_limits = vec![rpm(100)]).await;
+    let g = lease(&app, vec![ask(&issued, 5)]).await.remove(0);
+    assert_eq!(g.amount, 0);
+    assert!(g.rate_limit_unknown, "judged call by call: {g:?}");
 }
 
 /// Only the key's own state is judged, and a hash must belong to the key id named.
@@ -733,6 +1000,7 @@ async fn lease_quota_names_every_invalid_field() {
             used: 4,
             limits: vec![proto::RateLimit { unit: 0, ..rpm(10) }],
             lease_id: 0,
+            pools: Vec::new(),
         }),
     };
     let issued = app.issue().await;
@@ -746,10 +1014,38 @@ async fn lease_quota_names_every_invalid_field() {
         min: 3,
         ..zero.clone()
     };
+    let team = proto::PoolLease {
+        counter: "team ws_test team_ml".into(),
+        granted: 3,
+        counted_at_micros: 1,
+        lease_id: 1,
+        limits: vec![rpm(10)],
+    };
+    let bad_pools = proto::LeaseAsk {
+        settle: Some(proto::LeaseSettlement {
+            granted: 3,
+            counted_at_micros: 1,
+            used: 2,
+            limits: vec![],
+            lease_id: 1,
+            pools: vec![
+                proto::PoolLease {
+                    counter: "ws_test".into(),
+                    granted: 1,
+                    limits: vec![proto::RateLimit { unit: 0, ..rpm(10) }],
+                    ..team.clone()
+                },
+                team.clone(),
+                team.clone(),
+                team,
+            ],
+        }),
+        ..zero.clone()
+    };
     let status = app
         .verifier()
         .lease_quota(proto::LeaseQuotaRequest {
-            asks: vec![bad, zero, min_above_want],
+            asks: vec![bad, zero, min_above_want, bad_pools],
         })
         .await
         .unwrap_err();
@@ -766,6 +1062,10 @@ async fn lease_quota_names_every_invalid_field() {
             "asks[0].want",
             "asks[1].want",
             "asks[2].min",
+            "asks[3].settle.pools",
+            "asks[3].settle.pools[0].counter",
+            "asks[3].settle.pools[0].granted",
+            "asks[3].settle.pools[0].limits[0].unit",
         ]
     );
     let too_many = app
@@ -859,6 +1159,7 @@ async fn a_grant_is_settled_once_and_only_as_registered_on(on_redis: bool) {
             used,
             limits: vec![rpm(10)],
             lease_id,
+            pools: Vec::new(),
         }),
         ..ask(&issued, 0)
     };

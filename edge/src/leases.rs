@@ -44,8 +44,11 @@ struct Held {
     counted_at: i64,
     /// The grant's name at the server's counters, named again when it is settled.
     lease_id: u64,
-    /// The limits the grant was counted against, named again when it is settled.
+    /// The key's own limits the grant was counted against, named again when it is
+    /// settled.
     limits: Vec<proto::RateLimit>,
+    /// For a key in pools, each pool's part of the grant, repeated when it is settled.
+    pools: Vec<proto::PoolLease>,
     /// The grant's figures (the whole grant counted as used), shared with each call
     /// admitted from it (see [`Admitted`]).
     decision: Arc<proto::RateLimitDecision>,
@@ -83,6 +86,7 @@ impl Held {
             used: self.granted.saturating_sub(left),
             limits: self.limits.clone(),
             lease_id: self.lease_id,
+            pools: self.pools.clone(),
         }
     }
 
@@ -325,21 +329,25 @@ impl Default for LeaseBook {
 }
 
 /// The cap of one ask for a key answered with `decision`: half its tightest request
-/// limit (at least 1), or `None` when the answer cannot be leased (a token window: those
-/// are counted when usage is reported, which a lease cannot foresee; or a pool's window:
-/// a pool is shared with keys this edge does not see, and judged on the server).
+/// limit, its own or a pool's (at least 1), or `None` when the answer cannot be leased (a
+/// token window: those are counted when usage is reported, which a lease cannot
+/// foresee). A key in pools is leased from its own counter and each pool's together
+/// (the server grants what all of them have room for).
 pub(super) fn lease_cap(decision: &proto::RateLimitDecision) -> Option<u64> {
     let mut cap = MAX_LEASE;
     for w in &decision.windows {
         let limit = w.limit.as_ref()?;
-        let own = w.scope == proto::LimitScope::Unspecified as i32
-            || w.scope == proto::LimitScope::Key as i32;
-        if limit.unit != proto::RateLimitUnit::Requests as i32 || !own {
+        if limit.unit != proto::RateLimitUnit::Requests as i32 {
             return None;
         }
         cap = cap.min((limit.limit / 2).max(1));
     }
     (!decision.windows.is_empty()).then_some(cap)
+}
+
+/// Whether a window of a decision is the key's own (not a pool's).
+fn is_own(scope: i32) -> bool {
+    scope == proto::LimitScope::Unspecified as i32 || scope == proto::LimitScope::Key as i32
 }
 
 /// A grant's life, if it is one this edge can use.
@@ -577,11 +585,14 @@ impl LeaseBook {
                     counted_at_micros: g.counted_at_micros,
                     used: 0,
                     lease_id: g.lease_id,
+                    // The key's own windows: a pool's are settled by its part.
                     limits: g
                         .rate_limit
                         .iter()
-                        .flat_map(|d| d.windows.iter().filter_map(|w| w.limit))
+                        .flat_map(|d| d.windows.iter().filter(|w| is_own(w.scope)))
+                        .filter_map(|w| w.limit)
                         .collect(),
+                    pools: g.pools.clone(),
                 });
             if let Some(slot) = self.slots.get_mut(&ask.key_id) {
                 slot.set_asking(false);
@@ -614,6 +625,7 @@ impl LeaseBook {
                                 counted_at: g.counted_at_micros,
                                 lease_id: g.lease_id,
                                 limits: settlement.limits,
+                                pools: settlement.pools,
                                 decision: Arc::new(decision),
                                 returned,
                                 asked_at,
@@ -745,6 +757,7 @@ mod tests {
             code: proto::VerifyCode::Valid as i32,
             rate_limit_unknown: false,
             lease_id: 7,
+            pools: Vec::new(),
         }
     }
 
@@ -822,6 +835,35 @@ mod tests {
         assert_eq!(settled[0].limits, vec![rpm(100)]);
         assert_eq!(settled[0].counted_at_micros, 1_800_000_002_000_000);
         assert_eq!(settled[0].lease_id, 7, "the grant is named by its id");
+    }
+
+    #[test]
+    fn a_pooled_lease_settles_the_keys_own_windows_and_repeats_each_pools_part() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::default();
+        assert!(book.want("k", KeyHash::of("secret"), 5, t0));
+        let asks = book.take_batch(true, 1000, t0);
+        let mut g = grant("k", 4, 96);
+        let mut team = g.rate_limit.as_ref().unwrap().windows[0];
+        team.scope = proto::LimitScope::Team as i32;
+        team.limit = Some(rpm(10));
+        g.rate_limit.as_mut().unwrap().windows.push(team);
+        let part = proto::PoolLease {
+            counter: "team ws t".into(),
+            granted: 4,
+            counted_at_micros: 1_800_000_002_000_001,
+            lease_id: 9,
+            limits: vec![rpm(10)],
+        };
+        g.pools = vec![part.clone()];
+        book.install(true, t0, &asks, &[g]);
+        assert!(matches!(book.admit("k", 1, true, t0).0, Admit::Served(_)));
+        book.drop_key("k");
+        let asks = book.take_batch(true, 1000, t0);
+        let settle = asks[0].settle.as_ref().unwrap();
+        assert_eq!((settle.granted, settle.used), (4, 1));
+        assert_eq!(settle.limits, vec![rpm(100)], "the key's own windows only");
+        assert_eq!(settle.pools, vec![part], "the team's part, unchanged");
     }
 
     #[test]
@@ -1016,12 +1058,19 @@ mod tests {
     }
 
     #[test]
-    fn pool_windows_are_not_leased() {
+    fn a_pool_window_caps_the_lease_like_the_keys_own() {
         let mut d = decision(100, 50);
         assert_eq!(lease_cap(&d), Some(50));
         let mut team = d.windows[0];
         team.scope = proto::LimitScope::Team as i32;
+        if let Some(l) = team.limit.as_mut() {
+            l.limit = 10;
+        }
         d.windows.push(team);
-        assert_eq!(lease_cap(&d), None, "a team's pool is judged on the server");
+        assert_eq!(
+            lease_cap(&d),
+            Some(5),
+            "the team's tighter limit caps the ask"
+        );
     }
 }

@@ -47,10 +47,10 @@
 //!   as the server would.
 //! - A `VALID` answer that carries a budget (spend is reported after the call, and judged
 //!   on the server), or a token window (counted when usage is reported, which a lease
-//!   cannot foresee), or a pool's window (an owner's, a team's or a workspace's limit,
-//!   shared with keys this edge does not see), or that is marked `rate_limit_unknown`
-//!   (passed while the server's counters were unreachable), is never cached: each call
-//!   must be judged on the server.
+//!   cannot foresee), or that is marked `rate_limit_unknown` (passed while the server's
+//!   counters were unreachable), is never cached: each call must be judged on the server.
+//!   A pool's request window (an owner's, a team's or a workspace's limit) is leased
+//!   with the key's own: the server grants what every counter has room for.
 //!   `RATE_LIMITED` and `BUDGET_EXCEEDED` are not cached either.
 //! - A rotated-out secret's grace period ends on the server's clock; the edge learns of
 //!   it from the event the server's grace sweeper sends (`events.grace_sweep_interval_ms`,

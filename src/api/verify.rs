@@ -9,12 +9,20 @@ use super::error::{check, invalid_argument, refused, store_status};
 use crate::domain::key::{self, VerifyCode};
 use crate::domain::key_format::KeyHash;
 use crate::domain::lease::MAX_LEASE;
+use crate::domain::pools::PoolOf;
 use crate::domain::refusal::{Reason, Refusal};
 use crate::domain::validate::{MAX_USAGE, Violations};
 use crate::proto;
 use crate::proto::verify_service_server::VerifyService;
 use crate::ratelimit::leased::LeaseRecord;
-use crate::verify::{LeaseAsk, Outcome, Verifier, VerifyError};
+use crate::verify::{LeaseAsk, LeaseSettle, Outcome, PoolPart, Verifier, VerifyError};
+
+/// The most pools a settlement may name: a key counts against its owner's, its team's
+/// and its workspace's.
+const MAX_LEASE_POOLS: usize = 3;
+
+/// The longest pool counter name a settlement may carry.
+const MAX_COUNTER_LEN: usize = 256;
 
 /// The most asks one LeaseQuota call may carry.
 pub const MAX_LEASE_ASKS: usize = 1000;
@@ -176,6 +184,7 @@ impl VerifyService for VerifyApi {
                     code: code_pb(a.code) as i32,
                     rate_limit_unknown: a.unknown,
                     lease_id,
+                    pools: a.pools.iter().map(pool_lease_pb).collect(),
                 }
             })
             .collect();
@@ -187,6 +196,17 @@ impl VerifyService for VerifyApi {
         _request: Request<proto::PingRequest>,
     ) -> Result<Response<proto::PingResponse>, Status> {
         Ok(Response::new(proto::PingResponse {}))
+    }
+}
+
+/// A pool's part of a lease, as the edge repeats it in the settlement.
+fn pool_lease_pb(p: &PoolPart) -> proto::PoolLease {
+    proto::PoolLease {
+        counter: p.counter.clone(),
+        granted: p.record.granted,
+        counted_at_micros: p.record.counted_at,
+        lease_id: p.record.id,
+        limits: p.limits.iter().map(convert::rate_limit_pb).collect(),
     }
 }
 
@@ -250,7 +270,44 @@ fn lease_asks(r: &proto::LeaseQuotaRequest) -> Result<Vec<LeaseAsk>, Status> {
                 counted_at: s.counted_at_micros,
                 id: s.lease_id,
             };
-            (limits, record, s.used)
+            if s.pools.len() > MAX_LEASE_POOLS {
+                v.add(
+                    field("settle.pools"),
+                    format!("must hold at most {MAX_LEASE_POOLS} pools"),
+                );
+            }
+            let pools = s
+                .pools
+                .iter()
+                .enumerate()
+                .take(MAX_LEASE_POOLS)
+                .map(|(j, p)| {
+                    let field = |name: &str| field(&format!("settle.pools[{j}].{name}"));
+                    if p.counter.len() > MAX_COUNTER_LEN || PoolOf::of_counter(&p.counter).is_none()
+                    {
+                        v.add(field("counter"), "must be the counter of the grant's pool");
+                    }
+                    if p.granted < s.used {
+                        v.add(field("granted"), "must be at least settle.used");
+                    }
+                    PoolPart {
+                        counter: p.counter.clone(),
+                        limits: convert::rate_limits(&p.limits, &field("limits"), &mut v),
+                        record: LeaseRecord {
+                            granted: p.granted,
+                            tokens: 0,
+                            counted_at: p.counted_at_micros,
+                            id: p.lease_id,
+                        },
+                    }
+                })
+                .collect();
+            LeaseSettle {
+                limits,
+                record,
+                used: s.used,
+                pools,
+            }
         });
         if let Some(hash) = hash {
             asks.push(LeaseAsk {

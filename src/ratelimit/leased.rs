@@ -53,7 +53,7 @@ use tokio::time::Instant;
 use super::{BackendStats, Budget, BudgetCheck, Counter, LimiterError, RateLimiter, Reported};
 use crate::domain::Micros;
 use crate::domain::lease::{Amounts, Grant, MAX_LEASE};
-use crate::domain::limits::{LimitDecision, LimitUnit, RateLimit};
+use crate::domain::limits::{LimitDecision, LimitUnit, RateLimit, has_token_window};
 use crate::domain::pools;
 
 /// A lease as the authority recorded it: what a settle must name.
@@ -622,10 +622,6 @@ impl Lease {
         self.used.saturating_add(cost) <= self.record.granted
             && (!tokens || self.tokens_used < self.record.tokens)
     }
-}
-
-fn has_token_window(limits: &[RateLimit]) -> bool {
-    limits.iter().any(|l| l.unit == LimitUnit::Tokens)
 }
 
 /// The decision for a call admitted from `lease`: the grant's figures, with what is left

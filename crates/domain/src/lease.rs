@@ -111,7 +111,7 @@ pub fn grant(
     let want_requests = want.requests.clamp(min, MAX_LEASE.max(min));
     let counted_at = now.saturating_add(life.max(0)).saturating_add(skew.max(0));
     let mut amount = want_requests;
-    let mut tokens = if limits.iter().any(|l| l.unit == LimitUnit::Tokens) {
+    let mut tokens = if crate::limits::has_token_window(limits) {
         want.tokens.min(limits::MAX_LIMIT)
     } else {
         0

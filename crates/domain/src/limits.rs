@@ -356,6 +356,12 @@ pub struct LimitDecision {
     pub tightest: Option<usize>,
 }
 
+/// Whether any of `limits` counts tokens (a window a call's own admission cannot
+/// decide: tokens are known only when usage is reported).
+pub fn has_token_window(limits: &[RateLimit]) -> bool {
+    limits.iter().any(|l| l.unit == LimitUnit::Tokens)
+}
+
 impl LimitDecision {
     pub fn tightest(&self) -> Option<&WindowState> {
         self.tightest.and_then(|i| self.windows.get(i))

@@ -210,7 +210,7 @@ impl Pool {
     }
 
     pub fn has_token_windows(&self) -> bool {
-        self.limits.iter().any(|l| l.unit == LimitUnit::Tokens)
+        limits::has_token_window(&self.limits)
     }
 }
 
