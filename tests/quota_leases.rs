@@ -1180,3 +1180,92 @@ async fn a_grant_is_settled_once_and_only_as_registered_on(on_redis: bool) {
         "10 - the 2 the holder used (on Redis: {on_redis})"
     );
 }
+
+/// Asks ahead are sent together, and replaced leases settled together, one round trip
+/// for each batch: each grant and each settlement applies as if sent alone (two asks
+/// for one key share its room; a settlement applies once, by what was registered, so a
+/// repeat in the same batch gives back nothing more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_and_settlements_sent_together_each_apply_as_if_alone() {
+    use keywarden::domain::lease::Amounts;
+    use keywarden::domain::limits::{LimitUnit, LimitWindow, RateLimit};
+    use keywarden::ratelimit::leased::{GrantAsk, LeaseRecord, QuotaAuthority, Settle};
+    use keywarden::ratelimit::redis::RedisLimiter;
+
+    let url = std::env::var("KEYWARDEN_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = RedisLimiter::new(
+        &url,
+        &prefix(),
+        FailureMode::Closed,
+        Default::default(),
+        Duration::from_millis(100),
+    )
+    .unwrap();
+    let limits = vec![RateLimit {
+        unit: LimitUnit::Requests,
+        window: LimitWindow::Minute,
+        limit: 10,
+    }];
+    let now = 1_800_000_000_000_000;
+    let life = 2_000_000;
+    let ask = |key_id: &str, want: u64, limits: &[RateLimit]| GrantAsk {
+        key_id: key_id.into(),
+        limits: limits.to_vec(),
+        want: Amounts::requests(want),
+        min: 1,
+        life,
+        now,
+    };
+    let grants: Vec<_> = redis
+        .grant_many(&[
+            ask("key_a", 6, &limits),
+            ask("key_b", 4, &limits),
+            ask("key_c", 6, &limits),
+            ask("key_c", 6, &limits),
+            ask("key_unlimited", 7, &[]),
+        ])
+        .await
+        .into_iter()
+        .map(|g| g.unwrap().unwrap())
+        .collect();
+    let amounts: Vec<u64> = grants.iter().map(|g| g.amount).collect();
+    assert_eq!(
+        amounts,
+        vec![6, 4, 6, 4, 7],
+        "key_c's two asks share its 10"
+    );
+    let mut batch = Vec::new();
+    for (g, (key_id, used)) in grants.iter().zip([("key_a", 2), ("key_b", 1)]) {
+        assert_ne!(g.id, 0);
+        batch.push(Settle {
+            key_id: key_id.into(),
+            limits: limits.clone(),
+            record: LeaseRecord {
+                granted: g.amount,
+                tokens: 0,
+                counted_at: g.counted_at,
+                id: g.id,
+            },
+            used: Amounts::requests(used),
+            now,
+        });
+    }
+    let repeated = batch[0].clone();
+    batch.push(repeated);
+    redis.settle_many(&batch).await.unwrap();
+    let c = redis
+        .grant("key_c", &limits, Amounts::requests(1), 1, life, now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.amount, 0, "key_c's room is all leased");
+    for (key_id, left) in [("key_a", 8), ("key_b", 9)] {
+        let g = redis
+            .grant(key_id, &limits, Amounts::requests(10), 1, life, now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.amount, left, "{key_id}: 10 less what its lease used");
+    }
+}

@@ -78,6 +78,28 @@ pub fn new_grant_id() -> u64 {
     u64::from_le_bytes(b).max(1)
 }
 
+/// A lease asked for: as [`QuotaAuthority::grant`] takes it.
+#[derive(Clone, Debug)]
+pub struct GrantAsk {
+    pub key_id: String,
+    pub limits: Vec<RateLimit>,
+    pub want: Amounts,
+    pub min: u64,
+    pub life: Micros,
+    pub now: Micros,
+}
+
+/// A lease to give back: the key, the limits it was granted against, its record and
+/// what of it was used, at `now`.
+#[derive(Clone, Debug)]
+pub struct Settle {
+    pub key_id: String,
+    pub limits: Vec<RateLimit>,
+    pub record: LeaseRecord,
+    pub used: Amounts,
+    pub now: Micros,
+}
+
 /// An allowance of spend: how much may be reported to a holder for a key before it
 /// asks again. Spend is known only after a call, so a holder admits calls while less
 /// than the allowance has been reported to it.
@@ -116,6 +138,35 @@ pub trait QuotaAuthority: Send + Sync + 'static {
         used: Amounts,
         now: Micros,
     ) -> Result<(), LimiterError>;
+
+    /// Several grants at once, in one round trip where the authority can: each as
+    /// [`QuotaAuthority::grant`] would make it, answered in the same order.
+    async fn grant_many(&self, asks: &[GrantAsk]) -> Vec<Result<Option<Grant>, LimiterError>> {
+        let mut answers = Vec::with_capacity(asks.len());
+        for a in asks {
+            answers.push(
+                self.grant(&a.key_id, &a.limits, a.want, a.min, a.life, a.now)
+                    .await,
+            );
+        }
+        answers
+    }
+
+    /// Several settlements at once, in one round trip where the authority can: each as
+    /// [`QuotaAuthority::settle`] would apply it. An error may leave some applied: a
+    /// settlement applies once, so the caller sends them all again.
+    async fn settle_many(&self, batch: &[Settle]) -> Result<(), LimiterError> {
+        let mut outcome = Ok(());
+        for s in batch {
+            if let Err(e) = self
+                .settle(&s.key_id, &s.limits, s.record, s.used, s.now)
+                .await
+            {
+                outcome = Err(e);
+            }
+        }
+        outcome
+    }
 
     /// Counts usage reported to a holder that holds no allowance for it.
     async fn record_usage(
@@ -233,19 +284,14 @@ type ToSettle = (Vec<RateLimit>, LeaseRecord, Amounts);
 
 /// A settle that failed, kept to be tried again.
 struct Unsettled {
-    key_id: String,
     what: Settlement,
     since: Instant,
 }
 
 enum Settlement {
-    Requests {
-        limits: Vec<RateLimit>,
-        record: LeaseRecord,
-        used: Amounts,
-        now: Micros,
-    },
+    Requests(Settle),
     Spend {
+        key_id: String,
         grant: SpendGrant,
         used: u64,
     },
@@ -255,10 +301,23 @@ enum Settlement {
 const MAX_UNSETTLED: usize = 100_000;
 /// How long a failed settle is tried again (the authority registers a grant for longer).
 const RETRY_SETTLES_FOR: Duration = Duration::from_secs(300);
+/// How long an ask ahead, or a replaced lease's settlement, waits for others to go with
+/// it: one round trip to the authority for all the keys that asked ahead meanwhile, and
+/// one for all the leases replaced. An ask ahead is made while the key's lease still
+/// has room (a third of its life, or half of its calls, at the least), so no call waits
+/// for it; what a replaced lease did not use is free again that much later. Nothing is
+/// admitted twice either way.
+const GATHER: Duration = Duration::from_millis(5);
 
 pub struct LeasedLimiter {
     authority: Arc<dyn QuotaAuthority>,
     unsettled: Mutex<Vec<Unsettled>>,
+    /// Asks ahead waiting to be sent together (see [`GATHER`]), with when each was
+    /// made (its lease's life counts from then).
+    asking_ahead: std::sync::Mutex<Vec<(GrantAsk, Instant)>>,
+    /// Replaced leases waiting to be settled together (see [`GATHER`]).
+    settling: std::sync::Mutex<Vec<Settle>>,
+    gathered: Arc<tokio::sync::Notify>,
     settings: LeaseSettings,
     /// Bounded by `max_keys`; a slot holding nothing is dropped by the sweeper.
     slots: Cache<String, Arc<Mutex<Slot>>, UnitWeighter, crate::cache::Hasher>,
@@ -276,13 +335,18 @@ impl LeasedLimiter {
         settings: LeaseSettings,
         clock: crate::clock::Clock,
     ) -> Arc<Self> {
+        let gathered = Arc::new(tokio::sync::Notify::new());
         let limiter = Arc::new(LeasedLimiter {
             authority,
             unsettled: Mutex::new(Vec::new()),
+            asking_ahead: std::sync::Mutex::new(Vec::new()),
+            settling: std::sync::Mutex::new(Vec::new()),
+            gathered: gathered.clone(),
             settings,
             slots: crate::cache::bounded(settings.max_keys, UnitWeighter),
         });
         tokio::spawn(sweep(Arc::downgrade(&limiter), clock));
+        tokio::spawn(send_gathered(Arc::downgrade(&limiter), gathered));
         limiter
     }
 
@@ -331,13 +395,63 @@ impl LeasedLimiter {
         (self.per_life(seen, since) * 1.5).ceil() as u64
     }
 
-    /// Settles `lease` in the background.
-    fn settle_later(self: &Arc<Self>, key_id: &str, (limits, record, used): ToSettle, now: Micros) {
-        let this = self.clone();
-        let key_id = key_id.to_owned();
-        tokio::spawn(async move {
-            this.settle(&key_id, &limits, record, used, now).await;
-        });
+    /// Settles `lease` in the background, with the others replaced within [`GATHER`].
+    fn settle_later(&self, key_id: &str, (limits, record, used): ToSettle, now: Micros) {
+        let settle = Settle {
+            key_id: key_id.to_owned(),
+            limits,
+            record,
+            used,
+            now,
+        };
+        self.settling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(settle);
+        self.gathered.notify_one();
+    }
+
+    /// Asks for a lease ahead of need, in the background, with the others asked ahead
+    /// within [`GATHER`]. The key's slot is `asking` until the answer is in.
+    fn ask_later(&self, key_id: &str, limits: &[RateLimit], want: Amounts, now: Micros) {
+        let ask = GrantAsk {
+            key_id: key_id.to_owned(),
+            limits: limits.to_vec(),
+            want,
+            min: 1,
+            life: crate::domain::micros_in(self.settings.life),
+            now,
+        };
+        self.asking_ahead
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((ask, Instant::now()));
+        self.gathered.notify_one();
+    }
+
+    /// Sends the asks ahead gathered, in one round trip, and installs each answer (a
+    /// lease it replaces is settled with the others).
+    async fn send_asks(&self, asks: Vec<(GrantAsk, Instant)>) {
+        if asks.is_empty() {
+            return;
+        }
+        let (asks, asked_at): (Vec<GrantAsk>, Vec<Instant>) = asks.into_iter().unzip();
+        let answers = self.authority.grant_many(&asks).await;
+        for ((ask, asked_at), answer) in asks.iter().zip(asked_at).zip(answers) {
+            match answer {
+                Ok(Some(grant)) => {
+                    let (_, to_settle) =
+                        self.install(&ask.key_id, &ask.limits, grant, 0, asked_at, ask.now);
+                    if let Some(to_settle) = to_settle {
+                        self.settle_later(&ask.key_id, to_settle, ask.now);
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    // The lease held is used until it ends; then a call asks again.
+                    lock(&self.slot(&ask.key_id)).asking = false;
+                }
+            }
+        }
     }
 
     async fn settle(
@@ -348,59 +462,65 @@ impl LeasedLimiter {
         used: Amounts,
         now: Micros,
     ) {
-        let what = Settlement::Requests {
+        let settle = Settle {
+            key_id: key_id.to_owned(),
             limits: limits.to_vec(),
             record,
             used,
             now,
         };
-        self.send_settlement(key_id, what, Instant::now()).await;
+        self.send_settlements(vec![settle], Instant::now()).await;
     }
 
     async fn settle_spend(&self, key_id: &str, held: &Allowance) {
         let what = Settlement::Spend {
+            key_id: key_id.to_owned(),
             grant: held.grant,
             used: held.used,
         };
-        self.send_settlement(key_id, what, Instant::now()).await;
+        self.send_settlement(what, Instant::now()).await;
     }
 
-    /// Sends a settlement; one that fails is kept and tried again by the sweeper (a
-    /// settlement applies once, whatever the retries). Meanwhile the lease or allowance
-    /// stays counted: never an over-admission.
-    async fn send_settlement(&self, key_id: &str, what: Settlement, since: Instant) {
-        let sent = match &what {
-            Settlement::Requests {
-                limits,
-                record,
-                used,
-                now,
-            } => {
-                self.authority
-                    .settle(key_id, limits, *record, *used, *now)
-                    .await
-            }
-            Settlement::Spend { grant, used } => {
-                self.authority.settle_spend(key_id, *grant, *used).await
-            }
-        };
-        if let Err(e) = sent {
-            tracing::debug!(error = %e, "settling a quota lease failed; retried later");
-            let mut unsettled = self
-                .unsettled
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if unsettled.len() < MAX_UNSETTLED {
-                unsettled.push(Unsettled {
-                    key_id: key_id.to_owned(),
-                    what,
-                    since,
-                });
-            }
+    /// Sends settlements of leases, in one round trip; those that fail are kept and
+    /// tried again by the sweeper (a settlement applies once, whatever the retries).
+    /// Meanwhile the leases stay counted: never an over-admission.
+    async fn send_settlements(&self, batch: Vec<Settle>, since: Instant) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.authority.settle_many(&batch).await {
+            tracing::debug!(error = %e, "settling quota leases failed; retried later");
+            self.keep_unsettled(batch.into_iter().map(Settlement::Requests), since);
         }
     }
 
-    /// Tries the settles that failed again (those younger than [`RETRY_SETTLES_FOR`]).
+    /// Sends a settlement of a spend allowance; one that fails is kept and tried again.
+    async fn send_settlement(&self, what: Settlement, since: Instant) {
+        let sent = match &what {
+            Settlement::Requests(s) => self.authority.settle_many(std::slice::from_ref(s)).await,
+            Settlement::Spend {
+                key_id,
+                grant,
+                used,
+            } => self.authority.settle_spend(key_id, *grant, *used).await,
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "settling a quota lease failed; retried later");
+            self.keep_unsettled(std::iter::once(what), since);
+        }
+    }
+
+    fn keep_unsettled(&self, what: impl Iterator<Item = Settlement>, since: Instant) {
+        let mut unsettled = self
+            .unsettled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let room = MAX_UNSETTLED.saturating_sub(unsettled.len());
+        unsettled.extend(what.take(room).map(|what| Unsettled { what, since }));
+    }
+
+    /// Tries the settles that failed again (those younger than [`RETRY_SETTLES_FOR`]):
+    /// the leases' together, each allowance's on its own.
     async fn retry_settles(&self) {
         let pending = std::mem::take(
             &mut *self
@@ -408,15 +528,28 @@ impl LeasedLimiter {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
         );
+        let mut leases = Vec::new();
         for u in pending {
-            if u.since.elapsed() < RETRY_SETTLES_FOR {
-                self.send_settlement(&u.key_id, u.what, u.since).await;
+            if u.since.elapsed() >= RETRY_SETTLES_FOR {
+                continue;
             }
+            match u.what {
+                Settlement::Requests(s) => leases.push((s, u.since)),
+                spend => self.send_settlement(spend, u.since).await,
+            }
+        }
+        // The oldest's age is kept for them all: never tried for longer than it.
+        let since = leases.iter().map(|(_, at)| *at).min();
+        if let Some(since) = since {
+            let batch = leases.into_iter().map(|(s, _)| s).collect();
+            self.send_settlements(batch, since).await;
         }
     }
 
     /// Asks for a new lease for `key_id` and installs it; settles the one it replaces.
     /// `cost`: a call waiting for it, admitted from it when it arrives.
+    /// `asked_at` is taken before the authority counts the grant, so the lease ends here
+    /// no later than the authority counts it.
     async fn ask(
         self: &Arc<Self>,
         key_id: &str,
@@ -598,10 +731,17 @@ impl LeasedLimiter {
             self.slots
                 .remove_if(&key_id, |slot| lock(slot).holds_nothing(at));
         }
-        for (key_id, limits, lease) in expired {
-            self.settle(&key_id, &limits, lease.record, lease.used_amounts(), now)
-                .await;
-        }
+        let expired = expired
+            .into_iter()
+            .map(|(key_id, limits, lease)| Settle {
+                key_id,
+                limits,
+                record: lease.record,
+                used: lease.used_amounts(),
+                now,
+            })
+            .collect();
+        self.send_settlements(expired, at).await;
         for (key_id, held) in spent {
             self.settle_spend(&key_id, &held).await;
         }
@@ -640,6 +780,36 @@ fn answer_from(lease: &Lease) -> LimitDecision {
     }
     d.allowed = true;
     d
+}
+
+/// Sends the asks ahead and the settlements gathered meanwhile, each kind together,
+/// [`GATHER`] after the first of them; ends when the limiter is dropped.
+async fn send_gathered(limiter: Weak<LeasedLimiter>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        // Woken by something to send; otherwise looks once a second whether the
+        // limiter is still there.
+        let woken = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+        if woken.is_ok() {
+            tokio::time::sleep(GATHER).await;
+        }
+        let Some(limiter) = limiter.upgrade() else {
+            return;
+        };
+        let asks = std::mem::take(
+            &mut *limiter
+                .asking_ahead
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        limiter.send_asks(asks).await;
+        let settlements = std::mem::take(
+            &mut *limiter
+                .settling
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        limiter.send_settlements(settlements, Instant::now()).await;
+    }
 }
 
 async fn sweep(limiter: Weak<LeasedLimiter>, clock: crate::clock::Clock) {
@@ -702,12 +872,7 @@ impl Leases {
                 if soon && !s.asking {
                     s.asking = true;
                     let want = this.want(limits, &s, Some(asked_at), 0);
-                    let (this, key_id, limits) = (this.clone(), key_id.to_owned(), limits.to_vec());
-                    tokio::spawn(async move {
-                        if let Err(e) = this.ask(&key_id, &limits, want, 0, now).await {
-                            tracing::debug!(error = %e, "refilling a quota lease failed");
-                        }
-                    });
+                    this.ask_later(key_id, limits, want, now);
                 }
                 return Ok(Some(answer));
             }

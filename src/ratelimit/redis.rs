@@ -28,7 +28,7 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::{CircuitBreaker, CircuitSettings, Probe};
-use super::leased::{LeaseRecord, QuotaAuthority, SpendGrant, new_grant_id};
+use super::leased::{GrantAsk, LeaseRecord, QuotaAuthority, Settle, SpendGrant, new_grant_id};
 use super::{
     BackendStats, Budget, BudgetCheck, Counter, FailureMode, LimiterError, RateLimiter, Reported,
 };
@@ -475,117 +475,200 @@ async fn cancel_lost_grants(
 }
 
 impl RedisLimiter {
+    /// A lease's ask: counted at the end of its life (and the clock skew allowed), under
+    /// a new grant id.
+    fn lease_ask(&self, want: Amounts, min: u64, life: Micros, now: Micros) -> Ask {
+        Ask {
+            want: want.requests,
+            tokens: want.tokens,
+            min,
+            counted_at: now.saturating_add(life.max(0)).saturating_add(self.skew),
+            id: Some(new_grant_id()),
+        }
+    }
+
+    /// The SETTLE call for one lease, or `None` when there is nothing to give back (no
+    /// grant id to name, or no limits).
+    fn settle_invocation(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        lease: LeaseRecord,
+        used: Amounts,
+        now: Micros,
+    ) -> Option<redis::ScriptInvocation<'_>> {
+        if lease.id == 0 || limits.is_empty() {
+            return None;
+        }
+        let mut invocation = self.settle.prepare_invoke();
+        invocation
+            .key(registry_key(&self.prefix, key_id))
+            .arg(format!("{:x}", lease.id))
+            .arg(used.requests.min(lease.granted))
+            .arg("")
+            .arg(used.tokens.min(MAX_BUCKET_COUNT))
+            .arg(MAX_BUCKET_COUNT);
+        for l in limits {
+            invocation
+                .key(self.window_key(key_id, l.unit, l.window))
+                .arg(unit_arg(l.unit))
+                .arg(now.div_euclid(l.window.bucket()));
+        }
+        Some(invocation)
+    }
+
+    /// A settlement's reply: a failure is told to the breaker (the caller keeps the
+    /// settlement to try again).
+    fn settled(&self, reply: Result<(), redis::RedisError>) -> Result<(), LimiterError> {
+        match reply {
+            Ok(()) => {
+                self.breaker.succeeded();
+                Ok(())
+            }
+            Err(e) => {
+                self.breaker.failed();
+                Err(LimiterError::Unavailable(e.to_string()))
+            }
+        }
+    }
+}
+
+impl RedisLimiter {
     /// Grants up to `want` (at least `min`) of `limits`, counted in the bucket of
     /// `counted_at`: one GRANT script call, for a lease and for a single call alike.
     async fn grant_at(
         &self,
         key_id: &str,
         limits: &[RateLimit],
-        Ask {
-            want,
-            tokens,
-            min,
-            counted_at,
-            id,
-        }: Ask,
+        ask: Ask,
         now: Micros,
     ) -> Result<Option<Grant>, LimiterError> {
-        let min = min.max(1);
-        let want = want.clamp(min, MAX_LEASE.max(min));
         if limits.is_empty() {
-            let mut usage = Vec::new();
-            return Ok(Some(lease::grant(
-                limits,
-                &mut usage,
-                now,
-                Amounts::requests(want),
-                min,
-                counted_at - now,
-                0,
-            )));
+            return Ok(Some(no_limits_grant(&ask, now)));
         }
         if self.breaker.is_open() {
             self.skipped()?;
             return Ok(None);
         }
-        let mut invocation = self.grant.prepare_invoke();
-        invocation
-            .key(registry_key(&self.prefix, key_id))
-            .arg(want)
-            .arg(min)
-            .arg(id.map(|id| format!("{id:x}")).unwrap_or_default())
-            .arg(REGISTRY_TTL_MS)
-            .arg(tokens.min(limits::MAX_LIMIT));
-        for l in limits {
-            let (_, first, ttl_ms) = bucket_args(l.window, now);
-            let ahead_ms = (counted_at - now) / 1000;
-            invocation
-                .key(self.window_key(key_id, l.unit, l.window))
-                .arg(unit_arg(l.unit))
-                .arg(counted_at.div_euclid(l.window.bucket()))
-                .arg(first)
-                .arg(l.limit)
-                .arg(ttl_ms + ahead_ms);
-        }
+        let invocation = self.grant_invocation(key_id, limits, &ask, now);
         let mut connection = self.connection.clone();
         let reply: Result<Vec<Vec<i64>>, _> = invocation.invoke_async(&mut connection).await;
         match reply {
             Ok(reply) => {
                 self.breaker.succeeded();
-                let head = reply.first();
-                let figure = |i: usize| {
-                    head.and_then(|a| a.get(i))
-                        .map_or(0, |a| u64::try_from(*a).unwrap_or(0))
-                };
-                let (amount, tokens) = (figure(0), figure(1));
-                let mut usage: Vec<WindowUsage> = reply
-                    .iter()
-                    .skip(1)
-                    .map(|flat| {
-                        WindowUsage::from_buckets(
-                            flat.chunks_exact(2)
-                                .map(|p| (p[0], u64::try_from(p[1]).unwrap_or(0)))
-                                .collect(),
-                        )
-                    })
-                    .collect();
-                let granted = amount > 0;
-                if granted {
-                    for (l, u) in limits.iter().zip(usage.iter_mut()) {
-                        let n = match l.unit {
-                            LimitUnit::Requests => amount,
-                            LimitUnit::Tokens => tokens,
-                        };
-                        u.add_at(l.window, now, counted_at, n);
-                    }
-                }
-                let cost = if granted { amount } else { min };
-                Ok(Some(Grant {
-                    amount,
-                    tokens,
-                    counted_at,
-                    id: id.unwrap_or(0),
-                    decision: limits::describe(limits, &usage, now, cost, granted),
-                }))
+                Ok(Some(grant_of(limits, &ask, &reply, now)))
             }
             Err(e) => {
-                // The script may still run (a Redis that hung runs what it was sent
-                // when it resumes): the grant is cancelled, so its quota is not parked.
-                if let Some(id) = id {
-                    self.cancels
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(PendingCancel {
-                            key_id: key_id.to_owned(),
-                            windows: limits.to_vec(),
-                            id,
-                            since: tokio::time::Instant::now(),
-                        });
-                }
+                self.lost(key_id, limits, &ask);
                 self.failed(&e, now)?;
                 Ok(None)
             }
         }
+    }
+
+    /// The GRANT call for `ask`.
+    fn grant_invocation(
+        &self,
+        key_id: &str,
+        limits: &[RateLimit],
+        ask: &Ask,
+        now: Micros,
+    ) -> redis::ScriptInvocation<'_> {
+        let min = ask.min.max(1);
+        let want = ask.want.clamp(min, MAX_LEASE.max(min));
+        let mut invocation = self.grant.prepare_invoke();
+        invocation
+            .key(registry_key(&self.prefix, key_id))
+            .arg(want)
+            .arg(min)
+            .arg(ask.id.map(|id| format!("{id:x}")).unwrap_or_default())
+            .arg(REGISTRY_TTL_MS)
+            .arg(ask.tokens.min(limits::MAX_LIMIT));
+        for l in limits {
+            let (_, first, ttl_ms) = bucket_args(l.window, now);
+            let ahead_ms = (ask.counted_at - now) / 1000;
+            invocation
+                .key(self.window_key(key_id, l.unit, l.window))
+                .arg(unit_arg(l.unit))
+                .arg(ask.counted_at.div_euclid(l.window.bucket()))
+                .arg(first)
+                .arg(l.limit)
+                .arg(ttl_ms + ahead_ms);
+        }
+        invocation
+    }
+
+    /// A grant whose answer never came back: the script may still run (a Redis that
+    /// hung runs what it was sent when it resumes), so it is cancelled, and its quota
+    /// is not parked.
+    fn lost(&self, key_id: &str, limits: &[RateLimit], ask: &Ask) {
+        if let Some(id) = ask.id {
+            self.cancels
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(PendingCancel {
+                    key_id: key_id.to_owned(),
+                    windows: limits.to_vec(),
+                    id,
+                    since: tokio::time::Instant::now(),
+                });
+        }
+    }
+}
+
+/// What `ask` comes to for a key without limits: everything wanted, nothing counted.
+fn no_limits_grant(ask: &Ask, now: Micros) -> Grant {
+    let min = ask.min.max(1);
+    let want = ask.want.clamp(min, MAX_LEASE.max(min));
+    let mut usage = Vec::new();
+    lease::grant(
+        &[],
+        &mut usage,
+        now,
+        Amounts::requests(want),
+        min,
+        ask.counted_at - now,
+        0,
+    )
+}
+
+/// The grant a GRANT script's `reply` makes of `ask`, with the figures of `limits` after
+/// it.
+fn grant_of(limits: &[RateLimit], ask: &Ask, reply: &[Vec<i64>], now: Micros) -> Grant {
+    let head = reply.first();
+    let figure = |i: usize| {
+        head.and_then(|a| a.get(i))
+            .map_or(0, |a| u64::try_from(*a).unwrap_or(0))
+    };
+    let (amount, tokens) = (figure(0), figure(1));
+    let mut usage: Vec<WindowUsage> = reply
+        .iter()
+        .skip(1)
+        .map(|flat| {
+            WindowUsage::from_buckets(
+                flat.chunks_exact(2)
+                    .map(|p| (p[0], u64::try_from(p[1]).unwrap_or(0)))
+                    .collect(),
+            )
+        })
+        .collect();
+    let granted = amount > 0;
+    if granted {
+        for (l, u) in limits.iter().zip(usage.iter_mut()) {
+            let n = match l.unit {
+                LimitUnit::Requests => amount,
+                LimitUnit::Tokens => tokens,
+            };
+            u.add_at(l.window, now, ask.counted_at, n);
+        }
+    }
+    let cost = if granted { amount } else { ask.min.max(1) };
+    Grant {
+        amount,
+        tokens,
+        counted_at: ask.counted_at,
+        id: ask.id.unwrap_or(0),
+        decision: limits::describe(limits, &usage, now, cost, granted),
     }
 }
 
@@ -805,15 +888,74 @@ impl QuotaAuthority for RedisLimiter {
         life: Micros,
         now: Micros,
     ) -> Result<Option<Grant>, LimiterError> {
-        let counted_at = now.saturating_add(life.max(0)).saturating_add(self.skew);
-        let ask = Ask {
-            want: want.requests,
-            tokens: want.tokens,
-            min,
-            counted_at,
-            id: Some(new_grant_id()),
-        };
+        let ask = self.lease_ask(want, min, life, now);
         self.grant_at(key_id, limits, ask, now).await
+    }
+
+    /// One pipeline for the whole batch: one round trip, whatever its size. Redis runs
+    /// each GRANT on its own, atomically, as if sent alone.
+    async fn grant_many(&self, asks: &[GrantAsk]) -> Vec<Result<Option<Grant>, LimiterError>> {
+        let leases: Vec<Ask> = asks
+            .iter()
+            .map(|a| self.lease_ask(a.want, a.min, a.life, a.now))
+            .collect();
+        if self.breaker.is_open() {
+            return asks.iter().map(|_| self.skipped().map(|()| None)).collect();
+        }
+        let mut pipe = redis::pipe();
+        // EVALSHA needs the script loaded (a restarted Redis has forgotten it).
+        pipe.load_script(&self.grant).ignore();
+        let mut sent = 0;
+        for (a, ask) in asks.iter().zip(&leases) {
+            if !a.limits.is_empty() {
+                pipe.invoke_script(&self.grant_invocation(&a.key_id, &a.limits, ask, a.now));
+                sent += 1;
+            }
+        }
+        let reply: Result<Vec<Vec<Vec<i64>>>, _> = if sent == 0 {
+            Ok(Vec::new())
+        } else {
+            let mut connection = self.connection.clone();
+            pipe.query_async(&mut connection).await
+        };
+        match reply {
+            Ok(replies) => {
+                if sent > 0 {
+                    self.breaker.succeeded();
+                }
+                let mut replies = replies.into_iter();
+                asks.iter()
+                    .zip(&leases)
+                    .map(|(a, ask)| {
+                        if a.limits.is_empty() {
+                            return Ok(Some(no_limits_grant(ask, a.now)));
+                        }
+                        let reply = replies.next().unwrap_or_default();
+                        Ok(Some(grant_of(&a.limits, ask, &reply, a.now)))
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                // One failure, told once (to the breaker and the log), whatever the size.
+                let now = asks.iter().map(|a| a.now).max().unwrap_or_default();
+                let outcome = self.failed(&e, now);
+                asks.iter()
+                    .zip(&leases)
+                    .map(|(a, ask)| {
+                        if a.limits.is_empty() {
+                            return Ok(Some(no_limits_grant(ask, a.now)));
+                        }
+                        self.lost(&a.key_id, &a.limits, ask);
+                        match &outcome {
+                            Ok(()) => Ok(None),
+                            Err(LimiterError::Unavailable(why)) => {
+                                Err(LimiterError::Unavailable(why.clone()))
+                            }
+                        }
+                    })
+                    .collect()
+            }
+        }
     }
 
     async fn settle(
@@ -830,38 +972,40 @@ impl QuotaAuthority for RedisLimiter {
             tracing::debug!(key_id, "a lease without a grant id cannot be settled");
             return Ok(());
         }
-        if limits.is_empty() {
+        let Some(invocation) = self.settle_invocation(key_id, limits, lease, used, now) else {
+            return Ok(());
+        };
+        if self.breaker.is_open() {
+            return Err(LimiterError::Unavailable("circuit open".into()));
+        }
+        let mut connection = self.connection.clone();
+        let reply: Result<i64, _> = invocation.invoke_async(&mut connection).await;
+        self.settled(reply.map(|_| ()))
+    }
+
+    /// One pipeline for the whole batch: one round trip, whatever its size. Redis runs
+    /// each SETTLE on its own, atomically, as if sent alone.
+    async fn settle_many(&self, batch: &[Settle]) -> Result<(), LimiterError> {
+        let invocations: Vec<_> = batch
+            .iter()
+            .filter_map(|s| self.settle_invocation(&s.key_id, &s.limits, s.record, s.used, s.now))
+            .collect();
+        if invocations.is_empty() {
             return Ok(());
         }
         if self.breaker.is_open() {
             return Err(LimiterError::Unavailable("circuit open".into()));
         }
-        let mut invocation = self.settle.prepare_invoke();
-        invocation
-            .key(registry_key(&self.prefix, key_id))
-            .arg(format!("{:x}", lease.id))
-            .arg(used.requests.min(lease.granted))
-            .arg("")
-            .arg(used.tokens.min(MAX_BUCKET_COUNT))
-            .arg(MAX_BUCKET_COUNT);
-        for l in limits {
-            invocation
-                .key(self.window_key(key_id, l.unit, l.window))
-                .arg(unit_arg(l.unit))
-                .arg(now.div_euclid(l.window.bucket()));
+        let mut pipe = redis::pipe();
+        // EVALSHA needs the script loaded (a restarted Redis has forgotten it); loading
+        // it again is a hash of its text.
+        pipe.load_script(&self.settle).ignore();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation).ignore();
         }
         let mut connection = self.connection.clone();
-        let reply: Result<i64, _> = invocation.invoke_async(&mut connection).await;
-        match reply {
-            Ok(_) => {
-                self.breaker.succeeded();
-                Ok(())
-            }
-            Err(e) => {
-                self.breaker.failed();
-                Err(LimiterError::Unavailable(e.to_string()))
-            }
-        }
+        let reply: Result<(), _> = pipe.query_async(&mut connection).await;
+        self.settled(reply)
     }
 
     async fn record_usage(
