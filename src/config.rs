@@ -72,6 +72,71 @@ pub struct Config {
     pub connect: ConnectConfig,
     /// The HTTP listener of its own: the secret-scanning endpoint (`[http]`).
     pub http: HttpConfig,
+    /// Webhook delivery (`[webhooks]`).
+    pub webhooks: WebhooksConfig,
+}
+
+/// `[webhooks]`: how endpoints are reached and when notices go out.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Deliver at all (`false`: the outbox fills and waits; endpoints can still be
+    /// managed).
+    pub enabled: bool,
+    /// Let endpoints name, and deliveries reach, private and loopback addresses (the SSRF
+    /// guard off). Dev mode turns it on: a developer's receiver runs on localhost.
+    pub allow_private_addresses: bool,
+    /// When `key.expiring` notices go out, in hours before `expires_at`.
+    pub expiry_notice_hours: Vec<u64>,
+    /// How often due deliveries and notices are looked for.
+    pub poll_interval_ms: u64,
+    /// How long one delivery may take (connect, TLS, answer).
+    pub timeout_ms: u64,
+    /// Endpoints delivered to at once by this replica.
+    pub max_concurrent: usize,
+    /// Delivered outbox events are pruned after this long.
+    pub retention_hours: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            enabled: true,
+            allow_private_addresses: false,
+            expiry_notice_hours: vec![7 * 24, 24],
+            poll_interval_ms: 1000,
+            timeout_ms: 10_000,
+            max_concurrent: 8,
+            retention_hours: 7 * 24,
+        }
+    }
+}
+
+impl WebhooksConfig {
+    fn settings(&self) -> Result<crate::webhooks::WebhookSettings, ConfigError> {
+        if self
+            .expiry_notice_hours
+            .iter()
+            .any(|h| *h == 0 || *h > 24 * 366)
+        {
+            return Err(ConfigError::Webhooks(
+                "expiry_notice_hours: each must be 1 to 8784 hours".into(),
+            ));
+        }
+        Ok(crate::webhooks::WebhookSettings {
+            enabled: self.enabled,
+            allow_private: self.allow_private_addresses,
+            expiry_leads: self
+                .expiry_notice_hours
+                .iter()
+                .map(|h| Duration::from_secs(h * 3600))
+                .collect(),
+            poll_interval: Duration::from_millis(self.poll_interval_ms.max(10)),
+            timeout: Duration::from_millis(self.timeout_ms.max(100)),
+            max_concurrent: self.max_concurrent.max(1),
+            retention: Duration::from_secs(self.retention_hours.max(1).saturating_mul(3600)),
+        })
+    }
 }
 
 /// `[http]`: a listener of its own (off unless `listen` is set; TLS with the `[tls]` files
@@ -788,6 +853,7 @@ impl Default for Config {
             ext_authz: ExtAuthzConfig::default(),
             connect: ConnectConfig::default(),
             http: HttpConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -820,6 +886,8 @@ pub enum ConfigError {
     Connect(String),
     #[error("configuration: http.{0}")]
     Http(String),
+    #[error("configuration: webhooks.{0}")]
+    Webhooks(String),
     #[error("configuration: tls.{0}")]
     Tls(String),
 }
@@ -894,9 +962,11 @@ impl Config {
         let ext_authz = Arc::new(self.ext_authz.settings()?);
         let connect = self.connect.settings()?;
         let http = self.http.settings()?;
+        let webhooks = self.webhooks.settings()?;
         Ok(Settings {
             connect,
             http,
+            webhooks,
             tls: self.tls.settings()?,
             transport: self.transport.settings(),
             ext_authz,
@@ -951,7 +1021,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 21] = [
+const SETTINGS: [&str; 22] = [
     "tracing",
     "tls",
     "transport",
@@ -973,6 +1043,7 @@ const SETTINGS: [&str; 21] = [
     "ext_authz",
     "connect",
     "http",
+    "webhooks",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -1022,6 +1093,8 @@ pub struct Settings {
     pub connect: ConnectSettings,
     /// The HTTP listener (secret scanning).
     pub http: HttpSettings,
+    /// Webhook delivery.
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 /// Where rate-limit counters live.

@@ -60,6 +60,7 @@ pub fn code(reason: Reason) -> Code {
         | AccessGroupNotFound
         | ServiceAccountNotFound
         | ProviderKeyNotFound
+        | WebhookNotFound
         | ResourceNotFound => Code::NotFound,
         // A taken name or id is ALREADY_EXISTS, whatever holds it (Google's AIP-133).
         WorkspaceAlreadyExists

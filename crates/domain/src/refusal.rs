@@ -105,6 +105,8 @@ reasons! {
     AccessGroupNotFound => "ACCESS_GROUP_NOT_FOUND",
     ServiceAccountNotFound => "SERVICE_ACCOUNT_NOT_FOUND",
     ProviderKeyNotFound => "PROVIDER_KEY_NOT_FOUND",
+    /// No webhook endpoint of that id in the workspace.
+    WebhookNotFound => "WEBHOOK_NOT_FOUND",
     /// Anything else the storage did not find.
     ResourceNotFound => "RESOURCE_NOT_FOUND",
 
