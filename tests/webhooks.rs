@@ -824,7 +824,55 @@ async fn two_replicas_deliver_each_event_once_in_order() {
     assert_eq!(got, expected);
 }
 
+/// A KEK rotation covers webhook secrets: rewrapped by RewrapProviderKeys, the old KEK
+/// can go, and deliveries are still signed with the same secret.
+async fn webhook_secrets_follow_a_kek_rotation(backend: Backend) {
+    let mut app = TestApp::spawn(backend).await;
+    let rx = Receiver::start(Mode::Ok).await;
+    let created = create(&app, &rx.url(), &["key.issued"]).await;
+    app.server.take().unwrap().shutdown().await.unwrap();
+    let kek = |v: u8| {
+        (
+            u32::from(v),
+            keywarden::config::KekMaterial::Raw(zeroize::Zeroizing::new([v; 32])),
+        )
+    };
+    let mut both = test_settings(&app.db);
+    both.keks = vec![kek(1), kek(2)];
+    let server = keywarden::server::start(&both, app.clock.clone())
+        .await
+        .unwrap();
+    let channel = channel_to(&server).await;
+    let rewrapped =
+        keywarden::proto::provider_key_service_client::ProviderKeyServiceClient::with_interceptor(
+            channel,
+            bearer(ADMIN_TOKEN),
+        )
+        .rewrap_provider_keys(proto::RewrapProviderKeysRequest {
+            actor: Some(actor()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((rewrapped.rewrapped, rewrapped.kek_version), (1, 2));
+    server.shutdown().await.unwrap();
+    // Only the new KEK: the server starts (nothing needs the old one) and signs.
+    let mut only_new = test_settings(&app.db);
+    only_new.keks = vec![kek(2)];
+    let server = keywarden::server::start(&only_new, app.clock.clone())
+        .await
+        .unwrap();
+    app.channel = channel_to(&server).await;
+    app.issue().await;
+    server.poll_webhooks().await;
+    let got = rx.ok();
+    assert_eq!(got.len(), 1);
+    assert_signed(&got[0], &created.signing_secret, &app);
+    server.shutdown().await.unwrap();
+}
+
 both_backends!(
+    webhook_secrets_follow_a_kek_rotation,
     without_a_kek_no_endpoint_is_created,
     webhooks_arrive_in_order_with_valid_signatures,
     a_receiver_failing_three_times_gets_every_event_in_order,

@@ -899,6 +899,24 @@ pub trait WebhookStore: Send + Sync + 'static {
 
     /// When the oldest event an enabled endpoint still waits for occurred.
     async fn oldest_undelivered(&self) -> Result<Option<Micros>, StoreError>;
+
+    /// Up to `limit` endpoints whose signing secret's data key is wrapped by another KEK
+    /// version than `current`.
+    async fn webhooks_to_rewrap(
+        &self,
+        current: u32,
+        limit: u32,
+    ) -> Result<Vec<WebhookRecord>, StoreError>;
+
+    /// Replaces an endpoint's wrapped data key if it is still `expected` (a concurrent
+    /// rotation of its secret wins); returns whether it did.
+    async fn swap_webhook_dek(
+        &self,
+        webhook_id: &str,
+        expected: &[u8],
+        kek_version: u32,
+        wrapped_dek: &[u8],
+    ) -> Result<bool, StoreError>;
 }
 
 /// The database's health, for readiness and metrics, and the Postgres pool for LISTEN.

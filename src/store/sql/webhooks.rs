@@ -604,4 +604,43 @@ where
         .await?;
         Ok(oldest)
     }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn webhooks_to_rewrap(
+        &self,
+        current: u32,
+        limit: u32,
+    ) -> Result<Vec<WebhookRecord>, StoreError> {
+        let rows: Vec<WebhookRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            webhook_columns!(),
+            " FROM webhook_endpoints WHERE kek_version <> $1 ORDER BY webhook_id LIMIT $2"
+        ))
+        .bind(i64::from(current))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn swap_webhook_dek(
+        &self,
+        webhook_id: &str,
+        expected: &[u8],
+        kek_version: u32,
+        wrapped_dek: &[u8],
+    ) -> Result<bool, StoreError> {
+        let swapped = sqlx::query(
+            "UPDATE webhook_endpoints SET kek_version = $3, wrapped_dek = $4 \
+             WHERE webhook_id = $1 AND wrapped_dek = $2",
+        )
+        .bind(webhook_id)
+        .bind(expected)
+        .bind(i64::from(kek_version))
+        .bind(wrapped_dek)
+        .execute(&self.pool)
+        .await?;
+        Ok(B::rows_affected(&swapped) == 1)
+    }
 }
