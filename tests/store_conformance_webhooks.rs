@@ -555,6 +555,77 @@ async fn the_outbox_is_pruned_behind_every_endpoint(backend: Backend) {
     assert_eq!(outbox(store.as_ref(), WS).await[0].0, 5);
 }
 
+/// The trap of a log read by `seq > last`: a mutation holding seq N commits after one
+/// holding N + 1, and a reader past N + 1 never sees N. Here a transaction holds the
+/// workspace's next seq open; a key issued meanwhile waits for it (on the head row's
+/// lock) instead of committing a later seq first, so a reader sees neither, then both in
+/// order. Postgres only: SQLite's write transactions are exclusive already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_seq_order_is_commit_order_on_postgres() {
+    use sqlx::Connection;
+    let (db, store) = open(Backend::Postgres).await;
+    store
+        .insert_webhook(
+            &endpoint(WS, &[EventType::KeyIssued], T0),
+            &ctx("webhook.create"),
+        )
+        .await
+        .unwrap();
+    let first = key_record(WS, T0);
+    issue(store.as_ref(), &first).await;
+    let mut held = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut tx = held.begin().await.unwrap();
+    let seq: i64 = sqlx::query_scalar(
+        "UPDATE webhook_heads SET head = head + 1 WHERE workspace_id = $1 RETURNING head",
+    )
+    .bind(WS)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(seq, 2);
+    let later = key_record(WS, T0 + S);
+    let writer = {
+        let store = store.clone();
+        let later = later.clone();
+        tokio::spawn(async move { issue(store.as_ref(), &later).await })
+    };
+    // The writer is waiting on the head row's lock.
+    eventually("the second writer to wait for the head row", async || {
+        db.count(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        outbox(store.as_ref(), WS).await.len(),
+        1,
+        "nothing later is visible"
+    );
+    sqlx::query(
+        "INSERT INTO webhook_events (workspace_id, seq, event_type, key_id, data, occurred_at) \
+         VALUES ($1, 2, 'key.revoked', $2, '{}', $3)",
+    )
+    .bind(WS)
+    .bind(&first.key_id)
+    .bind(T0)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(
+        outbox(store.as_ref(), WS).await,
+        [
+            (1, EventType::KeyIssued, first.key_id.clone()),
+            (2, EventType::KeyRevoked, first.key_id.clone()),
+            (3, EventType::KeyIssued, later.key_id.clone()),
+        ]
+    );
+}
+
 both_backends!(
     the_outbox_is_written_with_the_mutation_for_workspaces_with_endpoints,
     cursors_move_forward_and_failures_disable_with_an_audit_row,

@@ -871,7 +871,75 @@ async fn webhook_secrets_follow_a_kek_rotation(backend: Backend) {
     server.shutdown().await.unwrap();
 }
 
+async fn scrape(app: &TestApp) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.server().metrics_addr().expect("metrics are on");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+fn metric_line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find(|l| l.starts_with(prefix))
+}
+
+async fn deliveries_and_the_oldest_undelivered_event_are_measured(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        s.metrics_listen = Some("127.0.0.1:0".parse().unwrap())
+    })
+    .await;
+    let rx = Receiver::start(Mode::FailFirst(1)).await;
+    create(&app, &rx.url(), &["key.issued"]).await;
+    app.issue().await;
+    app.server().poll_webhooks().await;
+    app.clock.advance(std::time::Duration::from_secs(600));
+    // A poll reads the age before the retry succeeds, and the next one after.
+    app.server().poll_webhooks().await;
+    let text = scrape(&app).await;
+    assert_eq!(
+        metric_line(
+            &text,
+            "keywarden_webhook_deliveries_total{outcome=\"failed\"}"
+        ),
+        Some("keywarden_webhook_deliveries_total{outcome=\"failed\"} 1"),
+        "{text}"
+    );
+    assert_eq!(
+        metric_line(
+            &text,
+            "keywarden_webhook_deliveries_total{outcome=\"delivered\"}"
+        ),
+        Some("keywarden_webhook_deliveries_total{outcome=\"delivered\"} 1")
+    );
+    app.server().poll_webhooks().await;
+    let text = scrape(&app).await;
+    assert_eq!(
+        metric_line(&text, "keywarden_webhook_oldest_undelivered_seconds "),
+        Some("keywarden_webhook_oldest_undelivered_seconds 0"),
+        "nothing waits after the delivery: {text}"
+    );
+    // An event that cannot be delivered ages with the clock.
+    let failing = Receiver::start(Mode::AlwaysFail).await;
+    create(&app, &failing.url(), &["key.issued"]).await;
+    app.issue().await;
+    app.server().poll_webhooks().await;
+    app.clock.advance(std::time::Duration::from_secs(30));
+    app.server().poll_webhooks().await;
+    let text = scrape(&app).await;
+    let age: f64 = metric_line(&text, "keywarden_webhook_oldest_undelivered_seconds ")
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(age >= 30.0, "{age}");
+}
+
 both_backends!(
+    deliveries_and_the_oldest_undelivered_event_are_measured,
     webhook_secrets_follow_a_kek_rotation,
     without_a_kek_no_endpoint_is_created,
     webhooks_arrive_in_order_with_valid_signatures,
