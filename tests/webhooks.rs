@@ -938,6 +938,55 @@ async fn deliveries_and_the_oldest_undelivered_event_are_measured(backend: Backe
     assert!(age >= 30.0, "{age}");
 }
 
+/// The replica holding the delivery lock goes away: another takes the lock over at its
+/// next poll and delivers what follows, from the durable cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_takes_delivery_over() {
+    let mut app = TestApp::spawn(Backend::Postgres).await;
+    let rx = Receiver::start(Mode::Ok).await;
+    create(&app, &rx.url(), &["key.issued"]).await;
+    // The first replica holds the lock before the second starts.
+    eventually("the first replica to take the delivery lock", async || {
+        app.db
+            .count(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .await
+            == 1
+    })
+    .await;
+    let second = Replica::start(&app, |_| {}).await;
+    let first_key = app.issue().await.key_info.unwrap().key_id;
+    eventually("the first delivery", async || rx.ok().len() == 1).await;
+    app.server.take().unwrap().shutdown().await.unwrap();
+    let admin = keywarden::proto::key_service_client::KeyServiceClient::with_interceptor(
+        second.channel.clone(),
+        bearer(ADMIN_TOKEN),
+    );
+    let second_key = admin
+        .clone()
+        .issue_key(issue_request("ws_test"))
+        .await
+        .unwrap()
+        .into_inner()
+        .key_info
+        .unwrap()
+        .key_id;
+    eventually("the second replica to deliver", async || rx.ok().len() >= 2).await;
+    let got: Vec<String> = rx
+        .ok()
+        .iter()
+        .map(|d| {
+            d.json()["data"]["key"]["key_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(got, [first_key, second_key]);
+}
+
 both_backends!(
     deliveries_and_the_oldest_undelivered_event_are_measured,
     webhook_secrets_follow_a_kek_rotation,

@@ -55,9 +55,14 @@ pub struct Dispatcher {
     polling: tokio::sync::Mutex<()>,
 }
 
-/// The right to deliver: the advisory lock's connection on Postgres, nothing on SQLite.
+/// The right to deliver: on Postgres, a connection of the dispatcher's own (out of the
+/// pool, kept between polls so that a replica waiting for the lock does not connect
+/// anew each time) and whether it holds the advisory lock; nothing on SQLite.
 enum Lease {
-    Postgres(sqlx::PgConnection),
+    Postgres {
+        conn: sqlx::PgConnection,
+        held: bool,
+    },
     Alone,
 }
 
@@ -116,39 +121,49 @@ impl Dispatcher {
         }
     }
 
-    /// Whether this replica may deliver now: it holds the lease, or takes it.
+    /// Whether this replica may deliver now: it holds the lock, or takes it.
     async fn hold(&self, lease: &mut Option<Lease>) -> bool {
-        if let Some(Lease::Postgres(conn)) = lease
-            && conn.ping().await.is_err()
-        {
-            tracing::warn!("lost the webhook delivery lock's connection");
-            *lease = None;
+        if lease.is_none() {
+            *lease = match self.store.postgres_pool() {
+                None => Some(Lease::Alone),
+                Some(pool) => match pool.acquire().await {
+                    // The lock lives as long as this connection: closed when dropped.
+                    Ok(conn) => Some(Lease::Postgres {
+                        conn: conn.detach(),
+                        held: false,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot connect for the webhook delivery lock");
+                        None
+                    }
+                },
+            };
         }
-        if lease.is_some() {
-            return true;
-        }
-        let Some(pool) = self.store.postgres_pool() else {
-            *lease = Some(Lease::Alone);
-            return true;
+        let Some(Lease::Postgres { conn, held }) = lease else {
+            return lease.is_some();
         };
-        let taken = async {
-            // A connection of its own, out of the pool: the lock lives as long as it.
-            let mut conn = pool.acquire().await?.detach();
-            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let asked = if *held {
+            // Still ours while the connection is alive.
+            conn.ping().await.map(|()| true)
+        } else {
+            sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
                 .bind(LOCK_KEY)
-                .fetch_one(&mut conn)
-                .await?;
-            Ok::<_, sqlx::Error>(held.then_some(conn))
+                .fetch_one(&mut *conn)
+                .await
         };
-        match taken.await {
-            Ok(Some(conn)) => {
-                tracing::info!("this replica delivers webhooks");
-                *lease = Some(Lease::Postgres(conn));
-                true
+        match asked {
+            Ok(now_held) => {
+                if now_held && !*held {
+                    tracing::info!("this replica delivers webhooks");
+                }
+                *held = now_held;
+                now_held
             }
-            Ok(None) => false,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot take the webhook delivery lock");
+                if *held {
+                    tracing::warn!(error = %e, "lost the webhook delivery lock's connection");
+                }
+                *lease = None;
                 false
             }
         }
