@@ -1289,6 +1289,36 @@ mod tests {
     }
 
     #[test]
+    fn webhooks_are_guarded_by_default_and_their_lead_times_checked() {
+        let settings = |toml: &str| {
+            let config: Config = Figment::new()
+                .merge(Toml::string(&format!(
+                    "database_url = \"sqlite::memory:\"\n{toml}"
+                )))
+                .extract()
+                .unwrap();
+            config.into_settings().map(|s| s.webhooks)
+        };
+        let default = settings("").unwrap();
+        assert!(default.enabled && !default.allow_private);
+        assert_eq!(
+            default.expiry_leads,
+            [Duration::from_secs(7 * 86_400), Duration::from_secs(86_400)]
+        );
+        let set =
+            settings("[webhooks]\nallow_private_addresses = true\nexpiry_notice_hours = [72]\n")
+                .unwrap();
+        assert!(set.allow_private);
+        assert_eq!(set.expiry_leads, [Duration::from_secs(72 * 3600)]);
+        let err = settings("[webhooks]\nexpiry_notice_hours = [0]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("webhooks.expiry_notice_hours"),
+            "{err}"
+        );
+        assert!(is_setting("WEBHOOKS__ALLOW_PRIVATE_ADDRESSES"));
+    }
+
+    #[test]
     fn plans_keep_their_defaults_where_the_file_is_silent() {
         let config: Config = Figment::new()
             .merge(Toml::string(
