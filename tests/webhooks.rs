@@ -938,6 +938,88 @@ async fn deliveries_and_the_oldest_undelivered_event_are_measured(backend: Backe
     assert!(age >= 30.0, "{age}");
 }
 
+/// The README's Python receiver, as printed, against real deliveries: it accepts what
+/// Keywarden signs (and prints each event once) and refuses a forged signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_receiver_checks_real_deliveries() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("```python\n# receiver.py")
+        .expect("the receiver in README.md");
+    let code = &readme[start + "```python\n".len()..];
+    let code = &code[..code.find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("receiver.py");
+    std::fs::write(&script, code).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let created = create(
+        &app,
+        &format!("http://127.0.0.1:{port}/keywarden"),
+        &["key.revoked"],
+    )
+    .await;
+    let mut receiver = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(&created.signing_secret)
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs the README's receiver");
+    eventually("the receiver to listen", async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+    // The receiver checks `t` against its own clock: the test's manual clock started at
+    // the real time moments ago and has not been moved.
+    let key_id = app.issue().await.key_info.unwrap().key_id;
+    revoke(&app, &key_id).await;
+    app.server().poll_webhooks().await;
+    let state = list(&app).await.remove(0);
+    assert_eq!(
+        state.failures, 0,
+        "the receiver refused: {}",
+        state.last_error
+    );
+    // A forged signature is refused (400).
+    let client = keywarden::webhooks::Client::new(true, std::time::Duration::from_secs(5)).unwrap();
+    let url = WebhookUrl::parse(&format!("http://127.0.0.1:{port}/keywarden")).unwrap();
+    let forged = client
+        .post(
+            &url,
+            Bytes::from_static(
+                br#"{"id":"evt_x","type":"key.revoked","data":{"key":{"key_id":"k"}}}"#,
+            ),
+            &[(webhook::SIGNATURE_HEADER, "t=1,v1=00".to_owned())],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(forged, keywarden::webhooks::DeliveryError::Status(400)),
+        "{forged}"
+    );
+    receiver.kill().await.unwrap();
+    let mut printed = String::new();
+    use tokio::io::AsyncReadExt;
+    receiver
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut printed)
+        .await
+        .unwrap();
+    assert_eq!(printed, format!("key.revoked {key_id}\n"));
+}
+
 /// The replica holding the delivery lock goes away: another takes the lock over at its
 /// next poll and delivers what follows, from the durable cursor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
