@@ -419,7 +419,7 @@ async fn endpoints_are_listed_replaced_and_deleted_with_audit_rows(backend: Back
 }
 
 async fn notices_are_announced_once(backend: Backend) {
-    let (_db, store) = open(backend).await;
+    let (db, store) = open(backend).await;
     store
         .insert_webhook(
             &endpoint(
@@ -510,6 +510,25 @@ async fn notices_are_announced_once(backend: Backend) {
     store.record_usage(&[spend(500)]).await.unwrap();
     assert_eq!(store.announce_budget_thresholds(T0, 10).await.unwrap(), 1);
     assert_eq!(store.announce_budget_thresholds(T0, 10).await.unwrap(), 0);
+    // Pruning keeps every mark that still matters: the current period's, a live key's
+    // expiry marks; too recent ones are kept whatever they are.
+    let marks = || db.count("SELECT COUNT(*) FROM webhook_notices");
+    assert_eq!(marks().await, 4);
+    assert_eq!(store.prune_notices(T0 + 30 * DAY).await.unwrap(), 0);
+    // A new period: the old period's budget marks go (not before they are old enough).
+    store
+        .reset_budget(&budgeted.key_id, T0 + DAY, &ctx("key.reset_budget"))
+        .await
+        .unwrap();
+    assert_eq!(store.prune_notices(T0).await.unwrap(), 0);
+    assert_eq!(store.prune_notices(T0 + 30 * DAY).await.unwrap(), 2);
+    // A deleted key's marks go.
+    store
+        .delete_key(&expiring.key_id, T0 + DAY, &ctx("key.delete"))
+        .await
+        .unwrap();
+    assert_eq!(store.prune_notices(T0 + 30 * DAY).await.unwrap(), 2);
+    assert_eq!(marks().await, 0);
 }
 
 async fn the_outbox_is_pruned_behind_every_endpoint(backend: Backend) {

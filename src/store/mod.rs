@@ -897,6 +897,11 @@ pub trait WebhookStore: Send + Sync + 'static {
     /// workspace is past (all of them, where it has none left).
     async fn prune_outbox(&self, older_than: Micros) -> Result<u64, StoreError>;
 
+    /// Deletes notice marks sent before `older_than` that can no longer matter: those of
+    /// a key deleted or gone, and budget marks of a period other than the one the key's
+    /// stored spend counts in.
+    async fn prune_notices(&self, older_than: Micros) -> Result<u64, StoreError>;
+
     /// When the oldest event an enabled endpoint still waits for occurred.
     async fn oldest_undelivered(&self) -> Result<Option<Micros>, StoreError>;
 

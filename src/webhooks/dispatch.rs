@@ -226,6 +226,11 @@ impl Dispatcher {
             Ok(n) => tracing::info!(events = n, "pruned the webhook outbox"),
             Err(e) => tracing::warn!(error = %e, "pruning the webhook outbox failed"),
         }
+        match self.store.prune_notices(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(marks = n, "pruned webhook notice marks"),
+            Err(e) => tracing::warn!(error = %e, "pruning webhook notice marks failed"),
+        }
     }
 
     /// Delivers the endpoint's events after its cursor, in order, until one fails or

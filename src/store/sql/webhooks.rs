@@ -594,6 +594,25 @@ where
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
+    async fn prune_notices(&self, older_than: Micros) -> Result<u64, StoreError> {
+        // A budget mark is `budget:<percent>:<period start>`: one of another period than
+        // the stored spend's is over (the period turned and `reset_due_budgets` moved the
+        // epoch on, or the budget was reset), and its period cannot come back.
+        let deleted = sqlx::query(
+            "DELETE FROM webhook_notices WHERE sent_at < $1 AND (\
+             NOT EXISTS (SELECT 1 FROM api_keys k \
+              WHERE k.key_id = webhook_notices.key_id AND k.deleted_at IS NULL) \
+             OR (notice LIKE 'budget:%' AND NOT EXISTS (SELECT 1 FROM api_keys k \
+              WHERE k.key_id = webhook_notices.key_id \
+              AND webhook_notices.notice LIKE '%:' || k.spend_epoch)))",
+        )
+        .bind(older_than)
+        .execute(&self.pool)
+        .await?;
+        Ok(B::rows_affected(&deleted))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
     async fn oldest_undelivered(&self) -> Result<Option<Micros>, StoreError> {
         let oldest: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(ev.occurred_at) FROM webhook_events ev JOIN webhook_endpoints e \
