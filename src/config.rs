@@ -88,8 +88,10 @@ pub struct WebhooksConfig {
     pub allow_private_addresses: bool,
     /// When `key.expiring` notices go out, in hours before `expires_at`.
     pub expiry_notice_hours: Vec<u64>,
-    /// How often due deliveries and notices are looked for.
+    /// How often due deliveries are looked for.
     pub poll_interval_ms: u64,
+    /// How often due expiry and budget notices are looked for.
+    pub sweep_interval_ms: u64,
     /// How long one delivery may take (connect, TLS, answer).
     pub timeout_ms: u64,
     /// Endpoints delivered to at once by this replica.
@@ -105,6 +107,7 @@ impl Default for WebhooksConfig {
             allow_private_addresses: false,
             expiry_notice_hours: vec![7 * 24, 24],
             poll_interval_ms: 1000,
+            sweep_interval_ms: 60_000,
             timeout_ms: 10_000,
             max_concurrent: 8,
             retention_hours: 7 * 24,
@@ -132,6 +135,7 @@ impl WebhooksConfig {
                 .map(|h| Duration::from_secs(h * 3600))
                 .collect(),
             poll_interval: Duration::from_millis(self.poll_interval_ms.max(10)),
+            sweep_interval: Duration::from_millis(self.sweep_interval_ms.max(10)),
             timeout: Duration::from_millis(self.timeout_ms.max(100)),
             max_concurrent: self.max_concurrent.max(1),
             retention: Duration::from_secs(self.retention_hours.max(1).saturating_mul(3600)),

@@ -55,3 +55,10 @@ CREATE TABLE webhook_notices (
     sent_at BIGINT NOT NULL,
     PRIMARY KEY (key_id, notice)
 );
+
+-- What the notice sweeps read, every minute by default: live keys by expiry (a range
+-- from now to the longest lead), and live keys with a budget by workspace.
+CREATE INDEX api_keys_expiring ON api_keys (expires_at)
+    WHERE expires_at IS NOT NULL AND revoked_at IS NULL AND deleted_at IS NULL;
+CREATE INDEX api_keys_budgeted ON api_keys (workspace_id)
+    WHERE max_budget_micros IS NOT NULL AND revoked_at IS NULL AND deleted_at IS NULL;

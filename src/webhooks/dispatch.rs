@@ -95,6 +95,7 @@ impl Dispatcher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lease: Option<Lease> = None;
         let mut pruned_at: Option<tokio::time::Instant> = None;
+        let mut swept_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -106,8 +107,12 @@ impl Dispatcher {
             // A poll that stalls (a database that stopped answering) is abandoned; the
             // lease is checked again at the next.
             let bound = self.settings.timeout.saturating_mul(4) + Duration::from_secs(30);
+            let sweep = swept_at.is_none_or(|at| at.elapsed() >= self.settings.sweep_interval);
+            if sweep {
+                swept_at = Some(tokio::time::Instant::now());
+            }
             tokio::select! {
-                done = tokio::time::timeout(bound, self.poll()) => {
+                done = tokio::time::timeout(bound, self.poll_with(sweep)) => {
                     if done.is_err() {
                         tracing::warn!("a webhook poll did not finish; trying again");
                     }
@@ -173,7 +178,21 @@ impl Dispatcher {
     /// poll under way to end first, so when it returns, everything due at the clock's
     /// time when it began has been announced and attempted.
     pub async fn poll(&self) {
+        self.poll_with(true).await;
+    }
+
+    /// A poll; the notices only when `sweep` (the loop sweeps every `sweep_interval`:
+    /// a notice is due by the minute, and the sweeps read every key near its expiry or
+    /// with a budget).
+    async fn poll_with(&self, sweep: bool) {
         let _one = self.polling.lock().await;
+        if sweep {
+            self.sweep().await;
+        }
+        self.deliver_due().await;
+    }
+
+    async fn sweep(&self) {
         let now = self.clock.now();
         let leads: Vec<Micros> = self
             .settings
@@ -195,6 +214,10 @@ impl Dispatcher {
             Ok(n) => tracing::info!(keys = n, "budget threshold notices announced"),
             Err(e) => tracing::warn!(error = %e, "announcing budget thresholds failed"),
         }
+    }
+
+    async fn deliver_due(&self) {
+        let now = self.clock.now();
         match self.store.due_webhooks(now, DUE_BATCH).await {
             Ok(due) => {
                 futures::stream::iter(due)

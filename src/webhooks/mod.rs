@@ -38,6 +38,8 @@ pub struct WebhookSettings {
     /// When `key.expiring` notices go out, before `expires_at`.
     pub expiry_leads: Vec<Duration>,
     pub poll_interval: Duration,
+    /// How often the expiry and budget notices due are looked for.
+    pub sweep_interval: Duration,
     /// One delivery's bound: connect, TLS, answer.
     pub timeout: Duration,
     /// Endpoints delivered to at once.
@@ -56,6 +58,7 @@ impl Default for WebhookSettings {
                 Duration::from_secs(24 * 3600),
             ],
             poll_interval: Duration::from_secs(1),
+            sweep_interval: Duration::from_secs(60),
             timeout: Duration::from_secs(10),
             max_concurrent: 8,
             retention: Duration::from_secs(7 * 24 * 3600),

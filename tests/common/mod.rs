@@ -411,6 +411,7 @@ pub fn test_settings(db: &TestDb) -> Settings {
         webhooks: keywarden::webhooks::WebhookSettings {
             allow_private: true,
             poll_interval: std::time::Duration::from_millis(50),
+            sweep_interval: std::time::Duration::from_millis(50),
             ..Default::default()
         },
     }
