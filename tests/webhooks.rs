@@ -503,6 +503,9 @@ async fn private_addresses_are_refused_unless_allowed(backend: Backend) {
         "http://169.254.169.254/latest/meta-data",
         "http://[::1]/hook",
         "https://192.168.1.10/hook",
+        // Forms resolvers read as 127.0.0.1.
+        "http://2130706433/hook",
+        "http://0x7f.1/hook",
     ] {
         let err = webhooks(&app)
             .create_webhook(create_request("ws_test", url, &["key.issued"]))

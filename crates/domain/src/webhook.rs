@@ -272,9 +272,16 @@ fn parse_host(host: &str) -> Result<Host, &'static str> {
     if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
         return Err("has a host that is not a DNS name or an IP address");
     }
-    // All digits and dots but not an IPv4 address (e.g. `127.1`): resolvers read such
-    // forms as addresses, so they are refused rather than judged as names.
-    if name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+    // A name whose last label does not start with a letter (`127.1`, `2130706433`,
+    // `0x7f.1`): resolvers read such forms as addresses (inet_aton takes octal, hex and
+    // short forms), and no top-level domain starts otherwise, so they are refused rather
+    // than judged as names.
+    if !name
+        .rsplit('.')
+        .next()
+        .and_then(|last| last.bytes().next())
+        .is_some_and(|b| b.is_ascii_alphabetic())
+    {
         return Err("has a host that is not a DNS name or an IP address");
     }
     Ok(Host::Name(name))
@@ -615,6 +622,10 @@ mod tests {
             "https://example.com/#frag",
             "https://-bad-.com/",
             "https://127.1/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://0177.0.0.1/",
+            "http://example.0x1/",
             "https://[::1/",
             "javascript:alert(1)",
         ] {
