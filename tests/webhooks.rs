@@ -781,6 +781,40 @@ async fn a_leaked_key_announces_its_revocation_and_the_leak(backend: Backend) {
     assert!(!String::from_utf8_lossy(&got[1].body).contains(&issued.key));
 }
 
+async fn a_workspace_has_at_most_twenty_endpoints(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for i in 0..20 {
+        webhooks(&app)
+            .create_webhook(create_request(
+                "ws_test",
+                &format!("https://hooks.example.com/{i}"),
+                &["key.issued"],
+            ))
+            .await
+            .unwrap();
+    }
+    let err = webhooks(&app)
+        .create_webhook(create_request(
+            "ws_test",
+            "https://hooks.example.com/x",
+            &["key.issued"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(reason(&err), "WEBHOOK_LIMIT_REACHED");
+    assert_eq!(list(&app).await.len(), 20);
+    // Another workspace counts its own.
+    webhooks(&app)
+        .create_webhook(create_request(
+            "ws_a",
+            "https://hooks.example.com/a",
+            &["key.issued"],
+        ))
+        .await
+        .unwrap();
+}
+
 async fn without_a_kek_no_endpoint_is_created(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| s.keks.clear()).await;
     let err = webhooks(&app)
@@ -1073,6 +1107,7 @@ async fn another_replica_takes_delivery_over() {
 }
 
 both_backends!(
+    a_workspace_has_at_most_twenty_endpoints,
     deliveries_and_the_oldest_undelivered_event_are_measured,
     webhook_secrets_follow_a_kek_rotation,
     without_a_kek_no_endpoint_is_created,

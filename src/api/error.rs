@@ -50,6 +50,7 @@ pub fn code(reason: Reason) -> Code {
         | ReachBeyondTeam
         | AccessGroupInUse
         | TeamInUse
+        | WebhookLimitReached
         | ServiceAccountNotInTeam
         | ServiceAccountOwnsKeys
         | KeyRevoked

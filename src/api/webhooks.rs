@@ -40,6 +40,7 @@ impl From<WebhookError> for Status {
             WebhookError::NotFound(id) => {
                 refused(Refusal::new(Reason::WebhookNotFound, message).with("webhook_id", id))
             }
+            WebhookError::Refused(refusal) => refused(refusal),
             WebhookError::Store(e) => store_status(&e),
             WebhookError::Crypto(_) | WebhookError::Randomness => {
                 tracing::error!(error = %message, "webhook operation failed");

@@ -813,7 +813,10 @@ pub struct DeliveryFailure {
 #[async_trait]
 pub trait WebhookStore: Send + Sync + 'static {
     /// Stores a new endpoint, its cursor at the workspace's outbox head (it receives the
-    /// events committed after it), with its audit row. Returns it as stored.
+    /// events committed after it), with its audit row. Returns it as stored. Refused
+    /// ([`StoreError::Precondition`], `WEBHOOK_LIMIT_REACHED`) when the workspace has
+    /// `domain::webhook::MAX_WEBHOOKS_PER_WORKSPACE` endpoints, counted under the lock of
+    /// its outbox head.
     async fn insert_webhook(
         &self,
         record: &WebhookRecord,

@@ -74,6 +74,8 @@ pub enum WebhookError {
     WorkspaceNotFound(String),
     #[error("webhook {0} does not exist in this workspace")]
     NotFound(String),
+    #[error("{0}")]
+    Refused(crate::domain::refusal::Refusal),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
     #[error(transparent)]
@@ -207,10 +209,15 @@ impl Webhooks {
             "webhook: {webhook_id}, events: {}",
             crate::domain::webhook::join_event_types(&record.event_types)
         );
-        let webhook = self
+        let webhook = match self
             .store
             .insert_webhook(&record, &acting.audit("webhook.create", detail))
-            .await?;
+            .await
+        {
+            Ok(w) => w,
+            Err(StoreError::Precondition(refusal)) => return Err(WebhookError::Refused(refusal)),
+            Err(e) => return Err(e.into()),
+        };
         tracing::info!(workspace_id, webhook_id, "webhook created");
         Ok(WithSecret { webhook, secret })
     }

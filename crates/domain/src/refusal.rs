@@ -87,6 +87,8 @@ reasons! {
     ServiceAccountOwnsKeys => "SERVICE_ACCOUNT_OWNS_KEYS",
     /// A team that still has keys neither revoked nor deleted cannot be deleted.
     TeamInUse => "TEAM_IN_USE",
+    /// A workspace has as many webhook endpoints as it may.
+    WebhookLimitReached => "WEBHOOK_LIMIT_REACHED",
     /// Rotation of a revoked key.
     KeyRevoked => "KEY_REVOKED",
     /// Rotation of an expired key.

@@ -68,6 +68,22 @@ impl EventType {
     }
 }
 
+/// The most endpoints a workspace may have: each is delivered to on its own, so this
+/// bounds what one workspace's events cost.
+pub const MAX_WEBHOOKS_PER_WORKSPACE: u32 = 20;
+
+/// The refusal of one endpoint too many.
+pub fn limit_reached(workspace_id: &str) -> crate::refusal::Refusal {
+    crate::refusal::Refusal::new(
+        crate::refusal::Reason::WebhookLimitReached,
+        format!(
+            "workspace {workspace_id} has {MAX_WEBHOOKS_PER_WORKSPACE} webhook endpoints already; delete one first"
+        ),
+    )
+    .with("workspace_id", workspace_id)
+    .with("max_webhooks", MAX_WEBHOOKS_PER_WORKSPACE)
+}
+
 /// The most event types an endpoint names (each at most once).
 pub const MAX_EVENT_TYPES: usize = EventType::ALL.len();
 

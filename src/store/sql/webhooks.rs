@@ -246,6 +246,17 @@ where
         .bind(&record.workspace_id)
         .fetch_one(m.conn())
         .await?;
+        // Counted under the head row's lock: concurrent creations cannot all pass.
+        let endpoints: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM webhook_endpoints WHERE workspace_id = $1")
+                .bind(&record.workspace_id)
+                .fetch_one(m.conn())
+                .await?;
+        if endpoints >= i64::from(webhook::MAX_WEBHOOKS_PER_WORKSPACE) {
+            return Err(StoreError::Precondition(webhook::limit_reached(
+                &record.workspace_id,
+            )));
+        }
         let row: WebhookRow = sqlx::query_as(concat!(
             "INSERT INTO webhook_endpoints (",
             webhook_columns!(),
