@@ -804,6 +804,14 @@ async fn a_workspace_has_at_most_twenty_endpoints(backend: Backend) {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert_eq!(reason(&err), "WEBHOOK_LIMIT_REACHED");
     assert_eq!(list(&app).await.len(), 20);
+    // A refusal by policy is audited as denied, and writes nothing else.
+    let audit = app.audit("ws_test").await;
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|e| e.outcome == proto::AuditOutcome::Denied as i32)
+        .collect();
+    assert_eq!(denied.len(), 1, "{audit:?}");
+    assert_eq!(denied[0].action, "webhook.create");
     // Another workspace counts its own.
     webhooks(&app)
         .create_webhook(create_request(

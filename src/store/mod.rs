@@ -816,7 +816,7 @@ pub trait WebhookStore: Send + Sync + 'static {
     /// events committed after it), with its audit row. Returns it as stored. Refused
     /// ([`StoreError::Precondition`], `WEBHOOK_LIMIT_REACHED`) when the workspace has
     /// `domain::webhook::MAX_WEBHOOKS_PER_WORKSPACE` endpoints, counted under the lock of
-    /// its outbox head.
+    /// its outbox head; the refusal is audited (`denied`) in the same transaction.
     async fn insert_webhook(
         &self,
         record: &WebhookRecord,

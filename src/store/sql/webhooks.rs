@@ -20,7 +20,8 @@ use crate::store::sql::{Backend, Bind, Column, Mutation, SqlStore};
 use sqlx::SqlSafeStr;
 
 use crate::store::{
-    AuditContext, DeliveryFailure, OutboxEvent, StoreError, WebhookRecord, WebhookStore,
+    AuditContext, AuditOutcome, DeliveryFailure, OutboxEvent, StoreError, WebhookRecord,
+    WebhookStore,
 };
 
 macro_rules! webhook_columns {
@@ -253,9 +254,22 @@ where
                 .fetch_one(m.conn())
                 .await?;
         if endpoints >= i64::from(webhook::MAX_WEBHOOKS_PER_WORKSPACE) {
-            return Err(StoreError::Precondition(webhook::limit_reached(
+            // Refused by policy: nothing written but its `denied` audit row.
+            let refusal = webhook::limit_reached(&record.workspace_id);
+            let denied = AuditContext {
+                detail: refusal.message.clone(),
+                ..audit.clone()
+            };
+            m.audit(
                 &record.workspace_id,
-            )));
+                None,
+                AuditOutcome::Denied,
+                &denied,
+                record.created_at,
+            )
+            .await?;
+            m.commit().await?;
+            return Err(StoreError::Precondition(refusal));
         }
         let row: WebhookRow = sqlx::query_as(concat!(
             "INSERT INTO webhook_endpoints (",
