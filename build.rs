@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/keywarden/v1/access_groups.proto",
         "proto/keywarden/v1/teams.proto",
         "proto/keywarden/v1/usage.proto",
+        "proto/keywarden/v1/webhooks.proto",
     ];
     // The servers, over the messages and clients of the `keywarden-proto` crate
     // (`extern_path`: not generated twice). They decode requests with

@@ -72,6 +72,75 @@ pub struct Config {
     pub connect: ConnectConfig,
     /// The HTTP listener of its own: the secret-scanning endpoint (`[http]`).
     pub http: HttpConfig,
+    /// Webhook delivery (`[webhooks]`).
+    pub webhooks: WebhooksConfig,
+}
+
+/// `[webhooks]`: how endpoints are reached and when notices go out.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Deliver at all (`false`: the outbox fills and waits; endpoints can still be
+    /// managed).
+    pub enabled: bool,
+    /// Let endpoints name, and deliveries reach, private and loopback addresses (the SSRF
+    /// guard off). Dev mode turns it on: a developer's receiver runs on localhost.
+    pub allow_private_addresses: bool,
+    /// When `key.expiring` notices go out, in hours before `expires_at`.
+    pub expiry_notice_hours: Vec<u64>,
+    /// How often due deliveries are looked for.
+    pub poll_interval_ms: u64,
+    /// How often due expiry and budget notices are looked for.
+    pub sweep_interval_ms: u64,
+    /// How long one delivery may take (connect, TLS, answer).
+    pub timeout_ms: u64,
+    /// Endpoints delivered to at once by this replica.
+    pub max_concurrent: usize,
+    /// Delivered outbox events are pruned after this long.
+    pub retention_hours: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            enabled: true,
+            allow_private_addresses: false,
+            expiry_notice_hours: vec![7 * 24, 24],
+            poll_interval_ms: 1000,
+            sweep_interval_ms: 60_000,
+            timeout_ms: 10_000,
+            max_concurrent: 8,
+            retention_hours: 7 * 24,
+        }
+    }
+}
+
+impl WebhooksConfig {
+    fn settings(&self) -> Result<crate::webhooks::WebhookSettings, ConfigError> {
+        if self
+            .expiry_notice_hours
+            .iter()
+            .any(|h| *h == 0 || *h > 24 * 366)
+        {
+            return Err(ConfigError::Webhooks(
+                "expiry_notice_hours: each must be 1 to 8784 hours".into(),
+            ));
+        }
+        Ok(crate::webhooks::WebhookSettings {
+            enabled: self.enabled,
+            allow_private: self.allow_private_addresses,
+            expiry_leads: self
+                .expiry_notice_hours
+                .iter()
+                .map(|h| Duration::from_secs(h * 3600))
+                .collect(),
+            poll_interval: Duration::from_millis(self.poll_interval_ms.max(10)),
+            sweep_interval: Duration::from_millis(self.sweep_interval_ms.max(10)),
+            timeout: Duration::from_millis(self.timeout_ms.max(100)),
+            max_concurrent: self.max_concurrent.max(1),
+            retention: Duration::from_secs(self.retention_hours.max(1).saturating_mul(3600)),
+        })
+    }
 }
 
 /// `[http]`: a listener of its own (off unless `listen` is set; TLS with the `[tls]` files
@@ -788,6 +857,7 @@ impl Default for Config {
             ext_authz: ExtAuthzConfig::default(),
             connect: ConnectConfig::default(),
             http: HttpConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -820,6 +890,8 @@ pub enum ConfigError {
     Connect(String),
     #[error("configuration: http.{0}")]
     Http(String),
+    #[error("configuration: webhooks.{0}")]
+    Webhooks(String),
     #[error("configuration: tls.{0}")]
     Tls(String),
 }
@@ -894,9 +966,11 @@ impl Config {
         let ext_authz = Arc::new(self.ext_authz.settings()?);
         let connect = self.connect.settings()?;
         let http = self.http.settings()?;
+        let webhooks = self.webhooks.settings()?;
         Ok(Settings {
             connect,
             http,
+            webhooks,
             tls: self.tls.settings()?,
             transport: self.transport.settings(),
             ext_authz,
@@ -951,7 +1025,7 @@ impl Config {
 /// The top-level settings; `KEYWARDEN_*` variables that name none of them (the CLI's
 /// `KEYWARDEN_CONFIG`, a test suite's own variables) are not configuration and are left
 /// alone, while unknown keys in the file are still refused as typos.
-const SETTINGS: [&str; 21] = [
+const SETTINGS: [&str; 22] = [
     "tracing",
     "tls",
     "transport",
@@ -973,6 +1047,7 @@ const SETTINGS: [&str; 21] = [
     "ext_authz",
     "connect",
     "http",
+    "webhooks",
 ];
 
 fn is_setting(key: &str) -> bool {
@@ -1022,6 +1097,8 @@ pub struct Settings {
     pub connect: ConnectSettings,
     /// The HTTP listener (secret scanning).
     pub http: HttpSettings,
+    /// Webhook delivery.
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 /// Where rate-limit counters live.
@@ -1213,6 +1290,36 @@ mod tests {
                 probe_interval: Duration::from_millis(10)
             }
         );
+    }
+
+    #[test]
+    fn webhooks_are_guarded_by_default_and_their_lead_times_checked() {
+        let settings = |toml: &str| {
+            let config: Config = Figment::new()
+                .merge(Toml::string(&format!(
+                    "database_url = \"sqlite::memory:\"\n{toml}"
+                )))
+                .extract()
+                .unwrap();
+            config.into_settings().map(|s| s.webhooks)
+        };
+        let default = settings("").unwrap();
+        assert!(default.enabled && !default.allow_private);
+        assert_eq!(
+            default.expiry_leads,
+            [Duration::from_secs(7 * 86_400), Duration::from_secs(86_400)]
+        );
+        let set =
+            settings("[webhooks]\nallow_private_addresses = true\nexpiry_notice_hours = [72]\n")
+                .unwrap();
+        assert!(set.allow_private);
+        assert_eq!(set.expiry_leads, [Duration::from_secs(72 * 3600)]);
+        let err = settings("[webhooks]\nexpiry_notice_hours = [0]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("webhooks.expiry_notice_hours"),
+            "{err}"
+        );
+        assert!(is_setting("WEBHOOKS__ALLOW_PRIVATE_ADDRESSES"));
     }
 
     #[test]

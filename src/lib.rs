@@ -20,6 +20,8 @@
 //! - [`events`]: the per-replica event-log tailer and the WatchRevocations fan-out.
 //! - [`metrics`]: the Prometheus figures each replica keeps, and `/metrics`.
 //! - [`http`]: the `[http]` listener: the secret-scanning endpoint.
+//! - [`webhooks`]: webhook endpoints and their delivery from the outbox the key
+//!   mutations write (signed, at least once, in order, by one replica at a time).
 //! - [`telemetry`]: log lines and OTLP trace export for the process.
 //! - [`edge`]: the client library for edge nodes: [`edge::Verifier`], VerifyKey with a
 //!   local cache kept coherent by the revocation stream. The `keywarden-edge` crate
@@ -59,6 +61,7 @@ pub mod usage;
 pub mod usage_history;
 pub mod usage_reports;
 pub mod verify;
+pub mod webhooks;
 pub mod workspaces;
 
 /// The protobuf and gRPC code of `keywarden.v1`: the messages, clients and file

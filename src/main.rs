@@ -248,6 +248,8 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
     let resolver = generate_token()?;
     let kek_file = data_dir.join("kek.key");
     let kek = dev_kek(&kek_file)?;
+    // A developer's webhook receiver runs on localhost: let endpoints reach it.
+    config.webhooks.allow_private_addresses = true;
     let mut settings = config.into_settings()?;
     if settings.keks.is_empty() {
         settings.keks = vec![(1, keywarden::config::KekMaterial::Raw(kek))];
@@ -279,6 +281,7 @@ fn dev_settings(mut config: Config, data_dir: &std::path::Path) -> Result<Settin
     if fast_history {
         println!("    Usage history is written every second (every minute by default).");
     }
+    println!("    Webhooks may reach private and loopback addresses (dev mode only).");
     println!("admin token: {admin}");
     println!("verifier token: {verifier}");
     println!("edge token: {edge}");

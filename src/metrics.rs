@@ -32,6 +32,8 @@
 //! | `keywarden_usage_write_failures_total` | counter | (keys a usage flush kept unwritten) |
 //! | `keywarden_secret_scanning_tokens_total` | counter | `label` (true_positive, false_positive) |
 //! | `keywarden_secret_scanning_refused_total` | counter | `reason` (unknown_key_id, bad_signature, too_large, malformed, rate_limited) |
+//! | `keywarden_webhook_deliveries_total` | counter | `outcome` (delivered, failed, disabled: the failure that gave an endpoint up) |
+//! | `keywarden_webhook_oldest_undelivered_seconds` | gauge | (age of the oldest event an enabled endpoint waits for; 0: none) |
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -132,6 +134,10 @@ pub struct Metrics {
     pub leaks_false_positive: Counter,
     /// Scanners' reports refused whole, by why (see [`ScanRefusal`]).
     scan_refused: [Counter; 5],
+    pub webhook_delivered: Counter,
+    pub webhook_failed: Counter,
+    pub webhook_disabled: Counter,
+    pub webhook_oldest_undelivered: Gauge,
     rpc: HashMap<String, Histogram>,
     rpc_other: Histogram,
     /// VerifyKey's histogram, found without hashing its path (the call that dominates).
@@ -179,6 +185,10 @@ impl Metrics {
             leaks_true_positive: Counter::noop(),
             leaks_false_positive: Counter::noop(),
             scan_refused: std::array::from_fn(|_| Counter::noop()),
+            webhook_delivered: Counter::noop(),
+            webhook_failed: Counter::noop(),
+            webhook_disabled: Counter::noop(),
+            webhook_oldest_undelivered: Gauge::noop(),
             rpc: HashMap::new(),
             rpc_other: Histogram::noop(),
             rpc_verify_key: Histogram::noop(),
@@ -236,6 +246,12 @@ impl Metrics {
                 vec![Label::new("state", state)],
             )
         };
+        let deliveries = |outcome: &'static str| {
+            counter(
+                "keywarden_webhook_deliveries_total",
+                vec![Label::new("outcome", outcome)],
+            )
+        };
         let rpc: HashMap<String, Histogram> = methods
             .iter()
             .map(|m| {
@@ -289,6 +305,13 @@ impl Metrics {
                     vec![Label::new("reason", r.label())],
                 )
             }),
+            webhook_delivered: deliveries("delivered"),
+            webhook_failed: deliveries("failed"),
+            webhook_disabled: deliveries("disabled"),
+            webhook_oldest_undelivered: gauge(
+                "keywarden_webhook_oldest_undelivered_seconds",
+                vec![],
+            ),
             rpc,
             rpc_other: histogram(
                 "keywarden_rpc_duration_seconds",
@@ -441,6 +464,18 @@ fn describe(recorder: &PrometheusRecorder) {
         None,
         "Secret-scanning reports refused whole (nothing read or changed), by why.",
         0,
+    );
+    d(
+        "keywarden_webhook_deliveries_total",
+        None,
+        "Webhook delivery attempts by outcome (disabled: the failure that gave an endpoint up).",
+        0,
+    );
+    d(
+        "keywarden_webhook_oldest_undelivered_seconds",
+        Some(Unit::Seconds),
+        "Age of the oldest outbox event an enabled webhook endpoint still waits for.",
+        1,
     );
     d(
         "keywarden_usage_write_failures_total",

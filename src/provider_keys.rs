@@ -270,7 +270,36 @@ impl ProviderKeys {
                 }
             }
         }
-        tracing::info!(rewrapped, kek_version = current, "provider keys rewrapped");
+        // Webhook signing secrets are sealed under the same ring: rewrapped with them, so
+        // that an old KEK can be removed once this has run.
+        loop {
+            let batch = self.store.webhooks_to_rewrap(current, REWRAP_BATCH).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for record in batch {
+                let aad =
+                    crate::webhooks::associated_data(&record.workspace_id, &record.webhook_id);
+                let new = ring.rewrap(&crate::webhooks::sealed_of(&record), &aad)?;
+                if self
+                    .store
+                    .swap_webhook_dek(
+                        &record.webhook_id,
+                        &record.wrapped_dek,
+                        new.kek_version,
+                        &new.wrapped_dek,
+                    )
+                    .await?
+                {
+                    rewrapped += 1;
+                }
+            }
+        }
+        tracing::info!(
+            rewrapped,
+            kek_version = current,
+            "provider keys and webhook secrets rewrapped"
+        );
         Ok((rewrapped, current))
     }
 }

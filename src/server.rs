@@ -29,6 +29,7 @@ use crate::api::revocations::RevocationApi;
 use crate::api::teams::TeamApi;
 use crate::api::usage::UsageApi;
 use crate::api::verify::VerifyApi;
+use crate::api::webhooks::WebhookApi;
 use crate::api::workspaces::WorkspaceApi;
 use crate::cache::VerifyCache;
 use crate::clock::Clock;
@@ -44,6 +45,7 @@ use crate::proto::revocation_service_server::RevocationServiceServer;
 use crate::proto::team_service_server::TeamServiceServer;
 use crate::proto::usage_service_server::UsageServiceServer;
 use crate::proto::verify_service_server::VerifyServiceServer;
+use crate::proto::webhook_service_server::WebhookServiceServer;
 use crate::proto::workspace_service_server::WorkspaceServiceServer;
 use crate::provider_keys::{ProviderKeys, check_keks};
 use crate::ratelimit::RateLimiter;
@@ -56,6 +58,7 @@ use crate::usage::UsageBook;
 use crate::usage_history::HistorySettings;
 use crate::usage_reports::UsageReports;
 use crate::verify::{EdgeLeasing, Verifier, VerifyPolicy};
+use crate::webhooks::{Dispatcher, Webhooks};
 use crate::workspaces::Workspaces;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
@@ -73,6 +76,8 @@ pub enum StartError {
     Limiter(#[from] crate::ratelimit::LimiterError),
     #[error("key-encryption keys: {0}")]
     Kek(String),
+    #[error("webhooks: {0}")]
+    Webhooks(String),
     #[error("tls: {0}")]
     Tls(tonic::transport::Error),
     /// The compiled descriptor set does not decode: a build defect.
@@ -285,6 +290,7 @@ pub struct RunningServer {
     cache: Arc<VerifyCache>,
     hub: Arc<EventHub>,
     flusher: UsageFlusher,
+    dispatcher: Arc<Dispatcher>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -315,6 +321,12 @@ impl RunningServer {
     /// Writes the usage book now: spend and every last use (as shutdown does).
     pub async fn flush_usage(&self) {
         self.flusher.flush(true).await;
+    }
+
+    /// Runs one webhook poll now (notices due at the clock's time, then deliveries), after
+    /// any poll under way: what a test calls after moving its manual clock.
+    pub async fn poll_webhooks(&self) {
+        self.dispatcher.poll().await;
     }
 
     /// Stops accepting, lets in-flight calls finish, and returns when the server is down.
@@ -375,6 +387,7 @@ pub fn reported_services(settings: &Settings) -> Vec<&'static str> {
         <WorkspaceServiceServer<WorkspaceApi> as NamedService>::NAME,
         <ProviderKeyServiceServer<ProviderKeyApi> as NamedService>::NAME,
         <UsageServiceServer<UsageApi> as NamedService>::NAME,
+        <WebhookServiceServer<WebhookApi> as NamedService>::NAME,
     ];
     names.extend(vouching_services(settings));
     names
@@ -493,6 +506,9 @@ pub async fn serve_on(
     );
     let flusher = services.flusher.clone();
     let limiter = services.limiter.clone();
+    // Webhook delivery: off every RPC's path, its own task.
+    let dispatcher = services.dispatcher.clone();
+    tokio::spawn(dispatcher.clone().run(hub.stopping()));
     // The descriptors Connect calls are read with, decoded once for both listeners.
     let rpcs = Arc::new(Rpcs::compiled().map_err(|e| StartError::Descriptors(e.to_string()))?);
     let http_addr = match settings.http.listen {
@@ -550,6 +566,7 @@ pub async fn serve_on(
         cache,
         hub,
         flusher,
+        dispatcher,
         stop: Some(stop),
         task,
     })
@@ -563,6 +580,8 @@ struct Services {
     provider_keys: Arc<ProviderKeys>,
     workspaces: Arc<Workspaces>,
     usage_reports: Arc<UsageReports>,
+    webhooks: Arc<Webhooks>,
+    dispatcher: Arc<Dispatcher>,
     clock: Clock,
     verifier: Arc<Verifier>,
     /// The limiter the verifier decides with (its failures are a gauge).
@@ -611,8 +630,24 @@ impl Services {
             store.clone(),
             clock.clone(),
             settings.plans.clone(),
-            ring,
+            ring.clone(),
         ));
+        let webhooks = Arc::new(Webhooks::new(
+            store.clone(),
+            clock.clone(),
+            ring.clone(),
+            settings.webhooks.allow_private,
+        ));
+        let dispatcher = Arc::new(
+            Dispatcher::new(
+                store.clone(),
+                clock.clone(),
+                ring,
+                settings.webhooks.clone(),
+                metrics.clone(),
+            )
+            .map_err(StartError::Webhooks)?,
+        );
         let workspaces = Arc::new(Workspaces::new(
             store.clone(),
             cache.clone(),
@@ -657,6 +692,8 @@ impl Services {
             provider_keys,
             workspaces,
             usage_reports: Arc::new(UsageReports::new(store.clone())),
+            webhooks,
+            dispatcher,
             clock: clock.clone(),
             verifier,
             limiter,
@@ -860,6 +897,12 @@ async fn router(
             UsageServiceServer::new(UsageApi::new(services.usage_reports, services.clock))
                 .max_decoding_message_size(max),
             role(Role::Admin),
+        ))
+        .add(InterceptedService::new(
+            WebhookServiceServer::new(WebhookApi::new(services.webhooks))
+                .max_decoding_message_size(max),
+            // Each method checks the admin role itself (`auth::require`).
+            Authenticate::new(tokens.clone()),
         ))
         .add(InterceptedService::new(
             VerifyServiceServer::new(VerifyApi::new(services.verifier))

@@ -1392,3 +1392,81 @@ async fn teams_groups_service_accounts_and_key_policy_through_the_cli() {
     .await
     .assert_ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_secret_is_printed_once_and_never_listed() {
+    let cli = Cli::start().await;
+    let created = cli
+        .admin(&[
+            "webhooks",
+            "create",
+            "--workspace",
+            "ws_test",
+            "--url",
+            "https://hooks.example.com/kw",
+            "--event",
+            "key.revoked,key.leaked",
+            "-o",
+            "json",
+        ])
+        .await;
+    created.assert_ok();
+    let doc = created.json();
+    let secret = doc["signing_secret"].as_str().unwrap().to_owned();
+    let id = doc["webhook_id"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"), "{}", created.transcript());
+    assert_eq!(
+        doc["event_types"],
+        serde_json::json!(["key.revoked", "key.leaked"])
+    );
+    for format in ["table", "json"] {
+        let list = cli
+            .admin(&["webhooks", "list", "--workspace", "ws_test", "-o", format])
+            .await;
+        list.assert_ok().assert_never_shows(&secret);
+        assert!(list.stdout.contains(&id), "{}", list.transcript());
+    }
+    let rotated = cli
+        .admin(&[
+            "webhooks",
+            "rotate-secret",
+            "--workspace",
+            "ws_test",
+            "--webhook",
+            &id,
+        ])
+        .await;
+    rotated.assert_ok();
+    assert!(
+        rotated.stdout.contains("signing secret: whsec_"),
+        "{}",
+        rotated.transcript()
+    );
+    assert!(!rotated.stdout.contains(&secret));
+    cli.admin(&[
+        "webhooks",
+        "delete",
+        "--workspace",
+        "ws_test",
+        "--webhook",
+        &id,
+    ])
+    .await
+    .assert_ok();
+    let refused = cli
+        .admin(&[
+            "webhooks",
+            "delete",
+            "--workspace",
+            "ws_test",
+            "--webhook",
+            &id,
+        ])
+        .await;
+    assert_eq!(refused.code, 2, "{}", refused.transcript());
+    assert!(
+        refused.stderr.contains("NOT_FOUND"),
+        "{}",
+        refused.transcript()
+    );
+}

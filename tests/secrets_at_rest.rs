@@ -2,7 +2,8 @@
 //! output: the real binary runs at `RUST_LOG=trace` through issue, rotate, revoke and
 //! verify (also of a key with a wrong checksum), then its whole output, every byte of
 //! the SQLite files and every row of every Postgres table are searched for each key and
-//! for its secret part.
+//! for its secret part (and, in dev mode, for a webhook's signing secret, used to sign a
+//! delivery meanwhile).
 
 mod common;
 mod process_harness;
@@ -102,6 +103,55 @@ async fn provider_key_workload(server: &Server, admin_token: &str, resolver_toke
             .unwrap()
             .into_inner();
     assert_eq!(resolved.api_key, PROVIDER_KEY);
+}
+
+/// Creates a webhook (dev mode lets it reach 127.0.0.1) and waits until a delivery,
+/// signed with its secret, has arrived; returns the signing secret.
+async fn webhook_workload(server: &Server, admin_token: &str) -> String {
+    use keywarden::proto::webhook_service_client::WebhookServiceClient;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 64 * 1024];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                .await;
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let created =
+        WebhookServiceClient::with_interceptor(server.channel().await, bearer(admin_token))
+            .create_webhook(proto::CreateWebhookRequest {
+                workspace_id: "ws_secrets".into(),
+                url: format!("http://{addr}/hook"),
+                event_types: vec!["key.issued".into()],
+                actor: Some(actor()),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(!format!("{:?}", created.webhook).contains(&created.signing_secret));
+    let mut admin = server.admin(admin_token).await;
+    admin
+        .issue_key(issue_req(
+            "ws_secrets",
+            "announced",
+            proto::Environment::Live,
+        ))
+        .await
+        .unwrap();
+    eventually("a webhook delivery", async || {
+        received.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    created.signing_secret
 }
 
 /// Neither `key` nor any 8-character run of it is in `haystack`.
@@ -335,11 +385,13 @@ async fn dev_mode_on_sqlite_keeps_no_plaintext() {
 
     let keys = workload(&server, &admin, &verifier).await;
     provider_key_workload(&server, &admin, &resolver).await;
+    let signing_secret = webhook_workload(&server, &admin).await;
     let output = stop_and_collect_output(&mut server).await;
     assert_traced(&output);
     assert_absent(&output, &keys, "the server's output");
     assert_absent(&strip_ansi(&output), &keys, "the server's output");
     assert_no_part_of(&strip_ansi(&output), PROVIDER_KEY, "the server's output");
+    assert_no_part_of(&strip_ansi(&output), &signing_secret, "the server's output");
 
     // Every byte of every file in the data dir, read raw (free pages, WAL and all),
     // before anything else opens the database.
@@ -350,6 +402,7 @@ async fn dev_mode_on_sqlite_keeps_no_plaintext() {
         let bytes = std::fs::read(&path).unwrap();
         assert_absent(&bytes, &keys, &path.display().to_string());
         assert_no_part_of(&bytes, PROVIDER_KEY, &path.display().to_string());
+        assert_no_part_of(&bytes, &signing_secret, &path.display().to_string());
         names.push(path.file_name().unwrap().to_string_lossy().into_owned());
         all_files.extend_from_slice(&bytes);
     }

@@ -576,7 +576,7 @@ async fn health_answers_serving() {
         .map(String::as_str)
         .filter(|s| s.starts_with("keywarden.v1."))
         .collect();
-    assert_eq!(keywarden.len(), 8, "{listed:?}");
+    assert_eq!(keywarden.len(), 9, "{listed:?}");
     for service in std::iter::once("").chain(keywarden) {
         let resp = health
             .check(HealthCheckRequest {

@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "access_groups",
         "teams",
         "usage",
+        "webhooks",
     ]
     .iter()
     .map(|name| root.join(format!("keywarden/v1/{name}.proto")))

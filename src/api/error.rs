@@ -50,6 +50,7 @@ pub fn code(reason: Reason) -> Code {
         | ReachBeyondTeam
         | AccessGroupInUse
         | TeamInUse
+        | WebhookLimitReached
         | ServiceAccountNotInTeam
         | ServiceAccountOwnsKeys
         | KeyRevoked
@@ -60,6 +61,7 @@ pub fn code(reason: Reason) -> Code {
         | AccessGroupNotFound
         | ServiceAccountNotFound
         | ProviderKeyNotFound
+        | WebhookNotFound
         | ResourceNotFound => Code::NotFound,
         // A taken name or id is ALREADY_EXISTS, whatever holds it (Google's AIP-133).
         WorkspaceAlreadyExists

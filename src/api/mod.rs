@@ -18,4 +18,5 @@ pub mod revocations;
 pub mod teams;
 pub mod usage;
 pub mod verify;
+pub mod webhooks;
 pub mod workspaces;

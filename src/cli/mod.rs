@@ -8,8 +8,8 @@
 //! Exit status: 0 on success; 1 when `verify` answers that the key is not valid; 2 on any
 //! error (a usage error, an unreachable server, a gRPC error printed as
 //! `error: <CODE>: <message>`). Secrets given to it (caller token, provider key, a key to
-//! verify) are held in wrappers that never print them; a new key's plaintext is the one
-//! secret it prints, once, on stdout.
+//! verify) are held in wrappers that never print them; a new key's plaintext and a new
+//! webhook signing secret are the secrets it prints, once, on stdout.
 
 mod access_groups;
 mod audit;
@@ -21,6 +21,7 @@ mod provider_keys;
 mod teams;
 mod usage;
 mod verify;
+mod webhooks;
 mod workspaces;
 
 use std::io::Read;
@@ -42,6 +43,7 @@ pub use provider_keys::ProviderKeysArgs;
 pub use teams::{ServiceAccountsArgs, TeamsArgs};
 pub use usage::UsageArgs;
 pub use verify::VerifyArgs;
+pub use webhooks::WebhooksArgs;
 pub use workspaces::WorkspacesArgs;
 
 use crate::bearer::Bearer;
@@ -85,6 +87,8 @@ pub enum AdminCommand {
     /// A workspace's usage history: admitted, refused, tokens and spend, per hour or day,
     /// by key, owner, team or workspace.
     Usage(UsageArgs),
+    /// A workspace's webhook endpoints: create, list, delete, rotate the signing secret.
+    Webhooks(WebhooksArgs),
 }
 
 /// Where the server is, who is calling, and how to print: accepted before or after the
@@ -207,6 +211,7 @@ pub async fn run(command: AdminCommand) -> ExitCode {
         AdminCommand::Teams(args) => teams::run(args).await,
         AdminCommand::ServiceAccounts(args) => teams::run_service_accounts(args).await,
         AdminCommand::AccessGroups(args) => access_groups::run(args).await,
+        AdminCommand::Webhooks(args) => webhooks::run(args).await,
     };
     match result {
         Ok(code) => code,
@@ -286,6 +291,13 @@ impl Session {
         &self,
     ) -> proto::provider_key_service_client::ProviderKeyServiceClient<Authed> {
         proto::provider_key_service_client::ProviderKeyServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
+    }
+
+    pub fn webhooks(&self) -> proto::webhook_service_client::WebhookServiceClient<Authed> {
+        proto::webhook_service_client::WebhookServiceClient::with_interceptor(
             self.channel.clone(),
             self.bearer.clone(),
         )

@@ -673,6 +673,40 @@ pub fn provider_key_table(keys: &[proto::ProviderKeyInfo]) -> Table {
     table
 }
 
+pub fn webhook_json(w: &proto::Webhook) -> Value {
+    json!({
+        "webhook_id": w.webhook_id,
+        "workspace_id": w.workspace_id,
+        "url": w.url,
+        "event_types": w.event_types,
+        "created_at": time(w.created_at.as_ref()),
+        "disabled_at": time(w.disabled_at.as_ref()),
+        "failures": w.failures,
+        "failing_since": time(w.failing_since.as_ref()),
+        "last_error": w.last_error,
+        "next_attempt_at": time(w.next_attempt_at.as_ref()),
+    })
+}
+
+pub fn webhook_table(hooks: &[proto::Webhook]) -> Table {
+    let mut table = Table::new(&["WEBHOOK", "URL", "EVENTS", "STATE", "CREATED"]);
+    for w in hooks {
+        let state = match (&w.disabled_at, w.failures) {
+            (Some(at), _) => format!("disabled {}", time_cell(Some(at))),
+            (None, 0) => "ok".to_owned(),
+            (None, n) => format!("failing ({n}): {}", w.last_error),
+        };
+        table.row(vec![
+            w.webhook_id.clone(),
+            w.url.clone(),
+            w.event_types.join(","),
+            state,
+            time_cell(w.created_at.as_ref()),
+        ]);
+    }
+    table
+}
+
 /// `****abcd`: all a response ever shows of a provider key is its last four characters.
 fn masked(last_four: &str) -> String {
     format!("****{last_four}")

@@ -1,6 +1,6 @@
 //! Storage: one trait per aggregate ([`KeyStore`], [`TeamStore`], [`AccessGroupStore`],
 //! [`ProviderKeyStore`], [`WorkspaceStore`], [`EventStore`], [`UsageStore`],
-//! [`AuditStore`], [`HealthStore`]), together [`Store`], and two implementations through
+//! [`AuditStore`], [`WebhookStore`], [`HealthStore`]), together [`Store`], and two implementations through
 //! sqlx.
 //!
 //! - [`postgres::PgStore`]: the production store; any number of replicas share one.
@@ -40,6 +40,7 @@ use crate::domain::pools::{Pool, PoolBudget, StoredSpend};
 use crate::domain::provider_key::{Provider, ProviderKeyRecord};
 use crate::domain::rollup::{Granularity, GroupBy, Tally};
 use crate::domain::team::{SelfServiceKey, ServiceAccount, Team, TeamPolicy};
+use crate::domain::webhook::EventType;
 use crate::domain::workspace::{Plan, Workspace};
 
 /// Which keys a bulk revocation takes: the workspace's keys neither revoked nor deleted
@@ -742,6 +743,190 @@ pub trait ProviderKeyStore: Send + Sync + 'static {
     ) -> Result<Vec<u8>, StoreError>;
 }
 
+/// A webhook endpoint as stored. Its signing secret is sealed (see `crypto.rs`), bound
+/// to the webhook id; Debug shows neither the sealed secret nor its data key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookRecord {
+    pub webhook_id: String,
+    pub workspace_id: String,
+    pub url: String,
+    pub event_types: Vec<EventType>,
+    pub kek_version: u32,
+    pub wrapped_dek: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+    /// The endpoint's cursor in its workspace's outbox: every event at or below it is
+    /// done with.
+    pub delivered_seq: i64,
+    /// The first failure of the current run of failures.
+    pub failing_since: Option<Micros>,
+    pub failures: u32,
+    pub next_attempt_at: Micros,
+    /// Why the last delivery failed (no secret: a status code or a connection error).
+    pub last_error: String,
+    pub disabled_at: Option<Micros>,
+}
+
+impl std::fmt::Debug for WebhookRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookRecord")
+            .field("webhook_id", &self.webhook_id)
+            .field("workspace_id", &self.workspace_id)
+            .field("url", &self.url)
+            .field("event_types", &self.event_types)
+            .field("kek_version", &self.kek_version)
+            .field("secret", &"<sealed>")
+            .field("delivered_seq", &self.delivered_seq)
+            .field("failures", &self.failures)
+            .field("disabled_at", &self.disabled_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One event of a workspace's webhook outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEvent {
+    pub workspace_id: String,
+    /// Commit-ordered within the workspace.
+    pub seq: i64,
+    pub event_type: EventType,
+    pub key_id: String,
+    /// The payload's `data`, as JSON.
+    pub data: String,
+    pub occurred_at: Micros,
+}
+
+/// A failed delivery to record: when, when to try again, why; `disable` when the
+/// endpoint is given up on (its audit row is written with it).
+#[derive(Clone, Debug)]
+pub struct DeliveryFailure {
+    pub at: Micros,
+    pub next_attempt_at: Micros,
+    pub error: String,
+    pub disable: Option<AuditContext>,
+}
+
+/// Webhook endpoints, the outbox they are delivered from, and the notices of expiry and
+/// budget thresholds. The outbox is written by the key mutations themselves (in their
+/// transaction, see `sql::webhooks`), for workspaces that have an endpoint.
+#[async_trait]
+pub trait WebhookStore: Send + Sync + 'static {
+    /// Stores a new endpoint, its cursor at the workspace's outbox head (it receives the
+    /// events committed after it), with its audit row. Returns it as stored. Refused
+    /// ([`StoreError::Precondition`], `WEBHOOK_LIMIT_REACHED`) when the workspace has
+    /// `domain::webhook::MAX_WEBHOOKS_PER_WORKSPACE` endpoints, counted under the lock of
+    /// its outbox head; the refusal is audited (`denied`) in the same transaction.
+    async fn insert_webhook(
+        &self,
+        record: &WebhookRecord,
+        audit: &AuditContext,
+    ) -> Result<WebhookRecord, StoreError>;
+
+    async fn get_webhook(
+        &self,
+        workspace_id: &str,
+        webhook_id: &str,
+    ) -> Result<Option<WebhookRecord>, StoreError>;
+
+    /// The workspace's endpoints, oldest first.
+    async fn list_webhooks(&self, workspace_id: &str) -> Result<Vec<WebhookRecord>, StoreError>;
+
+    /// [`StoreError::NotFound`] when there is none (nothing written).
+    async fn delete_webhook(
+        &self,
+        workspace_id: &str,
+        webhook_id: &str,
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<(), StoreError>;
+
+    /// Replaces the sealed signing secret; [`StoreError::NotFound`] when there is none.
+    async fn replace_webhook_secret(
+        &self,
+        workspace_id: &str,
+        webhook_id: &str,
+        sealed: (u32, &[u8], &[u8]),
+        now: Micros,
+        audit: &AuditContext,
+    ) -> Result<WebhookRecord, StoreError>;
+
+    /// Up to `limit` enabled endpoints with an event after their cursor and no retry
+    /// pending after `now`.
+    async fn due_webhooks(&self, now: Micros, limit: u32)
+    -> Result<Vec<WebhookRecord>, StoreError>;
+
+    /// Up to `limit` events of the workspace's outbox after `after_seq`, in seq order.
+    async fn read_outbox(
+        &self,
+        workspace_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<OutboxEvent>, StoreError>;
+
+    /// Moves the endpoint's cursor forward to `through_seq` (never back) and clears its
+    /// failures.
+    async fn webhook_delivered(&self, webhook_id: &str, through_seq: i64)
+    -> Result<(), StoreError>;
+
+    /// Records a failed delivery (and, when `failure.disable` is set, disables the
+    /// endpoint with its audit row, in one transaction).
+    async fn webhook_failed(
+        &self,
+        webhook_id: &str,
+        failure: &DeliveryFailure,
+    ) -> Result<(), StoreError>;
+
+    /// Announces `key.expiring` for up to `limit` keys whose notice for one of `leads`
+    /// is due at `now` (see `domain::webhook::due_expiry_leads`), in workspaces with an
+    /// endpoint for it; each lead is marked sent in the same transaction. Returns how
+    /// many were announced.
+    async fn announce_expiring(
+        &self,
+        now: Micros,
+        leads: &[Micros],
+        limit: u32,
+    ) -> Result<usize, StoreError>;
+
+    /// Announces `key.budget_threshold` for up to `limit` keys whose stored spend in the
+    /// current period reached a threshold not yet announced in that period.
+    async fn announce_budget_thresholds(
+        &self,
+        now: Micros,
+        limit: u32,
+    ) -> Result<usize, StoreError>;
+
+    /// Deletes outbox events older than `older_than` that every endpoint of their
+    /// workspace is past (all of them, where it has none left).
+    async fn prune_outbox(&self, older_than: Micros) -> Result<u64, StoreError>;
+
+    /// Deletes notice marks sent before `older_than` that can no longer matter: those of
+    /// a key deleted or gone, and budget marks of a period other than the one the key's
+    /// stored spend counts in.
+    async fn prune_notices(&self, older_than: Micros) -> Result<u64, StoreError>;
+
+    /// When the oldest event an enabled endpoint still waits for occurred.
+    async fn oldest_undelivered(&self) -> Result<Option<Micros>, StoreError>;
+
+    /// Up to `limit` endpoints whose signing secret's data key is wrapped by another KEK
+    /// version than `current`.
+    async fn webhooks_to_rewrap(
+        &self,
+        current: u32,
+        limit: u32,
+    ) -> Result<Vec<WebhookRecord>, StoreError>;
+
+    /// Replaces an endpoint's wrapped data key if it is still `expected` (a concurrent
+    /// rotation of its secret wins); returns whether it did.
+    async fn swap_webhook_dek(
+        &self,
+        webhook_id: &str,
+        expected: &[u8],
+        kek_version: u32,
+        wrapped_dek: &[u8],
+    ) -> Result<bool, StoreError>;
+}
+
 /// The database's health, for readiness and metrics, and the Postgres pool for LISTEN.
 #[async_trait]
 pub trait HealthStore: Send + Sync + 'static {
@@ -770,6 +955,7 @@ pub trait Store:
     + TeamStore
     + AccessGroupStore
     + ProviderKeyStore
+    + WebhookStore
     + HealthStore
 {
 }
@@ -783,6 +969,7 @@ impl<T> Store for T where
         + TeamStore
         + AccessGroupStore
         + ProviderKeyStore
+        + WebhookStore
         + HealthStore
 {
 }

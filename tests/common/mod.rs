@@ -407,6 +407,13 @@ pub fn test_settings(db: &TestDb) -> Settings {
         // written yet" is never a race with the periodic flush.
         usage_flush_interval: std::time::Duration::from_secs(3600),
         usage_history: Default::default(),
+        // The tests' receivers listen on 127.0.0.1.
+        webhooks: keywarden::webhooks::WebhookSettings {
+            allow_private: true,
+            poll_interval: std::time::Duration::from_millis(50),
+            sweep_interval: std::time::Duration::from_millis(50),
+            ..Default::default()
+        },
     }
 }
 

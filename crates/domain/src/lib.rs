@@ -24,6 +24,7 @@ pub mod rollup;
 pub mod scopes;
 pub mod team;
 pub mod validate;
+pub mod webhook;
 pub mod workspace;
 
 /// A point in time as unix microseconds (UTC). Storage and the domain share this one

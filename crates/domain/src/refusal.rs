@@ -87,6 +87,8 @@ reasons! {
     ServiceAccountOwnsKeys => "SERVICE_ACCOUNT_OWNS_KEYS",
     /// A team that still has keys neither revoked nor deleted cannot be deleted.
     TeamInUse => "TEAM_IN_USE",
+    /// A workspace has as many webhook endpoints as it may.
+    WebhookLimitReached => "WEBHOOK_LIMIT_REACHED",
     /// Rotation of a revoked key.
     KeyRevoked => "KEY_REVOKED",
     /// Rotation of an expired key.
@@ -105,6 +107,8 @@ reasons! {
     AccessGroupNotFound => "ACCESS_GROUP_NOT_FOUND",
     ServiceAccountNotFound => "SERVICE_ACCOUNT_NOT_FOUND",
     ProviderKeyNotFound => "PROVIDER_KEY_NOT_FOUND",
+    /// No webhook endpoint of that id in the workspace.
+    WebhookNotFound => "WEBHOOK_NOT_FOUND",
     /// Anything else the storage did not find.
     ResourceNotFound => "RESOURCE_NOT_FOUND",
 

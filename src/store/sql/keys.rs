@@ -371,6 +371,7 @@ where
             key.created_at,
         )
         .await?;
+        m.announce(key, audit.action, key.created_at).await?;
         m.commit().await
     }
 

@@ -28,6 +28,7 @@ mod rollups;
 mod rows;
 mod teams;
 mod usage;
+mod webhooks;
 mod workspaces;
 
 pub use audit::list_audit_sql;
@@ -264,6 +265,8 @@ where
         if let Some((kind, hash)) = event {
             self.append_event(kind, key, &hash, &stale_hashes, now)
                 .await?;
+            // A mutation that changed nothing (revoking a revoked key) announces nothing.
+            self.announce(key, ctx.action, now).await?;
         }
         self.audit(
             &key.workspace_id,

@@ -158,7 +158,8 @@ where
     #[tracing::instrument(level = "debug", skip_all)]
     async fn kek_versions_in_use(&self) -> Result<Vec<u32>, StoreError> {
         let versions: Vec<i64> = sqlx::query_scalar(
-            "SELECT DISTINCT kek_version FROM provider_keys ORDER BY kek_version",
+            "SELECT kek_version FROM provider_keys UNION \
+             SELECT kek_version FROM webhook_endpoints ORDER BY kek_version",
         )
         .fetch_all(&self.pool)
         .await?;
