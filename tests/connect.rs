@@ -571,8 +571,9 @@ async fn connect_can_be_turned_off() {
     assert!(serde_json::from_slice::<Value>(&answer.body).is_err());
 }
 
-/// `connect-timeout-ms` bounds the call: a call that cannot finish in it is answered
-/// `deadline_exceeded` (504) and writes nothing; a malformed header is refused.
+/// `connect-timeout-ms` bounds the call: a deadline already past (0) is answered
+/// `deadline_exceeded` (504) without starting the call, so it writes nothing; a
+/// malformed header is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_timeouts_bound_the_call() {
     let app = TestApp::spawn(Backend::Postgres).await;

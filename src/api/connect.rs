@@ -19,7 +19,9 @@
 //!   status Connect assigns to each code ([`http_status`]); the details are the gRPC
 //!   status's (ErrorInfo, BadRequest, ...), each as `{type, value, debug}`.
 //! - Timeouts: `connect-timeout-ms` bounds the call here (DEADLINE_EXCEEDED past it);
-//!   the server's own request timeout applies as to any call.
+//!   the server's own request timeout applies as to any call. A timeout of 0 is a
+//!   deadline already past: the call is not started. One that runs out while the call is
+//!   under way may fall after its commit, as with gRPC's DEADLINE_EXCEEDED.
 //! - Streaming (`WatchRevocations`) stays gRPC-only: a Connect call to it is answered
 //!   `unimplemented`.
 //! - Over HTTP/1.1 and HTTP/2 alike (the transport accepts both).
@@ -286,6 +288,11 @@ impl ConnectLayer {
             (Some(asked), Some(server)) => Some(asked.min(server)),
             (asked, server) => asked.or(server),
         };
+        // A deadline already past is not started: the timer would fire only on its
+        // next tick, and a mutation could commit before it and be answered as late.
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Err(deadline_exceeded());
+        }
         let (parts, body) = request.into_parts();
         let body = match Limited::new(body, self.max_bytes).collect().await {
             Ok(collected) => collected.to_bytes(),
@@ -321,12 +328,7 @@ impl ConnectLayer {
         let response = match timeout {
             Some(limit) => match tokio::time::timeout(limit, call).await {
                 Ok(answer) => answer?,
-                Err(_) => {
-                    return Err(refuse(
-                        tonic::Code::DeadlineExceeded,
-                        "the call did not finish in time (connect-timeout-ms, or the server's request timeout)",
-                    ));
-                }
+                Err(_) => return Err(deadline_exceeded()),
             },
             None => call.await?,
         };
@@ -476,6 +478,15 @@ fn without_strings(message: &str) -> String {
 
 /// The longest quoted text a decoding error may show (shorter than any key).
 const QUOTED_KEPT: usize = 24;
+
+/// A call past its deadline. One that ran out while it was under way may still have
+/// taken effect (a commit the deadline fell on), as gRPC's DEADLINE_EXCEEDED may.
+fn deadline_exceeded() -> Refused {
+    refuse(
+        tonic::Code::DeadlineExceeded,
+        "the call did not finish in time (connect-timeout-ms, or the server's request timeout)",
+    )
+}
 
 /// `connect-timeout-ms`, if given: at most 10 digits, as Connect specifies.
 fn timeout_of(headers: &HeaderMap) -> Result<Option<Duration>, Refused> {
