@@ -547,9 +547,9 @@ impl LeasedLimiter {
     }
 
     /// Asks for a new lease for `key_id` and installs it; settles the one it replaces.
-    /// `cost`: a call waiting for it, admitted from it when it arrives.
-    /// `asked_at` is taken before the authority counts the grant, so the lease ends here
-    /// no later than the authority counts it.
+    /// `cost`: a call waiting for it, admitted from it when it arrives. The lease's life
+    /// is timed from before the ask, so it ends here no later than the authority counts
+    /// it.
     async fn ask(
         self: &Arc<Self>,
         key_id: &str,
