@@ -246,6 +246,16 @@ impl UsageBook {
 
     /// Whether this replica knows the key (it verified or reported it recently) and its
     /// spend epoch at `now`: otherwise a report must read the key's record first.
+    /// Forgets which spend epoch the key is in (its record changed: a reset starts a new
+    /// one), so that the next report reads the record. What is unwritten stays, to be
+    /// written in the epoch it was counted in.
+    pub fn forget_epoch(&self, key_id: &str) {
+        let mut shard = self.shard(key_id);
+        if let Some(account) = shard.get_mut(key_id) {
+            account.epoch_ends = Micros::MIN;
+        }
+    }
+
     pub fn knows(&self, key_id: &str, now: Micros) -> bool {
         self.shard(key_id)
             .get(key_id)

@@ -213,6 +213,14 @@ impl Verifier {
         policy: VerifyPolicy,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // A key's record changed (a reset starts a new spend epoch): the next report
+        // reads it rather than counting in the epoch the book knew.
+        let book = Arc::downgrade(&usage);
+        events.on_key_event(Box::new(move |key_id| {
+            if let Some(book) = book.upgrade() {
+                book.forget_epoch(key_id);
+            }
+        }));
         Verifier {
             store: events.store().clone(),
             usage_pools: crate::cache::bounded(USAGE_POOL_KEYS, quick_cache::UnitWeighter),

@@ -262,3 +262,36 @@ both_backends!(
     a_member_may_not_reset_a_budget,
     budget_periods_are_validated_and_updated,
 );
+
+/// Spend reported right after a reset, before any VerifyKey, counts in the new period:
+/// the reset's event makes the replica read the key's record again at its next report,
+/// rather than count in the period its usage book knew (whose writes the store ignores).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_reported_right_after_a_reset_counts_in_the_new_period() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let issued = app.issue_with(|r| r.max_budget_micros = Some(1_000)).await;
+    let key_id = issued.key_info.as_ref().unwrap().key_id.clone();
+    let verifier = app.verifier();
+    assert!(verify_with(&verifier, &issued.key, 1).await.valid);
+    report_with(&verifier, &key_id, 0, 400).await.unwrap();
+    app.server().flush_usage().await;
+    app.clock.advance(Duration::from_secs(5));
+    let seen = app.server().events().published();
+    app.admin()
+        .reset_budget(reset(&key_id, actor()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.server().events().published() <= seen {
+        assert!(Instant::now() < deadline, "the reset's event never came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    app.clock.advance(Duration::from_secs(1));
+    report_with(&verifier, &key_id, 0, 300).await.unwrap();
+    app.server().flush_usage().await;
+    assert_eq!(
+        app.key_info(&key_id).await.spent_micros,
+        300,
+        "the report after the reset counts in the new period"
+    );
+}

@@ -88,7 +88,12 @@ pub struct EventHub {
     stop: watch::Sender<bool>,
     metrics: Arc<Metrics>,
     freshness: Freshness,
+    /// Told the id of every key an applied event names (see [`EventHub::on_key_event`]).
+    key_listeners: std::sync::RwLock<Vec<KeyListener>>,
 }
+
+/// Told a key's id when an event for it is applied on this replica.
+pub type KeyListener = Box<dyn Fn(&str) + Send + Sync>;
 
 impl EventHub {
     /// Starts the tailer (from the log's current head), the freshness watchdog, the
@@ -117,6 +122,7 @@ impl EventHub {
             stop,
             metrics,
             freshness,
+            key_listeners: std::sync::RwLock::new(Vec::new()),
         });
         tokio::spawn(hub.clone().tail());
         tokio::spawn(hub.clone().watch_freshness());
@@ -228,6 +234,16 @@ impl EventHub {
         }
     }
 
+    /// Tells `listener` the id of every key an event names, as each is applied here
+    /// (with the cache's invalidation, before the event is published): state kept
+    /// beside the cache, by key id, is dropped with it.
+    pub fn on_key_event(&self, listener: KeyListener) {
+        self.key_listeners
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(listener);
+    }
+
     /// Applies and publishes every event after the last one published; once a read finds
     /// nothing more, tells [`Freshness`] when that read began.
     async fn catch_up(&self) -> Result<(), crate::store::StoreError> {
@@ -240,6 +256,14 @@ impl EventHub {
                     self.cache.invalidate(hash);
                 }
                 self.cache.invalidate(&event.key_hash);
+                let listeners = self
+                    .key_listeners
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for listener in listeners.iter() {
+                    listener(&event.key_id);
+                }
+                drop(listeners);
                 // Published before it is sent: a stream that subscribes in between and
                 // reads `published` as this seq also receives the event (and skips it as
                 // already covered); the other order would lose it for that stream.
