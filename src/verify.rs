@@ -24,7 +24,7 @@ use crate::domain::scopes::{EffectiveScopes, ScopeImplications};
 use crate::domain::workspace::Plans;
 use crate::events::EventHub;
 use crate::metrics::Metrics;
-use crate::ratelimit::leased::{LeaseRecord, QuotaAuthority};
+use crate::ratelimit::leased::{LeaseRecord, QuotaAuthority, Settle};
 use crate::ratelimit::{Budget, BudgetCheck, Counter, LimiterError, RateLimiter, Reported};
 use crate::store::{Store, StoreError};
 use crate::usage::UsageBook;
@@ -179,6 +179,31 @@ pub struct LeaseAnswer {
     pub pools: Vec<PoolPart>,
 }
 
+/// Settles the parts of one lease (the key's own counter, each pool's) with the
+/// authority, in one round trip: each part used `used` of it (at most what that part
+/// granted). A part without limits counted nothing. A settlement that fails leaves its
+/// part counted until it leaves its window, which never admits too much.
+async fn settle_parts<'a>(
+    authority: &dyn QuotaAuthority,
+    parts: impl Iterator<Item = (&'a str, &'a [RateLimit], LeaseRecord)>,
+    used: u64,
+    now: Micros,
+) {
+    let batch: Vec<Settle> = parts
+        .filter(|(_, limits, _)| !limits.is_empty())
+        .map(|(counter, limits, record)| Settle {
+            key_id: counter.to_owned(),
+            limits: limits.to_vec(),
+            record,
+            used: Amounts::requests(used.min(record.granted)),
+            now,
+        })
+        .collect();
+    if let Err(e) = authority.settle_many(&batch).await {
+        tracing::debug!(error = %e, "settling an edge lease failed");
+    }
+}
+
 /// The pools with token windows or a budget of each key this replica verified that has
 /// any: where ReportUsage counts a key's tokens and spend besides the key's own.
 type UsagePools = quick_cache::sync::Cache<
@@ -297,16 +322,7 @@ impl Verifier {
                     .iter()
                     .map(|p| (p.counter.as_str(), p.limits.as_slice(), p.record));
                 let parts = std::iter::once(own).chain(pools);
-                for (counter, limits, record) in parts.filter(|(_, l, _)| !l.is_empty()) {
-                    let used = Amounts::requests(settle.used.min(record.granted));
-                    if let Err(e) = leasing
-                        .authority
-                        .settle(counter, limits, record, used, now)
-                        .await
-                    {
-                        tracing::debug!(error = %e, "settling an edge lease failed");
-                    }
-                }
+                settle_parts(&*leasing.authority, parts, settle.used, now).await;
             }
             let code = key::status(&entry.key, entry.secret_valid_until(), now);
             if code != VerifyCode::Valid || ask.want == 0 {
@@ -384,7 +400,7 @@ impl Verifier {
         }
         let authority = &leasing.authority;
         let mut amount = ask.want;
-        let mut own: Option<Grant> = None;
+        let mut own: Option<LeaseRecord> = None;
         let mut parts: Vec<PoolPart> = Vec::with_capacity(pools.len());
         let mut decisions = Vec::with_capacity(pools.len() + 1);
         let own_limits: &[RateLimit] = &entry.limits;
@@ -405,18 +421,14 @@ impl Verifier {
                 Ok(Some(grant)) if grant.granted() => {
                     amount = amount.min(grant.amount);
                     decisions.push(grant.decision.clone().scoped(scope));
+                    let record = LeaseRecord::from(&grant);
                     if scope == LimitScope::Key {
-                        own = Some(grant);
+                        own = Some(record);
                     } else {
                         parts.push(PoolPart {
                             counter: counter.to_owned(),
                             limits: limits.to_vec(),
-                            record: LeaseRecord {
-                                granted: grant.amount,
-                                tokens: 0,
-                                counted_at: grant.counted_at,
-                                id: grant.id,
-                            },
+                            record,
                         });
                     }
                 }
@@ -435,32 +447,17 @@ impl Verifier {
         }
         if let Some(refusal) = refusal {
             // Nothing of it was used: every part granted so far goes back.
-            let own_part = own.as_ref().map(|g| {
-                let record = LeaseRecord {
-                    granted: g.amount,
-                    tokens: 0,
-                    counted_at: g.counted_at,
-                    id: g.id,
-                };
-                (ask.key_id.as_str(), own_limits, record)
-            });
+            let own_part = own.map(|record| (ask.key_id.as_str(), own_limits, record));
             let pool_parts = parts
                 .iter()
                 .map(|p| (p.counter.as_str(), p.limits.as_slice(), p.record));
-            for (counter, limits, record) in own_part.into_iter().chain(pool_parts) {
-                if let Err(e) = authority
-                    .settle(counter, limits, record, Amounts::default(), now)
-                    .await
-                {
-                    tracing::debug!(error = %e, "giving back a pool's part of a lease failed");
-                }
-            }
+            settle_parts(&**authority, own_part.into_iter().chain(pool_parts), 0, now).await;
             return match refusal {
                 Some(grant) => answer(VerifyCode::RateLimited, Some(grant), false, Vec::new()),
                 None => answer(VerifyCode::Valid, None, true, Vec::new()),
             };
         }
-        let (counted_at, id) = own.as_ref().map_or((now, 0), |g| (g.counted_at, g.id));
+        let (counted_at, id) = own.map_or((now, 0), |r| (r.counted_at, r.id));
         let grant = Grant {
             amount,
             tokens: 0,

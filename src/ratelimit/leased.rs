@@ -67,6 +67,18 @@ pub struct LeaseRecord {
     pub id: u64,
 }
 
+impl From<&Grant> for LeaseRecord {
+    /// What a settlement of `grant` names.
+    fn from(grant: &Grant) -> Self {
+        LeaseRecord {
+            granted: grant.amount,
+            tokens: grant.tokens,
+            counted_at: grant.counted_at,
+            id: grant.id,
+        }
+    }
+}
+
 /// A name for a grant, which its settlement repeats: 64 random bits, unique among a key's
 /// grants in practice, never 0 (0 only when no randomness could be had: such a grant
 /// cannot be settled and is freed by time, never an over-admission).
@@ -596,12 +608,7 @@ impl LeasedLimiter {
         let slot = self.slot(key_id);
         let mut s = lock(&slot);
         s.asking = false;
-        let record = LeaseRecord {
-            granted: grant.amount,
-            tokens: grant.tokens,
-            counted_at: grant.counted_at,
-            id: grant.id,
-        };
+        let record = LeaseRecord::from(&grant);
         if s.limits.as_slice() != limits {
             // The key's limits changed while this grant was on its way: it is given back
             // unused rather than held against limits no longer the key's.
