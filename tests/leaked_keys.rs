@@ -159,8 +159,10 @@ async fn a_scanners_report_revokes_the_live_keys_it_names(backend: Backend) {
         .unwrap()
         .into_inner();
 
-    // Same shape as a real key, last character changed: the checksum fails.
-    let invented = format!("{}x", &live.key[..live.key.len() - 1]);
+    // Same shape as a real key, last character changed: the checksum fails. (Changed to
+    // another character than it was: one key in 62 ends in `x` already.)
+    let (head, last) = live.key.split_at(live.key.len() - 1);
+    let invented = format!("{head}{}", if last == "x" { "y" } else { "x" });
     let nobody = keywarden::domain::key_format::ApiKey::generate(
         &mut getrandom::SysRng,
         &keywarden::domain::key_format::Brand::default(),
