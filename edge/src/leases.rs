@@ -137,8 +137,14 @@ impl LeaseCell {
 
     /// A call of `cost` at its first turn, admitted from the lease held if it has room:
     /// no lock. With it, whether an ask ahead is due ([`LeaseBook::ask_ahead`]). `None`:
-    /// the call takes the book's way ([`LeaseBook::admit`]).
-    pub(super) fn admit(&self, cost: u64, now: Instant) -> Option<(Admitted, bool)> {
+    /// the call takes the book's way ([`LeaseBook::admit`]). What the call answers with
+    /// is made by `answer` from its [`Figures`], read while the lease is held.
+    pub(super) fn admit_with<T>(
+        &self,
+        cost: u64,
+        now: Instant,
+        answer: impl FnOnce(Figures<'_>) -> T,
+    ) -> Option<(T, bool)> {
         let guard = self.held.load();
         let held = guard.as_ref().filter(|h| now < h.ends)?;
         let left = held.take(cost)?;
@@ -148,7 +154,22 @@ impl LeaseCell {
             .saturating_add(cost);
         self.saw_cost(cost);
         let ask = !self.asking.load(Ordering::Relaxed) && held.runs_low(left, demand, now);
-        Some((held.admitted(left), ask))
+        let figures = Figures {
+            decision: &held.decision,
+            back: left.saturating_add(held.returned),
+        };
+        Some((answer(figures), ask))
+    }
+
+    /// [`LeaseCell::admit_with`], the call's admission owned (tests).
+    #[cfg(test)]
+    pub(super) fn admit(&self, cost: u64, now: Instant) -> Option<(Admitted, bool)> {
+        let guard = self.held.load();
+        let held = guard.as_ref()?.clone();
+        self.admit_with(cost, now, |f| Admitted {
+            decision: held.decision.clone(),
+            back: f.back,
+        })
     }
 
     fn saw_cost(&self, cost: u64) {
@@ -174,9 +195,8 @@ pub struct RateLimitFigures {
 }
 
 /// A call admitted from a lease, as taken under the lease book's lock: a shared grant
-/// and a number, so that nothing is copied there. Its figures are made from them: the
-/// grant's, with `back` given back to `remaining`, so that `X-RateLimit-Remaining`
-/// counts down truthfully while this edge is the only user.
+/// and a number, so that nothing is copied there. Its figures are made from them (see
+/// [`Figures`]).
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Admitted {
     decision: Arc<proto::RateLimitDecision>,
@@ -184,6 +204,38 @@ pub(super) struct Admitted {
 }
 
 impl Admitted {
+    /// The figures of this call, borrowed from the grant.
+    pub(super) fn figures_of(&self) -> Figures<'_> {
+        Figures {
+            decision: &self.decision,
+            back: self.back,
+        }
+    }
+
+    /// The whole decision, as VerifyKey answers it.
+    #[cfg(test)]
+    pub(super) fn decision(&self) -> proto::RateLimitDecision {
+        self.figures_of().decision()
+    }
+
+    /// The tightest window's figures alone.
+    #[cfg(test)]
+    pub(super) fn figures(&self) -> RateLimitFigures {
+        self.figures_of().figures()
+    }
+}
+
+/// A call admitted from a lease, borrowed: the grant's figures, with `back` given back
+/// to `remaining`, so that `X-RateLimit-Remaining` counts down truthfully while this
+/// edge is the only user. A call admitted by a [`LeaseCell`] reads them while it holds
+/// the lease, so that nothing of the grant is shared or copied per call.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Figures<'a> {
+    decision: &'a proto::RateLimitDecision,
+    back: u64,
+}
+
+impl Figures<'_> {
     /// A window's state for this call.
     fn window(&self, w: &proto::RateLimitWindowState) -> (u64, u64, i64) {
         let limit = w.limit.as_ref().map_or(0, |l| l.limit);
@@ -205,7 +257,7 @@ impl Admitted {
 
     /// The whole decision, as VerifyKey answers it.
     pub(super) fn decision(&self) -> proto::RateLimitDecision {
-        let mut d = (*self.decision).clone();
+        let mut d = self.decision.clone();
         let tightest = self.tightest().map(|t| self.window(t));
         for w in &mut d.windows {
             let (limit, remaining, _) = self.window(w);

@@ -164,7 +164,7 @@ pub mod fill;
 mod leases;
 pub mod maps;
 pub use leases::RateLimitFigures;
-use leases::{Admit, Admitted, LeaseBook, LeaseCell, lease_cap};
+use leases::{Admit, Figures, LeaseBook, LeaseCell, lease_cap};
 
 /// An answer as [`Verifier::check`] gives it.
 #[derive(Clone, Debug)]
@@ -182,6 +182,16 @@ impl Checked {
     pub fn valid(&self) -> bool {
         self.response.valid
     }
+}
+
+/// One look at the cache ([`Verifier::try_cached`]).
+enum Lookup<T> {
+    /// The cached answer, and what the call's admission from a lease made of its figures.
+    Served(Arc<proto::VerifyKeyResponse>, Option<T>),
+    /// The key's lease is spent and a grant is on its way: worth waiting for.
+    Wait,
+    /// Nothing the cache may answer: the server's turn.
+    Miss,
 }
 
 /// An answer about a key that expires within this much is not served from the cache.
@@ -445,11 +455,13 @@ impl Verifier {
         // that the caller gets the server's error rather than a cached answer.
         let checked = answer_key(&request);
         if let Some((scopes, cost)) = &checked
-            && let Some((response, admitted)) = self.cached_answer(&hash, scopes, *cost).await
+            && let Some((response, decision)) = self
+                .cached_answer(&hash, scopes, *cost, |f| f.decision())
+                .await
         {
             let mut response = Arc::unwrap_or_clone(response);
-            if let Some(admitted) = admitted {
-                response.rate_limit = Some(admitted.decision());
+            if let Some(decision) = decision {
+                response.rate_limit = Some(decision);
             }
             return Ok(response);
         }
@@ -463,14 +475,17 @@ impl Verifier {
     /// cannot answer goes to the server.
     pub async fn check(&self, key: &str, required_scopes: &[String]) -> Result<Checked, Status> {
         let hash = KeyHash::of(key);
-        let scopes = scopes_key(required_scopes);
+        // The usual call names no scope: nothing to parse.
+        let scopes = if required_scopes.is_empty() {
+            Some(AnswerKey::default())
+        } else {
+            scopes_key(required_scopes)
+        };
         if let Some(scopes) = &scopes
-            && let Some((response, admitted)) = self.cached_answer(&hash, scopes, 1).await
+            && let Some((response, admitted)) =
+                self.cached_answer(&hash, scopes, 1, |f| f.figures()).await
         {
-            let rate_limit = match admitted {
-                Some(admitted) => Some(admitted.figures()),
-                None => response.rate_limit.as_ref().map(figures_of),
-            };
+            let rate_limit = admitted.or_else(|| response.rate_limit.as_ref().map(figures_of));
             return Ok(Checked {
                 response,
                 rate_limit,
@@ -524,62 +539,93 @@ impl Verifier {
     }
 
     /// The cached answer, if any may be served: an answer that needs a lease is served
-    /// only when the key's lease admits `cost` (its figures then the lease's). A call
-    /// that finds the lease spent while a grant is on its way waits for it (at most
-    /// [`LEASE_WAIT`]), as that costs no more than the server call it would make.
-    async fn cached_answer(
+    /// only when the key's lease admits `cost` (with what `answer` makes of the lease's
+    /// figures). A call that finds the lease spent while a grant is on its way waits for
+    /// it (at most [`LEASE_WAIT`]), as that costs no more than the server call it would
+    /// make.
+    async fn cached_answer<T>(
         &self,
         hash: &KeyHash,
         scopes: &AnswerKey,
         cost: u64,
-    ) -> Option<(Arc<proto::VerifyKeyResponse>, Option<Admitted>)> {
+        answer: impl Fn(Figures<'_>) -> T,
+    ) -> Option<(Arc<proto::VerifyKeyResponse>, Option<T>)> {
+        match self.try_cached(hash, scopes, cost, true, &answer) {
+            Lookup::Served(response, admitted) => Some((response, admitted)),
+            Lookup::Miss => None,
+            // Boxed, like the server call: only a call that waits pays for its state.
+            Lookup::Wait => Box::pin(self.wait_cached(hash, scopes, cost, &answer)).await,
+        }
+    }
+
+    /// One look at the cache, with no wait: `first`, the call's first turn (its demand
+    /// is counted once, and the lease's cell may admit it with no lock).
+    fn try_cached<T>(
+        &self,
+        hash: &KeyHash,
+        scopes: &AnswerKey,
+        cost: u64,
+        first: bool,
+        answer: &impl Fn(Figures<'_>) -> T,
+    ) -> Lookup<T> {
         let cache = &self.shared.cache;
-        let mut first = true;
-        // Watched only once a call has to wait (then checked once more before waiting,
-        // so that a grant installed in between is not missed).
-        let mut grants: Option<watch::Receiver<u64>> = None;
-        let mut deadline = None;
-        loop {
-            // Looked up again after a wait: an event meanwhile may have dropped it.
-            // One clock read per look, for the cache's TTL and the lease's life alike.
-            let now = Instant::now();
-            let hit = cache.lookup(hash, scopes, now)?;
-            let Some(entry) = hit.leased_by else {
-                self.shared.stats.hits.add(1);
-                return Some((hit.response, None));
-            };
-            // The lease's count, with no lock; the book's way when it has no room.
-            if first
-                && let Some((admitted, ask)) = entry.lease.as_ref().and_then(|l| l.admit(cost, now))
-            {
-                if ask {
-                    cache.ask_ahead(&entry.key_id, now);
-                }
-                self.shared.stats.leased.add(1);
-                return Some((hit.response, Some(admitted)));
+        // One clock read per look, for the answer's freshness and the lease's life alike.
+        let now = Instant::now();
+        let Some(hit) = cache.lookup(hash, scopes, now) else {
+            return Lookup::Miss;
+        };
+        let Some(entry) = hit.leased_by else {
+            self.shared.stats.hits.add(1);
+            return Lookup::Served(hit.response, None);
+        };
+        // The lease's count, with no lock; the book's way when it has no room.
+        if first
+            && let Some((admitted, ask)) = entry
+                .lease
+                .as_ref()
+                .and_then(|l| l.admit_with(cost, now, answer))
+        {
+            if ask {
+                cache.ask_ahead(&entry.key_id, now);
             }
-            match cache.admit(&entry.key_id, cost, first, now) {
-                Admit::Served(admitted) => {
-                    self.shared.stats.leased.add(1);
-                    return Some((hit.response, Some(admitted)));
-                }
-                Admit::Wait => {
-                    first = false;
-                    let Some(grants) = grants.as_mut() else {
-                        grants = Some(cache.batches.subscribe());
-                        continue;
-                    };
-                    let until = *deadline.get_or_insert_with(|| Instant::now() + LEASE_WAIT);
-                    let until = tokio::time::Instant::from_std(until);
-                    // Boxed, like the server call: only a call that waits pays for it.
-                    if Box::pin(tokio::time::timeout_at(until, grants.changed()))
-                        .await
-                        .is_err()
-                    {
-                        return None;
-                    }
-                }
-                Admit::NotLeased => return None,
+            self.shared.stats.leased.add(1);
+            return Lookup::Served(hit.response, Some(admitted));
+        }
+        match cache.admit(&entry.key_id, cost, first, now) {
+            Admit::Served(admitted) => {
+                self.shared.stats.leased.add(1);
+                Lookup::Served(hit.response, Some(answer(admitted.figures_of())))
+            }
+            Admit::Wait => Lookup::Wait,
+            Admit::NotLeased => Lookup::Miss,
+        }
+    }
+
+    /// A call whose first look found its key's lease spent with a grant on its way: it
+    /// looks again as each batch of grants lands, until [`LEASE_WAIT`] has passed.
+    async fn wait_cached<T>(
+        &self,
+        hash: &KeyHash,
+        scopes: &AnswerKey,
+        cost: u64,
+        answer: &impl Fn(Figures<'_>) -> T,
+    ) -> Option<(Arc<proto::VerifyKeyResponse>, Option<T>)> {
+        // Watched from before the next look, so that a grant installed in between is
+        // not missed.
+        let mut grants = self.shared.cache.batches.subscribe();
+        let until = tokio::time::Instant::from_std(Instant::now() + LEASE_WAIT);
+        loop {
+            // Looked up again: an event meanwhile may have dropped it.
+            match self.try_cached(hash, scopes, cost, false, answer) {
+                Lookup::Served(response, admitted) => return Some((response, admitted)),
+                Lookup::Miss => return None,
+                Lookup::Wait => {}
+            }
+            if tokio::time::timeout_at(until, grants.changed())
+                .await
+                .is_err()
+            {
+                return None;
             }
         }
     }
@@ -642,7 +688,7 @@ impl Verifier {
 
 /// What an answer depends on besides the key (the cache key's second half): the
 /// sorted, deduplicated required scopes, the resource and the client address.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct AnswerKey {
     scopes: Box<[String]>,
     resource: Box<str>,
@@ -1004,12 +1050,31 @@ async fn subscribe(shared: &Shared, client: &mut WatchClient) -> (StreamEnd, boo
     }
 }
 
-/// One key hash's cached answers, by scope set. Replaced whole (copy on write).
+/// One key hash's cached answers, by answer key. Replaced whole (copy on write).
 struct HashAnswers {
     key_id: String,
-    answers: HashMap<AnswerKey, CachedAnswer, Hasher>,
+    /// The answer first cached for this hash, inline: most keys are verified under one
+    /// answer key (no scope named, as a gateway usually asks), so a hit reads it here
+    /// without hashing the answer key or following another pointer.
+    first: (AnswerKey, CachedAnswer),
+    /// The answers under other answer keys.
+    more: HashMap<AnswerKey, CachedAnswer, Hasher>,
     /// The key's quota lease, when an answer needs one: spent here with no lock.
     lease: Option<Arc<LeaseCell>>,
+}
+
+impl HashAnswers {
+    fn get(&self, scopes: &AnswerKey) -> Option<&CachedAnswer> {
+        if self.first.0 == *scopes {
+            Some(&self.first.1)
+        } else {
+            self.more.get(scopes)
+        }
+    }
+
+    fn len(&self) -> usize {
+        1 + self.more.len()
+    }
 }
 
 /// The lease book in shards by key id: a call locks only its key's shard, so that calls
@@ -1126,7 +1191,7 @@ struct AnswersWeigher;
 
 impl Weighter<KeyHash, Arc<HashAnswers>> for AnswersWeigher {
     fn weight(&self, _: &KeyHash, value: &Arc<HashAnswers>) -> u64 {
-        value.answers.len() as u64
+        value.len() as u64
     }
 }
 
@@ -1135,9 +1200,35 @@ struct CachedAnswer {
     response: Arc<proto::VerifyKeyResponse>,
     /// VALID with a rate-limit decision: served only from the key's quota lease.
     leased: bool,
-    cached_at: Instant,
-    /// Unix microseconds; the answer is not served from `expires_at - EXPIRY_SLACK` on.
-    serve_until: Option<i64>,
+    /// Not served from then on: the cache's TTL after the fill, or `EXPIRY_SLACK`
+    /// before the key's expiry if that is sooner. The expiry (wall-clock time) is turned
+    /// into the monotonic clock once, at the fill, so that a hit reads no wall clock; a
+    /// step of the wall clock after the fill is not followed, and the TTL bounds what
+    /// that can cost.
+    fresh_until: Instant,
+}
+
+impl CachedAnswer {
+    fn new(response: &proto::VerifyKeyResponse, leased: bool, ttl: Duration) -> Self {
+        let now = Instant::now();
+        // An absurd TTL serves nothing rather than overflow.
+        let mut fresh_until = now.checked_add(ttl).unwrap_or(now);
+        if let Some(t) = &response.expires_at {
+            let serve_until = t
+                .seconds
+                .saturating_mul(1_000_000)
+                .saturating_add(i64::from(t.nanos / 1000))
+                .saturating_sub(keywarden_domain::micros_in(EXPIRY_SLACK));
+            let left = u64::try_from(serve_until.saturating_sub(now_micros())).unwrap_or(0);
+            fresh_until =
+                fresh_until.min(now.checked_add(Duration::from_micros(left)).unwrap_or(now));
+        }
+        CachedAnswer {
+            response: Arc::new(response.clone()),
+            leased,
+            fresh_until,
+        }
+    }
 }
 
 /// The edge's cache. Reads go straight to quick_cache. Fills check the generation and insert
@@ -1227,9 +1318,8 @@ impl EdgeCache {
             return None;
         }
         if let Some(entry) = self.found.get(hash) {
-            let answer = entry.answers.get(scopes)?;
-            let fresh = now.saturating_duration_since(answer.cached_at) < self.ttl
-                && answer.serve_until.is_none_or(|until| now_micros() < until);
+            let answer = entry.get(scopes)?;
+            let fresh = now < answer.fresh_until;
             let leased = answer.leased;
             let response = answer.response.clone();
             return fresh.then(|| Hit {
@@ -1359,18 +1449,7 @@ impl EdgeCache {
                 None => false,
             },
             Kind::Found { leased } => {
-                let answer = CachedAnswer {
-                    response: Arc::new(response.clone()),
-                    leased,
-                    cached_at: Instant::now(),
-                    serve_until: response.expires_at.as_ref().map(|t| {
-                        let slack = keywarden_domain::micros_in(EXPIRY_SLACK);
-                        t.seconds
-                            .saturating_mul(1_000_000)
-                            .saturating_add(i64::from(t.nanos / 1000))
-                            .saturating_sub(slack)
-                    }),
-                };
+                let answer = CachedAnswer::new(response, leased, self.ttl);
                 let key_id = response.key_id.clone();
                 // The key's lease cell, shared by its answers (the slot made if none).
                 let lease = response
@@ -1386,21 +1465,29 @@ impl EdgeCache {
                 // Not atomic with a concurrent fill of the same hash (one of the two
                 // answers may be lost, to be fetched again), and never with an
                 // invalidation: that holds the guard's write lock.
-                let (mut answers, lease) = match self.found.get(&hash) {
-                    Some(e) if e.key_id == key_id && e.answers.len() < MAX_SCOPE_SETS_PER_KEY => {
-                        (e.answers.clone(), lease.or_else(|| e.lease.clone()))
+                let entry = match self.found.get(&hash) {
+                    Some(e) if e.key_id == key_id && e.len() < MAX_SCOPE_SETS_PER_KEY => {
+                        let (mut first, mut more) = (e.first.clone(), e.more.clone());
+                        if first.0 == scopes {
+                            first.1 = answer;
+                        } else {
+                            more.insert(scopes, answer);
+                        }
+                        HashAnswers {
+                            key_id: key_id.clone(),
+                            first,
+                            more,
+                            lease: lease.or_else(|| e.lease.clone()),
+                        }
                     }
-                    _ => (HashMap::default(), lease),
-                };
-                answers.insert(scopes, answer);
-                self.found.insert(
-                    hash,
-                    Arc::new(HashAnswers {
+                    _ => HashAnswers {
                         key_id: key_id.clone(),
-                        answers,
+                        first: (scopes, answer),
+                        more: HashMap::default(),
                         lease,
-                    }),
-                );
+                    },
+                };
+                self.found.insert(hash, Arc::new(entry));
                 self.index(key_id, hash);
                 true
             }
