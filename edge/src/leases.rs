@@ -58,9 +58,49 @@ struct Held {
     asked_at: Instant,
     /// Not one call is admitted from it from here on: `asked_at + life`.
     ends: Instant,
+    /// From then on an ask ahead is due whatever the rate: a third of the life left.
+    low_at: Instant,
+    /// The life, and the least time since the ask that [`Held::runs_low`] judges a rate
+    /// over (a twentieth of the life), in nanoseconds.
+    life_nanos: u128,
+    min_elapsed: Duration,
+    /// The decision's windows as a call's figures need them, inline, when they fit.
+    windows: InlineWindows,
 }
 
 impl Held {
+    /// A grant of `granted` requests with `decision`, asked for at `asked_at`, for `life`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        granted: u64,
+        counted_at: i64,
+        lease_id: u64,
+        limits: Vec<proto::RateLimit>,
+        pools: Vec<proto::PoolLease>,
+        decision: proto::RateLimitDecision,
+        returned: u64,
+        asked_at: Instant,
+        life: Duration,
+    ) -> Self {
+        let ends = asked_at + life;
+        Held {
+            granted,
+            left: AtomicU64::new(granted),
+            counted_at,
+            lease_id,
+            limits,
+            pools,
+            windows: InlineWindows::of(&decision),
+            decision: Arc::new(decision),
+            returned,
+            asked_at,
+            ends,
+            low_at: ends.checked_sub(life / 3).unwrap_or(asked_at),
+            life_nanos: life.as_nanos(),
+            min_elapsed: life / 20,
+        }
+    }
+
     /// Takes `cost` from what is left, if there is room. Returns what is left after.
     fn take(&self, cost: u64) -> Option<u64> {
         self.left
@@ -90,26 +130,86 @@ impl Held {
         }
     }
 
-    /// A call admitted from this lease with `left` left after it: the grant's figures,
-    /// with what is left of the lease (and of the one it replaced) given back to
-    /// `remaining`.
-    fn admitted(&self, left: u64) -> Admitted {
-        Admitted {
-            decision: self.decision.clone(),
-            back: left.saturating_add(self.returned),
-        }
-    }
-
     /// Whether to ask ahead, with `left` left after a call and `demand` calls seen since
     /// the ask: so that the key's calls never wait, when what is left covers less than
     /// half a life at the rate seen, or a third of the life is left.
     ///
     /// In integers, as every call asks it: `left <= demand / elapsed * life / 2`.
     fn runs_low(&self, left: u64, demand: u64, now: Instant) -> bool {
-        let life = self.ends.saturating_duration_since(self.asked_at);
-        let elapsed = now.saturating_duration_since(self.asked_at).max(life / 20);
-        u128::from(left) * elapsed.as_nanos() * 2 <= u128::from(demand) * life.as_nanos()
-            || self.ends.saturating_duration_since(now) <= life / 3
+        if now >= self.low_at {
+            return true;
+        }
+        let elapsed = now
+            .saturating_duration_since(self.asked_at)
+            .max(self.min_elapsed);
+        u128::from(left) * elapsed.as_nanos() * 2 <= u128::from(demand) * self.life_nanos
+    }
+
+    /// Calls admitted from it so far.
+    fn used(&self) -> u64 {
+        self.granted.saturating_sub(self.room())
+    }
+
+    /// A call's figures, with `left` left after it: the grant's, with what is left of
+    /// the lease (and of the one it replaced) given back to `remaining`.
+    fn figures(&self, left: u64) -> Figures<'_> {
+        Figures {
+            decision: &self.decision,
+            windows: &self.windows,
+            back: left.saturating_add(self.returned),
+        }
+    }
+}
+
+/// The windows of a decision a call's figures are made from, inline when there are at
+/// most [`INLINE_WINDOWS`] of them (a key's own limits alone, or a few pools'), so that
+/// a call admitted from a lease reads them where it reads the lease.
+#[derive(Clone, Copy, Debug, Default)]
+struct InlineWindows {
+    /// How many windows the decision has: more than [`INLINE_WINDOWS`], and they are read
+    /// from the decision itself.
+    len: usize,
+    items: [WindowFigures; INLINE_WINDOWS],
+}
+
+const INLINE_WINDOWS: usize = 4;
+
+/// One window's figures as granted.
+#[derive(Clone, Copy, Debug, Default)]
+struct WindowFigures {
+    limit: u64,
+    remaining: u64,
+    reset_at: i64,
+    /// The window's length (a tie-break: the shorter is the tighter).
+    window: i32,
+}
+
+impl WindowFigures {
+    fn of(w: &proto::RateLimitWindowState) -> Self {
+        WindowFigures {
+            limit: w.limit.as_ref().map_or(0, |l| l.limit),
+            remaining: w.remaining,
+            reset_at: w.reset_at,
+            window: w.limit.as_ref().map_or(0, |l| l.window),
+        }
+    }
+}
+
+impl InlineWindows {
+    fn of(decision: &proto::RateLimitDecision) -> Self {
+        let mut inline = InlineWindows {
+            len: decision.windows.len(),
+            ..InlineWindows::default()
+        };
+        for (item, w) in inline.items.iter_mut().zip(&decision.windows) {
+            *item = WindowFigures::of(w);
+        }
+        inline
+    }
+
+    /// The windows, if they are all inline.
+    fn get(&self) -> Option<&[WindowFigures]> {
+        self.items.get(..self.len)
     }
 }
 
@@ -119,7 +219,8 @@ impl Held {
 pub(super) struct LeaseCell {
     /// Put in and taken out only by the book, under its mutex.
     held: ArcSwapOption<Held>,
-    /// Calls wanted since the lease was asked for (admitted or not): sizes the next ask.
+    /// Calls wanted since the lease was asked for and not admitted from the lease held
+    /// (those are its `used`; see [`LeaseCell::demand`]): sizes the next ask.
     demand: AtomicU64,
     /// An ask is queued or on its way: one at a time per key.
     asking: AtomicBool,
@@ -148,17 +249,15 @@ impl LeaseCell {
         let guard = self.held.load();
         let held = guard.as_ref().filter(|h| now < h.ends)?;
         let left = held.take(cost)?;
+        // What the lease admitted counts as demand without a write of its own: the
+        // count taken above is the call's one write to memory other cores share.
         let demand = self
             .demand
-            .fetch_add(cost, Ordering::Relaxed)
-            .saturating_add(cost);
+            .load(Ordering::Relaxed)
+            .saturating_add(held.granted.saturating_sub(left));
         self.saw_cost(cost);
         let ask = !self.asking.load(Ordering::Relaxed) && held.runs_low(left, demand, now);
-        let figures = Figures {
-            decision: &held.decision,
-            back: left.saturating_add(held.returned),
-        };
-        Some((answer(figures), ask))
+        Some((answer(held.figures(left)), ask))
     }
 
     /// [`LeaseCell::admit_with`], the call's admission owned (tests).
@@ -166,10 +265,8 @@ impl LeaseCell {
     pub(super) fn admit(&self, cost: u64, now: Instant) -> Option<(Admitted, bool)> {
         let guard = self.held.load();
         let held = guard.as_ref()?.clone();
-        self.admit_with(cost, now, |f| Admitted {
-            decision: held.decision.clone(),
-            back: f.back,
-        })
+        let (left, ask) = self.admit_with(cost, now, |f| f.back.saturating_sub(held.returned))?;
+        Some((Admitted { held, left }, ask))
     }
 
     fn saw_cost(&self, cost: u64) {
@@ -178,9 +275,18 @@ impl LeaseCell {
         }
     }
 
-    /// Takes the lease out, if any, for its settlement.
+    /// Takes the lease out, if any, for its settlement. What it admitted stays counted
+    /// in the demand.
     fn take_held(&self) -> Option<proto::LeaseSettlement> {
-        self.held.swap(None).map(|held| held.give_up())
+        let settlement = self.held.swap(None).map(|held| held.give_up())?;
+        self.demand.fetch_add(settlement.used, Ordering::Relaxed);
+        Some(settlement)
+    }
+
+    /// Calls wanted since the lease was asked for, admitted or not.
+    fn demand(&self) -> u64 {
+        let used = self.held.load().as_ref().map_or(0, |h| h.used());
+        self.demand.load(Ordering::Relaxed).saturating_add(used)
     }
 }
 
@@ -194,22 +300,34 @@ pub struct RateLimitFigures {
     pub reset_at: i64,
 }
 
-/// A call admitted from a lease, as taken under the lease book's lock: a shared grant
-/// and a number, so that nothing is copied there. Its figures are made from them (see
-/// [`Figures`]).
-#[derive(Clone, Debug, PartialEq)]
+/// A call admitted from a lease, as taken under the lease book's lock: the shared
+/// lease and what it had left after the call, so that nothing is copied there. Its
+/// figures are made from them (see [`Figures`]).
+#[derive(Clone)]
 pub(super) struct Admitted {
-    decision: Arc<proto::RateLimitDecision>,
-    back: u64,
+    held: Arc<Held>,
+    left: u64,
+}
+
+impl PartialEq for Admitted {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.held, &other.held) && self.left == other.left
+    }
+}
+
+impl std::fmt::Debug for Admitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admitted")
+            .field("lease_id", &self.held.lease_id)
+            .field("left", &self.left)
+            .finish()
+    }
 }
 
 impl Admitted {
-    /// The figures of this call, borrowed from the grant.
+    /// The figures of this call, borrowed from the lease.
     pub(super) fn figures_of(&self) -> Figures<'_> {
-        Figures {
-            decision: &self.decision,
-            back: self.back,
-        }
+        self.held.figures(self.left)
     }
 
     /// The whole decision, as VerifyKey answers it.
@@ -232,35 +350,44 @@ impl Admitted {
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Figures<'a> {
     decision: &'a proto::RateLimitDecision,
+    windows: &'a InlineWindows,
     back: u64,
 }
 
 impl Figures<'_> {
     /// A window's state for this call.
-    fn window(&self, w: &proto::RateLimitWindowState) -> (u64, u64, i64) {
-        let limit = w.limit.as_ref().map_or(0, |l| l.limit);
-        let remaining = w.remaining.saturating_add(self.back).min(limit);
-        (limit, remaining, w.reset_at)
+    fn window(&self, w: WindowFigures) -> (u64, u64, i64) {
+        let remaining = w.remaining.saturating_add(self.back).min(w.limit);
+        (w.limit, remaining, w.reset_at)
     }
 
     /// The tightest window as the server picks it when a call passes: least headroom as a
     /// share of the limit, the shorter window on a tie.
-    fn tightest(&self) -> Option<&proto::RateLimitWindowState> {
-        let window = |w: &proto::RateLimitWindowState| w.limit.as_ref().map_or(0, |l| l.window);
-        self.decision.windows.iter().min_by(|a, b| {
-            let ((la, ra, _), (lb, rb, _)) = (self.window(a), self.window(b));
+    fn tightest(&self) -> Option<(u64, u64, i64)> {
+        let tighter = |a: &WindowFigures, b: &WindowFigures| {
+            let ((la, ra, _), (lb, rb, _)) = (self.window(*a), self.window(*b));
             (u128::from(ra) * u128::from(lb))
                 .cmp(&(u128::from(rb) * u128::from(la)))
-                .then(window(a).cmp(&window(b)))
-        })
+                .then(a.window.cmp(&b.window))
+        };
+        let tightest = match self.windows.get() {
+            Some(inline) => inline.iter().copied().min_by(tighter),
+            None => self
+                .decision
+                .windows
+                .iter()
+                .map(WindowFigures::of)
+                .min_by(tighter),
+        };
+        tightest.map(|w| self.window(w))
     }
 
     /// The whole decision, as VerifyKey answers it.
     pub(super) fn decision(&self) -> proto::RateLimitDecision {
         let mut d = self.decision.clone();
-        let tightest = self.tightest().map(|t| self.window(t));
+        let tightest = self.tightest();
         for w in &mut d.windows {
-            let (limit, remaining, _) = self.window(w);
+            let (limit, remaining, _) = self.window(WindowFigures::of(w));
             w.remaining = remaining;
             w.used = limit.saturating_sub(remaining);
             w.allowed = true;
@@ -277,7 +404,7 @@ impl Figures<'_> {
 
     /// The tightest window's figures alone: no allocation.
     pub(super) fn figures(&self) -> RateLimitFigures {
-        let (limit, remaining, reset_at) = self.tightest().map(|t| self.window(t)).unwrap_or((
+        let (limit, remaining, reset_at) = self.tightest().unwrap_or((
             self.decision.limit,
             self.decision.remaining,
             self.decision.reset_at,
@@ -468,20 +595,24 @@ impl LeaseBook {
             return (Admit::NotLeased, false);
         };
         let cell = &slot.cell;
-        if first {
-            cell.demand.fetch_add(cost, Ordering::Relaxed);
-        }
         // No lease this edge asks for could admit it: to the server at once.
         if cost > slot.cap {
+            if first {
+                cell.demand.fetch_add(cost, Ordering::Relaxed);
+            }
             return (Admit::NotLeased, false);
         }
         cell.saw_cost(cost);
         if let Some(held) = slot.live(now)
             && let Some(left) = held.take(cost)
         {
-            let demand = cell.demand.load(Ordering::Relaxed);
+            // Admitted: counted in the lease's `used`, which the demand includes.
+            let demand = cell.demand();
             let queued = held.runs_low(left, demand, now) && self.queue(key_id, now);
-            return (Admit::Served(held.admitted(left)), queued);
+            return (Admit::Served(Admitted { held, left }), queued);
+        }
+        if first {
+            cell.demand.fetch_add(cost, Ordering::Relaxed);
         }
         // Spent or expired. An expired lease is given up at once: nothing more is
         // admitted from it, and what it did not use goes back with the next call.
@@ -526,7 +657,7 @@ impl LeaseBook {
             .as_secs_f64()
             .max(life / 20.0)
             .max(f64::EPSILON);
-        let demand = slot.cell.demand.load(Ordering::Relaxed);
+        let demand = slot.cell.demand();
         let expected = (demand.max(1) as f64 / elapsed * life * 1.5).ceil();
         let expected = if expected.is_finite() && expected >= 1.0 {
             expected.min(MAX_LEASE as f64) as u64
@@ -671,18 +802,17 @@ impl LeaseBook {
                                 ));
                             }
                             slot.cell.demand.store(0, Ordering::Relaxed);
-                            slot.cell.held.store(Some(Arc::new(Held {
-                                granted: g.amount,
-                                left: AtomicU64::new(g.amount),
-                                counted_at: g.counted_at_micros,
-                                lease_id: g.lease_id,
-                                limits: settlement.limits,
-                                pools: settlement.pools,
-                                decision: Arc::new(decision),
+                            slot.cell.held.store(Some(Arc::new(Held::new(
+                                g.amount,
+                                g.counted_at_micros,
+                                g.lease_id,
+                                settlement.limits,
+                                settlement.pools,
+                                decision,
                                 returned,
                                 asked_at,
-                                ends: asked_at + life,
-                            })));
+                                life,
+                            ))));
                             slot.since = asked_at;
                             slot.not_before = None;
                         }
