@@ -207,7 +207,7 @@ fn the_memory_scenario_verifies_every_seeded_key_once() {
         "postgres",
         "--scenario",
         "memory",
-        "--memory-keys",
+        "--miss-keys",
         "250",
     ]);
     let memory = &report["runs"][0]["memory"];

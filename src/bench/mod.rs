@@ -65,7 +65,7 @@ pub enum Scenario {
     EdgeVerify,
     Exactness,
     /// Server memory per verified key with the default limit on (RSS growth over
-    /// `--memory-keys` keys, each verified once). Runs only when named: seeding and
+    /// `--miss-keys` keys, each verified once). Runs only when named: seeding and
     /// verifying a million keys takes minutes.
     Memory,
 }
@@ -107,12 +107,10 @@ pub struct BenchArgs {
     /// (`database_max_connections`).
     #[arg(long, default_value_t = 32)]
     pub database_connections: u32,
-    /// Keys seeded into Postgres for verify-miss.
+    /// Keys seeded into Postgres for verify-miss (and for `--scenario memory`, which
+    /// verifies each once).
     #[arg(long, default_value_t = 1_000_000)]
     pub miss_keys: usize,
-    /// Keys seeded into Postgres and each verified once for `--scenario memory`.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub memory_keys: usize,
     /// Redis for verify-ratelimited's shared counters (skipped when it does not answer).
     #[arg(
         long,
@@ -749,7 +747,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
 
 /// Server memory per verified key, as the design's target counts it: the cache entry,
 /// the key's rate-limit counters and its usage record, so the server runs with the
-/// deployment's default limit (100 requests a minute) counted in memory. `--memory-keys`
+/// deployment's default limit (100 requests a minute) counted in memory. `--miss-keys`
 /// keys are seeded, then each is verified once (a miss that fills the cache, a
 /// rate-limit decision, the use noted): the RSS growth over the run, per key verified.
 /// The cache holds every key (its bound is set above the count, its TTL and so the usage
@@ -763,7 +761,7 @@ async fn memory_scenario(
     let pool = sqlx::PgPool::connect(&db.url).await?;
     let started = std::time::Instant::now();
     let keys = Arc::new(
-        seed::insert_keys(&pool, args.memory_keys, crate::clock::Clock::System.now()).await?,
+        seed::insert_keys(&pool, args.miss_keys, crate::clock::Clock::System.now()).await?,
     );
     pool.close().await;
     println!(

@@ -123,37 +123,28 @@ impl KeyCounters {
                         count,
                     }
                 }
-                None => self.many().windows.push((slot, usage)),
+                None => self.boxed(|w| w.windows.push((slot, usage))),
             },
-            _ => self.many().windows.push((slot, usage)),
+            _ => self.boxed(|w| w.windows.push((slot, usage))),
         }
     }
 
-    /// The boxed form, made from whatever is held.
-    fn many(&mut self) -> &mut Windows {
-        if !matches!(self, KeyCounters::Many(_)) {
-            let mut windows = Windows::default();
-            if let KeyCounters::One {
+    /// Runs `f` on the boxed form, made from whatever is held.
+    fn boxed(&mut self, f: impl FnOnce(&mut Windows)) {
+        let mut w = match std::mem::take(self) {
+            KeyCounters::Many(w) => w,
+            KeyCounters::Idle => Box::default(),
+            KeyCounters::One {
                 slot,
                 bucket,
                 count,
-            } = *self
-            {
-                windows
-                    .windows
-                    .push((slot, WindowUsage::of_single(bucket, count)));
-            }
-            *self = KeyCounters::Many(Box::new(windows));
-        }
-        match self {
-            KeyCounters::Many(w) => w,
-            _ => unreachable!("made just above"),
-        }
-    }
-
-    /// The grants listed (none for a key in the unboxed forms).
-    fn grants(&mut self) -> &mut Vec<Registered> {
-        &mut self.many().grants
+            } => Box::new(Windows {
+                windows: vec![(slot, WindowUsage::of_single(bucket, count))],
+                grants: Vec::new(),
+            }),
+        };
+        f(&mut w);
+        *self = KeyCounters::Many(w);
     }
 
     /// Back to the smallest form that holds the same.
@@ -163,7 +154,10 @@ impl KeyCounters {
         };
         if w.grants.is_empty() {
             match w.windows.as_slice() {
-                [] => *self = KeyCounters::Idle,
+                [] => {
+                    *self = KeyCounters::Idle;
+                    return;
+                }
                 [(slot, usage)] => {
                     if let Some((bucket, count)) = usage.single() {
                         *self = KeyCounters::One {
@@ -171,11 +165,11 @@ impl KeyCounters {
                             bucket,
                             count,
                         };
+                        return;
                     }
                 }
                 _ => {}
             }
-            return;
         }
         if w.windows.capacity() > w.windows.len().max(1) {
             w.windows.shrink_to_fit();
@@ -352,14 +346,15 @@ impl QuotaAuthority for MemoryLimiter {
             }
             if grant.granted() {
                 grant.id = new_grant_id();
-                counters.grants().push(Registered {
+                let registered = Registered {
                     id: grant.id,
                     amount: Amounts {
                         requests: grant.amount,
                         tokens: grant.tokens,
                     },
                     counted_at: grant.counted_at,
-                });
+                };
+                counters.boxed(|w| w.grants.push(registered));
             }
             grant
         })))
@@ -474,7 +469,8 @@ mod tests {
                 })
                 .unwrap()
         };
-        let check = |at| m.check(&[key("k", &limits)], 1, at);
+        let counter = [key("k", &limits)];
+        let check = |at| m.check(&counter, 1, at);
         assert!(check(now).await.unwrap().unwrap().allowed);
         assert!(check(now + 1).await.unwrap().unwrap().allowed);
         assert_eq!(form(&ledger), "one bucket of 2");
