@@ -697,7 +697,9 @@ pub struct RateLimitsConfig {
     /// milliseconds; 0: this replica leases nothing to edges (they verify each
     /// rate-limited call).
     pub edge_lease_ms: u64,
-    /// Memory backend: how many keys' counters are kept (the least recently used go).
+    /// Redis backend: how many keys' leases a replica holds (the least recently used
+    /// go). The memory backend keeps a key's counters, in its ledger record, while they
+    /// count anything, so a count is never lost to a bound.
     pub max_keys: u64,
 }
 
@@ -1105,6 +1107,9 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub enum LimiterSettings {
     Memory {
+        /// Not a bound any more: the counters live in each key's ledger record while they
+        /// count anything (see `crate::ledger`). Kept so a configuration naming it reads
+        /// the same.
         max_keys: u64,
     },
     Redis {

@@ -13,6 +13,8 @@
 //! - [`verify`]: the VerifyKey hot path.
 //! - [`ratelimit`]: rate-limit counters (in memory, or shared in Redis) behind one trait.
 //! - [`usage`]: spend and last use, per replica, written to storage in batches.
+//! - [`ledger`]: one record per key in use, holding its usage account and its in-memory
+//!   rate-limit counters together.
 //! - [`crypto`]: envelope encryption (AES-256-GCM data keys wrapped by versioned KEKs,
 //!   Argon2id for passphrase KEKs) for the secrets Keywarden must give back.
 //! - [`api`]: the tonic services, caller authentication, and the one mapping of errors
@@ -49,6 +51,7 @@ pub use keywarden_edge as edge;
 pub mod events;
 pub mod http;
 pub mod keys;
+pub mod ledger;
 pub mod metrics;
 pub mod provider_keys;
 pub mod ratelimit;

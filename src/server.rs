@@ -37,6 +37,7 @@ use crate::config::{LimiterSettings, Settings};
 use crate::crypto::KekRing;
 use crate::events::EventHub;
 use crate::keys::{KeyLifecycle, KeyPolicy};
+use crate::ledger::Ledger;
 use crate::metrics::{self, Metrics, Refresh, RpcLayer};
 use crate::proto::access_group_service_server::AccessGroupServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
@@ -655,8 +656,12 @@ impl Services {
             clock.clone(),
             settings.plans.clone(),
         ));
-        let (limiter, authority) = limiters(settings, clock)?;
-        let usage = Arc::new(UsageBook::new(
+        // One record per key holds its usage account and, counting in memory, its
+        // rate-limit counters (see `ledger`).
+        let ledger = Arc::new(Ledger::new());
+        let (limiter, authority) = limiters(settings, clock, &ledger)?;
+        let usage = Arc::new(UsageBook::with_ledger(
+            ledger,
             settings.cache.ttl,
             settings.usage_flush_interval,
         ));
@@ -707,10 +712,16 @@ type Limiters = (Arc<dyn RateLimiter>, Arc<dyn QuotaAuthority>);
 /// The limiter that decides this replica's own calls, and the authority under it that
 /// edge nodes lease from (never a lease holder such as `Leases`: a grant to an edge must
 /// be counted where every holder's is).
-fn limiters(settings: &Settings, clock: &Clock) -> Result<Limiters, StartError> {
+fn limiters(
+    settings: &Settings,
+    clock: &Clock,
+    ledger: &Arc<Ledger>,
+) -> Result<Limiters, StartError> {
     Ok(match &settings.limiter {
-        LimiterSettings::Memory { max_keys } => {
-            let memory = Arc::new(MemoryLimiter::new(*max_keys));
+        // The counters are kept while they count anything, in the ledger (no bound of
+        // their own: a record per key in use, dropped once idle).
+        LimiterSettings::Memory { .. } => {
+            let memory = Arc::new(MemoryLimiter::new(ledger.clone()));
             (memory.clone(), memory)
         }
         LimiterSettings::Redis {

@@ -36,17 +36,16 @@
 //! database will not update holds back no other key.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::domain::Micros;
 use crate::domain::budget::SpendEpoch;
 use crate::domain::limits::MAX_SPEND_MICROS;
 use crate::domain::pools::is_pool_counter;
+use crate::ledger::Ledger;
 use crate::store::{StoreError, USAGE_CHUNK, UsageDelta, UsageStore};
 use crate::usage_history::UsageHistory;
-
-const SHARDS: usize = 32;
 
 /// Failed writes one flush may spend halving pieces to find the keys the database
 /// refuses. Isolating one such key in a chunk of [`USAGE_CHUNK`] takes about a dozen
@@ -59,23 +58,19 @@ const MAX_FAILED_WRITES: usize = 64;
 /// is written at the next flush; a final flush at shutdown writes everything.)
 pub const LAST_USE_RESOLUTION: Micros = 60 * crate::domain::MICROS_PER_SECOND;
 
-/// One key's usage not yet written. Uses are `NEVER` for none rather than `Option`s
-/// (a word each instead of two, in an account every verified key has), which the code
-/// below needs no case for: uses only ever merge by `max`.
-#[derive(Clone, Copy, Debug)]
-struct Account {
-    /// The start and end of the spend epoch both spend figures belong to.
-    epoch: Micros,
-    epoch_ends: Micros,
-    unwritten_spend: u64,
-    /// The largest persisted spend seen (records read, writes returned).
-    persisted: u64,
+/// One key's usage not yet written, in the key's record of the [`Ledger`] (beside its
+/// rate-limit counters). Uses are `NEVER` for none rather than `Option`s (a word each
+/// instead of two, in an account every verified key has), which the code below needs no
+/// case for: uses only ever merge by `max`. The spend figures are boxed, and absent while
+/// they are what a key that reported no spend has (nothing persisted, the lifetime
+/// epoch): most keys' accounts are then four words.
+#[derive(Debug)]
+pub(crate) struct Account {
+    spend: Option<Box<SpendAccount>>,
     /// The latest use not yet written, or `NEVER`.
     unwritten_use: Micros,
     /// The last use written, or `NEVER`.
     written_use: Micros,
-    /// When the account last changed: idle accounts are forgotten.
-    touched_at: Micros,
     /// Calls admitted in hour `admitted_hour` (hours since 1970) not yet in the usage
     /// history: counted here, under the lock `mark_used` takes anyway, rather than in a
     /// map of the history's own (a second lock and about 200 bytes a key per interval).
@@ -83,27 +78,72 @@ struct Account {
     admitted: u32,
 }
 
+/// A key's spend, in one epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SpendAccount {
+    /// The start and end of the spend epoch both spend figures belong to.
+    epoch: Micros,
+    epoch_ends: Micros,
+    unwritten_spend: u64,
+    /// The largest persisted spend seen (records read, writes returned).
+    persisted: u64,
+    /// When reported spend last changed the account (a use counts as a touch by itself).
+    touched_at: Micros,
+}
+
+/// The spend figures of an account that has none of its own.
+const NO_SPEND: SpendAccount = SpendAccount {
+    epoch: 0,
+    epoch_ends: Micros::MAX,
+    unwritten_spend: 0,
+    persisted: 0,
+    touched_at: NEVER,
+};
+
 const NEVER: Micros = Micros::MIN;
 
 impl Default for Account {
     fn default() -> Self {
         Account {
-            epoch: 0,
-            epoch_ends: Micros::MAX,
-            unwritten_spend: 0,
-            persisted: 0,
+            spend: None,
             unwritten_use: NEVER,
             written_use: NEVER,
-            touched_at: 0,
             admitted_hour: 0,
             admitted: 0,
         }
     }
 }
 
-/// Accounts by key id, hashed with foldhash (seeded per process) rather than SipHash:
-/// VerifyKey looks a key up here twice per call.
-type Accounts = HashMap<String, Account, foldhash::quality::RandomState>;
+impl Account {
+    /// Whether the book has an account for the key (a record may hold only counters).
+    fn present(&self) -> bool {
+        self.spend.is_some()
+            || self.unwritten_use != NEVER
+            || self.written_use != NEVER
+            || self.admitted > 0
+    }
+
+    fn spend(&self) -> &SpendAccount {
+        self.spend.as_deref().unwrap_or(&NO_SPEND)
+    }
+
+    fn spend_mut(&mut self) -> &mut SpendAccount {
+        self.spend.get_or_insert_with(|| Box::new(NO_SPEND))
+    }
+
+    /// When the account last changed: idle accounts are forgotten.
+    fn touched_at(&self) -> Micros {
+        self.unwritten_use
+            .max(self.written_use)
+            .max(self.spend().touched_at)
+    }
+
+    fn note_persisted(&mut self, persisted: u64) {
+        if persisted > self.spend().persisted {
+            self.spend_mut().persisted = persisted;
+        }
+    }
+}
 
 type KeyIds = HashSet<String, foldhash::quality::RandomState>;
 
@@ -117,7 +157,9 @@ pub struct Spend {
 }
 
 pub struct UsageBook {
-    shards: Box<[Mutex<Accounts>]>,
+    /// The accounts, in each key's record (hashed with foldhash, seeded per process:
+    /// VerifyKey looks a key up here twice per call).
+    ledger: Arc<Ledger>,
     /// How long an idle account with nothing unwritten is kept: longer than any cached key
     /// record can live, so a record read before this replica's last write is never the
     /// only figure left.
@@ -137,11 +179,19 @@ pub struct UsageBook {
 impl UsageBook {
     /// `record_ttl`: the longest a key record stays in the VerifyKey cache.
     pub fn new(record_ttl: Duration, flush_interval: Duration) -> Self {
+        UsageBook::with_ledger(Arc::default(), record_ttl, flush_interval)
+    }
+
+    /// A book keeping its accounts in `ledger`'s records (shared with the memory
+    /// limiter's counters, in a server counting in memory).
+    pub fn with_ledger(
+        ledger: Arc<Ledger>,
+        record_ttl: Duration,
+        flush_interval: Duration,
+    ) -> Self {
         let keep = record_ttl + 2 * flush_interval + Duration::from_secs(1);
         UsageBook {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(Accounts::default()))
-                .collect(),
+            ledger,
             keep_idle: crate::domain::micros_in(keep),
             chunk: USAGE_CHUNK,
             max_failures: MAX_FAILED_WRITES,
@@ -156,34 +206,18 @@ impl UsageBook {
         &self.history
     }
 
-    fn shard(&self, key_id: &str) -> MutexGuard<'_, Accounts> {
-        self.shards[shard_of(key_id, SHARDS)]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Notes that VerifyKey accepted the key at `now`; `persisted` is the spend its record
     /// holds in `epoch`, the key's spend epoch now.
     pub fn mark_used(&self, key_id: &str, persisted: u64, epoch: SpendEpoch, now: Micros) {
-        let mut shard = self.shard(key_id);
-        if let Some(a) = shard.get_mut(key_id) {
+        self.ledger.entry(key_id, |record| {
+            // A key the book has no account for starts from the empty one, whose epoch
+            // the call's replaces.
+            let a = &mut record.account;
             a.enter(epoch);
             a.unwritten_use = a.unwritten_use.max(now);
-            a.persisted = a.persisted.max(persisted);
-            a.touched_at = now;
+            a.note_persisted(persisted);
             self.count_admitted(key_id, a, now);
-        } else {
-            let mut a = Account {
-                epoch: epoch.start,
-                epoch_ends: epoch.ends,
-                unwritten_use: now,
-                persisted,
-                touched_at: now,
-                ..Account::default()
-            };
-            self.count_admitted(key_id, &mut a, now);
-            shard.insert(key_id.to_owned(), a);
-        }
+        });
     }
 
     /// Counts an admitted call in the account's hour for the usage history; an hour that
@@ -211,12 +245,12 @@ impl UsageBook {
     /// Writes the usage history: the admitted calls counted in the accounts, then the
     /// history's tally ([`UsageHistory::flush`]).
     pub async fn flush_history(&self, store: &dyn UsageStore) -> Result<usize, StoreError> {
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            for (key_id, a) in shard.iter_mut() {
-                self.hand_over_admitted(key_id, a);
+        self.ledger.retain(|record| {
+            if record.account.admitted > 0 {
+                self.hand_over_admitted(&record.id(), &mut record.account);
             }
-        }
+            true
+        });
         self.history.flush(store).await
     }
 
@@ -230,18 +264,20 @@ impl UsageBook {
         read: Option<(u64, SpendEpoch)>,
         now: Micros,
     ) -> u64 {
-        let mut shard = self.shard(key_id);
-        let a = shard.entry(key_id.to_owned()).or_default();
-        if let Some((persisted, epoch)) = read {
-            a.enter(epoch);
-            a.persisted = a.persisted.max(persisted);
-        }
-        a.unwritten_spend = a
-            .unwritten_spend
-            .saturating_add(spend)
-            .min(MAX_SPEND_MICROS);
-        a.touched_at = now;
-        total(a.persisted, a.unwritten_spend)
+        self.ledger.entry(key_id, |record| {
+            let a = &mut record.account;
+            if let Some((persisted, epoch)) = read {
+                a.enter(epoch);
+                a.note_persisted(persisted);
+            }
+            let s = a.spend_mut();
+            s.unwritten_spend = s
+                .unwritten_spend
+                .saturating_add(spend)
+                .min(MAX_SPEND_MICROS);
+            s.touched_at = now;
+            total(s.persisted, s.unwritten_spend)
+        })
     }
 
     /// Whether this replica knows the key (it verified or reported it recently) and its
@@ -250,24 +286,30 @@ impl UsageBook {
     /// one), so that the next report reads the record. What is unwritten stays, to be
     /// written in the epoch it was counted in.
     pub fn forget_epoch(&self, key_id: &str) {
-        let mut shard = self.shard(key_id);
-        if let Some(account) = shard.get_mut(key_id) {
-            account.epoch_ends = Micros::MIN;
-        }
+        self.ledger.get(key_id, |record| {
+            if record.account.present() {
+                record.account.spend_mut().epoch_ends = Micros::MIN;
+            }
+        });
     }
 
     pub fn knows(&self, key_id: &str, now: Micros) -> bool {
-        self.shard(key_id)
-            .get(key_id)
-            .is_some_and(|a| now < a.epoch_ends)
+        self.ledger
+            .get(key_id, |r| {
+                r.account.present() && now < r.account.spend().epoch_ends
+            })
+            .unwrap_or(false)
     }
 
     /// The largest persisted spend seen for the key in its account's epoch, and that
     /// epoch's start (zeros for a key it does not know).
     pub fn persisted(&self, key_id: &str) -> (u64, Micros) {
-        self.shard(key_id)
-            .get(key_id)
-            .map_or((0, 0), |a| (a.persisted, a.epoch))
+        self.ledger
+            .get(key_id, |r| {
+                let s = r.account.spend();
+                (s.persisted, s.epoch)
+            })
+            .unwrap_or((0, 0))
     }
 
     /// The key's spend in `epoch` as this replica sees it, given the persisted spend of
@@ -277,17 +319,20 @@ impl UsageBook {
             total: persisted,
             persisted,
         };
-        self.shard(key_id).get(key_id).map_or(fresh, |a| {
-            if a.epoch < epoch.start {
-                // The account is of an ended epoch: none of it counts now.
-                return fresh;
-            }
-            let persisted = a.persisted.max(persisted);
-            Spend {
-                total: total(persisted, a.unwritten_spend),
-                persisted,
-            }
-        })
+        self.ledger
+            .get(key_id, |r| {
+                let a = r.account.spend();
+                if !r.account.present() || a.epoch < epoch.start {
+                    // No account, or one of an ended epoch: none of it counts now.
+                    return fresh;
+                }
+                let persisted = a.persisted.max(persisted);
+                Spend {
+                    total: total(persisted, a.unwritten_spend),
+                    persisted,
+                }
+            })
+            .unwrap_or(fresh)
     }
 
     /// Writes unwritten spend and the last uses that moved by [`LAST_USE_RESOLUTION`]
@@ -310,26 +355,32 @@ impl UsageBook {
         // so a key the database keeps refusing fails no other key's write first.
         let failing_keys = self.failing_keys().clone();
         let (mut batch, mut failing, mut pools) = (Vec::new(), Vec::new(), Vec::new());
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            shard.retain(|_, a| {
-                a.unwritten_spend > 0
-                    || a.admitted > 0
-                    || a.unwritten_use != NEVER
-                    || now.saturating_sub(a.touched_at) < self.keep_idle
-            });
-            for (key_id, a) in shard
-                .iter()
-                .filter(|(_, a)| a.unwritten_spend > 0 || use_due(a))
-            {
+        self.ledger.retain(|record| {
+            let a = &mut record.account;
+            let idle = a.present()
+                && a.spend().unwritten_spend == 0
+                && a.admitted == 0
+                && a.unwritten_use == NEVER
+                && now.saturating_sub(a.touched_at()) >= self.keep_idle;
+            if idle {
+                *a = Account::default();
+            }
+            // The record's counters, dropped once they count nothing (a key idle for a
+            // whole window); the record goes once both are empty.
+            let counting = record.counters.prune(now);
+            let a = &record.account;
+            if !a.present() {
+                return counting;
+            }
+            if a.spend().unwritten_spend > 0 || use_due(a) {
                 let delta = UsageDelta {
-                    key_id: key_id.clone(),
-                    epoch: a.epoch,
-                    spend_micros: a.unwritten_spend,
+                    key_id: record.id(),
+                    epoch: a.spend().epoch,
+                    spend_micros: a.spend().unwritten_spend,
                     last_used_at: use_due(a).then_some(a.unwritten_use),
                 };
-                let apart = !failing_keys.is_empty() && failing_keys.contains(key_id);
-                if is_pool_counter(key_id) {
+                let apart = !failing_keys.is_empty() && failing_keys.contains(&delta.key_id);
+                if is_pool_counter(&delta.key_id) {
                     pools.push(delta);
                 } else if apart {
                     failing.push(delta);
@@ -337,7 +388,8 @@ impl UsageBook {
                     batch.push(delta);
                 }
             }
-        }
+            true
+        });
         let chunk = self.chunk.max(1);
         // Pools' spend goes to their own rows, in pieces of their own.
         let mut pending: VecDeque<&[UsageDelta]> = batch
@@ -400,32 +452,34 @@ impl UsageBook {
             .map(|(key_id, total, epoch)| (key_id, (total, epoch)))
             .collect();
         for written in written {
-            let mut shard = self.shard(&written.key_id);
-            let Some(a) = shard.get_mut(&written.key_id) else {
-                continue;
-            };
-            // An account that moved to a newer epoch since the batch was taken dropped
-            // what it wrote already.
-            if a.epoch == written.epoch {
-                a.unwritten_spend = a.unwritten_spend.saturating_sub(written.spend_micros);
-            }
-            if let Some(used) = written.last_used_at {
-                a.written_use = a.written_use.max(used);
-                if a.unwritten_use == used {
-                    a.unwritten_use = NEVER;
+            self.ledger.get(&written.key_id, |record| {
+                let a = &mut record.account;
+                if !a.present() {
+                    return;
                 }
-            }
-            match totals.get(&written.key_id) {
-                Some((total, epoch)) => {
-                    if *epoch == a.epoch {
-                        a.persisted = a.persisted.max(*total);
+                // An account that moved to a newer epoch since the batch was taken dropped
+                // what it wrote already.
+                if a.spend().epoch == written.epoch && written.spend_micros > 0 {
+                    let s = a.spend_mut();
+                    s.unwritten_spend = s.unwritten_spend.saturating_sub(written.spend_micros);
+                }
+                if let Some(used) = written.last_used_at {
+                    a.written_use = a.written_use.max(used);
+                    if a.unwritten_use == used {
+                        a.unwritten_use = NEVER;
                     }
                 }
-                // The key is gone: nothing to keep for it.
-                None => {
-                    shard.remove(&written.key_id);
+                match totals.get(&written.key_id) {
+                    Some((total, epoch)) => {
+                        if *epoch == a.spend().epoch {
+                            a.note_persisted(*total);
+                        }
+                    }
+                    // The key is gone: nothing to keep for it (its record goes at the
+                    // next flush, once its counters count nothing either).
+                    None => *a = Account::default(),
                 }
-            }
+            });
         }
     }
 
@@ -467,14 +521,17 @@ impl Account {
     /// Moves the account to `epoch` if it is newer: both spend figures start again from
     /// zero (an ended epoch's unwritten spend decides nothing any more).
     fn enter(&mut self, epoch: SpendEpoch) {
-        if epoch.start > self.epoch {
-            self.epoch = epoch.start;
-            self.unwritten_spend = 0;
-            self.persisted = 0;
+        let s = self.spend();
+        if epoch.start < s.epoch || (epoch.start == s.epoch && epoch.ends == s.epoch_ends) {
+            return;
         }
-        if epoch.start == self.epoch {
-            self.epoch_ends = epoch.ends;
+        let s = self.spend_mut();
+        if epoch.start > s.epoch {
+            s.epoch = epoch.start;
+            s.unwritten_spend = 0;
+            s.persisted = 0;
         }
+        s.epoch_ends = epoch.ends;
     }
 }
 

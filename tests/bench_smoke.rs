@@ -135,6 +135,7 @@ fn the_bench_reports_sane_figures_on_sqlite() {
         run["verify_miss"].is_null(),
         "verify-miss runs on Postgres only"
     );
+    assert!(run["memory"].is_null(), "memory runs only when named");
     assert_stream_figures(run, false);
     // `--scenario all` includes edge-verify (its figures: the test below).
     assert!(run["edge_verify"]["calls"].as_u64().unwrap() > 0, "{run}");
@@ -194,6 +195,34 @@ fn the_bench_seeds_postgres_and_measures_misses() {
     assert!(markdown.contains("verify-miss p99"));
     assert!(markdown.contains("| verify-ratelimited (Redis) |"));
     assert!(markdown.contains("| other replica (Postgres NOTIFY) |"));
+}
+
+/// `memory` alone: keys seeded by COPY, each verified once VALID (so each row and its
+/// secret were written as IssueKey writes them) on a server counting the default limit,
+/// and the RSS figure reported with its target.
+#[test]
+fn the_memory_scenario_verifies_every_seeded_key_once() {
+    let (report, markdown) = run_bench(&[
+        "--store",
+        "postgres",
+        "--scenario",
+        "memory",
+        "--miss-keys",
+        "250",
+    ]);
+    let memory = &report["runs"][0]["memory"];
+    assert_eq!(memory["keys"].as_u64(), Some(250), "{memory}");
+    assert_eq!(memory["verified"].as_u64(), Some(250), "{memory}");
+    assert_eq!(memory["errors"].as_u64(), Some(0), "{memory}");
+    assert!(
+        memory["bytes_per_verified_key"].as_f64().is_some(),
+        "{memory}"
+    );
+    assert!(
+        markdown.contains("RSS growth over 250 keys verified once each"),
+        "{markdown}"
+    );
+    assert!(report["runs"][0]["verify_miss"].is_null());
 }
 
 /// `edge-verify` alone: the edge `Verifier` in process, its leases held after the

@@ -64,6 +64,10 @@ pub enum Scenario {
     VerifyPooled,
     EdgeVerify,
     Exactness,
+    /// Server memory per verified key with the default limit on (RSS growth over
+    /// `--miss-keys` keys, each verified once). Runs only when named: seeding and
+    /// verifying a million keys takes minutes.
+    Memory,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -103,7 +107,8 @@ pub struct BenchArgs {
     /// (`database_max_connections`).
     #[arg(long, default_value_t = 32)]
     pub database_connections: u32,
-    /// Keys seeded into Postgres for verify-miss.
+    /// Keys seeded into Postgres for verify-miss (and for `--scenario memory`, which
+    /// verifies each once).
     #[arg(long, default_value_t = 1_000_000)]
     pub miss_keys: usize,
     /// Redis for verify-ratelimited's shared counters (skipped when it does not answer).
@@ -352,7 +357,8 @@ impl BenchDb {
 }
 
 fn wants(args: &BenchArgs, s: Scenario) -> bool {
-    args.scenario == Scenario::All || args.scenario == s
+    // The memory scenario runs only when named (see `Scenario::Memory`).
+    (args.scenario == Scenario::All && s != Scenario::Memory) || args.scenario == s
 }
 
 /// The load of one scenario against `server`, at full speed.
@@ -378,6 +384,9 @@ pub async fn run(args: BenchArgs, command: String) -> Result<BenchReport, BoxErr
     let mix = Mix::parse(&args.mix)?;
     if args.scenario == Scenario::VerifyMiss && args.store != StoreKind::Postgres {
         return Err("verify-miss runs on Postgres (--store postgres)".into());
+    }
+    if args.scenario == Scenario::Memory && args.store != StoreKind::Postgres {
+        return Err("memory runs on Postgres (--store postgres)".into());
     }
     let mut report = BenchReport {
         machine: machine(),
@@ -619,6 +628,10 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         a.stop().await;
     }
 
+    if wants(args, Scenario::Memory) {
+        run.memory = Some(memory_scenario(args, db, &launch, &tokens).await?);
+    }
+
     if wants(args, Scenario::VerifyMiss) && args.store == StoreKind::Postgres {
         let pool = sqlx::PgPool::connect(&db.url).await?;
         let started = std::time::Instant::now();
@@ -730,6 +743,83 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         server.stop().await;
     }
     Ok(run)
+}
+
+/// Server memory per verified key, as the design's target counts it: the cache entry,
+/// the key's rate-limit counters and its usage record, so the server runs with the
+/// deployment's default limit (100 requests a minute) counted in memory. `--miss-keys`
+/// keys are seeded, then each is verified once (a miss that fills the cache, a
+/// rate-limit decision, the use noted): the RSS growth over the run, per key verified.
+/// The cache holds every key (its bound is set above the count, its TTL and so the usage
+/// book's idle time past the run), so the figure is for all of them held at once.
+async fn memory_scenario(
+    args: &BenchArgs,
+    db: &BenchDb,
+    launch: &Launcher<'_>,
+    tokens: &Tokens,
+) -> Result<report::MemoryReport, BoxError> {
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let started = std::time::Instant::now();
+    let keys = Arc::new(
+        seed::insert_keys(&pool, args.miss_keys, crate::clock::Clock::System.now()).await?,
+    );
+    pool.close().await;
+    println!(
+        "seeded {} keys in {:.1} s",
+        keys.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let cache = format!(
+        "max_keys = {}\nttl_seconds = 7200\n",
+        keys.len().saturating_mul(2).max(1)
+    );
+    let server = launch
+        .start_with("memory", true, &Limits::Default, &cache)
+        .await?;
+    let clients = Arc::new(connect(&server, tokens, args.connections).await?);
+    let next = Arc::new(AtomicUsize::new(0));
+    let spec = LoadSpec {
+        // Every key once, however long it takes.
+        duration: Duration::from_secs(24 * 3600),
+        max_requests: Some(args.max_requests.unwrap_or(u64::MAX).min(keys.len() as u64)),
+        ..spec(args, &server)
+    };
+    let rss_before = server.rss_bytes();
+    let r = load::run(&spec, {
+        let (clients, keys, next) = (clients.clone(), keys.clone(), next.clone());
+        move |task: usize, _| {
+            let mut client = clients.verifiers[task % clients.verifiers.len()].clone();
+            let i = next.fetch_add(1, Ordering::Relaxed) % keys.len();
+            let key = keys[i].clone();
+            async move { expect_valid(&mut client, key).await }
+        }
+    })
+    .await;
+    let rss_after = server.rss_bytes();
+    server.stop().await;
+    let verified = r.requests.saturating_sub(r.errors);
+    let bytes_per_verified_key = match (rss_before, rss_after) {
+        (Some(before), Some(after)) if verified > 0 => {
+            Some(after.saturating_sub(before) as f64 / verified as f64)
+        }
+        _ => None,
+    };
+    println!(
+        "memory                     {} keys verified in {:.1} s ({} errors): {} bytes of RSS per verified key (target <= 512)",
+        verified,
+        r.seconds,
+        r.errors,
+        bytes_per_verified_key.map_or("n/a".to_owned(), |b| format!("{b:.0}"))
+    );
+    Ok(report::MemoryReport {
+        keys: keys.len(),
+        verified,
+        errors: r.errors,
+        seconds: r.seconds,
+        rss_before,
+        rss_after,
+        bytes_per_verified_key,
+    })
 }
 
 /// The scenarios on the caching server: issue (the hit keys), noop, verify-hit at full

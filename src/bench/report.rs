@@ -35,8 +35,10 @@ pub struct RunReport {
     /// verify-pooled.
     pub verify_own_limit_beside_pooled: Option<LoadResult>,
     pub h2load: Option<H2loadReport>,
-    /// Server RSS growth per key filled into the cache by the miss run.
+    /// Server RSS growth per key filled into the cache by the miss run (limits off).
     pub bytes_per_cached_key: Option<f64>,
+    /// `--scenario memory`: RSS per verified key with the default limit on.
+    pub memory: Option<MemoryReport>,
     pub revocation_latency: Option<RevocationLatency>,
     pub streams: Option<StreamsReport>,
     /// The edge `Verifier` in process, on cached rate-limited keys, against a hash lookup.
@@ -49,6 +51,22 @@ pub struct RunReport {
     pub h2load_bare_rps: Option<f64>,
     /// verify-miss and the database's own lookup by hash, in alternating slices.
     pub miss_floor: Option<MissFloor>,
+}
+
+/// Server memory per verified key with the deployment's default limit counted (the cache
+/// entry, the key's counters, its usage record), over many keys each verified once.
+#[derive(Debug, Serialize)]
+pub struct MemoryReport {
+    /// Keys seeded.
+    pub keys: usize,
+    /// Keys verified VALID (each once).
+    pub verified: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub rss_before: Option<u64>,
+    pub rss_after: Option<u64>,
+    /// RSS growth over the run divided by the keys verified.
+    pub bytes_per_verified_key: Option<f64>,
 }
 
 /// The database's floor for a cache miss: the statement a miss issues, by a plain sqlx
@@ -378,8 +396,21 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "| server memory per cached key | | {} bytes |\n",
+            "| server memory per cached key (RSS growth over the verify-miss run, limits off) | | {} bytes |",
             fmt(self.med(|r| r.bytes_per_cached_key), 0)
+        );
+        let memory_keys = self
+            .runs
+            .iter()
+            .find_map(|r| r.memory.as_ref().map(|m| m.verified));
+        let _ = writeln!(
+            s,
+            "| server memory per verified key, default limit (100/min) on: RSS growth over {} keys verified once each (`--scenario memory`) | <= 512 bytes | {} bytes |\n",
+            memory_keys.map_or("n/a".to_owned(), |n| n.to_string()),
+            fmt(
+                self.med(|r| r.memory.as_ref().and_then(|m| m.bytes_per_verified_key)),
+                0
+            )
         );
         let _ = writeln!(s, "## Scenarios (medians)\n");
         let _ = writeln!(

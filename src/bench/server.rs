@@ -27,6 +27,9 @@ pub enum Limits {
     Memory,
     /// The same, counted in Redis (one script call per decision).
     Redis { url: String, prefix: String },
+    /// The deployment's default limit (100 requests a minute), counted in memory: what a
+    /// server configured with nothing of its own counts for every key.
+    Default,
 }
 
 /// Requests a minute no run reaches: the limit of the limited servers' deployment default,
@@ -40,6 +43,7 @@ impl Limits {
         );
         match self {
             Limits::Off => "[rate_limits]\ndefault = []\n".to_owned(),
+            Limits::Default => String::new(),
             Limits::Memory => format!("[rate_limits]\n{unreachable}"),
             Limits::Redis { url, prefix } => format!(
                 "[rate_limits]\n{unreachable}backend = \"redis\"\nredis_url = \"{url}\"\n\
@@ -73,6 +77,18 @@ impl Launcher<'_> {
         cache_enabled: bool,
         limits: &Limits,
     ) -> Result<ServerProcess, BoxError> {
+        self.start_with(name, cache_enabled, limits, "").await
+    }
+
+    /// [`Launcher::start`], with `cache` added to the server's `[cache]` section (lines of
+    /// TOML, e.g. its size and TTL).
+    pub async fn start_with(
+        &self,
+        name: &str,
+        cache_enabled: bool,
+        limits: &Limits,
+        cache: &str,
+    ) -> Result<ServerProcess, BoxError> {
         let Launcher {
             dir,
             database_url,
@@ -88,7 +104,7 @@ impl Launcher<'_> {
                  [[tokens]]\nname = \"bench-admin\"\nsha256 = \"{}\"\nroles = [\"admin\"]\n\n\
                  [[tokens]]\nname = \"bench-verifier\"\nsha256 = \"{}\"\nroles = [\"verifier\"]\n\n\
                  [[tokens]]\nname = \"bench-edge\"\nsha256 = \"{}\"\nroles = [\"edge\"]\n\n\
-                 [cache]\nenabled = {cache_enabled}\n\n{}",
+                 [cache]\nenabled = {cache_enabled}\n{cache}\n{}",
                 KeyHash::of(&tokens.admin).to_hex(),
                 KeyHash::of(&tokens.verifier).to_hex(),
                 KeyHash::of(&tokens.edge).to_hex(),

@@ -182,6 +182,27 @@ impl WindowUsage {
         self.buckets.is_empty()
     }
 
+    /// The one bucket it counts, when it counts one and that bucket is its newest (where
+    /// the next call counts): the state of most windows between calls, which a holder can
+    /// keep in two words and give back with [`WindowUsage::of_single`] unchanged.
+    pub fn single(&self) -> Option<(i64, u64)> {
+        match (self.buckets.len(), self.buckets.front()) {
+            (1, Some(&(b, n))) if b == self.newest => Some((b, n)),
+            _ => None,
+        }
+    }
+
+    /// The window [`WindowUsage::single`] described.
+    pub fn of_single(bucket: i64, amount: u64) -> Self {
+        let mut buckets = VecDeque::new();
+        buckets.reserve_exact(1);
+        buckets.push_back((bucket, amount));
+        WindowUsage {
+            buckets,
+            newest: bucket,
+        }
+    }
+
     pub fn buckets(&self) -> impl Iterator<Item = (i64, u64)> + '_ {
         self.buckets.iter().copied()
     }
@@ -640,6 +661,20 @@ mod tests {
         assert!(d.allowed);
         let w = d.tightest().unwrap();
         assert_eq!((w.limit.window, w.remaining), (LimitWindow::Day, 2));
+    }
+
+    #[test]
+    fn a_window_of_one_bucket_comes_back_whole_from_its_two_words() {
+        let mut u = WindowUsage::default();
+        u.add(LimitWindow::Minute, T0, 3);
+        let (b, n) = u.single().unwrap();
+        assert_eq!(WindowUsage::of_single(b, n), u);
+        u.add(LimitWindow::Minute, T0 + S, 1);
+        assert_eq!(u.single(), None, "two buckets");
+        // A lease's bucket ahead of the newest is not a single window's state.
+        let mut leased = WindowUsage::default();
+        leased.add_at(LimitWindow::Minute, T0, T0 + 2 * S, 5);
+        assert_eq!(leased.single(), None);
     }
 
     #[test]

@@ -1,0 +1,358 @@
+//! The ledger: one record per key (or pool counter) this replica is counting, holding the
+//! key's usage account ([`crate::usage`]) and its rate-limit counters
+//! ([`crate::ratelimit::memory`]) together, so a verified key costs one map entry, one
+//! copy of its id and one lock, not two of each.
+//!
+//! # Why shaped like this
+//!
+//! Every verified key has a record, so its size is most of what a key costs beside the
+//! cache entry (`tests/memory.rs` counts it). The table holds a pointer per record
+//! (hashbrown's `HashTable` over boxed records, each holding its own id): a table slot is
+//! one word, and the slack of a table that grows by doubling is paid in words, not in
+//! records. A minted key id (`key_` and 24 base62 characters) is packed into 18 bytes
+//! (six bits a character) inside the record; any other id (a pool's counter name) is a
+//! boxed string.
+//!
+//! 32 shards, each behind a mutex held for a few instructions: the usage book and the
+//! memory limiter each lock the shard of the key they work on, never across an await. A
+//! call judged by several counters locks their shards together, in shard order, so two
+//! such calls never wait on each other in a circle.
+//!
+//! A record lives while either part needs it: the usage book's flush forgets an idle
+//! account and drops the windows that count nothing any more, and removes the record
+//! once both are empty.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use hashbrown::HashTable;
+
+use crate::domain::base62::ALPHABET;
+use crate::domain::ids::is_key_id;
+use crate::ratelimit::memory::KeyCounters;
+use crate::usage::Account;
+
+const SHARDS: usize = 32;
+/// `key_`: the prefix every minted key id carries (not stored).
+const KEY_PREFIX: &str = "key_";
+/// Characters of a minted key id after its prefix, and the bytes they pack into.
+const MINTED_CHARS: usize = 24;
+const PACKED: usize = MINTED_CHARS * 6 / 8;
+
+/// A record's id: a minted key id packed, or any other id as it is.
+enum KeyId {
+    Minted([u8; PACKED]),
+    Other(Box<str>),
+}
+
+/// An id as looked up: packed the same way, so the lookup compares bytes.
+#[derive(PartialEq, Eq)]
+enum IdRef<'a> {
+    Minted([u8; PACKED]),
+    Other(&'a str),
+}
+
+impl IdRef<'_> {
+    fn of(id: &str) -> IdRef<'_> {
+        if is_key_id(id) {
+            let mut packed = [0u8; PACKED];
+            let mut bits = 0u32;
+            let mut held = 0;
+            let mut out = 0;
+            for c in id[KEY_PREFIX.len()..].bytes() {
+                bits = (bits << 6) | u32::from(digit(c));
+                held += 6;
+                while held >= 8 {
+                    held -= 8;
+                    packed[out] = (bits >> held) as u8;
+                    out += 1;
+                }
+            }
+            IdRef::Minted(packed)
+        } else {
+            IdRef::Other(id)
+        }
+    }
+}
+
+impl Hash for IdRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            IdRef::Minted(packed) => {
+                state.write_u8(0);
+                state.write(packed);
+            }
+            IdRef::Other(s) => {
+                state.write_u8(1);
+                state.write(s.as_bytes());
+            }
+        }
+    }
+}
+
+/// A base62 character's value (the caller checked it is one).
+fn digit(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'A'..=b'Z' => c - b'A' + 10,
+        _ => c.wrapping_sub(b'a') + 36,
+    }
+}
+
+impl KeyId {
+    fn as_ref(&self) -> IdRef<'_> {
+        match self {
+            KeyId::Minted(packed) => IdRef::Minted(*packed),
+            KeyId::Other(s) => IdRef::Other(s),
+        }
+    }
+
+    fn from_ref(id: &IdRef<'_>) -> KeyId {
+        match id {
+            IdRef::Minted(packed) => KeyId::Minted(*packed),
+            IdRef::Other(s) => KeyId::Other((*s).into()),
+        }
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyId::Other(s) => f.write_str(s),
+            KeyId::Minted(packed) => {
+                let mut text = [0u8; MINTED_CHARS];
+                let mut bits = 0u32;
+                let mut held = 0;
+                let mut chars = text.iter_mut();
+                for b in packed {
+                    bits = (bits << 8) | u32::from(*b);
+                    held += 8;
+                    while held >= 6 {
+                        held -= 6;
+                        if let Some(c) = chars.next() {
+                            *c = ALPHABET[((bits >> held) & 63) as usize % ALPHABET.len()];
+                        }
+                    }
+                }
+                f.write_str(KEY_PREFIX)?;
+                // Every byte comes from ALPHABET, which is ASCII.
+                f.write_str(std::str::from_utf8(&text).map_err(|_| std::fmt::Error)?)
+            }
+        }
+    }
+}
+
+/// One key's (or pool's) record.
+pub(crate) struct Record {
+    id: KeyId,
+    pub(crate) account: Account,
+    pub(crate) counters: KeyCounters,
+}
+
+impl Record {
+    /// The id, as the key id or counter name it was made from.
+    pub(crate) fn id(&self) -> String {
+        self.id.to_string()
+    }
+}
+
+type Table = HashTable<Box<Record>>;
+
+pub struct Ledger {
+    shards: Box<[Mutex<Table>]>,
+    hasher: foldhash::quality::RandomState,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            shards: (0..SHARDS).map(|_| Mutex::new(Table::new())).collect(),
+            hasher: foldhash::quality::RandomState::default(),
+        }
+    }
+}
+
+/// A shard, locked, and where in it one id is.
+struct Found<'a> {
+    table: MutexGuard<'a, Table>,
+    id: IdRef<'a>,
+    hash: u64,
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Ledger::default()
+    }
+
+    fn hash(&self, id: &IdRef<'_>) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// The shard of a hash: bits the table itself does not use to place an entry.
+    fn shard_of(hash: u64) -> usize {
+        (hash >> 40) as usize % SHARDS
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Table> {
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn find<'a>(&'a self, id: &'a str) -> Found<'a> {
+        let id = IdRef::of(id);
+        let hash = self.hash(&id);
+        Found {
+            table: self.lock(Self::shard_of(hash)),
+            id,
+            hash,
+        }
+    }
+
+    /// Runs `f` on the record of `id`, if there is one.
+    pub(crate) fn get<T>(&self, id: &str, f: impl FnOnce(&mut Record) -> T) -> Option<T> {
+        let mut found = self.find(id);
+        let Found { table, id, hash } = &mut found;
+        table
+            .find_mut(*hash, |r| r.id.as_ref() == *id)
+            .map(|r| f(r))
+    }
+
+    /// Runs `f` on the record of `id`, made empty first if there is none.
+    pub(crate) fn entry<T>(&self, id: &str, f: impl FnOnce(&mut Record) -> T) -> T {
+        let mut found = self.find(id);
+        let Found { table, id, hash } = &mut found;
+        let record = table
+            .entry(
+                *hash,
+                |r| r.id.as_ref() == *id,
+                |r| self.hash(&r.id.as_ref()),
+            )
+            .or_insert_with(|| {
+                Box::new(Record {
+                    id: KeyId::from_ref(id),
+                    account: Account::default(),
+                    counters: KeyCounters::default(),
+                })
+            });
+        f(record.into_mut())
+    }
+
+    /// Runs `f` on the counters of every id in `ids` at once (each record made if there
+    /// is none), every shard concerned locked for the whole of it, in shard order. The
+    /// ids must differ.
+    pub(crate) fn with_counters<T>(
+        &self,
+        ids: &[&str],
+        f: impl FnOnce(&mut [KeyCounters]) -> T,
+    ) -> T {
+        let refs: Vec<(IdRef<'_>, u64)> = ids
+            .iter()
+            .map(|id| {
+                let id = IdRef::of(id);
+                let hash = self.hash(&id);
+                (id, hash)
+            })
+            .collect();
+        let mut shards: Vec<usize> = refs.iter().map(|(_, h)| Self::shard_of(*h)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut locked: Vec<(usize, MutexGuard<'_, Table>)> =
+            shards.iter().map(|&s| (s, self.lock(s))).collect();
+        // Each record's counters are taken out, judged together, and put back, all
+        // under the same locks.
+        let mut counters: Vec<KeyCounters> = Vec::with_capacity(refs.len());
+        for (id, hash) in &refs {
+            let shard = Self::shard_of(*hash);
+            let Some((_, table)) = locked.iter_mut().find(|(s, _)| *s == shard) else {
+                counters.push(KeyCounters::default());
+                continue;
+            };
+            let record = table
+                .entry(
+                    *hash,
+                    |r| r.id.as_ref() == *id,
+                    |r| self.hash(&r.id.as_ref()),
+                )
+                .or_insert_with(|| {
+                    Box::new(Record {
+                        id: KeyId::from_ref(id),
+                        account: Account::default(),
+                        counters: KeyCounters::default(),
+                    })
+                });
+            counters.push(std::mem::take(&mut record.into_mut().counters));
+        }
+        let out = f(&mut counters);
+        for ((id, hash), c) in refs.iter().zip(counters) {
+            let shard = Self::shard_of(*hash);
+            if let Some((_, table)) = locked.iter_mut().find(|(s, _)| *s == shard)
+                && let Some(record) = table.find_mut(*hash, |r| r.id.as_ref() == *id)
+            {
+                record.counters = c;
+            }
+        }
+        out
+    }
+
+    /// Keeps only the records `keep` says to, shard by shard (each shard locked while it
+    /// is gone through).
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&mut Record) -> bool) {
+        for shard in 0..SHARDS {
+            self.lock(shard).retain(|r| keep(r));
+        }
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        (0..SHARDS).map(|s| self.lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_ids_pack_and_come_back_as_they_were() {
+        for _ in 0..100 {
+            let id = crate::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap();
+            let IdRef::Minted(_) = IdRef::of(&id) else {
+                panic!("{id} was not packed");
+            };
+            assert_eq!(KeyId::from_ref(&IdRef::of(&id)).to_string(), id);
+        }
+        for id in ["k", "key_a", "team ws t", "key_00000000000000000000000z"] {
+            assert_eq!(KeyId::from_ref(&IdRef::of(id)).to_string(), id);
+        }
+        let zeros = format!("key_{}", "0".repeat(24));
+        let last = format!("key_{}", "z".repeat(24));
+        assert_eq!(KeyId::from_ref(&IdRef::of(&zeros)).to_string(), zeros);
+        assert_eq!(KeyId::from_ref(&IdRef::of(&last)).to_string(), last);
+        assert!(IdRef::of(&zeros) != IdRef::of(&last));
+    }
+
+    #[test]
+    fn records_are_found_by_id_and_dropped() {
+        let ledger = Ledger::new();
+        let ids: Vec<String> = (0..500)
+            .map(|_| crate::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap())
+            .chain((0..50).map(|i| format!("team ws t{i}")))
+            .collect();
+        for id in &ids {
+            ledger.entry(id, |_| ());
+        }
+        assert_eq!(ledger.len(), ids.len());
+        for id in &ids {
+            assert_eq!(ledger.get(id, |r| r.id()).as_deref(), Some(id.as_str()));
+        }
+        assert_eq!(ledger.get("key_unknown", |_| ()), None);
+        ledger.retain(|r| r.id() != ids[3]);
+        assert_eq!(ledger.get(&ids[3], |_| ()), None);
+        assert_eq!(ledger.len(), ids.len() - 1);
+    }
+}
