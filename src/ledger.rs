@@ -55,18 +55,16 @@ enum IdRef<'a> {
 impl IdRef<'_> {
     fn of(id: &str) -> IdRef<'_> {
         if is_key_id(id) {
+            // Four characters (24 bits) make three bytes, most significant first: the
+            // same bytes as packing one character at a time, in a fraction of the work
+            // (this runs on every verified call).
             let mut packed = [0u8; PACKED];
-            let mut bits = 0u32;
-            let mut held = 0;
-            let mut out = 0;
-            for c in id[KEY_PREFIX.len()..].bytes() {
-                bits = (bits << 6) | u32::from(digit(c));
-                held += 6;
-                while held >= 8 {
-                    held -= 8;
-                    packed[out] = (bits >> held) as u8;
-                    out += 1;
-                }
+            let chars = id.as_bytes()[KEY_PREFIX.len()..].chunks_exact(4);
+            for (out, four) in packed.chunks_exact_mut(3).zip(chars) {
+                let bits = four
+                    .iter()
+                    .fold(0u32, |bits, &c| (bits << 6) | u32::from(digit(c)));
+                out.copy_from_slice(&bits.to_be_bytes()[1..]);
             }
             IdRef::Minted(packed)
         } else {
@@ -218,13 +216,12 @@ impl Ledger {
             .map(|r| f(r))
     }
 
-    /// Runs `f` on the record of `id`, made empty first if there is none.
-    pub(crate) fn entry<T>(&self, id: &str, f: impl FnOnce(&mut Record) -> T) -> T {
-        let mut found = self.find(id);
-        let Found { table, id, hash } = &mut found;
-        let record = table
+    /// The record of `id` (its `hash`) in its shard's `table`, made empty first if there
+    /// is none.
+    fn record_in<'t>(&self, table: &'t mut Table, hash: u64, id: &IdRef<'_>) -> &'t mut Record {
+        table
             .entry(
-                *hash,
+                hash,
                 |r| r.id.as_ref() == *id,
                 |r| self.hash(&r.id.as_ref()),
             )
@@ -234,8 +231,15 @@ impl Ledger {
                     account: Account::default(),
                     counters: KeyCounters::default(),
                 })
-            });
-        f(record.into_mut())
+            })
+            .into_mut()
+    }
+
+    /// Runs `f` on the record of `id`, made empty first if there is none.
+    pub(crate) fn entry<T>(&self, id: &str, f: impl FnOnce(&mut Record) -> T) -> T {
+        let mut found = self.find(id);
+        let Found { table, id, hash } = &mut found;
+        f(self.record_in(table, *hash, id))
     }
 
     /// Runs `f` on the counters of every id in `ids` at once (each record made if there
@@ -268,20 +272,8 @@ impl Ledger {
                 counters.push(KeyCounters::default());
                 continue;
             };
-            let record = table
-                .entry(
-                    *hash,
-                    |r| r.id.as_ref() == *id,
-                    |r| self.hash(&r.id.as_ref()),
-                )
-                .or_insert_with(|| {
-                    Box::new(Record {
-                        id: KeyId::from_ref(id),
-                        account: Account::default(),
-                        counters: KeyCounters::default(),
-                    })
-                });
-            counters.push(std::mem::take(&mut record.into_mut().counters));
+            let record = self.record_in(table, *hash, id);
+            counters.push(std::mem::take(&mut record.counters));
         }
         let out = f(&mut counters);
         for ((id, hash), c) in refs.iter().zip(counters) {
