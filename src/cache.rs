@@ -35,10 +35,11 @@ use quick_cache::UnitWeighter;
 use quick_cache::sync::Cache;
 
 use crate::domain::Micros;
-use crate::domain::key::VerifiableKey;
+use crate::domain::key::{Owner, VerifiableKey};
 use crate::domain::key_format::KeyHash;
 use crate::domain::limits::RateLimit;
 use crate::domain::scopes::EffectiveScopes;
+use crate::interned::Interner;
 
 const SHARDS: usize = 64;
 
@@ -122,6 +123,9 @@ pub struct VerifyCache {
     negative_ttl_ms: u64,
     guard: FillGuard<()>,
     enabled: bool,
+    workspaces: Interner<str>,
+    scope_sets: Interner<[String]>,
+    owners: Interner<Owner>,
 }
 
 impl VerifyCache {
@@ -135,6 +139,9 @@ impl VerifyCache {
             negative_ttl_ms: ms(sizes.negative_ttl),
             guard: FillGuard::new(SHARDS, || ()),
             enabled: true,
+            workspaces: Interner::default(),
+            scope_sets: Interner::default(),
+            owners: Interner::default(),
         }
     }
 
@@ -164,6 +171,14 @@ impl VerifyCache {
                 _ => Lookup::Miss,
             },
         }
+    }
+
+    /// Gives `key` the copies of its workspace id, scopes and owner that the cache's
+    /// other keys hold, where they have equal ones. Call before caching it.
+    pub fn share_parts(&self, key: &mut VerifiableKey) {
+        key.workspace_id = self.workspaces.share(key.workspace_id.clone());
+        key.scopes = self.scope_sets.share(key.scopes.clone());
+        key.owner = self.owners.share(key.owner.clone());
     }
 
     /// Call before reading the database for `hash`.

@@ -6,7 +6,8 @@
 //!   validation. Pure: no IO, no async, no clock, no randomness of its own. The
 //!   `keywarden-domain` crate (`crates/domain`), re-exported.
 //! - [`store`]: the [`store::Store`] trait and its Postgres and SQLite implementations.
-//! - [`cache`]: the VerifyKey cache, whose fills cannot resurrect an invalidated entry.
+//! - [`cache`]: the VerifyKey cache, whose fills cannot resurrect an invalidated entry;
+//!   [`interned`]: the workspace ids, scope sets and owners its keys share.
 //! - [`workspaces`]: workspaces (tenants) and what their plans allow.
 //! - [`keys`]: the key lifecycle (issue, update, rotate, revoke, delete) over a store,
 //!   keeping the cache coherent.
@@ -50,6 +51,7 @@ pub use keywarden_domain as domain;
 pub use keywarden_edge as edge;
 pub mod events;
 pub mod http;
+pub mod interned;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;

@@ -766,6 +766,7 @@ impl Verifier {
                     .insert(found.key.key_id.clone(), Arc::new(usage_pools));
             }
             let mut key: VerifiableKey = found.key.into();
+            self.cache.share_parts(&mut key);
             key.set_pools(found.pools);
             key.plan_forbids_keys = found
                 .plan

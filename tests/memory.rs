@@ -68,11 +68,21 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
     let implications = ScopeImplications::default();
     // Like the miss benchmark's seeded keys: one scope, no metadata, no limits.
     let records: Vec<KeyRecord> = (0..KEYS).map(|_| key_record("ws_bench", 1)).collect();
+    let cache = VerifyCache::new(CacheSizes {
+        max_keys: 1_000_000,
+        ttl: Duration::from_secs(600),
+        negative_max_keys: 1_000,
+        negative_ttl: Duration::from_secs(60),
+    });
+    // As a fill makes it: the workspace id, scopes and owner shared with the cache's other
+    // keys.
     let cached = |r: &KeyRecord| {
+        let mut key = r.clone().into();
+        cache.share_parts(&mut key);
         Arc::new(CachedKey {
             effective_scopes: EffectiveScopes::new(&implications, &r.scopes),
             limits: Arc::default(),
-            key: r.clone().into(),
+            key,
             secret_valid_until_or_max: i64::MAX,
         })
     };
@@ -83,12 +93,6 @@ fn a_cached_key_with_its_prepared_scopes_costs_less_than_the_whole_record_alone(
     let (entry, entries) = heap_per_item(|i| cached(&records[i]));
 
     // The cache's own bookkeeping.
-    let cache = VerifyCache::new(CacheSizes {
-        max_keys: 1_000_000,
-        ttl: Duration::from_secs(600),
-        negative_max_keys: 1_000,
-        negative_ttl: Duration::from_secs(60),
-    });
     let hashes: Vec<KeyHash> = (0..KEYS).map(|i| KeyHash::of(&format!("k{i}"))).collect();
     let before = LIVE.load(Ordering::Relaxed);
     for (hash, entry) in hashes.iter().zip(&entries) {

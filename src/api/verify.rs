@@ -103,9 +103,9 @@ impl VerifyService for VerifyApi {
         if let Some(entry) = verdict.key() {
             let key = &entry.key;
             response.key_id = key.key_id.clone();
-            response.workspace_id = key.workspace_id.clone();
+            response.workspace_id = key.workspace_id.to_string();
             response.environment = convert::environment_pb(key.environment) as i32;
-            response.scopes = key.scopes.clone();
+            response.scopes = key.scopes.to_vec();
             response.owner = Some(convert::owner_pb(&key.owner));
             response.expires_at = key.expires_at().map(convert::timestamp);
             response.metadata = key

@@ -1,6 +1,7 @@
 //! What a key is once issued, and how a verification is decided.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::Micros;
 use super::access::{self, NetworkAllowlist, ResourceAccess};
@@ -15,7 +16,7 @@ use super::validate::{MAX_COST, Violations};
 /// The longest grace period a rotation may give the old secret.
 pub const MAX_ROTATION_GRACE: Micros = 7 * 24 * 3600 * super::MICROS_PER_SECOND;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OwnerKind {
     User,
     ServiceAccount,
@@ -38,7 +39,7 @@ impl OwnerKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Owner {
     pub kind: OwnerKind,
     pub id: String,
@@ -98,10 +99,13 @@ pub struct KeyRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiableKey {
     pub key_id: String,
-    pub workspace_id: String,
+    /// The workspace, scopes and owner are shared: most keys have one of a handful of
+    /// each, and the verify cache hands a filled key the copies its other keys already
+    /// hold (`src/cache.rs`), so a cached key pays a pointer for each, not an allocation.
+    pub workspace_id: Arc<str>,
     pub environment: Environment,
-    pub scopes: Vec<String>,
-    pub owner: Owner,
+    pub scopes: Arc<[String]>,
+    pub owner: Arc<Owner>,
     /// `Micros::MAX` when the key never expires (one word instead of an `Option`'s two;
     /// read it with [`VerifiableKey::expires_at`]).
     expires_at: Micros,
@@ -245,10 +249,10 @@ impl From<KeyRecord> for VerifiableKey {
         };
         VerifiableKey {
             key_id: r.key_id,
-            workspace_id: r.workspace_id,
+            workspace_id: r.workspace_id.into(),
             environment: r.environment,
-            scopes: r.scopes,
-            owner: r.owner,
+            scopes: r.scopes.into(),
+            owner: Arc::new(r.owner),
             expires_at: r.expires_at.unwrap_or(Micros::MAX),
             revoked: r.revoked_at.is_some(),
             deleted: r.deleted_at.is_some(),
