@@ -10,7 +10,7 @@
 //! (hashbrown's `HashTable` over boxed records, each holding its own id): a table slot is
 //! one word, and the slack of a table that grows by doubling is paid in words, not in
 //! records. A minted key id (`key_` and 24 base62 characters) is packed into 18 bytes
-//! (six bits a character) inside the record; any other id (a pool's counter name) is a
+//! inside the record ([`crate::domain::packed_id`]); any other id (a pool's counter name) is a
 //! boxed string.
 //!
 //! 32 shards, each behind a mutex held for a few instructions: the usage book and the
@@ -22,127 +22,20 @@
 //! account and drops the windows that count nothing any more, and removes the record
 //! once both are empty.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use hashbrown::HashTable;
 
-use crate::domain::base62::ALPHABET;
-use crate::domain::ids::is_key_id;
+use crate::domain::packed_id::{IdRef, PackedId};
 use crate::ratelimit::memory::KeyCounters;
 use crate::usage::Account;
 
 const SHARDS: usize = 32;
-/// `key_`: the prefix every minted key id carries (not stored).
-const KEY_PREFIX: &str = "key_";
-/// Characters of a minted key id after its prefix, and the bytes they pack into.
-const MINTED_CHARS: usize = 24;
-const PACKED: usize = MINTED_CHARS * 6 / 8;
-
-/// A record's id: a minted key id packed, or any other id as it is.
-enum KeyId {
-    Minted([u8; PACKED]),
-    Other(Box<str>),
-}
-
-/// An id as looked up: packed the same way, so the lookup compares bytes.
-#[derive(PartialEq, Eq)]
-enum IdRef<'a> {
-    Minted([u8; PACKED]),
-    Other(&'a str),
-}
-
-impl IdRef<'_> {
-    fn of(id: &str) -> IdRef<'_> {
-        if is_key_id(id) {
-            // Four characters (24 bits) make three bytes, most significant first: the
-            // same bytes as packing one character at a time, in a fraction of the work
-            // (this runs on every verified call).
-            let mut packed = [0u8; PACKED];
-            let chars = id.as_bytes()[KEY_PREFIX.len()..].chunks_exact(4);
-            for (out, four) in packed.chunks_exact_mut(3).zip(chars) {
-                let bits = four
-                    .iter()
-                    .fold(0u32, |bits, &c| (bits << 6) | u32::from(digit(c)));
-                out.copy_from_slice(&bits.to_be_bytes()[1..]);
-            }
-            IdRef::Minted(packed)
-        } else {
-            IdRef::Other(id)
-        }
-    }
-}
-
-impl Hash for IdRef<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        match self {
-            IdRef::Minted(packed) => {
-                state.write_u8(0);
-                state.write(packed);
-            }
-            IdRef::Other(s) => {
-                state.write_u8(1);
-                state.write(s.as_bytes());
-            }
-        }
-    }
-}
-
-/// A base62 character's value (the caller checked it is one).
-fn digit(c: u8) -> u8 {
-    match c {
-        b'0'..=b'9' => c - b'0',
-        b'A'..=b'Z' => c - b'A' + 10,
-        _ => c.wrapping_sub(b'a') + 36,
-    }
-}
-
-impl KeyId {
-    fn as_ref(&self) -> IdRef<'_> {
-        match self {
-            KeyId::Minted(packed) => IdRef::Minted(*packed),
-            KeyId::Other(s) => IdRef::Other(s),
-        }
-    }
-
-    fn from_ref(id: &IdRef<'_>) -> KeyId {
-        match id {
-            IdRef::Minted(packed) => KeyId::Minted(*packed),
-            IdRef::Other(s) => KeyId::Other((*s).into()),
-        }
-    }
-}
-
-impl std::fmt::Display for KeyId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            KeyId::Other(s) => f.write_str(s),
-            KeyId::Minted(packed) => {
-                let mut text = [0u8; MINTED_CHARS];
-                let mut bits = 0u32;
-                let mut held = 0;
-                let mut chars = text.iter_mut();
-                for b in packed {
-                    bits = (bits << 8) | u32::from(*b);
-                    held += 8;
-                    while held >= 6 {
-                        held -= 6;
-                        if let Some(c) = chars.next() {
-                            *c = ALPHABET[((bits >> held) & 63) as usize % ALPHABET.len()];
-                        }
-                    }
-                }
-                f.write_str(KEY_PREFIX)?;
-                // Every byte comes from ALPHABET, which is ASCII.
-                f.write_str(std::str::from_utf8(&text).map_err(|_| std::fmt::Error)?)
-            }
-        }
-    }
-}
 
 /// One key's (or pool's) record.
 pub(crate) struct Record {
-    id: KeyId,
+    id: PackedId,
     pub(crate) account: Account,
     pub(crate) counters: KeyCounters,
 }
@@ -227,7 +120,7 @@ impl Ledger {
             )
             .or_insert_with(|| {
                 Box::new(Record {
-                    id: KeyId::from_ref(id),
+                    id: id.to_held(),
                     account: Account::default(),
                     counters: KeyCounters::default(),
                 })
@@ -308,25 +201,6 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn minted_ids_pack_and_come_back_as_they_were() {
-        for _ in 0..100 {
-            let id = crate::domain::ids::new_key_id(&mut getrandom::SysRng).unwrap();
-            let IdRef::Minted(_) = IdRef::of(&id) else {
-                panic!("{id} was not packed");
-            };
-            assert_eq!(KeyId::from_ref(&IdRef::of(&id)).to_string(), id);
-        }
-        for id in ["k", "key_a", "team ws t", "key_00000000000000000000000z"] {
-            assert_eq!(KeyId::from_ref(&IdRef::of(id)).to_string(), id);
-        }
-        let zeros = format!("key_{}", "0".repeat(24));
-        let last = format!("key_{}", "z".repeat(24));
-        assert_eq!(KeyId::from_ref(&IdRef::of(&zeros)).to_string(), zeros);
-        assert_eq!(KeyId::from_ref(&IdRef::of(&last)).to_string(), last);
-        assert!(IdRef::of(&zeros) != IdRef::of(&last));
-    }
 
     #[test]
     fn records_are_found_by_id_and_dropped() {

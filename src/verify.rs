@@ -300,7 +300,7 @@ impl Verifier {
                 pools: Vec::new(),
             };
             let entry = match self.entry(&ask.hash).await? {
-                Some(entry) if entry.key.key_id == ask.key_id => entry,
+                Some(entry) if entry.key.key_id.is(&ask.key_id) => entry,
                 // A hash of another key is that key's business, not this one's.
                 _ => {
                     answers.push(answer(VerifyCode::NotFound, None, false, 0));
@@ -572,7 +572,7 @@ impl Verifier {
         {
             self.usage
                 .history()
-                .count(&key.key.key_id, code, verdict.decided_at);
+                .count(&key.key.key_id.text(), code, verdict.decided_at);
         }
         Ok(verdict)
     }
@@ -609,7 +609,8 @@ impl Verifier {
         if let Some(why) = Refused::new(code) {
             return Ok(Verdict::refused(why, Some(entry), 0, now));
         }
-        let key_id = entry.key.key_id.as_str();
+        let key_id = entry.key.key_id.text();
+        let key_id: &str = &key_id;
         let epoch = entry.key.spend_epoch(now);
         let (spent_micros, over_budget) = self.budget(&entry, &epoch, now).await?;
         if let Some(scope) = over_budget {
@@ -678,7 +679,8 @@ impl Verifier {
         epoch: &SpendEpoch,
         now: Micros,
     ) -> Result<(u64, Option<LimitScope>), LimiterError> {
-        let key_id = entry.key.key_id.as_str();
+        let key_id = entry.key.key_id.text();
+        let key_id: &str = &key_id;
         let spend = self.usage.spend(key_id, entry.key.spent_in(epoch), epoch);
         if let Some(max_micros) = entry.key.max_budget_micros()
             && self.reached(key_id, max_micros, spend, epoch, now).await?

@@ -102,7 +102,7 @@ impl VerifyService for VerifyApi {
         };
         if let Some(entry) = verdict.key() {
             let key = &entry.key;
-            response.key_id = key.key_id.clone();
+            response.key_id = String::from(&*key.key_id.text());
             response.workspace_id = key.workspace_id.to_string();
             response.environment = convert::environment_pb(key.environment) as i32;
             response.scopes = key.scopes.to_vec();

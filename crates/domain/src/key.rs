@@ -8,6 +8,7 @@ use super::access::{self, NetworkAllowlist, ResourceAccess};
 use super::budget::{self, BudgetPeriod, SpendEpoch};
 use super::key_format::Environment;
 use super::limits::RateLimit;
+use super::packed_id::PackedId;
 use super::pools::Pool;
 use super::refusal::{Reason, Refusal};
 use super::scopes::EffectiveScopes;
@@ -98,7 +99,9 @@ pub struct KeyRecord {
 /// the whole record per cached key (`tests/memory.rs` counts it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiableKey {
-    pub key_id: String,
+    /// Packed: most ids take 18 bytes in place instead of an allocation (see
+    /// [`crate::packed_id`]).
+    pub key_id: PackedId,
     /// The workspace, scopes and owner are shared: most keys have one of a handful of
     /// each, and the verify cache hands a filled key the copies its other keys already
     /// hold (`src/cache.rs`), so a cached key pays a pointer for each, not an allocation.
@@ -248,7 +251,7 @@ impl From<KeyRecord> for VerifiableKey {
             },
         };
         VerifiableKey {
-            key_id: r.key_id,
+            key_id: r.key_id.into(),
             workspace_id: r.workspace_id.into(),
             environment: r.environment,
             scopes: r.scopes.into(),

@@ -17,6 +17,7 @@ pub mod key_format;
 pub mod leak;
 pub mod lease;
 pub mod limits;
+pub mod packed_id;
 pub mod pools;
 pub mod provider_key;
 pub mod refusal;

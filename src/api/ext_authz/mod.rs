@@ -64,14 +64,15 @@ impl ExtAuthzApi {
         match &verdict.outcome {
             Outcome::Valid(entry) => Ok(reply::allowed(
                 &Allowed {
-                    key_id: &entry.key.key_id,
+                    key_id: &entry.key.key_id.text(),
                     workspace_id: &entry.key.workspace_id,
                     limit: verdict.limit.as_ref(),
                 },
                 &self.settings,
             )),
             Outcome::Refused(why, key) => {
-                let key_id = key.as_ref().map(|e| e.key.key_id.as_str());
+                let key_id = key.as_ref().map(|e| e.key.key_id.text());
+                let key_id = key_id.as_deref();
                 let denial = Denial::of(*why);
                 tracing::debug!(key_id, reason = denial.reason(), "ext_authz refused");
                 Ok(reply::denied(
