@@ -633,17 +633,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
     }
 
     if wants(args, Scenario::VerifyMiss) && args.store == StoreKind::Postgres {
-        let pool = sqlx::PgPool::connect(&db.url).await?;
-        let started = std::time::Instant::now();
-        let keys = Arc::new(
-            seed::seed_keys(&pool, args.miss_keys, crate::clock::Clock::System.now()).await?,
-        );
-        pool.close().await;
-        println!(
-            "seeded {} keys in {:.1} s",
-            keys.len(),
-            started.elapsed().as_secs_f64()
-        );
+        let keys = Arc::new(seed::seed_keys(&db.url, args.miss_keys, seed::Then::Settle).await?);
         let server = launch.start("miss", true, &Limits::Off).await?;
         let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
         let rss_before = server.rss_bytes();
@@ -758,17 +748,7 @@ async fn memory_scenario(
     launch: &Launcher<'_>,
     tokens: &Tokens,
 ) -> Result<report::MemoryReport, BoxError> {
-    let pool = sqlx::PgPool::connect(&db.url).await?;
-    let started = std::time::Instant::now();
-    let keys = Arc::new(
-        seed::insert_keys(&pool, args.miss_keys, crate::clock::Clock::System.now()).await?,
-    );
-    pool.close().await;
-    println!(
-        "seeded {} keys in {:.1} s",
-        keys.len(),
-        started.elapsed().as_secs_f64()
-    );
+    let keys = Arc::new(seed::seed_keys(&db.url, args.miss_keys, seed::Then::Leave).await?);
     let cache = format!(
         "max_keys = {}\nttl_seconds = 7200\n",
         keys.len().saturating_mul(2).max(1)

@@ -1,4 +1,4 @@
-//! Bulk seeding of keys straight into Postgres, for the cache-miss benchmark (one million
+//! Bulk seeding of keys straight into Postgres, for the cache-miss and memory benchmarks (one million
 //! keys through IssueKey would take longer than the benchmark itself). Writes the same
 //! rows IssueKey writes (see `migrations/postgres`), by COPY in batches, settles the
 //! tables as a long-lived database's would be (for the miss benchmark), and hands back
@@ -12,14 +12,34 @@ use crate::domain::key_format::{self, ApiKey, Brand, Environment};
 /// Rows per COPY (each batch one transaction: the key rows, then their secrets).
 const BATCH: usize = 50_000;
 
-/// Seeds `count` keys and settles the tables (for the miss benchmark's lookups).
+/// How the tables are left after a seeding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Settled as a long-lived table is (the miss benchmark's lookups need it).
+    Settle,
+    /// As loaded (the memory scenario measures the server, not the database).
+    Leave,
+}
+
+/// Seeds `count` keys into the database at `url`, says how long it took, and hands back
+/// their plaintexts.
 pub async fn seed_keys(
-    pool: &PgPool,
+    url: &str,
     count: usize,
-    now: i64,
+    then: Then,
 ) -> Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>> {
-    let plaintexts = insert_keys(pool, count, now).await?;
-    settle(pool).await?;
+    let pool = PgPool::connect(url).await?;
+    let started = std::time::Instant::now();
+    let plaintexts = insert_keys(&pool, count, crate::clock::Clock::System.now()).await?;
+    if then == Then::Settle {
+        settle(&pool).await?;
+    }
+    pool.close().await;
+    println!(
+        "seeded {} keys in {:.1} s",
+        plaintexts.len(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(plaintexts)
 }
 
@@ -27,7 +47,7 @@ pub async fn seed_keys(
 /// COPY, in batches of [`BATCH`], and returns their plaintexts. A million take about a
 /// minute here (the earlier `INSERT ... UNNEST` of 5 000 rows a statement took about
 /// twice that).
-pub async fn insert_keys(
+async fn insert_keys(
     pool: &PgPool,
     count: usize,
     now: i64,
