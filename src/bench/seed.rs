@@ -1,8 +1,8 @@
-//! Bulk seeding of keys straight into Postgres, for the cache-miss and memory benchmarks (one million
-//! keys through IssueKey would take longer than the benchmark itself). Writes the same
-//! rows IssueKey writes (see `migrations/postgres`), by COPY in batches, settles the
-//! tables as a long-lived database's would be (for the miss benchmark), and hands back
-//! the plaintexts so the load generator can present them.
+//! Bulk seeding of keys straight into Postgres, for the cache-miss and memory benchmarks
+//! (one million keys through IssueKey would take longer than the benchmark itself).
+//! Writes the same rows IssueKey writes (see `migrations/postgres`), by COPY in batches,
+//! settles the tables as a long-lived database's would be (for the miss benchmark), and
+//! hands back the plaintexts so the load generator can present them.
 
 use sqlx::PgPool;
 
