@@ -330,7 +330,7 @@ impl Verifier {
                 continue;
             }
             if self
-                .budget(&entry, &entry.key.spend_epoch(now), now)
+                .budget(&entry, &ask.key_id, &entry.key.spend_epoch(now), now)
                 .await?
                 .1
                 .is_some()
@@ -612,7 +612,7 @@ impl Verifier {
         let key_id = entry.key.key_id.text();
         let key_id: &str = &key_id;
         let epoch = entry.key.spend_epoch(now);
-        let (spent_micros, over_budget) = self.budget(&entry, &epoch, now).await?;
+        let (spent_micros, over_budget) = self.budget(&entry, key_id, &epoch, now).await?;
         if let Some(scope) = over_budget {
             let why = Refused(VerifyCode::BudgetExceeded);
             let mut verdict = Verdict::refused(why, Some(entry), spent_micros, now);
@@ -676,11 +676,10 @@ impl Verifier {
     async fn budget(
         &self,
         entry: &CachedKey,
+        key_id: &str,
         epoch: &SpendEpoch,
         now: Micros,
     ) -> Result<(u64, Option<LimitScope>), LimiterError> {
-        let key_id = entry.key.key_id.text();
-        let key_id: &str = &key_id;
         let spend = self.usage.spend(key_id, entry.key.spent_in(epoch), epoch);
         if let Some(max_micros) = entry.key.max_budget_micros()
             && self.reached(key_id, max_micros, spend, epoch, now).await?

@@ -11,7 +11,6 @@ use std::fmt;
 use std::ops::Deref;
 
 use super::base62::ALPHABET;
-use super::ids::is_key_id;
 
 /// `key_`: the prefix every minted key id carries (not stored).
 const KEY_PREFIX: &str = "key_";
@@ -39,22 +38,47 @@ pub enum IdText<'a> {
     Other(&'a str),
 }
 
+/// Each byte's base62 value, or [`NOT_BASE62`].
+static DIGITS: [u8; 256] = {
+    let mut table = [NOT_BASE62; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        table[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+const NOT_BASE62: u8 = 0xFF;
+
 impl<'a> IdRef<'a> {
+    /// Packs `id` if it has the shape of a minted key id. One pass: the shape is checked
+    /// as the characters are packed (this runs on every verified call).
     pub fn of(id: &'a str) -> IdRef<'a> {
-        if is_key_id(id) {
-            // Four characters (24 bits) make three bytes, most significant first.
-            let mut packed = [0u8; PACKED];
-            let chars = id.as_bytes()[KEY_PREFIX.len()..].chunks_exact(4);
-            for (out, four) in packed.chunks_exact_mut(3).zip(chars) {
-                let bits = four
-                    .iter()
-                    .fold(0u32, |bits, &c| (bits << 6) | u32::from(digit(c)));
-                out.copy_from_slice(&bits.to_be_bytes()[1..]);
-            }
-            IdRef::Minted(packed)
-        } else {
-            IdRef::Other(id)
+        let Some(rest) = id.strip_prefix(KEY_PREFIX) else {
+            return IdRef::Other(id);
+        };
+        if rest.len() != MINTED_CHARS {
+            return IdRef::Other(id);
         }
+        // Four characters (24 bits) make three bytes, most significant first; a byte
+        // that is no base62 digit sets a bit above the 24.
+        let mut packed = [0u8; PACKED];
+        let mut invalid = 0u32;
+        for (out, four) in packed
+            .chunks_exact_mut(3)
+            .zip(rest.as_bytes().chunks_exact(4))
+        {
+            let bits = four.iter().fold(0u32, |bits, &c| {
+                let d = DIGITS[usize::from(c)];
+                invalid |= u32::from(d);
+                (bits << 6) | u32::from(d & 63)
+            });
+            out.copy_from_slice(&bits.to_be_bytes()[1..]);
+        }
+        if invalid & 0x80 != 0 {
+            return IdRef::Other(id);
+        }
+        IdRef::Minted(packed)
     }
 
     pub fn to_held(self) -> PackedId {
@@ -73,16 +97,28 @@ impl<'a> IdRef<'a> {
                 let chars = text[KEY_PREFIX.len()..].chunks_exact_mut(4);
                 for (four, three) in chars.zip(packed.chunks_exact(3)) {
                     let bits = u32::from_be_bytes([0, three[0], three[1], three[2]]);
-                    for (i, c) in four.iter_mut().enumerate() {
-                        let value = (bits >> (18 - 6 * i)) & 63;
-                        *c = ALPHABET[value as usize % ALPHABET.len()];
-                    }
+                    four[0] = CHARS[(bits >> 18) as usize & 63];
+                    four[1] = CHARS[(bits >> 12) as usize & 63];
+                    four[2] = CHARS[(bits >> 6) as usize & 63];
+                    four[3] = CHARS[bits as usize & 63];
                 }
                 IdText::Minted(text)
             }
         }
     }
 }
+
+/// The alphabet padded to 64 entries, so that any six bits index it (a packed id only
+/// holds values below 62).
+static CHARS: [u8; 64] = {
+    let mut table = [b'0'; 64];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        table[i] = ALPHABET[i];
+        i += 1;
+    }
+    table
+};
 
 impl PackedId {
     pub fn new(id: &str) -> PackedId {
@@ -112,15 +148,6 @@ impl From<String> for PackedId {
             IdRef::Minted(packed) => PackedId::Minted(packed),
             IdRef::Other(_) => PackedId::Other(id.into_boxed_str()),
         }
-    }
-}
-
-/// A base62 character's value (the caller checked it is one).
-fn digit(c: u8) -> u8 {
-    match c {
-        b'0'..=b'9' => c - b'0',
-        b'A'..=b'Z' => c - b'A' + 10,
-        _ => c.wrapping_sub(b'a') + 36,
     }
 }
 
@@ -180,6 +207,14 @@ mod tests {
         #[test]
         fn every_minted_shape_round_trips(rest in "[0-9A-Za-z]{24}") {
             let id = format!("key_{rest}");
+            proptest::prop_assert!(matches!(IdRef::of(&id), IdRef::Minted(_)));
+            proptest::prop_assert_eq!(PackedId::new(&id).to_string(), id);
+        }
+
+        #[test]
+        fn packed_exactly_when_it_has_a_minted_ids_shape(id in "key_.{0,30}|.{0,30}") {
+            let packed = matches!(IdRef::of(&id), IdRef::Minted(_));
+            proptest::prop_assert_eq!(packed, crate::ids::is_key_id(&id));
             proptest::prop_assert_eq!(PackedId::new(&id).to_string(), id);
         }
     }
