@@ -135,7 +135,7 @@ fn the_bench_reports_sane_figures_on_sqlite() {
         run["verify_miss"].is_null(),
         "verify-miss runs on Postgres only"
     );
-    assert!(run["memory"].is_null(), "memory runs only when named");
+    assert!(run["memory"].is_null(), "memory runs on Postgres only");
     assert_stream_figures(run, false);
     // `--scenario all` includes edge-verify (its figures: the test below).
     assert!(run["edge_verify"]["calls"].as_u64().unwrap() > 0, "{run}");
@@ -174,7 +174,13 @@ fn the_bench_seeds_postgres_and_measures_misses() {
     ] {
         assert_sane(run, scenario, 500);
     }
-    assert!(run["bytes_per_cached_key"].as_f64().is_some());
+    // `all` measures memory too, once, in its last run: seeded keys verified once each,
+    // as many as `--max-requests` allows.
+    let memory = &run["memory"];
+    assert_eq!(memory["keys"].as_u64(), Some(1200), "{memory}");
+    assert_eq!(memory["verified"].as_u64(), Some(300), "{memory}");
+    assert_eq!(memory["errors"].as_u64(), Some(0), "{memory}");
+    assert!(markdown.contains("server memory per verified key"));
     // The database's own floor for a miss, in turns with verify-miss, on keys of its own.
     let floor = &run["miss_floor"];
     for figure in ["verify_miss", "database"] {

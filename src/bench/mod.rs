@@ -5,11 +5,12 @@
 //! `issue`, `noop` (Ping: the transport's limit), `verify-hit`, `verify-hit` at half of its
 //! peak rate, `verify-naive` (a second server on the same data with the cache off), and
 //! `verify-miss` (every call a distinct key out of `--miss-keys` seeded keys), the limited
-//! servers (`verify-ratelimited`, `verify-pooled`) in turns with their baselines, plus the
-//! server's memory per cached key and, when `h2load` is installed, an independent
-//! client's noop / verify-hit throughput. The revocation stream's scenarios
-//! (`revocation-latency`, `streams`) are in `stream.rs`; `edge-verify` (the edge
-//! `Verifier` in this process, against a hash lookup) is in `edge_verify.rs`.
+//! servers (`verify-ratelimited`, `verify-pooled`) in turns with their baselines, the
+//! server's memory per verified key (`memory`: a million keys, once per `all`) and, when
+//! `h2load` is installed, an independent client's noop / verify-hit throughput. The
+//! revocation stream's scenarios (`revocation-latency`, `streams`) are in `stream.rs`;
+//! `edge-verify` (the edge `Verifier` in this process, against a hash lookup) is in
+//! `edge_verify.rs`.
 
 pub mod bare;
 mod connection;
@@ -65,8 +66,8 @@ pub enum Scenario {
     EdgeVerify,
     Exactness,
     /// Server memory per verified key with the default limit on (RSS growth over
-    /// `--miss-keys` keys, each verified once). Runs only when named: seeding and
-    /// verifying a million keys takes minutes.
+    /// `--miss-keys` keys, each verified once). Seeding and verifying a million keys
+    /// takes minutes, so `all` runs it in its last run only.
     Memory,
 }
 
@@ -356,8 +357,8 @@ impl BenchDb {
     }
 }
 
+/// Whether the run measures scenario `s` (the memory scenario: see [`run`]).
 fn wants(args: &BenchArgs, s: Scenario) -> bool {
-    // The memory scenario runs only when named (see `Scenario::Memory`).
     (args.scenario == Scenario::All && s != Scenario::Memory) || args.scenario == s
 }
 
@@ -406,8 +407,14 @@ pub async fn run(args: BenchArgs, command: String) -> Result<BenchReport, BoxErr
             report.runs.push(target_run(&args, mix, target).await?);
             continue;
         }
+        // The memory scenario seeds and verifies a million keys: an `all` measures it once,
+        // in its last run.
+        let memory = args.scenario == Scenario::Memory
+            || (args.scenario == Scenario::All
+                && args.store == StoreKind::Postgres
+                && run + 1 == args.runs.max(1));
         let db = BenchDb::create(&args).await?;
-        let outcome = one_run(&args, mix, &db).await;
+        let outcome = one_run(&args, mix, &db, memory).await;
         db.drop_database().await;
         report.runs.push(outcome?);
     }
@@ -456,7 +463,13 @@ async fn target_run(args: &BenchArgs, mix: Mix, target: &str) -> Result<RunRepor
     Ok(run)
 }
 
-async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, BoxError> {
+/// One run of the scenarios `args` asks for; `memory`: the memory scenario too.
+async fn one_run(
+    args: &BenchArgs,
+    mix: Mix,
+    db: &BenchDb,
+    memory: bool,
+) -> Result<RunReport, BoxError> {
     let tokens = Tokens {
         admin: generate_token()?,
         verifier: generate_token()?,
@@ -628,7 +641,7 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         a.stop().await;
     }
 
-    if wants(args, Scenario::Memory) {
+    if memory {
         run.memory = Some(memory_scenario(args, db, &launch, &tokens).await?);
     }
 
@@ -636,7 +649,6 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
         let keys = Arc::new(seed::seed_keys(&db.url, args.miss_keys, seed::Then::Settle).await?);
         let server = launch.start("miss", true, &Limits::Off).await?;
         let clients = Arc::new(connect(&server, &tokens, args.connections).await?);
-        let rss_before = server.rss_bytes();
         let next = Arc::new(AtomicUsize::new(0));
         let spec = LoadSpec {
             max_requests: Some(args.max_requests.unwrap_or(u64::MAX).min(keys.len() as u64)),
@@ -653,12 +665,6 @@ async fn one_run(args: &BenchArgs, mix: Mix, db: &BenchDb) -> Result<RunReport, 
             }
         };
         let r = load::run(&spec, miss.clone()).await;
-        if let (Some(before), Some(after)) = (rss_before, server.rss_bytes())
-            && r.requests > 0
-        {
-            run.bytes_per_cached_key =
-                Some(after.saturating_sub(before) as f64 / r.requests as f64);
-        }
         print_line("verify-miss", &r);
         // Seeded keys no call has presented yet.
         let unpresented = || keys.len().saturating_sub(next.load(Ordering::Relaxed)) as u64;

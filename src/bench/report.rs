@@ -35,8 +35,6 @@ pub struct RunReport {
     /// verify-pooled.
     pub verify_own_limit_beside_pooled: Option<LoadResult>,
     pub h2load: Option<H2loadReport>,
-    /// Server RSS growth per key filled into the cache by the miss run (limits off).
-    pub bytes_per_cached_key: Option<f64>,
     /// `--scenario memory`: RSS per verified key with the default limit on.
     pub memory: Option<MemoryReport>,
     pub revocation_latency: Option<RevocationLatency>,
@@ -394,18 +392,13 @@ impl BenchReport {
             "| exactness: least calls admitted in a window / the limit, the same saturation | >= 0.90 | {} |",
             fmt(self.med(|r| r.exactness.as_ref().map(|e| e.min_ratio)), 3)
         );
-        let _ = writeln!(
-            s,
-            "| server memory per cached key (RSS growth over the verify-miss run, limits off) | | {} bytes |",
-            fmt(self.med(|r| r.bytes_per_cached_key), 0)
-        );
         let memory_keys = self
             .runs
             .iter()
             .find_map(|r| r.memory.as_ref().map(|m| m.verified));
         let _ = writeln!(
             s,
-            "| server memory per verified key, default limit (100/min) on: RSS growth over {} keys verified once each (`--scenario memory`) | <= 512 bytes | {} bytes |\n",
+            "| server memory per verified key, default limit (100/min) on: RSS growth over {} keys verified once each (`--scenario memory`, the last run) | <= 512 bytes | {} bytes |\n",
             memory_keys.map_or("n/a".to_owned(), |n| n.to_string()),
             fmt(
                 self.med(|r| r.memory.as_ref().and_then(|m| m.bytes_per_verified_key)),
