@@ -64,9 +64,9 @@ impl Default for Ledger {
 }
 
 /// A shard, locked, and where in it one id is.
-struct Found<'a> {
-    table: MutexGuard<'a, Table>,
-    id: IdRef<'a>,
+struct Found<'s, 'i> {
+    table: MutexGuard<'s, Table>,
+    id: IdRef<'i>,
     hash: u64,
 }
 
@@ -90,8 +90,7 @@ impl Ledger {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn find<'a>(&'a self, id: &'a str) -> Found<'a> {
-        let id = IdRef::of(id);
+    fn find<'i>(&self, id: IdRef<'i>) -> Found<'_, 'i> {
         let hash = self.hash(&id);
         Found {
             table: self.lock(Self::shard_of(hash)),
@@ -100,9 +99,14 @@ impl Ledger {
         }
     }
 
-    /// Runs `f` on the record of `id`, if there is one.
-    pub(crate) fn get<T>(&self, id: &str, f: impl FnOnce(&mut Record) -> T) -> Option<T> {
-        let mut found = self.find(id);
+    /// Runs `f` on the record of `id` (a key id or counter name, or one packed already:
+    /// the hot path packs a cached key's id once, when it is filled), if there is one.
+    pub(crate) fn get<'i, T>(
+        &self,
+        id: impl Into<IdRef<'i>>,
+        f: impl FnOnce(&mut Record) -> T,
+    ) -> Option<T> {
+        let mut found = self.find(id.into());
         let Found { table, id, hash } = &mut found;
         table
             .find_mut(*hash, |r| r.id.as_ref() == *id)
@@ -129,8 +133,12 @@ impl Ledger {
     }
 
     /// Runs `f` on the record of `id`, made empty first if there is none.
-    pub(crate) fn entry<T>(&self, id: &str, f: impl FnOnce(&mut Record) -> T) -> T {
-        let mut found = self.find(id);
+    pub(crate) fn entry<'i, T>(
+        &self,
+        id: impl Into<IdRef<'i>>,
+        f: impl FnOnce(&mut Record) -> T,
+    ) -> T {
+        let mut found = self.find(id.into());
         let Found { table, id, hash } = &mut found;
         f(self.record_in(table, *hash, id))
     }

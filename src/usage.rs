@@ -42,6 +42,7 @@ use std::time::Duration;
 use crate::domain::Micros;
 use crate::domain::budget::SpendEpoch;
 use crate::domain::limits::MAX_SPEND_MICROS;
+use crate::domain::packed_id::IdRef;
 use crate::domain::pools::is_pool_counter;
 use crate::ledger::Ledger;
 use crate::store::{StoreError, USAGE_CHUNK, UsageDelta, UsageStore};
@@ -208,7 +209,14 @@ impl UsageBook {
 
     /// Notes that VerifyKey accepted the key at `now`; `persisted` is the spend its record
     /// holds in `epoch`, the key's spend epoch now.
-    pub fn mark_used(&self, key_id: &str, persisted: u64, epoch: SpendEpoch, now: Micros) {
+    pub fn mark_used<'a>(
+        &self,
+        key_id: impl Into<IdRef<'a>>,
+        persisted: u64,
+        epoch: SpendEpoch,
+        now: Micros,
+    ) {
+        let key_id = key_id.into();
         self.ledger.entry(key_id, |record| {
             // A key the book has no account for starts from the empty one, whose epoch
             // the call's replaces.
@@ -222,10 +230,10 @@ impl UsageBook {
 
     /// Counts an admitted call in the account's hour for the usage history; an hour that
     /// ended goes to the history's own tally first (once an hour a key, at most).
-    fn count_admitted(&self, key_id: &str, a: &mut Account, now: Micros) {
+    fn count_admitted(&self, key_id: IdRef<'_>, a: &mut Account, now: Micros) {
         let hour = hour_number(now);
         if a.admitted_hour != hour {
-            self.hand_over_admitted(key_id, a);
+            self.hand_over_admitted(&key_id.text(), a);
             a.admitted_hour = hour;
         }
         a.admitted = a.admitted.saturating_add(1);
@@ -314,7 +322,12 @@ impl UsageBook {
 
     /// The key's spend in `epoch` as this replica sees it, given the persisted spend of
     /// its record in that epoch: one lookup for both figures a budget decision needs.
-    pub fn spend(&self, key_id: &str, persisted: u64, epoch: &SpendEpoch) -> Spend {
+    pub fn spend<'a>(
+        &self,
+        key_id: impl Into<IdRef<'a>>,
+        persisted: u64,
+        epoch: &SpendEpoch,
+    ) -> Spend {
         let fresh = Spend {
             total: persisted,
             persisted,

@@ -654,8 +654,13 @@ impl Verifier {
             } else if limit_unknown {
                 self.metrics.limit_unknown.increment(1);
             }
-            self.usage
-                .mark_used(key_id, entry.key.spent_in(&epoch), epoch, now);
+            // The id as the cache holds it, packed: the ledger finds it without packing.
+            self.usage.mark_used(
+                entry.key.key_id.as_ref(),
+                entry.key.spent_in(&epoch),
+                epoch,
+                now,
+            );
             Outcome::Valid(entry)
         } else {
             self.metrics.limit_refused.increment(1);
@@ -680,7 +685,9 @@ impl Verifier {
         epoch: &SpendEpoch,
         now: Micros,
     ) -> Result<(u64, Option<LimitScope>), LimiterError> {
-        let spend = self.usage.spend(key_id, entry.key.spent_in(epoch), epoch);
+        let spend = self
+            .usage
+            .spend(entry.key.key_id.as_ref(), entry.key.spent_in(epoch), epoch);
         if let Some(max_micros) = entry.key.max_budget_micros()
             && self.reached(key_id, max_micros, spend, epoch, now).await?
         {

@@ -142,6 +142,18 @@ impl PackedId {
     }
 }
 
+impl<'a> From<&'a str> for IdRef<'a> {
+    fn from(id: &'a str) -> IdRef<'a> {
+        IdRef::of(id)
+    }
+}
+
+impl<'a> From<&'a String> for IdRef<'a> {
+    fn from(id: &'a String) -> IdRef<'a> {
+        IdRef::of(id)
+    }
+}
+
 impl From<String> for PackedId {
     fn from(id: String) -> PackedId {
         match IdRef::of(&id) {
