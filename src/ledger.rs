@@ -10,8 +10,9 @@
 //! (hashbrown's `HashTable` over boxed records, each holding its own id): a table slot is
 //! one word, and the slack of a table that grows by doubling is paid in words, not in
 //! records. A minted key id (`key_` and 24 base62 characters) is packed into 18 bytes
-//! inside the record ([`crate::domain::packed_id`]); any other id (a pool's counter name) is a
-//! boxed string.
+//! inside the record ([`crate::domain::packed_id`]); any other id (a pool's counter
+//! name) is a boxed string. The verify cache holds a key's id packed the same way, so
+//! the usage book finds a verified key's record without packing its id again.
 //!
 //! 32 shards, each behind a mutex held for a few instructions: the usage book and the
 //! memory limiter each lock the shard of the key they work on, never across an await. A
