@@ -934,9 +934,7 @@ impl Config {
         }
         let default_limits = self.rate_limits.default_limits()?;
         let limiter = match self.rate_limits.backend {
-            LimiterBackendKind::Memory => LimiterSettings::Memory {
-                max_keys: self.rate_limits.max_keys,
-            },
+            LimiterBackendKind::Memory => LimiterSettings::Memory,
             LimiterBackendKind::Redis => LimiterSettings::Redis {
                 url: self
                     .rate_limits
@@ -1104,14 +1102,13 @@ pub struct Settings {
 }
 
 /// Where rate-limit counters live.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub enum LimiterSettings {
-    Memory {
-        /// Not a bound any more: the counters live in each key's ledger record while they
-        /// count anything (see `crate::ledger`). Kept so a configuration naming it reads
-        /// the same.
-        max_keys: u64,
-    },
+    /// In this replica, exact; unbounded by `rate_limits.max_keys` (which bounds Redis
+    /// lease slots): a key's counters live in its ledger record while they count anything
+    /// (see `crate::ledger`).
+    #[default]
+    Memory,
     Redis {
         url: SecretString,
         prefix: String,
@@ -1121,14 +1118,6 @@ pub enum LimiterSettings {
         lease: Option<LeaseSettings>,
         clock_skew: Duration,
     },
-}
-
-impl Default for LimiterSettings {
-    fn default() -> Self {
-        LimiterSettings::Memory {
-            max_keys: 1_000_000,
-        }
-    }
 }
 
 impl RateLimitsConfig {
@@ -1270,7 +1259,7 @@ mod tests {
                 .unwrap();
             match config.into_settings().unwrap().limiter {
                 LimiterSettings::Redis { circuit, .. } => circuit,
-                LimiterSettings::Memory { .. } => panic!("not redis"),
+                LimiterSettings::Memory => panic!("not redis"),
             }
         };
         assert_eq!(

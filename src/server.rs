@@ -720,7 +720,7 @@ fn limiters(
     Ok(match &settings.limiter {
         // The counters are kept while they count anything, in the ledger (no bound of
         // their own: a record per key in use, dropped once idle).
-        LimiterSettings::Memory { .. } => {
+        LimiterSettings::Memory => {
             let memory = Arc::new(MemoryLimiter::new(ledger.clone()));
             (memory.clone(), memory)
         }
