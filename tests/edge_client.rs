@@ -327,6 +327,45 @@ async fn a_rate_limited_key_is_answered_from_its_lease_without_server_calls(back
     edge.shutdown().await;
 }
 
+/// The usual call (no scope named) is served from the calling thread's own copy of the
+/// answer and a reserve it took of the lease: the figures still count down by one per
+/// call, and a revoke still ends it at the next call once the event has arrived.
+async fn the_usual_call_is_served_from_the_threads_copy_and_counts_down(backend: Backend) {
+    const L: u64 = 1000;
+    let app = spawn_unlimited(backend).await;
+    let issued = app
+        .issue_with(|r| r.rate_limits = vec![requests_per_minute(L)])
+        .await;
+    let edge = edge(&app).await;
+    for k in 1..=300 {
+        let checked = edge.check(&issued.key, &[]).await.unwrap();
+        assert!(checked.valid(), "call {k}");
+        let figures = checked.rate_limit.unwrap();
+        assert_eq!((figures.limit, figures.remaining), (L, L - k), "call {k}");
+    }
+    let stats = edge.stats();
+    assert_eq!(stats.server_calls, 1, "{stats:?}");
+    assert!(stats.leased >= 290, "{stats:?}");
+    // A key without limits needs no lease: only the event can end its copies.
+    let unlimited = app.issue().await;
+    for _ in 0..3 {
+        assert!(edge.check(&unlimited.key, &[]).await.unwrap().valid());
+    }
+    assert_eq!(edge.stats().server_calls, 2, "{:?}", edge.stats());
+    for issued in [&issued, &unlimited] {
+        let events = edge.stats().events;
+        revoke(&mut app.admin(), &key_id(issued)).await;
+        eventually!("the edge applies the revoke", edge.stats().events > events);
+        let checked = edge.check(&issued.key, &[]).await.unwrap();
+        assert_eq!(checked.response.code, VerifyCode::Revoked as i32);
+        assert_eq!(
+            edge_code(&edge, &issued.key, &[]).await,
+            VerifyCode::Revoked
+        );
+    }
+    edge.shutdown().await;
+}
+
 /// The edge's leases and the server's own decisions count against the same limit: of 3N
 /// calls in one window (the test's clock stands still) exactly N are valid, whichever of
 /// them the edge admitted itself, and the rest are RATE_LIMITED.
@@ -783,6 +822,7 @@ both_backends!(
     without_leases_answers_under_rate_limits_or_budgets_are_never_reused,
     answers_under_budgets_or_token_limits_are_never_reused,
     a_rate_limited_key_is_answered_from_its_lease_without_server_calls,
+    the_usual_call_is_served_from_the_threads_copy_and_counts_down,
     an_edge_never_admits_more_than_the_limit,
     a_revoke_drops_the_lease,
     a_revoke_reaches_the_edge,

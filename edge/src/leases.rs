@@ -39,8 +39,12 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 struct Held {
     granted: u64,
     /// The requests it may still admit: taken by calls with no lock, swapped to zero
-    /// when the lease is given up ([`Held::give_up`]).
-    left: AtomicU64,
+    /// when the lease is given up ([`Held::give_up`]). On a cache line of its own: each
+    /// call writes it, and the fields a call only reads would otherwise move between
+    /// cores with it.
+    left: OwnLine,
+    /// Set when the lease is given up: the [`Reserve`]s taken from it are dead.
+    given_up: AtomicBool,
     counted_at: i64,
     /// The grant's name at the server's counters, named again when it is settled.
     lease_id: u64,
@@ -68,6 +72,27 @@ struct Held {
     windows: InlineWindows,
 }
 
+/// Requests one thread took from a lease ahead of its calls, spent by that thread alone.
+/// They count as used from when they are taken: a reserve left when its lease ends is
+/// settled as used, never admitted from afterwards. That is the under-admission a thread
+/// adds per lease: at most [`MAX_RESERVE`] requests, and a [`RESERVE_SHARE`]th of what the
+/// lease had left.
+pub(super) struct Reserve {
+    held: Arc<Held>,
+    left: u64,
+    /// What the lease had left when this was taken, for the figures of its calls.
+    lease_left: u64,
+}
+
+/// A reserve holds at most this many requests...
+pub const MAX_RESERVE: u64 = 31;
+/// ...and at most this share of what its lease had left (one sixteenth).
+pub const RESERVE_SHARE: u64 = 16;
+
+/// An atomic count alone on its cache line.
+#[repr(align(128))]
+struct OwnLine(AtomicU64);
+
 impl Held {
     /// A grant of `granted` requests with `decision`, asked for at `asked_at`, for `life`.
     #[allow(clippy::too_many_arguments)]
@@ -85,7 +110,8 @@ impl Held {
         let ends = asked_at + life;
         Held {
             granted,
-            left: AtomicU64::new(granted),
+            left: OwnLine(AtomicU64::new(granted)),
+            given_up: AtomicBool::new(false),
             counted_at,
             lease_id,
             limits,
@@ -104,6 +130,7 @@ impl Held {
     /// Takes `cost` from what is left, if there is room. Returns what is left after.
     fn take(&self, cost: u64) -> Option<u64> {
         self.left
+            .0
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
                 left.checked_sub(cost)
             })
@@ -111,15 +138,38 @@ impl Held {
             .map(|before| before - cost)
     }
 
+    /// Takes `cost`, and ahead of later calls a share of what is left after it (at most
+    /// [`MAX_RESERVE`], and a [`RESERVE_SHARE`]th), in one write. Returns what was
+    /// taken beyond `cost` and what is left after.
+    fn take_ahead(&self, cost: u64) -> Option<(u64, u64)> {
+        let ahead = |left: u64| ((left - cost) / RESERVE_SHARE).min(MAX_RESERVE);
+        let before = self
+            .left
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                (left >= cost).then(|| left - cost - ahead(left))
+            })
+            .ok()?;
+        let ahead = ahead(before);
+        Some((ahead, before - cost - ahead))
+    }
+
+    /// Not given up, and not past its end: what a [`Reserve`] of it checks instead of
+    /// the cell, with no write.
+    fn live(&self, now: Instant) -> bool {
+        now < self.ends && !self.given_up.load(Ordering::Acquire)
+    }
+
     /// The requests it may still admit.
     fn room(&self) -> u64 {
-        self.left.load(Ordering::Relaxed)
+        self.left.0.load(Ordering::Relaxed)
     }
 
     /// Ends the lease: nothing more is admitted from it. Its settlement, made once, by
     /// whoever took it out of its cell (later calls would find nothing left).
     fn give_up(&self) -> proto::LeaseSettlement {
-        let left = self.left.swap(0, Ordering::Relaxed);
+        self.given_up.store(true, Ordering::Release);
+        let left = self.left.0.swap(0, Ordering::Relaxed);
         proto::LeaseSettlement {
             granted: self.granted,
             counted_at_micros: self.counted_at,
@@ -258,6 +308,48 @@ impl LeaseCell {
         self.saw_cost(cost);
         let ask = !self.asking.load(Ordering::Relaxed) && held.runs_low(left, demand, now);
         Some((answer(held.figures(left)), ask))
+    }
+
+    /// [`LeaseCell::admit_with`] for a thread that keeps a [`Reserve`] of the lease (its
+    /// front): a call the reserve covers writes no memory another core reads; one it
+    /// does not takes its cost and a reserve ahead in one write to the lease's count.
+    pub(super) fn admit_reserved<T>(
+        &self,
+        reserve: &mut Option<Reserve>,
+        cost: u64,
+        now: Instant,
+        answer: impl FnOnce(Figures<'_>) -> T,
+    ) -> Option<(T, bool)> {
+        if let Some(r) = reserve.as_mut()
+            && r.left >= cost
+            && r.held.live(now)
+        {
+            r.left -= cost;
+            return Some((answer(r.held.figures(r.lease_left + r.left)), false));
+        }
+        let guard = self.held.load();
+        let held = guard.as_ref().filter(|h| now < h.ends)?;
+        // Only while the lease it was taken from is the one held: a reserve of a lease
+        // given up or replaced is dead (its requests were counted as used).
+        let kept = reserve
+            .as_ref()
+            .filter(|r| Arc::ptr_eq(&r.held, held) && r.held.live(now))
+            .map_or(0, |r| r.left);
+        // The call spends what is kept and takes the rest from the lease.
+        let (left, lease_left) = held.take_ahead(cost - kept)?;
+        *reserve = Some(Reserve {
+            held: held.clone(),
+            left,
+            lease_left,
+        });
+        let demand = self
+            .demand
+            .load(Ordering::Relaxed)
+            .saturating_add(held.granted.saturating_sub(lease_left + left));
+        self.saw_cost(cost);
+        let ask =
+            !self.asking.load(Ordering::Relaxed) && held.runs_low(lease_left + left, demand, now);
+        Some((answer(held.figures(lease_left + left)), ask))
     }
 
     /// [`LeaseCell::admit_with`], the call's admission owned (tests).
@@ -1132,6 +1224,107 @@ mod tests {
         }
         // The lease was given up while calls were spending it, not only before or after.
         assert!(raced > 0);
+    }
+
+    /// A thread's calls through its reserve: `remaining` as the cell's own calls count it.
+    fn reserved(cell: &LeaseCell, reserve: &mut Option<Reserve>, now: Instant) -> Option<u64> {
+        cell.admit_reserved(reserve, 1, now, |f| f.figures().remaining)
+            .map(|(remaining, _)| remaining)
+    }
+
+    #[test]
+    fn a_reserve_counts_the_figures_down_as_the_cell_does_and_takes_ahead_in_one_write() {
+        let t0 = Instant::now();
+        let mut book = holding(40, t0);
+        let cell = book.cell("k", KeyHash::of("secret"), 50, t0);
+        let mut reserve = None;
+        // Granted 40 of the 99 the server had left: 98, 97, ... as calls are admitted.
+        assert_eq!(reserved(&cell, &mut reserve, t0), Some(98));
+        // The first call took its own request and a sixteenth of the 39 after it.
+        assert_eq!(book.room("k", t0), 40 - 1 - 39 / RESERVE_SHARE);
+        for left in (59..98).rev() {
+            assert_eq!(reserved(&cell, &mut reserve, t0), Some(left), "{left}");
+        }
+        assert_eq!(book.room("k", t0), 0);
+        assert_eq!(reserved(&cell, &mut reserve, t0), None, "all 40 admitted");
+    }
+
+    #[test]
+    fn a_reserve_dies_with_its_lease_and_was_counted_as_used() {
+        let t0 = Instant::now();
+        let mut book = holding(40, t0);
+        let cell = book.cell("k", KeyHash::of("secret"), 50, t0);
+        let mut reserve = None;
+        assert!(reserved(&cell, &mut reserve, t0).is_some());
+        assert!(
+            reserve.as_ref().is_some_and(|r| r.left > 0),
+            "a reserve taken"
+        );
+        assert_eq!(
+            reserved(&cell, &mut reserve, t0 + LIFE),
+            None,
+            "past the end"
+        );
+        book.drop_key("k");
+        assert_eq!(reserved(&cell, &mut reserve, t0), None, "given up");
+        let asks = book.take_batch(true, 1000, t0);
+        let settle = asks[0].settle.as_ref().unwrap();
+        // One call admitted, and the reserve it took counted with it.
+        assert_eq!((settle.granted, settle.used), (40, 1 + 39 / RESERVE_SHARE));
+    }
+
+    /// Threads each spending the cell through their own reserve while the book gives the
+    /// lease up: never more admitted than the settlement counts as used, and no more than
+    /// a reserve per thread counted and not admitted.
+    #[test]
+    fn reserves_never_admit_past_the_grant_and_strand_at_most_one_reserve_a_thread() {
+        const THREADS: u64 = 3;
+        for round in 0..30 {
+            let t0 = Instant::now();
+            let mut book = LeaseBook::default();
+            assert!(book.want("k", KeyHash::of("secret"), 50_000, t0));
+            let asks = book.take_batch(true, 1000, t0);
+            let mut g = grant("k", 20_000, 0);
+            g.rate_limit = Some(decision(100_000, 79_999));
+            book.install(true, t0, &asks, &[g]);
+            let cell = book.cell("k", KeyHash::of("secret"), 50_000, t0);
+            let start = std::sync::Barrier::new(THREADS as usize + 1);
+            let admitted = std::thread::scope(|scope| {
+                let spenders: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let (cell, start) = (&cell, &start);
+                        scope.spawn(move || {
+                            let mut reserve = None;
+                            start.wait();
+                            let mut n = 0u64;
+                            while reserved(cell, &mut reserve, t0).is_some() {
+                                n += 1;
+                            }
+                            n
+                        })
+                    })
+                    .collect();
+                start.wait();
+                // Half the rounds give the lease up while it is spent, half let it run dry.
+                if round % 2 == 0 {
+                    std::thread::yield_now();
+                    book.drop_key("k");
+                }
+                spenders.into_iter().map(|s| s.join().unwrap()).sum::<u64>()
+            });
+            if round % 2 == 1 {
+                assert_eq!(admitted, 20_000, "run dry: every request admitted");
+                book.drop_key("k");
+            }
+            let asks = book.take_batch(true, 1000, t0);
+            let settle = asks[0].settle.as_ref().unwrap();
+            assert!(admitted <= settle.used, "{admitted} > {}", settle.used);
+            assert!(
+                settle.used - admitted <= THREADS * MAX_RESERVE,
+                "{} stranded",
+                settle.used - admitted
+            );
+        }
     }
 
     #[test]

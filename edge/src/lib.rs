@@ -150,6 +150,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use fill::{FillGuard, FillTicket};
+use front::Fronts;
 use keywarden_domain::key;
 use keywarden_domain::key_format::KeyHash;
 use keywarden_domain::validate::Violations;
@@ -161,10 +162,11 @@ use keywarden_proto::watch_revocations_response::Message;
 use maps::Hasher;
 
 pub mod fill;
+mod front;
 mod leases;
 pub mod maps;
 pub use leases::RateLimitFigures;
-use leases::{Admit, Figures, LeaseBook, LeaseCell, lease_cap};
+use leases::{Admit, Figures, LeaseBook, LeaseCell, Reserve, lease_cap};
 
 /// An answer as [`Verifier::check`] gives it.
 #[derive(Clone, Debug)]
@@ -571,10 +573,40 @@ impl Verifier {
         let cache = &self.shared.cache;
         // One clock read per look, for the answer's freshness and the lease's life alike.
         let now = Instant::now();
+        // Read before anything is looked at (see `front`).
+        let generation = cache.fronts.generation();
+        // The usual call (no scope, resource or address named) is answered from this
+        // thread's front when it can be.
+        let usual = first && *scopes == AnswerKey::default();
+        if usual
+            && let Some(served) = cache.fronts.with(generation, |front| {
+                self.front_answer(front.get_mut(hash)?, cost, now, answer)
+            })
+        {
+            return served;
+        }
         let Some(hit) = cache.lookup(hash, scopes, now) else {
             return Lookup::Miss;
         };
-        let Some(entry) = hit.leased_by else {
+        if usual && let Some(entry) = &hit.entry {
+            cache.fronts.with(generation, |front| {
+                if !front.contains(hash) {
+                    front.insert(
+                        *hash,
+                        FrontAnswer {
+                            // This thread's own copy: see `front`.
+                            response: Arc::new(proto::VerifyKeyResponse::clone(&hit.response)),
+                            fresh_until: hit.fresh_until,
+                            leased: hit.leased,
+                            lease: entry.lease.clone(),
+                            entry: entry.clone(),
+                            reserve: None,
+                        },
+                    );
+                }
+            });
+        }
+        let Some(entry) = hit.entry.filter(|_| hit.leased) else {
             self.shared.stats.hits.add(1);
             return Lookup::Served(hit.response, None);
         };
@@ -599,6 +631,34 @@ impl Verifier {
             Admit::Wait => Lookup::Wait,
             Admit::NotLeased => Lookup::Miss,
         }
+    }
+
+    /// The answer of this thread's front, if it may be served with no lock: a lease that
+    /// has no room for the call sends it the shared way.
+    fn front_answer<T>(
+        &self,
+        front: &mut FrontAnswer,
+        cost: u64,
+        now: Instant,
+        answer: &impl Fn(Figures<'_>) -> T,
+    ) -> Option<Lookup<T>> {
+        if now >= front.fresh_until {
+            return None;
+        }
+        if !front.leased {
+            self.shared.stats.hits.add(1);
+            return Some(Lookup::Served(front.response.clone(), None));
+        }
+        let (admitted, ask) =
+            front
+                .lease
+                .as_ref()?
+                .admit_reserved(&mut front.reserve, cost, now, answer)?;
+        if ask {
+            self.shared.cache.ask_ahead(&front.entry.key_id, now);
+        }
+        self.shared.stats.leased.add(1);
+        Some(Lookup::Served(front.response.clone(), Some(admitted)))
     }
 
     /// A call whose first look found its key's lease spent with a grant on its way: it
@@ -1237,6 +1297,8 @@ impl CachedAnswer {
 /// under the write lock, so a check-and-insert and a bump-and-remove never interleave.
 struct EdgeCache {
     found: Cache<KeyHash, Arc<HashAnswers>, AnswersWeigher, Hasher>,
+    /// Each thread's copies of the usual answers it served from `found` (`front`).
+    fronts: Fronts<FrontAnswer>,
     /// Quota leases by key id. Dropped under the guard's write lock (events, flushes,
     /// losing the stream), installed under its read lock with a fill's generation check.
     leases: LeaseBooks,
@@ -1279,8 +1341,24 @@ enum Kind {
 /// A cached answer that may be served.
 struct Hit {
     response: Arc<proto::VerifyKeyResponse>,
-    /// For an answer that needs a quota lease, the key's entry (its key id names it).
-    leased_by: Option<Arc<HashAnswers>>,
+    fresh_until: Instant,
+    /// The key's entry, for an answer about a key that exists.
+    entry: Option<Arc<HashAnswers>>,
+    /// The answer needs a quota lease.
+    leased: bool,
+}
+
+/// An answer in a thread's front (`front`).
+struct FrontAnswer {
+    /// The thread's own copy, so that handing it out bumps a count no other core reads.
+    response: Arc<proto::VerifyKeyResponse>,
+    fresh_until: Instant,
+    leased: bool,
+    /// The shared entry (its key id), and its lease cell at hand.
+    entry: Arc<HashAnswers>,
+    lease: Option<Arc<LeaseCell>>,
+    /// What this thread took of the key's lease ahead of its calls.
+    reserve: Option<Reserve>,
 }
 
 impl EdgeCache {
@@ -1293,6 +1371,7 @@ impl EdgeCache {
             lease_wake: Notify::new(),
             batches: watch::channel(0).0,
             found: maps::bounded(config.cache_capacity, AnswersWeigher),
+            fronts: Fronts::new(),
             missing,
             negative_ttl: config.negative_ttl,
             by_key_id: Mutex::new(KeyIndex {
@@ -1319,21 +1398,25 @@ impl EdgeCache {
         }
         if let Some(entry) = self.found.get(hash) {
             let answer = entry.get(scopes)?;
-            let fresh = now < answer.fresh_until;
+            let fresh_until = answer.fresh_until;
             let leased = answer.leased;
             let response = answer.response.clone();
-            return fresh.then(|| Hit {
+            return (now < fresh_until).then(|| Hit {
                 response,
-                leased_by: leased.then_some(entry),
+                fresh_until,
+                entry: Some(entry),
+                leased,
             });
         }
         self.missing
             .as_ref()
             .and_then(|m| m.get(hash))
             .filter(|(_, cached_at)| now.saturating_duration_since(*cached_at) < self.negative_ttl)
-            .map(|(response, _)| Hit {
+            .map(|(response, cached_at)| Hit {
                 response,
-                leased_by: None,
+                fresh_until: cached_at + self.negative_ttl,
+                entry: None,
+                leased: false,
             })
     }
 
@@ -1563,6 +1646,7 @@ impl EdgeCache {
             }
             self.drop_leases(Some(key_id));
         });
+        self.fronts.invalidate();
     }
 
     /// Drops the key's lease, or every lease, and wakes the lease task to settle them.
@@ -1590,6 +1674,7 @@ impl EdgeCache {
             lock(&self.by_key_id).hashes.clear();
             self.drop_leases(None);
         });
+        self.fronts.invalidate();
     }
 
     /// In use (caught up) or not (connecting, replaying, disconnected). Losing health
@@ -1605,6 +1690,7 @@ impl EdgeCache {
             *state = serving;
             self.serving.store(serving, Ordering::SeqCst);
         });
+        self.fronts.invalidate();
         self.serving_tx.send_replace(serving);
     }
 }
