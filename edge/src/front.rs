@@ -5,10 +5,11 @@
 //! on every `get`, and each answer handed out bumps the reference count of the one shared
 //! `Arc`. With callers on two cores, each of those writes moves a cache line from one core
 //! to the other: they cost a cached answer most of its time (the `edge-verify` bench).
-//! A thread's front holds, for the hashes it has served, its own copy of the answer and
-//! the shared entry (for the key's lease cell). A hit there reads the front, counts its
-//! call on the key's lease (the one write the call must make) and clones an `Arc` only
-//! its own thread touches.
+//! A thread's front holds, for the hashes it has served, its own copy of the answer, the
+//! shared entry (for the key's lease cell) and the thread's reserve of the key's lease
+//! (`leases::Reserve`). A hit there reads the front, spends the reserve, and clones an
+//! `Arc` only its own thread touches; once in a reserve's worth of calls it takes the
+//! next reserve with one write to the lease's count.
 //!
 //! **Coherence.** Every change that may make an answer stale (an event's invalidation,
 //! a flush, the stream's health changing) bumps [`Fronts::generation`] once it is done.

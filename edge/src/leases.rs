@@ -43,8 +43,6 @@ struct Held {
     /// call writes it, and the fields a call only reads would otherwise move between
     /// cores with it.
     left: OwnLine,
-    /// Set when the lease is given up: the [`Reserve`]s taken from it are dead.
-    given_up: AtomicBool,
     counted_at: i64,
     /// The grant's name at the server's counters, named again when it is settled.
     lease_id: u64,
@@ -77,11 +75,32 @@ struct Held {
 /// settled as used, never admitted from afterwards. That is the under-admission a thread
 /// adds per lease: at most [`MAX_RESERVE`] requests, and a [`RESERVE_SHARE`]th of what the
 /// lease had left.
+///
+/// A reserve is spent with no look at its lease, so that a call it admits reads and
+/// writes only its thread's memory: it carries the lease's end and figures, and is not
+/// told when its lease is given up. The fronts keep that sound: every give-up an event, a
+/// flush or the stream's loss makes also empties every front, and with it every reserve
+/// (`front`). A lease given up at a refill or past its end leaves its reserves to be
+/// spent, within its end, by calls its settlement counted.
 pub(super) struct Reserve {
     held: Arc<Held>,
     left: u64,
-    /// What the lease had left when this was taken, for the figures of its calls.
-    lease_left: u64,
+    /// Given back to `remaining` beside `left`: what the lease had left when this was
+    /// taken, and what it gives back of the lease it replaced.
+    back: u64,
+    ends: Instant,
+    windows: InlineWindows,
+    decision: Arc<proto::RateLimitDecision>,
+}
+
+impl Reserve {
+    fn figures(&self) -> Figures<'_> {
+        Figures {
+            decision: &self.decision,
+            windows: &self.windows,
+            back: self.back.saturating_add(self.left),
+        }
+    }
 }
 
 /// A reserve holds at most this many requests...
@@ -111,7 +130,6 @@ impl Held {
         Held {
             granted,
             left: OwnLine(AtomicU64::new(granted)),
-            given_up: AtomicBool::new(false),
             counted_at,
             lease_id,
             limits,
@@ -154,12 +172,6 @@ impl Held {
         Some((ahead, before - cost - ahead))
     }
 
-    /// Not given up, and not past its end: what a [`Reserve`] of it checks instead of
-    /// the cell, with no write.
-    fn live(&self, now: Instant) -> bool {
-        now < self.ends && !self.given_up.load(Ordering::Acquire)
-    }
-
     /// The requests it may still admit.
     fn room(&self) -> u64 {
         self.left.0.load(Ordering::Relaxed)
@@ -168,7 +180,6 @@ impl Held {
     /// Ends the lease: nothing more is admitted from it. Its settlement, made once, by
     /// whoever took it out of its cell (later calls would find nothing left).
     fn give_up(&self) -> proto::LeaseSettlement {
-        self.given_up.store(true, Ordering::Release);
         let left = self.left.0.swap(0, Ordering::Relaxed);
         proto::LeaseSettlement {
             granted: self.granted,
@@ -320,27 +331,31 @@ impl LeaseCell {
         now: Instant,
         answer: impl FnOnce(Figures<'_>) -> T,
     ) -> Option<(T, bool)> {
+        // Read from the reserve alone: nothing of the lease is touched.
         if let Some(r) = reserve.as_mut()
             && r.left >= cost
-            && r.held.live(now)
+            && now < r.ends
         {
             r.left -= cost;
-            return Some((answer(r.held.figures(r.lease_left + r.left)), false));
+            return Some((answer(r.figures()), false));
         }
         let guard = self.held.load();
         let held = guard.as_ref().filter(|h| now < h.ends)?;
-        // Only while the lease it was taken from is the one held: a reserve of a lease
-        // given up or replaced is dead (its requests were counted as used).
+        // What is left of a reserve of the lease held; one of a lease since replaced is
+        // dropped (its requests were counted as used by its settlement).
         let kept = reserve
             .as_ref()
-            .filter(|r| Arc::ptr_eq(&r.held, held) && r.held.live(now))
+            .filter(|r| Arc::ptr_eq(&r.held, held))
             .map_or(0, |r| r.left);
         // The call spends what is kept and takes the rest from the lease.
         let (left, lease_left) = held.take_ahead(cost - kept)?;
         *reserve = Some(Reserve {
             held: held.clone(),
             left,
-            lease_left,
+            back: lease_left.saturating_add(held.returned),
+            ends: held.ends,
+            windows: held.windows,
+            decision: held.decision.clone(),
         });
         let demand = self
             .demand
@@ -1250,14 +1265,15 @@ mod tests {
     }
 
     #[test]
-    fn a_reserve_dies_with_its_lease_and_was_counted_as_used() {
+    fn a_reserve_ends_with_its_lease_and_is_counted_as_used_when_it_is_given_up() {
         let t0 = Instant::now();
         let mut book = holding(40, t0);
         let cell = book.cell("k", KeyHash::of("secret"), 50, t0);
         let mut reserve = None;
         assert!(reserved(&cell, &mut reserve, t0).is_some());
+        let taken = 39 / RESERVE_SHARE;
         assert!(
-            reserve.as_ref().is_some_and(|r| r.left > 0),
+            reserve.as_ref().is_some_and(|r| r.left == taken),
             "a reserve taken"
         );
         assert_eq!(
@@ -1266,11 +1282,16 @@ mod tests {
             "past the end"
         );
         book.drop_key("k");
-        assert_eq!(reserved(&cell, &mut reserve, t0), None, "given up");
         let asks = book.take_batch(true, 1000, t0);
         let settle = asks[0].settle.as_ref().unwrap();
-        // One call admitted, and the reserve it took counted with it.
-        assert_eq!((settle.granted, settle.used), (40, 1 + 39 / RESERVE_SHARE));
+        // One call admitted, and the reserve it took counted with it: a call the reserve
+        // admits after the give-up (before its front is emptied) is counted already.
+        assert_eq!((settle.granted, settle.used), (40, 1 + taken));
+        let mut after = 0;
+        while reserved(&cell, &mut reserve, t0).is_some() {
+            after += 1;
+        }
+        assert_eq!(after, taken, "the reserve alone, nothing more of the lease");
     }
 
     /// Threads each spending the cell through their own reserve while the book gives the

@@ -577,7 +577,7 @@ impl Verifier {
         let generation = cache.fronts.generation();
         // The usual call (no scope, resource or address named) is answered from this
         // thread's front when it can be.
-        let usual = first && *scopes == AnswerKey::default();
+        let usual = first && scopes.is_usual();
         if usual
             && let Some(served) = cache.fronts.with(generation, |front| {
                 self.front_answer(front.get_mut(hash)?, cost, now, answer)
@@ -756,6 +756,11 @@ struct AnswerKey {
 }
 
 impl AnswerKey {
+    /// The usual call's: no scope, resource or address named.
+    fn is_usual(&self) -> bool {
+        self.scopes.is_empty() && self.resource.is_empty() && self.client_ip.is_none()
+    }
+
     /// What the checked request's answer depends on: its scopes sorted and deduplicated.
     fn of(request: &key::Request<'_>) -> Self {
         let mut scopes = request.required_scopes.to_vec();
