@@ -686,8 +686,11 @@ async fn one_run(
         // verify-miss (the same seconds).
         let left = unpresented();
         if left >= 2 {
+            // Without sqlx's default ping before every acquire (a second round trip per
+            // lookup), as the server's pool (`store::postgres`): the floor is the lookup.
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(args.database_connections)
+                .test_before_acquire(false)
                 .connect(&db.url)
                 .await?;
             let floor = {
