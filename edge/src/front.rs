@@ -101,13 +101,17 @@ impl<A> Front<A> {
         self.answers.get_mut(hash)
     }
 
-    pub(crate) fn contains(&self, hash: &KeyHash) -> bool {
+    #[cfg(test)]
+    fn contains(&self, hash: &KeyHash) -> bool {
         self.answers.contains_key(hash)
     }
 
-    /// Copies an answer in, unless the front is full (it then stays as it is).
+    /// Copies an answer in (in place of the hash's copy, if any), unless the front is
+    /// full and holds no copy for the hash (it then stays as it is).
     pub(crate) fn insert(&mut self, hash: KeyHash, answer: A) {
-        if self.answers.len() < FRONT_CAPACITY {
+        if let Some(held) = self.answers.get_mut(&hash) {
+            *held = answer;
+        } else if self.answers.len() < FRONT_CAPACITY {
             self.answers.insert(hash, answer);
         }
     }
@@ -161,6 +165,17 @@ mod tests {
             assert!(f.contains(&hash(0)));
             assert!(!f.contains(&hash(FRONT_CAPACITY as u32)));
         });
+    }
+
+    #[test]
+    fn a_full_front_still_replaces_what_it_holds() {
+        let fronts = Fronts::<u32>::new();
+        let g = fronts.generation();
+        for n in 0..FRONT_CAPACITY as u32 {
+            fronts.with(g, |f| f.insert(hash(n), n));
+        }
+        fronts.with(g, |f| f.insert(hash(3), 30));
+        assert_eq!(fronts.with(g, |f| f.get(&hash(3)).copied()), Some(30));
     }
 
     #[test]

@@ -590,7 +590,13 @@ impl Verifier {
         };
         if usual && let Some(entry) = &hit.entry {
             cache.fronts.with(generation, |front| {
-                if !front.contains(hash) {
+                // Copied in when the front has no copy, or one of an entry since replaced
+                // (a refill after the TTL, a lease slot made afresh for an idle key): a
+                // copy of the entry in place is kept, and its reserve with it.
+                if front
+                    .get_mut(hash)
+                    .is_none_or(|f| !Arc::ptr_eq(&f.entry, entry))
+                {
                     front.insert(
                         *hash,
                         FrontAnswer {
@@ -1419,7 +1425,9 @@ impl EdgeCache {
             .filter(|(_, cached_at)| now.saturating_duration_since(*cached_at) < self.negative_ttl)
             .map(|(response, cached_at)| Hit {
                 response,
-                fresh_until: cached_at + self.negative_ttl,
+                fresh_until: cached_at
+                    .checked_add(self.negative_ttl)
+                    .unwrap_or(cached_at),
                 entry: None,
                 leased: false,
             })
