@@ -1197,6 +1197,19 @@ mod tests {
         assert!(batch[0].want > 0);
     }
 
+    /// A book holding a lease of 20 000 for key "k" (of a limit of 100 000), granted at
+    /// `t0`, and its cell: room for threads to race.
+    fn large_lease(t0: Instant) -> (LeaseBook, Arc<LeaseCell>) {
+        let mut book = LeaseBook::default();
+        assert!(book.want("k", KeyHash::of("secret"), 50_000, t0));
+        let asks = book.take_batch(true, 1000, t0);
+        let mut g = grant("k", 20_000, 0);
+        g.rate_limit = Some(decision(100_000, 79_999));
+        book.install(true, t0, &asks, &[g]);
+        let cell = book.cell("k", KeyHash::of("secret"), 50_000, t0);
+        (book, cell)
+    }
+
     /// Calls spending a cell on other threads while the book gives the lease up: each
     /// call is either in the settlement's `used` or not admitted, never both or neither.
     #[test]
@@ -1204,13 +1217,7 @@ mod tests {
         let mut raced = 0;
         for _ in 0..50 {
             let t0 = Instant::now();
-            let mut book = LeaseBook::default();
-            assert!(book.want("k", KeyHash::of("secret"), 50_000, t0));
-            let asks = book.take_batch(true, 1000, t0);
-            let mut g = grant("k", 20_000, 0);
-            g.rate_limit = Some(decision(100_000, 79_999));
-            book.install(true, t0, &asks, &[g]);
-            let cell = book.cell("k", KeyHash::of("secret"), 50_000, t0);
+            let (mut book, cell) = large_lease(t0);
             let start = std::sync::Barrier::new(3);
             let admitted = std::thread::scope(|scope| {
                 let spenders: Vec<_> = (0..2)
@@ -1302,13 +1309,7 @@ mod tests {
         const THREADS: u64 = 3;
         for round in 0..30 {
             let t0 = Instant::now();
-            let mut book = LeaseBook::default();
-            assert!(book.want("k", KeyHash::of("secret"), 50_000, t0));
-            let asks = book.take_batch(true, 1000, t0);
-            let mut g = grant("k", 20_000, 0);
-            g.rate_limit = Some(decision(100_000, 79_999));
-            book.install(true, t0, &asks, &[g]);
-            let cell = book.cell("k", KeyHash::of("secret"), 50_000, t0);
+            let (mut book, cell) = large_lease(t0);
             let start = std::sync::Barrier::new(THREADS as usize + 1);
             let admitted = std::thread::scope(|scope| {
                 let spenders: Vec<_> = (0..THREADS)
