@@ -274,54 +274,14 @@ pub(crate) struct FoundRow {
     owner_epoch: Option<i64>,
 }
 
-/// The columns of a [`FoundRow`], in the statement's order: the key's
-/// ([`key_columns`]), then the secret's, the workspace's and the owner's.
-const FOUND_COLUMNS: [&str; 39] = [
-    "key_id",
-    "workspace_id",
-    "name",
-    "environment",
-    "display",
-    "scopes",
-    "owner_kind",
-    "owner_id",
-    "created_by",
-    "metadata",
-    "created_at",
-    "updated_at",
-    "expires_at",
-    "revoked_at",
-    "revoke_reason",
-    "rotated_at",
-    "deleted_at",
-    "rate_limits",
-    "max_budget_micros",
-    "spent_micros",
-    "last_used_at",
-    "resource_mode",
-    "resource_targets",
-    "allowed_cidrs",
-    "resource_groups",
-    "team_id",
-    "budget_period",
-    "budget_reset_at",
-    "spend_epoch",
-    "secret_valid_until",
-    "workspace_plan",
-    "workspace_limits",
-    "workspace_budget",
-    "workspace_spent",
-    "workspace_epoch",
-    "owner_limits",
-    "owner_budget",
-    "owner_spent",
-    "owner_epoch",
-];
+/// How many columns a [`FoundRow`] is read from.
+const FOUND_COLUMNS: usize = 39;
 
 /// By position, not by name: the derived `FromRow` finds each of the 39 columns by name
 /// (a hash of the name and a comparison each), which took about a twelfth of a cache
-/// miss's server time. A row of another number of columns is refused as a column not
-/// found, and in debug builds one whose columns are not [`FOUND_COLUMNS`] in order: a
+/// miss's server time. Each field names its column beside its position: in debug builds,
+/// where every test runs, a column of another name at that position is refused as a
+/// column not found, and in every build so is a row of another number of columns, so a
 /// statement edited out of step fails every test that verifies a key, never decodes one
 /// column as another.
 impl<'r, R> sqlx::FromRow<'r, R> for FoundRow
@@ -334,71 +294,70 @@ where
     fn from_row(row: &'r R) -> Result<Self, sqlx::Error> {
         use sqlx::Column;
         let columns = row.columns();
-        if columns.len() != FOUND_COLUMNS.len() {
+        if columns.len() != FOUND_COLUMNS {
             return Err(sqlx::Error::ColumnNotFound(format!(
-                "{} columns where {} were expected",
-                columns.len(),
-                FOUND_COLUMNS.len()
+                "{} columns where {FOUND_COLUMNS} were expected",
+                columns.len()
             )));
         }
-        // The names are compared in debug builds, where every test runs: the statement
-        // and this list are both constants, so a release build has nothing to learn.
-        if cfg!(debug_assertions)
-            && let Some((column, _)) = columns
-                .iter()
-                .zip(FOUND_COLUMNS)
-                .find(|(c, name)| c.name() != *name)
-        {
-            return Err(sqlx::Error::ColumnNotFound(column.name().to_owned()));
-        }
-        let mut at = 0usize;
-        let mut next = || {
-            at += 1;
-            at - 1
+        let mut next = 0usize;
+        // The next position, whose column is `name`.
+        let mut at = |name: &str| {
+            let i = next;
+            next += 1;
+            match columns.get(i).map(|c| c.name()) {
+                None => Err(sqlx::Error::ColumnNotFound(name.to_owned())),
+                Some(found) if cfg!(debug_assertions) && found != name => {
+                    Err(sqlx::Error::ColumnNotFound(found.to_owned()))
+                }
+                Some(_) => Ok(i),
+            }
         };
-        Ok(FoundRow {
+        let found = FoundRow {
             key: KeyRow {
-                key_id: row.try_get(next())?,
-                workspace_id: row.try_get(next())?,
-                name: row.try_get(next())?,
-                environment: row.try_get(next())?,
-                display: row.try_get(next())?,
-                scopes: row.try_get(next())?,
-                owner_kind: row.try_get(next())?,
-                owner_id: row.try_get(next())?,
-                created_by: row.try_get(next())?,
-                metadata: row.try_get(next())?,
-                created_at: row.try_get(next())?,
-                updated_at: row.try_get(next())?,
-                expires_at: row.try_get(next())?,
-                revoked_at: row.try_get(next())?,
-                revoke_reason: row.try_get(next())?,
-                rotated_at: row.try_get(next())?,
-                deleted_at: row.try_get(next())?,
-                rate_limits: row.try_get(next())?,
-                max_budget_micros: row.try_get(next())?,
-                spent_micros: row.try_get(next())?,
-                last_used_at: row.try_get(next())?,
-                resource_mode: row.try_get(next())?,
-                resource_targets: row.try_get(next())?,
-                allowed_cidrs: row.try_get(next())?,
-                resource_groups: row.try_get(next())?,
-                team_id: row.try_get(next())?,
-                budget_period: row.try_get(next())?,
-                budget_reset_at: row.try_get(next())?,
-                spend_epoch: row.try_get(next())?,
+                key_id: row.try_get(at("key_id")?)?,
+                workspace_id: row.try_get(at("workspace_id")?)?,
+                name: row.try_get(at("name")?)?,
+                environment: row.try_get(at("environment")?)?,
+                display: row.try_get(at("display")?)?,
+                scopes: row.try_get(at("scopes")?)?,
+                owner_kind: row.try_get(at("owner_kind")?)?,
+                owner_id: row.try_get(at("owner_id")?)?,
+                created_by: row.try_get(at("created_by")?)?,
+                metadata: row.try_get(at("metadata")?)?,
+                created_at: row.try_get(at("created_at")?)?,
+                updated_at: row.try_get(at("updated_at")?)?,
+                expires_at: row.try_get(at("expires_at")?)?,
+                revoked_at: row.try_get(at("revoked_at")?)?,
+                revoke_reason: row.try_get(at("revoke_reason")?)?,
+                rotated_at: row.try_get(at("rotated_at")?)?,
+                deleted_at: row.try_get(at("deleted_at")?)?,
+                rate_limits: row.try_get(at("rate_limits")?)?,
+                max_budget_micros: row.try_get(at("max_budget_micros")?)?,
+                spent_micros: row.try_get(at("spent_micros")?)?,
+                last_used_at: row.try_get(at("last_used_at")?)?,
+                resource_mode: row.try_get(at("resource_mode")?)?,
+                resource_targets: row.try_get(at("resource_targets")?)?,
+                allowed_cidrs: row.try_get(at("allowed_cidrs")?)?,
+                resource_groups: row.try_get(at("resource_groups")?)?,
+                team_id: row.try_get(at("team_id")?)?,
+                budget_period: row.try_get(at("budget_period")?)?,
+                budget_reset_at: row.try_get(at("budget_reset_at")?)?,
+                spend_epoch: row.try_get(at("spend_epoch")?)?,
             },
-            secret_valid_until: row.try_get(next())?,
-            workspace_plan: row.try_get(next())?,
-            workspace_limits: row.try_get(next())?,
-            workspace_budget: row.try_get(next())?,
-            workspace_spent: row.try_get(next())?,
-            workspace_epoch: row.try_get(next())?,
-            owner_limits: row.try_get(next())?,
-            owner_budget: row.try_get(next())?,
-            owner_spent: row.try_get(next())?,
-            owner_epoch: row.try_get(next())?,
-        })
+            secret_valid_until: row.try_get(at("secret_valid_until")?)?,
+            workspace_plan: row.try_get(at("workspace_plan")?)?,
+            workspace_limits: row.try_get(at("workspace_limits")?)?,
+            workspace_budget: row.try_get(at("workspace_budget")?)?,
+            workspace_spent: row.try_get(at("workspace_spent")?)?,
+            workspace_epoch: row.try_get(at("workspace_epoch")?)?,
+            owner_limits: row.try_get(at("owner_limits")?)?,
+            owner_budget: row.try_get(at("owner_budget")?)?,
+            owner_spent: row.try_get(at("owner_spent")?)?,
+            owner_epoch: row.try_get(at("owner_epoch")?)?,
+        };
+        debug_assert_eq!(next, FOUND_COLUMNS, "FOUND_COLUMNS counts the fields read");
+        Ok(found)
     }
 }
 
@@ -642,6 +601,15 @@ mod tests {
         format!("SELECT {}", columns.join(", "))
     }
 
+    /// The columns the miss's statement selects, in its order.
+    fn found_columns() -> Vec<&'static str> {
+        let select = crate::store::FIND_SECRET
+            .strip_prefix("SELECT ")
+            .and_then(|s| s.split(" FROM ").next())
+            .unwrap();
+        select.split(',').map(str::trim).collect()
+    }
+
     async fn decode(names: &[&str]) -> Result<FoundRow, sqlx::Error> {
         let pool = sqlx::SqlitePool::connect("sqlite::memory:").await?;
         // Built from the constant column names above, no input.
@@ -652,9 +620,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_row_of_other_columns_is_refused_not_decoded_by_position() {
-        let short = decode(&FOUND_COLUMNS[..38]).await;
+        let columns = found_columns();
+        assert_eq!(columns.len(), 39, "{columns:?}");
+        let short = decode(&columns[..38]).await;
         assert!(matches!(short, Err(sqlx::Error::ColumnNotFound(_))));
-        let mut swapped = FOUND_COLUMNS;
+        let mut swapped = columns;
         swapped.swap(1, 2);
         match decode(&swapped).await {
             Err(sqlx::Error::ColumnNotFound(name)) => assert_eq!(name, "name"),
